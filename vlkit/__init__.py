@@ -1,0 +1,27 @@
+"""vlkit: parameter-efficient transfer learning for vision-language models.
+
+Freeze a CLIP-style backbone, inject small adapters into its vision and text towers, train, compose,
+probe and export them. Heavy modules (torch) load lazily so `import vlkit` and `vlkit --help` stay fast.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "load_backbone": "vlkit.backbones.loading",
+    "inject": "vlkit.adapters.inject",
+    "load_adapter": "vlkit.adapters.files",
+    "save_adapter": "vlkit.adapters.files",
+    "parameter_report": "vlkit.adapters.report",
+    "get_plugins": "vlkit.plugins",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'vlkit' has no attribute {name!r}")

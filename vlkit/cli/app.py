@@ -1,0 +1,84 @@
+"""Root typer app: builds the command tree through the register_commands hook and maps errors to exit codes."""
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from .. import __version__
+from ..errors import VlkitError
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"vlkit {__version__}")
+        raise typer.Exit()
+
+
+def build_app() -> typer.Typer:
+    app = typer.Typer(
+        name="vlkit",
+        help="Adapters for frozen vision-language backbones: inject, train, adapt, compose, probe, export.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+    )
+
+    @app.callback()
+    def root(
+        version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
+    ) -> None:
+        """vlkit command line."""
+
+    from ..plugins import get_plugins
+
+    get_plugins().pm.hook.register_commands(cli=app)
+    return app
+
+
+def error_message(exc: BaseException) -> str:
+    """The one line shown for an error (the single table that maps error types to messages)."""
+    if isinstance(exc, VlkitError):
+        return f"error: {exc}"
+    if isinstance(exc, FileNotFoundError):
+        return f"error: file not found: {exc.filename or exc}"
+    if isinstance(exc, PermissionError):
+        return f"error: permission denied: {exc.filename or exc}"
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    return f"error: unexpected {type(exc).__name__}: {exc} (set VLKIT_DEBUG=1 for the traceback)"
+
+
+def exit_code(exc: BaseException) -> int:
+    if isinstance(exc, (VlkitError, FileNotFoundError, PermissionError)):
+        return 2
+    if isinstance(exc, KeyboardInterrupt):
+        return 130
+    return 1
+
+
+def main(argv: list[str] | None = None) -> None:
+    debug = os.environ.get("VLKIT_DEBUG", "") not in ("", "0")
+    try:
+        app = build_app()
+        app(args=argv, standalone_mode=False)
+    except SystemExit:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - the CLI boundary
+        import click
+
+        if isinstance(exc, click.exceptions.Exit):
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.stderr.write("aborted\n")
+            sys.exit(130)
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        sys.stderr.write(error_message(exc) + "\n")
+        sys.exit(exit_code(exc))

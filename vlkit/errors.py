@@ -1,0 +1,70 @@
+"""Typed errors raised by the vlkit API; the CLI maps each to a one-line message and exit code 2."""
+from __future__ import annotations
+
+
+class VlkitError(Exception):
+    """Base class: a problem the user can fix (bad input, missing file, incompatible adapter)."""
+
+    exit_code = 2
+    kind = "error"
+
+    def __init__(self, message: str, *, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message} ({self.hint})"
+
+
+class ConfigError(VlkitError):
+    """A bad option value, unknown key, wrong type in a recipe or command-line option."""
+
+    kind = "bad config"
+
+
+class UnknownNameError(VlkitError):
+    """A name that no registered plugin provides (backbone, variant, task, dataset, probe, exporter)."""
+
+    kind = "unknown name"
+
+    def __init__(self, what: str, name: str, known: list[str] | tuple[str, ...] = ()):
+        known_txt = ", ".join(sorted(known)) if known else "none registered"
+        super().__init__(f"unknown {what} {name!r}; known: {known_txt}")
+        self.what, self.name, self.known = what, name, list(known)
+
+
+class PluginError(VlkitError):
+    """A plugin failed to load or two plugins registered the same name."""
+
+    kind = "plugin error"
+
+
+class BackboneLoadError(VlkitError):
+    """Weights or configuration for a backbone cannot be found or read."""
+
+    kind = "backbone"
+
+
+class AdapterFileError(VlkitError):
+    """An adapter directory is missing files, corrupt, or not a vlkit adapter."""
+
+    kind = "adapter file"
+
+
+class IncompatibleAdapterError(VlkitError):
+    """An adapter does not match the backbone (architecture fingerprint, shapes, variant)."""
+
+    kind = "incompatible adapter"
+
+
+class DataError(VlkitError):
+    """A dataset row, image file or manifest cannot be used."""
+
+    kind = "data"
+
+
+class InjectionError(VlkitError):
+    """Adapter injection found nothing to target, or a target cannot be wrapped."""
+
+    kind = "injection"
