@@ -1,0 +1,1 @@
+"""Adapters: injection core, variant interface, built-in variants (bottleneck, LoRA), files and reports."""

@@ -1,0 +1,89 @@
+"""Bottleneck adapter (Houlsby / Pfeiffer): down-projection, activation, up-projection, residual."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .base import AdapterConfig, AdapterVariant
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+PLACEMENTS = {"both": ("attn", "mlp"), "attn": ("attn",), "mlp": ("mlp",)}
+
+
+@dataclass
+class BottleneckConfig(AdapterConfig):
+    reduction: float = 8.0
+    hidden: int | None = None
+    placement: str = "both"
+    activation: str = "relu"
+    dropout: float = 0.0
+    scale: float = 1.0
+    unfreeze_layernorm: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        if self.hidden is None and not self.reduction > 0:
+            raise ConfigError(f"reduction must be > 0, got {self.reduction}")
+        if self.hidden is not None and self.hidden < 1:
+            raise ConfigError(f"hidden must be >= 1, got {self.hidden}")
+        if self.placement not in PLACEMENTS:
+            raise ConfigError(f"placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def hidden_size(self, width: int) -> int:
+        return self.hidden if self.hidden is not None else max(1, int(round(width / self.reduction)))
+
+
+class BottleneckLayer(nn.Module):
+    """y + scale * up(act(down(y))); `up` starts at zero so the wrapped model is unchanged at init."""
+
+    def __init__(self, width: int, hidden: int, activation: str, dropout: float, scale: float):
+        super().__init__()
+        self.down = nn.Linear(width, hidden)
+        self.act = ACTIVATIONS[activation]()
+        self.dropout = nn.Dropout(dropout)
+        self.up = nn.Linear(hidden, width)
+        self.scale = scale
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return y + self.scale * self.up(self.act(self.down(self.dropout(y))))
+
+
+class BottleneckVariant(AdapterVariant):
+    name = "bottleneck"
+    summary = "down-project, activation, up-project with residual after attention and/or MLP"
+    config_cls = BottleneckConfig
+    kinds = ("output",)
+
+    def roles(self, config: BottleneckConfig) -> tuple[str, ...]:
+        return PLACEMENTS[config.placement]
+
+    def create_layer(self, site, config: BottleneckConfig) -> nn.Module:
+        width = site.out_features
+        return BottleneckLayer(width, config.hidden_size(width), config.activation, config.dropout, config.scale)
+
+    def extra_trainable(self, backbone, config: BottleneckConfig, sites):
+        if not config.unfreeze_layernorm:
+            return {}
+        from ..backbones.base import resolve_module
+
+        blocks = {(s.tower, s.layer) for s in sites}
+        out = {}
+        for block in backbone.all_blocks():
+            if (block.tower, block.index) not in blocks:
+                continue
+            mod = resolve_module(backbone.model, block.path)
+            for name, sub in mod.named_modules():
+                if isinstance(sub, nn.LayerNorm) and ".adapters." not in f".{name}.":
+                    for pname, p in sub.named_parameters(recurse=False):
+                        full = f"{block.path}.{name}.{pname}" if name else f"{block.path}.{pname}"
+                        out[full.replace(".base.", ".")] = p
+        return out

@@ -1,0 +1,191 @@
+"""Host modules that wrap a backbone module and apply the active adapters at their sites.
+
+A host keeps the original module as `base` (its parameters untouched), holds adapter layers as
+`adapters[adapter_name][site_key]`, and reads the shared AdapterState to know which to run.
+Three hosts: AdaptedOutput (a sub-layer's output), AdaptedLinear (an nn.Linear), and
+AdaptedMHA (an nn.MultiheadAttention, whose fused in-projection is split into q, k, v sites).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .state import AdapterState
+
+
+def base_param_name(name: str) -> str:
+    """Parameter name in the unwrapped backbone (drops the hosts' `.base` level)."""
+    return name.replace(".base.", ".")
+
+
+class AdapterHost(nn.Module):
+    """Common logic: the layer lookup and how several adapters combine at one site."""
+
+    def __init__(self, base: nn.Module, state: AdapterState):
+        super().__init__()
+        self.base = base
+        self.adapters = nn.ModuleDict()
+        object.__setattr__(self, "_state", state)
+        self.site_kinds: dict[str, str] = {}
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("base"), name)
+
+    def add_layer(self, adapter: str, key: str, kind: str, layer: nn.Module) -> None:
+        if adapter not in self.adapters:
+            self.adapters[adapter] = nn.ModuleDict()
+        self.adapters[adapter][key] = layer
+        self.site_kinds[key] = kind
+
+    def remove_adapter(self, adapter: str) -> None:
+        if adapter in self.adapters:
+            del self.adapters[adapter]
+
+    def layer(self, adapter: str, key: str):
+        group = self.adapters[adapter] if adapter in self.adapters else None
+        if group is None or key not in group:
+            return None
+        layer = group[key]
+        return None if getattr(layer, "merged", False) else layer
+
+    def has_active(self, key: str) -> bool:
+        st = self._state
+        names = st.route_names if st.route is not None else st.active
+        return any(n is not None and self.layer(n, key) is not None for n in names)
+
+    def _run(self, layer, key, y, x, weight, bias):
+        if self.site_kinds[key] == "output":
+            return layer(y)
+        return layer(x, y, weight, bias)
+
+    def apply(self, key: str, y: torch.Tensor, x=None, weight=None, bias=None) -> torch.Tensor:
+        st = self._state
+        if st.route is not None:
+            out = y
+            for i, name in enumerate(st.route_names):
+                layer = self.layer(name, key) if name is not None else None
+                if layer is None:
+                    continue
+                yi = self._run(layer, key, y, x, weight, bias)
+                mask = (st.route.to(y.device) == i).view(-1, *([1] * (y.dim() - 1)))
+                out = torch.where(mask, yi, out)
+            return out
+        if not st.active:
+            return y
+        layers = [(n, self.layer(n, key)) for n in st.active]
+        layers = [(n, l) for n, l in layers if l is not None]
+        if not layers:
+            return y
+        if st.mode == "parallel":
+            base_y = y
+            for n, layer in layers:
+                w = st.weights.get(n, 1.0)
+                y = y + w * (self._run(layer, key, base_y, x, weight, bias) - base_y)
+            return y
+        for _, layer in layers:
+            y = self._run(layer, key, y, x, weight, bias)
+        return y
+
+
+class AdaptedOutput(AdapterHost):
+    """Adapters on the output of a sub-layer (attention or MLP); tuple outputs keep their other items."""
+
+    def forward(self, *args, **kwargs):
+        out = self.base(*args, **kwargs)
+        for key in self.site_kinds:
+            if isinstance(out, tuple):
+                out = (self.apply(key, out[0]), *out[1:])
+            else:
+                out = self.apply(key, out)
+        return out
+
+
+class AdaptedLinear(AdapterHost):
+    """Adapters on an nn.Linear: each layer sees the input, the base output, and the base weight."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        for key in self.site_kinds:
+            if self.site_kinds[key] == "linear":
+                y = self.apply(key, y, x, self.base.weight, self.base.bias)
+            else:
+                y = self.apply(key, y)
+        return y
+
+
+class AdaptedMHA(AdapterHost):
+    """nn.MultiheadAttention with adapter sites on q, k, v, out projections and on its output.
+
+    With no projection adapter active it calls the original module; otherwise it computes the same
+    attention explicitly (in-projection split into q, k, v; scaled dot-product attention; out-projection).
+    """
+
+    def _proj(self, i: int):
+        base = self.base
+        e = base.embed_dim
+        w = base.in_proj_weight[i * e:(i + 1) * e]
+        b = base.in_proj_bias[i * e:(i + 1) * e] if base.in_proj_bias is not None else None
+        return w, b
+
+    def forward(self, query, key=None, value=None, key_padding_mask=None, need_weights=True,
+                attn_mask=None, average_attn_weights=True, is_causal=False):
+        key = query if key is None else key
+        value = query if value is None else value
+        proj_keys = ("attn_q", "attn_k", "attn_v", "attn_out")
+        if not any(k in self.site_kinds and self.has_active(k) for k in proj_keys):
+            out, weights = self.base(query, key, value, key_padding_mask=key_padding_mask,
+                                     need_weights=need_weights, attn_mask=attn_mask,
+                                     average_attn_weights=average_attn_weights, is_causal=is_causal)
+        else:
+            out, weights = self._explicit(query, key, value, key_padding_mask, attn_mask, is_causal), None
+        if "attn" in self.site_kinds:
+            out = self.apply("attn", out)
+        return out, weights
+
+    def _site(self, key, y, x, w, b):
+        return self.apply(key, y, x, w, b) if key in self.site_kinds else y
+
+    def _explicit(self, query, key, value, key_padding_mask, attn_mask, is_causal):
+        base = self.base
+        if base.in_proj_weight is None:
+            raise RuntimeError("MultiheadAttention with separate q/k/v weights is not supported")
+        if not base.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        bsz, tgt, e = query.shape
+        src = key.shape[1]
+        h = base.num_heads
+        hd = e // h
+        (wq, bq), (wk, bk), (wv, bv) = self._proj(0), self._proj(1), self._proj(2)
+        q = self._site("attn_q", F.linear(query, wq, bq), query, wq, bq)
+        k = self._site("attn_k", F.linear(key, wk, bk), key, wk, bk)
+        v = self._site("attn_v", F.linear(value, wv, bv), value, wv, bv)
+        q = q.view(bsz, tgt, h, hd).transpose(1, 2)
+        k = k.view(bsz, src, h, hd).transpose(1, 2)
+        v = v.view(bsz, src, h, hd).transpose(1, 2)
+        mask = None
+        if attn_mask is not None:
+            mask = attn_mask
+            if mask.dtype == torch.bool:
+                mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(mask, float("-inf"))
+            mask = mask.to(q.dtype)
+            if mask.dim() == 3:
+                mask = mask.view(bsz, h, tgt, src)
+        if key_padding_mask is not None:
+            kpm = key_padding_mask
+            if kpm.dtype == torch.bool:
+                kpm = torch.zeros(kpm.shape, dtype=q.dtype, device=q.device).masked_fill(kpm, float("-inf"))
+            kpm = kpm.to(q.dtype).view(bsz, 1, 1, src)
+            mask = kpm if mask is None else mask + kpm
+        drop = base.dropout if self.training else 0.0
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop,
+                                           is_causal=bool(is_causal and mask is None))
+        o = o.transpose(1, 2).reshape(bsz, tgt, e)
+        ow, ob = base.out_proj.weight, base.out_proj.bias
+        out = self._site("attn_out", F.linear(o, ow, ob), o, ow, ob)
+        if not base.batch_first:
+            out = out.transpose(0, 1)
+        return out

@@ -1,0 +1,229 @@
+"""Injection core: match sites, wrap their modules in hosts, freeze the backbone, record what was targeted."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..backbones.base import TOWERS, Site, resolve_module, set_module
+from ..errors import ConfigError, InjectionError
+from ..plugins import registry
+from .hosts import AdaptedLinear, AdaptedMHA, AdaptedOutput, AdapterHost
+from .state import check_adapter_name
+
+
+@dataclass
+class InjectionRecord:
+    """What `inject` did: the adapter's name, variant, resolved config, sites and extra trainables."""
+
+    name: str
+    variant: str
+    config: dict[str, Any]
+    sites: list[Site] = field(default_factory=list)
+    extra: dict[str, nn.Parameter] = field(default_factory=dict)
+    task: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def targets(self) -> list[str]:
+        return [s.path for s in self.sites]
+
+
+def _matches(pattern: str, site: Site) -> bool:
+    if pattern.startswith("re:"):
+        rx = re.compile(pattern[3:])
+        return bool(rx.search(site.path) or rx.fullmatch(site.role))
+    return (pattern == site.role or pattern == site.path or site.path.endswith("." + pattern)
+            or site.path.endswith("#" + pattern))
+
+
+def _towers(choice: str) -> tuple[str, ...]:
+    return TOWERS if choice == "both" else (choice,)
+
+
+def select_sites(backbone, variant, config) -> list[Site]:
+    """The sites a variant with this config targets, in tower/layer order."""
+    patterns = list(config.targets) if config.targets else list(variant.roles(config))
+    for p in patterns:
+        if p.startswith("re:"):
+            try:
+                re.compile(p[3:])
+            except re.error as exc:
+                raise ConfigError(f"bad regular expression in targets {p!r}: {exc}") from None
+    chosen: list[Site] = []
+    available_roles: set[str] = set()
+    for tower in _towers(config.towers):
+        blocks = backbone.blocks(tower)
+        if not blocks:
+            raise InjectionError(f"the {tower} tower of {backbone.spec} has no transformer blocks to adapt",
+                                 hint="choose --towers text or vision")
+        n = len(blocks)
+        wanted = None
+        if config.layers is not None:
+            wanted = set()
+            for i in config.layers:
+                j = i + n if i < 0 else i
+                if not 0 <= j < n:
+                    raise ConfigError(f"layer {i} is out of range for the {tower} tower ({n} blocks)")
+                wanted.add(j)
+        for block in blocks:
+            if wanted is not None and block.index not in wanted:
+                continue
+            for site in block.sites.values():
+                available_roles.add(site.role)
+                if site.kind not in variant.kinds:
+                    continue
+                if not any(_matches(p, site) for p in patterns):
+                    continue
+                if any(_matches(p, site) for p in config.exclude):
+                    continue
+                chosen.append(site)
+    if not chosen:
+        raise InjectionError(
+            f"no site matched targets {patterns} for variant {variant.name!r} on {backbone.spec}",
+            hint=f"roles here: {', '.join(sorted(available_roles))}; {variant.name} wraps {'/'.join(variant.kinds)} sites",
+        )
+    return chosen
+
+
+def _host_for(backbone, site: Site) -> AdapterHost:
+    module = resolve_module(backbone.model, site.host_path)
+    if isinstance(module, AdapterHost):
+        return module
+    state = backbone.adapter_state
+    if isinstance(module, nn.MultiheadAttention):
+        host = AdaptedMHA(module, state)
+    elif isinstance(module, nn.Linear) and site.kind == "linear":
+        host = AdaptedLinear(module, state)
+    else:
+        host = AdaptedOutput(module, state)
+    set_module(backbone.model, site.host_path, host)
+    return host
+
+
+def host_of(backbone, site: Site) -> AdapterHost:
+    module = resolve_module(backbone.model, site.host_path)
+    if not isinstance(module, AdapterHost):
+        raise InjectionError(f"no adapter host at {site.host_path}")
+    return module
+
+
+def _reference_tensor(module: nn.Module) -> torch.Tensor | None:
+    for p in module.parameters():
+        return p
+    return None
+
+
+def inject(backbone, variant: str = "bottleneck", name: str = "default", *, trainable: bool = True,
+           **options: Any) -> InjectionRecord:
+    """Freeze `backbone` and add adapter `name` of `variant` to it; returns what was targeted.
+
+    The new adapter becomes the active one. Options are the variant's config fields
+    (towers, layers, targets, exclude and the variant's own, e.g. reduction or rank).
+    """
+    check_adapter_name(name)
+    var = registry("adapter").get(variant)
+    config = var.make_config(**options)
+    if name in backbone.adapter_records:
+        raise ConfigError(f"an adapter named {name!r} is already on this backbone; pick another name")
+    sites = select_sites(backbone, var, config)
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    for site in sites:
+        host = _host_for(backbone, site)
+        layer = var.create_layer(site, config)
+        ref = _reference_tensor(host.base)
+        if ref is not None:
+            layer.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
+        host.add_layer(name, site.key, site.kind, layer)
+        for p in layer.parameters():
+            p.requires_grad_(trainable)
+    extra = var.extra_trainable(backbone, config, sites)
+    for p in extra.values():
+        p.requires_grad_(trainable)
+    record = InjectionRecord(name, variant, config.to_dict(), sites, extra)
+    backbone.adapter_records[name] = record
+    backbone.set_active(name)
+    return record
+
+
+def adapter_layers(backbone, name: str) -> dict[str, nn.Module]:
+    """Site path -> the layer of adapter `name` at that site."""
+    record = backbone.adapter_records[name]
+    return {s.path: host_of(backbone, s).adapters[name][s.key] for s in record.sites}
+
+
+def adapter_parameters(backbone, name: str) -> dict[str, torch.Tensor]:
+    """Every tensor that makes up adapter `name`, under the keys used in adapter_model.safetensors."""
+    out: dict[str, torch.Tensor] = {}
+    for path, layer in adapter_layers(backbone, name).items():
+        for pname, t in layer.state_dict().items():
+            out[f"{path}.{pname}"] = t
+    for pname, p in backbone.adapter_records[name].extra.items():
+        out[f"base::{pname}"] = p.data
+    return out
+
+
+def remove_adapter(backbone, name: str) -> None:
+    """Take adapter `name` off the backbone (its hosts stay, empty, and pass through)."""
+    record = backbone.adapter_records.pop(name)
+    for site in record.sites:
+        host_of(backbone, site).remove_adapter(name)
+    st = backbone.adapter_state
+    st.active = tuple(n for n in st.active if n != name)
+
+
+def merge_adapter(backbone, name: str) -> None:
+    """Fold adapter `name` into the base weights (LoRA-like variants); unmerge restores them exactly."""
+    record = backbone.adapter_records[name]
+    var = registry("adapter").get(record.variant)
+    for site in record.sites:
+        host = host_of(backbone, site)
+        layer = host.adapters[name][site.key]
+        if getattr(layer, "merged", False):
+            continue
+        w_param, b_param, rows = _linear_params(host, site)
+        w = w_param.data[rows]
+        b = b_param.data[rows] if b_param is not None else None
+        merged = var.merged_weight(layer, w, b)
+        if merged is None:
+            raise InjectionError(f"adapter variant {record.variant!r} cannot be merged into the weights")
+        layer._saved_base = (w.clone(), None if b is None else b.clone())
+        with torch.no_grad():
+            w_param.data[rows] = merged[0]
+            if b_param is not None and merged[1] is not None:
+                b_param.data[rows] = merged[1]
+        layer.merged = True
+
+
+def unmerge_adapter(backbone, name: str) -> None:
+    record = backbone.adapter_records[name]
+    for site in record.sites:
+        host = host_of(backbone, site)
+        layer = host.adapters[name][site.key]
+        if not getattr(layer, "merged", False):
+            continue
+        w_param, b_param, rows = _linear_params(host, site)
+        w, b = layer._saved_base
+        with torch.no_grad():
+            w_param.data[rows] = w
+            if b_param is not None and b is not None:
+                b_param.data[rows] = b
+        del layer._saved_base
+        layer.merged = False
+
+
+def _linear_params(host: AdapterHost, site: Site):
+    if site.kind != "linear":
+        raise InjectionError(f"site {site.path} is not a linear projection and cannot be merged")
+    base = host.base
+    if isinstance(base, nn.MultiheadAttention):
+        e = base.embed_dim
+        part = site.role.split(".")[-1]
+        if part == "out":
+            return base.out_proj.weight, base.out_proj.bias, slice(None)
+        i = {"q": 0, "k": 1, "v": 2}[part]
+        return base.in_proj_weight, base.in_proj_bias, slice(i * e, (i + 1) * e)
+    return base.weight, base.bias, slice(None)

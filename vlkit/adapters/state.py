@@ -1,0 +1,56 @@
+"""Which adapters are active on a backbone, how they combine, and per-sample routing; shared by all hosts."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ConfigError, UnknownNameError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+MODES = ("stack", "parallel")
+
+
+def check_adapter_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise ConfigError(f"adapter name {name!r} is not valid: use letters, digits, '_' and '-'")
+    return name
+
+
+@dataclass
+class AdapterState:
+    """Activation state read by every adapter host at forward time (switching touches nothing else)."""
+
+    active: tuple[str, ...] = ()
+    mode: str = "stack"
+    weights: dict[str, float] = field(default_factory=dict)
+    route: Any = None  # LongTensor (batch,) of indices into route_names, -1 = no adapter
+    route_names: tuple[str, ...] = ()
+    context: dict[str, Any] = field(default_factory=dict)
+
+    def activate(self, names, known, mode: str = "stack", weights=None) -> None:
+        names = tuple(n for n in names if n)
+        for n in names:
+            if n not in known:
+                raise UnknownNameError("adapter", n, list(known))
+        if mode not in MODES:
+            raise ConfigError(f"composition mode {mode!r} is not one of {', '.join(MODES)}")
+        if weights is not None and len(weights) != len(names):
+            raise ConfigError(f"{len(weights)} weights given for {len(names)} adapters")
+        self.active = names
+        self.mode = mode
+        self.weights = {n: float(w) for n, w in zip(names, weights)} if weights is not None else {}
+        self.route = None
+        self.route_names = ()
+
+    def set_route(self, names, index, known) -> None:
+        """Route sample i of the next batches to adapter names[index[i]] (index -1: frozen backbone)."""
+        for n in names:
+            if n is not None and n not in known:
+                raise UnknownNameError("adapter", n, list(known))
+        self.route_names = tuple(names)
+        self.route = index
+
+    def clear_route(self) -> None:
+        self.route = None
+        self.route_names = ()

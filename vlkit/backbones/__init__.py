@@ -1,0 +1,1 @@
+"""Backbones: one interface over open_clip, transformers CLIP and the built-in tiny CLIP."""

@@ -1,0 +1,194 @@
+"""The Backbone interface every backbone plugin implements, and the description of its injection points."""
+from __future__ import annotations
+
+import hashlib
+from abc import ABCMeta, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+TOWERS = ("vision", "text")
+
+ROLES = ("attn", "mlp", "attn.q", "attn.k", "attn.v", "attn.out", "mlp.fc1", "mlp.fc2")
+OUTPUT_ROLES = ("attn", "mlp")
+
+
+@dataclass
+class Site:
+    """One place an adapter can act: the output of a sub-layer or one linear projection in a block.
+
+    `host_path` is the module that gets wrapped; for projections inside an `nn.MultiheadAttention`
+    the host is the attention module and `path` reads `<host_path>#q` (k, v, out).
+    """
+
+    tower: str
+    layer: int
+    role: str
+    path: str
+    host_path: str
+    kind: str  # "output" or "linear"
+    in_features: int
+    out_features: int
+
+    @property
+    def key(self) -> str:
+        return self.role.replace(".", "_")
+
+
+@dataclass
+class Block:
+    """A transformer block of one tower, its width and the sites an adapter may wrap."""
+
+    tower: str
+    index: int
+    path: str
+    width: int
+    sites: dict[str, Site] = field(default_factory=dict)
+
+
+class Backbone(nn.Module, metaclass=ABCMeta):
+    """A CLIP-style dual encoder: images and texts to a shared embedding space.
+
+    Subclasses set `model`, `spec`, `family`, implement the encoders, tokenizer and preprocessing,
+    and describe their blocks; everything else in vlkit (injection, training, export) uses only this API.
+    """
+
+    family: str = "base"
+
+    def __init__(self, model: nn.Module, spec: str):
+        super().__init__()
+        self.model = model
+        self.spec = spec
+        self.adapter_records: dict[str, Any] = {}
+        from ..adapters.state import AdapterState
+
+        self.adapter_state = AdapterState()
+        self._fingerprint = self._compute_fingerprint()
+
+    # --- encoders -----------------------------------------------------------------------------
+    @abstractmethod
+    def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        ...
+
+    @abstractmethod
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        ...
+
+    def forward(self, pixels: torch.Tensor, tokens: torch.Tensor):
+        """Normalised image and text embeddings and the logit scale, as CLIP's forward returns them."""
+        return self.encode_image(pixels, normalize=True), self.encode_text(tokens, normalize=True), self.logit_scale
+
+    # --- inputs -------------------------------------------------------------------------------
+    @abstractmethod
+    def tokenize(self, texts: list[str] | str) -> torch.Tensor:
+        ...
+
+    def preprocess(self, image) -> torch.Tensor:
+        """A PIL image to a normalised CHW float tensor of `image_size`."""
+        from PIL import Image
+
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"expected a PIL image, got {type(image).__name__}")
+        image = image.convert("RGB").resize((self.image_size, self.image_size), Image.BICUBIC)
+        x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+        x = x.view(self.image_size, self.image_size, 3).permute(2, 0, 1).float().div(255.0)
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        return (x - mean) / std
+
+    def preprocess_batch(self, images) -> torch.Tensor:
+        return torch.stack([self.preprocess(im) for im in images])
+
+    image_size: int = 224
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    context_length: int = 77
+
+    @property
+    @abstractmethod
+    def embed_dim(self) -> int:
+        ...
+
+    @property
+    @abstractmethod
+    def logit_scale(self) -> torch.Tensor:
+        ...
+
+    # --- structure ----------------------------------------------------------------------------
+    @abstractmethod
+    def blocks(self, tower: str) -> list[Block]:
+        ...
+
+    @abstractmethod
+    def tower_prefixes(self) -> dict[str, tuple[str, ...]]:
+        """Module-path prefixes of each tower, for per-tower parameter counts."""
+        ...
+
+    def all_blocks(self) -> list[Block]:
+        return [b for t in TOWERS for b in self.blocks(t)]
+
+    def tokenizer_files(self) -> dict[str, Any]:
+        """Files (name -> text or bytes) a consumer needs to tokenize without vlkit; see `vlkit export`."""
+        return {}
+
+    def fingerprint(self) -> str:
+        """A hash of the base architecture (parameter names, shapes, dtypes), independent of adapters."""
+        return self._fingerprint
+
+    def _compute_fingerprint(self) -> str:
+        h = hashlib.sha256(self.family.encode())
+        for name, p in sorted(self.model.state_dict().items()):
+            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+        return h.hexdigest()[:16]
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "spec": self.spec,
+            "family": self.family,
+            "embed_dim": self.embed_dim,
+            "image_size": self.image_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "context_length": self.context_length,
+            "fingerprint": self.fingerprint(),
+        }
+
+    # --- adapters -----------------------------------------------------------------------------
+    def set_active(self, *names: str, mode: str = "stack", weights: list[float] | None = None) -> None:
+        """Activate loaded adapters by name (none: the frozen backbone). Switching copies nothing."""
+        self.adapter_state.activate(names, self.adapter_records, mode=mode, weights=weights)
+
+    def base_parameters(self) -> dict[str, nn.Parameter]:
+        from ..adapters.hosts import base_param_name
+
+        return {base_param_name(n): p for n, p in self.model.named_parameters() if ".adapters." not in n}
+
+
+def resolve_module(root: nn.Module, path: str) -> nn.Module:
+    """The module at `path` of the unwrapped model; adapter hosts on the way are seen through."""
+    from ..adapters.hosts import AdapterHost
+
+    mod = root
+    for part in path.split(".") if path else []:
+        if isinstance(mod, AdapterHost):
+            mod = mod.base
+        mod = mod[int(part)] if part.isdigit() else getattr(mod, part)
+    return mod
+
+
+def set_module(root: nn.Module, path: str, new: nn.Module) -> None:
+    from ..adapters.hosts import AdapterHost
+
+    parent_path, _, leaf = path.rpartition(".")
+    parent = resolve_module(root, parent_path) if parent_path else root
+    if isinstance(parent, AdapterHost):
+        parent = parent.base
+    if leaf.isdigit():
+        parent[int(leaf)] = new
+    else:
+        setattr(parent, leaf, new)
+
+
+BackboneFactory = Callable[..., Backbone]

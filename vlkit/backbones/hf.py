@@ -1,0 +1,137 @@
+"""transformers backbones: `hf:<hub id or local dir>` for CLIPModel and SiglipModel."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import BackboneLoadError
+from .base import Backbone, Block, Site
+
+
+def _unwrap(m):
+    from ..adapters.hosts import AdapterHost
+
+    return m.base if isinstance(m, AdapterHost) else m
+
+
+class HFBackbone(Backbone):
+    """A transformers dual encoder with `vision_model` and `text_model` towers of encoder layers."""
+
+    family = "hf"
+
+    def __init__(self, model: nn.Module, spec: str, tokenizer, image_size: int, mean, std, context_length: int):
+        super().__init__(model, spec)
+        self._tokenizer = tokenizer
+        self.image_size = int(image_size)
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+        self.context_length = int(context_length)
+        self.is_siglip = not hasattr(model, "visual_projection")
+
+    def encode_image(self, pixels, normalize=False):
+        out = self.model.vision_model(pixel_values=pixels).pooler_output
+        if hasattr(self.model, "visual_projection"):
+            out = self.model.visual_projection(out)
+        return nn.functional.normalize(out, dim=-1) if normalize else out
+
+    def encode_text(self, tokens, normalize=False):
+        if isinstance(tokens, dict):
+            ids, mask = tokens["input_ids"], tokens.get("attention_mask")
+        else:
+            ids, mask = tokens, None
+            pad = getattr(self._tokenizer, "pad_token_id", None)
+            if pad is not None and not self.is_siglip:
+                mask = (ids != pad).long()
+        out = self.model.text_model(input_ids=ids, attention_mask=mask).pooler_output
+        if hasattr(self.model, "text_projection"):
+            out = self.model.text_projection(out)
+        return nn.functional.normalize(out, dim=-1) if normalize else out
+
+    def tokenize(self, texts):
+        if isinstance(texts, str):
+            texts = [texts]
+        enc = self._tokenizer(list(texts), padding="max_length", truncation=True,
+                              max_length=self.context_length, return_tensors="pt")
+        return enc["input_ids"]
+
+    @property
+    def embed_dim(self) -> int:
+        cfg = self.model.config
+        return int(getattr(cfg, "projection_dim", None) or cfg.text_config.hidden_size)
+
+    @property
+    def logit_scale(self):
+        return self.model.logit_scale.exp()
+
+    def blocks(self, tower: str) -> list[Block]:
+        prefix = "vision_model" if tower == "vision" else "text_model"
+        layers = getattr(self.model, prefix).encoder.layers
+        out = []
+        for i, layer in enumerate(layers):
+            path = f"{prefix}.encoder.layers.{i}"
+            attn = _unwrap(layer.self_attn)
+            mlp = _unwrap(layer.mlp)
+            fc1, fc2 = _unwrap(mlp.fc1), _unwrap(mlp.fc2)
+            w = fc1.in_features
+            b = Block(tower, i, path, w)
+            b.sites["attn"] = Site(tower, i, "attn", f"{path}.self_attn", f"{path}.self_attn", "output", w, w)
+            for part, attr in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("out", "out_proj")):
+                lin = _unwrap(getattr(attn, attr))
+                b.sites[f"attn.{part}"] = Site(tower, i, f"attn.{part}", f"{path}.self_attn.{attr}",
+                                               f"{path}.self_attn.{attr}", "linear", lin.in_features, lin.out_features)
+            b.sites["mlp"] = Site(tower, i, "mlp", f"{path}.mlp", f"{path}.mlp", "output", w, w)
+            b.sites["mlp.fc1"] = Site(tower, i, "mlp.fc1", f"{path}.mlp.fc1", f"{path}.mlp.fc1", "linear",
+                                      fc1.in_features, fc1.out_features)
+            b.sites["mlp.fc2"] = Site(tower, i, "mlp.fc2", f"{path}.mlp.fc2", f"{path}.mlp.fc2", "linear",
+                                      fc2.in_features, fc2.out_features)
+            out.append(b)
+        return out
+
+    def tower_prefixes(self):
+        return {"vision": ("vision_model.", "visual_projection."), "text": ("text_model.", "text_projection.")}
+
+
+def _preprocess_constants(src: str, cfg) -> tuple[int, list[float], list[float]]:
+    size = cfg.vision_config.image_size
+    mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+    p = Path(src) / "preprocessor_config.json"
+    if p.is_file():
+        data = json.loads(p.read_text())
+        mean = data.get("image_mean", mean)
+        std = data.get("image_std", std)
+    return size, mean, std
+
+
+def load_hf(spec: str, device: str | None = None) -> HFBackbone:
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    src = spec.split(":", 1)[1] if spec.startswith("hf:") else spec
+    if not src:
+        raise BackboneLoadError(f"backbone spec {spec!r} names no model", hint="hf:openai/clip-vit-base-patch32 or hf:/local/dir")
+    local = Path(src).exists()
+    try:
+        cfg = AutoConfig.from_pretrained(src)
+    except Exception as exc:  # OSError, HTTP and offline errors differ across versions
+        if local:
+            raise BackboneLoadError(f"{src} is not a transformers model directory: {exc}") from None
+        raise BackboneLoadError(
+            f"could not fetch transformers model {src!r} from the hub ({type(exc).__name__})",
+            hint="no hub access? run save_pretrained() elsewhere, copy the directory here, and use hf:/path/to/dir",
+        ) from None
+    if cfg.model_type not in ("clip", "siglip", "siglip2"):
+        raise BackboneLoadError(f"hf model {src} is a {cfg.model_type!r} model; vlkit adapts CLIP and SigLIP dual encoders")
+    try:
+        model = AutoModel.from_pretrained(src)
+        tokenizer = AutoTokenizer.from_pretrained(src)
+    except Exception as exc:
+        raise BackboneLoadError(f"could not load model or tokenizer from {src}: {exc}",
+                                hint="the directory needs config.json, weights and tokenizer files") from None
+    size, mean, std = _preprocess_constants(src, cfg)
+    ctx = cfg.text_config.max_position_embeddings
+    model.eval()
+    if device:
+        model.to(device)
+    return HFBackbone(model, spec, tokenizer, size, mean, std, ctx)

@@ -1,0 +1,195 @@
+"""open_clip backbones: `open_clip:<model or config.json>[@<pretrained tag or local .safetensors>]`."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import BackboneLoadError, UnknownNameError
+from .base import Backbone, Block, Site
+
+
+def _sites_for_block(tower: str, index: int, path: str, block: nn.Module) -> Block | None:
+    attn = getattr(block, "attn", None)
+    mlp = getattr(block, "mlp", None)
+    if attn is None or mlp is None:
+        return None
+    from ..adapters.hosts import AdapterHost
+
+    attn_m = attn.base if isinstance(attn, AdapterHost) else attn
+    mlp_m = mlp.base if isinstance(mlp, AdapterHost) else mlp
+    fc1 = getattr(mlp_m, "c_fc", None)
+    fc2 = getattr(mlp_m, "c_proj", None)
+    fc1 = fc1.base if isinstance(fc1, AdapterHost) else fc1
+    fc2 = fc2.base if isinstance(fc2, AdapterHost) else fc2
+    width = fc1.in_features if fc1 is not None else attn_m.embed_dim
+    b = Block(tower, index, path, width)
+    b.sites["attn"] = Site(tower, index, "attn", f"{path}.attn", f"{path}.attn", "output", width, width)
+    if isinstance(attn_m, nn.MultiheadAttention) and attn_m.in_proj_weight is not None:
+        for part in ("q", "k", "v", "out"):
+            b.sites[f"attn.{part}"] = Site(tower, index, f"attn.{part}", f"{path}.attn#{part}", f"{path}.attn",
+                                           "linear", width, width)
+    b.sites["mlp"] = Site(tower, index, "mlp", f"{path}.mlp", f"{path}.mlp", "output", width, width)
+    if fc1 is not None and fc2 is not None:
+        b.sites["mlp.fc1"] = Site(tower, index, "mlp.fc1", f"{path}.mlp.c_fc", f"{path}.mlp.c_fc", "linear",
+                                  fc1.in_features, fc1.out_features)
+        b.sites["mlp.fc2"] = Site(tower, index, "mlp.fc2", f"{path}.mlp.c_proj", f"{path}.mlp.c_proj", "linear",
+                                  fc2.in_features, fc2.out_features)
+    return b
+
+
+class OpenClipBackbone(Backbone):
+    """Any open_clip model with transformer towers (CLIP and CustomTextCLIP)."""
+
+    family = "open_clip"
+
+    def __init__(self, model: nn.Module, spec: str, tokenizer, preprocess_cfg: dict | None = None):
+        super().__init__(model, spec)
+        self._tokenizer = tokenizer
+        visual = model.visual
+        size = getattr(visual, "image_size", 224)
+        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        cfg = preprocess_cfg or {}
+        self.mean = tuple(cfg.get("mean", self.mean))
+        self.std = tuple(cfg.get("std", self.std))
+        self.context_length = int(getattr(model, "context_length", getattr(tokenizer, "context_length", 77)))
+
+    def encode_image(self, pixels, normalize=False):
+        return self.model.encode_image(pixels, normalize=normalize)
+
+    def encode_text(self, tokens, normalize=False):
+        return self.model.encode_text(tokens, normalize=normalize)
+
+    def tokenize(self, texts):
+        if isinstance(texts, str):
+            texts = [texts]
+        return self._tokenizer(list(texts))
+
+    @property
+    def embed_dim(self) -> int:
+        proj = getattr(self.model, "text_projection", None)
+        if isinstance(proj, torch.Tensor):
+            return proj.shape[1]
+        return int(getattr(self.model.visual, "output_dim", 512))
+
+    @property
+    def logit_scale(self):
+        return self.model.logit_scale.exp()
+
+    def _text_blocks_path(self) -> str:
+        if hasattr(self.model, "text") and hasattr(self.model.text, "transformer"):
+            return "text.transformer.resblocks"
+        return "transformer.resblocks"
+
+    def blocks(self, tower: str) -> list[Block]:
+        if tower == "vision":
+            trans = getattr(self.model.visual, "transformer", None)
+            path = "visual.transformer.resblocks"
+        else:
+            path = self._text_blocks_path()
+            trans = self.model.text.transformer if path.startswith("text.") else self.model.transformer
+        if trans is None or not hasattr(trans, "resblocks"):
+            return []
+        out = []
+        for i, blk in enumerate(trans.resblocks):
+            b = _sites_for_block(tower, i, f"{path}.{i}", blk)
+            if b is not None:
+                out.append(b)
+        return out
+
+    def tower_prefixes(self):
+        text = ("text.",) if self._text_blocks_path().startswith("text.") else (
+            "transformer.", "token_embedding.", "positional_embedding", "ln_final.", "text_projection")
+        return {"vision": ("visual.",), "text": text}
+
+    def tokenizer_files(self):
+        return {}
+
+
+def _load_safetensors_into(model: nn.Module, path: Path, spec: str) -> None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise BackboneLoadError(f"cannot read checkpoint {path}: {exc}") from None
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    if "state_dict" in state:
+        state = state["state_dict"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("attn_mask")]
+    if missing or unexpected:
+        raise BackboneLoadError(
+            f"checkpoint {path} does not fit {spec}: {len(missing)} missing keys "
+            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+
+
+def load_open_clip(spec: str, device: str | None = None) -> OpenClipBackbone:
+    """Build `open_clip:<model>[@<tag or path>]` through open_clip's own registries."""
+    import open_clip
+
+    body = spec.split(":", 1)[1] if ":" in spec else spec
+    model_name, _, weights = body.partition("@")
+    if not model_name:
+        raise BackboneLoadError(f"backbone spec {spec!r} names no model", hint="e.g. open_clip:ViT-B-32@laion2b_s34b_b79k")
+    cfg_path = Path(model_name)
+    if model_name.endswith(".json"):
+        if not cfg_path.is_file():
+            raise BackboneLoadError(f"open_clip model config {cfg_path} does not exist")
+        try:
+            json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise BackboneLoadError(f"open_clip model config {cfg_path} is not valid JSON: {exc}") from None
+        open_clip.add_model_config(cfg_path)
+        model_name = cfg_path.stem
+    elif model_name not in open_clip.list_models():
+        raise UnknownNameError("open_clip model", model_name, [])
+
+    tag = None
+    ckpt = None
+    if weights:
+        looks_like_path = os.sep in weights or weights.endswith((".safetensors", ".bin", ".pt", ".pth"))
+        if looks_like_path or Path(weights).exists():
+            ckpt = Path(weights)
+            if not ckpt.is_file():
+                raise BackboneLoadError(f"checkpoint {ckpt} does not exist")
+            if ckpt.suffix != ".safetensors":
+                raise BackboneLoadError(
+                    f"checkpoint {ckpt} is not a .safetensors file; vlkit never unpickles weight files",
+                    hint="convert it once with safetensors.torch.save_file(torch.load(path, weights_only=True), 'x.safetensors')")
+        else:
+            tag = weights
+            tags = open_clip.list_pretrained_tags_by_model(model_name)
+            if tag not in tags:
+                raise UnknownNameError(f"pretrained tag for open_clip model {model_name}", tag, tags)
+    try:
+        if tag is not None:
+            model = open_clip.create_model(model_name, pretrained=tag, device=device or "cpu")
+        else:
+            model = open_clip.create_model(model_name, pretrained=None, device=device or "cpu")
+    except BackboneLoadError:
+        raise
+    except Exception as exc:  # network or hub failures surface as many exception types
+        if tag is not None:
+            raise BackboneLoadError(
+                f"could not fetch pretrained weights {model_name}@{tag} ({type(exc).__name__}: {str(exc)[:200]})",
+                hint=f"no hub access? download the checkpoint elsewhere and use open_clip:{model_name}@/path/to/open_clip_model.safetensors",
+            ) from None
+        raise BackboneLoadError(f"could not build open_clip model {model_name}: {exc}") from None
+    if ckpt is not None:
+        _load_safetensors_into(model, ckpt, spec)
+    try:
+        tokenizer = open_clip.get_tokenizer(model_name)
+    except Exception as exc:  # hf tokenizers need the hub
+        raise BackboneLoadError(f"could not load the tokenizer of open_clip model {model_name}: {exc}",
+                                hint="models with hub tokenizers need the tokenizer files cached locally") from None
+    try:
+        pcfg = open_clip.get_model_preprocess_cfg(model)
+    except Exception:  # older open_clip: constants only
+        pcfg = {}
+    model.eval()
+    return OpenClipBackbone(model, spec, tokenizer, pcfg)

@@ -1,0 +1,59 @@
+"""`vlkit inject`: put an adapter into a backbone and write the initialised adapter directory."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(cli: typer.Typer) -> None:
+    @cli.command("inject")
+    def inject_cmd(
+        backbone: str = typer.Option("tiny", "--backbone", "-b", help="Backbone spec: tiny, open_clip:M@tag, hf:dir."),
+        adapter: str = typer.Option("bottleneck", "--adapter", "-a", help="Adapter variant (see `vlkit plugins`)."),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory for the adapter."),
+        name: str = typer.Option("default", "--name", help="Adapter name stored in the config."),
+        towers: Optional[str] = typer.Option(None, "--towers", help="vision, text or both."),
+        layers: Optional[str] = typer.Option(None, "--layers", help="Layer indices, e.g. 0,1,-1."),
+        targets: Optional[str] = typer.Option(None, "--targets", help="Roles or module paths (re:REGEX allowed)."),
+        exclude: Optional[str] = typer.Option(None, "--exclude", help="Roles or module paths to skip."),
+        reduction: Optional[float] = typer.Option(None, "--reduction", help="Bottleneck reduction factor."),
+        hidden: Optional[int] = typer.Option(None, "--hidden", help="Bottleneck hidden size."),
+        placement: Optional[str] = typer.Option(None, "--placement", help="Bottleneck placement: attn, mlp, both."),
+        rank: Optional[int] = typer.Option(None, "--rank", help="LoRA rank."),
+        alpha: Optional[float] = typer.Option(None, "--alpha", help="LoRA alpha."),
+        option: Optional[list[str]] = typer.Option(None, "--option", "-O", help="Any variant option as key=value."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="List targeted modules; write nothing."),
+        json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+    ) -> None:
+        """Inject an adapter into a frozen backbone, print the parameter table, write the adapter directory."""
+        from ..errors import ConfigError
+        from .common import parse_kv, report_table
+        from .output import console, print_json, table
+
+        if out is None and not dry_run:
+            raise ConfigError("give an output directory with -o/--out (or use --dry-run)")
+        options = {k: v for k, v in dict(towers=towers, layers=layers, targets=targets, exclude=exclude,
+                                         reduction=reduction, hidden=hidden, placement=placement,
+                                         rank=rank, alpha=alpha).items() if v is not None}
+        options.update(parse_kv(option))
+
+        from .. import inject, load_backbone, parameter_report, save_adapter
+
+        bb = load_backbone(backbone)
+        record = inject(bb, adapter, name=name, **options)
+        report = parameter_report(bb)
+        result = {"backbone": bb.spec, "variant": adapter, "name": name, "config": record.config,
+                  "targets": record.targets, "parameters": report, "dry_run": dry_run}
+        if dry_run:
+            console.print(table(f"targets of {adapter} on {bb.spec}", ["tower", "layer", "role", "module"],
+                                [[s.tower, s.layer, s.role, s.path] for s in record.sites]))
+        else:
+            save_adapter(bb, out, name=name)
+            result["path"] = str(out)
+        console.print(report_table(report))
+        if not dry_run:
+            console.print(f"wrote adapter [bold]{name}[/] ({adapter}, {len(record.sites)} sites) to {out}")
+        if json_out:
+            print_json(result)

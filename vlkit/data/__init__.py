@@ -1,0 +1,27 @@
+"""Datasets for vlkit: dataset kinds are plugins; `load_data` turns a spec into an RGB `datasets.Dataset`.
+
+>>> from vlkit.data import load_data
+>>> ds = load_data("manifest:captions.jsonl", task="retrieval")
+>>> ds = load_data({"kind": "world", "domain": "medical", "task": "vqa", "n": 200, "seed": 0})
+"""
+from __future__ import annotations
+
+from .api import (
+    TASK_FIELDS,
+    dataset_kinds,
+    ensure_rgb,
+    load_data,
+    parse_data_spec,
+    required_fields,
+    validate,
+)
+
+__all__ = [
+    "TASK_FIELDS",
+    "dataset_kinds",
+    "ensure_rgb",
+    "load_data",
+    "parse_data_spec",
+    "required_fields",
+    "validate",
+]

@@ -1,0 +1,269 @@
+"""Public data API: parse a data spec, look its kind up in the plugin registry, load, convert to RGB, validate.
+
+A spec is a string ``kind:source`` (``"imagefolder:/data/x"``, ``"hf:user/name"``, ``"winoground:synth"``,
+``"world:medical/vqa"``), a bare local path (its kind is guessed from the layout), or a mapping with the key
+``kind`` plus options (``{"kind": "manifest", "path": "x.jsonl", "task": "retrieval"}``; omegaconf mappings
+work too). Keyword options given to :func:`load_data` override those in the spec.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, DataError, UnknownNameError
+
+TASK_FIELDS: dict[str, tuple[str, ...]] = {
+    "classification": ("image", "label"),
+    "retrieval": ("image", "caption"),
+    "vqa": ("image", "question", "answer"),
+    "grounding": ("image", "expression", "box"),
+    "winoground": ("image_0", "image_1", "caption_0", "caption_1"),
+}
+
+# Option names that mean "the source" in a mapping spec (a manifest's path, a hub id, a directory).
+SOURCE_ALIASES = ("source", "path", "data_dir", "dir", "id")
+
+
+def required_fields(task: str) -> tuple[str, ...]:
+    """The columns a dataset must have for `task` (image columns first)."""
+    try:
+        return TASK_FIELDS[task]
+    except (KeyError, TypeError):
+        raise ConfigError(f"unknown task {task!r}; known: {', '.join(TASK_FIELDS)}") from None
+
+
+def _plain_mapping(spec: Any) -> dict[str, Any]:
+    """A plain dict from a dict or an omegaconf DictConfig (interpolations resolved)."""
+    if type(spec).__module__.startswith("omegaconf"):
+        from omegaconf import OmegaConf
+
+        spec = OmegaConf.to_container(spec, resolve=True)
+    return dict(spec)
+
+
+def guess_kind(path: str) -> str | None:
+    """The dataset kind of an existing local path, from its layout; None when it is not a local path."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        suffix = p.suffix.lower()
+        if suffix in (".jsonl", ".csv"):
+            return "winoground" if p.name == "examples.jsonl" else "manifest"
+        if suffix == ".parquet":
+            return "parquet"
+        raise ConfigError(f"cannot tell the dataset kind of {path}: expected a .jsonl/.csv manifest or .parquet file",
+                          hint="write it as KIND:PATH, e.g. manifest:x.jsonl")
+    if p.is_dir():
+        if (p / "examples.jsonl").is_file() or (p / "data" / "examples.jsonl").is_file():
+            return "winoground"
+        if any(p.glob("*.parquet")) or any(p.glob("*/*.parquet")):
+            return "parquet"
+        return "imagefolder"
+    return None
+
+
+def parse_data_spec(spec: str | Mapping | None = None, **options: Any) -> dict[str, Any]:
+    """Normalise a data spec to ``{"kind": ..., "source": ... (if any), **options}``.
+
+    Strings: ``"kind:source"``, ``"kind"`` alone, an existing local path (kind guessed from its layout:
+    ``.jsonl``/``.csv`` → manifest, ``.parquet`` or a folder of them → parquet, a folder with
+    ``examples.jsonl`` → winoground, another folder → imagefolder) or ``"user/name"`` (a hub id → hf).
+    Mappings: the key ``kind`` plus options; ``path``/``data_dir``/``dir``/``id`` are aliases of ``source``.
+    """
+    out: dict[str, Any] = {}
+    if spec is None:
+        pass
+    elif isinstance(spec, str) or isinstance(spec, os.PathLike):
+        out.update(_parse_string(os.fspath(spec)))
+    elif isinstance(spec, Mapping) or type(spec).__module__.startswith("omegaconf"):
+        out.update(_plain_mapping(spec))
+    else:
+        raise ConfigError(f"a data spec must be a string or a mapping with a 'kind' key, not {type(spec).__name__}")
+    out.update(options)
+    for alias in SOURCE_ALIASES[1:]:
+        if alias in out:
+            value = out.pop(alias)
+            if out.get("source") not in (None, value):
+                raise ConfigError(f"data spec gives both source={out['source']!r} and {alias}={value!r}")
+            out["source"] = value
+    if out.get("source") is not None:
+        out["source"] = os.fspath(out["source"])
+    kind = out.get("kind")
+    if not kind and out.get("source"):
+        kind = guess_kind(out["source"])
+    if not kind or not isinstance(kind, str):
+        raise ConfigError("a data spec needs a kind: write KIND:SOURCE (e.g. imagefolder:DIR, manifest:x.jsonl, "
+                          "hf:user/name, winoground:synth) or give kind= in a mapping")
+    out["kind"] = kind
+    return out
+
+
+def _parse_string(text: str) -> dict[str, Any]:
+    text = text.strip()
+    if not text:
+        raise ConfigError("empty data spec")
+    kind, sep, rest = text.partition(":")
+    # "C:\\data" is a Windows path, not kind "C"; "./a:b" is a path too.
+    is_kind = sep and kind and kind.replace("_", "").replace("-", "").isalnum() and len(kind) > 1
+    if is_kind:
+        return {"kind": kind, "source": rest or None}
+    guessed = guess_kind(text)
+    if guessed is not None:
+        return {"kind": guessed, "source": text}
+    if os.sep in text or text.startswith((".", "~")):
+        if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+            return {"kind": "hf", "source": text}
+        raise DataError(f"data path not found: {text}")
+    return {"kind": text}
+
+
+def _registry():
+    from ..plugins import registry
+
+    return registry("dataset")
+
+
+def dataset_kinds() -> list[str]:
+    """Names of every registered dataset kind (built-in and from plugins)."""
+    return _registry().names()
+
+
+def pick_split(ds: Any, split: str | None, label: str):
+    """A single Dataset out of a DatasetDict: `split`, else "train", else the only split."""
+    import datasets
+
+    if not isinstance(ds, datasets.DatasetDict):
+        return ds
+    names = list(ds)
+    if split is not None:
+        if split not in ds:
+            raise DataError(f"{label} has no split {split!r}; splits: {', '.join(names)}")
+        return ds[split]
+    if "train" in ds:
+        return ds["train"]
+    if len(names) == 1:
+        return ds[names[0]]
+    raise DataError(f"{label} has several splits ({', '.join(names)}); choose one with split=")
+
+
+def _supports_image_mode() -> bool:
+    import inspect
+
+    import datasets
+
+    return "mode" in inspect.signature(datasets.Image).parameters
+
+
+def image_columns(ds) -> list[str]:
+    """Columns of `ds` whose feature is a datasets.Image."""
+    import datasets
+
+    return [name for name, feat in ds.features.items() if isinstance(feat, datasets.Image)]
+
+
+def ensure_rgb(ds):
+    """`ds` with every image column decoded as RGB (some sources hold RGBA, L or P images)."""
+    import datasets
+
+    cols = image_columns(ds)
+    if not cols:
+        return ds
+    if _supports_image_mode():
+        for col in cols:
+            feat = ds.features[col]
+            if feat.mode != "RGB":
+                ds = ds.cast_column(col, datasets.Image(mode="RGB", decode=feat.decode))
+        return ds
+
+    def to_rgb(batch):  # older datasets without Image(mode=): convert on access
+        for col in cols:
+            if col in batch:
+                batch[col] = [im.convert("RGB") if im is not None and im.mode != "RGB" else im
+                              for im in batch[col]]
+        return batch
+
+    ds.set_transform(to_rgb)
+    return ds
+
+
+def _first_bad_row(column) -> int | None:
+    """0-based index of the first null in a pyarrow (chunked) array, or None."""
+    if column.null_count == 0:
+        return None
+    offset = 0
+    for chunk in getattr(column, "chunks", [column]):
+        if chunk.null_count:
+            for i, valid in enumerate(chunk.is_valid().to_pylist()):
+                if not valid:
+                    return offset + i
+        offset += len(chunk)
+    return None
+
+
+def validate(ds, task: str, *, source: str | None = None) -> None:
+    """Check that `ds` has the columns `task` needs, no empty values in them, and no dangling image paths.
+
+    Raises DataError naming the column (and the source, when given) or the 1-based row and the file.
+    """
+    fields = required_fields(task)
+    label = source or "dataset"
+    missing = [f for f in fields if f not in ds.column_names]
+    if missing:
+        raise DataError(
+            f"{label} has no column {missing[0]!r} required for task {task!r} "
+            f"(needs {', '.join(fields)}; has {', '.join(ds.column_names) or 'no columns'})")
+    table = ds.data
+    img_cols = set(image_columns(ds))
+    for name in fields:
+        column = table.column(name)
+        bad = _first_bad_row(column)
+        if bad is not None:
+            raise DataError(f"{label}: row {bad + 1} has no value for {name!r} (required for task {task!r})")
+        if name in img_cols:
+            _check_image_paths(column, name, label)
+
+
+def _check_image_paths(column, name: str, label: str) -> None:
+    """Image structs that hold only a local path must point at an existing file."""
+    import pyarrow as pa
+
+    if not pa.types.is_struct(column.type):
+        return
+    field_names = [column.type.field(i).name for i in range(column.type.num_fields)]
+    if "path" not in field_names or "bytes" not in field_names:
+        return
+    combined = column.combine_chunks() if hasattr(column, "combine_chunks") else column
+    paths = combined.field("path").to_pylist()
+    blobs = combined.field("bytes").is_null().to_pylist()
+    for i, (path, no_bytes) in enumerate(zip(paths, blobs)):
+        if no_bytes and path and "://" not in path and not os.path.exists(path):
+            raise DataError(f"{label}: row {i + 1}: image file not found: {path} (column {name!r})")
+
+
+def load_data(spec: str | Mapping | None = None, **options: Any):
+    """Load a dataset through its registered kind; images come back as RGB; `task=` validates the columns.
+
+    >>> load_data({"kind": "world", "domain": "medical", "task": "vqa", "n": 200, "seed": 0})
+    >>> load_data("imagefolder:/data/pets", task="classification")
+    """
+    import datasets
+
+    parsed = parse_data_spec(spec, **options)
+    kind = parsed.pop("kind")
+    source = parsed.pop("source", None)
+    split = parsed.pop("split", None)
+    reg = _registry()
+    if kind not in reg:
+        raise UnknownNameError("dataset kind", kind, reg.names())
+    loader = reg.get(kind)
+    label = f"{kind}:{source}" if source else kind
+    ds = loader(source, split=split, **parsed)
+    ds = pick_split(ds, split, label)
+    if not isinstance(ds, datasets.Dataset):
+        raise DataError(f"dataset kind {kind!r} returned {type(ds).__name__}, not a datasets.Dataset")
+    ds = ensure_rgb(ds)
+    task = parsed.get("task")
+    if task:
+        validate(ds, task, source=label)
+    return ds

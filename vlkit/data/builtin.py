@@ -1,0 +1,26 @@
+"""Built-in dataset kinds, registered through the same `register_datasets` hook a third-party plugin implements.
+
+A plugin package adds a kind the same way: implement ``register_datasets(register)`` with
+``@vlkit.hookspecs.hookimpl`` and call ``register("mykind", loader, summary="...")``, where
+``loader(source: str | None = None, *, split: str | None = None, **options) -> datasets.Dataset``; then
+``load_data("mykind:SOURCE")`` finds it.
+"""
+from __future__ import annotations
+
+from ..hookspecs import hookimpl
+from .loaders import load_hf, load_imagefolder, load_manifest_kind, load_parquet, load_world
+from .winoground import load_winoground
+
+
+@hookimpl
+def register_datasets(register):
+    register("world", load_world,
+             summary="embedded procedural image-text world: world:DOMAIN/TASK (options n, seed, image_size)")
+    register("hf", load_hf, summary="Hugging Face hub dataset id: hf:user/name (options config, split, revision)")
+    register("imagefolder", load_imagefolder,
+             summary="local folder in imagefolder layout (class subfolders or metadata.jsonl/.csv)")
+    register("manifest", load_manifest_kind,
+             summary="local JSONL/CSV manifest of image paths with captions, labels, questions/answers or boxes")
+    register("parquet", load_parquet, summary="local parquet file or folder of parquet files")
+    register("winoground", load_winoground,
+             summary="Winoground: hub (gated, HF token), synth (world minimal pairs) or a local copy DIR")

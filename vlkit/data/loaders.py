@@ -1,0 +1,190 @@
+"""Built-in dataset loaders: the procedural world, a hub dataset id, a local imagefolder, a manifest, parquet files.
+
+Every loader has the plugin signature ``loader(source: str | None = None, *, split: str | None = None,
+**options) -> datasets.Dataset``; `task` among the options names the columns that rows must fill.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, DataError
+from .api import TASK_FIELDS, pick_split, required_fields
+from .hub import hub_load
+from .manifest import check_image_file, image_columns_of, read_rows
+
+DEFAULT_WORLD_N = 200
+
+
+def _int_option(name: str, value: Any) -> int:
+    try:
+        out = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"data option {name} must be an integer, got {value!r}") from None
+    if isinstance(value, float) and value != out:
+        raise ConfigError(f"data option {name} must be an integer, got {value!r}")
+    return out
+
+
+def _no_extra(kind: str, options: dict[str, Any]) -> None:
+    if options:
+        raise ConfigError(f"unknown option(s) for dataset kind {kind!r}: {', '.join(sorted(options))}")
+
+
+def _required(task: str | None) -> tuple[str, ...]:
+    return required_fields(task) if task else ()
+
+
+def load_world(source: str | None = None, *, split: str | None = None, domain: str | None = None,
+               task: str | None = None, n: int = DEFAULT_WORLD_N, seed: int = 0, image_size: int = 64,
+               **options: Any):
+    """The embedded procedural image-text world: ``world:DOMAIN/TASK`` or options domain, task, n, seed."""
+    _no_extra("world", options)
+    if source:
+        parts = [p for p in source.strip("/").split("/") if p]
+        if len(parts) > 2:
+            raise ConfigError(f"world source must be DOMAIN or DOMAIN/TASK, got {source!r}")
+        src_domain = parts[0] if parts else None
+        src_task = parts[1] if len(parts) > 1 else None
+        for what, a, b in (("domain", src_domain, domain), ("task", src_task, task)):
+            if a and b and a != b:
+                raise ConfigError(f"world:{source} names {what} {a!r} but {what}={b!r} was also given")
+        domain, task = domain or src_domain, task or src_task
+    from .. import world
+
+    if not domain:
+        raise ConfigError(f"the world dataset needs a domain; domains: {', '.join(world.DOMAINS)}")
+    if domain not in world.DOMAINS:
+        raise ConfigError(f"unknown world domain {domain!r}; domains: {', '.join(world.DOMAINS)}")
+    if not task:
+        raise ConfigError(f"the world dataset needs a task; tasks: {', '.join(world.TASKS)}")
+    if task not in world.TASKS:
+        raise ConfigError(f"unknown world task {task!r}; tasks: {', '.join(world.TASKS)}")
+    n = _int_option("n", n)
+    if n < 1:
+        raise ConfigError(f"data option n must be at least 1, got {n}")
+    seed = _int_option("seed", seed)
+    if split and split not in ("train", "validation", "test"):
+        raise ConfigError(f"world split must be train, validation or test, got {split!r}")
+    if split in ("validation", "test"):  # disjoint, reproducible samples per split
+        seed = seed + {"validation": 1_000_003, "test": 2_000_003}[split]
+    return world.generate(domain, task, n, seed=seed, image_size=_int_option("image_size", image_size))
+
+
+def load_hf(source: str | None = None, *, split: str | None = None, config: str | None = None,
+            name: str | None = None, revision: str | None = None, token: str | bool | None = None,
+            task: str | None = None, **load_kwargs: Any):
+    """A Hugging Face hub dataset id (``hf:user/name``), loaded with the user's token when it is gated."""
+    if config and name and config != name:
+        raise ConfigError(f"hf dataset: config={config!r} and name={name!r} disagree")
+    if not source:
+        raise ConfigError("the hf dataset kind needs a hub id: hf:user/name")
+    ds = hub_load(source, name=config or name, split=split, token=token, revision=revision, **load_kwargs)
+    return pick_split(ds, split, f"hf:{source}")
+
+
+def _local_dir(kind: str, source: str | None) -> Path:
+    if not source:
+        raise ConfigError(f"the {kind} dataset kind needs a local folder: {kind}:DIR")
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DataError(f"{kind} folder not found: {path}")
+    if not path.is_dir():
+        raise DataError(f"{kind} source must be a folder: {path}")
+    return path
+
+
+def _check_imagefolder_metadata(root: Path, required: tuple[str, ...]) -> None:
+    """Every row of an imagefolder's metadata.jsonl/.csv must point at a readable image and fill `required`."""
+    for meta in sorted(list(root.rglob("metadata.jsonl")) + list(root.rglob("metadata.csv"))):
+        rows = list(read_rows(meta))
+        if not rows:
+            continue
+        keys = list(dict.fromkeys(k for _, rec in rows for k in rec))
+        img_cols, single = image_columns_of(keys, meta)
+        src_cols = [single] if single else img_cols
+        for row, rec in rows:
+            where = f"{meta}, row {row}"
+            for c in required:
+                if c not in ("image", "image_0", "image_1", "label") and c in keys and rec.get(c) is None:
+                    raise DataError(f"{where} has no value for {c!r}")
+            for c in src_cols:
+                value = rec.get(c)
+                if not isinstance(value, str) or not value:
+                    raise DataError(f"{where} has no image path in column {c!r}")
+                check_image_file(meta.parent / value, where=where)
+
+
+def _wrap_local_error(kind: str, where: Path, exc: Exception) -> DataError:
+    lines = str(exc).strip().splitlines()
+    msg = lines[0][:300] if lines else type(exc).__name__
+    return DataError(f"cannot load {kind} {where}: {msg}")
+
+
+def load_imagefolder(source: str | None = None, *, split: str | None = None, task: str | None = None,
+                     **load_kwargs: Any):
+    """A local folder in the Hugging Face imagefolder layout (class subfolders, or a metadata.jsonl/.csv)."""
+    import datasets
+
+    root = _local_dir("imagefolder", source)
+    _check_imagefolder_metadata(root, _required(task))
+    try:
+        ds = datasets.load_dataset("imagefolder", data_dir=str(root), split=split, **load_kwargs)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:
+        raise _wrap_local_error("imagefolder", root, exc) from exc
+    return pick_split(ds, split, f"imagefolder:{root}")
+
+
+def load_manifest_kind(source: str | None = None, *, split: str | None = None, task: str | None = None,
+                       **options: Any):
+    """A local JSONL/CSV manifest of image paths (relative to its folder, or absolute) and their fields."""
+    from .manifest import load_manifest
+
+    _no_extra("manifest", options)
+    if not source:
+        raise ConfigError("the manifest dataset kind needs a file: manifest:FILE.jsonl (or .csv)")
+    if split:
+        raise ConfigError("a manifest has no splits: write one manifest file per split")
+    return load_manifest(source, required=_required(task))
+
+
+def parquet_files(source: str, kind: str = "parquet", split: str | None = None) -> list[Path]:
+    """The parquet files of a file or folder (searched recursively), those of `split` when given."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return [path]
+    if not path.exists():
+        raise DataError(f"{kind} path not found: {path}")
+    files = sorted(path.rglob("*.parquet"))
+    if not files:
+        raise DataError(f"no .parquet files under {path}")
+    if split:
+        chosen = [f for f in files if f.name.startswith(f"{split}-") or f.name == f"{split}.parquet"
+                  or f.parent.name == split]
+        if not chosen:
+            raise DataError(f"no parquet files for split {split!r} under {path} "
+                            f"(expected {split}-*.parquet or a {split}/ folder)")
+        files = chosen
+    return files
+
+
+def load_parquet(source: str | None = None, *, split: str | None = None, task: str | None = None,
+                 **load_kwargs: Any):
+    """Local parquet files (a file, or a folder searched recursively; `split` picks SPLIT-*.parquet)."""
+    import datasets
+
+    if not source:
+        raise ConfigError("the parquet dataset kind needs a file or folder: parquet:DIR")
+    files = parquet_files(source, split=split)
+    try:
+        return datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train", **load_kwargs)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:
+        raise _wrap_local_error("parquet", Path(source), exc) from exc
+
+
+__all__ = ["load_world", "load_hf", "load_imagefolder", "load_manifest_kind", "load_parquet", "parquet_files",
+           "TASK_FIELDS"]

@@ -1,0 +1,216 @@
+"""Winoground: the hub copy (gated, parquet), a local copy (parquet or examples.jsonl + images/), or synth pairs.
+
+All sources give the same columns: id, image_0, image_1 (images, decoded RGB by load_data), caption_0,
+caption_1, tag, secondary_tag, num_main_preds, collapsed_tag. The official repo layout is ``examples.jsonl``
+(``image_0``/``image_1`` hold file stems such as ``ex_0_img_0``) plus ``images/ex_0_img_0.png``; the current
+hub repo stores the same rows in parquet with the images embedded as bytes.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, DataError
+from .manifest import check_image_bytes, check_image_file, read_rows
+
+HUB_ID = "facebook/winoground"
+HUB_SPLIT = "test"
+IMAGE_COLUMNS = ("image_0", "image_1")
+REQUIRED = ("image_0", "image_1", "caption_0", "caption_1")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+LOCAL_HINT = ("or use a local copy: winoground with --data DIR (a folder of parquet files, or examples.jsonl "
+              "with an images/ folder), or the embedded world's minimal pairs: winoground:synth")
+
+
+def canonical_features() -> dict[str, Any]:
+    import datasets
+
+    string = datasets.Value("string")
+    return {
+        "id": datasets.Value("int64"),
+        "image_0": datasets.Image(),
+        "image_1": datasets.Image(),
+        "caption_0": string,
+        "caption_1": string,
+        "tag": string,
+        "secondary_tag": string,
+        "num_main_preds": datasets.Value("int64"),
+        "collapsed_tag": string,
+    }
+
+
+def normalize(ds, label: str):
+    """Required columns present; known columns cast to the canonical types, in the canonical order first."""
+    import datasets
+
+    missing = [c for c in REQUIRED if c not in ds.column_names]
+    if missing:
+        raise DataError(f"winoground data {label} has no column {missing[0]!r} "
+                        f"(columns: {', '.join(ds.column_names)})")
+    canon = canonical_features()
+    order = [c for c in canon if c in ds.column_names] + [c for c in ds.column_names if c not in canon]
+    if order != ds.column_names:
+        ds = ds.select_columns(order)
+    target = datasets.Features({c: canon.get(c, ds.features[c]) for c in order})
+    for c in IMAGE_COLUMNS:  # keep a mode/decode setting that is already there
+        if isinstance(ds.features[c], datasets.Image):
+            target[c] = ds.features[c]
+    if target != ds.features:
+        try:
+            ds = ds.cast(target)
+        except Exception as exc:
+            raise DataError(f"winoground data {label}: unexpected column types: {exc}") from None
+    return ds
+
+
+def find_examples(root: Path) -> Path | None:
+    """The examples.jsonl of a local copy: ROOT/examples.jsonl, ROOT/data/examples.jsonl, or ROOT itself."""
+    if root.is_file():
+        return root if root.name.endswith(".jsonl") else None
+    for cand in (root / "examples.jsonl", root / "data" / "examples.jsonl"):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def _image_file(images: Path, value: Any, where: str, column: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{where} has no image name in column {column!r}")
+    value = value.strip()
+    direct = Path(value)
+    if direct.suffix.lower() in IMAGE_EXTENSIONS:
+        path = direct if direct.is_absolute() else images / direct
+    else:
+        candidates = [images / f"{value}{ext}" for ext in IMAGE_EXTENSIONS]
+        path = next((c for c in candidates if c.is_file()), candidates[0])
+    check_image_file(path, where=where)
+    return str(path)
+
+
+def load_examples_jsonl(examples: Path, images_dir: str | Path | None = None):
+    """The official layout: examples.jsonl rows whose image_0/image_1 are stems of files in images/."""
+    import datasets
+
+    images = Path(images_dir).expanduser() if images_dir else examples.parent / "images"
+    if not images.is_dir():
+        raise DataError(f"winoground images folder not found: {images} (expected beside {examples})")
+    rows = list(read_rows(examples))
+    if not rows:
+        raise DataError(f"winoground examples file {examples} has no rows")
+    canon = canonical_features()
+    keys = list(dict.fromkeys(k for _, rec in rows for k in rec))
+    columns: dict[str, list[Any]] = {c: [] for c in [c for c in canon if c in keys or c == "id"] +
+                                     [k for k in keys if k not in canon]}
+    for row, rec in rows:
+        where = f"winoground examples {examples}, row {row}"
+        for c in REQUIRED:
+            if rec.get(c) is None or (isinstance(rec.get(c), str) and not rec[c].strip()):
+                raise DataError(f"{where} has no value for {c!r}")
+        for c in columns:
+            if c in IMAGE_COLUMNS:
+                columns[c].append(_image_file(images, rec.get(c), where, c))
+            elif c == "id":
+                columns[c].append(rec.get("id", row - 1))
+            else:
+                columns[c].append(rec.get(c))
+    try:
+        ds = datasets.Dataset.from_dict({c: v for c, v in columns.items() if c not in IMAGE_COLUMNS})
+        for c in IMAGE_COLUMNS:
+            ds = ds.add_column(c, columns[c]).cast_column(c, datasets.Image())
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"winoground examples {examples}: cannot build a dataset: {exc}") from None
+    return normalize(ds, str(examples))
+
+
+def check_parquet_images(files: list[Path]) -> None:
+    """Every image_0/image_1 cell of the parquet files holds a readable image (errors name file and row)."""
+    import pyarrow.parquet as pq
+
+    for f in files:
+        pf = pq.ParquetFile(f)
+        names = pf.schema_arrow.names
+        cols = [c for c in IMAGE_COLUMNS if c in names]
+        if len(cols) < len(IMAGE_COLUMNS):
+            raise DataError(f"winoground parquet {f} has no column "
+                            f"{next(c for c in IMAGE_COLUMNS if c not in names)!r} (columns: {', '.join(names)})")
+        start = 0
+        for batch in pf.iter_batches(columns=cols, batch_size=16):
+            for c in cols:
+                for i, cell in enumerate(batch.column(c).to_pylist()):
+                    where = f"winoground parquet {f}, row {start + i + 1}, column {c!r}"
+                    data = cell.get("bytes") if isinstance(cell, dict) else cell
+                    path = cell.get("path") if isinstance(cell, dict) else None
+                    if data:
+                        check_image_bytes(data, where=where)
+                    elif path:
+                        check_image_file(Path(path) if Path(path).is_absolute() else f.parent / path, where=where)
+                    else:
+                        raise DataError(f"{where} has no image")
+            start += batch.num_rows
+
+
+def load_parquet_copy(source: Path, split: str | None = None):
+    """A local copy of the hub repo's parquet files (a file or a folder searched recursively)."""
+    import datasets
+
+    from .loaders import parquet_files
+
+    files = parquet_files(str(source), kind="winoground", split=split)
+    check_parquet_images(files)
+    try:
+        ds = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:
+        raise DataError(f"cannot load winoground parquet {source}: {str(exc).splitlines()[0][:300]}") from exc
+    return normalize(ds, str(source))
+
+
+def load_hub(split: str | None = None, token: str | bool | None = None, dataset_id: str = HUB_ID):
+    """`datasets.load_dataset("facebook/winoground", split="test", token=<the user's token>)`."""
+    from .hub import hf_token, hub_load
+
+    if token is None:
+        token = hf_token()
+    ds = hub_load(dataset_id, split=split or HUB_SPLIT, token=token, local_hint=LOCAL_HINT)
+    return normalize(ds, f"hub {dataset_id}")
+
+
+def load_synth(n: int = 400, seed: int = 0, domain: str = "photo", image_size: int = 64):
+    """Minimal pairs from the embedded procedural world."""
+    from .. import world
+    from .loaders import _int_option
+
+    return normalize(world.generate(domain, "winoground", _int_option("n", n), seed=_int_option("seed", seed),
+                                    image_size=_int_option("image_size", image_size)), "synth")
+
+
+def load_winoground(source: str | None = None, *, split: str | None = None, task: str | None = None,
+                    token: str | bool | None = None, images_dir: str | None = None, n: int = 400,
+                    seed: int = 0, domain: str = "photo", image_size: int = 64, **options: Any):
+    """Winoground from `source`: ``hub`` (default), ``synth``, or a local folder/file.
+
+    A local folder holds parquet files (the hub layout) or ``examples.jsonl`` plus ``images/``.
+    """
+    if options:
+        raise ConfigError(f"unknown option(s) for dataset kind 'winoground': {', '.join(sorted(options))}")
+    if task not in (None, "winoground"):
+        raise ConfigError(f"winoground data is for task 'winoground', not {task!r}")
+    if source in (None, "", "hub"):
+        return load_hub(split=split, token=token)
+    if source.startswith("hub:"):
+        return load_hub(split=split, token=token, dataset_id=source[4:])
+    if source == "synth":
+        return load_synth(n=n, seed=seed, domain=domain, image_size=image_size)
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DataError(f"winoground source not found: {path}",
+                        hint="give hub, synth, or a local folder with parquet files or examples.jsonl + images/")
+    examples = find_examples(path)
+    if examples is not None:
+        return load_examples_jsonl(examples, images_dir)
+    if path.is_file() and path.suffix != ".parquet":
+        raise DataError(f"winoground source {path} must be examples.jsonl, a parquet file or a folder")
+    return load_parquet_copy(path, split=split)
