@@ -196,6 +196,16 @@ def test_manifest_bad_json_and_bad_box(tmp_path):
         load_data(f"manifest:{b}", task="grounding")
 
 
+def test_manifest_split_column(tmp_path):
+    png(tmp_path / "a.png")
+    m = write_jsonl(tmp_path / "m.jsonl", [{"image": "a.png", "caption": "t", "split": "train"},
+                                           {"image": "a.png", "caption": "v", "split": "test"}])
+    assert load_data(f"manifest:{m}", split="test")["caption"] == ["v"]
+    assert len(load_data(f"manifest:{m}")) == 2
+    plain = write_jsonl(tmp_path / "p.jsonl", [{"image": "a.png", "caption": "x"}])
+    assert len(load_data(f"manifest:{plain}", split="train")) == 1  # one file per split: taken whole
+
+
 # ---------------------------------------------------------------- imagefolder, parquet, validate
 
 def test_imagefolder_metadata_and_class_folders(tmp_path):
@@ -234,6 +244,9 @@ def test_parquet_kind_and_validate_missing_column(tmp_path):
     ds.to_parquet(str(tmp_path / "pq" / "train-00000-of-00001.parquet"))
     out = load_data(f"parquet:{tmp_path / 'pq'}", task="retrieval")
     assert out["caption"] == ["a", "b"] and out[0]["image"].mode == "RGB"
+    assert len(load_data(f"parquet:{tmp_path / 'pq'}", split="train")) == 2
+    with pytest.raises(DataError, match=r"no parquet files for split 'test'.*splits found: train"):
+        load_data(f"parquet:{tmp_path / 'pq'}", split="test")
     with pytest.raises(DataError, match=r"parquet:.* has no column 'label' required for task 'classification'"):
         load_data(f"parquet:{tmp_path / 'pq'}", task="classification")
     with pytest.raises(DataError, match="row 2 has no value for 'caption'"):
@@ -267,3 +280,144 @@ def test_hf_offline_gives_clear_error(monkeypatch):
     assert "someone/not-cached-anywhere" in msg and "unreachable" in msg
     assert "imagefolder" in msg and "manifest" in msg and "parquet" in msg
     assert "Traceback" not in msg and "\n" not in msg
+
+
+# ---------------------------------------------------------------- winoground: examples.jsonl, parquet, hub
+
+WINO_ROWS = [
+    {"id": i, "image_0": f"ex_{i}_img_0", "image_1": f"ex_{i}_img_1",
+     "caption_0": f"a {i} left of b", "caption_1": f"b left of a {i}", "tag": "Relation",
+     "secondary_tag": "Symbolic" if i else "", "num_main_preds": 1 + i % 2, "collapsed_tag": "Relation"}
+    for i in range(3)
+]
+
+
+def wino_image(i: int, k: int):
+    mode = "RGBA" if (i, k) == (1, 0) else "RGB"  # some Winoground images are RGBA
+    return COLORS[(i + k) % 4], mode
+
+
+def write_wino_parquet(path: Path, corrupt: tuple[int, int] | None = None) -> Path:
+    """WINO_ROWS in the hub's parquet layout (images as PNG bytes); `corrupt`=(row, k) breaks one image."""
+    cols = {c: [r[c] for r in WINO_ROWS] for c in WINO_ROWS[0]}
+    for k in (0, 1):
+        cols[f"image_{k}"] = [{"bytes": b"garbage" if (r["id"], k) == corrupt else png_bytes(*wino_image(r["id"], k)),
+                               "path": f"{r[f'image_{k}']}.png"} for r in WINO_ROWS]
+    feats = datasets.Features({c: datasets.Image() if c.startswith("image_") else
+                               datasets.Value("int64" if c in ("id", "num_main_preds") else "string")
+                               for c in cols})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    datasets.Dataset.from_dict(cols, features=feats).to_parquet(str(path))
+    return path
+
+
+@pytest.fixture
+def wino(tmp_path):
+    """The same three examples in the official repo layout and in the hub's parquet layout."""
+    repo = tmp_path / "winoground"
+    repo.mkdir()
+    write_jsonl(repo / "examples.jsonl", WINO_ROWS)
+    for r in WINO_ROWS:
+        for k in (0, 1):
+            color, mode = wino_image(r["id"], k)
+            png(repo / "images" / f"{r[f'image_{k}']}.png", color, mode)
+    hub = tmp_path / "hubcopy"
+    write_wino_parquet(hub / "data" / "test-00000-of-00001.parquet")
+    return repo, hub
+
+
+def rows_of(ds):
+    return [{k: (pixels(v) if k.startswith("image_") else v) for k, v in ds[i].items()} for i in range(len(ds))]
+
+
+def test_winoground_three_sources_agree(wino, monkeypatch):
+    repo, hub = wino
+    from_jsonl = load_data(f"winoground:{repo}", task="winoground")
+    from_parquet = load_data({"kind": "winoground", "source": str(hub)}, task="winoground")
+
+    real_load = datasets.load_dataset
+    calls = []
+
+    def fake_hub(path, name=None, split=None, token=None, **kw):
+        calls.append((path, split, token))
+        return real_load("parquet", data_files=[str(p) for p in sorted(hub.rglob("*.parquet"))], split="train")
+
+    monkeypatch.setenv("HF_TOKEN", "hf_user_token")
+    monkeypatch.setattr(datasets, "load_dataset", fake_hub)
+    from_hub = load_data("winoground:hub", task="winoground")
+    assert calls == [("facebook/winoground", "test", "hf_user_token")]
+
+    expected_cols = ["id", "image_0", "image_1", "caption_0", "caption_1", "tag", "secondary_tag",
+                     "num_main_preds", "collapsed_tag"]
+    for ds in (from_jsonl, from_parquet, from_hub):
+        assert ds.column_names == expected_cols
+        assert ds.features == from_jsonl.features
+        assert {ds[i][f"image_{k}"].mode for i in range(3) for k in (0, 1)} == {"RGB"}
+    assert rows_of(from_jsonl) == rows_of(from_parquet) == rows_of(from_hub)
+    assert from_jsonl[1]["image_0"].getpixel((0, 0)) == wino_image(1, 0)[0]
+    assert from_jsonl["caption_1"][2] == "b left of a 2"
+
+
+def test_winoground_local_errors(wino, tmp_path):
+    repo, hub = wino
+    (repo / "images" / "ex_2_img_1.png").unlink()
+    with pytest.raises(DataError) as info:
+        load_data(f"winoground:{repo}")
+    msg = str(info.value)
+    assert "examples.jsonl, row 3" in msg and "ex_2_img_1.png" in msg and "not found" in msg
+
+    bad = tmp_path / "badpq"
+    write_wino_parquet(bad / "test-00000-of-00001.parquet", corrupt=(1, 1))
+    with pytest.raises(DataError) as info:
+        load_data(f"winoground:{bad}")
+    msg = str(info.value)
+    assert "test-00000-of-00001.parquet" in msg and "row 2" in msg and "cannot read image" in msg
+
+
+def test_winoground_hub_offline_and_gated(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError) as info:
+        load_data("winoground:hub")
+    msg = str(info.value)
+    assert "facebook/winoground" in msg and "unreachable" in msg and "synth" in msg and "--data" in msg
+    assert "Traceback" not in msg
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    from datasets.exceptions import DatasetNotFoundError
+
+    def gated(*a, **kw):
+        raise DatasetNotFoundError("Dataset 'facebook/winoground' is a gated dataset on the Hub. "
+                                   "You must be authenticated to access it.")
+
+    monkeypatch.setattr(datasets, "load_dataset", gated)
+    monkeypatch.setattr("vlkit.data.hub.hf_token", lambda: None)
+    with pytest.raises(DataError, match=r"'facebook/winoground' is gated.*HF_TOKEN"):
+        load_data("winoground")
+
+
+# ---------------------------------------------------------------- the procedural world
+
+def test_world_kind_and_winoground_synth(tmp_path):
+    world = pytest.importorskip("vlkit.world")
+    if not hasattr(world, "generate"):
+        pytest.skip("vlkit.world is not written yet")
+    ds = load_data({"kind": "world", "domain": world.DOMAINS[0], "task": "vqa", "n": 6, "seed": 0})
+    assert len(ds) == 6 and ds[0]["image"].mode == "RGB"
+    again = load_data(f"world:{world.DOMAINS[0]}/vqa", n=6, seed=0, task="vqa")
+    assert rows_of_images(ds) == rows_of_images(again)  # reproducible from the seed
+
+    syn = load_data("winoground:synth", n=4, seed=1, task="winoground")
+    assert len(syn) == 4 and syn[0]["image_0"].mode == "RGB"
+
+    # world.write layouts load back through the local kinds
+    world.write(ds, tmp_path / "vqa", "vqa")
+    back = load_data(f"imagefolder:{tmp_path / 'vqa'}", task="vqa")
+    assert sorted(back["question"]) == sorted(ds["question"])
+    world.write(syn, tmp_path / "wino", "winoground")
+    back = load_data(f"winoground:{tmp_path / 'wino'}", task="winoground")
+    assert back["caption_0"] == syn["caption_0"]
+    assert [pixels(im) for im in back["image_1"]] == [pixels(im) for im in syn["image_1"]]
+
+
+def rows_of_images(ds):
+    return [pixels(ds[i]["image"]) for i in range(len(ds))]

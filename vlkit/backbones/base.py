@@ -76,6 +76,13 @@ class Backbone(nn.Module, metaclass=ABCMeta):
     def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         ...
 
+    @abstractmethod
+    def encode_image_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One vision forward: the pooled image embedding (B, embed_dim, unnormalised, as `encode_image`)
+        and the patch tokens (B, N_patches, vision width) after the tower's final norm, class token dropped.
+        Grounding and other dense tasks read the tokens."""
+        ...
+
     def forward(self, pixels: torch.Tensor, tokens: torch.Tensor):
         """Normalised image and text embeddings and the logit scale, as CLIP's forward returns them."""
         return self.encode_image(pixels, normalize=True), self.encode_text(tokens, normalize=True), self.logit_scale

@@ -37,6 +37,18 @@ class HFBackbone(Backbone):
             out = self.model.visual_projection(out)
         return nn.functional.normalize(out, dim=-1) if normalize else out
 
+    def encode_image_tokens(self, pixels):
+        vision = self.model.vision_model
+        out = vision(pixel_values=pixels)
+        if self.is_siglip:  # no class token; last_hidden_state already went through post_layernorm
+            tokens = out.last_hidden_state
+        else:  # CLIP normalises only the pooled class token; apply the same norm to the patches
+            tokens = vision.post_layernorm(out.last_hidden_state[:, 1:])
+        pooled = out.pooler_output
+        if hasattr(self.model, "visual_projection"):
+            pooled = self.model.visual_projection(pooled)
+        return pooled, tokens
+
     def encode_text(self, tokens, normalize=False):
         if isinstance(tokens, dict):
             ids, mask = tokens["input_ids"], tokens.get("attention_mask")

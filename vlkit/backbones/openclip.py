@@ -63,6 +63,21 @@ class OpenClipBackbone(Backbone):
     def encode_text(self, tokens, normalize=False):
         return self.model.encode_text(tokens, normalize=normalize)
 
+    def encode_image_tokens(self, pixels):
+        visual = self.model.visual
+        if not hasattr(visual, "output_tokens"):
+            from ..errors import ConfigError
+
+            raise ConfigError(f"the vision tower of {self.spec} ({type(visual).__name__}) does not expose patch tokens",
+                              hint="dense tasks such as grounding need a ViT vision tower")
+        previous = visual.output_tokens
+        visual.output_tokens = True
+        try:
+            pooled, tokens = visual(pixels)
+        finally:
+            visual.output_tokens = previous
+        return pooled, tokens
+
     def tokenize(self, texts):
         if isinstance(texts, str):
             texts = [texts]

@@ -236,7 +236,7 @@ def _check_image_paths(column, name: str, label: str) -> None:
     combined = column.combine_chunks() if hasattr(column, "combine_chunks") else column
     paths = combined.field("path").to_pylist()
     blobs = combined.field("bytes").is_null().to_pylist()
-    for i, (path, no_bytes) in enumerate(zip(paths, blobs)):
+    for i, (path, no_bytes) in enumerate(zip(paths, blobs, strict=True)):
         if no_bytes and path and "://" not in path and not os.path.exists(path):
             raise DataError(f"{label}: row {i + 1}: image file not found: {path} (column {name!r})")
 

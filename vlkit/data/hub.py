@@ -99,7 +99,7 @@ def hub_error(dataset_id: str, exc: BaseException, *, offline: bool, token: str 
             f"Hugging Face dataset {dataset_id!r} is gated: accept its terms at "
             f"https://huggingface.co/datasets/{dataset_id} and authenticate; {how}", hint=local_hint)
     if offline or _is_unreachable(exc):
-        why = "offline mode is on (HF_HUB_OFFLINE)" if offline else _short(exc)
+        why = "offline mode is on: HF_HUB_OFFLINE is set" if offline else _short(exc)
         return DataError(
             f"cannot load Hugging Face dataset {dataset_id!r}: the Hugging Face Hub is unreachable ({why}) "
             f"and no cached copy was found", hint=local_hint)

@@ -14,6 +14,7 @@ from .hub import hub_load
 from .manifest import check_image_file, image_columns_of, read_rows
 
 DEFAULT_WORLD_N = 200
+SPLIT_NAMES = ("train", "validation", "valid", "val", "dev", "test")
 
 
 def _int_option(name: str, value: Any) -> int:
@@ -139,19 +140,25 @@ def load_imagefolder(source: str | None = None, *, split: str | None = None, tas
 
 def load_manifest_kind(source: str | None = None, *, split: str | None = None, task: str | None = None,
                        **options: Any):
-    """A local JSONL/CSV manifest of image paths (relative to its folder, or absolute) and their fields."""
+    """A local JSONL/CSV manifest of image paths (relative to its folder, or absolute) and their fields.
+
+    With `split`, a manifest that has a ``split`` column keeps only that split's rows; one without it is
+    taken whole (one manifest file per split).
+    """
     from .manifest import load_manifest
 
     _no_extra("manifest", options)
     if not source:
         raise ConfigError("the manifest dataset kind needs a file: manifest:FILE.jsonl (or .csv)")
-    if split:
-        raise ConfigError("a manifest has no splits: write one manifest file per split")
-    return load_manifest(source, required=_required(task))
+    return load_manifest(source, required=_required(task), split=split)
 
 
 def parquet_files(source: str, kind: str = "parquet", split: str | None = None) -> list[Path]:
-    """The parquet files of a file or folder (searched recursively), those of `split` when given."""
+    """The parquet files of a file or folder (searched recursively).
+
+    With `split`, files named SPLIT-*.parquet (or in a SPLIT/ folder) are chosen; a folder whose files name
+    no split at all is taken whole.
+    """
     path = Path(source).expanduser()
     if path.is_file():
         return [path]
@@ -161,12 +168,19 @@ def parquet_files(source: str, kind: str = "parquet", split: str | None = None) 
     if not files:
         raise DataError(f"no .parquet files under {path}")
     if split:
-        chosen = [f for f in files if f.name.startswith(f"{split}-") or f.name == f"{split}.parquet"
-                  or f.parent.name == split]
-        if not chosen:
-            raise DataError(f"no parquet files for split {split!r} under {path} "
-                            f"(expected {split}-*.parquet or a {split}/ folder)")
-        files = chosen
+        def split_of(f: Path) -> str | None:
+            for name in SPLIT_NAMES:
+                if f.name.startswith((f"{name}-", f"{name}_", f"{name}.")) or f.parent.name == name:
+                    return name
+            return None
+
+        named = {f: split_of(f) for f in files}
+        chosen = [f for f in files if named[f] == split or f.name.startswith(f"{split}-") or f.parent.name == split]
+        if chosen:
+            files = chosen
+        elif any(named.values()):
+            found = sorted({s for s in named.values() if s})
+            raise DataError(f"no parquet files for split {split!r} under {path}; splits found: {', '.join(found)}")
     return files
 
 

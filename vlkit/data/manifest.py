@@ -34,7 +34,8 @@ def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise DataError(f"manifest {path}: row {row} (line {lineno}) is not valid JSON: {exc.msg}") from None
+                    raise DataError(
+                        f"manifest {path}: row {row} (line {lineno}) is not valid JSON: {exc.msg}") from None
                 if not isinstance(rec, dict):
                     raise DataError(f"manifest {path}: row {row} (line {lineno}) is not a JSON object")
                 yield row, rec
@@ -133,10 +134,12 @@ def _label_feature(values: list[Any]):
     return values, None
 
 
-def load_manifest(path: str | os.PathLike, *, required: tuple[str, ...] = ()):
+def load_manifest(path: str | os.PathLike, *, required: tuple[str, ...] = (), split: str | None = None):
     """A datasets.Dataset from a JSONL/CSV manifest, with image columns as datasets.Image features.
 
     `required` are the columns every row must fill (from the task); rows are checked at load time.
+    `split` keeps the rows whose ``split`` column equals it (row numbers stay those of the file); a
+    manifest without a ``split`` column is taken whole.
     """
     import datasets
 
@@ -147,6 +150,10 @@ def load_manifest(path: str | os.PathLike, *, required: tuple[str, ...] = ()):
     rows = list(read_rows(path))
     if not rows:
         raise DataError(f"manifest {path} has no rows")
+    if split is not None and any("split" in rec for _, rec in rows):
+        rows = [(row, rec) for row, rec in rows if rec.get("split") == split]
+        if not rows:
+            raise DataError(f"manifest {path} has no rows with split {split!r}")
     keys: list[str] = []
     for _, rec in rows:
         for k in rec:
@@ -167,7 +174,7 @@ def load_manifest(path: str | os.PathLike, *, required: tuple[str, ...] = ()):
         for c in required:
             if c not in img_cols and (rec.get(c) is None or (isinstance(rec.get(c), str) and not rec[c].strip())):
                 raise DataError(f"{where} has no value for {c!r}")
-        for out, src in zip(img_cols, src_cols):
+        for out, src in zip(img_cols, src_cols, strict=True):
             columns[out].append(resolve_image(rec.get(src), base, where=where, column=src))
         for c in other:
             value = rec.get(c)

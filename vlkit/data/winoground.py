@@ -18,7 +18,7 @@ HUB_SPLIT = "test"
 IMAGE_COLUMNS = ("image_0", "image_1")
 REQUIRED = ("image_0", "image_1", "caption_0", "caption_1")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-LOCAL_HINT = ("or use a local copy: winoground with --data DIR (a folder of parquet files, or examples.jsonl "
+LOCAL_HINT = ("use a local copy instead: winoground with --data DIR (a folder of parquet files, or examples.jsonl "
               "with an images/ folder), or the embedded world's minimal pairs: winoground:synth")
 
 

@@ -1,0 +1,34 @@
+"""`vlkit train RECIPE [key=value ...]`: train from a YAML recipe (also under accelerate launch / torchrun)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(cli: typer.Typer) -> None:
+    @cli.command("train", context_settings={"allow_extra_args": False})
+    def train_cmd(
+        recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+        overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. optim.lr=3e-4."),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: recipe output_dir)."),
+        resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the output dir."),
+        json_out: bool = typer.Option(False, "--json", help="Print the final metrics as JSON on stdout."),
+        no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+    ) -> None:
+        """Train adapters (or a baseline) from a recipe; writes the adapter directory and logs."""
+        from ..train.engine import train
+        from ..train.recipe import load_recipe
+        from .output import console, print_json, table
+
+        cfg = load_recipe(recipe, overrides or [])
+        result = train(cfg, out, resume=resume, progress=not no_progress)
+        rows = [[k, f"{v:.2f}" if isinstance(v, float) else v] for k, v in result["metrics"].items()]
+        p = result["parameters"]
+        rows.append(["trainable parameters", f"{p['trainable']:,} ({p['trainable_percent']:.2f}%)"])
+        rows.append(["steps", result["steps"]])
+        console.print(table(f"{result['name']} — {result['method']} on {result['task']}", ["metric", "value"], rows))
+        console.print(f"wrote {result['output_dir']}")
+        if json_out:
+            print_json(result)

@@ -1,0 +1,1 @@
+"""Training: typed recipes, the Accelerate-based engine, checkpoints and domain adaptation."""

@@ -1,0 +1,201 @@
+"""Recipes: YAML read with OmegaConf against typed dataclasses, merged with key=value overrides.
+
+Everything a run needs is checked here, before any backbone weights or data load: unknown keys,
+wrong types, unknown plugin names, bad adapter options and missing local files.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from ..errors import ConfigError
+
+METHODS = ("adapter", "full", "linear", "zeroshot")
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclass
+class TaskCfg:
+    name: str = "classification"
+    options: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataCfg:
+    train: Dict[str, Any] = field(default_factory=lambda: {"kind": "world", "domain": "photo",
+                                                           "task": "classification", "n": 512, "seed": 0})
+    eval: Optional[Dict[str, Any]] = None
+
+
+@dataclass
+class OptimCfg:
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    epochs: Optional[int] = None
+    steps: Optional[int] = None
+    batch_size: int = 32
+    grad_accum: int = 1
+    max_grad_norm: Optional[float] = 1.0
+
+
+@dataclass
+class EvalCfg:
+    every_steps: int = 0
+    batch_size: int = 256
+
+
+@dataclass
+class CheckpointCfg:
+    every_steps: int = 0
+    keep: int = 2
+
+
+@dataclass
+class LoggingCfg:
+    every_steps: int = 10
+    tensorboard: bool = True
+    plot: bool = True
+
+
+@dataclass
+class Recipe:
+    name: str = "run"
+    backbone: str = "tiny"
+    method: str = "adapter"
+    adapter: Dict[str, Any] = field(default_factory=lambda: {"variant": "bottleneck"})
+    task: TaskCfg = field(default_factory=TaskCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    optim: OptimCfg = field(default_factory=OptimCfg)
+    precision: str = "fp32"
+    device: str = "auto"
+    seed: int = 0
+    output_dir: Optional[str] = None
+    eval: EvalCfg = field(default_factory=EvalCfg)
+    checkpoint: CheckpointCfg = field(default_factory=CheckpointCfg)
+    logging: LoggingCfg = field(default_factory=LoggingCfg)
+    notes: List[str] = field(default_factory=list)
+
+
+def _omegaconf_error(exc: Exception, source: str) -> ConfigError:
+    key = getattr(exc, "full_key", None)
+    msg = getattr(exc, "msg", None) or str(exc).splitlines()[0]
+    where = f"{source}: key {key!r}: " if key else f"{source}: "
+    return ConfigError(where + msg.strip())
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None):
+    """Read a recipe file (or start from defaults) and apply overrides; returns a typed DictConfig."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    schema = OmegaConf.structured(Recipe)
+    layers = []
+    source = str(path) if path else "<defaults>"
+    if base:
+        layers.append(OmegaConf.create(base))
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"recipe file {p} does not exist")
+        try:
+            layers.append(OmegaConf.load(p))
+        except Exception as exc:  # yaml.YAMLError and OmegaConf errors
+            raise ConfigError(f"{p} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not OmegaConf.is_dict(layers[-1]):
+            raise ConfigError(f"{p}: a recipe must be a mapping of keys to values")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+    try:
+        merged = OmegaConf.merge(schema, *layers)
+        if overrides:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as exc:
+        raise _omegaconf_error(exc, source if not overrides else f"{source} (with overrides)") from None
+    check_recipe(merged, source)
+    return merged
+
+
+def _choice(value: str, choices: tuple[str, ...], key: str, source: str) -> None:
+    if value not in choices:
+        raise ConfigError(f"{source}: key {key!r}: expected one of {', '.join(choices)}, got {value!r}")
+
+
+def _check_data_source(spec: Any, key: str, source: str) -> None:
+    from omegaconf import OmegaConf
+
+    if spec is None:
+        return
+    spec = OmegaConf.to_container(spec, resolve=True) if OmegaConf.is_config(spec) else dict(spec)
+    kind = spec.get("kind")
+    if not kind:
+        raise ConfigError(f"{source}: key {key!r}: needs a 'kind' (e.g. world, manifest, imagefolder, hf)")
+    from ..plugins import registry
+
+    if kind not in registry("dataset"):
+        raise ConfigError(f"{source}: key '{key}.kind': unknown dataset kind {kind!r}; known: "
+                          f"{', '.join(registry('dataset').names())}")
+    for pkey in ("path", "data_dir", "data_files"):
+        val = spec.get(pkey)
+        if isinstance(val, str) and kind in ("manifest", "imagefolder", "parquet") and not Path(val).exists():
+            raise ConfigError(f"{source}: key '{key}.{pkey}': file {val} does not exist")
+
+
+def check_recipe(cfg, source: str = "<recipe>") -> None:
+    """Semantic checks that need the plugin registries but no weights or data."""
+    from omegaconf import OmegaConf
+
+    from ..plugins import registry
+
+    _choice(cfg.method, METHODS, "method", source)
+    _choice(cfg.precision, PRECISIONS, "precision", source)
+    _choice(cfg.device, DEVICES, "device", source)
+    _choice(cfg.optim.schedule, SCHEDULES, "optim.schedule", source)
+    _choice(cfg.optim.optimizer, ("adamw", "sgd"), "optim.optimizer", source)
+    if cfg.task.name not in registry("task"):
+        raise ConfigError(f"{source}: key 'task.name': unknown task {cfg.task.name!r}; known: "
+                          f"{', '.join(registry('task').names())}")
+    if cfg.method != "zeroshot" and cfg.optim.steps is None and cfg.optim.epochs is None:
+        raise ConfigError(f"{source}: key 'optim': give optim.steps or optim.epochs")
+    for key in ("batch_size", "grad_accum"):
+        if getattr(cfg.optim, key) < 1:
+            raise ConfigError(f"{source}: key 'optim.{key}': must be >= 1")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"{source}: key 'optim.lr': must be > 0")
+    if cfg.method == "adapter":
+        opts = OmegaConf.to_container(cfg.adapter, resolve=True)
+        variant = opts.pop("variant", None)
+        if not variant:
+            raise ConfigError(f"{source}: key 'adapter.variant': missing (e.g. bottleneck, lora)")
+        reg = registry("adapter")
+        if variant not in reg:
+            raise ConfigError(f"{source}: key 'adapter.variant': unknown variant {variant!r}; known: "
+                              f"{', '.join(reg.names())}")
+        try:
+            reg.get(variant).make_config(**opts)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: key 'adapter': {exc}") from None
+    _check_data_source(cfg.data.train, "data.train", source)
+    _check_data_source(cfg.data.eval, "data.eval", source)
+    bb = cfg.backbone
+    if "@" in bb:
+        weights = bb.split("@", 1)[1]
+        if ("/" in weights or weights.endswith(".safetensors")) and not Path(weights).exists():
+            raise ConfigError(f"{source}: key 'backbone': weights file {weights} does not exist")
+    from ..backbones.loading import factory_name
+
+    if factory_name(bb) not in registry("backbone"):
+        raise ConfigError(f"{source}: key 'backbone': unknown backbone {bb!r}; known kinds: "
+                          f"{', '.join(registry('backbone').names())}")
+
+
+def to_yaml(cfg) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(cfg)
