@@ -31,10 +31,14 @@ class InjectionRecord:
         return [s.path for s in self.sites]
 
 
-def _matches(pattern: str, site: Site) -> bool:
+def _matches(pattern: str, site: Site, exact_paths: frozenset[str] = frozenset()) -> bool:
+    """Role, `re:` regex, exact path, or path suffix. A pattern that is the full path of some site matches
+    only that site (open_clip's text path `transformer.resblocks.0.attn` is also a suffix of the vision one)."""
     if pattern.startswith("re:"):
         rx = re.compile(pattern[3:])
         return bool(rx.search(site.path) or rx.fullmatch(site.role))
+    if pattern in exact_paths:
+        return pattern == site.path
     return (pattern == site.role or pattern == site.path or site.path.endswith("." + pattern)
             or site.path.endswith("#" + pattern))
 
@@ -52,6 +56,7 @@ def select_sites(backbone, variant, config) -> list[Site]:
                 re.compile(p[3:])
             except re.error as exc:
                 raise ConfigError(f"bad regular expression in targets {p!r}: {exc}") from None
+    exact_paths = frozenset(s.path for b in backbone.all_blocks() for s in b.sites.values())
     chosen: list[Site] = []
     available_roles: set[str] = set()
     for tower in _towers(config.towers):
@@ -75,9 +80,9 @@ def select_sites(backbone, variant, config) -> list[Site]:
                 available_roles.add(site.role)
                 if site.kind not in variant.kinds:
                     continue
-                if not any(_matches(p, site) for p in patterns):
+                if not any(_matches(p, site, exact_paths) for p in patterns):
                     continue
-                if any(_matches(p, site) for p in config.exclude):
+                if any(_matches(p, site, exact_paths) for p in config.exclude):
                     continue
                 chosen.append(site)
     if not chosen:

@@ -56,7 +56,11 @@ class HFBackbone(Backbone):
             ids, mask = tokens, None
             pad = getattr(self._tokenizer, "pad_token_id", None)
             if pad is not None and not self.is_siglip:
-                mask = (ids != pad).long()
+                is_pad = ids == pad
+                if pad == getattr(self._tokenizer, "eos_token_id", None):
+                    # CLIP pads with its end-of-text token: the first one ends the text and is attended to
+                    is_pad = is_pad & (is_pad.long().cumsum(dim=1) > 1)
+                mask = (~is_pad).long()
         out = self.model.text_model(input_ids=ids, attention_mask=mask).pooler_output
         if hasattr(self.model, "text_projection"):
             out = self.model.text_projection(out)

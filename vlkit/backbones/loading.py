@@ -19,4 +19,5 @@ def load_backbone(spec: str = "tiny", device: str | None = None):
     backbone = factory(spec, device=device)
     for p in backbone.parameters():
         p.requires_grad_(False)
+    backbone.eval()  # the wrapper too, not only the model inside it
     return backbone

@@ -135,7 +135,10 @@ def _load_safetensors_into(model: nn.Module, path: Path, spec: str) -> None:
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     if "state_dict" in state:
         state = state["state_dict"]
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise BackboneLoadError(f"checkpoint {path} does not fit {spec}: {str(exc).strip()[:300]}") from None
     missing = [k for k in missing if not k.endswith("attn_mask")]
     if missing or unexpected:
         raise BackboneLoadError(

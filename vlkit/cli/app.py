@@ -50,6 +50,31 @@ def error_message(exc: BaseException) -> str:
     return f"error: unexpected {type(exc).__name__}: {exc} (set VLKIT_DEBUG=1 for the traceback)"
 
 
+def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    """(exit, abort, usage-error) classes: typer >= 0.2x vendors click as typer._click, older typer uses click."""
+    exits: list[type] = [typer.Exit]
+    aborts: list[type] = [typer.Abort]
+    usage: list[type] = [typer.TyperException]
+    try:
+        import click
+    except ImportError:  # pragma: no cover - typer without click
+        pass
+    else:
+        exits.append(click.exceptions.Exit)
+        aborts.append(click.exceptions.Abort)
+        usage.append(click.ClickException)
+    return tuple(exits), tuple(aborts), tuple(usage)
+
+
+def usage_message(exc: BaseException) -> str:
+    """One line for a command-line usage error (bad option value, unknown option or command)."""
+    fmt = getattr(exc, "format_message", None)
+    text = " ".join((fmt() if callable(fmt) else str(exc)).split())
+    ctx = getattr(exc, "ctx", None)
+    hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    return f"error: {text}{hint}"
+
+
 def exit_code(exc: BaseException) -> int:
     if isinstance(exc, (VlkitError, FileNotFoundError, PermissionError)):
         return 2
@@ -62,19 +87,30 @@ def main(argv: list[str] | None = None) -> None:
     debug = os.environ.get("VLKIT_DEBUG", "") not in ("", "0")
     try:
         app = build_app()
-        app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False)
+        # without standalone mode, click returns the code of `raise typer.Exit(code)` instead of exiting
+        if isinstance(rc, int) and not isinstance(rc, bool) and rc != 0:
+            sys.exit(rc)
     except SystemExit:
         raise
     except BaseException as exc:  # noqa: BLE001 - the CLI boundary
-        import click
-
-        if isinstance(exc, click.exceptions.Exit):
+        exits, aborts, usage = _click_exceptions()
+        if isinstance(exc, exits):
             sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
+        if isinstance(exc, aborts):
             sys.stderr.write("aborted\n")
             sys.exit(130)
-        if isinstance(exc, click.ClickException):
-            exc.show()
+        if isinstance(exc, usage) and type(exc).__name__ == "NoArgsIsHelpError":
+            text = exc.format_message()  # typer's rich help is already printed; plain click's is here
+            if text.strip():
+                sys.stdout.write(text.rstrip() + "\n")
+            sys.exit(exc.exit_code)
+        if isinstance(exc, usage):
+            if debug:
+                import traceback
+
+                traceback.print_exc()
+            sys.stderr.write(usage_message(exc) + "\n")
             sys.exit(exc.exit_code)
         if debug:
             import traceback

@@ -39,6 +39,13 @@ def register(cli: typer.Typer) -> None:
                                          rank=rank, alpha=alpha).items() if v is not None}
         options.update(parse_kv(option))
 
+        from ..backbones.loading import factory_name
+        from ..plugins import registry
+
+        # cheap checks first: a bad name or option fails before a large backbone loads
+        registry("backbone").get(factory_name(backbone))
+        registry("adapter").get(adapter).make_config(**options)
+
         from .. import inject, load_backbone, parameter_report, save_adapter
 
         bb = load_backbone(backbone)

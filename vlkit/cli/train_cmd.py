@@ -22,8 +22,12 @@ def register(cli: typer.Typer) -> None:
         from ..train.recipe import load_recipe
         from .output import console, print_json, table
 
+        import os
+
         cfg = load_recipe(recipe, overrides or [])
         result = train(cfg, out, resume=resume, progress=not no_progress)
+        if os.environ.get("RANK", "0") != "0":
+            return
         rows = [[k, f"{v:.2f}" if isinstance(v, float) else v] for k, v in result["metrics"].items()]
         p = result["parameters"]
         rows.append(["trainable parameters", f"{p['trainable']:,} ({p['trainable_percent']:.2f}%)"])

@@ -69,7 +69,12 @@ def load_world(source: str | None = None, *, split: str | None = None, domain: s
         raise ConfigError(f"world split must be train, validation or test, got {split!r}")
     if split in ("validation", "test"):  # disjoint, reproducible samples per split
         seed = seed + {"validation": 1_000_003, "test": 2_000_003}[split]
-    return world.generate(domain, task, n, seed=seed, image_size=_int_option("image_size", image_size))
+    ds = world.generate(domain, task, n, seed=seed, image_size=_int_option("image_size", image_size))
+    if task == "winoground":  # the same column types as every other Winoground source
+        from .winoground import normalize
+
+        ds = normalize(ds, f"world:{domain}/winoground")
+    return ds
 
 
 def load_hf(source: str | None = None, *, split: str | None = None, config: str | None = None,

@@ -57,7 +57,8 @@ def _accelerator(cfg):
     if mp == "fp16" and not torch.cuda.is_available():
         raise ConfigError("precision fp16 needs a CUDA device; on CPU use bf16 or fp32")
     try:
-        return Accelerator(cpu=cfg.device == "cpu", mixed_precision=mp)
+        cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+        return Accelerator(cpu=cpu, mixed_precision=mp)
     except (ValueError, RuntimeError) as exc:
         raise ConfigError(f"cannot set up device {cfg.device!r} with precision {cfg.precision!r}: {exc}") from None
 
@@ -73,20 +74,58 @@ def build_task(backbone, cfg, train_ds):
     return registry("task").get(cfg.task.name)(backbone, train_ds, **options)
 
 
+def _load_source(spec: dict, task: str):
+    """One data source; `{"mix": [spec, ...]}` concatenates several on the task's required columns."""
+    from ..data import load_data, required_fields
+
+    if "mix" in spec:
+        import datasets
+
+        parts = []
+        for sub in spec["mix"]:
+            sub = dict(sub)
+            sub.setdefault("task", task)
+            ds = load_data(sub)
+            parts.append(ds.select_columns(list(required_fields(task))))
+        return datasets.concatenate_datasets(parts)
+    return load_data(spec)
+
+
 def load_datasets(cfg):
     from omegaconf import OmegaConf
 
-    from ..data import load_data
-
     train = OmegaConf.to_container(cfg.data.train, resolve=True)
     train.setdefault("task", cfg.task.name)
-    train_ds = load_data(train)
+    shots = train.pop("shots", None)
+    train_ds = _load_source(train, cfg.task.name)
+    if shots is not None:
+        train_ds = few_shot(train_ds, int(shots), seed=cfg.seed)
     eval_ds = None
     if cfg.data.eval is not None:
         ev = OmegaConf.to_container(cfg.data.eval, resolve=True)
         ev.setdefault("task", cfg.task.name)
-        eval_ds = load_data(ev)
+        eval_ds = _load_source(ev, cfg.task.name)
     return train_ds, eval_ds
+
+
+def few_shot(ds, shots: int, seed: int = 0, column: str = "label"):
+    """The first `shots` examples of each class after a seeded shuffle (every class must have that many)."""
+    if shots < 1:
+        raise ConfigError(f"shots must be >= 1, got {shots}")
+    if column not in ds.column_names:
+        raise ConfigError(f"few-shot selection needs a {column!r} column; this dataset has {ds.column_names}")
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(ds), generator=g).tolist()
+    labels = ds[column]
+    taken: dict[int, list[int]] = {}
+    for i in order:
+        bucket = taken.setdefault(labels[i], [])
+        if len(bucket) < shots:
+            bucket.append(i)
+    short = {k: len(v) for k, v in taken.items() if len(v) < shots}
+    if short:
+        raise ConfigError(f"not enough examples for {shots} shots in classes {sorted(short)} (have {short})")
+    return ds.select(sorted(i for v in taken.values() for i in v))
 
 
 def _micro_batches(n: int, batch_size: int, seed: int, rank: int, world: int):
@@ -111,6 +150,12 @@ def steps_per_epoch(n: int, batch_size: int, grad_accum: int, world: int) -> int
 def train(cfg, out_dir: str | Path | None = None, *, resume: bool = False, progress: bool = True,
           stop_after: int | None = None) -> dict[str, Any]:
     """Run a recipe. Returns the final metrics and where everything was written."""
+    return run(cfg, out_dir, resume=resume, progress=progress, stop_after=stop_after)[0]
+
+
+def run(cfg, out_dir: str | Path | None = None, *, resume: bool = False, progress: bool = True,
+        stop_after: int | None = None, datasets: tuple | None = None):
+    """Like `train`, and also returns the trained backbone and task: (result, backbone, task)."""
     from accelerate.utils import set_seed
     from omegaconf import OmegaConf
 
@@ -123,7 +168,7 @@ def train(cfg, out_dir: str | Path | None = None, *, resume: bool = False, progr
     accel = _accelerator(cfg)
     set_seed(cfg.seed)
     backbone = load_backbone(cfg.backbone)
-    train_ds, eval_ds = load_datasets(cfg)
+    train_ds, eval_ds = datasets if datasets is not None else load_datasets(cfg)
     task = build_task(backbone, cfg, train_ds)
     adapter_opts = OmegaConf.to_container(cfg.adapter, resolve=True)
     adapter, trainable = apply_method(backbone, task, cfg, adapter_opts)
@@ -144,9 +189,16 @@ def train(cfg, out_dir: str | Path | None = None, *, resume: bool = False, progr
                             "trainable_percent": 100.0 * n_trainable / max(1, n_backbone + n_adapter)}
     step = 0
     history: list[dict[str, Any]] = []
+    t_fit = time.perf_counter()
     if cfg.method != "zeroshot":
         step, history = _fit(cfg, accel, module, task, trainable, train_data, eval_data, out, log,
                              resume, progress, stop_after)
+    result["processes"] = accel.num_processes
+    if accel.num_processes > 1:
+        result["processes_agree"] = _processes_agree(accel, trainable)
+    fit_s = time.perf_counter() - t_fit
+    result["train_time_s"] = fit_s
+    result["step_time_ms"] = 1000.0 * fit_s / step if step else None
     module.eval()
     final = {}
     if eval_data is not None:
@@ -158,7 +210,14 @@ def train(cfg, out_dir: str | Path | None = None, *, resume: bool = False, progr
         _write_outputs(cfg, out, backbone, task, adapter, result, history, log, save_adapter)
     accel.wait_for_everyone()
     log.close()
-    return result
+    return result, backbone, task
+
+
+def _processes_agree(accel, trainable: dict[str, torch.Tensor]) -> bool:
+    """Every process holds bit-identical trainable weights (data parallelism kept them in sync)."""
+    flat = torch.cat([p.detach().reshape(-1).double() for p in trainable.values()]).to(accel.device)
+    gathered = accel.gather(flat.unsqueeze(0))
+    return bool((gathered == gathered[0:1]).all())
 
 
 def _to(data: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:

@@ -84,7 +84,7 @@ class Recipe:
 
 def _omegaconf_error(exc: Exception, source: str) -> ConfigError:
     key = getattr(exc, "full_key", None)
-    msg = getattr(exc, "msg", None) or str(exc).splitlines()[0]
+    msg = (getattr(exc, "msg", None) or str(exc)).strip().splitlines()[0]
     where = f"{source}: key {key!r}: " if key else f"{source}: "
     return ConfigError(where + msg.strip())
 
@@ -133,6 +133,12 @@ def _check_data_source(spec: Any, key: str, source: str) -> None:
     if spec is None:
         return
     spec = OmegaConf.to_container(spec, resolve=True) if OmegaConf.is_config(spec) else dict(spec)
+    if "mix" in spec:
+        if not isinstance(spec["mix"], list) or not spec["mix"]:
+            raise ConfigError(f"{source}: key '{key}.mix': must be a non-empty list of data sources")
+        for i, sub in enumerate(spec["mix"]):
+            _check_data_source(sub, f"{key}.mix[{i}]", source)
+        return
     kind = spec.get("kind")
     if not kind:
         raise ConfigError(f"{source}: key {key!r}: needs a 'kind' (e.g. world, manifest, imagefolder, hf)")

@@ -80,7 +80,7 @@ def _render_photo(objs: list[WorldObject], rng: np.random.Generator, size: int) 
 
 def _render_sketch(objs: list[WorldObject], rng: np.random.Generator, size: int) -> Image.Image:
     ss = _supersample(size)
-    paper = np.array([rng.integers(244, 252), rng.integers(242, 250), rng.integers(232, 244)], dtype=np.float32)
+    paper = float(rng.integers(242, 252)) + np.array([0.0, -2.0, -8.0], dtype=np.float32) * rng.uniform(0.3, 1.0)
     grain = rng.normal(0, 3.0, size=(size, size, 1)).astype(np.float32)
     base = np.clip(paper + grain, 0, 255).astype(np.uint8)
     im = Image.fromarray(base, "RGB").resize((size * ss, size * ss), Image.Resampling.NEAREST)
@@ -97,8 +97,8 @@ def _render_sketch(objs: list[WorldObject], rng: np.random.Generator, size: int)
     return im.reduce(ss)
 
 
-_MEDICAL_BLUR = {"soft": 0.3, "lobulated": 0.12, "dot": 0.0, "rim": 0.04, "haze": 0.45}
-_MEDICAL_GAIN = {"soft": 1.0, "lobulated": 1.0, "dot": 1.25, "rim": 1.0, "haze": 0.75}
+_MEDICAL_BLUR = {"soft": 0.2, "lobulated": 0.14, "dot": 0.0, "rim": 0.04, "haze": 0.4}
+_MEDICAL_GAIN = {"soft": 1.0, "lobulated": 1.0, "dot": 1.25, "rim": 1.0, "haze": 1.25}
 
 
 def _render_medical(objs: list[WorldObject], rng: np.random.Generator, size: int) -> Image.Image:
@@ -125,7 +125,11 @@ def _render_medical(objs: list[WorldObject], rng: np.random.Generator, size: int
         radius = _MEDICAL_BLUR[role] * o.half * size
         if radius > 0.3:
             mask = mask.filter(ImageFilter.GaussianBlur(radius))
-        img = img + (o.look["amp"] * _MEDICAL_GAIN[role] / 255.0) * np.asarray(mask, dtype=np.float32)
+        weight = np.asarray(mask, dtype=np.float32) / 255.0
+        if role == "haze":  # patchy, mottled airspace opacity rather than a smooth blob
+            tex = _upsample(np.random.default_rng(o.look["texture"]).normal(size=(7, 7)), size)
+            weight = weight * (0.6 + 0.4 * np.tanh(tex))
+        img = img + o.look["amp"] * _MEDICAL_GAIN[role] * weight
     img = np.clip(img + noise, 0, 255).astype(np.uint8)
     return Image.fromarray(img, "L").convert("RGB")
 
@@ -138,11 +142,12 @@ _SAT_FIXED = {"shadow": (38, 42, 34), "shore": (172, 160, 120), "road": (128, 12
 def _render_satellite(objs: list[WorldObject], rng: np.random.Generator, size: int) -> Image.Image:
     ss = _supersample(size)
     ground = np.array(_GROUNDS[int(rng.integers(len(_GROUNDS)))], dtype=np.float32)
-    low = np.stack([_upsample(rng.normal(size=(6, 6)), size) for _ in range(3)], axis=-1) * 12.0
+    lum = _upsample(rng.normal(size=(6, 6)), size)[..., None] * 12.0
+    hue = _upsample(rng.normal(size=(6, 6)), size)[..., None] * np.array([6.0, -6.0, 2.0], dtype=np.float32)
     mid = _upsample(rng.normal(size=(16, 16)), size)[..., None] * 9.0
     fine = rng.normal(0, 5.0, size=(size, size, 1)).astype(np.float32)
     late = rng.normal(0, 3.0, size=(size, size, 1)).astype(np.float32)
-    base = np.clip(ground + low + mid + fine, 0, 255).astype(np.uint8)
+    base = np.clip(ground + lum + hue + mid + fine, 0, 255).astype(np.uint8)
     im = Image.fromarray(base, "RGB").resize((size * ss, size * ss), Image.Resampling.NEAREST)
     d = ImageDraw.Draw(im)
     for o in objs:
@@ -210,7 +215,7 @@ def render_contact_sheet(images: Sequence[Image.Image], captions: Sequence[str],
     n = max(1, len(images))
     columns = columns or min(n, 4)
     rows = (n + columns - 1) // columns
-    font_px = 10
+    font_px = 11
     font = _font(font_px)
     line_h = font_px + 2
     pad = 6

@@ -111,21 +111,25 @@ def _medical_parts(shape: str, rng: np.random.Generator) -> list[Part]:
         a = rng.uniform(0.85, 1.0)
         return [("ellipse", "soft", (-a, -1.0, a, 1.0))]
     if shape == "mass":
-        return [("poly", "lobulated", _blob(rng, 24, 0.9))]
+        return [("poly", "lobulated", _blob(rng, 24, 0.45))]
     if shape == "calcification":
         k = int(rng.integers(3, 7))
         parts = []
-        for _ in range(k):
-            r, a = 0.75 * math.sqrt(rng.uniform(0.05, 1.0)), rng.uniform(0, 2 * math.pi)
-            x, y, d = r * math.cos(a), r * math.sin(a), rng.uniform(0.2, 0.27)
+        start = rng.uniform(0, 2 * math.pi)
+        for j in range(k):  # two dots at opposite ends so the cluster spans its nominal size, the rest around
+            if j < 2:
+                r, a = rng.uniform(0.7, 0.76), start + math.pi * j
+            else:
+                r, a = rng.uniform(0.2, 0.7), rng.uniform(0, 2 * math.pi)
+            x, y, d = r * math.cos(a), r * math.sin(a), rng.uniform(0.2, 0.25)
             parts.append(("ellipse", "dot", (x - d, y - d, x + d, y + d)))
         return parts
     if shape == "cyst":
-        a = rng.uniform(0.62, 0.8)
+        a = rng.uniform(0.66, 0.82)
         box = (-1.0, -a, 1.0, a) if rng.random() < 0.5 else (-a, -1.0, a, 1.0)
         return [("ellipse", "rim", box)]
     if shape == "consolidation":
-        return [("poly", "haze", _blob(rng, 24, 1.2, base=0.95))]
+        return [("poly", "haze", _blob(rng, 24, 0.55))]
     raise ValueError(f"unknown finding {shape!r}")
 
 
@@ -150,15 +154,21 @@ def _satellite_parts(shape: str, rng: np.random.Generator) -> list[Part]:
         return [("poly", "shore", shore), ("poly", "water", water)]
     if shape == "road":
         angle = float(rng.choice([0.0, 90.0, 45.0, 135.0]) + rng.uniform(-8, 8))
-        band = _rotate([(-1.0, -0.2), (1.0, -0.2), (1.0, 0.2), (-1.0, 0.2)], angle)
+        band = _rotate([(-1.0, -0.28), (1.0, -0.28), (1.0, 0.28), (-1.0, 0.28)], angle)
         line = _rotate([(-0.95, 0.0), (0.95, 0.0)], angle)
         return [("poly", "road", band), ("stroke", "roadline", line)]
     if shape == "forest":
         parts: list[Part] = []
         crowns = []
-        for _ in range(int(rng.integers(8, 13))):
-            r, a = 0.68 * math.sqrt(rng.uniform(0, 1)), rng.uniform(0, 2 * math.pi)
-            crowns.append((r * math.cos(a), r * math.sin(a), rng.uniform(0.24, 0.32)))
+        k = int(rng.integers(6, 9))
+        start = rng.uniform(0, 2 * math.pi)
+        for j in range(k):  # a ring of crowns that spans the nominal size, then a few inside
+            a = start + 2 * math.pi * (j + rng.uniform(-0.2, 0.2)) / k
+            r = rng.uniform(0.58, 0.68)
+            crowns.append((r * math.cos(a), r * math.sin(a), rng.uniform(0.24, 0.3)))
+        for _ in range(int(rng.integers(2, 5))):
+            r, a = 0.35 * math.sqrt(rng.uniform(0, 1)), rng.uniform(0, 2 * math.pi)
+            crowns.append((r * math.cos(a), r * math.sin(a), rng.uniform(0.26, 0.32)))
         for x, y, d in crowns:
             parts.append(("ellipse", "treeshadow", (x - d + 0.08, y - d + 0.08, x + d + 0.08, y + d + 0.08)))
         for x, y, d in crowns:
@@ -195,7 +205,7 @@ def make_look(domain: str, shape: str, colour: str, rng: np.random.Generator) ->
         return {"rgb": tuple(int(min(255, max(0, v + int(d)))) for v, d in zip((r, g, b), j))}
     if domain == "medical":
         amp = rng.uniform(70, 100) if colour == "bright" else -rng.uniform(58, 75)
-        return {"amp": float(amp)}
+        return {"amp": float(amp), "texture": int(rng.integers(2**31))}
     if domain == "satellite":
         crop = CROP_COLOURS[int(rng.integers(len(CROP_COLOURS)))]
         return {"roof": ROOF_COLOURS[int(rng.integers(len(ROOF_COLOURS)))], "crop": crop,

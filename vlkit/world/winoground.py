@@ -119,10 +119,10 @@ def _place_pair(objs_0: list[WorldObject], objs_1: list[WorldObject], rng: np.ra
 def _attrs(domain: str, rng: np.random.Generator, k: int, distinct_colours: bool = False):
     s = SPECS[domain]
     shapes = [str(x) for x in rng.choice(s.shapes, size=k, replace=False)]
-    if s.colours:
-        colours = [str(x) for x in rng.choice(s.colours, size=k, replace=distinct_colours is False and k > len(s.colours))]
-        if not distinct_colours:
-            colours = [str(rng.choice(s.colours)) for _ in range(k)]
+    if s.colours and distinct_colours:
+        colours = [str(x) for x in rng.choice(s.colours, size=k, replace=False)]
+    elif s.colours:
+        colours = [str(rng.choice(s.colours)) for _ in range(k)]
     else:
         colours = [""] * k
     sizes = [str(rng.choice(SIZES)) for _ in range(k)]

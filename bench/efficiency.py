@@ -1,0 +1,104 @@
+"""Adapter efficiency on the embedded world (medical domain): zero-shot, linear probe, bottleneck, LoRA,
+(IA)^3 and full fine-tuning with the same budget, per task (classification and vqa).
+
+Prints per method: trainable %, score, score as % of full fine-tuning, training step time and peak
+training-step memory relative to full fine-tuning. All figures come from this one run.
+
+    python bench/efficiency.py [--steps 150] [--tasks classification,vqa] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def recipe(task: str, method: str, variant: str | None, steps: int, n_train: int, n_eval: int, seed: int) -> dict:
+    lr = {"full": 2e-4, "linear": 1e-2, "zeroshot": 1e-3}.get(method, 3e-3)
+    adapter = {"variant": variant or "bottleneck"}
+    if variant == "lora":
+        adapter.update(rank=8, alpha=16, modules="all")
+    if variant == "ia3":
+        adapter.update(modules="attn_mlp")
+    if variant == "ia3":
+        lr = 3e-2
+    return {
+        "name": f"{task}-{variant or method}",
+        "backbone": "tiny",
+        "method": method,
+        "adapter": adapter,
+        "task": {"name": task},
+        "data": {"train": {"kind": "world", "domain": "medical", "task": task, "n": n_train, "seed": seed},
+                 "eval": {"kind": "world", "domain": "medical", "task": task, "n": n_eval, "seed": seed + 5000}},
+        "optim": {"lr": lr, "steps": steps, "batch_size": 64, "warmup_steps": 10, "schedule": "cosine",
+                  "weight_decay": 0.0},
+        "eval": {"every_steps": 0},
+        "checkpoint": {"every_steps": 0},
+        "logging": {"tensorboard": False, "plot": False},
+        "seed": seed,
+    }
+
+
+METHODS = [("zero-shot", "zeroshot", None), ("linear probe", "linear", None), ("bottleneck", "adapter", "bottleneck"),
+           ("LoRA", "adapter", "lora"), ("(IA)^3", "adapter", "ia3"), ("full fine-tuning", "full", None)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--n-train", type=int, default=1500)
+    ap.add_argument("--n-eval", type=int, default=500)
+    ap.add_argument("--tasks", default="classification,vqa")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    args = ap.parse_args()
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from vlkit.plugins import registry
+    from vlkit.train.engine import train
+    from vlkit.train.memory import measure_step_memory
+    from vlkit.train.recipe import load_recipe
+
+    console = Console(stderr=False)
+    results = {}
+    for task in args.tasks.split(","):
+        rows = []
+        for label, method, variant in METHODS:
+            if variant and variant not in registry("adapter"):
+                console.print(f"[yellow]skip {label}: variant {variant!r} not installed[/]")
+                continue
+            if method == "linear" and task == "retrieval":
+                continue
+            cfg = load_recipe(None, base=recipe(task, method, variant, args.steps, args.n_train, args.n_eval, args.seed))
+            with tempfile.TemporaryDirectory() as tmp:
+                res = train(cfg, Path(tmp) / "run", progress=False)
+            mem = measure_step_memory(cfg) if method != "zeroshot" else None
+            rows.append({"method": label, "trainable_percent": res["parameters"]["trainable_percent"],
+                         "score": res["score"], "step_time_ms": res["step_time_ms"],
+                         "memory_bytes": mem["total"] if mem else None, "memory": mem})
+            console.print(f"{task:>14} {label:<18} score {res['score']:.2f}")
+        full = next(r for r in rows if r["method"] == "full fine-tuning")
+        t = Table(title=f"medical {task}: {args.steps} steps, batch 64, {args.n_train} train / {args.n_eval} eval")
+        for c in ("method", "trainable %", "score", "% of full FT", "step time vs full", "peak memory vs full"):
+            t.add_column(c)
+        for r in rows:
+            r["score_vs_full"] = 100.0 * r["score"] / full["score"] if full["score"] else None
+            r["time_vs_full"] = r["step_time_ms"] / full["step_time_ms"] if r["step_time_ms"] else None
+            r["memory_vs_full"] = r["memory_bytes"] / full["memory_bytes"] if r["memory_bytes"] else None
+            t.add_row(r["method"], f"{r['trainable_percent']:.2f}", f"{r['score']:.2f}",
+                      f"{r['score_vs_full']:.1f}%", "—" if r["time_vs_full"] is None else f"{r['time_vs_full']:.2f}x",
+                      "—" if r["memory_vs_full"] is None else f"{r['memory_vs_full']:.2f}x")
+        console.print(t)
+        results[task] = rows
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

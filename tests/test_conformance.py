@@ -1,0 +1,432 @@
+"""Conformance: every registered adapter variant on every built-in backbone kind keeps the core's promises.
+
+Variants come from the adapter registry at collection time, so plugin variants (e.g. ia3) are covered too.
+"""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+import vlkit
+from vlkit.adapters.base import AdapterVariant
+from vlkit.adapters.files import CONFIG_NAME, WEIGHTS_NAME
+from vlkit.adapters.inject import adapter_layers, adapter_parameters, merge_adapter, remove_adapter, unmerge_adapter
+from vlkit.errors import AdapterFileError, ConfigError, IncompatibleAdapterError, UnknownNameError
+from vlkit.plugins import registry
+
+BACKBONES = ("tiny", "open_clip", "hf")
+VARIANT_NAMES = registry("adapter").names()
+CASES = [pytest.param(v, {}, id=v) for v in VARIANT_NAMES]
+CASES.append(pytest.param("lora", {"modules": "all"}, id="lora-all"))
+CASES.append(pytest.param("bottleneck", {"unfreeze_layernorm": True}, id="bottleneck-ln"))
+
+
+def _mergeable(variant: str) -> bool:
+    return type(registry("adapter").get(variant)).merged_weight is not AdapterVariant.merged_weight
+
+
+MERGE_CASES = [c for c in CASES if _mergeable(c.values[0])]
+
+
+def encode(bb, pixels, tokens):
+    with torch.no_grad():
+        return bb.encode_image(pixels, normalize=True), bb.encode_text(tokens, normalize=True)
+
+
+def trainables(bb, name="default") -> dict[int, tuple[str, torch.nn.Parameter]]:
+    """id -> (name, parameter) of every parameter of adapter `name`, its extra trainables included."""
+    out = {}
+    for path, layer in adapter_layers(bb, name).items():
+        for pname, p in layer.named_parameters():
+            out[id(p)] = (f"{path}.{pname}", p)
+    for pname, p in bb.adapter_records[name].extra.items():
+        out[id(p)] = (f"base::{pname}", p)
+    return out
+
+
+def perturb(bb, name="default", seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(trainables(bb, name).values(), key=lambda t: t[0]):
+            p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+# --- identity at init ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant,opts", CASES)
+@pytest.mark.parametrize("kind", BACKBONES)
+def test_unchanged_at_init(kind, variant, opts, make_backbone, sample_inputs):
+    bb = make_backbone(kind)
+    pixels, tokens = sample_inputs(bb)
+    ref_img, ref_txt = encode(bb, pixels, tokens)
+    record = vlkit.inject(bb, variant, **opts)
+    assert record.sites and bb.adapter_state.active == ("default",)
+    towers = {s.tower for s in record.sites}
+    assert towers == {"vision", "text"}
+    img, txt = encode(bb, pixels, tokens)
+    assert (img - ref_img).abs().max() <= 1e-6
+    assert (txt - ref_txt).abs().max() <= 1e-6
+    bb.set_active()  # no adapter active: the frozen backbone exactly
+    img0, txt0 = encode(bb, pixels, tokens)
+    assert (img0 - ref_img).abs().max() <= 1e-6 and (txt0 - ref_txt).abs().max() <= 1e-6
+
+
+# --- gradients ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant,opts", CASES)
+@pytest.mark.parametrize("kind", BACKBONES)
+def test_only_adapter_parameters_train(kind, variant, opts, make_backbone, sample_inputs):
+    bb = make_backbone(kind)
+    pixels, tokens = sample_inputs(bb)
+    record = vlkit.inject(bb, variant, **opts)
+    if opts.get("unfreeze_layernorm"):
+        assert record.extra, "unfreeze_layernorm declares the layer norms as extra trainables"
+    own = trainables(bb)
+    assert own
+    bb.train()
+    img = bb.encode_image(pixels, normalize=True)
+    txt = bb.encode_text(tokens, normalize=True)
+    g = torch.Generator().manual_seed(0)
+    w_img, w_txt = torch.randn(img.shape, generator=g), torch.randn(txt.shape, generator=g)
+    loss = (img * w_img).sum() + (txt * w_txt).sum() + (img @ txt.T).logsumexp(dim=1).sum()
+    loss.backward()
+    for name, p in bb.named_parameters():
+        if id(p) in own:
+            assert p.requires_grad, name
+        else:
+            assert not p.requires_grad, f"backbone parameter {name} requires grad"
+            assert p.grad is None, f"backbone parameter {name} got a gradient"
+    for pname, p in own.values():
+        assert p.grad is not None, f"adapter parameter {pname} got no gradient"
+        assert torch.isfinite(p.grad).all(), pname
+    # the parameter report counts exactly these as trainable
+    report = vlkit.parameter_report(bb)
+    assert report["trainable"] == sum(p.numel() for _, p in own.values())
+    assert report["adapters"]["default"]["parameters"] == report["trainable"]
+
+
+# --- save / load --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant,opts", CASES)
+@pytest.mark.parametrize("kind", BACKBONES)
+def test_save_load_round_trip_is_exact(kind, variant, opts, make_backbone, sample_inputs, tmp_path):
+    bb = make_backbone(kind)
+    pixels, tokens = sample_inputs(bb)
+    record = vlkit.inject(bb, variant, name="mine", **opts)
+    perturb(bb, "mine")
+    out = encode(bb, pixels, tokens)
+    path = vlkit.save_adapter(bb, tmp_path / "adapter", name="mine")
+    assert (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file()
+    saved = json.loads((path / CONFIG_NAME).read_text())
+    assert saved["variant"] == variant and saved["name"] == "mine" and saved["targets"] == record.targets
+    assert not list(path.glob("*.tmp")), "atomic writes leave no temporary files"
+
+    fresh = make_backbone(kind)
+    loaded = vlkit.load_adapter(fresh, path)
+    assert loaded.name == "mine" and loaded.variant == variant
+    assert loaded.targets == record.targets and loaded.config == record.config
+    assert fresh.adapter_state.active == ("mine",)
+    assert not any(p.requires_grad for p in fresh.parameters()), "loaded adapters are frozen unless asked"
+    a, b = adapter_parameters(bb, "mine"), adapter_parameters(fresh, "mine")
+    assert set(a) == set(b) and a
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    out2 = encode(fresh, pixels, tokens)
+    assert torch.equal(out[0], out2[0]) and torch.equal(out[1], out2[1])
+
+    # under another name, inactive, trainable
+    other = make_backbone(kind)
+    rec = vlkit.load_adapter(other, path, name="again", activate=False, trainable=True)
+    assert rec.name == "again" and other.adapter_state.active == ()
+    assert all(p.requires_grad for _, p in trainables(other, "again").values())
+    other.set_active("again")
+    out3 = encode(other, pixels, tokens)
+    assert torch.equal(out[0], out3[0]) and torch.equal(out[1], out3[1])
+    with pytest.raises(ConfigError, match="already"):
+        vlkit.load_adapter(other, path, name="again")
+
+
+# --- merge --------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant,opts", MERGE_CASES)
+@pytest.mark.parametrize("kind", BACKBONES)
+def test_merge_unmerge(kind, variant, opts, make_backbone, sample_inputs):
+    bb = make_backbone(kind)
+    pixels, tokens = sample_inputs(bb)
+    vlkit.inject(bb, variant, **opts)
+    perturb(bb)
+    before = {k: v.detach().clone() for k, v in bb.base_parameters().items()}
+    out = encode(bb, pixels, tokens)
+    merge_adapter(bb, "default")
+    changed = [k for k, v in bb.base_parameters().items() if not torch.equal(v, before[k])]
+    assert changed, "merging changes base weights"
+    merged = encode(bb, pixels, tokens)
+    torch.testing.assert_close(merged[0], out[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(merged[1], out[1], atol=1e-5, rtol=0)
+    merge_adapter(bb, "default")  # merging twice is a no-op
+    assert all(torch.equal(bb.base_parameters()[k], v) for k, v in bb.base_parameters().items())
+    unmerge_adapter(bb, "default")
+    for k, v in bb.base_parameters().items():
+        assert torch.equal(v, before[k]), f"{k} not restored exactly"
+    again = encode(bb, pixels, tokens)
+    assert torch.equal(again[0], out[0]) and torch.equal(again[1], out[1])
+
+
+def test_bottleneck_cannot_merge(make_backbone):
+    from vlkit.errors import InjectionError
+
+    bb = make_backbone("tiny")
+    vlkit.inject(bb, "bottleneck")
+    with pytest.raises(InjectionError):
+        merge_adapter(bb, "default")
+
+
+# --- errors -------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", VARIANT_NAMES)
+def test_load_onto_other_backbone(variant, make_backbone, backbone_specs, tmp_path):
+    bb = make_backbone("tiny")
+    vlkit.inject(bb, variant)
+    path = vlkit.save_adapter(bb, tmp_path / "a")
+    other = make_backbone("open_clip")
+    with pytest.raises(IncompatibleAdapterError) as exc:
+        vlkit.load_adapter(other, path)
+    msg = str(exc.value)
+    assert "tiny@random" in msg and backbone_specs["open_clip"] in msg
+    assert other.adapter_records == {} and other.adapter_state.active == ()
+
+
+@pytest.mark.parametrize("variant", VARIANT_NAMES)
+def test_corrupt_adapter_files(variant, make_backbone, tmp_path):
+    bb = make_backbone("tiny")
+    vlkit.inject(bb, variant)
+    good = vlkit.save_adapter(bb, tmp_path / "good")
+    cfg_text = (good / CONFIG_NAME).read_text()
+    weights = (good / WEIGHTS_NAME).read_bytes()
+
+    def copy(name, config=cfg_text, data=weights):
+        d = tmp_path / name
+        d.mkdir()
+        if config is not None:
+            (d / CONFIG_NAME).write_text(config)
+        if data is not None:
+            (d / WEIGHTS_NAME).write_bytes(data)
+        return d
+
+    fresh = make_backbone("tiny")
+    bad = {
+        "garbage weights": copy("garbage", data=b"\x13\x37 this is not safetensors" * 7),
+        "truncated weights": copy("truncw", data=weights[: len(weights) // 2]),
+        "truncated config": copy("truncc", config=cfg_text[: len(cfg_text) // 2]),
+        "config not JSON": copy("notjson", config="not json at all"),
+        "config not an object": copy("list", config="[1, 2]"),
+        "config of something else": copy("other", config=json.dumps({"format": "peft", "r": 8})),
+        "no weights": copy("now", data=None),
+        "no config": copy("noc", config=None),
+    }
+    for what, d in bad.items():
+        with pytest.raises(AdapterFileError):
+            vlkit.load_adapter(fresh, d)
+        assert fresh.adapter_records == {}, what
+    with pytest.raises(AdapterFileError, match="does not exist"):
+        vlkit.load_adapter(fresh, tmp_path / "missing")
+    with pytest.raises(AdapterFileError):
+        vlkit.load_adapter(fresh, good / WEIGHTS_NAME)  # a file, not a directory
+    # a readable weights file whose tensors do not fit the config
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(good / WEIGHTS_NAME))
+    key = sorted(tensors)[0]
+    wrong_shape = dict(tensors, **{key: torch.zeros(*tensors[key].shape, 2)})
+    d = copy("shape", data=None)
+    save_file(wrong_shape, str(d / WEIGHTS_NAME))
+    with pytest.raises(IncompatibleAdapterError, match="shape"):
+        vlkit.load_adapter(fresh, d)
+    d = copy("missingkey", data=None)
+    save_file({k: v for k, v in tensors.items() if k != key}, str(d / WEIGHTS_NAME))
+    with pytest.raises(IncompatibleAdapterError, match="missing"):
+        vlkit.load_adapter(fresh, d)
+    assert fresh.adapter_records == {} and fresh.adapter_state.active == ()
+    # after all that, the good copy still loads
+    vlkit.load_adapter(fresh, good)
+
+
+def test_saved_adapter_of_an_uninstalled_variant(make_backbone, tmp_path):
+    bb = make_backbone("tiny")
+    vlkit.inject(bb, "bottleneck")
+    path = vlkit.save_adapter(bb, tmp_path / "a")
+    cfg = json.loads((path / CONFIG_NAME).read_text())
+    cfg["variant"] = "not_installed_variant"
+    (path / CONFIG_NAME).write_text(json.dumps(cfg))
+    with pytest.raises(UnknownNameError, match="not_installed_variant"):
+        vlkit.load_adapter(make_backbone("tiny"), path)
+
+
+def test_unknown_variant(make_backbone):
+    bb = make_backbone("tiny")
+    with pytest.raises(UnknownNameError) as exc:
+        vlkit.inject(bb, "no_such_variant")
+    for known in VARIANT_NAMES:
+        assert known in str(exc.value)
+    assert bb.adapter_records == {}
+
+
+BAD_OPTIONS = [
+    pytest.param("bottleneck", {"reduction": 0}, id="reduction=0"),
+    pytest.param("bottleneck", {"reduction": -2}, id="reduction<0"),
+    pytest.param("bottleneck", {"placement": "everywhere"}, id="placement"),
+    pytest.param("bottleneck", {"reduction": "abc"}, id="reduction=abc"),
+    pytest.param("lora", {"rank": 0}, id="rank=0"),
+    pytest.param("lora", {"rank": 2.5}, id="rank=2.5"),
+    pytest.param("lora", {"modules": "nope"}, id="modules"),
+    pytest.param("lora", {"reduction": 8}, id="lora-reduction"),
+    *[pytest.param(v, {"towers": "both-ish"}, id=f"{v}-towers") for v in VARIANT_NAMES],
+    *[pytest.param(v, {"no_such_option": 1}, id=f"{v}-unknown-option") for v in VARIANT_NAMES],
+    *[pytest.param(v, {"layers": [99]}, id=f"{v}-layer-range") for v in VARIANT_NAMES],
+    *[pytest.param(v, {"targets": ["re:("]}, id=f"{v}-bad-regex") for v in VARIANT_NAMES],
+]
+
+
+@pytest.mark.parametrize("variant,opts", BAD_OPTIONS)
+def test_bad_options(variant, opts, make_backbone):
+    bb = make_backbone("tiny")
+    with pytest.raises(ConfigError):
+        vlkit.inject(bb, variant, **opts)
+    assert bb.adapter_records == {}
+    assert not any(type(m).__name__.startswith("Adapted") for m in bb.modules())
+
+
+def test_bad_adapter_name_and_duplicate(make_backbone):
+    bb = make_backbone("tiny")
+    with pytest.raises(ConfigError):
+        vlkit.inject(bb, "bottleneck", name="bad name!")
+    vlkit.inject(bb, "bottleneck", name="a")
+    with pytest.raises(ConfigError, match="already"):
+        vlkit.inject(bb, "lora", name="a")
+    with pytest.raises(UnknownNameError):
+        bb.set_active("zzz")
+    with pytest.raises(UnknownNameError):
+        vlkit.save_adapter(bb, "/nonexistent-unused", name="zzz")
+
+
+# --- target matching ----------------------------------------------------------------------------------------------
+
+def _candidates(bb, variant, towers=("vision", "text")):
+    var = registry("adapter").get(variant)
+    return [s for t in towers for b in bb.blocks(t) for s in b.sites.values() if s.kind in var.kinds]
+
+
+@pytest.mark.parametrize("variant", ["bottleneck", "lora"])
+@pytest.mark.parametrize("kind", BACKBONES)
+def test_target_matching(kind, variant, make_backbone):
+    cands = _candidates(make_backbone(kind), variant)
+    assert len(cands) > 4
+
+    # exact path
+    site = cands[len(cands) // 2]
+    bb = make_backbone(kind)
+    assert vlkit.inject(bb, variant, targets=[site.path]).targets == [site.path]
+
+    # suffix: the last three components of a path, matched in every tower
+    suffix = ".".join(site.path.split(".")[-3:])
+    expected = [s.path for s in cands if s.path.endswith("." + suffix)]
+    assert 0 < len(expected) < len(cands)
+    bb = make_backbone(kind)
+    assert vlkit.inject(bb, variant, targets=[suffix]).targets == expected
+
+    # regular expression over paths
+    rx = r"re:\.1\."
+    expected = [s.path for s in cands if re.search(r"\.1\.", s.path)]
+    bb = make_backbone(kind)
+    assert vlkit.inject(bb, variant, targets=[rx]).targets == expected
+
+    # layers, negative indices counting from the end of each tower
+    bb = make_backbone(kind)
+    default = vlkit.inject(bb, variant)
+    bb = make_backbone(kind)
+    rec = vlkit.inject(bb, variant, layers=[0, -1])
+    n = {t: len(bb.blocks(t)) for t in ("vision", "text")}
+    assert rec.targets == [s.path for s in default.sites if s.layer in (0, n[s.tower] - 1)]
+    assert {s.layer for s in rec.sites} == {0, max(n.values()) - 1} | {0, min(n.values()) - 1}
+
+    # exclude
+    roles = sorted({s.role for s in default.sites})
+    bb = make_backbone(kind)
+    rec = vlkit.inject(bb, variant, exclude=[roles[0]])
+    assert rec.targets == [s.path for s in default.sites if s.role != roles[0]]
+
+    # one tower
+    bb = make_backbone(kind)
+    rec = vlkit.inject(bb, variant, towers="text")
+    assert rec.targets == [s.path for s in default.sites if s.tower == "text"]
+    assert vlkit.parameter_report(bb)["towers"]["vision"]["trainable"] == 0
+
+
+def test_target_matching_tiny_paths(make_backbone):
+    bb = make_backbone("tiny")
+    rec = vlkit.inject(bb, "bottleneck", targets=["resblocks.1.mlp"])
+    assert rec.targets == ["visual.transformer.resblocks.1.mlp", "transformer.resblocks.1.mlp"]
+    bb = make_backbone("tiny")
+    rec = vlkit.inject(bb, "lora", targets=[r"re:^visual\..*\.(0|3)\.attn#(q|v)$"])
+    assert rec.targets == [f"visual.transformer.resblocks.{i}.attn#{p}" for i in (0, 3) for p in "qv"]
+    bb = make_backbone("tiny")
+    rec = vlkit.inject(bb, "lora", modules="all", towers="vision", layers=[-1], exclude=["mlp.fc1", "attn.out"])
+    assert rec.targets == [f"visual.transformer.resblocks.3.{p}" for p in ("attn#q", "attn#k", "attn#v", "mlp.c_proj")]
+    from vlkit.errors import InjectionError
+
+    with pytest.raises(InjectionError):
+        vlkit.inject(make_backbone("tiny"), "lora", targets=["no.such.module"])
+
+
+# --- several adapters ---------------------------------------------------------------------------------------------
+
+PAIRS = [pytest.param(v, v, id=f"{v}+{v}") for v in VARIANT_NAMES] + [
+    pytest.param("bottleneck", "lora", id="bottleneck+lora"),
+    pytest.param("lora", "bottleneck", id="lora+bottleneck"),
+]
+
+
+@pytest.mark.parametrize("first,second", PAIRS)
+@pytest.mark.parametrize("kind", BACKBONES)
+def test_switching_between_adapters_is_exact(kind, first, second, make_backbone, sample_inputs, tmp_path):
+    bb = make_backbone(kind)
+    pixels, tokens = sample_inputs(bb)
+    base = encode(bb, pixels, tokens)
+    vlkit.inject(bb, first, name="a")
+    perturb(bb, "a", seed=1)
+    a_only = encode(bb, pixels, tokens)
+    assert not torch.equal(a_only[0], base[0])
+    vlkit.inject(bb, second, name="b")
+    assert bb.adapter_state.active == ("b",)
+    perturb(bb, "b", seed=2)
+    b_out = encode(bb, pixels, tokens)
+    assert not torch.equal(b_out[0], a_only[0])
+    bb.set_active("a")
+    after = encode(bb, pixels, tokens)
+    assert torch.equal(after[0], a_only[0]) and torch.equal(after[1], a_only[1])
+    bb.set_active("b")
+    assert torch.equal(encode(bb, pixels, tokens)[0], b_out[0])
+    bb.set_active()
+    off = encode(bb, pixels, tokens)
+    assert (off[0] - base[0]).abs().max() <= 1e-6 and (off[1] - base[1]).abs().max() <= 1e-6
+
+    # the same two adapters loaded side by side from disk on a fresh backbone
+    vlkit.save_adapter(bb, tmp_path / "a", name="a")
+    vlkit.save_adapter(bb, tmp_path / "b", name="b")
+    fresh = make_backbone(kind)
+    vlkit.load_adapter(fresh, tmp_path / "a")
+    vlkit.load_adapter(fresh, tmp_path / "b", activate=False)
+    assert fresh.adapter_state.active == ("a",)
+    got = encode(fresh, pixels, tokens)
+    assert torch.equal(got[0], a_only[0]) and torch.equal(got[1], a_only[1])
+    fresh.set_active("b")
+    assert torch.equal(encode(fresh, pixels, tokens)[0], b_out[0])
+
+    # removing one leaves the other untouched
+    remove_adapter(bb, "b")
+    bb.set_active("a")
+    after = encode(bb, pixels, tokens)
+    assert torch.equal(after[0], a_only[0]) and torch.equal(after[1], a_only[1])

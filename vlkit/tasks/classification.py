@@ -1,0 +1,175 @@
+"""Image classification with a head initialised from class-name prompts (CLIP zero-shot weights).
+
+Columns: `image` (PIL) and `label` (an int whose names come from a `datasets.ClassLabel` feature, or
+a string class name); an optional `domain` column picks the procedural world's prompt template.
+
+Options:
+- `class_names`: the label names in label-id order (default: `ds.features["label"].names`).
+- `prompt`: a template with one `{}` for the class name. Default: `vlkit.world.class_prompt(domain)`
+  when the data has a `domain` column (one domain, or several sharing a template), else
+  "a photo of a {}".
+- `head`: "text" (default) — logits = logit_scale · norm(image) · norm(text(prompt(c)))ᵀ with the class
+  embeddings recomputed through the current, possibly adapted, text tower at every training step so
+  that text-tower adapters learn (computed once per `evaluate`). The head itself has no parameters.
+  "linear" — a free `nn.Linear` over the normalised image embedding, initialised to the zero-shot
+  weights (logit_scale · class embeddings, zero bias) and trained; the linear-probe baseline.
+
+Prepared tensors: `pixels` (N, 3, S, S) float, `labels` (N,) long (-1 for a class name the task does
+not know: ignored by the loss, a miss for the metrics). Eval data whose ClassLabel lists the names
+in another order is mapped by name.
+
+Metrics: `accuracy` (primary, percent) and `per_class_accuracy` (mean over the classes present of
+each class's accuracy, i.e. balanced accuracy, percent).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError, DataError
+from . import metrics as M
+from .base import (Evaluating, Task, batches, check_options, dataset_domains, device_of, prepare_pixels,
+                   require_columns, to_device, world_helper)
+
+DEFAULT_PROMPT = "a photo of a {}"
+HEADS = ("text", "linear")
+
+
+def label_names(ds) -> list[str] | None:
+    """The names of a ClassLabel `label` column, or None."""
+    feat = getattr(ds, "features", {}).get("label") if ds is not None else None
+    names = getattr(feat, "names", None)
+    return list(names) if names else None
+
+
+def default_prompt(ds) -> str:
+    """The world's template for the data's domain(s) when they agree, else "a photo of a {}"."""
+    class_prompt = world_helper("class_prompt")
+    domains = dataset_domains(ds)
+    if class_prompt is None or not domains:
+        return DEFAULT_PROMPT
+    try:
+        prompts = {class_prompt(d) for d in domains}
+    except ConfigError:  # a domain the world does not know (real data with its own domain labels)
+        return DEFAULT_PROMPT
+    return prompts.pop() if len(prompts) == 1 else DEFAULT_PROMPT
+
+
+class LinearHead(nn.Module):
+    """A linear classifier over normalised image embeddings."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.linear = nn.Linear(weight.shape[1], weight.shape[0])
+        with torch.no_grad():
+            self.linear.weight.copy_(weight)
+            self.linear.bias.zero_()
+
+    def forward(self, image_emb: torch.Tensor) -> torch.Tensor:
+        return self.linear(image_emb)
+
+
+class ClassificationTask(Task):
+    name = "classification"
+    metric = "accuracy"
+    required = ("image", "label")
+    OPTIONS = ("prompt", "head", "class_names")
+
+    def __init__(self, backbone, train_data=None, **options: Any):
+        check_options(self.name, options, self.OPTIONS)
+        super().__init__(backbone, train_data, **options)
+        head = options.get("head") or "text"
+        if head not in HEADS:
+            raise ConfigError(f"classification head must be one of {', '.join(HEADS)}, got {head!r}")
+        names = options.get("class_names") or label_names(train_data)
+        if not names:
+            raise ConfigError("classification needs class names: a ClassLabel `label` column in the training "
+                              "data or the class_names option")
+        self.class_names = [str(n) for n in names]
+        if len(set(self.class_names)) != len(self.class_names):
+            raise ConfigError("class_names has duplicates")
+        prompt = options.get("prompt") or default_prompt(train_data)
+        if not isinstance(prompt, str) or prompt.count("{}") != 1:
+            raise ConfigError(f"prompt must contain exactly one '{{}}' for the class name, got {prompt!r}")
+        self.prompt = prompt
+        self.head_kind = head
+        self.prompts = [prompt.format(c) for c in self.class_names]
+        self.class_tokens = backbone.tokenize(self.prompts)
+        if head == "linear":
+            with torch.no_grad():
+                weight = self.class_embeddings(backbone) * backbone.logit_scale.detach()
+            self.head = LinearHead(weight.float().cpu())
+        else:
+            self.head = nn.Module()
+
+    # --- model ------------------------------------------------------------------------------------
+    def class_embeddings(self, backbone) -> torch.Tensor:
+        """Normalised text embeddings of the class prompts through the current text tower (C, D)."""
+        return backbone.encode_text(self.class_tokens.to(device_of(backbone)), normalize=True)
+
+    def logits(self, backbone, pixels: torch.Tensor, class_emb: torch.Tensor | None = None) -> torch.Tensor:
+        """Class logits (B, C); `class_emb` (from `class_embeddings`) skips the text forward."""
+        image = backbone.encode_image(pixels, normalize=True)
+        if self.head_kind == "linear":
+            return self.head(image)
+        if class_emb is None:
+            class_emb = self.class_embeddings(backbone)
+        return backbone.logit_scale * image @ class_emb.t()
+
+    # --- Task API ---------------------------------------------------------------------------------
+    def prepare(self, backbone, ds) -> dict[str, torch.Tensor]:
+        require_columns(self, ds)
+        return {"pixels": prepare_pixels(backbone, ds), "labels": self._labels(ds)}
+
+    def _labels(self, ds) -> torch.Tensor:
+        index = {n: i for i, n in enumerate(self.class_names)}
+        raw = list(ds["label"])
+        names = label_names(ds)
+        out = []
+        for v in raw:
+            if isinstance(v, str):
+                out.append(index.get(v, -1))
+            elif v is None:
+                out.append(-1)
+            elif names is not None:  # map through the dataset's own names (another order is fine)
+                out.append(index.get(names[int(v)], -1) if 0 <= int(v) < len(names) else -1)
+            else:
+                iv = int(v)
+                if not 0 <= iv < len(self.class_names):
+                    raise DataError(f"label {iv} is outside 0..{len(self.class_names) - 1} "
+                                    f"({len(self.class_names)} class names)")
+                out.append(iv)
+        return torch.tensor(out, dtype=torch.long)
+
+    def loss(self, backbone, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        batch = to_device(batch, device_of(backbone))
+        logits = self.logits(backbone, batch["pixels"])
+        labels = batch["labels"]
+        if not bool((labels >= 0).any()):
+            return logits.sum() * 0.0
+        return F.cross_entropy(logits.float(), labels, ignore_index=-1)
+
+    def predict(self, backbone, data: dict[str, torch.Tensor], batch_size: int = 256) -> torch.Tensor:
+        """Predicted class ids of prepared data."""
+        preds = []
+        device = device_of(backbone)
+        with Evaluating(self.head):
+            class_emb = self.class_embeddings(backbone) if self.head_kind == "text" else None
+            for b in batches({"pixels": data["pixels"]}, batch_size):
+                preds.append(self.logits(backbone, b["pixels"].to(device), class_emb).argmax(-1).cpu())
+        return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+
+    def evaluate(self, backbone, data: dict[str, torch.Tensor], batch_size: int = 256) -> dict[str, float]:
+        pred = self.predict(backbone, data, batch_size)
+        labels = data["labels"]
+        return {"accuracy": M.accuracy(pred, labels),
+                "per_class_accuracy": M.macro_accuracy(pred, labels, len(self.class_names))}
+
+    def metadata(self) -> dict[str, Any]:
+        meta = super().metadata()
+        meta["options"] = {**self.options, "class_names": self.class_names, "prompt": self.prompt,
+                           "head": self.head_kind}
+        return meta

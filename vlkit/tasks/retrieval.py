@@ -1,0 +1,125 @@
+"""Image-text retrieval: symmetric contrastive (InfoNCE) loss, recall@1/5/10 in both directions.
+
+Columns: `image` (PIL) and `caption` (str). No head: the adapters move the two towers' embeddings.
+
+Options: `chunk` (queries scored at once in `evaluate`, default 1024; bounds memory on large sets).
+
+Prepared tensors: `pixels` (N, 3, S, S), `tokens` (N, L) and `caption_ids` (N,) long — the index of
+each row's caption string among the distinct captions of that prepared set.
+
+Duplicate captions. Procedural and real caption sets repeat strings ("a red square" for several
+images). Both the loss and the metrics treat equal strings as the same text:
+- loss: a batch row's positives are every row with the same caption; the InfoNCE target spreads its
+  mass evenly over them, so two images of "a red square" are not pushed apart (when the copies'
+  text embeddings are identical this equals the one-hot loss; it differs, as it should, when the
+  text side is stochastic, e.g. dropout in a text-tower adapter);
+- image→text: the text gallery is the set of distinct captions (each encoded once); a retrieved
+  caption is a hit when its string equals the image's caption;
+- text→image: one query per row (a caption repeated k times is queried k times, as in COCO's five
+  captions per image); a retrieved image is a hit when its caption equals the query caption.
+Ranks are pessimistic about ties (see `vlkit.tasks.metrics.retrieval_ranks`).
+
+Metrics (percent): `i2t_r1`, `i2t_r5`, `i2t_r10`, `t2i_r1`, `t2i_r5`, `t2i_r10` and the primary
+`mean_recall`, the mean of the six.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from . import metrics as M
+from .base import (Evaluating, Task, batches, check_options, device_of, prepare_pixels, require_columns,
+                   to_device, tokenize_texts)
+
+KS = (1, 5, 10)
+
+
+def contrastive_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor,
+                     keys: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE over a batch of normalised embeddings; rows with equal `keys` are all positives."""
+    logits = scale * image @ text.t()
+    if keys is None:
+        target = torch.arange(len(image), device=image.device)
+        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+    pos = (keys.reshape(-1, 1) == keys.reshape(1, -1)).float()
+    target = pos / pos.sum(dim=1, keepdim=True)  # symmetric mask, so the same targets serve both ways
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+
+
+class RetrievalTask(Task):
+    name = "retrieval"
+    metric = "mean_recall"
+    required = ("image", "caption")
+    OPTIONS = ("chunk",)
+
+    def __init__(self, backbone, train_data=None, **options: Any):
+        check_options(self.name, options, self.OPTIONS)
+        super().__init__(backbone, train_data, **options)
+        self.chunk = int(options.get("chunk", 1024))
+        if self.chunk < 1:
+            raise ConfigError(f"chunk must be >= 1, got {self.chunk}")
+        self.head = nn.Module()
+
+    # --- model ------------------------------------------------------------------------------------
+    def embed_pair(self, backbone, pixels: torch.Tensor, tokens: torch.Tensor):
+        """Normalised image and text embeddings of a batch."""
+        return backbone.encode_image(pixels, normalize=True), backbone.encode_text(tokens, normalize=True)
+
+    # --- Task API ---------------------------------------------------------------------------------
+    def prepare(self, backbone, ds) -> dict[str, torch.Tensor]:
+        require_columns(self, ds)
+        captions = [str(c) for c in ds["caption"]]
+        keys, _ = M.string_keys(captions)
+        return {"pixels": prepare_pixels(backbone, ds), "tokens": tokenize_texts(backbone, captions),
+                "caption_ids": keys}
+
+    def loss(self, backbone, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        batch = to_device(batch, device_of(backbone))
+        image, text = self.embed_pair(backbone, batch["pixels"], batch["tokens"])
+        return contrastive_loss(image.float(), text.float(), backbone.logit_scale.float(), batch.get("caption_ids"))
+
+    def embed(self, backbone, data: dict[str, torch.Tensor], batch_size: int = 256):
+        """Normalised embeddings of every image (N, D) and of each distinct caption (U, D), and the
+        caption id of every row."""
+        device = device_of(backbone)
+        keys = data["caption_ids"]
+        first = {}
+        for i, k in enumerate(keys.tolist()):
+            first.setdefault(k, i)
+        order = torch.tensor([first[k] for k in range(len(first))], dtype=torch.long)
+        with Evaluating(self.head):
+            images = [backbone.encode_image(b["p"].to(device), normalize=True).float().cpu()
+                      for b in batches({"p": data["pixels"]}, batch_size)]
+            texts = [backbone.encode_text(b["t"].to(device), normalize=True).float().cpu()
+                     for b in batches({"t": data["tokens"][order]}, batch_size)]
+        d = backbone.embed_dim
+        image = torch.cat(images) if images else torch.zeros(0, d)
+        text = torch.cat(texts) if texts else torch.zeros(0, d)
+        return image, text, keys
+
+    def evaluate(self, backbone, data: dict[str, torch.Tensor], batch_size: int = 256) -> dict[str, float]:
+        image, text, keys = self.embed(backbone, data, batch_size)
+        distinct = torch.arange(len(text))
+        i2t = torch.cat([M.retrieval_ranks(image[i:i + self.chunk] @ text.t(), keys[i:i + self.chunk], distinct)
+                         for i in range(0, len(image), self.chunk)] or [torch.zeros(0, dtype=torch.long)])
+        # one query per distinct caption, expanded to one per row (rows with the same caption rank alike)
+        t2i_distinct = torch.cat([M.retrieval_ranks(text[i:i + self.chunk] @ image.t(), distinct[i:i + self.chunk],
+                                                    keys)
+                                  for i in range(0, len(text), self.chunk)] or [torch.zeros(0, dtype=torch.long)])
+        t2i = t2i_distinct[keys] if len(keys) else t2i_distinct
+        out = {}
+        for k in KS:
+            out[f"i2t_r{k}"] = M.recall_at_k(i2t, k)
+        for k in KS:
+            out[f"t2i_r{k}"] = M.recall_at_k(t2i, k)
+        out["mean_recall"] = sum(out.values()) / len(out)
+        return out
+
+    def metadata(self) -> dict[str, Any]:
+        meta = super().metadata()
+        meta["options"] = {**self.options, "chunk": self.chunk}
+        return meta
