@@ -150,8 +150,9 @@ def test_open_clip_unknown_names():
     with pytest.raises(UnknownNameError) as exc:
         vlkit.load_backbone("open_clip:ViT-B-32@no_such_tag")
     assert "no_such_tag" in str(exc.value) and "laion2b_s34b_b79k" in str(exc.value)
-    with pytest.raises(UnknownNameError, match="NoSuchModel"):
+    with pytest.raises(UnknownNameError, match="NoSuchModel") as exc:
         vlkit.load_backbone("open_clip:NoSuchModel")
+    assert "ViT-B-32" in exc.value.known and "none registered" not in str(exc.value)
 
 
 def test_open_clip_hub_weights_offline(monkeypatch):

@@ -139,3 +139,44 @@ def test_plugins_json_lists_builtins():
     names = list(infos)
     builtin_flags = [infos[n]["builtin"] for n in names]
     assert builtin_flags == sorted(builtin_flags, reverse=True), "built-ins come first"
+
+
+# --- the error boundary, in process -------------------------------------------------------------------------------
+
+def test_error_messages_are_one_line():
+    from vlkit.cli.app import error_message, exit_code
+    from vlkit.errors import BackboneLoadError, ConfigError
+
+    msg = error_message(BackboneLoadError("checkpoint x does not fit:\n\tsize mismatch for a\n\tsize mismatch for b",
+                                          hint="check the model"))
+    assert msg == "error: checkpoint x does not fit: size mismatch for a size mismatch for b (check the model)"
+    assert error_message(RuntimeError("boom\nagain")).startswith("error: unexpected RuntimeError: boom again")
+    assert exit_code(ConfigError("x")) == 2 and exit_code(RuntimeError()) == 1 and exit_code(KeyboardInterrupt()) == 130
+
+
+def test_plugin_command_exit_codes(reset_plugins, capsys):
+    """A command added through register_commands keeps its exit code; usage errors are one `error:` line."""
+    import typer
+
+    from vlkit.cli.app import main
+    from vlkit.hookspecs import hookimpl
+    from vlkit.plugins import get_plugins
+
+    class Commands:
+        @hookimpl
+        def register_commands(self, cli):
+            @cli.command("boom")
+            def boom(code: int = typer.Option(3, "--code")) -> None:
+                raise typer.Exit(code)
+
+    get_plugins().register_plugin(Commands(), name="test-commands")
+    for argv, code in ((["boom"], 3), (["boom", "--code", "0"], 0)):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+            raise SystemExit(0)
+        assert (exc.value.code or 0) == code
+    with pytest.raises(SystemExit) as exc:
+        main(["boom", "--code", "x"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "--code" in err[0]

@@ -174,6 +174,13 @@ def test_merge_unmerge(kind, variant, opts, make_backbone, sample_inputs):
     again = encode(bb, pixels, tokens)
     assert torch.equal(again[0], out[0]) and torch.equal(again[1], out[1])
 
+    # removing a merged adapter takes its update out of the weights too
+    merge_adapter(bb, "default")
+    remove_adapter(bb, "default")
+    for k, v in bb.base_parameters().items():
+        assert torch.equal(v, before[k]), f"{k} not restored after removing the merged adapter"
+    assert bb.adapter_records == {} and bb.adapter_state.active == ()
+
 
 def test_bottleneck_cannot_merge(make_backbone):
     from vlkit.errors import InjectionError
@@ -205,6 +212,7 @@ def test_corrupt_adapter_files(variant, make_backbone, tmp_path):
     vlkit.inject(bb, variant)
     good = vlkit.save_adapter(bb, tmp_path / "good")
     cfg_text = (good / CONFIG_NAME).read_text()
+    cfg = json.loads(cfg_text)
     weights = (good / WEIGHTS_NAME).read_bytes()
 
     def copy(name, config=cfg_text, data=weights):
@@ -224,12 +232,21 @@ def test_corrupt_adapter_files(variant, make_backbone, tmp_path):
         "config not JSON": copy("notjson", config="not json at all"),
         "config not an object": copy("list", config="[1, 2]"),
         "config of something else": copy("other", config=json.dumps({"format": "peft", "r": 8})),
+        "no variant field": copy("novar", config=json.dumps({k: v for k, v in cfg.items() if k != "variant"})),
+        "options not an object": copy("optlist", config=json.dumps(dict(cfg, config=["towers", "both"]))),
+        "bad format version": copy("fmtver", config=json.dumps(dict(cfg, format_version="one"))),
+        "newer format version": copy("newer", config=json.dumps(dict(cfg, format_version=99))),
         "no weights": copy("now", data=None),
         "no config": copy("noc", config=None),
     }
     for what, d in bad.items():
         with pytest.raises(AdapterFileError):
-            vlkit.load_adapter(fresh, d)
+            try:
+                vlkit.load_adapter(fresh, d)
+            except AdapterFileError:
+                raise
+            except Exception as exc:
+                pytest.fail(f"{what}: {type(exc).__name__}: {exc}")
         assert fresh.adapter_records == {}, what
     with pytest.raises(AdapterFileError, match="does not exist"):
         vlkit.load_adapter(fresh, tmp_path / "missing")

@@ -68,3 +68,9 @@ class InjectionError(VlkitError):
     """Adapter injection found nothing to target, or a target cannot be wrapped."""
 
     kind = "injection"
+
+
+class ExportError(VlkitError):
+    """An export target failed, or an exported graph does not compute what the PyTorch model computes."""
+
+    kind = "export"

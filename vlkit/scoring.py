@@ -44,3 +44,43 @@ def paired_scores(backbone, pixels: torch.Tensor, tokens: torch.Tensor, batch_si
     img = embed_images(backbone, pixels, batch_size)
     txt = embed_texts(backbone, tokens, batch_size)
     return float(backbone.logit_scale) * (txt * img).sum(-1)
+
+
+def rerank_matrix(dual: torch.Tensor, joint_fn, k: int, dim: int = 1) -> torch.Tensor:
+    """Two-stage ranking: keep dual scores, but put each query's top-k candidates first, ordered by joint score.
+
+    `dual` is (n_texts, n_images); `dim=1` ranks images for each text, `dim=0` texts for each image.
+    `joint_fn(text_idx, image_idx)` returns joint scores of those pairs. Cost: n_queries * k joint pairs.
+    """
+    k = min(k, dual.shape[dim])
+    top = dual.topk(k, dim=dim).indices
+    if dim == 1:
+        t_idx = torch.arange(dual.shape[0]).unsqueeze(1).expand_as(top)
+        i_idx = top
+    else:
+        i_idx = torch.arange(dual.shape[1]).unsqueeze(0).expand_as(top)
+        t_idx = top
+    joint = joint_fn(t_idx.reshape(-1), i_idx.reshape(-1)).view_as(top).to(dual.dtype)
+    out = dual.clone()
+    offset = (dual.max() - dual.min()).abs() + joint.abs().max() + 1.0
+    out[t_idx, i_idx] = joint + offset + dual.max()
+    return out
+
+
+def two_stage_scores(backbone, pixels: torch.Tensor, tokens: torch.Tensor, k: int = 10,
+                     batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(text->image, image->text) score matrices: dual-encoder top-k, then joint re-ranking of the k.
+
+    With no joint adapter active both are the dual-encoder matrix. Cost stays linear in the gallery.
+    """
+    img = embed_images(backbone, pixels, batch_size)
+    txt = embed_texts(backbone, tokens, batch_size)
+    dual = float(backbone.logit_scale) * txt @ img.T
+    if not uses_joint_scoring(backbone):
+        return dual, dual
+
+    def joint_fn(ti: torch.Tensor, ii: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return backbone.joint_pair_scores(pixels[ii], tokens[ti], batch_size).cpu()
+
+    return rerank_matrix(dual.cpu(), joint_fn, k, dim=1), rerank_matrix(dual.cpu(), joint_fn, k, dim=0)

@@ -117,6 +117,7 @@ class AdapterVariant(ABC):
     config_cls: type = AdapterConfig
     default_roles: tuple[str, ...] = ()
     kinds: tuple[str, ...] = ("linear",)
+    joint: bool = False
 
     def make_config(self, **options: Any) -> AdapterConfig:
         return build_config(self.config_cls, options, what=f"{self.name} adapter")
@@ -124,6 +125,10 @@ class AdapterVariant(ABC):
     def roles(self, config: AdapterConfig) -> tuple[str, ...]:
         """The site roles targeted when the config names no explicit targets."""
         return self.default_roles
+
+    def prepare_config(self, backbone, config: AdapterConfig, sites) -> AdapterConfig:
+        """Fill in what depends on the backbone (e.g. a layer pairing) before layers are made; saved with the adapter."""
+        return config
 
     @abstractmethod
     def create_layer(self, site, config: AdapterConfig) -> nn.Module:

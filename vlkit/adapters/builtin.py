@@ -7,7 +7,8 @@ from ..hookspecs import hookimpl
 @hookimpl
 def register_adapters(register):
     from .bottleneck import BottleneckVariant
+    from .fusion import FusionVariant
     from .lora import LoraVariant
 
-    for variant in (BottleneckVariant(), LoraVariant()):
+    for variant in (BottleneckVariant(), LoraVariant(), FusionVariant()):
         register(variant.name, variant, variant.summary)

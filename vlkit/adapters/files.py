@@ -40,6 +40,7 @@ def adapter_config(backbone, name: str, task: dict | None = None, extra: dict | 
         "backbone_family": backbone.family,
         "backbone_fingerprint": backbone.fingerprint(),
         "targets": record.targets,
+        "sites": [{"path": x.path, "tower": x.tower, "layer": x.layer, "role": x.role} for x in record.sites],
         "extra_trainable": sorted(record.extra),
         "num_parameters": int(sum(t.numel() for t in params.values())),
         "task": task if task is not None else record.task,
@@ -85,8 +86,13 @@ def read_adapter_config(path: str | Path) -> dict[str, Any]:
     for key in ("variant", "config", "backbone_fingerprint"):
         if key not in cfg:
             raise AdapterFileError(f"{cfg_file} lacks the field {key!r}")
-    if int(cfg.get("format_version", 0)) > FORMAT_VERSION:
-        raise AdapterFileError(f"{cfg_file} has format version {cfg['format_version']}; this vlkit reads up to {FORMAT_VERSION}")
+    if not isinstance(cfg["config"], dict) or not isinstance(cfg["variant"], str):
+        raise AdapterFileError(f"{cfg_file}: 'variant' must be a string and 'config' an object of options")
+    version = cfg.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise AdapterFileError(f"{cfg_file} has format version {version!r}; expected an integer")
+    if version > FORMAT_VERSION:
+        raise AdapterFileError(f"{cfg_file} has format version {version}; this vlkit reads up to {FORMAT_VERSION}")
     return cfg
 
 

@@ -25,6 +25,7 @@ class InjectionRecord:
     sites: list[Site] = field(default_factory=list)
     extra: dict[str, nn.Parameter] = field(default_factory=dict)
     task: dict[str, Any] = field(default_factory=dict)
+    config_obj: Any = None
 
     @property
     def targets(self) -> list[str]:
@@ -134,11 +135,14 @@ def inject(backbone, variant: str = "bottleneck", name: str = "default", *, trai
     if name in backbone.adapter_records:
         raise ConfigError(f"an adapter named {name!r} is already on this backbone; pick another name")
     sites = select_sites(backbone, var, config)
+    config = var.prepare_config(backbone, config, sites)
     for p in backbone.parameters():
         p.requires_grad_(False)
     for site in sites:
         host = _host_for(backbone, site)
         layer = var.create_layer(site, config)
+        if hasattr(layer, "bind_state"):
+            layer.bind_state(backbone.adapter_state)
         ref = _reference_tensor(host.base)
         if ref is not None:
             layer.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
@@ -149,6 +153,7 @@ def inject(backbone, variant: str = "bottleneck", name: str = "default", *, trai
     for p in extra.values():
         p.requires_grad_(trainable)
     record = InjectionRecord(name, variant, config.to_dict(), sites, extra)
+    record.config_obj = config
     backbone.adapter_records[name] = record
     backbone.set_active(name)
     return record
@@ -172,7 +177,11 @@ def adapter_parameters(backbone, name: str) -> dict[str, torch.Tensor]:
 
 
 def remove_adapter(backbone, name: str) -> None:
-    """Take adapter `name` off the backbone (its hosts stay, empty, and pass through)."""
+    """Take adapter `name` off the backbone (its hosts stay, empty, and pass through).
+
+    A merged adapter is unmerged first, so the base weights are restored exactly.
+    """
+    unmerge_adapter(backbone, name)
     record = backbone.adapter_records.pop(name)
     for site in record.sites:
         host_of(backbone, site).remove_adapter(name)

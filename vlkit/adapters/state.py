@@ -8,7 +8,7 @@ from typing import Any
 from ..errors import ConfigError, UnknownNameError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
-MODES = ("stack", "parallel")
+MODES = ("stack", "parallel", "fuse")
 
 
 def check_adapter_name(name: str) -> str:
@@ -27,8 +27,9 @@ class AdapterState:
     route: Any = None  # LongTensor (batch,) of indices into route_names, -1 = no adapter
     route_names: tuple[str, ...] = ()
     context: dict[str, Any] = field(default_factory=dict)
+    fusion: str | None = None  # mode "fuse": name of the AdapterFusion layers (host.fusions[fusion])
 
-    def activate(self, names, known, mode: str = "stack", weights=None) -> None:
+    def activate(self, names, known, mode: str = "stack", weights=None, fusion: str | None = None) -> None:
         names = tuple(n for n in names if n)
         for n in names:
             if n not in known:
@@ -37,9 +38,12 @@ class AdapterState:
             raise ConfigError(f"composition mode {mode!r} is not one of {', '.join(MODES)}")
         if weights is not None and len(weights) != len(names):
             raise ConfigError(f"{len(weights)} weights given for {len(names)} adapters")
+        if mode == "fuse" and not fusion:
+            raise ConfigError("composition mode 'fuse' needs the name of the fusion layers (fusion=...)")
         self.active = names
         self.mode = mode
         self.weights = {n: float(w) for n, w in zip(names, weights)} if weights is not None else {}
+        self.fusion = fusion if mode == "fuse" else None
         self.route = None
         self.route_names = ()
 
@@ -48,6 +52,11 @@ class AdapterState:
         for n in names:
             if n is not None and n not in known:
                 raise UnknownNameError("adapter", n, list(known))
+        import torch
+
+        index = torch.as_tensor(index, dtype=torch.long).reshape(-1)
+        if len(index) and (int(index.min()) < -1 or int(index.max()) >= len(names)):
+            raise ConfigError(f"route indices must be in -1..{len(names) - 1} (-1: no adapter)")
         self.route_names = tuple(names)
         self.route = index
 

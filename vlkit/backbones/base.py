@@ -167,6 +167,57 @@ class Backbone(nn.Module, metaclass=ABCMeta):
         """Activate loaded adapters by name (none: the frozen backbone). Switching copies nothing."""
         self.adapter_state.activate(names, self.adapter_records, mode=mode, weights=weights)
 
+    # --- joint (cross-modal) scoring ------------------------------------------------------------
+    def joint_active(self) -> bool:
+        """True when an active adapter fuses the towers (its variant declares `joint = True`)."""
+        from ..plugins import registry
+
+        st = self.adapter_state
+        names = st.route_names if st.route is not None else st.active
+        reg = registry("adapter")
+        return any(n in self.adapter_records and getattr(reg.get(self.adapter_records[n].variant), "joint", False)
+                   for n in names if n)
+
+    def text_valid_mask(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Which text positions hold real tokens (up to and including end-of-text)."""
+        eot = tokens.argmax(dim=-1, keepdim=True)
+        return torch.arange(tokens.shape[-1], device=tokens.device).unsqueeze(0) <= eot
+
+    def encode_pair(self, pixels: torch.Tensor, tokens: torch.Tensor, normalize: bool = True):
+        """Image and text embeddings of pairs (image i with text i), each tower seeing the other.
+
+        Without a joint adapter this is the two encoders run apart.
+        """
+        if not self.joint_active():
+            return self.encode_image(pixels, normalize=normalize), self.encode_text(tokens, normalize=normalize)
+        st = self.adapter_state
+        saved = st.context
+        st.context = {"fusion": "record", "states": {}, "masks": {"text": self.text_valid_mask(tokens)}}
+        try:
+            self.encode_image(pixels)
+            self.encode_text(tokens)
+            st.context["fusion"] = "fuse"
+            img = self.encode_image(pixels, normalize=normalize)
+            txt = self.encode_text(tokens, normalize=normalize)
+        finally:
+            st.context = saved
+        return img, txt
+
+    def joint_pair_scores(self, pixels, tokens, batch_size: int = 256) -> torch.Tensor:
+        out = []
+        for i in range(0, len(pixels), batch_size):
+            img, txt = self.encode_pair(pixels[i:i + batch_size], tokens[i:i + batch_size])
+            out.append((img * txt).sum(-1))
+        return float(self.logit_scale) * torch.cat(out)
+
+    def joint_scores(self, pixels, tokens, batch_size: int = 256) -> torch.Tensor:
+        """(n_texts, n_images) joint scores: every text paired with every image (quadratic; small sets)."""
+        nt, ni = len(tokens), len(pixels)
+        ti = torch.arange(nt).repeat_interleave(ni)
+        ii = torch.arange(ni).repeat(nt)
+        flat = self.joint_pair_scores(pixels[ii], tokens[ti], batch_size)
+        return flat.view(nt, ni)
+
     def base_parameters(self) -> dict[str, nn.Parameter]:
         from ..adapters.hosts import base_param_name
 

@@ -165,7 +165,7 @@ def load_open_clip(spec: str, device: str | None = None) -> OpenClipBackbone:
         open_clip.add_model_config(cfg_path)
         model_name = cfg_path.stem
     elif model_name not in open_clip.list_models():
-        raise UnknownNameError("open_clip model", model_name, [])
+        raise UnknownNameError("open_clip model", model_name, open_clip.list_models())
 
     tag = None
     ckpt = None

@@ -37,17 +37,21 @@ def build_app() -> typer.Typer:
     return app
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def error_message(exc: BaseException) -> str:
     """The one line shown for an error (the single table that maps error types to messages)."""
     if isinstance(exc, VlkitError):
-        return f"error: {exc}"
+        return f"error: {_one_line(exc)}"  # messages may quote multi-line library errors
     if isinstance(exc, FileNotFoundError):
         return f"error: file not found: {exc.filename or exc}"
     if isinstance(exc, PermissionError):
         return f"error: permission denied: {exc.filename or exc}"
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted"
-    return f"error: unexpected {type(exc).__name__}: {exc} (set VLKIT_DEBUG=1 for the traceback)"
+    return f"error: unexpected {type(exc).__name__}: {_one_line(exc)} (set VLKIT_DEBUG=1 for the traceback)"
 
 
 def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
@@ -69,7 +73,7 @@ def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type,
 def usage_message(exc: BaseException) -> str:
     """One line for a command-line usage error (bad option value, unknown option or command)."""
     fmt = getattr(exc, "format_message", None)
-    text = " ".join((fmt() if callable(fmt) else str(exc)).split())
+    text = _one_line(fmt() if callable(fmt) else exc)
     ctx = getattr(exc, "ctx", None)
     hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
     return f"error: {text}{hint}"

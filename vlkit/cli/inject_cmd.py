@@ -47,12 +47,19 @@ def register(cli: typer.Typer) -> None:
         registry("adapter").get(adapter).make_config(**options)
 
         from .. import inject, load_backbone, parameter_report, save_adapter
+        from ..plugins import registry
 
         bb = load_backbone(backbone)
         record = inject(bb, adapter, name=name, **options)
         report = parameter_report(bb)
         result = {"backbone": bb.spec, "variant": adapter, "name": name, "config": record.config,
                   "targets": record.targets, "parameters": report, "dry_run": dry_run}
+        plain = getattr(registry("adapter").get(adapter), "plain_equivalent_parameters", None)
+        if plain is not None:
+            own = report["adapters"][name]["parameters"]
+            ref = plain(record.config_obj, record.sites)
+            result["overhead_vs_bottleneck"] = {"adapter": own, "bottleneck": ref,
+                                                "percent": 100.0 * (own - ref) / max(ref, 1)}
         if dry_run:
             console.print(table(f"targets of {adapter} on {bb.spec}", ["tower", "layer", "role", "module"],
                                 [[s.tower, s.layer, s.role, s.path] for s in record.sites]))
@@ -60,6 +67,10 @@ def register(cli: typer.Typer) -> None:
             save_adapter(bb, out, name=name)
             result["path"] = str(out)
         console.print(report_table(report))
+        if "overhead_vs_bottleneck" in result:
+            o = result["overhead_vs_bottleneck"]
+            console.print(f"{adapter}: {o['adapter']:,} parameters vs {o['bottleneck']:,} for a plain bottleneck of the "
+                          f"same size on the same sites: {o['percent']:+.1f}%")
         if not dry_run:
             console.print(f"wrote adapter [bold]{name}[/] ({adapter}, {len(record.sites)} sites) to {out}")
         if json_out:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -101,9 +101,10 @@ def load_caption_pair_files(data: str | Path, image_root: str | Path | None = No
     return examples
 
 
-def synth_swap_examples(kinds: dict[str, str], n: int = SYNTH_N, seed: int = 0, domain: str = "photo",
-                        image_size: int = 64) -> list[dict[str, Any]]:
-    """Caption pairs from world minimal pairs of the given kinds (balanced over kinds; seeded, deterministic)."""
+def synth_pairs(kinds: Iterable[str], n_pairs: int, seed: int = 0, domain: str = "photo",
+                image_size: int = 64) -> Iterator[dict[str, Any]]:
+    """World minimal pairs of the given kinds, cycling through the kinds (seeded, deterministic):
+    ``{"kind", "image_0", "image_1", "caption_0", "caption_1"}`` (caption_i is true of image_i only)."""
     from ..world import DOMAINS
     from ..world.render import render_scene
     from ..world.winoground import KINDS, kinds_for, make_pair
@@ -111,20 +112,31 @@ def synth_swap_examples(kinds: dict[str, str], n: int = SYNTH_N, seed: int = 0, 
     if domain not in DOMAINS:
         raise ConfigError(f"unknown world domain {domain!r}; domains: {', '.join(DOMAINS)}")
     collapsed_of = {k: c for c, ks in KINDS.items() for k in ks}
+    unknown = [k for k in kinds if k not in collapsed_of]
+    if unknown:
+        raise ConfigError(f"unknown pair kind(s) {', '.join(unknown)}; kinds: {', '.join(sorted(collapsed_of))}")
     usable = [k for k in kinds if k in kinds_for(domain, collapsed_of[k])]
     if not usable:
         raise ConfigError(f"the {domain} domain has none of the pair kinds {', '.join(kinds)}")
-    examples: list[dict[str, Any]] = []
-    i = 0
-    while len(examples) < n:
+    for i in range(n_pairs):
         kind = usable[i % len(usable)]
         rng = np.random.default_rng([seed, 7919, sorted(collapsed_of).index(kind), i])
         pair = make_pair(domain, collapsed_of[kind], rng, kind=kind)
         c0, c1 = pair.captions(domain)
-        for k, (objs, true, false) in enumerate(((pair.objs_0, c0, c1), (pair.objs_1, c1, c0))):
-            examples.append({"id": f"{i}_{k}", "image": render_scene(domain, objs, pair.bg_seed, image_size),
-                             "true": true, "false": false, "category": kinds[kind]})
-        i += 1
+        yield {"kind": kind, "collapsed_tag": collapsed_of[kind], "caption_0": c0, "caption_1": c1,
+               "image_0": render_scene(domain, pair.objs_0, pair.bg_seed, image_size),
+               "image_1": render_scene(domain, pair.objs_1, pair.bg_seed, image_size)}
+
+
+def synth_swap_examples(kinds: dict[str, str], n: int = SYNTH_N, seed: int = 0, domain: str = "photo",
+                        image_size: int = 64) -> list[dict[str, Any]]:
+    """Caption pairs from world minimal pairs of the given kinds ({kind: category}), balanced over kinds:
+    each pair gives (image_0, caption_0 true, caption_1 false) and (image_1, caption_1 true, caption_0 false)."""
+    examples: list[dict[str, Any]] = []
+    for i, p in enumerate(synth_pairs(list(kinds), (n + 1) // 2, seed=seed, domain=domain, image_size=image_size)):
+        for k in (0, 1):
+            examples.append({"id": f"{i}_{k}", "image": p[f"image_{k}"], "true": p[f"caption_{k}"],
+                             "false": p[f"caption_{1 - k}"], "category": kinds[p["kind"]]})
     return examples[:n]
 
 

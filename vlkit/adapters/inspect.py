@@ -1,0 +1,71 @@
+"""Look inside a saved adapter without a backbone: config, parameter counts, and fusion gate values."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .files import read_adapter_config, read_adapter_weights
+
+
+def inspect_adapter(path: str | Path) -> dict[str, Any]:
+    cfg = read_adapter_config(path)
+    weights = read_adapter_weights(path)
+    sites = {s["path"]: s for s in cfg.get("sites", [])}
+    per_tower: dict[str, int] = {}
+    for key, t in weights.items():
+        site = sites.get(key.rsplit(".", 2)[0]) or sites.get(key.rsplit(".", 1)[0])
+        tower = site["tower"] if site else "shared"
+        per_tower[tower] = per_tower.get(tower, 0) + t.numel()
+    gates = []
+    for spath, site in sites.items():
+        g = weights.get(f"{spath}.gate")
+        if g is None:
+            continue
+        val = torch.tanh(g.float())
+        gates.append({"tower": site["tower"], "layer": site["layer"], "role": site["role"],
+                      "gate": float(val.mean()), "gate_abs": float(val.abs().mean()),
+                      "channels": int(val.numel())})
+    gates.sort(key=lambda r: (r["tower"], r["layer"], r["role"]))
+    return {
+        "path": str(path),
+        "name": cfg.get("name"),
+        "variant": cfg["variant"],
+        "config": cfg["config"],
+        "backbone": cfg.get("backbone"),
+        "backbone_fingerprint": cfg.get("backbone_fingerprint"),
+        "task": cfg.get("task", {}),
+        "parameters": int(sum(t.numel() for t in weights.values())),
+        "parameters_per_tower": per_tower,
+        "sites": len(sites),
+        "gates": gates,
+        "composition": cfg.get("composition"),
+    }
+
+
+def plot_gates(info: dict[str, Any], path: str | Path) -> None:
+    """Bar chart of tanh(gate) per layer, one group per tower."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..io import atomic_path
+
+    gates = info["gates"]
+    towers = sorted({g["tower"] for g in gates})
+    fig, axes = plt.subplots(1, max(1, len(towers)), figsize=(4 * max(1, len(towers)), 3), squeeze=False)
+    for ax, tower in zip(axes[0], towers):
+        rows = [g for g in gates if g["tower"] == tower]
+        labels = [f"{g['layer']}:{g['role']}" for g in rows]
+        ax.bar(labels, [g["gate"] for g in rows], color="tab:blue" if tower == "vision" else "tab:orange")
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_title(f"{tower} tower: cross-modal gate")
+        ax.set_xlabel("layer:site")
+        ax.set_ylabel("tanh(gate)")
+    fig.suptitle(f"{info['name']} ({info['variant']}, {info['config'].get('mechanism', '')})")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
