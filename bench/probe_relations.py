@@ -79,12 +79,15 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=400, help="probe examples")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/probe-relations")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--json", default=None, help="also write all results to this JSON file")
     args = ap.parse_args()
 
+    import datasets
     import torch
 
-    torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
+    datasets.disable_progress_bars()
+    torch.set_num_threads(args.threads)
     from vlkit.cli.output import console
     from vlkit.probe import run_probe
     from vlkit.probe.base import public_result

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,7 @@ def write_tiny_clip_tokenizer(d: Path):
     (src / "vocab.json").write_text(json.dumps(vocab))
     (src / "merges.txt").write_text("#version: 0.2\n" + "\n".join(_MERGES) + "\n")
     tok = CLIPTokenizer(str(src / "vocab.json"), str(src / "merges.txt"))
+    shutil.rmtree(src)
     tok.save_pretrained(d)
     return tok
 

@@ -26,7 +26,12 @@ def test_tiny_random_loads_frozen_in_eval_mode():
     assert bb.family == "tiny" and bb.spec == "tiny@random"
     assert not bb.training and not bb.model.training
     assert not any(p.requires_grad for p in bb.parameters())
-    assert bb.image_size == 64 and bb.context_length == 32 and bb.embed_dim == 128
+    from vlkit.backbones.tiny import tiny_config
+
+    cfg = tiny_config()
+    assert bb.image_size == cfg["vision_cfg"]["image_size"] and bb.embed_dim == cfg["embed_dim"]
+    assert bb.context_length == cfg["text_cfg"]["context_length"]
+    assert tuple(bb.mean) == tuple(cfg["preprocess"]["mean"])
     # seeded: a second load has the same weights and fingerprint
     other = vlkit.load_backbone("tiny@random")
     assert bb.fingerprint() == other.fingerprint()

@@ -230,9 +230,9 @@ def test_resolve_adapter_args(adapter_dirs, tmp_path):
     lo, bn = str(adapter_dirs["lo"]), str(adapter_dirs["bn"])
     comp = tmp_path / "comp"
     comp.mkdir()
-    (comp / "composition.json").write_text(json.dumps(  # paths absolute or relative to the composition
-        {"mode": "parallel", "adapters": [{"name": "lo", "path": lo}, {"name": "bn", "path": os.path.relpath(bn, comp)}],
-         "weights": [0.7, 0.3]}))
+    members = [{"name": "lo", "path": lo}, {"name": "bn", "path": os.path.relpath(bn, comp)}]  # relative to comp
+    (comp / "composition.json").write_text(json.dumps({"mode": "parallel", "adapters": members,
+                                                       "weights": [0.7, 0.3]}))
     systems = resolve_systems(bb, f"{lo},{bn},{lo}+{bn},{comp}")
     assert [s.label for s in systems] == ["backbone", lo, bn, f"{lo}+{bn}", str(comp)]
     assert sorted(bb.adapter_records) == ["bn", "lo"]  # each directory loaded once
@@ -257,8 +257,8 @@ class StubBackbone(torch.nn.Module):
         self.adapter_state, self.adapter_records, self.joint = AdapterState(), {}, joint
         self.joint_calls = 0
 
-    def set_active(self, *names, mode="stack", weights=None):
-        self.adapter_state.activate(names, self.adapter_records, mode=mode, weights=weights)
+    def set_active(self, *names, mode="stack", weights=None, fusion=None):
+        self.adapter_state.activate(names, self.adapter_records, mode=mode, weights=weights, fusion=fusion)
 
     def joint_active(self):
         return self.joint
@@ -370,7 +370,7 @@ def test_cli_probe_winoground_end_to_end(tmp_path, capsys, adapter_dirs):
     assert code == 0, err
     result = json.loads(out)
     assert result["dataset"] == "winoground:synth" and result["backbone"] == BACKBONE and result["n"] == 24
-    assert "per_example" not in result
+    assert "per_example" not in result and result["adapters"] == [str(ad_dir)]
     base, ad = result["systems"]
     assert base["label"] == "backbone" and base["diff"] is None and ad["label"] == str(ad_dir)
     for m in ("text", "image", "group"):

@@ -337,3 +337,20 @@ def test_task_on_world(name):
     data = task.prepare(bb, ds)
     assert torch.isfinite(task.loss(bb, {k: v[:8] for k, v in data.items()}))
     assert PRIMARY[name] in task.evaluate(bb, data)
+
+
+def test_vqa_uses_the_fused_pair():
+    torch.manual_seed(0)
+    bb = vlkit.load_backbone("tiny@random")
+    ds = _dataset("vqa", n=4)
+    task = registry("task").get("vqa")(bb, ds)
+    data = task.prepare(bb, ds)
+    with torch.no_grad():
+        apart = task.pair_features(bb, data["pixels"], data["tokens"])
+    vlkit.inject(bb, "fusion", name="f")
+    assert bb.joint_active()
+    with torch.no_grad():  # identity at init: the same features
+        assert torch.allclose(task.pair_features(bb, data["pixels"], data["tokens"]), apart, atol=1e-5)
+    task.loss(bb, data).backward()
+    grads = [p.grad for n, p in bb.named_parameters() if ".adapters.f." in n]
+    assert grads and any(g is not None and g.abs().sum() > 0 for g in grads)

@@ -71,6 +71,12 @@ class InjectionError(VlkitError):
 
 
 class ExportError(VlkitError):
-    """An export target failed, or an exported graph does not compute what the PyTorch model computes."""
+    """An export target failed, or an exported graph does not compute what the PyTorch model computes.
+
+    `summary` carries the verification results gathered before the failure (for the CLI's table)."""
 
     kind = "export"
+
+    def __init__(self, message: str, *, hint: str | None = None, summary: dict | None = None):
+        super().__init__(message, hint=hint)
+        self.summary = summary

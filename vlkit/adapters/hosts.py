@@ -2,6 +2,8 @@
 
 A host keeps the original module as `base` (its parameters untouched), holds adapter layers as
 `adapters[adapter_name][site_key]`, and reads the shared AdapterState to know which to run.
+Modes: stack, parallel (weighted sum of deltas), fuse (AdapterFusion layers in `fusions[name][site_key]`
+weigh the adapters' outputs), and per-sample routing (each sample of the batch through its own adapter).
 Three hosts: AdaptedOutput (a sub-layer's output), AdaptedLinear (an nn.Linear), and
 AdaptedMHA (an nn.MultiheadAttention, whose fused in-projection is split into q, k, v sites).
 """
@@ -26,6 +28,7 @@ class AdapterHost(nn.Module):
         super().__init__()
         self.base = base
         self.adapters = nn.ModuleDict()
+        self.fusions = nn.ModuleDict()  # AdapterFusion layers: fusions[fusion_name][site_key]
         object.__setattr__(self, "_state", state)
         self.site_kinds: dict[str, str] = {}
 
@@ -62,17 +65,18 @@ class AdapterHost(nn.Module):
             return layer(y)
         return layer(x, y, weight, bias)
 
-    def apply(self, key: str, y: torch.Tensor, x=None, weight=None, bias=None) -> torch.Tensor:
+    def apply(self, key: str, y: torch.Tensor, x=None, weight=None, bias=None,
+              batch_dim: int | None = None) -> torch.Tensor:
         st = self._state
         if st.route is not None:
+            route = _route_for(st.route, y, batch_dim)
             out = y
             for i, name in enumerate(st.route_names):
                 layer = self.layer(name, key) if name is not None else None
-                if layer is None:
+                if layer is None or not bool((route == i).any()):
                     continue
                 yi = self._run(layer, key, y, x, weight, bias)
-                mask = (st.route.to(y.device) == i).view(-1, *([1] * (y.dim() - 1)))
-                out = torch.where(mask, yi, out)
+                out = torch.where(route == i, yi, out)
             return out
         if not st.active:
             return y
@@ -80,6 +84,14 @@ class AdapterHost(nn.Module):
         layers = [(n, l) for n, l in layers if l is not None]
         if not layers:
             return y
+        if st.mode == "fuse":
+            group = self.fusions[st.fusion] if st.fusion in self.fusions else None
+            fusion = group[key] if group is not None and key in group else None
+            if fusion is None:  # no fusion layer here: the plain average of the adapters' outputs
+                return sum(self._run(layer, key, y, x, weight, bias) for _, layer in layers) / len(layers)
+            by_name = dict(layers)
+            outs = [self._run(by_name[n], key, y, x, weight, bias) for n in fusion.names if n in by_name]
+            return fusion(y, outs)
         if st.mode == "parallel":
             base_y = y
             for n, layer in layers:
@@ -89,6 +101,22 @@ class AdapterHost(nn.Module):
         for _, layer in layers:
             y = self._run(layer, key, y, x, weight, bias)
         return y
+
+
+def _route_for(route: torch.Tensor, y: torch.Tensor, batch_dim: int | None) -> torch.Tensor:
+    """The per-sample route as a tensor broadcastable against `y` along its batch dimension.
+
+    The batch dimension is `batch_dim` when given, else 0 (or 1 when only dimension 1 matches the
+    route's length, for sequence-first layouts)."""
+    n = route.numel()
+    if batch_dim is None:
+        batch_dim = 1 if (y.dim() > 1 and y.shape[0] != n and y.shape[1] == n) else 0
+    if y.dim() <= batch_dim or y.shape[batch_dim] != n:
+        raise RuntimeError(f"a route for {n} samples is set but this forward has batch shape {tuple(y.shape)}; "
+                           "clear it (backbone.clear_route()) or set one per batch")
+    shape = [1] * y.dim()
+    shape[batch_dim] = n
+    return route.to(y.device).view(shape)
 
 
 class AdaptedOutput(AdapterHost):
@@ -142,9 +170,26 @@ class AdaptedMHA(AdapterHost):
                                      average_attn_weights=average_attn_weights, is_causal=is_causal)
         else:
             out, weights = self._explicit(query, key, value, key_padding_mask, attn_mask, is_causal), None
+            plain = self._plain_samples(proj_keys)
+            if plain is not None:  # routed samples with no projection adapter here: the original module, exactly
+                base_out = self.base(query, key, value, key_padding_mask=key_padding_mask, need_weights=False,
+                                     attn_mask=attn_mask, is_causal=is_causal)[0]
+                out = torch.where(_route_for(plain, out, 0 if self.base.batch_first else 1), base_out, out)
         if "attn" in self.site_kinds:
-            out = self.apply("attn", out)
+            out = self.apply("attn", out, batch_dim=0 if self.base.batch_first else 1)
         return out, weights
+
+    def _plain_samples(self, proj_keys):
+        """Under per-sample routing, a bool (batch,) of samples whose adapter has no projection layer in
+        this module (they take the original attention path); None when there are none or no route."""
+        st = self._state
+        if st.route is None:
+            return None
+        uses = [n is not None and any(k in self.site_kinds and self.layer(n, k) is not None for k in proj_keys)
+                for n in st.route_names]
+        table = torch.tensor([False, *uses])  # index 0: route -1 (no adapter)
+        plain = ~table[st.route.cpu() + 1]
+        return plain.to(st.route.device) if bool(plain.any()) else None
 
     def _site(self, key, y, x, w, b):
         return self.apply(key, y, x, w, b) if key in self.site_kinds else y

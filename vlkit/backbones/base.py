@@ -163,9 +163,31 @@ class Backbone(nn.Module, metaclass=ABCMeta):
         }
 
     # --- adapters -----------------------------------------------------------------------------
-    def set_active(self, *names: str, mode: str = "stack", weights: list[float] | None = None) -> None:
-        """Activate loaded adapters by name (none: the frozen backbone). Switching copies nothing."""
-        self.adapter_state.activate(names, self.adapter_records, mode=mode, weights=weights)
+    def set_active(self, *names: str, mode: str = "stack", weights: list[float] | None = None,
+                   fusion: str | None = None) -> None:
+        """Activate loaded adapters by name (none: the frozen backbone). Switching copies nothing.
+
+        Modes: "stack" (each on the output of the previous), "parallel" (weighted sum of the adapters'
+        changes), "fuse" (AdapterFusion layers named `fusion` weigh the adapters' outputs; see vlkit.compose).
+        """
+        if mode == "fuse" and fusion not in getattr(self, "fusion_records", {}):
+            from ..errors import UnknownNameError
+
+            raise UnknownNameError("adapter fusion", str(fusion), list(getattr(self, "fusion_records", {})))
+        self.adapter_state.activate(names, self.adapter_records, mode=mode, weights=weights, fusion=fusion)
+
+    def set_route(self, names, index=None) -> None:
+        """Per-sample routing for the next forwards: sample i goes through adapter `names[index[i]]`
+        (index -1 or a None name: the frozen backbone), all in one forward pass. With `index` None,
+        `names` lists one adapter name (or None) per sample. Lasts until `clear_route` or `set_active`."""
+        if index is None:
+            order = list(dict.fromkeys(n for n in names if n is not None))
+            index = [order.index(n) if n is not None else -1 for n in names]
+            names = order
+        self.adapter_state.set_route(list(names), index, self.adapter_records)
+
+    def clear_route(self) -> None:
+        self.adapter_state.clear_route()
 
     # --- joint (cross-modal) scoring ------------------------------------------------------------
     def joint_active(self) -> bool:
@@ -221,7 +243,7 @@ class Backbone(nn.Module, metaclass=ABCMeta):
     def base_parameters(self) -> dict[str, nn.Parameter]:
         from ..adapters.hosts import base_param_name
 
-        return {base_param_name(n): p for n, p in self.model.named_parameters() if ".adapters." not in n}
+        return {base_param_name(n): p for n, p in self.model.named_parameters() if ".adapters." not in n and ".fusions." not in n}
 
 
 def resolve_module(root: nn.Module, path: str) -> nn.Module:

@@ -59,9 +59,11 @@ def register(cli: typer.Typer) -> None:
         data: Optional[str] = typer.Option(None, "--data", "-d",
                                            help="Probe data: winoground synth|hub|DIR; caption-pairs FILE.json|DIR."),
         images: Optional[Path] = typer.Option(None, "--images", help="Image root for relative paths in JSON data."),
-        n: Optional[int] = typer.Option(None, "-n", "--n", help="Number of examples (synth: generated; else first n)."),
+        n: Optional[int] = typer.Option(
+            None, "-n", "--n", help="Examples (synth: generated; Winoground copy: first n; JSON: seeded subset)."),
         seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap resamples."),
-        data_seed: Optional[int] = typer.Option(None, "--data-seed", help="Seed of generated (synth) data."),
+        data_seed: Optional[int] = typer.Option(
+            None, "--data-seed", help="Seed of generated (synth) data and of JSON subsets [default: 0]."),
         bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the intervals."),
         level: float = typer.Option(0.95, "--level", help="Confidence level of the intervals."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Examples scored per batch."),

@@ -18,8 +18,8 @@ through the ``register_probes`` hook::
 ``systems`` is the list of :class:`vlkit.probe.systems.System` to compare: the frozen backbone first, then
 each adapter configuration. The result is a plain dict (JSON-ready apart from ``per_example``)::
 
-    {"probe", "dataset", "backbone", "n", "metrics": [...], "primary": metric, "chance": {metric: %},
-     "bootstrap": {"resamples", "seed", "level"},
+    {"probe", "dataset", "backbone", "adapters": [labels], "n", "metrics": [...], "primary": metric,
+     "chance": {metric: %}, "bootstrap": {"resamples", "seed", "level"},
      "systems": [{"label", "adapters", "mode", "weights",
                   "scores": {metric: {"value", "low", "high"}},
                   "diff": None | {metric: {"value", "low", "high", "p_le_0"}},   # vs the first system
@@ -135,6 +135,7 @@ def build_result(probe, backbone, systems, *, dataset: str, n: int, metrics: Seq
         "probe": getattr(probe, "name", str(probe)),
         "dataset": dataset,
         "backbone": getattr(backbone, "spec", str(backbone)),
+        "adapters": [system.label for system in systems if system.names],
         "n": int(n),
         "metrics": list(metrics),
         "primary": primary,

@@ -7,8 +7,10 @@ Options: `hidden` (MLP width, default 64), `l1_weight` and `giou_weight` (loss w
 
 Head (`GroundingHead`):
 1. the normalised expression embedding is projected to the vision width: a query q (B, W);
-2. attention over the patch tokens T (B, N, W): a = softmax(T·q / √W + p), with p a learned per-patch
-   position prior (zero at init);
+2. attention over the patch tokens T (B, N, W): a = softmax(τ · T·q + p), with a learned temperature
+   τ (1 at init) and p a learned per-patch position prior (zero at init). There is no 1/√W: the tokens
+   are layer-normed and q starts small, and with it the attention stays near uniform for many epochs;
+   without it it turns sharp early, which on the procedural world roughly doubles IoU after a few epochs;
 3. the attended feature Σ aₙTₙ, q, and the attention's centre of mass and spread on the patch grid
    go through an MLP to 4 numbers; the box centre is sigmoid(logit(attention centre) + Δ), so the box
    starts where the attention looks, and the size is sigmoid(Δ + b) with b set from the training boxes'
@@ -70,6 +72,7 @@ class GroundingHead(nn.Module):
         super().__init__()
         self.width = width
         self.query = nn.Linear(text_dim, width)
+        self.log_temp = nn.Parameter(torch.zeros(()))
         self.pos_prior = nn.Parameter(torch.zeros(num_tokens))
         self.register_buffer("grid", patch_grid(num_tokens), persistent=False)
         self.mlp = nn.Sequential(nn.Linear(2 * width + 4, hidden), nn.GELU(), nn.Linear(hidden, 4))
@@ -80,7 +83,7 @@ class GroundingHead(nn.Module):
     def attention(self, tokens: torch.Tensor, text: torch.Tensor):
         """Attention weights (B, N) over the patches and the query (B, W)."""
         q = self.query(text)
-        scores = torch.einsum("bnw,bw->bn", tokens, q) / math.sqrt(self.width) + self.pos_prior
+        scores = torch.einsum("bnw,bw->bn", tokens, q) * self.log_temp.exp() + self.pos_prior
         return scores.softmax(dim=-1), q
 
     def forward(self, tokens: torch.Tensor, text: torch.Tensor) -> torch.Tensor:

@@ -54,7 +54,7 @@ class RetrievalTask(Task):
     name = "retrieval"
     metric = "mean_recall"
     required = ("image", "caption")
-    OPTIONS = ("chunk",)
+    OPTIONS = ("chunk", "rerank_k", "negatives")
 
     def __init__(self, backbone, train_data=None, **options: Any):
         check_options(self.name, options, self.OPTIONS)
@@ -62,6 +62,10 @@ class RetrievalTask(Task):
         self.chunk = int(options.get("chunk", 1024))
         if self.chunk < 1:
             raise ConfigError(f"chunk must be >= 1, got {self.chunk}")
+        self.rerank_k = int(options.get("rerank_k", 10))
+        self.negatives = int(options.get("negatives", 3))
+        if self.rerank_k < 1 or self.negatives < 1:
+            raise ConfigError("rerank_k and negatives must be >= 1")
         self.head = nn.Module()
 
     # --- model ------------------------------------------------------------------------------------
@@ -77,8 +81,36 @@ class RetrievalTask(Task):
         return {"pixels": prepare_pixels(backbone, ds), "tokens": tokenize_texts(backbone, captions),
                 "caption_ids": keys}
 
+    def joint_loss(self, backbone, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """With a joint adapter: each image against its caption and `negatives` other captions of the batch
+        (and each caption against as many images), scored pair by pair; cost linear in the batch."""
+        px, tk = batch["pixels"], batch["tokens"]
+        n = len(px)
+        k = min(self.negatives, n - 1)
+        idx = torch.arange(n, device=px.device)
+        cands = torch.stack([(idx + j) % n for j in range(k + 1)], 1)  # column 0 is the positive
+        scale = backbone.logit_scale
+
+        def scores(ii, ti):
+            img, txt = backbone.encode_pair(px[ii.reshape(-1)], tk[ti.reshape(-1)])
+            return (scale * (img * txt).sum(-1)).view(ii.shape)
+
+        rows = idx.unsqueeze(1).expand_as(cands)
+        target = torch.zeros(n, dtype=torch.long, device=px.device)
+        i2t = scores(rows, cands)
+        t2i = scores(cands, rows)
+        ids = batch.get("caption_ids")
+        if ids is not None:  # a "negative" with the same caption is a positive: drop it from the softmax
+            same = (ids[cands] == ids.unsqueeze(1))
+            same[:, 0] = False
+            i2t = i2t.masked_fill(same, float("-inf"))
+            t2i = t2i.masked_fill(same, float("-inf"))
+        return (F.cross_entropy(i2t.float(), target) + F.cross_entropy(t2i.float(), target)) / 2
+
     def loss(self, backbone, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         batch = to_device(batch, device_of(backbone))
+        if backbone.joint_active() and len(batch["pixels"]) > 1:
+            return self.joint_loss(backbone, batch)
         image, text = self.embed_pair(backbone, batch["pixels"], batch["tokens"])
         return contrastive_loss(image.float(), text.float(), backbone.logit_scale.float(), batch.get("caption_ids"))
 
@@ -104,12 +136,17 @@ class RetrievalTask(Task):
     def evaluate(self, backbone, data: dict[str, torch.Tensor], batch_size: int = 256) -> dict[str, float]:
         image, text, keys = self.embed(backbone, data, batch_size)
         distinct = torch.arange(len(text))
-        i2t = torch.cat([M.retrieval_ranks(image[i:i + self.chunk] @ text.t(), keys[i:i + self.chunk], distinct)
-                         for i in range(0, len(image), self.chunk)] or [torch.zeros(0, dtype=torch.long)])
-        # one query per distinct caption, expanded to one per row (rows with the same caption rank alike)
-        t2i_distinct = torch.cat([M.retrieval_ranks(text[i:i + self.chunk] @ image.t(), distinct[i:i + self.chunk],
-                                                    keys)
-                                  for i in range(0, len(text), self.chunk)] or [torch.zeros(0, dtype=torch.long)])
+        if backbone.joint_active() and len(image) and len(text):
+            i2t_scores, t2i_scores = self.reranked(backbone, data, image, text, keys, batch_size)
+            i2t = M.retrieval_ranks(i2t_scores, keys, distinct)
+            t2i_distinct = M.retrieval_ranks(t2i_scores, distinct, keys)
+        else:
+            i2t = torch.cat([M.retrieval_ranks(image[i:i + self.chunk] @ text.t(), keys[i:i + self.chunk], distinct)
+                             for i in range(0, len(image), self.chunk)] or [torch.zeros(0, dtype=torch.long)])
+            # one query per distinct caption, expanded to one per row (rows with the same caption rank alike)
+            t2i_distinct = torch.cat([M.retrieval_ranks(text[i:i + self.chunk] @ image.t(),
+                                                        distinct[i:i + self.chunk], keys)
+                                      for i in range(0, len(text), self.chunk)] or [torch.zeros(0, dtype=torch.long)])
         t2i = t2i_distinct[keys] if len(keys) else t2i_distinct
         out = {}
         for k in KS:
@@ -119,7 +156,29 @@ class RetrievalTask(Task):
         out["mean_recall"] = sum(out.values()) / len(out)
         return out
 
+    def reranked(self, backbone, data, image, text, keys, batch_size):
+        """Two-stage scores for joint adapters: dual-encoder top-`rerank_k`, re-ranked by joint pair scores."""
+        from ..scoring import rerank_matrix
+
+        device = device_of(backbone)
+        first: dict[int, int] = {}
+        for i, k in enumerate(keys.tolist()):
+            first.setdefault(k, i)
+        order = torch.tensor([first[k] for k in range(len(first))], dtype=torch.long)
+        tokens = data["tokens"][order]
+
+        def joint(ti, ii):
+            with torch.no_grad():
+                return backbone.joint_pair_scores(data["pixels"][ii].to(device), tokens[ti].to(device),
+                                                  batch_size).float().cpu()
+
+        dual = text @ image.t()
+        t2i = rerank_matrix(dual, joint, self.rerank_k, dim=1)
+        i2t = rerank_matrix(dual, joint, self.rerank_k, dim=0).t()
+        return i2t, t2i
+
     def metadata(self) -> dict[str, Any]:
         meta = super().metadata()
-        meta["options"] = {**self.options, "chunk": self.chunk}
+        meta["options"] = {**self.options, "chunk": self.chunk, "rerank_k": self.rerank_k,
+                           "negatives": self.negatives}
         return meta

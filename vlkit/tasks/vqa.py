@@ -11,8 +11,8 @@ Options:
   trainable share of a backbone with ~1.7M parameters is one of the numbers vlkit reports).
 
 Head: LayerNorm → Linear(3·D, hidden) → GELU → Linear(hidden, answers) over the pair feature
-[img, q, img⊙q] of the normalised image and question embeddings. The pair feature comes from one
-method, `pair_features`, so a fusion adapter can later replace it without touching loss or metrics.
+[img, q, img⊙q] of the normalised image and question embeddings from `Backbone.encode_pair` (fused
+when a joint adapter is active). The pair feature comes from one method, `pair_features`.
 The last layer starts near zero (std 0.01): predictions start close to uniform.
 
 Answers are matched after `strip().lower()`. An eval answer outside the set gets id -1 and counts as
@@ -108,10 +108,11 @@ class VqaTask(Task):
     def pair_features(self, backbone, pixels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """The joint image-question feature (B, feature_dim): [img, q, img⊙q] of normalised embeddings.
 
-        The one place the representation is built: override it (and `feature_dim`) to use a fused one.
+        The embeddings come from `backbone.encode_pair`: the two encoders run apart, or each tower seeing
+        the other when a joint (fusion) adapter is active. The one place the representation is built:
+        override it (and `feature_dim`) for another one.
         """
-        img = backbone.encode_image(pixels, normalize=True)
-        q = backbone.encode_text(tokens, normalize=True)
+        img, q = backbone.encode_pair(pixels, tokens, normalize=True)
         return torch.cat([img, q, img * q], dim=-1)
 
     def logits(self, backbone, pixels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

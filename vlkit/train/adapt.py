@@ -45,7 +45,7 @@ def _general_eval(backbone, cfg, n_eval: int, seed: int):
     data = task.prepare(backbone, ds)
     with torch.no_grad():
         metrics = task.evaluate(backbone, data)
-        logits = task.logits(backbone, data) if hasattr(task, "logits") else None
+        logits = task.logits(backbone, data["pixels"])
     return metrics[task.metric], logits
 
 

@@ -155,7 +155,16 @@ def train(cfg, out_dir: str | Path | None = None, *, resume: bool = False, progr
 
 def run(cfg, out_dir: str | Path | None = None, *, resume: bool = False, progress: bool = True,
         stop_after: int | None = None, datasets: tuple | None = None):
-    """Like `train`, and also returns the trained backbone and task: (result, backbone, task)."""
+    """Like `train`, and also returns the trained backbone and task: (result, backbone, task).
+
+    A recipe with `tasks` trains one adapter per task (vlkit.compose.multitask); the third item is then
+    a {adapter name: task} dict."""
+    if cfg.get("tasks"):
+        if resume or stop_after is not None:
+            raise ConfigError("--resume and stop_after are not supported for multi-task recipes")
+        from ..compose.multitask import run_multitask
+
+        return run_multitask(cfg, out_dir, progress=progress)
     from accelerate.utils import set_seed
     from omegaconf import OmegaConf
 
@@ -183,8 +192,8 @@ def run(cfg, out_dir: str | Path | None = None, *, resume: bool = False, progres
     result: dict[str, Any] = {"name": cfg.name, "method": cfg.method, "backbone": cfg.backbone,
                               "task": cfg.task.name, "output_dir": str(out)}
     n_trainable = sum(p.numel() for p in trainable.values())
-    n_backbone = sum(p.numel() for n, p in backbone.model.named_parameters() if ".adapters." not in n)
-    n_adapter = sum(p.numel() for n, p in backbone.model.named_parameters() if ".adapters." in n)
+    n_backbone = sum(p.numel() for p in backbone.base_parameters().values())
+    n_adapter = sum(p.numel() for n, p in backbone.model.named_parameters() if ".adapters." in n or ".fusions." in n)
     result["parameters"] = {"trainable": n_trainable, "backbone": n_backbone, "adapter": n_adapter,
                             "trainable_percent": 100.0 * n_trainable / max(1, n_backbone + n_adapter)}
     step = 0
@@ -347,6 +356,10 @@ def _write_outputs(cfg, out, backbone, task, adapter, result, history, log, save
         with atomic_path(out / "head.safetensors") as tmp:
             save_file(head, str(tmp))
     write_json(out / "task.json", meta)
+    if cfg.method == "fuse":
+        from ..compose.fusion import write_fuse_outputs
+
+        write_fuse_outputs(cfg, out, backbone)
     write_json(out / "metrics.json", result)
     if cfg.logging.plot and history:
         plot_curves(history, out / "training_curves.png", task.metric)

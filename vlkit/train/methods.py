@@ -1,4 +1,4 @@
-"""Training methods: which parameters train for `adapter`, `full`, `linear` and `zeroshot`."""
+"""Training methods: which parameters train for `adapter`, `full`, `linear`, `zeroshot` and `fuse`."""
 from __future__ import annotations
 
 import re
@@ -30,6 +30,10 @@ def apply_method(backbone, task, cfg, adapter_options: dict[str, Any]) -> tuple[
     elif method == "full":
         for p in backbone.parameters():
             p.requires_grad_(True)
+    elif method == "fuse":  # AdapterFusion over frozen adapters (vlkit.compose.fusion)
+        from ..compose.fusion import prepare_fuse_method
+
+        prepare_fuse_method(backbone, task, cfg)
     elif method in ("linear", "zeroshot"):
         pass
     else:

@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional
 
 from ..errors import ConfigError
 
-METHODS = ("adapter", "full", "linear", "zeroshot")
+METHODS = ("adapter", "full", "linear", "zeroshot", "fuse")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -28,6 +28,14 @@ class DataCfg:
     train: Dict[str, Any] = field(default_factory=lambda: {"kind": "world", "domain": "photo",
                                                            "task": "classification", "n": 512, "seed": 0})
     eval: Optional[Dict[str, Any]] = None
+
+
+@dataclass
+class MultiTaskCfg(TaskCfg):
+    """One task of a multi-task recipe (`tasks:`): the task, its own data and its adapter's name."""
+
+    data: DataCfg = field(default_factory=DataCfg)
+    adapter: Optional[str] = None
 
 
 @dataclass
@@ -80,6 +88,11 @@ class Recipe:
     checkpoint: CheckpointCfg = field(default_factory=CheckpointCfg)
     logging: LoggingCfg = field(default_factory=LoggingCfg)
     notes: List[str] = field(default_factory=list)
+    # multi-task training (vlkit.compose.multitask): one adapter per task, `sharing` ties parameters
+    tasks: List[MultiTaskCfg] = field(default_factory=list)
+    sharing: str = "per_task"
+    # method "fuse" (vlkit.compose.fusion): {"adapters": [{"name", "path"}], "fusion": name}
+    compose: Dict[str, Any] = field(default_factory=dict)
 
 
 def _omegaconf_error(exc: Exception, source: str) -> ConfigError:
@@ -189,6 +202,7 @@ def check_recipe(cfg, source: str = "<recipe>") -> None:
             raise ConfigError(f"{source}: key 'adapter': {exc}") from None
     _check_data_source(cfg.data.train, "data.train", source)
     _check_data_source(cfg.data.eval, "data.eval", source)
+    _check_compose(cfg, source)
     bb = cfg.backbone
     if "@" in bb:
         weights = bb.split("@", 1)[1]
@@ -199,6 +213,37 @@ def check_recipe(cfg, source: str = "<recipe>") -> None:
     if factory_name(bb) not in registry("backbone"):
         raise ConfigError(f"{source}: key 'backbone': unknown backbone {bb!r}; known kinds: "
                           f"{', '.join(registry('backbone').names())}")
+
+
+def _check_compose(cfg, source: str) -> None:
+    """Checks of the multi-task (`tasks`, `sharing`) and fusion (`method: fuse`, `compose`) keys."""
+    from ..plugins import registry
+
+    if cfg.tasks:
+        from ..compose.multitask import SHARING, shared_parts
+
+        _choice(cfg.sharing, SHARING, "sharing", source)
+        if cfg.method != "adapter":
+            raise ConfigError(f"{source}: key 'tasks': multi-task training needs method 'adapter'")
+        try:
+            shared_parts(cfg.adapter.variant, cfg.sharing)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: key 'sharing': {exc}") from None
+        for i, t in enumerate(cfg.tasks):
+            if t.name not in registry("task"):
+                raise ConfigError(f"{source}: key 'tasks[{i}].name': unknown task {t.name!r}; known: "
+                                  f"{', '.join(registry('task').names())}")
+            _check_data_source(t.data.train, f"tasks[{i}].data.train", source)
+            _check_data_source(t.data.eval, f"tasks[{i}].data.eval", source)
+    if cfg.method == "fuse":
+        adapters = cfg.compose.get("adapters") if cfg.compose else None
+        if not adapters:
+            raise ConfigError(f"{source}: key 'compose.adapters': method 'fuse' needs the adapters to fuse "
+                              "(a list of {name, path}; `vlkit compose A,B --mode fuse --recipe R` fills it in)")
+        for i, item in enumerate(adapters):
+            path = item.get("path") if hasattr(item, "get") else None
+            if not path or not Path(str(path)).is_dir():
+                raise ConfigError(f"{source}: key 'compose.adapters[{i}].path': adapter directory {path} does not exist")
 
 
 def to_yaml(cfg) -> str:

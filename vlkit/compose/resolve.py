@@ -1,0 +1,148 @@
+"""One way to name "which adapters, combined how" on the command line: `resolve_adapter_arg`.
+
+`resolve_adapter_arg(backbone, arg)` turns one argument into a :class:`System` (used by probe, export
+and `vlkit compose run`):
+
+- ``path/to/adapter``   an adapter directory (adapter_config.json + adapter_model.safetensors), loaded
+                        onto the backbone under a free name;
+- ``name``              an adapter already loaded on the backbone;
+- ``a+b``               a stack of the parts (each a path or a loaded name): b on top of a;
+- ``path/to/comp``      a composition directory (from `vlkit compose`, holding ``composition.json``) in any
+                        mode: stack, average, parallel, fuse, route (per-input routing through its router;
+                        see :meth:`System.wrap`) or merge;
+- ``backbone``/``none`` the frozen backbone.
+
+An adapter directory named several times (``a,b,a+b``) is loaded once per resolver.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from .composition import COMPOSITION_FILE
+
+ADAPTER_CONFIG = "adapter_config.json"
+FROZEN_NAMES = ("backbone", "none", "frozen")
+
+
+@dataclass
+class System:
+    """One configuration of the backbone: which adapters are active and how they combine."""
+
+    label: str
+    names: tuple[str, ...] = ()
+    mode: str = "stack"  # stack | parallel | fuse | route (backbone activation modes, average resolved)
+    weights: list[float] | None = None
+    sources: list[str] = field(default_factory=list)
+    slug: str = "backbone"
+    fusion: str | None = None
+    composition: Any = None  # vlkit.compose.Composition for composition directories
+
+    def activate(self, backbone) -> None:
+        if self.mode == "route":
+            backbone.set_active()
+            return
+        backbone.set_active(*self.names, mode=self.mode, weights=self.weights, fusion=self.fusion)
+
+    def wrap(self, backbone):
+        """The backbone to run this system through: a routed view for route compositions with a router
+        (each input through the adapter its router picks), else the backbone itself."""
+        if self.mode == "route" and self.composition is not None and self.composition.router is not None:
+            return self.composition.routed(backbone)
+        return backbone
+
+    def describe(self) -> dict[str, Any]:
+        return {"label": self.label, "adapters": list(self.sources or self.names), "mode": self.mode,
+                "weights": self.weights}
+
+
+def frozen_system() -> System:
+    return System(label="backbone")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.") or "x"
+
+
+def free_name(taken, wanted: str) -> str:
+    base = re.sub(r"[^A-Za-z0-9_\-]+", "_", wanted).strip("_") or "adapter"
+    name, k = base, 2
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    return name
+
+
+class AdapterResolver:
+    """Resolves adapter arguments on one backbone, loading each adapter directory once."""
+
+    def __init__(self, backbone):
+        self.backbone = backbone
+        self.loaded: dict[str, str] = {}  # resolved directory -> adapter name on the backbone
+
+    def load_dir(self, path: Path, preferred: str | None = None) -> str:
+        from ..adapters.files import load_adapter, read_adapter_config
+
+        key = str(path.resolve())
+        if key not in self.loaded:
+            cfg = read_adapter_config(path)
+            name = free_name(self.backbone.adapter_records, str(preferred or cfg.get("name") or path.name))
+            load_adapter(self.backbone, path, name=name, activate=False)
+            self.loaded[key] = name
+        return self.loaded[key]
+
+    def free_fusion_name(self, wanted: str) -> str:
+        return free_name(getattr(self.backbone, "fusion_records", {}), wanted)
+
+    def part(self, text: str, base: Path | None = None, preferred: str | None = None) -> tuple[str, str]:
+        """(adapter name on the backbone, source) of one part: an adapter directory or a loaded name."""
+        path = Path(text).expanduser()
+        if base is not None and not path.is_absolute():
+            path = base / path
+        if path.is_dir():
+            if (path / ADAPTER_CONFIG).is_file():
+                return self.load_dir(path, preferred), os.path.normpath(str(path))
+            raise ConfigError(f"{path} is not an adapter directory (no {ADAPTER_CONFIG})")
+        if text in self.backbone.adapter_records:
+            return text, text
+        raise ConfigError(f"adapter {text!r} not found: not an adapter directory nor an adapter loaded on the "
+                          f"backbone" + (f" (loaded: {', '.join(self.backbone.adapter_records)})"
+                                         if self.backbone.adapter_records else ""))
+
+    def composition(self, path: Path, label: str) -> System:
+        from .composition import activation, load_composition
+
+        comp = load_composition(self.backbone, path, activate=False, resolver=self)
+        mode, weights = activation(comp.mode, comp.weights, len(comp.names))
+        if comp.mode == "route":
+            mode, weights = "route", None
+        sources = [str(p) for p in (t.get("dir") for t in comp.tasks.values()) if p is not None]
+        return System(label=label, names=tuple(comp.names), mode=mode, weights=weights, sources=sources,
+                      slug=_slug(path.name), fusion=comp.fusion, composition=comp)
+
+    def resolve(self, arg: str) -> System:
+        text = str(arg).strip()
+        if not text:
+            raise ConfigError("empty adapter argument")
+        if text.lower() in FROZEN_NAMES:
+            return frozen_system()
+        path = Path(text).expanduser()
+        if path.is_dir() and (path / COMPOSITION_FILE).is_file():
+            return self.composition(path, text)
+        parts = [text] if path.exists() or text in self.backbone.adapter_records else text.split("+")
+        resolved = [self.part(p.strip()) for p in parts if p.strip()]
+        if not resolved:
+            raise ConfigError(f"empty adapter stack {arg!r}")
+        names = tuple(n for n, _ in resolved)
+        if len(set(names)) != len(names):
+            raise ConfigError(f"adapter stack {arg!r} names the same adapter twice")
+        slug = "+".join(_slug(Path(p.strip()).name) for p in parts if p.strip())
+        return System(label=text, names=names, mode="stack", sources=[s for _, s in resolved], slug=slug)
+
+
+def resolve_adapter_arg(backbone, arg: str, resolver: AdapterResolver | None = None) -> System:
+    """One adapter argument as a :class:`System` (see the module docstring for the accepted forms)."""
+    return (resolver or AdapterResolver(backbone)).resolve(arg)

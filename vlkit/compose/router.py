@@ -1,0 +1,259 @@
+"""Automatic routing: a small router that picks, per input, the adapter to run — no task label needed.
+
+Features are the frozen backbone's normalised embeddings: [image, text, has_image, has_text] (a
+missing modality is zeros), so one router serves images, texts and image-text pairs. A two-layer MLP
+maps them to one of the composition's adapters (or to "none", the frozen backbone, when trained with
+data for it).
+
+Training data: each adapter's own training data (its `recipe.yaml` `data.train` spec, loaded with
+`vlkit.data.load_data`) or datasets given per adapter. Every example gives an image-only, a text-only
+and an image+text input when it has text (caption, question or expression; classification examples use
+their class prompt, e.g. "a radiograph showing a nodule", which is what the task encodes); a seeded 20%
+of the examples is held out for the reported routing accuracy.
+
+At inference `route(backbone, pixels, tokens)` predicts indices and `RoutedBackbone` is a view of the
+backbone whose encoders route each batch per sample (one forward through `backbone.set_route`).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError, DataError
+from .composition import frozen
+
+ROUTER_FILE = "router.safetensors"
+TEXT_COLUMNS = ("caption", "question", "expression", "text")
+
+
+class Router(nn.Module):
+    """MLP from frozen features (2·D + 2) to one of `names` (None: the frozen backbone)."""
+
+    def __init__(self, dim: int, names: list[str | None], hidden: int = 64):
+        super().__init__()
+        self.dim, self.hidden = int(dim), int(hidden)
+        self.names = list(names)
+        self.net = nn.Sequential(nn.Linear(2 * dim + 2, hidden), nn.GELU(), nn.Linear(hidden, len(names)))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features)
+
+    @torch.no_grad()
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features.to(self.net[0].weight)).argmax(-1)
+
+
+@torch.no_grad()
+def features(backbone, pixels: torch.Tensor | None = None, tokens: torch.Tensor | None = None,
+             batch_size: int = 256) -> torch.Tensor:
+    """Router inputs (n, 2·D + 2) from the frozen backbone: [image, text, has_image, has_text]."""
+    if pixels is None and tokens is None:
+        raise ConfigError("routing needs an image, a text or both")
+    n = len(pixels) if pixels is not None else len(tokens)
+    d = backbone.embed_dim
+    dev = next(backbone.parameters()).device
+    img = torch.zeros(n, d, device=dev)
+    txt = torch.zeros(n, d, device=dev)
+    with frozen(backbone):
+        if pixels is not None:
+            img = torch.cat([backbone.encode_image(pixels[i:i + batch_size].to(dev), normalize=True)
+                             for i in range(0, n, batch_size)]).float()
+        if tokens is not None:
+            txt = torch.cat([backbone.encode_text(tokens[i:i + batch_size].to(dev), normalize=True)
+                             for i in range(0, n, batch_size)]).float()
+    flags = torch.tensor([float(pixels is not None), float(tokens is not None)], device=dev).expand(n, 2)
+    return torch.cat([img, txt, flags], dim=1)
+
+
+def route(backbone, router: Router, pixels=None, tokens=None) -> torch.Tensor:
+    """Index into `router.names` for each input."""
+    return router.predict(features(backbone, pixels, tokens)).cpu()
+
+
+class RoutedBackbone:
+    """A view of a backbone: every encoder call routes each input through the adapter the router picks
+    (per sample, one forward pass, via `set_route`). Other attributes are the backbone's."""
+
+    def __init__(self, backbone, router: Router):
+        object.__setattr__(self, "_backbone", backbone)
+        object.__setattr__(self, "router", router)
+        object.__setattr__(self, "last_route", None)
+
+    def __getattr__(self, name):
+        return getattr(object.__getattribute__(self, "_backbone"), name)
+
+    def _routed(self, fn, pixels=None, tokens=None):
+        bb = self._backbone
+        idx = route(bb, self.router, pixels, tokens)
+        object.__setattr__(self, "last_route", idx)
+        bb.set_route(self.router.names, idx)
+        try:
+            return fn()
+        finally:
+            bb.clear_route()
+
+    def encode_image(self, pixels, normalize: bool = False):
+        return self._routed(lambda: self._backbone.encode_image(pixels, normalize=normalize), pixels=pixels)
+
+    def encode_text(self, tokens, normalize: bool = False):
+        return self._routed(lambda: self._backbone.encode_text(tokens, normalize=normalize), tokens=tokens)
+
+    def encode_image_tokens(self, pixels):
+        return self._routed(lambda: self._backbone.encode_image_tokens(pixels), pixels=pixels)
+
+    def encode_pair(self, pixels, tokens, normalize: bool = True):
+        return self._routed(lambda: self._backbone.encode_pair(pixels, tokens, normalize=normalize), pixels, tokens)
+
+    def __call__(self, pixels, tokens):
+        img, txt = self.encode_pair(pixels, tokens)
+        return img, txt, self._backbone.logit_scale
+
+
+# --- training data ---------------------------------------------------------------------------------
+def adapter_data_spec(adapter_dir: Path) -> dict[str, Any]:
+    """The `data.train` spec (with its task) the adapter was trained on, from its recipe.yaml."""
+    from omegaconf import OmegaConf
+
+    recipe = adapter_dir / "recipe.yaml"
+    if not recipe.is_file():
+        raise ConfigError(f"adapter {adapter_dir} has no recipe.yaml naming its training data; "
+                          f"give data for it with --data NAME=SPEC")
+    cfg = OmegaConf.to_container(OmegaConf.load(recipe), resolve=True)
+    spec = dict((cfg.get("data") or {}).get("train") or {})
+    if not spec:
+        raise ConfigError(f"{recipe} has no data.train")
+    spec.setdefault("task", (cfg.get("task") or {}).get("name"))
+    return spec
+
+
+def _load(spec, n: int, seed: int):
+    from ..data import load_data
+
+    spec = dict(spec) if isinstance(spec, dict) else {"spec": spec}
+    if spec.get("kind") == "world" and "n" in spec:
+        spec["n"] = min(int(spec["n"]), n)
+    spec.pop("shots", None)
+    if "mix" in spec:
+        spec = dict(spec["mix"][0], task=spec.get("task"))
+    ds = load_data(spec["spec"]) if "spec" in spec else load_data(spec)
+    if len(ds) > n:
+        ds = ds.shuffle(seed=seed).select(range(n))
+    return ds
+
+
+def _texts(ds, task_meta: dict | None) -> list[str | None]:
+    for col in TEXT_COLUMNS:
+        if col in ds.column_names:
+            return [None if t is None else str(t) for t in ds[col]]
+    opts = (task_meta or {}).get("options") or {}
+    if "label" in ds.column_names and opts.get("prompt") and opts.get("class_names"):
+        feat = ds.features.get("label")
+        names = list(getattr(feat, "names", None) or opts["class_names"])
+        return [opts["prompt"].format(v if isinstance(v, str) else names[int(v)]) for v in ds["label"]]
+    return [None] * len(ds)
+
+
+def router_dataset(backbone, sources: list[tuple[str | None, Any, dict | None]], n_per_source: int = 256,
+                   seed: int = 0, holdout: float = 0.2):
+    """Features, labels and a held-out mask from (route index target, data spec or Dataset, task meta)."""
+    from ..tasks.base import prepare_pixels, tokenize_texts
+
+    feats, labels, held, kinds = [], [], [], []
+    g = torch.Generator().manual_seed(seed)
+    for label, data, meta in sources:
+        ds = data if hasattr(data, "column_names") else _load(data, n_per_source, seed)
+        if len(ds) > n_per_source:
+            ds = ds.shuffle(seed=seed).select(range(n_per_source))
+        if "image" not in ds.column_names:
+            raise DataError(f"routing data for {label!r} has no image column ({ds.column_names})")
+        pixels = prepare_pixels(backbone, ds)
+        texts = _texts(ds, meta)
+        n = len(ds)
+        is_held = torch.rand(n, generator=g) < holdout
+        variants = [("image", pixels, None, torch.arange(n))]
+        with_text = torch.tensor([t is not None for t in texts])
+        if bool(with_text.any()):
+            idx = torch.nonzero(with_text).flatten()
+            tokens = tokenize_texts(backbone, [texts[i] for i in idx.tolist()])
+            variants += [("text", None, tokens, idx), ("image+text", pixels[idx], tokens, idx)]
+        for kind, px, tok, idx in variants:
+            feats.append(features(backbone, px, tok).cpu())
+            labels.append(torch.full((len(idx),), label, dtype=torch.long))
+            held.append(is_held[idx])
+            kinds += [kind] * len(idx)
+    return torch.cat(feats), torch.cat(labels), torch.cat(held), kinds
+
+
+def train_router(backbone, names: list[str | None], sources, *, hidden: int = 64, steps: int = 300,
+                 lr: float = 3e-3, n_per_source: int = 256, seed: int = 0) -> tuple[Router, dict[str, Any]]:
+    """Train a router over `names` from `sources` [(index into names, data, task meta)]; returns it and
+    its report: held-out routing accuracy overall, per adapter and per input kind, and chance."""
+    x, y, held, kinds = router_dataset(backbone, sources, n_per_source, seed)
+    train = ~held
+    if not bool(train.any()) or not bool(held.any()):
+        raise DataError("too few routing examples for a train/held-out split")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        router = Router(backbone.embed_dim, names, hidden)
+    opt = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=1e-4)
+    xt, yt = x[train], y[train]
+    for _ in range(steps):
+        loss = F.cross_entropy(router(xt), yt)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    router.eval()
+    pred = router.predict(x[held])
+    ok = (pred == y[held]).float()
+    held_kinds = [k for k, h in zip(kinds, held.tolist()) if h]
+    report = {"heldout_accuracy": 100.0 * float(ok.mean()), "chance": 100.0 / len(names),
+              "train_examples": int(train.sum()), "heldout_examples": int(held.sum()), "per_adapter": {},
+              "per_input": {}}
+    for i, n in enumerate(names):
+        m = y[held] == i
+        if bool(m.any()):
+            report["per_adapter"][str(n)] = 100.0 * float(ok[m].mean())
+    for kind in dict.fromkeys(held_kinds):
+        m = torch.tensor([k == kind for k in held_kinds])
+        report["per_input"][kind] = 100.0 * float(ok[m].mean())
+    return router, report
+
+
+def save_router(router: Router, out: Path, report: dict | None = None) -> dict[str, Any]:
+    """Write router.safetensors; returns the `router` entry of composition.json."""
+    from safetensors.torch import save_file
+
+    from ..io import atomic_path
+
+    with atomic_path(out / ROUTER_FILE) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in router.state_dict().items()}, str(tmp))
+    return {"file": ROUTER_FILE, "names": router.names, "dim": router.dim, "hidden": router.hidden,
+            "features": "frozen normalised [image, text, has_image, has_text]", **({"report": report} if report else {})}
+
+
+def load_router(path: Path, entry: dict[str, Any], loaded_names: list[str]) -> Router:
+    """The router of a composition, its names mapped to the adapters' names as loaded on the backbone."""
+    from safetensors.torch import load_file
+
+    from .composition import read_composition
+
+    spec = read_composition(path)
+    comp_names = [a.get("name") for a in spec["adapters"]]
+    mapping = dict(zip(comp_names, loaded_names))
+    names = []
+    for n in entry["names"]:
+        if n is not None and n not in mapping:
+            raise ConfigError(f"router of {path} routes to {n!r}, which is not one of its adapters")
+        names.append(mapping.get(n) if n is not None else None)
+    router = Router(int(entry["dim"]), names, int(entry.get("hidden", 64)))
+    router.load_state_dict(load_file(str(path / entry.get("file", ROUTER_FILE))))
+    return router.eval()
+
+
+def report_json(report: dict) -> str:
+    return json.dumps(report, indent=2)

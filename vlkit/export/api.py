@@ -1,0 +1,327 @@
+"""`export_model`: the target-independent driver behind `vlkit export`.
+
+It validates the request cheaply (target, options, adapter directories) before loading anything, loads
+the backbone with its adapters, folds mergeable adapters into the weights, builds the graphs (image and
+text encoders; a classifier with `task="classification"`; a joint pair scorer when a fusion adapter is
+active), the verification inputs (fresh random ones and real ones from the eval set) and the eval set
+itself, then lets the exporter write and verify into a staging directory inside the output directory.
+Only when every required check passes are the files renamed into place (each rename atomic),
+`export.json` last; otherwise nothing is left behind and an `ExportError` says what differed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..errors import ConfigError, ExportError
+from .base import Evaluation, ExportOptions, ExportRequest, ExportResult, GraphSpec
+
+TASKS = ("classification",)
+BATCH = 64  # chunk size for references and eval-set passes
+FORMAT = "vlkit.export"
+FORMAT_VERSION = 1
+
+
+def get_exporter(target: str):
+    from ..plugins import registry
+
+    return registry("exporter").get(target)
+
+
+def _random_texts(n: int, seed: int) -> list[str]:
+    from .. import world
+
+    words = list(world.vocabulary())
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(words, size=int(rng.integers(1, 12)))) for _ in range(n)]
+
+
+def eval_dataset(spec: str | None, recipe: dict | None, domain: str, n: int, seed: int = 1000):
+    """The classification eval set: `spec` if given, else the recipe's (when it is classification),
+    else `n` examples of the world's `domain` (seed 1000, as the shipped recipes use for eval)."""
+    from ..data.api import load_data, parse_data_spec
+
+    source: Any = spec
+    if source is None and recipe and recipe.get("task") == "classification":
+        source = recipe.get("data", {}).get("eval")
+    if source is None:
+        source = {"kind": "world", "domain": domain, "task": "classification", "n": n, "seed": seed}
+    parsed = parse_data_spec(source)
+    if parsed.get("kind") == "world":
+        parsed["n"] = min(int(parsed.get("n") or n), n)
+        parsed.setdefault("task", "classification")
+    label = spec if isinstance(spec, str) else ", ".join(f"{k}={v}" for k, v in parsed.items())
+    ds = load_data(parsed, task="classification")
+    if len(ds) > n:
+        ds = ds.select(range(n))
+    return ds, label
+
+
+def tokenizer_files(backbone) -> dict[str, bytes]:
+    """Files a consumer tokenizes with, without vlkit: the backbone's own, else what its tokenizer saves."""
+    files = {k: v.encode() if isinstance(v, str) else bytes(v) for k, v in (backbone.tokenizer_files() or {}).items()}
+    if files:
+        return files
+    tok = getattr(backbone, "_tokenizer", None)
+    inner = getattr(tok, "tokenizer", tok)  # open_clip's HFTokenizer wraps a transformers tokenizer
+    if hasattr(inner, "save_pretrained"):
+        with tempfile.TemporaryDirectory() as d:
+            inner.save_pretrained(d)
+            for p in Path(d).rglob("*"):
+                if p.is_file():
+                    files[str(p.relative_to(d))] = p.read_bytes()
+        return files
+    try:
+        from open_clip.tokenizer import SimpleTokenizer, default_bpe
+    except ImportError:
+        return files
+    if isinstance(tok, SimpleTokenizer):
+        import json
+
+        bpe = Path(default_bpe())
+        files[bpe.name] = bpe.read_bytes()
+        files["tokenizer_config.json"] = json.dumps({
+            "type": "open_clip.SimpleTokenizer", "bpe_file": bpe.name, "context_length": backbone.context_length,
+            "sot_token_id": tok.sot_token_id, "eot_token_id": tok.eot_token_id, "lower_case": True}, indent=1).encode()
+    return files
+
+
+def _chunks(n: int, size: int = BATCH):
+    for i in range(0, n, size):
+        yield slice(i, i + size)
+
+
+def _reference_fn(backbone, merged: list[str]):
+    from .model import unmerged
+
+    @torch.no_grad()
+    def reference(graph: GraphSpec, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        module = graph.reference or graph.module
+        n = len(next(iter(inputs.values())))
+        parts: list[list[np.ndarray]] = [[] for _ in graph.outputs]
+        with unmerged(backbone, merged):
+            for sl in _chunks(n):
+                out = module(*[t[sl] for t in inputs.values()])
+                out = out if isinstance(out, tuple) else (out,)
+                for i, o in enumerate(out):
+                    parts[i].append(o.detach().float().cpu().numpy())
+        return {name: np.concatenate(p) for name, p in zip(graph.outputs, parts)}
+
+    return reference
+
+
+def _evaluation(backbone, merged, task, zs_task, data, label: str, has_classifier: bool) -> Evaluation:
+    from .model import unmerged
+
+    pixels = data["pixels"]
+    labels = data["labels"].numpy()
+    with unmerged(backbone, merged):
+        if has_classifier:
+            ref = task.predict(backbone, data, batch_size=BATCH).numpy()
+        else:
+            ref = zs_task.predict(backbone, data, batch_size=BATCH).numpy()
+    px = pixels.numpy()
+    class_ids = zs_task.class_tokens.numpy()
+
+    def predict(run) -> np.ndarray:
+        if has_classifier:
+            return np.concatenate([run("classifier", {"pixel_values": px[sl]})["logits"].argmax(-1)
+                                   for sl in _chunks(len(px))]) if len(px) else np.zeros(0, int)
+        text = run("text_encoder", {"input_ids": class_ids})["text_embeds"]
+        out = [(run("image_encoder", {"pixel_values": px[sl]})["image_embeds"] @ text.T).argmax(-1)
+               for sl in _chunks(len(px))]
+        return np.concatenate(out) if out else np.zeros(0, int)
+
+    metric = "accuracy" if has_classifier else "zero-shot accuracy"
+    graph = "classifier" if has_classifier else "image_encoder+text_encoder"
+    return Evaluation(metric, label, graph, predict, ref, labels)
+
+
+def build_graphs(backbone, task, class_emb, joint: bool) -> list[GraphSpec]:
+    from .model import Classifier, ImageEncoder, PairScorer, TextEncoder
+
+    s = backbone.image_size
+    g = torch.Generator().manual_seed(0)
+    px = torch.randn(2, 3, s, s, generator=g)
+    ids = backbone.tokenize(["a photo of a small red cube", "two blue balls left of a green cone"])
+    batch = {0: "batch"}
+    scale = float(backbone.logit_scale)
+    graphs = [
+        GraphSpec("image_encoder", ImageEncoder(backbone), {"pixel_values": px}, ["image_embeds"],
+                  {"pixel_values": batch, "image_embeds": batch}, description="pixels -> normalised image embedding"),
+        GraphSpec("text_encoder", TextEncoder(backbone), {"input_ids": ids}, ["text_embeds"],
+                  {"input_ids": batch, "text_embeds": batch}, description="token ids -> normalised text embedding"),
+    ]
+    if task is not None:
+        graphs.append(GraphSpec(
+            "classifier", Classifier(backbone, task, class_emb), {"pixel_values": px}, ["logits"],
+            {"pixel_values": batch, "logits": batch}, reference=Classifier(backbone, task, None),
+            scale={"logits": scale if task.head_kind == "text" else 1.0},
+            description=f"pixels -> class logits ({task.head_kind} head over {len(task.class_names)} classes)"))
+    if joint:
+        graphs.append(GraphSpec(
+            "pair_scorer", PairScorer(backbone), {"pixel_values": px, "input_ids": ids},
+            ["scores", "image_embeds", "text_embeds"],
+            {"pixel_values": batch, "input_ids": batch, "scores": batch, "image_embeds": batch, "text_embeds": batch},
+            scale={"scores": scale}, description="image i with text i -> joint (fusion) score"))
+    return graphs
+
+
+def _verify_inputs(backbone, graphs, data, zs_task, captions: list[str] | None,
+                   seed: int) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
+    """Fresh random inputs (batch 3, not the traced 2) and real ones: eval images, class prompts and captions;
+    the pair scorer gets each eval image with its own caption (else its class prompt)."""
+    s = backbone.image_size
+    g = torch.Generator().manual_seed(seed)
+    rnd_px = torch.randn(3, 3, s, s, generator=g)
+    rnd_ids = backbone.tokenize(_random_texts(3, seed))
+    real_px = data["pixels"]
+    k = min(len(real_px), 32)
+    if captions:
+        cap_ids = backbone.tokenize([str(c) for c in captions[:k]])
+        real_ids = torch.cat([zs_task.class_tokens, cap_ids])
+    else:
+        lab = data["labels"][:k].clamp_min(0) % len(zs_task.class_tokens)
+        cap_ids = zs_task.class_tokens[lab]
+        real_ids = zs_task.class_tokens
+    out: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+    for gr in graphs:
+        names = list(gr.inputs)
+        if names == ["pixel_values"]:
+            out[gr.name] = {"random": {"pixel_values": rnd_px}, "real": {"pixel_values": real_px}}
+        elif names == ["input_ids"]:
+            out[gr.name] = {"random": {"input_ids": rnd_ids}, "real": {"input_ids": real_ids}}
+        else:
+            out[gr.name] = {"random": {"pixel_values": rnd_px, "input_ids": rnd_ids},
+                            "real": {"pixel_values": real_px[:len(cap_ids)], "input_ids": cap_ids}}
+    return out
+
+
+def _publish(staging: Path, out: Path) -> list[str]:
+    """Rename every staged file into `out` (export.json last); returns the relative paths."""
+    files = sorted((p for p in staging.rglob("*") if p.is_file()), key=lambda p: (p.name == "export.json", str(p)))
+    moved = []
+    for p in files:
+        rel = p.relative_to(staging)
+        dest = out / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(p, dest)
+        moved.append(str(rel))
+    return moved
+
+
+def export_model(out: str | Path, *, backbone: str | None = None, adapters: list[str | Path] = (),
+                 target: str = "onnx", task: str | None = None, domain: str | None = None,
+                 eval_data: str | None = None, eval_n: int = 256, merge: bool = True,
+                 options: ExportOptions | None = None) -> dict[str, Any]:
+    """Export a backbone with adapters to `out` through exporter `target`, verified; returns the summary."""
+    from .. import load_backbone, world
+    from ..io import write_json
+    from .model import (build_classification, infer_domain, load_sources, merge_where_possible, read_source,
+                        recipe_data, task_source, unmerged)
+
+    options = options or ExportOptions()
+    if options.seed is None:
+        options = dataclasses.replace(options, seed=secrets.randbelow(2**31))
+    exporter = get_exporter(target)
+    if task is not None and task not in TASKS:
+        raise ConfigError(f"--task {task!r} cannot be exported; tasks: {', '.join(TASKS)}")
+    if domain is not None and domain not in world.DOMAINS:
+        raise ConfigError(f"unknown world domain {domain!r}; domains: {', '.join(world.DOMAINS)}")
+    if eval_n < 1:
+        raise ConfigError(f"eval_n must be at least 1, got {eval_n}")
+    exporter.check(options)
+    sources = [read_source(p) for p in adapters]
+    spec = backbone or next((s["backbone"] for s in sources if s.get("backbone")), None)
+    if not spec:
+        raise ConfigError("no backbone: give --backbone (the adapters do not name one)")
+
+    bb = load_backbone(spec)
+    loaded = load_sources(bb, [s["path"] for s in sources]) if sources else {"names": [], "mode": "stack",
+                                                                            "weights": None, "adapters": []}
+    merged = merge_where_possible(bb, enabled=merge)
+    for a in loaded["adapters"]:
+        a["merged"] = a["name"] in merged
+    meta, meta_dir = task_source([s["path"] for s in sources])
+    recipe = recipe_data([s["path"] for s in sources])
+    dom = domain or infer_domain(meta, recipe)
+    with unmerged(bb, merged), torch.no_grad():
+        zs_task = build_classification(bb, meta, meta_dir, dom, zero_shot=True)
+        the_task = build_classification(bb, meta, meta_dir, dom) if task == "classification" else None
+        class_emb = the_task.class_embeddings(bb) if the_task is not None and the_task.head_kind == "text" else None
+        ds, label = eval_dataset(eval_data, recipe, dom, eval_n)
+        data = (the_task or zs_task).prepare(bb, ds)
+    joint = bool(getattr(bb, "joint_active", lambda: False)())
+    graphs = build_graphs(bb, the_task, class_emb, joint)
+    evaluation = _evaluation(bb, merged, the_task, zs_task, data, label, the_task is not None)
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".vlkit-export-", dir=out))
+    describe = {"backbone": bb.describe(), "adapters": loaded["adapters"], "mode": loaded["mode"],
+                "weights": loaded["weights"], "merged": merged, "domain": dom}
+    captions = list(ds["caption"]) if "caption" in ds.column_names else None
+    request = ExportRequest(bb, graphs, _verify_inputs(bb, graphs, data, zs_task, captions, options.seed),
+                            _reference_fn(bb, merged), evaluation, options, staging, describe)
+    try:
+        result: ExportResult = exporter.export(request)
+        summary = _summary(request, result, out, target, the_task, zs_task, label)
+        if result.failed:
+            worst = max(result.failed, key=lambda c: c.max_abs_diff / (c.tolerance or 1.0))
+            raise ExportError(
+                f"{len(result.failed)} verification check(s) failed: {worst.graph} ({worst.precision}, "
+                f"{worst.inputs} inputs) output {worst.output} differs from PyTorch by {worst.max_abs_diff:.3g} "
+                f"(tolerance {worst.tolerance:.3g}); nothing was written to {out}", summary=summary)
+        tok = tokenizer_files(bb)
+        for name, blob in tok.items():
+            (staging / "tokenizer" / name).parent.mkdir(parents=True, exist_ok=True)
+            (staging / "tokenizer" / name).write_bytes(blob)
+        summary["manifest"]["tokenizer"] = {"dir": "tokenizer", "files": sorted(tok),
+                                            "context_length": bb.context_length}
+        write_json(staging / "export.json", summary["manifest"])
+        summary["written"] = _publish(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return summary
+
+
+def _summary(request: ExportRequest, result: ExportResult, out: Path, target: str, task, zs_task,
+             eval_label: str) -> dict[str, Any]:
+    bb = request.backbone
+    used = task or zs_task
+    graphs = []
+    for f in result.files:
+        spec = request.graph(f["graph"])
+        graphs.append({**f, "description": spec.description, **spec.io()})
+    worst: dict[str, float] = {}
+    for c in result.checks:
+        worst[c.precision] = max(worst.get(c.precision, 0.0), c.max_abs_diff)
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "vlkit_version": __version__, "target": target,
+        **request.describe,
+        "logit_scale": float(bb.logit_scale),
+        "preprocessing": {"image_size": bb.image_size, "mean": list(bb.mean), "std": list(bb.std),
+                          "resize": "bicubic, to image_size x image_size", "channel_order": "RGB",
+                          "layout": "NCHW", "pixel_scale": "x / 255, then (x - mean) / std"},
+        "task": None if task is None else {"name": "classification", "class_names": task.class_names,
+                                           "prompt": task.prompt, "head": task.head_kind},
+        "zero_shot_prompts": used.prompts,
+        "graphs": graphs,
+        "verification": {"passed": not result.failed, "max_abs_diff": worst, "seed": request.options.seed,
+                         "checks": [c.to_dict() for c in result.checks]},
+        "eval": {"dataset": eval_label, "scores": result.scores},
+        **result.manifest,
+    }
+    return {"output_dir": str(out), "target": target, "passed": not result.failed,
+            "backbone": bb.spec, "adapters": request.describe["adapters"], "merged": request.describe["merged"],
+            "files": result.files, "checks": [c.to_dict() for c in result.checks], "scores": result.scores,
+            "max_abs_diff": worst, "notes": result.notes, "manifest": manifest}

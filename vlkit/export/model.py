@@ -1,0 +1,297 @@
+"""The PyTorch side of an export: backbone and adapters as vlkit runs them, and the graphs to write.
+
+`load_sources` loads adapter directories (and `vlkit compose` compositions) onto a backbone and activates
+them; `merge_where_possible` folds adapters whose variant can merge (LoRA, (IA)^3) into the base weights
+so the graph holds plain projections, keeping every other adapter (bottleneck, fusion, plugin variants)
+as operators; `unmerged` restores the exact vlkit model for the PyTorch references. The graph modules
+(`ImageEncoder`, `TextEncoder`, `Classifier`, `PairScorer`) take and return plain tensors with the
+input and output names of the exported graphs.
+"""
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import AdapterFileError, ConfigError
+
+COMPOSITION_FILE = "composition.json"
+
+
+# --- adapters ---------------------------------------------------------------------------------
+def read_source(path: str | Path) -> dict[str, Any]:
+    """Check an adapter or composition directory without loading tensors; returns its description."""
+    from ..adapters.files import read_adapter_config
+
+    path = Path(path)
+    comp = path / COMPOSITION_FILE
+    if path.is_dir() and comp.is_file():
+        try:
+            data = json.loads(comp.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise AdapterFileError(f"{comp} is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise AdapterFileError(f"{comp} is not a vlkit composition (expected a JSON object)")
+        return {"kind": "composition", "path": str(path), "backbone": data.get("backbone"), "config": data}
+    cfg = read_adapter_config(path)
+    return {"kind": "adapter", "path": str(path), "backbone": cfg.get("backbone"), "config": cfg}
+
+
+def _unique_name(wanted: str, used: set[str]) -> str:
+    from ..adapters.state import NAME_RE
+
+    base = wanted if isinstance(wanted, str) and NAME_RE.match(wanted) else "adapter"
+    name, i = base, 1
+    while name in used:
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+def _load_composition(backbone, path: Path, used: set[str]) -> tuple[list[str], str, list[float] | None]:
+    """Load a `vlkit compose` composition directory through vlkit.compose (its owner defines the format)."""
+    try:
+        from ..compose import load_composition
+    except ImportError:
+        raise AdapterFileError(f"{path} is a composition, but this vlkit has no vlkit.compose to read it",
+                               hint="merge it into a single adapter with `vlkit compose` and export that") from None
+    names, mode, weights = load_composition(backbone, path, used_names=used)
+    return list(names), mode, weights
+
+
+def load_sources(backbone, paths: list[str | Path]) -> dict[str, Any]:
+    """Load every adapter / composition directory onto `backbone` and activate them all, stacked.
+
+    Returns {"names": [...], "mode": ..., "weights": ..., "adapters": [description per adapter]}.
+    A single composition keeps its own mode and weights; several sources are stacked in order.
+    """
+    from ..adapters.files import load_adapter
+
+    used: set[str] = set(backbone.adapter_records)
+    names: list[str] = []
+    mode, weights = "stack", None
+    described: list[dict[str, Any]] = []
+    for p in paths:
+        p = Path(p)
+        info = read_source(p)
+        if info["kind"] == "composition":
+            got, cmode, cweights = _load_composition(backbone, p, used)
+            if len(paths) == 1:
+                mode, weights = cmode, cweights
+            elif cmode != "stack" or (cweights and any(w != 1.0 for w in cweights)):
+                raise ConfigError(f"composition {p} ({cmode}) cannot be stacked with other adapters in one export",
+                                  hint="export it alone")
+        else:
+            name = _unique_name(info["config"].get("name") or p.name, used)
+            load_adapter(backbone, p, name=name, activate=False)
+            got = [name]
+        for n in got:
+            used.add(n)
+            names.append(n)
+            rec = backbone.adapter_records[n]
+            described.append({"name": n, "variant": rec.variant, "path": str(p), "sites": len(rec.sites),
+                              "source": info["kind"]})
+    backbone.set_active(*names, mode=mode, weights=weights)
+    return {"names": names, "mode": mode, "weights": weights, "adapters": described}
+
+
+def _mergeable(variant) -> bool:
+    from ..adapters.base import AdapterVariant
+
+    return type(variant).merged_weight is not AdapterVariant.merged_weight
+
+
+def merge_where_possible(backbone, enabled: bool = True) -> list[str]:
+    """Fold active adapters into the base weights where that is exact; returns the merged names.
+
+    Only in plain stacking (no weights, no routing), only variants that merge, and only when no earlier
+    adapter left as an operator acts at the same site (stacking order there must be kept).
+    """
+    from ..adapters.inject import merge_adapter, unmerge_adapter
+    from ..errors import InjectionError
+    from ..plugins import registry
+
+    st = backbone.adapter_state
+    if not enabled or st.route is not None or st.mode != "stack" or any(w != 1.0 for w in st.weights.values()):
+        return []
+    merged: list[str] = []
+    blocked: set[str] = set()
+    for name in st.active:
+        rec = backbone.adapter_records[name]
+        var = registry("adapter").get(rec.variant)
+        paths = {s.path for s in rec.sites}
+        ok = (_mergeable(var) and not getattr(var, "joint", False) and not rec.extra
+              and all(s.kind == "linear" for s in rec.sites) and not (paths & blocked))
+        if ok:
+            try:
+                merge_adapter(backbone, name)
+            except InjectionError:
+                unmerge_adapter(backbone, name)
+                ok = False
+        if ok:
+            merged.append(name)
+        else:
+            blocked |= paths
+    return merged
+
+
+@contextmanager
+def unmerged(backbone, merged: list[str]):
+    """The model exactly as vlkit runs it (merged adapters unfolded) inside the block."""
+    from ..adapters.inject import merge_adapter, unmerge_adapter
+
+    for name in reversed(merged):
+        unmerge_adapter(backbone, name)
+    try:
+        yield
+    finally:
+        for name in merged:
+            merge_adapter(backbone, name)
+
+
+# --- task -------------------------------------------------------------------------------------
+def task_source(paths: list[str | Path]) -> tuple[dict[str, Any] | None, Path | None]:
+    """The task metadata of the first source that records one (task.json, else the adapter config)."""
+    for p in paths:
+        p = Path(p)
+        meta = None
+        if (p / "task.json").is_file():
+            try:
+                meta = json.loads((p / "task.json").read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise AdapterFileError(f"{p / 'task.json'} is not valid JSON: {exc}") from None
+        elif (p / "adapter_config.json").is_file():
+            meta = json.loads((p / "adapter_config.json").read_text()).get("task") or None
+        if isinstance(meta, dict) and meta.get("name"):
+            return meta, p
+    return None, None
+
+
+def recipe_data(paths: list[str | Path]) -> dict[str, Any] | None:
+    """The `task` and `data` sections of the recipe a trained adapter directory was made with, if any."""
+    for p in paths:
+        f = Path(p) / "recipe.yaml"
+        if f.is_file():
+            from omegaconf import OmegaConf
+
+            try:
+                cfg = OmegaConf.to_container(OmegaConf.load(f), resolve=False)
+            except Exception:  # a recipe we cannot read only costs us a default
+                continue
+            if isinstance(cfg, dict):
+                return {"task": (cfg.get("task") or {}).get("name"), "data": cfg.get("data") or {}}
+    return None
+
+
+def infer_domain(meta: dict[str, Any] | None, recipe: dict[str, Any] | None) -> str:
+    """The world domain an adapter was trained for: its recipe's world data, else its class names."""
+    from .. import world
+
+    for key in ("eval", "train"):
+        spec = (recipe or {}).get("data", {}).get(key)
+        if isinstance(spec, dict) and spec.get("kind") == "world" and spec.get("domain") in world.DOMAINS:
+            return spec["domain"]
+    names = ((meta or {}).get("options") or {}).get("class_names")
+    if names:
+        for d in world.DOMAINS:
+            if list(world.class_names(d)) == list(names):
+                return d
+    return "photo"
+
+
+def build_classification(backbone, meta: dict[str, Any] | None, meta_dir: Path | None, domain: str,
+                         zero_shot: bool = False):
+    """The classification task an adapter was trained with (head loaded), or a zero-shot one for `domain`."""
+    from .. import world
+    from ..plugins import registry
+
+    cls = registry("task").get("classification")
+    options: dict[str, Any] = {}
+    if meta and meta.get("name") == "classification":
+        options = {k: v for k, v in (meta.get("options") or {}).items()
+                   if k in getattr(cls, "OPTIONS", ()) and v is not None}
+    if not options.get("class_names"):
+        options = {"class_names": world.class_names(domain), "prompt": world.class_prompt(domain)}
+    if zero_shot:
+        options["head"] = "text"
+    task = cls(backbone, None, **options)
+    if getattr(task, "head_kind", "text") != "text":
+        head_file = meta_dir / "head.safetensors" if meta_dir is not None else None
+        if head_file is None or not head_file.is_file():
+            raise AdapterFileError(f"the classification task of {meta_dir} has a {task.head_kind} head but no "
+                                   "head.safetensors beside it")
+        from safetensors.torch import load_file
+
+        task.load_head_state(load_file(str(head_file)))
+    task.head.eval()
+    for p in task.head.parameters():
+        p.requires_grad_(False)
+    return task
+
+
+# --- graph modules ----------------------------------------------------------------------------
+class ImageEncoder(nn.Module):
+    """pixel_values (B, 3, S, S) -> image_embeds (B, D), L2-normalised."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.backbone.encode_image(pixel_values, normalize=True)
+
+
+class TextEncoder(nn.Module):
+    """input_ids (B, context) -> text_embeds (B, D), L2-normalised."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.backbone.encode_text(input_ids, normalize=True)
+
+
+class Classifier(nn.Module):
+    """pixel_values -> logits (B, C) through the task's head; `class_emb` given: baked in (text head)."""
+
+    def __init__(self, backbone, task, class_emb: torch.Tensor | None):
+        super().__init__()
+        self.backbone = backbone
+        self.head = task.head
+        object.__setattr__(self, "_task", task)
+        self.register_buffer("class_emb", None if class_emb is None else class_emb.detach().clone())
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self._task.logits(self.backbone, pixel_values, self.class_emb)
+
+
+class PairScorer(nn.Module):
+    """Joint (fusion) scoring of pairs: (pixel_values, input_ids) -> (scores (B,), image_embeds, text_embeds)."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor):
+        img, txt = self.backbone.encode_pair(pixel_values, input_ids, normalize=True)
+        return self.backbone.logit_scale * (img * txt).sum(-1), img, txt
+
+
+class HalfPrecision(nn.Module):
+    """Runs `module` in float16 with float32 inputs and outputs (the fp16 graphs keep fp32 I/O)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module.half()
+
+    def forward(self, *args):
+        args = tuple(a.half() if a.is_floating_point() else a for a in args)
+        out = self.module(*args)
+        if isinstance(out, tuple):
+            return tuple(o.float() for o in out)
+        return out.float()
