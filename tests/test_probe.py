@@ -293,6 +293,37 @@ def test_score_examples_indexing_and_joint_routing(joint, monkeypatch):
     assert bb.joint_calls == (3 if joint else 0)
 
 
+def test_fusion_adapter_is_scored_jointly(tmp_path):
+    import vlkit
+    from vlkit.adapters.inject import adapter_parameters
+    from vlkit.probe.systems import resolve_systems
+    from vlkit.probe.winoground import WinogroundProbe
+
+    src = vlkit.load_backbone(BACKBONE)
+    vlkit.inject(src, "fusion", name="fu")
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in adapter_parameters(src, "fu").values():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    vlkit.save_adapter(src, tmp_path / "fu", name="fu")
+    bb = vlkit.load_backbone(BACKBONE)
+    systems = resolve_systems(bb, str(tmp_path / "fu"))
+    calls = []
+    real = type(bb).joint_pair_scores
+    bb.joint_pair_scores = lambda *a, **kw: calls.append(len(a[0])) or real(bb, *a, **kw)
+    r = WinogroundProbe().run(bb, systems, n=6, n_boot=10, batch_size=4)
+    assert calls == [16, 8]  # 4 combinations per example, only while the fusion adapter is active
+    from vlkit.data import load_data  # the last example again, its four pairs scored jointly by hand
+
+    ex = load_data("winoground:synth", n=6)[5]
+    bb.set_active(systems[1].names[0])
+    px = bb.preprocess_batch([ex["image_0"], ex["image_1"]] * 2)
+    tk = bb.tokenize([ex["caption_0"]] * 2 + [ex["caption_1"]] * 2)
+    expected = real(bb, px, tk).tolist()  # c0_i0, c0_i1, c1_i0, c1_i1
+    assert r["per_example"]["scores"][str(tmp_path / "fu")][5] == pytest.approx(expected, abs=1e-4)
+    assert r["per_example"]["scores"]["backbone"][5] != pytest.approx(expected, abs=1e-4)
+
+
 # ---------------------------------------------------------------- caption pairs
 
 def test_caption_pair_probe_local_json_and_synth(tmp_path, backbone):

@@ -93,12 +93,20 @@ class Backbone(nn.Module, metaclass=ABCMeta):
         ...
 
     def preprocess(self, image) -> torch.Tensor:
-        """A PIL image to a normalised CHW float tensor of `image_size`."""
+        """A PIL image to a normalised CHW float tensor: shorter side resized to `image_size`, centre crop."""
         from PIL import Image
 
         if not isinstance(image, Image.Image):
             raise TypeError(f"expected a PIL image, got {type(image).__name__}")
-        image = image.convert("RGB").resize((self.image_size, self.image_size), Image.BICUBIC)
+        image = image.convert("RGB")
+        size = self.image_size
+        if image.size != (size, size):
+            w, h = image.size
+            scale = size / min(w, h)
+            nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+            image = image.resize((nw, nh), Image.BICUBIC)
+            left, top = (nw - size) // 2, (nh - size) // 2
+            image = image.crop((left, top, left + size, top + size))
         x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
         x = x.view(self.image_size, self.image_size, 3).permute(2, 0, 1).float().div(255.0)
         mean = torch.tensor(self.mean).view(3, 1, 1)

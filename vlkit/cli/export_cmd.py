@@ -1,0 +1,109 @@
+"""`vlkit export`: write a backbone with its adapters as deployable graphs, verified against PyTorch at once.
+
+    vlkit export --backbone tiny --adapter runs/med -o out/ [--task classification] [--fp16] [--quantize int8]
+                 [--providers CUDAExecutionProvider,CPUExecutionProvider] [--target onnx] [--json]
+
+The verification table (max abs difference per graph, precision, input set and output) and the eval-set
+scores go to stderr; `--json` prints the summary on stdout. A failed check exits with code 2 and writes
+nothing.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+
+def _providers(values: list[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    out = [p.strip() for v in values for p in v.split(",") if p.strip()]
+    return out or None
+
+
+def _fmt(x: Any) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.2e}" if x < 0.01 or x >= 1000 else f"{x:.4f}"
+    return str(x)
+
+
+def checks_table(summary: dict[str, Any]):
+    from .output import table
+
+    rows = []
+    for c in summary.get("checks", []):
+        ok = "[green]ok[/]" if c["passed"] else "[red]FAIL[/]"
+        if not c["required"]:
+            ok = "[dim]reported[/]"
+        rows.append([c["graph"], c["precision"], c["inputs"], c["batch"], c["output"], _fmt(c["max_abs_diff"]),
+                     _fmt(c["tolerance"]), ok])
+    providers = sorted({c["provider"] for c in summary.get("checks", []) if c.get("provider")})
+    title = f"verification against PyTorch ({', '.join(providers) or 'onnxruntime'})"
+    return table(title, ["graph", "precision", "inputs", "batch", "output", "max |diff|", "tolerance", ""], rows)
+
+
+def scores_table(summary: dict[str, Any]):
+    from .output import table
+
+    rows = [[r["precision"], r["metric"], f"{r['value']:.2f}", f"{r['delta']:+.2f}", f"{r['agreement']:.1f}%", r["n"]]
+            for r in summary.get("scores", [])]
+    dataset = summary.get("manifest", {}).get("eval", {}).get("dataset", "eval set")
+    return table(f"eval-set score ({dataset})", ["graph", "metric", "value", "change", "same prediction", "n"], rows)
+
+
+def register(cli: typer.Typer) -> None:
+    @cli.command("export")
+    def export_cmd(
+        out: Path = typer.Option(..., "--out", "-o", help="Output directory for the graphs and export.json."),
+        adapter: Optional[list[str]] = typer.Option(None, "--adapter", "-a",
+                                                    help="Adapter or composition directory (repeat to stack)."),
+        backbone: Optional[str] = typer.Option(None, "--backbone", "-b",
+                                               help="Backbone spec (default: the one the adapter names)."),
+        target: str = typer.Option("onnx", "--target", "-t", help="Export target (see `vlkit plugins`)."),
+        task: Optional[str] = typer.Option(None, "--task", help="Add a task head graph: classification."),
+        domain: Optional[str] = typer.Option(None, "--domain",
+                                             help="World domain for class names and eval data (default: inferred)."),
+        eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Eval set data spec (default: the recipe's "
+                                                "or the world's classification set)."),
+        eval_n: int = typer.Option(256, "--eval-n", help="At most this many eval examples."),
+        fp16: bool = typer.Option(False, "--fp16", help="Also write float16 graphs (fp32 inputs and outputs)."),
+        quantize: Optional[str] = typer.Option(None, "--quantize", help="Also write quantised graphs: int8."),
+        providers: Optional[list[str]] = typer.Option(None, "--providers",
+                                                      help="onnxruntime execution providers, comma-separated."),
+        opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default 17)."),
+        no_merge: bool = typer.Option(False, "--no-merge", help="Keep LoRA-like adapters as operators."),
+        seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the random verification inputs."),
+        option: Optional[list[str]] = typer.Option(None, "--option", "-O", help="Target option key=value."),
+        json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+    ) -> None:
+        """Export backbone + adapters to graphs that run without PyTorch; verify them against PyTorch."""
+        from ..errors import ExportError
+        from ..export.api import export_model
+        from ..export.base import ExportOptions
+        from .common import parse_kv
+        from .output import console, print_json
+
+        options = ExportOptions(fp16=fp16, quantize=quantize, providers=_providers(providers), opset=opset,
+                                seed=seed, extra=parse_kv(option))
+        try:
+            with console.status("exporting and verifying…"):
+                summary = export_model(out, backbone=backbone, adapters=list(adapter or []), target=target,
+                                       task=task, domain=domain, eval_data=eval_data, eval_n=eval_n,
+                                       merge=not no_merge, options=options)
+        except ExportError as exc:
+            if exc.summary:
+                console.print(checks_table(exc.summary))
+            raise
+        console.print(checks_table(summary))
+        if summary.get("scores"):
+            console.print(scores_table(summary))
+        for note in summary.get("notes", []):
+            console.print(f"[dim]note: {note}[/]")
+        worst = ", ".join(f"{p} {d:.2e}" for p, d in summary["max_abs_diff"].items())
+        merged = f"; merged into the weights: {', '.join(summary['merged'])}" if summary["merged"] else ""
+        console.print(f"verified (max |diff| {worst}){merged}; wrote {len(summary['written'])} files to {out}")
+        if json_out:
+            print_json({k: v for k, v in summary.items() if k != "manifest"})

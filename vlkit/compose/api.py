@@ -1,0 +1,173 @@
+"""`compose(sources, mode, out)`: the one entry behind `vlkit compose`, writing a composition directory.
+
+Sources are adapter directories, names of runs under `runs/`, or composition directories (which stand
+for their adapters, e.g. the per-task adapters of a multi-task run). Modes:
+
+- stack / average / parallel: copy the adapters in and record the mode and weights;
+- merge: one merged adapter (vlkit.compose.merge), method linear | task_arithmetic | ties | concat | svd;
+- fuse: train AdapterFusion layers from a recipe (task, data, optim) with the adapters frozen;
+- route: train a router on the adapters' own training data (or `data`), report held-out accuracy.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, IncompatibleAdapterError
+from .composition import MODES, adapter_entries, is_composition, read_composition, write_composition
+from .resolve import free_name
+
+RUNS_DIR = Path("runs")
+
+
+def resolve_sources(items: list[str] | str) -> list[tuple[str, Path]]:
+    """(name, adapter directory) for each source item; composition directories expand to their adapters."""
+    from ..adapters.files import CONFIG_NAME, read_adapter_config
+
+    if isinstance(items, str):
+        items = [p.strip() for p in items.split(",") if p.strip()]
+    out: list[tuple[str, Path]] = []
+    taken: set[str] = set()
+    for item in items:
+        path = Path(item).expanduser()
+        if not path.exists() and (RUNS_DIR / item).exists():
+            path = RUNS_DIR / item
+        if not path.exists():
+            raise ConfigError(f"adapter {item!r} not found: not a directory, nor a run under {RUNS_DIR}/")
+        if is_composition(path) and not (path / CONFIG_NAME).is_file():
+            found = [(e.get("name") or Path(e["path"]).name, Path(e["path"]))
+                     for e in adapter_entries(path, read_composition(path)) if e["path"] is not None]
+        elif (path / CONFIG_NAME).is_file():
+            found = [(str(read_adapter_config(path).get("name") or path.name), path)]
+        else:
+            raise ConfigError(f"{path} is neither an adapter directory ({CONFIG_NAME}) nor a composition directory")
+        for name, p in found:
+            name = free_name(taken, name)
+            taken.add(name)
+            out.append((name, p))
+    if not out:
+        raise ConfigError("no adapters given to compose")
+    return out
+
+
+def _check_same_backbone(sources: list[tuple[str, Path]]) -> dict[str, Any]:
+    from ..adapters.files import read_adapter_config
+
+    cfgs = [read_adapter_config(p) for _, p in sources]
+    for (name, p), cfg in zip(sources[1:], cfgs[1:]):
+        if cfg["backbone_fingerprint"] != cfgs[0]["backbone_fingerprint"]:
+            raise IncompatibleAdapterError(
+                f"adapters {sources[0][1]} and {p} were made for different backbones: {cfgs[0].get('backbone')!r} "
+                f"({cfgs[0]['backbone_fingerprint']}) vs {cfg.get('backbone')!r} ({cfg['backbone_fingerprint']})")
+    return cfgs[0]
+
+
+def _load_backbone_for(cfg0: dict[str, Any], spec: str | None = None):
+    from ..backbones.loading import load_backbone
+
+    backbone = load_backbone(spec or cfg0["backbone"]).eval()
+    if backbone.fingerprint() != cfg0["backbone_fingerprint"]:
+        raise IncompatibleAdapterError(f"backbone {backbone.spec!r} (fingerprint {backbone.fingerprint()}) is not "
+                                       f"the one the adapters were made for ({cfg0['backbone_fingerprint']})")
+    return backbone
+
+
+def parse_data_items(items: list[str] | None) -> tuple[dict[str, Any], Any]:
+    """`--data` items: NAME=SPEC gives adapter NAME's routing data ("none=SPEC": inputs for no adapter),
+    a bare SPEC is one dataset (for fuse: the training data)."""
+    per_name: dict[str, Any] = {}
+    bare = None
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if sep and key and "/" not in key and ":" not in key:
+            per_name[key.strip()] = value.strip()
+        else:
+            bare = item
+    return per_name, bare
+
+
+def compose(sources: list[str] | str, mode: str, out: str | Path, *, weights: list[float] | None = None,
+            method: str = "linear", rank: int | None = None, density: float = 0.2, recipe: str | Path | None = None,
+            overrides: list[str] | None = None, data: list[str] | None = None, backbone: str | None = None,
+            router_hidden: int = 64, router_steps: int = 300, n_per_adapter: int = 256, seed: int = 0,
+            progress: bool = True) -> dict[str, Any]:
+    """Compose adapters into the directory `out`; returns a summary (what `vlkit compose --json` prints)."""
+    if mode not in MODES:
+        raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+    srcs = resolve_sources(sources)
+    cfg0 = _check_same_backbone(srcs)
+    out = Path(out)
+    if weights is not None and len(weights) != len(srcs):
+        raise ConfigError(f"{len(weights)} weights given for {len(srcs)} adapters ({', '.join(n for n, _ in srcs)})")
+    summary: dict[str, Any] = {"mode": mode, "output_dir": str(out), "adapters": [n for n, _ in srcs],
+                               "weights": weights}
+    if mode == "merge":
+        from .merge import merge_adapters
+
+        cfg = merge_adapters([p for _, p in srcs], out, method=method, weights=weights, density=density, rank=rank,
+                             name=free_name(set(), out.name), labels=[str(p) for _, p in srcs])
+        summary.update(method=method, weights=cfg["composition"]["weights"], variant=cfg["variant"],
+                       config=cfg["config"], num_parameters=cfg["num_parameters"])
+        for k in ("svd_relative_error", "density"):
+            if k in cfg["composition"]:
+                summary[k] = cfg["composition"][k]
+        return summary
+    if mode in ("stack", "average", "parallel"):
+        if len(srcs) < 2 and mode != "stack":
+            raise ConfigError(f"mode {mode} needs at least two adapters")
+        write_composition(out, mode, cfg0, srcs, weights=weights)
+        return summary
+    if mode == "fuse":
+        return {**summary, **_fuse(srcs, cfg0, out, recipe, overrides, data, backbone, progress)}
+    return {**summary, **_route(srcs, cfg0, out, data, backbone, router_hidden, router_steps, n_per_adapter, seed)}
+
+
+def _fuse(srcs, cfg0, out: Path, recipe, overrides, data, backbone, progress) -> dict[str, Any]:
+    from ..train.engine import run
+    from ..train.recipe import load_recipe
+
+    if recipe is None:
+        raise ConfigError("--mode fuse needs --recipe (task, data and optim for training the fusion layers)")
+    base = {"name": out.name, "backbone": backbone or cfg0["backbone"], "method": "fuse",
+            "compose": {"adapters": [{"name": n, "path": str(p)} for n, p in srcs], "fusion": "fusion"},
+            "logging": {"tensorboard": False}}
+    extra = list(overrides or [])
+    _, bare = parse_data_items(data)
+    if bare is not None:
+        extra.append(f"data.train={bare}")
+    cfg = load_recipe(recipe, extra, base=base)
+    if cfg.method != "fuse":
+        raise ConfigError(f"{recipe}: method must be 'fuse' for --mode fuse (got {cfg.method!r})")
+    result, _, _ = run(cfg, out, progress=progress)
+    return {"task": result["task"], "metrics": result["metrics"], "score": result["score"],
+            "primary_metric": result["primary_metric"], "steps": result["steps"],
+            "fusion_parameters": result["parameters"]["trainable"]}
+
+
+def _route(srcs, cfg0, out: Path, data, backbone_spec, hidden, steps, n_per_adapter, seed) -> dict[str, Any]:
+    import json
+
+    from .router import adapter_data_spec, save_router, train_router
+
+    per_name, bare = parse_data_items(data)
+    if bare is not None:
+        raise ConfigError("--data for --mode route is NAME=SPEC per adapter (none=SPEC: inputs for no adapter)")
+    names: list[str | None] = [n for n, _ in srcs]
+    unknown = sorted(set(per_name) - set(names) - {"none"})
+    if unknown:
+        raise ConfigError(f"--data names {', '.join(unknown)}, which are not among the adapters ({', '.join(names)})")
+    backbone = _load_backbone_for(cfg0, backbone_spec)
+    sources = []
+    for i, (name, path) in enumerate(srcs):
+        spec = per_name.get(name) or adapter_data_spec(path)
+        meta = json.loads((path / "task.json").read_text()) if (path / "task.json").is_file() else None
+        sources.append((i, spec, meta))
+    if "none" in per_name:
+        names.append(None)
+        sources.append((len(names) - 1, per_name["none"], None))
+    router, report = train_router(backbone, names, sources, hidden=hidden, steps=steps,
+                                  n_per_source=n_per_adapter, seed=seed)
+    out.mkdir(parents=True, exist_ok=True)
+    entry = save_router(router, out, report)
+    write_composition(out, "route", backbone, srcs, extra={"router": entry})
+    return {"routing": report}

@@ -1,0 +1,106 @@
+"""Inference with a composition (`vlkit compose run`): pick the adapter (explicitly or by the router) per
+input and answer with that adapter's task: class scores, a VQA answer, or an image-text score.
+
+The task of an adapter is rebuilt from its `task.json` (class names and prompt, answer set, ...) and its
+trained head from `head.safetensors`, so no training data is needed at inference.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from .composition import Composition, load_composition
+
+
+def load_task(backbone, meta: dict[str, Any] | None, head: Path | None = None):
+    """The task object an adapter was trained with, from its task.json metadata and head file."""
+    from ..plugins import registry
+
+    if not meta or not meta.get("name"):
+        return None
+    task = registry("task").get(meta["name"])(backbone, None, **(meta.get("options") or {}))
+    if head is not None:
+        from safetensors.torch import load_file
+
+        task.load_head_state(load_file(str(head)))
+    return task
+
+
+def _answer(backbone, task, pixels: torch.Tensor, tokens: torch.Tensor | None, top: int) -> dict[str, Any]:
+    name = getattr(task, "name", None)
+    with torch.no_grad():
+        if name == "classification":
+            probs = task.logits(backbone, pixels).float().softmax(-1)[0]
+            k = min(top, len(probs))
+            v, i = probs.topk(k)
+            return {"task": name, "top": [{"class": task.class_names[j], "p": round(float(p), 4)}
+                                          for p, j in zip(v.tolist(), i.tolist())]}
+        if name == "vqa":
+            if tokens is None:
+                raise ConfigError("this adapter answers questions: give the question with --text")
+            probs = task.logits(backbone, pixels, tokens).float().softmax(-1)[0]
+            v, i = probs.topk(min(top, len(probs)))
+            return {"task": name, "answer": task.answers[int(i[0])],
+                    "top": [{"answer": task.answers[j], "p": round(float(p), 4)} for p, j in zip(v.tolist(), i.tolist())]}
+        out: dict[str, Any] = {"task": name}
+        if tokens is not None:
+            img = backbone.encode_image(pixels, normalize=True)
+            txt = backbone.encode_text(tokens, normalize=True)
+            out["score"] = round(float(backbone.logit_scale) * float((img * txt).sum()), 4)
+        return out
+
+
+def _task_for(comp: Composition, backbone, name: str | None, cache: dict) -> Any:
+    key = name or "__composition__"
+    if key not in cache:
+        info = comp.tasks.get(name) if name else (comp.tasks.get("__fusion__") or
+                                                  next((comp.tasks[n] for n in reversed(comp.names)
+                                                        if (comp.tasks.get(n) or {}).get("meta")), {}))
+        info = info or {}
+        cache[key] = load_task(backbone, info.get("meta"), info.get("head"))
+    return cache[key]
+
+
+def run_composition(backbone, path: str | Path, images: list, texts: list[str] | None = None, *,
+                    adapter: str | None = None, task: str | None = None, route: str | None = None,
+                    top: int = 3) -> dict[str, Any]:
+    """Predictions for `images` (PIL) and optional `texts` (one, or one per image) with a composition."""
+    comp = load_composition(backbone, path, activate=False)
+    if texts and len(texts) not in (1, len(images)):
+        raise ConfigError(f"{len(texts)} texts for {len(images)} images: give one, or one per image")
+    texts = (texts * len(images) if texts and len(texts) == 1 else texts) or None
+    pixels = backbone.preprocess_batch(images)
+    tokens = backbone.tokenize(texts) if texts else None
+    if route not in (None, "auto"):
+        raise ConfigError(f"--route takes 'auto', got {route!r}")
+    if route == "auto":
+        if comp.router is None:
+            raise ConfigError(f"{path} has no router: build one with `vlkit compose A,B --mode route -o DIR`")
+        from .router import route as predict_route
+
+        idx = predict_route(backbone, comp.router, pixels, tokens).tolist()
+        chosen = [comp.router.names[i] for i in idx]
+    elif adapter is not None or task is not None:
+        chosen = [comp.pick(adapter, task)] * len(images)
+    elif comp.mode == "route":
+        raise ConfigError(f"{path} routes per input: pass --route auto, --adapter NAME or --task TASK")
+    else:
+        chosen = [None] * len(images)
+    rows, cache = [], {}
+    for i, name in enumerate(chosen):
+        if name is None and comp.mode != "route":
+            comp.activate(backbone)
+            label = f"{comp.mode}({', '.join(comp.names)})"
+        else:
+            backbone.set_active(*(() if name is None else (name,)))
+            label = name or "none (frozen backbone)"
+        t = _task_for(comp, backbone, name, cache) if (name is not None or comp.mode != "route") else None
+        tok = tokens[i:i + 1] if tokens is not None else None
+        row = {"input": i, "adapter": label}
+        row.update(_answer(backbone, t, pixels[i:i + 1], tok, top) if t is not None
+                   else _answer(backbone, None, pixels[i:i + 1], tok, top))
+        rows.append(row)
+    return {"composition": str(path), "mode": comp.mode, "route": route, "predictions": rows}
