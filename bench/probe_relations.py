@@ -5,8 +5,9 @@
    score sits near or below chance, most of all where only a relation or an attribute moves (Relation).
 2. Trains a LoRA adapter on relation-rich minimal pairs from a *disjoint* seed of the same generator — only the
    kinds Winoground tags Relation (colour/size swaps, preposition swaps, numerals) and Both (noun + preposition)
-   — with a contrastive loss over the batch, where each pair's partner image and caption are the hard
-   negatives (as NegCLIP adds swapped captions). Object pairs (noun swaps) are never trained on.
+   — with a contrastive loss over the batch plus, within each pair, a two-way loss (the right caption of
+   the two for each image, the right image for each caption): the partner is the hard negative, as NegCLIP
+   adds swapped captions. Object pairs (noun swaps) are never trained on.
 3. Probes backbone and adapter side by side: scores with 95% bootstrap intervals, paired intervals of the
    difference, breakdowns by collapsed tag; also the synth relation/attribute-swap caption-pair probes.
 
@@ -57,6 +58,11 @@ def train_relation_adapter(backbone_spec: str, out: Path, n_pairs: int, steps: i
         logits = scale * img @ txt.T
         target = torch.arange(len(rows))
         loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+        # within each pair: the right caption of the two for each image, the right image for each caption
+        pair = logits.view(len(idx), 2, len(idx), 2).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (B, img, txt)
+        two = torch.arange(2).repeat(len(idx))
+        loss = loss + 0.5 * (F.cross_entropy(pair.reshape(-1, 2), two)
+                             + F.cross_entropy(pair.transpose(1, 2).reshape(-1, 2), two))
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -410,6 +410,9 @@ def test_cli_probe_winoground_end_to_end(tmp_path, capsys, adapter_dirs):
         d = ad["diff"][m]
         assert d["value"] == pytest.approx(s["value"] - base["scores"][m]["value"]) and d["low"] <= d["high"]
     assert set(base["breakdowns"]["collapsed_tag"]) == {"Object", "Relation", "Both"}
+    rel, rel_ad = base["breakdowns"]["collapsed_tag"]["Relation"], ad["breakdowns"]["collapsed_tag"]["Relation"]
+    assert rel["ci"]["text"][0] <= rel["text"] <= rel["ci"]["text"][1] and "diff" not in rel
+    assert rel_ad["diff"]["group"]["value"] == pytest.approx(rel_ad["group"] - rel["group"])
     assert "Δ group" in err and "by collapsed_tag" in err and "16.67" in err  # the table on stderr
 
     written = sorted(res.iterdir())

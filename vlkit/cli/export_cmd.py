@@ -30,28 +30,37 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
-def checks_table(summary: dict[str, Any]):
-    from .output import table
+def _table(title: str, columns: list[str], rows: list[list[Any]]):
+    """A compact table (no vertical rules) so the verification fits an 80-column terminal."""
+    from rich import box
+    from rich.table import Table
 
+    t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+    for c in columns:
+        t.add_column(c, no_wrap=True)
+    for r in rows:
+        t.add_row(*[str(x) for x in r])
+    return t
+
+
+def checks_table(summary: dict[str, Any]):
     rows = []
     for c in summary.get("checks", []):
         ok = "[green]ok[/]" if c["passed"] else "[red]FAIL[/]"
         if not c["required"]:
-            ok = "[dim]reported[/]"
+            ok = "[dim]info[/]"
         rows.append([c["graph"], c["precision"], c["inputs"], c["batch"], c["output"], _fmt(c["max_abs_diff"]),
                      _fmt(c["tolerance"]), ok])
     providers = sorted({c["provider"] for c in summary.get("checks", []) if c.get("provider")})
     title = f"verification against PyTorch ({', '.join(providers) or 'onnxruntime'})"
-    return table(title, ["graph", "precision", "inputs", "batch", "output", "max |diff|", "tolerance", ""], rows)
+    return _table(title, ["graph", "prec", "inputs", "n", "output", "max|diff|", "tol", ""], rows)
 
 
 def scores_table(summary: dict[str, Any]):
-    from .output import table
-
     rows = [[r["precision"], r["metric"], f"{r['value']:.2f}", f"{r['delta']:+.2f}", f"{r['agreement']:.1f}%", r["n"]]
             for r in summary.get("scores", [])]
     dataset = summary.get("manifest", {}).get("eval", {}).get("dataset", "eval set")
-    return table(f"eval-set score ({dataset})", ["graph", "metric", "value", "change", "same prediction", "n"], rows)
+    return _table(f"eval-set score ({dataset})", ["graph", "metric", "value", "change", "same pred.", "n"], rows)
 
 
 def register(cli: typer.Typer) -> None:

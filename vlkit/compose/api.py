@@ -131,11 +131,14 @@ def _fuse(srcs, cfg0, out: Path, recipe, overrides, data, backbone, progress) ->
     base = {"name": out.name, "backbone": backbone or cfg0["backbone"], "method": "fuse",
             "compose": {"adapters": [{"name": n, "path": str(p)} for n, p in srcs], "fusion": "fusion"},
             "logging": {"tensorboard": False}}
-    extra = list(overrides or [])
+    cfg = load_recipe(recipe, list(overrides or []), base=base)
     _, bare = parse_data_items(data)
     if bare is not None:
-        extra.append(f"data.train={bare}")
-    cfg = load_recipe(recipe, extra, base=base)
+        from ..data.api import parse_data_spec
+        from ..train.recipe import check_recipe
+
+        cfg.data.train = parse_data_spec(bare)
+        check_recipe(cfg, str(recipe))
     if cfg.method != "fuse":
         raise ConfigError(f"{recipe}: method must be 'fuse' for --mode fuse (got {cfg.method!r})")
     result, _, _ = run(cfg, out, progress=progress)

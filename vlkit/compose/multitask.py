@@ -104,8 +104,12 @@ def task_recipe(cfg, tcfg, name: str):
     return sub
 
 
-def run_multitask(cfg, out_dir: str | Path | None = None, *, progress: bool = True):
-    """Train the recipe's `tasks` with its `sharing` scheme; returns (result, backbone, {name: task})."""
+def run_multitask(cfg, out_dir: str | Path | None = None, *, progress: bool = True,
+                  datasets: dict[str, tuple] | None = None):
+    """Train the recipe's `tasks` with its `sharing` scheme; returns (result, backbone, {name: task}).
+
+    `datasets`: optional {adapter name: (train Dataset, eval Dataset or None)} instead of loading each
+    task's `data`."""
     from accelerate.utils import set_seed
     from omegaconf import OmegaConf
 
@@ -132,7 +136,7 @@ def run_multitask(cfg, out_dir: str | Path | None = None, *, progress: bool = Tr
         if any(e["name"] == name for e in entries):
             raise ConfigError(f"two tasks would both use adapter {name!r}; give each an `adapter` name")
         sub = task_recipe(cfg, tcfg, name)
-        train_ds, eval_ds = load_datasets(sub)
+        train_ds, eval_ds = (datasets or {}).get(name) or load_datasets(sub)
         task = build_task(backbone, sub, train_ds)
         inject(backbone, variant, name=name, **opts)
         entries.append({"name": name, "cfg": sub, "task": task, "train": task.prepare(backbone, train_ds),

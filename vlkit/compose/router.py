@@ -133,14 +133,16 @@ def adapter_data_spec(adapter_dir: Path) -> dict[str, Any]:
 
 def _load(spec, n: int, seed: int):
     from ..data import load_data
+    from ..data.api import parse_data_spec
 
-    spec = dict(spec) if isinstance(spec, dict) else {"spec": spec}
-    if spec.get("kind") == "world" and "n" in spec:
-        spec["n"] = min(int(spec["n"]), n)
+    spec = dict(spec) if isinstance(spec, dict) else parse_data_spec(spec)
     spec.pop("shots", None)
-    if "mix" in spec:
+    if "mix" in spec:  # a mix: its first source stands for the adapter's inputs
         spec = dict(spec["mix"][0], task=spec.get("task"))
-    ds = load_data(spec["spec"]) if "spec" in spec else load_data(spec)
+    spec = parse_data_spec(spec)
+    if spec.get("kind") == "world":
+        spec["n"] = min(int(spec.get("n", n)), n)
+    ds = load_data(spec)
     if len(ds) > n:
         ds = ds.shuffle(seed=seed).select(range(n))
     return ds

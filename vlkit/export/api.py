@@ -50,17 +50,24 @@ def eval_dataset(spec: str | None, recipe: dict | None, domain: str, n: int, see
     else `n` examples of the world's `domain` (seed 1000, as the shipped recipes use for eval)."""
     from ..data.api import load_data, parse_data_spec
 
+    from ..errors import VlkitError
+
+    world_spec = {"kind": "world", "domain": domain, "task": "classification", "n": n, "seed": seed}
     source: Any = spec
     if source is None and recipe and recipe.get("task") == "classification":
         source = recipe.get("data", {}).get("eval")
-    if source is None:
-        source = {"kind": "world", "domain": domain, "task": "classification", "n": n, "seed": seed}
-    parsed = parse_data_spec(source)
+    parsed = parse_data_spec(source if source is not None else world_spec)
     if parsed.get("kind") == "world":
         parsed["n"] = min(int(parsed.get("n") or n), n)
         parsed.setdefault("task", "classification")
-    label = spec if isinstance(spec, str) else ", ".join(f"{k}={v}" for k, v in parsed.items())
-    ds = load_data(parsed, task="classification")
+    try:
+        ds = load_data(parsed, task="classification")
+    except VlkitError:
+        if spec is not None or source is None:
+            raise
+        parsed = dict(world_spec)  # the recipe's eval data is not on this machine: the world's, for the domain
+        ds = load_data(parsed, task="classification")
+    label = spec if isinstance(spec, str) else ", ".join(f"{k}={v}" for k, v in parsed.items() if k != "task")
     if len(ds) > n:
         ds = ds.select(range(n))
     return ds, label
@@ -209,8 +216,11 @@ def _verify_inputs(backbone, graphs, data, zs_task, captions: list[str] | None,
 def _publish(staging: Path, out: Path) -> list[str]:
     """Rename every staged file into `out` (export.json last); returns the relative paths."""
     files = sorted((p for p in staging.rglob("*") if p.is_file()), key=lambda p: (p.name == "export.json", str(p)))
+    umask = os.umask(0)
+    os.umask(umask)
     moved = []
     for p in files:
+        os.chmod(p, 0o666 & ~umask)  # staged temporaries are private; published files get the usual mode
         rel = p.relative_to(staging)
         dest = out / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -246,13 +256,13 @@ def export_model(out: str | Path, *, backbone: str | None = None, adapters: list
         raise ConfigError("no backbone: give --backbone (the adapters do not name one)")
 
     bb = load_backbone(spec)
-    loaded = load_sources(bb, [s["path"] for s in sources]) if sources else {"names": [], "mode": "stack",
-                                                                            "weights": None, "adapters": []}
+    loaded = load_sources(bb, [s["path"] for s in sources]) if sources else {
+        "names": [], "mode": "stack", "weights": None, "adapters": [], "task_dirs": []}
     merged = merge_where_possible(bb, enabled=merge)
     for a in loaded["adapters"]:
         a["merged"] = a["name"] in merged
-    meta, meta_dir = task_source([s["path"] for s in sources])
-    recipe = recipe_data([s["path"] for s in sources])
+    meta, meta_dir = task_source(loaded["task_dirs"])
+    recipe = recipe_data(loaded["task_dirs"])
     dom = domain or infer_domain(meta, recipe)
     with unmerged(bb, merged), torch.no_grad():
         zs_task = build_classification(bb, meta, meta_dir, dom, zero_shot=True)
@@ -310,7 +320,8 @@ def _summary(request: ExportRequest, result: ExportResult, out: Path, target: st
         **request.describe,
         "logit_scale": float(bb.logit_scale),
         "preprocessing": {"image_size": bb.image_size, "mean": list(bb.mean), "std": list(bb.std),
-                          "resize": "bicubic, to image_size x image_size", "channel_order": "RGB",
+                          "resize": "shorter side to image_size (bicubic), then centre crop to image_size",
+                          "channel_order": "RGB",
                           "layout": "NCHW", "pixel_scale": "x / 255, then (x - mean) / std"},
         "task": None if task is None else {"name": "classification", "class_names": task.class_names,
                                            "prompt": task.prompt, "head": task.head_kind},

@@ -52,51 +52,64 @@ def _unique_name(wanted: str, used: set[str]) -> str:
     return name
 
 
-def _load_composition(backbone, path: Path, used: set[str]) -> tuple[list[str], str, list[float] | None]:
-    """Load a `vlkit compose` composition directory through vlkit.compose (its owner defines the format)."""
+def _load_composition(backbone, path: Path):
+    """Load a `vlkit compose` directory (stack, average, parallel, fuse or merge) without activating it."""
     try:
         from ..compose import load_composition
     except ImportError:
-        raise AdapterFileError(f"{path} is a composition, but this vlkit has no vlkit.compose to read it",
-                               hint="merge it into a single adapter with `vlkit compose` and export that") from None
-    names, mode, weights = load_composition(backbone, path, used_names=used)
-    return list(names), mode, weights
+        raise AdapterFileError(f"{path} is a composition, but this vlkit has no vlkit.compose to read it") from None
+    comp = load_composition(backbone, path, activate=False)
+    if comp.mode == "route":
+        raise ConfigError(f"{path} routes each input to one adapter; a graph holds one model",
+                          hint=f"export each adapter alone: --adapter {path}/adapters/<name> "
+                               f"({', '.join(comp.names)})")
+    return comp
 
 
 def load_sources(backbone, paths: list[str | Path]) -> dict[str, Any]:
-    """Load every adapter / composition directory onto `backbone` and activate them all, stacked.
+    """Load every adapter / composition directory onto `backbone` and activate them.
 
-    Returns {"names": [...], "mode": ..., "weights": ..., "adapters": [description per adapter]}.
-    A single composition keeps its own mode and weights; several sources are stacked in order.
+    Several directories are stacked in order; a composition (exported alone) keeps its own mode, weights
+    and fusion layers; a merged composition is one plain adapter. Returns {"names", "mode", "weights",
+    "adapters": [description per adapter], "task_dirs": directories that may hold task metadata}.
     """
     from ..adapters.files import load_adapter
 
     used: set[str] = set(backbone.adapter_records)
     names: list[str] = []
-    mode, weights = "stack", None
     described: list[dict[str, Any]] = []
+    task_dirs: list[Path] = []
+    comp = None
     for p in paths:
         p = Path(p)
         info = read_source(p)
         if info["kind"] == "composition":
-            got, cmode, cweights = _load_composition(backbone, p, used)
-            if len(paths) == 1:
-                mode, weights = cmode, cweights
-            elif cmode != "stack" or (cweights and any(w != 1.0 for w in cweights)):
-                raise ConfigError(f"composition {p} ({cmode}) cannot be stacked with other adapters in one export",
-                                  hint="export it alone")
+            if len(paths) > 1:
+                raise ConfigError(f"{p} is a composition; export it alone (without other --adapter directories)")
+            comp = _load_composition(backbone, p)
+            got = list(comp.names)
+            task_dirs.append(p)
+            task_dirs.extend(Path(t["dir"]) for t in comp.tasks.values() if t.get("dir") is not None)
         else:
             name = _unique_name(info["config"].get("name") or p.name, used)
             load_adapter(backbone, p, name=name, activate=False)
             got = [name]
+            task_dirs.append(p)
         for n in got:
             used.add(n)
             names.append(n)
             rec = backbone.adapter_records[n]
             described.append({"name": n, "variant": rec.variant, "path": str(p), "sites": len(rec.sites),
                               "source": info["kind"]})
-    backbone.set_active(*names, mode=mode, weights=weights)
-    return {"names": names, "mode": mode, "weights": weights, "adapters": described}
+    if comp is not None:
+        comp.activate(backbone)
+        mode = comp.mode
+        weights = comp.weights
+    else:
+        backbone.set_active(*names)
+        mode, weights = "stack", None
+    return {"names": names, "mode": mode, "weights": weights, "adapters": described,
+            "task_dirs": [str(d) for d in dict.fromkeys(task_dirs)]}
 
 
 def _mergeable(variant) -> bool:
@@ -116,7 +129,8 @@ def merge_where_possible(backbone, enabled: bool = True) -> list[str]:
     from ..plugins import registry
 
     st = backbone.adapter_state
-    if not enabled or st.route is not None or st.mode != "stack" or any(w != 1.0 for w in st.weights.values()):
+    if (not enabled or st.route is not None or st.mode != "stack" or getattr(st, "fusion", None)
+            or any(w != 1.0 for w in st.weights.values())):
         return []
     merged: list[str] = []
     blocked: set[str] = set()

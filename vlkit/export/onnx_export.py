@@ -80,6 +80,44 @@ def export_graph(module: torch.nn.Module, graph: GraphSpec, path: Path, opset: i
         raise ExportError(f"the exported {graph.name} graph is not valid ONNX: {exc}") from None
 
 
+def fix_mixed_layernorm(path: Path) -> int:
+    """Cast LayerNormalization scale/bias to the input's type where they differ; returns how many.
+
+    PyTorch runs a float16 LayerNorm on float32 input (e.g. after a float32 attention mask promoted the
+    residual stream) in float32; ONNX's LayerNormalization needs one type, so the cast says the same.
+    """
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(path))
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # inference is best effort: without types there is nothing to fix
+        return 0
+    types = {vi.name: vi.type.tensor_type.elem_type
+             for vi in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)}
+    types.update({t.name: t.data_type for t in model.graph.initializer})
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            types[node.output[0]] = node.attribute[0].t.data_type
+    nodes, fixed = [], 0
+    for node in model.graph.node:
+        if node.op_type == "LayerNormalization":
+            tx = types.get(node.input[0])
+            for i in (1, 2):
+                if i < len(node.input) and node.input[i] and tx and types.get(node.input[i]) not in (None, tx):
+                    cast = f"{node.input[i]}_as_{tx}_{fixed}"
+                    nodes.append(helper.make_node("Cast", [node.input[i]], [cast], to=tx, name=f"vlkit_cast_{fixed}"))
+                    node.input[i] = cast
+                    fixed += 1
+        nodes.append(node)
+    if fixed:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        onnx.save(model, str(path))
+    return fixed
+
+
 def quantize_int8(src: Path, dest: Path, per_channel: bool = False) -> None:
     """onnxruntime dynamic quantisation: int8 weights, activations quantised on the fly."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -163,6 +201,7 @@ class OnnxExporter(Exporter):
 
                 path = staging / f"{g.name}.fp16.onnx"
                 export_graph(HalfPrecision(m), g, path, opset)
+                fix_mixed_layernorm(path)
                 record(g.name, "fp16", path)
             del half_modules
             precisions.append("fp16")

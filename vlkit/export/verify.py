@@ -28,6 +28,16 @@ def available_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
+def _gpu_present() -> bool:
+    """onnxruntime-gpu lists CUDA even on machines without a GPU; ask torch whether there is one."""
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # a broken CUDA setup means: no GPU to use
+        return False
+
+
 def resolve_providers(requested: list[str] | None) -> list[str]:
     """The providers to run with: the requested ones (checked), else CUDA when present, CPU always last."""
     available = available_providers()
@@ -40,7 +50,7 @@ def resolve_providers(requested: list[str] | None) -> list[str]:
                               f"available: {', '.join(available)}", hint=hint)
         chosen = list(dict.fromkeys(requested))
     else:
-        chosen = ["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []
+        chosen = ["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available and _gpu_present() else []
     if "CPUExecutionProvider" not in chosen and "CPUExecutionProvider" in available:
         chosen.append("CPUExecutionProvider")
     return chosen

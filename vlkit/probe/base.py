@@ -23,7 +23,8 @@ each adapter configuration. The result is a plain dict (JSON-ready apart from ``
      "systems": [{"label", "adapters", "mode", "weights",
                   "scores": {metric: {"value", "low", "high"}},
                   "diff": None | {metric: {"value", "low", "high", "p_le_0"}},   # vs the first system
-                  "breakdowns": {key: {tag: {"n", metric: %}}}}],
+                  "breakdowns": {key: {tag: {"n", metric: %, "ci": {metric: [low, high]},
+                                             "diff": {metric: {...}} (systems after the first)}}}}],
      "per_example": {"ids": [...], "scores": {label: nested lists}, "keys": [...]}}
 
 Values are percentages; ``diff`` holds the paired bootstrap interval of (system − first system).
@@ -118,6 +119,33 @@ def summarize(labels: Sequence[str], values: dict[str, dict[str, np.ndarray]],
                                                        indices=idx, level=level)
         out[label] = {"scores": scores, "diff": diff if label != base else None}
     return out
+
+
+def annotate_breakdowns(breakdowns: dict[str, dict[str, Any]], groups: dict[str, dict[str, np.ndarray]],
+                        values: dict[str, dict[str, np.ndarray]], metrics: Sequence[str], *,
+                        n_boot: int = DEFAULT_RESAMPLES, seed: int = 0, level: float = 0.95) -> None:
+    """Add bootstrap intervals to breakdown rows in place: ``row["ci"][metric] = [low, high]`` and, for every
+    system after the first, ``row["diff"][metric]`` (paired interval of the difference on that subset).
+
+    `breakdowns[label][key][tag]` are the rows, `groups[key][tag]` the example indices of each tag and
+    `values[label][metric]` the per-example vectors (the tag's value is 100 × their mean on its examples).
+    """
+    labels = list(values)
+    base = labels[0]
+    for key, tags in groups.items():
+        for tag, idx in tags.items():
+            if len(idx) == 0:
+                continue
+            boot = M.bootstrap_indices(len(idx), n_boot, seed)
+            for label in labels:
+                row = breakdowns[label].get(key, {}).get(tag)
+                if row is None:
+                    continue
+                sub = {m: np.asarray(values[label][m])[idx] for m in metrics}
+                row["ci"] = {m: list(M.bootstrap_ci(sub[m], indices=boot, level=level)) for m in metrics}
+                if label != base:
+                    row["diff"] = {m: M.paired_bootstrap_diff(np.asarray(values[base][m])[idx], sub[m], indices=boot,
+                                                              level=level) for m in metrics}
 
 
 def build_result(probe, backbone, systems, *, dataset: str, n: int, metrics: Sequence[str], primary: str,

@@ -30,7 +30,7 @@ import numpy as np
 
 from ..errors import ConfigError, DataError
 from . import metrics as M
-from .base import DEFAULT_RESAMPLES, Probe, build_result, summarize
+from .base import DEFAULT_RESAMPLES, Probe, annotate_breakdowns, build_result, summarize
 from .systems import score_examples
 
 IMAGE_KEYS = ("image", "image_path", "filename", "file_name")
@@ -204,6 +204,9 @@ class CaptionPairProbe(Probe):
         stats = {"accuracy": lambda v: M.macro_statistic(v, categories), "micro_accuracy": M.mean_statistic}
         summary = summarize(list(scores), values, stats, len(examples), n_boot=n_boot, seed=seed, level=level)
         breakdowns = {lab: {"category": M.breakdown({"accuracy": c}, categories)} for lab, c in correct.items()}
+        annotate_breakdowns(breakdowns, {"category": M.groups_of(categories)},
+                            {lab: {"accuracy": c} for lab, c in correct.items()}, ["accuracy"], n_boot=n_boot,
+                            seed=seed, level=level)
         per_example = {"ids": [e["id"] for e in examples], "keys": ["true", "false"],
                        "scores": {lab: s[:, :, 0].tolist() for lab, s in scores.items()},
                        "extra": {"category": categories}}

@@ -161,7 +161,10 @@ def breakdown_tables(result: dict[str, Any]) -> list:
             continue
         first = next(iter(base["breakdowns"].get(key, {}).values()), {})
         metrics = [m for m in result["metrics"] if m in first] or [m for m in first if m != "n"]
-        t = Table(title=f"by {key}")
+        marked = any("diff" in r for s in systems[1:] for r in s["breakdowns"].get(key, {}).values())
+        level = int(round(100 * result.get("bootstrap", {}).get("level", 0.95)))
+        t = Table(title=f"by {key}", caption=(f"(Δ to the backbone; * its paired {level}% interval excludes 0)"
+                                              if marked else None))
         for col in (key, "n", "system"):
             t.add_column(col, justify="right" if col == "n" else "left")
         for m in metrics:
@@ -176,7 +179,11 @@ def breakdown_tables(result: dict[str, Any]) -> list:
                 for m in metrics:
                     cell = f"{row[m]:.1f}"
                     if j and ref is not None:
-                        cell += f" ({row[m] - ref[m]:+.1f})"
+                        d = (row.get("diff") or {}).get(m)
+                        delta = f"{row[m] - ref[m]:+.1f}"
+                        if d is not None and (d["low"] > 0 or d["high"] < 0):
+                            delta = f"[{'green' if d['low'] > 0 else 'red'}]{delta}*[/]"
+                        cell += f" ({delta})"
                     cells.append(cell)
                 t.add_row(tag if j == 0 else "", str(row["n"]) if j == 0 else "", s["label"], *cells)
             if len(systems) > 1:

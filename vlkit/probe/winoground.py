@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from . import metrics as M
-from .base import DEFAULT_RESAMPLES, Probe, build_result, summarize
+from .base import DEFAULT_RESAMPLES, Probe, annotate_breakdowns, build_result, summarize
 from .systems import score_examples
 
 SCORE_KEYS = ("c0_i0", "c0_i1", "c1_i0", "c1_i1")
@@ -84,6 +84,8 @@ def evaluate_scores(scores: dict[str, np.ndarray], tags: dict[str, list[Any]], *
     summary = summarize(labels, correct, {m: M.mean_statistic for m in M.WINOGROUND_METRICS}, n,
                         n_boot=n_boot, seed=seed, level=level)
     breakdowns = {label: M.winoground_breakdowns(correct[label], tags) for label in labels}
+    groups = {key: M.groups_of(values, multi=(key == "secondary_tag")) for key, values in tags.items()}
+    annotate_breakdowns(breakdowns, groups, correct, M.WINOGROUND_METRICS, n_boot=n_boot, seed=seed, level=level)
     return summary, breakdowns
 
 
@@ -111,9 +113,8 @@ class WinogroundProbe(Probe):
         ids = list(ds["id"]) if "id" in ds.column_names else list(range(n_ex))
         per_example = {"ids": ids, "keys": list(SCORE_KEYS),
                        "scores": {lab: s.reshape(len(s), 4).tolist() for lab, s in scores.items()}}
-        counts = {key: {tag: row["n"] for tag, row in table.items()}
-                  for key, table in M.winoground_breakdowns(
-                      {m: np.zeros(n_ex, bool) for m in M.WINOGROUND_METRICS}, tags).items()}
+        counts = {key: {tag: len(idx) for tag, idx in M.groups_of(values, multi=(key == "secondary_tag")).items()}
+                  for key, values in tags.items()}
         return build_result(self, backbone, systems, dataset=label, n=n_ex, metrics=M.WINOGROUND_METRICS,
                             primary="group", chance=M.CHANCE, summary=summary, breakdowns=breakdowns,
                             n_boot=n_boot, seed=seed, level=level, per_example=per_example,

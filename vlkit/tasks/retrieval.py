@@ -24,6 +24,8 @@ Metrics (percent): `i2t_r1`, `i2t_r5`, `i2t_r10`, `t2i_r1`, `t2i_r5`, `t2i_r10` 
 """
 from __future__ import annotations
 
+import random
+
 from typing import Any
 
 import torch
@@ -50,11 +52,39 @@ def contrastive_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tenso
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
 
 
+def swap_word(caption: str, groups: list[list[str]], seed: int) -> str | None:
+    """The caption with one word replaced by another of its group (a hard negative), or None if no word swaps."""
+    words = caption.split(" ")
+    spots = [(i, g) for i, w in enumerate(words) for g in groups if w.lower().strip(",.") in g and len(g) > 1]
+    if not spots:
+        return None
+    rng = random.Random(seed)
+    i, group = spots[rng.randrange(len(spots))]
+    core = words[i].lower().strip(",.")
+    tail = words[i][len(words[i].rstrip(",.")):]
+    words[i] = rng.choice([w for w in group if w != core]) + tail
+    return " ".join(words)
+
+
+def negclip_loss(image, text, neg, neg_valid, scale, keys=None) -> torch.Tensor:
+    """Symmetric InfoNCE where each image also competes against word-swapped hard-negative captions."""
+    n = len(image)
+    if keys is None:
+        target = torch.eye(n, device=image.device)
+    else:
+        pos = (keys.reshape(-1, 1) == keys.reshape(1, -1)).float()
+        target = pos / pos.sum(dim=1, keepdim=True)
+    logits = scale * image @ text.t()
+    neg_logits = (scale * image @ neg.t()).masked_fill(~neg_valid.to(image.device).reshape(1, -1), float("-inf"))
+    i2t = F.cross_entropy(torch.cat([logits, neg_logits], 1), torch.cat([target, torch.zeros_like(target)], 1))
+    return 0.5 * (i2t + F.cross_entropy(logits.t(), target))
+
+
 class RetrievalTask(Task):
     name = "retrieval"
     metric = "mean_recall"
     required = ("image", "caption")
-    OPTIONS = ("chunk", "rerank_k", "negatives")
+    OPTIONS = ("chunk", "rerank_k", "negatives", "swap_groups")
 
     def __init__(self, backbone, train_data=None, **options: Any):
         check_options(self.name, options, self.OPTIONS)
@@ -62,6 +92,7 @@ class RetrievalTask(Task):
         self.chunk = int(options.get("chunk", 1024))
         if self.chunk < 1:
             raise ConfigError(f"chunk must be >= 1, got {self.chunk}")
+        self.swap_groups = [list(map(str, g)) for g in (options.get("swap_groups") or [])]
         self.rerank_k = int(options.get("rerank_k", 10))
         self.negatives = int(options.get("negatives", 3))
         if self.rerank_k < 1 or self.negatives < 1:
@@ -78,8 +109,13 @@ class RetrievalTask(Task):
         require_columns(self, ds)
         captions = [str(c) for c in ds["caption"]]
         keys, _ = M.string_keys(captions)
-        return {"pixels": prepare_pixels(backbone, ds), "tokens": tokenize_texts(backbone, captions),
-                "caption_ids": keys}
+        out = {"pixels": prepare_pixels(backbone, ds), "tokens": tokenize_texts(backbone, captions),
+               "caption_ids": keys}
+        if self.swap_groups:
+            negs = [swap_word(c, self.swap_groups, seed=i) for i, c in enumerate(captions)]
+            out["neg_tokens"] = tokenize_texts(backbone, [n or c for n, c in zip(negs, captions)])
+            out["neg_valid"] = torch.tensor([n is not None for n in negs])
+        return out
 
     def joint_loss(self, backbone, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """With a joint adapter: each image against its caption and `negatives` other captions of the batch
@@ -112,6 +148,10 @@ class RetrievalTask(Task):
         if backbone.joint_active() and len(batch["pixels"]) > 1:
             return self.joint_loss(backbone, batch)
         image, text = self.embed_pair(backbone, batch["pixels"], batch["tokens"])
+        if "neg_tokens" in batch:
+            neg = backbone.encode_text(batch["neg_tokens"], normalize=True).float()
+            return negclip_loss(image.float(), text.float(), neg, batch["neg_valid"], backbone.logit_scale.float(),
+                                batch.get("caption_ids"))
         return contrastive_loss(image.float(), text.float(), backbone.logit_scale.float(), batch.get("caption_ids"))
 
     def embed(self, backbone, data: dict[str, torch.Tensor], batch_size: int = 256):

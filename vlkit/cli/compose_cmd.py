@@ -1,0 +1,116 @@
+"""`vlkit compose`: combine adapters into a composition directory, and run one on inputs.
+
+    vlkit compose A,B[,C] --mode merge|stack|average|parallel|fuse|route -o DIR [options]
+    vlkit compose run DIR --image PATH [--text T] [--route auto | --adapter NAME | --task TASK]
+
+A, B are adapter directories, names of runs under runs/, or composition directories (their adapters).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+MODE_HELP = "merge | stack | average | parallel | fuse | route"
+
+
+def _floats(text: str | None) -> list[float] | None:
+    from ..errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--weights must be comma-separated numbers, got {text!r}") from None
+
+
+def register(cli: typer.Typer) -> None:
+    @cli.command("compose", context_settings={"allow_interspersed_args": True})
+    def compose_cmd(
+        sources: str = typer.Argument(..., help="Adapters A,B[,C] (dirs, run names, compositions), or 'run'."),
+        target: Optional[str] = typer.Argument(None, help="With 'run': the composition directory."),
+        mode: Optional[str] = typer.Option(None, "--mode", "-m", help=MODE_HELP),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Composition directory to write."),
+        weights: Optional[str] = typer.Option(None, "--weights", "-w", help="Per-adapter weights, e.g. 0.5,0.5."),
+        method: str = typer.Option("linear", "--method",
+                                   help="merge: linear | task_arithmetic | ties | concat | svd (LoRA)."),
+        rank: Optional[int] = typer.Option(None, "--rank", help="merge --method svd: target rank."),
+        density: float = typer.Option(0.2, "--density", help="merge --method ties: share of entries kept."),
+        recipe: Optional[Path] = typer.Option(None, "--recipe", help="fuse: recipe with task, data, optim."),
+        data: Optional[list[str]] = typer.Option(None, "--data",
+                                                 help="route: NAME=SPEC per adapter (none=SPEC); fuse: SPEC."),
+        set_: Optional[list[str]] = typer.Option(None, "--set", help="fuse: recipe override key=value."),
+        router_steps: int = typer.Option(300, "--router-steps", help="route: router training steps."),
+        per_adapter: int = typer.Option(256, "--per-adapter", help="route: examples per adapter."),
+        image: Optional[list[Path]] = typer.Option(None, "--image", help="run: input image (repeatable)."),
+        text: Optional[list[str]] = typer.Option(None, "--text", help="run: text / question (repeatable)."),
+        route: Optional[str] = typer.Option(None, "--route", help="run: 'auto' routes each input by the router."),
+        adapter: Optional[str] = typer.Option(None, "--adapter", help="run: use this adapter of the composition."),
+        task: Optional[str] = typer.Option(None, "--task", help="run: use the composition's adapter for this task."),
+        backbone: Optional[str] = typer.Option(None, "--backbone", "-b",
+                                               help="Backbone spec (default: the adapters' own)."),
+        json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+    ) -> None:
+        """Compose adapters (merge, stack, average, parallel, fuse, route) or run a composition."""
+        from ..errors import ConfigError
+        from .output import console, print_json, table
+
+        if sources == "run":
+            if target is None:
+                raise ConfigError("usage: vlkit compose run DIR --image PATH [--text T] [--route auto|--adapter N|--task T]")
+            res = _run(Path(target), image, text, route, adapter, task, backbone)
+            for r in res["predictions"]:
+                detail = r.get("answer") or r.get("score") or ", ".join(f"{t.get('class', t.get('answer'))} "
+                                                                      f"{t['p']:.2f}" for t in r.get("top", []))
+                console.print(f"[{r['input']}] adapter {r['adapter']} ({r.get('task')}): {detail}")
+            if json_out:
+                print_json(res)
+            return
+        if target is not None:
+            raise ConfigError(f"unexpected argument {target!r} (adapters are one comma-separated argument)")
+        if mode is None or out is None:
+            raise ConfigError("give --mode and -o DIR, e.g. vlkit compose a,b --mode merge -o runs/merged")
+        from ..compose.api import compose
+
+        res = compose(sources, mode, out, weights=_floats(weights), method=method, rank=rank, density=density,
+                      recipe=recipe, overrides=set_, data=data, backbone=backbone, router_steps=router_steps,
+                      n_per_adapter=per_adapter, progress=not json_out)
+        rows = [["mode", res["mode"]], ["adapters", ", ".join(res["adapters"])]]
+        if res.get("weights") is not None:
+            rows.append(["weights", ", ".join(f"{w:g}" for w in res["weights"])])
+        for k in ("method", "variant", "num_parameters", "density", "svd_relative_error", "task", "score",
+                  "fusion_parameters"):
+            if res.get(k) is not None:
+                rows.append([k, f"{res[k]:.4g}" if isinstance(res[k], float) else res[k]])
+        if "routing" in res:
+            rep = res["routing"]
+            rows.append(["routing accuracy (held out)", f"{rep['heldout_accuracy']:.1f}% (chance {rep['chance']:.1f}%)"])
+            for k, v in rep["per_input"].items():
+                rows.append([f"  {k} inputs", f"{v:.1f}%"])
+        console.print(table(f"compose — {res['mode']}", ["", "value"], rows))
+        console.print(f"wrote {res['output_dir']}")
+        if json_out:
+            print_json(res)
+
+
+def _run(path: Path, images, texts, route, adapter, task, backbone_spec):
+    from PIL import Image
+
+    from ..backbones.loading import load_backbone
+    from ..compose.composition import read_composition
+    from ..compose.predict import run_composition
+    from ..errors import ConfigError
+
+    if not images:
+        raise ConfigError("vlkit compose run needs at least one --image")
+    spec = read_composition(path)
+    backbone = load_backbone(backbone_spec or spec.get("backbone") or "tiny").eval()
+    pil = []
+    for p in images:
+        if not Path(p).is_file():
+            raise FileNotFoundError(str(p))
+        pil.append(Image.open(p).convert("RGB"))
+    return run_composition(backbone, path, pil, list(texts) if texts else None, adapter=adapter, task=task,
+                           route=route)
