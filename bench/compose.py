@@ -20,7 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 ROOT = Path(__file__).resolve().parents[1]
-TASKS = [("med-cls", "classification", "medical"), ("sat-vqa", "vqa", "satellite"), ("sketch-ret", "retrieval", "sketch")]
+TASKS = [("med-cls", "classification", "medical"), ("sat-vqa", "vqa", "satellite"),
+         ("sketch-ret", "retrieval", "sketch")]
 
 
 def own_recipe(name, task, domain, args) -> dict:

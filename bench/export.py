@@ -127,7 +127,7 @@ def render(rows: list[dict], threads: int, tower: str) -> None:
     t = Table(title=f"{tower} encoder latency, median ms per batch ({threads} thread(s), CPU)")
     for c in ("backbone", "adapter", "batch", "eager frozen", "eager +adapter", "ort frozen", "ort fp32 +adapter",
               "ort int8 +adapter", "ort/eager", "+% eager", "+% ort", "+ms eager", "+ms ort"):
-        t.add_column(c, justify="right" if c not in ("backbone", "adapter") else "left")
+        t.add_column(c, justify="right" if c not in ("backbone", "adapter") else "left", no_wrap=True)
     for r in rows:
         over_e = 100.0 * (r["eager_adapter"] / r["eager_frozen"] - 1.0)
         over_o = 100.0 * (r["ort_fp32"] / r["ort_frozen"] - 1.0)
@@ -136,7 +136,7 @@ def render(rows: list[dict], threads: int, tower: str) -> None:
                   f"{r['ort_frozen']:.2f}", f"{r['ort_fp32']:.2f}", f"{r['ort_int8']:.2f}",
                   f"{r['ort_fp32'] / r['eager_adapter']:.2f}", f"{over_e:+.1f}%", f"{over_o:+.1f}%",
                   f"{r['eager_adapter'] - r['eager_frozen']:+.2f}", f"{r['ort_fp32'] - r['ort_frozen']:+.2f}")
-    Console(width=max(160, Console().width)).print(t)
+    Console(width=max(200, Console().width)).print(t)
 
 
 def main() -> None:

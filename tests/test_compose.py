@@ -185,7 +185,8 @@ def test_incompatible_merges_name_both_and_the_difference(adapters, tmp_path):
         merge_adapters([adapters["a"], other], tmp_path / "y")
     cfg_file = other / "adapter_config.json"
     cfg = json.loads(cfg_file.read_text())
-    cfg.update(backbone_fingerprint="0" * 16, config=json.loads((adapters["a"] / "adapter_config.json").read_text())["config"])
+    a_config = json.loads((adapters["a"] / "adapter_config.json").read_text())["config"]
+    cfg.update(backbone_fingerprint="0" * 16, config=a_config)
     cfg_file.write_text(json.dumps(cfg))
     with pytest.raises(IncompatibleAdapterError, match="backbone fingerprint"):
         merge_adapters([adapters["a"], other], tmp_path / "w")
@@ -356,3 +357,43 @@ logging: {plot: false}
     assert not torch.allclose(fused[0], encode(bb, *inputs)[0], atol=1e-6)  # the fusion was trained
     system = resolve_adapter_arg(vlkit.load_backbone(SPEC), str(d))
     assert system.mode == "fuse" and system.fusion
+
+
+def test_train_on_top_of_a_composition(adapters, tmp_path, inputs):
+    from vlkit.compose import compose, load_composition
+    from vlkit.train.engine import run
+    from vlkit.train.recipe import load_recipe
+
+    compose([str(adapters["a"]), str(adapters["b"])], "stack", tmp_path / "base")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""
+name: top
+backbone: {SPEC}
+adapter: {{variant: lora, rank: 2}}
+compose: {{base: {tmp_path / 'base'}}}
+task: {{name: classification}}
+data: {{train: {{kind: world, domain: medical, task: classification, n: 16, seed: 0}}}}
+optim: {{steps: 2, batch_size: 8}}
+logging: {{tensorboard: false, plot: false}}
+""")
+    result, bb, _ = run(load_recipe(recipe), tmp_path / "top", progress=False)
+    top_cfg = json.loads((tmp_path / "top" / "adapter_config.json").read_text())
+    assert top_cfg["variant"] == "lora" and result["parameters"]["trainable"] == top_cfg["num_parameters"]
+    spec = json.loads((tmp_path / "top" / "composition.json").read_text())
+    assert spec["mode"] == "stack" and [a["path"] for a in spec["adapters"]][-1] == "."
+    want = encode(bb, *inputs)
+    fresh = vlkit.load_backbone(SPEC)
+    load_composition(fresh, tmp_path / "top")
+    assert all(torch.equal(x, y) for x, y in zip(encode(fresh, *inputs), want))
+
+
+def test_router_texts_are_what_the_task_encodes():
+    from vlkit.compose.router import _texts
+    from vlkit.data import load_data
+
+    ds = load_data({"kind": "world", "domain": "satellite", "task": "vqa", "n": 2, "seed": 0})
+    assert _texts(ds, {"name": "vqa"}) == list(ds["question"])
+    ds = load_data({"kind": "world", "domain": "medical", "task": "classification", "n": 2, "seed": 0})
+    meta = {"name": "classification", "options": {"prompt": "a radiograph showing a {}",
+                                                  "class_names": ds.features["label"].names}}
+    assert _texts(ds, meta)[0].startswith("a radiograph showing a ")

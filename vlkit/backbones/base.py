@@ -251,7 +251,8 @@ class Backbone(nn.Module, metaclass=ABCMeta):
     def base_parameters(self) -> dict[str, nn.Parameter]:
         from ..adapters.hosts import base_param_name
 
-        return {base_param_name(n): p for n, p in self.model.named_parameters() if ".adapters." not in n and ".fusions." not in n}
+        return {base_param_name(n): p for n, p in self.model.named_parameters()
+                if ".adapters." not in n and ".fusions." not in n}
 
 
 def resolve_module(root: nn.Module, path: str) -> nn.Module:

@@ -59,7 +59,8 @@ def register(cli: typer.Typer) -> None:
 
         if sources == "run":
             if target is None:
-                raise ConfigError("usage: vlkit compose run DIR --image PATH [--text T] [--route auto|--adapter N|--task T]")
+                raise ConfigError("usage: vlkit compose run DIR --image PATH [--text T] "
+                                  "[--route auto | --adapter NAME | --task TASK]")
             res = _run(Path(target), image, text, route, adapter, task, backbone)
             for r in res["predictions"]:
                 detail = r.get("answer") or r.get("score") or ", ".join(f"{t.get('class', t.get('answer'))} "
@@ -86,7 +87,8 @@ def register(cli: typer.Typer) -> None:
                 rows.append([k, f"{res[k]:.4g}" if isinstance(res[k], float) else res[k]])
         if "routing" in res:
             rep = res["routing"]
-            rows.append(["routing accuracy (held out)", f"{rep['heldout_accuracy']:.1f}% (chance {rep['chance']:.1f}%)"])
+            rows.append(["routing accuracy (held out)",
+                         f"{rep['heldout_accuracy']:.1f}% (chance {rep['chance']:.1f}%)"])
             for k, v in rep["per_input"].items():
                 rows.append([f"  {k} inputs", f"{v:.1f}%"])
         console.print(table(f"compose — {res['mode']}", ["", "value"], rows))

@@ -43,12 +43,21 @@ def _table(title: str, columns: list[str], rows: list[list[Any]]):
     return t
 
 
+def _wide(console):
+    """The console for tables: itself on a terminal; 100 columns on a pipe or log (rich would assume 80)."""
+    if console.is_terminal or console.width >= 100:
+        return console
+    from rich.console import Console
+
+    return Console(stderr=True, width=100)
+
+
 def checks_table(summary: dict[str, Any]):
     rows = []
     for c in summary.get("checks", []):
         ok = "[green]ok[/]" if c["passed"] else "[red]FAIL[/]"
         if not c["required"]:
-            ok = "[dim]info[/]"
+            ok = "[dim]info[/]"  # int8: reported with the score change, not enforced
         rows.append([c["graph"], c["precision"], c["inputs"], c["batch"], c["output"], _fmt(c["max_abs_diff"]),
                      _fmt(c["tolerance"]), ok])
     providers = sorted({c["provider"] for c in summary.get("checks", []) if c.get("provider")})
@@ -104,11 +113,11 @@ def register(cli: typer.Typer) -> None:
                                        merge=not no_merge, options=options)
         except ExportError as exc:
             if exc.summary:
-                console.print(checks_table(exc.summary))
+                _wide(console).print(checks_table(exc.summary))
             raise
-        console.print(checks_table(summary))
+        _wide(console).print(checks_table(summary))
         if summary.get("scores"):
-            console.print(scores_table(summary))
+            _wide(console).print(scores_table(summary))
         for note in summary.get("notes", []):
             console.print(f"[dim]note: {note}[/]")
         worst = ", ".join(f"{p} {d:.2e}" for p, d in summary["max_abs_diff"].items())

@@ -176,7 +176,8 @@ class Composition:
         from .router import RoutedBackbone
 
         if self.router is None:
-            raise ConfigError(f"composition {self.path} has no router (train one with `vlkit compose ... --mode route`)")
+            raise ConfigError(f"composition {self.path} has no router",
+                              hint="train one with `vlkit compose A,B --mode route -o DIR`")
         return RoutedBackbone(backbone, self.router)
 
 

@@ -115,7 +115,8 @@ def lora_delta(cfgs, tensors, weights, site: str) -> torch.Tensor:
 
 
 def merge_tensors(cfgs: list[dict], tensors: list[dict[str, torch.Tensor]], method: str, weights: list[float],
-                  density: float = 0.2, rank: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict]:
+                  density: float = 0.2, rank: int | None = None
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """(merged tensors, merged variant config, info) — `info` holds e.g. the SVD's relative error."""
     config = dict(cfgs[0]["config"])
     info: dict[str, Any] = {}

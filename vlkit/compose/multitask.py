@@ -234,7 +234,8 @@ def run_multitask(cfg, out_dir: str | Path | None = None, *, progress: bool = Tr
     if shared:
         from safetensors.torch import save_file
 
-        save_file({k: v.detach().cpu().contiguous().clone() for k, v in shared.items()}, str(out / "shared.safetensors"))
+        save_file({k: v.detach().cpu().contiguous().clone() for k, v in shared.items()},
+                  str(out / "shared.safetensors"))
         extra["shared_parameters"] = {"file": "shared.safetensors", "tensors": len(shared),
                                       "numel": int(sum(v.numel() for v in shared.values()))}
     write_composition(out, "route", backbone, sources, extra=extra)

@@ -44,7 +44,8 @@ def _answer(backbone, task, pixels: torch.Tensor, tokens: torch.Tensor | None, t
             probs = task.logits(backbone, pixels, tokens).float().softmax(-1)[0]
             v, i = probs.topk(min(top, len(probs)))
             return {"task": name, "answer": task.answers[int(i[0])],
-                    "top": [{"answer": task.answers[j], "p": round(float(p), 4)} for p, j in zip(v.tolist(), i.tolist())]}
+                    "top": [{"answer": task.answers[j], "p": round(float(p), 4)}
+                            for p, j in zip(v.tolist(), i.tolist())]}
         out: dict[str, Any] = {"task": name}
         if tokens is not None:
             img = backbone.encode_image(pixels, normalize=True)

@@ -146,3 +146,36 @@ class AdapterResolver:
 def resolve_adapter_arg(backbone, arg: str, resolver: AdapterResolver | None = None) -> System:
     """One adapter argument as a :class:`System` (see the module docstring for the accepted forms)."""
     return (resolver or AdapterResolver(backbone)).resolve(arg)
+
+
+# --- training on top of a composition (recipe `compose.base`) -------------------------------------------
+def load_base_stack(backbone, base: str) -> list[tuple[str, Path]]:
+    """Load `base` (an adapter dir, `a+b`, or a stack / merge composition) frozen under a new adapter;
+    returns [(name on the backbone, adapter directory)] in stacking order."""
+    resolver = AdapterResolver(backbone)
+    system = resolver.resolve(str(base))
+    if system.mode != "stack" or not system.names:
+        raise ConfigError(f"compose.base {base!r} is a {system.mode} composition; a new adapter trains on top of "
+                          "an adapter, an a+b stack, or a stack or merge composition")
+    dirs = {name: Path(d) for d, name in resolver.loaded.items()}
+    return [(n, dirs[n]) for n in system.names]
+
+
+def load_recipe_base(backbone, cfg) -> list[tuple[str, Path]]:
+    """Recipe `compose.base` (method `adapter`): load the base frozen before the new adapter is injected;
+    the trainer then stacks the new adapter on it. Returns [(name, dir)] ([] without a base)."""
+    base = (cfg.get("compose") or {}).get("base")
+    if not base:
+        return []
+    stack = load_base_stack(backbone, base)
+    backbone.compose_base = stack
+    return stack
+
+
+def write_base_composition(out: Path, backbone, adapter: str) -> None:
+    """After training on a base: `out` is also a stack composition (the base adapters copied in, then `.`)."""
+    from .composition import write_composition
+
+    stack = getattr(backbone, "compose_base", None)
+    if stack:
+        write_composition(out, "stack", backbone, list(stack) + [(adapter, out)])

@@ -7,8 +7,9 @@ data for it).
 
 Training data: each adapter's own training data (its `recipe.yaml` `data.train` spec, loaded with
 `vlkit.data.load_data`) or datasets given per adapter. Every example gives an image-only, a text-only
-and an image+text input when it has text (caption, question or expression; classification examples use
-their class prompt, e.g. "a radiograph showing a nodule", which is what the task encodes); a seeded 20%
+and an image+text input when it has text — the text its task encodes: the question (vqa), the
+expression (grounding), the caption (retrieval) or the class prompt of its label (classification, e.g.
+"a radiograph showing a nodule"); a seeded 20%
 of the examples is held out for the reported routing accuracy.
 
 At inference `route(backbone, pixels, tokens)` predicts indices and `RoutedBackbone` is a view of the
@@ -28,7 +29,8 @@ from ..errors import ConfigError, DataError
 from .composition import frozen
 
 ROUTER_FILE = "router.safetensors"
-TEXT_COLUMNS = ("caption", "question", "expression", "text")
+TEXT_COLUMNS = ("question", "expression", "caption", "text")
+TASK_TEXT = {"vqa": "question", "grounding": "expression", "retrieval": "caption"}
 
 
 class Router(nn.Module):
@@ -148,15 +150,19 @@ def _load(spec, n: int, seed: int):
     return ds
 
 
-def _texts(ds, task_meta: dict | None) -> list[str | None]:
-    for col in TEXT_COLUMNS:
-        if col in ds.column_names:
-            return [None if t is None else str(t) for t in ds[col]]
+def _texts(ds, task_meta: dict | None, task: str | None = None) -> list[str | None]:
+    """The text each example's task encodes: the question (vqa), the expression (grounding), the
+    caption (retrieval), the class prompt of the label (classification); else the first text column."""
+    task = (task_meta or {}).get("name") or task
     opts = (task_meta or {}).get("options") or {}
-    if "label" in ds.column_names and opts.get("prompt") and opts.get("class_names"):
+    if task == "classification" and "label" in ds.column_names and opts.get("prompt") and opts.get("class_names"):
         feat = ds.features.get("label")
         names = list(getattr(feat, "names", None) or opts["class_names"])
         return [opts["prompt"].format(v if isinstance(v, str) else names[int(v)]) for v in ds["label"]]
+    cols = [TASK_TEXT[task]] if task in TASK_TEXT else []
+    for col in cols + list(TEXT_COLUMNS):
+        if col in ds.column_names:
+            return [None if t is None else str(t) for t in ds[col]]
     return [None] * len(ds)
 
 
@@ -168,13 +174,14 @@ def router_dataset(backbone, sources: list[tuple[str | None, Any, dict | None]],
     feats, labels, held, kinds = [], [], [], []
     g = torch.Generator().manual_seed(seed)
     for label, data, meta in sources:
+        task = data.get("task") if isinstance(data, dict) else None
         ds = data if hasattr(data, "column_names") else _load(data, n_per_source, seed)
         if len(ds) > n_per_source:
             ds = ds.shuffle(seed=seed).select(range(n_per_source))
         if "image" not in ds.column_names:
             raise DataError(f"routing data for {label!r} has no image column ({ds.column_names})")
         pixels = prepare_pixels(backbone, ds)
-        texts = _texts(ds, meta)
+        texts = _texts(ds, meta, task)
         n = len(ds)
         is_held = torch.rand(n, generator=g) < holdout
         variants = [("image", pixels, None, torch.arange(n))]
@@ -235,7 +242,8 @@ def save_router(router: Router, out: Path, report: dict | None = None) -> dict[s
     with atomic_path(out / ROUTER_FILE) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in router.state_dict().items()}, str(tmp))
     return {"file": ROUTER_FILE, "names": router.names, "dim": router.dim, "hidden": router.hidden,
-            "features": "frozen normalised [image, text, has_image, has_text]", **({"report": report} if report else {})}
+            "features": "frozen normalised [image, text, has_image, has_text]",
+            **({"report": report} if report else {})}
 
 
 def load_router(path: Path, entry: dict[str, Any], loaded_names: list[str]) -> Router:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..errors import ConfigError, ExportError
+from ..errors import ConfigError, ExportError, VlkitError
 from .base import Evaluation, ExportOptions, ExportRequest, ExportResult, GraphSpec
 
 TASKS = ("classification",)
@@ -49,8 +49,6 @@ def eval_dataset(spec: str | None, recipe: dict | None, domain: str, n: int, see
     """The classification eval set: `spec` if given, else the recipe's (when it is classification),
     else `n` examples of the world's `domain` (seed 1000, as the shipped recipes use for eval)."""
     from ..data.api import load_data, parse_data_spec
-
-    from ..errors import VlkitError
 
     world_spec = {"kind": "world", "domain": domain, "task": "classification", "n": n, "seed": seed}
     source: Any = spec
@@ -275,6 +273,7 @@ def export_model(out: str | Path, *, backbone: str | None = None, adapters: list
     evaluation = _evaluation(bb, merged, the_task, zs_task, data, label, the_task is not None)
 
     out = Path(out)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".vlkit-export-", dir=out))
     describe = {"backbone": bb.describe(), "adapters": loaded["adapters"], "mode": loaded["mode"],
@@ -301,6 +300,8 @@ def export_model(out: str | Path, *, backbone: str | None = None, adapters: list
         summary["written"] = _publish(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()  # a failed export leaves no trace, not even the directory it made
     return summary
 
 

@@ -347,6 +347,10 @@ def _write_outputs(cfg, out, backbone, task, adapter, result, history, log, save
     if adapter is not None:
         save_adapter(backbone, out, name=adapter, task=meta)
         result["adapter"] = adapter
+        if getattr(backbone, "compose_base", None):  # trained on top of a composition: `out` is one too
+            from ..compose.resolve import write_base_composition
+
+            write_base_composition(out, backbone, adapter)
     elif cfg.method == "full":
         state = {k: v.detach().cpu().contiguous() for k, v in backbone.model.state_dict().items()}
         with atomic_path(out / "backbone.safetensors") as tmp:

@@ -26,7 +26,12 @@ def apply_method(backbone, task, cfg, adapter_options: dict[str, Any]) -> tuple[
         opts = dict(adapter_options)
         variant = opts.pop("variant")
         adapter = adapter_name_for(opts.pop("name", cfg.name))
+        from ..compose.resolve import load_recipe_base
+
+        base = load_recipe_base(backbone, cfg)  # compose.base: train on top of frozen adapters
         inject(backbone, variant, name=adapter, **opts)
+        if base:
+            backbone.set_active(*(n for n, _ in base), adapter, mode="stack")
     elif method == "full":
         for p in backbone.parameters():
             p.requires_grad_(True)

@@ -91,7 +91,8 @@ class Recipe:
     # multi-task training (vlkit.compose.multitask): one adapter per task, `sharing` ties parameters
     tasks: List[MultiTaskCfg] = field(default_factory=list)
     sharing: str = "per_task"
-    # method "fuse" (vlkit.compose.fusion): {"adapters": [{"name", "path"}], "fusion": name}
+    # method "fuse" (vlkit.compose.fusion): {"adapters": [{"name", "path"}], "fusion": name};
+    # method "adapter": {"base": DIR} trains the new adapter stacked on a frozen adapter / composition
     compose: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -235,6 +236,10 @@ def _check_compose(cfg, source: str) -> None:
                                   f"{', '.join(registry('task').names())}")
             _check_data_source(t.data.train, f"tasks[{i}].data.train", source)
             _check_data_source(t.data.eval, f"tasks[{i}].data.eval", source)
+    base = cfg.compose.get("base") if cfg.compose else None
+    if base and (cfg.method != "adapter" or not Path(str(base).split("+")[0]).exists()):
+        raise ConfigError(f"{source}: key 'compose.base': " + (f"{base} does not exist" if cfg.method == "adapter"
+                                                              else "only method 'adapter' trains on a base"))
     if cfg.method == "fuse":
         adapters = cfg.compose.get("adapters") if cfg.compose else None
         if not adapters:
@@ -243,7 +248,8 @@ def _check_compose(cfg, source: str) -> None:
         for i, item in enumerate(adapters):
             path = item.get("path") if hasattr(item, "get") else None
             if not path or not Path(str(path)).is_dir():
-                raise ConfigError(f"{source}: key 'compose.adapters[{i}].path': adapter directory {path} does not exist")
+                raise ConfigError(f"{source}: key 'compose.adapters[{i}].path': adapter directory {path} "
+                                  "does not exist")
 
 
 def to_yaml(cfg) -> str:
