@@ -309,6 +309,7 @@ logging: {tensorboard: false, plot: false}
     assert comp.pick(task="vqa") == comp.names[1]
     with pytest.raises(ConfigError, match="sharing"):
         load_recipe(recipe, ["adapter.variant=lora", "sharing=bogus"])
+    assert load_recipe(recipe, ["tasks.1.data.train.n=8"]).tasks[1].data.train.n == 8  # list items
 
 
 def test_cli_compose_merge_and_errors(adapters, tmp_path):

@@ -2,7 +2,14 @@
 
 Columns: `image` (PIL) and `caption` (str). No head: the adapters move the two towers' embeddings.
 
-Options: `chunk` (queries scored at once in `evaluate`, default 1024; bounds memory on large sets).
+Options:
+- `chunk`: queries scored at once in `evaluate` (default 1024; bounds memory on large sets);
+- `swap_groups`: word groups (e.g. the colour names); each caption gets a NegCLIP-style hard negative
+  with one word swapped for another of its group, which its image must score below its own caption;
+- `drop_groups`, `drop_prob`: training-time augmentation; with probability `drop_prob` a caption loses
+  every word of one group (e.g. all colours), so partial descriptions are learned too;
+- joint adapters (fusion): `negatives` (other captions/images each pair competes with in the loss,
+  default 3) and `rerank_k` (dual-encoder candidates re-ranked jointly at evaluation, default 10).
 
 Prepared tensors: `pixels` (N, 3, S, S), `tokens` (N, L) and `caption_ids` (N,) long — the index of
 each row's caption string among the distinct captions of that prepared set.
@@ -25,7 +32,6 @@ Metrics (percent): `i2t_r1`, `i2t_r5`, `i2t_r10`, `t2i_r1`, `t2i_r5`, `t2i_r10` 
 from __future__ import annotations
 
 import random
-
 from typing import Any
 
 import torch
@@ -84,7 +90,7 @@ class RetrievalTask(Task):
     name = "retrieval"
     metric = "mean_recall"
     required = ("image", "caption")
-    OPTIONS = ("chunk", "rerank_k", "negatives", "swap_groups")
+    OPTIONS = ("chunk", "rerank_k", "negatives", "swap_groups", "drop_groups", "drop_prob")
 
     def __init__(self, backbone, train_data=None, **options: Any):
         check_options(self.name, options, self.OPTIONS)
@@ -93,6 +99,9 @@ class RetrievalTask(Task):
         if self.chunk < 1:
             raise ConfigError(f"chunk must be >= 1, got {self.chunk}")
         self.swap_groups = [list(map(str, g)) for g in (options.get("swap_groups") or [])]
+        self.drop_groups = [list(map(str, g)) for g in (options.get("drop_groups") or [])]
+        self.drop_prob = float(options.get("drop_prob", 0.5))
+        self._drop_ids = [backbone.tokenize(" ".join(g))[0] for g in self.drop_groups] if self.drop_groups else []
         self.rerank_k = int(options.get("rerank_k", 10))
         self.negatives = int(options.get("negatives", 3))
         if self.rerank_k < 1 or self.negatives < 1:
@@ -143,8 +152,31 @@ class RetrievalTask(Task):
             t2i = t2i.masked_fill(same, float("-inf"))
         return (F.cross_entropy(i2t.float(), target) + F.cross_entropy(t2i.float(), target)) / 2
 
+    def drop_words(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Training-time caption augmentation: with probability `drop_prob` a caption loses every word of one
+        of `drop_groups` (e.g. all colour words), so the text tower also learns partial descriptions."""
+        n = len(tokens)
+        pick = torch.rand(n) < self.drop_prob
+        group = torch.randint(len(self._drop_ids), (n,))
+        out = tokens.clone()
+        for g, ids in enumerate(self._drop_ids):
+            words = ids[(ids > 2) & (ids != ids.max())] if ids.numel() else ids
+            rows = (pick & (group == g)).nonzero().flatten().to(tokens.device)
+            if not len(rows) or not len(words):
+                continue
+            sub = out[rows]
+            drop = torch.isin(sub, words.to(sub.device))
+            order = torch.argsort(drop.int(), dim=1, stable=True)
+            sub = sub.gather(1, order)
+            tail = torch.arange(sub.shape[1], device=sub.device) >= (~drop).sum(1, keepdim=True)
+            out[rows] = sub.masked_fill(tail, 0)
+        return out
+
     def loss(self, backbone, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         batch = to_device(batch, device_of(backbone))
+        if self._drop_ids:
+            batch = {**batch, "tokens": self.drop_words(batch["tokens"])}
+            batch.pop("caption_ids", None)
         if backbone.joint_active() and len(batch["pixels"]) > 1:
             return self.joint_loss(backbone, batch)
         image, text = self.embed_pair(backbone, batch["pixels"], batch["tokens"])
@@ -219,6 +251,6 @@ class RetrievalTask(Task):
 
     def metadata(self) -> dict[str, Any]:
         meta = super().metadata()
-        meta["options"] = {**self.options, "chunk": self.chunk, "rerank_k": self.rerank_k,
+        meta["options"] = {**self.options, "chunk": self.chunk, "rerank_k": self.rerank_k, "drop_prob": self.drop_prob,
                            "negatives": self.negatives}
         return meta

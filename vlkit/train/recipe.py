@@ -128,8 +128,14 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"override {item!r} is not of the form key=value")
     try:
         merged = OmegaConf.merge(schema, *layers)
-        if overrides:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        # keys through list items (tasks.0.data.train.n=32) are set in place; the rest merge as a dotlist
+        indexed = [o for o in overrides or [] if any(k.isdigit() for k in o.split("=", 1)[0].split("."))]
+        plain = [o for o in overrides or [] if o not in indexed]
+        if plain:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(plain))
+        for item in indexed:
+            key, value = item.split("=", 1)
+            OmegaConf.update(merged, key, OmegaConf.from_dotlist([f"v={value}"]).v, merge=True)
     except OmegaConfBaseException as exc:
         raise _omegaconf_error(exc, source if not overrides else f"{source} (with overrides)") from None
     check_recipe(merged, source)
