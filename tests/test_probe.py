@@ -183,6 +183,8 @@ def test_three_winoground_sources_give_the_same_probe_scores(wino_copies, backbo
         assert other["systems"] == r_jsonl["systems"]
     assert r_jsonl["tag_counts"]["collapsed_tag"] == {"Both": 1, "Object": 1, "Relation": 1}
     assert r_jsonl["tag_counts"]["secondary_tag"] == {"Symbolic": 2}
+    assert r_jsonl["tag_counts"]["tag"] == {"Adjective-Color": 3}
+    assert r_jsonl["tag_counts"]["num_main_preds"] == {"1": 2, "2": 1}
     # the per-example scores are the backbone's scores of each (caption, image) combination
     from vlkit.scoring import pair_scores
 

@@ -27,7 +27,7 @@ import numpy as np
 
 WINOGROUND_METRICS = ("text", "image", "group")
 CHANCE = {"text": 25.0, "image": 25.0, "group": 100.0 / 6.0}
-BREAKDOWN_KEYS = ("collapsed_tag", "num_main_preds", "secondary_tag")
+BREAKDOWN_KEYS = ("collapsed_tag", "num_main_preds", "secondary_tag", "tag")
 
 
 # ----------------------------------------------------------------------------------------- Winoground
@@ -95,8 +95,8 @@ def breakdown(correct: dict[str, np.ndarray], values: Sequence[Any], multi: bool
 
 
 def winoground_breakdowns(correct: dict[str, np.ndarray], tags: dict[str, Sequence[Any]]) -> dict[str, Any]:
-    """Breakdowns by collapsed_tag, num_main_preds and secondary_tag (comma-separated, multi-valued)
-    for whichever of those columns `tags` has."""
+    """Breakdowns by collapsed_tag, num_main_preds, secondary_tag (comma-separated, multi-valued) and the
+    fine-grained tag, for whichever of those columns `tags` has."""
     out = {}
     for key in BREAKDOWN_KEYS:
         if key in tags and tags[key] is not None:

@@ -147,8 +147,14 @@ def main_table(result: dict[str, Any]):
     return t
 
 
+TABLE_MAX_TAGS = {"tag": 12}  # a breakdown with more values than this stays in the JSON only
+
+
 def breakdown_tables(result: dict[str, Any]) -> list:
-    """One table per breakdown key: rows (tag, system), the metrics, and for adapters (Δ to the backbone)."""
+    """One table per breakdown key: rows (tag, system), the metrics, and for adapters (Δ to the backbone).
+
+    Winoground's fine-grained ``tag`` breakdown is shown when it has at most 12 values (the world's pairs
+    have 7; the real dataset has dozens, kept in the JSON result)."""
     from rich.table import Table
 
     systems = result["systems"]
@@ -157,7 +163,7 @@ def breakdown_tables(result: dict[str, Any]) -> list:
     base = systems[0]
     for key in keys:
         tags = list(dict.fromkeys(tag for s in systems for tag in s["breakdowns"].get(key, {})))
-        if not tags:
+        if not tags or len(tags) > TABLE_MAX_TAGS.get(key, len(tags)):
             continue
         first = next(iter(base["breakdowns"].get(key, {}).values()), {})
         metrics = [m for m in result["metrics"] if m in first] or [m for m in first if m != "n"]

@@ -8,8 +8,9 @@ images to RGB. ``n`` keeps the first n examples of a real copy.
 
 Each system scores the four (caption, image) combinations of every example through `vlkit.scoring`; the
 scores follow Thrush et al. 2022 exactly (strict ``>``, see `vlkit.probe.metrics`), with breakdowns by
-``collapsed_tag``, ``num_main_preds`` and ``secondary_tag``, a seeded bootstrap interval per score and a paired
-bootstrap interval for each adapter's difference to the frozen backbone.
+``collapsed_tag``, ``num_main_preds``, ``secondary_tag`` and the fine-grained ``tag``, a seeded bootstrap
+interval per score (and per tag) and a paired bootstrap interval for each adapter's difference to the frozen
+backbone.
 """
 from __future__ import annotations
 
