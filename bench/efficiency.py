@@ -1,6 +1,8 @@
 """Adapter efficiency on the embedded world (medical domain): zero-shot, linear probe, bottleneck, LoRA,
 (IA)^3 and full fine-tuning with the same budget, per task (classification and vqa).
 
+Classification uses a trainable linear head initialised from the class-prompt (zero-shot) weights for
+every method, so all methods train the same head; the linear probe trains only that head.
 Prints per method: trainable %, score, score as % of full fine-tuning, training step time and peak
 training-step memory relative to full fine-tuning. All figures come from this one run.
 
@@ -18,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def recipe(task: str, method: str, variant: str | None, steps: int, n_train: int, n_eval: int, seed: int) -> dict:
-    lr = {"full": 2e-4, "linear": 1e-2, "zeroshot": 1e-3}.get(method, 3e-3)
+    lr = {"full": 5e-4, "linear": 1e-2, "zeroshot": 1e-3}.get(method, 3e-3)
     adapter = {"variant": variant or "bottleneck"}
     if variant == "lora":
         adapter.update(rank=8, alpha=16, modules="all")
@@ -31,7 +33,7 @@ def recipe(task: str, method: str, variant: str | None, steps: int, n_train: int
         "backbone": "tiny",
         "method": method,
         "adapter": adapter,
-        "task": {"name": task},
+        "task": {"name": task, "options": {"head": "linear"} if task == "classification" else {}},
         "data": {"train": {"kind": "world", "domain": "medical", "task": task, "n": n_train, "seed": seed},
                  "eval": {"kind": "world", "domain": "medical", "task": task, "n": n_eval, "seed": seed + 5000}},
         "optim": {"lr": lr, "steps": steps, "batch_size": 64, "warmup_steps": 10, "schedule": "cosine",
@@ -49,8 +51,8 @@ METHODS = [("zero-shot", "zeroshot", None), ("linear probe", "linear", None), ("
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--n-train", type=int, default=1500)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--n-train", type=int, default=3000)
     ap.add_argument("--n-eval", type=int, default=500)
     ap.add_argument("--tasks", default="classification,vqa")
     ap.add_argument("--seed", type=int, default=0)

@@ -11,7 +11,7 @@
 3. Probes backbone and adapter side by side: scores with 95% bootstrap intervals, paired intervals of the
    difference, breakdowns by collapsed tag; also the synth relation/attribute-swap caption-pair probes.
 
-    python bench/probe_relations.py [--backbone tiny] [--steps 300] [--out runs/probe-relations] [--json r.json]
+    python bench/probe_relations.py [--backbone tiny] [--steps 600] [--out runs/probe-relations] [--json r.json]
 """
 from __future__ import annotations
 
@@ -78,10 +78,10 @@ def train_relation_adapter(backbone_spec: str, out: Path, n_pairs: int, steps: i
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backbone", default="tiny")
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--pairs", type=int, default=1500, help="training minimal pairs")
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--pairs", type=int, default=2000, help="training minimal pairs")
     ap.add_argument("--batch-pairs", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("-n", type=int, default=400, help="probe examples")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/probe-relations")

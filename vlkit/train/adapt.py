@@ -23,7 +23,7 @@ def adapt_recipe(backbone: str, domain: str, shots: int, method: str, variant: s
         "backbone": backbone,
         "method": method,
         "adapter": {"variant": variant, **(adapter_options or {})},
-        "task": {"name": "classification", "options": {}},
+        "task": {"name": "classification", "options": {} if method == "zeroshot" else {"head": "linear"}},
         "data": {"train": train,
                  "eval": {"kind": "world", "domain": domain, "task": "classification", "n": n_eval,
                           "seed": seed + 10_000}},
@@ -35,12 +35,17 @@ def adapt_recipe(backbone: str, domain: str, shots: int, method: str, variant: s
 
 
 def _general_eval(backbone, cfg, n_eval: int, seed: int):
-    """Photo-domain classification accuracy and the logits (to verify 'adapter off' is the frozen model)."""
+    """Photo-domain zero-shot classification accuracy (class prompts through the text tower) and the
+    logits, to verify that 'adapter off' is exactly the frozen model."""
+    from omegaconf import OmegaConf
+
     from ..data import load_data
     from .engine import build_task
 
     ds = load_data({"kind": "world", "domain": GENERAL_DOMAIN, "task": "classification", "n": n_eval,
                     "seed": seed + 20_000})
+    cfg = OmegaConf.merge(cfg, {"method": "zeroshot"})
+    OmegaConf.update(cfg, "task.options", {}, merge=False)
     task = build_task(backbone, cfg, ds)
     data = task.prepare(backbone, ds)
     with torch.no_grad():
