@@ -31,6 +31,8 @@ Values are percentages; ``diff`` holds the paired bootstrap interval of (system 
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -42,7 +44,7 @@ from . import metrics as M
 DEFAULT_RESAMPLES = 1000
 
 
-class Probe:
+class Probe(ABC):
     """Base class of diagnostic probes (subclassing is optional: the CLI only needs these attributes)."""
 
     name: str = ""
@@ -52,10 +54,10 @@ class Probe:
     #: the --data used when none is given (None: the probe needs --data)
     default_data: str | None = None
 
+    @abstractmethod
     def run(self, backbone, systems, *, data: Any = None, seed: int = 0, n: int | None = None,
             n_boot: int = DEFAULT_RESAMPLES, level: float = 0.95, **options: Any) -> dict[str, Any]:
         """Score every system on the probe's data and return a result dict (see the module docstring)."""
-        raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"<probe {self.name or type(self).__name__}>"
