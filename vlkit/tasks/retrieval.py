@@ -81,7 +81,8 @@ def negclip_loss(image, text, neg, neg_valid, scale, keys=None) -> torch.Tensor:
         pos = (keys.reshape(-1, 1) == keys.reshape(1, -1)).float()
         target = pos / pos.sum(dim=1, keepdim=True)
     logits = scale * image @ text.t()
-    neg_logits = (scale * image @ neg.t()).masked_fill(~neg_valid.to(image.device).reshape(1, -1), float("-inf"))
+    # masked with a large finite value: -inf would turn the soft-target cross-entropy into 0 * inf = nan
+    neg_logits = (scale * image @ neg.t()).masked_fill(~neg_valid.to(image.device).reshape(1, -1), -1e4)
     i2t = F.cross_entropy(torch.cat([logits, neg_logits], 1), torch.cat([target, torch.zeros_like(target)], 1))
     return 0.5 * (i2t + F.cross_entropy(logits.t(), target))
 
