@@ -194,8 +194,10 @@ def run(cfg, out_dir: str | Path | None = None, *, resume: bool = False, progres
     n_trainable = sum(p.numel() for p in trainable.values())
     n_backbone = sum(p.numel() for p in backbone.base_parameters().values())
     n_adapter = sum(p.numel() for n, p in backbone.model.named_parameters() if ".adapters." in n or ".fusions." in n)
+    n_head = sum(p.numel() for p in task.head.parameters())
     result["parameters"] = {"trainable": n_trainable, "backbone": n_backbone, "adapter": n_adapter,
-                            "trainable_percent": 100.0 * n_trainable / max(1, n_backbone + n_adapter)}
+                            "head": n_head,
+                            "trainable_percent": 100.0 * n_trainable / max(1, n_backbone + n_adapter + n_head)}
     step = 0
     history: list[dict[str, Any]] = []
     t_fit = time.perf_counter()
