@@ -67,7 +67,7 @@ def main() -> None:
     from vlkit.train.memory import measure_step_memory
     from vlkit.train.recipe import load_recipe
 
-    console = Console(stderr=False)
+    console = Console(width=160)
     results = {}
     for task in args.tasks.split(","):
         rows = []

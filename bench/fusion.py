@@ -58,7 +58,7 @@ def main() -> None:
     from vlkit.train.engine import train
     from vlkit.train.recipe import load_recipe
 
-    console = Console()
+    console = Console(width=160)
     results: dict = {"vqa": [], "pairs": []}
     with tempfile.TemporaryDirectory() as tmp:
         for task in ("vqa", "pairs"):

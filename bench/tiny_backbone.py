@@ -77,7 +77,7 @@ def main() -> None:
     t.add_row("photo: retrieval mean recall (R@1,5,10)", f"{r['mean_recall']:.1f}", "")
     for d in ("medical", "satellite", "sketch"):
         t.add_row(f"{d}: zero-shot classification", f"{res[f'{d}_zero_shot']:.1f}", f"{res[f'{d}_chance']:.1f}")
-    Console().print(t)
+    Console(width=160).print(t)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
 

@@ -249,6 +249,8 @@ def load_data(spec: str | Mapping | None = None, **options: Any):
     """
     import datasets
 
+    if os.environ.get("VLKIT_DATA_PROGRESS", "") in ("", "0"):
+        datasets.disable_progress_bars()  # vlkit shows its own progress; per-cast bars only add noise
     parsed = parse_data_spec(spec, **options)
     kind = parsed.pop("kind")
     source = parsed.pop("source", None)
