@@ -14,14 +14,13 @@ PLACEMENTS = {"both": ("attn", "mlp"), "attn": ("attn",), "mlp": ("mlp",)}
 
 
 @dataclass
-class BottleneckConfig(AdapterConfig):
+class BottleneckShapeConfig(AdapterConfig):
+    """Size, placement and activation of a bottleneck; shared by the bottleneck and fusion variants."""
+
     reduction: float = 8.0
     hidden: int | None = None
     placement: str = "both"
     activation: str = "relu"
-    dropout: float = 0.0
-    scale: float = 1.0
-    unfreeze_layernorm: bool = False
 
     def validate(self) -> None:
         super().validate()
@@ -33,11 +32,21 @@ class BottleneckConfig(AdapterConfig):
             raise ConfigError(f"placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
 
     def hidden_size(self, width: int) -> int:
         return self.hidden if self.hidden is not None else max(1, int(round(width / self.reduction)))
+
+
+@dataclass
+class BottleneckConfig(BottleneckShapeConfig):
+    dropout: float = 0.0
+    scale: float = 1.0
+    unfreeze_layernorm: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
 
 
 class BottleneckLayer(nn.Module):

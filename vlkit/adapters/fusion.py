@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .base import AdapterConfig, AdapterVariant
-from .bottleneck import ACTIVATIONS, PLACEMENTS
+from .base import AdapterVariant
+from .bottleneck import ACTIVATIONS, PLACEMENTS, BottleneckShapeConfig
 
 MECHANISMS = ("attention", "gating")
 GATES = ("scalar", "channel")
@@ -30,33 +30,21 @@ GATE_INIT = 0.5
 
 
 @dataclass
-class FusionConfig(AdapterConfig):
-    reduction: float = 8.0
-    hidden: int | None = None
+class FusionConfig(BottleneckShapeConfig):
     placement: str = "mlp"
-    activation: str = "relu"
     mechanism: str = "attention"
     gate: str = "scalar"
     pairing: list[list[int]] | None = None
     widths: list[int] | None = None
 
     def validate(self) -> None:
-        super().validate()
         if self.towers != "both":
             raise ConfigError("the fusion adapter needs towers=both (each tower attends to the other)")
-        if self.hidden is None and not self.reduction > 0:
-            raise ConfigError(f"reduction must be > 0, got {self.reduction}")
-        if self.placement not in PLACEMENTS:
-            raise ConfigError(f"placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
-        if self.activation not in ACTIVATIONS:
-            raise ConfigError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
+        super().validate()
         if self.mechanism not in MECHANISMS:
             raise ConfigError(f"mechanism must be one of {', '.join(MECHANISMS)}, got {self.mechanism!r}")
         if self.gate not in GATES:
             raise ConfigError(f"gate must be one of {', '.join(GATES)}, got {self.gate!r}")
-
-    def hidden_size(self, width: int) -> int:
-        return self.hidden if self.hidden is not None else max(1, int(round(width / self.reduction)))
 
 
 def relative_depth_pairs(vision_layers: list[int], text_layers: list[int]) -> list[list[int]]:
