@@ -16,21 +16,10 @@ import vlkit
 from vlkit.errors import ExportError
 from vlkit.export.api import export_model
 from vlkit.export.base import ExportOptions, ExportResult
+from cli_helpers import cli
 
 SPEC = "tiny@random"
 VARIANTS = ("bottleneck", "lora", "ia3", "fusion")
-
-
-def cli(argv, capsys):
-    from vlkit.cli.app import main
-
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def perturb_dir(path: Path, seed: int, scale: float = 0.05) -> Path:

@@ -18,6 +18,7 @@ from vlkit.errors import ConfigError, DataError  # noqa: E402
 from vlkit.hookspecs import hookimpl  # noqa: E402
 from vlkit.probe import metrics as M  # noqa: E402
 from vlkit.probe.base import Probe, build_result, summarize  # noqa: E402
+from cli_helpers import cli
 
 BACKBONE = "tiny@random"
 
@@ -367,17 +368,6 @@ def test_caption_pair_probe_local_json_and_synth(tmp_path, backbone):
 
 
 # ---------------------------------------------------------------- CLI end to end
-
-def cli(argv, capsys):
-    from vlkit.cli.app import main
-
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_cli_probe_winoground_end_to_end(tmp_path, capsys, adapter_dirs):
