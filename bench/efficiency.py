@@ -26,7 +26,6 @@ def recipe(task: str, method: str, variant: str | None, steps: int, n_train: int
         adapter.update(rank=8, alpha=16, modules="all")
     if variant == "ia3":
         adapter.update(modules="attn_mlp")
-    if variant == "ia3":
         lr = 3e-2
     return {
         "name": f"{task}-{variant or method}",
