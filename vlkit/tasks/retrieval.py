@@ -8,6 +8,9 @@ Options:
   with one word swapped for another of its group, which its image must score below its own caption;
 - `drop_groups`, `drop_prob`: training-time augmentation; with probability `drop_prob` a caption loses
   every word of one group (e.g. all colours), so partial descriptions are learned too;
+- `augment`: training-time photometric augmentation of the images (`vlkit.tasks.augment`: grey-scale,
+  contrast, brightness, illumination, noise, blur); `true` or a mapping of its options, plus
+  `grayscale_drop` (words, e.g. the colour names, removed from the caption of an image turned grey);
 - joint adapters (fusion): `negatives` (other captions/images each pair competes with in the loss,
   default 3) and `rerank_k` (dual-encoder candidates re-ranked jointly at evaluation, default 10).
 
@@ -87,11 +90,27 @@ def negclip_loss(image, text, neg, neg_valid, scale, keys=None) -> torch.Tensor:
     return 0.5 * (i2t + F.cross_entropy(logits.t(), target))
 
 
+def _remove_words(tokens: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """`tokens` with the words of `ids` (a tokenized word list) removed from the rows where `rows` is true."""
+    words = ids[(ids > 2) & (ids != ids.max())] if ids.numel() else ids
+    idx = rows.nonzero().flatten()
+    if not len(idx) or not len(words):
+        return tokens
+    out = tokens.clone()
+    sub = out[idx]
+    drop = torch.isin(sub, words.to(sub.device))
+    order = torch.argsort(drop.int(), dim=1, stable=True)
+    sub = sub.gather(1, order)
+    tail = torch.arange(sub.shape[1], device=sub.device) >= (~drop).sum(1, keepdim=True)
+    out[idx] = sub.masked_fill(tail, 0)
+    return out
+
+
 class RetrievalTask(Task):
     name = "retrieval"
     metric = "mean_recall"
     required = ("image", "caption")
-    OPTIONS = ("chunk", "rerank_k", "negatives", "swap_groups", "drop_groups", "drop_prob")
+    OPTIONS = ("chunk", "rerank_k", "negatives", "swap_groups", "drop_groups", "drop_prob", "augment")
 
     def __init__(self, backbone, train_data=None, **options: Any):
         check_options(self.name, options, self.OPTIONS)
@@ -103,6 +122,13 @@ class RetrievalTask(Task):
         self.drop_groups = [list(map(str, g)) for g in (options.get("drop_groups") or [])]
         self.drop_prob = float(options.get("drop_prob", 0.5))
         self._drop_ids = [backbone.tokenize(" ".join(g))[0] for g in self.drop_groups] if self.drop_groups else []
+        aug = options.get("augment")
+        aug = dict(aug) if isinstance(aug, dict) else aug
+        grey_words = aug.pop("grayscale_drop", None) if isinstance(aug, dict) else None
+        from .augment import PhotometricAugment
+
+        self.augment = PhotometricAugment.from_option(aug)
+        self._grey_ids = backbone.tokenize(" ".join(map(str, grey_words)))[0] if grey_words else None
         self.rerank_k = int(options.get("rerank_k", 10))
         self.negatives = int(options.get("negatives", 3))
         if self.rerank_k < 1 or self.negatives < 1:
@@ -161,20 +187,24 @@ class RetrievalTask(Task):
         group = torch.randint(len(self._drop_ids), (n,))
         out = tokens.clone()
         for g, ids in enumerate(self._drop_ids):
-            words = ids[(ids > 2) & (ids != ids.max())] if ids.numel() else ids
-            rows = (pick & (group == g)).nonzero().flatten().to(tokens.device)
-            if not len(rows) or not len(words):
-                continue
-            sub = out[rows]
-            drop = torch.isin(sub, words.to(sub.device))
-            order = torch.argsort(drop.int(), dim=1, stable=True)
-            sub = sub.gather(1, order)
-            tail = torch.arange(sub.shape[1], device=sub.device) >= (~drop).sum(1, keepdim=True)
-            out[rows] = sub.masked_fill(tail, 0)
+            out = _remove_words(out, (pick & (group == g)).to(tokens.device), ids)
+        return out
+
+    def augment_batch(self, batch: dict[str, torch.Tensor], backbone) -> dict[str, torch.Tensor]:
+        """Photometric augmentation of the batch's images; captions of images turned grey lose `grayscale_drop`."""
+        pixels, grey = self.augment(batch["pixels"], backbone.mean, backbone.std)
+        out = {**batch, "pixels": pixels}
+        if self._grey_ids is not None and bool(grey.any()):
+            out["tokens"] = _remove_words(batch["tokens"], grey.to(batch["tokens"].device), self._grey_ids)
+            out.pop("caption_ids", None)
+            if "neg_tokens" in out:
+                out["neg_valid"] = out["neg_valid"].to(grey.device) & ~grey
         return out
 
     def loss(self, backbone, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         batch = to_device(batch, device_of(backbone))
+        if self.augment is not None:
+            batch = self.augment_batch(batch, backbone)
         if self._drop_ids:
             batch = {**batch, "tokens": self.drop_words(batch["tokens"])}
             batch.pop("caption_ids", None)

@@ -235,14 +235,24 @@ def _to(data: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in data.items()}
 
 
+def param_groups(trainable: dict[str, torch.Tensor], lr: float, head_lr: float | None) -> list[dict[str, Any]]:
+    """Optimiser groups: the task head at `head_lr` when it is set, everything else at `lr`."""
+    head = [p for n, p in trainable.items() if n.startswith("head.")]
+    rest = [p for n, p in trainable.items() if not n.startswith("head.")]
+    if head_lr is None or not head:
+        return [{"params": rest + head, "lr": lr}]
+    return [g for g in ({"params": rest, "lr": lr}, {"params": head, "lr": head_lr}) if g["params"]]
+
+
 def _fit(cfg, accel, module, task, trainable, train_data, eval_data, out, log, resume, progress, stop_after):
     from ..tasks.base import num_examples
 
     params = list(trainable.values())
+    groups = param_groups(trainable, cfg.optim.lr, cfg.optim.head_lr)
     if cfg.optim.optimizer == "sgd":
-        optimizer = torch.optim.SGD(params, lr=cfg.optim.lr, momentum=0.9, weight_decay=cfg.optim.weight_decay)
+        optimizer = torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=0.9, weight_decay=cfg.optim.weight_decay)
     else:
-        optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     n = num_examples(train_data)
     world, rank = accel.num_processes, accel.process_index
     bs, accum = cfg.optim.batch_size, cfg.optim.grad_accum

@@ -42,6 +42,7 @@ class MultiTaskCfg(TaskCfg):
 class OptimCfg:
     optimizer: str = "adamw"
     lr: float = 1e-3
+    head_lr: Optional[float] = None
     weight_decay: float = 0.0
     schedule: str = "cosine"
     warmup_steps: int = 0
@@ -194,6 +195,8 @@ def check_recipe(cfg, source: str = "<recipe>") -> None:
             raise ConfigError(f"{source}: key 'optim.{key}': must be >= 1")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"{source}: key 'optim.lr': must be > 0")
+    if cfg.optim.head_lr is not None and cfg.optim.head_lr <= 0:
+        raise ConfigError(f"{source}: key 'optim.head_lr': must be > 0 (or null for optim.lr)")
     if cfg.method == "adapter":
         opts = OmegaConf.to_container(cfg.adapter, resolve=True)
         variant = opts.pop("variant", None)

@@ -1,0 +1,88 @@
+"""Photometric augmentation (vlkit.tasks.augment) and its use in retrieval pre-training."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vlkit
+from vlkit.errors import ConfigError
+from vlkit.tasks.augment import PhotometricAugment
+from vlkit.tasks.retrieval import RetrievalTask
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+COLOURS = ["red", "orange", "yellow", "green", "blue", "purple", "black"]
+
+
+def _pixels(n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    raw = torch.rand(n, 3, 16, 16, generator=g)
+    return (raw - 0.5) / 0.25
+
+
+def test_same_seed_same_augmentation_and_p0_is_identity():
+    px = _pixels()
+    torch.manual_seed(3)
+    a, ga = PhotometricAugment()(px, MEAN, STD)
+    torch.manual_seed(3)
+    b, gb = PhotometricAugment()(px, MEAN, STD)
+    assert torch.equal(a, b) and torch.equal(ga, gb)
+    assert not torch.equal(a, px)
+    same, grey = PhotometricAugment(p=0.0)(px, MEAN, STD)
+    assert torch.allclose(same, px, atol=1e-6) and not grey.any()
+
+
+def test_grey_images_have_equal_channels_and_values_stay_in_range():
+    px = _pixels(16)
+    torch.manual_seed(0)
+    out, grey = PhotometricAugment(grayscale=1.0, p=1.0, noise=0.0)(px, MEAN, STD)
+    assert grey.all()
+    raw = out * 0.25 + 0.5
+    assert torch.allclose(raw[:, 0], raw[:, 1], atol=1e-6) and torch.allclose(raw[:, 1], raw[:, 2], atol=1e-6)
+    assert raw.min() >= -1e-6 and raw.max() <= 1 + 1e-6
+
+
+def test_contrast_factor_shrinks_deviation_from_the_mean():
+    px = _pixels(4)
+    torch.manual_seed(0)
+    aug = PhotometricAugment(grayscale=0.0, contrast=(0.5, 0.5), brightness=0.0, illumination=0.0, noise=0.0,
+                             blur=0.0, p=1.0)
+    out, _ = aug(px, MEAN, STD)
+    raw_in, raw_out = px * 0.25 + 0.5, out * 0.25 + 0.5
+    mu = raw_in.mean(dim=(1, 2, 3), keepdim=True)
+    assert torch.allclose(raw_out, mu + 0.5 * (raw_in - mu), atol=1e-5)
+
+
+@pytest.mark.parametrize("value, word", [({"grayscale": 2.0}, "grayscale"), ({"contrast": [0.0, 1.0]}, "contrast"),
+                                         ({"noise": -1}, "noise"), ({"sharpen": 1}, "sharpen"), ("yes", "augment")])
+def test_bad_augment_options_name_the_option(value, word):
+    with pytest.raises(ConfigError, match=word):
+        PhotometricAugment.from_option(value)
+
+
+def test_retrieval_augment_drops_colour_words_of_grey_images_only():
+    bb = vlkit.load_backbone("tiny@random")
+    task = RetrievalTask(bb, None, augment={"grayscale": 1.0, "p": 1.0, "grayscale_drop": COLOURS})
+    tok = bb.tokenize(["a red circle left of a blue square", "a circle"])
+    batch = {"pixels": torch.zeros(2, 3, bb.image_size, bb.image_size), "tokens": tok,
+             "caption_ids": torch.tensor([0, 1])}
+    out = task.augment_batch(batch, bb)
+    colour_ids = bb.tokenize(" ".join(COLOURS))[0]
+    colour_ids = colour_ids[(colour_ids > 2) & (colour_ids != colour_ids.max())]
+    assert not torch.isin(out["tokens"][0], colour_ids).any()
+    assert torch.equal(out["tokens"][1], tok[1]) and "caption_ids" not in out
+    none = RetrievalTask(bb, None, augment={"grayscale": 0.0, "p": 1.0, "grayscale_drop": COLOURS})
+    assert torch.equal(none.augment_batch(batch, bb)["tokens"], tok)
+
+
+def test_retrieval_loss_with_augment_is_finite_and_bad_options_fail():
+    from vlkit import world
+
+    bb = vlkit.load_backbone("tiny@random")
+    ds = world.generate("photo", "retrieval", 8, seed=0)
+    task = RetrievalTask(bb, ds, augment=True, swap_groups=[COLOURS])
+    data = task.prepare(bb, ds)
+    torch.manual_seed(0)
+    loss = task.loss(bb, data)
+    assert torch.isfinite(loss)
+    with pytest.raises(ConfigError, match="augment"):
+        RetrievalTask(bb, ds, augment={"bogus": 1})
