@@ -2,11 +2,15 @@
 (IA)^3 and full fine-tuning with the same budget, per task (classification and vqa).
 
 Classification uses a trainable linear head initialised from the class-prompt (zero-shot) weights for
-every method, so all methods train the same head; the linear probe trains only that head.
+every method, so all methods train the same head; the linear probe trains only that head. A linear head
+reads only the image embedding, so for classification the adapters go into the vision tower (text-tower
+adapters would be parameters that cannot change the score); VQA adapts both towers. Every method that
+trains a head trains it at `--head-lr` (the rest at the method's own learning rate). Trainable % counts
+the task head, in the numerator and the denominator.
 Prints per method: trainable %, score, score as % of full fine-tuning, training step time and peak
 training-step memory relative to full fine-tuning. All figures come from this one run.
 
-    python bench/efficiency.py [--steps 150] [--tasks classification,vqa] [--json out.json]
+    python bench/efficiency.py [--steps 300] [--tasks classification,vqa] [--head-lr 3e-2] [--json out.json]
 """
 from __future__ import annotations
 
@@ -19,11 +23,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def recipe(task: str, method: str, variant: str | None, steps: int, n_train: int, n_eval: int, seed: int) -> dict:
-    lr = {"full": 5e-4, "linear": 1e-2, "zeroshot": 1e-3}.get(method, 3e-3)
-    adapter = {"variant": variant or "bottleneck"}
+def recipe(task: str, method: str, variant: str | None, steps: int, n_train: int, n_eval: int, seed: int,
+           head_lr: float | None = 3e-2) -> dict:
+    lr = {"full": 5e-4, "linear": 3e-2, "zeroshot": 1e-3}.get(method, 3e-3)
+    towers = "vision" if task == "classification" else "both"
+    adapter = {"variant": variant or "bottleneck", "towers": towers}
+    if variant in (None, "bottleneck"):
+        adapter["reduction"] = 4 if task == "classification" else 10
     if variant == "lora":
-        adapter.update(rank=8, alpha=16, modules="all")
+        rank = 8 if towers == "vision" else 4  # about 4% of the backbone either way
+        adapter.update(rank=rank, alpha=2 * rank, modules="all")
     if variant == "ia3":
         adapter.update(modules="attn_mlp")
         lr = 3e-2
@@ -35,7 +44,7 @@ def recipe(task: str, method: str, variant: str | None, steps: int, n_train: int
         "task": {"name": task, "options": {"head": "linear"} if task == "classification" else {}},
         "data": {"train": {"kind": "world", "domain": "medical", "task": task, "n": n_train, "seed": seed},
                  "eval": {"kind": "world", "domain": "medical", "task": task, "n": n_eval, "seed": seed + 5000}},
-        "optim": {"lr": lr, "steps": steps, "batch_size": 64, "warmup_steps": 10, "schedule": "cosine",
+        "optim": {"lr": lr, "head_lr": head_lr, "steps": steps, "batch_size": 64, "warmup_steps": 10, "schedule": "cosine",
                   "weight_decay": 0.0},
         "eval": {"every_steps": 0},
         "checkpoint": {"every_steps": 0},
@@ -52,9 +61,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--n-train", type=int, default=3000)
-    ap.add_argument("--n-eval", type=int, default=500)
+    ap.add_argument("--n-eval", type=int, default=2000)
     ap.add_argument("--tasks", default="classification,vqa")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--head-lr", type=float, default=3e-2, help="learning rate of every trained task head")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = ap.parse_args()
 
@@ -76,7 +86,8 @@ def main() -> None:
                 continue
             if method == "linear" and task == "retrieval":
                 continue
-            cfg = load_recipe(None, base=recipe(task, method, variant, args.steps, args.n_train, args.n_eval, args.seed))
+            cfg = load_recipe(None, base=recipe(task, method, variant, args.steps, args.n_train, args.n_eval, args.seed,
+                                              args.head_lr))
             with tempfile.TemporaryDirectory() as tmp:
                 res = train(cfg, Path(tmp) / "run", progress=False)
             mem = measure_step_memory(cfg) if method != "zeroshot" else None
