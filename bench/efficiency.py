@@ -28,7 +28,7 @@ def recipe(task: str, method: str, variant: str | None, steps: int, n_train: int
     lr = {"full": 5e-4, "linear": 3e-2, "zeroshot": 1e-3}.get(method, 3e-3)
     towers = "vision" if task == "classification" else "both"
     adapter = {"variant": variant or "bottleneck", "towers": towers}
-    if variant in (None, "bottleneck"):
+    if method == "adapter" and variant == "bottleneck":
         adapter["reduction"] = 4 if task == "classification" else 10
         if task == "classification":
             lr = 1e-2  # best of 1e-3, 3e-3, 1e-2 for the bottleneck on medical classification
