@@ -22,6 +22,7 @@ VARIANT_NAMES = registry("adapter").names()
 CASES = [pytest.param(v, {}, id=v) for v in VARIANT_NAMES]
 CASES.append(pytest.param("lora", {"modules": "all"}, id="lora-all"))
 CASES.append(pytest.param("bottleneck", {"unfreeze_layernorm": True}, id="bottleneck-ln"))
+CASES.append(pytest.param("bottleneck", {"attn_position": "input"}, id="bottleneck-attn-input"))
 
 
 def _mergeable(variant: str) -> bool:
@@ -456,3 +457,28 @@ def test_switching_between_adapters_is_exact(kind, first, second, make_backbone,
     bb.set_active("a")
     after = encode(bb, pixels, tokens)
     assert torch.equal(after[0], a_only[0]) and torch.equal(after[1], a_only[1])
+
+
+@pytest.mark.parametrize("kind", BACKBONES)
+def test_bottleneck_attn_input_adapts_what_attention_sees(kind, make_backbone, sample_inputs):
+    """`attn_position: input` puts the attention-site layer before the attention (its q, k, v input)."""
+    from vlkit.adapters.inject import host_of
+
+    bb = make_backbone(kind)
+    rec = vlkit.inject(bb, "bottleneck", name="default", attn_position="input", towers="vision", layers=[0])
+    site = next(s for s in rec.sites if s.role == "attn.in")
+    assert site.kind == "input" and [s.role for s in rec.sites].count("attn") == 0
+    perturb(bb)
+    base = host_of(bb, site).base
+    seen = []
+    hook = base.register_forward_pre_hook(lambda m, args, kwargs: seen.append(
+        (args[0] if args else kwargs["hidden_states"]).detach().clone()), with_kwargs=True)
+    pixels, _ = sample_inputs(bb)
+    with torch.no_grad():
+        bb.encode_image(pixels)
+        bb.set_active()
+        bb.encode_image(pixels)
+    hook.remove()
+    assert len(seen) == 2 and not torch.allclose(seen[0], seen[1])
+    with pytest.raises(ConfigError, match="attn_position"):
+        vlkit.inject(make_backbone(kind), "bottleneck", name="b", attn_position="middle")

@@ -126,6 +126,10 @@ class AdapterVariant(ABC):
         """The site roles targeted when the config names no explicit targets."""
         return self.default_roles
 
+    def place(self, site, config: AdapterConfig):
+        """The site a layer is made for; a variant may move it (e.g. to a sub-layer's input). Default: as is."""
+        return site
+
     def prepare_config(self, backbone, config: AdapterConfig, sites) -> AdapterConfig:
         """Fill in what depends on the backbone (e.g. a layer pairing) before layers are made; saved with the adapter."""
         return config

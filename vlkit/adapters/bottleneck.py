@@ -1,7 +1,12 @@
-"""Bottleneck adapter (Houlsby / Pfeiffer): down-projection, activation, up-projection, residual."""
+"""Bottleneck adapter (Houlsby / Pfeiffer): down-projection, activation, up-projection, residual.
+
+`attn_position: input` moves the attention-site adapter from the attention's output to its input (the
+normalised tokens that feed q, k and v), so the adapter can change where attention looks, not only what
+it returns; at init it is still the identity.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -42,11 +47,14 @@ class BottleneckConfig(BottleneckShapeConfig):
     dropout: float = 0.0
     scale: float = 1.0
     unfreeze_layernorm: bool = False
+    attn_position: str = "output"
 
     def validate(self) -> None:
         super().validate()
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.attn_position not in ("output", "input"):
+            raise ConfigError(f"attn_position must be output or input, got {self.attn_position!r}")
 
 
 class BottleneckLayer(nn.Module):
@@ -74,6 +82,11 @@ class BottleneckVariant(AdapterVariant):
 
     def roles(self, config: BottleneckConfig) -> tuple[str, ...]:
         return PLACEMENTS[config.placement]
+
+    def place(self, site, config: BottleneckConfig):
+        if config.attn_position == "input" and site.role == "attn" and site.kind == "output":
+            return replace(site, role="attn.in", kind="input", out_features=site.in_features)
+        return site
 
     def create_layer(self, site, config: BottleneckConfig) -> nn.Module:
         width = site.out_features

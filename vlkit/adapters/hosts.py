@@ -21,6 +21,9 @@ def base_param_name(name: str) -> str:
     return name.replace(".base.", ".")
 
 
+INPUT_KEY = "attn_in"  # a layer on the attention's input (bottleneck `attn_position: input`)
+
+
 class AdapterHost(nn.Module):
     """Common logic: the layer lookup and how several adapters combine at one site."""
 
@@ -61,7 +64,7 @@ class AdapterHost(nn.Module):
         return any(n is not None and self.layer(n, key) is not None for n in names)
 
     def _run(self, layer, key, y, x, weight, bias):
-        if self.site_kinds[key] == "output":
+        if self.site_kinds[key] in ("output", "input"):
             return layer(y)
         return layer(x, y, weight, bias)
 
@@ -123,8 +126,15 @@ class AdaptedOutput(AdapterHost):
     """Adapters on the output of a sub-layer (attention or MLP); tuple outputs keep their other items."""
 
     def forward(self, *args, **kwargs):
+        if INPUT_KEY in self.site_kinds and self.has_active(INPUT_KEY):
+            if args:
+                args = (self.apply(INPUT_KEY, args[0]), *args[1:])
+            elif "hidden_states" in kwargs:
+                kwargs = {**kwargs, "hidden_states": self.apply(INPUT_KEY, kwargs["hidden_states"])}
         out = self.base(*args, **kwargs)
         for key in self.site_kinds:
+            if self.site_kinds[key] == "input":
+                continue
             if isinstance(out, tuple):
                 out = (self.apply(key, out[0]), *out[1:])
             else:
@@ -163,6 +173,11 @@ class AdaptedMHA(AdapterHost):
                 attn_mask=None, average_attn_weights=True, is_causal=False):
         key = query if key is None else key
         value = query if value is None else value
+        if INPUT_KEY in self.site_kinds and self.has_active(INPUT_KEY):  # self-attention input: q, k, v alike
+            adapted = self.apply(INPUT_KEY, query, batch_dim=0 if self.base.batch_first else 1)
+            key = adapted if key is query else key
+            value = adapted if value is query else value
+            query = adapted
         proj_keys = ("attn_q", "attn_k", "attn_v", "attn_out")
         if not any(k in self.site_kinds and self.has_active(k) for k in proj_keys):
             out, weights = self.base(query, key, value, key_padding_mask=key_padding_mask,

@@ -134,7 +134,7 @@ def inject(backbone, variant: str = "bottleneck", name: str = "default", *, trai
     config = var.make_config(**options)
     if name in backbone.adapter_records:
         raise ConfigError(f"an adapter named {name!r} is already on this backbone; pick another name")
-    sites = select_sites(backbone, var, config)
+    sites = [var.place(s, config) for s in select_sites(backbone, var, config)]
     config = var.prepare_config(backbone, config, sites)
     for p in backbone.parameters():
         p.requires_grad_(False)
