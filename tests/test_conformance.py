@@ -23,6 +23,7 @@ CASES = [pytest.param(v, {}, id=v) for v in VARIANT_NAMES]
 CASES.append(pytest.param("lora", {"modules": "all"}, id="lora-all"))
 CASES.append(pytest.param("bottleneck", {"unfreeze_layernorm": True}, id="bottleneck-ln"))
 CASES.append(pytest.param("bottleneck", {"attn_position": "input"}, id="bottleneck-attn-input"))
+CASES.append(pytest.param("bottleneck", {"attn_position": "input", "mlp_position": "input"}, id="bottleneck-inputs"))
 
 
 def _mergeable(variant: str) -> bool:
@@ -459,26 +460,34 @@ def test_switching_between_adapters_is_exact(kind, first, second, make_backbone,
     assert torch.equal(after[0], a_only[0]) and torch.equal(after[1], a_only[1])
 
 
+@pytest.mark.parametrize("role", ["attn", "mlp"])
 @pytest.mark.parametrize("kind", BACKBONES)
-def test_bottleneck_attn_input_adapts_what_attention_sees(kind, make_backbone, sample_inputs):
-    """`attn_position: input` puts the attention-site layer before the attention (its q, k, v input)."""
+def test_bottleneck_input_position_adapts_what_the_sublayer_sees(kind, role, make_backbone, sample_inputs):
+    """`attn_position: input` / `mlp_position: input` put that site's layer before the sub-layer (for
+    attention: its q, k, v input; for the MLP: its first projection's input), and only there."""
     from vlkit.adapters.inject import host_of
 
     bb = make_backbone(kind)
-    rec = vlkit.inject(bb, "bottleneck", name="default", attn_position="input", towers="vision", layers=[0])
-    site = next(s for s in rec.sites if s.role == "attn.in")
-    assert site.kind == "input" and [s.role for s in rec.sites].count("attn") == 0
+    both = vlkit.inject(make_backbone(kind), "bottleneck", name="b", towers="vision", layers=[0],
+                        **{f"{role}_position": "input"})
+    other = "mlp" if role == "attn" else "attn"
+    assert sorted(s.role for s in both.sites) == sorted([f"{role}.in", other])
+    rec = vlkit.inject(bb, "bottleneck", name="default", towers="vision", layers=[0], placement=role,
+                       **{f"{role}_position": "input"})
+    [site] = rec.sites
+    assert site.kind == "input" and site.key == f"{role}_in"
     perturb(bb)
     base = host_of(bb, site).base
     seen = []
-    hook = base.register_forward_pre_hook(lambda m, args, kwargs: seen.append(
+    pre = base.register_forward_pre_hook(lambda m, args, kwargs: seen.append(
         (args[0] if args else kwargs["hidden_states"]).detach().clone()), with_kwargs=True)
     pixels, _ = sample_inputs(bb)
     with torch.no_grad():
-        bb.encode_image(pixels)
+        feats = bb.encode_image(pixels)
         bb.set_active()
-        bb.encode_image(pixels)
-    hook.remove()
+        plain = bb.encode_image(pixels)
+    pre.remove()
     assert len(seen) == 2 and not torch.allclose(seen[0], seen[1])
-    with pytest.raises(ConfigError, match="attn_position"):
-        vlkit.inject(make_backbone(kind), "bottleneck", name="b", attn_position="middle")
+    assert not torch.allclose(feats, plain)
+    with pytest.raises(ConfigError, match=f"{role}_position"):
+        vlkit.inject(make_backbone(kind), "bottleneck", name="b", **{f"{role}_position": "middle"})

@@ -2,7 +2,8 @@
 
 `attn_position: input` moves the attention-site adapter from the attention's output to its input (the
 normalised tokens that feed q, k and v), so the adapter can change where attention looks, not only what
-it returns; at init it is still the identity.
+it returns; `mlp_position: input` likewise puts the MLP-site adapter before the MLP's first projection,
+so the MLP's non-linearity acts on adapted tokens. At init either is still the identity.
 """
 from __future__ import annotations
 
@@ -48,13 +49,15 @@ class BottleneckConfig(BottleneckShapeConfig):
     scale: float = 1.0
     unfreeze_layernorm: bool = False
     attn_position: str = "output"
+    mlp_position: str = "output"
 
     def validate(self) -> None:
         super().validate()
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.attn_position not in ("output", "input"):
-            raise ConfigError(f"attn_position must be output or input, got {self.attn_position!r}")
+        for key in ("attn_position", "mlp_position"):
+            if getattr(self, key) not in ("output", "input"):
+                raise ConfigError(f"{key} must be output or input, got {getattr(self, key)!r}")
 
 
 class BottleneckLayer(nn.Module):
@@ -84,8 +87,9 @@ class BottleneckVariant(AdapterVariant):
         return PLACEMENTS[config.placement]
 
     def place(self, site, config: BottleneckConfig):
-        if config.attn_position == "input" and site.role == "attn" and site.kind == "output":
-            return replace(site, role="attn.in", kind="input", out_features=site.in_features)
+        if site.kind == "output" and site.role in ("attn", "mlp"):
+            if getattr(config, f"{site.role}_position") == "input":
+                return replace(site, role=f"{site.role}.in", kind="input", out_features=site.in_features)
         return site
 
     def create_layer(self, site, config: BottleneckConfig) -> nn.Module:

@@ -123,14 +123,17 @@ def _route_for(route: torch.Tensor, y: torch.Tensor, batch_dim: int | None) -> t
 
 
 class AdaptedOutput(AdapterHost):
-    """Adapters on the output of a sub-layer (attention or MLP); tuple outputs keep their other items."""
+    """Adapters on the output of a sub-layer (attention or MLP), or on its input (sites of kind "input",
+    applied to the first argument or `hidden_states=`); tuple outputs keep their other items."""
 
     def forward(self, *args, **kwargs):
-        if INPUT_KEY in self.site_kinds and self.has_active(INPUT_KEY):
+        for key in self.site_kinds:
+            if self.site_kinds[key] != "input" or not self.has_active(key):
+                continue
             if args:
-                args = (self.apply(INPUT_KEY, args[0]), *args[1:])
+                args = (self.apply(key, args[0]), *args[1:])
             elif "hidden_states" in kwargs:
-                kwargs = {**kwargs, "hidden_states": self.apply(INPUT_KEY, kwargs["hidden_states"])}
+                kwargs = {**kwargs, "hidden_states": self.apply(key, kwargs["hidden_states"])}
         out = self.base(*args, **kwargs)
         for key in self.site_kinds:
             if self.site_kinds[key] == "input":
