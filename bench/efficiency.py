@@ -34,9 +34,9 @@ def recipe(task: str, method: str, variant: str | None, steps: int, n_train: int
     adapter = {"variant": variant or "bottleneck", "towers": towers}
     if method == "adapter" and variant == "bottleneck":
         adapter["reduction"] = 4 if task == "classification" else 10
-        if task == "classification":  # best of lr 3e-3 .. 2e-2 and of output / input positions
+        if task == "classification":  # best of lr 3e-3 .. 2e-2, output / input positions, with / without embed
             lr = 5e-3
-            adapter.update(attn_position="input", mlp_position="input")
+            adapter.update(attn_position="input", mlp_position="input", embed=True)
     if variant == "lora":
         rank = 8 if towers == "vision" else 4  # about 4% of the backbone either way
         adapter.update(rank=rank, alpha=2 * rank, modules="all")

@@ -14,6 +14,7 @@ import vlkit
 from vlkit.adapters.base import AdapterVariant
 from vlkit.adapters.files import CONFIG_NAME, WEIGHTS_NAME
 from vlkit.adapters.inject import adapter_layers, adapter_parameters, merge_adapter, remove_adapter, unmerge_adapter
+from vlkit.backbones.base import resolve_module
 from vlkit.errors import AdapterFileError, ConfigError, IncompatibleAdapterError, UnknownNameError
 from vlkit.plugins import registry
 
@@ -23,7 +24,8 @@ CASES = [pytest.param(v, {}, id=v) for v in VARIANT_NAMES]
 CASES.append(pytest.param("lora", {"modules": "all"}, id="lora-all"))
 CASES.append(pytest.param("bottleneck", {"unfreeze_layernorm": True}, id="bottleneck-ln"))
 CASES.append(pytest.param("bottleneck", {"attn_position": "input"}, id="bottleneck-attn-input"))
-CASES.append(pytest.param("bottleneck", {"attn_position": "input", "mlp_position": "input"}, id="bottleneck-inputs"))
+CASES.append(pytest.param("bottleneck", {"attn_position": "input", "mlp_position": "input", "embed": True},
+                          id="bottleneck-inputs-embed"))
 
 
 def _mergeable(variant: str) -> bool:
@@ -353,8 +355,9 @@ def test_target_matching(kind, variant, make_backbone):
     cands = _candidates(make_backbone(kind), variant)
     assert len(cands) > 4
 
-    # exact path
-    site = cands[len(cands) // 2]
+    # exact path (of a site inside a block: embed sites have short paths such as `token_embedding`)
+    inner = [s for s in cands if s.role != "embed"]
+    site = inner[len(inner) // 2]
     bb = make_backbone(kind)
     assert vlkit.inject(bb, variant, targets=[site.path]).targets == [site.path]
 
@@ -491,3 +494,31 @@ def test_bottleneck_input_position_adapts_what_the_sublayer_sees(kind, role, mak
     assert not torch.allclose(feats, plain)
     with pytest.raises(ConfigError, match=f"{role}_position"):
         vlkit.inject(make_backbone(kind), "bottleneck", name="b", **{f"{role}_position": "middle"})
+
+
+@pytest.mark.parametrize("kind", BACKBONES)
+def test_embed_site_adapts_the_tokens_entering_each_tower(kind, make_backbone, sample_inputs):
+    """The `embed` site (bottleneck `embed: true`) sits on the token sequence entering each tower's first block."""
+    bb = make_backbone(kind)
+    rec = vlkit.inject(bb, "bottleneck", name="default", targets=["embed"])
+    assert sorted((s.tower, s.layer, s.role) for s in rec.sites) == [("text", 0, "embed"), ("vision", 0, "embed")]
+    blocks = {b.tower: resolve_module(bb.model, b.path) for b in bb.all_blocks() if b.index == 0}
+    seen = {}
+    hooks = [m.register_forward_pre_hook(lambda m, args, kwargs, t=t: seen.setdefault(t, []).append(
+        (args[0] if args else kwargs["hidden_states"]).detach().clone()), with_kwargs=True) for t, m in blocks.items()]
+    pixels, tokens = sample_inputs(bb)
+    with torch.no_grad():
+        ref = encode(bb, pixels, tokens)
+        perturb(bb)
+        adapted = encode(bb, pixels, tokens)
+        bb.set_active()
+        off = encode(bb, pixels, tokens)
+    for h in hooks:
+        h.remove()
+    for t in ("vision", "text"):
+        assert torch.equal(seen[t][0], seen[t][2]) and not torch.allclose(seen[t][0], seen[t][1])
+    assert not torch.allclose(ref[0], adapted[0]) and not torch.allclose(ref[1], adapted[1])
+    assert torch.equal(ref[0], off[0]) and torch.equal(ref[1], off[1])
+    with_embed = vlkit.inject(make_backbone(kind), "bottleneck", name="b", embed=True)
+    without = vlkit.inject(make_backbone(kind), "bottleneck", name="b")
+    assert len(with_embed.sites) == len(without.sites) + 2

@@ -3,7 +3,10 @@
 `attn_position: input` moves the attention-site adapter from the attention's output to its input (the
 normalised tokens that feed q, k and v), so the adapter can change where attention looks, not only what
 it returns; `mlp_position: input` likewise puts the MLP-site adapter before the MLP's first projection,
-so the MLP's non-linearity acts on adapted tokens. At init either is still the identity.
+so the MLP's non-linearity acts on adapted tokens. `embed: true` adds one more layer per tower on the
+token sequence entering its first block (patch or token embeddings): where the input domain differs
+from pre-training (medical scans, say) it remaps the low-level features every block reads. At init
+each of these is still the identity.
 """
 from __future__ import annotations
 
@@ -50,6 +53,7 @@ class BottleneckConfig(BottleneckShapeConfig):
     unfreeze_layernorm: bool = False
     attn_position: str = "output"
     mlp_position: str = "output"
+    embed: bool = False
 
     def validate(self) -> None:
         super().validate()
@@ -84,7 +88,7 @@ class BottleneckVariant(AdapterVariant):
     kinds = ("output",)
 
     def roles(self, config: BottleneckConfig) -> tuple[str, ...]:
-        return PLACEMENTS[config.placement]
+        return ("embed",) * config.embed + PLACEMENTS[config.placement]
 
     def place(self, site, config: BottleneckConfig):
         if site.kind == "output" and site.role in ("attn", "mlp"):

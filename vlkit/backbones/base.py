@@ -11,7 +11,7 @@ from torch import nn
 
 TOWERS = ("vision", "text")
 
-ROLES = ("attn", "mlp", "attn.q", "attn.k", "attn.v", "attn.out", "mlp.fc1", "mlp.fc2")
+ROLES = ("embed", "attn", "mlp", "attn.q", "attn.k", "attn.v", "attn.out", "mlp.fc1", "mlp.fc2")
 OUTPUT_ROLES = ("attn", "mlp")
 
 

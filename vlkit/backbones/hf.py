@@ -104,6 +104,12 @@ class HFBackbone(Backbone):
             b.sites["mlp.fc2"] = Site(tower, i, "mlp.fc2", f"{path}.mlp.fc2", f"{path}.mlp.fc2", "linear",
                                       fc2.in_features, fc2.out_features)
             out.append(b)
+        if out:
+            tower_model = getattr(self.model, prefix)
+            embed = "pre_layrnorm" if tower == "vision" and hasattr(tower_model, "pre_layrnorm") else "embeddings"
+            w = out[0].width
+            site = Site(tower, 0, "embed", f"{prefix}.{embed}", f"{prefix}.{embed}", "output", w, w)
+            out[0].sites = {"embed": site, **out[0].sites}
         return out
 
     def tower_prefixes(self):

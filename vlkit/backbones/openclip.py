@@ -113,7 +113,19 @@ class OpenClipBackbone(Backbone):
             b = _sites_for_block(tower, i, f"{path}.{i}", blk)
             if b is not None:
                 out.append(b)
+        embed = self._embed_path(tower)
+        if out and embed is not None:
+            w = out[0].width
+            out[0].sites = {"embed": Site(tower, 0, "embed", embed, embed, "output", w, w), **out[0].sites}
         return out
+
+    def _embed_path(self, tower: str) -> str | None:
+        """The module whose output is the token sequence entering the tower's first block (after the
+        patch embedding, class token, positions and `ln_pre` for vision; the token embedding for text)."""
+        if tower == "vision":
+            return "visual.ln_pre" if hasattr(self.model.visual, "ln_pre") else None
+        owner, prefix = (self.model.text, "text.") if self._text_blocks_path().startswith("text.") else (self.model, "")
+        return f"{prefix}token_embedding" if hasattr(owner, "token_embedding") else None
 
     def tower_prefixes(self):
         text = ("text.",) if self._text_blocks_path().startswith("text.") else (
