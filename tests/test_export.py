@@ -52,6 +52,10 @@ def adapter_dirs(tmp_path_factory):
         extra = ["--rank", "4"] if variant == "lora" else []
         main(["inject", "--backbone", SPEC, "--adapter", variant, "-o", str(d), "--name", variant, *extra])
         out[variant] = perturb_dir(d, seed=i + 1)
+    d = root / "bottleneck-inputs"  # layers before attention / MLP and on the embeddings: other hosts' paths
+    main(["inject", "--backbone", SPEC, "--adapter", "bottleneck", "-o", str(d), "--name", "inputs",
+          "-O", "attn_position=input", "-O", "mlp_position=input", "-O", "embed=true"])
+    out["bottleneck-inputs"] = perturb_dir(d, seed=99)
     return out
 
 
@@ -60,7 +64,7 @@ def _max_fp32(summary) -> float:
 
 
 @pytest.mark.parametrize("variant,merge", [("bottleneck", True), ("lora", True), ("lora", False), ("ia3", True),
-                                           ("fusion", True)])
+                                           ("fusion", True), ("bottleneck-inputs", True)])
 def test_parity_every_variant(adapter_dirs, tmp_path, variant, merge):
     if variant not in adapter_dirs:
         pytest.skip(f"adapter variant {variant} is not installed")
