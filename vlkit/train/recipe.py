@@ -139,6 +139,10 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
             OmegaConf.update(merged, key, OmegaConf.from_dotlist([f"v={value}"]).v, merge=True)
     except OmegaConfBaseException as exc:
         raise _omegaconf_error(exc, source if not overrides else f"{source} (with overrides)") from None
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:
+        raise ConfigError(f"{source}: required key(s) {', '.join(missing)} not set (??? in the recipe)",
+                          hint="give them on the command line: " + " ".join(f"{k}=..." for k in missing))
     check_recipe(merged, source)
     return merged
 
