@@ -24,8 +24,14 @@ def register(cli: typer.Typer) -> None:
 
         import os
 
+        from .progress import TrainProgress
+
         cfg = load_recipe(recipe, overrides or [])
-        result = train(cfg, out, resume=resume, progress=not no_progress)
+        bar = TrainProgress(enabled=not no_progress and os.environ.get("RANK", "0") == "0")
+        try:
+            result = train(cfg, out, resume=resume, progress=bar)
+        finally:
+            bar.close()
         if os.environ.get("RANK", "0") != "0":
             return
         rows = [[k, f"{v:.2f}" if isinstance(v, float) else v] for k, v in result["metrics"].items()]

@@ -17,7 +17,6 @@ re-ties the shared parameters) and metrics.json.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -104,141 +103,90 @@ def task_recipe(cfg, tcfg, name: str):
     return sub
 
 
-def run_multitask(cfg, out_dir: str | Path | None = None, *, progress: bool = True,
-                  datasets: dict[str, tuple] | None = None):
-    """Train the recipe's `tasks` with its `sharing` scheme; returns (result, backbone, {name: task}).
+def setup_multitask(cfg, backbone, datasets: dict[str, tuple]):
+    """Inject one adapter per entry of `tasks`, tie them per `sharing`; returns (jobs, trainable parameters).
 
-    `datasets`: optional {adapter name: (train Dataset, eval Dataset or None)} instead of loading each
-    task's `data`."""
-    from accelerate.utils import set_seed
+    `datasets`: optional {adapter name: (train Dataset, eval Dataset or None)} instead of each task's `data`."""
     from omegaconf import OmegaConf
 
-    from ..adapters.files import save_adapter
     from ..adapters.inject import adapter_layers, inject
-    from ..backbones.loading import load_backbone
-    from ..io import write_json, write_text
-    from ..train.engine import _accelerator, _micro_batches, _scheduler, _to, build_task, load_datasets
-    from ..train.logs import MetricsLog
+    from ..train.engine import Job, build_task, load_datasets
     from ..train.methods import adapter_name_for
-    from .composition import write_composition
 
-    out = Path(out_dir or cfg.output_dir or f"runs/{cfg.name}")
-    accel = _accelerator(cfg)
-    set_seed(cfg.seed)
-    backbone = load_backbone(cfg.backbone)
     opts = OmegaConf.to_container(cfg.adapter, resolve=True)
     variant = opts.pop("variant")
     opts.pop("name", None)
     shared_parts(variant, cfg.sharing)
-    entries = []
-    for tcfg in cfg.tasks:
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    jobs = []
+    for i, tcfg in enumerate(cfg.tasks):
         name = adapter_name_for(tcfg.adapter or tcfg.name)
-        if any(e["name"] == name for e in entries):
+        if any(j.name == name for j in jobs):
             raise ConfigError(f"two tasks would both use adapter {name!r}; give each an `adapter` name")
         sub = task_recipe(cfg, tcfg, name)
-        train_ds, eval_ds = (datasets or {}).get(name) or load_datasets(sub)
+        train_ds, eval_ds = datasets.get(name) or load_datasets(sub)
         task = build_task(backbone, sub, train_ds)
         inject(backbone, variant, name=name, **opts)
-        entries.append({"name": name, "cfg": sub, "task": task, "train": task.prepare(backbone, train_ds),
-                        "eval": task.prepare(backbone, eval_ds) if eval_ds is not None else None})
-    names = [e["name"] for e in entries]
+        jobs.append(Job(name, task, task.prepare(backbone, train_ds),
+                        task.prepare(backbone, eval_ds) if eval_ds is not None else None, cfg.seed + 7919 * i, sub))
+    names = [j.name for j in jobs]
     tie_shared(backbone, names, cfg.sharing, check=False)
     for n in names:
         for layer in adapter_layers(backbone, n).values():
             for p in layer.parameters():
                 p.requires_grad_(True)
-    backbone.to(accel.device)
-    params: dict[int, torch.nn.Parameter] = {}
-    for p in backbone.parameters():
-        if p.requires_grad:
-            params.setdefault(id(p), p)
-    n_adapter = sum(p.numel() for p in params.values())
-    for e in entries:
-        e["task"].head.to(accel.device)
-        for p in e["task"].head.parameters():
+    trainable: dict[str, torch.nn.Parameter] = {}
+    ids: set[int] = set()
+    for n, p in backbone.named_parameters(remove_duplicate=True):
+        if p.requires_grad and id(p) not in ids:
+            trainable[f"backbone.{n}"] = p
+            ids.add(id(p))
+    for j in jobs:
+        for n, p in j.task.head.named_parameters():
             p.requires_grad_(True)
-            params.setdefault(id(p), p)
-    plist = list(params.values())
-    o = cfg.optim
-    optimizer = (torch.optim.SGD(plist, lr=o.lr, momentum=0.9, weight_decay=o.weight_decay) if o.optimizer == "sgd"
-                 else torch.optim.AdamW(plist, lr=o.lr, weight_decay=o.weight_decay))
-    sizes = [len(next(iter(e["train"].values()))) for e in entries]
-    total = o.steps if o.steps is not None else o.epochs * sum(max(1, -(-s // o.batch_size)) for s in sizes)
-    scheduler = _scheduler(optimizer, o.schedule, o.warmup_steps, total)
-    streams = [_micro_batches(s, o.batch_size, cfg.seed + 7919 * i, 0, 1) for i, s in enumerate(sizes)]
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "recipe.yaml", OmegaConf.to_yaml(cfg))
-    log = MetricsLog(out, tensorboard=cfg.logging.tensorboard)
-    history: list[dict[str, Any]] = []
-    backbone.train()
-    t0 = time.perf_counter()
-    for step in range(1, total + 1):
-        i = (step - 1) % len(entries)
-        e = entries[i]
-        backbone.set_active(e["name"])
-        e["task"].head.train()
-        _, idx = next(streams[i])
-        batch = {k: v[idx].to(accel.device) for k, v in e["train"].items()}
-        with accel.autocast():
-            loss = e["task"].loss(backbone, batch)
-        loss.backward()
-        if o.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(plist, o.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        row = {"step": step, "task": e["name"], f"loss/{e['name']}": float(loss.detach()),
-               "lr": scheduler.get_last_lr()[0]}
-        if step % max(1, cfg.logging.every_steps) == 0 or step == total:
-            log.write(row)
-            history.append(row)
-        if progress and step % 50 == 0:
-            from ..cli.output import console
+            trainable[f"head.{j.name}.{n}"] = p
+    return jobs, trainable
 
-            console.print(f"multitask step {step}/{total}  {e['name']} loss {float(loss.detach()):.4f}")
-    fit_s = time.perf_counter() - t0
-    backbone.eval()
-    per_task, metrics = {}, {}
-    for e in entries:
-        backbone.set_active(e["name"])
-        if e["eval"] is not None:
-            with torch.no_grad():
-                m = e["task"].evaluate(backbone, _to(e["eval"], accel.device), batch_size=cfg.eval.batch_size)
-            per_task[e["name"]] = {"task": e["task"].name, "metric": e["task"].metric, **m}
-            metrics.update({f"{e['name']}/{k}": v for k, v in m.items()})
+
+def multitask_result(result: dict[str, Any], cfg, per_task: dict[str, dict]) -> None:
+    """Fill a multi-task run's result: per-task metrics, their mean as the score."""
+    result.update({"tasks": [t.adapter or t.name for t in cfg.tasks], "sharing": cfg.sharing,
+                   "per_task": per_task, "primary_metric": "mean of task metrics",
+                   "metrics": {f"{name}/{k}": v for name, m in per_task.items() for k, v in m.items()
+                               if k not in ("task", "metric")}})
     scores = [v[v["metric"]] for v in per_task.values()]
-    n_base = sum(p.numel() for p in backbone.base_parameters().values())
-    result = {"name": cfg.name, "method": cfg.method, "backbone": cfg.backbone, "task": "multitask",
-              "tasks": names, "sharing": cfg.sharing, "output_dir": str(out), "steps": total,
-              "train_time_s": fit_s, "step_time_ms": 1000.0 * fit_s / max(1, total),
-              "parameters": {"trainable": sum(p.numel() for p in plist), "backbone": n_base,
-                             "adapter": n_adapter, "trainable_percent": 100.0 * sum(p.numel() for p in plist)
-                             / max(1, n_base + n_adapter)},
-              "metrics": metrics, "per_task": per_task, "primary_metric": "mean of task metrics",
-              "score": sum(scores) / len(scores) if scores else None}
-    sources = []
-    for e in entries:
-        d = out / "adapters" / e["name"]
-        meta = e["task"].metadata()
-        save_adapter(backbone, d, name=e["name"], task=meta, extra={"sharing": cfg.sharing, "shared_with": names})
-        head = e["task"].head_state()
-        if head:
-            from safetensors.torch import save_file
+    result["score"] = sum(scores) / len(scores) if scores else None
 
-            save_file(head, str(d / "head.safetensors"))
+
+def write_multitask_outputs(cfg, out: Path, backbone, jobs, result: dict[str, Any]) -> None:
+    """adapters/<name>/ per task, shared.safetensors, composition.json (mode route) and metrics.json."""
+    from omegaconf import OmegaConf
+    from safetensors.torch import save_file
+
+    from ..adapters.files import save_adapter
+    from ..io import atomic_path, write_json, write_text
+    from .composition import write_composition
+
+    names = [j.name for j in jobs]
+    sources = []
+    for j in jobs:
+        d = out / "adapters" / j.name
+        meta = j.task.metadata()
+        save_adapter(backbone, d, name=j.name, task=meta, extra={"sharing": cfg.sharing, "shared_with": names})
+        head = j.task.head_state()
+        if head:
+            with atomic_path(d / "head.safetensors") as tmp:
+                save_file(head, str(tmp))
         write_json(d / "task.json", meta)
-        write_text(d / "recipe.yaml", OmegaConf.to_yaml(e["cfg"]))
-        sources.append((e["name"], d))
+        write_text(d / "recipe.yaml", OmegaConf.to_yaml(j.cfg))
+        sources.append((j.name, d))
     extra: dict[str, Any] = {"sharing": cfg.sharing}
     shared = tie_shared(backbone, names, cfg.sharing, check=False)
     if shared:
-        from safetensors.torch import save_file
-
-        save_file({k: v.detach().cpu().contiguous().clone() for k, v in shared.items()},
-                  str(out / "shared.safetensors"))
+        with atomic_path(out / "shared.safetensors") as tmp:
+            save_file({k: v.detach().cpu().contiguous().clone() for k, v in shared.items()}, str(tmp))
         extra["shared_parameters"] = {"file": "shared.safetensors", "tensors": len(shared),
                                       "numel": int(sum(v.numel() for v in shared.values()))}
     write_composition(out, "route", backbone, sources, extra=extra)
     write_json(out / "metrics.json", result)
-    log.close()
-    return result, backbone, {e["name"]: e["task"] for e in entries}

@@ -180,7 +180,7 @@ def router_dataset(backbone, sources: list[tuple[str | None, Any, dict | None]],
             ds = ds.shuffle(seed=seed).select(range(n_per_source))
         if "image" not in ds.column_names:
             raise DataError(f"routing data for {label!r} has no image column ({ds.column_names})")
-        pixels = prepare_pixels(backbone, ds)
+        pixels = prepare_pixels(backbone, ds).materialize()
         texts = _texts(ds, meta, task)
         n = len(ds)
         is_held = torch.rand(n, generator=g) < holdout

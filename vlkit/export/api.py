@@ -24,6 +24,7 @@ import torch
 from .. import __version__
 from ..errors import ConfigError, ExportError, VlkitError
 from .base import Evaluation, ExportOptions, ExportRequest, ExportResult, GraphSpec
+from ..data.pipeline import materialize
 
 TASKS = ("classification",)
 BATCH = 64  # chunk size for references and eval-set passes
@@ -267,7 +268,7 @@ def export_model(out: str | Path, *, backbone: str | None = None, adapters: list
         the_task = build_classification(bb, meta, meta_dir, dom) if task == "classification" else None
         class_emb = the_task.class_embeddings(bb) if the_task is not None and the_task.head_kind == "text" else None
         ds, label = eval_dataset(eval_data, recipe, dom, eval_n)
-        data = (the_task or zs_task).prepare(bb, ds)
+        data = materialize((the_task or zs_task).prepare(bb, ds))
     joint = bool(getattr(bb, "joint_active", lambda: False)())
     graphs = build_graphs(bb, the_task, class_emb, joint)
     evaluation = _evaluation(bb, merged, the_task, zs_task, data, label, the_task is not None)

@@ -1,6 +1,7 @@
 """The Task interface the trainer, `vlkit adapt`, compose and export drive.
 
-A task turns a `datasets.Dataset` into tensors once (`prepare`), owns a head module (possibly with no
+A task turns a `datasets.Dataset` into prepared columns once (`prepare`: small tensors such as labels and
+tokens, and lazy image columns that the streaming pipeline decodes per batch), owns a head module (possibly with no
 parameters), computes a training loss on a batch and metrics on a prepared eval set. The backbone is
 passed in each call, so the same task object works with adapters switched on or off.
 """
@@ -48,9 +49,10 @@ class Task(ABC):
 
 
 def batches(data: dict[str, torch.Tensor], batch_size: int):
-    n = len(next(iter(data.values())))
-    for i in range(0, n, batch_size):
-        yield {k: v[i:i + batch_size] for k, v in data.items()}
+    """Prepared data in order, `batch_size` rows at a time; lazy image columns stream through a DataLoader."""
+    from ..data.pipeline import iter_batches
+
+    yield from iter_batches(data, batch_size)
 
 
 def num_examples(data: dict[str, torch.Tensor]) -> int:
@@ -58,7 +60,7 @@ def num_examples(data: dict[str, torch.Tensor]) -> int:
 
 
 # --- helpers shared by the built-in tasks ---------------------------------------------------------
-PIXEL_CHUNK = 256
+PIXEL_CHUNK = 256  # kept for callers that decode in chunks
 
 
 def device_of(backbone) -> torch.device:
@@ -69,7 +71,11 @@ def device_of(backbone) -> torch.device:
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    """`batch` on `device`; a lazy image column (a whole small prepared set) is decoded first."""
+    from ..data.pipeline import LazyImages
+
+    return {k: (v.materialize() if isinstance(v, LazyImages) else v).to(device, non_blocking=True)
+            for k, v in batch.items()}
 
 
 def require_columns(task: Task, ds, columns: tuple[str, ...] | None = None) -> None:
@@ -84,14 +90,15 @@ def require_columns(task: Task, ds, columns: tuple[str, ...] | None = None) -> N
                         f"{', '.join(ds.column_names) or 'none'}")
 
 
-def prepare_pixels(backbone, ds, column: str = "image", chunk: int = PIXEL_CHUNK) -> torch.Tensor:
-    """`backbone.preprocess_batch` over the whole image column, decoding `chunk` images at a time."""
-    n = len(ds)
-    if n == 0:
-        return torch.zeros(0, 3, backbone.image_size, backbone.image_size)
-    col = ds.select_columns([column])
-    parts = [backbone.preprocess_batch(col[i:i + chunk][column]) for i in range(0, n, chunk)]
-    return torch.cat(parts).contiguous()
+def prepare_pixels(backbone, ds, column: str = "image", chunk: int = PIXEL_CHUNK):
+    """The image column as a lazy (N, 3, S, S) column: rows are decoded and put through the backbone's own
+    transform when a batch reads them (in DataLoader workers), never all at once."""
+    from ..data.images import ImageReader
+    from ..data.pipeline import LazyImages
+
+    transform = getattr(backbone, "image_transform", None) or backbone.preprocess
+    return LazyImages(ImageReader(ds, column, label=getattr(ds, "_vlkit_label", None)), transform,
+                      backbone.image_size)
 
 
 def tokenize_texts(backbone, texts: list[str], chunk: int = 4096) -> torch.Tensor:

@@ -40,6 +40,7 @@ def _general_eval(backbone, cfg, n_eval: int, seed: int):
     from omegaconf import OmegaConf
 
     from ..data import load_data
+    from ..data.pipeline import materialize
     from .engine import build_task
 
     ds = load_data({"kind": "world", "domain": GENERAL_DOMAIN, "task": "classification", "n": n_eval,
@@ -50,7 +51,7 @@ def _general_eval(backbone, cfg, n_eval: int, seed: int):
     data = task.prepare(backbone, ds)
     with torch.no_grad():
         metrics = task.evaluate(backbone, data)
-        logits = task.logits(backbone, data["pixels"])
+        logits = task.logits(backbone, materialize(data)["pixels"])
     return metrics[task.metric], logits
 
 

@@ -1,13 +1,18 @@
-"""The training engine: Accelerate for devices, precision and data parallelism; deterministic resume.
+"""The training engine: one loop for single-task, multi-task and AdapterFusion training.
 
-Data are prepared once into tensors by the task; each process takes its shard of a per-epoch seeded
-permutation, so a resumed run replays exactly the batches an uninterrupted run would have seen.
+Accelerate handles devices, precision and data parallelism. Each task's prepared data streams through a
+DataLoader (`vlkit.data.pipeline`): images are decoded and transformed on the fly in worker processes,
+batches come from a seeded per-epoch permutation sharded across processes, and the sampler's position
+follows from the step count, so a resumed run reads exactly the batches an uninterrupted run would have
+seen, with any number of workers. A multi-task recipe trains one adapter per task round-robin: step s
+runs task (s - 1) mod T with its adapter active, through the same loop, checkpoints and resume.
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +27,16 @@ from .methods import apply_method
 
 
 class _TrainModule(nn.Module):
-    """Backbone and task head under one module so DDP and Accelerate see every trainable parameter."""
+    """Backbone and task heads under one module so DDP and Accelerate see every trainable parameter."""
 
-    def __init__(self, backbone, task):
+    def __init__(self, backbone, tasks):
         super().__init__()
         self.backbone = backbone
-        self.head = task.head
-        object.__setattr__(self, "_task", task)
+        self.heads = nn.ModuleList([t.head for t in tasks])
+        object.__setattr__(self, "_tasks", list(tasks))
 
-    def forward(self, batch):
-        return self._task.loss(self.backbone, batch)
+    def forward(self, batch, job: int = 0):
+        return self._tasks[job].loss(self.backbone, batch)
 
 
 def _scheduler(optimizer, kind: str, warmup: int, total: int):
@@ -48,7 +53,7 @@ def _scheduler(optimizer, kind: str, warmup: int, total: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _accelerator(cfg):
+def _accelerator(cfg, find_unused: bool = False):
     from accelerate import Accelerator
 
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -56,9 +61,14 @@ def _accelerator(cfg):
     mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision]
     if mp == "fp16" and not torch.cuda.is_available():
         raise ConfigError("precision fp16 needs a CUDA device; on CPU use bf16 or fp32")
+    kwargs = []
+    if find_unused:
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        kwargs.append(DistributedDataParallelKwargs(find_unused_parameters=True))
     try:
         cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-        return Accelerator(cpu=cpu, mixed_precision=mp)
+        return Accelerator(cpu=cpu, mixed_precision=mp, kwargs_handlers=kwargs)
     except (ValueError, RuntimeError) as exc:
         raise ConfigError(f"cannot set up device {cfg.device!r} with precision {cfg.precision!r}: {exc}") from None
 
@@ -128,18 +138,16 @@ def few_shot(ds, shots: int, seed: int = 0, column: str = "label"):
     return ds.select(sorted(i for v in taken.values() for i in v))
 
 
-def _micro_batches(n: int, batch_size: int, seed: int, rank: int, world: int):
-    """Endless (epoch, index tensor) stream: a seeded permutation per epoch, sharded across processes."""
-    epoch = 0
-    per_proc = n // world if world > 1 else n
-    while True:
-        g = torch.Generator().manual_seed(seed * 100003 + epoch)
-        perm = torch.randperm(n, generator=g)
-        if world > 1:
-            perm = perm[rank::world][:per_proc]
-        for i in range(0, len(perm), batch_size):
-            yield epoch, perm[i:i + batch_size]
-        epoch += 1
+@dataclass
+class Job:
+    """One task trained by the loop: its adapter (None: the method's own), task, prepared data, sampler seed."""
+
+    name: str | None
+    task: Any
+    train: Any
+    eval: Any
+    seed: int
+    cfg: Any = None
 
 
 def steps_per_epoch(n: int, batch_size: int, grad_accum: int, world: int) -> int:
@@ -147,63 +155,96 @@ def steps_per_epoch(n: int, batch_size: int, grad_accum: int, world: int) -> int
     return max(1, math.ceil(math.ceil(per_proc / batch_size) / grad_accum))
 
 
-def train(cfg, out_dir: str | Path | None = None, *, resume: bool = False, progress: bool = True,
+def train(cfg, out_dir: str | Path | None = None, *, resume: bool = False, progress=None,
           stop_after: int | None = None) -> dict[str, Any]:
-    """Run a recipe. Returns the final metrics and where everything was written."""
+    """Run a recipe. Returns the final metrics and where everything was written.
+
+    `progress`: a callable `progress(event, **info)` (events "start", "step", "end", "warning"), or None."""
     return run(cfg, out_dir, resume=resume, progress=progress, stop_after=stop_after)[0]
 
 
-def run(cfg, out_dir: str | Path | None = None, *, resume: bool = False, progress: bool = True,
-        stop_after: int | None = None, datasets: tuple | None = None):
+def _reporter(progress):
+    if callable(progress):
+        return progress
+    return lambda event, **info: None
+
+
+def configure_pipeline(cfg, *prepared) -> None:
+    """Apply the recipe's DataLoader options (data.num_workers, data.pin_memory, data.prefetch_factor)."""
+    from ..data.pipeline import configure
+
+    for data in prepared:
+        configure(data, num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory,
+                  prefetch_factor=cfg.data.prefetch_factor)
+
+
+def _train_view(cfg, backbone, data):
+    from ..data.pipeline import build_augment, with_train_augment
+
+    return with_train_augment(data, build_augment(cfg.data.augment, backbone.image_size), cfg.seed)
+
+
+def run(cfg, out_dir: str | Path | None = None, *, resume: bool = False, progress=None,
+        stop_after: int | None = None, datasets: tuple | dict | None = None):
     """Like `train`, and also returns the trained backbone and task: (result, backbone, task).
 
-    A recipe with `tasks` trains one adapter per task (vlkit.compose.multitask); the third item is then
-    a {adapter name: task} dict."""
-    if cfg.get("tasks"):
-        if resume or stop_after is not None:
-            raise ConfigError("--resume and stop_after are not supported for multi-task recipes")
-        from ..compose.multitask import run_multitask
-
-        return run_multitask(cfg, out_dir, progress=progress)
+    A recipe with `tasks` trains one adapter per task through the same loop; the third item is then a
+    {adapter name: task} dict and `datasets` (optional) maps adapter names to (train, eval) datasets."""
     from accelerate.utils import set_seed
     from omegaconf import OmegaConf
 
-    from ..adapters.files import save_adapter
     from ..backbones.loading import load_backbone
 
+    report = _reporter(progress)
+    multi = bool(cfg.get("tasks"))
     out = Path(out_dir or cfg.output_dir or f"runs/{cfg.name}")
     if resume and latest_checkpoint(out) is None:
         raise ConfigError(f"--resume: no checkpoint in {out / 'checkpoints'} to resume from")
-    accel = _accelerator(cfg)
+    accel = _accelerator(cfg, find_unused=multi)
     set_seed(cfg.seed)
     backbone = load_backbone(cfg.backbone)
-    train_ds, eval_ds = datasets if datasets is not None else load_datasets(cfg)
-    task = build_task(backbone, cfg, train_ds)
-    adapter_opts = OmegaConf.to_container(cfg.adapter, resolve=True)
-    adapter, trainable = apply_method(backbone, task, cfg, adapter_opts)
-    train_data = task.prepare(backbone, train_ds)
-    eval_data = task.prepare(backbone, eval_ds) if eval_ds is not None else None
-    module = _TrainModule(backbone, task)
+    if multi:
+        from ..compose.multitask import setup_multitask
+
+        jobs, trainable = setup_multitask(cfg, backbone, datasets or {})
+        adapter = None
+    else:
+        train_ds, eval_ds = datasets if datasets is not None else load_datasets(cfg)
+        task = build_task(backbone, cfg, train_ds)
+        adapter_opts = OmegaConf.to_container(cfg.adapter, resolve=True)
+        adapter, trainable = apply_method(backbone, task, cfg, adapter_opts)
+        jobs = [Job(None, task, task.prepare(backbone, train_ds),
+                    task.prepare(backbone, eval_ds) if eval_ds is not None else None, cfg.seed, cfg)]
+    for job in jobs:
+        configure_pipeline(cfg, job.train, job.eval)
+        job.train = _train_view(cfg, backbone, job.train)
+    warnings: list[str] = []
+    if cfg.method != "zeroshot" and trainable:
+        unused = unused_parameters(backbone, jobs, trainable)
+        if unused:
+            for n in unused:
+                trainable.pop(n).requires_grad_(False)
+            msg = (f"{len(unused)} adapter parameter tensor(s) can get no gradient with task "
+                   f"{'/'.join(j.task.name for j in jobs)} and this head, so they are frozen and not counted as "
+                   f"trainable: {summarize_names(unused)}")
+            warnings.append(msg)
+            report("warning", message=msg)
+    module = _TrainModule(backbone, [j.task for j in jobs])
     module.to(accel.device)
     if accel.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / "recipe.yaml", OmegaConf.to_yaml(cfg))
     log = MetricsLog(out, enabled=accel.is_main_process, tensorboard=cfg.logging.tensorboard)
     result: dict[str, Any] = {"name": cfg.name, "method": cfg.method, "backbone": cfg.backbone,
-                              "task": cfg.task.name, "output_dir": str(out)}
-    n_trainable = sum(p.numel() for p in trainable.values())
-    n_backbone = sum(p.numel() for p in backbone.base_parameters().values())
-    n_adapter = sum(p.numel() for n, p in backbone.model.named_parameters() if ".adapters." in n or ".fusions." in n)
-    n_head = sum(p.numel() for p in task.head.parameters())
-    result["parameters"] = {"trainable": n_trainable, "backbone": n_backbone, "adapter": n_adapter,
-                            "head": n_head,
-                            "trainable_percent": 100.0 * n_trainable / max(1, n_backbone + n_adapter + n_head)}
+                              "task": "multitask" if multi else jobs[0].task.name, "output_dir": str(out)}
+    result["parameters"] = parameter_counts(backbone, [j.task for j in jobs], trainable)
+    if warnings:
+        result["warnings"] = warnings
     step = 0
     history: list[dict[str, Any]] = []
     t_fit = time.perf_counter()
     if cfg.method != "zeroshot":
-        step, history = _fit(cfg, accel, module, task, trainable, train_data, eval_data, out, log,
-                             resume, progress, stop_after)
+        step, history = _fit(cfg, accel, module, jobs, trainable, out, log, resume, report, stop_after)
     result["processes"] = accel.num_processes
     if accel.num_processes > 1:
         result["processes_agree"] = _processes_agree(accel, trainable)
@@ -211,17 +252,87 @@ def run(cfg, out_dir: str | Path | None = None, *, resume: bool = False, progres
     result["train_time_s"] = fit_s
     result["step_time_ms"] = 1000.0 * fit_s / step if step else None
     module.eval()
-    final = {}
-    if eval_data is not None:
+    per_task = {}
+    for job in jobs:
+        if job.eval is None:
+            continue
+        if job.name:
+            backbone.set_active(job.name)
         with torch.no_grad():
-            final = task.evaluate(backbone, _to(eval_data, accel.device), batch_size=cfg.eval.batch_size)
-    result.update({"steps": step, "metrics": final, "primary_metric": task.metric,
-                   "score": final.get(task.metric)})
+            per_task[job.name] = {"task": job.task.name, "metric": job.task.metric,
+                                  **job.task.evaluate(backbone, _to(job.eval, accel.device),
+                                                      batch_size=cfg.eval.batch_size)}
+    result["steps"] = step
+    if multi:
+        from ..compose.multitask import multitask_result
+
+        multitask_result(result, cfg, per_task)
+    else:
+        final = {k: v for k, v in per_task.get(None, {}).items() if k not in ("task", "metric")}
+        result.update({"metrics": final, "primary_metric": jobs[0].task.metric,
+                       "score": final.get(jobs[0].task.metric)})
     if accel.is_main_process:
-        _write_outputs(cfg, out, backbone, task, adapter, result, history, log, save_adapter)
+        if multi:
+            from ..compose.multitask import write_multitask_outputs
+
+            write_multitask_outputs(cfg, out, backbone, jobs, result)
+        else:
+            _write_outputs(cfg, out, backbone, jobs[0].task, adapter, result, history, log)
     accel.wait_for_everyone()
     log.close()
-    return result, backbone, task
+    report("end", result=result)
+    if multi:
+        return result, backbone, {j.name: j.task for j in jobs}
+    return result, backbone, jobs[0].task
+
+
+def parameter_counts(backbone, tasks, trainable) -> dict[str, Any]:
+    """Trainable, backbone, adapter and head parameter counts; trainable % of the whole model."""
+    seen: dict[int, torch.Tensor] = {id(p): p for p in trainable.values()}
+    n_trainable = sum(p.numel() for p in seen.values())
+    n_backbone = sum(p.numel() for p in backbone.base_parameters().values())
+    adapters: dict[int, torch.Tensor] = {}
+    for n, p in backbone.model.named_parameters(remove_duplicate=False):
+        if ".adapters." in n or ".fusions." in n:
+            adapters.setdefault(id(p), p)
+    n_adapter = sum(p.numel() for p in adapters.values())
+    n_head = sum(p.numel() for t in tasks for p in t.head.parameters())
+    return {"trainable": n_trainable, "backbone": n_backbone, "adapter": n_adapter, "head": n_head,
+            "trainable_percent": 100.0 * n_trainable / max(1, n_backbone + n_adapter + n_head)}
+
+
+def unused_parameters(backbone, jobs, trainable: dict[str, torch.Tensor]) -> list[str]:
+    """Names of trainable parameters that no job's loss depends on (one probe batch of two rows each).
+
+    Data parallelism needs every trainable parameter to get a gradient, and a parameter that cannot get
+    one (a text-tower adapter under a linear image head) should not count as trained."""
+    from ..data.pipeline import take
+
+    names = list(trainable)
+    params = [trainable[n] for n in names]
+    used = [False] * len(params)
+    was = backbone.training
+    backbone.train()
+    with torch.random.fork_rng(devices=[]):
+        for job in jobs:
+            if job.name:
+                backbone.set_active(job.name)
+            n = len(next(iter(job.train.values())))
+            batch = take(job.train, list(range(min(2, n))), 0)
+            loss = job.task.loss(backbone, batch)
+            if not loss.requires_grad:
+                continue
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            used = [u or g is not None for u, g in zip(used, grads, strict=True)]
+    backbone.train(was)
+    return [n for n, u in zip(names, used, strict=True) if not u]
+
+
+def summarize_names(names: list[str], limit: int = 4) -> str:
+    """A short list of parameter names: the distinct adapter modules, a few of them and a count."""
+    mods = list(dict.fromkeys(n.replace("backbone.model.", "").rsplit(".", 1)[0] for n in names))
+    more = f" and {len(mods) - limit} more" if len(mods) > limit else ""
+    return ", ".join(mods[:limit]) + more
 
 
 def _processes_agree(accel, trainable: dict[str, torch.Tensor]) -> bool:
@@ -231,8 +342,11 @@ def _processes_agree(accel, trainable: dict[str, torch.Tensor]) -> bool:
     return bool((gathered == gathered[0:1]).all())
 
 
-def _to(data: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in data.items()}
+def _to(data, device):
+    """Prepared data on `device`: tensors moved, lazy image columns left to stream."""
+    from ..data.pipeline import LazyImages
+
+    return {k: v if isinstance(v, LazyImages) else v.to(device) for k, v in data.items()}
 
 
 def param_groups(trainable: dict[str, torch.Tensor], lr: float, head_lr: float | None) -> list[dict[str, Any]]:
@@ -244,8 +358,13 @@ def param_groups(trainable: dict[str, torch.Tensor], lr: float, head_lr: float |
     return [g for g in ({"params": rest, "lr": lr}, {"params": head, "lr": head_lr}) if g["params"]]
 
 
-def _fit(cfg, accel, module, task, trainable, train_data, eval_data, out, log, resume, progress, stop_after):
-    from ..tasks.base import num_examples
+def consumed_batches(step: int, job: int, n_jobs: int, accum: int) -> int:
+    """Micro-batches job `job` has read after `step` round-robin steps."""
+    return ((step - job + n_jobs - 1) // n_jobs) * accum if step > job else 0
+
+
+def _fit(cfg, accel, module, jobs, trainable, out, log, resume, report, stop_after):
+    from ..data.pipeline import SeededBatches, make_loader, num_rows
 
     params = list(trainable.values())
     groups = param_groups(trainable, cfg.optim.lr, cfg.optim.head_lr)
@@ -253,40 +372,46 @@ def _fit(cfg, accel, module, task, trainable, train_data, eval_data, out, log, r
         optimizer = torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=0.9, weight_decay=cfg.optim.weight_decay)
     else:
         optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    n = num_examples(train_data)
     world, rank = accel.num_processes, accel.process_index
     bs, accum = cfg.optim.batch_size, cfg.optim.grad_accum
-    spe = steps_per_epoch(n, bs, accum, world)
-    total = cfg.optim.steps if cfg.optim.steps is not None else cfg.optim.epochs * spe
+    sizes = [num_rows(j.train) for j in jobs]
+    total = (cfg.optim.steps if cfg.optim.steps is not None
+             else cfg.optim.epochs * sum(steps_per_epoch(n, bs, accum, world) for n in sizes))
+    if total < 1:
+        raise ConfigError("optim.steps (or epochs) gives no training step; set optim.steps >= 1")
     scheduler = _scheduler(optimizer, cfg.optim.schedule, cfg.optim.warmup_steps, total)
     model, optimizer = accel.prepare(module, optimizer)
+    raw_opt = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
     step = 0
     history: list[dict[str, Any]] = []
     if resume:
-        ckpt = latest_checkpoint(out)
-        state = load_checkpoint(ckpt, trainable, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-                                scheduler)
+        state = load_checkpoint(latest_checkpoint(out), trainable, raw_opt, scheduler)
         step = int(state["step"])
         history = list(state.get("history", []))
-    stream = _micro_batches(n, bs, cfg.seed, rank, world)
-    for _ in range(step * accum):
-        next(stream)
+    streams = [iter(make_loader(j.train, SeededBatches(n, bs, j.seed, rank, world,
+                                                       start=consumed_batches(step, i, len(jobs), accum)),
+                                train=True))
+               for i, (j, n) in enumerate(zip(jobs, sizes, strict=True))]
     model.train()
-    bar = _progress(progress and accel.is_main_process, total, step)
+    report("start", total=total, step=step)
     t0, seen = time.perf_counter(), 0
     try:
         while step < total:
+            ji = step % len(jobs)
+            job = jobs[ji]
+            if job.name:
+                module.backbone.set_active(job.name)
             loss_sum = 0.0
             for micro in range(accum):
-                epoch, idx = next(stream)
-                batch = {k: v[idx].to(accel.device) for k, v in train_data.items()}
+                batch = next(streams[ji])
+                batch = {k: v.to(accel.device, non_blocking=True) for k, v in batch.items()}
                 sync = micro == accum - 1
-                ctx = accel.no_sync(model) if (not sync and world > 1) else _null()
+                ctx = accel.no_sync(model) if (not sync and world > 1) else contextlib.nullcontext()
                 with ctx, accel.autocast():
-                    loss = model(batch) / accum
+                    loss = model(batch, ji) / accum
                 accel.backward(loss)
                 loss_sum += float(loss.detach())
-                seen += len(idx) * world
+                seen += len(next(iter(batch.values()))) * world
             if cfg.optim.max_grad_norm:
                 accel.clip_grad_norm_(params, cfg.optim.max_grad_norm)
             optimizer.step()
@@ -295,63 +420,45 @@ def _fit(cfg, accel, module, task, trainable, train_data, eval_data, out, log, r
             step += 1
             lr = scheduler.get_last_lr()[0]
             rate = seen / max(1e-9, time.perf_counter() - t0)
+            consumed = consumed_batches(step, ji, len(jobs), accum)
+            per_proc = sizes[ji] // world if world > 1 else sizes[ji]
+            epoch = (consumed - 1) // max(1, math.ceil(per_proc / bs))
             row: dict[str, Any] = {"step": step, "epoch": epoch, "loss": loss_sum, "lr": lr, "samples_per_s": rate}
-            if eval_data is not None and cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < total:
+            if job.name and len(jobs) > 1:
+                row.update({"task": job.name, f"loss/{job.name}": loss_sum})
+            if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < total:
                 model.eval()
-                with torch.no_grad():
-                    metrics = task.evaluate(module.backbone, _to(eval_data, accel.device), cfg.eval.batch_size)
+                for other in jobs:
+                    if other.eval is None:
+                        continue
+                    if other.name:
+                        module.backbone.set_active(other.name)
+                    with torch.no_grad():
+                        metrics = other.task.evaluate(module.backbone, _to(other.eval, accel.device),
+                                                      cfg.eval.batch_size)
+                    prefix = f"eval/{other.name}/" if len(jobs) > 1 else "eval/"
+                    row.update({f"{prefix}{k}": v for k, v in metrics.items()})
                 model.train()
-                row.update({f"eval/{k}": v for k, v in metrics.items()})
             if step % max(1, cfg.logging.every_steps) == 0 or step == total or any(k.startswith("eval/") for k in row):
                 log.write(row)
                 history.append(row)
-            if bar is not None:
-                bar.update(step, loss_sum, lr, rate)
+            report("step", step=step, total=total, loss=loss_sum, lr=lr, rate=rate)
             if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < total:
                 if accel.is_main_process:
-                    save_checkpoint(out, step, trainable, optimizer.optimizer if hasattr(optimizer, "optimizer")
-                                    else optimizer, scheduler, {"history": history}, keep=cfg.checkpoint.keep)
+                    save_checkpoint(out, step, trainable, raw_opt, scheduler, {"history": history},
+                                    keep=cfg.checkpoint.keep)
                 accel.wait_for_everyone()
             if stop_after is not None and step >= stop_after:
                 break
     finally:
-        if bar is not None:
-            bar.close()
+        del streams
     return step, history
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-class _Bar:
-    def __init__(self, total: int, start: int):
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-        from ..cli.output import console
-
-        self.p = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                          TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console, transient=False)
-        self.p.start()
-        self.t = self.p.add_task("train", total=total, completed=start, info="")
-
-    def update(self, step, loss, lr, rate):
-        self.p.update(self.t, completed=step, info=f"loss {loss:.4f} lr {lr:.2e} {rate:.0f} samples/s")
-
-    def close(self):
-        self.p.stop()
-
-
-def _progress(enabled: bool, total: int, start: int):
-    return _Bar(total, start) if enabled else None
-
-
-def _write_outputs(cfg, out, backbone, task, adapter, result, history, log, save_adapter):
+def _write_outputs(cfg, out, backbone, task, adapter, result, history, log):
     from safetensors.torch import save_file
+
+    from ..adapters.files import save_adapter
 
     from ..io import atomic_path
 

@@ -23,11 +23,27 @@ class TaskCfg:
     options: Dict[str, Any] = field(default_factory=dict)
 
 
+DEFAULT_TRAIN_DATA = {"kind": "world", "domain": "photo", "task": "classification", "n": 512, "seed": 0}
+# a data spec or adapter whose kind/variant an override changes starts afresh (no option leaks across kinds)
+SWITCH_KEYS = ("kind", "variant")
+
+
 @dataclass
 class DataCfg:
-    train: Dict[str, Any] = field(default_factory=lambda: {"kind": "world", "domain": "photo",
-                                                           "task": "classification", "n": 512, "seed": 0})
+    """`train`/`eval`: data specs (a kind and its options); a user spec replaces the default entirely.
+
+    Pipeline: `num_workers` DataLoader worker processes decode and transform images; `pin_memory` (null:
+    on when CUDA is there); `prefetch_factor` batches per worker; `augment` train-time torchvision v2
+    transforms (false, true, or a list of {Name: {options}}); `shuffle_buffer` rows buffered when shuffling a
+    streaming (iterable) source."""
+
+    train: Optional[Dict[str, Any]] = None
     eval: Optional[Dict[str, Any]] = None
+    num_workers: int = 0
+    pin_memory: Optional[bool] = None
+    prefetch_factor: int = 2
+    augment: Any = False
+    shuffle_buffer: int = 10000
 
 
 @dataclass
@@ -125,6 +141,8 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         if not OmegaConf.is_dict(layers[-1]):
             raise ConfigError(f"{p}: a recipe must be a mapping of keys to values")
     for item in overrides or []:
+        if item.startswith("~"):
+            continue
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
     try:
@@ -132,19 +150,58 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         # keys through list items (tasks.0.data.train.n=32) are set in place; the rest merge as a dotlist
         indexed = [o for o in overrides or [] if any(k.isdigit() for k in o.split("=", 1)[0].split("."))]
         plain = [o for o in overrides or [] if o not in indexed]
+        removed = [o[1:].split("=", 1)[0] for o in plain if o.startswith("~")]
+        plain = [o for o in plain if not o.startswith("~")]
+        _reset_switched(merged, plain)
         if plain:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(plain))
+        for key in removed:
+            _remove_key(merged, key, source)
         for item in indexed:
             key, value = item.split("=", 1)
             OmegaConf.update(merged, key, OmegaConf.from_dotlist([f"v={value}"]).v, merge=True)
     except OmegaConfBaseException as exc:
         raise _omegaconf_error(exc, source if not overrides else f"{source} (with overrides)") from None
+    if merged.data.train is None and not merged.tasks:
+        merged.data.train = dict(DEFAULT_TRAIN_DATA)
+    for i, t in enumerate(merged.tasks):
+        if t.data.train is None:
+            raise ConfigError(f"{source}: key 'tasks[{i}].data.train': each task needs its training data")
     missing = sorted(OmegaConf.missing_keys(merged))
     if missing:
         raise ConfigError(f"{source}: required key(s) {', '.join(missing)} not set (??? in the recipe)",
                           hint="give them on the command line: " + " ".join(f"{k}=..." for k in missing))
     check_recipe(merged, source)
     return merged
+
+
+def _reset_switched(cfg, overrides: list[str]) -> None:
+    """An override that changes a mapping's `kind` (data specs) or `variant` (adapter) empties that mapping
+    first, so the old kind's options do not leak into the new one."""
+    from omegaconf import OmegaConf
+
+    for item in overrides:
+        key, value = item.split("=", 1)
+        parent, _, leaf = key.rpartition(".")
+        if leaf not in SWITCH_KEYS or not parent:
+            continue
+        old = OmegaConf.select(cfg, key, default=None)
+        if old is not None and str(old) != value.strip():
+            OmegaConf.update(cfg, parent, {}, merge=False)
+
+
+def _remove_key(cfg, key: str, source: str) -> None:
+    """`~a.b.c` on the command line deletes key c of mapping a.b (an option of a data spec or adapter)."""
+    from omegaconf import OmegaConf
+
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    if node is None or not OmegaConf.is_dict(node) or leaf not in node:
+        raise ConfigError(f"{source}: cannot remove {key!r}: no such key")
+    try:
+        node.pop(leaf)
+    except Exception:
+        raise ConfigError(f"{source}: cannot remove {key!r}: it is a fixed recipe key (set it instead)") from None
 
 
 def _choice(value: str, choices: tuple[str, ...], key: str, source: str) -> None:
@@ -194,6 +251,14 @@ def check_recipe(cfg, source: str = "<recipe>") -> None:
                           f"{', '.join(registry('task').names())}")
     if cfg.method != "zeroshot" and cfg.optim.steps is None and cfg.optim.epochs is None:
         raise ConfigError(f"{source}: key 'optim': give optim.steps or optim.epochs")
+    if cfg.data.num_workers < 0 or cfg.data.prefetch_factor < 1 or cfg.data.shuffle_buffer < 1:
+        raise ConfigError(f"{source}: key 'data': num_workers must be >= 0, prefetch_factor and shuffle_buffer >= 1")
+    from ..data.pipeline import build_augment
+
+    try:
+        build_augment(OmegaConf.to_container(cfg.data, resolve=True).get("augment"), 224)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: key 'data.augment': {exc}") from None
     for key in ("batch_size", "grad_accum"):
         if getattr(cfg.optim, key) < 1:
             raise ConfigError(f"{source}: key 'optim.{key}': must be >= 1")
