@@ -112,7 +112,9 @@ def main() -> None:
     vlkit.load_adapter(bb, tmp / "merged-ties", name="merged_ties", activate=False)
     comp = load_composition(bb, tmp / "routed", activate=False)
     routed_view = comp.routed(bb)
-    prepared = {n: tasks[n].prepare(bb, data[n][1]) for n, _, _ in TASKS}
+    from vlkit.data.pipeline import materialize
+
+    prepared = {n: materialize(tasks[n].prepare(bb, data[n][1])) for n, _, _ in TASKS}
     rows = {}
     for i, (name, task, domain) in enumerate(TASKS):
         tk, d = tasks[name], prepared[name]

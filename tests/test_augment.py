@@ -4,6 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vlkit.data.pipeline import materialize
+
 import vlkit
 from vlkit.errors import ConfigError
 from vlkit.tasks.augment import PhotometricAugment
@@ -80,7 +82,7 @@ def test_retrieval_loss_with_augment_is_finite_and_bad_options_fail():
     bb = vlkit.load_backbone("tiny@random")
     ds = world.generate("photo", "retrieval", 8, seed=0)
     task = RetrievalTask(bb, ds, augment=True, swap_groups=[COLOURS])
-    data = task.prepare(bb, ds)
+    data = materialize(task.prepare(bb, ds))
     torch.manual_seed(0)
     loss = task.loss(bb, data)
     assert torch.isfinite(loss)

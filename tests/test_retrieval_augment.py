@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from vlkit.data.pipeline import materialize
+
 import vlkit
 from vlkit.tasks.retrieval import RetrievalTask, negclip_loss, swap_word
 
@@ -52,7 +54,7 @@ def test_prepare_adds_hard_negatives_and_loss_uses_them():
     bb = vlkit.load_backbone("tiny@random")
     ds = world.generate("photo", "retrieval", 8, seed=0)
     task = RetrievalTask(bb, ds, swap_groups=[["red", "orange", "yellow", "green", "blue", "purple", "black"]])
-    data = task.prepare(bb, ds)
+    data = materialize(task.prepare(bb, ds))
     assert data["neg_tokens"].shape == data["tokens"].shape and data["neg_valid"].all()
     assert not torch.equal(data["neg_tokens"], data["tokens"])
     loss = task.loss(bb, data)
@@ -66,7 +68,7 @@ def test_pairs_task_scores_and_metrics():
     bb = vlkit.load_backbone("tiny@random")
     ds = world.generate("photo", "winoground", 6, seed=0)
     task = PairsTask(bb, ds)
-    data = task.prepare(bb, ds)
+    data = materialize(task.prepare(bb, ds))
     out = task.evaluate(bb, data)
     assert {"text_score", "image_score", "group_score"} <= set(out)
     loss = task.loss(bb, data)

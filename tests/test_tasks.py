@@ -7,6 +7,8 @@ import datasets
 import numpy as np
 import pytest
 import torch
+
+from vlkit.data.pipeline import materialize
 from PIL import Image
 
 import vlkit
@@ -139,7 +141,7 @@ def test_task_end_to_end(name):
     ds = _dataset(name)
     task = registry("task").get(name)(bb, ds)
     assert task.name == name and task.metric == PRIMARY[name]
-    data = task.prepare(bb, ds)
+    data = materialize(task.prepare(bb, ds))
     assert set(data) == KEYS[name]
     assert all(len(v) == N for v in data.values())
     assert data["pixels"].shape == (N, 3, bb.image_size, bb.image_size)
@@ -174,7 +176,7 @@ def test_classification_heads_and_labels(backbone):
     text = registry("task").get("classification")(backbone, ds)
     assert text.prompts[0] == "a photo of a circle" and list(text.head.parameters()) == []
     linear = registry("task").get("classification")(backbone, ds, head="linear")
-    data = text.prepare(backbone, ds)
+    data = materialize(text.prepare(backbone, ds))
     with torch.no_grad():
         zs = text.logits(backbone, data["pixels"])
         lin = linear.logits(backbone, data["pixels"])
@@ -222,7 +224,7 @@ def test_retrieval_duplicates(backbone):
     # a dataset whose captions are all the same: every retrieval is a hit
     ds = _dataset("retrieval", n=6).map(lambda r: {"caption": "a red circle"})
     task = registry("task").get("retrieval")(backbone, ds)
-    data = task.prepare(backbone, ds)
+    data = materialize(task.prepare(backbone, ds))
     assert data["caption_ids"].tolist() == [0] * 6
     out = task.evaluate(backbone, data)
     assert out["mean_recall"] == 100.0 and set(out) == {
@@ -251,7 +253,7 @@ def test_grounding_boxes(backbone):
     ds = _dataset("grounding", n=4)
     task = registry("task").get("grounding")(backbone, ds)
     assert (task.num_tokens, task.width) == (64, 128)
-    data = task.prepare(backbone, ds)
+    data = materialize(task.prepare(backbone, ds))
     boxes = task.predict(backbone, data)
     assert boxes.shape == (4, 4) and bool((boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all())
     bad = ds.map(lambda r: {"box": [10.0, 10.0, 40.0, 50.0]})
@@ -334,7 +336,7 @@ def test_task_on_world(name):
     bb = vlkit.load_backbone("tiny@random")
     ds = generate("photo", name, 16, 0)
     task = registry("task").get(name)(bb, ds)
-    data = task.prepare(bb, ds)
+    data = materialize(task.prepare(bb, ds))
     assert torch.isfinite(task.loss(bb, {k: v[:8] for k, v in data.items()}))
     assert PRIMARY[name] in task.evaluate(bb, data)
 
@@ -344,7 +346,7 @@ def test_vqa_uses_the_fused_pair():
     bb = vlkit.load_backbone("tiny@random")
     ds = _dataset("vqa", n=4)
     task = registry("task").get("vqa")(bb, ds)
-    data = task.prepare(bb, ds)
+    data = materialize(task.prepare(bb, ds))
     with torch.no_grad():
         apart = task.pair_features(bb, data["pixels"], data["tokens"])
     vlkit.inject(bb, "fusion", name="f")

@@ -226,7 +226,7 @@ def run(cfg, out_dir: str | Path | None = None, *, resume: bool = False, progres
                 trainable.pop(n).requires_grad_(False)
             msg = (f"{len(unused)} adapter parameter tensor(s) can get no gradient with task "
                    f"{'/'.join(j.task.name for j in jobs)} and this head, so they are frozen and not counted as "
-                   f"trainable: {summarize_names(unused)}")
+                   f"trainable: {summarize_names(unused, backbone)}")
             warnings.append(msg)
             report("warning", message=msg)
     module = _TrainModule(backbone, [j.task for j in jobs])
@@ -328,11 +328,19 @@ def unused_parameters(backbone, jobs, trainable: dict[str, torch.Tensor]) -> lis
     return [n for n, u in zip(names, used, strict=True) if not u]
 
 
-def summarize_names(names: list[str], limit: int = 4) -> str:
-    """A short list of parameter names: the distinct adapter modules, a few of them and a count."""
+def summarize_names(names: list[str], backbone=None, limit: int = 3) -> str:
+    """The frozen parameters by tower: how many modules, and the first few of them."""
     mods = list(dict.fromkeys(n.replace("backbone.model.", "").rsplit(".", 1)[0] for n in names))
-    more = f" and {len(mods) - limit} more" if len(mods) > limit else ""
-    return ", ".join(mods[:limit]) + more
+    prefixes = backbone.tower_prefixes() if backbone is not None else {}
+    groups: dict[str, list[str]] = {}
+    for m in mods:
+        tower = next((t for t, ps in prefixes.items() if any(m.startswith(p) for p in ps)), "other")
+        groups.setdefault(tower, []).append(m)
+    parts = []
+    for tower, ms in groups.items():
+        more = f" and {len(ms) - limit} more" if len(ms) > limit else ""
+        parts.append(f"{tower} tower ({len(ms)} modules: {', '.join(ms[:limit])}{more})")
+    return "; ".join(parts)
 
 
 def _processes_agree(accel, trainable: dict[str, torch.Tensor]) -> bool:
