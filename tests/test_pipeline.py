@@ -179,3 +179,19 @@ def test_quickstart_under_torchrun_two_processes(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout)
     assert result["processes"] == 2 and result["processes_agree"] is True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", [["--cpu"], ["--multi_gpu"]], ids=["cpu", "multi_gpu"])
+def test_accelerate_launch_two_cpu_processes(tmp_path, flags):
+    """`accelerate launch --cpu --num_processes 2` really runs 2 processes (vlkit re-runs under torchrun)."""
+    port = "29541" if flags == ["--cpu"] else "29543"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *flags, "--num_processes", "2",
+           "--main_process_port", port, "-m", "vlkit", "train", str(ROOT / "recipes" / "quickstart.yaml"),
+           "-o", str(tmp_path / "acc"), "--json", "--no-progress", "device=cpu", "optim.steps=2",
+           "data.train.n=16", "data.eval.n=8", "eval.every_steps=0", "checkpoint.every_steps=0",
+           "logging.tensorboard=false"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout[r.stdout.index("{"):])
+    assert result["processes"] == 2 and result["processes_agree"] is True

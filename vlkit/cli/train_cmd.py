@@ -27,6 +27,13 @@ def register(cli: typer.Typer) -> None:
         from .progress import TrainProgress
 
         cfg = load_recipe(recipe, overrides or [])
+        from ..train.launch import cpu_launch_processes, relaunch_under_torchrun
+
+        n_cpu = cpu_launch_processes()
+        if n_cpu:
+            import sys
+
+            relaunch_under_torchrun(n_cpu, sys.argv[sys.argv.index("train"):] if "train" in sys.argv else ["train"])
         bar = TrainProgress(enabled=not no_progress and os.environ.get("RANK", "0") == "0")
         try:
             result = train(cfg, out, resume=resume, progress=bar)
