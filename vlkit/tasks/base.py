@@ -37,6 +37,11 @@ class Task(ABC):
     def evaluate(self, backbone, data: dict[str, torch.Tensor], batch_size: int = 256) -> dict[str, float]:
         """Metrics on prepared eval data, in percent where they are rates; includes `self.metric`."""
 
+    def cache_features(self, backbone, data: dict, frozen: set[str], cache, *, train: bool = False) -> dict:
+        """Prepared `data` with the inputs of towers in `frozen` swapped for cached embeddings, where this
+        task reads them only through those towers (`vlkit.tasks.features`); the default caches nothing."""
+        return data
+
     def metadata(self) -> dict[str, Any]:
         """What an adapter directory records about the task (class names, answer set, prompt...)."""
         return {"name": self.name, "metric": self.metric, "options": self.options}

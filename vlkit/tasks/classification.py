@@ -31,6 +31,7 @@ from torch import nn
 
 from ..errors import ConfigError, DataError
 from . import metrics as M
+from .features import image_embed
 from .base import (Evaluating, Task, batches, check_options, dataset_domains, device_of, prepare_pixels,
                    require_columns, to_device, world_helper)
 
@@ -108,11 +109,13 @@ class ClassificationTask(Task):
     # --- model ------------------------------------------------------------------------------------
     def class_embeddings(self, backbone) -> torch.Tensor:
         """Normalised text embeddings of the class prompts through the current text tower (C, D)."""
+        if getattr(self, "_class_features", None) is not None:
+            return F.normalize(self._class_features.to(device_of(backbone)), dim=-1)
         return backbone.encode_text(self.class_tokens.to(device_of(backbone)), normalize=True)
 
     def logits(self, backbone, pixels: torch.Tensor, class_emb: torch.Tensor | None = None) -> torch.Tensor:
         """Class logits (B, C); `class_emb` (from `class_embeddings`) skips the text forward."""
-        image = backbone.encode_image(pixels, normalize=True)
+        image = image_embed(backbone, pixels, normalize=True)
         if self.head_kind == "linear":
             return self.head(image)
         if class_emb is None:
@@ -123,6 +126,17 @@ class ClassificationTask(Task):
     def prepare(self, backbone, ds) -> dict[str, torch.Tensor]:
         require_columns(self, ds)
         return {"pixels": prepare_pixels(backbone, ds), "labels": self._labels(ds)}
+
+    def cache_features(self, backbone, data, frozen, cache, *, train=False):
+        from ..data.pipeline import LazyImages
+
+        out = dict(data)
+        px = out.get("pixels")
+        if "vision" in frozen and isinstance(px, LazyImages) and px.augment is None:
+            out["pixels"] = cache.images(backbone, px)
+        if "text" in frozen and self.head_kind == "text":
+            self._class_features = cache.texts(backbone, self.class_tokens)
+        return out
 
     def _labels(self, ds) -> torch.Tensor:
         index = {n: i for i, n in enumerate(self.class_names)}

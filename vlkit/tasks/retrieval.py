@@ -43,6 +43,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from . import metrics as M
+from .features import image_embed, text_embed
 from .base import (Evaluating, Task, batches, check_options, device_of, prepare_pixels, require_columns,
                    to_device, tokenize_texts)
 
@@ -138,7 +139,7 @@ class RetrievalTask(Task):
     # --- model ------------------------------------------------------------------------------------
     def embed_pair(self, backbone, pixels: torch.Tensor, tokens: torch.Tensor):
         """Normalised image and text embeddings of a batch."""
-        return backbone.encode_image(pixels, normalize=True), backbone.encode_text(tokens, normalize=True)
+        return image_embed(backbone, pixels, normalize=True), text_embed(backbone, tokens, normalize=True)
 
     # --- Task API ---------------------------------------------------------------------------------
     def prepare(self, backbone, ds) -> dict[str, torch.Tensor]:
@@ -151,6 +152,21 @@ class RetrievalTask(Task):
             negs = [swap_word(c, self.swap_groups, seed=i) for i, c in enumerate(captions)]
             out["neg_tokens"] = tokenize_texts(backbone, [n or c for n, c in zip(negs, captions)])
             out["neg_valid"] = torch.tensor([n is not None for n in negs])
+        return out
+
+    def cache_features(self, backbone, data, frozen, cache, *, train=False):
+        from ..data.pipeline import LazyImages
+
+        if backbone.joint_active():
+            return data
+        out = dict(data)
+        px = out.get("pixels")
+        if "vision" in frozen and isinstance(px, LazyImages) and px.augment is None and not (train and self.augment):
+            out["pixels"] = cache.images(backbone, px)
+        if "text" in frozen and not (train and (self._drop_ids or self._grey_ids is not None)):
+            out["tokens"] = cache.texts(backbone, out["tokens"])
+            if "neg_tokens" in out:
+                out["neg_tokens"] = cache.texts(backbone, out["neg_tokens"])
         return out
 
     def joint_loss(self, backbone, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -212,7 +228,7 @@ class RetrievalTask(Task):
             return self.joint_loss(backbone, batch)
         image, text = self.embed_pair(backbone, batch["pixels"], batch["tokens"])
         if "neg_tokens" in batch:
-            neg = backbone.encode_text(batch["neg_tokens"], normalize=True).float()
+            neg = text_embed(backbone, batch["neg_tokens"], normalize=True).float()
             return negclip_loss(image.float(), text.float(), neg, batch["neg_valid"], backbone.logit_scale.float(),
                                 batch.get("caption_ids"))
         return contrastive_loss(image.float(), text.float(), backbone.logit_scale.float(), batch.get("caption_ids"))
@@ -227,9 +243,9 @@ class RetrievalTask(Task):
             first.setdefault(k, i)
         order = torch.tensor([first[k] for k in range(len(first))], dtype=torch.long)
         with Evaluating(self.head):
-            images = [backbone.encode_image(b["p"].to(device), normalize=True).float().cpu()
+            images = [image_embed(backbone, b["p"].to(device), normalize=True).float().cpu()
                       for b in batches({"p": data["pixels"]}, batch_size)]
-            texts = [backbone.encode_text(b["t"].to(device), normalize=True).float().cpu()
+            texts = [text_embed(backbone, b["t"].to(device), normalize=True).float().cpu()
                      for b in batches({"t": data["tokens"][order]}, batch_size)]
         d = backbone.embed_dim
         image = torch.cat(images) if images else torch.zeros(0, d)

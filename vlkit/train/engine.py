@@ -229,6 +229,8 @@ def run(cfg, out_dir: str | Path | None = None, *, resume: bool = False, progres
                    f"trainable: {summarize_names(unused, backbone)}")
             warnings.append(msg)
             report("warning", message=msg)
+    if cfg.data.feature_cache:
+        _cache_frozen_towers(backbone, jobs, trainable)
     module = _TrainModule(backbone, [j.task for j in jobs])
     module.to(accel.device)
     if accel.is_main_process:
@@ -284,6 +286,21 @@ def run(cfg, out_dir: str | Path | None = None, *, resume: bool = False, progres
     if multi:
         return result, backbone, {j.name: j.task for j in jobs}
     return result, backbone, jobs[0].task
+
+
+def _cache_frozen_towers(backbone, jobs, trainable) -> None:
+    """Swap the inputs of towers that train nothing for their embeddings, computed once (feature cache)."""
+    from ..tasks.features import CACHE, frozen_towers
+
+    frozen = frozen_towers(backbone, list(trainable))
+    if not frozen:
+        return
+    for job in jobs:
+        if job.name:
+            backbone.set_active(job.name)
+        job.train = job.task.cache_features(backbone, job.train, frozen, CACHE, train=True)
+        if job.eval is not None:
+            job.eval = job.task.cache_features(backbone, job.eval, frozen, CACHE)
 
 
 def parameter_counts(backbone, tasks, trainable) -> dict[str, Any]:

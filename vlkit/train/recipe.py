@@ -35,7 +35,8 @@ class DataCfg:
     Pipeline: `num_workers` DataLoader worker processes decode and transform images; `pin_memory` (null:
     on when CUDA is there); `prefetch_factor` batches per worker; `augment` train-time torchvision v2
     transforms (false, true, or a list of {Name: {options}}); `shuffle_buffer` rows buffered when shuffling a
-    streaming (iterable) source."""
+    streaming (iterable) source; `feature_cache` computes a tower that trains nothing once per dataset
+    (`vlkit.tasks.features`)."""
 
     train: Optional[Dict[str, Any]] = None
     eval: Optional[Dict[str, Any]] = None
@@ -44,6 +45,7 @@ class DataCfg:
     prefetch_factor: int = 2
     augment: Any = False
     shuffle_buffer: int = 10000
+    feature_cache: bool = True
 
 
 @dataclass
