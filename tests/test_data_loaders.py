@@ -177,12 +177,24 @@ def test_manifest_missing_and_corrupt_image_files(tmp_path):
         load_data(f"manifest:{m}", task="retrieval")
     msg = str(info.value)
     assert "not found" in msg and str(tmp_path / "gone.png") in msg and "row 2" in msg and "m.jsonl" in msg
+    # a file that exists but does not decode: loading only stats it; decoding names the manifest, file and row
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not really a png")
-    m2 = write_jsonl(tmp_path / "m2.jsonl", [{"image": "broken.png", "caption": "x"}])
+    (tmp_path / "empty.png").write_bytes(b"")
+    m2 = write_jsonl(tmp_path / "m2.jsonl", [{"image": "a.png", "caption": "x"},
+                                             {"image": "broken.png", "caption": "y"},
+                                             {"image": "empty.png", "caption": "z"}])
+    ds = load_data(f"manifest:{m2}", task="retrieval")
+    assert len(ds) == 3
+    from vlkit.data.images import ImageReader
+
+    reader = ImageReader(ds, "image", f"manifest:{m2}")
+    assert reader.read([0])[0].getpixel((0, 0)) == (255, 0, 0)
     with pytest.raises(DataError) as info:
-        load_data(f"manifest:{m2}", task="retrieval")
+        reader.read([1])
     msg = str(info.value)
-    assert "cannot read image" in msg and "broken.png" in msg and "row 1" in msg
+    assert "cannot decode" in msg and str(tmp_path / "broken.png") in msg and "row 2" in msg and "m2.jsonl" in msg
+    with pytest.raises(DataError, match=r"m2\.jsonl, row 3.*empty\.png is empty"):
+        reader.read([2])
 
 
 def test_manifest_bad_json_and_bad_box(tmp_path):
@@ -231,6 +243,13 @@ def test_imagefolder_missing_file_and_missing_dir(tmp_path):
                                             {"file_name": "lost.png", "caption": "y"}])
     with pytest.raises(DataError, match=r"metadata\.jsonl, row 2: image file not found: .*lost\.png"):
         load_data(f"imagefolder:{folder}")
+    (folder / "lost.png").write_bytes(b"not an image")  # exists now: loads; decoding names the file and row
+    ds = load_data(f"imagefolder:{folder}", task="retrieval")
+    from vlkit.data.images import ImageReader
+
+    row = list(ds["caption"]).index("y")
+    with pytest.raises(DataError, match=rf"imagefolder:.*row {row + 1}.*cannot decode image file .*lost\.png"):
+        ImageReader(ds, "image", f"imagefolder:{folder}").read([row])
     with pytest.raises(DataError, match="imagefolder folder not found"):
         load_data(f"imagefolder:{tmp_path / 'nope'}")
 

@@ -4,6 +4,11 @@ A spec is a string ``kind:source`` (``"imagefolder:/data/x"``, ``"hf:user/name"`
 ``"world:medical/vqa"``), a bare local path (its kind is guessed from the layout), or a mapping with the key
 ``kind`` plus options (``{"kind": "manifest", "path": "x.jsonl", "task": "retrieval"}``; omegaconf mappings
 work too). Keyword options given to :func:`load_data` override those in the spec.
+
+A loader returns a map-style `datasets.Dataset` (validated row by row against the task), or, for a streaming
+source (``hf`` with ``streaming: true``), a `datasets.IterableDataset` whose columns are checked against its
+features when they are known. An image column is a `datasets.Image` feature or a column of tar member
+references (``webdataset`` shards), decoded lazily by `vlkit.data.images`.
 """
 from __future__ import annotations
 
@@ -52,13 +57,18 @@ def guess_kind(path: str) -> str | None:
             return "winoground" if p.name == "examples.jsonl" else "manifest"
         if suffix == ".parquet":
             return "parquet"
-        raise ConfigError(f"cannot tell the dataset kind of {path}: expected a .jsonl/.csv manifest or .parquet file",
+        if suffix == ".tar":
+            return "webdataset"
+        raise ConfigError(f"cannot tell the dataset kind of {path}: expected a .jsonl/.csv manifest, a .parquet "
+                          "file or a .tar shard",
                           hint="write it as KIND:PATH, e.g. manifest:x.jsonl")
     if p.is_dir():
         if (p / "examples.jsonl").is_file() or (p / "data" / "examples.jsonl").is_file():
             return "winoground"
         if any(p.glob("*.parquet")) or any(p.glob("*/*.parquet")):
             return "parquet"
+        if any(p.glob("*.tar")):
+            return "webdataset"
         return "imagefolder"
     return None
 
@@ -111,6 +121,8 @@ def _parse_string(text: str) -> dict[str, Any]:
     guessed = guess_kind(text)
     if guessed is not None:
         return {"kind": guessed, "source": text}
+    if text.endswith(".tar") and any(c in text for c in "{*?["):  # a shard pattern: /data/train-{0000..0099}.tar
+        return {"kind": "webdataset", "source": text}
     if os.sep in text or text.startswith((".", "~")):
         if text.count("/") == 1 and not text.startswith((".", "/", "~")):
             return {"kind": "hf", "source": text}
@@ -130,10 +142,10 @@ def dataset_kinds() -> list[str]:
 
 
 def pick_split(ds: Any, split: str | None, label: str):
-    """A single Dataset out of a DatasetDict: `split`, else "train", else the only split."""
+    """A single (Iterable)Dataset out of an (Iterable)DatasetDict: `split`, else "train", else the only split."""
     import datasets
 
-    if not isinstance(ds, datasets.DatasetDict):
+    if not isinstance(ds, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         return ds
     names = list(ds)
     if split is not None:
@@ -156,17 +168,23 @@ def _supports_image_mode() -> bool:
 
 
 def image_columns(ds) -> list[str]:
-    """Columns of `ds` whose feature is a datasets.Image."""
+    """Columns of `ds` that hold images: datasets.Image features and tar member reference columns."""
     import datasets
 
-    return [name for name, feat in ds.features.items() if isinstance(feat, datasets.Image)]
+    from .images import is_tar_ref_feature
+
+    return [name for name, feat in (ds.features or {}).items()
+            if isinstance(feat, datasets.Image) or is_tar_ref_feature(feat)]
 
 
 def ensure_rgb(ds):
-    """`ds` with every image column decoded as RGB (some sources hold RGBA, L or P images)."""
+    """`ds` with every datasets.Image column decoded as RGB (some sources hold RGBA, L or P images).
+
+    Tar reference columns are left as they are: `vlkit.data.images` decodes them to RGB when they are read.
+    """
     import datasets
 
-    cols = image_columns(ds)
+    cols = [c for c in image_columns(ds) if isinstance(ds.features[c], datasets.Image)]
     if not cols:
         return ds
     if _supports_image_mode():
@@ -183,6 +201,8 @@ def ensure_rgb(ds):
                               for im in batch[col]]
         return batch
 
+    if isinstance(ds, datasets.IterableDataset):
+        return ds.map(to_rgb, batched=True)
     ds.set_transform(to_rgb)
     return ds
 
@@ -206,13 +226,17 @@ def validate(ds, task: str, *, source: str | None = None) -> None:
 
     Raises DataError naming the column (and the source, when given) or the 1-based row and the file.
     """
+    import datasets
+
+    from .images import is_tar_ref_feature
+
     fields = required_fields(task)
     label = source or "dataset"
-    missing = [f for f in fields if f not in ds.column_names]
-    if missing:
-        raise DataError(
-            f"{label} has no column {missing[0]!r} required for task {task!r} "
-            f"(needs {', '.join(fields)}; has {', '.join(ds.column_names) or 'no columns'})")
+    if isinstance(ds, datasets.IterableDataset):
+        if ds.features is not None:  # unknown until the first rows are read for some streaming sources
+            _check_columns(list(ds.features), fields, task, label, streaming=True)
+        return
+    _check_columns(ds.column_names, fields, task, label)
     table = ds.data
     img_cols = set(image_columns(ds))
     for name in fields:
@@ -220,8 +244,29 @@ def validate(ds, task: str, *, source: str | None = None) -> None:
         bad = _first_bad_row(column)
         if bad is not None:
             raise DataError(f"{label}: row {bad + 1} has no value for {name!r} (required for task {task!r})")
-        if name in img_cols:
+        if name in img_cols and is_tar_ref_feature(ds.features[name]):
+            _check_shards(column, name, label)
+        elif name in img_cols:
             _check_image_paths(column, name, label)
+
+
+def _check_columns(have: list[str], fields: tuple[str, ...], task: str, label: str, streaming: bool = False):
+    missing = [f for f in fields if f not in have]
+    if missing:
+        what = "streaming dataset " if streaming else ""
+        raise DataError(
+            f"{what}{label} has no column {missing[0]!r} required for task {task!r} "
+            f"(needs {', '.join(fields)}; has {', '.join(have) or 'no columns'})")
+
+
+def _check_shards(column, name: str, label: str) -> None:
+    """Tar member references must point into shards that exist (one stat per shard, not per row)."""
+    import pyarrow.compute as pc
+
+    combined = column.combine_chunks() if hasattr(column, "combine_chunks") else column
+    for shard in pc.unique(combined.field("shard")).to_pylist():
+        if shard and not os.path.isfile(shard):
+            raise DataError(f"{label}: shard not found: {shard} (column {name!r})")
 
 
 def _check_image_paths(column, name: str, label: str) -> None:
@@ -262,10 +307,14 @@ def load_data(spec: str | Mapping | None = None, **options: Any):
     label = f"{kind}:{source}" if source else kind
     ds = loader(source, split=split, **parsed)
     ds = pick_split(ds, split, label)
-    if not isinstance(ds, datasets.Dataset):
+    if not isinstance(ds, (datasets.Dataset, datasets.IterableDataset)):
         raise DataError(f"dataset kind {kind!r} returned {type(ds).__name__}, not a datasets.Dataset")
     ds = ensure_rgb(ds)
     task = parsed.get("task")
     if task:
         validate(ds, task, source=label)
+    try:
+        ds._vlkit_label = label  # how decode errors of the lazy image pipeline name the source
+    except AttributeError:  # pragma: no cover - a Dataset subclass with __slots__
+        pass
     return ds

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ..hookspecs import hookimpl
 from .loaders import load_hf, load_imagefolder, load_manifest_kind, load_parquet, load_world
+from .webdataset import load_webdataset
 from .winoground import load_winoground
 
 
@@ -16,11 +17,16 @@ from .winoground import load_winoground
 def register_datasets(register):
     register("world", load_world,
              summary="embedded procedural image-text world: world:DOMAIN/TASK (options n, seed, image_size)")
-    register("hf", load_hf, summary="Hugging Face hub dataset id: hf:user/name (options config, split, revision)")
+    register("hf", load_hf,
+             summary="Hugging Face hub id hf:user/name, or a local save_to_disk/data directory hf:DIR "
+                     "(options config, split, revision, streaming)")
     register("imagefolder", load_imagefolder,
              summary="local folder in imagefolder layout (class subfolders or metadata.jsonl/.csv)")
     register("manifest", load_manifest_kind,
              summary="local JSONL/CSV manifest of image paths with captions, labels, questions/answers or boxes")
     register("parquet", load_parquet, summary="local parquet file or folder of parquet files")
+    register("webdataset", load_webdataset,
+             summary="tar shards (img2dataset/open_clip layout), indexed for random access: "
+                     "webdataset:/data/train-{0000..0099}.tar or shards=PATTERN")
     register("winoground", load_winoground,
              summary="Winoground: hub (gated, HF token), synth (world minimal pairs) or a local copy DIR")

@@ -25,6 +25,11 @@ def is_tar_ref(cell: Any) -> bool:
     return isinstance(cell, dict) and all(k in cell for k in TAR_REF_FIELDS)
 
 
+def is_tar_ref_feature(feature: Any) -> bool:
+    """Whether a `datasets` feature is a struct of tar member references (a webdataset image column)."""
+    return isinstance(feature, dict) and all(k in feature for k in TAR_REF_FIELDS)
+
+
 def read_tar_member(cell: dict) -> bytes:
     """The bytes of one tar member, read at its data offset."""
     shard = cell["shard"]

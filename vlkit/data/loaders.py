@@ -1,7 +1,10 @@
-"""Built-in dataset loaders: the procedural world, a hub dataset id, a local imagefolder, a manifest, parquet files.
+"""Built-in dataset loaders: the procedural world, a hub id or local `datasets` directory, a local imagefolder,
+a manifest, parquet files.
 
 Every loader has the plugin signature ``loader(source: str | None = None, *, split: str | None = None,
-**options) -> datasets.Dataset``; `task` among the options names the columns that rows must fill.
+**options) -> datasets.Dataset``; `task` among the options names the columns that rows must fill. Each loader
+takes a fixed set of options and rejects any other with one ConfigError naming the kind and the options, so a
+stray ``domain``/``n``/``seed`` never reaches `datasets.load_dataset`.
 """
 from __future__ import annotations
 
@@ -11,10 +14,18 @@ from typing import Any
 from ..errors import ConfigError, DataError
 from .api import TASK_FIELDS, pick_split, required_fields
 from .hub import hub_load
-from .manifest import check_image_file, image_columns_of, read_rows
+from .manifest import check_image_exists, image_columns_of, read_rows
 
 DEFAULT_WORLD_N = 200
 SPLIT_NAMES = ("train", "validation", "valid", "val", "dev", "test")
+# Options passed on to `datasets.load_dataset`, per kind (anything else is a ConfigError).
+LOAD_OPTIONS = ("cache_dir", "keep_in_memory", "num_proc")
+PARQUET_OPTIONS = LOAD_OPTIONS + ("columns", "filters", "batch_size")
+IMAGEFOLDER_OPTIONS = LOAD_OPTIONS + ("drop_labels", "drop_metadata", "filters")
+HF_OPTIONS = LOAD_OPTIONS + ("data_files",)
+# What `datasets.load_dataset` calls a single local file, by suffix (for hf:FILE).
+FILE_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv", ".arrow": "arrow",
+                 ".txt": "text"}
 
 
 def _int_option(name: str, value: Any) -> int:
@@ -27,9 +38,12 @@ def _int_option(name: str, value: Any) -> int:
     return out
 
 
-def _no_extra(kind: str, options: dict[str, Any]) -> None:
-    if options:
-        raise ConfigError(f"unknown option(s) for dataset kind {kind!r}: {', '.join(sorted(options))}")
+def _no_extra(kind: str, options: dict[str, Any], allowed: tuple[str, ...] = ()) -> dict[str, Any]:
+    """`options` when all are in `allowed`; else one ConfigError naming the kind and every unknown option."""
+    unknown = sorted(k for k in options if k not in allowed)
+    if unknown:
+        raise ConfigError(f"unknown option(s) for dataset kind {kind!r}: {', '.join(unknown)}")
+    return options
 
 
 def _required(task: str | None) -> tuple[str, ...]:
@@ -77,16 +91,79 @@ def load_world(source: str | None = None, *, split: str | None = None, domain: s
     return ds
 
 
+def _bool_option(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"data option {name} must be true or false, got {value!r}")
+
+
+def is_local_source(source: str) -> bool:
+    """Whether an hf source means a local path (it exists, or is written as one) rather than a hub id."""
+    return source.startswith(("/", ".", "~")) or Path(source).expanduser().exists()
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """Whether `path` was written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
+    return path.is_dir() and ((path / "dataset_dict.json").is_file()
+                              or ((path / "state.json").is_file() and (path / "dataset_info.json").is_file()))
+
+
 def load_hf(source: str | None = None, *, split: str | None = None, config: str | None = None,
             name: str | None = None, revision: str | None = None, token: str | bool | None = None,
-            task: str | None = None, **load_kwargs: Any):
-    """A Hugging Face hub dataset id (``hf:user/name``), loaded with the user's token when it is gated."""
+            task: str | None = None, streaming: Any = False, **load_kwargs: Any):
+    """A Hugging Face hub dataset id (``hf:user/name``, with the user's token when it is gated), or a local path:
+    a `save_to_disk` directory (`datasets.load_from_disk`), a data directory `datasets.load_dataset` reads
+    (parquet/jsonl/csv/images) or one such file. ``streaming: true`` gives a `datasets.IterableDataset`."""
+    _no_extra("hf", load_kwargs, HF_OPTIONS)
     if config and name and config != name:
         raise ConfigError(f"hf dataset: config={config!r} and name={name!r} disagree")
     if not source:
-        raise ConfigError("the hf dataset kind needs a hub id: hf:user/name")
+        raise ConfigError("the hf dataset kind needs a hub id or a local directory: hf:user/name or hf:DIR")
+    streaming = _bool_option("streaming", streaming)
+    if is_local_source(source):
+        return _load_hf_local(Path(source).expanduser(), split=split, name=config or name, revision=revision,
+                              streaming=streaming, **load_kwargs)
+    if streaming:
+        load_kwargs["streaming"] = True
     ds = hub_load(source, name=config or name, split=split, token=token, revision=revision, **load_kwargs)
     return pick_split(ds, split, f"hf:{source}")
+
+
+def _load_hf_local(path: Path, *, split: str | None, name: str | None, revision: str | None, streaming: bool,
+                   **load_kwargs: Any):
+    import datasets
+
+    label = f"hf:{path}"
+    if not path.exists():
+        raise DataError(f"hf local path not found: {path}")
+    if revision:
+        raise ConfigError(f"{label} is a local path: it has no revision (revision={revision!r})")
+    try:
+        if is_saved_dataset(path):
+            if name or load_kwargs:
+                given = ", ".join((["config"] if name else []) + sorted(load_kwargs))
+                raise ConfigError(f"{label} was written by save_to_disk: option(s) {given} do not apply")
+            ds = pick_split(datasets.load_from_disk(str(path)), split, label)
+            return ds.to_iterable_dataset() if streaming else ds
+        if path.is_file():
+            builder = FILE_BUILDERS.get(path.suffix.lower())
+            if builder is None:
+                raise DataError(f"{label}: cannot tell how to read {path.name}; expected a save_to_disk or data "
+                                f"directory, or a {', '.join(FILE_BUILDERS)} file")
+            ds = datasets.load_dataset(builder, data_files=[str(path)], name=name, streaming=streaming,
+                                       **load_kwargs)
+        else:
+            ds = datasets.load_dataset(str(path), name=name, streaming=streaming, **load_kwargs)
+    except (KeyboardInterrupt, SystemExit, ConfigError, DataError):
+        raise
+    except Exception as exc:
+        raise _wrap_local_error("hf", path, exc) from exc
+    return pick_split(ds, split, label)
 
 
 def _local_dir(kind: str, source: str | None) -> Path:
@@ -101,7 +178,10 @@ def _local_dir(kind: str, source: str | None) -> Path:
 
 
 def _check_imagefolder_metadata(root: Path, required: tuple[str, ...]) -> None:
-    """Every row of an imagefolder's metadata.jsonl/.csv must point at a readable image and fill `required`."""
+    """Every row of an imagefolder's metadata.jsonl/.csv must point at an existing image and fill `required`.
+
+    Only a stat per file: an image that does not decode raises DataError when it is read (vlkit.data.images).
+    """
     for meta in sorted(list(root.rglob("metadata.jsonl")) + list(root.rglob("metadata.csv"))):
         rows = list(read_rows(meta))
         if not rows:
@@ -118,7 +198,7 @@ def _check_imagefolder_metadata(root: Path, required: tuple[str, ...]) -> None:
                 value = rec.get(c)
                 if not isinstance(value, str) or not value:
                     raise DataError(f"{where} has no image path in column {c!r}")
-                check_image_file(meta.parent / value, where=where)
+                check_image_exists(meta.parent / value, where=where)
 
 
 def _wrap_local_error(kind: str, where: Path, exc: Exception) -> DataError:
@@ -132,6 +212,7 @@ def load_imagefolder(source: str | None = None, *, split: str | None = None, tas
     """A local folder in the Hugging Face imagefolder layout (class subfolders, or a metadata.jsonl/.csv)."""
     import datasets
 
+    _no_extra("imagefolder", load_kwargs, IMAGEFOLDER_OPTIONS)
     root = _local_dir("imagefolder", source)
     _check_imagefolder_metadata(root, _required(task))
     try:
@@ -194,6 +275,7 @@ def load_parquet(source: str | None = None, *, split: str | None = None, task: s
     """Local parquet files (a file, or a folder searched recursively; `split` picks SPLIT-*.parquet)."""
     import datasets
 
+    _no_extra("parquet", load_kwargs, PARQUET_OPTIONS)
     if not source:
         raise ConfigError("the parquet dataset kind needs a file or folder: parquet:DIR")
     files = parquet_files(source, split=split)
@@ -206,4 +288,4 @@ def load_parquet(source: str | None = None, *, split: str | None = None, task: s
 
 
 __all__ = ["load_world", "load_hf", "load_imagefolder", "load_manifest_kind", "load_parquet", "parquet_files",
-           "TASK_FIELDS"]
+           "is_saved_dataset", "TASK_FIELDS"]

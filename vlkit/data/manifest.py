@@ -2,8 +2,10 @@
 
 Image paths are relative to the manifest's folder or absolute. The image column is ``image``, ``file_name``
 or ``image_path`` (single image), or ``image_0`` and ``image_1`` (pairs). A ``box`` column holds four numbers,
-as a JSON list or separated by spaces/commas. Every check runs at load time and names the manifest file and
-the 1-based data row: a missing required value, a missing image file, an unreadable image.
+as a JSON list or separated by spaces/commas. Load-time checks are cheap and name the manifest file and the
+1-based data row: a missing required value, a missing image file (one stat per file, no decoding). An image
+that exists but cannot be decoded raises `DataError` (naming the file and row) when it is decoded, by
+`vlkit.data.images`, so time to the first step does not grow with the dataset.
 """
 from __future__ import annotations
 
@@ -53,14 +55,20 @@ def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def resolve_image(value: Any, base: Path, *, where: str, column: str) -> str:
-    """The absolute path of an image cell, checked to exist and to be a readable image."""
+    """The absolute path of an image cell, checked to exist (decoding is checked when the image is read)."""
     if not isinstance(value, str) or not value.strip():
         raise DataError(f"{where} has no image path in column {column!r}")
     p = Path(value.strip()).expanduser()
     if not p.is_absolute():
         p = base / p
-    check_image_file(p, where=where)
+    check_image_exists(p, where=where)
     return str(p)
+
+
+def check_image_exists(path: Path, *, where: str) -> None:
+    """DataError naming `path` and `where` if the file is missing (a stat; the image is not opened)."""
+    if not path.is_file():
+        raise DataError(f"{where}: image file not found: {path}")
 
 
 def check_image_file(path: Path, *, where: str) -> None:
@@ -137,7 +145,8 @@ def _label_feature(values: list[Any]):
 def load_manifest(path: str | os.PathLike, *, required: tuple[str, ...] = (), split: str | None = None):
     """A datasets.Dataset from a JSONL/CSV manifest, with image columns as datasets.Image features.
 
-    `required` are the columns every row must fill (from the task); rows are checked at load time.
+    `required` are the columns every row must fill (from the task); rows are checked at load time, image
+    files only for existence.
     `split` keeps the rows whose ``split`` column equals it (row numbers stay those of the file); a
     manifest without a ``split`` column is taken whole.
     """
