@@ -92,26 +92,29 @@ class Backbone(nn.Module, metaclass=ABCMeta):
     def tokenize(self, texts: list[str] | str) -> torch.Tensor:
         ...
 
+    @property
+    def image_transform(self) -> Callable:
+        """The backbone's own eval transform: one PIL image (any mode, any size) to the normalised float32
+        (3, image_size, image_size) tensor `encode_image` expects. Picklable, so DataLoader workers can run it.
+
+        Subclasses set `self._image_transform` (a plain picklable object, not an nn.Module); plugins that
+        set none get `shortest_edge_transform` of their `image_size`, `mean` and `std`."""
+        own = self.__dict__.get("_image_transform")
+        if own is not None:
+            return own
+        key = (int(self.image_size), tuple(self.mean), tuple(self.std))
+        cached = self.__dict__.get("_default_transform")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_default_transform"] = (key, shortest_edge_transform(*key))
+        return cached[1]
+
     def preprocess(self, image) -> torch.Tensor:
-        """A PIL image to a normalised CHW float tensor: shorter side resized to `image_size`, centre crop."""
+        """A PIL image to a normalised CHW float tensor through `image_transform`."""
         from PIL import Image
 
         if not isinstance(image, Image.Image):
             raise TypeError(f"expected a PIL image, got {type(image).__name__}")
-        image = image.convert("RGB")
-        size = self.image_size
-        if image.size != (size, size):
-            w, h = image.size
-            scale = size / min(w, h)
-            nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-            image = image.resize((nw, nh), Image.BICUBIC)
-            left, top = (nw - size) // 2, (nh - size) // 2
-            image = image.crop((left, top, left + size, top + size))
-        x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-        x = x.view(self.image_size, self.image_size, 3).permute(2, 0, 1).float().div(255.0)
-        mean = torch.tensor(self.mean).view(3, 1, 1)
-        std = torch.tensor(self.std).view(3, 1, 1)
-        return (x - mean) / std
+        return self.image_transform(image)
 
     def preprocess_batch(self, images) -> torch.Tensor:
         return torch.stack([self.preprocess(im) for im in images])
@@ -253,6 +256,27 @@ class Backbone(nn.Module, metaclass=ABCMeta):
 
         return {base_param_name(n): p for n, p in self.model.named_parameters()
                 if ".adapters." not in n and ".fusions." not in n}
+
+
+def as_triple(value) -> tuple[float, ...]:
+    """Per-channel constants from a sequence or one number."""
+    return tuple(float(v) for v in value) if isinstance(value, (list, tuple)) else (float(value),) * 3
+
+
+def to_rgb(image):
+    return image.convert("RGB")
+
+
+def shortest_edge_transform(size: int, mean, std, interpolation: str = "bicubic"):
+    """torchvision's eval pipeline: RGB, shorter side resized to `size`, centre crop, to tensor, normalise.
+
+    The classic `transforms` (not v2): `ToTensor` divides by 255 exactly as earlier vlkit releases did,
+    so images already `size` pixels square come out bit-identical."""
+    from torchvision import transforms as T
+
+    mode = T.InterpolationMode(interpolation)
+    return T.Compose([to_rgb, T.Resize(int(size), interpolation=mode), T.CenterCrop(int(size)), T.ToTensor(),
+                      T.Normalize(list(mean), list(std))])
 
 
 def resolve_module(root: nn.Module, path: str) -> nn.Module:

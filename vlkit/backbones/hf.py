@@ -1,14 +1,15 @@
-"""transformers backbones: `hf:<hub id or local dir>` for CLIPModel and SiglipModel."""
+"""transformers backbones: `hf:<hub id or local dir>` for CLIPModel and SiglipModel.
+
+Model, tokenizer and image processor all come from the same checkpoint; images go through its own processor."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..errors import BackboneLoadError
-from .base import Backbone, Block, Site
+from .base import Backbone, Block, Site, as_triple
 
 
 def _unwrap(m):
@@ -22,7 +23,8 @@ class HFBackbone(Backbone):
 
     family = "hf"
 
-    def __init__(self, model: nn.Module, spec: str, tokenizer, image_size: int, mean, std, context_length: int):
+    def __init__(self, model: nn.Module, spec: str, tokenizer, image_size: int, mean, std, context_length: int,
+                 image_transform=None):
         super().__init__(model, spec)
         self._tokenizer = tokenizer
         self.image_size = int(image_size)
@@ -30,6 +32,7 @@ class HFBackbone(Backbone):
         self.std = tuple(std)
         self.context_length = int(context_length)
         self.is_siglip = not hasattr(model, "visual_projection")
+        self._image_transform = image_transform
 
     def encode_image(self, pixels, normalize=False):
         out = self.model.vision_model(pixel_values=pixels).pooler_output
@@ -116,15 +119,52 @@ class HFBackbone(Backbone):
         return {"vision": ("vision_model.", "visual_projection."), "text": ("text_model.", "text_projection.")}
 
 
-def _preprocess_constants(src: str, cfg) -> tuple[int, list[float], list[float]]:
-    size = cfg.vision_config.image_size
-    mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
-    p = Path(src) / "preprocessor_config.json"
-    if p.is_file():
-        data = json.loads(p.read_text())
-        mean = data.get("image_mean", mean)
-        std = data.get("image_std", std)
-    return size, mean, std
+class ProcessorTransform:
+    """One PIL image through a transformers image processor: its `pixel_values`, (3, S, S) float32."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, image) -> torch.Tensor:
+        return self.processor(images=image, return_tensors="pt")["pixel_values"][0].to(torch.float32)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({type(self.processor).__name__})"
+
+
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
+def _field(d, key):
+    return d.get(key) if isinstance(d, dict) else getattr(d, key, None)
+
+
+def _image_processor(src: str, local: bool, cfg):
+    """The checkpoint's own image processor; a CLIPImageProcessor of the vision tower's size where it has none."""
+    from transformers import AutoImageProcessor, CLIPImageProcessor
+
+    if not local or any((Path(src) / f).is_file() for f in PROCESSOR_FILES):
+        try:
+            return AutoImageProcessor.from_pretrained(src)
+        except Exception as exc:  # OSError, HTTP, offline and config errors differ across versions
+            if local:
+                raise BackboneLoadError(f"could not load the image processor of {src}: {exc}") from None
+    s = int(cfg.vision_config.image_size)
+    return CLIPImageProcessor(size={"shortest_edge": s}, crop_size={"height": s, "width": s})
+
+
+def _processor_constants(processor, cfg) -> tuple[int, tuple, tuple]:
+    """Output size, mean and std of `processor`; the size must be the square the vision tower takes."""
+    want = int(cfg.vision_config.image_size)
+    box = processor.crop_size if getattr(processor, "do_center_crop", False) else getattr(processor, "size", None)
+    h, w = _field(box, "height"), _field(box, "width")
+    size = (h, w) if h and w else (_field(box, "shortest_edge") or want,) * 2
+    if tuple(size) != (want, want):
+        raise BackboneLoadError(f"the image processor makes {size[0]}x{size[1]} images; the vision tower takes "
+                                f"{want}x{want}")
+    if not getattr(processor, "do_normalize", True):
+        return want, (0.0,) * 3, (1.0,) * 3
+    return want, as_triple(processor.image_mean), as_triple(processor.image_std)
 
 
 def load_hf(spec: str, device: str | None = None) -> HFBackbone:
@@ -151,9 +191,10 @@ def load_hf(spec: str, device: str | None = None) -> HFBackbone:
     except Exception as exc:
         raise BackboneLoadError(f"could not load model or tokenizer from {src}: {exc}",
                                 hint="the directory needs config.json, weights and tokenizer files") from None
-    size, mean, std = _preprocess_constants(src, cfg)
+    processor = _image_processor(src, local, cfg)
+    size, mean, std = _processor_constants(processor, cfg)
     ctx = cfg.text_config.max_position_embeddings
     model.eval()
     if device:
         model.to(device)
-    return HFBackbone(model, spec, tokenizer, size, mean, std, ctx)
+    return HFBackbone(model, spec, tokenizer, size, mean, std, ctx, ProcessorTransform(processor))

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import BackboneLoadError, UnknownNameError
-from .base import Backbone, Block, Site
+from .base import Backbone, Block, Site, as_triple
 
 
 def _sites_for_block(tower: str, index: int, path: str, block: nn.Module) -> Block | None:
@@ -52,10 +52,27 @@ class OpenClipBackbone(Backbone):
         visual = model.visual
         size = getattr(visual, "image_size", 224)
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
-        cfg = preprocess_cfg or {}
-        self.mean = tuple(cfg.get("mean", self.mean))
-        self.std = tuple(cfg.get("std", self.std))
         self.context_length = int(getattr(model, "context_length", getattr(tokenizer, "context_length", 77)))
+        pre = self._preprocess_cfg(preprocess_cfg or {})
+        self.mean, self.std = as_triple(pre.mean), as_triple(pre.std)
+        self._image_transform = self._build_transform(pre)
+
+    def _preprocess_cfg(self, cfg: dict):
+        """The model's preprocess config (size, mode, mean/std, interpolation, resize mode, fill colour) as
+        open_clip's `PreprocessCfg`, open_clip's defaults where `cfg` is silent."""
+        from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+        pre = PreprocessCfg(**merge_preprocess_dict(PreprocessCfg(size=self.image_size), cfg))
+        size = tuple(pre.size) if isinstance(pre.size, (tuple, list)) else (pre.size,) * 2
+        if size != (self.image_size,) * 2:
+            raise ValueError(f"preprocess size {pre.size} differs from the vision tower's {self.image_size}")
+        return pre
+
+    def _build_transform(self, pre):
+        """open_clip's own eval transform of `pre`."""
+        from open_clip.transform import image_transform_v2
+
+        return image_transform_v2(pre, is_train=False)
 
     def encode_image(self, pixels, normalize=False):
         return self.model.encode_image(pixels, normalize=normalize)
@@ -136,6 +153,25 @@ class OpenClipBackbone(Backbone):
         return {}
 
 
+def _read_config(cfg_path: Path) -> tuple[dict, dict, bool]:
+    """A model config file: a bare architecture (`embed_dim`, `vision_cfg`, `text_cfg`, optional
+    `preprocess_cfg`) or the hub layout `{"model_cfg": ..., "preprocess_cfg": ...}` of open_clip_config.json.
+    Returns the architecture, the preprocess config and whether the file is a bare architecture only."""
+    if not cfg_path.is_file():
+        raise BackboneLoadError(f"open_clip model config {cfg_path} does not exist")
+    try:
+        data = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BackboneLoadError(f"open_clip model config {cfg_path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BackboneLoadError(f"open_clip model config {cfg_path} is not a JSON object")
+    model_cfg = dict(data.get("model_cfg", data))
+    preprocess = data.get("preprocess_cfg", model_cfg.pop("preprocess_cfg", None)) or {}
+    if not isinstance(preprocess, dict):
+        raise BackboneLoadError(f"preprocess_cfg of {cfg_path} is not a JSON object")
+    return model_cfg, preprocess, model_cfg == data
+
+
 def _load_safetensors_into(model: nn.Module, path: Path, spec: str) -> None:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -167,15 +203,16 @@ def load_open_clip(spec: str, device: str | None = None) -> OpenClipBackbone:
     if not model_name:
         raise BackboneLoadError(f"backbone spec {spec!r} names no model", hint="e.g. open_clip:ViT-B-32@laion2b_s34b_b79k")
     cfg_path = Path(model_name)
+    preprocess: dict = {}
     if model_name.endswith(".json"):
-        if not cfg_path.is_file():
-            raise BackboneLoadError(f"open_clip model config {cfg_path} does not exist")
-        try:
-            json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise BackboneLoadError(f"open_clip model config {cfg_path} is not valid JSON: {exc}") from None
-        open_clip.add_model_config(cfg_path)
+        model_cfg, preprocess, bare = _read_config(cfg_path)
         model_name = cfg_path.stem
+        if bare:
+            open_clip.add_model_config(cfg_path)
+        else:  # add_model_config registers whole files; this one holds more than the architecture
+            from open_clip import factory
+
+            factory._MODEL_CONFIGS[model_name] = model_cfg
     elif model_name not in open_clip.list_models():
         raise UnknownNameError("open_clip model", model_name, open_clip.list_models())
 
@@ -197,10 +234,8 @@ def load_open_clip(spec: str, device: str | None = None) -> OpenClipBackbone:
             if tag not in tags:
                 raise UnknownNameError(f"pretrained tag for open_clip model {model_name}", tag, tags)
     try:
-        if tag is not None:
-            model = open_clip.create_model(model_name, pretrained=tag, device=device or "cpu")
-        else:
-            model = open_clip.create_model(model_name, pretrained=None, device=device or "cpu")
+        model = open_clip.create_model(model_name, pretrained=tag, device=device or "cpu",
+                                       force_preprocess_cfg=preprocess or None)
     except BackboneLoadError:
         raise
     except Exception as exc:  # network or hub failures surface as many exception types
@@ -218,8 +253,13 @@ def load_open_clip(spec: str, device: str | None = None) -> OpenClipBackbone:
         raise BackboneLoadError(f"could not load the tokenizer of open_clip model {model_name}: {exc}",
                                 hint="models with hub tokenizers need the tokenizer files cached locally") from None
     try:
-        pcfg = open_clip.get_model_preprocess_cfg(model)
+        pcfg = dict(open_clip.get_model_preprocess_cfg(model))
     except Exception:  # older open_clip: constants only
-        pcfg = {}
+        pcfg = dict(preprocess)
     model.eval()
-    return OpenClipBackbone(model, spec, tokenizer, pcfg)
+    try:
+        return OpenClipBackbone(model, spec, tokenizer, pcfg)
+    except (AssertionError, TypeError, ValueError) as exc:
+        raise BackboneLoadError(f"invalid preprocess config {pcfg} for open_clip model {model_name}: {exc}",
+                                hint="interpolation: bicubic or bilinear; resize_mode: shortest, longest or squash"
+                                ) from None

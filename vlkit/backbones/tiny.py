@@ -1,5 +1,8 @@
 """The built-in `tiny` CLIP: open_clip's model classes from a config kept as data, weights shipped in vlkit.
 
+The config's `preprocess` section (size, mean, std, interpolation) gives the eval transform: torchvision's
+shorter-side resize, centre crop, to tensor and normalise.
+
 Specs: `tiny` (shipped pre-trained weights; a seeded init when none are shipped), `tiny@random`
 (seeded init), `tiny@/path/weights.safetensors` (weights of a run, e.g. recipes/pretrain-tiny.yaml).
 """
@@ -12,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BackboneLoadError
+from .base import shortest_edge_transform
 from .openclip import OpenClipBackbone, _load_safetensors_into
 from .tokenizer import WordTokenizer
 
@@ -47,7 +51,12 @@ def build_tiny_model(tokenizer: WordTokenizer, seed: int = INIT_SEED):
 
 
 class TinyBackbone(OpenClipBackbone):
+    """The built-in tiny CLIP; its eval transform comes from the `preprocess` section of configs/tiny.json."""
+
     family = "tiny"
+
+    def _build_transform(self, pre):
+        return shortest_edge_transform(self.image_size, self.mean, self.std, pre.interpolation)
 
     def tokenizer_files(self):
         return {"tokenizer.json": self._tokenizer.to_json()}
