@@ -116,9 +116,10 @@ def test_user_data_spec_replaces_the_default(tmp_path):
         load_recipe(ROOT / "recipes" / "quickstart.yaml", ["~adapter.nothing"])
 
 
-def _quick(tmp_path, steps=4, extra=()):
+def _quick(tmp_path, steps=4, extra=(), n=True):
+    sizes = ["data.train.n=32", "data.eval.n=16"] if n else []
     return load_recipe(ROOT / "recipes" / "quickstart.yaml",
-                       [f"optim.steps={steps}", "data.train.n=32", "data.eval.n=16", "eval.every_steps=0",
+                       [f"optim.steps={steps}", *sizes, "eval.every_steps=0",
                         "checkpoint.every_steps=2", "logging.tensorboard=false", "backbone=tiny@random", *extra])
 
 
@@ -195,3 +196,38 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, flags):
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout[r.stdout.index("{"):])
     assert result["processes"] == 2 and result["processes_agree"] is True
+
+
+def _saved(tmp_path, n=20):
+    ds = load_data({"kind": "world", "domain": "photo", "task": "retrieval", "n": n, "seed": 0})
+    d = tmp_path / "saved"
+    ds.save_to_disk(str(d))
+    return d
+
+
+def test_streaming_source_trains_and_resumes_bit_exact(tmp_path):
+    from vlkit.train.engine import run
+
+    src = _saved(tmp_path)
+    over = ["task.name=retrieval", "~task.options.head", "data.train.kind=hf", f"data.train.source={src}",
+            "data.train.streaming=true", "data.shuffle_buffer=8", "data.num_workers=1", "data.augment=true",
+            "data.eval.task=retrieval", "data.eval.n=8", "adapter.towers=both"]
+    cfg = _quick(tmp_path, steps=6, extra=[*over, "checkpoint.every_steps=3"], n=False)
+    full, _, _ = run(cfg, tmp_path / "full")
+    assert full["steps"] == 6 and "mean_recall" in full["metrics"]
+    run(cfg, tmp_path / "part", stop_after=3)
+    run(cfg, tmp_path / "part", resume=True)
+    a = load_file(str(tmp_path / "full" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "part" / "adapter_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_streaming_source_needs_steps(tmp_path):
+    from vlkit.train.engine import run
+
+    src = _saved(tmp_path, n=8)
+    cfg = _quick(tmp_path, extra=["task.name=retrieval", "~task.options.head", "data.train.kind=hf",
+                                  f"data.train.source={src}", "data.train.streaming=true", "optim.steps=null",
+                                  "optim.epochs=1", "data.eval.task=retrieval"], n=False)
+    with pytest.raises(ConfigError, match="optim.steps"):
+        run(cfg, tmp_path / "x")

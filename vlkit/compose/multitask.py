@@ -110,7 +110,7 @@ def setup_multitask(cfg, backbone, datasets: dict[str, tuple]):
     from omegaconf import OmegaConf
 
     from ..adapters.inject import adapter_layers, inject
-    from ..train.engine import Job, build_task, load_datasets
+    from ..train.engine import Job, build_task, load_datasets, prepare_training
     from ..train.methods import adapter_name_for
 
     opts = OmegaConf.to_container(cfg.adapter, resolve=True)
@@ -128,7 +128,7 @@ def setup_multitask(cfg, backbone, datasets: dict[str, tuple]):
         train_ds, eval_ds = datasets.get(name) or load_datasets(sub)
         task = build_task(backbone, sub, train_ds)
         inject(backbone, variant, name=name, **opts)
-        jobs.append(Job(name, task, task.prepare(backbone, train_ds),
+        jobs.append(Job(name, task, prepare_training(sub, backbone, task, train_ds),
                         task.prepare(backbone, eval_ds) if eval_ds is not None else None, cfg.seed + 7919 * i, sub))
     names = [j.name for j in jobs]
     tie_shared(backbone, names, cfg.sharing, check=False)

@@ -247,3 +247,83 @@ def with_train_augment(data: Mapping, augment, seed: int) -> dict[str, Any]:
     if augment is None:
         return dict(data)
     return {k: v.with_augment(augment, seed) if isinstance(v, LazyImages) else v for k, v in data.items()}
+
+
+class StreamingSource:
+    """Training data from an iterable source (`hf` with `streaming: true`): rows are read in order through a
+    seeded shuffle buffer (`data.shuffle_buffer`, reseeded per epoch), prepared a batch at a time by the task
+    and decoded in one background worker. Resume re-reads the stream up to the checkpoint's position without
+    decoding images (image columns are read as raw bytes), so the batches match an uninterrupted run."""
+
+    def __init__(self, ds, task, backbone, *, seed: int, shuffle_buffer: int, augment=None):
+        import datasets
+
+        for name, feat in (ds.features or {}).items():
+            if isinstance(feat, datasets.Image) and feat.decode:
+                ds = ds.cast_column(name, datasets.Image(decode=False))
+        self.ds, self.task, self.backbone = ds, task, backbone
+        self.seed, self.shuffle_buffer, self.augment = int(seed), int(shuffle_buffer), augment
+        self.loader_options: dict[str, Any] = dict(DEFAULT_LOADER)
+
+    def epoch_stream(self, epoch: int, rank: int = 0, world: int = 1):
+        ds = self.ds
+        if world > 1:
+            from datasets.distributed import split_dataset_by_node
+
+            ds = split_dataset_by_node(ds, rank=rank, world_size=world)
+        ds = ds.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
+        ds.set_epoch(epoch)
+        return iter(ds)
+
+    def raw_batches(self, batch_size: int, rank: int = 0, world: int = 1, start: int = 0):
+        """Endless (epoch, batch index, rows) from batch `start` on (rows of skipped batches are not kept)."""
+        epoch, index = 0, 0
+        while True:
+            rows: list[dict] = []
+            filled, seen = 0, 0
+            for row in self.epoch_stream(epoch, rank, world):
+                seen += 1
+                filled += 1
+                if index >= start:
+                    rows.append(row)
+                if filled == batch_size:
+                    if index >= start:
+                        yield epoch, index, rows
+                    rows, filled, index = [], 0, index + 1
+            if not seen:
+                raise ConfigError("the streaming training source has no rows")
+            if filled:
+                if index >= start:
+                    yield epoch, index, rows
+                index += 1
+            epoch += 1
+
+    def prepare_rows(self, rows: list[dict], epoch: int, index: int) -> dict[str, torch.Tensor]:
+        import datasets
+
+        mini = datasets.Dataset.from_list(rows, features=self.ds.features)
+        data = self.task.prepare(self.backbone, mini)
+        if self.augment is not None:
+            data = with_train_augment(data, self.augment, self.seed + 7_919 * index)
+        return take(data, list(range(len(rows))), epoch if self.augment is not None else None)
+
+
+class _StreamBatches(torch.utils.data.IterableDataset):
+    def __init__(self, source: StreamingSource, batch_size: int, rank: int, world: int, start: int):
+        self.source, self.batch_size, self.rank, self.world, self.start = source, batch_size, rank, world, start
+
+    def __iter__(self):
+        for epoch, index, rows in self.source.raw_batches(self.batch_size, self.rank, self.world, self.start):
+            yield self.source.prepare_rows(rows, epoch, index)
+
+
+def stream_loader(source: StreamingSource, batch_size: int, *, rank: int = 0, world: int = 1, start: int = 0):
+    """A DataLoader over a streaming source: at most one worker, so the row order stays the stream's."""
+    workers = min(1, int(source.loader_options.get("num_workers") or 0))
+    pin = source.loader_options.get("pin_memory")
+    kwargs: dict[str, Any] = {"batch_size": None, "num_workers": workers,
+                              "pin_memory": bool(torch.cuda.is_available() if pin is None else pin)}
+    if workers:
+        kwargs.update(prefetch_factor=int(source.loader_options.get("prefetch_factor") or 2),
+                      worker_init_fn=_worker_init)
+    return torch.utils.data.DataLoader(_StreamBatches(source, batch_size, rank, world, start), **kwargs)

@@ -74,6 +74,7 @@ def _accelerator(cfg, find_unused: bool = False):
 
 
 def build_task(backbone, cfg, train_ds):
+    import datasets as hfds
     from omegaconf import OmegaConf
 
     from ..plugins import registry
@@ -81,7 +82,15 @@ def build_task(backbone, cfg, train_ds):
     options = OmegaConf.to_container(cfg.task.options, resolve=True) or {}
     if cfg.method == "linear" and cfg.task.name == "classification":
         options.setdefault("head", "linear")
-    return registry("task").get(cfg.task.name)(backbone, train_ds, **options)
+    cls = registry("task").get(cfg.task.name)
+    if not isinstance(train_ds, hfds.IterableDataset):
+        return cls(backbone, train_ds, **options)
+    try:
+        return cls(backbone, train_ds, **options)
+    except (TypeError, KeyError, NotImplementedError, AttributeError) as exc:
+        raise ConfigError(f"task {cfg.task.name!r} cannot set itself up from a streaming source ({exc})",
+                          hint="give its vocabulary in task.options (class_names, answers) or use a map-style "
+                               "source") from None
 
 
 def _load_source(spec: dict, task: str):
@@ -109,12 +118,16 @@ def load_datasets(cfg):
     shots = train.pop("shots", None)
     train_ds = _load_source(train, cfg.task.name)
     if shots is not None:
+        import datasets as hfds
+
+        if isinstance(train_ds, hfds.IterableDataset):
+            raise ConfigError("shots: k needs a map-style source; this one is streaming")
         train_ds = few_shot(train_ds, int(shots), seed=cfg.seed)
     eval_ds = None
     if cfg.data.eval is not None:
         ev = OmegaConf.to_container(cfg.data.eval, resolve=True)
         ev.setdefault("task", cfg.task.name)
-        eval_ds = _load_source(ev, cfg.task.name)
+        eval_ds = _in_memory(_load_source(ev, cfg.task.name))
     return train_ds, eval_ds
 
 
@@ -173,9 +186,42 @@ def configure_pipeline(cfg, *prepared) -> None:
     """Apply the recipe's DataLoader options (data.num_workers, data.pin_memory, data.prefetch_factor)."""
     from ..data.pipeline import configure
 
+    opts = {"num_workers": cfg.data.num_workers, "pin_memory": cfg.data.pin_memory,
+            "prefetch_factor": cfg.data.prefetch_factor}
     for data in prepared:
-        configure(data, num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory,
-                  prefetch_factor=cfg.data.prefetch_factor)
+        if is_streaming(data):
+            data.loader_options.update(opts)
+        else:
+            configure(data, **opts)
+
+
+def is_streaming(data) -> bool:
+    from ..data.pipeline import StreamingSource
+
+    return isinstance(data, StreamingSource)
+
+
+def prepare_training(cfg, backbone, task, ds):
+    """The task's prepared training data, or a StreamingSource for an iterable (streaming) dataset."""
+    import datasets as hfds
+
+    from ..data.pipeline import StreamingSource, build_augment
+
+    if not isinstance(ds, hfds.IterableDataset):
+        return task.prepare(backbone, ds)
+    if cfg.optim.steps is None:
+        raise ConfigError("a streaming training source has no known length: give optim.steps, not optim.epochs")
+    return StreamingSource(ds, task, backbone, seed=cfg.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+                           augment=build_augment(cfg.data.augment, backbone.image_size))
+
+
+def _in_memory(ds):
+    """An iterable (streaming) evaluation set read once into an on-disk Arrow dataset."""
+    import datasets as hfds
+
+    if not isinstance(ds, hfds.IterableDataset):
+        return ds
+    return hfds.Dataset.from_generator(lambda: (yield from ds), features=ds.features)
 
 
 def _train_view(cfg, backbone, data):
@@ -213,11 +259,12 @@ def run(cfg, out_dir: str | Path | None = None, *, resume: bool = False, progres
         task = build_task(backbone, cfg, train_ds)
         adapter_opts = OmegaConf.to_container(cfg.adapter, resolve=True)
         adapter, trainable = apply_method(backbone, task, cfg, adapter_opts)
-        jobs = [Job(None, task, task.prepare(backbone, train_ds),
+        jobs = [Job(None, task, prepare_training(cfg, backbone, task, train_ds),
                     task.prepare(backbone, eval_ds) if eval_ds is not None else None, cfg.seed, cfg)]
     for job in jobs:
         configure_pipeline(cfg, job.train, job.eval)
-        job.train = _train_view(cfg, backbone, job.train)
+        if not is_streaming(job.train):
+            job.train = _train_view(cfg, backbone, job.train)
     warnings: list[str] = []
     if cfg.method != "zeroshot" and trainable:
         unused = unused_parameters(backbone, jobs, trainable)
@@ -298,7 +345,8 @@ def _cache_frozen_towers(backbone, jobs, trainable) -> None:
     for job in jobs:
         if job.name:
             backbone.set_active(job.name)
-        job.train = job.task.cache_features(backbone, job.train, frozen, CACHE, train=True)
+        if not is_streaming(job.train):
+            job.train = job.task.cache_features(backbone, job.train, frozen, CACHE, train=True)
         if job.eval is not None:
             job.eval = job.task.cache_features(backbone, job.eval, frozen, CACHE)
 
@@ -323,8 +371,6 @@ def unused_parameters(backbone, jobs, trainable: dict[str, torch.Tensor]) -> lis
 
     Data parallelism needs every trainable parameter to get a gradient, and a parameter that cannot get
     one (a text-tower adapter under a linear image head) should not count as trained."""
-    from ..data.pipeline import take
-
     names = list(trainable)
     params = [trainable[n] for n in names]
     used = [False] * len(params)
@@ -334,8 +380,7 @@ def unused_parameters(backbone, jobs, trainable: dict[str, torch.Tensor]) -> lis
         for job in jobs:
             if job.name:
                 backbone.set_active(job.name)
-            n = len(next(iter(job.train.values())))
-            batch = take(job.train, list(range(min(2, n))), 0)
+            batch = probe_batch(job.train)
             loss = job.task.loss(backbone, batch)
             if not loss.requires_grad:
                 continue
@@ -343,6 +388,16 @@ def unused_parameters(backbone, jobs, trainable: dict[str, torch.Tensor]) -> lis
             used = [u or g is not None for u, g in zip(used, grads, strict=True)]
     backbone.train(was)
     return [n for n, u in zip(names, used, strict=True) if not u]
+
+
+def probe_batch(data) -> dict[str, torch.Tensor]:
+    """The first two rows of prepared (or streaming) training data."""
+    from ..data.pipeline import take
+
+    if is_streaming(data):
+        _, index, rows = next(data.raw_batches(2))
+        return data.prepare_rows(rows, 0, index)
+    return take(data, list(range(min(2, len(next(iter(data.values())))))), 0)
 
 
 def summarize_names(names: list[str], backbone=None, limit: int = 3) -> str:
@@ -389,7 +444,7 @@ def consumed_batches(step: int, job: int, n_jobs: int, accum: int) -> int:
 
 
 def _fit(cfg, accel, module, jobs, trainable, out, log, resume, report, stop_after):
-    from ..data.pipeline import SeededBatches, make_loader, num_rows
+    from ..data.pipeline import SeededBatches, make_loader, num_rows, stream_loader
 
     params = list(trainable.values())
     groups = param_groups(trainable, cfg.optim.lr, cfg.optim.head_lr)
@@ -399,7 +454,7 @@ def _fit(cfg, accel, module, jobs, trainable, out, log, resume, report, stop_aft
         optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     world, rank = accel.num_processes, accel.process_index
     bs, accum = cfg.optim.batch_size, cfg.optim.grad_accum
-    sizes = [num_rows(j.train) for j in jobs]
+    sizes = [None if is_streaming(j.train) else num_rows(j.train) for j in jobs]
     total = (cfg.optim.steps if cfg.optim.steps is not None
              else cfg.optim.epochs * sum(steps_per_epoch(n, bs, accum, world) for n in sizes))
     if total < 1:
@@ -413,10 +468,12 @@ def _fit(cfg, accel, module, jobs, trainable, out, log, resume, report, stop_aft
         state = load_checkpoint(latest_checkpoint(out), trainable, raw_opt, scheduler)
         step = int(state["step"])
         history = list(state.get("history", []))
-    streams = [iter(make_loader(j.train, SeededBatches(n, bs, j.seed, rank, world,
-                                                       start=consumed_batches(step, i, len(jobs), accum)),
-                                train=True))
-               for i, (j, n) in enumerate(zip(jobs, sizes, strict=True))]
+    streams = []
+    for i, (j, n) in enumerate(zip(jobs, sizes, strict=True)):
+        start = consumed_batches(step, i, len(jobs), accum)
+        loader = (stream_loader(j.train, bs, rank=rank, world=world, start=start) if n is None else
+                  make_loader(j.train, SeededBatches(n, bs, j.seed, rank, world, start=start), train=True))
+        streams.append(iter(loader))
     model.train()
     report("start", total=total, step=step)
     t0, seen = time.perf_counter(), 0
@@ -446,8 +503,10 @@ def _fit(cfg, accel, module, jobs, trainable, out, log, resume, report, stop_aft
             lr = scheduler.get_last_lr()[0]
             rate = seen / max(1e-9, time.perf_counter() - t0)
             consumed = consumed_batches(step, ji, len(jobs), accum)
-            per_proc = sizes[ji] // world if world > 1 else sizes[ji]
-            epoch = (consumed - 1) // max(1, math.ceil(per_proc / bs))
+            epoch = None
+            if sizes[ji] is not None:
+                per_proc = sizes[ji] // world if world > 1 else sizes[ji]
+                epoch = (consumed - 1) // max(1, math.ceil(per_proc / bs))
             row: dict[str, Any] = {"step": step, "epoch": epoch, "loss": loss_sum, "lr": lr, "samples_per_s": rate}
             if job.name and len(jobs) > 1:
                 row.update({"task": job.name, f"loss/{job.name}": loss_sum})
