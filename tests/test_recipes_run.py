@@ -124,3 +124,38 @@ def test_gpu_vitb32_lora_at_real_size(tmp_path, capsys, retrieval_manifests):
                f"data.train.path={retrieval_manifests['train']}", f"data.eval.path={retrieval_manifests['val']}",
                "optim.batch_size=2")
     assert r["parameters"]["trainable_percent"] < 5
+
+
+TORCHRUN_CASES = {
+    "quickstart.yaml": ["data.train.n=16", "data.eval.n=8"],
+    "medical.yaml": ["data.train.n=16", "data.eval.n=8"],
+    "multitask.yaml": [f"tasks.{i}.data.{s}.n={n}" for i in range(3) for s, n in (("train", 12), ("eval", 8))],
+    "pretrain-tiny.yaml": ["data.train.mix.0.n=12", "data.train.mix.1.n=12", "data.eval.n=8"],
+    "gpu-vitb32-lora.yaml": GPU_ON_CPU,
+    "gpu-hf-clip-bottleneck.yaml": GPU_ON_CPU,
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(TORCHRUN_CASES), ids=list(TORCHRUN_CASES))
+def test_recipe_under_torchrun_two_processes(name, tmp_path, tiny_open_clip, hf_clip_dir, retrieval_manifests,
+                                            imagefolders):
+    """The README's data-parallel launch on each shipped recipe: 2 gloo processes end with identical weights."""
+    import subprocess
+    import sys
+
+    extra = list(TORCHRUN_CASES[name])
+    if name.startswith("gpu-vitb32"):
+        extra += [f"backbone={tiny_open_clip['spec']}", f"data.train.path={retrieval_manifests['train']}",
+                  f"data.eval.path={retrieval_manifests['val']}"]
+    if name.startswith("gpu-hf"):
+        extra += [f"backbone=hf:{hf_clip_dir}", f"data.train.data_dir={imagefolders['train']}",
+                  f"data.eval.data_dir={imagefolders['val']}"]
+    port = str(29600 + list(TORCHRUN_CASES).index(name))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+           "-m", "vlkit", "train", str(RECIPES / name), "-o", str(tmp_path / "ddp"), "--json", "--no-progress",
+           *SHORT, *extra]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout[r.stdout.index("{"):])
+    assert result["processes"] == 2 and result["processes_agree"] is True

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -322,7 +323,8 @@ def _summary(request: ExportRequest, result: ExportResult, out: Path, target: st
         **request.describe,
         "logit_scale": float(bb.logit_scale),
         "preprocessing": {"image_size": bb.image_size, "mean": list(bb.mean), "std": list(bb.std),
-                          "resize": "shorter side to image_size (bicubic), then centre crop to image_size",
+                          "resize": "the backbone's own eval transform (see `transform`)",
+                          "transform": re.sub(r" at 0x[0-9a-f]+", "", repr(bb.image_transform)),
                           "channel_order": "RGB",
                           "layout": "NCHW", "pixel_scale": "x / 255, then (x - mean) / std"},
         "task": None if task is None else {"name": "classification", "class_names": task.class_names,
