@@ -231,3 +231,38 @@ def test_streaming_source_needs_steps(tmp_path):
                                   "optim.epochs=1", "data.eval.task=retrieval"], n=False)
     with pytest.raises(ConfigError, match="optim.steps"):
         run(cfg, tmp_path / "x")
+
+
+@pytest.mark.slow
+def test_multitask_resume_after_kill_matches_uninterrupted(tmp_path):
+    """A multi-task run killed with SIGKILL after a checkpoint and resumed from the CLI ends bit-identical."""
+    import signal
+    import time
+
+    over = ["optim.steps=12", "checkpoint.every_steps=3", "backbone=tiny@random", "logging.plot=false",
+            "logging.every_steps=1", "--no-progress"] + [
+        f"tasks.{i}.data.{s}.n={n}" for i in range(3) for s, n in (("train", 24), ("eval", 8))]
+
+    def start(out, *extra):
+        return subprocess.Popen([sys.executable, "-m", "vlkit", "train", str(ROOT / "recipes" / "multitask.yaml"),
+                                 "-o", str(out), *over, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+
+    full = start(tmp_path / "full")
+    assert full.wait(timeout=300) == 0, full.stderr.read()
+    proc = start(tmp_path / "killed")
+    latest = tmp_path / "killed" / "checkpoints" / "latest"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (latest.is_file() and latest.read_text().strip() >= "step-00000006"):
+        if proc.poll() is not None:
+            pytest.fail("run ended before it could be killed: " + proc.stderr.read())
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "composition.json").exists(), "the run finished before the kill"
+    resumed = start(tmp_path / "killed", "--resume")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    for name in ("med-cls", "sat-vqa", "sketch-ret"):
+        a = load_file(str(tmp_path / "full" / "adapters" / name / "adapter_model.safetensors"))
+        b = load_file(str(tmp_path / "killed" / "adapters" / name / "adapter_model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

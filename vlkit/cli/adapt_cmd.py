@@ -27,8 +27,14 @@ def register(cli: typer.Typer) -> None:
         from .output import console, print_json, table
 
         base = tuple(b.strip() for b in (baselines or "").split(",") if b.strip())
-        res = run_adapt(backbone, domain, shots, out, variant, base, steps, seed,
-                        adapter_options=parse_kv(option))
+        from .progress import TrainProgress
+
+        bar = TrainProgress()
+        try:
+            res = run_adapt(backbone, domain, shots, out, variant, base, steps, seed,
+                            adapter_options=parse_kv(option), progress=bar)
+        finally:
+            bar.close()
 
         def f(v):
             return "—" if v is None else f"{v:.1f}"

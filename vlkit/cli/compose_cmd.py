@@ -74,10 +74,11 @@ def register(cli: typer.Typer) -> None:
         if mode is None or out is None:
             raise ConfigError("give --mode and -o DIR, e.g. vlkit compose a,b --mode merge -o runs/merged")
         from ..compose.api import compose
+        from .progress import TrainProgress
 
         res = compose(sources, mode, out, weights=_floats(weights), method=method, rank=rank, density=density,
                       recipe=recipe, overrides=set_, data=data, backbone=backbone, router_steps=router_steps,
-                      n_per_adapter=per_adapter, progress=not json_out)
+                      n_per_adapter=per_adapter, progress=TrainProgress(enabled=not json_out))
         rows = [["mode", res["mode"]], ["adapters", ", ".join(res["adapters"])]]
         if res.get("weights") is not None:
             rows.append(["weights", ", ".join(f"{w:g}" for w in res["weights"])])
