@@ -254,7 +254,7 @@ class StubBackbone(torch.nn.Module):
 
     def __init__(self, joint: bool):
         super().__init__()
-        from vlkit.adapters.state import AdapterState
+        from vlkit.backbones.state import AdapterState
 
         self.w = torch.nn.Parameter(torch.zeros(1))
         self.adapter_state, self.adapter_records, self.joint = AdapterState(), {}, joint

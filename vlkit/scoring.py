@@ -7,6 +7,9 @@ pair, never on the other members of the batch.
 """
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import torch
 
 
@@ -84,3 +87,23 @@ def two_stage_scores(backbone, pixels: torch.Tensor, tokens: torch.Tensor, k: in
             return backbone.joint_pair_scores(pixels[ii], tokens[ti], batch_size).cpu()
 
     return rerank_matrix(dual.cpu(), joint_fn, k, dim=1), rerank_matrix(dual.cpu(), joint_fn, k, dim=0)
+
+
+# --- Winoground's text / image / group criteria (Thrush et al.), shared by the pairs task and the probes ---
+def as_score_array(scores: Any) -> np.ndarray:
+    """Scores as a float64 (N, 2, 2) array [caption][image]; accepts torch tensors and nested lists."""
+    if hasattr(scores, "detach"):
+        scores = scores.detach().cpu().numpy()
+    arr = np.asarray(scores, dtype=np.float64)
+    if arr.ndim != 3 or arr.shape[1:] != (2, 2):
+        raise ValueError(f"Winoground scores must have shape (N, 2, 2) [caption][image], got {arr.shape}")
+    return arr
+
+
+def winoground_correct(scores: Any) -> dict[str, np.ndarray]:
+    """Per-example booleans ``{"text", "image", "group"}`` from (N, 2, 2) scores, with strict comparisons."""
+    s = as_score_array(scores)
+    c0_i0, c0_i1, c1_i0, c1_i1 = s[:, 0, 0], s[:, 0, 1], s[:, 1, 0], s[:, 1, 1]
+    text = (c0_i0 > c1_i0) & (c1_i1 > c0_i1)
+    image = (c0_i0 > c0_i1) & (c1_i1 > c1_i0)
+    return {"text": text, "image": image, "group": text & image}

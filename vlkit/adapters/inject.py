@@ -11,8 +11,8 @@ from torch import nn
 from ..backbones.base import TOWERS, Site, resolve_module, set_module
 from ..errors import ConfigError, InjectionError
 from ..plugins import registry
-from .hosts import AdaptedLinear, AdaptedMHA, AdaptedOutput, AdapterHost
-from .state import check_adapter_name
+from ..backbones.hosts import AdaptedLinear, AdaptedMHA, AdaptedOutput, AdapterHost
+from ..backbones.state import check_adapter_name
 
 
 @dataclass

@@ -62,7 +62,7 @@ class Backbone(nn.Module, metaclass=ABCMeta):
         self.model = model
         self.spec = spec
         self.adapter_records: dict[str, Any] = {}
-        from ..adapters.state import AdapterState
+        from .state import AdapterState
 
         self.adapter_state = AdapterState()
         self._fingerprint = self._compute_fingerprint()
@@ -252,7 +252,7 @@ class Backbone(nn.Module, metaclass=ABCMeta):
         return flat.view(nt, ni)
 
     def base_parameters(self) -> dict[str, nn.Parameter]:
-        from ..adapters.hosts import base_param_name
+        from .hosts import base_param_name
 
         return {base_param_name(n): p for n, p in self.model.named_parameters()
                 if ".adapters." not in n and ".fusions." not in n}
@@ -281,7 +281,7 @@ def shortest_edge_transform(size: int, mean, std, interpolation: str = "bicubic"
 
 def resolve_module(root: nn.Module, path: str) -> nn.Module:
     """The module at `path` of the unwrapped model; adapter hosts on the way are seen through."""
-    from ..adapters.hosts import AdapterHost
+    from .hosts import AdapterHost
 
     mod = root
     for part in path.split(".") if path else []:
@@ -292,7 +292,7 @@ def resolve_module(root: nn.Module, path: str) -> nn.Module:
 
 
 def set_module(root: nn.Module, path: str, new: nn.Module) -> None:
-    from ..adapters.hosts import AdapterHost
+    from .hosts import AdapterHost
 
     parent_path, _, leaf = path.rpartition(".")
     parent = resolve_module(root, parent_path) if parent_path else root

@@ -13,7 +13,7 @@ from .base import Backbone, Block, Site, as_triple
 
 
 def _unwrap(m):
-    from ..adapters.hosts import AdapterHost
+    from .hosts import AdapterHost
 
     return m.base if isinstance(m, AdapterHost) else m
 

@@ -17,7 +17,7 @@ def _sites_for_block(tower: str, index: int, path: str, block: nn.Module) -> Blo
     mlp = getattr(block, "mlp", None)
     if attn is None or mlp is None:
         return None
-    from ..adapters.hosts import AdapterHost
+    from .hosts import AdapterHost
 
     attn_m = attn.base if isinstance(attn, AdapterHost) else attn
     mlp_m = mlp.base if isinstance(mlp, AdapterHost) else mlp

@@ -42,7 +42,7 @@ def read_source(path: str | Path) -> dict[str, Any]:
 
 
 def _unique_name(wanted: str, used: set[str]) -> str:
-    from ..adapters.state import NAME_RE
+    from ..backbones.state import NAME_RE
 
     base = wanted if isinstance(wanted, str) and NAME_RE.match(wanted) else "adapter"
     name, i = base, 1

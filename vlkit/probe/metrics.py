@@ -25,31 +25,14 @@ from typing import Any
 
 import numpy as np
 
+from ..scoring import as_score_array, winoground_correct  # noqa: F401  (part of this module's API)
+
 WINOGROUND_METRICS = ("text", "image", "group")
 CHANCE = {"text": 25.0, "image": 25.0, "group": 100.0 / 6.0}
 BREAKDOWN_KEYS = ("collapsed_tag", "num_main_preds", "secondary_tag", "tag")
 
 
 # ----------------------------------------------------------------------------------------- Winoground
-
-def as_score_array(scores: Any) -> np.ndarray:
-    """Scores as a float64 (N, 2, 2) array [caption][image]; accepts torch tensors and nested lists."""
-    if hasattr(scores, "detach"):
-        scores = scores.detach().cpu().numpy()
-    arr = np.asarray(scores, dtype=np.float64)
-    if arr.ndim != 3 or arr.shape[1:] != (2, 2):
-        raise ValueError(f"Winoground scores must have shape (N, 2, 2) [caption][image], got {arr.shape}")
-    return arr
-
-
-def winoground_correct(scores: Any) -> dict[str, np.ndarray]:
-    """Per-example booleans ``{"text", "image", "group"}`` from (N, 2, 2) scores, with strict comparisons."""
-    s = as_score_array(scores)
-    c0_i0, c0_i1, c1_i0, c1_i1 = s[:, 0, 0], s[:, 0, 1], s[:, 1, 0], s[:, 1, 1]
-    text = (c0_i0 > c1_i0) & (c1_i1 > c0_i1)
-    image = (c0_i0 > c0_i1) & (c1_i1 > c1_i0)
-    return {"text": text, "image": image, "group": text & image}
-
 
 def mean_percent(values: Any) -> float:
     """100 × the mean of a boolean/0-1 vector (nan when empty)."""

@@ -61,7 +61,7 @@ class PairsTask(Task):
         return (text + image) / 4
 
     def evaluate(self, backbone, data: dict[str, torch.Tensor], batch_size: int = 256) -> dict[str, float]:
-        from ..probe.metrics import winoground_correct
+        from ..scoring import winoground_correct
 
         dev = device_of(backbone)
         with torch.no_grad():
