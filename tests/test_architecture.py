@@ -7,9 +7,6 @@ from collections import defaultdict
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "vlkit"
-# the one cycle left (issue 14): the engine drives multi-task / fusion code in compose, and compose's fuse
-# mode runs the engine
-KNOWN_CYCLES = {frozenset({"train", "compose"})}
 
 
 def _package(module: str) -> str:
@@ -58,9 +55,9 @@ def _cycles(graph) -> set[frozenset]:
     return {frozenset({a, b}) for a in graph for b in graph[a] if reaches(b, a)}
 
 
-def test_no_new_package_cycles():
+def test_no_package_cycles():
     found = _cycles(import_graph())
-    assert found <= KNOWN_CYCLES, f"import cycles between packages: {sorted(map(sorted, found - KNOWN_CYCLES))}"
+    assert not found, f"import cycles between packages: {sorted(map(sorted, found))}"
 
 
 def test_cycle_finder_sees_a_cycle():

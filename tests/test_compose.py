@@ -343,8 +343,9 @@ data:
 optim: {steps: 3, batch_size: 8, lr: 1.0e-2}
 logging: {plot: false}
 """)
-    res = compose([str(adapters["a"]), str(adapters["b"])], "fuse", tmp_path / "fused", recipe=recipe,
-                  backbone=SPEC, progress=False)
+    from vlkit.train.fuse import fuse_adapters
+
+    res = fuse_adapters([str(adapters["a"]), str(adapters["b"])], tmp_path / "fused", recipe=recipe, backbone=SPEC)
     d = tmp_path / "fused"
     assert res["steps"] == 3 and res["fusion_parameters"] > 0
     assert {"composition.json", "fusion.safetensors", "task.json", "metrics.json"} <= {p.name for p in d.iterdir()}

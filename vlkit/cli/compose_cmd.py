@@ -76,9 +76,19 @@ def register(cli: typer.Typer) -> None:
         from ..compose.api import compose
         from .progress import TrainProgress
 
-        res = compose(sources, mode, out, weights=_floats(weights), method=method, rank=rank, density=density,
-                      recipe=recipe, overrides=set_, data=data, backbone=backbone, router_steps=router_steps,
-                      n_per_adapter=per_adapter, progress=TrainProgress(enabled=not json_out))
+        if mode == "fuse":
+            from ..train.fuse import fuse_adapters
+
+            bar = TrainProgress(enabled=not json_out)
+            try:
+                res = fuse_adapters(sources, out, recipe=recipe, overrides=set_, data=data, backbone=backbone,
+                                    weights=_floats(weights), progress=bar)
+            finally:
+                bar.close()
+        else:
+            res = compose(sources, mode, out, weights=_floats(weights), method=method, rank=rank,
+                          density=density, data=data, backbone=backbone, router_steps=router_steps,
+                          n_per_adapter=per_adapter)
         rows = [["mode", res["mode"]], ["adapters", ", ".join(res["adapters"])]]
         if res.get("weights") is not None:
             rows.append(["weights", ", ".join(f"{w:g}" for w in res["weights"])])

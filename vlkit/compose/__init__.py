@@ -2,12 +2,12 @@
 
 - `load_composition(backbone, dir)` / `resolve_adapter_arg(backbone, arg)`: composition directories and
   adapter arguments (a dir, a composition, `a+b`) onto a backbone (vlkit.compose.composition / .resolve).
-- `compose(sources, mode, out, ...)`: what `vlkit compose` runs — stack, average, parallel, fuse, route,
+- `compose(sources, mode, out, ...)`: what `vlkit compose` runs — stack, average, parallel, route,
   merge (vlkit.compose.api).
 - `merge_adapters(...)`: linear, task arithmetic, TIES, LoRA concat and SVD merges (vlkit.compose.merge).
 - `train_router`, `RoutedBackbone`: automatic per-input routing (vlkit.compose.router).
 - `add_fusion`, `load_fusion`: AdapterFusion layers (vlkit.compose.fusion).
-- multi-task training with sharing schemes: recipes with `tasks:` and `sharing:` (vlkit.compose.multitask).
+- multi-task training with sharing schemes: recipes with `tasks:` and `sharing:` (vlkit.train.multitask; sharing schemes in vlkit.compose.sharing).
 
 Per-sample routing inside a batch is `backbone.set_route(names, index)`.
 """
@@ -30,7 +30,7 @@ _LAZY = {
     "Router": "vlkit.compose.router",
     "add_fusion": "vlkit.compose.fusion",
     "load_fusion": "vlkit.compose.fusion",
-    "tie_shared": "vlkit.compose.multitask",
+    "tie_shared": "vlkit.compose.sharing",
     "run_composition": "vlkit.compose.predict",
 }
 

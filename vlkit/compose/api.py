@@ -5,7 +5,7 @@ for their adapters, e.g. the per-task adapters of a multi-task run). Modes:
 
 - stack / average / parallel: copy the adapters in and record the mode and weights;
 - merge: one merged adapter (vlkit.compose.merge), method linear | task_arithmetic | ties | concat | svd;
-- fuse: train AdapterFusion layers from a recipe (task, data, optim) with the adapters frozen;
+- fuse: AdapterFusion layers trained from a recipe with the adapters frozen (`vlkit.train.fuse`);
 - route: train a router on the adapters' own training data (or `data`), report held-out accuracy.
 """
 from __future__ import annotations
@@ -87,10 +87,9 @@ def parse_data_items(items: list[str] | None) -> tuple[dict[str, Any], Any]:
 
 
 def compose(sources: list[str] | str, mode: str, out: str | Path, *, weights: list[float] | None = None,
-            method: str = "linear", rank: int | None = None, density: float = 0.2, recipe: str | Path | None = None,
-            overrides: list[str] | None = None, data: list[str] | None = None, backbone: str | None = None,
-            router_hidden: int = 64, router_steps: int = 300, n_per_adapter: int = 256, seed: int = 0,
-            progress: bool = True) -> dict[str, Any]:
+            method: str = "linear", rank: int | None = None, density: float = 0.2,
+            data: list[str] | None = None, backbone: str | None = None,
+            router_hidden: int = 64, router_steps: int = 300, n_per_adapter: int = 256, seed: int = 0) -> dict[str, Any]:
     """Compose adapters into the directory `out`; returns a summary (what `vlkit compose --json` prints)."""
     if mode not in MODES:
         raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -118,33 +117,9 @@ def compose(sources: list[str] | str, mode: str, out: str | Path, *, weights: li
         write_composition(out, mode, cfg0, srcs, weights=weights)
         return summary
     if mode == "fuse":
-        return {**summary, **_fuse(srcs, cfg0, out, recipe, overrides, data, backbone, progress)}
+        raise ConfigError("mode fuse trains fusion layers: call vlkit.train.fuse.fuse_adapters (vlkit compose "
+                          "--mode fuse does)")
     return {**summary, **_route(srcs, cfg0, out, data, backbone, router_hidden, router_steps, n_per_adapter, seed)}
-
-
-def _fuse(srcs, cfg0, out: Path, recipe, overrides, data, backbone, progress) -> dict[str, Any]:
-    from ..train.engine import run
-    from ..train.recipe import load_recipe
-
-    if recipe is None:
-        raise ConfigError("--mode fuse needs --recipe (task, data and optim for training the fusion layers)")
-    base = {"name": out.name, "backbone": backbone or cfg0["backbone"], "method": "fuse",
-            "compose": {"adapters": [{"name": n, "path": str(p)} for n, p in srcs], "fusion": "fusion"},
-            "logging": {"tensorboard": False}}
-    cfg = load_recipe(recipe, list(overrides or []), base=base)
-    _, bare = parse_data_items(data)
-    if bare is not None:
-        from ..data.api import parse_data_spec
-        from ..train.recipe import check_recipe
-
-        cfg.data.train = parse_data_spec(bare)
-        check_recipe(cfg, str(recipe))
-    if cfg.method != "fuse":
-        raise ConfigError(f"{recipe}: method must be 'fuse' for --mode fuse (got {cfg.method!r})")
-    result, _, _ = run(cfg, out, progress=progress)
-    return {"task": result["task"], "metrics": result["metrics"], "score": result["score"],
-            "primary_metric": result["primary_metric"], "steps": result["steps"],
-            "fusion_parameters": result["parameters"]["trainable"]}
 
 
 def _route(srcs, cfg0, out: Path, data, backbone_spec, hidden, steps, n_per_adapter, seed) -> dict[str, Any]:

@@ -229,7 +229,7 @@ def load_composition(backbone, path: str | Path, *, activate: bool = True, resol
 
         comp.router = load_router(path, spec["router"], names)
     if spec.get("sharing") and spec["sharing"] != "per_task":
-        from .multitask import tie_shared
+        from .sharing import tie_shared
 
         tie_shared(backbone, names, spec["sharing"])
     if activate:

@@ -250,7 +250,7 @@ def run(cfg, out_dir: str | Path | None = None, *, resume: bool = False, progres
     set_seed(cfg.seed)
     backbone = load_backbone(cfg.backbone)
     if multi:
-        from ..compose.multitask import setup_multitask
+        from .multitask import setup_multitask
 
         jobs, trainable = setup_multitask(cfg, backbone, datasets or {})
         adapter = None
@@ -313,7 +313,7 @@ def run(cfg, out_dir: str | Path | None = None, *, resume: bool = False, progres
                                                       batch_size=cfg.eval.batch_size)}
     result["steps"] = step
     if multi:
-        from ..compose.multitask import multitask_result
+        from .multitask import multitask_result
 
         multitask_result(result, cfg, per_task)
     else:
@@ -322,7 +322,7 @@ def run(cfg, out_dir: str | Path | None = None, *, resume: bool = False, progres
                        "score": final.get(jobs[0].task.metric)})
     if accel.is_main_process:
         if multi:
-            from ..compose.multitask import write_multitask_outputs
+            from .multitask import write_multitask_outputs
 
             write_multitask_outputs(cfg, out, backbone, jobs, result)
         else:

@@ -107,7 +107,7 @@ class Recipe:
     checkpoint: CheckpointCfg = field(default_factory=CheckpointCfg)
     logging: LoggingCfg = field(default_factory=LoggingCfg)
     notes: List[str] = field(default_factory=list)
-    # multi-task training (vlkit.compose.multitask): one adapter per task, `sharing` ties parameters
+    # multi-task training (vlkit.train.multitask): one adapter per task, `sharing` ties parameters
     tasks: List[MultiTaskCfg] = field(default_factory=list)
     sharing: str = "per_task"
     # method "fuse" (vlkit.compose.fusion): {"adapters": [{"name", "path"}], "fusion": name};
@@ -301,7 +301,7 @@ def _check_compose(cfg, source: str) -> None:
     from ..plugins import registry
 
     if cfg.tasks:
-        from ..compose.multitask import SHARING, shared_parts
+        from ..compose.sharing import SHARING, shared_parts
 
         _choice(cfg.sharing, SHARING, "sharing", source)
         if cfg.method != "adapter":
