@@ -266,3 +266,27 @@ def test_multitask_resume_after_kill_matches_uninterrupted(tmp_path):
         a = load_file(str(tmp_path / "full" / "adapters" / name / "adapter_model.safetensors"))
         b = load_file(str(tmp_path / "killed" / "adapters" / name / "adapter_model.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_does_not_repeat_logged_steps(tmp_path):
+    from vlkit.train.engine import run
+
+    cfg = _quick(tmp_path, steps=6, extra=["checkpoint.every_steps=2", "logging.every_steps=1"])
+    run(cfg, tmp_path / "r", stop_after=5)  # steps 1-5 logged, checkpoint at 4
+    run(cfg, tmp_path / "r", resume=True)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_written_files_are_readable_by_others(tmp_path):
+    import os
+    import stat
+
+    from vlkit.io import write_json
+
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "x.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "x.json").stat().st_mode) == 0o644

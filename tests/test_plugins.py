@@ -164,3 +164,9 @@ def test_reset_plugins_rereads_environment(fake_entry_points, monkeypatch, reset
     assert "fake_variant" not in plugins.registry("adapter")  # cached until reset
     plugins.reset_plugins()
     assert "fake_variant" in plugins.registry("adapter")
+
+
+def test_vlkit_plugins_naming_an_uninstalled_plugin_is_an_error(fake_entry_points, monkeypatch, reset_plugins):
+    monkeypatch.setenv("VLKIT_PLUGINS", "fakeplug,nosuchplug")
+    with pytest.raises(PluginError, match=r"nosuchplug.*not installed.*fakeplug"):
+        plugins.PluginSystem()

@@ -80,6 +80,11 @@ class PluginSystem:
     def _load_entry_points(self) -> None:
         allowed = allowed_external()
         eps = md.entry_points(group=ENTRY_POINT_GROUP)
+        missing = sorted((allowed or set()) - {ep.name for ep in eps})
+        if missing:
+            installed = sorted({ep.name for ep in eps})
+            raise PluginError(f"VLKIT_PLUGINS names {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
+                              f"not installed (installed plugins: {', '.join(installed) or 'none'})")
         for ep in eps:
             if allowed is not None and ep.name not in allowed:
                 continue

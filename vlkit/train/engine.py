@@ -468,6 +468,8 @@ def _fit(cfg, accel, module, jobs, trainable, out, log, resume, report, stop_aft
         state = load_checkpoint(latest_checkpoint(out), trainable, raw_opt, scheduler)
         step = int(state["step"])
         history = list(state.get("history", []))
+        if accel.is_main_process:
+            log.truncate_after(step)
     streams = []
     for i, (j, n) in enumerate(zip(jobs, sizes, strict=True)):
         start = consumed_batches(step, i, len(jobs), accum)

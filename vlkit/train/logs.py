@@ -30,6 +30,22 @@ class MetricsLog:
                 if k != "step" and isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, row["step"])
 
+    def truncate_after(self, step: int) -> None:
+        """Drop rows logged after `step` (a resumed run logs the steps after its checkpoint again)."""
+        if not self.enabled or not self.path.is_file():
+            return
+        from ..io import write_text
+
+        keep = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a line cut by the kill
+            if isinstance(row, dict) and int(row.get("step", 0)) <= step:
+                keep.append(line)
+        write_text(self.path, "".join(k + "\n" for k in keep))
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
