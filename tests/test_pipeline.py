@@ -290,3 +290,8 @@ def test_written_files_are_readable_by_others(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "x.json").stat().st_mode) == 0o644
+
+
+def test_zero_steps_is_refused_before_anything_is_written():
+    with pytest.raises(ConfigError, match="optim.steps.*>= 1"):
+        load_recipe(ROOT / "recipes" / "quickstart.yaml", ["optim.steps=0"])

@@ -261,6 +261,11 @@ def check_recipe(cfg, source: str = "<recipe>") -> None:
         build_augment(OmegaConf.to_container(cfg.data, resolve=True).get("augment"), 224)
     except ConfigError as exc:
         raise ConfigError(f"{source}: key 'data.augment': {exc}") from None
+    for key in ("steps", "epochs"):
+        value = getattr(cfg.optim, key)
+        if value is not None and cfg.method != "zeroshot" and value < 1:
+            raise ConfigError(f"{source}: key 'optim.{key}': must be >= 1 (got {value}); a run with no step "
+                              "would write an untrained adapter")
     for key in ("batch_size", "grad_accum"):
         if getattr(cfg.optim, key) < 1:
             raise ConfigError(f"{source}: key 'optim.{key}': must be >= 1")
