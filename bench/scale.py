@@ -127,7 +127,7 @@ def _use_previous_pipeline() -> None:
 
     lazy = base.prepare_pixels
 
-    def prepare_all(backbone, ds, column="image", chunk=256):
+    def prepare_all(backbone, ds, column="image"):
         return lazy(backbone, ds, column).materialize()
 
     for mod in (base, cls, ret):

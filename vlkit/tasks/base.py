@@ -65,9 +65,6 @@ def num_examples(data: dict[str, torch.Tensor]) -> int:
 
 
 # --- helpers shared by the built-in tasks ---------------------------------------------------------
-PIXEL_CHUNK = 256  # kept for callers that decode in chunks
-
-
 def device_of(backbone) -> torch.device:
     """The device the backbone's weights live on (CPU for a parameterless stub)."""
     for p in backbone.parameters():
@@ -95,7 +92,7 @@ def require_columns(task: Task, ds, columns: tuple[str, ...] | None = None) -> N
                         f"{', '.join(ds.column_names) or 'none'}")
 
 
-def prepare_pixels(backbone, ds, column: str = "image", chunk: int = PIXEL_CHUNK):
+def prepare_pixels(backbone, ds, column: str = "image"):
     """The image column as a lazy (N, 3, S, S) column: rows are decoded and put through the backbone's own
     transform when a batch reads them (in DataLoader workers), never all at once."""
     from ..data.images import ImageReader
