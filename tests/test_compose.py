@@ -190,13 +190,13 @@ def test_incompatible_merges_name_both_and_the_difference(adapters, tmp_path):
     cfg_file.write_text(json.dumps(cfg))
     with pytest.raises(IncompatibleAdapterError, match="backbone fingerprint"):
         merge_adapters([adapters["a"], other], tmp_path / "w")
-    with pytest.raises(ConfigError, match="LoRA"):
+    with pytest.raises(ConfigError, match=r"svd.*is for lora adapters"):
         merge_adapters([adapters["a"], adapters["b"]], tmp_path / "v", method="svd")
 
 
 def test_compositions_load_and_resolve(adapters, tmp_path, inputs):
     from vlkit.compose import compose, load_composition, resolve_adapter_arg
-    from vlkit.compose.fusion import add_fusion, save_fusion
+    from vlkit.compose.adapter_fusion import add_fusion, save_fusion
 
     pixels, tokens = inputs
     bb = vlkit.load_backbone(SPEC)
@@ -220,7 +220,7 @@ def test_compositions_load_and_resolve(adapters, tmp_path, inputs):
     resolve_adapter_arg(fresh, f"{adapters['a']}+{adapters['b']}").activate(fresh)
     assert all(torch.equal(x, y) for x, y in zip(encode(fresh, pixels, tokens), outs["stack"]))
     add_fusion(bb, "fz", ["a", "b"])
-    for layer in __import__("vlkit.compose.fusion", fromlist=["x"]).fusion_layers(bb, "fz").values():
+    for layer in __import__("vlkit.compose.adapter_fusion", fromlist=["x"]).fusion_layers(bb, "fz").values():
         torch.nn.init.zeros_(layer.query.weight)
     bb.set_active("a", "b", mode="fuse", fusion="fz")
     bb.set_active("a", "b", mode="parallel", weights=[0.5, 0.5])

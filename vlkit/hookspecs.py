@@ -42,5 +42,10 @@ def register_exporters(register):
 
 
 @hookspec
+def register_methods(register):
+    """Register training methods: register("adapter", AdapterMethod()) (a vlkit.train.methods.TrainingMethod)."""
+
+
+@hookspec
 def register_commands(cli):
     """Add commands to the vlkit CLI: `cli` is the root typer.Typer app."""

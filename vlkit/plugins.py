@@ -22,6 +22,8 @@ BUILTIN_PLUGINS = (
     "vlkit.tasks.builtin",
     "vlkit.probe.builtin",
     "vlkit.export.builtin",
+    "vlkit.world.plugin",
+    "vlkit.train.builtin",
     "vlkit.cli.builtin",
 )
 
@@ -32,6 +34,7 @@ HOOK_OF_KIND = {
     "dataset": "register_datasets",
     "probe": "register_probes",
     "exporter": "register_exporters",
+    "method": "register_methods",
 }
 
 

@@ -1,4 +1,4 @@
-"""Name registries for every plugin kind (backbones, adapter variants, tasks, datasets, probes, exporters)."""
+"""Name registries for every plugin kind (backbones, adapter variants, tasks, datasets, probes, exporters, training methods)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -6,7 +6,7 @@ from typing import Any, Iterator
 
 from .errors import PluginError, UnknownNameError
 
-KINDS = ("backbone", "adapter", "task", "dataset", "probe", "exporter", "command")
+KINDS = ("backbone", "adapter", "task", "dataset", "probe", "exporter", "method", "command")
 
 
 @dataclass

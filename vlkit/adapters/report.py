@@ -1,7 +1,38 @@
-"""Parameter report: total, trainable and trainable % overall, per tower and per adapter."""
+"""Parameter counts, with the one definition of "trainable %" used everywhere (inject, train, adapt):
+
+    trainable % = 100 * trainable parameters / every parameter of the model being run
+                  (backbone + adapters + AdapterFusion layers + task heads, each tensor counted once).
+"""
 from __future__ import annotations
 
 from typing import Any
+
+
+def trainable_percent(trainable: int, total: int) -> float:
+    return 100.0 * trainable / max(total, 1)
+
+
+def parameter_counts(backbone, heads=(), trainable=None) -> dict[str, Any]:
+    """Trainable, backbone, adapter and head parameter counts and the trainable %; `trainable` (name ->
+    parameter) overrides `requires_grad` as the trainable set, `heads` are the task heads (nn.Modules)."""
+    import torch
+
+    if trainable is None:
+        params = [p for p in backbone.model.parameters() if p.requires_grad]
+        params += [p for h in heads for p in h.parameters() if p.requires_grad]
+    else:
+        params = list(trainable.values())
+    seen: dict[int, torch.Tensor] = {id(p): p for p in params}
+    n_trainable = sum(p.numel() for p in seen.values())
+    n_backbone = sum(p.numel() for p in backbone.base_parameters().values())
+    adapters: dict[int, torch.Tensor] = {}
+    for n, p in backbone.model.named_parameters(remove_duplicate=False):
+        if ".adapters." in n or ".fusions." in n:
+            adapters.setdefault(id(p), p)
+    n_adapter = sum(p.numel() for p in adapters.values())
+    n_head = sum(p.numel() for h in heads for p in h.parameters())
+    return {"trainable": n_trainable, "backbone": n_backbone, "adapter": n_adapter, "head": n_head,
+            "trainable_percent": trainable_percent(n_trainable, n_backbone + n_adapter + n_head)}
 
 
 def _tower_of(name: str, prefixes: dict[str, tuple[str, ...]]) -> str:
@@ -12,6 +43,7 @@ def _tower_of(name: str, prefixes: dict[str, tuple[str, ...]]) -> str:
 
 
 def parameter_report(backbone) -> dict[str, Any]:
+    """Total and trainable parameters of the backbone with its adapters, per tower and per adapter."""
     prefixes = backbone.tower_prefixes()
     towers: dict[str, dict[str, int]] = {}
     adapters: dict[str, dict[str, Any]] = {
@@ -42,7 +74,7 @@ def parameter_report(backbone) -> dict[str, Any]:
         "total": total,
         "backbone_parameters": base_total,
         "trainable": trainable,
-        "trainable_percent": 100.0 * trainable / max(total, 1),
+        "trainable_percent": trainable_percent(trainable, total),
         "towers": towers,
         "adapters": adapters,
     }

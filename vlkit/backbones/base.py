@@ -61,11 +61,20 @@ class Backbone(nn.Module, metaclass=ABCMeta):
         super().__init__()
         self.model = model
         self.spec = spec
-        self.adapter_records: dict[str, Any] = {}
         from .state import AdapterState
 
         self.adapter_state = AdapterState()
         self._fingerprint = self._compute_fingerprint()
+
+    @property
+    def adapter_records(self) -> dict[str, Any]:
+        """Loaded adapters by name (a view of `adapter_state.records`, the one owner of adapter state)."""
+        return self.adapter_state.records
+
+    @property
+    def fusion_records(self) -> dict[str, Any]:
+        """Loaded AdapterFusion layers by name (a view of `adapter_state.fusions`)."""
+        return self.adapter_state.fusions
 
     # --- encoders -----------------------------------------------------------------------------
     @abstractmethod
@@ -181,10 +190,10 @@ class Backbone(nn.Module, metaclass=ABCMeta):
         Modes: "stack" (each on the output of the previous), "parallel" (weighted sum of the adapters'
         changes), "fuse" (AdapterFusion layers named `fusion` weigh the adapters' outputs; see vlkit.compose).
         """
-        if mode == "fuse" and fusion not in getattr(self, "fusion_records", {}):
+        if mode == "fuse" and fusion not in self.fusion_records:
             from ..errors import UnknownNameError
 
-            raise UnknownNameError("adapter fusion", str(fusion), list(getattr(self, "fusion_records", {})))
+            raise UnknownNameError("adapter fusion", str(fusion), list(self.fusion_records))
         self.adapter_state.activate(names, self.adapter_records, mode=mode, weights=weights, fusion=fusion)
 
     def set_route(self, names, index=None) -> None:

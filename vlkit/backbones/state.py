@@ -19,7 +19,14 @@ def check_adapter_name(name: str) -> str:
 
 @dataclass
 class AdapterState:
-    """Activation state read by every adapter host at forward time (switching touches nothing else)."""
+    """Everything about a backbone's adapters, in one place: what is loaded and what is active.
+
+    Loaded: `records` (adapter name -> the InjectionRecord `inject` made: variant, config, sites, extra
+    trainables, task), `fusions` (AdapterFusion name -> its record, see `vlkit.compose.adapter_fusion`) and `base_stack`
+    (the frozen [(name, dir)] a run trains on top of, recipe `compose.base`). Active: `active`, `mode`,
+    `weights`, `fusion`, per-sample `route`/`route_names` and the forward-time `context`, read by every
+    adapter host (switching touches nothing else). Backbone exposes `adapter_records`/`fusion_records` as views.
+    """
 
     active: tuple[str, ...] = ()
     mode: str = "stack"
@@ -28,6 +35,9 @@ class AdapterState:
     route_names: tuple[str, ...] = ()
     context: dict[str, Any] = field(default_factory=dict)
     fusion: str | None = None  # mode "fuse": name of the AdapterFusion layers (host.fusions[fusion])
+    records: dict[str, Any] = field(default_factory=dict)
+    fusions: dict[str, Any] = field(default_factory=dict)
+    base_stack: list = field(default_factory=list)
 
     def activate(self, names, known, mode: str = "stack", weights=None, fusion: str | None = None) -> None:
         names = tuple(n for n in names if n)

@@ -26,7 +26,11 @@ def register(cli: typer.Typer) -> None:
 
         from .progress import TrainProgress
 
-        cfg = load_recipe(recipe, overrides or [])
+        notes: list[str] = []
+        cfg = load_recipe(recipe, overrides or [], notes=notes)
+        if os.environ.get("RANK", "0") == "0":
+            for note in notes:
+                console.print(f"note: {note}")
         from ..train.launch import cpu_launch_processes, relaunch_under_torchrun
 
         n_cpu = cpu_launch_processes()

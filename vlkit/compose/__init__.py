@@ -6,7 +6,7 @@
   merge (vlkit.compose.api).
 - `merge_adapters(...)`: linear, task arithmetic, TIES, LoRA concat and SVD merges (vlkit.compose.merge).
 - `train_router`, `RoutedBackbone`: automatic per-input routing (vlkit.compose.router).
-- `add_fusion`, `load_fusion`: AdapterFusion layers (vlkit.compose.fusion).
+- `add_fusion`, `load_fusion`: AdapterFusion layers (vlkit.compose.adapter_fusion).
 - multi-task training with sharing schemes: recipes with `tasks:` and `sharing:` (vlkit.train.multitask; sharing schemes in vlkit.compose.sharing).
 
 Per-sample routing inside a batch is `backbone.set_route(names, index)`.
@@ -16,6 +16,7 @@ from __future__ import annotations
 _LAZY = {
     "compose": "vlkit.compose.api",
     "resolve_sources": "vlkit.compose.api",
+    "source_dirs": "vlkit.compose.resolve",
     "load_composition": "vlkit.compose.composition",
     "write_composition": "vlkit.compose.composition",
     "read_composition": "vlkit.compose.composition",
@@ -28,8 +29,8 @@ _LAZY = {
     "train_router": "vlkit.compose.router",
     "RoutedBackbone": "vlkit.compose.router",
     "Router": "vlkit.compose.router",
-    "add_fusion": "vlkit.compose.fusion",
-    "load_fusion": "vlkit.compose.fusion",
+    "add_fusion": "vlkit.compose.adapter_fusion",
+    "load_fusion": "vlkit.compose.adapter_fusion",
     "tie_shared": "vlkit.compose.sharing",
     "run_composition": "vlkit.compose.predict",
 }

@@ -14,40 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, IncompatibleAdapterError
-from .composition import MODES, adapter_entries, is_composition, read_composition, write_composition
-from .resolve import free_name
+from .composition import MODES, write_composition
+from .resolve import free_name, source_dirs
 
-RUNS_DIR = Path("runs")
-
-
-def resolve_sources(items: list[str] | str) -> list[tuple[str, Path]]:
-    """(name, adapter directory) for each source item; composition directories expand to their adapters."""
-    from ..adapters.files import CONFIG_NAME, read_adapter_config
-
-    if isinstance(items, str):
-        items = [p.strip() for p in items.split(",") if p.strip()]
-    out: list[tuple[str, Path]] = []
-    taken: set[str] = set()
-    for item in items:
-        path = Path(item).expanduser()
-        if not path.exists() and (RUNS_DIR / item).exists():
-            path = RUNS_DIR / item
-        if not path.exists():
-            raise ConfigError(f"adapter {item!r} not found: not a directory, nor a run under {RUNS_DIR}/")
-        if is_composition(path) and not (path / CONFIG_NAME).is_file():
-            found = [(e.get("name") or Path(e["path"]).name, Path(e["path"]))
-                     for e in adapter_entries(path, read_composition(path)) if e["path"] is not None]
-        elif (path / CONFIG_NAME).is_file():
-            found = [(str(read_adapter_config(path).get("name") or path.name), path)]
-        else:
-            raise ConfigError(f"{path} is neither an adapter directory ({CONFIG_NAME}) nor a composition directory")
-        for name, p in found:
-            name = free_name(taken, name)
-            taken.add(name)
-            out.append((name, p))
-    if not out:
-        raise ConfigError("no adapters given to compose")
-    return out
+resolve_sources = source_dirs  # (name, adapter directory) per argument; see vlkit.compose.resolve
 
 
 def _check_same_backbone(sources: list[tuple[str, Path]]) -> dict[str, Any]:

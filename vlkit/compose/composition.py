@@ -191,7 +191,7 @@ def _read_task(d: Path | None) -> dict[str, Any]:
 
 def load_composition(backbone, path: str | Path, *, activate: bool = True, resolver=None) -> Composition:
     """Load the composition at `path` onto `backbone` (adapters under free names) and activate it."""
-    from .fusion import load_fusion
+    from .adapter_fusion import load_fusion
     from .resolve import AdapterResolver
 
     path = Path(path)

@@ -30,23 +30,11 @@ def load_task(backbone, meta: dict[str, Any] | None, head: Path | None = None):
 
 
 def _answer(backbone, task, pixels: torch.Tensor, tokens: torch.Tensor | None, top: int) -> dict[str, Any]:
-    name = getattr(task, "name", None)
+    """The task's own prediction (`Task.predict`); without a task, the image-text score when a text is given."""
     with torch.no_grad():
-        if name == "classification":
-            probs = task.logits(backbone, pixels).float().softmax(-1)[0]
-            k = min(top, len(probs))
-            v, i = probs.topk(k)
-            return {"task": name, "top": [{"class": task.class_names[j], "p": round(float(p), 4)}
-                                          for p, j in zip(v.tolist(), i.tolist())]}
-        if name == "vqa":
-            if tokens is None:
-                raise ConfigError("this adapter answers questions: give the question with --text")
-            probs = task.logits(backbone, pixels, tokens).float().softmax(-1)[0]
-            v, i = probs.topk(min(top, len(probs)))
-            return {"task": name, "answer": task.answers[int(i[0])],
-                    "top": [{"answer": task.answers[j], "p": round(float(p), 4)}
-                            for p, j in zip(v.tolist(), i.tolist())]}
-        out: dict[str, Any] = {"task": name}
+        if task is not None:
+            return task.predict(backbone, pixels, tokens, top)
+        out: dict[str, Any] = {"task": None}
         if tokens is not None:
             img = backbone.encode_image(pixels, normalize=True)
             txt = backbone.encode_text(tokens, normalize=True)

@@ -1,10 +1,12 @@
-"""One way to name "which adapters, combined how" on the command line: `resolve_adapter_arg`.
+"""The one resolver of adapter arguments, used by probe, export, compose and train.
 
-`resolve_adapter_arg(backbone, arg)` turns one argument into a :class:`System` (used by probe, export
-and `vlkit compose run`):
+`resolve_adapter_arg(backbone, arg)` turns one argument into a :class:`System` (probe, export, `vlkit compose
+run`, recipe `compose.base`); `source_dirs(items)` finds the adapter directories behind arguments without
+loading anything (`vlkit compose`). An argument is:
 
 - ``path/to/adapter``   an adapter directory (adapter_config.json + adapter_model.safetensors), loaded
                         onto the backbone under a free name;
+- ``run-name``          a run directory under ``runs/`` (where `vlkit train` writes), when no such path exists;
 - ``name``              an adapter already loaded on the backbone;
 - ``a+b``               a stack of the parts (each a path or a loaded name): b on top of a;
 - ``path/to/comp``      a composition directory (from `vlkit compose`, holding ``composition.json``) in any
@@ -27,6 +29,47 @@ from .composition import COMPOSITION_FILE
 
 ADAPTER_CONFIG = "adapter_config.json"
 FROZEN_NAMES = ("backbone", "none", "frozen")
+RUNS_DIR = Path("runs")
+
+
+def find_source(text: str, base: Path | None = None) -> Path:
+    """The directory an argument names: the path itself (relative to `base` when given), else `runs/<text>`."""
+    path = Path(text).expanduser()
+    if base is not None and not path.is_absolute():
+        path = base / path
+    if not path.exists() and base is None and (RUNS_DIR / text).is_dir():
+        return RUNS_DIR / text
+    return path
+
+
+def source_dirs(items: list[str] | str) -> list[tuple[str, Path]]:
+    """(free name, adapter directory) for each argument, nothing loaded; a composition directory stands for
+    its adapters (e.g. the per-task adapters of a multi-task run)."""
+    from .composition import adapter_entries, is_composition, read_composition
+    from ..adapters.files import read_adapter_config
+
+    if isinstance(items, str):
+        items = [p.strip() for p in items.split(",") if p.strip()]
+    out: list[tuple[str, Path]] = []
+    taken: set[str] = set()
+    for item in items:
+        path = find_source(item)
+        if not path.exists():
+            raise ConfigError(f"adapter {item!r} not found: not a directory, nor a run under {RUNS_DIR}/")
+        if is_composition(path) and not (path / ADAPTER_CONFIG).is_file():
+            found = [(e.get("name") or Path(e["path"]).name, Path(e["path"]))
+                     for e in adapter_entries(path, read_composition(path)) if e["path"] is not None]
+        elif (path / ADAPTER_CONFIG).is_file():
+            found = [(str(read_adapter_config(path).get("name") or path.name), path)]
+        else:
+            raise ConfigError(f"{path} is neither an adapter directory ({ADAPTER_CONFIG}) nor a composition directory")
+        for name, p in found:
+            name = free_name(taken, name)
+            taken.add(name)
+            out.append((name, p))
+    if not out:
+        raise ConfigError("no adapters given to compose")
+    return out
 
 
 @dataclass
@@ -95,13 +138,11 @@ class AdapterResolver:
         return self.loaded[key]
 
     def free_fusion_name(self, wanted: str) -> str:
-        return free_name(getattr(self.backbone, "fusion_records", {}), wanted)
+        return free_name(self.backbone.fusion_records, wanted)
 
     def part(self, text: str, base: Path | None = None, preferred: str | None = None) -> tuple[str, str]:
         """(adapter name on the backbone, source) of one part: an adapter directory or a loaded name."""
-        path = Path(text).expanduser()
-        if base is not None and not path.is_absolute():
-            path = base / path
+        path = find_source(text, base)
         if path.is_dir():
             if (path / ADAPTER_CONFIG).is_file():
                 return self.load_dir(path, preferred), os.path.normpath(str(path))
@@ -129,7 +170,7 @@ class AdapterResolver:
             raise ConfigError("empty adapter argument")
         if text.lower() in FROZEN_NAMES:
             return frozen_system()
-        path = Path(text).expanduser()
+        path = find_source(text)
         if path.is_dir() and (path / COMPOSITION_FILE).is_file():
             return self.composition(path, text)
         parts = [text] if path.exists() or text in self.backbone.adapter_records else text.split("+")
@@ -168,7 +209,7 @@ def load_recipe_base(backbone, cfg) -> list[tuple[str, Path]]:
     if not base:
         return []
     stack = load_base_stack(backbone, base)
-    backbone.compose_base = stack
+    backbone.adapter_state.base_stack = list(stack)
     return stack
 
 
@@ -176,6 +217,6 @@ def write_base_composition(out: Path, backbone, adapter: str) -> None:
     """After training on a base: `out` is also a stack composition (the base adapters copied in, then `.`)."""
     from .composition import write_composition
 
-    stack = getattr(backbone, "compose_base", None)
+    stack = backbone.adapter_state.base_stack
     if stack:
         write_composition(out, "stack", backbone, list(stack) + [(adapter, out)])

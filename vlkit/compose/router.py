@@ -7,8 +7,8 @@ data for it).
 
 Training data: each adapter's own training data (its `recipe.yaml` `data.train` spec, loaded with
 `vlkit.data.load_data`) or datasets given per adapter. Every example gives an image-only, a text-only
-and an image+text input when it has text — the text its task encodes: the question (vqa), the
-expression (grounding), the caption (retrieval) or the class prompt of its label (classification, e.g.
+and an image+text input when it has text — the text its task declares (`Task.input_texts`: the
+question for vqa, the expression for grounding, the class prompt of the label for classification, e.g.
 "a radiograph showing a nodule"); a seeded 20%
 of the examples is held out for the reported routing accuracy.
 
@@ -30,7 +30,6 @@ from .composition import frozen
 
 ROUTER_FILE = "router.safetensors"
 TEXT_COLUMNS = ("question", "expression", "caption", "text")
-TASK_TEXT = {"vqa": "question", "grounding": "expression", "retrieval": "caption"}
 
 
 class Router(nn.Module):
@@ -151,16 +150,17 @@ def _load(spec, n: int, seed: int):
 
 
 def _texts(ds, task_meta: dict | None, task: str | None = None) -> list[str | None]:
-    """The text each example's task encodes: the question (vqa), the expression (grounding), the
-    caption (retrieval), the class prompt of the label (classification); else the first text column."""
+    """The text each example's task encodes (the task's declared `input_texts`: its `text_column`, or e.g. the
+    class prompt of the label for classification); else the first text column."""
+    from ..plugins import registry
+
     task = (task_meta or {}).get("name") or task
     opts = (task_meta or {}).get("options") or {}
-    if task == "classification" and "label" in ds.column_names and opts.get("prompt") and opts.get("class_names"):
-        feat = ds.features.get("label")
-        names = list(getattr(feat, "names", None) or opts["class_names"])
-        return [opts["prompt"].format(v if isinstance(v, str) else names[int(v)]) for v in ds["label"]]
-    cols = [TASK_TEXT[task]] if task in TASK_TEXT else []
-    for col in cols + list(TEXT_COLUMNS):
+    if task and task in registry("task"):
+        texts = registry("task").get(task).input_texts(ds, opts)
+        if texts is not None:
+            return texts
+    for col in TEXT_COLUMNS:
         if col in ds.column_names:
             return [None if t is None else str(t) for t in ds[col]]
     return [None] * len(ds)

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 from .api import (
-    TASK_FIELDS,
     dataset_kinds,
     ensure_rgb,
     load_data,
@@ -17,7 +16,6 @@ from .api import (
 )
 
 __all__ = [
-    "TASK_FIELDS",
     "dataset_kinds",
     "ensure_rgb",
     "load_data",

@@ -19,24 +19,23 @@ from typing import Any
 
 from ..errors import ConfigError, DataError, UnknownNameError
 
-TASK_FIELDS: dict[str, tuple[str, ...]] = {
-    "classification": ("image", "label"),
-    "retrieval": ("image", "caption"),
-    "vqa": ("image", "question", "answer"),
-    "grounding": ("image", "expression", "box"),
-    "winoground": ("image_0", "image_1", "caption_0", "caption_1"),
-}
-
 # Option names that mean "the source" in a mapping spec (a manifest's path, a hub id, a directory).
 SOURCE_ALIASES = ("source", "path", "data_dir", "dir", "id")
 
 
 def required_fields(task: str) -> tuple[str, ...]:
-    """The columns a dataset must have for `task` (image columns first)."""
-    try:
-        return TASK_FIELDS[task]
-    except (KeyError, TypeError):
-        raise ConfigError(f"unknown task {task!r}; known: {', '.join(TASK_FIELDS)}") from None
+    """The columns a dataset must have for `task` (image columns first): what the registered task (or probe)
+    of that name declares in its `required` attribute."""
+    from ..plugins import registry
+
+    for kind in ("task", "probe"):
+        reg = registry(kind)
+        if isinstance(task, str) and task in reg:
+            need = getattr(reg.get(task), "required", None)
+            if need:
+                return tuple(need)
+    known = registry("task").names() + [e.name for e in registry("probe") if getattr(e.obj, "required", None)]
+    raise ConfigError(f"unknown task {task!r}; known: {', '.join(known)}")
 
 
 def _plain_mapping(spec: Any) -> dict[str, Any]:

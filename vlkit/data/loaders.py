@@ -1,5 +1,5 @@
-"""Built-in dataset loaders: the procedural world, a hub id or local `datasets` directory, a local imagefolder,
-a manifest, parquet files.
+"""Built-in dataset loaders: a hub id or local `datasets` directory, a local imagefolder, a manifest, parquet
+files (the world plugin, `vlkit.world.plugin`, adds the procedural world).
 
 Every loader has the plugin signature ``loader(source: str | None = None, *, split: str | None = None,
 **options) -> datasets.Dataset``; `task` among the options names the columns that rows must fill. Each loader
@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DataError
-from .api import TASK_FIELDS, pick_split, required_fields
+from .api import pick_split, required_fields
 from .hub import hub_load
 from .manifest import check_image_exists, image_columns_of, read_rows
 
-DEFAULT_WORLD_N = 200
 SPLIT_NAMES = ("train", "validation", "valid", "val", "dev", "test")
 # Options passed on to `datasets.load_dataset`, per kind (anything else is a ConfigError).
 LOAD_OPTIONS = ("cache_dir", "keep_in_memory", "num_proc")
@@ -48,47 +47,6 @@ def _no_extra(kind: str, options: dict[str, Any], allowed: tuple[str, ...] = ())
 
 def _required(task: str | None) -> tuple[str, ...]:
     return required_fields(task) if task else ()
-
-
-def load_world(source: str | None = None, *, split: str | None = None, domain: str | None = None,
-               task: str | None = None, n: int = DEFAULT_WORLD_N, seed: int = 0, image_size: int = 64,
-               **options: Any):
-    """The embedded procedural image-text world: ``world:DOMAIN/TASK`` or options domain, task, n, seed."""
-    _no_extra("world", options)
-    if source:
-        parts = [p for p in source.strip("/").split("/") if p]
-        if len(parts) > 2:
-            raise ConfigError(f"world source must be DOMAIN or DOMAIN/TASK, got {source!r}")
-        src_domain = parts[0] if parts else None
-        src_task = parts[1] if len(parts) > 1 else None
-        for what, a, b in (("domain", src_domain, domain), ("task", src_task, task)):
-            if a and b and a != b:
-                raise ConfigError(f"world:{source} names {what} {a!r} but {what}={b!r} was also given")
-        domain, task = domain or src_domain, task or src_task
-    from .. import world
-
-    if not domain:
-        raise ConfigError(f"the world dataset needs a domain; domains: {', '.join(world.DOMAINS)}")
-    if domain not in world.DOMAINS:
-        raise ConfigError(f"unknown world domain {domain!r}; domains: {', '.join(world.DOMAINS)}")
-    if not task:
-        raise ConfigError(f"the world dataset needs a task; tasks: {', '.join(world.TASKS)}")
-    if task not in world.TASKS:
-        raise ConfigError(f"unknown world task {task!r}; tasks: {', '.join(world.TASKS)}")
-    n = _int_option("n", n)
-    if n < 1:
-        raise ConfigError(f"data option n must be at least 1, got {n}")
-    seed = _int_option("seed", seed)
-    if split and split not in ("train", "validation", "test"):
-        raise ConfigError(f"world split must be train, validation or test, got {split!r}")
-    if split in ("validation", "test"):  # disjoint, reproducible samples per split
-        seed = seed + {"validation": 1_000_003, "test": 2_000_003}[split]
-    ds = world.generate(domain, task, n, seed=seed, image_size=_int_option("image_size", image_size))
-    if task == "winoground":  # the same column types as every other Winoground source
-        from .winoground import normalize
-
-        ds = normalize(ds, f"world:{domain}/winoground")
-    return ds
 
 
 def _bool_option(name: str, value: Any) -> bool:
@@ -287,5 +245,5 @@ def load_parquet(source: str | None = None, *, split: str | None = None, task: s
         raise _wrap_local_error("parquet", Path(source), exc) from exc
 
 
-__all__ = ["load_world", "load_hf", "load_imagefolder", "load_manifest_kind", "load_parquet", "parquet_files",
-           "is_saved_dataset", "TASK_FIELDS"]
+__all__ = ["load_hf", "load_imagefolder", "load_manifest_kind", "load_parquet", "parquet_files",
+           "is_saved_dataset"]

@@ -41,70 +41,46 @@ def read_source(path: str | Path) -> dict[str, Any]:
     return {"kind": "adapter", "path": str(path), "backbone": cfg.get("backbone"), "config": cfg}
 
 
-def _unique_name(wanted: str, used: set[str]) -> str:
-    from ..backbones.state import NAME_RE
-
-    base = wanted if isinstance(wanted, str) and NAME_RE.match(wanted) else "adapter"
-    name, i = base, 1
-    while name in used:
-        i += 1
-        name = f"{base}_{i}"
-    return name
-
-
-def _load_composition(backbone, path: Path):
-    """Load a `vlkit compose` directory (stack, average, parallel, fuse or merge) without activating it."""
-    try:
-        from ..compose import load_composition
-    except ImportError:
-        raise AdapterFileError(f"{path} is a composition, but this vlkit has no vlkit.compose to read it") from None
-    comp = load_composition(backbone, path, activate=False)
-    if comp.mode == "route":
-        raise ConfigError(f"{path} routes each input to one adapter; a graph holds one model",
-                          hint=f"export each adapter alone: --adapter {path}/adapters/<name> "
-                               f"({', '.join(comp.names)})")
-    return comp
-
-
 def load_sources(backbone, paths: list[str | Path]) -> dict[str, Any]:
-    """Load every adapter / composition directory onto `backbone` and activate them.
+    """Load every adapter / composition directory onto `backbone` (through the one resolver,
+    `vlkit.compose.resolve`) and activate them.
 
     Several directories are stacked in order; a composition (exported alone) keeps its own mode, weights
     and fusion layers; a merged composition is one plain adapter. Returns {"names", "mode", "weights",
     "adapters": [description per adapter], "task_dirs": directories that may hold task metadata}.
     """
-    from ..adapters.files import load_adapter
+    from ..compose.resolve import AdapterResolver
 
-    used: set[str] = set(backbone.adapter_records)
+    resolver = AdapterResolver(backbone)
     names: list[str] = []
     described: list[dict[str, Any]] = []
     task_dirs: list[Path] = []
-    comp = None
+    system = None
     for p in paths:
         p = Path(p)
         info = read_source(p)
         if info["kind"] == "composition":
             if len(paths) > 1:
                 raise ConfigError(f"{p} is a composition; export it alone (without other --adapter directories)")
-            comp = _load_composition(backbone, p)
-            got = list(comp.names)
+            system = resolver.resolve(str(p))
+            if system.mode == "route":
+                raise ConfigError(f"{p} routes each input to one adapter; a graph holds one model",
+                                  hint=f"export each adapter alone: --adapter {p}/adapters/<name> "
+                                       f"({', '.join(system.names)})")
+            got = list(system.names)
             task_dirs.append(p)
-            task_dirs.extend(Path(t["dir"]) for t in comp.tasks.values() if t.get("dir") is not None)
+            task_dirs.extend(Path(t["dir"]) for t in system.composition.tasks.values() if t.get("dir") is not None)
         else:
-            name = _unique_name(info["config"].get("name") or p.name, used)
-            load_adapter(backbone, p, name=name, activate=False)
-            got = [name]
+            got = [resolver.part(str(p))[0]]
             task_dirs.append(p)
         for n in got:
-            used.add(n)
             names.append(n)
             rec = backbone.adapter_records[n]
             described.append({"name": n, "variant": rec.variant, "path": str(p), "sites": len(rec.sites),
                               "source": info["kind"]})
-    if comp is not None:
-        comp.activate(backbone)
-        mode = comp.mode
-        weights = comp.weights
+    if system is not None:
+        system.activate(backbone)
+        mode, weights = system.composition.mode, system.composition.weights
     else:
         backbone.set_active(*names)
         mode, weights = "stack", None
@@ -201,26 +177,20 @@ def recipe_data(paths: list[str | Path]) -> dict[str, Any] | None:
     return None
 
 
-def infer_domain(meta: dict[str, Any] | None, recipe: dict[str, Any] | None) -> str:
-    """The world domain an adapter was trained for: its recipe's world data, else its class names."""
-    from .. import world
-
+def recipe_domain(recipe: dict[str, Any] | None, kind: str = "world") -> str | None:
+    """The domain of the recipe's data of dataset kind `kind` (its eval data, else its train data), or None."""
     for key in ("eval", "train"):
         spec = (recipe or {}).get("data", {}).get(key)
-        if isinstance(spec, dict) and spec.get("kind") == "world" and spec.get("domain") in world.DOMAINS:
+        if isinstance(spec, dict) and spec.get("kind") == kind and isinstance(spec.get("domain"), str):
             return spec["domain"]
-    names = ((meta or {}).get("options") or {}).get("class_names")
-    if names:
-        for d in world.DOMAINS:
-            if list(world.class_names(d)) == list(names):
-                return d
-    return "photo"
+    return None
 
 
-def build_classification(backbone, meta: dict[str, Any] | None, meta_dir: Path | None, domain: str,
+def build_classification(backbone, meta: dict[str, Any] | None, meta_dir: Path | None, data=None,
                          zero_shot: bool = False):
-    """The classification task an adapter was trained with (head loaded), or a zero-shot one for `domain`."""
-    from .. import world
+    """The classification task an adapter was trained with (head loaded; class names and prompt from its
+    saved task), or, without saved class names, one whose class names and prompt come from `data` (the eval
+    set: its ClassLabel names, the prompt its dataset kind declares for its domain)."""
     from ..plugins import registry
 
     cls = registry("task").get("classification")
@@ -229,10 +199,10 @@ def build_classification(backbone, meta: dict[str, Any] | None, meta_dir: Path |
         options = {k: v for k, v in (meta.get("options") or {}).items()
                    if k in getattr(cls, "OPTIONS", ()) and v is not None}
     if not options.get("class_names"):
-        options = {"class_names": world.class_names(domain), "prompt": world.class_prompt(domain)}
+        options = {}  # nothing saved to build on: a zero-shot task over the eval set's classes
     if zero_shot:
         options["head"] = "text"
-    task = cls(backbone, None, **options)
+    task = cls(backbone, None if options.get("class_names") else data, **options)
     if getattr(task, "head_kind", "text") != "text":
         head_file = meta_dir / "head.safetensors" if meta_dir is not None else None
         if head_file is None or not head_file.is_file():

@@ -53,6 +53,8 @@ class Probe(ABC):
     data_help: str = ""
     #: the --data used when none is given (None: the probe needs --data)
     default_data: str | None = None
+    #: the columns a dataset of this probe has (`load_data(spec, task=<probe name>)` validates them)
+    required: tuple[str, ...] = ()
 
     @abstractmethod
     def run(self, backbone, systems, *, data: Any = None, seed: int = 0, n: int | None = None,

@@ -94,6 +94,7 @@ class WinogroundProbe(Probe):
     """Winoground (Thrush et al. 2022): does the model match two captions with the same words to two images?"""
 
     name = "winoground"
+    required = ("image_0", "image_1", "caption_0", "caption_1")
     summary = "Winoground text/image/group scores with tag breakdowns and bootstrap intervals"
     data_help = "synth (default: the embedded world's minimal pairs), hub (facebook/winoground, gated), or DIR"
     default_data = "synth"

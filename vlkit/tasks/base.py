@@ -15,11 +15,28 @@ from torch import nn
 
 
 class Task(ABC):
-    """Subclasses set `name`, `metric` (the primary metric, higher is better) and `required` columns."""
+    """A task, and what it declares to the rest of vlkit (read by the data layer, the router, `compose run`,
+    export and `vlkit data`, so no task name is written anywhere else):
+
+    - `name`, `metric` (the primary metric, higher is better);
+    - `required`: the columns a dataset must have (data validation);
+    - `text_column`: the column of the text an input of this task carries (the router's text input);
+      `input_texts` may compute it instead (classification: the class prompt of the label);
+    - `show_columns`: what `vlkit data show` prints under each image; `annotate` may draw on it;
+    - `linear_probe_options`: task options the `linear` method sets (e.g. a trainable head);
+    - `exportable`: `vlkit export --task NAME` writes this task's classifier graph. An exportable task has
+      `logits(backbone, pixels) -> (B, C)`, `class_names`, `prompt`, `prompts`, `head_kind` ("text": logits
+      are `logit_scale * image @ class_embeddings(backbone).T`) and `class_embeddings(backbone)`;
+    - `predict(backbone, pixels, tokens, top)`: one input's answer for `vlkit compose run`.
+    """
 
     name: str = ""
     metric: str = ""
     required: tuple[str, ...] = ()
+    text_column: str | None = None
+    show_columns: tuple[str, ...] = ()
+    linear_probe_options: dict[str, Any] = {}
+    exportable: bool = False
 
     def __init__(self, backbone, train_data=None, **options: Any):
         self.options = dict(options)
@@ -41,6 +58,28 @@ class Task(ABC):
         """Prepared `data` with the inputs of towers in `frozen` swapped for cached embeddings, where this
         task reads them only through those towers (`vlkit.tasks.features`); the default caches nothing."""
         return data
+
+    @classmethod
+    def input_texts(cls, ds, options: dict[str, Any]) -> list[str | None] | None:
+        """The text each example of `ds` gives as input (None: the task reads no text column of its own)."""
+        if cls.text_column and cls.text_column in ds.column_names:
+            return [None if t is None else str(t) for t in ds[cls.text_column]]
+        return None
+
+    @classmethod
+    def annotate(cls, draw, row: dict[str, Any], scale: float) -> None:
+        """Draw on a `vlkit data show` thumbnail (a PIL ImageDraw; `scale` maps image pixels to it)."""
+        return None
+
+    def predict(self, backbone, pixels: torch.Tensor, tokens: torch.Tensor | None, top: int = 3) -> dict[str, Any]:
+        """The answer for one input (`pixels` (1, 3, S, S), `tokens` (1, L) or None) for `vlkit compose run`.
+        The default is the image-text score when a text is given."""
+        out: dict[str, Any] = {"task": self.name}
+        if tokens is not None:
+            img = backbone.encode_image(pixels, normalize=True)
+            txt = backbone.encode_text(tokens, normalize=True)
+            out["score"] = round(float(backbone.logit_scale) * float((img * txt).sum()), 4)
+        return out
 
     def metadata(self) -> dict[str, Any]:
         """What an adapter directory records about the task (class names, answer set, prompt...)."""
@@ -118,19 +157,6 @@ def check_options(task_name: str, options: dict[str, Any], allowed: tuple[str, .
     if unknown:
         raise ConfigError(f"unknown option(s) for task {task_name!r}: {', '.join(unknown)}",
                           hint=f"options: {', '.join(allowed)}")
-
-
-def world_helper(name: str):
-    """A function of the procedural world (`vlkit.world.<name>`), or None where the world is not there."""
-    import importlib
-
-    try:
-        world = importlib.import_module("vlkit.world")
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("vlkit.world", "vlkit"):
-            raise
-        return None
-    return getattr(world, name, None)
 
 
 def dataset_domains(ds) -> list[str]:

@@ -1,13 +1,13 @@
 """Image classification with a head initialised from class-name prompts (CLIP zero-shot weights).
 
 Columns: `image` (PIL) and `label` (an int whose names come from a `datasets.ClassLabel` feature, or
-a string class name); an optional `domain` column picks the procedural world's prompt template.
+a string class name); an optional `domain` column picks a prompt template its dataset kind declares.
 
 Options:
 - `class_names`: the label names in label-id order (default: `ds.features["label"].names`).
-- `prompt`: a template with one `{}` for the class name. Default: `vlkit.world.class_prompt(domain)`
-  when the data has a `domain` column (one domain, or several sharing a template), else
-  "a photo of a {}".
+- `prompt`: a template with one `{}` for the class name. Default: the prompt a dataset kind declares for
+  the data's `domain` column (`vlkit.data.kinds.domain_defaults`; the world's per-domain template) when
+  there is one (one domain, or several sharing a template), else "a photo of a {}".
 - `head`: "text" (default) — logits = logit_scale · norm(image) · norm(text(prompt(c)))ᵀ with the class
   embeddings recomputed through the current, possibly adapted, text tower at every training step so
   that text-tower adapters learn (computed once per `evaluate`). The head itself has no parameters.
@@ -33,7 +33,7 @@ from ..errors import ConfigError, DataError
 from . import metrics as M
 from .features import image_embed
 from .base import (Evaluating, Task, batches, check_options, dataset_domains, device_of, prepare_pixels,
-                   require_columns, to_device, world_helper)
+                   require_columns, to_device)
 
 DEFAULT_PROMPT = "a photo of a {}"
 HEADS = ("text", "linear")
@@ -47,16 +47,16 @@ def label_names(ds) -> list[str] | None:
 
 
 def default_prompt(ds) -> str:
-    """The world's template for the data's domain(s) when they agree, else "a photo of a {}"."""
-    class_prompt = world_helper("class_prompt")
+    """The template a dataset kind declares for the data's domain(s) (`vlkit.data.kinds.domain_defaults`, e.g.
+    the world's) when they agree, else "a photo of a {}"."""
+    from ..data.kinds import domain_defaults
+
     domains = dataset_domains(ds)
-    if class_prompt is None or not domains:
+    if not domains:
         return DEFAULT_PROMPT
-    try:
-        prompts = {class_prompt(d) for d in domains}
-    except ConfigError:  # a domain the world does not know (real data with its own domain labels)
-        return DEFAULT_PROMPT
-    return prompts.pop() if len(prompts) == 1 else DEFAULT_PROMPT
+    prompts = {(domain_defaults(d) or {}).get("prompt") for d in domains}
+    prompt = prompts.pop() if len(prompts) == 1 else None
+    return prompt if isinstance(prompt, str) else DEFAULT_PROMPT
 
 
 class LinearHead(nn.Module):
@@ -78,6 +78,24 @@ class ClassificationTask(Task):
     metric = "accuracy"
     required = ("image", "label")
     OPTIONS = ("prompt", "head", "class_names")
+    linear_probe_options = {"head": "linear"}
+    show_columns = ("label_name", "caption")
+    exportable = True
+
+    @classmethod
+    def input_texts(cls, ds, options: dict[str, Any]) -> list[str | None] | None:
+        """The class prompt of each example's label ("a radiograph showing a nodule")."""
+        if "label" not in ds.column_names or not options.get("prompt") or not options.get("class_names"):
+            return None
+        feat = ds.features.get("label")
+        names = list(getattr(feat, "names", None) or options["class_names"])
+        return [options["prompt"].format(v if isinstance(v, str) else names[int(v)]) for v in ds["label"]]
+
+    def predict(self, backbone, pixels: torch.Tensor, tokens: torch.Tensor | None, top: int = 3) -> dict[str, Any]:
+        probs = self.logits(backbone, pixels).float().softmax(-1)[0]
+        v, i = probs.topk(min(top, len(probs)))
+        return {"task": self.name, "top": [{"class": self.class_names[j], "p": round(float(p), 4)}
+                                           for p, j in zip(v.tolist(), i.tolist())]}
 
     def __init__(self, backbone, train_data=None, **options: Any):
         check_options(self.name, options, self.OPTIONS)

@@ -130,6 +130,14 @@ class GroundingTask(Task):
     metric = "acc_iou50"
     required = ("image", "expression", "box")
     OPTIONS = ("hidden", "l1_weight", "giou_weight", "init_size")
+    text_column = "expression"
+    show_columns = ("expression", "box")
+
+    @classmethod
+    def annotate(cls, draw, row: dict[str, Any], scale: float) -> None:
+        """Outline the target box (normalised x0, y0, x1, y1) in magenta."""
+        x0, y0, x1, y1 = (float(v) * scale for v in row["box"])
+        draw.rectangle((x0, y0, x1, y1), outline=(255, 0, 255), width=2)
 
     def __init__(self, backbone, train_data=None, **options: Any):
         check_options(self.name, options, self.OPTIONS)

@@ -24,6 +24,7 @@ class PairsTask(Task):
     name = "pairs"
     metric = "group_score"
     required = ("image_0", "image_1", "caption_0", "caption_1")
+    show_columns = ("caption_0", "caption_1")
 
     def __init__(self, backbone, train_data=None, **options: Any):
         super().__init__(backbone, train_data, **options)

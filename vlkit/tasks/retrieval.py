@@ -112,6 +112,8 @@ class RetrievalTask(Task):
     metric = "mean_recall"
     required = ("image", "caption")
     OPTIONS = ("chunk", "rerank_k", "negatives", "swap_groups", "drop_groups", "drop_prob", "augment")
+    text_column = "caption"
+    show_columns = ("caption",)
 
     def __init__(self, backbone, train_data=None, **options: Any):
         check_options(self.name, options, self.OPTIONS)

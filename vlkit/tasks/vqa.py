@@ -5,8 +5,9 @@ count, yesno_relation, or any other strings) and `domain`. An `answer_id` column
 are taken from the answer strings so that data with another answer order still lines up.
 
 Options:
-- `answers`: the answer list. Default: `vlkit.world.answer_set(domain)` for the data's domain(s)
-  (merged in order when there are several), else the sorted distinct answers of the training data.
+- `answers`: the answer list. Default: the answer set a dataset kind declares for the data's domain(s)
+  (`vlkit.data.kinds.domain_defaults`; the world's `answer_set(domain)`), merged in order when there are
+  several, else the sorted distinct answers of the training data.
 - `hidden`: width of the head's hidden layer (default 64; the head is small on purpose, since the
   trainable share of a backbone with ~1.7M parameters is one of the numbers vlkit reports).
 
@@ -33,7 +34,7 @@ from torch import nn
 from ..errors import ConfigError
 from . import metrics as M
 from .base import (Evaluating, Task, batches, check_options, dataset_domains, device_of, prepare_pixels,
-                   require_columns, to_device, tokenize_texts, world_helper)
+                   require_columns, to_device, tokenize_texts)
 
 KNOWN_TYPES = ("colour", "shape", "count", "yesno_relation")
 
@@ -43,18 +44,18 @@ def norm_answer(a) -> str:
 
 
 def default_answers(ds) -> list[str]:
-    """The world's answer set for the data's domain(s), else the sorted distinct training answers."""
-    answer_set = world_helper("answer_set")
+    """The answer set a dataset kind declares for the data's domain(s) (`vlkit.data.kinds.domain_defaults`,
+    e.g. the world's), else the sorted distinct training answers."""
+    from ..data.kinds import domain_defaults
+
     domains = dataset_domains(ds)
-    if answer_set is not None and domains:
-        try:
-            merged: dict[str, None] = {}
-            for d in domains:
-                for a in answer_set(d):
-                    merged.setdefault(a, None)
-            return list(merged)
-        except ConfigError:  # domains the world does not know: fall back to the data
-            pass
+    sets = [(domain_defaults(d) or {}).get("answers") for d in domains]
+    if domains and all(sets):  # every domain known: their answers merged in order
+        merged: dict[str, None] = {}
+        for answers in sets:
+            for a in answers:
+                merged.setdefault(a, None)
+        return list(merged)
     if ds is None or "answer" not in ds.column_names:
         return []
     return sorted({norm_answer(a) for a in ds["answer"] if a is not None})
@@ -81,6 +82,16 @@ class VqaTask(Task):
     metric = "accuracy"
     required = ("image", "question", "answer")
     OPTIONS = ("answers", "hidden")
+    text_column = "question"
+    show_columns = ("question", "answer", "answer_type")
+
+    def predict(self, backbone, pixels: torch.Tensor, tokens: torch.Tensor | None, top: int = 3) -> dict[str, Any]:
+        if tokens is None:
+            raise ConfigError("this adapter answers questions: give the question with --text")
+        probs = self.logits(backbone, pixels, tokens).float().softmax(-1)[0]
+        v, i = probs.topk(min(top, len(probs)))
+        return {"task": self.name, "answer": self.answers[int(i[0])],
+                "top": [{"answer": self.answers[j], "p": round(float(p), 4)} for p, j in zip(v.tolist(), i.tolist())]}
 
     def __init__(self, backbone, train_data=None, **options: Any):
         check_options(self.name, options, self.OPTIONS)

@@ -23,7 +23,7 @@ from ..errors import ConfigError
 from ..io import write_json, write_text
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .logs import MetricsLog, plot_curves
-from .methods import apply_method
+from .methods import apply_method, get_method
 
 
 class _TrainModule(nn.Module):
@@ -80,9 +80,8 @@ def build_task(backbone, cfg, train_ds):
     from ..plugins import registry
 
     options = OmegaConf.to_container(cfg.task.options, resolve=True) or {}
-    if cfg.method == "linear" and cfg.task.name == "classification":
-        options.setdefault("head", "linear")
     cls = registry("task").get(cfg.task.name)
+    options = get_method(cfg.method).task_options(cls, options)
     if not isinstance(train_ds, hfds.IterableDataset):
         return cls(backbone, train_ds, **options)
     try:
@@ -266,7 +265,8 @@ def run(cfg, out_dir: str | Path | None = None, *, resume: bool = False, progres
         if not is_streaming(job.train):
             job.train = _train_view(cfg, backbone, job.train)
     warnings: list[str] = []
-    if cfg.method != "zeroshot" and trainable:
+    fits = get_method(cfg.method).fits
+    if fits and trainable:
         unused = unused_parameters(backbone, jobs, trainable)
         if unused:
             for n in unused:
@@ -292,7 +292,7 @@ def run(cfg, out_dir: str | Path | None = None, *, resume: bool = False, progres
     step = 0
     history: list[dict[str, Any]] = []
     t_fit = time.perf_counter()
-    if cfg.method != "zeroshot":
+    if fits:
         step, history = _fit(cfg, accel, module, jobs, trainable, out, log, resume, report, stop_after)
     result["processes"] = accel.num_processes
     if accel.num_processes > 1:
@@ -352,18 +352,10 @@ def _cache_frozen_towers(backbone, jobs, trainable) -> None:
 
 
 def parameter_counts(backbone, tasks, trainable) -> dict[str, Any]:
-    """Trainable, backbone, adapter and head parameter counts; trainable % of the whole model."""
-    seen: dict[int, torch.Tensor] = {id(p): p for p in trainable.values()}
-    n_trainable = sum(p.numel() for p in seen.values())
-    n_backbone = sum(p.numel() for p in backbone.base_parameters().values())
-    adapters: dict[int, torch.Tensor] = {}
-    for n, p in backbone.model.named_parameters(remove_duplicate=False):
-        if ".adapters." in n or ".fusions." in n:
-            adapters.setdefault(id(p), p)
-    n_adapter = sum(p.numel() for p in adapters.values())
-    n_head = sum(p.numel() for t in tasks for p in t.head.parameters())
-    return {"trainable": n_trainable, "backbone": n_backbone, "adapter": n_adapter, "head": n_head,
-            "trainable_percent": 100.0 * n_trainable / max(1, n_backbone + n_adapter + n_head)}
+    """Trainable, backbone, adapter and head parameter counts; trainable % as `vlkit.adapters.report` defines it."""
+    from ..adapters.report import parameter_counts as counts
+
+    return counts(backbone, [t.head for t in tasks], trainable)
 
 
 def unused_parameters(backbone, jobs, trainable: dict[str, torch.Tensor]) -> list[str]:
@@ -544,31 +536,17 @@ def _fit(cfg, accel, module, jobs, trainable, out, log, resume, report, stop_aft
 def _write_outputs(cfg, out, backbone, task, adapter, result, history, log):
     from safetensors.torch import save_file
 
-    from ..adapters.files import save_adapter
-
     from ..io import atomic_path
 
     meta = task.metadata()
+    get_method(cfg.method).save(cfg, Path(out), backbone, task, adapter)
     if adapter is not None:
-        save_adapter(backbone, out, name=adapter, task=meta)
         result["adapter"] = adapter
-        if getattr(backbone, "compose_base", None):  # trained on top of a composition: `out` is one too
-            from ..compose.resolve import write_base_composition
-
-            write_base_composition(out, backbone, adapter)
-    elif cfg.method == "full":
-        state = {k: v.detach().cpu().contiguous() for k, v in backbone.model.state_dict().items()}
-        with atomic_path(out / "backbone.safetensors") as tmp:
-            save_file(state, str(tmp))
     head = task.head_state()
     if head:
         with atomic_path(out / "head.safetensors") as tmp:
             save_file(head, str(tmp))
     write_json(out / "task.json", meta)
-    if cfg.method == "fuse":
-        from ..compose.fusion import write_fuse_outputs
-
-        write_fuse_outputs(cfg, out, backbone)
     write_json(out / "metrics.json", result)
     if cfg.logging.plot and history:
         plot_curves(history, out / "training_curves.png", task.metric)

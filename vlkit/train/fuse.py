@@ -1,6 +1,6 @@
 """AdapterFusion training over frozen adapters (`vlkit compose A,B --mode fuse --recipe R`).
 
-The fusion layers (`vlkit.compose.fusion`) train through the one engine with method `fuse`; the result is
+The fusion layers (`vlkit.compose.adapter_fusion`) train through the one engine with method `fuse`; the result is
 a composition directory (mode `fuse`) holding copies of the adapters and `fusion.safetensors`.
 """
 from __future__ import annotations

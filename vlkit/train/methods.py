@@ -1,7 +1,22 @@
-"""Training methods: which parameters train for `adapter`, `full`, `linear`, `zeroshot` and `fuse`."""
+"""Training methods as a registry (plugin kind `method`): which parameters train, what a run writes.
+
+A method is an object with a `name` and the hooks below; the engine looks `cfg.method` up in
+`registry("method")` and calls them, so a plugin adds a method with `register_methods(register)`:
+
+- `check(cfg, source)`: recipe checks that need no weights or data (raise ConfigError naming the key);
+- `task_options(task_cls, options)`: task options this method implies (`linear` asks for the task's
+  `linear_probe_options`, e.g. classification's `head: linear`);
+- `prepare(backbone, task, cfg, adapter_options)`: set `requires_grad` on the backbone (everything starts
+  frozen) and return the adapter's name when the method trains one, else None;
+- `save(cfg, out, backbone, task, adapter)`: write what the method produced besides task.json, head and metrics.
+
+`fits` is False for a method that evaluates without training (zeroshot); `trains_head` says whether the task
+head's parameters train.
+"""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -14,41 +29,156 @@ def adapter_name_for(run_name: str) -> str:
     return name or "default"
 
 
-def apply_method(backbone, task, cfg, adapter_options: dict[str, Any]) -> tuple[str | None, dict[str, nn.Parameter]]:
-    """Set requires_grad for the method; returns (adapter name or None, trainable parameters by name)."""
-    from ..adapters.inject import inject
+class TrainingMethod:
+    """The base method: the backbone stays frozen, the head trains, nothing else is written."""
 
-    method = cfg.method
-    adapter = None
-    for p in backbone.parameters():
-        p.requires_grad_(False)
-    if method == "adapter":
+    name = ""
+    summary = ""
+    fits = True
+    trains_head = True
+
+    def check(self, cfg, source: str) -> None:
+        return None
+
+    def task_options(self, task_cls, options: dict[str, Any]) -> dict[str, Any]:
+        return options
+
+    def prepare(self, backbone, task, cfg, adapter_options: dict[str, Any]) -> str | None:
+        return None
+
+    def save(self, cfg, out: Path, backbone, task, adapter: str | None) -> None:
+        return None
+
+
+class AdapterMethod(TrainingMethod):
+    name = "adapter"
+    summary = "frozen backbone, one new adapter (adapter.variant) and the task head train"
+
+    def check(self, cfg, source: str) -> None:
+        from omegaconf import OmegaConf
+
+        from ..plugins import registry
+
+        opts = OmegaConf.to_container(cfg.adapter, resolve=True)
+        variant = opts.pop("variant", None)
+        if not variant:
+            raise ConfigError(f"{source}: key 'adapter.variant': missing (e.g. bottleneck, lora)")
+        reg = registry("adapter")
+        if variant not in reg:
+            raise ConfigError(f"{source}: key 'adapter.variant': unknown variant {variant!r}; known: "
+                              f"{', '.join(reg.names())}")
+        try:
+            reg.get(variant).make_config(**opts)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: key 'adapter': {exc}") from None
+
+    def prepare(self, backbone, task, cfg, adapter_options: dict[str, Any]) -> str | None:
+        from ..adapters.inject import inject
+        from ..compose.resolve import load_recipe_base
+
         opts = dict(adapter_options)
         variant = opts.pop("variant")
         adapter = adapter_name_for(opts.pop("name", cfg.name))
-        from ..compose.resolve import load_recipe_base
-
         base = load_recipe_base(backbone, cfg)  # compose.base: train on top of frozen adapters
         inject(backbone, variant, name=adapter, **opts)
         if base:
             backbone.set_active(*(n for n, _ in base), adapter, mode="stack")
-    elif method == "full":
+        return adapter
+
+    def save(self, cfg, out: Path, backbone, task, adapter: str | None) -> None:
+        from ..adapters.files import save_adapter
+        from ..compose.resolve import write_base_composition
+
+        save_adapter(backbone, out, name=adapter, task=task.metadata())
+        write_base_composition(out, backbone, adapter)  # a no-op unless trained on top of a composition
+
+
+class FullMethod(TrainingMethod):
+    name = "full"
+    summary = "full fine-tuning: every backbone weight trains; writes backbone.safetensors"
+
+    def prepare(self, backbone, task, cfg, adapter_options: dict[str, Any]) -> str | None:
         for p in backbone.parameters():
             p.requires_grad_(True)
-    elif method == "fuse":  # AdapterFusion over frozen adapters (vlkit.compose.fusion)
-        from ..compose.fusion import prepare_fuse_method
+        return None
+
+    def save(self, cfg, out: Path, backbone, task, adapter: str | None) -> None:
+        from safetensors.torch import save_file
+
+        from ..io import atomic_path
+
+        state = {k: v.detach().cpu().contiguous() for k, v in backbone.model.state_dict().items()}
+        with atomic_path(out / "backbone.safetensors") as tmp:
+            save_file(state, str(tmp))
+
+
+class LinearMethod(TrainingMethod):
+    name = "linear"
+    summary = "linear probe: frozen backbone, only the task head trains"
+
+    def task_options(self, task_cls, options: dict[str, Any]) -> dict[str, Any]:
+        return {**getattr(task_cls, "linear_probe_options", {}), **options}
+
+    def prepare(self, backbone, task, cfg, adapter_options: dict[str, Any]) -> str | None:
+        if not list(task.head.parameters()):
+            raise ConfigError(f"method 'linear' needs a task head with parameters; task {task.name!r} has none"
+                              + (f" (set task.options to {task.linear_probe_options})"
+                                 if getattr(task, "linear_probe_options", None) else ""))
+        return None
+
+
+class ZeroShotMethod(TrainingMethod):
+    name = "zeroshot"
+    summary = "no training: the frozen backbone (and an untrained head) evaluated as is"
+    fits = False
+    trains_head = False
+
+
+class FuseMethod(TrainingMethod):
+    name = "fuse"
+    summary = "AdapterFusion over frozen adapters (compose.adapters): only the fusion layers and head train"
+
+    def check(self, cfg, source: str) -> None:
+        adapters = cfg.compose.get("adapters") if cfg.compose else None
+        if not adapters:
+            raise ConfigError(f"{source}: key 'compose.adapters': method 'fuse' needs the adapters to fuse "
+                              "(a list of {name, path}; `vlkit compose A,B --mode fuse --recipe R` fills it in)")
+        for i, item in enumerate(adapters):
+            path = item.get("path") if hasattr(item, "get") else None
+            if not path or not Path(str(path)).is_dir():
+                raise ConfigError(f"{source}: key 'compose.adapters[{i}].path': adapter directory {path} "
+                                  "does not exist")
+
+    def prepare(self, backbone, task, cfg, adapter_options: dict[str, Any]) -> str | None:
+        from ..compose.adapter_fusion import prepare_fuse_method
 
         prepare_fuse_method(backbone, task, cfg)
-    elif method in ("linear", "zeroshot"):
-        pass
-    else:
-        raise ConfigError(f"unknown method {method!r}")
+        return None
+
+    def save(self, cfg, out: Path, backbone, task, adapter: str | None) -> None:
+        from ..compose.adapter_fusion import write_fuse_outputs
+
+        write_fuse_outputs(cfg, out, backbone)
+
+
+BUILTIN_METHODS = (AdapterMethod(), FullMethod(), LinearMethod(), ZeroShotMethod(), FuseMethod())
+
+
+def get_method(name: str) -> TrainingMethod:
+    from ..plugins import registry
+
+    return registry("method").get(name)
+
+
+def apply_method(backbone, task, cfg, adapter_options: dict[str, Any]) -> tuple[str | None, dict[str, nn.Parameter]]:
+    """Set requires_grad for the method; returns (adapter name or None, trainable parameters by name)."""
+    method = get_method(cfg.method)
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    adapter = method.prepare(backbone, task, cfg, adapter_options)
     head_params = {f"head.{n}": p for n, p in task.head.named_parameters()}
     for p in head_params.values():
-        p.requires_grad_(method != "zeroshot")
-    if method == "linear" and not head_params:
-        raise ConfigError(f"method 'linear' needs a task head with parameters; task {task.name!r} has none "
-                          "(for classification set task.options.head=linear)")
+        p.requires_grad_(method.trains_head)
     trainable = {f"backbone.{n}": p for n, p in backbone.named_parameters() if p.requires_grad}
     trainable.update({n: p for n, p in head_params.items() if p.requires_grad})
     return adapter, trainable

@@ -11,7 +11,6 @@ from typing import Any, Dict, List, Optional
 
 from ..errors import ConfigError
 
-METHODS = ("adapter", "full", "linear", "zeroshot", "fuse")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -24,7 +23,7 @@ class TaskCfg:
 
 
 DEFAULT_TRAIN_DATA = {"kind": "world", "domain": "photo", "task": "classification", "n": 512, "seed": 0}
-# a data spec or adapter whose kind/variant an override changes starts afresh (no option leaks across kinds)
+# an override changing a data spec's kind or an adapter's variant drops the options the new one lacks
 SWITCH_KEYS = ("kind", "variant")
 
 
@@ -110,7 +109,7 @@ class Recipe:
     # multi-task training (vlkit.train.multitask): one adapter per task, `sharing` ties parameters
     tasks: List[MultiTaskCfg] = field(default_factory=list)
     sharing: str = "per_task"
-    # method "fuse" (vlkit.compose.fusion): {"adapters": [{"name", "path"}], "fusion": name};
+    # method "fuse" (vlkit.compose.adapter_fusion): {"adapters": [{"name", "path"}], "fusion": name};
     # method "adapter": {"base": DIR} trains the new adapter stacked on a frozen adapter / composition
     compose: Dict[str, Any] = field(default_factory=dict)
 
@@ -122,8 +121,11 @@ def _omegaconf_error(exc: Exception, source: str) -> ConfigError:
     return ConfigError(where + msg.strip())
 
 
-def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None):
-    """Read a recipe file (or start from defaults) and apply overrides; returns a typed DictConfig."""
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None,
+                notes: list[str] | None = None):
+    """Read a recipe file (or start from defaults) and apply overrides; returns a typed DictConfig.
+
+    `notes` (a list) receives one line per override that dropped options (see `_switch_options`)."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -154,7 +156,9 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         plain = [o for o in overrides or [] if o not in indexed]
         removed = [o[1:].split("=", 1)[0] for o in plain if o.startswith("~")]
         plain = [o for o in plain if not o.startswith("~")]
-        _reset_switched(merged, plain)
+        plain, nulled = _null_removals(merged, plain)
+        removed += nulled
+        _switch_options(merged, plain, notes if notes is not None else [])
         if plain:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(plain))
         for key in removed:
@@ -177,19 +181,88 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     return merged
 
 
-def _reset_switched(cfg, overrides: list[str]) -> None:
-    """An override that changes a mapping's `kind` (data specs) or `variant` (adapter) empties that mapping
-    first, so the old kind's options do not leak into the new one."""
+COMMON_DATA_KEYS = ("kind", "task", "split", "shots", "mix")
+
+
+def _accepted_options(parent: str, leaf: str, value: str) -> set[str] | None:
+    """The keys a mapping keeps when its `variant` (adapter), `kind` (data spec) or `name` (task) becomes
+    `value`: the new plugin's declared options, or None when it declares none (the mapping is emptied)."""
+    import dataclasses
+
+    from ..plugins import registry
+
+    if leaf == "variant":
+        reg = registry("adapter")
+        if value not in reg:
+            return None
+        return {f.name for f in dataclasses.fields(reg.get(value).config_cls)} | {"variant", "name"}
+    if leaf == "kind":
+        import inspect
+
+        from ..data.api import SOURCE_ALIASES
+
+        reg = registry("dataset")
+        if value not in reg:
+            return None
+        entry = reg.entry(value)
+        declared = entry.meta.get("options")
+        if declared is None:  # the loader's named keyword parameters
+            params = inspect.signature(entry.obj).parameters.values()
+            declared = [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        return set(COMMON_DATA_KEYS) | set(SOURCE_ALIASES) | set(declared)
+    if leaf == "name":
+        reg = registry("task")
+        declared = getattr(reg.get(value), "OPTIONS", None) if value in reg else None
+        return set(declared) if declared is not None else None
+    return None
+
+
+def _switch_options(cfg, overrides: list[str], notes: list[str]) -> None:
+    """An override that changes an adapter's `variant`, a data spec's `kind` or a task's `name` drops the options
+    the new one does not have (the task's are under `options`), with one note per override saying which."""
     from omegaconf import OmegaConf
 
     for item in overrides:
         key, value = item.split("=", 1)
+        value = value.strip()
         parent, _, leaf = key.rpartition(".")
-        if leaf not in SWITCH_KEYS or not parent:
+        is_task = leaf == "name" and (parent == "task" or parent.startswith("tasks."))
+        if not parent or not (leaf in SWITCH_KEYS or is_task):
             continue
         old = OmegaConf.select(cfg, key, default=None)
-        if old is not None and str(old) != value.strip():
-            OmegaConf.update(cfg, parent, {}, merge=False)
+        if old is None or str(old) == value:
+            continue
+        mapping_key = f"{parent}.options" if is_task else parent
+        node = OmegaConf.select(cfg, mapping_key, default=None)
+        if node is None or not OmegaConf.is_dict(node):
+            continue
+        keep = _accepted_options(parent, leaf, value)
+        dropped = sorted(k for k in node if k != leaf and (keep is None or k not in keep))
+        for k in dropped:
+            node.pop(k)
+        if dropped:
+            what = {"variant": "adapter variant", "kind": "dataset kind"}.get(leaf, "task")
+            notes.append(f"{key}={value}: dropped {mapping_key} option(s) {', '.join(dropped)}, which {what} "
+                         f"{value!r} does not take")
+
+
+def _null_removals(cfg, overrides: list[str]) -> tuple[list[str], list[str]]:
+    """`key=null` inside a free mapping (adapter options, data specs, task options, compose) removes the key;
+    a typed recipe key set to null stays an override. Returns (overrides left, keys to remove)."""
+    from omegaconf import OmegaConf
+
+    keep, remove = [], []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        parent = key.rpartition(".")[0]
+        node = OmegaConf.select(cfg, parent, default=None) if parent else None
+        if (value.strip().lower() in ("null", "~") and node is not None and OmegaConf.is_dict(node)
+                and OmegaConf.get_type(node) is dict):
+            if key.rpartition(".")[2] in node:
+                remove.append(key)
+        else:
+            keep.append(item)
+    return keep, remove
 
 
 def _remove_key(cfg, key: str, source: str) -> None:
@@ -243,7 +316,10 @@ def check_recipe(cfg, source: str = "<recipe>") -> None:
 
     from ..plugins import registry
 
-    _choice(cfg.method, METHODS, "method", source)
+    methods = registry("method")
+    if cfg.method not in methods:
+        raise ConfigError(f"{source}: key 'method': unknown method {cfg.method!r}; known: {', '.join(methods.names())}")
+    method = methods.get(cfg.method)
     _choice(cfg.precision, PRECISIONS, "precision", source)
     _choice(cfg.device, DEVICES, "device", source)
     _choice(cfg.optim.schedule, SCHEDULES, "optim.schedule", source)
@@ -251,7 +327,7 @@ def check_recipe(cfg, source: str = "<recipe>") -> None:
     if cfg.task.name not in registry("task"):
         raise ConfigError(f"{source}: key 'task.name': unknown task {cfg.task.name!r}; known: "
                           f"{', '.join(registry('task').names())}")
-    if cfg.method != "zeroshot" and cfg.optim.steps is None and cfg.optim.epochs is None:
+    if method.fits and cfg.optim.steps is None and cfg.optim.epochs is None:
         raise ConfigError(f"{source}: key 'optim': give optim.steps or optim.epochs")
     if cfg.data.num_workers < 0 or cfg.data.prefetch_factor < 1 or cfg.data.shuffle_buffer < 1:
         raise ConfigError(f"{source}: key 'data': num_workers must be >= 0, prefetch_factor and shuffle_buffer >= 1")
@@ -263,7 +339,7 @@ def check_recipe(cfg, source: str = "<recipe>") -> None:
         raise ConfigError(f"{source}: key 'data.augment': {exc}") from None
     for key in ("steps", "epochs"):
         value = getattr(cfg.optim, key)
-        if value is not None and cfg.method != "zeroshot" and value < 1:
+        if value is not None and method.fits and value < 1:
             raise ConfigError(f"{source}: key 'optim.{key}': must be >= 1 (got {value}); a run with no step "
                               "would write an untrained adapter")
     for key in ("batch_size", "grad_accum"):
@@ -273,19 +349,7 @@ def check_recipe(cfg, source: str = "<recipe>") -> None:
         raise ConfigError(f"{source}: key 'optim.lr': must be > 0")
     if cfg.optim.head_lr is not None and cfg.optim.head_lr <= 0:
         raise ConfigError(f"{source}: key 'optim.head_lr': must be > 0 (or null for optim.lr)")
-    if cfg.method == "adapter":
-        opts = OmegaConf.to_container(cfg.adapter, resolve=True)
-        variant = opts.pop("variant", None)
-        if not variant:
-            raise ConfigError(f"{source}: key 'adapter.variant': missing (e.g. bottleneck, lora)")
-        reg = registry("adapter")
-        if variant not in reg:
-            raise ConfigError(f"{source}: key 'adapter.variant': unknown variant {variant!r}; known: "
-                              f"{', '.join(reg.names())}")
-        try:
-            reg.get(variant).make_config(**opts)
-        except ConfigError as exc:
-            raise ConfigError(f"{source}: key 'adapter': {exc}") from None
+    method.check(cfg, source)
     _check_data_source(cfg.data.train, "data.train", source)
     _check_data_source(cfg.data.eval, "data.eval", source)
     _check_compose(cfg, source)
@@ -325,16 +389,6 @@ def _check_compose(cfg, source: str) -> None:
     if base and (cfg.method != "adapter" or not Path(str(base).split("+")[0]).exists()):
         raise ConfigError(f"{source}: key 'compose.base': " + (f"{base} does not exist" if cfg.method == "adapter"
                                                               else "only method 'adapter' trains on a base"))
-    if cfg.method == "fuse":
-        adapters = cfg.compose.get("adapters") if cfg.compose else None
-        if not adapters:
-            raise ConfigError(f"{source}: key 'compose.adapters': method 'fuse' needs the adapters to fuse "
-                              "(a list of {name, path}; `vlkit compose A,B --mode fuse --recipe R` fills it in)")
-        for i, item in enumerate(adapters):
-            path = item.get("path") if hasattr(item, "get") else None
-            if not path or not Path(str(path)).is_dir():
-                raise ConfigError(f"{source}: key 'compose.adapters[{i}].path': adapter directory {path} "
-                                  "does not exist")
 
 
 def to_yaml(cfg) -> str:

@@ -74,9 +74,7 @@ def add_fusion(backbone, name: str, adapters: list[str], *, trainable: bool = Tr
     for n in adapters:
         if n not in backbone.adapter_records:
             raise ConfigError(f"adapter {n!r} is not loaded on the backbone")
-    records = getattr(backbone, "fusion_records", None)
-    if records is None:
-        records = backbone.fusion_records = {}
+    records = backbone.fusion_records
     if name in records:
         raise ConfigError(f"a fusion named {name!r} is already on this backbone")
     layers: dict[str, FusionAttention] = {}
@@ -112,7 +110,7 @@ def fusion_parameters(backbone, name: str) -> dict[str, torch.Tensor]:
 def remove_fusion(backbone, name: str) -> None:
     from ..adapters.inject import host_of
 
-    rec = getattr(backbone, "fusion_records", {}).pop(name, None)
+    rec = backbone.fusion_records.pop(name, None)
     if rec is None:
         return
     for site, _ in _fusion_sites(backbone, [n for n in rec["adapters"] if n in backbone.adapter_records]).values():
