@@ -110,7 +110,64 @@ def build_config(cls: type, options: dict[str, Any], what: str = "adapter") -> A
 
 
 class AdapterVariant(ABC):
-    """How one kind of adapter wraps a site. Subclasses set name, config_cls, default_roles, kinds."""
+    """How one kind of adapter wraps a site. The core (vlkit.adapters.inject) does the rest: it selects the
+    sites, wraps their modules in hosts, freezes the backbone, creates one layer per site through
+    `create_layer`, saves / loads the layers' `state_dict()`, merges, shares and composes them.
+
+    A plugin registers an instance through the `register_adapters` hook (see vlkit.hookspecs):
+    `register("dora", DoraVariant(), summary)`. The registered name is the variant's identity in adapter
+    files; keep it equal to `name`.
+
+    **Sites.** A backbone describes each transformer block as a set of `vlkit.backbones.base.Site`s. Each has
+    `tower` ("vision" or "text"), `layer` (block index), `role`, `path` (unique; `<module path>` or
+    `<attention module path>#q` for a projection inside an nn.MultiheadAttention), `host_path` (the module that
+    gets wrapped), `kind`, `in_features`, `out_features`, and `key` (the role with "." replaced by "_").
+    Roles:
+
+    - `embed`: the token sequence entering a tower's first block (kind "output", block 0 only);
+    - `attn`, `mlp`: the output of a block's attention / MLP sub-layer (kind "output");
+    - `attn.q`, `attn.k`, `attn.v`, `attn.out`: the attention's query / key / value / output projections
+      (kind "linear"), whether the backbone fuses them (nn.MultiheadAttention's `in_proj_weight`, as
+      open_clip and tiny do) or keeps separate modules (transformers' `q_proj`, ...);
+    - `mlp.fc1`, `mlp.fc2`: the MLP's first and second projection (kind "linear").
+
+    Kinds: "output" (the layer maps a sub-layer's output tensor to a new one), "linear" (the layer sees a
+    projection's input, base output and base weights), "input" (like "output", but on the sub-layer's
+    input; a variant creates these by moving a site in `place`, e.g. role `attn.in`). A variant lists the
+    kinds it wraps in `kinds`; sites of other kinds are never offered to it. Backbones may add kinds.
+
+    **Layer contract.** `create_layer` returns an nn.Module (the core moves it to the base's device and
+    dtype, and sets `requires_grad` on all its parameters):
+
+    - output / input sites: `forward(y) -> y'`, y of shape (batch, tokens, width) or (tokens, batch, width)
+      (sequence-first open_clip towers); y' has the same shape;
+    - linear sites: `forward(x, y, weight, bias) -> y'` with x the projection's input (..., in_features),
+      y = F.linear(x, weight, bias) the base output (..., out_features), and the live base weight
+      (out_features, in_features) / bias (out_features or None). Return y' of y's shape. Prefer
+      `y + delta(x)` forms: several adapters may be stacked at one site (each then gets the previous one's
+      output as y) or run in parallel (their y' - y are weighted and summed);
+    - at init the layer should be the identity (y' == y), so injecting leaves the model unchanged;
+    - everything in the layer's `state_dict()` is the adapter (saved as `<site path>.<name>`). Do not keep
+      the base module as a submodule attribute (that would save and train the base): read what you need
+      from `base` when creating the layer, or keep a `LinearView` (not an nn.Module);
+    - optional `bind_state(state)`: called once with the backbone's AdapterState (joint / cross-modal
+      layers read `state.context`);
+    - `merged` (bool attribute, default False): set by the core while the layer is folded into the base
+      weights (`merge_adapter`); a merged layer is skipped in forward. Layers that can merge should
+      define `self.merged = False`.
+
+    **Merging into the base** (`merge_adapter` / export): `merged_weight(layer, weight, bias)` returns the
+    folded (weight, bias); the core saves the originals and restores them bit-exactly on unmerge.
+
+    **Sharing across task adapters** (multi-task `sharing`, vlkit.compose.sharing): `shareable` maps a
+    scheme to the layer attributes (submodules or parameters) tied across tasks.
+
+    **Merging adapters** (`vlkit compose merge`, vlkit.compose.merge): every variant gets the elementwise
+    methods `linear`, `task_arithmetic` and `ties` over its saved tensors (which assumes each tensor's
+    neutral value is zero or, for `linear`, that averaging is meaningful); `merge_free_options` names the
+    options sources may differ in. A variant adds its own methods (LoRA's `concat`, `svd`) by listing them
+    in `merge_methods` and implementing `merge`.
+    """
 
     name: str = ""
     summary: str = ""
@@ -118,6 +175,14 @@ class AdapterVariant(ABC):
     default_roles: tuple[str, ...] = ()
     kinds: tuple[str, ...] = ("linear",)
     joint: bool = False
+    shareable: dict[str, tuple[str, ...]] = {}
+    """Sharing scheme -> names of layer attributes tied across task adapters, e.g. a bottleneck's
+    `{"half_shared_down": ("down",), "half_shared_up": ("up",), "shared": ("down", "up")}`. An attribute may
+    be a submodule or an nn.Parameter of the layer. Schemes: `half_shared_down`, `half_shared_up` (the
+    variant says what "down" / "up" are) and `shared`; `per_task` is always available (nothing tied), and
+    `shared` without an entry ties the whole layer."""
+    merge_methods: tuple[str, ...] = ()
+    """This variant's own adapter-merge methods beyond the elementwise ones (implemented in `merge`)."""
 
     def make_config(self, **options: Any) -> AdapterConfig:
         return build_config(self.config_cls, options, what=f"{self.name} adapter")
@@ -127,7 +192,8 @@ class AdapterVariant(ABC):
         return self.default_roles
 
     def place(self, site, config: AdapterConfig):
-        """The site a layer is made for; a variant may move it (e.g. to a sub-layer's input). Default: as is."""
+        """The site a layer is made for; a variant may move it (e.g. to a sub-layer's input: a copy with
+        kind "input" and a role like `attn.in`). Default: as is."""
         return site
 
     def prepare_config(self, backbone, config: AdapterConfig, sites) -> AdapterConfig:
@@ -135,13 +201,48 @@ class AdapterVariant(ABC):
         return config
 
     @abstractmethod
-    def create_layer(self, site, config: AdapterConfig) -> nn.Module:
-        """A new module for `site`: forward(y) for output sites, forward(x, y, weight, bias) for linear ones."""
+    def create_layer(self, site, config: AdapterConfig, base=None) -> nn.Module:
+        """A new layer for `site` (see the class docstring for the layer contract).
+
+        `base` is the frozen base behind the site: for a linear site an object with `weight`
+        (out_features, in_features), `bias` (out_features or None), `in_features` and `out_features` (the
+        nn.Linear itself, or a `vlkit.adapters.LinearView` of the role's rows of an nn.MultiheadAttention);
+        for every other kind the wrapped module (the attention, the MLP, the embedding). Its tensors are the
+        live base parameters: read them, do not modify them; `vlkit.adapters.linear_weights(base, role)`
+        gives a sub-projection of an output site's module.
+
+        The core passes `base` as a keyword when the method has a parameter named `base` (or **kwargs);
+        variants written with the older `create_layer(self, site, config)` are called without it."""
 
     def merged_weight(self, layer: nn.Module, weight, bias):
-        """(weight, bias) with the layer folded in, or None when the variant cannot merge."""
+        """(weight, bias) with the layer folded in, or None when the variant cannot merge.
+
+        weight / bias are detached copies of the base's current values (bias may be None); return new
+        tensors of the same shapes (a bias of None keeps the base's bias). Only linear sites merge."""
         return None
 
     def extra_trainable(self, backbone, config: AdapterConfig, sites) -> dict[str, nn.Parameter]:
-        """Backbone parameters this variant trains too (e.g. layer norms), by unwrapped name."""
+        """Backbone parameters this variant trains too (e.g. layer norms), by unwrapped name.
+
+        They are saved as `base::<name>`; they are absolute weights, so adapter merges other than `linear`
+        refuse them."""
         return {}
+
+    # --- merging adapters (vlkit.compose.merge) --------------------------------------------------------
+    def merge_free_options(self, method: str) -> tuple[str, ...]:
+        """Config options the merged sources may differ in under `method` (all others must be equal).
+
+        Default: `dropout` (training-only) for every method."""
+        return ("dropout",)
+
+    def merge(self, method: str, configs: list[dict[str, Any]], tensors: list[dict[str, Any]],
+              weights: list[float], options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """Merge adapters of this variant with one of `merge_methods`.
+
+        `configs`: each source's variant config (the `config` of adapter_config.json, a dict);
+        `tensors`: each source's tensors `{"<site path>.<layer state name>": tensor}` (as saved);
+        `weights`: one float per source; `options`: the merge's generic options (`density`, `rank`, may be
+        None). One source is allowed. Return (merged tensors with the same keys a layer of the returned
+        config loads, the merged variant config, info): `info` is recorded in the merged adapter's
+        `composition` (e.g. an error measure or the rank chosen)."""
+        raise NotImplementedError(f"adapter variant {self.name!r} has no merge method {method!r}")

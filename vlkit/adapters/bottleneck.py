@@ -86,6 +86,7 @@ class BottleneckVariant(AdapterVariant):
     summary = "down-project, activation, up-project with residual after attention and/or MLP"
     config_cls = BottleneckConfig
     kinds = ("output",)
+    shareable = {"half_shared_down": ("down",), "half_shared_up": ("up",), "shared": ("down", "up")}
 
     def roles(self, config: BottleneckConfig) -> tuple[str, ...]:
         return ("embed",) * config.embed + PLACEMENTS[config.placement]
@@ -96,7 +97,7 @@ class BottleneckVariant(AdapterVariant):
                 return replace(site, role=f"{site.role}.in", kind="input", out_features=site.in_features)
         return site
 
-    def create_layer(self, site, config: BottleneckConfig) -> nn.Module:
+    def create_layer(self, site, config: BottleneckConfig, base=None) -> nn.Module:
         width = site.out_features
         return BottleneckLayer(width, config.hidden_size(width), config.activation, config.dropout, config.scale)
 

@@ -132,6 +132,7 @@ class FusionVariant(AdapterVariant):
     config_cls = FusionConfig
     kinds = ("output",)
     joint = True
+    shareable = {"half_shared_down": ("down",), "half_shared_up": ("up",)}  # `shared`: the whole layer
 
     def roles(self, config: FusionConfig) -> tuple[str, ...]:
         return PLACEMENTS[config.placement]
@@ -151,7 +152,7 @@ class FusionVariant(AdapterVariant):
         config._text_layers = txt
         return config
 
-    def create_layer(self, site, config: FusionConfig) -> nn.Module:
+    def create_layer(self, site, config: FusionConfig, base=None) -> nn.Module:
         txt_layers = getattr(config, "_text_layers", sorted({t for _, t in config.pairing}))
         if site.tower == "vision":
             ctx_layer = _text_for_vision(config.pairing)[site.layer]

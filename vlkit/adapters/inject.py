@@ -1,6 +1,7 @@
 """Injection core: match sites, wrap their modules in hosts, freeze the backbone, record what was targeted."""
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +14,7 @@ from ..errors import ConfigError, InjectionError
 from ..plugins import registry
 from ..backbones.hosts import AdaptedLinear, AdaptedMHA, AdaptedOutput, AdapterHost
 from ..backbones.state import check_adapter_name
+from .weights import base_for_site, linear_weights
 
 
 @dataclass
@@ -116,6 +118,24 @@ def host_of(backbone, site: Site) -> AdapterHost:
     return module
 
 
+def takes_base(variant) -> bool:
+    """Whether `variant.create_layer` accepts the `base` argument (a parameter named `base`, or **kwargs).
+
+    Variants written for the older two-argument form `create_layer(site, config)` are called without it."""
+    try:
+        params = inspect.signature(variant.create_layer).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "base" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def create_layer(variant, site: Site, config, base) -> nn.Module:
+    """`variant.create_layer(site, config, base=base)`, or `(site, config)` for a variant that takes no base."""
+    if takes_base(variant):
+        return variant.create_layer(site, config, base=base)
+    return variant.create_layer(site, config)
+
+
 def _reference_tensor(module: nn.Module) -> torch.Tensor | None:
     for p in module.parameters():
         return p
@@ -140,7 +160,7 @@ def inject(backbone, variant: str = "bottleneck", name: str = "default", *, trai
         p.requires_grad_(False)
     for site in sites:
         host = _host_for(backbone, site)
-        layer = var.create_layer(site, config)
+        layer = create_layer(var, site, config, base_for_site(host.base, site))
         if hasattr(layer, "bind_state"):
             layer.bind_state(backbone.adapter_state)
         ref = _reference_tensor(host.base)
@@ -198,17 +218,17 @@ def merge_adapter(backbone, name: str) -> None:
         layer = host.adapters[name][site.key]
         if getattr(layer, "merged", False):
             continue
-        w_param, b_param, rows = _linear_params(host, site)
-        w = w_param.data[rows]
-        b = b_param.data[rows] if b_param is not None else None
+        weight, bias = _site_weights(host, site)
+        w = weight.detach()
+        b = bias.detach() if bias is not None else None
         merged = var.merged_weight(layer, w, b)
         if merged is None:
             raise InjectionError(f"adapter variant {record.variant!r} cannot be merged into the weights")
         layer._saved_base = (w.clone(), None if b is None else b.clone())
         with torch.no_grad():
-            w_param.data[rows] = merged[0]
-            if b_param is not None and merged[1] is not None:
-                b_param.data[rows] = merged[1]
+            weight.copy_(merged[0])
+            if bias is not None and merged[1] is not None:
+                bias.copy_(merged[1])
         layer.merged = True
 
 
@@ -219,25 +239,18 @@ def unmerge_adapter(backbone, name: str) -> None:
         layer = host.adapters[name][site.key]
         if not getattr(layer, "merged", False):
             continue
-        w_param, b_param, rows = _linear_params(host, site)
+        weight, bias = _site_weights(host, site)
         w, b = layer._saved_base
         with torch.no_grad():
-            w_param.data[rows] = w
-            if b_param is not None and b is not None:
-                b_param.data[rows] = b
+            weight.copy_(w)
+            if bias is not None and b is not None:
+                bias.copy_(b)
         del layer._saved_base
         layer.merged = False
 
 
-def _linear_params(host: AdapterHost, site: Site):
+def _site_weights(host: AdapterHost, site: Site):
+    """The live (weight, bias) of a linear site, through the public `linear_weights`."""
     if site.kind != "linear":
         raise InjectionError(f"site {site.path} is not a linear projection and cannot be merged")
-    base = host.base
-    if isinstance(base, nn.MultiheadAttention):
-        e = base.embed_dim
-        part = site.role.split(".")[-1]
-        if part == "out":
-            return base.out_proj.weight, base.out_proj.bias, slice(None)
-        i = {"q": 0, "k": 1, "v": 2}[part]
-        return base.in_proj_weight, base.in_proj_bias, slice(i * e, (i + 1) * e)
-    return base.weight, base.bias, slice(None)
+    return linear_weights(host.base, site.role)

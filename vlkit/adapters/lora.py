@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -55,17 +56,77 @@ class LoraLayer(nn.Module):
         return y + self.scaling * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
 
 
+def _lora_sites(t: dict[str, torch.Tensor]) -> list[str]:
+    return sorted(k[: -len(".lora_A")] for k in t if k.endswith(".lora_A"))
+
+
+def _scaling(config: dict) -> float:
+    return float(config.get("alpha", 16.0)) / int(config.get("rank", 8))
+
+
+def lora_delta(configs, tensors, weights, site: str) -> torch.Tensor:
+    """Σ w_i s_i B_i A_i at `site` (float64), s_i = alpha_i / rank_i."""
+    return sum(w * _scaling(c) * (t[f"{site}.lora_B"].double() @ t[f"{site}.lora_A"].double())
+               for c, t, w in zip(configs, tensors, weights))
+
+
 class LoraVariant(AdapterVariant):
+    """LoRA. Sharing: `half_shared_down` ties `lora_A`, `half_shared_up` ties `lora_B`. Merge methods beyond the
+    elementwise ones: `concat` (A stacked, B scaled and concatenated: exactly ΔW = Σ w_i s_i B_i A_i at rank
+    Σ r_i, alpha = rank) and `svd` (that ΔW truncated by SVD to `rank`, default the first source's); both let
+    rank and alpha differ between sources."""
+
     name = "lora"
     summary = "low-rank updates on attention (incl. nn.MultiheadAttention) and MLP projections; mergeable"
     config_cls = LoraConfig
     kinds = ("linear",)
+    shareable = {"half_shared_down": ("lora_A",), "half_shared_up": ("lora_B",), "shared": ("lora_A", "lora_B")}
+    merge_methods = ("concat", "svd")
 
     def roles(self, config: LoraConfig) -> tuple[str, ...]:
         return MODULE_ROLES[config.modules]
 
-    def create_layer(self, site, config: LoraConfig) -> nn.Module:
+    def create_layer(self, site, config: LoraConfig, base=None) -> nn.Module:
         return LoraLayer(site.in_features, site.out_features, config.rank, config.alpha, config.dropout)
 
     def merged_weight(self, layer: LoraLayer, weight, bias):
         return weight + layer.delta_weight().to(weight.dtype), bias
+
+    def merge_free_options(self, method: str) -> tuple[str, ...]:
+        return ("rank", "alpha", "dropout") if method in self.merge_methods else ("dropout",)
+
+    def merge(self, method, configs, tensors, weights, options):
+        config: dict[str, Any] = dict(configs[0])
+        info: dict[str, Any] = {}
+        out: dict[str, torch.Tensor] = {}
+        sites = _lora_sites(tensors[0])
+        dtype = tensors[0][f"{sites[0]}.lora_A"].dtype
+        if method == "concat":
+            r_new = sum(int(c["rank"]) for c in configs)
+            for s in sites:
+                out[f"{s}.lora_A"] = torch.cat([t[f"{s}.lora_A"] for t in tensors], 0).to(dtype)
+                out[f"{s}.lora_B"] = torch.cat([(w * _scaling(c)) * t[f"{s}.lora_B"].double()
+                                                for c, t, w in zip(configs, tensors, weights)], 1).to(dtype)
+            config.update(rank=r_new, alpha=float(r_new))
+            return out, config, info
+        rank = options.get("rank")
+        r = int(rank if rank is not None else configs[0]["rank"])
+        if r < 1:
+            raise ConfigError(f"rank must be >= 1, got {r}")
+        err_num = err_den = 0.0
+        for s in sites:
+            delta = lora_delta(configs, tensors, weights, s)
+            u, sv, vh = torch.linalg.svd(delta, full_matrices=False)
+            k = min(r, len(sv))
+            root = sv[:k].sqrt()
+            b = torch.zeros(delta.shape[0], r, dtype=torch.float64)
+            a = torch.zeros(r, delta.shape[1], dtype=torch.float64)
+            b[:, :k] = u[:, :k] * root
+            a[:k] = root.unsqueeze(1) * vh[:k]
+            out[f"{s}.lora_A"], out[f"{s}.lora_B"] = a.to(dtype), b.to(dtype)
+            err_num += float((sv[k:] ** 2).sum())
+            err_den += float((sv ** 2).sum())
+        config.update(rank=r, alpha=float(r))
+        info["rank"] = r
+        info["svd_relative_error"] = math.sqrt(err_num / err_den) if err_den > 0 else 0.0
+        return out, config, info

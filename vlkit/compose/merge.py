@@ -1,22 +1,21 @@
 """Weight-space merging of adapters into one adapter directory.
 
 Methods (weights w_i, one per source; adapter tensors θ_i are the task vectors, since an adapter's
-neutral point is the frozen backbone):
+neutral point is the frozen backbone). Every variant gets the elementwise ones:
 
 - `linear`: weighted average Σ w_i θ_i / Σ w_i (default weights equal).
 - `task_arithmetic`: Σ w_i θ_i (Ilharco et al. 2023); negative weights remove a task; default 1 each.
 - `ties`: TIES-merging (Yadav et al. 2023) per tensor: trim each w_i θ_i to its top `density` share of
   magnitudes, elect each entry's sign by the summed trimmed values, average the agreeing entries
   (Σ_agree w_i θ̂_i / Σ_agree |w_i|); default weights 1 each.
-- `concat` (LoRA): A = [A_1; A_2; ...], B = [c_1 B_1, c_2 B_2, ...] — rank Σ r_i and exactly
-  ΔW = Σ w_i s_i B_i A_i (s_i = alpha_i / r_i; the merged adapter has alpha = rank, scaling 1).
-- `svd` (LoRA): ΔW = Σ w_i s_i B_i A_i truncated by SVD to `rank` (default: the first source's rank).
 
-linear / task_arithmetic / ties act on every tensor elementwise and need adapters of one variant and
-config (dropout aside) with equal tensor shapes; for LoRA they combine A and B separately, which is not
-linear in ΔW — `concat` or `svd` are the ΔW-exact choices. The result is a normal adapter directory
-(`vlkit.load_adapter` reads it) whose config records `composition: {mode: merge, sources, weights,
-method}`, plus a `composition.json` (mode merge) so composition-aware commands read it too.
+They act on every tensor elementwise and need adapters of one variant and config (the options the
+variant's `merge_free_options` names aside) with equal tensor shapes. A variant adds its own methods by
+listing them in `AdapterVariant.merge_methods` and implementing `AdapterVariant.merge` (e.g. methods exact
+in a low-rank variant's weight update, where the elementwise ones combine its factors separately); such a
+method may take a single source. The result is a normal adapter directory (`vlkit.load_adapter` reads it) whose
+config records `composition: {mode: merge, sources, weights, method}` plus the variant's merge info, and a
+`composition.json` (mode merge) so composition-aware commands read it too.
 """
 from __future__ import annotations
 
@@ -28,10 +27,26 @@ import torch
 
 from ..errors import ConfigError, IncompatibleAdapterError
 
-METHODS = ("linear", "task_arithmetic", "ties", "concat", "svd")
-LORA_ONLY = ("concat", "svd")
-ELEMENTWISE_IGNORED = ("dropout",)
-LORA_FREE = ("rank", "alpha", "dropout")
+ELEMENTWISE = ("linear", "task_arithmetic", "ties")
+
+
+def _variants() -> dict[str, Any]:
+    from ..plugins import registry
+
+    reg = registry("adapter")
+    return {n: reg.get(n) for n in reg.names()}
+
+
+def merge_methods() -> tuple[str, ...]:
+    """Every merge method: the elementwise ones, then those the registered variants add (in registry order)."""
+    extra: list[str] = []
+    for var in _variants().values():
+        extra += [m for m in getattr(var, "merge_methods", ()) if m not in ELEMENTWISE and m not in extra]
+    return ELEMENTWISE + tuple(extra)
+
+
+def _own_method(variant, method: str) -> bool:
+    return variant is not None and method not in ELEMENTWISE and method in getattr(variant, "merge_methods", ())
 
 
 def _diff(a: dict, b: dict, ignore: tuple[str, ...]) -> list[str]:
@@ -41,11 +56,16 @@ def _diff(a: dict, b: dict, ignore: tuple[str, ...]) -> list[str]:
 
 def check_mergeable(labels: list[str], cfgs: list[dict], tensors: list[dict[str, torch.Tensor]], method: str) -> None:
     """IncompatibleAdapterError naming both adapters and what differs, when they cannot be merged."""
-    if method not in METHODS:
-        raise ConfigError(f"merge method {method!r} is not one of {', '.join(METHODS)}")
-    if len(cfgs) < 2 and method not in LORA_ONLY:
-        raise ConfigError("merging needs at least two adapters")
+    methods = merge_methods()
+    if method not in methods:
+        raise ConfigError(f"merge method {method!r} is not one of {', '.join(methods)}")
     a_label, a_cfg, a_t = labels[0], cfgs[0], tensors[0]
+    variants = _variants()
+    var = variants.get(a_cfg["variant"])
+    own = _own_method(var, method)
+    if len(cfgs) < 2 and method in ELEMENTWISE:
+        raise ConfigError("merging needs at least two adapters")
+    ignore = tuple(var.merge_free_options(method)) if var is not None else ("dropout",)
     for label, cfg, t in zip(labels[1:], cfgs[1:], tensors[1:]):
         where = f"adapters {a_label} and {label} cannot be merged"
         if cfg["variant"] != a_cfg["variant"]:
@@ -54,21 +74,21 @@ def check_mergeable(labels: list[str], cfgs: list[dict], tensors: list[dict[str,
             raise IncompatibleAdapterError(
                 f"{where}: backbone fingerprint differs ({a_cfg.get('backbone')!r} {a_cfg['backbone_fingerprint']} "
                 f"vs {cfg.get('backbone')!r} {cfg['backbone_fingerprint']})")
-        ignore = LORA_FREE if method in LORA_ONLY else ELEMENTWISE_IGNORED
         diff = _diff(a_cfg["config"], cfg["config"], ignore)
         if diff:
             raise IncompatibleAdapterError(f"{where}: config differs: {'; '.join(diff)}")
         if set(t) != set(a_t):
             only = sorted(set(t) ^ set(a_t))
             raise IncompatibleAdapterError(f"{where}: different tensors ({len(only)} not in both, e.g. {only[:2]})")
-        if method not in LORA_ONLY:
+        if not own:
             for k in a_t:
                 if tuple(t[k].shape) != tuple(a_t[k].shape):
                     raise IncompatibleAdapterError(f"{where}: tensor {k} has shape {tuple(a_t[k].shape)} vs "
                                                    f"{tuple(t[k].shape)}")
-    if method in LORA_ONLY and a_cfg["variant"] != "lora":
-        raise ConfigError(f"merge method {method!r} is for LoRA adapters; these are {a_cfg['variant']!r} "
-                          "(use linear, task_arithmetic or ties)")
+    if method not in ELEMENTWISE and not own:
+        offered = [n for n, v in variants.items() if method in getattr(v, "merge_methods", ())]
+        raise ConfigError(f"merge method {method!r} is for {' / '.join(offered)} adapters; these are "
+                          f"{a_cfg['variant']!r} (use {', '.join(ELEMENTWISE + tuple(getattr(var, 'merge_methods', ())))})")
     extra = [k for k in a_t if k.startswith("base::")]
     if extra and method != "linear":
         raise IncompatibleAdapterError(f"adapter {a_label} also trains backbone tensors ({extra[0]}, ...), which are "
@@ -101,19 +121,6 @@ def ties_merge(ts: list[torch.Tensor], weights: list[float], density: float) -> 
     return merged.view(ts[0].shape).to(ts[0].dtype)
 
 
-def _lora_sites(t: dict[str, torch.Tensor]) -> list[str]:
-    return sorted(k[: -len(".lora_A")] for k in t if k.endswith(".lora_A"))
-
-
-def _scaling(cfg: dict) -> float:
-    return float(cfg["config"].get("alpha", 16.0)) / int(cfg["config"].get("rank", 8))
-
-
-def lora_delta(cfgs, tensors, weights, site: str) -> torch.Tensor:
-    return sum(w * _scaling(c) * (t[f"{site}.lora_B"].double() @ t[f"{site}.lora_A"].double())
-               for c, t, w in zip(cfgs, tensors, weights))
-
-
 def merge_tensors(cfgs: list[dict], tensors: list[dict[str, torch.Tensor]], method: str, weights: list[float],
                   density: float = 0.2, rank: int | None = None
                   ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
@@ -135,35 +142,11 @@ def merge_tensors(cfgs: list[dict], tensors: list[dict[str, torch.Tensor]], meth
         for k in tensors[0]:
             out[k] = ties_merge([t[k] for t in tensors], weights, density)
         return out, config, info
-    sites = _lora_sites(tensors[0])
-    dtype = tensors[0][f"{sites[0]}.lora_A"].dtype
-    if method == "concat":
-        r_new = sum(int(c["config"]["rank"]) for c in cfgs)
-        for s in sites:
-            out[f"{s}.lora_A"] = torch.cat([t[f"{s}.lora_A"] for t in tensors], 0).to(dtype)
-            out[f"{s}.lora_B"] = torch.cat([(w * _scaling(c)) * t[f"{s}.lora_B"].double()
-                                            for c, t, w in zip(cfgs, tensors, weights)], 1).to(dtype)
-        config.update(rank=r_new, alpha=float(r_new))
-        return out, config, info
-    r = int(rank if rank is not None else cfgs[0]["config"]["rank"])
-    if r < 1:
-        raise ConfigError(f"rank must be >= 1, got {r}")
-    err_num = err_den = 0.0
-    for s in sites:
-        delta = lora_delta(cfgs, tensors, weights, s)
-        u, sv, vh = torch.linalg.svd(delta, full_matrices=False)
-        k = min(r, len(sv))
-        root = sv[:k].sqrt()
-        b = torch.zeros(delta.shape[0], r, dtype=torch.float64)
-        a = torch.zeros(r, delta.shape[1], dtype=torch.float64)
-        b[:, :k] = u[:, :k] * root
-        a[:k] = root.unsqueeze(1) * vh[:k]
-        out[f"{s}.lora_A"], out[f"{s}.lora_B"] = a.to(dtype), b.to(dtype)
-        err_num += float((sv[k:] ** 2).sum())
-        err_den += float((sv ** 2).sum())
-    config.update(rank=r, alpha=float(r))
-    info["svd_relative_error"] = math.sqrt(err_num / err_den) if err_den > 0 else 0.0
-    return out, config, info
+    var = _variants().get(cfgs[0]["variant"])
+    if not _own_method(var, method):
+        raise ConfigError(f"merge method {method!r} is not offered by {cfgs[0]['variant']!r} adapters")
+    return var.merge(method, [dict(c["config"]) for c in cfgs], tensors, list(weights),
+                     {"density": density, "rank": rank})
 
 
 def merge_adapters(sources: list[str | Path], out: str | Path, *, method: str = "linear",
@@ -192,8 +175,6 @@ def merge_adapters(sources: list[str | Path], out: str | Path, *, method: str = 
                   "sources": [{"name": c.get("name"), "path": str(p)} for c, p in zip(cfgs, paths)]}
     if method == "ties":
         provenance["density"] = density
-    if method == "svd":
-        provenance["rank"] = config["rank"]
     provenance.update(info)
     tasks = [c.get("task") or {} for c in cfgs]
     cfg = {**cfgs[0], "name": name, "config": config, "composition": provenance,

@@ -4,10 +4,12 @@
 gradient); multi-task training (`vlkit.train.multitask`) and composition loading use it:
 
 - `per_task`          nothing shared: independent adapters (trained together, same budget);
-- `half_shared_down`  the down-projection is shared (bottleneck/fusion `down`, LoRA `lora_A`), each task
-                      keeps its own up-projection;
-- `half_shared_up`    the up-projection is shared (bottleneck/fusion `up`, LoRA `lora_B`);
+- `half_shared_down`  the down-projection is shared, each task keeps its own up-projection;
+- `half_shared_up`    the up-projection is shared;
 - `shared`            a single adapter for all tasks (only the task heads differ).
+
+Each variant says which layer attributes a scheme ties in `AdapterVariant.shareable` (its own down- and
+up-projection modules or parameters); `shared` with no entry ties the whole layer.
 """
 from __future__ import annotations
 
@@ -16,25 +18,34 @@ import torch
 from ..errors import ConfigError, IncompatibleAdapterError
 
 SHARING = ("per_task", "half_shared_down", "half_shared_up", "shared")
-SHARED_PARTS = {
-    "bottleneck": {"half_shared_down": ("down",), "half_shared_up": ("up",), "shared": ("down", "up")},
-    "fusion": {"half_shared_down": ("down",), "half_shared_up": ("up",)},
-    "lora": {"half_shared_down": ("lora_A",), "half_shared_up": ("lora_B",), "shared": ("lora_A", "lora_B")},
-}
 
 
-def shared_parts(variant: str, sharing: str) -> tuple[str, ...]:
+def _shareable(variant) -> dict[str, tuple[str, ...]]:
+    return dict(getattr(variant, "shareable", None) or {})
+
+
+def shared_parts(variant, sharing: str) -> tuple[str, ...]:
+    """The layer attributes tied under `sharing` for `variant` (a registered name or an AdapterVariant):
+    () for per_task, ("*",) for the whole layer; ConfigError when the variant does not define the scheme."""
+    from ..plugins import registry
+
     if sharing not in SHARING:
         raise ConfigError(f"sharing must be one of {', '.join(SHARING)}, got {sharing!r}")
     if sharing == "per_task":
         return ()
-    parts = SHARED_PARTS.get(variant, {}).get(sharing)
+    reg = registry("adapter")
+    if isinstance(variant, str):
+        label, var = variant, (reg.get(variant) if variant in reg else None)
+    else:
+        label, var = getattr(variant, "name", type(variant).__name__), variant
+    parts = _shareable(var).get(sharing)
     if parts is None:
         if sharing == "shared":
             return ("*",)
-        raise ConfigError(f"sharing {sharing!r} is not defined for adapter variant {variant!r} "
-                          f"(defined for {', '.join(k for k, v in SHARED_PARTS.items() if sharing in v)})")
-    return parts
+        defined = [n for n in reg.names() if sharing in _shareable(reg.get(n))]
+        raise ConfigError(f"sharing {sharing!r} is not defined for adapter variant {label!r} "
+                          f"(defined for {', '.join(defined) or 'no registered variant'})")
+    return tuple(parts)
 
 
 def tie_shared(backbone, names: list[str], sharing: str, check: bool = True) -> dict[str, torch.Tensor]:
