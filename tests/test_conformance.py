@@ -80,8 +80,12 @@ def test_unchanged_at_init(kind, variant, opts, make_backbone, sample_inputs):
     towers = {s.tower for s in record.sites}
     assert towers == {"vision", "text"}
     img, txt = encode(bb, pixels, tokens)
-    assert (img - ref_img).abs().max() <= 1e-6
-    assert (txt - ref_txt).abs().max() <= 1e-6
+    assert img.shape == ref_img.shape and txt.shape == ref_txt.shape
+    if getattr(registry("adapter").get(variant), "identity_at_init", True):
+        assert (img - ref_img).abs().max() <= 1e-6
+        assert (txt - ref_txt).abs().max() <= 1e-6
+    # else a prompt variant (e.g. vpt): inserted tokens join every attention softmax, so even at init the
+    # outputs move; it declares `identity_at_init = False`. Inactive it is still the frozen backbone (below).
     bb.set_active()  # no adapter active: the frozen backbone exactly
     img0, txt0 = encode(bb, pixels, tokens)
     assert (img0 - ref_img).abs().max() <= 1e-6 and (txt0 - ref_txt).abs().max() <= 1e-6

@@ -9,6 +9,7 @@ def register_adapters(register):
     from .bottleneck import BottleneckVariant
     from .fusion import FusionVariant
     from .lora import LoraVariant
+    from .vpt import VptVariant
 
-    for variant in (BottleneckVariant(), LoraVariant(), FusionVariant()):
+    for variant in (BottleneckVariant(), LoraVariant(), FusionVariant(), VptVariant()):
         register(variant.name, variant, variant.summary)

@@ -13,6 +13,7 @@ from ..backbones.base import TOWERS, Site, resolve_module, set_module
 from ..errors import ConfigError, InjectionError
 from ..plugins import registry
 from ..backbones.hosts import AdaptedLinear, AdaptedMHA, AdaptedOutput, AdapterHost
+from ..backbones.sequence import SEQUENCE_KIND, sequence_host
 from ..backbones.state import check_adapter_name
 from .weights import base_for_site, linear_weights
 
@@ -100,6 +101,8 @@ def _host_for(backbone, site: Site) -> AdapterHost:
     module = resolve_module(backbone.model, site.host_path)
     if isinstance(module, AdapterHost):
         return module
+    if site.kind == SEQUENCE_KIND:  # the whole tower's blocks at once; see vlkit.backbones.sequence
+        return sequence_host(backbone, site)
     state = backbone.adapter_state
     if isinstance(module, nn.MultiheadAttention):
         host = AdaptedMHA(module, state)

@@ -107,6 +107,10 @@ class HFBackbone(Backbone):
             b.sites["mlp.fc2"] = Site(tower, i, "mlp.fc2", f"{path}.mlp.fc2", f"{path}.mlp.fc2", "linear",
                                       fc2.in_features, fc2.out_features)
             out.append(b)
+        from .sequence import prompt_site
+
+        for b in out:
+            b.sites["prompt"] = prompt_site(tower, b.index, b.path, b.width)
         if out:
             tower_model = getattr(self.model, prefix)
             embed = "pre_layrnorm" if tower == "vision" and hasattr(tower_model, "pre_layrnorm") else "embeddings"
@@ -114,6 +118,16 @@ class HFBackbone(Backbone):
             site = Site(tower, 0, "embed", f"{prefix}.{embed}", f"{prefix}.{embed}", "output", w, w)
             out[0].sites = {"embed": site, **out[0].sites}
         return out
+
+    def sequence_layout(self, tower: str):
+        """Prompt tokens go after the class token (CLIP vision) or the start-of-text token (CLIP text, causal;
+        its padding mask grows with them); SigLIP towers have neither and take them first. Encoder layers are
+        called `layer(hidden_states, attention_mask, ...)`."""
+        from .sequence import SequenceLayout
+
+        at = 0 if self.is_siglip else 1
+        return SequenceLayout(insert_at=at, batch_first=True, causal=tower == "text" and not self.is_siglip,
+                              hidden_arg="hidden_states", hidden_index=0, mask_arg="attention_mask", mask_index=1)
 
     def tower_prefixes(self):
         return {"vision": ("vision_model.", "visual_projection."), "text": ("text_model.", "text_projection.")}

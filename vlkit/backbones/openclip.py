@@ -130,11 +130,35 @@ class OpenClipBackbone(Backbone):
             b = _sites_for_block(tower, i, f"{path}.{i}", blk)
             if b is not None:
                 out.append(b)
+        if self.sequence_layout(tower) is not None:
+            from .sequence import prompt_site
+
+            for b in out:
+                b.sites["prompt"] = prompt_site(tower, b.index, b.path, b.width)
         embed = self._embed_path(tower)
         if out and embed is not None:
             w = out[0].width
             out[0].sites = {"embed": Site(tower, 0, "embed", embed, embed, "output", w, w), **out[0].sites}
         return out
+
+    def sequence_layout(self, tower: str):
+        """Prompt tokens go after the class token (vision; first when the tower has none) or after the
+        start-of-text token (text, whose causal mask, with any padding mask, grows with them). Blocks are
+        called `block(x, attn_mask=...)`, or positionally `(x, None, None, attn_mask)` under checkpointing."""
+        from .sequence import SequenceLayout
+
+        if tower == "vision":
+            trans = getattr(self.model.visual, "transformer", None)
+            at = 1 if getattr(self.model.visual, "class_embedding", None) is not None else 0
+            causal = False
+        else:
+            trans = self.model.text.transformer if self._text_blocks_path().startswith("text.") else self.model.transformer
+            owner = self.model.text if self._text_blocks_path().startswith("text.") else self.model
+            at, causal = 1, getattr(owner, "attn_mask", None) is not None
+        if trans is None or not hasattr(trans, "resblocks"):
+            return None
+        return SequenceLayout(insert_at=at, batch_first=bool(getattr(trans, "batch_first", False)), causal=causal,
+                              hidden_arg="q_x", hidden_index=0, mask_arg="attn_mask", mask_index=3)
 
     def _embed_path(self, tower: str) -> str | None:
         """The module whose output is the token sequence entering the tower's first block (after the
