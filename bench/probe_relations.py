@@ -33,7 +33,7 @@ def train_relation_adapter(backbone_spec: str, out: Path, n_pairs: int, steps: i
     import torch.nn.functional as F
 
     import vlkit
-    from vlkit.probe.caption_pairs import synth_pairs
+    from vlkit.world.probes import synth_pairs
 
     torch.manual_seed(seed)
     bb = vlkit.load_backbone(backbone_spec)

@@ -1,8 +1,9 @@
-"""The package-level import graph (module-level and function-level imports alike) has no cycles, and library
-code does not depend on the CLI."""
+"""The package-level import graph (module-level and function-level imports alike) has no cycles, library
+code does not depend on the CLI, and no module outside vlkit/world reaches the embedded world."""
 from __future__ import annotations
 
 import ast
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -69,3 +70,79 @@ def test_library_does_not_import_the_cli():
     graph = import_graph()
     users = {src for src, deps in graph.items() if "cli" in deps and src not in ("cli", "<top>")}
     assert not users, f"library packages importing vlkit.cli: {sorted(users)}"
+
+
+WORLD = "vlkit.world"
+WORLD_NAME = re.compile(r"vlkit\.world(\.\w+)*")
+
+
+def _module_of(f: Path, root: Path = PKG) -> str:
+    rel = f.relative_to(root.parent).with_suffix("")
+    return ".".join(rel.parts[:-1] if f.name == "__init__.py" else rel.parts)
+
+
+def _resolve(module: str, is_init: bool, node: ast.ImportFrom) -> list[str]:
+    if node.level:
+        base = module.split(".")
+        keep = len(base) - node.level + (1 if is_init else 0)
+        target = ".".join(base[:keep] + ([node.module] if node.module else []))
+    else:
+        target = node.module or ""
+    return [target, *(f"{target}.{a.name}" for a in node.names)]
+
+
+def world_uses(root: Path = PKG) -> list[str]:
+    """Every place outside vlkit/world that reaches vlkit.world: an import statement (module level or inside a
+    function), a string naming the module (importlib.import_module, __import__, a plugin list), or the
+    attribute `vlkit.world`. The plugin manager's BUILTIN_PLUGINS, which loads the world as a plugin through
+    the hooks, is the one allowed place."""
+    found = []
+    for f in sorted(root.rglob("*.py")):
+        module = _module_of(f, root)
+        if module == WORLD or module.startswith(WORLD + "."):
+            continue
+        tree = ast.parse(f.read_text(encoding="utf-8"))
+        allowed: set[int] = set()
+        if module == "vlkit.plugins":
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "BUILTIN_PLUGINS"
+                                                        for t in node.targets):
+                    allowed |= {id(c) for c in ast.walk(node.value)}
+        where = f.relative_to(root.parent)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                targets = _resolve(module, f.name == "__init__.py", node)
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in allowed:
+                targets = [node.value.strip()] if WORLD_NAME.fullmatch(node.value.strip()) else []
+            elif isinstance(node, ast.Attribute) and node.attr == "world" and getattr(node.value, "id", None) == "vlkit":
+                targets = [WORLD]
+            else:
+                continue
+            for t in targets:
+                if t == WORLD or t.startswith(WORLD + "."):
+                    found.append(f"{where}:{node.lineno}: {t}")
+                    break
+    return found
+
+
+def test_no_production_module_imports_the_world():
+    found = world_uses()
+    assert not found, "modules outside vlkit/world reach the world (use the plugin registry):\n" + "\n".join(found)
+
+
+def test_world_finder_sees_every_form(tmp_path):
+    pkg = tmp_path / "vlkit"
+    (pkg / "world").mkdir(parents=True)
+    (pkg / "data").mkdir()
+    (pkg / "world" / "__init__.py").write_text("from ..data import x\n")
+    (pkg / "plugins.py").write_text('BUILTIN_PLUGINS = ("vlkit.world.plugin",)\nOTHER = "vlkit.world"\n')
+    (pkg / "data" / "a.py").write_text(
+        "import importlib\nimport vlkit\nfrom .. import world\n\n"
+        "def f():\n    from ..world.tasks import generate\n    import vlkit.world.io\n"
+        "    importlib.import_module('vlkit.world')\n    return vlkit.world\n")
+    found = world_uses(pkg)
+    assert sorted(int(line.split(": ", 1)[0].rsplit(":", 1)[1]) for line in found if "a.py" in line) == [
+        3, 6, 7, 8, 9]
+    assert [line for line in found if "plugins.py" in line] == ["vlkit/plugins.py:2: vlkit.world"]

@@ -26,7 +26,7 @@ def test_tiny_random_loads_frozen_in_eval_mode():
     assert bb.family == "tiny" and bb.spec == "tiny@random"
     assert not bb.training and not bb.model.training
     assert not any(p.requires_grad for p in bb.parameters())
-    from vlkit.backbones.tiny import tiny_config
+    from vlkit.world.tiny import tiny_config
 
     cfg = tiny_config()
     assert bb.image_size == cfg["vision_cfg"]["image_size"] and bb.embed_dim == cfg["embed_dim"]
@@ -56,6 +56,39 @@ def test_tiny_encoders_and_tokenizer():
     torch.testing.assert_close(img_n.norm(dim=-1), torch.ones(2))
     torch.testing.assert_close(txt_n.norm(dim=-1), torch.ones(2))
     assert scale.ndim == 0 and scale > 0
+
+
+def _word_ids(words: list[str], text: str, context_length: int) -> list[int]:
+    """The tiny tokenizer's ids as the former hand-written WordTokenizer computed them."""
+    import re
+
+    index = {w: i + 3 for i, w in enumerate(words)}
+    eot = len(words) + 3
+    ids = [1] + [index.get(w, 2) for w in re.findall(r"[a-z0-9]+", text.lower())][: context_length - 2] + [eot]
+    return ids + [0] * (context_length - len(ids))
+
+
+def test_tiny_tokenizer_is_the_world_vocabulary_as_a_tokenizers_file():
+    """The shipped tokenizer.json is a `tokenizers` WordLevel file built from the world vocabulary, and its
+    ids are those the shipped weights were trained with, on every kind of world text and on odd input."""
+    from tokenizers import Tokenizer
+
+    from vlkit import world
+    from vlkit.world.tiny import TOKENIZER_PATH, build_tokenizer
+
+    words = list(world.vocabulary())
+    shipped = Tokenizer.from_file(str(TOKENIZER_PATH))
+    assert shipped.to_str() == build_tokenizer(words, 32).to_str()
+    bb = vlkit.load_backbone("tiny@random")
+    texts = ["", "A Red-circle, LEFT of the   blue square!", "zebra 123 <sot> <pad>", " ".join(["red"] * 50)]
+    for domain in world.DOMAINS:
+        for task, cols in (("retrieval", ("caption",)), ("vqa", ("question", "answer")),
+                           ("grounding", ("expression",)), ("winoground", ("caption_0", "caption_1"))):
+            ds = world.generate(domain, task, 12, seed=1)
+            texts += [str(t) for c in cols for t in ds[c]]
+        texts += [world.class_prompt(domain).format(c) for c in world.class_names(domain)]
+    assert bb.tokenize(texts).tolist() == [_word_ids(words, t, bb.context_length) for t in texts]
+    assert bb.tokenizer_files() == {"tokenizer.json": TOKENIZER_PATH.read_bytes()}
 
 
 @pytest.mark.parametrize("size,mode", [((64, 64), "RGB"), ((50, 30), "RGB"), ((17, 90), "RGBA"), ((40, 40), "L")])

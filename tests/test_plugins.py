@@ -50,7 +50,8 @@ def test_builtins_registered_through_the_hooks():
     assert {"vlkit.backbones.builtin", "vlkit.adapters.builtin", "vlkit.cli.builtin"} <= system.builtin
     for kind, name, plugin in [("adapter", "bottleneck", "vlkit.adapters.builtin"),
                                ("adapter", "lora", "vlkit.adapters.builtin"),
-                               ("backbone", "tiny", "vlkit.backbones.builtin"),
+                               ("backbone", "tiny", "vlkit.world.plugin"),
+                               ("dataset", "world", "vlkit.world.plugin"),
                                ("backbone", "open_clip", "vlkit.backbones.builtin"),
                                ("backbone", "hf", "vlkit.backbones.builtin")]:
         entry = plugins.registry(kind).entry(name)

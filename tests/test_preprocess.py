@@ -196,7 +196,7 @@ def test_hf_processor_of_the_wrong_size(tmp_path, hf_clip_dir):
 # --- tiny and plugins ---------------------------------------------------------------------------------------------
 
 def test_tiny_is_bit_identical_on_world_images():
-    from vlkit.backbones.tiny import tiny_config
+    from vlkit.world.tiny import tiny_config
     from vlkit.world import generate
 
     bb = vlkit.load_backbone("tiny@random")

@@ -330,8 +330,9 @@ def test_fusion_adapter_is_scored_jointly(tmp_path):
 # ---------------------------------------------------------------- caption pairs
 
 def test_caption_pair_probe_local_json_and_synth(tmp_path, backbone):
-    from vlkit.probe.caption_pairs import CaptionPairProbe, attribute_swap_probe, relation_swap_probe
+    from vlkit.probe.caption_pairs import CaptionPairProbe
     from vlkit.probe.systems import frozen_system
+    from vlkit.world.probes import attribute_swap_probe, relation_swap_probe
 
     (tmp_path / "img").mkdir()
     for i in range(4):

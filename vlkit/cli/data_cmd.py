@@ -40,19 +40,28 @@ def generate_cmd(
     """Generate a dataset and write PNGs plus a manifest (imagefolder metadata.jsonl or Winoground examples.jsonl)."""
     import time
 
-    from ..world import generate, write
-    from ..world.tasks import check_args
-
-    check_args(domain, task, n, seed, image_size)
+    world = _world_kind()
+    world["check"](domain, task, n, seed, image_size)
     t0 = time.perf_counter()
-    ds = generate(domain, task, n, seed=seed, image_size=image_size)
-    manifest = write(ds, out, task)
+    ds = world["generate"](domain, task, n, seed=seed, image_size=image_size)
+    manifest = world["write"](ds, out, task)
     seconds = time.perf_counter() - t0
     console.print(f"wrote {n} {domain}/{task} examples to {out} ({manifest.name} + images/) in {seconds:.1f}s")
     if as_json:
         print_json({"out": str(out), "manifest": str(manifest), "world_json": str(Path(out) / "world.json"),
                     "domain": domain, "task": task, "n": n, "seed": seed, "image_size": image_size,
                     "columns": ds.column_names, "seconds": round(seconds, 3)})
+
+
+WORLD_KIND = "world"  # the dataset kind whose registry entry declares what these commands run
+WORLD_FUNCTIONS = ("check", "generate", "write", "read", "find_manifest", "contact_sheet")
+
+
+def _world_kind() -> dict[str, Any]:
+    """The functions the world dataset kind declares in its registry entry (the world plugin registers them)."""
+    from ..data.kinds import kind_function
+
+    return {key: kind_function(WORLD_KIND, key, "vlkit data") for key in WORLD_FUNCTIONS}
 
 
 def _cell(value: Any) -> str:
@@ -95,12 +104,11 @@ def show_cmd(
     from PIL import ImageDraw
 
     from ..errors import ConfigError
-    from ..world import read, render_contact_sheet
-    from ..world.io import find_manifest
 
     if count < 1:
         raise ConfigError(f"--count must be at least 1, got {count}")
-    manifest = find_manifest(directory)
+    world = _world_kind()
+    manifest = world["find_manifest"](directory)
     task = _task_of(directory, manifest, [])
     names: list[str] = []
     if task == "classification" and (directory / "world.json").is_file():
@@ -108,7 +116,7 @@ def show_cmd(
             names = json.loads((directory / "world.json").read_text(encoding="utf-8")).get("class_names") or []
         except ValueError:
             names = []
-    ds = read(directory)
+    ds = world["read"](directory)
     rows = [ds[i] for i in range(min(count, len(ds)))]
     cols = [c for c in _TEXT_COLUMNS[task] if c in ds.column_names or c == "label_name"]
     records, images, captions = [], [], []
@@ -135,7 +143,7 @@ def show_cmd(
             text = row["caption"]
         images.append(im)
         captions.append(text)
-    sheet = render_contact_sheet(images, captions, out or directory / "contact_sheet.png",
+    sheet = world["contact_sheet"](images, captions, out or directory / "contact_sheet.png",
                                  columns=4)
     console.print(table(f"{directory} ({task}, {len(ds)} examples)", ["#", *cols],
                         [[i, *(_cell(r[c]) for c in cols)] for i, r in enumerate(records)]))

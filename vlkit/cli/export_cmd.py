@@ -83,7 +83,8 @@ def register(cli: typer.Typer) -> None:
         target: str = typer.Option("onnx", "--target", "-t", help="Export target (see `vlkit plugins`)."),
         task: Optional[str] = typer.Option(None, "--task", help="Add a task head graph: classification."),
         domain: Optional[str] = typer.Option(None, "--domain",
-                                             help="World domain for class names and eval data (default: inferred)."),
+                                             help="World domain of the eval set, and of the class names when the "
+                                                  "adapter saved none (default: the recipe's, else photo)."),
         eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Eval set data spec (default: the recipe's "
                                                 "or the world's classification set)."),
         eval_n: int = typer.Option(256, "--eval-n", help="At most this many eval examples."),

@@ -8,15 +8,13 @@ A plugin package adds a kind the same way: implement ``register_datasets(registe
 from __future__ import annotations
 
 from ..hookspecs import hookimpl
-from .loaders import load_hf, load_imagefolder, load_manifest_kind, load_parquet, load_world
+from .loaders import load_hf, load_imagefolder, load_manifest_kind, load_parquet
 from .webdataset import load_webdataset
 from .winoground import load_winoground
 
 
 @hookimpl
 def register_datasets(register):
-    register("world", load_world,
-             summary="embedded procedural image-text world: world:DOMAIN/TASK (options n, seed, image_size)")
     register("hf", load_hf,
              summary="Hugging Face hub id hf:user/name, or a local save_to_disk/data directory hf:DIR "
                      "(options config, split, revision, streaming)")
@@ -29,4 +27,4 @@ def register_datasets(register):
              summary="tar shards (img2dataset/open_clip layout), indexed for random access: "
                      "webdataset:/data/train-{0000..0099}.tar or shards=PATTERN")
     register("winoground", load_winoground,
-             summary="Winoground: hub (gated, HF token), synth (world minimal pairs) or a local copy DIR")
+             summary="Winoground: hub (gated, HF token), synth (the world kind's minimal pairs) or a local copy DIR")

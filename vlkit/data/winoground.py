@@ -19,7 +19,7 @@ IMAGE_COLUMNS = ("image_0", "image_1")
 REQUIRED = ("image_0", "image_1", "caption_0", "caption_1")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 LOCAL_HINT = ("use a local copy instead: winoground with --data DIR (a folder of parquet files, or examples.jsonl "
-              "with an images/ folder), or the embedded world's minimal pairs: winoground:synth")
+              "with an images/ folder), or the world kind's minimal pairs: winoground:synth")
 
 
 def canonical_features() -> dict[str, Any]:
@@ -179,12 +179,17 @@ def load_hub(split: str | None = None, token: str | bool | None = None, dataset_
 
 
 def load_synth(n: int = 400, seed: int = 0, domain: str = "photo", image_size: int = 64):
-    """Minimal pairs from the embedded procedural world."""
-    from .. import world
+    """Minimal pairs from the ``world`` dataset kind (the world plugin), task winoground."""
+    from ..plugins import registry
     from .loaders import _int_option
 
-    return normalize(world.generate(domain, "winoground", _int_option("n", n), seed=_int_option("seed", seed),
-                                    image_size=_int_option("image_size", image_size)), "synth")
+    if "world" not in registry("dataset"):
+        raise ConfigError("winoground:synth needs the dataset kind 'world' (the built-in world plugin), which is "
+                          "not registered")
+    ds = registry("dataset").get("world")(None, domain=domain, task="winoground", n=_int_option("n", n),
+                                          seed=_int_option("seed", seed),
+                                          image_size=_int_option("image_size", image_size))
+    return normalize(ds, "synth")
 
 
 def load_winoground(source: str | None = None, *, split: str | None = None, task: str | None = None,

@@ -28,6 +28,8 @@ from .base import Evaluation, ExportOptions, ExportRequest, ExportResult, GraphS
 from ..data.pipeline import materialize
 
 TASKS = ("classification",)
+WORLD_KIND = "world"  # the dataset kind `--domain` names a domain of (evaluated on when no other eval set is known)
+DEFAULT_DOMAIN = "photo"
 BATCH = 64  # chunk size for references and eval-set passes
 FORMAT = "vlkit.export"
 FORMAT_VERSION = 1
@@ -39,25 +41,46 @@ def get_exporter(target: str):
     return registry("exporter").get(target)
 
 
-def _random_texts(n: int, seed: int) -> list[str]:
-    from .. import world
+def vocabulary_words(backbone) -> list[str]:
+    """The plain words of the backbone's own tokenizer vocabulary in id order (special tokens left out), or []
+    when its tokenizer does not expose one (`get_vocab()` of `tokenizers` and transformers, open_clip's
+    `encoder`)."""
+    tok = getattr(backbone, "_tokenizer", None)
+    for obj in (tok, getattr(tok, "tokenizer", None)):
+        vocab = None
+        if callable(getattr(obj, "get_vocab", None)):
+            vocab = obj.get_vocab()
+        elif isinstance(getattr(obj, "encoder", None), dict):
+            vocab = obj.encoder
+        if vocab:
+            special = set(getattr(obj, "all_special_tokens", None) or ())
+            ordered = sorted(vocab.items(), key=lambda kv: kv[1])
+            return [w for w, _ in ordered if isinstance(w, str) and w not in special
+                    and not (w.startswith("<") and w.endswith(">")) and w.strip()]
+    return []
 
-    words = list(world.vocabulary())
+
+def _random_texts(backbone, n: int, seed: int) -> list[str]:
+    """`n` random strings of 1-11 words of the backbone's own vocabulary (random letters without one)."""
     rng = np.random.default_rng(seed)
+    words = vocabulary_words(backbone)
+    if not words:
+        letters = list("abcdefghijklmnopqrstuvwxyz")
+        words = ["".join(rng.choice(letters, size=int(rng.integers(1, 9)))) for _ in range(64)]
     return [" ".join(rng.choice(words, size=int(rng.integers(1, 12)))) for _ in range(n)]
 
 
 def eval_dataset(spec: str | None, recipe: dict | None, domain: str, n: int, seed: int = 1000):
     """The classification eval set: `spec` if given, else the recipe's (when it is classification),
-    else `n` examples of the world's `domain` (seed 1000, as the shipped recipes use for eval)."""
+    else `n` examples of the world data kind's `domain` (seed 1000, as the shipped recipes use for eval)."""
     from ..data.api import load_data, parse_data_spec
 
-    world_spec = {"kind": "world", "domain": domain, "task": "classification", "n": n, "seed": seed}
+    world_spec = {"kind": WORLD_KIND, "domain": domain, "task": "classification", "n": n, "seed": seed}
     source: Any = spec
     if source is None and recipe and recipe.get("task") == "classification":
         source = recipe.get("data", {}).get("eval")
     parsed = parse_data_spec(source if source is not None else world_spec)
-    if parsed.get("kind") == "world":
+    if parsed.get("kind") == WORLD_KIND:
         parsed["n"] = min(int(parsed.get("n") or n), n)
         parsed.setdefault("task", "classification")
     try:
@@ -190,7 +213,7 @@ def _verify_inputs(backbone, graphs, data, zs_task, captions: list[str] | None,
     s = backbone.image_size
     g = torch.Generator().manual_seed(seed)
     rnd_px = torch.randn(3, 3, s, s, generator=g)
-    rnd_ids = backbone.tokenize(_random_texts(3, seed))
+    rnd_ids = backbone.tokenize(_random_texts(backbone, 3, seed))
     real_px = data["pixels"]
     k = min(len(real_px), 32)
     if captions:
@@ -234,10 +257,11 @@ def export_model(out: str | Path, *, backbone: str | None = None, adapters: list
                  eval_data: str | None = None, eval_n: int = 256, merge: bool = True,
                  options: ExportOptions | None = None) -> dict[str, Any]:
     """Export a backbone with adapters to `out` through exporter `target`, verified; returns the summary."""
-    from .. import load_backbone, world
+    from .. import load_backbone
+    from ..data.kinds import kind_domains
     from ..io import write_json
-    from .model import (build_classification, infer_domain, load_sources, merge_where_possible, read_source,
-                        recipe_data, task_source, unmerged)
+    from .model import (build_classification, load_sources, merge_where_possible, read_source, recipe_data,
+                        recipe_domain, task_source, unmerged)
 
     options = options or ExportOptions()
     if options.seed is None:
@@ -245,8 +269,10 @@ def export_model(out: str | Path, *, backbone: str | None = None, adapters: list
     exporter = get_exporter(target)
     if task is not None and task not in TASKS:
         raise ConfigError(f"--task {task!r} cannot be exported; tasks: {', '.join(TASKS)}")
-    if domain is not None and domain not in world.DOMAINS:
-        raise ConfigError(f"unknown world domain {domain!r}; domains: {', '.join(world.DOMAINS)}")
+    if domain is not None:  # cheap check before loading anything (the world loader checks again)
+        known = kind_domains(WORLD_KIND)
+        if known is not None and domain not in known:
+            raise ConfigError(f"unknown world domain {domain!r}; domains: {', '.join(known)}")
     if eval_n < 1:
         raise ConfigError(f"eval_n must be at least 1, got {eval_n}")
     exporter.check(options)
@@ -263,12 +289,12 @@ def export_model(out: str | Path, *, backbone: str | None = None, adapters: list
         a["merged"] = a["name"] in merged
     meta, meta_dir = task_source(loaded["task_dirs"])
     recipe = recipe_data(loaded["task_dirs"])
-    dom = domain or infer_domain(meta, recipe)
+    dom = domain or recipe_domain(recipe, WORLD_KIND) or DEFAULT_DOMAIN
+    ds, label = eval_dataset(eval_data, recipe, dom, eval_n)
     with unmerged(bb, merged), torch.no_grad():
-        zs_task = build_classification(bb, meta, meta_dir, dom, zero_shot=True)
-        the_task = build_classification(bb, meta, meta_dir, dom) if task == "classification" else None
+        zs_task = build_classification(bb, meta, meta_dir, ds, zero_shot=True)
+        the_task = build_classification(bb, meta, meta_dir, ds) if task == "classification" else None
         class_emb = the_task.class_embeddings(bb) if the_task is not None and the_task.head_kind == "text" else None
-        ds, label = eval_dataset(eval_data, recipe, dom, eval_n)
         data = materialize((the_task or zs_task).prepare(bb, ds))
     joint = bool(getattr(bb, "joint_active", lambda: False)())
     graphs = build_graphs(bb, the_task, class_emb, joint)

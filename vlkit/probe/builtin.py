@@ -26,8 +26,8 @@ from ..hookspecs import hookimpl
 
 @hookimpl
 def register_probes(register):
-    from .caption_pairs import CaptionPairProbe, attribute_swap_probe, relation_swap_probe
+    from .caption_pairs import CaptionPairProbe
     from .winoground import WinogroundProbe
 
-    for probe in (WinogroundProbe(), CaptionPairProbe(), attribute_swap_probe(), relation_swap_probe()):
+    for probe in (WinogroundProbe(), CaptionPairProbe()):
         register(probe.name, probe, summary=probe.summary)

@@ -10,13 +10,14 @@ import torch
 
 from ..errors import ConfigError
 
+DATA_KIND = "world"  # the dataset kind adapt trains and evaluates on; its registry entry declares the domains
 GENERAL_DOMAIN = "photo"
 
 
 def adapt_recipe(backbone: str, domain: str, shots: int, method: str, variant: str, steps: int, seed: int,
                  n_eval: int, adapter_options: dict[str, Any] | None = None, lr: float | None = None) -> dict:
     default_lr = {"adapter": 2e-3, "full": 1e-4, "linear": 1e-2}.get(method, 1e-3)
-    train = {"kind": "world", "domain": domain, "task": "classification", "n": max(400, shots * 40),
+    train = {"kind": DATA_KIND, "domain": domain, "task": "classification", "n": max(400, shots * 40),
              "seed": seed, "shots": shots}
     return {
         "name": f"{domain}-{method}",
@@ -25,7 +26,7 @@ def adapt_recipe(backbone: str, domain: str, shots: int, method: str, variant: s
         "adapter": {"variant": variant, **(adapter_options or {})},
         "task": {"name": "classification", "options": {} if method == "zeroshot" else {"head": "linear"}},
         "data": {"train": train,
-                 "eval": {"kind": "world", "domain": domain, "task": "classification", "n": n_eval,
+                 "eval": {"kind": DATA_KIND, "domain": domain, "task": "classification", "n": n_eval,
                           "seed": seed + 10_000}},
         "optim": {"lr": lr or default_lr, "steps": steps, "batch_size": min(32, shots * 4), "warmup_steps": 0,
                   "schedule": "cosine"},
@@ -43,7 +44,7 @@ def _general_eval(backbone, cfg, n_eval: int, seed: int):
     from ..data.pipeline import materialize
     from .engine import build_task
 
-    ds = load_data({"kind": "world", "domain": GENERAL_DOMAIN, "task": "classification", "n": n_eval,
+    ds = load_data({"kind": DATA_KIND, "domain": GENERAL_DOMAIN, "task": "classification", "n": n_eval,
                     "seed": seed + 20_000})
     cfg = OmegaConf.merge(cfg, {"method": "zeroshot"})
     OmegaConf.update(cfg, "task.options", {}, merge=False)
@@ -59,12 +60,13 @@ def run_adapt(backbone: str = "tiny", domain: str = "medical", shots: int = 16, 
               variant: str = "bottleneck", baselines: tuple[str, ...] = (), steps: int | None = None,
               seed: int = 0, n_eval: int = 400, adapter_options: dict | None = None,
               progress: bool = True) -> dict[str, Any]:
-    from ..world import DOMAINS
+    from ..data.kinds import kind_domains
     from .engine import run
     from .recipe import load_recipe
 
-    if domain not in DOMAINS:
-        raise ConfigError(f"unknown domain {domain!r}; known: {', '.join(DOMAINS)}")
+    domains = kind_domains(DATA_KIND) or ()
+    if domain not in domains:
+        raise ConfigError(f"unknown domain {domain!r}; known: {', '.join(domains)}")
     if domain == GENERAL_DOMAIN:
         raise ConfigError(f"{GENERAL_DOMAIN!r} is the general (pre-training) domain; adapt to another one")
     for b in baselines:

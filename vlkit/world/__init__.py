@@ -15,14 +15,28 @@ The same seed gives the same bytes in any process. `write` stores a dataset as P
 """
 from __future__ import annotations
 
-from .domains import (DOMAINS, TASKS, answer_set, class_names, class_prompt, colour_names, shape_names,
-                      vqa_answer_types)
-from .io import MANIFESTS, read, write
-from .language import vocabulary
-from .render import render_contact_sheet
-from .tasks import features, generate
+import importlib
+
+_LAZY = {  # loaded on first use, so registering the world plugin costs no numpy or PIL import
+    **{name: "domains" for name in ("DOMAINS", "TASKS", "answer_set", "class_names", "class_prompt",
+                                    "colour_names", "shape_names", "vqa_answer_types")},
+    "MANIFESTS": "io", "read": "io", "write": "io",
+    "vocabulary": "language",
+    "render_contact_sheet": "render",
+    "features": "tasks", "generate": "tasks",
+}
 
 __all__ = [
     "DOMAINS", "TASKS", "generate", "features", "class_names", "class_prompt", "colour_names", "shape_names",
     "answer_set", "vqa_answer_types", "vocabulary", "write", "read", "MANIFESTS", "render_contact_sheet",
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -1,7 +1,10 @@
-"""The built-in `tiny` CLIP: open_clip's model classes from a config kept as data, weights shipped in vlkit.
+"""The built-in `tiny` CLIP: open_clip's model classes from a config kept as data, weights shipped with the world.
 
-The config's `preprocess` section (size, mean, std, interpolation) gives the eval transform: torchvision's
-shorter-side resize, centre crop, to tensor and normalise.
+Its vocabulary is the world's, so it lives in the world plugin. The config's `preprocess` section (size, mean,
+std, interpolation) gives the eval transform: torchvision's shorter-side resize, centre crop, to tensor and
+normalise. The tokenizer is a `tokenizers` WordLevel ``tokenizer.json`` (configs/tiny_tokenizer.json), built
+once from the world vocabulary by `build_tokenizer` and shipped as-is with exports: lower-case words,
+pad=0, start=1, unknown=2, words from 3, end-of-text = the largest id (open_clip pools at argmax).
 
 Specs: `tiny` (shipped pre-trained weights; a seeded init when none are shipped), `tiny@random`
 (seeded init), `tiny@/path/weights.safetensors` (weights of a run, e.g. recipes/pretrain-tiny.yaml).
@@ -14,32 +17,74 @@ from pathlib import Path
 
 import torch
 
+from ..backbones.base import shortest_edge_transform
+from ..backbones.openclip import OpenClipBackbone, _load_safetensors_into
 from ..errors import BackboneLoadError
-from .base import shortest_edge_transform
-from .openclip import OpenClipBackbone, _load_safetensors_into
-from .tokenizer import WordTokenizer
 
 HERE = Path(__file__).parent
 CONFIG_PATH = HERE / "configs" / "tiny.json"
+TOKENIZER_PATH = HERE / "configs" / "tiny_tokenizer.json"
 WEIGHTS_DIR = HERE / "weights"
 WEIGHTS_PATH = WEIGHTS_DIR / "tiny.safetensors"
-VOCAB_PATH = WEIGHTS_DIR / "tiny_vocab.json"
 INIT_SEED = 0
+SPECIALS = ("<pad>", "<sot>", "<unk>")
+EOT = "<eot>"
 
 
 def tiny_config() -> dict:
     return json.loads(CONFIG_PATH.read_text())
 
 
-def tiny_tokenizer(context_length: int) -> WordTokenizer:
-    if VOCAB_PATH.is_file():
-        return WordTokenizer.from_file(VOCAB_PATH, context_length)
-    from ..world import vocabulary
+def build_tokenizer(words: list[str], context_length: int = 32):
+    """The WordLevel `tokenizers.Tokenizer` of `words`: lower-cased, split on anything but [a-z0-9], unknown
+    words to <unk>, <sot> ... <eot> around at most context_length - 2 words, padded with 0 to context_length."""
+    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
 
-    return WordTokenizer(vocabulary(), context_length)
+    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    eot_id = len(vocab)
+    vocab[EOT] = eot_id
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace(Regex("[^a-z0-9]+"), " ")])
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single=f"<sot> $A {EOT}",
+                                                       special_tokens=[("<sot>", 1), (EOT, eot_id)])
+    tok.enable_truncation(max_length=context_length)
+    tok.enable_padding(length=context_length, pad_id=0, pad_token="<pad>")
+    return tok
 
 
-def build_tiny_model(tokenizer: WordTokenizer, seed: int = INIT_SEED):
+class TinyTokenizer:
+    """texts -> (B, context_length) int64 ids through the shipped `tokenizer.json`."""
+
+    def __init__(self, path: str | Path = TOKENIZER_PATH):
+        from tokenizers import Tokenizer
+
+        self.path = Path(path)
+        self.tokenizer = Tokenizer.from_file(str(self.path))
+        self.context_length = int(self.tokenizer.truncation["max_length"])
+        self.vocab_size = self.tokenizer.get_vocab_size()
+        self.eot_id = self.tokenizer.token_to_id(EOT)
+
+    def get_vocab(self) -> dict[str, int]:
+        return self.tokenizer.get_vocab()
+
+    def __call__(self, texts: list[str] | str) -> torch.Tensor:
+        if isinstance(texts, str):
+            texts = [texts]
+        enc = self.tokenizer.encode_batch([str(t) for t in texts])
+        if not enc:
+            return torch.zeros(0, self.context_length, dtype=torch.long)
+        return torch.tensor([e.ids for e in enc], dtype=torch.long)
+
+
+def tiny_tokenizer() -> TinyTokenizer:
+    return TinyTokenizer(TOKENIZER_PATH)
+
+
+def build_tiny_model(tokenizer: TinyTokenizer, seed: int = INIT_SEED):
     from open_clip.model import CLIP
 
     cfg = tiny_config()
@@ -59,13 +104,13 @@ class TinyBackbone(OpenClipBackbone):
         return shortest_edge_transform(self.image_size, self.mean, self.std, pre.interpolation)
 
     def tokenizer_files(self):
-        return {"tokenizer.json": self._tokenizer.to_json()}
+        return {"tokenizer.json": self._tokenizer.path.read_bytes()}
 
 
 def load_tiny(spec: str = "tiny", device: str | None = None) -> TinyBackbone:
     _, _, weights = spec.partition("@")
     cfg = tiny_config()
-    tok = tiny_tokenizer(cfg["text_cfg"]["context_length"])
+    tok = tiny_tokenizer()
     model = build_tiny_model(tok)
     if weights == "random":
         pass
