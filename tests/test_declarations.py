@@ -85,12 +85,12 @@ def test_router_text_from_the_task_declaration(plugin):
     assert _texts(labelled, meta) == ["a photo of a dog", "a photo of a cat"]
 
 
-def test_default_predict_is_the_image_text_score():
+def test_default_answer_is_the_image_text_score():
     bb = vlkit.load_backbone("tiny@random")
     task = registry("task").get("retrieval")(bb, None)
     pixels = torch.zeros(1, 3, bb.image_size, bb.image_size)
     tokens = bb.tokenize(["a red square"])
-    out = task.predict(bb, pixels, tokens)
+    out = task.answer(bb, pixels, tokens)
     with torch.no_grad():
         ref = float(bb.logit_scale) * float((bb.encode_image(pixels, normalize=True)
                                              * bb.encode_text(tokens, normalize=True)).sum())

@@ -1,5 +1,8 @@
 """Adapter directories: `adapter_config.json` + `adapter_model.safetensors` (adapter weights only).
 
+The names follow PEFT's, the schema is vlkit's own: `format` is "vlkit.adapter" and `format_note` says plainly
+that PEFT cannot read the directory as is.
+
 Loading checks format, variant, backbone fingerprint and every tensor's name and shape before anything
 is copied; only safetensors are read. Writes are atomic (temporary file, then rename).
 """
@@ -20,6 +23,9 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT = "vlkit.adapter"
 FORMAT_VERSION = 1
+# the file names are PEFT's, the schema is not: say so in the file itself
+FORMAT_NOTE = ("a vlkit adapter: PEFT's file names, vlkit's own schema (adapter_config.json is not a PEFT "
+               "config); load it with vlkit.load_adapter")
 
 
 def adapter_config(backbone, name: str, task: dict | None = None, extra: dict | None = None) -> dict[str, Any]:
@@ -31,6 +37,7 @@ def adapter_config(backbone, name: str, task: dict | None = None, extra: dict | 
     cfg = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
+        "format_note": FORMAT_NOTE,
         "vlkit_version": __version__,
         "name": name,
         "variant": record.variant,

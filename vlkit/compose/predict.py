@@ -30,10 +30,10 @@ def load_task(backbone, meta: dict[str, Any] | None, head: Path | None = None):
 
 
 def _answer(backbone, task, pixels: torch.Tensor, tokens: torch.Tensor | None, top: int) -> dict[str, Any]:
-    """The task's own prediction (`Task.predict`); without a task, the image-text score when a text is given."""
+    """The task's own prediction (`Task.answer`); without a task, the image-text score when a text is given."""
     with torch.no_grad():
         if task is not None:
-            return task.predict(backbone, pixels, tokens, top)
+            return task.answer(backbone, pixels, tokens, top)
         out: dict[str, Any] = {"task": None}
         if tokens is not None:
             img = backbone.encode_image(pixels, normalize=True)

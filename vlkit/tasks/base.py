@@ -27,7 +27,7 @@ class Task(ABC):
     - `exportable`: `vlkit export --task NAME` writes this task's classifier graph. An exportable task has
       `logits(backbone, pixels) -> (B, C)`, `class_names`, `prompt`, `prompts`, `head_kind` ("text": logits
       are `logit_scale * image @ class_embeddings(backbone).T`) and `class_embeddings(backbone)`;
-    - `predict(backbone, pixels, tokens, top)`: one input's answer for `vlkit compose run`.
+    - `answer(backbone, pixels, tokens, top)`: one input's answer for `vlkit compose run`.
     """
 
     name: str = ""
@@ -71,7 +71,7 @@ class Task(ABC):
         """Draw on a `vlkit data show` thumbnail (a PIL ImageDraw; `scale` maps image pixels to it)."""
         return None
 
-    def predict(self, backbone, pixels: torch.Tensor, tokens: torch.Tensor | None, top: int = 3) -> dict[str, Any]:
+    def answer(self, backbone, pixels: torch.Tensor, tokens: torch.Tensor | None, top: int = 3) -> dict[str, Any]:
         """The answer for one input (`pixels` (1, 3, S, S), `tokens` (1, L) or None) for `vlkit compose run`.
         The default is the image-text score when a text is given."""
         out: dict[str, Any] = {"task": self.name}

@@ -91,7 +91,7 @@ class ClassificationTask(Task):
         names = list(getattr(feat, "names", None) or options["class_names"])
         return [options["prompt"].format(v if isinstance(v, str) else names[int(v)]) for v in ds["label"]]
 
-    def predict(self, backbone, pixels: torch.Tensor, tokens: torch.Tensor | None, top: int = 3) -> dict[str, Any]:
+    def answer(self, backbone, pixels: torch.Tensor, tokens: torch.Tensor | None, top: int = 3) -> dict[str, Any]:
         probs = self.logits(backbone, pixels).float().softmax(-1)[0]
         v, i = probs.topk(min(top, len(probs)))
         return {"task": self.name, "top": [{"class": self.class_names[j], "p": round(float(p), 4)}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 EPS = 1e-7
+GIOU_EPS = 1e-12  # torchvision adds eps to union and hull; a float32-invisible one keeps GIoU exact
 
 
 # --- classification -----------------------------------------------------------------------------
@@ -94,45 +95,36 @@ def string_keys(texts: list[str]) -> tuple[torch.Tensor, list[str]]:
     return torch.tensor(keys, dtype=torch.long), list(index)
 
 
-# --- boxes --------------------------------------------------------------------------------------
+# --- boxes (torchvision.ops; boxes are (..., 4), normalised to [0, 1]) -------------------------------
 def cxcywh_to_xyxy(b: torch.Tensor) -> torch.Tensor:
-    cx, cy, w, h = b.unbind(-1)
-    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
+    from torchvision.ops import box_convert
+
+    return box_convert(b, "cxcywh", "xyxy")
 
 
 def xyxy_to_cxcywh(b: torch.Tensor) -> torch.Tensor:
-    x0, y0, x1, y1 = b.unbind(-1)
-    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
+    from torchvision.ops import box_convert
 
-
-def box_area(b: torch.Tensor) -> torch.Tensor:
-    return (b[..., 2] - b[..., 0]).clamp(min=0) * (b[..., 3] - b[..., 1]).clamp(min=0)
-
-
-def _inter_union(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    lt = torch.maximum(a[..., :2], b[..., :2])
-    rb = torch.minimum(a[..., 2:], b[..., 2:])
-    wh = (rb - lt).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    union = box_area(a) + box_area(b) - inter
-    return inter, union
+    return box_convert(b, "xyxy", "cxcywh")
 
 
 def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """IoU of paired boxes (..., 4) x (..., 4) -> (...). Degenerate pairs (zero union) give 0."""
-    inter, union = _inter_union(a, b)
+    """IoU of paired boxes (..., 4) x (..., 4) -> (...): the paired (diagonal) form of the all-pairs
+    `torchvision.ops.box_iou`, without its N x N matrix. Degenerate pairs (zero union) give 0."""
+    from torchvision.ops import box_area
+
+    lt = torch.maximum(a[..., :2], b[..., :2])
+    rb = torch.minimum(a[..., 2:], b[..., 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    union = box_area(a.reshape(-1, 4)).reshape(inter.shape) + box_area(b.reshape(-1, 4)).reshape(inter.shape) - inter
     return torch.where(union > 0, inter / union.clamp(min=EPS), torch.zeros_like(union))
 
 
 def generalized_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """GIoU of paired boxes: IoU - (hull area - union) / hull area, in [-1, 1] (Rezatofighi et al. 2019)."""
-    inter, union = _inter_union(a, b)
-    iou = inter / union.clamp(min=EPS)
-    lt = torch.minimum(a[..., :2], b[..., :2])
-    rb = torch.maximum(a[..., 2:], b[..., 2:])
-    wh = (rb - lt).clamp(min=0)
-    hull = wh[..., 0] * wh[..., 1]
-    return iou - (hull - union) / hull.clamp(min=EPS)
+    """GIoU of paired boxes, in [-1, 1] (Rezatofighi et al. 2019): 1 - `torchvision.ops.generalized_box_iou_loss`."""
+    from torchvision.ops import generalized_box_iou_loss
+
+    return 1.0 - generalized_box_iou_loss(a, b, reduction="none", eps=GIOU_EPS)
 
 
 def iou_accuracy(iou: torch.Tensor, threshold: float = 0.5) -> float:

@@ -85,7 +85,7 @@ class VqaTask(Task):
     text_column = "question"
     show_columns = ("question", "answer", "answer_type")
 
-    def predict(self, backbone, pixels: torch.Tensor, tokens: torch.Tensor | None, top: int = 3) -> dict[str, Any]:
+    def answer(self, backbone, pixels: torch.Tensor, tokens: torch.Tensor | None, top: int = 3) -> dict[str, Any]:
         if tokens is None:
             raise ConfigError("this adapter answers questions: give the question with --text")
         probs = self.logits(backbone, pixels, tokens).float().softmax(-1)[0]

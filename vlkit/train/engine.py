@@ -39,18 +39,14 @@ class _TrainModule(nn.Module):
         return self._tasks[job].loss(self.backbone, batch)
 
 
-def _scheduler(optimizer, kind: str, warmup: int, total: int):
-    def factor(step: int) -> float:
-        if warmup > 0 and step < warmup:
-            return (step + 1) / warmup
-        if kind == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        if kind == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
+SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+def _scheduler(optimizer, kind: str, warmup: int, total: int):
+    """The standard warmup schedules of `transformers.get_scheduler` (a LambdaLR, so checkpoints resume it)."""
+    from transformers.optimization import get_scheduler
+
+    return get_scheduler(SCHEDULERS[kind], optimizer, num_warmup_steps=warmup, num_training_steps=max(total, 1))
 
 
 def _accelerator(cfg, find_unused: bool = False):
