@@ -348,3 +348,22 @@ def test_training_vpt_reduces_the_loss(tmp_path):
     assert len(losses) == 6 and losses[-1] < losses[0]
     rec = vlkit.load_adapter(vlkit.load_backbone("tiny"), tmp_path / "run")
     assert rec.variant == "vpt"
+
+
+def test_prompts_under_a_joint_fusion_adapter(make_backbone, sample_inputs):
+    """Cross-modal (joint) layers inside prompted blocks read the text mask grown by the prompt tokens."""
+    bb = make_backbone("tiny")
+    pixels, tokens = sample_inputs(bb)
+    vlkit.inject(bb, "fusion", name="f")
+    vlkit.inject(bb, "vpt", name="p")
+    _perturb(bb, "f")
+    with torch.no_grad():
+        bb.set_active("f")
+        fused = bb.encode_pair(pixels, tokens)
+        bb.set_active("f", "p")
+        both = bb.encode_pair(pixels, tokens)
+        bb.set_active("p", "f")
+        again = bb.encode_pair(pixels, tokens)
+    assert both[0].shape == fused[0].shape and both[1].shape == fused[1].shape
+    assert not torch.allclose(both[1], fused[1])
+    assert torch.equal(both[0], again[0]) and torch.equal(both[1], again[1])  # order of the two does not matter

@@ -118,11 +118,16 @@ class FusionLayer(nn.Module):
         ctx = self._state.context if self._state is not None else {}
         mode = ctx.get("fusion")
         if mode == "record":
-            ctx["states"][(self.tower, self.layer, self.role)] = h
+            key = (self.tower, self.layer, self.role)
+            ctx["states"][key] = h
+            # the mask in effect now: prompt (sequence) adapters may have made this block's sequence longer
+            ctx.setdefault("state_masks", {})[key] = ctx.get("masks", {}).get(self.tower)
         elif mode == "fuse":
-            c = ctx["states"].get((self.other, self.ctx_layer, self.role))
+            key = (self.other, self.ctx_layer, self.role)
+            c = ctx["states"].get(key)
             if c is not None:
-                h = h + torch.tanh(self.gate) * self.cross(h, c, ctx.get("masks", {}).get(self.other))
+                mask = ctx.get("state_masks", {}).get(key, ctx.get("masks", {}).get(self.other))
+                h = h + torch.tanh(self.gate) * self.cross(h, c, mask)
         return y + self.up(h)
 
 

@@ -113,10 +113,11 @@ class AdaptedSequence(AdapterHost):
     """A transformer block whose input sequence active sequence adapters add tokens to (see the module doc)."""
 
     def __init__(self, base: nn.Module, state: AdapterState, layout: SequenceLayout, carry: TowerCarry,
-                 first: bool, last: bool):
+                 first: bool, last: bool, tower: str = ""):
         super().__init__(base, state)
         object.__setattr__(self, "layout", layout)
         object.__setattr__(self, "carry", carry)
+        self.tower = tower
         self.first = first
         self.last = last
         carry.hosts.append(self)
@@ -208,7 +209,15 @@ class AdaptedSequence(AdapterHost):
                                   hint="use the model's sdpa or eager attention")
             args, kwargs = self._put(args, kwargs, lay.mask_arg, lay.mask_index,
                                      grow_mask(mask, at, n, lay.causal))
-        out = self.base(*args, **kwargs)
+        masks = self._state.context.get("masks")
+        valid = masks.get(self.tower) if isinstance(masks, dict) else None
+        if valid is not None:  # joint (cross-modal) layers inside the block read this tower's valid-token mask
+            masks[self.tower] = torch.cat([valid[:, :at], valid.new_ones(valid.shape[0], n), valid[:, at:]], dim=1)
+        try:
+            out = self.base(*args, **kwargs)
+        finally:
+            if valid is not None:
+                masks[self.tower] = valid
         y = out[0] if isinstance(out, tuple) else out
         yb = y if lay.batch_first else y.transpose(0, 1)
         real = torch.cat([yb[:, :at], yb[:, at + n:]], dim=1)
@@ -241,7 +250,8 @@ def sequence_host(backbone, site: Site) -> AdaptedSequence:
             continue
         if isinstance(mod, AdapterHost):
             raise ConfigError(f"block {block.path} is already wrapped by a {type(mod).__name__}")
-        host = AdaptedSequence(mod, backbone.adapter_state, layout, carry, first=k == 0, last=k == len(blocks) - 1)
+        host = AdaptedSequence(mod, backbone.adapter_state, layout, carry, first=k == 0, last=k == len(blocks) - 1,
+                               tower=site.tower)
         set_module(backbone.model, block.path, host)
     return resolve_module(backbone.model, site.host_path)
 
