@@ -97,7 +97,8 @@ def main() -> None:
     from vlkit.cli.output import console
     from vlkit.probe import run_probe
     from vlkit.probe.base import public_result
-    from vlkit.probe.report import plot_result, print_report, write_result_file
+    from vlkit.cli.probe_tables import print_report
+    from vlkit.probe.report import plot_result, write_result_file
 
     out = Path(args.out)
     adapter = train_relation_adapter(args.backbone, out, args.pairs, args.steps, args.batch_pairs, args.lr,

@@ -29,24 +29,6 @@ def _accepted(fn: Callable) -> tuple[set[str], bool]:
     return {p.name for p in params}, any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
-def _progress_factory(console, enabled: bool):
-    """progress(total) -> advance(k), drawing a transient bar on stderr; and the context to close it."""
-    from contextlib import nullcontext
-
-    if not enabled or not console.is_terminal:
-        return None, nullcontext()
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn("[bold]probe"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                   TimeRemainingColumn(), console=console, transient=True)
-
-    def start(total: int):
-        task = bar.add_task("probe", total=total)
-        return lambda k: bar.advance(task, k)
-
-    return start, bar
-
-
 def register(cli: typer.Typer) -> None:
     @cli.command("probe")
     def probe_cmd(
@@ -108,7 +90,9 @@ def register(cli: typer.Typer) -> None:
         datasets.disable_progress_bars()
         from ..backbones.loading import load_backbone
         from ..probe.base import get_probe, public_result
-        from ..probe.report import plot_result, print_report, write_result_file, write_scores_file
+        from ..probe.report import plot_result, write_result_file, write_scores_file
+        from .probe_tables import print_report
+        from .progress import count_progress
         from ..probe.systems import resolve_systems
 
         probe = get_probe(name)
@@ -124,7 +108,7 @@ def register(cli: typer.Typer) -> None:
             if key not in named and not var_kw:
                 raise ConfigError(f"probe {name!r} has no option {key.replace('_', '-')!r}")
             options[key] = value
-        start, bar = _progress_factory(console, not no_progress)
+        start, bar = count_progress(console, not no_progress)
         if start is not None and "progress" in named:
             options["progress"] = start
         with bar:

@@ -1,4 +1,4 @@
-"""Training progress on stderr: the library reports events through a callback, this draws them with rich."""
+"""Progress on stderr, drawn with rich: the library reports through callbacks (training events, probe counts)."""
 from __future__ import annotations
 
 from typing import Any
@@ -37,3 +37,21 @@ class TrainProgress:
         if self.bar is not None:
             self.bar.stop()
             self.bar = None
+
+
+def count_progress(console, enabled: bool, label: str = "probe"):
+    """progress(total) -> advance(k), drawing a transient bar on stderr; and the context to close it (probes)."""
+    from contextlib import nullcontext
+
+    if not enabled or not console.is_terminal:
+        return None, nullcontext()
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn(f"[bold]{label}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TimeRemainingColumn(), console=console, transient=True)
+
+    def start(total: int):
+        task = bar.add_task(label, total=total)
+        return lambda k: bar.advance(task, k)
+
+    return start, bar
