@@ -297,3 +297,46 @@ def test_other_backbones_fp16_and_tokenizer(make_backbone, backbone_specs, tmp_p
                      options=ExportOptions(fp16=True, seed=0))
     assert s["passed"] and s["merged"] == ["l"] and s["max_abs_diff"]["fp32"] < 1e-4
     assert s["manifest"]["tokenizer"]["files"] and (out / "tokenizer" / s["manifest"]["tokenizer"]["files"][0]).is_file()
+
+
+def test_tokenizer_shipped_as_is_and_loads_without_vlkit(classifier_export):
+    """The tiny tokenizer.json is copied byte for byte; `tokenizers` alone gives the backbone's ids."""
+    from tokenizers import Tokenizer
+
+    from vlkit.world.tiny import TOKENIZER_PATH
+
+    out, _ = classifier_export
+    shipped = out / "tokenizer" / "tokenizer.json"
+    assert shipped.read_bytes() == TOKENIZER_PATH.read_bytes()
+    bb = vlkit.load_backbone(SPEC)
+    texts = ["a red circle left of a blue square", "Zebra?", ""]
+    ids = [e.ids for e in Tokenizer.from_file(str(shipped)).encode_batch(texts)]
+    assert ids == bb.tokenize(texts).tolist()
+
+
+def test_verification_texts_come_from_the_backbones_vocabulary():
+    from vlkit.export.api import _random_texts, vocabulary_words
+
+    bb = vlkit.load_backbone(SPEC)
+    words = vocabulary_words(bb)
+    vocab = bb._tokenizer.get_vocab()
+    assert words and all(vocab[w] >= 3 for w in words) and not any(w.startswith("<") for w in words)
+    texts = _random_texts(bb, 5, seed=1)
+    assert len(texts) == 5 and all(set(t.split()) <= set(words) for t in texts)
+    assert _random_texts(bb, 5, seed=1) == texts
+
+    class NoVocab:  # a tokenizer that exposes no vocabulary: random letters
+        pass
+
+    class Other:
+        _tokenizer = NoVocab()
+
+    assert all(t.replace(" ", "").isalpha() for t in _random_texts(Other(), 3, seed=0))
+
+
+def test_unknown_domain_fails_before_loading(tmp_path):
+    from vlkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown world domain 'mars'; domains: photo, medical"):
+        export_model(tmp_path / "out", backbone="no-such-backbone", domain="mars")
+    assert not (tmp_path / "out").exists()

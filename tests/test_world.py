@@ -391,3 +391,23 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
         with pytest.raises(SystemExit) as exc:
             main(argv)
         assert exc.value.code == 2
+
+
+def test_world_is_a_plugin_whose_kind_carries_what_the_rest_needs():
+    """The world registers through the hooks; tasks, `vlkit data`, adapt and export read it from the registry."""
+    from vlkit.data.kinds import domain_defaults, kind_domains, kind_meta
+    from vlkit.plugins import registry
+    from vlkit.tasks.classification import default_prompt
+    from vlkit.tasks.vqa import default_answers
+
+    for kind, name in (("dataset", "world"), ("backbone", "tiny"), ("probe", "synth-attribute-swap"),
+                       ("probe", "synth-relation-swap")):
+        assert registry(kind).entry(name).plugin == "vlkit.world.plugin"
+    assert kind_domains("world") == world.DOMAINS and tuple(kind_meta("world")["tasks"]) == world.TASKS
+    assert domain_defaults("medical") == {"class_names": world.class_names("medical"),
+                                          "prompt": world.class_prompt("medical"),
+                                          "answers": world.answer_set("medical")}
+    assert domain_defaults("mars") is None
+    ds = world.generate("satellite", "classification", 4, seed=0)
+    assert default_prompt(ds) == world.class_prompt("satellite")
+    assert default_answers(world.generate("sketch", "vqa", 4, seed=0)) == world.answer_set("sketch")
