@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 import typer
 
+from ..errors import ConfigError
 from .output import console, print_json, table
 
 data_app = typer.Typer(
@@ -17,20 +18,12 @@ data_app = typer.Typer(
     add_completion=False,
 )
 
-_TEXT_COLUMNS = {  # what `show` prints per task, after the index
-    "classification": ("label_name", "caption"),
-    "retrieval": ("caption",),
-    "vqa": ("question", "answer", "answer_type"),
-    "grounding": ("expression", "box"),
-    "winoground": ("tag", "collapsed_tag", "caption_0", "caption_1"),
-}
-
-
 @data_app.command("generate")
 def generate_cmd(
     domain: str = typer.Option("photo", "--domain", help="photo, medical, satellite or sketch."),
-    task: str = typer.Option("classification", "--task",
-                             help="classification, retrieval, vqa, grounding or winoground."),
+    task: Optional[str] = typer.Option(None, "--task",
+                                       help="A task the world generates: classification (default), retrieval, "
+                                            "vqa, grounding or winoground."),
     n: int = typer.Option(1000, "-n", "--n", help="Number of examples (pairs for winoground)."),
     seed: int = typer.Option(0, "--seed", help="Seed; the same seed gives the same bytes."),
     image_size: int = typer.Option(64, "--image-size", help="Image side in pixels."),
@@ -41,6 +34,9 @@ def generate_cmd(
     import time
 
     world = _world_kind()
+    from ..data.kinds import kind_meta
+
+    task = task or (kind_meta(WORLD_KIND).get("tasks") or [None])[0]
     world["check"](domain, task, n, seed, image_size)
     t0 = time.perf_counter()
     ds = world["generate"](domain, task, n, seed=seed, image_size=image_size)
@@ -72,23 +68,55 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def _task_of(directory: Path, manifest: Path, columns: list[str]) -> str:
+def _declared(name: str):
+    """The registered task or probe called `name` (what it declares: required and show columns), or None."""
+    from ..plugins import registry
+
+    for kind in ("task", "probe"):
+        if name in registry(kind):
+            return registry(kind).get(name)
+    return None
+
+
+def _task_of(directory: Path, columns: list[str]) -> str:
+    """The task a generated folder was written for (its world.json), else the registered task or probe whose
+    required columns the data has, the most specific first (registration order breaks ties)."""
     import json
+
+    from ..plugins import registry
 
     info_path = directory / "world.json"
     if info_path.is_file():
         try:
             task = json.loads(info_path.read_text(encoding="utf-8")).get("task")
-            if task in _TEXT_COLUMNS:
+            if isinstance(task, str) and _declared(task) is not None:
                 return task
         except ValueError:
             pass
-    if manifest.name == "examples.jsonl":
-        return "winoground"
-    for task in ("vqa", "grounding", "classification"):
-        if _TEXT_COLUMNS[task][0] in columns or (task == "classification" and "label" in columns):
-            return task
-    return "retrieval"
+    best, size = None, -1
+    for kind in ("task", "probe"):
+        for entry in registry(kind):
+            need = tuple(getattr(entry.obj, "required", ()) or ())
+            if need and all(c in columns for c in need) and len(need) > size:
+                best, size = entry.name, len(need)
+    if best is None:
+        raise ConfigError(f"{directory}: no registered task reads columns {', '.join(columns)}")
+    return best
+
+
+def _label_names(ds, directory: Path) -> dict[str, list[str]]:
+    """Names of the ClassLabel columns of `ds` (world.json's class_names for a plain integer `label`)."""
+    import json
+
+    out = {c: list(f.names) for c, f in ds.features.items() if hasattr(f, "names") and f.names}
+    if "label" in ds.column_names and "label" not in out and (directory / "world.json").is_file():
+        try:
+            names = json.loads((directory / "world.json").read_text(encoding="utf-8")).get("class_names")
+        except ValueError:
+            names = None
+        if names:
+            out["label"] = list(names)
+    return out
 
 
 @data_app.command("show")
@@ -99,50 +127,39 @@ def show_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the shown examples as JSON on stdout."),
 ) -> None:
     """Print a few examples (table on stderr) and write a contact sheet PNG."""
-    import json
-
     from PIL import ImageDraw
-
-    from ..errors import ConfigError
 
     if count < 1:
         raise ConfigError(f"--count must be at least 1, got {count}")
     world = _world_kind()
-    manifest = world["find_manifest"](directory)
-    task = _task_of(directory, manifest, [])
-    names: list[str] = []
-    if task == "classification" and (directory / "world.json").is_file():
-        try:
-            names = json.loads((directory / "world.json").read_text(encoding="utf-8")).get("class_names") or []
-        except ValueError:
-            names = []
+    world["find_manifest"](directory)
     ds = world["read"](directory)
+    task = _task_of(directory, ds.column_names)
+    declared = _declared(task)
+    names = _label_names(ds, directory)
     rows = [ds[i] for i in range(min(count, len(ds)))]
-    cols = [c for c in _TEXT_COLUMNS[task] if c in ds.column_names or c == "label_name"]
+    wanted = tuple(getattr(declared, "show_columns", ()) or ())
+    cols = [c for c in wanted if c in ds.column_names or (c.endswith("_name") and c[:-5] in names)]
+    image_cols = [c for c in ds.column_names if c == "image" or c.startswith("image_")]
+    annotate = getattr(declared, "annotate", None)
     records, images, captions = [], [], []
     for i, row in enumerate(rows):
-        if task == "classification" and "label" in row:
-            label = row["label"]
-            row["label_name"] = names[label] if 0 <= label < len(names) else str(label)
+        for col, labels in names.items():
+            v = row.get(col)
+            if isinstance(v, int) and not isinstance(v, bool):
+                row[f"{col}_name"] = labels[v] if 0 <= v < len(labels) else str(v)
         records.append({c: row.get(c) for c in cols})
-        if task == "winoground":
-            images += [row["image_0"], row["image_1"]]
-            captions += [f"{row['id']}a: {row['caption_0']}", f"{row['id']}b: {row['caption_1']}"]
-            continue
-        im = row["image"].convert("RGB")
-        if task == "grounding":  # outline the target box
-            im = im.resize((im.width * 2, im.height * 2))
-            x0, y0, x1, y1 = (v * im.width for v in row["box"])
-            ImageDraw.Draw(im).rectangle((x0, y0, x1, y1), outline=(255, 0, 255), width=2)
-            text = row["expression"]
-        elif task == "vqa":
-            text = f"Q: {row['question']} A: {row['answer']}"
-        elif task == "classification":
-            text = f"[{row['label_name']}] {row['caption']}"
-        else:
-            text = row["caption"]
-        images.append(im)
-        captions.append(text)
+        for col in image_cols:
+            im = row[col].convert("RGB")
+            if annotate is not None and len(image_cols) == 1:
+                im = im.resize((im.width * 2, im.height * 2))
+                annotate(ImageDraw.Draw(im), row, float(im.width))
+            suffix = col[len("image"):]
+            text_cols = [c for c in cols if c.endswith(suffix)] if suffix else cols
+            text = " · ".join(_cell(row[c]) for c in text_cols if row.get(c) is not None)
+            label = f"{row.get('id', i)}{'ab'[int(suffix[1:]) % 2] if suffix[1:].isdigit() else ''}"
+            images.append(im)
+            captions.append(f"{label}: {text}" if suffix else text)
     sheet = world["contact_sheet"](images, captions, out or directory / "contact_sheet.png",
                                  columns=4)
     console.print(table(f"{directory} ({task}, {len(ds)} examples)", ["#", *cols],

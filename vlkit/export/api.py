@@ -27,7 +27,6 @@ from ..errors import ConfigError, ExportError, VlkitError
 from .base import Evaluation, ExportOptions, ExportRequest, ExportResult, GraphSpec
 from ..data.pipeline import materialize
 
-TASKS = ("classification",)
 WORLD_KIND = "world"  # the dataset kind `--domain` names a domain of (evaluated on when no other eval set is known)
 DEFAULT_DOMAIN = "photo"
 BATCH = 64  # chunk size for references and eval-set passes
@@ -70,26 +69,29 @@ def _random_texts(backbone, n: int, seed: int) -> list[str]:
     return [" ".join(rng.choice(words, size=int(rng.integers(1, 12)))) for _ in range(n)]
 
 
-def eval_dataset(spec: str | None, recipe: dict | None, domain: str, n: int, seed: int = 1000):
-    """The classification eval set: `spec` if given, else the recipe's (when it is classification),
+def eval_dataset(spec: str | None, recipe: dict | None, domain: str, n: int, seed: int = 1000,
+                 task: str | None = None):
+    """The eval set of exportable `task`: `spec` if given, else the recipe's (when it trained that task),
     else `n` examples of the world data kind's `domain` (seed 1000, as the shipped recipes use for eval)."""
     from ..data.api import load_data, parse_data_spec
+    from .model import exportable_tasks
 
-    world_spec = {"kind": WORLD_KIND, "domain": domain, "task": "classification", "n": n, "seed": seed}
+    task = task or exportable_tasks()[0]
+    world_spec = {"kind": WORLD_KIND, "domain": domain, "task": task, "n": n, "seed": seed}
     source: Any = spec
-    if source is None and recipe and recipe.get("task") == "classification":
+    if source is None and recipe and recipe.get("task") == task:
         source = recipe.get("data", {}).get("eval")
     parsed = parse_data_spec(source if source is not None else world_spec)
     if parsed.get("kind") == WORLD_KIND:
         parsed["n"] = min(int(parsed.get("n") or n), n)
-        parsed.setdefault("task", "classification")
+        parsed.setdefault("task", task)
     try:
-        ds = load_data(parsed, task="classification")
+        ds = load_data(parsed, task=task)
     except VlkitError:
         if spec is not None or source is None:
             raise
         parsed = dict(world_spec)  # the recipe's eval data is not on this machine: the world's, for the domain
-        ds = load_data(parsed, task="classification")
+        ds = load_data(parsed, task=task)
     label = spec if isinstance(spec, str) else ", ".join(f"{k}={v}" for k, v in parsed.items() if k != "task")
     if len(ds) > n:
         ds = ds.select(range(n))
@@ -260,15 +262,16 @@ def export_model(out: str | Path, *, backbone: str | None = None, adapters: list
     from .. import load_backbone
     from ..data.kinds import kind_domains
     from ..io import write_json
-    from .model import (build_classification, load_sources, merge_where_possible, read_source, recipe_data,
-                        recipe_domain, task_source, unmerged)
+    from .model import (build_task, exportable_tasks, load_sources, merge_where_possible, read_source,
+                        recipe_data, recipe_domain, task_source, unmerged)
 
     options = options or ExportOptions()
     if options.seed is None:
         options = dataclasses.replace(options, seed=secrets.randbelow(2**31))
     exporter = get_exporter(target)
-    if task is not None and task not in TASKS:
-        raise ConfigError(f"--task {task!r} cannot be exported; tasks: {', '.join(TASKS)}")
+    exportable = exportable_tasks()
+    if task is not None and task not in exportable:
+        raise ConfigError(f"--task {task!r} cannot be exported; tasks: {', '.join(exportable) or 'none registered'}")
     if domain is not None:  # cheap check before loading anything (the world loader checks again)
         known = kind_domains(WORLD_KIND)
         if known is not None and domain not in known:
@@ -290,10 +293,14 @@ def export_model(out: str | Path, *, backbone: str | None = None, adapters: list
     meta, meta_dir = task_source(loaded["task_dirs"])
     recipe = recipe_data(loaded["task_dirs"])
     dom = domain or recipe_domain(recipe, WORLD_KIND) or DEFAULT_DOMAIN
-    ds, label = eval_dataset(eval_data, recipe, dom, eval_n)
+    eval_task = task or ((meta or {}).get("name") if (meta or {}).get("name") in exportable else None)
+    eval_task = eval_task or (exportable[0] if exportable else None)
+    if eval_task is None:
+        raise ConfigError("no registered task is exportable (a task declares `exportable = True`)")
+    ds, label = eval_dataset(eval_data, recipe, dom, eval_n, task=eval_task)
     with unmerged(bb, merged), torch.no_grad():
-        zs_task = build_classification(bb, meta, meta_dir, ds, zero_shot=True)
-        the_task = build_classification(bb, meta, meta_dir, ds) if task == "classification" else None
+        zs_task = build_task(bb, eval_task, meta, meta_dir, ds, zero_shot=True)
+        the_task = build_task(bb, eval_task, meta, meta_dir, ds) if task is not None else None
         class_emb = the_task.class_embeddings(bb) if the_task is not None and the_task.head_kind == "text" else None
         data = materialize((the_task or zs_task).prepare(bb, ds))
     joint = bool(getattr(bb, "joint_active", lambda: False)())
@@ -353,7 +360,7 @@ def _summary(request: ExportRequest, result: ExportResult, out: Path, target: st
                           "transform": re.sub(r" at 0x[0-9a-f]+", "", repr(bb.image_transform)),
                           "channel_order": "RGB",
                           "layout": "NCHW", "pixel_scale": "x / 255, then (x - mean) / std"},
-        "task": None if task is None else {"name": "classification", "class_names": task.class_names,
+        "task": None if task is None else {"name": task.name, "class_names": task.class_names,
                                            "prompt": task.prompt, "head": task.head_kind},
         "zero_shot_prompts": used.prompts,
         "graphs": graphs,

@@ -186,27 +186,35 @@ def recipe_domain(recipe: dict[str, Any] | None, kind: str = "world") -> str | N
     return None
 
 
-def build_classification(backbone, meta: dict[str, Any] | None, meta_dir: Path | None, data=None,
-                         zero_shot: bool = False):
-    """The classification task an adapter was trained with (head loaded; class names and prompt from its
-    saved task), or, without saved class names, one whose class names and prompt come from `data` (the eval
-    set: its ClassLabel names, the prompt its dataset kind declares for its domain)."""
+def exportable_tasks() -> list[str]:
+    """Registered tasks that declare `exportable` (see `vlkit.tasks.base.Task`), in registration order."""
     from ..plugins import registry
 
-    cls = registry("task").get("classification")
+    return [e.name for e in registry("task") if getattr(e.obj, "exportable", False)]
+
+
+def build_task(backbone, name: str, meta: dict[str, Any] | None, meta_dir: Path | None, data=None,
+               zero_shot: bool = False):
+    """Exportable task `name` as an adapter was trained with it (head loaded; class names and prompt from its
+    saved task), or, without saved class names, one whose class names and prompt come from `data` (the eval
+    set: its ClassLabel names, the prompt its dataset kind declares for its domain). `zero_shot` applies the
+    task's `zero_shot_options` (classification: the text head)."""
+    from ..plugins import registry
+
+    cls = registry("task").get(name)
     options: dict[str, Any] = {}
-    if meta and meta.get("name") == "classification":
+    if meta and meta.get("name") == name:
         options = {k: v for k, v in (meta.get("options") or {}).items()
                    if k in getattr(cls, "OPTIONS", ()) and v is not None}
     if not options.get("class_names"):
         options = {}  # nothing saved to build on: a zero-shot task over the eval set's classes
     if zero_shot:
-        options["head"] = "text"
+        options.update(getattr(cls, "zero_shot_options", {}))
     task = cls(backbone, None if options.get("class_names") else data, **options)
     if getattr(task, "head_kind", "text") != "text":
         head_file = meta_dir / "head.safetensors" if meta_dir is not None else None
         if head_file is None or not head_file.is_file():
-            raise AdapterFileError(f"the classification task of {meta_dir} has a {task.head_kind} head but no "
+            raise AdapterFileError(f"the {name} task of {meta_dir} has a {task.head_kind} head but no "
                                    "head.safetensors beside it")
         from safetensors.torch import load_file
 

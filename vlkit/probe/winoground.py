@@ -95,6 +95,7 @@ class WinogroundProbe(Probe):
 
     name = "winoground"
     required = ("image_0", "image_1", "caption_0", "caption_1")
+    show_columns = ("tag", "collapsed_tag", "caption_0", "caption_1")
     summary = "Winoground text/image/group scores with tag breakdowns and bootstrap intervals"
     data_help = "synth (default: the embedded world's minimal pairs), hub (facebook/winoground, gated), or DIR"
     default_data = "synth"

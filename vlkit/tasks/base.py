@@ -25,8 +25,10 @@ class Task(ABC):
     - `show_columns`: what `vlkit data show` prints under each image; `annotate` may draw on it;
     - `linear_probe_options`: task options the `linear` method sets (e.g. a trainable head);
     - `exportable`: `vlkit export --task NAME` writes this task's classifier graph. An exportable task has
-      `logits(backbone, pixels) -> (B, C)`, `class_names`, `prompt`, `prompts`, `head_kind` ("text": logits
-      are `logit_scale * image @ class_embeddings(backbone).T`) and `class_embeddings(backbone)`;
+      `logits(backbone, pixels) -> (B, C)`, `predict(backbone, data, batch_size) -> (N,)` class indices,
+      `class_names`, `prompt`, `prompts`, `head_kind` ("text": logits are `logit_scale * image @
+      class_embeddings(backbone).T`), `class_embeddings(backbone)`, and `zero_shot_options` (the options of
+      its zero-shot form, the one export also verifies);
     - `answer(backbone, pixels, tokens, top)`: one input's answer for `vlkit compose run`.
     """
 

@@ -81,6 +81,7 @@ class ClassificationTask(Task):
     linear_probe_options = {"head": "linear"}
     show_columns = ("label_name", "caption")
     exportable = True
+    zero_shot_options = {"head": "text"}
 
     @classmethod
     def input_texts(cls, ds, options: dict[str, Any]) -> list[str | None] | None:
