@@ -7,9 +7,9 @@ from ..hookspecs import hookimpl
 @hookimpl
 def register_adapters(register):
     from .bottleneck import BottleneckVariant
-    from .fusion import FusionVariant
+    from .cross_modal import CrossModalVariant
     from .lora import LoraVariant
     from .vpt import VptVariant
 
-    for variant in (BottleneckVariant(), LoraVariant(), FusionVariant(), VptVariant()):
+    for variant in (BottleneckVariant(), LoraVariant(), CrossModalVariant(), VptVariant()):
         register(variant.name, variant, variant.summary)

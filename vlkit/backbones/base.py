@@ -234,11 +234,11 @@ class Backbone(nn.Module, metaclass=ABCMeta):
             return self.encode_image(pixels, normalize=normalize), self.encode_text(tokens, normalize=normalize)
         st = self.adapter_state
         saved = st.context
-        st.context = {"fusion": "record", "states": {}, "masks": {"text": self.text_valid_mask(tokens)}}
+        st.context = {"joint": "record", "states": {}, "masks": {"text": self.text_valid_mask(tokens)}}
         try:
             self.encode_image(pixels)
             self.encode_text(tokens)
-            st.context["fusion"] = "fuse"
+            st.context["joint"] = "fuse"
             img = self.encode_image(pixels, normalize=normalize)
             txt = self.encode_text(tokens, normalize=normalize)
         finally:

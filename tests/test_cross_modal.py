@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import vlkit
-from vlkit.adapters.fusion import relative_depth_pairs
+from vlkit.adapters.cross_modal import relative_depth_pairs
 from vlkit.errors import ConfigError
 from vlkit.scoring import pair_scores, two_stage_scores
 

@@ -30,7 +30,7 @@ GATE_INIT = 0.5
 
 
 @dataclass
-class FusionConfig(BottleneckShapeConfig):
+class CrossModalConfig(BottleneckShapeConfig):
     placement: str = "mlp"
     mechanism: str = "attention"
     gate: str = "scalar"
@@ -73,11 +73,11 @@ def _vision_for_text(pairs: list[list[int]], text_layers: list[int]) -> dict[int
     return out
 
 
-class FusionLayer(nn.Module):
+class CrossModalLayer(nn.Module):
     """Bottleneck whose hidden tokens h are fused with the other tower's hidden tokens at the paired layer."""
 
     def __init__(self, tower: str, layer: int, role: str, width: int, ctx_layer: int, hidden: int,
-                 config: FusionConfig):
+                 config: CrossModalConfig):
         super().__init__()
         self.tower, self.layer, self.role, self.ctx_layer = tower, layer, role, ctx_layer
         self.other = "text" if tower == "vision" else "vision"
@@ -116,7 +116,7 @@ class FusionLayer(nn.Module):
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         h = self.act(self.down(y))
         ctx = self._state.context if self._state is not None else {}
-        mode = ctx.get("fusion")
+        mode = ctx.get("joint")
         if mode == "record":
             key = (self.tower, self.layer, self.role)
             ctx["states"][key] = h
@@ -131,18 +131,18 @@ class FusionLayer(nn.Module):
         return y + self.up(h)
 
 
-class FusionVariant(AdapterVariant):
+class CrossModalVariant(AdapterVariant):
     name = "fusion"
     summary = "bottleneck whose hidden tokens attend to / are gated by the other modality (joint scoring)"
-    config_cls = FusionConfig
+    config_cls = CrossModalConfig
     kinds = ("output",)
     joint = True
     shareable = {"half_shared_down": ("down",), "half_shared_up": ("up",)}  # `shared`: the whole layer
 
-    def roles(self, config: FusionConfig) -> tuple[str, ...]:
+    def roles(self, config: CrossModalConfig) -> tuple[str, ...]:
         return PLACEMENTS[config.placement]
 
-    def prepare_config(self, backbone, config: FusionConfig, sites):
+    def prepare_config(self, backbone, config: CrossModalConfig, sites):
         vis = sorted({s.layer for s in sites if s.tower == "vision"})
         txt = sorted({s.layer for s in sites if s.tower == "text"})
         if not vis or not txt:
@@ -157,20 +157,20 @@ class FusionVariant(AdapterVariant):
         config._text_layers = txt
         return config
 
-    def create_layer(self, site, config: FusionConfig, base=None) -> nn.Module:
+    def create_layer(self, site, config: CrossModalConfig, base=None) -> nn.Module:
         txt_layers = getattr(config, "_text_layers", sorted({t for _, t in config.pairing}))
         if site.tower == "vision":
             ctx_layer = _text_for_vision(config.pairing)[site.layer]
         else:
             ctx_layer = _vision_for_text(config.pairing, txt_layers)[site.layer]
-        return FusionLayer(site.tower, site.layer, site.role, site.out_features, ctx_layer,
+        return CrossModalLayer(site.tower, site.layer, site.role, site.out_features, ctx_layer,
                            self.hidden_for(config), config)
 
-    def hidden_for(self, config: FusionConfig) -> int:
+    def hidden_for(self, config: CrossModalConfig) -> int:
         """One bottleneck size for both towers, so each tower's hidden tokens can meet the other's."""
         return config.hidden_size(min(config.widths))
 
-    def plain_equivalent_parameters(self, config: FusionConfig, sites) -> int:
+    def plain_equivalent_parameters(self, config: CrossModalConfig, sites) -> int:
         """Parameters of a plain bottleneck of the same hidden size on the same sites (for the overhead)."""
         r = self.hidden_for(config)
         return sum(2 * s.out_features * r + r + s.out_features for s in sites)
