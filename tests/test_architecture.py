@@ -146,3 +146,44 @@ def test_world_finder_sees_every_form(tmp_path):
     assert sorted(int(line.split(": ", 1)[0].rsplit(":", 1)[1]) for line in found if "a.py" in line) == [
         3, 6, 7, 8, 9]
     assert [line for line in found if "plugins.py" in line] == ["vlkit/plugins.py:2: vlkit.world"]
+
+
+def _third_party_importers(name: str) -> set[str]:
+    """Files under vlkit/ that import the third-party package `name` (module or function level)."""
+    found = set()
+    for f in PKG.rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            mods = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                    else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            if any(m == name or m.startswith(name + ".") for m in mods):
+                found.add(str(f.relative_to(PKG)))
+    return found
+
+
+def test_only_the_cli_uses_rich():
+    outside = sorted(f for f in _third_party_importers("rich") if not f.startswith("cli/"))
+    assert outside == [], f"library modules import rich (progress goes through callbacks): {outside}"
+
+
+def test_task_and_variant_names_stay_in_their_own_modules():
+    """No built-in task or variant name is written as a string outside the module that defines it (and the
+    built-in registration, the recipe defaults and the world plugin, which name what they register)."""
+    import vlkit  # noqa: F401
+    from vlkit.plugins import PluginSystem
+
+    system = PluginSystem(load_entry_points=False)
+    owners = {}
+    for kind in ("task", "adapter"):
+        for entry in system.registry(kind):
+            owners[entry.name] = kind
+    owners.pop("fusion", None)  # also the key of AdapterFusion layers in composition.json (a file format kept as is)
+    allowed = {"tasks/", "adapters/", "world/", "train/recipe.py", "train/adapt.py", "cli/"}
+    offenders = []
+    for f in PKG.rglob("*.py"):
+        rel = str(f.relative_to(PKG))
+        if any(rel.startswith(a) for a in allowed):
+            continue
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in owners:
+                offenders.append(f"{rel}:{node.lineno} {node.value!r}")
+    assert offenders == [], "task/variant names outside their modules: " + ", ".join(offenders)
