@@ -66,7 +66,7 @@ def test_entry_point_is_installed():
     eps = [ep for ep in md.entry_points(group=ENTRY_POINT_GROUP) if ep.name == "ia3"]
     assert len(eps) == 1
     assert eps[0].value == "vlkit_ia3"
-    assert eps[0].dist is not None and eps[0].dist.version == "0.1.0"
+    assert eps[0].dist is not None and eps[0].dist.version == "0.2.0"
 
 
 def test_plugins_json_lists_ia3():
@@ -75,18 +75,22 @@ def test_plugins_json_lists_ia3():
     infos = {p["name"]: p for p in json.loads(res.stdout)}
     assert "ia3" in infos
     info = infos["ia3"]
-    assert info["version"] == "0.1.0"
+    assert info["version"] == "0.2.0"
     assert info["builtin"] is False
-    assert info["registers"] == {"adapter": ["ia3"]}
+    assert info["registers"] == {"adapter": ["ia3", "ia3-weight"], "task": ["caption-match"], "probe": ["word-order"]}
 
 
 def test_vlkit_plugins_env_filters(monkeypatch):
     monkeypatch.setenv("VLKIT_PLUGINS", "")
-    assert "ia3" not in PluginSystem().registry("adapter")
+    hidden = PluginSystem()
+    assert "ia3" not in hidden.registry("adapter") and "ia3-weight" not in hidden.registry("adapter")
+    assert "caption-match" not in hidden.registry("task") and "word-order" not in hidden.registry("probe")
     monkeypatch.setenv("VLKIT_PLUGINS", "ia3")
     system = PluginSystem()
-    assert "ia3" in system.registry("adapter")
-    assert system.registry("adapter").entry("ia3").plugin == "ia3"
+    for kind, name in (("adapter", "ia3"), ("adapter", "ia3-weight"), ("task", "caption-match"),
+                       ("probe", "word-order")):
+        assert name in system.registry(kind)
+        assert system.registry(kind).entry(name).plugin == "ia3"
 
 
 def test_hidden_plugin_is_unknown_on_the_cli(tmp_path):

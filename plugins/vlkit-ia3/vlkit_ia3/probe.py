@@ -1,0 +1,115 @@
+"""The `word-order` probe: does each system score an image higher with its caption than with the caption's
+words put out of order?
+
+Every image with a caption of two or more words gives up to two examples (categories): `reverse` (the words
+in reverse order) and `shuffle` (a seeded permutation of the words that differs from the caption and from
+its reverse). An example is correct when s(caption, image) > s(perturbed, image) strictly; a bag-of-words
+model scores exactly 50% (a tie is never a win), so this measures how much word order the text tower sees.
+
+Data: by default the world's photo retrieval set (`vlkit.data.load_data({"kind": "world", "domain": "photo",
+"task": "retrieval", "n": n, "seed": data_seed})`); `--data` is any data spec with `image` and `caption`
+columns, e.g. a local manifest FILE.jsonl / FILE.csv (validated with `load_data(spec, task="word-order")`,
+which reads this probe's `required`). `-n` caps the images (a seeded subset of local data).
+
+The result is vlkit's common probe result (`vlkit.probe.base.build_result`): metrics `accuracy` (macro over
+the two categories, primary) and `micro_accuracy`, percentile bootstrap intervals and paired differences to
+the frozen backbone (`summarize`), and a per-category breakdown with intervals (`annotate_breakdowns`).
+"""
+from __future__ import annotations
+
+import random
+from typing import Any, Callable
+
+import numpy as np
+from vlkit.errors import ConfigError, DataError
+from vlkit.probe import metrics as M
+from vlkit.probe.base import DEFAULT_RESAMPLES, Probe, annotate_breakdowns, build_result, summarize
+
+METRICS = ("accuracy", "micro_accuracy")
+CHANCE = {"accuracy": 50.0, "micro_accuracy": 50.0}
+DEFAULT_N = 200
+CATEGORIES = ("reverse", "shuffle")
+
+
+def perturbations(caption: str, seed: int) -> dict[str, str]:
+    """{category: perturbed caption} for the categories that change the caption (seeded)."""
+    words = caption.split()
+    out: dict[str, str] = {}
+    rev = " ".join(reversed(words))
+    if rev != caption:
+        out["reverse"] = rev
+    rng = random.Random(seed)
+    for _ in range(20):
+        perm = words[:]
+        rng.shuffle(perm)
+        text = " ".join(perm)
+        if text != " ".join(words) and text != rev:
+            out["shuffle"] = text
+            break
+    return out
+
+
+class WordOrderProbe(Probe):
+    name = "word-order"
+    summary = "caption vs its words reversed / shuffled (seeded): does the text tower see word order"
+    data_help = "world photo retrieval set (default) or a data spec / manifest FILE.jsonl with image, caption"
+    default_data = None
+    required = ("image", "caption")
+
+    def dataset(self, data: Any, n: int | None, data_seed: int):
+        from vlkit.data import load_data
+
+        if data is None:
+            spec = {"kind": "world", "domain": "photo", "task": "retrieval", "n": int(n or DEFAULT_N),
+                    "seed": data_seed}
+            return load_data(spec), "word-order:world-photo"
+        ds = load_data(data, task=self.name)
+        if n is not None and n < len(ds):
+            keep = np.sort(np.random.default_rng(data_seed).choice(len(ds), size=n, replace=False))
+            ds = ds.select(keep.tolist())
+        return ds, f"word-order:{data}"
+
+    def examples(self, ds, data_seed: int) -> list[dict[str, Any]]:
+        out = []
+        for i, caption in enumerate(ds["caption"]):
+            caption = " ".join(str(caption).split())
+            for category, false in perturbations(caption, seed=data_seed * 1_000_003 + i).items():
+                out.append({"id": f"{i}_{category}", "row": i, "true": caption, "false": false,
+                            "category": category})
+        return out
+
+    def run(self, backbone, systems, *, data: Any = None, seed: int = 0, n: int | None = None,
+            n_boot: int = DEFAULT_RESAMPLES, level: float = 0.95, data_seed: int = 0, batch_size: int = 64,
+            progress: Callable[[int], Callable[[int], None]] | None = None, **options: Any) -> dict[str, Any]:
+        from vlkit.probe.systems import score_examples
+
+        if options:
+            raise ConfigError(f"unknown option(s) for probe {self.name!r}: {', '.join(sorted(options))}")
+        ds, label = self.dataset(data, n, data_seed)
+        examples = self.examples(ds, data_seed)
+        if not examples:
+            raise DataError(f"probe {self.name!r}: no caption of {label} has two or more words to reorder")
+
+        def get(start: int, stop: int):
+            rows = examples[start:stop]
+            return ([[ds[r["row"]]["image"].convert("RGB")] for r in rows], [[r["true"], r["false"]] for r in rows])
+
+        advance = progress(len(examples)) if progress is not None else None
+        scores = score_examples(backbone, systems, len(examples), get, batch_size=batch_size, progress=advance)
+        categories = [e["category"] for e in examples]
+        correct = {lab: M.caption_pair_correct(s[:, 0, 0], s[:, 1, 0]) for lab, s in scores.items()}
+        values = {lab: {"accuracy": c, "micro_accuracy": c} for lab, c in correct.items()}
+        stats = {"accuracy": lambda v: M.macro_statistic(v, categories), "micro_accuracy": M.mean_statistic}
+        summary = summarize(list(scores), values, stats, len(examples), n_boot=n_boot, seed=seed, level=level)
+        breakdowns = {lab: {"category": M.breakdown({"accuracy": c}, categories)} for lab, c in correct.items()}
+        annotate_breakdowns(breakdowns, {"category": M.groups_of(categories)},
+                            {lab: {"accuracy": c} for lab, c in correct.items()}, ["accuracy"], n_boot=n_boot,
+                            seed=seed, level=level)
+        per_example = {"ids": [e["id"] for e in examples], "keys": ["true", "false"],
+                       "scores": {lab: s[:, :, 0].tolist() for lab, s in scores.items()},
+                       "extra": {"category": categories, "caption": [e["true"] for e in examples],
+                                 "perturbed": [e["false"] for e in examples]}}
+        return build_result(self, backbone, systems, dataset=label, n=len(examples), metrics=METRICS,
+                            primary="accuracy", chance=CHANCE, summary=summary, breakdowns=breakdowns,
+                            n_boot=n_boot, seed=seed, level=level, per_example=per_example,
+                            extra={"images": len(ds)})
