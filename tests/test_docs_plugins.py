@@ -48,12 +48,13 @@ def test_the_doc_has_tested_examples():
 
 @pytest.fixture
 def isolated(tmp_path, monkeypatch):
-    """A temporary working directory on sys.path, a fresh plugin system, and no modules left behind."""
+    """A temporary working directory on sys.path, a fresh plugin system without installed plugins, and no
+    modules left behind."""
     from vlkit.plugins import reset_plugins
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delenv("VLKIT_PLUGINS", raising=False)
+    monkeypatch.setenv("VLKIT_PLUGINS", "")  # installed plugins stay out: the examples register their own
     before = set(sys.modules)
     reset_plugins()
     yield tmp_path
