@@ -118,8 +118,8 @@ def test_task_and_kind_overrides_drop_foreign_options():
     cfg = load_recipe("recipes/quickstart.yaml", ["task.name=retrieval", "data.train.kind=manifest",
                                                   "data.train.path=recipes/quickstart.yaml"], notes=notes)
     assert dict(cfg.task.options) == {}
-    assert dict(cfg.data.train) == {"kind": "manifest", "task": "classification", "path": "recipes/quickstart.yaml"}
-    assert len(notes) == 2 and "head" in notes[0] and "domain, n, seed" in notes[1]
+    assert dict(cfg.data.train) == {"kind": "manifest", "path": "recipes/quickstart.yaml"}
+    assert len(notes) == 2 and "head" in notes[0] and "domain, n, seed, task" in notes[1]
 
 
 def test_null_and_tilde_remove_keys_of_free_mappings():

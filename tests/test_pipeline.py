@@ -107,9 +107,9 @@ def test_user_data_spec_replaces_the_default(tmp_path):
     cfg = load_recipe(None, [f"data.train.kind=manifest", f"data.train.path={m}", "optim.steps=1"])
     assert dict(cfg.data.train) == {"kind": "manifest", "path": str(m)}
     cfg = load_recipe(ROOT / "recipes" / "quickstart.yaml", ["data.train.kind=manifest", f"data.train.path={m}"])
-    assert dict(cfg.data.train) == {"kind": "manifest", "path": str(m)}
+    assert dict(cfg.data.train) == {"kind": "manifest", "path": str(m)}  # world options go
     cfg = load_recipe(ROOT / "recipes" / "quickstart.yaml", ["adapter.variant=lora", "adapter.rank=2"])
-    assert dict(cfg.adapter) == {"variant": "lora", "rank": 2}
+    assert dict(cfg.adapter) == {"variant": "lora", "towers": "both", "rank": 2}  # reduction goes, towers stays
     cfg = load_recipe(ROOT / "recipes" / "quickstart.yaml", ["~adapter.towers"])
     assert "towers" not in cfg.adapter
     with pytest.raises(ConfigError, match="no such key"):

@@ -46,3 +46,26 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
+    """`safetensors.torch.save` with the header's keys in a fixed order (safetensors writes `__metadata__`
+    from a hash map, so two identical saves could differ byte-wise); identical inputs give identical bytes."""
+    import struct
+
+    from safetensors.torch import save
+
+    blob = save(tensors, metadata=metadata)
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + n])
+    meta = header.pop("__metadata__", None)
+    ordered = {"__metadata__": dict(sorted(meta.items()))} if meta else {}
+    ordered.update(sorted(header.items()))
+    text = json.dumps(ordered, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # safetensors pads the header to 8 bytes with spaces
+    return struct.pack("<Q", len(text)) + text + blob[8 + n:]
+
+
+def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Write tensors to `path` atomically, byte-identical for identical inputs (see `safetensors_bytes`)."""
+    write_bytes(path, safetensors_bytes({k: v.contiguous() for k, v in tensors.items()}, metadata))

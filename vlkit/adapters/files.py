@@ -16,7 +16,7 @@ import torch
 
 from .. import __version__
 from ..errors import AdapterFileError, ConfigError, IncompatibleAdapterError, UnknownNameError
-from ..io import atomic_path, write_json
+from ..io import atomic_path, save_safetensors, write_json
 from ..plugins import registry
 
 CONFIG_NAME = "adapter_config.json"
@@ -60,8 +60,6 @@ def adapter_config(backbone, name: str, task: dict | None = None, extra: dict | 
 def save_adapter(backbone, path: str | Path, name: str = "default", *, task: dict | None = None,
                  extra: dict | None = None) -> Path:
     """Write adapter `name` of `backbone` to directory `path`; returns the directory."""
-    from safetensors.torch import save_file
-
     from .inject import adapter_parameters
 
     if name not in backbone.adapter_records:
@@ -69,8 +67,11 @@ def save_adapter(backbone, path: str | Path, name: str = "default", *, task: dic
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_parameters(backbone, name).items()}
-    with atomic_path(path / WEIGHTS_NAME) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", "vlkit_adapter": name})
+    bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if bad:
+        raise ConfigError(f"adapter {name!r} holds NaN or inf values in {len(bad)} tensor(s), e.g. {bad[0]} "
+                          "(training diverged?); nothing was written")
+    save_safetensors(tensors, path / WEIGHTS_NAME, metadata={"format": "pt", "vlkit_adapter": name})
     write_json(path / CONFIG_NAME, adapter_config(backbone, name, task, extra))
     return path
 

@@ -20,6 +20,7 @@ def register(cli: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed"),
         option: Optional[list[str]] = typer.Option(None, "--option", "-O", help="Adapter option key=value."),
         json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
     ) -> None:
         """Train a domain adapter on k shots per class and print in-domain and retention scores."""
         from ..train.adapt import run_adapt
@@ -32,7 +33,7 @@ def register(cli: typer.Typer) -> None:
         bar = TrainProgress()
         try:
             res = run_adapt(backbone, domain, shots, out, variant, base, steps, seed,
-                            adapter_options=parse_kv(option), progress=bar)
+                            adapter_options=parse_kv(option), progress=bar, overwrite=overwrite)
         finally:
             bar.close()
 

@@ -1,6 +1,7 @@
 """Root typer app: builds the command tree through the register_commands hook and maps errors to exit codes."""
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
@@ -41,14 +42,30 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+OS_ERRORS = {  # errno -> what it means for the user (the rest: the system's own message)
+    errno.EROFS: "read-only file system",
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EEXIST: "already exists",
+    errno.ENOTDIR: "not a directory",
+    errno.EISDIR: "is a directory",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+
+
 def error_message(exc: BaseException) -> str:
     """The one line shown for an error (the single table that maps error types to messages)."""
     if isinstance(exc, VlkitError):
         return f"error: {_one_line(exc)}"  # messages may quote multi-line library errors
     if isinstance(exc, FileNotFoundError):
         return f"error: file not found: {exc.filename or exc}"
-    if isinstance(exc, PermissionError):
-        return f"error: permission denied: {exc.filename or exc}"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"error: a file is not UTF-8 text ({exc.reason} at byte {exc.start})"
+    if isinstance(exc, OSError):
+        what = OS_ERRORS.get(exc.errno) or exc.strerror or _one_line(exc)
+        where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f)
+        return f"error: {what}: {where}" if where else f"error: {what}"
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted"
     return f"error: unexpected {type(exc).__name__}: {_one_line(exc)} (set VLKIT_DEBUG=1 for the traceback)"
@@ -80,8 +97,8 @@ def usage_message(exc: BaseException) -> str:
 
 
 def exit_code(exc: BaseException) -> int:
-    if isinstance(exc, (VlkitError, FileNotFoundError, PermissionError)):
-        return 2
+    if isinstance(exc, (VlkitError, OSError, UnicodeDecodeError)):
+        return 2  # bad input or the environment (read-only, full disk, not a directory): not a bug
     if isinstance(exc, KeyboardInterrupt):
         return 130
     return 1

@@ -52,6 +52,7 @@ def register(cli: typer.Typer) -> None:
         backbone: Optional[str] = typer.Option(None, "--backbone", "-b",
                                                help="Backbone spec (default: the adapters' own)."),
         json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
     ) -> None:
         """Compose adapters (merge, stack, average, parallel, fuse, route) or run a composition."""
         from ..errors import ConfigError
@@ -82,13 +83,13 @@ def register(cli: typer.Typer) -> None:
             bar = TrainProgress(enabled=not json_out)
             try:
                 res = fuse_adapters(sources, out, recipe=recipe, overrides=set_, data=data, backbone=backbone,
-                                    weights=_floats(weights), progress=bar)
+                                    weights=_floats(weights), progress=bar, overwrite=overwrite)
             finally:
                 bar.close()
         else:
             res = compose(sources, mode, out, weights=_floats(weights), method=method, rank=rank,
                           density=density, data=data, backbone=backbone, router_steps=router_steps,
-                          n_per_adapter=per_adapter)
+                          n_per_adapter=per_adapter, overwrite=overwrite)
         rows = [["mode", res["mode"]], ["adapters", ", ".join(res["adapters"])]]
         if res.get("weights") is not None:
             rows.append(["weights", ", ".join(f"{w:g}" for w in res["weights"])])

@@ -29,6 +29,7 @@ def generate_cmd(
     image_size: int = typer.Option(64, "--image-size", help="Image side in pixels."),
     out: Path = typer.Option(..., "-o", "--out", help="Output folder (created if missing)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder."),
 ) -> None:
     """Generate a dataset and write PNGs plus a manifest (imagefolder metadata.jsonl or Winoground examples.jsonl)."""
     import time
@@ -38,9 +39,15 @@ def generate_cmd(
 
     task = task or (kind_meta(WORLD_KIND).get("tasks") or [None])[0]
     world["check"](domain, task, n, seed, image_size)
+    from ..outputs import OutputTarget
+
+    target = OutputTarget(out, overwrite=overwrite, what="output folder")
+    target.check()
     t0 = time.perf_counter()
     ds = world["generate"](domain, task, n, seed=seed, image_size=image_size)
-    manifest = world["write"](ds, out, task)
+    with target:
+        staged = world["write"](ds, target.staging, task)
+    manifest = Path(out) / staged.relative_to(target.staging)
     seconds = time.perf_counter() - t0
     console.print(f"wrote {n} {domain}/{task} examples to {out} ({manifest.name} + images/) in {seconds:.1f}s")
     if as_json:

@@ -97,6 +97,7 @@ def register(cli: typer.Typer) -> None:
         seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the random verification inputs."),
         option: Optional[list[str]] = typer.Option(None, "--option", "-O", help="Target option key=value."),
         json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
     ) -> None:
         """Export backbone + adapters to graphs that run without PyTorch; verify them against PyTorch."""
         from ..errors import ExportError
@@ -111,7 +112,7 @@ def register(cli: typer.Typer) -> None:
             with console.status("exporting and verifying…"):
                 summary = export_model(out, backbone=backbone, adapters=list(adapter or []), target=target,
                                        task=task, domain=domain, eval_data=eval_data, eval_n=eval_n,
-                                       merge=not no_merge, options=options)
+                                       merge=not no_merge, options=options, overwrite=overwrite)
         except ExportError as exc:
             if exc.summary:
                 _wide(console).print(checks_table(exc.summary))

@@ -26,6 +26,7 @@ def register(cli: typer.Typer) -> None:
         option: Optional[list[str]] = typer.Option(None, "--option", "-O", help="Any variant option as key=value."),
         dry_run: bool = typer.Option(False, "--dry-run", help="List targeted modules; write nothing."),
         json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
     ) -> None:
         """Inject an adapter into a frozen backbone, print the parameter table, write the adapter directory."""
         from ..errors import ConfigError
@@ -45,6 +46,13 @@ def register(cli: typer.Typer) -> None:
         # cheap checks first: a bad name or option fails before a large backbone loads
         registry("backbone").get(factory_name(backbone))
         registry("adapter").get(adapter).make_config(**options)
+        from ..outputs import OutputTarget
+
+        target = None
+        if not dry_run:
+            local = [p for p in (backbone.split(":", 1)[-1].split("@")) if p and Path(p).exists()]
+            target = OutputTarget(out, overwrite=overwrite, inputs=local, what="adapter directory")
+            target.check()
 
         from .. import inject, load_backbone, parameter_report, save_adapter
         from ..plugins import registry
@@ -64,7 +72,8 @@ def register(cli: typer.Typer) -> None:
             console.print(table(f"targets of {adapter} on {bb.spec}", ["tower", "layer", "role", "module"],
                                 [[s.tower, s.layer, s.role, s.path] for s in record.sites]))
         else:
-            save_adapter(bb, out, name=name)
+            with target:
+                save_adapter(bb, target.staging, name=name)
             result["path"] = str(out)
         console.print(report_table(report))
         if "overhead_vs_bottleneck" in result:

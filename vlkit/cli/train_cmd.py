@@ -14,6 +14,7 @@ def register(cli: typer.Typer) -> None:
         overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. optim.lr=3e-4."),
         out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: recipe output_dir)."),
         resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the output dir."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
         json_out: bool = typer.Option(False, "--json", help="Print the final metrics as JSON on stdout."),
         no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
     ) -> None:
@@ -40,7 +41,7 @@ def register(cli: typer.Typer) -> None:
             relaunch_under_torchrun(n_cpu, sys.argv[sys.argv.index("train"):] if "train" in sys.argv else ["train"])
         bar = TrainProgress(enabled=not no_progress and os.environ.get("RANK", "0") == "0")
         try:
-            result = train(cfg, out, resume=resume, progress=bar)
+            result = train(cfg, out, resume=resume, overwrite=overwrite, progress=bar)
         finally:
             bar.close()
         if os.environ.get("RANK", "0") != "0":

@@ -122,14 +122,11 @@ def remove_fusion(backbone, name: str) -> None:
 
 
 def save_fusion(backbone, name: str, path: str | Path) -> Path:
-    from safetensors.torch import save_file
-
-    from ..io import atomic_path
+    from ..io import save_safetensors
 
     path = Path(path)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in fusion_parameters(backbone, name).items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", "vlkit_fusion": name})
+    save_safetensors(tensors, path, metadata={"format": "pt", "vlkit_fusion": name})
     return path
 
 

@@ -59,8 +59,15 @@ def parse_data_items(items: list[str] | None) -> tuple[dict[str, Any], Any]:
 def compose(sources: list[str] | str, mode: str, out: str | Path, *, weights: list[float] | None = None,
             method: str = "linear", rank: int | None = None, density: float = 0.2,
             data: list[str] | None = None, backbone: str | None = None,
-            router_hidden: int = 64, router_steps: int = 300, n_per_adapter: int = 256, seed: int = 0) -> dict[str, Any]:
-    """Compose adapters into the directory `out`; returns a summary (what `vlkit compose --json` prints)."""
+            router_hidden: int = 64, router_steps: int = 300, n_per_adapter: int = 256, seed: int = 0,
+            overwrite: bool = False) -> dict[str, Any]:
+    """Compose adapters into the directory `out`; returns a summary (what `vlkit compose --json` prints).
+
+    `out` follows `vlkit.outputs`: never one of the sources, refused when not empty unless `overwrite`, and
+    replaced whole once the composition is complete."""
+    from ..outputs import OutputTarget
+    from .merge import check_finite_weights
+
     if mode not in MODES:
         raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     srcs = resolve_sources(sources)
@@ -68,12 +75,29 @@ def compose(sources: list[str] | str, mode: str, out: str | Path, *, weights: li
     out = Path(out)
     if weights is not None and len(weights) != len(srcs):
         raise ConfigError(f"{len(weights)} weights given for {len(srcs)} adapters ({', '.join(n for n, _ in srcs)})")
+    if weights is not None:
+        check_finite_weights(weights)
+    if mode == "fuse":
+        raise ConfigError("mode fuse trains fusion layers: call vlkit.train.fuse.fuse_adapters (vlkit compose "
+                          "--mode fuse does)")
+    if mode in ("average", "parallel") and len(srcs) < 2:
+        raise ConfigError(f"mode {mode} needs at least two adapters")
+    target = OutputTarget(out, overwrite=overwrite, inputs=[p for _, p in srcs], what="composition directory")
+    target.check()
+    with target:
+        summary = _compose_into(target.staging, out, mode, srcs, cfg0, weights, method, rank, density, data,
+                                backbone, router_hidden, router_steps, n_per_adapter, seed)
+    return summary
+
+
+def _compose_into(stage: Path, out: Path, mode, srcs, cfg0, weights, method, rank, density, data, backbone,
+                  router_hidden, router_steps, n_per_adapter, seed) -> dict[str, Any]:
     summary: dict[str, Any] = {"mode": mode, "output_dir": str(out), "adapters": [n for n, _ in srcs],
                                "weights": weights}
     if mode == "merge":
         from .merge import merge_adapters
 
-        cfg = merge_adapters([p for _, p in srcs], out, method=method, weights=weights, density=density, rank=rank,
+        cfg = merge_adapters([p for _, p in srcs], stage, method=method, weights=weights, density=density, rank=rank,
                              name=free_name(set(), out.name), labels=[str(p) for _, p in srcs])
         summary.update(method=method, weights=cfg["composition"]["weights"], variant=cfg["variant"],
                        config=cfg["config"], num_parameters=cfg["num_parameters"])
@@ -82,14 +106,9 @@ def compose(sources: list[str] | str, mode: str, out: str | Path, *, weights: li
                 summary[k] = cfg["composition"][k]
         return summary
     if mode in ("stack", "average", "parallel"):
-        if len(srcs) < 2 and mode != "stack":
-            raise ConfigError(f"mode {mode} needs at least two adapters")
-        write_composition(out, mode, cfg0, srcs, weights=weights)
+        write_composition(stage, mode, cfg0, srcs, weights=weights)
         return summary
-    if mode == "fuse":
-        raise ConfigError("mode fuse trains fusion layers: call vlkit.train.fuse.fuse_adapters (vlkit compose "
-                          "--mode fuse does)")
-    return {**summary, **_route(srcs, cfg0, out, data, backbone, router_hidden, router_steps, n_per_adapter, seed)}
+    return {**summary, **_route(srcs, cfg0, stage, data, backbone, router_hidden, router_steps, n_per_adapter, seed)}
 
 
 def _route(srcs, cfg0, out: Path, data, backbone_spec, hidden, steps, n_per_adapter, seed) -> dict[str, Any]:

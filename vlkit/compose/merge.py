@@ -149,14 +149,30 @@ def merge_tensors(cfgs: list[dict], tensors: list[dict[str, torch.Tensor]], meth
                      {"density": density, "rank": rank})
 
 
+def check_finite_weights(weights) -> None:
+    """Composition weights must be finite numbers (a NaN or inf weight gives a NaN or inf adapter)."""
+    import math
+
+    bad = [w for w in weights if not isinstance(w, (int, float)) or not math.isfinite(float(w))]
+    if bad:
+        raise ConfigError(f"weights must be finite numbers, got {', '.join(str(w) for w in bad)}")
+
+
+def check_tensors(label: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Adapter tensors to merge must be floating point and finite."""
+    for k, v in tensors.items():
+        if not v.is_floating_point():
+            raise ConfigError(f"adapter {label}: tensor {k} is {v.dtype}, not floating point; it cannot be merged")
+        if not torch.isfinite(v).all():
+            raise ConfigError(f"adapter {label}: tensor {k} holds NaN or inf values")
+
+
 def merge_adapters(sources: list[str | Path], out: str | Path, *, method: str = "linear",
                    weights: list[float] | None = None, density: float = 0.2, rank: int | None = None,
                    name: str | None = None, labels: list[str] | None = None) -> dict[str, Any]:
     """Merge adapter directories `sources` into the adapter directory `out`; returns its config."""
-    from safetensors.torch import save_file
-
     from ..adapters.files import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config, read_adapter_weights
-    from ..io import atomic_path, write_json
+    from ..io import save_safetensors, write_json
     from .composition import COMPOSITION_FILE, FORMAT, FORMAT_VERSION
 
     paths = [Path(p) for p in sources]
@@ -166,8 +182,15 @@ def merge_adapters(sources: list[str | Path], out: str | Path, *, method: str = 
     weights = [float(w) for w in weights] if weights is not None else default_weights(method, len(paths))
     if len(weights) != len(paths):
         raise ConfigError(f"{len(weights)} weights given for {len(paths)} adapters")
+    check_finite_weights(weights)
+    for label, t in zip(labels, tensors):
+        check_tensors(label, t)
     check_mergeable(labels, cfgs, tensors, method)
     merged, config, info = merge_tensors(cfgs, tensors, method, weights, density, rank)
+    bad = sorted(k for k, v in merged.items() if not torch.isfinite(v).all())
+    if bad:
+        raise ConfigError(f"the {method} merge gives non-finite values in {len(bad)} tensor(s), e.g. {bad[0]}; "
+                          "nothing was written")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     name = name or (cfgs[0].get("name") if len(paths) == 1 else "merged")
@@ -180,9 +203,7 @@ def merge_adapters(sources: list[str | Path], out: str | Path, *, method: str = 
     cfg = {**cfgs[0], "name": name, "config": config, "composition": provenance,
            "num_parameters": int(sum(t.numel() for t in merged.values())),
            "task": tasks[0] if all(t == tasks[0] for t in tasks) else {}}
-    with atomic_path(out / WEIGHTS_NAME) as tmp:
-        save_file({k: v.contiguous() for k, v in merged.items()}, str(tmp), metadata={"format": "pt",
-                                                                                   "vlkit_adapter": name})
+    save_safetensors(merged, out / WEIGHTS_NAME, metadata={"format": "pt", "vlkit_adapter": name})
     write_json(out / CONFIG_NAME, cfg)
     write_json(out / COMPOSITION_FILE, {
         "format": FORMAT, "format_version": FORMAT_VERSION, "mode": "merge", "backbone": cfgs[0].get("backbone"),

@@ -4,9 +4,9 @@ It validates the request cheaply (target, options, adapter directories) before l
 the backbone with its adapters, folds mergeable adapters into the weights, builds the graphs (image and
 text encoders; a classifier with `task="classification"`; a joint pair scorer when a fusion adapter is
 active), the verification inputs (fresh random ones and real ones from the eval set) and the eval set
-itself, then lets the exporter write and verify into a staging directory inside the output directory.
-Only when every required check passes are the files renamed into place (each rename atomic),
-`export.json` last; otherwise nothing is left behind and an `ExportError` says what differed.
+itself, then lets the exporter write and verify into a staging directory beside the output directory
+(`vlkit.outputs`). Only when every required check passes does the staging directory replace the output
+directory, in one rename; otherwise nothing is left behind and an `ExportError` says what differed.
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import dataclasses
 import os
 import re
 import secrets
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -238,27 +237,29 @@ def _verify_inputs(backbone, graphs, data, zs_task, captions: list[str] | None,
     return out
 
 
-def _publish(staging: Path, out: Path) -> list[str]:
-    """Rename every staged file into `out` (export.json last); returns the relative paths."""
-    files = sorted((p for p in staging.rglob("*") if p.is_file()), key=lambda p: (p.name == "export.json", str(p)))
+def _staged_files(staging: Path) -> list[str]:
+    """Relative paths of the staged files, given the usual mode (staged temporaries may be private)."""
     umask = os.umask(0)
     os.umask(umask)
-    moved = []
-    for p in files:
-        os.chmod(p, 0o666 & ~umask)  # staged temporaries are private; published files get the usual mode
-        rel = p.relative_to(staging)
-        dest = out / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(p, dest)
-        moved.append(str(rel))
-    return moved
+    files = []
+    for p in sorted(q for q in staging.rglob("*") if q.is_file()):
+        os.chmod(p, 0o666 & ~umask)
+        files.append(str(p.relative_to(staging)))
+    return files
 
 
 def export_model(out: str | Path, *, backbone: str | None = None, adapters: list[str | Path] = (),
                  target: str = "onnx", task: str | None = None, domain: str | None = None,
                  eval_data: str | None = None, eval_n: int = 256, merge: bool = True,
-                 options: ExportOptions | None = None) -> dict[str, Any]:
-    """Export a backbone with adapters to `out` through exporter `target`, verified; returns the summary."""
+                 options: ExportOptions | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Export a backbone with adapters to `out` through exporter `target`, verified; returns the summary.
+
+    `out` follows `vlkit.outputs`: refused when not empty (unless `overwrite`) or one of the adapters, and
+    written whole: a failed verification leaves it as it was."""
+    from ..outputs import OutputTarget
+
+    output = OutputTarget(out, overwrite=overwrite, inputs=list(adapters), what="export directory")
+    output.check()
     from .. import load_backbone
     from ..data.kinds import kind_domains
     from ..io import write_json
@@ -308,9 +309,8 @@ def export_model(out: str | Path, *, backbone: str | None = None, adapters: list
     evaluation = _evaluation(bb, merged, the_task, zs_task, data, label, the_task is not None)
 
     out = Path(out)
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".vlkit-export-", dir=out))
+    output.__enter__()
+    staging = output.staging
     describe = {"backbone": bb.describe(), "adapters": loaded["adapters"], "mode": loaded["mode"],
                 "weights": loaded["weights"], "merged": merged, "domain": dom}
     captions = list(ds["caption"]) if "caption" in ds.column_names else None
@@ -332,11 +332,11 @@ def export_model(out: str | Path, *, backbone: str | None = None, adapters: list
         summary["manifest"]["tokenizer"] = {"dir": "tokenizer", "files": sorted(tok),
                                             "context_length": bb.context_length}
         write_json(staging / "export.json", summary["manifest"])
-        summary["written"] = _publish(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        if created and not any(out.iterdir()):
-            out.rmdir()  # a failed export leaves no trace, not even the directory it made
+        summary["written"] = _staged_files(staging)
+    except BaseException as exc:
+        output.__exit__(type(exc), exc, exc.__traceback__)  # nothing published: the old directory stays
+        raise
+    output.__exit__(None, None, None)
     return summary
 
 

@@ -59,7 +59,19 @@ def _general_eval(backbone, cfg, n_eval: int, seed: int):
 def run_adapt(backbone: str = "tiny", domain: str = "medical", shots: int = 16, out: str | Path = "runs/adapt",
               variant: str = "bottleneck", baselines: tuple[str, ...] = (), steps: int | None = None,
               seed: int = 0, n_eval: int = 400, adapter_options: dict | None = None,
-              progress: bool = True) -> dict[str, Any]:
+              progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    """Few-shot adaptation into `out` (written whole, `vlkit.outputs`: a non-empty one needs `overwrite`)."""
+    from ..outputs import OutputTarget
+
+    with OutputTarget(out, overwrite=overwrite, what="adapt output directory") as target:
+        result = _run_adapt(backbone, domain, shots, target.staging, variant, baselines, steps, seed, n_eval,
+                            adapter_options, progress)
+    result["adapter_dir"] = str(out)
+    return result
+
+
+def _run_adapt(backbone, domain, shots, out, variant, baselines, steps, seed, n_eval, adapter_options,
+               progress) -> dict[str, Any]:
     from ..data.kinds import kind_domains
     from .engine import run
     from .recipe import load_recipe
@@ -81,13 +93,13 @@ def run_adapt(backbone: str = "tiny", domain: str = "medical", shots: int = 16, 
                                                    adapter_options))
 
     zs_cfg = cfg_for("zeroshot")
-    zs, zs_backbone, _ = run(zs_cfg, out / "zeroshot", progress=False)
+    zs, zs_backbone, _ = run(zs_cfg, out / "zeroshot", progress=False, publish=False)
     photo_frozen, photo_frozen_logits = _general_eval(zs_backbone, zs_cfg, n_eval, seed)
     rows.append({"method": "zero-shot (frozen)", "trainable_percent": 0.0, "in_domain": zs["score"],
                  "general": photo_frozen, "general_change": 0.0})
 
     ad_cfg = cfg_for("adapter")
-    ad, ad_backbone, _ = run(ad_cfg, out, progress=progress)
+    ad, ad_backbone, _ = run(ad_cfg, out, progress=progress, publish=False)
     photo_on, _ = _general_eval(ad_backbone, ad_cfg, n_eval, seed)
     ad_backbone.set_active()
     photo_off, photo_off_logits = _general_eval(ad_backbone, ad_cfg, n_eval, seed)
@@ -99,7 +111,7 @@ def run_adapt(backbone: str = "tiny", domain: str = "medical", shots: int = 16, 
                  "in_domain": ad["score"], "general": photo_on, "general_change": photo_on - photo_frozen})
     for method in baselines:
         bcfg = cfg_for(method)
-        res, bb, _ = run(bcfg, out / f"baseline-{method}", progress=progress)
+        res, bb, _ = run(bcfg, out / f"baseline-{method}", progress=progress, publish=False)
         row = {"method": "full fine-tuning" if method == "full" else "linear probe",
                "trainable_percent": res["parameters"]["trainable_percent"], "in_domain": res["score"]}
         if method == "full":

@@ -108,15 +108,27 @@ def load_checkpoint(ckpt: Path, params: dict[str, torch.nn.Parameter], optimizer
     if set(trainable) != set(params):
         raise ConfigError(f"checkpoint {ckpt} does not match this run's trainable parameters "
                           f"(different recipe?): {len(set(trainable) ^ set(params))} names differ")
-    with torch.no_grad():
-        for k, p in params.items():
-            p.copy_(trainable[k].to(p.dtype))
-    _restore_optimizer(optimizer, opt_tensors, state["optimizer"])
-    if scheduler is not None and state.get("scheduler") is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(rng["torch"])
-    py = state["python_rng"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    npst = state["numpy_rng"]
-    np.random.set_state((npst[0], np.array(npst[1], dtype=np.uint32), npst[2], npst[3], npst[4]))
+    shapes = [k for k, p in params.items() if tuple(trainable[k].shape) != tuple(p.shape)]
+    if shapes:
+        k = shapes[0]
+        raise ConfigError(f"checkpoint {ckpt} does not match this run: {len(shapes)} parameter(s) changed shape, "
+                          f"e.g. {k} {tuple(trainable[k].shape)} in the checkpoint vs {tuple(params[k].shape)} now "
+                          "(the adapter options changed since the checkpoint)")
+    missing = [k for k in ("step", "optimizer", "python_rng", "numpy_rng") if not isinstance(state, dict) or k not in state]
+    if missing or "torch" not in rng:
+        raise ConfigError(f"checkpoint {ckpt} is damaged: state.json lacks {', '.join(missing) or 'the torch RNG'}")
+    try:
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(trainable[k].to(p.dtype))
+        _restore_optimizer(optimizer, opt_tensors, state["optimizer"])
+        if scheduler is not None and state.get("scheduler") is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(rng["torch"])
+        py = state["python_rng"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+        npst = state["numpy_rng"]
+        np.random.set_state((npst[0], np.array(npst[1], dtype=np.uint32), npst[2], npst[3], npst[4]))
+    except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as exc:
+        raise ConfigError(f"checkpoint {ckpt} is damaged or does not match this run: {exc}") from None
     return state

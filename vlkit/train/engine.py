@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..io import write_json, write_text
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import CKPT_DIR, latest_checkpoint, load_checkpoint, save_checkpoint
 from .logs import MetricsLog, plot_curves
 from .methods import apply_method, get_method
 
@@ -163,12 +163,41 @@ def steps_per_epoch(n: int, batch_size: int, grad_accum: int, world: int) -> int
     return max(1, math.ceil(math.ceil(per_proc / batch_size) / grad_accum))
 
 
-def train(cfg, out_dir: str | Path | None = None, *, resume: bool = False, progress=None,
-          stop_after: int | None = None) -> dict[str, Any]:
+def train(cfg, out_dir: str | Path | None = None, *, resume: bool = False, overwrite: bool = False,
+          progress=None, stop_after: int | None = None) -> dict[str, Any]:
     """Run a recipe. Returns the final metrics and where everything was written.
 
-    `progress`: a callable `progress(event, **info)` (events "start", "step", "end", "warning"), or None."""
-    return run(cfg, out_dir, resume=resume, progress=progress, stop_after=stop_after)[0]
+    The output directory follows `vlkit.outputs`: a non-empty one is refused unless `resume` (continue its
+    checkpoints) or `overwrite`; the finished run replaces it whole. `progress`: a callable
+    `progress(event, **info)` (events "start", "step", "end", "warning"), or None."""
+    return run(cfg, out_dir, resume=resume, overwrite=overwrite, progress=progress, stop_after=stop_after)[0]
+
+
+def recipe_inputs(cfg) -> list[str]:
+    """Local paths a recipe reads (adapters it builds on, local data), which its output may not be."""
+    from omegaconf import OmegaConf
+
+    found: list[str] = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k in ("path", "source", "data_dir", "base", "dir") and isinstance(v, str) and "://" not in v:
+                    found.append(v.split("+")[0])
+                else:
+                    walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(OmegaConf.to_container(cfg, resolve=True))
+    return [p for p in found if p and Path(p).exists()]
+
+
+def _main_process() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _reporter(progress):
@@ -225,12 +254,57 @@ def _train_view(cfg, backbone, data):
     return with_train_augment(data, build_augment(cfg.data.augment, backbone.image_size), cfg.seed)
 
 
-def run(cfg, out_dir: str | Path | None = None, *, resume: bool = False, progress=None,
-        stop_after: int | None = None, datasets: tuple | dict | None = None):
+def run(cfg, out_dir: str | Path | None = None, *, resume: bool = False, overwrite: bool = False,
+        progress=None, stop_after: int | None = None, datasets: tuple | dict | None = None, publish: bool = True):
     """Like `train`, and also returns the trained backbone and task: (result, backbone, task).
 
     A recipe with `tasks` trains one adapter per task through the same loop; the third item is then a
-    {adapter name: task} dict and `datasets` (optional) maps adapter names to (train, eval) datasets."""
+    {adapter name: task} dict and `datasets` (optional) maps adapter names to (train, eval) datasets.
+
+    While it trains, the output directory holds the run's working state (`checkpoints/` with the recipe they
+    belong to, `metrics.jsonl`, `tensorboard/`); the final files are written into a staging directory that
+    then replaces the output directory whole, the checkpoints carried over. `publish=False` (a run inside
+    another command's staging directory, e.g. `vlkit adapt`) writes the final files into the output directory."""
+    import shutil
+
+    from ..outputs import OutputTarget
+    from .recipe import check_resumable
+
+    out = Path(out_dir or cfg.output_dir or f"runs/{cfg.name}")
+    if resume:
+        if latest_checkpoint(out) is None:
+            raise ConfigError(f"--resume: no checkpoint in {out / CKPT_DIR} to resume from")
+        check_resumable(cfg, out / CKPT_DIR / "recipe.yaml", out / "recipe.yaml")
+    target = None
+    if not publish:
+        out.mkdir(parents=True, exist_ok=True)
+        return _run(cfg, out, out if _main_process() else None, resume=resume, progress=progress,
+                    stop_after=stop_after, datasets=datasets)
+    if _main_process():
+        target = OutputTarget(out, overwrite=overwrite, resume=resume, inputs=recipe_inputs(cfg), carry=(CKPT_DIR,),
+                              what="run directory", hint="pass --resume to continue it, or --overwrite to start over")
+        target.__enter__()
+    try:
+        if target is not None:
+            if overwrite and not resume:  # the old run's working state would mix with the new run's
+                for name in (CKPT_DIR, "metrics.jsonl", "tensorboard"):
+                    p = out / name
+                    shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+            out.mkdir(parents=True, exist_ok=True)
+        found = _run(cfg, out, target.staging if target is not None else None, resume=resume, progress=progress,
+                     stop_after=stop_after, datasets=datasets)
+    except BaseException as exc:
+        if target is not None:
+            target.__exit__(type(exc), exc, exc.__traceback__)
+        raise
+    if target is not None:
+        target.__exit__(None, None, None)
+        found[0]["files"] = sorted(p.name for p in out.iterdir() if p.is_file())
+    return found
+
+
+def _run(cfg, out: Path, stage: Path | None, *, resume: bool, progress, stop_after, datasets):
+    """The run itself: working state in `out`, final files into `stage` (None on processes other than the first)."""
     from accelerate.utils import set_seed
     from omegaconf import OmegaConf
 
@@ -238,9 +312,6 @@ def run(cfg, out_dir: str | Path | None = None, *, resume: bool = False, progres
 
     report = _reporter(progress)
     multi = bool(cfg.get("tasks"))
-    out = Path(out_dir or cfg.output_dir or f"runs/{cfg.name}")
-    if resume and latest_checkpoint(out) is None:
-        raise ConfigError(f"--resume: no checkpoint in {out / 'checkpoints'} to resume from")
     accel = _accelerator(cfg, find_unused=multi)
     set_seed(cfg.seed)
     backbone = load_backbone(cfg.backbone)
@@ -277,8 +348,7 @@ def run(cfg, out_dir: str | Path | None = None, *, resume: bool = False, progres
     module = _TrainModule(backbone, [j.task for j in jobs])
     module.to(accel.device)
     if accel.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        write_text(out / "recipe.yaml", OmegaConf.to_yaml(cfg))
+        write_text(out / CKPT_DIR / "recipe.yaml", OmegaConf.to_yaml(cfg))  # what the checkpoints belong to
     log = MetricsLog(out, enabled=accel.is_main_process, tensorboard=cfg.logging.tensorboard)
     result: dict[str, Any] = {"name": cfg.name, "method": cfg.method, "backbone": cfg.backbone,
                               "task": "multitask" if multi else jobs[0].task.name, "output_dir": str(out)}
@@ -316,19 +386,33 @@ def run(cfg, out_dir: str | Path | None = None, *, resume: bool = False, progres
         final = {k: v for k, v in per_task.get(None, {}).items() if k not in ("task", "metric")}
         result.update({"metrics": final, "primary_metric": jobs[0].task.metric,
                        "score": final.get(jobs[0].task.metric)})
-    if accel.is_main_process:
+    log.close()
+    if accel.is_main_process and stage is not None:
+        write_text(stage / "recipe.yaml", OmegaConf.to_yaml(cfg))
         if multi:
             from .multitask import write_multitask_outputs
 
-            write_multitask_outputs(cfg, out, backbone, jobs, result)
+            write_multitask_outputs(cfg, stage, backbone, jobs, result)
         else:
-            _write_outputs(cfg, out, backbone, jobs[0].task, adapter, result, history, log)
+            _write_outputs(cfg, stage, backbone, jobs[0].task, adapter, result, history, log)
+        if stage != out:
+            _finish_logs(out, stage)
     accel.wait_for_everyone()
-    log.close()
     report("end", result=result)
     if multi:
         return result, backbone, {j.name: j.task for j in jobs}
     return result, backbone, jobs[0].task
+
+
+def _finish_logs(out: Path, stage: Path) -> None:
+    """The run's logs join its final files: a copy of metrics.jsonl, the TensorBoard directory moved."""
+    import os
+    import shutil
+
+    if (out / "metrics.jsonl").is_file():
+        shutil.copyfile(out / "metrics.jsonl", stage / "metrics.jsonl")
+    if (out / "tensorboard").is_dir():
+        os.replace(out / "tensorboard", stage / "tensorboard")
 
 
 def _cache_frozen_towers(backbone, jobs, trainable) -> None:

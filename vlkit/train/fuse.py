@@ -13,7 +13,7 @@ from ..errors import ConfigError
 
 def fuse_adapters(sources: list[str] | str, out: str | Path, *, recipe: str | Path | None = None,
                   overrides: list[str] | None = None, data: list[str] | None = None, backbone: str | None = None,
-                  weights: list[float] | None = None, progress=None) -> dict[str, Any]:
+                  weights: list[float] | None = None, progress=None, overwrite: bool = False) -> dict[str, Any]:
     """AdapterFusion over frozen adapters: train the fusion layers from `recipe`, write a composition to `out`."""
     from ..compose.api import _check_same_backbone, parse_data_items, resolve_sources
     from .engine import run
@@ -42,7 +42,7 @@ def fuse_adapters(sources: list[str] | str, out: str | Path, *, recipe: str | Pa
         check_recipe(cfg, str(recipe))
     if cfg.method != "fuse":
         raise ConfigError(f"{recipe}: method must be 'fuse' for --mode fuse (got {cfg.method!r})")
-    result, _, _ = run(cfg, out, progress=progress)
+    result, _, _ = run(cfg, out, progress=progress, overwrite=overwrite)
     return {**summary, "task": result["task"], "metrics": result["metrics"], "score": result["score"],
             "primary_metric": result["primary_metric"], "steps": result["steps"],
             "fusion_parameters": result["parameters"]["trainable"]}

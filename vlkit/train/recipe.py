@@ -158,7 +158,8 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         plain = [o for o in plain if not o.startswith("~")]
         plain, nulled = _null_removals(merged, plain)
         removed += nulled
-        _switch_options(merged, plain, notes if notes is not None else [])
+        dropped = _switch_options(merged, plain, notes if notes is not None else [])
+        removed = [k for k in removed if k not in dropped]
         if plain:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(plain))
         for key in removed:
@@ -181,7 +182,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     return merged
 
 
-COMMON_DATA_KEYS = ("kind", "task", "split", "shots", "mix")
+COMMON_DATA_KEYS = ("kind", "split", "shots", "mix")  # `task` goes too: the run fills it from task.name
 
 
 def _accepted_options(parent: str, leaf: str, value: str) -> set[str] | None:
@@ -209,7 +210,7 @@ def _accepted_options(parent: str, leaf: str, value: str) -> set[str] | None:
         if declared is None:  # the loader's named keyword parameters
             params = inspect.signature(entry.obj).parameters.values()
             declared = [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        return set(COMMON_DATA_KEYS) | set(SOURCE_ALIASES) | set(declared)
+        return (set(COMMON_DATA_KEYS) | set(SOURCE_ALIASES) | set(declared)) - {"task"}
     if leaf == "name":
         reg = registry("task")
         declared = getattr(reg.get(value), "OPTIONS", None) if value in reg else None
@@ -217,11 +218,12 @@ def _accepted_options(parent: str, leaf: str, value: str) -> set[str] | None:
     return None
 
 
-def _switch_options(cfg, overrides: list[str], notes: list[str]) -> None:
+def _switch_options(cfg, overrides: list[str], notes: list[str]) -> set[str]:
     """An override that changes an adapter's `variant`, a data spec's `kind` or a task's `name` drops the options
     the new one does not have (the task's are under `options`), with one note per override saying which."""
     from omegaconf import OmegaConf
 
+    gone: set[str] = set()
     for item in overrides:
         key, value = item.split("=", 1)
         value = value.strip()
@@ -240,10 +242,12 @@ def _switch_options(cfg, overrides: list[str], notes: list[str]) -> None:
         dropped = sorted(k for k in node if k != leaf and (keep is None or k not in keep))
         for k in dropped:
             node.pop(k)
+            gone.add(f"{mapping_key}.{k}")
         if dropped:
             what = {"variant": "adapter variant", "kind": "dataset kind"}.get(leaf, "task")
             notes.append(f"{key}={value}: dropped {mapping_key} option(s) {', '.join(dropped)}, which {what} "
                          f"{value!r} does not take")
+    return gone
 
 
 def _null_removals(cfg, overrides: list[str]) -> tuple[list[str], list[str]]:
@@ -395,3 +399,42 @@ def to_yaml(cfg) -> str:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_yaml(cfg)
+
+
+# keys a resumed run may change: how long it runs, how it logs, evaluates and checkpoints, how data is loaded
+RESUME_FREE = ("optim.steps", "optim.epochs", "eval", "checkpoint", "logging", "output_dir", "notes",
+               "data.num_workers", "data.pin_memory", "data.prefetch_factor", "device")
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out or {prefix[:-1]: {}}
+    return {prefix[:-1]: node}
+
+
+def check_resumable(cfg, *recipe_files: Path) -> None:
+    """A ConfigError naming the keys that differ between `cfg` and the recipe the checkpoints were made with
+    (the first of `recipe_files` that exists), except keys a resume may change (`RESUME_FREE`)."""
+    from omegaconf import OmegaConf
+
+    saved_file = next((Path(f) for f in recipe_files if Path(f).is_file()), None)
+    if saved_file is None:
+        return
+    try:
+        saved = OmegaConf.to_container(OmegaConf.load(saved_file), resolve=False)
+    except Exception as exc:
+        raise ConfigError(f"--resume: {saved_file} cannot be read: {str(exc).splitlines()[0]}") from None
+    now = OmegaConf.to_container(cfg, resolve=False)
+    a, b = _flat(saved if isinstance(saved, dict) else {}), _flat(now)
+    free = lambda k: any(k == f or k.startswith(f + ".") for f in RESUME_FREE)  # noqa: E731
+    changed = sorted(k for k in set(a) | set(b) if not free(k) and a.get(k) != b.get(k))
+    if changed:
+        shown = ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in changed[:4])
+        more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+        raise ConfigError(f"--resume: the recipe differs from the one the checkpoints in {saved_file.parent} were "
+                          f"made with: {shown}{more}",
+                          hint="resume with the same recipe (only optim.steps/epochs, eval, checkpoint and logging "
+                               "may change), or start over with --overwrite")
