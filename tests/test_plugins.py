@@ -1,6 +1,8 @@
 """The plugin system: hooks, registries, name clashes, VLKIT_PLUGINS, and built-ins going through the same hooks."""
 from __future__ import annotations
 
+import re
+
 import importlib.metadata as md
 import sys
 import types
@@ -167,7 +169,16 @@ def test_reset_plugins_rereads_environment(fake_entry_points, monkeypatch, reset
     assert "fake_variant" in plugins.registry("adapter")
 
 
-def test_vlkit_plugins_naming_an_uninstalled_plugin_is_an_error(fake_entry_points, monkeypatch, reset_plugins):
+def test_vlkit_plugins_naming_an_uninstalled_plugin_warns(fake_entry_points, monkeypatch, reset_plugins):
     monkeypatch.setenv("VLKIT_PLUGINS", "fakeplug,nosuchplug")
+    monkeypatch.delenv("VLKIT_PLUGINS_STRICT", raising=False)
+    system = plugins.PluginSystem()
+    assert len(system.warnings) == 1 and re.search(r"nosuchplug.*not installed.*fakeplug", system.warnings[0])
+    assert "fake_variant" in system.registry("adapter")
+
+
+def test_vlkit_plugins_strict_makes_it_an_error(fake_entry_points, monkeypatch, reset_plugins):
+    monkeypatch.setenv("VLKIT_PLUGINS", "fakeplug,nosuchplug")
+    monkeypatch.setenv("VLKIT_PLUGINS_STRICT", "1")
     with pytest.raises(PluginError, match=r"nosuchplug.*not installed.*fakeplug"):
         plugins.PluginSystem()

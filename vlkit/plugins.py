@@ -1,8 +1,13 @@
-"""Plugin manager: built-in plugins and installed entry points (group "vlkit"), filtered by VLKIT_PLUGINS."""
+"""Plugin manager: built-in plugins and installed entry points (group "vlkit"), filtered by VLKIT_PLUGINS.
+
+Only entry points of installed distributions load (never a path or module name from a file). A name in
+VLKIT_PLUGINS that is not installed gives a one-line warning, or a PluginError with VLKIT_PLUGINS_STRICT=1.
+"""
 from __future__ import annotations
 
 import importlib
 import importlib.metadata as md
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,6 +69,7 @@ class PluginSystem:
         self.pm.add_hookspecs(hookspecs)
         self.versions: dict[str, str] = {}
         self.builtin: set[str] = set()
+        self.warnings: list[str] = []  # one line each; the CLI prints them on stderr
         self._registries: dict[str, Registry] | None = None
         from . import __version__
 
@@ -86,8 +92,12 @@ class PluginSystem:
         missing = sorted((allowed or set()) - {ep.name for ep in eps})
         if missing:
             installed = sorted({ep.name for ep in eps})
-            raise PluginError(f"VLKIT_PLUGINS names {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
-                              f"not installed (installed plugins: {', '.join(installed) or 'none'})")
+            msg = (f"VLKIT_PLUGINS names {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
+                   f"not installed (installed plugins: {', '.join(installed) or 'none'})")
+            if os.environ.get("VLKIT_PLUGINS_STRICT", "") not in ("", "0"):
+                raise PluginError(msg)
+            self.warnings.append(msg)
+            logging.getLogger("vlkit").warning(msg)
         for ep in eps:
             if allowed is not None and ep.name not in allowed:
                 continue

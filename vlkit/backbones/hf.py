@@ -199,8 +199,15 @@ def load_hf(spec: str, device: str | None = None) -> HFBackbone:
         ) from None
     if cfg.model_type not in ("clip", "siglip", "siglip2"):
         raise BackboneLoadError(f"hf model {src} is a {cfg.model_type!r} model; vlkit adapts CLIP and SigLIP dual encoders")
+    if local and Path(src).is_dir():
+        d = Path(src)
+        if not any(d.glob("*.safetensors")) and any(d.glob("*.bin")):
+            raise BackboneLoadError(
+                f"{src} holds only pickle weights (.bin); vlkit loads safetensors only",
+                hint="convert once where you trust the file: python -c \"from transformers import AutoModel; "
+                     f"AutoModel.from_pretrained('{src}').save_pretrained('{src}', safe_serialization=True)\"")
     try:
-        model = AutoModel.from_pretrained(src)
+        model = AutoModel.from_pretrained(src, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(src)
     except Exception as exc:
         raise BackboneLoadError(f"could not load model or tokenizer from {src}: {exc}",

@@ -34,7 +34,10 @@ def build_app() -> typer.Typer:
 
     from ..plugins import get_plugins
 
-    get_plugins().pm.hook.register_commands(cli=app)
+    system = get_plugins()
+    for msg in system.warnings:
+        sys.stderr.write(f"warning: {msg}\n")
+    system.pm.hook.register_commands(cli=app)
     return app
 
 

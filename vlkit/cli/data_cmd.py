@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import typer
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from .output import console, print_json, table
 
 data_app = typer.Typer(
@@ -144,7 +144,15 @@ def show_cmd(
     task = _task_of(directory, ds.column_names)
     declared = _declared(task)
     names = _label_names(ds, directory)
-    rows = [ds[i] for i in range(min(count, len(ds)))]
+    rows = []
+    for i in range(min(count, len(ds))):
+        try:
+            row = ds[i]
+            for col in [c for c in ds.column_names if c == "image" or c.startswith("image_")]:
+                row[col] = row[col].convert("RGB")  # decodes fully
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise DataError(f"{directory}: example {i + 1}: its image cannot be decoded ({exc})") from None
+        rows.append(row)
     wanted = tuple(getattr(declared, "show_columns", ()) or ())
     cols = [c for c in wanted if c in ds.column_names or (c.endswith("_name") and c[:-5] in names)]
     image_cols = [c for c in ds.column_names if c == "image" or c.startswith("image_")]

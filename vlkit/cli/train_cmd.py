@@ -15,6 +15,11 @@ def register(cli: typer.Typer) -> None:
         out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: recipe output_dir)."),
         resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the output dir."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
+        allow_untrained: bool = typer.Option(False, "--allow-untrained",
+                                             help="Let optim.steps=0 write the adapter as initialised."),
+        allow_env: Optional[list[str]] = typer.Option(None, "--allow-env",
+                                                      help="Environment variable the recipe may read with "
+                                                           "${oc.env:NAME} (repeat for several)."),
         json_out: bool = typer.Option(False, "--json", help="Print the final metrics as JSON on stdout."),
         no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
     ) -> None:
@@ -28,7 +33,8 @@ def register(cli: typer.Typer) -> None:
         from .progress import TrainProgress
 
         notes: list[str] = []
-        cfg = load_recipe(recipe, overrides or [], notes=notes)
+        cfg = load_recipe(recipe, overrides or [], notes=notes, allow_env=tuple(allow_env or ()),
+                          allow_untrained=allow_untrained)
         if os.environ.get("RANK", "0") == "0":
             for note in notes:
                 console.print(f"note: {note}")

@@ -24,7 +24,16 @@ COLUMN_ALIASES = {"bbox": "box", "text": "caption", "expr": "expression", "refer
 
 
 def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(1-based data row, row dict) for each record of a .jsonl or .csv manifest; CSV empty cells are None."""
+    """(1-based data row, row dict) for each record of a .jsonl or .csv manifest; CSV empty cells are None.
+    A manifest that is not UTF-8 text is a DataError naming the file and the byte."""
+    try:
+        yield from _read_rows(path)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"manifest {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                        "save it as UTF-8") from None
+
+
+def _read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         with open(path, encoding="utf-8") as fh:
@@ -79,7 +88,7 @@ def check_image_file(path: Path, *, where: str) -> None:
         raise DataError(f"{where}: image file not found: {path}")
     try:
         with Image.open(path) as im:
-            im.verify()
+            im.load()  # a full decode: verify() passes truncated files
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{where}: cannot read image file {path}: {exc}") from None
 
@@ -92,7 +101,7 @@ def check_image_bytes(data: bytes, *, where: str) -> None:
 
     try:
         with Image.open(io.BytesIO(data)) as im:
-            im.verify()
+            im.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{where}: cannot read image: {exc}") from None
 

@@ -280,6 +280,7 @@ def run(cfg, out_dir: str | Path | None = None, *, resume: bool = False, overwri
         out.mkdir(parents=True, exist_ok=True)
         return _run(cfg, out, out if _main_process() else None, resume=resume, progress=progress,
                     stop_after=stop_after, datasets=datasets)
+    created = not out.exists()
     if _main_process():
         target = OutputTarget(out, overwrite=overwrite, resume=resume, inputs=recipe_inputs(cfg), carry=(CKPT_DIR,),
                               what="run directory", hint="pass --resume to continue it, or --overwrite to start over")
@@ -295,6 +296,8 @@ def run(cfg, out_dir: str | Path | None = None, *, resume: bool = False, overwri
                      stop_after=stop_after, datasets=datasets)
     except BaseException as exc:
         if target is not None:
+            if latest_checkpoint(out) is None:  # nothing worth resuming: leave the directory as it was
+                _drop_work_state(out, created)
             target.__exit__(type(exc), exc, exc.__traceback__)
         raise
     if target is not None:
@@ -332,7 +335,8 @@ def _run(cfg, out: Path, stage: Path | None, *, resume: bool, progress, stop_aft
         if not is_streaming(job.train):
             job.train = _train_view(cfg, backbone, job.train)
     warnings: list[str] = []
-    fits = get_method(cfg.method).fits
+    untrained = cfg.optim.steps == 0 or cfg.optim.epochs == 0  # let through by the recipe check only when allowed
+    fits = get_method(cfg.method).fits and not untrained
     if fits and trainable:
         unused = unused_parameters(backbone, jobs, trainable)
         if unused:
@@ -402,6 +406,19 @@ def _run(cfg, out: Path, stage: Path | None, *, resume: bool, progress, stop_aft
     if multi:
         return result, backbone, {j.name: j.task for j in jobs}
     return result, backbone, jobs[0].task
+
+
+def _drop_work_state(out: Path, created: bool) -> None:
+    """After a run failed before its first checkpoint: remove what it wrote in `out` (all of `out` if it made it)."""
+    import shutil
+
+    if created:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    ckpt = out / CKPT_DIR
+    (ckpt / "recipe.yaml").unlink(missing_ok=True)
+    if ckpt.is_dir() and not any(ckpt.iterdir()):
+        ckpt.rmdir()
 
 
 def _finish_logs(out: Path, stage: Path) -> None:

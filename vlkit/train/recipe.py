@@ -5,6 +5,7 @@ wrong types, unknown plugin names, bad adapter options and missing local files.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -122,10 +123,13 @@ def _omegaconf_error(exc: Exception, source: str) -> ConfigError:
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None,
-                notes: list[str] | None = None):
+                notes: list[str] | None = None, allow_env: list[str] | tuple[str, ...] = (),
+                allow_untrained: bool = False):
     """Read a recipe file (or start from defaults) and apply overrides; returns a typed DictConfig.
 
-    `notes` (a list) receives one line per override that dropped options (see `_switch_options`)."""
+    `notes` (a list) receives one line per override that dropped options (see `_switch_options`). A recipe
+    file reads no environment variable (`${oc.env:NAME}`) unless `allow_env` names it, and calls no other
+    resolver. `allow_untrained` lets `optim.steps: 0` through (an adapter written as initialised)."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -144,6 +148,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{p} is not valid YAML: {str(exc).splitlines()[0]}") from None
         if not OmegaConf.is_dict(layers[-1]):
             raise ConfigError(f"{p}: a recipe must be a mapping of keys to values")
+        _check_resolvers(OmegaConf.to_container(layers[-1], resolve=False), str(p), set(allow_env))
     for item in overrides or []:
         if item.startswith("~"):
             continue
@@ -178,8 +183,34 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     if missing:
         raise ConfigError(f"{source}: required key(s) {', '.join(missing)} not set (??? in the recipe)",
                           hint="give them on the command line: " + " ".join(f"{k}=..." for k in missing))
-    check_recipe(merged, source)
+    check_recipe(merged, source, allow_untrained=allow_untrained)
     return merged
+
+
+RESOLVER_RE = re.compile(r"\$\{\s*([A-Za-z_][\w.]*)\s*:([^}]*)\}")
+ENV_RESOLVERS = ("oc.env", "env")
+
+
+def _check_resolvers(node: Any, source: str, allow_env: set[str], key: str = "") -> None:
+    """A shared recipe must not copy secrets from the environment into a run's files: `${oc.env:NAME}` is
+    refused unless NAME is allowed, and other resolver calls (`${oc.decode:...}`, ...) always are."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _check_resolvers(v, source, allow_env, f"{key}.{k}" if key else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            _check_resolvers(v, source, allow_env, f"{key}[{i}]")
+    elif isinstance(node, str):
+        for m in RESOLVER_RE.finditer(node):
+            name, arg = m.group(1), m.group(2).split(",")[0].strip()
+            if name in ENV_RESOLVERS and arg in allow_env:
+                continue
+            if name in ENV_RESOLVERS:
+                raise ConfigError(f"{source}: key {key!r} reads the environment variable {arg} ({m.group(0)}); "
+                                  "recipes do not read the environment",
+                                  hint=f"allow it explicitly with --allow-env {arg}, or pass the value as an override")
+            raise ConfigError(f"{source}: key {key!r} calls the resolver {name!r} ({m.group(0)}); recipes may only "
+                              "refer to other keys (${{key}}) and allowed environment variables")
 
 
 COMMON_DATA_KEYS = ("kind", "split", "shots", "mix")  # `task` goes too: the run fills it from task.name
@@ -314,7 +345,7 @@ def _check_data_source(spec: Any, key: str, source: str) -> None:
             raise ConfigError(f"{source}: key '{key}.{pkey}': file {val} does not exist")
 
 
-def check_recipe(cfg, source: str = "<recipe>") -> None:
+def check_recipe(cfg, source: str = "<recipe>", allow_untrained: bool = False) -> None:
     """Semantic checks that need the plugin registries but no weights or data."""
     from omegaconf import OmegaConf
 
@@ -343,12 +374,14 @@ def check_recipe(cfg, source: str = "<recipe>") -> None:
         raise ConfigError(f"{source}: key 'data.augment': {exc}") from None
     for key in ("steps", "epochs"):
         value = getattr(cfg.optim, key)
-        if value is not None and method.fits and value < 1:
+        if value is not None and method.fits and value < (0 if allow_untrained else 1) or (value is not None and value < 0):
             raise ConfigError(f"{source}: key 'optim.{key}': must be >= 1 (got {value}); a run with no step "
-                              "would write an untrained adapter")
+                              "would write an untrained adapter", hint="pass --allow-untrained to write one anyway")
     for key in ("batch_size", "grad_accum"):
         if getattr(cfg.optim, key) < 1:
             raise ConfigError(f"{source}: key 'optim.{key}': must be >= 1")
+    if not 0 <= cfg.seed < 2**32:
+        raise ConfigError(f"{source}: key 'seed': must be an integer in 0 .. 2**32 - 1, got {cfg.seed}")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"{source}: key 'optim.lr': must be > 0")
     if cfg.optim.head_lr is not None and cfg.optim.head_lr <= 0:
