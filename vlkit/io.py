@@ -29,6 +29,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def file_mode() -> int:
+    """The mode a plain open() gives a new file under the current umask (0644 under umask 022)."""
+    return 0o666 & ~_umask()
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)

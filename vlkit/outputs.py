@@ -103,6 +103,10 @@ class OutputTarget:
         t = self.target
         if t.exists() and not t.is_dir():
             raise OutputError(f"{self.what} {t} is an existing file, not a directory")
+        holder = self.holder()
+        if holder is not None:
+            raise OutputError(f"{self.what} {t} is being written by another vlkit process "
+                              f"(PID {holder}; lock {self.lock_path})")
         for p in self.inputs:
             if p.exists() and _same_or_nested(t, p):
                 raise OutputError(f"{self.what} {t} is one of this command's inputs ({p}); "
@@ -114,6 +118,14 @@ class OutputTarget:
     @property
     def lock_path(self) -> Path:
         return self.target.parent / f".{self.target.name}{LOCK_SUFFIX}"
+
+    def holder(self) -> int | None:
+        """The PID of another live process holding the lock, else None."""
+        try:
+            pid = int(self.lock_path.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        return pid if pid != os.getpid() and _pid_alive(pid) else None
 
     def _acquire(self) -> None:
         lock = self.lock_path
@@ -158,7 +170,7 @@ class OutputTarget:
         self.check()
         self._acquire()
         try:
-            self.check()  # again under the lock
+            self.check()  # again under the lock (our own lock is not "another process")
             self._clean_stale()
             self.staging = self.target.parent / f".{self.target.name}{STAGING_TAG}{os.getpid()}"
             self.staging.mkdir(parents=True)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from ..io import write_text
+from ..io import file_mode, write_text
 
 CKPT_DIR = "checkpoints"
 
@@ -71,7 +71,9 @@ def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor]
         **extra,
     }
     (tmp / "state.json").write_text(json.dumps(state, default=str))
+    mode = file_mode()
     for f in tmp.iterdir():
+        os.chmod(f, mode)  # safetensors writes 0600
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     if final.exists():

@@ -271,6 +271,10 @@ def run(cfg, out_dir: str | Path | None = None, *, resume: bool = False, overwri
     from .recipe import check_resumable
 
     out = Path(out_dir or cfg.output_dir or f"runs/{cfg.name}")
+    if publish and _main_process():
+        holder = OutputTarget(out).holder()
+        if holder is not None:
+            raise ConfigError(f"run directory {out} is being written by another vlkit process (PID {holder})")
     if resume:
         if latest_checkpoint(out) is None:
             raise ConfigError(f"--resume: no checkpoint in {out / CKPT_DIR} to resume from")

@@ -172,6 +172,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         for item in indexed:
             key, value = item.split("=", 1)
             OmegaConf.update(merged, key, OmegaConf.from_dotlist([f"v={value}"]).v, merge=True)
+        OmegaConf.to_container(merged, resolve=True, throw_on_missing=False)  # every ${...} resolves, now
     except OmegaConfBaseException as exc:
         raise _omegaconf_error(exc, source if not overrides else f"{source} (with overrides)") from None
     if merged.data.train is None and not merged.tasks:
