@@ -17,8 +17,8 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/vlkit plugins
-	$(VENV)/bin/vlkit inject --backbone tiny --adapter bottleneck --reduction 8 --towers both -o $(DEMO_DIR)/injected
-	$(VENV)/bin/vlkit train recipes/quickstart.yaml -o $(DEMO_DIR)/quickstart
+	$(VENV)/bin/vlkit inject --backbone tiny --adapter bottleneck --reduction 8 --towers both -o $(DEMO_DIR)/injected --overwrite
+	$(VENV)/bin/vlkit train recipes/quickstart.yaml -o $(DEMO_DIR)/quickstart --overwrite
 	$(VENV)/bin/vlkit inspect $(DEMO_DIR)/quickstart
 
 test: $(STAMP)
