@@ -120,6 +120,30 @@ def pair_batches(examples: list[dict]) -> Callable[[int, int], tuple[list[list[A
     return get
 
 
+def caption_pair_result(probe, backbone, systems, scores: dict, examples: list[dict], label: str, *,
+                        n_boot: int, seed: int, level: float, extra_columns: dict | None = None,
+                        extra: dict | None = None) -> dict[str, Any]:
+    """The common result of a caption-pair probe from `score_examples` scores (per system (n, 2, 1): the true
+    caption, then the perturbed one) and its examples (dicts with `id` and `category`): `accuracy` (macro over
+    categories, primary) and `micro_accuracy` with bootstrap intervals, paired differences and a per-category
+    breakdown. Plugin probes of the same form (e.g. vlkit-ia3's `word-order`) call it too."""
+    categories = [e["category"] for e in examples]
+    correct = {lab: M.caption_pair_correct(s[:, 0, 0], s[:, 1, 0]) for lab, s in scores.items()}
+    values = {lab: {"accuracy": c, "micro_accuracy": c} for lab, c in correct.items()}
+    stats = {"accuracy": lambda v: M.macro_statistic(v, categories), "micro_accuracy": M.mean_statistic}
+    summary = summarize(list(scores), values, stats, len(examples), n_boot=n_boot, seed=seed, level=level)
+    breakdowns = {lab: {"category": M.breakdown({"accuracy": c}, categories)} for lab, c in correct.items()}
+    annotate_breakdowns(breakdowns, {"category": M.groups_of(categories)},
+                        {lab: {"accuracy": c} for lab, c in correct.items()}, ["accuracy"], n_boot=n_boot,
+                        seed=seed, level=level)
+    per_example = {"ids": [e["id"] for e in examples], "keys": ["true", "false"],
+                   "scores": {lab: s[:, :, 0].tolist() for lab, s in scores.items()},
+                   "extra": {"category": categories, **(extra_columns or {})}}
+    return build_result(probe, backbone, systems, dataset=label, n=len(examples), metrics=METRICS,
+                        primary="accuracy", chance=CHANCE, summary=summary, breakdowns=breakdowns,
+                        n_boot=n_boot, seed=seed, level=level, per_example=per_example, extra=extra)
+
+
 class CaptionPairProbe(Probe):
     """Accuracy of the true caption over the false one, macro over categories, from local JSON files."""
 
@@ -150,18 +174,5 @@ class CaptionPairProbe(Probe):
         advance = progress(len(examples)) if progress is not None else None
         scores = score_examples(backbone, systems, len(examples), pair_batches(examples), batch_size=batch_size,
                                 progress=advance)
-        categories = [e["category"] for e in examples]
-        correct = {lab: M.caption_pair_correct(s[:, 0, 0], s[:, 1, 0]) for lab, s in scores.items()}
-        values = {lab: {"accuracy": c, "micro_accuracy": c} for lab, c in correct.items()}
-        stats = {"accuracy": lambda v: M.macro_statistic(v, categories), "micro_accuracy": M.mean_statistic}
-        summary = summarize(list(scores), values, stats, len(examples), n_boot=n_boot, seed=seed, level=level)
-        breakdowns = {lab: {"category": M.breakdown({"accuracy": c}, categories)} for lab, c in correct.items()}
-        annotate_breakdowns(breakdowns, {"category": M.groups_of(categories)},
-                            {lab: {"accuracy": c} for lab, c in correct.items()}, ["accuracy"], n_boot=n_boot,
-                            seed=seed, level=level)
-        per_example = {"ids": [e["id"] for e in examples], "keys": ["true", "false"],
-                       "scores": {lab: s[:, :, 0].tolist() for lab, s in scores.items()},
-                       "extra": {"category": categories}}
-        return build_result(self, backbone, systems, dataset=label, n=len(examples), metrics=METRICS,
-                            primary="accuracy", chance=CHANCE, summary=summary, breakdowns=breakdowns,
-                            n_boot=n_boot, seed=seed, level=level, per_example=per_example)
+        return caption_pair_result(self, backbone, systems, scores, examples, label, n_boot=n_boot, seed=seed,
+                                   level=level)

@@ -13,7 +13,8 @@ which reads this probe's `required`). `-n` caps the images (a seeded subset of l
 
 The result is vlkit's common probe result (`vlkit.probe.base.build_result`): metrics `accuracy` (macro over
 the two categories, primary) and `micro_accuracy`, percentile bootstrap intervals and paired differences to
-the frozen backbone (`summarize`), and a per-category breakdown with intervals (`annotate_breakdowns`).
+the frozen backbone, and a per-category breakdown with intervals, all from vlkit's public
+`vlkit.probe.caption_pairs.caption_pair_result`, as for the built-in caption-pair probes.
 """
 from __future__ import annotations
 
@@ -22,11 +23,9 @@ from typing import Any, Callable
 
 import numpy as np
 from vlkit.errors import ConfigError, DataError
-from vlkit.probe import metrics as M
-from vlkit.probe.base import DEFAULT_RESAMPLES, Probe, annotate_breakdowns, build_result, summarize
+from vlkit.probe.base import DEFAULT_RESAMPLES, Probe
+from vlkit.probe.caption_pairs import caption_pair_result
 
-METRICS = ("accuracy", "micro_accuracy")
-CHANCE = {"accuracy": 50.0, "micro_accuracy": 50.0}
 DEFAULT_N = 200
 CATEGORIES = ("reverse", "shuffle")
 
@@ -96,20 +95,7 @@ class WordOrderProbe(Probe):
 
         advance = progress(len(examples)) if progress is not None else None
         scores = score_examples(backbone, systems, len(examples), get, batch_size=batch_size, progress=advance)
-        categories = [e["category"] for e in examples]
-        correct = {lab: M.caption_pair_correct(s[:, 0, 0], s[:, 1, 0]) for lab, s in scores.items()}
-        values = {lab: {"accuracy": c, "micro_accuracy": c} for lab, c in correct.items()}
-        stats = {"accuracy": lambda v: M.macro_statistic(v, categories), "micro_accuracy": M.mean_statistic}
-        summary = summarize(list(scores), values, stats, len(examples), n_boot=n_boot, seed=seed, level=level)
-        breakdowns = {lab: {"category": M.breakdown({"accuracy": c}, categories)} for lab, c in correct.items()}
-        annotate_breakdowns(breakdowns, {"category": M.groups_of(categories)},
-                            {lab: {"accuracy": c} for lab, c in correct.items()}, ["accuracy"], n_boot=n_boot,
-                            seed=seed, level=level)
-        per_example = {"ids": [e["id"] for e in examples], "keys": ["true", "false"],
-                       "scores": {lab: s[:, :, 0].tolist() for lab, s in scores.items()},
-                       "extra": {"category": categories, "caption": [e["true"] for e in examples],
-                                 "perturbed": [e["false"] for e in examples]}}
-        return build_result(self, backbone, systems, dataset=label, n=len(examples), metrics=METRICS,
-                            primary="accuracy", chance=CHANCE, summary=summary, breakdowns=breakdowns,
-                            n_boot=n_boot, seed=seed, level=level, per_example=per_example,
-                            extra={"images": len(ds)})
+        return caption_pair_result(self, backbone, systems, scores, examples, label, n_boot=n_boot, seed=seed,
+                                   level=level, extra={"images": len(ds)},
+                                   extra_columns={"caption": [e["true"] for e in examples],
+                                                  "perturbed": [e["false"] for e in examples]})
