@@ -10,6 +10,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "load_backbone": "vlkit.backbones.loading",
     "inject": "vlkit.adapters.inject",
+    "merge_adapter": "vlkit.adapters.inject",
+    "unmerge_adapter": "vlkit.adapters.inject",
+    "merge_and_unload": "vlkit.adapters.inject",
     "load_adapter": "vlkit.adapters.files",
     "save_adapter": "vlkit.adapters.files",
     "parameter_report": "vlkit.adapters.report",

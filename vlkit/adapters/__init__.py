@@ -10,6 +10,7 @@ _LAZY = {
     "linear_weights": "vlkit.adapters.weights",
     "LinearView": "vlkit.adapters.weights",
     "base_for_site": "vlkit.adapters.weights",
+    "merge_and_unload": "vlkit.adapters.inject",
 }
 
 __all__ = list(_LAZY)

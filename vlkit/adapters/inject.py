@@ -12,6 +12,7 @@ from torch import nn
 from ..backbones.base import TOWERS, Site, resolve_module, set_module
 from ..errors import ConfigError, InjectionError
 from ..plugins import registry
+from .base import AdapterVariant
 from ..backbones.hosts import AdaptedLinear, AdaptedMHA, AdaptedOutput, AdapterHost
 from ..backbones.sequence import SEQUENCE_KIND, sequence_host
 from ..backbones.state import check_adapter_name
@@ -257,3 +258,55 @@ def _site_weights(host: AdapterHost, site: Site):
     if site.kind != "linear":
         raise InjectionError(f"site {site.path} is not a linear projection and cannot be merged")
     return linear_weights(host.base, site.role)
+
+
+def merge_and_unload(backbone, *names: str) -> list[str]:
+    """Fold adapters into the base weights for good and take them off the backbone, keeping no copy of the
+    original weights (PEFT's `merge_and_unload`): afterwards the backbone holds the memory and runs the forward
+    of a plain frozen backbone. Without names: the active adapters, in activation order. Only plain stacking
+    of variants that merge; nothing changes when one cannot. Not undoable (`merge_adapter` is, at the cost of a
+    copy of the weights it touches). Returns the names merged."""
+    st = backbone.adapter_state
+    names = tuple(names) or tuple(st.active)
+    if st.route is not None or st.mode != "stack" or st.fusion or any(w != 1.0 for w in st.weights.values()):
+        raise InjectionError("merge_and_unload folds plainly stacked adapters; this backbone is set to "
+                             f"{'per-sample routing' if st.route is not None else st.mode}")
+    reg = registry("adapter")
+    for name in names:
+        if name not in backbone.adapter_records:
+            raise ConfigError(f"no adapter named {name!r} on this backbone")
+        record = backbone.adapter_records[name]
+        var = reg.get(record.variant)
+        if type(var).merged_weight is AdapterVariant.merged_weight or any(s.kind != "linear" for s in record.sites):
+            raise InjectionError(f"adapter {name!r} ({record.variant}) cannot be merged into the weights; "
+                                 "nothing was merged")
+    for name in names:
+        record = backbone.adapter_records[name]
+        var = reg.get(record.variant)
+        for site in record.sites:
+            host = host_of(backbone, site)
+            layer = host.adapters[name][site.key]
+            if getattr(layer, "merged", False):  # already folded: only its saved copy goes
+                layer.__dict__.pop("_saved_base", None)
+                continue
+            weight, bias = _site_weights(host, site)
+            with torch.no_grad():
+                merged = var.merged_weight(layer, weight.detach(), None if bias is None else bias.detach())
+                weight.copy_(merged[0])
+                if bias is not None and merged[1] is not None:
+                    bias.copy_(merged[1])
+            del merged
+        for site in record.sites:
+            host_of(backbone, site).remove_adapter(name)
+        backbone.adapter_records.pop(name)
+        st.active = tuple(n for n in st.active if n != name)
+    _unwrap_empty_hosts(backbone)
+    return list(names)
+
+
+def _unwrap_empty_hosts(backbone) -> None:
+    """Put each host's base module back where no adapter or fusion is left on it (deepest first)."""
+    hosts = [(path, m) for path, m in backbone.model.named_modules() if isinstance(m, AdapterHost)]
+    for path, host in sorted(hosts, key=lambda pm: -pm[0].count(".")):
+        if len(host.adapters) == 0 and len(host.fusions) == 0:
+            set_module(backbone.model, path, host.base)

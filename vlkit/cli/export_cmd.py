@@ -94,6 +94,9 @@ def register(cli: typer.Typer) -> None:
                                                       help="onnxruntime execution providers, comma-separated."),
         opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default 17)."),
         no_merge: bool = typer.Option(False, "--no-merge", help="Keep LoRA-like adapters as operators."),
+        merge_unload: bool = typer.Option(False, "--merge",
+                                          help="Fold the adapters into the weights for good (no copy kept for "
+                                               "an exact unmerge: the frozen backbone's memory); all must merge."),
         seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the random verification inputs."),
         option: Optional[list[str]] = typer.Option(None, "--option", "-O", help="Target option key=value."),
         json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
@@ -112,7 +115,8 @@ def register(cli: typer.Typer) -> None:
             with console.status("exporting and verifying…"):
                 summary = export_model(out, backbone=backbone, adapters=list(adapter or []), target=target,
                                        task=task, domain=domain, eval_data=eval_data, eval_n=eval_n,
-                                       merge=not no_merge, options=options, overwrite=overwrite)
+                                       merge=not no_merge, options=options, overwrite=overwrite,
+                                       unload=merge_unload)
         except ExportError as exc:
             if exc.summary:
                 _wide(console).print(checks_table(exc.summary))

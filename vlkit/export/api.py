@@ -251,7 +251,8 @@ def _staged_files(staging: Path) -> list[str]:
 def export_model(out: str | Path, *, backbone: str | None = None, adapters: list[str | Path] = (),
                  target: str = "onnx", task: str | None = None, domain: str | None = None,
                  eval_data: str | None = None, eval_n: int = 256, merge: bool = True,
-                 options: ExportOptions | None = None, overwrite: bool = False) -> dict[str, Any]:
+                 options: ExportOptions | None = None, overwrite: bool = False,
+                 unload: bool = False) -> dict[str, Any]:
     """Export a backbone with adapters to `out` through exporter `target`, verified; returns the summary.
 
     `out` follows `vlkit.outputs`: refused when not empty (unless `overwrite`) or one of the adapters, and
@@ -270,6 +271,8 @@ def export_model(out: str | Path, *, backbone: str | None = None, adapters: list
     if options.seed is None:
         options = dataclasses.replace(options, seed=secrets.randbelow(2**31))
     exporter = get_exporter(target)
+    if unload and not merge:
+        raise ConfigError("--merge (fold for good) and --no-merge (keep adapters as operators) contradict each other")
     exportable = exportable_tasks()
     if task is not None and task not in exportable:
         raise ConfigError(f"--task {task!r} cannot be exported; tasks: {', '.join(exportable) or 'none registered'}")
@@ -288,9 +291,16 @@ def export_model(out: str | Path, *, backbone: str | None = None, adapters: list
     bb = load_backbone(spec)
     loaded = load_sources(bb, [s["path"] for s in sources]) if sources else {
         "names": [], "mode": "stack", "weights": None, "adapters": [], "task_dirs": []}
-    merged = merge_where_possible(bb, enabled=merge)
+    if unload:  # `--merge`: fold for good (`merge_and_unload`), no copy kept; the reference is the merged model
+        from ..adapters.inject import merge_and_unload
+
+        unloaded = merge_and_unload(bb)
+        merged: list[str] = []
+    else:
+        unloaded = []
+        merged = merge_where_possible(bb, enabled=merge)
     for a in loaded["adapters"]:
-        a["merged"] = a["name"] in merged
+        a["merged"] = a["name"] in merged or a["name"] in unloaded
     meta, meta_dir = task_source(loaded["task_dirs"])
     recipe = recipe_data(loaded["task_dirs"])
     dom = domain or recipe_domain(recipe, WORLD_KIND) or DEFAULT_DOMAIN
@@ -312,7 +322,7 @@ def export_model(out: str | Path, *, backbone: str | None = None, adapters: list
     output.__enter__()
     staging = output.staging
     describe = {"backbone": bb.describe(), "adapters": loaded["adapters"], "mode": loaded["mode"],
-                "weights": loaded["weights"], "merged": merged, "domain": dom}
+                "weights": loaded["weights"], "merged": merged + unloaded, "domain": dom}
     captions = list(ds["caption"]) if "caption" in ds.column_names else None
     request = ExportRequest(bb, graphs, _verify_inputs(bb, graphs, data, zs_task, captions, options.seed),
                             _reference_fn(bb, merged), evaluation, options, staging, describe)
