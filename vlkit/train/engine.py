@@ -555,6 +555,7 @@ def _fit(cfg, accel, module, jobs, trainable, out, log, resume, report, stop_aft
     scheduler = _scheduler(optimizer, cfg.optim.schedule, cfg.optim.warmup_steps, total)
     model, optimizer = accel.prepare(module, optimizer)
     raw_opt = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+    step_fn = torch.compile(model) if cfg.compile else model  # parameters stay the module's own (checkpoints)
     step = 0
     history: list[dict[str, Any]] = []
     if resume:
@@ -585,7 +586,7 @@ def _fit(cfg, accel, module, jobs, trainable, out, log, resume, report, stop_aft
                 sync = micro == accum - 1
                 ctx = accel.no_sync(model) if (not sync and world > 1) else contextlib.nullcontext()
                 with ctx, accel.autocast():
-                    loss = model(batch, ji) / accum
+                    loss = step_fn(batch, ji) / accum
                 accel.backward(loss)
                 loss_sum += float(loss.detach())
                 seen += len(next(iter(batch.values()))) * world

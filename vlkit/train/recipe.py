@@ -101,6 +101,7 @@ class Recipe:
     optim: OptimCfg = field(default_factory=OptimCfg)
     precision: str = "fp32"
     device: str = "auto"
+    compile: bool = False  # torch.compile the training step (checkpoints, resume and export are unchanged)
     seed: int = 0
     output_dir: Optional[str] = None
     eval: EvalCfg = field(default_factory=EvalCfg)
