@@ -183,6 +183,13 @@ class AdapterVariant(ABC):
     `shared` without an entry ties the whole layer."""
     merge_methods: tuple[str, ...] = ()
     """This variant's own adapter-merge methods beyond the elementwise ones (implemented in `merge`)."""
+    training_free: bool = False
+    """True for a variant built from data rather than trained (Tip-Adapter's cache): its layers hold buffers,
+    no parameters; `vlkit train` builds it through `init_from_data` only with `optim.steps=0`."""
+    composition_limits: dict[str, str] = {}
+    """Compositions this variant refuses, each with the one-line reason shown to the user. Keys: `stack`,
+    `parallel` (activating it with other adapters in that mode), `merge` (every adapter-merge method) or
+    the name of one merge method (`task_arithmetic`, ...)."""
 
     def make_config(self, **options: Any) -> AdapterConfig:
         return build_config(self.config_cls, options, what=f"{self.name} adapter")
@@ -199,6 +206,20 @@ class AdapterVariant(ABC):
     def prepare_config(self, backbone, config: AdapterConfig, sites) -> AdapterConfig:
         """Fill in what depends on the backbone (e.g. a layer pairing) before layers are made; saved with the adapter."""
         return config
+
+    def options_from_data(self, backbone, task, train_data, options: dict[str, Any]) -> dict[str, Any]:
+        """Adapter options that depend on the task or the training data, before the layers are made.
+
+        Called by the `adapter` training method (`vlkit train`) with the built task, the training dataset
+        (a `datasets.Dataset`, or an IterableDataset for a streaming source) and the recipe's adapter options
+        (without `variant` / `name`); returns the options to inject with (e.g. the class names, a cache
+        size). They are saved in the adapter's config, so keep them JSON values. Default: unchanged."""
+        return options
+
+    def init_from_data(self, backbone, name: str, task, train_data) -> None:
+        """Fill the new adapter `name` (already injected and active) from the training data, before
+        training starts (e.g. Tip-Adapter-F's cache keys are the training images' features). Default: nothing."""
+        return None
 
     @abstractmethod
     def create_layer(self, site, config: AdapterConfig, base=None) -> nn.Module:

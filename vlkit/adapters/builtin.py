@@ -7,9 +7,15 @@ from ..hookspecs import hookimpl
 @hookimpl
 def register_adapters(register):
     from .bottleneck import BottleneckVariant
+    from .clip_adapter import ClipAdapterVariant
+    from .coop import CoopVariant
     from .cross_modal import CrossModalVariant
+    from .dora import DoraVariant
     from .lora import LoraVariant
+    from .maple import MapleVariant
+    from .tip_adapter import TipAdapterFVariant, TipAdapterVariant
     from .vpt import VptVariant
 
-    for variant in (BottleneckVariant(), LoraVariant(), CrossModalVariant(), VptVariant()):
+    for variant in (BottleneckVariant(), LoraVariant(), CrossModalVariant(), VptVariant(), CoopVariant(),
+                    MapleVariant(), ClipAdapterVariant(), TipAdapterVariant(), TipAdapterFVariant(), DoraVariant()):
         register(variant.name, variant, variant.summary)

@@ -13,6 +13,11 @@ TOWERS = ("vision", "text")
 
 ROLES = ("embed", "attn", "mlp", "attn.q", "attn.k", "attn.v", "attn.out", "mlp.fc1", "mlp.fc2")
 OUTPUT_ROLES = ("attn", "mlp")
+TOKENS_ROLE = "tokens"
+"""Role (and kind) of the text tower's token-embedding table (block 0): the layer sees the token ids."""
+PROJ_ROLE = "proj"
+"""Role of a tower's final, projected features (kind "output", the tower's last block): `encode_image` /
+`encode_text` before normalisation."""
 
 
 @dataclass
@@ -28,7 +33,7 @@ class Site:
     role: str
     path: str
     host_path: str
-    kind: str  # "output" or "linear"
+    kind: str  # "output", "linear", "sequence" or "tokens"
     in_features: int
     out_features: int
 
@@ -194,6 +199,18 @@ class Backbone(nn.Module, metaclass=ABCMeta):
             from ..errors import UnknownNameError
 
             raise UnknownNameError("adapter fusion", str(fusion), list(self.fusion_records))
+        live = [n for n in names if n]
+        if len(live) > 1 and mode in ("stack", "parallel"):
+            from ..errors import ConfigError
+            from ..plugins import registry
+
+            reg = registry("adapter")
+            for n in live:
+                rec = self.adapter_records.get(n)
+                var = reg.get(rec.variant) if rec is not None and rec.variant in reg else None
+                reason = getattr(var, "composition_limits", {}).get(mode) if var is not None else None
+                if reason:
+                    raise ConfigError(f"adapter {n!r}: {reason}")
         self.adapter_state.activate(names, self.adapter_records, mode=mode, weights=weights, fusion=fusion)
 
     def set_route(self, names, index=None) -> None:
@@ -311,6 +328,15 @@ def set_module(root: nn.Module, path: str, new: nn.Module) -> None:
         parent[int(leaf)] = new
     else:
         setattr(parent, leaf, new)
+
+
+def tokens_site(index: int, path: str, width: int) -> Site:
+    """The text tower's token-embedding site (kind and role "tokens") at the nn.Embedding `path`.
+
+    A layer there is called like a linear one, `forward(ids, y, weight, bias=None) -> y'`: `ids` the token ids
+    (B, L), `y = weight[ids]` their embeddings (B, L, D), `weight` the live embedding table (vocab, D). Prompt
+    learners that replace the embeddings of some words (CoOp's learned context) use it."""
+    return Site("text", index, TOKENS_ROLE, path, path, TOKENS_ROLE, width, width)
 
 
 BackboneFactory = Callable[..., Backbone]

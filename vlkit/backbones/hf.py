@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import BackboneLoadError
-from .base import Backbone, Block, Site, as_triple
+from .base import Backbone, Block, Site, as_triple, tokens_site
 
 
 def _unwrap(m):
@@ -117,6 +117,14 @@ class HFBackbone(Backbone):
             w = out[0].width
             site = Site(tower, 0, "embed", f"{prefix}.{embed}", f"{prefix}.{embed}", "output", w, w)
             out[0].sites = {"embed": site, **out[0].sites}
+            emb = getattr(_unwrap(tower_model.embeddings), "token_embedding", None)
+            if tower == "text" and isinstance(_unwrap(emb), nn.Embedding):
+                out[0].sites["tokens"] = tokens_site(0, f"{prefix}.embeddings.token_embedding", w)
+            proj = "visual_projection" if tower == "vision" else "text_projection"
+            lin = _unwrap(getattr(self.model, proj, None)) if hasattr(self.model, proj) else None
+            if isinstance(lin, nn.Linear):
+                out[-1].sites["proj"] = Site(tower, out[-1].index, "proj", proj, proj, "output",
+                                             lin.out_features, lin.out_features)
         return out
 
     def sequence_layout(self, tower: str):

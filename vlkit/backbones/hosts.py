@@ -124,7 +124,8 @@ def _route_for(route: torch.Tensor, y: torch.Tensor, batch_dim: int | None) -> t
 
 class AdaptedOutput(AdapterHost):
     """Adapters on the output of a sub-layer (attention or MLP), or on its input (sites of kind "input",
-    applied to the first argument or `hidden_states=`); tuple outputs keep their other items."""
+    applied to the first argument or `hidden_states=`); tuple outputs keep their other items. On an
+    nn.Embedding, sites of kind "tokens" get `(ids, embeddings, weight, None)` (see `tokens_site`)."""
 
     def forward(self, *args, **kwargs):
         for key in self.site_kinds:
@@ -135,8 +136,12 @@ class AdaptedOutput(AdapterHost):
             elif "hidden_states" in kwargs:
                 kwargs = {**kwargs, "hidden_states": self.apply(key, kwargs["hidden_states"])}
         out = self.base(*args, **kwargs)
+        for key in self.site_kinds:  # token-embedding sites first: they replace raw embeddings
+            if self.site_kinds[key] == "tokens" and self.has_active(key):
+                ids = args[0] if args else kwargs.get("input", kwargs.get("input_ids"))
+                out = self.apply(key, out, ids, self.base.weight, None)
         for key in self.site_kinds:
-            if self.site_kinds[key] == "input":
+            if self.site_kinds[key] in ("input", "tokens"):
                 continue
             if isinstance(out, tuple):
                 out = (self.apply(key, out[0]), *out[1:])

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import BackboneLoadError, UnknownNameError
-from .base import Backbone, Block, Site, as_triple
+from .base import Backbone, Block, Site, as_triple, tokens_site
 
 
 def _sites_for_block(tower: str, index: int, path: str, block: nn.Module) -> Block | None:
@@ -41,12 +41,47 @@ def _sites_for_block(tower: str, index: int, path: str, block: nn.Module) -> Blo
     return b
 
 
+FEATURE_TAP = "vlkit_proj"
+
+
+def _text_owner(model: nn.Module) -> tuple[nn.Module, str]:
+    """The module holding the text tower's parts and its path prefix ("text." for CustomTextCLIP)."""
+    if hasattr(model, "text") and hasattr(model.text, "transformer"):
+        return model.text, "text."
+    return model, ""
+
+
+def feature_tap_paths(model: nn.Module) -> dict[str, str]:
+    """Where each tower's final (projected, unnormalised) features pass an identity module: the `proj` sites.
+
+    open_clip applies its projections inline (`pooled @ proj`), so there is no module to wrap; vlkit adds a
+    parameter-free `nn.Identity` to each tower (`visual.vlkit_proj`; `transformer.vlkit_proj` or
+    `text.vlkit_proj`) and passes the tower's output through it. It holds no tensors, so the state dict, the
+    fingerprint and the outputs (the identity returns its input) are those of the plain model."""
+    owner, prefix = _text_owner(model)
+    text_parent = "text" if prefix else "transformer"
+    out = {}
+    if hasattr(model, "visual"):
+        out["vision"] = f"visual.{FEATURE_TAP}"
+    if hasattr(model, text_parent):
+        out["text"] = f"{text_parent}.{FEATURE_TAP}"
+    return out
+
+
+def _install_feature_taps(model: nn.Module) -> None:
+    for path in feature_tap_paths(model).values():
+        parent = model.get_submodule(path.rsplit(".", 1)[0])
+        if FEATURE_TAP not in parent._modules:
+            parent.add_module(FEATURE_TAP, nn.Identity())
+
+
 class OpenClipBackbone(Backbone):
     """Any open_clip model with transformer towers (CLIP and CustomTextCLIP)."""
 
     family = "open_clip"
 
     def __init__(self, model: nn.Module, spec: str, tokenizer, preprocess_cfg: dict | None = None):
+        _install_feature_taps(model)
         super().__init__(model, spec)
         self._tokenizer = tokenizer
         visual = model.visual
@@ -74,11 +109,24 @@ class OpenClipBackbone(Backbone):
 
         return image_transform_v2(pre, is_train=False)
 
+    def _tap(self, tower: str, x: torch.Tensor) -> torch.Tensor:
+        """A tower's final features through its `proj` site (the identity unless an adapter sits there)."""
+        path = feature_tap_paths(self.model).get(tower)
+        if path is None:
+            return x
+        from .base import resolve_module
+
+        parent, _, leaf = path.rpartition(".")
+        module = resolve_module(self.model, parent)._modules.get(leaf)
+        return x if module is None else module(x)
+
     def encode_image(self, pixels, normalize=False):
-        return self.model.encode_image(pixels, normalize=normalize)
+        features = self._tap("vision", self.model.encode_image(pixels, normalize=False))
+        return nn.functional.normalize(features, dim=-1) if normalize else features
 
     def encode_text(self, tokens, normalize=False):
-        return self.model.encode_text(tokens, normalize=normalize)
+        features = self._tap("text", self.model.encode_text(tokens, normalize=False))
+        return nn.functional.normalize(features, dim=-1) if normalize else features
 
     def encode_image_tokens(self, pixels):
         visual = self.model.visual
@@ -93,7 +141,7 @@ class OpenClipBackbone(Backbone):
             pooled, tokens = visual(pixels)
         finally:
             visual.output_tokens = previous
-        return pooled, tokens
+        return self._tap("vision", pooled), tokens
 
     def tokenize(self, texts):
         if isinstance(texts, str):
@@ -139,6 +187,12 @@ class OpenClipBackbone(Backbone):
         if out and embed is not None:
             w = out[0].width
             out[0].sites = {"embed": Site(tower, 0, "embed", embed, embed, "output", w, w), **out[0].sites}
+            if tower == "text" and embed.endswith("token_embedding"):
+                out[0].sites["tokens"] = tokens_site(0, embed, w)
+        tap = feature_tap_paths(self.model).get(tower)
+        if out and tap is not None:
+            d = self.embed_dim
+            out[-1].sites["proj"] = Site(tower, out[-1].index, "proj", tap, tap, "output", d, d)
         return out
 
     def sequence_layout(self, tower: str):

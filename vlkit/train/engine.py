@@ -331,7 +331,7 @@ def _run(cfg, out: Path, stage: Path | None, *, resume: bool, progress, stop_aft
         train_ds, eval_ds = datasets if datasets is not None else load_datasets(cfg)
         task = build_task(backbone, cfg, train_ds)
         adapter_opts = OmegaConf.to_container(cfg.adapter, resolve=True)
-        adapter, trainable = apply_method(backbone, task, cfg, adapter_opts)
+        adapter, trainable = apply_method(backbone, task, cfg, adapter_opts, train_data=train_ds)
         jobs = [Job(None, task, prepare_training(cfg, backbone, task, train_ds),
                     task.prepare(backbone, eval_ds) if eval_ds is not None else None, cfg.seed, cfg)]
     for job in jobs:

@@ -7,7 +7,9 @@ A method is an object with a `name` and the hooks below; the engine looks `cfg.m
 - `task_options(task_cls, options)`: task options this method implies (`linear` asks for the task's
   `linear_probe_options`, e.g. classification's `head: linear`);
 - `prepare(backbone, task, cfg, adapter_options)`: set `requires_grad` on the backbone (everything starts
-  frozen) and return the adapter's name when the method trains one, else None;
+  frozen) and return the adapter's name when the method trains one, else None; a `prepare` with a
+  `train_data` keyword also gets the training dataset (the `adapter` method hands it to the variant's
+  `options_from_data` / `init_from_data`);
 - `save(cfg, out, backbone, task, adapter)`: write what the method produced besides task.json, head and metrics.
 
 `fits` is False for a method that evaluates without training (zeroshot); `trains_head` says whether the task
@@ -15,12 +17,14 @@ head's parameters train.
 """
 from __future__ import annotations
 
+import inspect
 import re
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from ..adapters.base import AdapterVariant
 from ..errors import ConfigError
 
 
@@ -71,18 +75,37 @@ class AdapterMethod(TrainingMethod):
             reg.get(variant).make_config(**opts)
         except ConfigError as exc:
             raise ConfigError(f"{source}: key 'adapter': {exc}") from None
+        if getattr(reg.get(variant), "training_free", False) and not (cfg.optim.steps == 0
+                                                                       or cfg.optim.get("epochs") == 0):
+            raise ConfigError(f"{source}: key 'adapter.variant': {variant} is built from the training data without "
+                              "training; set optim.steps=0 (with --allow-untrained), use `vlkit adapt --method "
+                              f"{variant}`, or train it with a trainable counterpart (e.g. tip-adapter-f)")
 
-    def prepare(self, backbone, task, cfg, adapter_options: dict[str, Any]) -> str | None:
+    def prepare(self, backbone, task, cfg, adapter_options: dict[str, Any], train_data=None) -> str | None:
+        """Inject the recipe's adapter. A variant that needs the task or the data first gets them through
+        `options_from_data` (options before the layers are made) and `init_from_data` (the layers filled
+        in once injected, with only the recipe's base adapters active)."""
         from ..adapters.inject import inject
         from ..compose.resolve import load_recipe_base
+        from ..plugins import registry
 
         opts = dict(adapter_options)
         variant = opts.pop("variant")
         adapter = adapter_name_for(opts.pop("name", cfg.name))
+        var = registry("adapter").get(variant)
         base = load_recipe_base(backbone, cfg)  # compose.base: train on top of frozen adapters
+        opts = var.options_from_data(backbone, task, train_data, opts)
         inject(backbone, variant, name=adapter, **opts)
         if base:
             backbone.set_active(*(n for n, _ in base), adapter, mode="stack")
+        if type(var).init_from_data is not AdapterVariant.init_from_data:
+            active = backbone.adapter_state.active
+            mode = backbone.adapter_state.mode
+            backbone.set_active(*(n for n in active if n != adapter), mode=mode)
+            try:
+                var.init_from_data(backbone, adapter, task, train_data)
+            finally:
+                backbone.set_active(*active, mode=mode)
         return adapter
 
     def save(self, cfg, out: Path, backbone, task, adapter: str | None) -> None:
@@ -170,12 +193,18 @@ def get_method(name: str) -> TrainingMethod:
     return registry("method").get(name)
 
 
-def apply_method(backbone, task, cfg, adapter_options: dict[str, Any]) -> tuple[str | None, dict[str, nn.Parameter]]:
-    """Set requires_grad for the method; returns (adapter name or None, trainable parameters by name)."""
+def apply_method(backbone, task, cfg, adapter_options: dict[str, Any],
+                 train_data=None) -> tuple[str | None, dict[str, nn.Parameter]]:
+    """Set requires_grad for the method; returns (adapter name or None, trainable parameters by name).
+
+    `train_data` (the training dataset) reaches a method whose `prepare` takes a `train_data` keyword."""
     method = get_method(cfg.method)
     for p in backbone.parameters():
         p.requires_grad_(False)
-    adapter = method.prepare(backbone, task, cfg, adapter_options)
+    if train_data is not None and "train_data" in inspect.signature(method.prepare).parameters:
+        adapter = method.prepare(backbone, task, cfg, adapter_options, train_data=train_data)
+    else:
+        adapter = method.prepare(backbone, task, cfg, adapter_options)
     head_params = {f"head.{n}": p for n, p in task.head.named_parameters()}
     for p in head_params.values():
         p.requires_grad_(method.trains_head)

@@ -1,0 +1,212 @@
+"""Tip-Adapter and Tip-Adapter-F: a key-value cache of the few-shot training images on the image features.
+
+The cache sits at the vision tower's `proj` site (the image embedding before normalisation). With `f` the
+normalised image feature, keys `K` (N, D: the normalised features of the N few-shot images), values `L`
+(N, C: their one-hot labels) and the class text embeddings `W` (C, D) of the classes the values index,
+Tip-Adapter's logits are
+
+    logits = s · f Wᵀ + α · A L,        A = exp(−β (1 − f Kᵀ))                (s: the logit scale)
+
+The layer returns `f' = f·‖f‖ + ‖f‖ · (α / s) · (A L) R` where `R` (C, D), the **readout**, is the dual basis
+of `W` (`R Wᵀ = I`, `torch.linalg.pinv(Wᵀ)`): the classification head's `s · norm(f') Wᵀ` is then Tip-Adapter's
+logits divided by one positive number per image, so its predictions are exactly Tip-Adapter's (when C ≤ D
+and the class embeddings are linearly independent; least squares otherwise). Saved state: `keys`, `values`,
+`readout` (tensors) and `alpha`, `beta`, `logit_scale`, `class_names`, `cache_size`, `num_classes` (config).
+
+- `tip-adapter`: built from the data with **no training**: every tensor is a buffer (`training_free`).
+- `tip-adapter-f`: the same with the keys trainable (an `nn.Parameter`), initialised from the training data.
+
+Both are an all-zero cache (the identity) when injected without data; `vlkit train` fills them through the
+variant's `options_from_data` / `init_from_data` hooks (tip-adapter only with `optim.steps=0`).
+
+**Building one** (what `vlkit adapt --method tip-adapter` calls)::
+
+    build_tip_adapter(backbone, dataset, *, task=None, class_names=None, prompt=None, alpha=1.0, beta=5.5,
+                      name="tip-adapter", variant="tip-adapter", batch_size=64, out=None) -> InjectionRecord
+
+`dataset`: a `datasets.Dataset` with `image` and `label` columns (the few-shot training set), or prepared
+tensors `{"pixels": (N, 3, S, S), "labels": (N,)}`. `task`: a classification task (its class names and text
+head give `W`); without one a `ClassificationTask(backbone, dataset, class_names=..., prompt=...)` is built.
+The features are those of the backbone as it is when called (its active adapters, without this one). The
+adapter `name` is injected, filled and made active; `record.task` holds the task's metadata; with `out` the
+adapter directory is written there too (`vlkit.save_adapter(backbone, out, name=name, task=...)`).
+`variant="tip-adapter-f"` builds the trainable form (keys as parameters) the same way.
+
+Composition: stacks with other adapters; cannot be merged into the weights, and two caches cannot be merged
+elementwise (their keys are different examples).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError, DataError
+from .base import AdapterConfig, AdapterVariant
+
+
+@dataclass
+class TipAdapterConfig(AdapterConfig):
+    towers: str = "vision"
+    alpha: float = 1.0
+    beta: float = 5.5
+    logit_scale: float = 100.0
+    cache_size: int = 16
+    num_classes: int = 2
+    class_names: list[str] | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        if self.towers != "vision":
+            raise ConfigError(f"the Tip-Adapter cache acts on the image features: towers must be vision, got {self.towers!r}")
+        if self.cache_size < 1:
+            raise ConfigError(f"cache_size must be >= 1, got {self.cache_size}")
+        if self.num_classes < 1:
+            raise ConfigError(f"num_classes must be >= 1, got {self.num_classes}")
+        if not self.beta >= 0:
+            raise ConfigError(f"beta must be >= 0, got {self.beta}")
+        if not self.logit_scale > 0:
+            raise ConfigError(f"logit_scale must be > 0, got {self.logit_scale}")
+        if self.class_names is not None and len(self.class_names) != self.num_classes:
+            raise ConfigError(f"class_names has {len(self.class_names)} names for num_classes={self.num_classes}")
+
+
+class TipCache(nn.Module):
+    def __init__(self, width: int, config: TipAdapterConfig, trainable_keys: bool):
+        super().__init__()
+        keys = torch.zeros(config.cache_size, width)
+        if trainable_keys:
+            self.keys = nn.Parameter(keys)
+        else:
+            self.register_buffer("keys", keys)
+        self.register_buffer("values", torch.zeros(config.cache_size, config.num_classes))
+        self.register_buffer("readout", torch.zeros(config.num_classes, width))
+        self.alpha = float(config.alpha)
+        self.beta = float(config.beta)
+        self.logit_scale = float(config.logit_scale)
+
+    def cache_logits(self, y: torch.Tensor) -> torch.Tensor:
+        """α · A L (B, C) for image features `y` (B, D)."""
+        f = F.normalize(y, dim=-1)
+        affinity = f @ self.keys.to(y.dtype).t()
+        return self.alpha * torch.exp(-self.beta * (1 - affinity)) @ self.values.to(y.dtype)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        norm = y.norm(dim=-1, keepdim=True)
+        return y + norm * (self.cache_logits(y) / self.logit_scale) @ self.readout.to(y.dtype)
+
+
+class TipAdapterVariant(AdapterVariant):
+    name = "tip-adapter"
+    summary = "Tip-Adapter: training-free key-value cache of few-shot image features (alpha, beta)"
+    config_cls = TipAdapterConfig
+    kinds = ("output",)
+    default_roles = ("proj",)
+    training_free = True
+    trainable_keys = False
+    composition_limits = {"merge": "Tip-Adapter caches hold different examples; build one cache from the union of "
+                                   "the data instead"}
+
+    def create_layer(self, site, config: TipAdapterConfig, base=None) -> nn.Module:
+        return TipCache(site.out_features, config, self.trainable_keys)
+
+    def options_from_data(self, backbone, task, train_data, options: dict[str, Any]) -> dict[str, Any]:
+        names = getattr(task, "class_names", None)
+        if not names or not hasattr(task, "class_embeddings"):
+            raise ConfigError(f"{self.name} needs a classification task (class names and a text head)")
+        try:
+            n = len(train_data)
+        except TypeError:
+            raise ConfigError(f"{self.name} builds its cache from a map-style training set; this one is streaming") from None
+        if n < 1:
+            raise DataError(f"{self.name}: the training set is empty")
+        return {**options, "cache_size": n, "num_classes": len(names), "class_names": list(names),
+                "logit_scale": float(backbone.logit_scale)}
+
+    def init_from_data(self, backbone, name: str, task, train_data) -> None:
+        fill_cache(backbone, name, task, task.prepare(backbone, train_data))
+
+
+class TipAdapterFVariant(TipAdapterVariant):
+    name = "tip-adapter-f"
+    summary = "Tip-Adapter-F: the Tip-Adapter cache with trainable keys, initialised from the training data"
+    training_free = False
+    trainable_keys = True
+
+
+def _features(backbone, pixels, batch_size: int) -> torch.Tensor:
+    from ..tasks.base import device_of
+
+    device = device_of(backbone)
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(pixels), batch_size):
+            chunk = pixels[i:i + batch_size]
+            chunk = torch.stack(list(chunk)) if not isinstance(chunk, torch.Tensor) else chunk
+            out.append(backbone.encode_image(chunk.to(device), normalize=True).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, backbone.embed_dim)
+
+
+def fill_cache(backbone, name: str, task, data: dict[str, Any], batch_size: int = 64) -> None:
+    """Fill the cache of adapter `name` from prepared data {"pixels", "labels"} (the adapter is kept inactive
+    while the features are computed) and the task's class embeddings."""
+    from .inject import adapter_layers
+
+    [layer] = adapter_layers(backbone, name).values()
+    st = backbone.adapter_state
+    active, mode = st.active, st.mode
+    backbone.set_active(*(n for n in active if n != name), mode=mode)
+    try:
+        feats = _features(backbone, data["pixels"], batch_size)
+        with torch.no_grad():
+            class_emb = task.class_embeddings(backbone).float().cpu()
+    finally:
+        backbone.set_active(*active, mode=mode)
+    labels = torch.as_tensor(data["labels"]).long().cpu()
+    n, c = layer.keys.shape[0], layer.values.shape[1]
+    if len(feats) != n or class_emb.shape[0] != c:
+        raise ConfigError(f"adapter {name!r} has a cache of {n} examples and {c} classes; the data has "
+                          f"{len(feats)} examples and the task {class_emb.shape[0]} classes")
+    values = torch.zeros(n, c)
+    ok = labels >= 0
+    values[ok.nonzero().flatten(), labels[ok]] = 1.0
+    readout = torch.linalg.pinv(class_emb.double().t()).float()
+    with torch.no_grad():
+        for t, v in ((layer.keys, feats), (layer.values, values), (layer.readout, readout)):
+            t.copy_(v.to(device=t.device, dtype=t.dtype))
+
+
+def build_tip_adapter(backbone, dataset, *, task=None, class_names: list[str] | None = None,
+                      prompt: str | None = None, alpha: float = 1.0, beta: float = 5.5, name: str = "tip-adapter",
+                      variant: str = "tip-adapter", batch_size: int = 64, out: str | Path | None = None):
+    """Build a Tip-Adapter cache from few-shot data with no training (see the module docstring)."""
+    from .files import save_adapter
+    from .inject import inject
+
+    if variant not in ("tip-adapter", "tip-adapter-f"):
+        raise ConfigError(f"variant must be tip-adapter or tip-adapter-f, got {variant!r}")
+    prepared = isinstance(dataset, dict)
+    if task is None:
+        from ..tasks.classification import ClassificationTask
+
+        opts = {k: v for k, v in (("class_names", class_names), ("prompt", prompt)) if v is not None}
+        task = ClassificationTask(backbone, None if prepared else dataset, **opts)
+    data = dataset if prepared else task.prepare(backbone, dataset)
+    if "pixels" not in data or "labels" not in data:
+        raise DataError("build_tip_adapter needs prepared data with 'pixels' and 'labels'")
+    n = len(data["labels"])
+    if n < 1:
+        raise DataError("build_tip_adapter: the few-shot set is empty")
+    names = list(task.class_names)
+    inject(backbone, variant, name=name, trainable=variant == "tip-adapter-f", alpha=alpha, beta=beta,
+           cache_size=n, num_classes=len(names), class_names=names, logit_scale=float(backbone.logit_scale))
+    fill_cache(backbone, name, task, data, batch_size=batch_size)
+    record = backbone.adapter_records[name]
+    record.task = task.metadata()
+    if out is not None:
+        save_adapter(backbone, out, name=name, task=record.task)
+    return record
