@@ -11,6 +11,16 @@ import vlkit
 from cli_helpers import cli
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_plugins():
+    """These tests hide installed plugins (VLKIT_PLUGINS=""): the cached plugin system must not outlive them."""
+    from vlkit.plugins import reset_plugins
+
+    reset_plugins()
+    yield
+    reset_plugins()
 QUICK = ["backbone=tiny@random", "optim.batch_size=8", "data.train.n=16", "data.eval.n=8", "eval.every_steps=0",
          "checkpoint.every_steps=1", "logging.plot=false", "logging.tensorboard=false", "adapter.variant=lora",
          "adapter.rank=2"]

@@ -13,6 +13,16 @@ import pytest
 from vlkit.cli.app import error_message, exit_code
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_plugins():
+    """These tests hide installed plugins (VLKIT_PLUGINS=""): the cached plugin system must not outlive them."""
+    from vlkit.plugins import reset_plugins
+
+    reset_plugins()
+    yield
+    reset_plugins()
 GARBAGE = ["", "-1", "nan", "inf", "[1, 2", "{a: }", "???", "${oc.env:HOME}", "${nope}", "99999999999999999999",
            "null", "true", "[]", "{}", "'unterminated", "\x00", "é", "1e309", "-0", "0", "foo: bar: baz",
            "${oc.decode:1}", "tiny@/no/such.safetensors", "hf:/no/such", "open_clip:NoModel"]
