@@ -13,9 +13,11 @@ def register_adapters(register):
     from .dora import DoraVariant
     from .lora import LoraVariant
     from .maple import MapleVariant
+    from .peft_bridge import PeftVariant
     from .tip_adapter import TipAdapterFVariant, TipAdapterVariant
     from .vpt import VptVariant
 
     for variant in (BottleneckVariant(), LoraVariant(), CrossModalVariant(), VptVariant(), CoopVariant(),
                     MapleVariant(), ClipAdapterVariant(), TipAdapterVariant(), TipAdapterFVariant(), DoraVariant()):
         register(variant.name, variant, variant.summary)
+    register(PeftVariant.name, PeftVariant(), PeftVariant.summary)  # the PEFT bridge (vlkit.adapters.peft_bridge)
