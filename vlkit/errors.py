@@ -80,3 +80,24 @@ class ExportError(VlkitError):
     def __init__(self, message: str, *, hint: str | None = None, summary: dict | None = None):
         super().__init__(message, hint=hint)
         self.summary = summary
+
+
+class RequestError(VlkitError):
+    """A request to `vlkit serve` that cannot be answered as sent (bad JSON, field, image, adapter); `status` is
+    the HTTP status the server answers with (400 unless another fits better: 404, 409, 413, 422)."""
+
+    kind = "bad request"
+
+    def __init__(self, message: str, *, status: int = 400, hint: str | None = None):
+        super().__init__(message, hint=hint)
+        self.status = int(status)
+
+
+class OverloadedError(VlkitError):
+    """`vlkit serve` has as many requests waiting as its bounded queue holds (HTTP 429 with Retry-After)."""
+
+    kind = "overloaded"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0):
+        super().__init__(message)
+        self.retry_after = float(retry_after)

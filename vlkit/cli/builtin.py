@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "compose_cmd",
     "probe_cmd",
     "export_cmd",
+    "serve_cmd",
 )
 
 

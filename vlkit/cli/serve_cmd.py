@@ -1,0 +1,70 @@
+"""`vlkit serve`: serve one frozen backbone with many adapters over HTTP (FastAPI + uvicorn).
+
+    vlkit serve --backbone tiny --adapters runs/med,runs/vqa,runs/router [--host 127.0.0.1 --port 8000]
+                [--engine torch|onnx] [--max-batch 32 --max-wait-ms 5 --queue-size 256]
+                [--api-key KEY | VLKIT_API_KEY] [--cluster ray --replicas 2 --gpus-per-replica 0]
+
+The server library is `vlkit.serve`; this module only maps flags to `ServeConfig`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+
+def register(cli: typer.Typer) -> None:
+    @cli.command("serve")
+    def serve_cmd(
+        backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="Backbone spec (default: the adapters' own)."),
+        adapters: Optional[str] = typer.Option(None, "--adapters", "-a",
+                                               help="Comma-separated adapter dirs, run names, compositions, NAME=DIR "
+                                                    "(--engine onnx: export directories)."),
+        host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback unless told otherwise)."),
+        port: int = typer.Option(8000, "--port", help="Port (0: a free one)."),
+        engine: str = typer.Option("torch", "--engine", help="torch | onnx (vlkit export outputs via onnxruntime)."),
+        max_batch: int = typer.Option(32, "--max-batch", help="Most requests run in one forward."),
+        max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", help="How long the first request waits for company."),
+        queue_size: int = typer.Option(256, "--queue-size", help="Admitted, unanswered requests before 429."),
+        max_body_bytes: int = typer.Option(8 * 1024 * 1024, "--max-body-bytes", help="Largest request body (413)."),
+        max_pixels: int = typer.Option(4096 * 4096, "--max-pixels", help="Largest image, width x height (413)."),
+        api_key: Optional[str] = typer.Option(None, "--api-key", envvar="VLKIT_API_KEY",
+                                              help="Require this key (Authorization: Bearer KEY or X-API-Key)."),
+        device: Optional[str] = typer.Option(None, "--device", help="torch device (cpu, cuda, cuda:1)."),
+        drain_timeout: float = typer.Option(30.0, "--drain-timeout", help="Seconds to finish requests on SIGTERM."),
+        providers: Optional[str] = typer.Option(None, "--providers", help="onnx: execution providers, comma-separated."),
+        cluster: Optional[str] = typer.Option(None, "--cluster", help="'ray': deploy on Ray Serve (multiplexed)."),
+        replicas: int = typer.Option(1, "--replicas", help="--cluster ray: model replicas."),
+        gpus_per_replica: float = typer.Option(0.0, "--gpus-per-replica", help="--cluster ray: GPUs per replica."),
+        max_adapters_per_replica: int = typer.Option(8, "--max-adapters-per-replica",
+                                                     help="--cluster ray: adapters a replica keeps loaded."),
+        log_level: str = typer.Option("warning", "--log-level", help="uvicorn log level."),
+    ) -> None:
+        """Serve adapters over HTTP: embed, classify, score, answer; hot load; /health, /metrics, /docs."""
+        import sys
+
+        from ..errors import ConfigError
+        from ..serve.app import ServeConfig, run_server
+
+        config = ServeConfig(backbone=backbone, adapters=adapters or [], engine=engine, host=host, port=port,
+                             max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size,
+                             max_body_bytes=max_body_bytes, max_pixels=max_pixels, api_key=api_key, device=device,
+                             drain_timeout=drain_timeout,
+                             providers=[p for p in (providers or "").split(",") if p.strip()] or None)
+        config.check()
+        if cluster is not None:
+            if cluster != "ray":
+                raise ConfigError(f"--cluster takes 'ray', got {cluster!r}")
+            from ..serve.ray_app import run_ray
+
+            run_ray(config, replicas=replicas, gpus_per_replica=gpus_per_replica,
+                    max_adapters_per_replica=max_adapters_per_replica)
+            return
+
+        def ready(server) -> None:
+            bound = [s.getsockname() for srv in server.servers for s in srv.sockets]
+            where = ", ".join(f"http://{h}:{p}" for h, p, *_ in bound)
+            sys.stderr.write(f"vlkit serve: {config.engine} engine on {where} (docs at /docs)\n")
+            sys.stderr.flush()
+
+        run_server(config, on_ready=ready, log_level=log_level)

@@ -1,0 +1,404 @@
+"""The HTTP app of `vlkit serve`: `create_app(config)` builds a FastAPI app, `run_server(config)` serves it.
+
+Endpoints (JSON bodies, or multipart/form-data with an `image` file part):
+
+    POST   /v1/embed               {"adapter", "text" | "image"}            -> {"embedding": [...], "adapter"}
+    POST   /v1/classify            {"adapter", "image", "labels"?}          -> {"scores": {label: p}, "top", ...}
+    POST   /v1/score               {"adapter", "image", "texts": [...]}     -> {"scores": [...], "joint"}
+    POST   /v1/answer              {"adapter", "image", "question"}         -> {"answer", "scores": {...}, "top"}
+    GET    /v1/adapters                                                     -> {"backbone", "adapters", "router"}
+    POST   /v1/adapters/{name}     {"path": DIR}  hot load                  -> the adapter's entry (201)
+    DELETE /v1/adapters/{name}     unload                                   -> {"unloaded": name}
+    GET    /health   GET /metrics (Prometheus text)   GET /docs (OpenAPI)
+
+Every error is `{"error": "one line"}` with a 4xx status (5xx only for a bug): 400 malformed JSON, non-image
+bytes or a request the adapter cannot answer, 401 without the API key, 404 unknown adapter, 409 a name conflict,
+413 over the body or pixel limit, 415 an unsupported content type, 422 a wrong field or type, 429 a full queue
+(with Retry-After), 503 while draining. The single mapping from error types to statuses is `http_status`.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from ..errors import (AdapterFileError, ConfigError, IncompatibleAdapterError, OverloadedError, RequestError,
+                      UnknownNameError, VlkitError)
+from .inputs import BODIES, adapter_of, decode_base64, form_fields, one_line, open_image, parse_json
+
+OPEN_PATHS = ("/health", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc")
+MAX_TEXTS = 256
+MAX_TEXT_CHARS = 4096
+
+
+@dataclass
+class ServeConfig:
+    """Everything `vlkit serve` takes (the CLI flags one to one)."""
+
+    backbone: str | None = None
+    adapters: list[str] | str = field(default_factory=list)
+    engine: str = "torch"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch: int = 32
+    max_wait_ms: float = 5.0
+    queue_size: int = 256
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_pixels: int = 4096 * 4096
+    api_key: str | None = None
+    device: str | None = None
+    drain_timeout: float = 30.0
+    providers: list[str] | None = None
+
+    def check(self) -> None:
+        if self.engine not in ("torch", "onnx"):
+            raise ConfigError(f"--engine must be torch or onnx, got {self.engine!r}")
+        for k in ("max_batch", "queue_size", "max_body_bytes", "max_pixels"):
+            if int(getattr(self, k)) < 1:
+                raise ConfigError(f"--{k.replace('_', '-')} must be at least 1, got {getattr(self, k)}")
+        if float(self.max_wait_ms) < 0:
+            raise ConfigError(f"--max-wait-ms must be at least 0, got {self.max_wait_ms}")
+        if not (0 <= int(self.port) < 65536):
+            raise ConfigError(f"--port must be 0..65535, got {self.port}")
+        if self.engine == "torch" and not self.backbone and not self.adapters:
+            raise ConfigError("give --backbone (and --adapters)")
+
+
+def http_status(exc: BaseException) -> int:
+    """The one table from error types to HTTP statuses."""
+    if isinstance(exc, RequestError):
+        return exc.status
+    if isinstance(exc, OverloadedError):
+        return 429
+    if isinstance(exc, UnknownNameError):
+        return 404
+    if isinstance(exc, (AdapterFileError, IncompatibleAdapterError)):
+        return 422
+    if isinstance(exc, (VlkitError, FileNotFoundError)):
+        return 400
+    return 500
+
+
+def error_text(exc: BaseException) -> str:
+    if isinstance(exc, (VlkitError, FileNotFoundError)):
+        return one_line(exc)
+    return f"internal error: {type(exc).__name__}: {one_line(exc)[:300]}"
+
+
+def make_backend(config: ServeConfig):
+    if config.engine == "onnx":
+        from .onnx_engine import OnnxBackend
+
+        return OnnxBackend(config.adapters, providers=config.providers)
+    from .backends import TorchBackend
+
+    spec = config.backbone
+    if not spec:
+        from ..compose.resolve import source_dirs
+        from ..adapters.files import read_adapter_config
+
+        spec = read_adapter_config(source_dirs(config.adapters)[0][1]).get("backbone") or "tiny"
+    return TorchBackend(spec, config.adapters, device=config.device)
+
+
+class _Guard:
+    """Pure ASGI middleware: the API key, the body size limit (the body is read whole, bounded, before the app
+    sees it) and the in-flight gauge."""
+
+    def __init__(self, app, state):
+        self.app = app
+        self.state = state
+
+    async def _reply(self, send, status: int, message: str, headers=()):
+        body = json.dumps({"error": message}).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                *headers]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        st = self.state
+        path = scope.get("path", "")
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if st.api_key and path not in OPEN_PATHS:
+            auth = headers.get("authorization", "")
+            given = auth[7:].strip() if auth.lower().startswith("bearer ") else headers.get("x-api-key", "")
+            if not hmac.compare_digest(given.encode(), st.api_key.encode()):
+                st.metrics.observe(path, 401, 0.0)
+                return await self._reply(send, 401, "missing or wrong API key (Authorization: Bearer KEY or "
+                                                    "X-API-Key: KEY)", [(b"www-authenticate", b"Bearer")])
+        limit = st.config.max_body_bytes
+        try:
+            declared = int(headers.get("content-length", "0") or 0)
+        except ValueError:
+            return await self._reply(send, 400, "bad Content-Length header")
+        if declared > limit:
+            return await self._reply(send, 413, f"the body is {declared:,} bytes, over the limit of {limit:,} "
+                                                "(--max-body-bytes)", [(b"connection", b"close")])
+        chunks, size = [], 0
+        if scope.get("method") in ("POST", "PUT", "PATCH"):
+            while True:
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    return
+                chunk = msg.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    return await self._reply(send, 413, f"the body is over the limit of {limit:,} bytes "
+                                                        "(--max-body-bytes)", [(b"connection", b"close")])
+                chunks.append(chunk)
+                if not msg.get("more_body", False):
+                    break
+        body = b"".join(chunks)
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        with st.metrics.lock:
+            st.metrics.inflight += 1
+        try:
+            await self.app(scope, replay, send)
+        finally:
+            with st.metrics.lock:
+                st.metrics.inflight -= 1
+
+
+class AppState:
+    def __init__(self, config: ServeConfig, backend, engine):
+        from .metrics import Metrics
+
+        self.config = config
+        self.backend = backend
+        self.engine = engine
+        self.metrics = Metrics()
+        self.api_key = config.api_key or os.environ.get("VLKIT_API_KEY") or None
+        self.draining = False
+
+
+def _openapi_body(model) -> dict:
+    schema = model.model_json_schema()
+    form = {"type": "object", "properties": {**schema.get("properties", {}),
+                                             "image": {"type": "string", "format": "binary"}}}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema},
+                                                          "multipart/form-data": {"schema": form}}}}
+
+
+def create_app(config: ServeConfig | None = None, *, backend=None, **overrides):
+    """The FastAPI app for `config` (or keyword overrides); `backend` replaces the one `config` would build."""
+    from contextlib import asynccontextmanager
+
+    from .. import __version__
+    from .engine import BatchingEngine, Item
+
+    config = config or ServeConfig(**overrides)
+    config.check()
+    backend = backend or make_backend(config)
+    engine = BatchingEngine(backend.runner, max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
+                            queue_size=config.queue_size)
+    state = AppState(config, backend, engine)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        state.draining = True
+        await asyncio.get_running_loop().run_in_executor(None, engine.close, config.drain_timeout)
+
+    app = FastAPI(title="vlkit serve", version=__version__, lifespan=lifespan,
+                  description="One frozen vision-language backbone serving many adapters; requests for different "
+                              "adapters are batched together. Errors are {\"error\": \"one line\"}.")
+    app.state.vlkit = state
+
+    def error_response(exc: BaseException, endpoint: str, t0: float) -> JSONResponse:
+        status = http_status(exc)
+        headers = {"Retry-After": str(int(exc.retry_after))} if isinstance(exc, OverloadedError) else None
+        state.metrics.observe(endpoint, status, time.perf_counter() - t0)
+        return JSONResponse({"error": error_text(exc)}, status_code=status, headers=headers)
+
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, exc):
+        return JSONResponse({"error": one_line(exc.detail)}, status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request, exc):
+        err = (exc.errors() or [{}])[0]
+        loc = ".".join(str(x) for x in err.get("loc", ()))
+        return JSONResponse({"error": one_line(f"field '{loc}': {err.get('msg', 'invalid')}")}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _any(request, exc):
+        return JSONResponse({"error": error_text(exc)}, status_code=http_status(exc))
+
+    async def read_body(request: Request, op: str):
+        model = BODIES[op]
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
+            try:
+                form = await request.form()
+            except Exception as exc:  # noqa: BLE001 - a malformed form is the client's
+                raise RequestError(f"malformed form body: {one_line(exc)[:200]}") from None
+            body, upload = form_fields(form, model)
+            raw = await upload.read() if upload is not None else None
+            return body, raw
+        if ctype not in ("", "application/json") and not ctype.endswith("+json"):
+            raise RequestError(f"unsupported content type {ctype!r}: send application/json or multipart/form-data",
+                               status=415)
+        return parse_json(await request.body(), model), None
+
+    def build_item(op: str, body, raw: bytes | None) -> Item:
+        """Decode, check limits and tensorise (run in a worker thread)."""
+        adapter = adapter_of(body.adapter)
+        backend.check_adapter(adapter, op)
+        image_field = getattr(body, "image", None)
+        pixels = None
+        if raw is not None or image_field:
+            data = raw if raw is not None else decode_base64(image_field)
+            pixels = backend.preprocess(open_image(data, config.max_pixels))
+        texts, labels = None, None
+        if op == "embed":
+            if (pixels is None) == (body.text is None):
+                raise RequestError("embed takes exactly one of `text` and `image`", status=422)
+            texts = [body.text] if body.text is not None else None
+        elif op == "score":
+            if not body.texts:
+                raise RequestError("field 'texts': give at least one text", status=422)
+            texts = list(body.texts)
+        elif op == "answer":
+            texts = [body.question]
+        elif op == "classify" and body.labels is not None:
+            if not body.labels or len(set(body.labels)) != len(body.labels):
+                raise RequestError("field 'labels': give distinct labels", status=422)
+            prompt = body.prompt or backend.prompt_for(adapter)
+            if prompt.count("{}") != 1:
+                raise RequestError(f"field 'prompt' must contain exactly one {{}}, got {prompt!r}", status=422)
+            labels = list(body.labels)
+            texts = [prompt.format(x) for x in labels]
+        if texts is not None:
+            if len(texts) > MAX_TEXTS:
+                raise RequestError(f"{len(texts)} texts in one request; the limit is {MAX_TEXTS}", status=413)
+            if any(len(t) > MAX_TEXT_CHARS for t in texts):
+                raise RequestError(f"a text is over {MAX_TEXT_CHARS} characters", status=413)
+        if op in ("classify", "score", "answer") and pixels is None:
+            raise RequestError("field 'image': required", status=422)
+        top = int(getattr(body, "top", 3))
+        if not 1 <= top <= 1000:
+            raise RequestError("field 'top': must be 1..1000", status=422)
+        return Item(op, adapter, pixels=pixels, tokens=backend.tokenize(texts) if texts else None, labels=labels,
+                    top=top)
+
+    async def handle(request: Request, op: str):
+        from starlette.concurrency import run_in_threadpool
+
+        t0 = time.perf_counter()
+        endpoint = f"/v1/{op}"
+        try:
+            if state.draining:
+                raise RequestError("the server is draining (SIGTERM): send the request elsewhere", status=503)
+            body, raw = await read_body(request, op)
+            item = await run_in_threadpool(build_item, op, body, raw)
+            fut = engine.submit(item)
+            result = await asyncio.wrap_future(fut)
+        except Exception as exc:  # noqa: BLE001 - mapped to the one error shape
+            return error_response(exc, endpoint, t0)
+        state.metrics.observe(endpoint, 200, time.perf_counter() - t0)
+        return JSONResponse(result)
+
+    @app.post("/v1/embed", summary="Normalised embedding of a text or an image", openapi_extra=_openapi_body(BODIES["embed"]))
+    async def embed(request: Request):
+        return await handle(request, "embed")
+
+    @app.post("/v1/classify", summary="Class scores from the adapter's task head, or for given labels",
+              openapi_extra=_openapi_body(BODIES["classify"]))
+    async def classify(request: Request):
+        return await handle(request, "classify")
+
+    @app.post("/v1/score", summary="Image-text scores (joint scoring for fusion adapters)",
+              openapi_extra=_openapi_body(BODIES["score"]))
+    async def score(request: Request):
+        return await handle(request, "score")
+
+    @app.post("/v1/answer", summary="Answer a question about an image (VQA adapters)",
+              openapi_extra=_openapi_body(BODIES["answer"]))
+    async def answer(request: Request):
+        return await handle(request, "answer")
+
+    @app.get("/v1/adapters", summary="Served adapters, their tasks and the router")
+    async def list_adapters():
+        return backend.describe()
+
+    @app.post("/v1/adapters/{name}", summary="Hot load an adapter directory under `name`", status_code=201,
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                  "schema": BODIES["load"].model_json_schema()}}}})
+    async def load_adapter(name: str, request: Request):
+        t0 = time.perf_counter()
+        try:
+            body = parse_json(await request.body(), BODIES["load"])
+            fut = engine.control(lambda: backend.load(name, body.path))
+            entry = await asyncio.wrap_future(fut)
+        except Exception as exc:  # noqa: BLE001
+            return error_response(exc, "/v1/adapters", t0)
+        state.metrics.observe("/v1/adapters", 201, time.perf_counter() - t0)
+        return JSONResponse(entry, status_code=201)
+
+    @app.delete("/v1/adapters/{name}", summary="Unload an adapter")
+    async def unload_adapter(name: str):
+        t0 = time.perf_counter()
+        try:
+            await asyncio.wrap_future(engine.control(lambda: backend.unload(name)))
+        except Exception as exc:  # noqa: BLE001
+            return error_response(exc, "/v1/adapters", t0)
+        state.metrics.observe("/v1/adapters", 200, time.perf_counter() - t0)
+        return {"unloaded": name}
+
+    @app.get("/health", summary="Liveness and what is loaded")
+    async def health():
+        body = {"status": "draining" if state.draining else "ok", "engine": backend.name, "backbone": backend.spec,
+                "adapters": backend.count(), "queue": engine.depth, "max_batch": engine.max_batch}
+        return JSONResponse(body, status_code=503 if state.draining else 200)
+
+    @app.get("/metrics", summary="Prometheus metrics (text format)", response_class=PlainTextResponse)
+    async def metrics():
+        return PlainTextResponse(state.metrics.render(engine, backend.count(), state.draining),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    app.add_middleware(_Guard, state=state)
+    return app
+
+
+def run_server(config: ServeConfig, *, on_ready=None, log_level: str = "warning") -> None:
+    """Serve `config` with uvicorn until SIGTERM/SIGINT; then stop accepting, answer what was admitted, exit."""
+    import uvicorn
+
+    asgi = create_app(config)
+    state = asgi.state.vlkit
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            state.draining = True
+            super().handle_exit(sig, frame)
+
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if on_ready is not None and self.started:
+                on_ready(self)
+
+    ucfg = uvicorn.Config(asgi, host=config.host, port=int(config.port), log_level=log_level, access_log=False,
+                          timeout_graceful_shutdown=config.drain_timeout, lifespan="on")
+    Server(ucfg).run()

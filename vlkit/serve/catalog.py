@@ -1,0 +1,250 @@
+"""The adapters a torch server holds on its one backbone: what `--adapters` names, hot loads and unloads.
+
+`--adapters` takes a comma-separated list (or a list) of:
+
+- an adapter directory or a run name under `runs/` (`NAME=DIR` picks the served name; default: the adapter's
+  own name, made unique), served with the task it was trained for (`task.json` + `head.safetensors`);
+- a route composition (`vlkit compose A,B --mode route`): each of its adapters is served by name and its router
+  answers requests for adapter `auto`;
+- another composition (stack, average, parallel, fuse, merge): served as one name (the directory's name).
+
+Adapters are never copied: they are loaded side by side and a batch picks per sample (`backbone.set_route`).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import AdapterFileError, ConfigError, RequestError
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+@dataclass
+class Entry:
+    """One served name."""
+
+    name: str
+    kind: str  # "adapter" (one adapter: routable per sample) or "composition" (several active together)
+    source: str
+    task: Any = None
+    variant: str | None = None
+    parameters: int = 0
+    names: tuple[str, ...] = ()  # backbone adapter names (kind "composition")
+    mode: str = "stack"
+    weights: list[float] | None = None
+    fusion: str | None = None
+    routable: bool = True
+    joint: bool = False
+    member_of: str | None = None  # the route composition it came with
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        task = self.task
+        out = {"name": self.name, "kind": self.kind, "source": self.source, "variant": self.variant,
+               "task": getattr(task, "name", None) or None, "parameters": self.parameters, "joint": self.joint}
+        if self.kind == "composition":
+            out.update(mode=self.mode, adapters=list(self.names))
+        if self.member_of:
+            out["composition"] = self.member_of
+        classes = getattr(task, "class_names", None)
+        if classes:
+            out["labels"] = list(classes)
+        return out
+
+
+def _read_task_files(backbone, d: Path):
+    """The task an adapter directory was trained for (None without task.json)."""
+    from ..compose.predict import load_task
+
+    meta_file, head = d / "task.json", d / "head.safetensors"
+    if not meta_file.is_file():
+        return None
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+        raise AdapterFileError(f"{meta_file} is not valid JSON: {exc}") from None
+    try:
+        return load_task(backbone, meta, head if head.is_file() else None)
+    except (RuntimeError, ValueError, KeyError, TypeError, OSError) as exc:
+        raise AdapterFileError(f"the task files of {d} cannot be used: {' '.join(str(exc).split())[:200]}") from None
+
+
+class TorchCatalog:
+    """Served names -> entries on one backbone, the router for `auto`, and cached class embeddings."""
+
+    def __init__(self, backbone, device=None):
+        self.backbone = backbone
+        self.device = device
+        self.entries: dict[str, Entry] = {}
+        self.router = None
+        self.router_source: str | None = None
+        self.text_cache: dict[tuple, Any] = {}
+
+    # --- what a request names -----------------------------------------------------------------
+    def get(self, name: str) -> Entry:
+        if name not in self.entries:
+            known = ", ".join(sorted(self.entries)) or "none loaded"
+            raise RequestError(f"unknown adapter {name!r}; loaded: {known} (or 'auto', or none for the frozen "
+                               "backbone)", status=404)
+        return self.entries[name]
+
+    def describe(self) -> dict[str, Any]:
+        return {"backbone": self.backbone.spec, "adapters": [e.describe() for e in self.entries.values()],
+                "router": None if self.router is None else
+                {"source": self.router_source, "routes_to": [n or "none" for n in self.router.names]}}
+
+    # --- loading ------------------------------------------------------------------------------
+    def add_many(self, items) -> list[str]:
+        if isinstance(items, str):
+            items = [p.strip() for p in items.split(",") if p.strip()]
+        added = []
+        for item in items or []:
+            added += self.add(str(item))
+        return added
+
+    def _name_and_path(self, text: str) -> tuple[str | None, Path]:
+        from ..compose.resolve import find_source
+
+        name, sep, rest = text.partition("=")
+        if sep and name and "/" not in name:
+            return name.strip(), find_source(rest.strip())
+        return None, find_source(text)
+
+    def add(self, text: str, name: str | None = None, *, adapters_only: bool = False) -> list[str]:
+        """Load one `--adapters` item (or a hot-loaded directory); returns the served names it added."""
+        from ..backbones.state import check_adapter_name
+        from ..compose.composition import is_composition
+
+        given, path = self._name_and_path(text)
+        name = name or given
+        if name is not None:
+            check_adapter_name(name)
+            if name in self.entries or name in self.backbone.adapter_records:
+                raise RequestError(f"an adapter named {name!r} is already loaded; unload it first", status=409)
+        if not path.exists():
+            raise AdapterFileError(f"adapter {text!r} not found: not a directory, nor a run under runs/")
+        if (path / ADAPTER_CONFIG).is_file():
+            return [self._add_adapter(path, name)]
+        if is_composition(path) and not adapters_only:
+            return self._add_composition(path, name)
+        raise AdapterFileError(f"{path} is not an adapter directory (no {ADAPTER_CONFIG})"
+                               + ("" if adapters_only else " nor a composition directory"))
+
+    def _entry_for(self, name: str, source: Path, task, member_of: str | None = None) -> Entry:
+        from ..adapters.inject import adapter_parameters
+        from ..plugins import registry
+
+        rec = self.backbone.adapter_records[name]
+        var = registry("adapter").get(rec.variant) if rec.variant in registry("adapter") else None
+        routable = all(getattr(s, "kind", "") != "sequence" for s in rec.sites)
+        params = int(sum(t.numel() for t in adapter_parameters(self.backbone, name).values()))
+        if task is not None and self.device is not None:
+            task.head.to(self.device)
+        return Entry(name, "adapter", str(source), task=task, variant=rec.variant, parameters=params,
+                     names=(name,), routable=routable, joint=bool(getattr(var, "joint", False)), member_of=member_of)
+
+    def _add_adapter(self, path: Path, name: str | None) -> str:
+        from ..adapters.files import load_adapter, read_adapter_config
+        from ..adapters.inject import remove_adapter
+        from ..compose.resolve import free_name
+
+        cfg = read_adapter_config(path)
+        if name is None:
+            taken = set(self.entries) | set(self.backbone.adapter_records)
+            name = free_name(taken, str(cfg.get("name") or path.name))
+        load_adapter(self.backbone, path, name=name, activate=False)
+        try:
+            if self.device is not None:
+                self.backbone.to(self.device)
+            task = _read_task_files(self.backbone, path)
+            entry = self._entry_for(name, path, task)
+        except BaseException:
+            remove_adapter(self.backbone, name)
+            raise
+        self.entries[name] = entry
+        return name
+
+    def _add_composition(self, path: Path, name: str | None) -> list[str]:
+        from ..compose.composition import activation, load_composition
+        from ..compose.predict import _task_for
+        from ..compose.resolve import free_name
+
+        before = set(self.backbone.adapter_records)
+        comp = load_composition(self.backbone, path, activate=False)
+        if self.device is not None:
+            self.backbone.to(self.device)
+            if comp.router is not None:
+                comp.router.to(self.device)
+        label = name or free_name(set(self.entries), path.name)
+        if comp.mode == "route":
+            added = []
+            for n in comp.names:
+                info = comp.tasks.get(n) or {}
+                task = _task_for(comp, self.backbone, n, {})
+                self.entries[n] = self._entry_for(n, Path(info.get("dir") or path), task, member_of=label)
+                added.append(n)
+            if comp.router is not None and self.router is None:
+                self.router, self.router_source = comp.router, str(path)
+            return added
+        mode, weights = activation(comp.mode, comp.weights, len(comp.names))
+        task = _task_for(comp, self.backbone, None, {})
+        if task is not None and self.device is not None:
+            task.head.to(self.device)
+        new = set(self.backbone.adapter_records) - before
+        from ..adapters.inject import adapter_parameters
+
+        params = int(sum(t.numel() for n in new for t in adapter_parameters(self.backbone, n).values()))
+        self.entries[label] = Entry(label, "composition", str(path), task=task, parameters=params,
+                                    names=tuple(comp.names), mode=mode, weights=weights, fusion=comp.fusion,
+                                    routable=False, joint=False, extra={"composition_mode": comp.mode})
+        return [label]
+
+    def remove(self, name: str) -> None:
+        from ..adapters.inject import remove_adapter
+
+        entry = self.get(name)
+        if self.router is not None and name in self.router.names:
+            raise RequestError(f"adapter {name!r} is a route of the router of {self.router_source}; "
+                               "it cannot be unloaded while the router serves 'auto'", status=409)
+        if entry.kind != "adapter":
+            raise RequestError(f"{name!r} is a composition loaded with --adapters; only adapters loaded one by one "
+                               "can be unloaded", status=409)
+        users = [e.name for e in self.entries.values() if e.kind == "composition" and name in e.names]
+        if users:
+            raise RequestError(f"adapter {name!r} is part of {', '.join(users)}", status=409)
+        del self.entries[name]
+        self.text_cache = {k: v for k, v in self.text_cache.items() if k[0] != name}
+        remove_adapter(self.backbone, name)
+
+    # --- activation ---------------------------------------------------------------------------
+    def activate(self, name: str | None) -> None:
+        bb = self.backbone
+        bb.clear_route()
+        if name is None:
+            bb.set_active()
+            return
+        e = self.entries[name]
+        if e.kind == "composition":
+            bb.set_active(*e.names, mode=e.mode, weights=e.weights, fusion=e.fusion)
+        else:
+            bb.set_active(name)
+
+    def text_features(self, name: str | None, tokens, key=None):
+        """Unnormalised text features of `tokens` through `name` alone (class prompts), cached by `key`."""
+        import torch
+
+        ck = (name, key) if key is not None else None
+        if ck is not None and ck in self.text_cache:
+            return self.text_cache[ck]
+        self.activate(name)
+        try:
+            with torch.no_grad():
+                out = self.backbone.encode_text(tokens.to(self.device or "cpu"))
+        finally:
+            self.activate(None)
+        if ck is not None:
+            self.text_cache[ck] = out
+        return out

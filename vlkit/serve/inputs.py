@@ -1,0 +1,163 @@
+"""Request bodies (JSON or multipart) of `vlkit serve`, checked before anything reaches the engine.
+
+Field names are the issue's: embed `{"adapter", "text" | "image"}`, classify `{"adapter", "image", "labels"?}`,
+score `{"adapter", "image", "texts"}`, answer `{"adapter", "image", "question"}`. `image` is base64 PNG/JPEG
+(a `data:image/...;base64,` prefix is allowed) in JSON, or a file part in multipart/form-data. Types are strict
+(a number where a string belongs is refused) and unknown fields are refused, so a typo is an error, not a default.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..errors import RequestError
+
+AUTO = "auto"
+FROZEN = ("none", "backbone", "frozen")
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    adapter: Optional[str] = Field(None, description="adapter name, 'auto' (the router of a route composition) "
+                                                     "or none/null (the frozen backbone)")
+
+
+class EmbedBody(_Body):
+    text: Optional[str] = Field(None, description="a text to embed (or give image)")
+    image: Optional[str] = Field(None, description="base64 PNG/JPEG image to embed (or give text)")
+
+
+class ClassifyBody(_Body):
+    image: str = Field(..., description="base64 PNG/JPEG image")
+    labels: Optional[list[str]] = Field(None, description="class labels to score instead of the adapter's head")
+    prompt: Optional[str] = Field(None, description="template with one {} for each label (default: the "
+                                                    "adapter's task prompt, else 'a photo of a {}')")
+    top: int = Field(3, description="entries in `top`")
+
+
+class ScoreBody(_Body):
+    image: str = Field(..., description="base64 PNG/JPEG image")
+    texts: list[str] = Field(..., description="texts scored against the image")
+
+
+class AnswerBody(_Body):
+    image: str = Field(..., description="base64 PNG/JPEG image")
+    question: str = Field(..., description="the question")
+    top: int = Field(3, description="entries in `scores` and `top`")
+
+
+class LoadBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    path: str = Field(..., description="adapter directory on the server (an export directory for --engine onnx)")
+
+
+BODIES = {"embed": EmbedBody, "classify": ClassifyBody, "score": ScoreBody, "answer": AnswerBody, "load": LoadBody}
+
+
+def one_line(text: Any) -> str:
+    return " ".join(str(text).split())
+
+
+def validation_message(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(x) for x in err.get("loc", ())) or "body"
+    msg = err.get("msg", "invalid")
+    if err.get("type") == "extra_forbidden":
+        msg = "unknown field"
+    return one_line(f"field '{loc}': {msg}")
+
+
+def parse_json(raw: bytes, model: type[BaseModel]) -> BaseModel:
+    """The body as `model`: RequestError 400 for malformed JSON, 422 for a wrong shape, field or type."""
+    try:
+        data = json.loads(raw.decode("utf-8")) if raw else None
+    except UnicodeDecodeError:
+        raise RequestError("malformed JSON body: not UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise RequestError(f"malformed JSON body: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    if not isinstance(data, dict):
+        raise RequestError(f"the body must be a JSON object, got {type(data).__name__ if data is not None else 'nothing'}",
+                           status=422)
+    return validate(data, model)
+
+
+def validate(data: dict, model: type[BaseModel]) -> BaseModel:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise RequestError(validation_message(exc), status=422) from None
+
+
+def form_fields(form, model: type[BaseModel]) -> tuple[BaseModel, bytes | None]:
+    """A multipart form as `model` and the raw bytes of its `image` file part (None without one)."""
+    data: dict[str, Any] = {}
+    image = None
+    for key in set(form.keys()):
+        values = form.getlist(key)
+        field = model.model_fields.get(key)
+        if key == "image":
+            v = values[0]
+            if hasattr(v, "read"):
+                image = v  # UploadFile, read by the caller
+                data["image"] = ""
+            else:
+                data["image"] = v
+            continue
+        if field is not None and "list" in str(field.annotation):
+            data[key] = [str(x) for x in values]
+        elif field is not None and field.annotation is int:
+            try:
+                data[key] = int(values[0])
+            except ValueError:
+                raise RequestError(f"field '{key}': not an integer: {values[0]!r}", status=422) from None
+        else:
+            data[key] = values[0] if isinstance(values[0], str) else values[0]
+    return validate(data, model), image
+
+
+def decode_base64(text: str, field: str = "image") -> bytes:
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(f"field '{field}' is not valid base64") from None
+
+
+def open_image(raw: bytes, max_pixels: int):
+    """Decode image bytes to an RGB PIL image: 400 for bytes that are no image, 413 over `max_pixels`."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not raw:
+        raise RequestError("the image is empty")
+    try:
+        im = Image.open(io.BytesIO(raw))
+        w, h = im.size
+        if w * h > max_pixels:
+            raise RequestError(f"the image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,} "
+                               "(--max-pixels)", status=413)
+        im.load()
+        return im.convert("RGB")
+    except RequestError:
+        raise
+    except Image.DecompressionBombError:
+        raise RequestError(f"the image is over the pixel limit of {max_pixels:,} (--max-pixels)", status=413) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        reason = "not a known image format" if isinstance(exc, UnidentifiedImageError) else one_line(exc)[:120]
+        raise RequestError(f"the image bytes are not a readable image ({reason})") from None
+
+
+def adapter_of(value: str | None) -> str | None:
+    """The adapter a request names: a name, 'auto', or None (the frozen backbone)."""
+    if value is None:
+        return None
+    v = value.strip()
+    if not v or v.lower() in FROZEN:
+        return None
+    return AUTO if v.lower() == AUTO else v
