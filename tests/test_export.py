@@ -19,7 +19,9 @@ from vlkit.export.base import ExportOptions, ExportResult
 from cli_helpers import cli
 
 SPEC = "tiny@random"
-VARIANTS = ("bottleneck", "lora", "ia3", "fusion")
+VARIANTS = ("bottleneck", "lora", "ia3", "fusion", "vpt", "coop", "maple", "clip-adapter", "tip-adapter",
+            "tip-adapter-f", "dora")
+MERGED = ("lora", "ia3", "dora")  # variants export folds into the weights
 
 
 def perturb_dir(path: Path, seed: int, scale: float = 0.05) -> Path:
@@ -35,6 +37,10 @@ def perturb_dir(path: Path, seed: int, scale: float = 0.05) -> Path:
         for layer in adapter_layers(bb, name).values():
             for p in layer.parameters():
                 p.add_(scale * torch.randn(p.shape, generator=g))
+            persistent = set(layer.state_dict())
+            for n, b in layer.named_buffers():  # a training-free variant's state (Tip-Adapter's cache)
+                if n in persistent and b.is_floating_point():
+                    b.add_(scale * torch.randn(b.shape, generator=g))
     vlkit.save_adapter(bb, path, name=name)
     return path
 
@@ -64,7 +70,10 @@ def _max_fp32(summary) -> float:
 
 
 @pytest.mark.parametrize("variant,merge", [("bottleneck", True), ("lora", True), ("lora", False), ("ia3", True),
-                                           ("fusion", True), ("bottleneck-inputs", True)])
+                                           ("fusion", True), ("bottleneck-inputs", True), ("vpt", True),
+                                           ("coop", True), ("maple", True), ("clip-adapter", True),
+                                           ("tip-adapter", True), ("tip-adapter-f", True), ("dora", True),
+                                           ("dora", False)])
 def test_parity_every_variant(adapter_dirs, tmp_path, variant, merge):
     if variant not in adapter_dirs:
         pytest.skip(f"adapter variant {variant} is not installed")
@@ -73,7 +82,7 @@ def test_parity_every_variant(adapter_dirs, tmp_path, variant, merge):
     assert s["passed"] and s["backbone"] == SPEC  # the backbone spec comes from the adapter config
     assert _max_fp32(s) < 1e-4
     assert {c["inputs"] for c in s["checks"]} == {"random", "real"}
-    assert s["merged"] == ([variant] if merge and variant in ("lora", "ia3") else [])
+    assert s["merged"] == ([variant] if merge and variant in MERGED else [])
     files = {f["file"] for f in s["files"]}
     assert {"image_encoder.onnx", "text_encoder.onnx"} <= files
     assert ("pair_scorer.onnx" in files) == (variant == "fusion")

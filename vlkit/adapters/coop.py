@@ -21,7 +21,7 @@ end-of-text pooling are those of the frozen model.
 - Filled in by `prepare_config` and saved: `context_ids` (the initial prompt's token ids), `context_start`
   (the position of the first context token) and, class-specific, `class_ids`.
 
-Text tower only (`towers: text`). Not mergeable (tokens are not a weight update); two CoOp adapters cannot be
+Text tower only (`towers: text`; `both` means text). Not mergeable (tokens are not a weight update); two CoOp adapters cannot be
 stacked or run in parallel (both replace the same context: only one could act).
 """
 from __future__ import annotations
@@ -53,6 +53,8 @@ class CoopConfig(AdapterConfig):
 
     def validate(self) -> None:
         super().validate()
+        if self.towers == "both":  # only the text tower has a token-embedding site
+            self.towers = "text"
         if self.towers != "text":
             raise ConfigError(f"coop learns the text tower's context: towers must be text, got {self.towers!r}")
         if self.init not in INITS:
@@ -61,8 +63,6 @@ class CoopConfig(AdapterConfig):
             raise ConfigError("init_prompt must hold at least one word (e.g. 'a photo of a')")
         if not self.init_std >= 0:
             raise ConfigError(f"init_std must be >= 0, got {self.init_std}")
-        if self.class_specific and not self.class_names:
-            raise ConfigError("class_specific coop needs class_names (vlkit train fills them in from the task)")
         if self.class_names is not None and len(set(self.class_names)) != len(self.class_names):
             raise ConfigError("class_names has duplicates")
 
@@ -185,6 +185,8 @@ class CoopVariant(AdapterVariant):
         config.init_prompt = prompt
         config.context_ids, config.context_start = ids, start
         if config.class_specific:
+            if not config.class_names:
+                raise ConfigError("class_specific coop needs class_names (vlkit train fills them in from the task)")
             config.class_ids = [word_tokens(backbone, n)[1] for n in config.class_names]
         return config
 

@@ -61,6 +61,8 @@ class TipAdapterConfig(AdapterConfig):
 
     def validate(self) -> None:
         super().validate()
+        if self.towers == "both":  # the cache reads image features only
+            self.towers = "vision"
         if self.towers != "vision":
             raise ConfigError(f"the Tip-Adapter cache acts on the image features: towers must be vision, got {self.towers!r}")
         if self.cache_size < 1:
