@@ -129,15 +129,23 @@ def load_adapter(backbone, path: str | Path, name: str | None = None, *, activat
     """Load an adapter directory onto `backbone` under `name` (default: its saved name).
 
     Several adapters can be loaded side by side; `backbone.set_active(...)` switches between them.
+    A PEFT LoRA directory (`PeftModel.save_pretrained`, adapter_config.json with `peft_type`) loads too, as
+    vlkit's `lora` layers (DoRA: the `peft` bridge); see vlkit.adapters.peft_format.
     """
     from .inject import adapter_layers, inject, remove_adapter
 
-    cfg = read_adapter_config(path)
-    check_compatible(backbone, cfg, str(path))
+    from .peft_format import is_peft_dir, read_peft_dir
+
+    if is_peft_dir(path):  # PEFT's own schema (peft_type): converted to vlkit's layers (vlkit.adapters.peft_format)
+        cfg, weights = read_peft_dir(backbone, path)
+    else:
+        cfg = read_adapter_config(path)
+        check_compatible(backbone, cfg, str(path))
+        weights = None
     variant = cfg["variant"]
     if variant not in registry("adapter"):
         raise UnknownNameError("adapter variant", variant, registry("adapter").names())
-    weights = read_adapter_weights(path)
+    weights = read_adapter_weights(path) if weights is None else weights
     name = name or cfg.get("name") or "default"
     if name in backbone.adapter_records:
         raise ConfigError(f"an adapter named {name!r} is already loaded; pass another name")

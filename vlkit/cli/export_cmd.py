@@ -2,6 +2,7 @@
 
     vlkit export --backbone tiny --adapter runs/med -o out/ [--task classification] [--fp16] [--quantize int8]
                  [--providers CUDAExecutionProvider,CPUExecutionProvider] [--target onnx] [--json]
+    vlkit export --format peft --adapter runs/hf-lora -o peft-dir/   # PeftModel.from_pretrained(CLIPModel, dir)
 
 The verification table (max abs difference per graph, precision, input set and output) and the eval-set
 scores go to stderr; `--json` prints the summary on stdout. A failed check exits with code 2 and writes
@@ -72,6 +73,24 @@ def scores_table(summary: dict[str, Any]):
     return _table(f"eval-set score ({dataset})", ["graph", "metric", "value", "change", "same pred.", "n"], rows)
 
 
+def _export_peft(out: Path, adapter: list[str] | None, backbone: str | None, overwrite: bool, json_out: bool,
+                 seed: int | None) -> None:
+    """`--format peft`: one adapter as a PEFT directory (vlkit.adapters.peft_format.export_peft)."""
+    from ..adapters.peft_format import export_peft
+    from ..errors import ConfigError
+    from .output import console, print_json
+
+    if not adapter or len(adapter) != 1:
+        raise ConfigError("--format peft writes one adapter: give exactly one --adapter directory")
+    with console.status("writing the PEFT directory and loading it with PEFT…"):
+        summary = export_peft(out, adapter[0], backbone=backbone, overwrite=overwrite, seed=seed or 0)
+    worst = ", ".join(f"{k} {v:.2e}" for k, v in summary["max_abs_diff"].items())
+    console.print(f"verified with peft.PeftModel (max |diff| {worst}); wrote a PEFT {summary['variant']} adapter "
+                  f"({summary['modules']} modules) to {out}")
+    if json_out:
+        print_json(summary)
+
+
 def register(cli: typer.Typer) -> None:
     @cli.command("export")
     def export_cmd(
@@ -81,6 +100,10 @@ def register(cli: typer.Typer) -> None:
         backbone: Optional[str] = typer.Option(None, "--backbone", "-b",
                                                help="Backbone spec (default: the one the adapter names)."),
         target: str = typer.Option("onnx", "--target", "-t", help="Export target (see `vlkit plugins`)."),
+        fmt: str = typer.Option("graphs", "--format", "-f",
+                                help="graphs: the --target's verified graphs (ONNX by default); peft: one LoRA / "
+                                     "peft adapter of an hf: backbone as a PEFT directory "
+                                     "(PeftModel.from_pretrained loads it), verified through PEFT."),
         task: Optional[str] = typer.Option(None, "--task", help="Add a task head graph: classification."),
         domain: Optional[str] = typer.Option(None, "--domain",
                                              help="World domain of the eval set, and of the class names when the "
@@ -109,6 +132,13 @@ def register(cli: typer.Typer) -> None:
         from .common import parse_kv
         from .output import console, print_json
 
+        if fmt == "peft":
+            _export_peft(out, adapter, backbone, overwrite, json_out, seed)
+            return
+        if fmt not in ("graphs", "onnx"):
+            from ..errors import ConfigError
+
+            raise ConfigError(f"--format must be graphs or peft, got {fmt!r}")
         options = ExportOptions(fp16=fp16, quantize=quantize, providers=_providers(providers), opset=opset,
                                 seed=seed, extra=parse_kv(option))
         try:
