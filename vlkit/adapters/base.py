@@ -188,7 +188,7 @@ class AdapterVariant(ABC):
     no parameters; `vlkit train` builds it through `init_from_data` only with `optim.steps=0`."""
     composition_limits: dict[str, str] = {}
     """Compositions this variant refuses, each with the one-line reason shown to the user. Keys: `stack`,
-    `parallel` (activating it with other adapters in that mode), `merge` (every adapter-merge method) or
+    `parallel` (activating two adapters of this variant together in that mode), `merge` (every adapter-merge method) or
     the name of one merge method (`task_arithmetic`, ...)."""
 
     def make_config(self, **options: Any) -> AdapterConfig:

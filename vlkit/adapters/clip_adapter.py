@@ -60,3 +60,10 @@ class ClipAdapterVariant(AdapterVariant):
 
     def create_layer(self, site, config: ClipAdapterConfig, base=None) -> nn.Module:
         return ClipAdapterLayer(site.out_features, config.reduction, config.ratio)
+
+    def describe_state(self, config, tensors):
+        yield "ratio (alpha)", config.get("ratio")
+        for k, t in sorted(tensors.items()):
+            if k.endswith(".up.weight"):
+                site = k[: -len(".up.weight")]
+                yield f"{site}: |W2| (0 = unchanged)", f"{float(t.float().norm()):.4g}"

@@ -193,3 +193,11 @@ class CoopVariant(AdapterVariant):
     def create_layer(self, site, config: CoopConfig, base=None) -> nn.Module:
         return CoopContext(base, config.context_ids, config.context_start,
                            config.class_ids if config.class_specific else None, config.init, config.init_std)
+
+    def describe_state(self, config: dict[str, Any], tensors: dict[str, torch.Tensor]):
+        [ctx] = [t for k, t in tensors.items() if k.endswith(".context")] or [None]
+        sets = "shared" if not config.get("class_specific") else f"class-specific ({len(config.get('class_names') or [])} classes)"
+        yield "initial prompt", repr(config.get("init_prompt"))
+        yield "context", f"{len(config.get('context_ids') or [])} tokens, {sets}, init {config.get('init')}"
+        if ctx is not None:
+            yield "context vector norm (mean)", f"{float(ctx.float().norm(dim=-1).mean()):.4g}"

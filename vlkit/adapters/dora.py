@@ -92,3 +92,12 @@ class DoraVariant(AdapterVariant):
     def merged_weight(self, layer: DoraLayer, weight, bias):
         with torch.no_grad():
             return layer.adapted_weight(weight).to(weight.dtype), bias
+
+    def describe_state(self, config, tensors):
+        mags = [t.float() for k, t in tensors.items() if k.endswith(".magnitude")]
+        ups = [t.float() for k, t in tensors.items() if k.endswith(".lora_B")]
+        yield "rank / alpha", f"{config.get('rank')} / {config.get('alpha')}"
+        if mags:
+            yield "magnitude (mean over rows)", f"{float(torch.cat(mags).mean()):.4g}"
+        if ups:
+            yield "|B| (mean over sites; 0 = unchanged direction)", f"{sum(float(u.norm()) for u in ups) / len(ups):.4g}"

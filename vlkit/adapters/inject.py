@@ -217,6 +217,11 @@ def merge_adapter(backbone, name: str) -> None:
     """Fold adapter `name` into the base weights (LoRA-like variants); unmerge restores them exactly."""
     record = backbone.adapter_records[name]
     var = registry("adapter").get(record.variant)
+    from .base import AdapterVariant
+
+    if type(var).merged_weight is AdapterVariant.merged_weight:
+        raise InjectionError(f"adapter variant {record.variant!r} cannot be merged into the weights "
+                             f"({var.summary or 'it is not a weight update'})")
     for site in record.sites:
         host = host_of(backbone, site)
         layer = host.adapters[name][site.key]

@@ -29,6 +29,7 @@ def inspect_adapter(path: str | Path) -> dict[str, Any]:
                       "channels": int(val.numel())})
     gates.sort(key=lambda r: (r["tower"], r["layer"], r["role"]))
     return {
+        **_state(cfg, weights),
         "path": str(path),
         "name": cfg.get("name"),
         "variant": cfg["variant"],
@@ -42,6 +43,38 @@ def inspect_adapter(path: str | Path) -> dict[str, Any]:
         "gates": gates,
         "composition": cfg.get("composition"),
     }
+
+
+def _state(cfg: dict[str, Any], weights: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """What the adapter holds, whatever its variant: per tensor name (the part after the site path, e.g.
+    `lora_A`, `context`, `keys`) the count, shape and size of the tensors, with their mean |x| and RMS; plus
+    the variant's own summary lines (`AdapterVariant.describe_state(config, tensors)`, when it has one)."""
+    paths = sorted((s["path"] for s in cfg.get("sites", [])), key=len, reverse=True)
+    groups: dict[str, list[torch.Tensor]] = {}
+    for key, t in weights.items():
+        site = next((p for p in paths if key.startswith(p + ".")), None)
+        part = "base::" + key.split("::", 1)[1].rsplit(".", 1)[-1] if key.startswith("base::") else (
+            key[len(site) + 1:] if site else key.rsplit(".", 1)[-1])
+        groups.setdefault(part, []).append(t)
+    state = []
+    for part, ts in sorted(groups.items()):
+        flat = torch.cat([t.detach().float().reshape(-1) for t in ts]) if ts else torch.zeros(0)
+        state.append({"tensor": part, "tensors": len(ts), "shape": list(ts[0].shape),
+                      "elements": int(flat.numel()),
+                      "mean_abs": float(flat.abs().mean()) if flat.numel() else 0.0,
+                      "rms": float(flat.pow(2).mean().sqrt()) if flat.numel() else 0.0})
+    summary: list[list[str]] = []
+    try:
+        from ..plugins import registry
+
+        reg = registry("adapter")
+        var = reg.get(cfg["variant"]) if cfg.get("variant") in reg else None
+    except Exception:  # an uninstalled plugin's adapter is still inspectable
+        var = None
+    describe = getattr(var, "describe_state", None)
+    if describe is not None:
+        summary = [[str(k), str(v)] for k, v in describe(cfg.get("config", {}), weights)]
+    return {"state": state, "summary": summary}
 
 
 def plot_gates(info: dict[str, Any], path: str | Path) -> None:

@@ -90,3 +90,12 @@ class MapleVariant(AdapterVariant):
         if site.tower == "text":
             return MapleTextPrompts(prompts)
         return MapleVisionPrompts(prompts, site.in_features)
+
+    def describe_state(self, config, tensors):
+        prompts = [t for k, t in tensors.items() if k.endswith(".prompts")]
+        projs = [t for k, t in tensors.items() if k.endswith(".proj.weight")]
+        yield "prompts", f"{config.get('num_tokens')} tokens at blocks {config.get('layers')} of both towers"
+        if prompts:
+            yield "text prompt norm (mean)", f"{float(torch.cat([p.float() for p in prompts]).norm(dim=-1).mean()):.4g}"
+        if projs:
+            yield "coupling text -> vision", f"{len(projs)} linear maps {tuple(projs[0].shape[::-1])}"

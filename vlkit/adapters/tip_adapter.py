@@ -116,6 +116,18 @@ class TipAdapterVariant(AdapterVariant):
     def create_layer(self, site, config: TipAdapterConfig, base=None) -> nn.Module:
         return TipCache(site.out_features, config, self.trainable_keys)
 
+    def describe_state(self, config, tensors):
+        values = next((t for k, t in tensors.items() if k.endswith(".values")), None)
+        keys = next((t for k, t in tensors.items() if k.endswith(".keys")), None)
+        yield "cache", f"{config.get('cache_size')} examples, {config.get('num_classes')} classes"
+        yield "alpha / beta", f"{config.get('alpha')} / {config.get('beta')}"
+        if values is not None:
+            per = values.float().sum(0).round().long().tolist()
+            names = config.get("class_names") or [str(i) for i in range(len(per))]
+            yield "examples per class", ", ".join(f"{n}: {c}" for n, c in zip(names, per))
+        if keys is not None:
+            yield "key norm (mean; 1 = as built)", f"{float(keys.float().norm(dim=-1).mean()):.4g}"
+
     def options_from_data(self, backbone, task, train_data, options: dict[str, Any]) -> dict[str, Any]:
         names = getattr(task, "class_names", None)
         if not names or not hasattr(task, "class_embeddings"):

@@ -205,12 +205,11 @@ class Backbone(nn.Module, metaclass=ABCMeta):
             from ..plugins import registry
 
             reg = registry("adapter")
-            for n in live:
-                rec = self.adapter_records.get(n)
-                var = reg.get(rec.variant) if rec is not None and rec.variant in reg else None
-                reason = getattr(var, "composition_limits", {}).get(mode) if var is not None else None
-                if reason:
-                    raise ConfigError(f"adapter {n!r}: {reason}")
+            variants = [self.adapter_records[n].variant for n in live if n in self.adapter_records]
+            for v in dict.fromkeys(variants):  # two adapters of one variant that refuses to be composed so
+                reason = getattr(reg.get(v), "composition_limits", {}).get(mode) if v in reg else None
+                if reason and variants.count(v) > 1:
+                    raise ConfigError(f"{v} adapters cannot be activated together in mode {mode!r}: {reason}")
         self.adapter_state.activate(names, self.adapter_records, mode=mode, weights=weights, fusion=fusion)
 
     def set_route(self, names, index=None) -> None:

@@ -26,6 +26,13 @@ def register(cli: typer.Typer) -> None:
         rows += [[f"parameters: {t}", f"{n:,}"] for t, n in info["parameters_per_tower"].items()]
         rows += [[f"config.{k}", v] for k, v in info["config"].items() if v not in (None, [], "")]
         console.print(table(f"adapter {info['name']} — {adapter}", ["field", "value"], rows))
+        if info.get("summary"):
+            console.print(table(f"{info['variant']} state", ["what", "value"], info["summary"]))
+        if info.get("state"):
+            console.print(table("tensors by name", ["tensor", "count", "shape", "elements", "mean |x|", "rms"],
+                                [[r["tensor"], r["tensors"], "×".join(map(str, r["shape"])) or "scalar",
+                                  f"{r['elements']:,}", f"{r['mean_abs']:.4g}", f"{r['rms']:.4g}"]
+                                 for r in info["state"]]))
         if info["gates"]:
             console.print(table("cross-modal gates: tanh(gate), mean over channels",
                                 ["tower", "layer", "site", "gate", "|gate|", "channels"],
