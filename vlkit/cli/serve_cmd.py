@@ -55,11 +55,9 @@ def register(cli: typer.Typer) -> None:
         if cluster is not None:
             if cluster != "ray":
                 raise ConfigError(f"--cluster takes 'ray', got {cluster!r}")
-            from ..serve.ray_app import run_ray
-
-            run_ray(config, replicas=replicas, gpus_per_replica=gpus_per_replica,
-                    max_adapters_per_replica=max_adapters_per_replica)
-            return
+            raise ConfigError("--cluster ray is not implemented yet (the Ray Serve deployment with serve.multiplexed "
+                              "is still to come); serve one process per machine behind a load balancer meanwhile")
+        del replicas, gpus_per_replica, max_adapters_per_replica
 
         def ready(server) -> None:
             bound = [s.getsockname() for srv in server.servers for s in srv.sockets]

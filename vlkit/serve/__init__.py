@@ -7,8 +7,7 @@
 - `vlkit.serve.engine`: the batching engine (requests within `max_wait_ms`, up to `max_batch`, whatever their
   adapters) and the torch runner (one forward through the backbone's mixed-batch route);
 - `vlkit.serve.catalog`: the adapters a server holds (loaded, hot loaded and unloaded) and their tasks;
-- `vlkit.serve.onnx_engine`: the same endpoints over `vlkit export` directories through onnxruntime;
-- `vlkit.serve.ray_app`: the same app on Ray Serve with model multiplexing (`--cluster ray`).
+- `vlkit.serve.onnx_engine`: the same endpoints over `vlkit export` directories through onnxruntime.
 """
 from __future__ import annotations
 
