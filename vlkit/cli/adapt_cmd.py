@@ -7,12 +7,41 @@ from typing import Optional
 import typer
 
 
+def _protocol(backbone, domain, shots, out, methods, seeds, data, steps, options, json_out, overwrite) -> None:
+    from ..train.adapt import METHOD_LABELS, parse_ints, run_fewshot
+    from .output import console, print_json, table
+
+    seed_list = parse_ints(seeds or "1,2,3", "--seeds")
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    with console.status("few-shot protocol…") as status:
+        def on_run(r):
+            status.update(f"{r['method']} {r['shots']} shots seed {r['seed']}: {r['accuracy']:.1f}%")
+
+        res = run_fewshot(backbone, names, shots, seed_list, data=data, domain=domain, out=out, steps=steps,
+                          adapter_options=options, progress=None, overwrite=overwrite, on_run=on_run)
+    rows = [[METHOD_LABELS.get(r["method"], r["method"]), r["shots"], f"{r['mean']:.1f} ± {r['sd']:.1f}",
+             r["seeds"], f"{r['trainable']:,}", f"{r['seconds']:.1f}"] for r in res["summary"]]
+    console.print(table(f"few-shot {res['data']} ({backbone}) — accuracy %, mean ± sd over seeds {res['seeds']}",
+                        ["method", "shots", "accuracy", "seeds", "trainable", "train s"], rows))
+    console.print(f"table and plot written to {out}/fewshot.json, {out}/fewshot.png")
+    if json_out:
+        print_json(res)
+
+
 def register(cli: typer.Typer) -> None:
     @cli.command("adapt")
     def adapt_cmd(
         backbone: str = typer.Option("tiny", "--backbone", "-b", help="Backbone spec."),
         domain: str = typer.Option("medical", "--domain", help="Target domain of the embedded world."),
-        shots: int = typer.Option(16, "--shots", help="Training examples per class."),
+        shots: str = typer.Option("16", "--shots", help="Training examples per class; a list (1,2,4,8,16) runs "
+                                                        "the few-shot protocol."),
+        method: Optional[str] = typer.Option(None, "--method", "-m",
+                                             help="Few-shot protocol: method(s), comma-separated: an adapter "
+                                                  "variant, tip-adapter, zeroshot, linear or full."),
+        seeds: Optional[str] = typer.Option(None, "--seeds", help="Few-shot protocol: seeds (e.g. 1,2,3)."),
+        data: Optional[str] = typer.Option(None, "--data", help="Few-shot protocol: a data spec with train and "
+                                                                "test splits (e.g. coop:DATA/eurosat); default "
+                                                                "the embedded world's --domain."),
         out: Path = typer.Option(Path("runs/adapt"), "--out", "-o", help="Adapter directory."),
         variant: str = typer.Option("bottleneck", "--adapter", "-a", help="Adapter variant."),
         baselines: Optional[str] = typer.Option(None, "--baselines", help="Also run: full,linear."),
@@ -22,10 +51,18 @@ def register(cli: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
     ) -> None:
-        """Train a domain adapter on k shots per class and print in-domain and retention scores."""
-        from ..train.adapt import run_adapt
+        """Train a domain adapter on k shots per class and print in-domain and retention scores; with --method,
+        --seeds, --data or several --shots, run the few-shot protocol and print its table (mean ± sd) and plot."""
+        from ..train.adapt import parse_ints, run_adapt
         from .common import parse_kv
         from .output import console, print_json, table
+
+        shot_list = parse_ints(shots, "--shots")
+        if method or seeds or data or len(shot_list) > 1:
+            _protocol(backbone, domain, shot_list, out, method or variant, seeds, data, steps,
+                      parse_kv(option), json_out, overwrite)
+            return
+        shots = shot_list[0]
 
         base = tuple(b.strip() for b in (baselines or "").split(",") if b.strip())
         from .progress import TrainProgress
