@@ -89,6 +89,9 @@ def read_adapter_config(path: str | Path) -> dict[str, Any]:
         cfg = json.loads(cfg_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterFileError(f"{cfg_file} is not valid JSON: {exc}") from None
+    if isinstance(cfg, dict) and "peft_type" in cfg and "format" not in cfg:
+        raise AdapterFileError(f"{cfg_file} is a PEFT adapter config (peft_type {cfg['peft_type']}); "
+                               "vlkit.load_adapter(backbone, dir) reads PEFT LoRA directories onto an hf: backbone")
     if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
         raise AdapterFileError(f"{cfg_file} is not a vlkit adapter config (format {cfg.get('format') if isinstance(cfg, dict) else None!r})")
     for key in ("variant", "config", "backbone_fingerprint"):
