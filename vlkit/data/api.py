@@ -317,3 +317,35 @@ def load_data(spec: str | Mapping | None = None, **options: Any):
     except AttributeError:  # pragma: no cover - a Dataset subclass with __slots__
         pass
     return ds
+
+
+def few_shot(ds, shots: int, seed: int = 0, column: str = "label"):
+    """The first `shots` examples of each class after a seeded shuffle (every class must have that many)."""
+    if shots < 1:
+        raise ConfigError(f"shots must be >= 1, got {shots}")
+    if column not in ds.column_names:
+        raise ConfigError(f"few-shot selection needs a {column!r} column; this dataset has {ds.column_names}")
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(ds), generator=g).tolist()
+    labels = ds[column]
+    taken: dict[int, list[int]] = {}
+    for i in order:
+        bucket = taken.setdefault(labels[i], [])
+        if len(bucket) < shots:
+            bucket.append(i)
+    short = {k: len(v) for k, v in taken.items() if len(v) < shots}
+    if short:
+        raise ConfigError(f"not enough examples for {shots} shots in classes {sorted(short)} (have {short})")
+    return ds.select(sorted(i for v in taken.values() for i in v))
+
+
+@dataclass
+class Job:
+    """One task trained by the loop: its adapter (None: the method's own), task, prepared data, sampler seed."""
+
+    name: str | None
+    task: Any
+    train: Any
+    eval: Any
+    seed: int
+    cfg: Any = None

@@ -58,6 +58,9 @@ def _image_root(root: Path, first: str, image_dir: str | None) -> Path:
                     "its sub-folders", hint="give image_dir=FOLDER (the folder the split file's paths start in)")
 
 
+from .api import required_fields  # noqa: E402
+
+
 def load_coop(source: str | None = None, *, split: str | None = None, **options: Any):
     import datasets
 
@@ -65,8 +68,8 @@ def load_coop(source: str | None = None, *, split: str | None = None, **options:
     if unknown:
         raise ConfigError(f"unknown coop option(s) {', '.join(unknown)}; options: split, {', '.join(OPTIONS[:-1])}")
     task = options.get("task")
-    if task not in (None, "classification"):
-        raise ConfigError(f"the coop dataset kind holds classification data, not {task!r}")
+    if task is not None and not set(required_fields(task)) <= {"image", "label"}:
+        raise ConfigError(f"the coop dataset kind holds image/label data; task {task!r} needs more")
     if not source:
         raise ConfigError("the coop dataset kind needs a folder: coop:DATA/<dataset>")
     root = Path(source).expanduser()
@@ -103,7 +106,7 @@ def load_coop(source: str | None = None, *, split: str | None = None, **options:
                                     features=features)
     shots = options.get("shots")
     if shots is not None:
-        from ..train.engine import few_shot
+        from .api import few_shot
 
         try:
             k = int(shots)

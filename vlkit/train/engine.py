@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..io import write_json, write_text
+from ..data.api import few_shot  # noqa: F401 (moved to the data layer)
 from .checkpoint import CKPT_DIR, latest_checkpoint, load_checkpoint, save_checkpoint
 from .logs import MetricsLog, plot_curves
 from .methods import apply_method, get_method
@@ -124,38 +125,6 @@ def load_datasets(cfg):
         ev.setdefault("task", cfg.task.name)
         eval_ds = _in_memory(_load_source(ev, cfg.task.name))
     return train_ds, eval_ds
-
-
-def few_shot(ds, shots: int, seed: int = 0, column: str = "label"):
-    """The first `shots` examples of each class after a seeded shuffle (every class must have that many)."""
-    if shots < 1:
-        raise ConfigError(f"shots must be >= 1, got {shots}")
-    if column not in ds.column_names:
-        raise ConfigError(f"few-shot selection needs a {column!r} column; this dataset has {ds.column_names}")
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(ds), generator=g).tolist()
-    labels = ds[column]
-    taken: dict[int, list[int]] = {}
-    for i in order:
-        bucket = taken.setdefault(labels[i], [])
-        if len(bucket) < shots:
-            bucket.append(i)
-    short = {k: len(v) for k, v in taken.items() if len(v) < shots}
-    if short:
-        raise ConfigError(f"not enough examples for {shots} shots in classes {sorted(short)} (have {short})")
-    return ds.select(sorted(i for v in taken.values() for i in v))
-
-
-@dataclass
-class Job:
-    """One task trained by the loop: its adapter (None: the method's own), task, prepared data, sampler seed."""
-
-    name: str | None
-    task: Any
-    train: Any
-    eval: Any
-    seed: int
-    cfg: Any = None
 
 
 def steps_per_epoch(n: int, batch_size: int, grad_accum: int, world: int) -> int:
