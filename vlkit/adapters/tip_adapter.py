@@ -153,9 +153,8 @@ class TipAdapterFVariant(TipAdapterVariant):
 
 
 def _features(backbone, pixels, batch_size: int) -> torch.Tensor:
-    from ..tasks.base import device_of
-
-    device = device_of(backbone)
+    ref = next(backbone.parameters(), None)
+    device = ref.device if ref is not None else torch.device("cpu")
     out = []
     with torch.no_grad():
         for i in range(0, len(pixels), batch_size):
@@ -205,8 +204,9 @@ def build_tip_adapter(backbone, dataset, *, task=None, class_names: list[str] | 
         raise ConfigError(f"variant must be tip-adapter or tip-adapter-f, got {variant!r}")
     prepared = isinstance(dataset, dict)
     if task is None:
-        from ..tasks.classification import ClassificationTask
+        from ..plugins import registry
 
+        ClassificationTask = registry("task").get("classification")
         opts = {k: v for k, v in (("class_names", class_names), ("prompt", prompt)) if v is not None}
         task = ClassificationTask(backbone, None if prepared else dataset, **opts)
     data = dataset if prepared else task.prepare(backbone, dataset)
