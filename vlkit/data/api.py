@@ -337,15 +337,3 @@ def few_shot(ds, shots: int, seed: int = 0, column: str = "label"):
     if short:
         raise ConfigError(f"not enough examples for {shots} shots in classes {sorted(short)} (have {short})")
     return ds.select(sorted(i for v in taken.values() for i in v))
-
-
-@dataclass
-class Job:
-    """One task trained by the loop: its adapter (None: the method's own), task, prepared data, sampler seed."""
-
-    name: str | None
-    task: Any
-    train: Any
-    eval: Any
-    seed: int
-    cfg: Any = None

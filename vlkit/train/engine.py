@@ -132,6 +132,18 @@ def steps_per_epoch(n: int, batch_size: int, grad_accum: int, world: int) -> int
     return max(1, math.ceil(math.ceil(per_proc / batch_size) / grad_accum))
 
 
+@dataclass
+class Job:
+    """One task trained by the loop: its adapter (None: the method's own), task, prepared data, sampler seed."""
+
+    name: str | None
+    task: Any
+    train: Any
+    eval: Any
+    seed: int
+    cfg: Any = None
+
+
 def train(cfg, out_dir: str | Path | None = None, *, resume: bool = False, overwrite: bool = False,
           progress=None, stop_after: int | None = None) -> dict[str, Any]:
     """Run a recipe. Returns the final metrics and where everything was written.
