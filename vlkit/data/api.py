@@ -325,6 +325,8 @@ def few_shot(ds, shots: int, seed: int = 0, column: str = "label"):
         raise ConfigError(f"shots must be >= 1, got {shots}")
     if column not in ds.column_names:
         raise ConfigError(f"few-shot selection needs a {column!r} column; this dataset has {ds.column_names}")
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(ds), generator=g).tolist()
     labels = ds[column]
