@@ -310,12 +310,15 @@ def plot_fewshot(summary: list[dict[str, Any]], path: str | Path, title: str = "
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    for method in dict.fromkeys(r["method"] for r in summary):
+    methods = list(dict.fromkeys(r["method"] for r in summary))
+    colors = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20").colors
+    for i, method in enumerate(methods):
         rs = sorted((r for r in summary if r["method"] == method), key=lambda r: r["shots"])
         xs = [r["shots"] for r in rs]
         ys = [r["mean"] for r in rs]
         sd = [r["sd"] for r in rs]
-        line, = ax.plot(xs, ys, marker="o", label=METHOD_LABELS.get(method, method))
+        line, = ax.plot(xs, ys, marker="os^D"[i % 4], color=colors[i % len(colors)],
+                        linestyle="-" if i % 2 == 0 else "--", label=METHOD_LABELS.get(method, method))
         ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)], alpha=0.15,
                         color=line.get_color())
     if len({r["shots"] for r in summary}) > 1:
