@@ -266,4 +266,5 @@ class AdapterVariant(ABC):
         None). One source is allowed. Return (merged tensors with the same keys a layer of the returned
         config loads, the merged variant config, info): `info` is recorded in the merged adapter's
         `composition` (e.g. an error measure or the rank chosen)."""
-        raise NotImplementedError(f"adapter variant {self.name!r} has no merge method {method!r}")
+        raise ConfigError(f"adapter variant {self.name!r} has no merge method {method!r}; "
+                          f"its methods: {', '.join(self.merge_methods) or 'the elementwise ones only'}")

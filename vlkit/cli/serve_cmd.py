@@ -33,17 +33,11 @@ def register(cli: typer.Typer) -> None:
         device: Optional[str] = typer.Option(None, "--device", help="torch device (cpu, cuda, cuda:1)."),
         drain_timeout: float = typer.Option(30.0, "--drain-timeout", help="Seconds to finish requests on SIGTERM."),
         providers: Optional[str] = typer.Option(None, "--providers", help="onnx: execution providers, comma-separated."),
-        cluster: Optional[str] = typer.Option(None, "--cluster", help="'ray': deploy on Ray Serve (multiplexed)."),
-        replicas: int = typer.Option(1, "--replicas", help="--cluster ray: model replicas."),
-        gpus_per_replica: float = typer.Option(0.0, "--gpus-per-replica", help="--cluster ray: GPUs per replica."),
-        max_adapters_per_replica: int = typer.Option(8, "--max-adapters-per-replica",
-                                                     help="--cluster ray: adapters a replica keeps loaded."),
         log_level: str = typer.Option("warning", "--log-level", help="uvicorn log level."),
     ) -> None:
         """Serve adapters over HTTP: embed, classify, score, answer; hot load; /health, /metrics, /docs."""
         import sys
 
-        from ..errors import ConfigError
         from ..serve.app import ServeConfig, run_server
 
         config = ServeConfig(backbone=backbone, adapters=adapters or [], engine=engine, host=host, port=port,
@@ -52,12 +46,6 @@ def register(cli: typer.Typer) -> None:
                              drain_timeout=drain_timeout,
                              providers=[p for p in (providers or "").split(",") if p.strip()] or None)
         config.check()
-        if cluster is not None:
-            if cluster != "ray":
-                raise ConfigError(f"--cluster takes 'ray', got {cluster!r}")
-            raise ConfigError("--cluster ray is not implemented yet (the Ray Serve deployment with serve.multiplexed "
-                              "is still to come); serve one process per machine behind a load balancer meanwhile")
-        del replicas, gpus_per_replica, max_adapters_per_replica
 
         def ready(server) -> None:
             bound = [s.getsockname() for srv in server.servers for s in srv.sockets]
