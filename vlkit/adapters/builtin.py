@@ -15,9 +15,11 @@ def register_adapters(register):
     from .maple import MapleVariant
     from .peft_bridge import PeftVariant
     from .tip_adapter import TipAdapterFVariant, TipAdapterVariant
+    from .vera import VeraVariant
     from .vpt import VptVariant
 
     for variant in (BottleneckVariant(), LoraVariant(), CrossModalVariant(), VptVariant(), CoopVariant(),
-                    MapleVariant(), ClipAdapterVariant(), TipAdapterVariant(), TipAdapterFVariant(), DoraVariant()):
+                    MapleVariant(), ClipAdapterVariant(), TipAdapterVariant(), TipAdapterFVariant(), DoraVariant(),
+                    VeraVariant()):
         register(variant.name, variant, variant.summary)
     register(PeftVariant.name, PeftVariant(), PeftVariant.summary)  # the PEFT bridge (vlkit.adapters.peft_bridge)

@@ -32,6 +32,12 @@ adapter `name` is injected, filled and made active; `record.task` holds the task
 adapter directory is written there too (`vlkit.save_adapter(backbone, out, name=name, task=...)`).
 `variant="tip-adapter-f"` builds the trainable form (keys as parameters) the same way.
 
+**Choosing α and β** (Tip-Adapter's protocol: searched on a validation set): with `val` (a labelled few-shot
+validation set, same form as `dataset`), `build_tip_adapter` scores every (α, β) of `ALPHAS` × `BETAS` on it
+from features computed once (`search_alpha_beta`) and builds the cache with the best pair; ties go to the pair
+nearest the paper's default (1, 5.5). `record.config` then holds the chosen α and β, and `record.search` the
+validation accuracy of the pick and of the default.
+
 Composition: stacks with other adapters; cannot be merged into the weights, and two caches cannot be merged
 elementwise (their keys are different examples).
 """
@@ -193,9 +199,57 @@ def fill_cache(backbone, name: str, task, data: dict[str, Any], batch_size: int 
             t.copy_(v.to(device=t.device, dtype=t.dtype))
 
 
+ALPHAS = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
+BETAS = (1.0, 2.0, 3.5, 5.5, 7.0, 10.0, 20.0, 50.0)
+
+
+def _class_embeddings(backbone, task) -> torch.Tensor:
+    with torch.no_grad():
+        return task.class_embeddings(backbone).float().cpu()
+
+
+def search_alpha_beta(backbone, task, train: dict[str, Any], val: dict[str, Any], *, alphas=ALPHAS, betas=BETAS,
+                      default: tuple[float, float] = (1.0, 5.5), batch_size: int = 64) -> dict[str, Any]:
+    """The (α, β) of `alphas` × `betas` whose Tip-Adapter logits `s f Wᵀ + α exp(−β (1 − f Kᵀ)) L` are most
+    accurate on the prepared validation data `val`; the cache is `train` (prepared), features from the backbone
+    as it is now. Ties go to the pair nearest `default` (log distance). Returns {"alpha", "beta", "accuracy",
+    "default_accuracy", "grid": {(α, β): accuracy}}."""
+    import math
+
+    W = _class_embeddings(backbone, task)
+    keys = _features(backbone, train["pixels"], batch_size)
+    feats = _features(backbone, val["pixels"], batch_size)
+    labels = torch.as_tensor(train["labels"]).long()
+    target = torch.as_tensor(val["labels"]).long()
+    if len(target) < 1:
+        raise DataError("the Tip-Adapter validation set is empty")
+    onehot = torch.zeros(len(labels), W.shape[0])
+    ok = labels >= 0
+    onehot[ok.nonzero().flatten(), labels[ok]] = 1.0
+    zero_shot = float(backbone.logit_scale) * feats @ W.t()
+    affinity = feats @ keys.t()
+    grid = {}
+    for b in betas:
+        cache = torch.exp(-float(b) * (1 - affinity)) @ onehot
+        for a in alphas:
+            pred = (zero_shot + float(a) * cache).argmax(-1)
+            grid[(float(a), float(b))] = float((pred == target).float().mean()) * 100
+
+    def distance(pair):
+        return abs(math.log(pair[0] / default[0])) + abs(math.log(pair[1] / default[1]))
+
+    best = max(grid, key=lambda pair: (grid[pair], -distance(pair)))
+    if default not in grid:
+        pred = (zero_shot + default[0] * torch.exp(-default[1] * (1 - affinity)) @ onehot).argmax(-1)
+        grid[default] = float((pred == target).float().mean()) * 100
+    return {"alpha": best[0], "beta": best[1], "accuracy": grid[best], "default_accuracy": grid[default],
+            "grid": grid}
+
+
 def build_tip_adapter(backbone, dataset, *, task=None, class_names: list[str] | None = None,
                       prompt: str | None = None, alpha: float = 1.0, beta: float = 5.5, name: str = "tip-adapter",
-                      variant: str = "tip-adapter", batch_size: int = 64, out: str | Path | None = None):
+                      variant: str = "tip-adapter", batch_size: int = 64, out: str | Path | None = None,
+                      val=None):
     """Build a Tip-Adapter cache from few-shot data with no training (see the module docstring)."""
     from .files import save_adapter
     from .inject import inject
@@ -216,11 +270,18 @@ def build_tip_adapter(backbone, dataset, *, task=None, class_names: list[str] | 
     if n < 1:
         raise DataError("build_tip_adapter: the few-shot set is empty")
     names = list(task.class_names)
+    search = None
+    if val is not None:
+        val_data = val if isinstance(val, dict) else task.prepare(backbone, val)
+        search = search_alpha_beta(backbone, task, data, val_data, default=(float(alpha), float(beta)),
+                                   batch_size=batch_size)
+        alpha, beta = search["alpha"], search["beta"]
     inject(backbone, variant, name=name, trainable=variant == "tip-adapter-f", alpha=alpha, beta=beta,
            cache_size=n, num_classes=len(names), class_names=names, logit_scale=float(backbone.logit_scale))
     fill_cache(backbone, name, task, data, batch_size=batch_size)
     record = backbone.adapter_records[name]
     record.task = task.metadata()
+    record.search = None if search is None else {k: v for k, v in search.items() if k != "grid"}
     if out is not None:
         save_adapter(backbone, out, name=name, task=record.task)
     return record

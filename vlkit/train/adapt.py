@@ -203,8 +203,39 @@ def method_recipe(backbone: str, method: str, train: dict, eval_: dict, steps: i
     }
 
 
-def _run_training_free(cfg, method: str, out: Path) -> dict[str, Any]:
-    """Tip-Adapter: the cache built from the few-shot set with no training (`build_tip_adapter`), then evaluated."""
+def protocol_val(cfg, shots: int, seed: int):
+    """CoOp's few-shot validation set: min(shots, 4) examples per class (fewer where the split has fewer), from
+    the source's val split (a world source: a fresh draw with its own seed). None where the source has no val
+    split or a class has no val example."""
+    from omegaconf import OmegaConf
+
+    from ..data.api import few_shot, load_data
+    from ..errors import DataError
+
+    spec = OmegaConf.to_container(cfg.data.train, resolve=True)
+    spec.pop("shots", None)
+    spec.setdefault("task", cfg.task.name)
+    if spec.get("kind") == DATA_KIND:
+        spec["seed"] = seed + 20_000
+    else:
+        spec["split"] = "val"
+    try:
+        ds = load_data(spec)
+    except DataError:
+        return None
+    from collections import Counter
+
+    counts = Counter(ds["label"])
+    classes = len(ds.features["label"].names) if hasattr(ds.features["label"], "names") else len(counts)
+    k = min(shots, 4, min(counts.values(), default=0))
+    if k < 1 or len(counts) < classes:  # a class missing from the val split: no search (the paper's defaults)
+        return None
+    return few_shot(ds, k, seed=seed)
+
+
+def _run_training_free(cfg, method: str, out: Path, shots: int) -> dict[str, Any]:
+    """Tip-Adapter: the cache built from the few-shot set with no training (`build_tip_adapter`), α and β
+    searched on the few-shot validation set (`protocol_val`), then evaluated on the test set."""
     from .. import load_backbone
     from ..adapters.files import save_adapter
     from ..adapters.tip_adapter import build_tip_adapter
@@ -213,11 +244,13 @@ def _run_training_free(cfg, method: str, out: Path) -> dict[str, Any]:
     bb = load_backbone(cfg.backbone)
     train_ds, eval_ds = load_datasets(cfg)
     task = build_task(bb, cfg, train_ds)
-    record = build_tip_adapter(bb, train_ds, task=task, name="tip", variant=method)
+    val = protocol_val(cfg, shots, int(cfg.seed))
+    record = build_tip_adapter(bb, train_ds, task=task, name="tip", variant=method, val=val)
     with torch.no_grad():
         metrics = task.evaluate(bb, task.prepare(bb, eval_ds))
     save_adapter(bb, out, name="tip", task=record.task)
-    return {"score": metrics[task.metric], "parameters": {"trainable": 0}}  # a cache of buffers: nothing trains
+    return {"score": metrics[task.metric], "parameters": {"trainable": 0},  # a cache of buffers: nothing trains
+            "alpha": record.config["alpha"], "beta": record.config["beta"]}
 
 
 def run_fewshot(backbone: str = "tiny", methods=("bottleneck",), shots=(1, 2, 4, 8, 16), seeds=(1, 2, 3), *,
@@ -274,13 +307,14 @@ def _run_fewshot(backbone, methods, shots, seeds, data, domain, out: Path, steps
                 where = out / method / f"{k}shot-seed{seed}"
                 t0 = time.perf_counter()
                 if method in TRAINING_FREE:
-                    res = _run_training_free(cfg, method, where)
+                    res = _run_training_free(cfg, method, where, k)
                 else:
                     res, _, _ = run(cfg, where, progress=progress, publish=False)
                 seconds = time.perf_counter() - t0
                 row = {"method": method, "shots": k, "seed": seed, "accuracy": float(res["score"]),
                        "trainable": int(res.get("parameters", {}).get("trainable", 0)), "seconds": seconds,
-                       "steps": 0 if method in TRAINING_FREE or method == "zeroshot" else n_steps}
+                       "steps": 0 if method in TRAINING_FREE or method == "zeroshot" else n_steps,
+                       **{h: res[h] for h in ("alpha", "beta") if h in res}}
                 runs.append(row)
                 if on_run is not None:
                     on_run(row)
