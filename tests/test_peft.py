@@ -167,6 +167,29 @@ def test_bridge_compose_merge(make_backbone, tmp_path):
     assert rec.variant == "peft"
 
 
+
+@pytest.mark.parametrize("config,ok", [
+    ({"peft_type": "IA3", "target_modules": ["k_proj", "v_proj", "fc2"], "feedforward_modules": ["fc2"]}, False),
+    ({"peft_type": "LORA", "r": 2, "use_dora": True}, False),
+    ({"peft_type": "LORA", "r": 2}, True),
+], ids=["ia3", "dora", "lora"])
+def test_bridge_task_vector_merges_only_for_zero_neutral_tuners(config, ok, make_backbone, tmp_path):
+    from vlkit.compose.merge import merge_adapters
+
+    dirs = []
+    for i in range(2):
+        bb = make_backbone("tiny")
+        vlkit.inject(bb, "peft", config=config)
+        _perturb(bb, seed=i)
+        dirs.append(vlkit.save_adapter(bb, tmp_path / f"s{i}"))
+    if ok:
+        merge_adapters([str(d) for d in dirs], tmp_path / "ta", method="task_arithmetic")
+    else:
+        with pytest.raises(ConfigError, match="not a task vector|no task vector"):
+            merge_adapters([str(d) for d in dirs], tmp_path / "ta", method="ties")
+        assert not (tmp_path / "ta").exists()
+    merge_adapters([str(d) for d in dirs], tmp_path / "lin", method="linear")
+
 # --- PEFT's directory format ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("variant,opts", [

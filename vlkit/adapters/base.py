@@ -250,6 +250,12 @@ class AdapterVariant(ABC):
         return {}
 
     # --- merging adapters (vlkit.compose.merge) --------------------------------------------------------
+    def merge_limit(self, method: str, config: dict[str, Any]) -> str | None:
+        """Why adapters with this variant `config` (a dict, as saved) cannot be merged with `method`, in one
+        line, or None. Default: `composition_limits[method]`, else `composition_limits["merge"]`; override it
+        where the answer depends on the config (the `peft` bridge: an (IA)^3 or DoRA tuner is no task vector)."""
+        return self.composition_limits.get(method) or self.composition_limits.get("merge")
+
     def merge_free_options(self, method: str) -> tuple[str, ...]:
         """Config options the merged sources may differ in under `method` (all others must be equal).
 

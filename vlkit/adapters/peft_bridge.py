@@ -29,8 +29,8 @@ writes them under PEFT's own names.
 - Merging into the base (`merge_adapter`, `vlkit export`, `merge_and_unload`): PEFT's own `merge()` on a copy
   of the tuner bound to the base weights; every PEFT linear tuner merges.
 - Adapter merges (`vlkit compose merge`): the elementwise methods over PEFT's tensors; `linear` is sound for
-  every tuner, `task_arithmetic` / `ties` assume tensors whose neutral value is zero (LoRA's factors; not a DoRA
-  magnitude or an (IA)^3 scale).
+  every tuner, `task_arithmetic` / `ties` assume tensors whose neutral value is zero (LoRA's factors), so they
+  are refused in one line for a DoRA magnitude (`use_dora`) or an (IA)^3 scale (`merge_limit`).
 """
 from __future__ import annotations
 
@@ -290,6 +290,17 @@ class PeftVariant(AdapterVariant):
         r = _pattern_value(cfg.get("rank_pattern") or {}, name)
         alpha = _pattern_value(cfg.get("alpha_pattern") or {}, name)
         return PeftSiteLayer(cfg, base.weight, base.bias, feedforward, r, alpha)
+
+    def merge_limit(self, method: str, config: dict[str, Any]) -> str | None:
+        if method not in ("task_arithmetic", "ties"):
+            return super().merge_limit(method, config)
+        cfg = config.get("config") or {}
+        kind = str(cfg.get("peft_type", "")).upper()
+        if kind == "IA3":
+            return "(IA)^3 scales have neutral value 1, not 0: they are no task vector (use --method linear)"
+        if cfg.get("use_dora"):
+            return "a DoRA magnitude is an absolute row norm, not a task vector (use --method linear)"
+        return super().merge_limit(method, config)
 
     def merged_weight(self, layer: PeftSiteLayer, weight, bias):
         tuner = copy.deepcopy(layer.tuner)

@@ -63,8 +63,7 @@ def check_mergeable(labels: list[str], cfgs: list[dict], tensors: list[dict[str,
     variants = _variants()
     var = variants.get(a_cfg["variant"])
     own = _own_method(var, method)
-    limits = getattr(var, "composition_limits", {}) if var is not None else {}
-    reason = limits.get(method) or limits.get("merge")
+    reason = var.merge_limit(method, a_cfg.get("config") or {}) if var is not None else None
     if reason:
         raise ConfigError(f"{a_cfg['variant']} adapters cannot be merged with {method!r}: {reason}")
     if len(cfgs) < 2 and method in ELEMENTWISE:
