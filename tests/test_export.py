@@ -20,8 +20,8 @@ from cli_helpers import cli
 
 SPEC = "tiny@random"
 VARIANTS = ("bottleneck", "lora", "ia3", "fusion", "vpt", "coop", "maple", "clip-adapter", "tip-adapter",
-            "tip-adapter-f", "dora")
-MERGED = ("lora", "ia3", "dora")  # variants export folds into the weights
+            "tip-adapter-f", "dora", "vera")
+MERGED = ("lora", "ia3", "dora", "vera")  # variants export folds into the weights
 
 
 def perturb_dir(path: Path, seed: int, scale: float = 0.05) -> Path:
@@ -73,7 +73,7 @@ def _max_fp32(summary) -> float:
                                            ("fusion", True), ("bottleneck-inputs", True), ("vpt", True),
                                            ("coop", True), ("maple", True), ("clip-adapter", True),
                                            ("tip-adapter", True), ("tip-adapter-f", True), ("dora", True),
-                                           ("dora", False)])
+                                           ("dora", False), ("vera", True), ("vera", False)])
 def test_parity_every_variant(adapter_dirs, tmp_path, variant, merge):
     if variant not in adapter_dirs:
         pytest.skip(f"adapter variant {variant} is not installed")
