@@ -76,6 +76,8 @@ def _vision_for_text(pairs: list[list[int]], text_layers: list[int]) -> dict[int
 class CrossModalLayer(nn.Module):
     """Bottleneck whose hidden tokens h are fused with the other tower's hidden tokens at the paired layer."""
 
+    per_sample = False  # reads the other tower's batch-aligned states: routed on the whole batch
+
     def __init__(self, tower: str, layer: int, role: str, width: int, ctx_layer: int, hidden: int,
                  config: CrossModalConfig):
         super().__init__()

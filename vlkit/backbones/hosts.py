@@ -72,15 +72,7 @@ class AdapterHost(nn.Module):
               batch_dim: int | None = None) -> torch.Tensor:
         st = self._state
         if st.route is not None:
-            route = _route_for(st.route, y, batch_dim)
-            out = y
-            for i, name in enumerate(st.route_names):
-                layer = self.layer(name, key) if name is not None else None
-                if layer is None or not bool((route == i).any()):
-                    continue
-                yi = self._run(layer, key, y, x, weight, bias)
-                out = torch.where(route == i, yi, out)
-            return out
+            return self._routed(key, y, x, weight, bias, batch_dim)
         if not st.active:
             return y
         layers = [(n, self.layer(n, key)) for n in st.active]
@@ -106,17 +98,56 @@ class AdapterHost(nn.Module):
         return y
 
 
-def _route_for(route: torch.Tensor, y: torch.Tensor, batch_dim: int | None) -> torch.Tensor:
-    """The per-sample route as a tensor broadcastable against `y` along its batch dimension.
+    def _routed(self, key, y, x, weight, bias, batch_dim):
+        """Per-sample routing: each adapter's layer runs on its own samples only (gathered along the batch
+        dimension, results put back in order), so a mixed batch costs about one adapter pass, not one per
+        adapter. A layer with `per_sample = False` (it reads batch-aligned state, e.g. the cross-modal
+        adapter's other-tower context) runs on the whole batch and its samples are picked with `where`."""
+        st = self._state
+        dim = _batch_dim(st.route, y, batch_dim)
+        route = _route_for(st.route, y, dim)
+        groups = st.route_groups(y.device)
+        kind = self.site_kinds[key]
+        parts, order, covered = [], [], torch.zeros(route.numel(), dtype=torch.bool, device=y.device)
+        out = y
+        for i, name in enumerate(st.route_names):
+            layer = self.layer(name, key) if name is not None else None
+            idx = groups[i]
+            if layer is None or idx.numel() == 0:
+                continue
+            if kind in ("output", "input", "linear") and getattr(layer, "per_sample", True):
+                xs = x.index_select(dim, idx) if x is not None else None
+                parts.append(self._run(layer, key, y.index_select(dim, idx), xs, weight, bias))
+                order.append(idx)
+                covered[idx] = True
+            else:
+                out = torch.where(route == i, self._run(layer, key, y, x, weight, bias), out)
+        if not parts:
+            return out
+        rest = (~covered).nonzero().flatten()
+        if rest.numel():
+            parts.append(out.index_select(dim, rest))
+            order.append(rest)
+        perm = torch.cat(order)
+        return torch.cat(parts, dim).index_select(dim, torch.argsort(perm))
 
-    The batch dimension is `batch_dim` when given, else 0 (or 1 when only dimension 1 matches the
-    route's length, for sequence-first layouts)."""
+
+def _batch_dim(route: torch.Tensor, y: torch.Tensor, batch_dim: int | None) -> int:
+    """The batch dimension of `y` under a route: `batch_dim` when given, else 0 (or 1 when only dimension 1
+    matches the route's length, for sequence-first layouts)."""
     n = route.numel()
     if batch_dim is None:
         batch_dim = 1 if (y.dim() > 1 and y.shape[0] != n and y.shape[1] == n) else 0
     if y.dim() <= batch_dim or y.shape[batch_dim] != n:
         raise RuntimeError(f"a route for {n} samples is set but this forward has batch shape {tuple(y.shape)}; "
                            "clear it (backbone.clear_route()) or set one per batch")
+    return batch_dim
+
+
+def _route_for(route: torch.Tensor, y: torch.Tensor, batch_dim: int | None) -> torch.Tensor:
+    """The per-sample route as a tensor broadcastable against `y` along its batch dimension (`_batch_dim`)."""
+    n = route.numel()
+    batch_dim = _batch_dim(route, y, batch_dim)
     shape = [1] * y.dim()
     shape[batch_dim] = n
     return route.to(y.device).view(shape)

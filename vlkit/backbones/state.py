@@ -69,7 +69,20 @@ class AdapterState:
             raise ConfigError(f"route indices must be in -1..{len(names) - 1} (-1: no adapter)")
         self.route_names = tuple(names)
         self.route = index
+        self._groups = {}
 
     def clear_route(self) -> None:
         self.route = None
         self.route_names = ()
+        self._groups = {}
+
+    def route_groups(self, device) -> list:
+        """Per route name, the LongTensor of its sample indices (on `device`), computed once per route."""
+        groups = getattr(self, "_groups", None)
+        if groups is None:
+            groups = self._groups = {}
+        key = str(device)
+        if key not in groups:
+            route = self.route.to(device)
+            groups[key] = [(route == i).nonzero().flatten() for i in range(len(self.route_names))]
+        return groups[key]
