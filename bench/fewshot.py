@@ -7,6 +7,10 @@ and Tip-Adapter (no training) beats zero-shot at every shot count. Every run goe
 `vlkit.train.adapt.run_fewshot`, the function behind `vlkit adapt --method ... --shots ... --seeds ...`.
 
     python bench/fewshot.py [--quick] [--steps N] [--n-eval 300] [--json out.json] [--plot out.png] [--md out.md]
+                            [--domains D,..] [--runs-out runs.jsonl] [--from-runs a.jsonl,b.jsonl]
+
+`--runs-out` appends every run (one JSON line) as it finishes; `--from-runs` builds the table from such files
+(e.g. one process per domain, run side by side) without running anything.
 
 `--quick` (CI): shots 1/4/16, one seed, the satellite domain.
 """
@@ -45,6 +49,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None)
     ap.add_argument("--md", type=Path, default=None)
+    ap.add_argument("--runs-out", type=Path, default=None, help="append each run as a JSON line to this file")
+    ap.add_argument("--from-runs", default=None, help="comma-separated JSON-lines files of runs: table only")
     args = ap.parse_args(argv)
 
     from vlkit.train.adapt import plot_fewshot, run_fewshot
@@ -55,15 +61,28 @@ def main(argv=None) -> int:
     methods = args.methods.split(",")
     t0 = time.perf_counter()
     runs = []
-    for domain in domains:
+    if args.from_runs:
+        for f in args.from_runs.split(","):
+            runs += [json.loads(line) for line in Path(f).read_text().splitlines() if line.strip()]
+        domains = [d for d in dict.fromkeys(r["domain"] for r in runs) if args.domains is None or d in domains]
+        runs = [r for r in runs if r["domain"] in domains and r["method"] in methods]
+        shots = sorted({r["shots"] for r in runs} & set(shots)) if args.shots else sorted({r["shots"] for r in runs})
+        seeds = sorted({r["seed"] for r in runs} & set(seeds)) if args.seeds else sorted({r["seed"] for r in runs})
+        methods = [m for m in methods if any(r["method"] == m for r in runs)]
+        wall = sum(r["seconds"] for r in runs)
+    for domain in ([] if args.from_runs else domains):
         def on_run(r, domain=domain):
             print(f"  {domain:9s} {r['method']:14s} {r['shots']:2d} shots seed {r['seed']}: {r['accuracy']:5.1f}% "
                   f"({r['seconds']:.1f}s)", file=sys.stderr, flush=True)
+            if args.runs_out:
+                with args.runs_out.open("a") as fh:
+                    fh.write(json.dumps(dict(r, domain=domain)) + "\n")
 
         res = run_fewshot(args.backbone, methods, shots, seeds, domain=domain, steps=args.steps, n_eval=args.n_eval,
                           on_run=on_run)
         runs += [dict(r, domain=domain) for r in res["runs"]]
-    wall = time.perf_counter() - t0
+    if not args.from_runs:
+        wall = time.perf_counter() - t0
 
     # per (method, shots): per seed the mean over domains, then mean ± sd over seeds
     summary = []
@@ -107,8 +126,9 @@ def markdown(summary, methods, shots, domains, seeds, args, goals, wall) -> str:
     head = "| method | " + " | ".join(f"{k} shot{'s' if k > 1 else ''}" for k in shots) + " | trainable | train s (16) |"
     lines = [f"Embedded world, `{args.backbone}` backbone, domains {', '.join(domains)} (accuracy %, mean over the "
              f"domains, ± sd over seeds {', '.join(map(str, seeds))}; {args.n_eval} test images per domain; "
-             f"steps {'max(60, 6 x shots)' if args.steps is None else args.steps}; wall {wall / 60:.1f} min on this "
-             "machine):", "", head, "|" + "---|" * (len(shots) + 3)]
+             f"steps {'max(60, 6 x shots)' if args.steps is None else args.steps}; "
+             + (f"runs total {wall / 60:.1f} min, from {args.from_runs}" if args.from_runs
+                else f"wall {wall / 60:.1f} min on this machine") + "):", "", head, "|" + "---|" * (len(shots) + 3)]
     for m in methods:
         cells = [f"{by[(m, k)]['mean']:.1f} ± {by[(m, k)]['sd']:.1f}" for k in shots]
         r = by[(m, max(shots))]
