@@ -101,3 +101,13 @@ class OverloadedError(VlkitError):
     def __init__(self, message: str, *, retry_after: float = 1.0):
         super().__init__(message)
         self.retry_after = float(retry_after)
+
+
+class MissingDependencyError(VlkitError):
+    """An optional dependency a feature needs is not installed (e.g. Ray Serve for `vlkit serve --cluster ray`)."""
+
+    kind = "missing dependency"
+
+    def __init__(self, message: str, *, package: str | None = None, hint: str | None = None):
+        super().__init__(message, hint=hint)
+        self.package = package

@@ -2,7 +2,8 @@
 
     vlkit serve --backbone tiny --adapters runs/med,runs/vqa,runs/router [--host 127.0.0.1 --port 8000]
                 [--engine torch|onnx] [--max-batch 32 --max-wait-ms 5 --queue-size 256]
-                [--api-key KEY | VLKIT_API_KEY] [--cluster ray --replicas 2 --gpus-per-replica 0]
+                [--api-key KEY | VLKIT_API_KEY]
+                [--cluster ray --replicas 2 --gpus-per-replica 1 --max-adapters-per-replica 4 --ray-address ADDR]
 
 The server library is `vlkit.serve`; this module only maps flags to `ServeConfig`.
 """
@@ -33,7 +34,18 @@ def register(cli: typer.Typer) -> None:
         device: Optional[str] = typer.Option(None, "--device", help="torch device (cpu, cuda, cuda:1)."),
         drain_timeout: float = typer.Option(30.0, "--drain-timeout", help="Seconds to finish requests on SIGTERM."),
         providers: Optional[str] = typer.Option(None, "--providers", help="onnx: execution providers, comma-separated."),
-        log_level: str = typer.Option("warning", "--log-level", help="uvicorn log level."),
+        cluster: str = typer.Option("none", "--cluster", help="none | ray: deploy on Ray Serve, replicas loading "
+                                                               "adapters on demand (pip install 'vlkit[cluster]')."),
+        replicas: int = typer.Option(1, "--replicas", help="--cluster ray: model replicas (one backbone each)."),
+        gpus_per_replica: float = typer.Option(0.0, "--gpus-per-replica", help="--cluster ray: GPUs per replica."),
+        cpus_per_replica: float = typer.Option(1.0, "--cpus-per-replica", help="--cluster ray: CPUs per replica."),
+        max_adapters_per_replica: int = typer.Option(4, "--max-adapters-per-replica",
+                                                     help="--cluster ray: adapters a replica keeps loaded (least "
+                                                          "recently used ones are evicted)."),
+        ray_address: Optional[str] = typer.Option(None, "--ray-address",
+                                                  help="--cluster ray: a running Ray cluster (default: start a local "
+                                                       "instance on 127.0.0.1)."),
+        log_level: str = typer.Option("warning", "--log-level", help="uvicorn (or Ray) log level."),
     ) -> None:
         """Serve adapters over HTTP: embed, classify, score, answer; hot load; /health, /metrics, /docs."""
         import sys
@@ -44,8 +56,21 @@ def register(cli: typer.Typer) -> None:
                              max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size,
                              max_body_bytes=max_body_bytes, max_pixels=max_pixels, api_key=api_key, device=device,
                              drain_timeout=drain_timeout,
-                             providers=[p for p in (providers or "").split(",") if p.strip()] or None)
+                             providers=[p for p in (providers or "").split(",") if p.strip()] or None,
+                             cluster=cluster, replicas=replicas, gpus_per_replica=gpus_per_replica,
+                             cpus_per_replica=cpus_per_replica, max_adapters_per_replica=max_adapters_per_replica,
+                             ray_address=ray_address)
         config.check()
+        if config.cluster == "ray":
+            from ..serve.ray_app import run_cluster
+
+            def cluster_ready(url: str) -> None:
+                sys.stderr.write(f"vlkit serve: torch engine on {url} (Ray Serve: {config.replicas} replicas, up to "
+                                 f"{config.max_adapters_per_replica} adapters each; docs at /docs)\n")
+                sys.stderr.flush()
+
+            run_cluster(config, on_ready=cluster_ready, log_level=log_level)
+            return
 
         def ready(server) -> None:
             bound = [s.getsockname() for srv in server.servers for s in srv.sockets]

@@ -56,6 +56,12 @@ class ServeConfig:
     device: str | None = None
     drain_timeout: float = 30.0
     providers: list[str] | None = None
+    cluster: str = "none"  # none | ray (Ray Serve, vlkit.serve.ray_app)
+    replicas: int = 1
+    gpus_per_replica: float = 0.0
+    cpus_per_replica: float = 1.0
+    max_adapters_per_replica: int = 4
+    ray_address: str | None = None  # None: start a local Ray instance on 127.0.0.1
 
     def check(self) -> None:
         if self.engine not in ("torch", "onnx"):
@@ -69,6 +75,17 @@ class ServeConfig:
             raise ConfigError(f"--port must be 0..65535, got {self.port}")
         if self.engine == "torch" and not self.backbone and not self.adapters:
             raise ConfigError("give --backbone (and --adapters)")
+        if self.cluster not in ("none", "ray"):
+            raise ConfigError(f"--cluster must be none or ray, got {self.cluster!r}")
+        if self.cluster == "ray":
+            if self.engine != "torch":
+                raise ConfigError("--cluster ray serves the torch engine (replicas share one backbone and load "
+                                  "adapters on demand); serve onnx exports with one `vlkit serve --engine onnx` per "
+                                  "machine")
+            if int(self.replicas) < 1 or int(self.max_adapters_per_replica) < 1:
+                raise ConfigError("--replicas and --max-adapters-per-replica must be at least 1")
+            if float(self.gpus_per_replica) < 0 or float(self.cpus_per_replica) < 0:
+                raise ConfigError("--gpus-per-replica and --cpus-per-replica must be at least 0")
 
 
 def http_status(exc: BaseException) -> int:
@@ -92,6 +109,16 @@ def error_text(exc: BaseException) -> str:
     return f"internal error: {type(exc).__name__}: {one_line(exc)[:300]}"
 
 
+def backbone_spec(config: ServeConfig) -> str:
+    """The backbone a torch server loads: --backbone, else the one the first adapter was made for."""
+    if config.backbone:
+        return config.backbone
+    from ..compose.resolve import source_dirs
+    from ..adapters.files import read_adapter_config
+
+    return read_adapter_config(source_dirs(config.adapters)[0][1]).get("backbone") or "tiny"
+
+
 def make_backend(config: ServeConfig):
     if config.engine == "onnx":
         from .onnx_engine import OnnxBackend
@@ -99,13 +126,7 @@ def make_backend(config: ServeConfig):
         return OnnxBackend(config.adapters, providers=config.providers)
     from .backends import TorchBackend
 
-    spec = config.backbone
-    if not spec:
-        from ..compose.resolve import source_dirs
-        from ..adapters.files import read_adapter_config
-
-        spec = read_adapter_config(source_dirs(config.adapters)[0][1]).get("backbone") or "tiny"
-    return TorchBackend(spec, config.adapters, device=config.device)
+    return TorchBackend(backbone_spec(config), config.adapters, device=config.device)
 
 
 class _Guard:
@@ -178,12 +199,13 @@ class _Guard:
 
 
 class AppState:
-    def __init__(self, config: ServeConfig, backend, engine):
+    def __init__(self, config: ServeConfig, service):
         from .metrics import Metrics
 
         self.config = config
-        self.backend = backend
-        self.engine = engine
+        self.service = service
+        self.backend = getattr(service, "backend", None)
+        self.engine = getattr(service, "engine", None)
         self.metrics = Metrics()
         self.api_key = config.api_key or os.environ.get("VLKIT_API_KEY") or None
         self.draining = False
@@ -197,25 +219,129 @@ def _openapi_body(model) -> dict:
                                                           "multipart/form-data": {"schema": form}}}}
 
 
+async def read_body(request: Request, op: str):
+    """The request's body as the `op` model, and the raw bytes of a multipart `image` file part (or None)."""
+    model = BODIES[op]
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        try:
+            form = await request.form()
+        except Exception as exc:  # noqa: BLE001 - a malformed form is the client's
+            raise RequestError(f"malformed form body: {one_line(exc)[:200]}") from None
+        body, upload = form_fields(form, model)
+        raw = await upload.read() if upload is not None else None
+        return body, raw
+    if ctype not in ("", "application/json") and not ctype.endswith("+json"):
+        raise RequestError(f"unsupported content type {ctype!r}: send application/json or multipart/form-data",
+                           status=415)
+    return parse_json(await request.body(), model), None
+
+
+def build_item(backend, config: ServeConfig, op: str, body, raw: bytes | None):
+    """One request as an engine `Item`: decode, check limits and tensorise (run in a worker thread)."""
+    from .engine import Item
+
+    adapter = adapter_of(body.adapter)
+    backend.check_adapter(adapter, op)
+    image_field = getattr(body, "image", None)
+    pixels = None
+    if raw is not None or image_field:
+        data = raw if raw is not None else decode_base64(image_field)
+        pixels = backend.preprocess(open_image(data, config.max_pixels))
+    texts, labels = None, None
+    if op == "embed":
+        if (pixels is None) == (body.text is None):
+            raise RequestError("embed takes exactly one of `text` and `image`", status=422)
+        texts = [body.text] if body.text is not None else None
+    elif op == "score":
+        if not body.texts:
+            raise RequestError("field 'texts': give at least one text", status=422)
+        texts = list(body.texts)
+    elif op == "answer":
+        texts = [body.question]
+    elif op == "classify" and body.labels is not None:
+        if not body.labels or len(set(body.labels)) != len(body.labels):
+            raise RequestError("field 'labels': give distinct labels", status=422)
+        prompt = body.prompt or backend.prompt_for(adapter)
+        if prompt.count("{}") != 1:
+            raise RequestError(f"field 'prompt' must contain exactly one {{}}, got {prompt!r}", status=422)
+        labels = list(body.labels)
+        texts = [prompt.format(x) for x in labels]
+    if texts is not None:
+        if len(texts) > MAX_TEXTS:
+            raise RequestError(f"{len(texts)} texts in one request; the limit is {MAX_TEXTS}", status=413)
+        if any(len(t) > MAX_TEXT_CHARS for t in texts):
+            raise RequestError(f"a text is over {MAX_TEXT_CHARS} characters", status=413)
+    if op in ("classify", "score", "answer") and pixels is None:
+        raise RequestError("field 'image': required", status=422)
+    top = int(getattr(body, "top", 3))
+    if not 1 <= top <= 1000:
+        raise RequestError("field 'top': must be 1..1000", status=422)
+    return Item(op, adapter, pixels=pixels, tokens=backend.tokenize(texts) if texts else None, labels=labels,
+                top=top)
+
+
+class LocalService:
+    """What the endpoints call in one process: one backend (torch or onnx) behind one batching engine.
+    (`vlkit.serve.ray_app.RayService` answers the same calls from Ray Serve replicas.)"""
+
+    def __init__(self, config: ServeConfig, backend):
+        from .engine import BatchingEngine
+
+        self.config = config
+        self.backend = backend
+        self.engine = BatchingEngine(backend.runner, max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
+                                     queue_size=config.queue_size)
+
+    async def run(self, op: str, body, raw: bytes | None) -> tuple[dict, dict]:
+        """(the answer, extra response headers) of one request."""
+        from starlette.concurrency import run_in_threadpool
+
+        item = await run_in_threadpool(build_item, self.backend, self.config, op, body, raw)
+        return await asyncio.wrap_future(self.engine.submit(item)), {}
+
+    async def describe(self) -> dict[str, Any]:
+        return self.backend.describe()
+
+    async def load(self, name: str, path: str) -> dict[str, Any]:
+        return await asyncio.wrap_future(self.engine.control(lambda: self.backend.load(name, path)))
+
+    async def unload(self, name: str) -> None:
+        await asyncio.wrap_future(self.engine.control(lambda: self.backend.unload(name)))
+
+    def health(self) -> dict[str, Any]:
+        b, e = self.backend, self.engine
+        return {"engine": b.name, "backbone": b.spec, "adapters": b.count(), "queue": e.depth,
+                "max_batch": e.max_batch}
+
+    def metrics(self, metrics, draining: bool) -> str:
+        return metrics.render(self.engine, self.backend.count(), draining)
+
+    async def close(self, timeout: float) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.engine.close, timeout)
+
+
 def create_app(config: ServeConfig | None = None, *, backend=None, **overrides):
     """The FastAPI app for `config` (or keyword overrides); `backend` replaces the one `config` would build."""
+    config = config or ServeConfig(**overrides)
+    config.check()
+    return build_app(config, LocalService(config, backend or make_backend(config)))
+
+
+def build_app(config: ServeConfig, service):
+    """The FastAPI app: every endpoint, the error shape, limits, API key and metrics, over `service`
+    (`LocalService`, or the Ray Serve one of `--cluster ray`)."""
     from contextlib import asynccontextmanager
 
     from .. import __version__
-    from .engine import BatchingEngine, Item
 
-    config = config or ServeConfig(**overrides)
-    config.check()
-    backend = backend or make_backend(config)
-    engine = BatchingEngine(backend.runner, max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
-                            queue_size=config.queue_size)
-    state = AppState(config, backend, engine)
+    state = AppState(config, service)
 
     @asynccontextmanager
     async def lifespan(app):
         yield
         state.draining = True
-        await asyncio.get_running_loop().run_in_executor(None, engine.close, config.drain_timeout)
+        await service.close(config.drain_timeout)
 
     app = FastAPI(title="vlkit serve", version=__version__, lifespan=lifespan,
                   description="One frozen vision-language backbone serving many adapters; requests for different "
@@ -246,79 +372,18 @@ def create_app(config: ServeConfig | None = None, *, backend=None, **overrides):
     async def _any(request, exc):
         return JSONResponse({"error": error_text(exc)}, status_code=http_status(exc))
 
-    async def read_body(request: Request, op: str):
-        model = BODIES[op]
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
-            try:
-                form = await request.form()
-            except Exception as exc:  # noqa: BLE001 - a malformed form is the client's
-                raise RequestError(f"malformed form body: {one_line(exc)[:200]}") from None
-            body, upload = form_fields(form, model)
-            raw = await upload.read() if upload is not None else None
-            return body, raw
-        if ctype not in ("", "application/json") and not ctype.endswith("+json"):
-            raise RequestError(f"unsupported content type {ctype!r}: send application/json or multipart/form-data",
-                               status=415)
-        return parse_json(await request.body(), model), None
-
-    def build_item(op: str, body, raw: bytes | None) -> Item:
-        """Decode, check limits and tensorise (run in a worker thread)."""
-        adapter = adapter_of(body.adapter)
-        backend.check_adapter(adapter, op)
-        image_field = getattr(body, "image", None)
-        pixels = None
-        if raw is not None or image_field:
-            data = raw if raw is not None else decode_base64(image_field)
-            pixels = backend.preprocess(open_image(data, config.max_pixels))
-        texts, labels = None, None
-        if op == "embed":
-            if (pixels is None) == (body.text is None):
-                raise RequestError("embed takes exactly one of `text` and `image`", status=422)
-            texts = [body.text] if body.text is not None else None
-        elif op == "score":
-            if not body.texts:
-                raise RequestError("field 'texts': give at least one text", status=422)
-            texts = list(body.texts)
-        elif op == "answer":
-            texts = [body.question]
-        elif op == "classify" and body.labels is not None:
-            if not body.labels or len(set(body.labels)) != len(body.labels):
-                raise RequestError("field 'labels': give distinct labels", status=422)
-            prompt = body.prompt or backend.prompt_for(adapter)
-            if prompt.count("{}") != 1:
-                raise RequestError(f"field 'prompt' must contain exactly one {{}}, got {prompt!r}", status=422)
-            labels = list(body.labels)
-            texts = [prompt.format(x) for x in labels]
-        if texts is not None:
-            if len(texts) > MAX_TEXTS:
-                raise RequestError(f"{len(texts)} texts in one request; the limit is {MAX_TEXTS}", status=413)
-            if any(len(t) > MAX_TEXT_CHARS for t in texts):
-                raise RequestError(f"a text is over {MAX_TEXT_CHARS} characters", status=413)
-        if op in ("classify", "score", "answer") and pixels is None:
-            raise RequestError("field 'image': required", status=422)
-        top = int(getattr(body, "top", 3))
-        if not 1 <= top <= 1000:
-            raise RequestError("field 'top': must be 1..1000", status=422)
-        return Item(op, adapter, pixels=pixels, tokens=backend.tokenize(texts) if texts else None, labels=labels,
-                    top=top)
-
     async def handle(request: Request, op: str):
-        from starlette.concurrency import run_in_threadpool
-
         t0 = time.perf_counter()
         endpoint = f"/v1/{op}"
         try:
             if state.draining:
                 raise RequestError("the server is draining (SIGTERM): send the request elsewhere", status=503)
             body, raw = await read_body(request, op)
-            item = await run_in_threadpool(build_item, op, body, raw)
-            fut = engine.submit(item)
-            result = await asyncio.wrap_future(fut)
+            result, headers = await service.run(op, body, raw)
         except Exception as exc:  # noqa: BLE001 - mapped to the one error shape
             return error_response(exc, endpoint, t0)
         state.metrics.observe(endpoint, 200, time.perf_counter() - t0)
-        return JSONResponse(result)
+        return JSONResponse(result, headers=headers or None)
 
     @app.post("/v1/embed", summary="Normalised embedding of a text or an image", openapi_extra=_openapi_body(BODIES["embed"]))
     async def embed(request: Request):
@@ -341,7 +406,7 @@ def create_app(config: ServeConfig | None = None, *, backend=None, **overrides):
 
     @app.get("/v1/adapters", summary="Served adapters, their tasks and the router")
     async def list_adapters():
-        return backend.describe()
+        return await service.describe()
 
     @app.post("/v1/adapters/{name}", summary="Hot load an adapter directory under `name`", status_code=201,
               openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
@@ -350,8 +415,7 @@ def create_app(config: ServeConfig | None = None, *, backend=None, **overrides):
         t0 = time.perf_counter()
         try:
             body = parse_json(await request.body(), BODIES["load"])
-            fut = engine.control(lambda: backend.load(name, body.path))
-            entry = await asyncio.wrap_future(fut)
+            entry = await service.load(name, body.path)
         except Exception as exc:  # noqa: BLE001
             return error_response(exc, "/v1/adapters", t0)
         state.metrics.observe("/v1/adapters", 201, time.perf_counter() - t0)
@@ -361,7 +425,7 @@ def create_app(config: ServeConfig | None = None, *, backend=None, **overrides):
     async def unload_adapter(name: str):
         t0 = time.perf_counter()
         try:
-            await asyncio.wrap_future(engine.control(lambda: backend.unload(name)))
+            await service.unload(name)
         except Exception as exc:  # noqa: BLE001
             return error_response(exc, "/v1/adapters", t0)
         state.metrics.observe("/v1/adapters", 200, time.perf_counter() - t0)
@@ -369,13 +433,12 @@ def create_app(config: ServeConfig | None = None, *, backend=None, **overrides):
 
     @app.get("/health", summary="Liveness and what is loaded")
     async def health():
-        body = {"status": "draining" if state.draining else "ok", "engine": backend.name, "backbone": backend.spec,
-                "adapters": backend.count(), "queue": engine.depth, "max_batch": engine.max_batch}
+        body = {"status": "draining" if state.draining else "ok", **service.health()}
         return JSONResponse(body, status_code=503 if state.draining else 200)
 
     @app.get("/metrics", summary="Prometheus metrics (text format)", response_class=PlainTextResponse)
     async def metrics():
-        return PlainTextResponse(state.metrics.render(engine, backend.count(), state.draining),
+        return PlainTextResponse(service.metrics(state.metrics, state.draining),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
     app.add_middleware(_Guard, state=state)

@@ -72,6 +72,16 @@ def _read_task_files(backbone, d: Path):
         raise AdapterFileError(f"the task files of {d} cannot be used: {' '.join(str(exc).split())[:200]}") from None
 
 
+def name_and_path(text: str) -> tuple[str | None, Path]:
+    """(the served name of `NAME=DIR`, or None; the directory) of one `--adapters` item."""
+    from ..compose.resolve import find_source
+
+    name, sep, rest = text.partition("=")
+    if sep and name and "/" not in name:
+        return name.strip(), find_source(rest.strip())
+    return None, find_source(text)
+
+
 class TorchCatalog:
     """Served names -> entries on one backbone, the router for `auto`, and cached class embeddings."""
 
@@ -106,15 +116,11 @@ class TorchCatalog:
         return added
 
     def _name_and_path(self, text: str) -> tuple[str | None, Path]:
-        from ..compose.resolve import find_source
+        return name_and_path(text)
 
-        name, sep, rest = text.partition("=")
-        if sep and name and "/" not in name:
-            return name.strip(), find_source(rest.strip())
-        return None, find_source(text)
-
-    def add(self, text: str, name: str | None = None, *, adapters_only: bool = False) -> list[str]:
-        """Load one `--adapters` item (or a hot-loaded directory); returns the served names it added."""
+    def add(self, text: str, name: str | None = None, *, adapters_only: bool = False, resolver=None) -> list[str]:
+        """Load one `--adapters` item (or a hot-loaded directory); returns the served names it added.
+        `resolver` (a `vlkit.compose.resolve.AdapterResolver`) names a composition's adapters on the backbone."""
         from ..backbones.state import check_adapter_name
         from ..compose.composition import is_composition
 
@@ -129,7 +135,7 @@ class TorchCatalog:
         if (path / ADAPTER_CONFIG).is_file():
             return [self._add_adapter(path, name)]
         if is_composition(path) and not adapters_only:
-            return self._add_composition(path, name)
+            return self._add_composition(path, name, resolver)
         raise AdapterFileError(f"{path} is not an adapter directory (no {ADAPTER_CONFIG})"
                                + ("" if adapters_only else " nor a composition directory"))
 
@@ -167,13 +173,13 @@ class TorchCatalog:
         self.entries[name] = entry
         return name
 
-    def _add_composition(self, path: Path, name: str | None) -> list[str]:
+    def _add_composition(self, path: Path, name: str | None, resolver=None) -> list[str]:
         from ..compose.composition import activation, load_composition
         from ..compose.predict import _task_for
         from ..compose.resolve import free_name
 
         before = set(self.backbone.adapter_records)
-        comp = load_composition(self.backbone, path, activate=False)
+        comp = load_composition(self.backbone, path, activate=False, resolver=resolver)
         if self.device is not None:
             self.backbone.to(self.device)
             if comp.router is not None:
