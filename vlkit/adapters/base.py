@@ -150,6 +150,13 @@ class AdapterVariant(ABC):
     - everything in the layer's `state_dict()` is the adapter (saved as `<site path>.<name>`). Do not keep
       the base module as a submodule attribute (that would save and train the base): read what you need
       from `base` when creating the layer, or keep a `LinearView` (not an nn.Module);
+    - optional shortcuts for linear sites, used by the host only for the first layer of a plain stack (no
+      routing, mode "stack"), where `y` is exactly the base output; each must give what `forward` gives:
+      `input_transform` (a callable x -> x', or None) for a layer whose whole effect is a change of the
+      projection's input (y' = W x' + b: the host projects x' once instead of the layer projecting again,
+      as (IA)^3's input scaling does), and `from_base(x, y, weight, bias)` for a layer that can reuse the
+      base output instead of recomputing `F.linear(x, weight)` (DoRA). Define them on the class (a property
+      may return None per instance);
     - optional `bind_state(state)`: called once with the backbone's AdapterState (joint / cross-modal
       layers read `state.context`);
     - `merged` (bool attribute, default False): set by the core while the layer is folded into the base

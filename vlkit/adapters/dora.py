@@ -66,10 +66,19 @@ class DoraLayer(nn.Module):
         v = weight + self.scaling * (self.lora_B @ self.lora_A).to(weight.dtype)
         return (self.magnitude.to(weight.dtype) / v.norm(dim=1)).unsqueeze(1) * v
 
+    def _low(self, x):
+        return self.scaling * F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+
     def forward(self, x, y, weight, bias=None):
         scale = self._scale(weight)
-        low = self.scaling * F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
-        return y + (scale - 1) * F.linear(x, weight) + scale * low
+        return y + (scale - 1) * F.linear(x, weight) + scale * self._low(x)
+
+    def from_base(self, x, y, weight, bias=None):
+        """`forward` when `y` is the base output W x + b (the first layer of a plain stack): W x is y - b, so
+        the projection is not computed a second time (as PEFT does)."""
+        scale = self._scale(weight)
+        wx = y if bias is None else y - bias
+        return y + (scale - 1) * wx + scale * self._low(x)
 
 
 class DoraVariant(AdapterVariant):

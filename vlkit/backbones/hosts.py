@@ -68,6 +68,47 @@ class AdapterHost(nn.Module):
             return layer(y)
         return layer(x, y, weight, bias)
 
+    def stack_layers(self, key: str) -> list | None:
+        """The active, unmerged layers at `key` in stacking order when the adapters are plainly stacked
+        (no routing, mode "stack"); None in every other mode (the caller then takes `apply`)."""
+        st = self._state
+        if st.route is not None or st.mode != "stack":
+            return None
+        groups = self._modules["adapters"]._modules
+        out = []
+        for n in st.active:
+            group = groups.get(n)
+            layer = group._modules.get(key) if group is not None else None
+            if layer is not None and not getattr(layer, "merged", False):
+                out.append(layer)
+        return out
+
+    def linear_site(self, key: str, x: torch.Tensor, weight, bias, y: torch.Tensor | None = None) -> torch.Tensor:
+        """The output of linear site `key` for input `x`: the base projection `F.linear(x, weight, bias)` (or
+        `y`, which must equal it) with the active layers applied, computed with as little extra work as the
+        layers allow. In plain stacking the first layer may take a shortcut (see the layer contract in
+        `vlkit.adapters.base.AdapterVariant`): `input_transform(x)` (the projection runs once, on the changed
+        input, instead of a second projection inside the layer) or `from_base(x, y, weight, bias)` (the layer
+        reuses the base output). Every other mode goes through `apply`, exactly as before."""
+        layers = self.stack_layers(key)
+        if layers is None:
+            return self.apply(key, F.linear(x, weight, bias) if y is None else y, x, weight, bias)
+        if not layers:
+            return F.linear(x, weight, bias) if y is None else y
+        first, rest = layers[0], layers[1:]
+        cls = type(first)  # looked up on the class first: a miss on an nn.Module instance is slow
+        pre = first.input_transform if y is None and hasattr(cls, "input_transform") else None
+        if pre is not None:
+            y = F.linear(pre(x), weight, bias)
+        else:
+            if y is None:
+                y = F.linear(x, weight, bias)
+            shortcut = first.from_base if hasattr(cls, "from_base") else None
+            y = shortcut(x, y, weight, bias) if shortcut is not None else first(x, y, weight, bias)
+        for layer in rest:
+            y = layer(x, y, weight, bias)
+        return y
+
     def apply(self, key: str, y: torch.Tensor, x=None, weight=None, bias=None,
               batch_dim: int | None = None) -> torch.Tensor:
         st = self._state
@@ -185,7 +226,13 @@ class AdaptedLinear(AdapterHost):
     """Adapters on an nn.Linear: each layer sees the input, the base output, and the base weight."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        base = self._modules["base"]
+        kinds = self.site_kinds
+        if len(kinds) == 1 and type(base).forward is nn.Linear.forward:  # the usual case: one linear site
+            (key, kind), = kinds.items()
+            if kind == "linear":
+                return self.linear_site(key, x, base.weight, base.bias)
+        y = base(x)
         for key in self.site_kinds:
             if self.site_kinds[key] == "linear":
                 y = self.apply(key, y, x, self.base.weight, self.base.bias)
@@ -245,13 +292,17 @@ class AdaptedMHA(AdapterHost):
         plain = ~table[st.route.cpu() + 1]
         return plain.to(st.route.device) if bool(plain.any()) else None
 
-    def _site(self, key, y, x, w, b):
-        return self.apply(key, y, x, w, b) if key in self.site_kinds else y
+    def _site(self, key, x, w, b, y=None):
+        """Projection `key` of `x` (base output `y` when already computed) with its adapters, if it has any."""
+        if key in self.site_kinds:
+            return self.linear_site(key, x, w, b, y)
+        return F.linear(x, w, b) if y is None else y
 
     def _explicit(self, query, key, value, key_padding_mask, attn_mask, is_causal):
         base = self.base
         if base.in_proj_weight is None:
             raise RuntimeError("MultiheadAttention with separate q/k/v weights is not supported")
+        self_attention = query is key and key is value
         if not base.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         bsz, tgt, e = query.shape
@@ -259,9 +310,13 @@ class AdaptedMHA(AdapterHost):
         h = base.num_heads
         hd = e // h
         (wq, bq), (wk, bk), (wv, bv) = self._proj(0), self._proj(1), self._proj(2)
-        q = self._site("attn_q", F.linear(query, wq, bq), query, wq, bq)
-        k = self._site("attn_k", F.linear(key, wk, bk), key, wk, bk)
-        v = self._site("attn_v", F.linear(value, wv, bv), value, wv, bv)
+        if self_attention:  # one fused in-projection, as the module's own path; q, k, v are views of it
+            yq, yk, yv = F.linear(query, base.in_proj_weight, base.in_proj_bias).split(e, dim=-1)
+        else:
+            yq = yk = yv = None  # each projected where it is needed (with its adapters' shortcuts)
+        q = self._site("attn_q", query, wq, bq, yq)
+        k = self._site("attn_k", key, wk, bk, yk)
+        v = self._site("attn_v", value, wv, bv, yv)
         q = q.view(bsz, tgt, h, hd).transpose(1, 2)
         k = k.view(bsz, src, h, hd).transpose(1, 2)
         v = v.view(bsz, src, h, hd).transpose(1, 2)
@@ -284,7 +339,7 @@ class AdaptedMHA(AdapterHost):
                                            is_causal=bool(is_causal and mask is None))
         o = o.transpose(1, 2).reshape(bsz, tgt, e)
         ow, ob = base.out_proj.weight, base.out_proj.bias
-        out = self._site("attn_out", F.linear(o, ow, ob), o, ow, ob)
+        out = self._site("attn_out", o, ow, ob)
         if not base.batch_first:
             out = out.transpose(0, 1)
         return out

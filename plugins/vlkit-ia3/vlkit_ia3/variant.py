@@ -5,8 +5,9 @@ Two kinds of layer, by site role:
 * output scaling (attn.k, attn.v and any other targeted projection except mlp.fc2):
   y' = l ⊙ y with l of size out_features; merged: W' = diag(l) W, b' = l ⊙ b.
 * input scaling (mlp.fc2, whose input is the MLP hidden activation h):
-  y' = W (l ⊙ h) + b, computed as y + W ((l - 1) ⊙ h) so it is exact while l is all ones and composes
-  with adapters stacked before it; merged: W' = W diag(l), b' = b.
+  y' = W (l ⊙ h) + b. As the first (or only) layer of a plain stack the host projects l ⊙ h once
+  (`input_transform`); elsewhere it is y + W ((l - 1) ⊙ h), which composes with adapters stacked before
+  it; merged: W' = W diag(l), b' = b.
 """
 from __future__ import annotations
 
@@ -52,6 +53,16 @@ class IA3Layer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"features={self.ia3_l.numel()}, scales={'input' if self.scales_input else 'output'}"
+
+    @property
+    def input_transform(self):
+        """Input scaling: x -> l ⊙ x, so the host runs the projection once, on the scaled input, instead of
+        `forward`'s second projection W ((l - 1) ⊙ x) (vlkit's shortcut for the first layer of a plain stack;
+        the same result). None for output scaling, which has nothing to save."""
+        return self._scale_input if self.scales_input else None
+
+    def _scale_input(self, x):
+        return x * self.ia3_l
 
     def forward(self, x, y, weight=None, bias=None):
         if self.scales_input:
