@@ -7,7 +7,9 @@
 - `vlkit.serve.engine`: the batching engine (requests within `max_wait_ms`, up to `max_batch`, whatever their
   adapters) and the torch runner (one forward through the backbone's mixed-batch route);
 - `vlkit.serve.catalog`: the adapters a server holds (loaded, hot loaded and unloaded) and their tasks;
-- `vlkit.serve.onnx_engine`: the same endpoints over `vlkit export` directories through onnxruntime.
+- `vlkit.serve.onnx_engine`: the same endpoints over `vlkit export` directories through onnxruntime;
+- `vlkit.serve.ray_app` (`--cluster ray`, needs `vlkit[cluster]`): the same app on Ray Serve, replicas loading
+  adapters on demand (`serve.multiplexed`); `vlkit.serve.cluster`: its plan of units and one replica's core.
 """
 from __future__ import annotations
 

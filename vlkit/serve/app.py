@@ -1,5 +1,9 @@
 """The HTTP app of `vlkit serve`: `create_app(config)` builds a FastAPI app, `run_server(config)` serves it.
 
+`build_app(config, service)` holds the endpoints, limits, API key, error shape and metrics over a service: one
+process's `LocalService` (a backend and its batching engine), or the Ray Serve one of `--cluster ray`
+(`vlkit.serve.ray_app.RayService`), so both servers answer the same requests the same way.
+
 Endpoints (JSON bodies, or multipart/form-data with an `image` file part):
 
     POST   /v1/embed               {"adapter", "text" | "image"}            -> {"embedding": [...], "adapter"}

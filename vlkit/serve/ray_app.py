@@ -160,6 +160,7 @@ def build_application(config, directory, spec: str, app_name: str = APP_NAME):
     @serve.deployment(name="VlkitReplica", num_replicas=int(config.replicas),
                       max_ongoing_requests=max(2 * int(config.max_batch), 8),
                       max_queued_requests=int(config.queue_size),
+                      graceful_shutdown_timeout_s=float(config.drain_timeout),
                       ray_actor_options={"num_cpus": float(config.cpus_per_replica),
                                          "num_gpus": float(config.gpus_per_replica)})
     class VlkitReplica:
@@ -196,7 +197,7 @@ def build_application(config, directory, spec: str, app_name: str = APP_NAME):
         return build_app(config, RayService(config, handle, directory, spec))
 
     @serve.deployment(name="VlkitIngress", num_replicas=1, max_ongoing_requests=max(int(config.queue_size), 8),
-                      ray_actor_options={"num_cpus": 0})
+                      graceful_shutdown_timeout_s=float(config.drain_timeout), ray_actor_options={"num_cpus": 0})
     @serve.ingress(asgi_app)
     class VlkitIngress:
         def __init__(self, replicas):
