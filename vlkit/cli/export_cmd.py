@@ -110,7 +110,9 @@ def register(cli: typer.Typer) -> None:
                                                   "adapter saved none (default: the recipe's, else photo)."),
         eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Eval set data spec (default: the recipe's "
                                                 "or the world's classification set)."),
-        eval_n: int = typer.Option(256, "--eval-n", help="At most this many eval examples."),
+        eval_n: Optional[int] = typer.Option(None, "--eval-n",
+                                             help="At most this many eval examples (default 16; 256 with --fp16 "
+                                                  "or --quantize, whose score change is what they are judged by)."),
         fp16: bool = typer.Option(False, "--fp16", help="Also write float16 graphs (fp32 inputs and outputs)."),
         quantize: Optional[str] = typer.Option(None, "--quantize", help="Also write quantised graphs: int8."),
         providers: Optional[list[str]] = typer.Option(None, "--providers",

@@ -29,6 +29,8 @@ from ..data.pipeline import materialize
 WORLD_KIND = "world"  # the dataset kind `--domain` names a domain of (evaluated on when no other eval set is known)
 DEFAULT_DOMAIN = "photo"
 BATCH = 64  # chunk size for references and eval-set passes
+EVAL_N = 16  # default eval-set size of an fp32 export: its parity checks decide, the score only confirms
+EVAL_N_LOW_PRECISION = 256  # default with fp16 / int8 graphs, whose eval-set score change is what they are judged by
 FORMAT = "vlkit.export"
 FORMAT_VERSION = 1
 
@@ -132,10 +134,18 @@ def _chunks(n: int, size: int = BATCH):
 
 
 def _reference_fn(backbone, merged: list[str]):
+    """The PyTorch reference of a graph on a set of inputs (adapters unmerged), computed once per input set:
+    the `real` verification inputs and the eval-set score share theirs."""
+    from .base import input_key
     from .model import unmerged
+
+    cache: dict[tuple, tuple[dict, dict[str, np.ndarray]]] = {}
 
     @torch.no_grad()
     def reference(graph: GraphSpec, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        key = (graph.name, input_key(inputs))
+        if key in cache:
+            return cache[key][1]
         module = graph.reference or graph.module
         n = len(next(iter(inputs.values())))
         parts: list[list[np.ndarray]] = [[] for _ in graph.outputs]
@@ -145,36 +155,42 @@ def _reference_fn(backbone, merged: list[str]):
                 out = out if isinstance(out, tuple) else (out,)
                 for i, o in enumerate(out):
                     parts[i].append(o.detach().float().cpu().numpy())
-        return {name: np.concatenate(p) for name, p in zip(graph.outputs, parts)}
+        result = {name: np.concatenate(p) for name, p in zip(graph.outputs, parts)}
+        cache[key] = (inputs, result)  # the inputs stay alive with their entry (the key holds addresses)
+        return result
 
     return reference
 
 
-def _evaluation(backbone, merged, task, zs_task, data, label: str, has_classifier: bool) -> Evaluation:
-    from .model import unmerged
-
-    pixels = data["pixels"]
+def _evaluation(graphs, reference, data, zs_task, label: str, has_classifier: bool,
+                verify_inputs: dict[str, dict[str, dict[str, torch.Tensor]]]) -> Evaluation:
+    """The eval-set score. Its inputs are the arrays of the `real` verification inputs (the eval images; the
+    class prompts, which lead the real text inputs), passed whole, so neither PyTorch nor an exporter that
+    caches by `input_key` computes them twice; PyTorch's predictions come from the graphs' references
+    (adapters unmerged) on those inputs."""
     labels = data["labels"].numpy()
-    with unmerged(backbone, merged):
-        if has_classifier:
-            ref = task.predict(backbone, data, batch_size=BATCH).numpy()
-        else:
-            ref = zs_task.predict(backbone, data, batch_size=BATCH).numpy()
-    px = pixels.numpy()
-    class_ids = zs_task.class_tokens.numpy()
+    px = data["pixels"].numpy()
+    n_cls = len(zs_task.class_tokens)
+    real_text = verify_inputs.get("text_encoder", {}).get("real", {}).get("input_ids")
+    if real_text is None or len(real_text) < n_cls or not torch.equal(real_text[:n_cls], zs_task.class_tokens):
+        real_text = zs_task.class_tokens
+    text_ids = real_text.numpy()
+    by_name = {g.name: g for g in graphs}
 
     def predict(run) -> np.ndarray:
+        if not len(px):
+            return np.zeros(0, int)
         if has_classifier:
-            return np.concatenate([run("classifier", {"pixel_values": px[sl]})["logits"].argmax(-1)
-                                   for sl in _chunks(len(px))]) if len(px) else np.zeros(0, int)
-        text = run("text_encoder", {"input_ids": class_ids})["text_embeds"]
-        out = [(run("image_encoder", {"pixel_values": px[sl]})["image_embeds"] @ text.T).argmax(-1)
-               for sl in _chunks(len(px))]
-        return np.concatenate(out) if out else np.zeros(0, int)
+            return run("classifier", {"pixel_values": px})["logits"].argmax(-1)
+        text = run("text_encoder", {"input_ids": text_ids})["text_embeds"][:n_cls]
+        return (run("image_encoder", {"pixel_values": px})["image_embeds"] @ text.T).argmax(-1)
+
+    def reference_run(graph: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return reference(by_name[graph], {k: torch.from_numpy(v) for k, v in inputs.items()})
 
     metric = "accuracy" if has_classifier else "zero-shot accuracy"
     graph = "classifier" if has_classifier else "image_encoder+text_encoder"
-    return Evaluation(metric, label, graph, predict, ref, labels)
+    return Evaluation(metric, label, graph, predict, None, labels, reference_run=reference_run)
 
 
 def build_graphs(backbone, task, class_emb, joint: bool) -> list[GraphSpec]:
@@ -250,13 +266,25 @@ def _staged_files(staging: Path) -> list[str]:
 
 def export_model(out: str | Path, *, backbone: str | None = None, adapters: list[str | Path] = (),
                  target: str = "onnx", task: str | None = None, domain: str | None = None,
-                 eval_data: str | None = None, eval_n: int = 256, merge: bool = True,
+                 eval_data: str | None = None, eval_n: int | None = None, merge: bool = True,
                  options: ExportOptions | None = None, overwrite: bool = False,
                  unload: bool = False) -> dict[str, Any]:
     """Export a backbone with adapters to `out` through exporter `target`, verified; returns the summary.
 
     `out` follows `vlkit.outputs`: refused when not empty (unless `overwrite`) or one of the adapters, and
-    written whole: a failed verification leaves it as it was."""
+    written whole: a failed verification leaves it as it was. `eval_n` (at most this many eval examples)
+    defaults to `EVAL_N` for fp32 graphs and `EVAL_N_LOW_PRECISION` when fp16 or int8 graphs are asked for:
+    verification in proportion to what can change. The summary's `timings` gives the seconds of each phase."""
+    import time
+
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def lap(phase: str, since: float) -> float:
+        now = time.perf_counter()
+        timings[phase] = timings.get(phase, 0.0) + now - since
+        return now
+
     from ..outputs import OutputTarget
 
     output = OutputTarget(out, overwrite=overwrite, inputs=list(adapters), what="export directory")
@@ -265,7 +293,7 @@ def export_model(out: str | Path, *, backbone: str | None = None, adapters: list
     from ..data.kinds import kind_domains
     from ..io import write_json
     from .model import (build_task, exportable_tasks, load_sources, merge_where_possible, read_source,
-                        recipe_data, recipe_domain, task_source, unmerged)
+                        recipe_data, recipe_domain, task_source)
 
     options = options or ExportOptions()
     if options.seed is None:
@@ -280,6 +308,8 @@ def export_model(out: str | Path, *, backbone: str | None = None, adapters: list
         known = kind_domains(WORLD_KIND)
         if known is not None and domain not in known:
             raise ConfigError(f"unknown world domain {domain!r}; domains: {', '.join(known)}")
+    if eval_n is None:
+        eval_n = EVAL_N_LOW_PRECISION if (options.fp16 or options.quantize) else EVAL_N
     if eval_n < 1:
         raise ConfigError(f"eval_n must be at least 1, got {eval_n}")
     exporter.check(options)
@@ -288,19 +318,11 @@ def export_model(out: str | Path, *, backbone: str | None = None, adapters: list
     if not spec:
         raise ConfigError("no backbone: give --backbone (the adapters do not name one)")
 
+    t = time.perf_counter()
     bb = load_backbone(spec)
     loaded = load_sources(bb, [s["path"] for s in sources]) if sources else {
         "names": [], "mode": "stack", "weights": None, "adapters": [], "task_dirs": []}
-    if unload:  # `--merge`: fold for good (`merge_and_unload`), no copy kept; the reference is the merged model
-        from ..adapters.inject import merge_and_unload
-
-        unloaded = merge_and_unload(bb)
-        merged: list[str] = []
-    else:
-        unloaded = []
-        merged = merge_where_possible(bb, enabled=merge)
-    for a in loaded["adapters"]:
-        a["merged"] = a["name"] in merged or a["name"] in unloaded
+    t = lap("load", t)
     meta, meta_dir = task_source(loaded["task_dirs"])
     recipe = recipe_data(loaded["task_dirs"])
     dom = domain or recipe_domain(recipe, WORLD_KIND) or DEFAULT_DOMAIN
@@ -309,25 +331,44 @@ def export_model(out: str | Path, *, backbone: str | None = None, adapters: list
     if eval_task is None:
         raise ConfigError("no registered task is exportable (a task declares `exportable = True`)")
     ds, label = eval_dataset(eval_data, recipe, dom, eval_n, task=eval_task)
-    with unmerged(bb, merged), torch.no_grad():
+    with torch.no_grad():  # the model as vlkit runs it: nothing is merged yet
         zs_task = build_task(bb, eval_task, meta, meta_dir, ds, zero_shot=True)
         the_task = build_task(bb, eval_task, meta, meta_dir, ds) if task is not None else None
         class_emb = the_task.class_embeddings(bb) if the_task is not None and the_task.head_kind == "text" else None
         data = materialize((the_task or zs_task).prepare(bb, ds))
     joint = bool(getattr(bb, "joint_active", lambda: False)())
     graphs = build_graphs(bb, the_task, class_emb, joint)
-    evaluation = _evaluation(bb, merged, the_task, zs_task, data, label, the_task is not None)
+    merged: list[str] = []  # filled below; later references unmerge these
+    reference = _reference_fn(bb, merged)
+    captions = list(ds["caption"]) if "caption" in ds.column_names else None
+    verify_inputs = _verify_inputs(bb, graphs, data, zs_task, captions, options.seed)
+    evaluation = _evaluation(graphs, reference, data, zs_task, label, the_task is not None, verify_inputs)
+    t = lap("eval data and tasks", t)
+    for g in graphs:  # every PyTorch reference, once, before anything is folded into the weights
+        for inputs in verify_inputs[g.name].values():
+            reference(g, inputs)
+    evaluation.reference_predictions  # noqa: B018 - the eval-set score's PyTorch side (cached inputs)
+    t = lap("pytorch references", t)
+    if unload:  # `--merge`: fold for good (`merge_and_unload`), no copy kept
+        from ..adapters.inject import merge_and_unload
+
+        unloaded = merge_and_unload(bb)
+    else:
+        unloaded = []
+        merged.extend(merge_where_possible(bb, enabled=merge))
+    for a in loaded["adapters"]:
+        a["merged"] = a["name"] in merged or a["name"] in unloaded
+    t = lap("merge", t)
 
     out = Path(out)
     output.__enter__()
     staging = output.staging
     describe = {"backbone": bb.describe(), "adapters": loaded["adapters"], "mode": loaded["mode"],
                 "weights": loaded["weights"], "merged": merged + unloaded, "domain": dom}
-    captions = list(ds["caption"]) if "caption" in ds.column_names else None
-    request = ExportRequest(bb, graphs, _verify_inputs(bb, graphs, data, zs_task, captions, options.seed),
-                            _reference_fn(bb, merged), evaluation, options, staging, describe)
+    request = ExportRequest(bb, graphs, verify_inputs, reference, evaluation, options, staging, describe)
     try:
         result: ExportResult = exporter.export(request)
+        t = lap(f"{target} export and verification", t)
         summary = _summary(request, result, out, target, the_task, zs_task, label)
         if result.failed:
             worst = max(result.failed, key=lambda c: c.max_abs_diff / (c.tolerance or 1.0))
@@ -343,6 +384,10 @@ def export_model(out: str | Path, *, backbone: str | None = None, adapters: list
                                             "context_length": bb.context_length}
         write_json(staging / "export.json", summary["manifest"])
         summary["written"] = _staged_files(staging)
+        lap("write", t)
+        timings.update({f"{target}: {k}": v for k, v in result.timings.items()})
+        timings["total"] = time.perf_counter() - t_start
+        summary["timings"] = timings
     except BaseException as exc:
         output.__exit__(type(exc), exc, exc.__traceback__)  # nothing published: the old directory stays
         raise

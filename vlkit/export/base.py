@@ -128,10 +128,27 @@ class ExportResult:
     scores: list[dict[str, Any]] = field(default_factory=list)
     manifest: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase (trace, verify, ...), optional
 
     @property
     def failed(self) -> list[Check]:
         return [c for c in self.checks if not c.passed]
+
+
+def input_key(inputs: dict[str, Any]) -> tuple:
+    """What identifies a set of inputs without reading it: per name, the memory address, shape, dtype and
+    strides (in elements) of the tensor or array, so a numpy view of a tensor has the tensor's key. Callers
+    that cache by it keep the inputs alive beside the entry (an address is only unique while it is in use)."""
+    out = []
+    for name, v in inputs.items():
+        if isinstance(v, torch.Tensor):
+            out.append((name, v.device.type, v.data_ptr(), tuple(v.shape), str(v.dtype).replace("torch.", ""),
+                        tuple(v.stride())))
+        else:
+            a = np.asarray(v)
+            strides = tuple(st // a.itemsize for st in a.strides) if a.itemsize else ()
+            out.append((name, "cpu", a.__array_interface__["data"][0], a.shape, a.dtype.name, strides))
+    return tuple(out)
 
 
 class Evaluation:
@@ -139,18 +156,31 @@ class Evaluation:
 
     `score(run)` takes `run(graph_name, {input_name: np.ndarray}) -> {output_name: np.ndarray}` for one
     precision of the exported graphs and returns the metric on the eval set plus the agreement of the
-    predictions with PyTorch's. `reference_score` is what vlkit itself measures.
+    predictions with PyTorch's. `run` is called with whole input sets (the eval set, the class prompts), the
+    same arrays the `real` verification inputs hold, so an exporter that caches its outputs by `input_key`
+    computes each once. `reference_score` is what vlkit itself measures: `reference_predictions` (an array),
+    or `reference_run` (a `run` over the PyTorch references), evaluated on first use.
     """
 
-    def __init__(self, metric: str, dataset: str, graph: str, predict: Callable, reference_predictions: np.ndarray,
-                 labels: np.ndarray):
+    def __init__(self, metric: str, dataset: str, graph: str, predict: Callable,
+                 reference_predictions: np.ndarray | None, labels: np.ndarray, reference_run: Callable | None = None):
         self.metric = metric
         self.dataset = dataset
         self.graph = graph
         self._predict = predict
-        self.reference_predictions = reference_predictions
+        self._reference_predictions = reference_predictions
+        self._reference_run = reference_run
         self.labels = labels
-        self.reference_score = accuracy(reference_predictions, labels)
+
+    @property
+    def reference_predictions(self) -> np.ndarray:
+        if self._reference_predictions is None:
+            self._reference_predictions = np.asarray(self._predict(self._reference_run))
+        return self._reference_predictions
+
+    @property
+    def reference_score(self) -> float:
+        return accuracy(self.reference_predictions, self.labels)
 
     def score(self, run: Callable[[str, dict[str, np.ndarray]], dict[str, np.ndarray]]) -> dict[str, Any]:
         pred = self._predict(run)

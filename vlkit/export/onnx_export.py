@@ -189,7 +189,10 @@ class OnnxExporter(Exporter):
             result.files.append({"graph": graph, "precision": precision, "file": path.name,
                                  "bytes": path.stat().st_size, "session": session_hints(precision)})
 
-        for g in request.graphs:
+        import time
+
+        t = time.perf_counter()
+        for g in request.graphs:  # each graph traced once per precision; verification reuses its inputs
             path = staging / f"{g.name}.onnx"
             export_graph(g.module, g, path, opset)
             record(g.name, "fp32", path)
@@ -215,8 +218,11 @@ class OnnxExporter(Exporter):
                 record(g.name, "int8", path)
             precisions.append("int8")
 
+        result.timings["trace"] = time.perf_counter() - t
+        t = time.perf_counter()
         result.checks = verifier.check_all()
         result.scores = verifier.scores(precisions)
+        result.timings["verify"] = time.perf_counter() - t
         result.manifest = {"runtime": {"onnx": onnx.__version__, "onnxruntime": ort.__version__,
                                        "torch": torch.__version__.split("+")[0], "opset": opset,
                                        "verified_providers": providers}}
