@@ -65,9 +65,10 @@ def images(n: int, size: int) -> list[str]:
 
 
 class Server:
-    def __init__(self, spec: str, adapters: list[Path], args: list[str], device: str | None):
+    def __init__(self, spec: str, adapters: list[Path], args: list[str], device: str | None, threads: int | None = None):
         cmd = [sys.executable, "-m", "vlkit", "serve", "--backbone", spec, "--port", "0", "--queue-size", "4096",
-               "--adapters", ",".join(str(a) for a in adapters), *args, *(["--device", device] if device else [])]
+               "--adapters", ",".join(str(a) for a in adapters), *args, *(["--device", device] if device else []),
+               *(["--threads", str(threads)] if threads else [])]
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      text=True)
@@ -141,6 +142,8 @@ def main() -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--seconds", type=float, default=None)
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="each server's torch threads (vlkit serve --threads; default: torch's)")
     a = ap.parse_args()
     seconds = a.seconds or (2.0 if a.quick else 6.0)
     conc = (1, 8, 32)
@@ -155,7 +158,7 @@ def main() -> None:
         rows, res = [], {}
         for mode, args in (("dynamic", ["--max-batch", "32", "--max-wait-ms", "5"]),
                            ("batch-1", ["--max-batch", "1", "--max-wait-ms", "0"])):
-            srv = Server(a.backbone, dirs, args, a.device).wait()
+            srv = Server(a.backbone, dirs, args, a.device, a.threads).wait()
             try:
                 for label, use in (("1 adapter", names[:1]), ("8 mixed", names)):
                     for c in conc:
@@ -166,7 +169,8 @@ def main() -> None:
                         print(f"  {mode:8s} {label:9s} c={c:<3d} {r['rps']:8.1f} req/s", file=sys.stderr, flush=True)
             finally:
                 srv.stop()
-        procs = [Server(a.backbone, [d], ["--max-batch", "32", "--max-wait-ms", "5"], a.device) for d in dirs]
+        procs = [Server(a.backbone, [d], ["--max-batch", "32", "--max-wait-ms", "5"], a.device, a.threads)
+                 for d in dirs]
         try:
             for p in procs:
                 p.wait()

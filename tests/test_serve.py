@@ -379,3 +379,22 @@ def test_onnx_engine_matches_torch(world, server):
         assert c.post("/v1/embed", json={"adapter": "auto", "text": "x"}).status_code == 400
     finally:
         s.close()
+
+
+def test_threads_flag_sets_the_engine_threads_and_refuses_zero(capsys):
+    import torch
+
+    from cli_helpers import cli
+    from vlkit.errors import ConfigError
+    from vlkit.serve.app import ServeConfig, make_backend
+
+    with pytest.raises(ConfigError, match="--threads"):
+        ServeConfig(backbone="tiny", threads=0).check()
+    code, _, err = cli(["serve", "--backbone", "tiny", "--threads", "0"], capsys)
+    assert code == 2 and "--threads" in err
+    before = torch.get_num_threads()
+    try:
+        make_backend(ServeConfig(backbone="tiny@random", threads=1))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -2,7 +2,7 @@
 
     vlkit serve --backbone tiny --adapters runs/med,runs/vqa,runs/router [--host 127.0.0.1 --port 8000]
                 [--engine torch|onnx] [--max-batch 32 --max-wait-ms 5 --queue-size 256]
-                [--api-key KEY | VLKIT_API_KEY]
+                [--api-key KEY | VLKIT_API_KEY] [--threads N]
                 [--cluster ray --replicas 2 --gpus-per-replica 1 --max-adapters-per-replica 4 --ray-address ADDR]
 
 The server library is `vlkit.serve`; this module only maps flags to `ServeConfig`.
@@ -45,6 +45,9 @@ def register(cli: typer.Typer) -> None:
         ray_address: Optional[str] = typer.Option(None, "--ray-address",
                                                   help="--cluster ray: a running Ray cluster (default: start a local "
                                                        "instance on 127.0.0.1)."),
+        threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads of torch / onnxruntime "
+                                                                          "(default: the library's; on a shared CPU "
+                                                                          "leave cores to the HTTP side)."),
         log_level: str = typer.Option("warning", "--log-level", help="uvicorn (or Ray) log level."),
     ) -> None:
         """Serve adapters over HTTP: embed, classify, score, answer; hot load; /health, /metrics, /docs."""
@@ -59,7 +62,7 @@ def register(cli: typer.Typer) -> None:
                              providers=[p for p in (providers or "").split(",") if p.strip()] or None,
                              cluster=cluster, replicas=replicas, gpus_per_replica=gpus_per_replica,
                              cpus_per_replica=cpus_per_replica, max_adapters_per_replica=max_adapters_per_replica,
-                             ray_address=ray_address)
+                             ray_address=ray_address, threads=threads)
         config.check()
         if config.cluster == "ray":
             from ..serve.ray_app import run_cluster

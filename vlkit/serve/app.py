@@ -66,6 +66,7 @@ class ServeConfig:
     cpus_per_replica: float = 1.0
     max_adapters_per_replica: int = 4
     ray_address: str | None = None  # None: start a local Ray instance on 127.0.0.1
+    threads: int | None = None  # intra-op threads of torch / onnxruntime (None: the library's default)
 
     def check(self) -> None:
         if self.engine not in ("torch", "onnx"):
@@ -73,6 +74,8 @@ class ServeConfig:
         for k in ("max_batch", "queue_size", "max_body_bytes", "max_pixels"):
             if int(getattr(self, k)) < 1:
                 raise ConfigError(f"--{k.replace('_', '-')} must be at least 1, got {getattr(self, k)}")
+        if self.threads is not None and int(self.threads) < 1:
+            raise ConfigError(f"--threads must be at least 1, got {self.threads}")
         if float(self.max_wait_ms) < 0:
             raise ConfigError(f"--max-wait-ms must be at least 0, got {self.max_wait_ms}")
         if not (0 <= int(self.port) < 65536):
@@ -127,8 +130,13 @@ def make_backend(config: ServeConfig):
     if config.engine == "onnx":
         from .onnx_engine import OnnxBackend
 
-        return OnnxBackend(config.adapters, providers=config.providers)
+        return OnnxBackend(config.adapters, providers=config.providers, threads=config.threads)
     from .backends import TorchBackend
+
+    if config.threads:
+        import torch
+
+        torch.set_num_threads(int(config.threads))
 
     return TorchBackend(backbone_spec(config), config.adapters, device=config.device)
 

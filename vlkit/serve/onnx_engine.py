@@ -49,8 +49,9 @@ class OnnxEntry:
 
 
 class OnnxCatalog:
-    def __init__(self, providers=None):
+    def __init__(self, providers=None, threads: int | None = None):
         self.providers = providers or ["CPUExecutionProvider"]
+        self.threads = threads
         self.entries: dict[str, OnnxEntry] = {}
         self.fingerprint: str | None = None
         self.transform = None
@@ -96,7 +97,11 @@ class OnnxCatalog:
                 continue
             f = path / g["file"]
             try:
-                sessions[g["graph"]] = ort.InferenceSession(str(f), providers=self.providers)
+                opts = ort.SessionOptions()
+                if self.threads:
+                    opts.intra_op_num_threads = int(self.threads)
+                    opts.inter_op_num_threads = 1
+                sessions[g["graph"]] = ort.InferenceSession(str(f), sess_options=opts, providers=self.providers)
             except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
                 raise AdapterFileError(f"{f} cannot be loaded by onnxruntime: {' '.join(str(exc).split())[:200]}") from None
         if "image_encoder" not in sessions or "text_encoder" not in sessions:
@@ -202,8 +207,8 @@ class OnnxRunner:
 class OnnxBackend:
     name = "onnx"
 
-    def __init__(self, exports, providers=None):
-        self.catalog = OnnxCatalog(providers)
+    def __init__(self, exports, providers=None, threads: int | None = None):
+        self.catalog = OnnxCatalog(providers, threads)
         items = [p.strip() for p in exports.split(",") if p.strip()] if isinstance(exports, str) else list(exports)
         if not items:
             raise ConfigError("--engine onnx needs --adapters EXPORT_DIR[,...] (directories written by vlkit export)")
