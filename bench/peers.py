@@ -18,7 +18,8 @@ this script runs itself inside a second virtual environment (`--peers-venv DIR`,
 made on first use with transformers 4.57.6, adapters 1.3.0, peft 0.21.2 and vlkit installed editable from
 this checkout). Pass `--no-peers-venv` to run here, with `adapters` absent.
 
-Metrics (all from this run; every ratio is vlkit over the best peer's figure, lower is better):
+Metrics (all from this run; ratios are vlkit over the best peer's figure and over the frozen model's, lower is
+better; for times, the median of per-round ratios; one torch thread on CPU unless `--threads`):
 
 - step: one training step of a CLIP classifier whose head is the class prompts' text embeddings: a batch of
   images through the adapted vision tower, the prompts through the frozen text tower, cross-entropy, AdamW.
@@ -43,7 +44,6 @@ prints the operator profile of one (IA)^3 step of vlkit and of PEFT.
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import importlib
 import json
