@@ -51,6 +51,37 @@ def make_adapters(root: Path, spec: str, n: int) -> list[Path]:
     return out
 
 
+def forward_ceiling(spec: str, device: str | None, threads: int | None) -> dict[int, float]:
+    """Milliseconds per image of one bare image-encoder forward at batch 1 and 32 (median of 15), in this
+    process with the servers' thread count: what batching can gain at most from the model itself."""
+    import statistics
+
+    import torch
+
+    import vlkit
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        bb = vlkit.load_backbone(spec).eval().to(device or "cpu")
+        out = {}
+        for b in (1, 32):
+            px = torch.randn(b, 3, bb.image_size, bb.image_size, device=device or "cpu")
+            ts = []
+            with torch.no_grad():
+                for _ in range(15):
+                    t0 = time.perf_counter()
+                    bb.encode_image(px)
+                    if device and device.startswith("cuda"):
+                        torch.cuda.synchronize()
+                    ts.append(time.perf_counter() - t0)
+            out[b] = statistics.median(ts) / b * 1000
+        return out
+    finally:
+        torch.set_num_threads(before)
+
+
 def images(n: int, size: int) -> list[str]:
     import numpy as np
     from PIL import Image
@@ -186,6 +217,7 @@ def main() -> None:
             for p in procs:
                 p.stop()
     dev = a.device or "cpu"
+    ceiling = forward_ceiling(a.backbone, a.device, a.threads)
     print(f"\nvlkit serve — backbone {a.backbone} on {dev}, POST /v1/classify, {seconds:g} s per point, "
           f"{os.cpu_count()} CPU cores (client and servers share them)\n")
     print("| setup | adapters | concurrency | req/s | p50 ms | p99 ms | server RSS MiB |")
@@ -209,8 +241,11 @@ def main() -> None:
           f"({rss1:.0f} vs {expect:.0f} MiB) | ~1x |")
     print(f"| throughput: 1 server, 8 mixed / 8 servers at c=32 | "
           f"{res[('dynamic', '8 mixed', 32)]['rps'] / res[('8 processes', '8 mixed', 32)]['rps']:.2f}x | |")
+    print(f"| model alone: image forward ms/image, batch 1 / batch 32 (the most batching can gain in compute) | "
+          f"{ceiling[1]:.2f} / {ceiling[32]:.2f} ms = {ceiling[1] / ceiling[32]:.2f}x | |")
     if a.json:
-        a.json.write_text(json.dumps({f"{k[0]}|{k[1]}|{k[2]}": v for k, v in res.items()}, indent=1))
+        a.json.write_text(json.dumps({**{f"{k[0]}|{k[1]}|{k[2]}": v for k, v in res.items()},
+                                      "forward_ms_per_image": ceiling}, indent=1))
 
 
 if __name__ == "__main__":
