@@ -22,26 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
-from .base import AdapterConfig, AdapterVariant
-from .lora import MODULE_ROLES
+from .base import AdapterVariant
+from .lora import MODULE_ROLES, LoraConfig
 
 
 @dataclass
-class DoraConfig(AdapterConfig):
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    modules: str = "attn"
-
-    def validate(self) -> None:
-        super().validate()
-        if self.rank < 1:
-            raise ConfigError(f"rank must be >= 1, got {self.rank}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.modules not in MODULE_ROLES:
-            raise ConfigError(f"modules must be one of {', '.join(MODULE_ROLES)}, got {self.modules!r}")
+class DoraConfig(LoraConfig):
+    """LoRA's options (`rank`, `alpha`, `dropout`, `modules`) and checks: DoRA's direction is a LoRA update."""
 
 
 class DoraLayer(nn.Module):
