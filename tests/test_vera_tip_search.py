@@ -157,9 +157,22 @@ def test_tip_adapter_search_picks_the_best_pair_of_a_hand_computed_grid():
     assert (rec.config["alpha"], rec.config["beta"]) == (rec.search["alpha"], rec.search["beta"])
 
 
-def test_fewshot_protocol_reports_the_searched_alpha_beta():
+def test_fewshot_protocol_searches_alpha_beta_on_a_few_shot_val_set(monkeypatch):
+    from vlkit.adapters import tip_adapter
     from vlkit.train.adapt import run_fewshot
 
+    seen = []
+    real = tip_adapter.search_alpha_beta
+
+    def spy(backbone, task, train, val, **kw):
+        found = real(backbone, task, train, val, **kw)
+        seen.append((torch.as_tensor(train["labels"]).tolist(), torch.as_tensor(val["labels"]).tolist(), found))
+        return found
+
+    monkeypatch.setattr(tip_adapter, "search_alpha_beta", spy)
     res = run_fewshot("tiny", ["tip-adapter"], shots=[2], seeds=[1], domain="satellite", n_eval=60, plot=False)
+    [(train_labels, val_labels, found)] = seen
+    classes = sorted(set(train_labels))
+    assert sorted(val_labels) == sorted(classes * 2)  # min(shots, 4) = 2 validation examples per class
     [row] = res["runs"]
-    assert row["trainable"] == 0 and row["alpha"] > 0 and row["beta"] > 0
+    assert row["trainable"] == 0 and (row["alpha"], row["beta"]) == (found["alpha"], found["beta"])
