@@ -19,8 +19,8 @@ import ctypes
 import errno
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from .errors import VlkitError
 
@@ -166,7 +166,7 @@ class OutputTarget:
             if not _pid_alive(pid) or pid == os.getpid():
                 shutil.rmtree(p, ignore_errors=True)
 
-    def __enter__(self) -> "OutputTarget":
+    def __enter__(self) -> OutputTarget:
         self.check()
         self._acquire()
         try:

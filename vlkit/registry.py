@@ -1,8 +1,10 @@
-"""Name registries for every plugin kind (backbones, adapter variants, tasks, datasets, probes, exporters, training methods)."""
+"""Name registries for every plugin kind (backbones, adapter variants, tasks, datasets, probes, exporters,
+training methods)."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 from .errors import PluginError, UnknownNameError
 

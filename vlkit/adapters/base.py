@@ -211,7 +211,8 @@ class AdapterVariant(ABC):
         return site
 
     def prepare_config(self, backbone, config: AdapterConfig, sites) -> AdapterConfig:
-        """Fill in what depends on the backbone (e.g. a layer pairing) before layers are made; saved with the adapter."""
+        """Fill in what depends on the backbone (e.g. a layer pairing) before layers are made; saved with the
+        adapter."""
         return config
 
     def options_from_data(self, backbone, task, train_data, options: dict[str, Any]) -> dict[str, Any]:

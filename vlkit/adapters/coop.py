@@ -21,8 +21,8 @@ end-of-text pooling are those of the frozen model.
 - Filled in by `prepare_config` and saved: `context_ids` (the initial prompt's token ids), `context_start`
   (the position of the first context token) and, class-specific, `class_ids`.
 
-Text tower only (`towers: text`; `both` means text). Not mergeable (tokens are not a weight update); two CoOp adapters cannot be
-stacked or run in parallel (both replace the same context: only one could act).
+Text tower only (`towers: text`; `both` means text). Not mergeable (tokens are not a weight update); two CoOp
+adapters cannot be stacked or run in parallel (both replace the same context: only one could act).
 """
 from __future__ import annotations
 
@@ -196,7 +196,8 @@ class CoopVariant(AdapterVariant):
 
     def describe_state(self, config: dict[str, Any], tensors: dict[str, torch.Tensor]):
         [ctx] = [t for k, t in tensors.items() if k.endswith(".context")] or [None]
-        sets = "shared" if not config.get("class_specific") else f"class-specific ({len(config.get('class_names') or [])} classes)"
+        n_classes = len(config.get("class_names") or [])
+        sets = "shared" if not config.get("class_specific") else f"class-specific ({n_classes} classes)"
         yield "initial prompt", repr(config.get("init_prompt"))
         yield "context", f"{len(config.get('context_ids') or [])} tokens, {sets}, init {config.get('init')}"
         if ctx is not None:

@@ -96,4 +96,5 @@ class DoraVariant(AdapterVariant):
         if mags:
             yield "magnitude (mean over rows)", f"{float(torch.cat(mags).mean()):.4g}"
         if ups:
-            yield "|B| (mean over sites; 0 = unchanged direction)", f"{sum(float(u.norm()) for u in ups) / len(ups):.4g}"
+            mean = sum(float(u.norm()) for u in ups) / len(ups)
+            yield "|B| (mean over sites; 0 = unchanged direction)", f"{mean:.4g}"

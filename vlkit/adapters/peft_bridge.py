@@ -137,7 +137,7 @@ class PeftBridgeConfig(AdapterConfig):
         if cfg.get("layers_to_transform") is not None and self.layers is None:
             ltt = cfg["layers_to_transform"]
             self.layers = [int(ltt)] if isinstance(ltt, int) else [int(i) for i in ltt]
-        cls = peft_config_class(cfg["peft_type"])
+        peft_config_class(cfg["peft_type"])  # an unknown peft_type is a ConfigError here
         probe = _peft_config(cfg, feedforward=False)
         if probe.is_prompt_learning:
             raise ConfigError(f"peft_type {cfg['peft_type']} is a prompt-learning method, not a tuner of layers; "
@@ -310,5 +310,6 @@ class PeftVariant(AdapterVariant):
             with torch.no_grad():
                 tuner.merge(safe_merge=True, adapter_names=[ADAPTER_NAME])
         except Exception as exc:
-            raise InjectionError(f"PEFT cannot merge this tuner into the weights: {type(exc).__name__}: {exc}") from None
+            raise InjectionError(
+                f"PEFT cannot merge this tuner into the weights: {type(exc).__name__}: {exc}") from None
         return proxy.weight.detach(), (None if bias is None else proxy.bias.detach())

@@ -53,6 +53,7 @@ from torch import nn
 
 from ..errors import ConfigError, DataError
 from .base import AdapterConfig, AdapterVariant
+from .model import AdaptedModel
 
 
 @dataclass
@@ -70,7 +71,8 @@ class TipAdapterConfig(AdapterConfig):
         if self.towers == "both":  # the cache reads image features only
             self.towers = "vision"
         if self.towers != "vision":
-            raise ConfigError(f"the Tip-Adapter cache acts on the image features: towers must be vision, got {self.towers!r}")
+            raise ConfigError(
+                f"the Tip-Adapter cache acts on the image features: towers must be vision, got {self.towers!r}")
         if self.cache_size < 1:
             raise ConfigError(f"cache_size must be >= 1, got {self.cache_size}")
         if self.num_classes < 1:
@@ -141,7 +143,8 @@ class TipAdapterVariant(AdapterVariant):
         try:
             n = len(train_data)
         except TypeError:
-            raise ConfigError(f"{self.name} builds its cache from a map-style training set; this one is streaming") from None
+            raise ConfigError(
+                f"{self.name} builds its cache from a map-style training set; this one is streaming") from None
         if n < 1:
             raise DataError(f"{self.name}: the training set is empty")
         return {**options, "cache_size": n, "num_classes": len(names), "class_names": list(names),
@@ -173,18 +176,12 @@ def _features(backbone, pixels, batch_size: int) -> torch.Tensor:
 def fill_cache(backbone, name: str, task, data: dict[str, Any], batch_size: int = 64) -> None:
     """Fill the cache of adapter `name` from prepared data {"pixels", "labels"} (the adapter is kept inactive
     while the features are computed) and the task's class embeddings."""
-    from .inject import adapter_layers
-
-    [layer] = adapter_layers(backbone, name).values()
-    st = backbone.adapter_state
-    active, mode = st.active, st.mode
-    backbone.set_active(*(n for n in active if n != name), mode=mode)
-    try:
+    model = AdaptedModel.of(backbone)
+    [layer] = model.adapter_layers(name).values()
+    with model.activated(*(n for n in model.active_adapters if n != name), mode=model.active_mode):
         feats = _features(backbone, data["pixels"], batch_size)
         with torch.no_grad():
             class_emb = task.class_embeddings(backbone).float().cpu()
-    finally:
-        backbone.set_active(*active, mode=mode)
     labels = torch.as_tensor(data["labels"]).long().cpu()
     n, c = layer.keys.shape[0], layer.values.shape[1]
     if len(feats) != n or class_emb.shape[0] != c:
@@ -251,9 +248,6 @@ def build_tip_adapter(backbone, dataset, *, task=None, class_names: list[str] | 
                       variant: str = "tip-adapter", batch_size: int = 64, out: str | Path | None = None,
                       val=None):
     """Build a Tip-Adapter cache from few-shot data with no training (see the module docstring)."""
-    from .files import save_adapter
-    from .inject import inject
-
     if variant not in ("tip-adapter", "tip-adapter-f"):
         raise ConfigError(f"variant must be tip-adapter or tip-adapter-f, got {variant!r}")
     prepared = isinstance(dataset, dict)
@@ -276,12 +270,13 @@ def build_tip_adapter(backbone, dataset, *, task=None, class_names: list[str] | 
         search = search_alpha_beta(backbone, task, data, val_data, default=(float(alpha), float(beta)),
                                    batch_size=batch_size)
         alpha, beta = search["alpha"], search["beta"]
-    inject(backbone, variant, name=name, trainable=variant == "tip-adapter-f", alpha=alpha, beta=beta,
-           cache_size=n, num_classes=len(names), class_names=names, logit_scale=float(backbone.logit_scale))
+    model = AdaptedModel.of(backbone)
+    model.add_adapter(name, variant, trainable=variant == "tip-adapter-f", alpha=alpha, beta=beta, cache_size=n,
+                      num_classes=len(names), class_names=names, logit_scale=float(backbone.logit_scale))
     fill_cache(backbone, name, task, data, batch_size=batch_size)
-    record = backbone.adapter_records[name]
+    record = model.records[name]
     record.task = task.metadata()
     record.search = None if search is None else {k: v for k, v in search.items() if k != "grid"}
     if out is not None:
-        save_adapter(backbone, out, name=name, task=record.task)
+        model.save_adapter(out, name=name, task=record.task)
     return record

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABCMeta, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
+
+from .state import AdapterState
 
 TOWERS = ("vision", "text")
 
@@ -66,20 +69,8 @@ class Backbone(nn.Module, metaclass=ABCMeta):
         super().__init__()
         self.model = model
         self.spec = spec
-        from .state import AdapterState
-
         self.adapter_state = AdapterState()
         self._fingerprint = self._compute_fingerprint()
-
-    @property
-    def adapter_records(self) -> dict[str, Any]:
-        """Loaded adapters by name (a view of `adapter_state.records`, the one owner of adapter state)."""
-        return self.adapter_state.records
-
-    @property
-    def fusion_records(self) -> dict[str, Any]:
-        """Loaded AdapterFusion layers by name (a view of `adapter_state.fusions`)."""
-        return self.adapter_state.fusions
 
     # --- encoders -----------------------------------------------------------------------------
     @abstractmethod
@@ -187,54 +178,17 @@ class Backbone(nn.Module, metaclass=ABCMeta):
             "fingerprint": self.fingerprint(),
         }
 
-    # --- adapters -----------------------------------------------------------------------------
-    def set_active(self, *names: str, mode: str = "stack", weights: list[float] | None = None,
-                   fusion: str | None = None) -> None:
-        """Activate loaded adapters by name (none: the frozen backbone). Switching copies nothing.
-
-        Modes: "stack" (each on the output of the previous), "parallel" (weighted sum of the adapters'
-        changes), "fuse" (AdapterFusion layers named `fusion` weigh the adapters' outputs; see vlkit.compose).
-        """
-        if mode == "fuse" and fusion not in self.fusion_records:
-            from ..errors import UnknownNameError
-
-            raise UnknownNameError("adapter fusion", str(fusion), list(self.fusion_records))
-        live = [n for n in names if n]
-        if len(live) > 1 and mode in ("stack", "parallel"):
-            from ..errors import ConfigError
-            from ..plugins import registry
-
-            reg = registry("adapter")
-            variants = [self.adapter_records[n].variant for n in live if n in self.adapter_records]
-            for v in dict.fromkeys(variants):  # two adapters of one variant that refuses to be composed so
-                reason = getattr(reg.get(v), "composition_limits", {}).get(mode) if v in reg else None
-                if reason and variants.count(v) > 1:
-                    raise ConfigError(f"{v} adapters cannot be activated together in mode {mode!r}: {reason}")
-        self.adapter_state.activate(names, self.adapter_records, mode=mode, weights=weights, fusion=fusion)
-
-    def set_route(self, names, index=None) -> None:
-        """Per-sample routing for the next forwards: sample i goes through adapter `names[index[i]]`
-        (index -1 or a None name: the frozen backbone), all in one forward pass. With `index` None,
-        `names` lists one adapter name (or None) per sample. Lasts until `clear_route` or `set_active`."""
-        if index is None:
-            order = list(dict.fromkeys(n for n in names if n is not None))
-            index = [order.index(n) if n is not None else -1 for n in names]
-            names = order
-        self.adapter_state.set_route(list(names), index, self.adapter_records)
-
-    def clear_route(self) -> None:
-        self.adapter_state.clear_route()
-
     # --- joint (cross-modal) scoring ------------------------------------------------------------
     def joint_active(self) -> bool:
-        """True when an active adapter fuses the towers (its variant declares `joint = True`)."""
-        from ..plugins import registry
-
+        """True when an active (or routed) adapter fuses the towers (its variant declares `joint = True`)."""
         st = self.adapter_state
         names = st.route_names if st.route is not None else st.active
-        reg = registry("adapter")
-        return any(n in self.adapter_records and getattr(reg.get(self.adapter_records[n].variant), "joint", False)
-                   for n in names if n)
+        return any(n in st.joint for n in names if n)
+
+    def activation_key(self) -> str:
+        """What the adapter sites run now (active adapters, mode, weights, fusion), for cache keys."""
+        st = self.adapter_state
+        return repr((st.active, st.mode, sorted(st.weights.items()), st.fusion))
 
     def text_valid_mask(self, tokens: torch.Tensor) -> torch.Tensor:
         """Which text positions hold real tokens (up to and including end-of-text)."""
@@ -288,12 +242,40 @@ def as_triple(value) -> tuple[float, ...]:
     return tuple(float(v) for v in value) if isinstance(value, (list, tuple)) else (float(value),) * 3
 
 
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
 def to_rgb(image):
+    """A PIL image of any mode as RGB, the first step of `shortest_edge_transform`:
+
+    - RGB: unchanged;
+    - transparency (RGBA, LA, PA, RGBa, La, or a palette/grey/RGB image with a ``transparency`` entry):
+      composited onto white (as transformers' image processors do), not alpha dropped, so transparent pixels
+      read as white background whatever colour they store;
+    - 16-bit grey (I;16, I;16L, I;16B, I;16N): scaled from 0..65535 to 0..255 (value / 257, rounded), then grey;
+    - anything else (L, 1, P, CMYK, YCbCr, LAB, HSV, I, F): PIL's own conversion (CMYK by PIL's formula, no ICC
+      profile; I and F clipped to 0..255)."""
+    from PIL import Image
+
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ALPHA_MODES or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if mode in SIXTEEN_BIT:
+        import numpy as np
+
+        grey = np.rint(np.asarray(image, dtype=np.float64) / 257.0).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
     return image.convert("RGB")
 
 
 def shortest_edge_transform(size: int, mean, std, interpolation: str = "bicubic"):
-    """torchvision's eval pipeline: RGB, shorter side resized to `size`, centre crop, to tensor, normalise.
+    """torchvision's eval pipeline: RGB (`to_rgb`: each mode as it says), shorter side resized to `size`,
+    centre crop, to tensor, normalise. The default of backbones that set no transform, and `tiny`'s.
 
     The classic `transforms` (not v2): `ToTensor` divides by 255 exactly as earlier vlkit releases did,
     so images already `size` pixels square come out bit-identical."""

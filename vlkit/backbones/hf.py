@@ -194,7 +194,8 @@ def load_hf(spec: str, device: str | None = None) -> HFBackbone:
 
     src = spec.split(":", 1)[1] if spec.startswith("hf:") else spec
     if not src:
-        raise BackboneLoadError(f"backbone spec {spec!r} names no model", hint="hf:openai/clip-vit-base-patch32 or hf:/local/dir")
+        raise BackboneLoadError(f"backbone spec {spec!r} names no model",
+                                hint="hf:openai/clip-vit-base-patch32 or hf:/local/dir")
     local = Path(src).exists()
     try:
         cfg = AutoConfig.from_pretrained(src)
@@ -206,7 +207,8 @@ def load_hf(spec: str, device: str | None = None) -> HFBackbone:
             hint="no hub access? run save_pretrained() elsewhere, copy the directory here, and use hf:/path/to/dir",
         ) from None
     if cfg.model_type not in ("clip", "siglip", "siglip2"):
-        raise BackboneLoadError(f"hf model {src} is a {cfg.model_type!r} model; vlkit adapts CLIP and SigLIP dual encoders")
+        raise BackboneLoadError(
+            f"hf model {src} is a {cfg.model_type!r} model; vlkit adapts CLIP and SigLIP dual encoders")
     if local and Path(src).is_dir():
         d = Path(src)
         if not any(d.glob("*.safetensors")) and any(d.glob("*.bin")):

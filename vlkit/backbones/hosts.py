@@ -117,7 +117,7 @@ class AdapterHost(nn.Module):
         if not st.active:
             return y
         layers = [(n, self.layer(n, key)) for n in st.active]
-        layers = [(n, l) for n, l in layers if l is not None]
+        layers = [(n, layer) for n, layer in layers if layer is not None]
         if not layers:
             return y
         if st.mode == "fuse":
@@ -181,7 +181,7 @@ def _batch_dim(route: torch.Tensor, y: torch.Tensor, batch_dim: int | None) -> i
         batch_dim = 1 if (y.dim() > 1 and y.shape[0] != n and y.shape[1] == n) else 0
     if y.dim() <= batch_dim or y.shape[batch_dim] != n:
         raise RuntimeError(f"a route for {n} samples is set but this forward has batch shape {tuple(y.shape)}; "
-                           "clear it (backbone.clear_route()) or set one per batch")
+                           "clear it (AdaptedModel.clear_route()) or set one per batch")
     return batch_dim
 
 

@@ -206,8 +206,8 @@ class OpenClipBackbone(Backbone):
             at = 1 if getattr(self.model.visual, "class_embedding", None) is not None else 0
             causal = False
         else:
-            trans = self.model.text.transformer if self._text_blocks_path().startswith("text.") else self.model.transformer
             owner = self.model.text if self._text_blocks_path().startswith("text.") else self.model
+            trans = owner.transformer
             at, causal = 1, getattr(owner, "attn_mask", None) is not None
         if trans is None or not hasattr(trans, "resblocks"):
             return None
@@ -279,7 +279,8 @@ def load_open_clip(spec: str, device: str | None = None) -> OpenClipBackbone:
     body = spec.split(":", 1)[1] if ":" in spec else spec
     model_name, _, weights = body.partition("@")
     if not model_name:
-        raise BackboneLoadError(f"backbone spec {spec!r} names no model", hint="e.g. open_clip:ViT-B-32@laion2b_s34b_b79k")
+        raise BackboneLoadError(f"backbone spec {spec!r} names no model",
+                                hint="e.g. open_clip:ViT-B-32@laion2b_s34b_b79k")
     cfg_path = Path(model_name)
     preprocess: dict = {}
     if model_name.endswith(".json"):
@@ -305,7 +306,8 @@ def load_open_clip(spec: str, device: str | None = None) -> OpenClipBackbone:
             if ckpt.suffix != ".safetensors":
                 raise BackboneLoadError(
                     f"checkpoint {ckpt} is not a .safetensors file; vlkit never unpickles weight files",
-                    hint="convert it once with safetensors.torch.save_file(torch.load(path, weights_only=True), 'x.safetensors')")
+                    hint="convert it once with "
+                         "safetensors.torch.save_file(torch.load(path, weights_only=True), 'x.safetensors')")
         else:
             tag = weights
             tags = open_clip.list_pretrained_tags_by_model(model_name)
@@ -320,7 +322,8 @@ def load_open_clip(spec: str, device: str | None = None) -> OpenClipBackbone:
         if tag is not None:
             raise BackboneLoadError(
                 f"could not fetch pretrained weights {model_name}@{tag} ({type(exc).__name__}: {str(exc)[:200]})",
-                hint=f"no hub access? download the checkpoint elsewhere and use open_clip:{model_name}@/path/to/open_clip_model.safetensors",
+                hint=f"no hub access? download the checkpoint elsewhere and use "
+                     f"open_clip:{model_name}@/path/to/open_clip_model.safetensors",
             ) from None
         raise BackboneLoadError(f"could not build open_clip model {model_name}: {exc}") from None
     if ckpt is not None:

@@ -28,7 +28,6 @@ With no sequence adapter active the hosts call the block exactly as before (bit-
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn

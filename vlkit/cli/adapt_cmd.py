@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -35,19 +34,19 @@ def register(cli: typer.Typer) -> None:
         domain: str = typer.Option("medical", "--domain", help="Target domain of the embedded world."),
         shots: str = typer.Option("16", "--shots", help="Training examples per class; a list (1,2,4,8,16) runs "
                                                         "the few-shot protocol."),
-        method: Optional[str] = typer.Option(None, "--method", "-m",
+        method: str | None = typer.Option(None, "--method", "-m",
                                              help="Few-shot protocol: method(s), comma-separated: an adapter "
                                                   "variant, tip-adapter, zeroshot, linear or full."),
-        seeds: Optional[str] = typer.Option(None, "--seeds", help="Few-shot protocol: seeds (e.g. 1,2,3)."),
-        data: Optional[str] = typer.Option(None, "--data", help="Few-shot protocol: a data spec with train and "
+        seeds: str | None = typer.Option(None, "--seeds", help="Few-shot protocol: seeds (e.g. 1,2,3)."),
+        data: str | None = typer.Option(None, "--data", help="Few-shot protocol: a data spec with train and "
                                                                 "test splits (e.g. coop:DATA/eurosat); default "
                                                                 "the embedded world's --domain."),
         out: Path = typer.Option(Path("runs/adapt"), "--out", "-o", help="Adapter directory."),
         variant: str = typer.Option("bottleneck", "--adapter", "-a", help="Adapter variant."),
-        baselines: Optional[str] = typer.Option(None, "--baselines", help="Also run: full,linear."),
-        steps: Optional[int] = typer.Option(None, "--steps", help="Training steps (default: 6 x shots, >= 60)."),
+        baselines: str | None = typer.Option(None, "--baselines", help="Also run: full,linear."),
+        steps: int | None = typer.Option(None, "--steps", help="Training steps (default: 6 x shots, >= 60)."),
         seed: int = typer.Option(0, "--seed"),
-        option: Optional[list[str]] = typer.Option(None, "--option", "-O", help="Adapter option key=value."),
+        option: list[str] | None = typer.Option(None, "--option", "-O", help="Adapter option key=value."),
         json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
     ) -> None:

@@ -8,7 +8,6 @@ A, B are adapter directories, names of runs under runs/, or composition director
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -30,26 +29,26 @@ def register(cli: typer.Typer) -> None:
     @cli.command("compose", context_settings={"allow_interspersed_args": True})
     def compose_cmd(
         sources: str = typer.Argument(..., help="Adapters A,B[,C] (dirs, run names, compositions), or 'run'."),
-        target: Optional[str] = typer.Argument(None, help="With 'run': the composition directory."),
-        mode: Optional[str] = typer.Option(None, "--mode", "-m", help=MODE_HELP),
-        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Composition directory to write."),
-        weights: Optional[str] = typer.Option(None, "--weights", "-w", help="Per-adapter weights, e.g. 0.5,0.5."),
+        target: str | None = typer.Argument(None, help="With 'run': the composition directory."),
+        mode: str | None = typer.Option(None, "--mode", "-m", help=MODE_HELP),
+        out: Path | None = typer.Option(None, "--out", "-o", help="Composition directory to write."),
+        weights: str | None = typer.Option(None, "--weights", "-w", help="Per-adapter weights, e.g. 0.5,0.5."),
         method: str = typer.Option("linear", "--method",
                                    help="merge: linear | task_arithmetic | ties | concat | svd (LoRA)."),
-        rank: Optional[int] = typer.Option(None, "--rank", help="merge --method svd: target rank."),
+        rank: int | None = typer.Option(None, "--rank", help="merge --method svd: target rank."),
         density: float = typer.Option(0.2, "--density", help="merge --method ties: share of entries kept."),
-        recipe: Optional[Path] = typer.Option(None, "--recipe", help="fuse: recipe with task, data, optim."),
-        data: Optional[list[str]] = typer.Option(None, "--data",
+        recipe: Path | None = typer.Option(None, "--recipe", help="fuse: recipe with task, data, optim."),
+        data: list[str] | None = typer.Option(None, "--data",
                                                  help="route: NAME=SPEC per adapter (none=SPEC); fuse: SPEC."),
-        set_: Optional[list[str]] = typer.Option(None, "--set", help="fuse: recipe override key=value."),
+        set_: list[str] | None = typer.Option(None, "--set", help="fuse: recipe override key=value."),
         router_steps: int = typer.Option(300, "--router-steps", help="route: router training steps."),
         per_adapter: int = typer.Option(256, "--per-adapter", help="route: examples per adapter."),
-        image: Optional[list[Path]] = typer.Option(None, "--image", help="run: input image (repeatable)."),
-        text: Optional[list[str]] = typer.Option(None, "--text", help="run: text / question (repeatable)."),
-        route: Optional[str] = typer.Option(None, "--route", help="run: 'auto' routes each input by the router."),
-        adapter: Optional[str] = typer.Option(None, "--adapter", help="run: use this adapter of the composition."),
-        task: Optional[str] = typer.Option(None, "--task", help="run: use the composition's adapter for this task."),
-        backbone: Optional[str] = typer.Option(None, "--backbone", "-b",
+        image: list[Path] | None = typer.Option(None, "--image", help="run: input image (repeatable)."),
+        text: list[str] | None = typer.Option(None, "--text", help="run: text / question (repeatable)."),
+        route: str | None = typer.Option(None, "--route", help="run: 'auto' routes each input by the router."),
+        adapter: str | None = typer.Option(None, "--adapter", help="run: use this adapter of the composition."),
+        task: str | None = typer.Option(None, "--task", help="run: use the composition's adapter for this task."),
+        backbone: str | None = typer.Option(None, "--backbone", "-b",
                                                help="Backbone spec (default: the adapters' own)."),
         json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
@@ -110,12 +109,11 @@ def register(cli: typer.Typer) -> None:
 
 
 def _run(path: Path, images, texts, route, adapter, task, backbone_spec):
-    from PIL import Image
-
     from ..backbones.loading import load_backbone
     from ..compose.composition import read_composition
     from ..compose.predict import run_composition
     from ..errors import ConfigError
+    from ..imagefile import open_image
 
     if not images:
         raise ConfigError("vlkit compose run needs at least one --image")
@@ -125,6 +123,6 @@ def _run(path: Path, images, texts, route, adapter, task, backbone_spec):
     for p in images:
         if not Path(p).is_file():
             raise FileNotFoundError(str(p))
-        pil.append(Image.open(p).convert("RGB"))
+        pil.append(open_image(p))  # in its own mode: the backbone's own transform converts it
     return run_composition(backbone, path, pil, list(texts) if texts else None, adapter=adapter, task=task,
                            route=route)

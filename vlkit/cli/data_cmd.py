@@ -5,7 +5,7 @@ Heavy libraries (datasets, PIL, numpy) are imported inside the commands so `vlki
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -21,7 +21,7 @@ data_app = typer.Typer(
 @data_app.command("generate")
 def generate_cmd(
     domain: str = typer.Option("photo", "--domain", help="photo, medical, satellite or sketch."),
-    task: Optional[str] = typer.Option(None, "--task",
+    task: str | None = typer.Option(None, "--task",
                                        help="A task the world generates: classification (default), retrieval, "
                                             "vqa, grounding or winoground."),
     n: int = typer.Option(1000, "-n", "--n", help="Number of examples (pairs for winoground)."),
@@ -130,7 +130,7 @@ def _label_names(ds, directory: Path) -> dict[str, list[str]]:
 def show_cmd(
     directory: Path = typer.Argument(..., help="A folder written by `vlkit data generate`."),
     count: int = typer.Option(8, "-k", "--count", help="How many examples to print and draw."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Contact sheet PNG [default: DIR/contact_sheet.png]."),
+    out: Path | None = typer.Option(None, "--out", help="Contact sheet PNG [default: DIR/contact_sheet.png]."),
     as_json: bool = typer.Option(False, "--json", help="Print the shown examples as JSON on stdout."),
 ) -> None:
     """Print a few examples (table on stderr) and write a contact sheet PNG."""

@@ -11,7 +11,7 @@ nothing.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -75,9 +75,9 @@ def scores_table(summary: dict[str, Any]):
 
 def _export_peft(out: Path, adapter: list[str] | None, backbone: str | None, overwrite: bool, json_out: bool,
                  seed: int | None) -> None:
-    """`--format peft`: one adapter as a PEFT directory (vlkit.adapters.peft_format.export_peft)."""
-    from ..adapters.peft_format import export_peft
+    """`--format peft`: one adapter as a PEFT directory (vlkit.export.peft.export_peft)."""
     from ..errors import ConfigError
+    from ..export.peft import export_peft
     from .output import console, print_json
 
     if not adapter or len(adapter) != 1:
@@ -95,35 +95,35 @@ def register(cli: typer.Typer) -> None:
     @cli.command("export")
     def export_cmd(
         out: Path = typer.Option(..., "--out", "-o", help="Output directory for the graphs and export.json."),
-        adapter: Optional[list[str]] = typer.Option(None, "--adapter", "-a",
+        adapter: list[str] | None = typer.Option(None, "--adapter", "-a",
                                                     help="Adapter or composition directory (repeat to stack)."),
-        backbone: Optional[str] = typer.Option(None, "--backbone", "-b",
+        backbone: str | None = typer.Option(None, "--backbone", "-b",
                                                help="Backbone spec (default: the one the adapter names)."),
         target: str = typer.Option("onnx", "--target", "-t", help="Export target (see `vlkit plugins`)."),
         fmt: str = typer.Option("graphs", "--format", "-f",
                                 help="graphs: the --target's verified graphs (ONNX by default); peft: one LoRA / "
                                      "peft adapter of an hf: backbone as a PEFT directory "
                                      "(PeftModel.from_pretrained loads it), verified through PEFT."),
-        task: Optional[str] = typer.Option(None, "--task", help="Add a task head graph: classification."),
-        domain: Optional[str] = typer.Option(None, "--domain",
+        task: str | None = typer.Option(None, "--task", help="Add a task head graph: classification."),
+        domain: str | None = typer.Option(None, "--domain",
                                              help="World domain of the eval set, and of the class names when the "
                                                   "adapter saved none (default: the recipe's, else photo)."),
-        eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Eval set data spec (default: the recipe's "
+        eval_data: str | None = typer.Option(None, "--eval-data", help="Eval set data spec (default: the recipe's "
                                                 "or the world's classification set)."),
-        eval_n: Optional[int] = typer.Option(None, "--eval-n",
+        eval_n: int | None = typer.Option(None, "--eval-n",
                                              help="At most this many eval examples (default 16; 256 with --fp16 "
                                                   "or --quantize, whose score change is what they are judged by)."),
         fp16: bool = typer.Option(False, "--fp16", help="Also write float16 graphs (fp32 inputs and outputs)."),
-        quantize: Optional[str] = typer.Option(None, "--quantize", help="Also write quantised graphs: int8."),
-        providers: Optional[list[str]] = typer.Option(None, "--providers",
+        quantize: str | None = typer.Option(None, "--quantize", help="Also write quantised graphs: int8."),
+        providers: list[str] | None = typer.Option(None, "--providers",
                                                       help="onnxruntime execution providers, comma-separated."),
-        opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default 17)."),
+        opset: int | None = typer.Option(None, "--opset", help="ONNX opset (default 17)."),
         no_merge: bool = typer.Option(False, "--no-merge", help="Keep LoRA-like adapters as operators."),
         merge_unload: bool = typer.Option(False, "--merge",
                                           help="Fold the adapters into the weights for good (no copy kept for "
                                                "an exact unmerge: the frozen backbone's memory); all must merge."),
-        seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the random verification inputs."),
-        option: Optional[list[str]] = typer.Option(None, "--option", "-O", help="Target option key=value."),
+        seed: int | None = typer.Option(None, "--seed", help="Seed of the random verification inputs."),
+        option: list[str] | None = typer.Option(None, "--option", "-O", help="Target option key=value."),
         json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
     ) -> None:

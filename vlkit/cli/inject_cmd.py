@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -12,18 +11,18 @@ def register(cli: typer.Typer) -> None:
     def inject_cmd(
         backbone: str = typer.Option("tiny", "--backbone", "-b", help="Backbone spec: tiny, open_clip:M@tag, hf:dir."),
         adapter: str = typer.Option("bottleneck", "--adapter", "-a", help="Adapter variant (see `vlkit plugins`)."),
-        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory for the adapter."),
+        out: Path | None = typer.Option(None, "--out", "-o", help="Directory for the adapter."),
         name: str = typer.Option("default", "--name", help="Adapter name stored in the config."),
-        towers: Optional[str] = typer.Option(None, "--towers", help="vision, text or both."),
-        layers: Optional[str] = typer.Option(None, "--layers", help="Layer indices, e.g. 0,1,-1."),
-        targets: Optional[str] = typer.Option(None, "--targets", help="Roles or module paths (re:REGEX allowed)."),
-        exclude: Optional[str] = typer.Option(None, "--exclude", help="Roles or module paths to skip."),
-        reduction: Optional[float] = typer.Option(None, "--reduction", help="Bottleneck reduction factor."),
-        hidden: Optional[int] = typer.Option(None, "--hidden", help="Bottleneck hidden size."),
-        placement: Optional[str] = typer.Option(None, "--placement", help="Bottleneck placement: attn, mlp, both."),
-        rank: Optional[int] = typer.Option(None, "--rank", help="LoRA rank."),
-        alpha: Optional[float] = typer.Option(None, "--alpha", help="LoRA alpha."),
-        option: Optional[list[str]] = typer.Option(None, "--option", "-O", help="Any variant option as key=value."),
+        towers: str | None = typer.Option(None, "--towers", help="vision, text or both."),
+        layers: str | None = typer.Option(None, "--layers", help="Layer indices, e.g. 0,1,-1."),
+        targets: str | None = typer.Option(None, "--targets", help="Roles or module paths (re:REGEX allowed)."),
+        exclude: str | None = typer.Option(None, "--exclude", help="Roles or module paths to skip."),
+        reduction: float | None = typer.Option(None, "--reduction", help="Bottleneck reduction factor."),
+        hidden: int | None = typer.Option(None, "--hidden", help="Bottleneck hidden size."),
+        placement: str | None = typer.Option(None, "--placement", help="Bottleneck placement: attn, mlp, both."),
+        rank: int | None = typer.Option(None, "--rank", help="LoRA rank."),
+        alpha: float | None = typer.Option(None, "--alpha", help="LoRA alpha."),
+        option: list[str] | None = typer.Option(None, "--option", "-O", help="Any variant option as key=value."),
         dry_run: bool = typer.Option(False, "--dry-run", help="List targeted modules; write nothing."),
         json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
@@ -54,13 +53,13 @@ def register(cli: typer.Typer) -> None:
             target = OutputTarget(out, overwrite=overwrite, inputs=local, what="adapter directory")
             target.check()
 
-        from .. import inject, load_backbone, parameter_report, save_adapter
+        from .. import load
         from ..plugins import registry
 
-        bb = load_backbone(backbone)
-        record = inject(bb, adapter, name=name, **options)
-        report = parameter_report(bb)
-        result = {"backbone": bb.spec, "variant": adapter, "name": name, "config": record.config,
+        model = load(backbone)
+        record = model.add_adapter(name, adapter, **options)
+        report = model.parameter_report()
+        result = {"backbone": model.spec, "variant": adapter, "name": name, "config": record.config,
                   "targets": record.targets, "parameters": report, "dry_run": dry_run}
         plain = getattr(registry("adapter").get(adapter), "plain_equivalent_parameters", None)
         if plain is not None:
@@ -69,17 +68,17 @@ def register(cli: typer.Typer) -> None:
             result["overhead_vs_bottleneck"] = {"adapter": own, "bottleneck": ref,
                                                 "percent": 100.0 * (own - ref) / max(ref, 1)}
         if dry_run:
-            console.print(table(f"targets of {adapter} on {bb.spec}", ["tower", "layer", "role", "module"],
+            console.print(table(f"targets of {adapter} on {model.spec}", ["tower", "layer", "role", "module"],
                                 [[s.tower, s.layer, s.role, s.path] for s in record.sites]))
         else:
             with target:
-                save_adapter(bb, target.staging, name=name)
+                model.save_adapter(target.staging, name=name)
             result["path"] = str(out)
         console.print(report_table(report))
         if "overhead_vs_bottleneck" in result:
             o = result["overhead_vs_bottleneck"]
-            console.print(f"{adapter}: {o['adapter']:,} parameters vs {o['bottleneck']:,} for a plain bottleneck of the "
-                          f"same size on the same sites: {o['percent']:+.1f}%")
+            console.print(f"{adapter}: {o['adapter']:,} parameters vs {o['bottleneck']:,} for a plain bottleneck "
+                          f"of the same size on the same sites: {o['percent']:+.1f}%")
         if not dry_run:
             console.print(f"wrote adapter [bold]{name}[/] ({adapter}, {len(record.sites)} sites) to {out}")
         if json_out:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -11,7 +10,7 @@ def register(cli: typer.Typer) -> None:
     @cli.command("inspect")
     def inspect_cmd(
         adapter: Path = typer.Argument(..., help="Adapter directory."),
-        plot: Optional[Path] = typer.Option(None, "--plot", help="PNG bar chart of the gates "
+        plot: Path | None = typer.Option(None, "--plot", help="PNG bar chart of the gates "
                                             "(default for fusion adapters: ADAPTER_DIR/gates.png)."),
         json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
     ) -> None:

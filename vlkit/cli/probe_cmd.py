@@ -11,8 +11,9 @@ and the probe modules load inside the command.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import typer
 
@@ -32,29 +33,29 @@ def _accepted(fn: Callable) -> tuple[set[str], bool]:
 def register(cli: typer.Typer) -> None:
     @cli.command("probe")
     def probe_cmd(
-        name: Optional[str] = typer.Argument(None, help="Probe name (see --list)."),
+        name: str | None = typer.Argument(None, help="Probe name (see --list)."),
         list_: bool = typer.Option(False, "--list", help="List the registered probes and exit."),
         backbone: str = typer.Option("tiny", "--backbone", "-b", help="Backbone spec: tiny, open_clip:M@tag, hf:dir."),
-        adapters: Optional[str] = typer.Option(
+        adapters: str | None = typer.Option(
             None, "--adapters", "-a",
             help="Comma-separated: adapter dirs, a+b stacks, composition dirs. The backbone alone always comes first."),
-        data: Optional[str] = typer.Option(None, "--data", "-d",
+        data: str | None = typer.Option(None, "--data", "-d",
                                            help="Probe data: winoground synth|hub|DIR; caption-pairs FILE.json|DIR."),
-        images: Optional[Path] = typer.Option(None, "--images", help="Image root for relative paths in JSON data."),
-        n: Optional[int] = typer.Option(
+        images: Path | None = typer.Option(None, "--images", help="Image root for relative paths in JSON data."),
+        n: int | None = typer.Option(
             None, "-n", "--n", help="Examples (synth: generated; Winoground copy: first n; JSON: seeded subset)."),
         seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap resamples."),
-        data_seed: Optional[int] = typer.Option(
+        data_seed: int | None = typer.Option(
             None, "--data-seed", help="Seed of generated (synth) data and of JSON subsets [default: 0]."),
         bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the intervals."),
         level: float = typer.Option(0.95, "--level", help="Confidence level of the intervals."),
-        batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Examples scored per batch."),
-        device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, mps (default: auto)."),
+        batch_size: int | None = typer.Option(None, "--batch-size", help="Examples scored per batch."),
+        device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1, mps (default: auto)."),
         json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
-        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory for the result file."),
+        out: Path | None = typer.Option(None, "--out", "-o", help="Directory for the result file."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace a result file of the same name."),
-        scores: Optional[Path] = typer.Option(None, "--scores", help="Write per-example scores (JSONL) here."),
-        plot: Optional[Path] = typer.Option(None, "--plot", help="Draw the grouped bar chart to FILE.png."),
+        scores: Path | None = typer.Option(None, "--scores", help="Write per-example scores (JSONL) here."),
+        plot: Path | None = typer.Option(None, "--plot", help="Draw the grouped bar chart to FILE.png."),
         no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
     ) -> None:
         """Probe the backbone and adapters: Winoground, caption-pair (ARO/SugarCrepe) and plugin probes."""
@@ -91,9 +92,9 @@ def register(cli: typer.Typer) -> None:
         from ..backbones.loading import load_backbone
         from ..probe.base import get_probe, public_result
         from ..probe.report import plot_result, write_result_file, write_scores_file
+        from ..probe.systems import resolve_systems
         from .probe_tables import print_report
         from .progress import count_progress
-        from ..probe.systems import resolve_systems
 
         probe = get_probe(name)
         bb = load_backbone(backbone, device=device)

@@ -2,14 +2,12 @@
 
     vlkit serve --backbone tiny --adapters runs/med,runs/vqa,runs/router [--host 127.0.0.1 --port 8000]
                 [--engine torch|onnx] [--max-batch 32 --max-wait-ms 5 --queue-size 256]
-                [--api-key KEY | VLKIT_API_KEY] [--threads N]
+                [--api-key KEY | VLKIT_API_KEY] [--threads N] [--adapter-root DIR]
                 [--cluster ray --replicas 2 --gpus-per-replica 1 --max-adapters-per-replica 4 --ray-address ADDR]
 
 The server library is `vlkit.serve`; this module only maps flags to `ServeConfig`.
 """
 from __future__ import annotations
-
-from typing import Optional
 
 import typer
 
@@ -17,8 +15,9 @@ import typer
 def register(cli: typer.Typer) -> None:
     @cli.command("serve")
     def serve_cmd(
-        backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="Backbone spec (default: the adapters' own)."),
-        adapters: Optional[str] = typer.Option(None, "--adapters", "-a",
+        backbone: str | None = typer.Option(None, "--backbone", "-b",
+                                            help="Backbone spec (default: the adapters' own)."),
+        adapters: str | None = typer.Option(None, "--adapters", "-a",
                                                help="Comma-separated adapter dirs, run names, compositions, NAME=DIR "
                                                     "(--engine onnx: export directories)."),
         host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback unless told otherwise)."),
@@ -29,11 +28,11 @@ def register(cli: typer.Typer) -> None:
         queue_size: int = typer.Option(256, "--queue-size", help="Admitted, unanswered requests before 429."),
         max_body_bytes: int = typer.Option(8 * 1024 * 1024, "--max-body-bytes", help="Largest request body (413)."),
         max_pixels: int = typer.Option(4096 * 4096, "--max-pixels", help="Largest image, width x height (413)."),
-        api_key: Optional[str] = typer.Option(None, "--api-key", envvar="VLKIT_API_KEY",
+        api_key: str | None = typer.Option(None, "--api-key", envvar="VLKIT_API_KEY",
                                               help="Require this key (Authorization: Bearer KEY or X-API-Key)."),
-        device: Optional[str] = typer.Option(None, "--device", help="torch device (cpu, cuda, cuda:1)."),
+        device: str | None = typer.Option(None, "--device", help="torch device (cpu, cuda, cuda:1)."),
         drain_timeout: float = typer.Option(30.0, "--drain-timeout", help="Seconds to finish requests on SIGTERM."),
-        providers: Optional[str] = typer.Option(None, "--providers", help="onnx: execution providers, comma-separated."),
+        providers: str | None = typer.Option(None, "--providers", help="onnx: execution providers, comma-separated."),
         cluster: str = typer.Option("none", "--cluster", help="none | ray: deploy on Ray Serve, replicas loading "
                                                                "adapters on demand (pip install 'vlkit[cluster]')."),
         replicas: int = typer.Option(1, "--replicas", help="--cluster ray: model replicas (one backbone each)."),
@@ -42,12 +41,15 @@ def register(cli: typer.Typer) -> None:
         max_adapters_per_replica: int = typer.Option(4, "--max-adapters-per-replica",
                                                      help="--cluster ray: adapters a replica keeps loaded (least "
                                                           "recently used ones are evicted)."),
-        ray_address: Optional[str] = typer.Option(None, "--ray-address",
+        ray_address: str | None = typer.Option(None, "--ray-address",
                                                   help="--cluster ray: a running Ray cluster (default: start a local "
                                                        "instance on 127.0.0.1)."),
-        threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads of torch / onnxruntime "
+        threads: int | None = typer.Option(None, "--threads", help="Intra-op threads of torch / onnxruntime "
                                                                           "(default: the library's; on a shared CPU "
                                                                           "leave cores to the HTTP side)."),
+        adapter_root: str | None = typer.Option(None, "--adapter-root",
+                                                   help="Hot loads (POST /v1/adapters/NAME) only from inside this "
+                                                        "directory; relative paths are taken under it."),
         log_level: str = typer.Option("warning", "--log-level", help="uvicorn (or Ray) log level."),
     ) -> None:
         """Serve adapters over HTTP: embed, classify, score, answer; hot load; /health, /metrics, /docs."""
@@ -62,7 +64,7 @@ def register(cli: typer.Typer) -> None:
                              providers=[p for p in (providers or "").split(",") if p.strip()] or None,
                              cluster=cluster, replicas=replicas, gpus_per_replica=gpus_per_replica,
                              cpus_per_replica=cpus_per_replica, max_adapters_per_replica=max_adapters_per_replica,
-                             ray_address=ray_address, threads=threads)
+                             ray_address=ray_address, threads=threads, adapter_root=adapter_root)
         config.check()
         if config.cluster == "ray":
             from ..serve.ray_app import run_cluster

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -11,25 +10,24 @@ def register(cli: typer.Typer) -> None:
     @cli.command("train", context_settings={"allow_extra_args": False})
     def train_cmd(
         recipe: Path = typer.Argument(..., help="Recipe YAML file."),
-        overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. optim.lr=3e-4."),
-        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: recipe output_dir)."),
+        overrides: list[str] | None = typer.Argument(None, help="key=value overrides, e.g. optim.lr=3e-4."),
+        out: Path | None = typer.Option(None, "--out", "-o", help="Output directory (default: recipe output_dir)."),
         resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the output dir."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
         allow_untrained: bool = typer.Option(False, "--allow-untrained",
                                              help="Let optim.steps=0 write the adapter as initialised."),
-        allow_env: Optional[list[str]] = typer.Option(None, "--allow-env",
+        allow_env: list[str] | None = typer.Option(None, "--allow-env",
                                                       help="Environment variable the recipe may read with "
                                                            "${oc.env:NAME} (repeat for several)."),
         json_out: bool = typer.Option(False, "--json", help="Print the final metrics as JSON on stdout."),
         no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
     ) -> None:
         """Train adapters (or a baseline) from a recipe; writes the adapter directory and logs."""
+        import os
+
         from ..train.engine import train
         from ..train.recipe import load_recipe
         from .output import console, print_json, table
-
-        import os
-
         from .progress import TrainProgress
 
         notes: list[str] = []

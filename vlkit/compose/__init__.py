@@ -7,9 +7,10 @@
 - `merge_adapters(...)`: linear, task arithmetic, TIES, LoRA concat and SVD merges (vlkit.compose.merge).
 - `train_router`, `RoutedBackbone`: automatic per-input routing (vlkit.compose.router).
 - `add_fusion`, `load_fusion`: AdapterFusion layers (vlkit.compose.adapter_fusion).
-- multi-task training with sharing schemes: recipes with `tasks:` and `sharing:` (vlkit.train.multitask; sharing schemes in vlkit.compose.sharing).
+- multi-task training with sharing schemes: recipes with `tasks:` and `sharing:` (vlkit.train.multitask;
+  sharing schemes in vlkit.compose.sharing).
 
-Per-sample routing inside a batch is `backbone.set_route(names, index)`.
+Per-sample routing inside a batch is `AdaptedModel.route(names, index)`.
 """
 from __future__ import annotations
 

@@ -21,10 +21,14 @@ resolve_sources = source_dirs  # (name, adapter directory) per argument; see vlk
 
 
 def _check_same_backbone(sources: list[tuple[str, Path]]) -> dict[str, Any]:
-    from ..adapters.files import read_adapter_config
+    """The first source's config, once every source reads (config and finite weights, in every mode) and all
+    were made for one backbone."""
+    from ..adapters.files import read_adapter_config, read_adapter_weights
 
     cfgs = [read_adapter_config(p) for _, p in sources]
-    for (name, p), cfg in zip(sources[1:], cfgs[1:]):
+    for _, p in sources:
+        read_adapter_weights(p)
+    for (_, p), cfg in zip(sources[1:], cfgs[1:]):
         if cfg["backbone_fingerprint"] != cfgs[0]["backbone_fingerprint"]:
             raise IncompatibleAdapterError(
                 f"adapters {sources[0][1]} and {p} were made for different backbones: {cfgs[0].get('backbone')!r} "

@@ -91,7 +91,8 @@ def check_mergeable(labels: list[str], cfgs: list[dict], tensors: list[dict[str,
     if method not in ELEMENTWISE and not own:
         offered = [n for n, v in variants.items() if method in getattr(v, "merge_methods", ())]
         raise ConfigError(f"merge method {method!r} is for {' / '.join(offered)} adapters; these are "
-                          f"{a_cfg['variant']!r} (use {', '.join(ELEMENTWISE + tuple(getattr(var, 'merge_methods', ())))})")
+                          f"{a_cfg['variant']!r} "
+                          f"(use {', '.join(ELEMENTWISE + tuple(getattr(var, 'merge_methods', ())))})")
     extra = [k for k in a_t if k.startswith("base::")]
     if extra and method != "linear":
         raise IncompatibleAdapterError(f"adapter {a_label} also trains backbone tensors ({extra[0]}, ...), which are "

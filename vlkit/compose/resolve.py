@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..adapters.files import read_adapter_config
+from ..adapters.model import AdaptedModel
 from ..errors import ConfigError
 from .composition import COMPOSITION_FILE
 
@@ -45,8 +47,8 @@ def find_source(text: str, base: Path | None = None) -> Path:
 def source_dirs(items: list[str] | str) -> list[tuple[str, Path]]:
     """(free name, adapter directory) for each argument, nothing loaded; a composition directory stands for
     its adapters (e.g. the per-task adapters of a multi-task run)."""
-    from .composition import adapter_entries, is_composition, read_composition
     from ..adapters.files import read_adapter_config
+    from .composition import adapter_entries, is_composition, read_composition
 
     if isinstance(items, str):
         items = [p.strip() for p in items.split(",") if p.strip()]
@@ -86,10 +88,11 @@ class System:
     composition: Any = None  # vlkit.compose.Composition for composition directories
 
     def activate(self, backbone) -> None:
+        model = AdaptedModel.of(backbone)
         if self.mode == "route":
-            backbone.set_active()
+            model.set_adapter()
             return
-        backbone.set_active(*self.names, mode=self.mode, weights=self.weights, fusion=self.fusion)
+        model.set_adapter(*self.names, mode=self.mode, weights=self.weights, fusion=self.fusion)
 
     def wrap(self, backbone):
         """The backbone to run this system through: a routed view for route compositions with a router
@@ -124,21 +127,20 @@ class AdapterResolver:
 
     def __init__(self, backbone):
         self.backbone = backbone
+        self.model = AdaptedModel.of(backbone)
         self.loaded: dict[str, str] = {}  # resolved directory -> adapter name on the backbone
 
     def load_dir(self, path: Path, preferred: str | None = None) -> str:
-        from ..adapters.files import load_adapter, read_adapter_config
-
         key = str(path.resolve())
         if key not in self.loaded:
             cfg = read_adapter_config(path)
-            name = free_name(self.backbone.adapter_records, str(preferred or cfg.get("name") or path.name))
-            load_adapter(self.backbone, path, name=name, activate=False)
+            name = free_name(self.model.records, str(preferred or cfg.get("name") or path.name))
+            self.model.load_adapter(path, name=name, activate=False)
             self.loaded[key] = name
         return self.loaded[key]
 
     def free_fusion_name(self, wanted: str) -> str:
-        return free_name(self.backbone.fusion_records, wanted)
+        return free_name(self.model.fusions, wanted)
 
     def part(self, text: str, base: Path | None = None, preferred: str | None = None) -> tuple[str, str]:
         """(adapter name on the backbone, source) of one part: an adapter directory or a loaded name."""
@@ -147,11 +149,10 @@ class AdapterResolver:
             if (path / ADAPTER_CONFIG).is_file():
                 return self.load_dir(path, preferred), os.path.normpath(str(path))
             raise ConfigError(f"{path} is not an adapter directory (no {ADAPTER_CONFIG})")
-        if text in self.backbone.adapter_records:
+        if text in self.model.records:
             return text, text
         raise ConfigError(f"adapter {text!r} not found: not an adapter directory nor an adapter loaded on the "
-                          f"backbone" + (f" (loaded: {', '.join(self.backbone.adapter_records)})"
-                                         if self.backbone.adapter_records else ""))
+                          f"backbone" + (f" (loaded: {', '.join(self.model.records)})" if self.model.records else ""))
 
     def composition(self, path: Path, label: str) -> System:
         from .composition import activation, load_composition
@@ -173,7 +174,7 @@ class AdapterResolver:
         path = find_source(text)
         if path.is_dir() and (path / COMPOSITION_FILE).is_file():
             return self.composition(path, text)
-        parts = [text] if path.exists() or text in self.backbone.adapter_records else text.split("+")
+        parts = [text] if path.exists() or text in self.model.records else text.split("+")
         resolved = [self.part(p.strip()) for p in parts if p.strip()]
         if not resolved:
             raise ConfigError(f"empty adapter stack {arg!r}")
@@ -209,7 +210,7 @@ def load_recipe_base(backbone, cfg) -> list[tuple[str, Path]]:
     if not base:
         return []
     stack = load_base_stack(backbone, base)
-    backbone.adapter_state.base_stack = list(stack)
+    AdaptedModel.of(backbone).base_stack = list(stack)
     return stack
 
 
@@ -217,6 +218,6 @@ def write_base_composition(out: Path, backbone, adapter: str) -> None:
     """After training on a base: `out` is also a stack composition (the base adapters copied in, then `.`)."""
     from .composition import write_composition
 
-    stack = backbone.adapter_state.base_stack
+    stack = AdaptedModel.of(backbone).base_stack
     if stack:
         write_composition(out, "stack", backbone, list(stack) + [(adapter, out)])

@@ -6,8 +6,9 @@ went wrong and how to give a local copy instead; no stack trace reaches the user
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 from ..errors import DataError
 

@@ -13,8 +13,9 @@ import csv
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ..errors import DataError
 
@@ -81,28 +82,25 @@ def check_image_exists(path: Path, *, where: str) -> None:
 
 
 def check_image_file(path: Path, *, where: str) -> None:
-    """DataError naming `path` and `where` if the file is missing or not a readable image."""
-    from PIL import Image, UnidentifiedImageError
+    """DataError naming `path` and `where` if the file is missing or not a readable image (a full decode
+    through `vlkit.imagefile.open_image`, the one decoding every reader uses)."""
+    from ..imagefile import ImageDecodeError, open_image
 
     if not path.is_file():
         raise DataError(f"{where}: image file not found: {path}")
     try:
-        with Image.open(path) as im:
-            im.load()  # a full decode: verify() passes truncated files
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{where}: cannot read image file {path}: {exc}") from None
+        open_image(path)
+    except ImageDecodeError as exc:
+        raise DataError(f"{where}: cannot read {exc}") from None
 
 
 def check_image_bytes(data: bytes, *, where: str) -> None:
     """DataError naming `where` if `data` is not a readable image."""
-    import io
-
-    from PIL import Image, UnidentifiedImageError
+    from ..imagefile import ImageDecodeError, open_image
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        open_image(data)
+    except ImageDecodeError as exc:
         raise DataError(f"{where}: cannot read image: {exc}") from None
 
 

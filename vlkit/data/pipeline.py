@@ -12,12 +12,12 @@ order (`iter_batches`).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any, Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 
 DEFAULT_LOADER = {"num_workers": 0, "pin_memory": None, "prefetch_factor": 2}
 
@@ -25,9 +25,10 @@ DEFAULT_LOADER = {"num_workers": 0, "pin_memory": None, "prefetch_factor": 2}
 class LazyImages:
     """An image column as a tensor-like of shape (N, 3, S, S): `col[idx]` decodes and transforms those rows.
 
-    `idx` is an int, a slice, a list or a 1-D integer tensor. `transform` maps one PIL image to a CHW
-    float tensor (the backbone's own eval transform); `augment`, when set, is applied to the PIL image
-    first, under a generator seeded from (`seed`, epoch, row)."""
+    `idx` is an int, a slice, a list or a 1-D integer tensor. `transform` maps one PIL image, in its own mode,
+    to a CHW float tensor (the backbone's own eval transform, which converts the mode as its library does);
+    `augment`, when set, is applied to the PIL image first, under a generator seeded from (`seed`, epoch,
+    row)."""
 
     def __init__(self, reader, transform, image_size: int, augment=None, seed: int = 0):
         self.reader = reader
@@ -65,16 +66,25 @@ class LazyImages:
             if self.augment is not None and epoch is not None:
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(sample_seed(self.seed, epoch, row))
-                    im = self.augment(im)
+                    im = self._augmented(im, row)
             out.append(self.transform(im))
         if not out:
             return torch.zeros(0, 3, self.image_size, self.image_size)
         return torch.stack(out)
 
+    def _augmented(self, im, row: int):
+        try:
+            return self.augment(im)
+        except (ValueError, TypeError) as exc:
+            label = getattr(self.reader, "label", "dataset")
+            raise DataError(f"{label}, row {row + 1}: data.augment cannot transform this {im.mode} image: {exc}",
+                            hint="geometric transforms take every mode; colour ones need RGB: list RGB first "
+                                 "(PIL's conversion, alpha dropped)") from None
+
     def materialize(self) -> torch.Tensor:
         return self.fetch(list(range(len(self))))
 
-    def with_augment(self, augment, seed: int) -> "LazyImages":
+    def with_augment(self, augment, seed: int) -> LazyImages:
         out = LazyImages(self.reader, self.transform, self.image_size, augment, seed)
         out.loader_options = dict(self.loader_options)
         return out
@@ -211,7 +221,12 @@ def iter_batches(data: Mapping, batch_size: int) -> Iterator[dict[str, torch.Ten
 def build_augment(spec: Any, image_size: int):
     """torchvision transforms v2 from a recipe's `data.augment`: false/None (off), true (open_clip's train
     crop: RandomResizedCrop(scale 0.9-1)), or a list of {TransformName: {kwargs}} applied in order to the
-    PIL image before the backbone's own transform."""
+    PIL image (in its own mode) before the backbone's own transform. The list may come from a recipe file or
+    an override (OmegaConf's ListConfig / DictConfig) as well as from Python."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(spec):
+        spec = OmegaConf.to_container(spec, resolve=True)
     if spec in (None, False, {}, []):
         return None
     from torchvision.transforms import v2

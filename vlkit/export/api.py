@@ -22,9 +22,10 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..adapters.model import AdaptedModel
+from ..data.pipeline import materialize
 from ..errors import ConfigError, ExportError, VlkitError
 from .base import Evaluation, ExportOptions, ExportRequest, ExportResult, GraphSpec
-from ..data.pipeline import materialize
 
 WORLD_KIND = "world"  # the dataset kind `--domain` names a domain of (evaluated on when no other eval set is known)
 DEFAULT_DOMAIN = "photo"
@@ -292,8 +293,16 @@ def export_model(out: str | Path, *, backbone: str | None = None, adapters: list
     from .. import load_backbone
     from ..data.kinds import kind_domains
     from ..io import write_json
-    from .model import (build_task, exportable_tasks, load_sources, merge_where_possible, read_source,
-                        recipe_data, recipe_domain, task_source)
+    from .model import (
+        build_task,
+        exportable_tasks,
+        load_sources,
+        merge_where_possible,
+        read_source,
+        recipe_data,
+        recipe_domain,
+        task_source,
+    )
 
     options = options or ExportOptions()
     if options.seed is None:
@@ -336,7 +345,7 @@ def export_model(out: str | Path, *, backbone: str | None = None, adapters: list
         the_task = build_task(bb, eval_task, meta, meta_dir, ds) if task is not None else None
         class_emb = the_task.class_embeddings(bb) if the_task is not None and the_task.head_kind == "text" else None
         data = materialize((the_task or zs_task).prepare(bb, ds))
-    joint = bool(getattr(bb, "joint_active", lambda: False)())
+    joint = bb.joint_active()
     graphs = build_graphs(bb, the_task, class_emb, joint)
     merged: list[str] = []  # filled below; later references unmerge these
     reference = _reference_fn(bb, merged)
@@ -350,9 +359,7 @@ def export_model(out: str | Path, *, backbone: str | None = None, adapters: list
     evaluation.reference_predictions  # noqa: B018 - the eval-set score's PyTorch side (cached inputs)
     t = lap("pytorch references", t)
     if unload:  # `--merge`: fold for good (`merge_and_unload`), no copy kept
-        from ..adapters.inject import merge_and_unload
-
-        unloaded = merge_and_unload(bb)
+        unloaded = AdaptedModel.of(bb).merge_and_unload()
     else:
         unloaded = []
         merged.extend(merge_where_possible(bb, enabled=merge))

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -223,7 +224,7 @@ class Exporter(ABC):
     name: str = ""
     summary: str = ""
 
-    def check(self, options: ExportOptions) -> None:
+    def check(self, options: ExportOptions) -> None:  # noqa: B027 - optional: by default every option is honoured
         """Reject options this target cannot honour (a ConfigError), before any model is loaded."""
 
     @abstractmethod

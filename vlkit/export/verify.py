@@ -174,8 +174,8 @@ class Verifier:
         ev = self.request.evaluation
         if ev is None:
             return []
-        rows = [{"precision": "pytorch", "metric": ev.metric, "value": ev.reference_score, "pytorch": ev.reference_score,
-                 "delta": 0.0, "agreement": 100.0, "n": int(len(ev.labels))}]
+        rows = [{"precision": "pytorch", "metric": ev.metric, "value": ev.reference_score,
+                 "pytorch": ev.reference_score, "delta": 0.0, "agreement": 100.0, "n": int(len(ev.labels))}]
         for precision in precisions:
             def run(graph: str, inputs: dict[str, np.ndarray], _p=precision) -> dict[str, np.ndarray]:
                 return self.run(graph, _p, inputs)

@@ -32,7 +32,6 @@ Values are percentages; ``diff`` holds the paired bootstrap interval of (system 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-
 from collections.abc import Callable, Sequence
 from typing import Any
 

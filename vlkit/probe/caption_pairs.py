@@ -17,8 +17,9 @@ this probe, with examples generated from the world's minimal pairs.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -104,14 +105,15 @@ def _subset(examples: list[dict], n: int | None, seed: int) -> list[dict]:
 def pair_batches(examples: list[dict]) -> Callable[[int, int], tuple[list[list[Any]], list[list[str]]]]:
     from PIL import Image
 
-    def image(value):
+    from ..imagefile import ImageDecodeError, open_image
+
+    def image(value):  # in its own mode: the backbone's own transform converts it
         if isinstance(value, Image.Image):
-            return value.convert("RGB")
+            return value
         try:
-            with Image.open(value) as im:
-                return im.convert("RGB")
-        except OSError as exc:
-            raise DataError(f"cannot read image {value}: {exc}") from None
+            return open_image(value)
+        except ImageDecodeError as exc:
+            raise DataError(f"cannot read {exc}") from None
 
     def get(start: int, stop: int):
         rows = examples[start:stop]

@@ -3,8 +3,8 @@
 Data (``data=``): ``"synth"`` (default; the embedded world's verified minimal pairs, 400 unless ``n``),
 ``"hub"`` (``facebook/winoground``, gated: the user's HF token, the hub repo's parquet layout), ``"hub:ID"``,
 a local copy (a folder of parquet files, or ``examples.jsonl`` with an ``images/`` folder), or a
-`datasets.Dataset` with the Winoground columns. Loading goes through `vlkit.data.load_data`, which converts
-images to RGB. ``n`` keeps the first n examples of a real copy.
+`datasets.Dataset` with the Winoground columns. Loading goes through `vlkit.data.load_data`; images reach the
+backbone's own transform in their own mode (RGBA, P, CMYK, ...). ``n`` keeps the first n examples of a real copy.
 
 Each system scores the four (caption, image) combinations of every example through `vlkit.scoring`; the
 scores follow Thrush et al. 2022 exactly (strict ``>``, see `vlkit.probe.metrics`), with breakdowns by
@@ -14,8 +14,9 @@ backbone.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -61,12 +62,19 @@ def load_winoground_data(data: Any = None, *, n: int | None = None, data_seed: i
 
 
 def winoground_batches(ds) -> Callable[[int, int], tuple[list[list[Any]], list[list[str]]]]:
-    """get_batch for `score_examples`: images (image_0, image_1) and captions (caption_0, caption_1)."""
+    """get_batch for `score_examples`: images (image_0, image_1), decoded by `vlkit.imagefile` in their own mode
+    for the backbone's own transform, and captions (caption_0, caption_1)."""
+    from ..data.images import ImageReader
+
+    label = getattr(ds, "_vlkit_label", None) or "winoground data"
+    readers = [ImageReader(ds, c, label=label) for c in ("image_0", "image_1")]
+    texts = ds.select_columns(["caption_0", "caption_1"])
 
     def get(start: int, stop: int):
-        rows = ds[start:stop]
-        images = [[a.convert("RGB"), b.convert("RGB")] for a, b in zip(rows["image_0"], rows["image_1"])]
-        captions = [[str(a), str(b)] for a, b in zip(rows["caption_0"], rows["caption_1"])]
+        rows = list(range(start, stop))
+        images = [list(pair) for pair in zip(*(r.read(rows) for r in readers), strict=True)]
+        cap = texts[start:stop]
+        captions = [[str(a), str(b)] for a, b in zip(cap["caption_0"], cap["caption_1"])]
         return images, captions
 
     return get

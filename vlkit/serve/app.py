@@ -15,29 +15,48 @@ Endpoints (JSON bodies, or multipart/form-data with an `image` file part):
     DELETE /v1/adapters/{name}     unload                                   -> {"unloaded": name}
     GET    /health   GET /metrics (Prometheus text)   GET /docs (OpenAPI)
 
-Every error is `{"error": "one line"}` with a 4xx status (5xx only for a bug): 400 malformed JSON, non-image
-bytes or a request the adapter cannot answer, 401 without the API key, 404 unknown adapter, 409 a name conflict,
-413 over the body or pixel limit, 415 an unsupported content type, 422 a wrong field or type, 429 a full queue
-(with Retry-After), 503 while draining. The single mapping from error types to statuses is `http_status`.
+Every error is `{"error": "one line"}` with a 4xx status: 400 malformed JSON (also nested too deep, or a number
+of too many digits), non-image bytes or a request the adapter cannot answer, 401 without the API key, 403 a hot
+load outside `--adapter-root`, 404 unknown adapter, 409 a name conflict or a reserved name (`auto`, `none`), 413
+over the body or pixel limit, 415 an unsupported content type, 422 a wrong field or type (a prompt without
+exactly one `{}`, a `top` outside 1..1000) or an adapter whose output is not finite, 429 a full queue (with
+Retry-After), 503 while draining. The single mapping from error types to statuses is `http_status`. A bug is a
+500 `{"error", "request_id"}`: logged once (with its traceback, under logger `vlkit.serve`) and counted in
+`/metrics` (`vlkit_server_errors_total`). Every response carries an `X-Request-ID` header.
 """
 from __future__ import annotations
 
 import asyncio
 import hmac
 import json
+import logging
 import os
+import re
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from ..errors import (AdapterFileError, ConfigError, IncompatibleAdapterError, OverloadedError, RequestError,
-                      UnknownNameError, VlkitError)
+from ..errors import (
+    AdapterFileError,
+    ConfigError,
+    IncompatibleAdapterError,
+    OverloadedError,
+    RequestError,
+    UnknownNameError,
+    VlkitError,
+)
+from .guards import check_served_name, client_path
 from .inputs import BODIES, adapter_of, decode_base64, form_fields, one_line, open_image, parse_json
 
 OPEN_PATHS = ("/health", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc")
+ENDPOINTS = ("/v1/embed", "/v1/classify", "/v1/score", "/v1/answer", "/v1/adapters", "/health", "/metrics",
+             *OPEN_PATHS)
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+log = logging.getLogger("vlkit.serve")
 MAX_TEXTS = 256
 MAX_TEXT_CHARS = 4096
 
@@ -67,6 +86,7 @@ class ServeConfig:
     max_adapters_per_replica: int = 4
     ray_address: str | None = None  # None: start a local Ray instance on 127.0.0.1
     threads: int | None = None  # intra-op threads of torch / onnxruntime (None: the library's default)
+    adapter_root: str | None = None  # hot loads (POST /v1/adapters/NAME) only from inside this directory
 
     def check(self) -> None:
         if self.engine not in ("torch", "onnx"):
@@ -82,6 +102,8 @@ class ServeConfig:
             raise ConfigError(f"--port must be 0..65535, got {self.port}")
         if self.engine == "torch" and not self.backbone and not self.adapters:
             raise ConfigError("give --backbone (and --adapters)")
+        if self.adapter_root is not None and not os.path.isdir(self.adapter_root):
+            raise ConfigError(f"--adapter-root {self.adapter_root} is not a directory")
         if self.cluster not in ("none", "ray"):
             raise ConfigError(f"--cluster must be none or ray, got {self.cluster!r}")
         if self.cluster == "ray":
@@ -116,12 +138,27 @@ def error_text(exc: BaseException) -> str:
     return f"internal error: {type(exc).__name__}: {one_line(exc)[:300]}"
 
 
+def endpoint_of(path: str) -> str:
+    """The metrics label of a request path (a bounded set, whatever paths clients send)."""
+    if path.startswith("/v1/adapters/"):
+        return "/v1/adapters"
+    return path if path in ENDPOINTS else "other"
+
+
+def server_error(state, exc: BaseException, endpoint: str, seconds: float, request_id: str | None) -> dict:
+    """The body of a 500: logged once with its traceback and counted in /metrics."""
+    log.error("internal error (request %s, %s): %s: %s", request_id, endpoint, type(exc).__name__,
+              one_line(exc)[:300], exc_info=(type(exc), exc, exc.__traceback__))
+    state.metrics.observe(endpoint, 500, seconds, server_error=True)
+    return {"error": error_text(exc), "request_id": request_id}
+
+
 def backbone_spec(config: ServeConfig) -> str:
     """The backbone a torch server loads: --backbone, else the one the first adapter was made for."""
     if config.backbone:
         return config.backbone
-    from ..compose.resolve import source_dirs
     from ..adapters.files import read_adapter_config
+    from ..compose.resolve import source_dirs
 
     return read_adapter_config(source_dirs(config.adapters)[0][1]).get("backbone") or "tiny"
 
@@ -142,15 +179,16 @@ def make_backend(config: ServeConfig):
 
 
 class _Guard:
-    """Pure ASGI middleware: the API key, the body size limit (the body is read whole, bounded, before the app
-    sees it) and the in-flight gauge."""
+    """Pure ASGI middleware: the request id, the API key, the body size limit (the body is read whole, bounded,
+    before the app sees it), the in-flight gauge, and the last line against a bug: any exception the app lets
+    out is a 500 JSON body with the request id, logged once and counted."""
 
     def __init__(self, app, state):
         self.app = app
         self.state = state
 
-    async def _reply(self, send, status: int, message: str, headers=()):
-        body = json.dumps({"error": message}).encode()
+    async def _reply(self, send, status: int, message: str, headers=(), extra=None):
+        body = json.dumps({"error": message, **(extra or {})}).encode()
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 *headers]})
@@ -159,14 +197,35 @@ class _Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        started = False
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        rid = headers.get("x-request-id", "")
+        rid = rid if REQUEST_ID.match(rid) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+
+        async def send_with_id(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
+            await send(message)
+
+        try:
+            await self._serve(scope, receive, send_with_id, headers)
+        except Exception as exc:  # noqa: BLE001 - the last line: a bug is a 500, never a dropped connection
+            body = server_error(self.state, exc, endpoint_of(scope.get("path", "")), time.perf_counter() - t0, rid)
+            if not started:
+                await self._reply(send_with_id, 500, body["error"], extra={"request_id": rid})
+
+    async def _serve(self, scope, receive, send, headers):
         st = self.state
         path = scope.get("path", "")
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         if st.api_key and path not in OPEN_PATHS:
             auth = headers.get("authorization", "")
             given = auth[7:].strip() if auth.lower().startswith("bearer ") else headers.get("x-api-key", "")
             if not hmac.compare_digest(given.encode(), st.api_key.encode()):
-                st.metrics.observe(path, 401, 0.0)
+                st.metrics.observe(endpoint_of(path), 401, 0.0)
                 return await self._reply(send, 401, "missing or wrong API key (Authorization: Bearer KEY or "
                                                     "X-API-Key: KEY)", [(b"www-authenticate", b"Bearer")])
         limit = st.config.max_body_bytes
@@ -275,8 +334,9 @@ def build_item(backend, config: ServeConfig, op: str, body, raw: bytes | None):
         if not body.labels or len(set(body.labels)) != len(body.labels):
             raise RequestError("field 'labels': give distinct labels", status=422)
         prompt = body.prompt or backend.prompt_for(adapter)
-        if prompt.count("{}") != 1:
-            raise RequestError(f"field 'prompt' must contain exactly one {{}}, got {prompt!r}", status=422)
+        why = prompt_problem(prompt)
+        if why is not None:
+            raise RequestError(f"field 'prompt': {why}", status=422)
         labels = list(body.labels)
         texts = [prompt.format(x) for x in labels]
     if texts is not None:
@@ -333,6 +393,19 @@ class LocalService:
         await asyncio.get_running_loop().run_in_executor(None, self.engine.close, timeout)
 
 
+def finite_response(result: dict, headers: dict | None, body) -> JSONResponse:
+    """The answer as JSON; a NaN or infinity in it (an adapter whose weights overflow) is a 422 naming the
+    adapter, never an invalid JSON body or a crash."""
+    try:
+        return JSONResponse(result, headers=headers or None)
+    except ValueError:
+        name = result.get("adapter") if isinstance(result, dict) else None
+        name = name or getattr(body, "adapter", None) or "none"
+        who = "the frozen backbone" if name == "none" else f"adapter {name!r}"
+        raise RequestError(f"{who} produced non-finite values (NaN or infinity) for this request; its weights "
+                           "are broken or overflow", status=422) from None
+
+
 def create_app(config: ServeConfig | None = None, *, backend=None, **overrides):
     """The FastAPI app for `config` (or keyword overrides); `backend` replaces the one `config` would build."""
     config = config or ServeConfig(**overrides)
@@ -360,9 +433,12 @@ def build_app(config: ServeConfig, service):
                               "adapters are batched together. Errors are {\"error\": \"one line\"}.")
     app.state.vlkit = state
 
-    def error_response(exc: BaseException, endpoint: str, t0: float) -> JSONResponse:
+    def error_response(exc: BaseException, endpoint: str, t0: float, request: Request | None = None) -> JSONResponse:
         status = http_status(exc)
         headers = {"Retry-After": str(int(exc.retry_after))} if isinstance(exc, OverloadedError) else None
+        if status >= 500 and not isinstance(exc, VlkitError):
+            rid = getattr(request.state, "request_id", None) if request is not None else None
+            return JSONResponse(server_error(state, exc, endpoint, time.perf_counter() - t0, rid), status_code=500)
         state.metrics.observe(endpoint, status, time.perf_counter() - t0)
         return JSONResponse({"error": error_text(exc)}, status_code=status, headers=headers)
 
@@ -380,22 +456,20 @@ def build_app(config: ServeConfig, service):
         loc = ".".join(str(x) for x in err.get("loc", ()))
         return JSONResponse({"error": one_line(f"field '{loc}': {err.get('msg', 'invalid')}")}, status_code=422)
 
-    @app.exception_handler(Exception)
-    async def _any(request, exc):
-        return JSONResponse({"error": error_text(exc)}, status_code=http_status(exc))
-
     async def handle(request: Request, op: str):
         t0 = time.perf_counter()
         endpoint = f"/v1/{op}"
+        body = None
         try:
             if state.draining:
                 raise RequestError("the server is draining (SIGTERM): send the request elsewhere", status=503)
             body, raw = await read_body(request, op)
             result, headers = await service.run(op, body, raw)
+            response = finite_response(result, headers, body)
         except Exception as exc:  # noqa: BLE001 - mapped to the one error shape
-            return error_response(exc, endpoint, t0)
+            return error_response(exc, endpoint, t0, request)
         state.metrics.observe(endpoint, 200, time.perf_counter() - t0)
-        return JSONResponse(result, headers=headers or None)
+        return response
 
     @app.post("/v1/embed", summary="Normalised embedding of a text or an image", openapi_extra=_openapi_body(BODIES["embed"]))
     async def embed(request: Request):
@@ -426,20 +500,26 @@ def build_app(config: ServeConfig, service):
     async def load_adapter(name: str, request: Request):
         t0 = time.perf_counter()
         try:
+            if state.draining:
+                raise RequestError("the server is draining (SIGTERM): send the request elsewhere", status=503)
             body = parse_json(await request.body(), BODIES["load"])
-            entry = await service.load(name, body.path)
+            from ..backbones.state import check_adapter_name
+
+            check_served_name(check_adapter_name(name))
+            path = client_path(body.path, config.adapter_root)
+            entry = await service.load(name, str(path))
         except Exception as exc:  # noqa: BLE001
-            return error_response(exc, "/v1/adapters", t0)
+            return error_response(exc, "/v1/adapters", t0, request)
         state.metrics.observe("/v1/adapters", 201, time.perf_counter() - t0)
         return JSONResponse(entry, status_code=201)
 
     @app.delete("/v1/adapters/{name}", summary="Unload an adapter")
-    async def unload_adapter(name: str):
+    async def unload_adapter(name: str, request: Request):
         t0 = time.perf_counter()
         try:
             await service.unload(name)
         except Exception as exc:  # noqa: BLE001
-            return error_response(exc, "/v1/adapters", t0)
+            return error_response(exc, "/v1/adapters", t0, request)
         state.metrics.observe("/v1/adapters", 200, time.perf_counter() - t0)
         return {"unloaded": name}
 
@@ -476,4 +556,31 @@ def run_server(config: ServeConfig, *, on_ready=None, log_level: str = "warning"
 
     ucfg = uvicorn.Config(asgi, host=config.host, port=int(config.port), log_level=log_level, access_log=False,
                           timeout_graceful_shutdown=config.drain_timeout, lifespan="on")
-    Server(ucfg).run()
+    sock = listen_socket(config.host, int(config.port))
+    try:
+        Server(ucfg).run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+def listen_socket(host: str, port: int):
+    """A socket bound to host:port for uvicorn; an address in use (or not this machine's) is a ConfigError,
+    one line, before the server starts."""
+    import errno
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        why = ("the address is in use (give another --port, or --port 0 for a free one)"
+               if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc))
+        raise ConfigError(f"cannot listen on {host}:{port}: {why}") from None
+    return sock

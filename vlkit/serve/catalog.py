@@ -8,7 +8,7 @@
   answers requests for adapter `auto`;
 - another composition (stack, average, parallel, fuse, merge): served as one name (the directory's name).
 
-Adapters are never copied: they are loaded side by side and a batch picks per sample (`backbone.set_route`).
+Adapters are never copied: they are loaded side by side and a batch picks per sample (`AdaptedModel.route`).
 """
 from __future__ import annotations
 
@@ -17,7 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import AdapterFileError, ConfigError, RequestError
+from ..adapters.files import read_adapter_config
+from ..adapters.model import AdaptedModel
+from ..errors import AdapterFileError, RequestError
+from .guards import RESERVED_NAMES, check_served_name
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -87,6 +90,7 @@ class TorchCatalog:
 
     def __init__(self, backbone, device=None):
         self.backbone = backbone
+        self.model = AdaptedModel.of(backbone)
         self.device = device
         self.entries: dict[str, Entry] = {}
         self.router = None
@@ -127,8 +131,8 @@ class TorchCatalog:
         given, path = self._name_and_path(text)
         name = name or given
         if name is not None:
-            check_adapter_name(name)
-            if name in self.entries or name in self.backbone.adapter_records:
+            check_served_name(check_adapter_name(name))
+            if name in self.entries or name in self.model:
                 raise RequestError(f"an adapter named {name!r} is already loaded; unload it first", status=409)
         if not path.exists():
             raise AdapterFileError(f"adapter {text!r} not found: not a directory, nor a run under runs/")
@@ -140,35 +144,32 @@ class TorchCatalog:
                                + ("" if adapters_only else " nor a composition directory"))
 
     def _entry_for(self, name: str, source: Path, task, member_of: str | None = None) -> Entry:
-        from ..adapters.inject import adapter_parameters
         from ..plugins import registry
 
-        rec = self.backbone.adapter_records[name]
+        rec = self.model.records[name]
         var = registry("adapter").get(rec.variant) if rec.variant in registry("adapter") else None
-        routable = all(getattr(s, "kind", "") != "sequence" for s in rec.sites)
-        params = int(sum(t.numel() for t in adapter_parameters(self.backbone, name).values()))
+        routable = all(s.kind != "sequence" for s in rec.sites)
+        params = int(sum(t.numel() for t in self.model.adapter_parameters(name).values()))
         if task is not None and self.device is not None:
             task.head.to(self.device)
         return Entry(name, "adapter", str(source), task=task, variant=rec.variant, parameters=params,
-                     names=(name,), routable=routable, joint=bool(getattr(var, "joint", False)), member_of=member_of)
+                     names=(name,), routable=routable, joint=bool(var is not None and var.joint), member_of=member_of)
 
     def _add_adapter(self, path: Path, name: str | None) -> str:
-        from ..adapters.files import load_adapter, read_adapter_config
-        from ..adapters.inject import remove_adapter
         from ..compose.resolve import free_name
 
         cfg = read_adapter_config(path)
         if name is None:
-            taken = set(self.entries) | set(self.backbone.adapter_records)
+            taken = set(self.entries) | set(self.model.records) | set(RESERVED_NAMES)
             name = free_name(taken, str(cfg.get("name") or path.name))
-        load_adapter(self.backbone, path, name=name, activate=False)
+        self.model.load_adapter(path, name=name, activate=False)
         try:
             if self.device is not None:
                 self.backbone.to(self.device)
             task = _read_task_files(self.backbone, path)
             entry = self._entry_for(name, path, task)
         except BaseException:
-            remove_adapter(self.backbone, name)
+            self.model.delete_adapter(name)
             raise
         self.entries[name] = entry
         return name
@@ -178,13 +179,13 @@ class TorchCatalog:
         from ..compose.predict import _task_for
         from ..compose.resolve import free_name
 
-        before = set(self.backbone.adapter_records)
-        comp = load_composition(self.backbone, path, activate=False, resolver=resolver)
+        with self.model.track() as loaded:
+            comp = load_composition(self.backbone, path, activate=False, resolver=resolver)
         if self.device is not None:
             self.backbone.to(self.device)
             if comp.router is not None:
                 comp.router.to(self.device)
-        label = name or free_name(set(self.entries), path.name)
+        label = name or free_name(set(self.entries) | set(RESERVED_NAMES), path.name)
         if comp.mode == "route":
             added = []
             for n in comp.names:
@@ -199,18 +200,13 @@ class TorchCatalog:
         task = _task_for(comp, self.backbone, None, {})
         if task is not None and self.device is not None:
             task.head.to(self.device)
-        new = set(self.backbone.adapter_records) - before
-        from ..adapters.inject import adapter_parameters
-
-        params = int(sum(t.numel() for n in new for t in adapter_parameters(self.backbone, n).values()))
+        params = int(sum(t.numel() for n in loaded.adapters for t in self.model.adapter_parameters(n).values()))
         self.entries[label] = Entry(label, "composition", str(path), task=task, parameters=params,
                                     names=tuple(comp.names), mode=mode, weights=weights, fusion=comp.fusion,
                                     routable=False, joint=False, extra={"composition_mode": comp.mode})
         return [label]
 
     def remove(self, name: str) -> None:
-        from ..adapters.inject import remove_adapter
-
         entry = self.get(name)
         if self.router is not None and name in self.router.names:
             raise RequestError(f"adapter {name!r} is a route of the router of {self.router_source}; "
@@ -223,20 +219,20 @@ class TorchCatalog:
             raise RequestError(f"adapter {name!r} is part of {', '.join(users)}", status=409)
         del self.entries[name]
         self.text_cache = {k: v for k, v in self.text_cache.items() if k[0] != name}
-        remove_adapter(self.backbone, name)
+        self.model.delete_adapter(name)
 
     # --- activation ---------------------------------------------------------------------------
     def activate(self, name: str | None) -> None:
-        bb = self.backbone
-        bb.clear_route()
+        model = self.model
+        model.clear_route()
         if name is None:
-            bb.set_active()
+            model.set_adapter()
             return
         e = self.entries[name]
         if e.kind == "composition":
-            bb.set_active(*e.names, mode=e.mode, weights=e.weights, fusion=e.fusion)
+            model.set_adapter(*e.names, mode=e.mode, weights=e.weights, fusion=e.fusion)
         else:
-            bb.set_active(name)
+            model.set_adapter(name)
 
     def text_features(self, name: str | None, tokens, key=None):
         """Unnormalised text features of `tokens` through `name` alone (class prompts), cached by `key`."""

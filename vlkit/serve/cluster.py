@@ -17,10 +17,12 @@ import asyncio
 import json
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
+from ..adapters.model import AdaptedModel
 from ..compose.resolve import AdapterResolver
 from ..errors import AdapterFileError, ConfigError, RequestError
 from .inputs import AUTO, BODIES, validate
@@ -93,6 +95,7 @@ def plan_units(items, *, first_id: int = 0, taken: set[str] | None = None, auto:
     from ..compose.composition import activation, adapter_entries, is_composition, read_composition
     from ..compose.resolve import free_name
     from .catalog import name_and_path
+    from .guards import RESERVED_NAMES, check_served_name
 
     taken = set() if taken is None else taken
     units: list[Unit] = []
@@ -100,7 +103,7 @@ def plan_units(items, *, first_id: int = 0, taken: set[str] | None = None, auto:
         given, path = name_and_path(text)
         given = name or given
         if given is not None:
-            check_adapter_name(given)
+            check_served_name(check_adapter_name(given))
             if given in taken:
                 raise RequestError(f"an adapter named {given!r} is already loaded; unload it first", status=409)
         if not path.exists():
@@ -109,16 +112,17 @@ def plan_units(items, *, first_id: int = 0, taken: set[str] | None = None, auto:
         uid = f"u{first_id + k}"
         if (path / ADAPTER_CONFIG).is_file():
             cfg = read_adapter_config(path)
-            served = given or free_name(taken, str(cfg.get("name") or path.name))
+            served = given or free_name(taken | set(RESERVED_NAMES), str(cfg.get("name") or path.name))
             taken.add(served)
-            units.append(Unit(uid, "adapter", str(path), served, [served], info={served: _adapter_info(served, path, cfg)}))
+            info = {served: _adapter_info(served, path, cfg)}
+            units.append(Unit(uid, "adapter", str(path), served, [served], info=info))
             continue
         if adapters_only or not is_composition(path):
             raise AdapterFileError(f"{path} is not an adapter directory (no {ADAPTER_CONFIG})"
                                    + ("" if adapters_only else " nor a composition directory"))
         spec = read_composition(path)
         mode = spec.get("mode", "stack")
-        label = given or free_name(taken if mode != "route" else set(), path.name)
+        label = given or free_name((taken if mode != "route" else set()) | set(RESERVED_NAMES), path.name)
         if mode != "route":
             taken.add(label)
         names: dict[str, str] = {}
@@ -147,7 +151,8 @@ def plan_units(items, *, first_id: int = 0, taken: set[str] | None = None, auto:
             provides = router is not None and not auto
             auto = auto or provides
             info = {n: _adapter_info(n, p, cfg, member_of=label) for n, p, cfg in members}
-            units.append(Unit(uid, "route", str(path), label, [n for n, _, _ in members], names, provides, router, info))
+            units.append(Unit(uid, "route", str(path), label, [n for n, _, _ in members], names, provides, router,
+                              info))
             continue
         act_mode, _ = activation(mode, spec.get("weights"), len(members))
         task_dir = path if isinstance(spec.get("task"), dict) and spec["task"].get("meta") else next(
@@ -176,7 +181,7 @@ class Directory:
             self.add(u)
 
     @classmethod
-    def from_items(cls, items) -> "Directory":
+    def from_items(cls, items) -> Directory:
         d = cls([])
         for u in plan_units(items, taken=d.taken):
             d.add(u)
@@ -248,14 +253,12 @@ class PlannedResolver(AdapterResolver):
         self.names = names
 
     def load_dir(self, path: Path, preferred: str | None = None) -> str:
-        from ..adapters.files import load_adapter
-
         key = str(Path(path).resolve())
         if key not in self.loaded and key in self.names:
             name = self.names[key]
-            if name in self.backbone.adapter_records:
+            if name in self.model:
                 raise RequestError(f"an adapter named {name!r} is already loaded on this replica", status=409)
-            load_adapter(self.backbone, path, name=name, activate=False)
+            self.model.load_adapter(path, name=name, activate=False)
             self.loaded[key] = name
         return super().load_dir(path, preferred)
 
@@ -265,7 +268,7 @@ class LoadedUnit:
     used past --max-adapters-per-replica): the unit stops taking requests, its admitted ones are answered, then
     its adapters, heads, fusions and router leave the backbone."""
 
-    def __init__(self, core: "ReplicaCore", unit: Unit, entries: set[str], adapters: set[str], fusions: set[str],
+    def __init__(self, core: ReplicaCore, unit: Unit, entries: set[str], adapters: set[str], fusions: set[str],
                  router=None):
         self.core, self.unit = core, unit
         self.entries, self.adapters, self.fusions, self.router = entries, adapters, fusions, router
@@ -328,47 +331,46 @@ class ReplicaCore:
                 lu.closing = True
         for lu in stale:
             self._drop_unit(lu)
-        before = (set(cat.entries), set(bb.adapter_records), set(bb.fusion_records))
+        before = set(cat.entries)
         saved = (cat.router, cat.router_source)
         cat.router, cat.router_source = None, None
-        try:
-            if unit.kind == "adapter":
-                served = cat.add(unit.source, name=unit.label, adapters_only=True)
-            else:
-                served = cat.add(unit.source, name=unit.label if unit.kind == "composition" else None,
-                                 resolver=PlannedResolver(bb, unit.names))
-            if sorted(served) != sorted(unit.served):
-                raise AdapterFileError(f"{unit.source} changed since the server started: it serves "
-                                       f"{', '.join(served)}, not {', '.join(unit.served)}")
-        except BaseException:
-            self._drop(set(cat.entries) - before[0], set(bb.adapter_records) - before[1],
-                       set(bb.fusion_records) - before[2])
-            cat.router, cat.router_source = saved
-            raise
+        with AdaptedModel.of(bb).track() as loaded:  # what this load adds: its handles, not a before/after diff
+            try:
+                if unit.kind == "adapter":
+                    served = cat.add(unit.source, name=unit.label, adapters_only=True)
+                else:
+                    served = cat.add(unit.source, name=unit.label if unit.kind == "composition" else None,
+                                     resolver=PlannedResolver(bb, unit.names))
+                if sorted(served) != sorted(unit.served):
+                    raise AdapterFileError(f"{unit.source} changed since the server started: it serves "
+                                           f"{', '.join(served)}, not {', '.join(unit.served)}")
+            except BaseException:
+                self._drop(set(cat.entries) - before, set(loaded.adapters), set(loaded.fusions))
+                cat.router, cat.router_source = saved
+                raise
         router = cat.router if unit.auto else None
         if not unit.auto:
             cat.router, cat.router_source = saved
-        lu = LoadedUnit(self, unit, set(cat.entries) - before[0], set(bb.adapter_records) - before[1],
-                        set(bb.fusion_records) - before[2], router)
+        lu = LoadedUnit(self, unit, set(cat.entries) - before, set(loaded.adapters), set(loaded.fusions), router)
         with self.cond:
             self.units[unit.id] = lu
             self.loads += 1
         return lu
 
     def _drop(self, entries: set[str], adapters: set[str], fusions: set[str]) -> None:
-        from ..adapters.inject import remove_adapter
         from ..compose.adapter_fusion import remove_fusion
 
         cat = self.backend.catalog
         bb = cat.backbone
+        model = AdaptedModel.of(bb)
         for n in entries:
             cat.entries.pop(n, None)
         cat.text_cache = {k: v for k, v in cat.text_cache.items() if k[0] not in entries}
         for f in fusions:
             remove_fusion(bb, f)
         for a in adapters:
-            if a in bb.adapter_records:
-                remove_adapter(bb, a)
+            if a in model:
+                model.delete_adapter(a)
         cat.activate(None)
 
     def unload(self, lu: LoadedUnit) -> None:
@@ -460,7 +462,8 @@ class ReplicaCore:
     def report(self) -> dict[str, Any]:
         with self.cond:
             held = {uid: list(lu.unit.served) for uid, lu in self.units.items() if not lu.closing}
-            described = {n: d for lu in self.units.values() if not lu.closing for n, d in self.describe(lu.unit).items()}
+            described = {n: d for lu in self.units.values() if not lu.closing
+                         for n, d in self.describe(lu.unit).items()}
         st = self.engine.stats
         return {"replica": self.tag, "held": held, "loads": self.loads, "unloads": self.unloads,
                 "queue": self.engine.depth, "batches": st.batches, "batched": st.items, "entries": described}

@@ -7,7 +7,7 @@ and hands the batch to the runner. Control operations (hot load / unload) run on
 batches, so a forward never sees an adapter half loaded. `close()` answers everything already admitted, then stops.
 
 `TorchRunner` runs a batch in one forward per tower: every image of the batch through `encode_image`, every text
-through `encode_text` (image-text pairs through `encode_pair` for joint adapters), with `backbone.set_route` sending
+through `encode_text` (image-text pairs through `encode_pair` for joint adapters), with `AdaptedModel.route` sending
 each sample through its own adapter (-1: the frozen backbone). Requests for `auto` are routed first by the router of
 the route composition. Each request is then answered by its adapter's task (`Task.answer`, as `vlkit compose run`
 answers) from the features the batch computed, through `SampleView`.
@@ -18,9 +18,10 @@ import math
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -261,8 +262,8 @@ class TorchRunner:
             elif len(names) <= 1 and all(r is not None for r in route) or not names:
                 cat.activate(names[0] if names else None)
             else:
-                bb.set_active()
-                bb.set_route(names, [names.index(r) if r is not None else -1 for r in route])
+                cat.model.set_adapter()
+                cat.model.route(names, [names.index(r) if r is not None else -1 for r in route])
             try:
                 out = fn(*[torch.cat(x).to(self.device) for x in inputs])
             finally:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
-from typing import Any, Optional
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import RequestError
+from .guards import MAX_JSON_DEPTH, check_prompt, json_depth
 
 AUTO = "auto"
 FROZEN = ("none", "backbone", "frozen")
@@ -24,21 +24,27 @@ FROZEN = ("none", "backbone", "frozen")
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    adapter: Optional[str] = Field(None, description="adapter name, 'auto' (the router of a route composition) "
+    adapter: str | None = Field(None, description="adapter name, 'auto' (the router of a route composition) "
                                                      "or none/null (the frozen backbone)")
 
 
 class EmbedBody(_Body):
-    text: Optional[str] = Field(None, description="a text to embed (or give image)")
-    image: Optional[str] = Field(None, description="base64 PNG/JPEG image to embed (or give text)")
+    text: str | None = Field(None, description="a text to embed (or give image)")
+    image: str | None = Field(None, description="base64 PNG/JPEG image to embed (or give text)")
 
 
 class ClassifyBody(_Body):
     image: str = Field(..., description="base64 PNG/JPEG image")
-    labels: Optional[list[str]] = Field(None, description="class labels to score instead of the adapter's head")
-    prompt: Optional[str] = Field(None, description="template with one {} for each label (default: the "
-                                                    "adapter's task prompt, else 'a photo of a {}')")
-    top: int = Field(3, description="entries in `top`")
+    labels: list[str] | None = Field(None, description="class labels to score instead of the adapter's head")
+    prompt: str | None = Field(None, description="template with exactly one {} (the label) and no other "
+                                                    "field (default: the adapter's task prompt, else 'a photo of "
+                                                    "a {}')")
+    top: int = Field(3, ge=1, le=1000, description="entries in `top`")
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_field(cls, value):
+        return check_prompt(value)
 
 
 class ScoreBody(_Body):
@@ -49,7 +55,7 @@ class ScoreBody(_Body):
 class AnswerBody(_Body):
     image: str = Field(..., description="base64 PNG/JPEG image")
     question: str = Field(..., description="the question")
-    top: int = Field(3, description="entries in `scores` and `top`")
+    top: int = Field(3, ge=1, le=1000, description="entries in `scores` and `top`")
 
 
 class LoadBody(BaseModel):
@@ -70,6 +76,8 @@ def validation_message(exc: ValidationError) -> str:
     msg = err.get("msg", "invalid")
     if err.get("type") == "extra_forbidden":
         msg = "unknown field"
+    elif err.get("type") == "value_error":
+        msg = msg.removeprefix("Value error, ")
     return one_line(f"field '{loc}': {msg}")
 
 
@@ -81,6 +89,12 @@ def parse_json(raw: bytes, model: type[BaseModel]) -> BaseModel:
         raise RequestError("malformed JSON body: not UTF-8") from None
     except json.JSONDecodeError as exc:
         raise RequestError(f"malformed JSON body: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise RequestError(f"malformed JSON body: nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as exc:  # an integer of more digits than Python converts
+        raise RequestError(f"malformed JSON body: {one_line(exc)[:120]}") from None
+    if json_depth(data) > MAX_JSON_DEPTH:
+        raise RequestError(f"malformed JSON body: nested deeper than {MAX_JSON_DEPTH} levels")
     if not isinstance(data, dict):
         raise RequestError(f"the body must be a JSON object, got {type(data).__name__ if data is not None else 'nothing'}",
                            status=422)
@@ -131,26 +145,19 @@ def decode_base64(text: str, field: str = "image") -> bytes:
 
 
 def open_image(raw: bytes, max_pixels: int):
-    """Decode image bytes to an RGB PIL image: 400 for bytes that are no image, 413 over `max_pixels`."""
-    from PIL import Image, UnidentifiedImageError
+    """Decode image bytes (base64, data URI or multipart) through `vlkit.imagefile.open_image`: the PIL image in
+    its own mode, for the backbone's own transform. 400 for bytes that are no image, 413 over `max_pixels`."""
+    from ..imagefile import ImageDecodeError
+    from ..imagefile import open_image as decode
 
     if not raw:
         raise RequestError("the image is empty")
     try:
-        im = Image.open(io.BytesIO(raw))
-        w, h = im.size
-        if w * h > max_pixels:
-            raise RequestError(f"the image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,} "
-                               "(--max-pixels)", status=413)
-        im.load()
-        return im.convert("RGB")
-    except RequestError:
-        raise
-    except Image.DecompressionBombError:
-        raise RequestError(f"the image is over the pixel limit of {max_pixels:,} (--max-pixels)", status=413) from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        reason = "not a known image format" if isinstance(exc, UnidentifiedImageError) else one_line(exc)[:120]
-        raise RequestError(f"the image bytes are not a readable image ({reason})") from None
+        return decode(raw, max_pixels=max_pixels)
+    except ImageDecodeError as exc:
+        if exc.too_large:
+            raise RequestError(f"{exc.message} (--max-pixels)", status=413) from None
+        raise RequestError(f"the image bytes are {one_line(exc.message)[:160]}") from None
 
 
 def adapter_of(value: str | None) -> str | None:

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..errors import AdapterFileError, ConfigError, RequestError
 from .engine import DEFAULT_PROMPT
+from .guards import RESERVED_NAMES, check_served_name, prompt_problem
 from .inputs import AUTO
 
 MANIFEST = "export.json"
@@ -87,8 +88,8 @@ class OnnxCatalog:
                                    f"{self.fingerprint})")
         if name is None:
             adapters = [a.get("name") for a in manifest.get("adapters", []) if a.get("name")]
-            name = free_name(set(self.entries), "+".join(adapters) or path.name)
-        check_adapter_name(name)
+            name = free_name(set(self.entries) | set(RESERVED_NAMES), "+".join(adapters) or path.name)
+        check_served_name(check_adapter_name(name))
         if name in self.entries:
             raise RequestError(f"an adapter named {name!r} is already loaded; unload it first", status=409)
         sessions = {}
@@ -103,7 +104,8 @@ class OnnxCatalog:
                     opts.inter_op_num_threads = 1
                 sessions[g["graph"]] = ort.InferenceSession(str(f), sess_options=opts, providers=self.providers)
             except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
-                raise AdapterFileError(f"{f} cannot be loaded by onnxruntime: {' '.join(str(exc).split())[:200]}") from None
+                reason = " ".join(str(exc).split())[:200]
+                raise AdapterFileError(f"{f} cannot be loaded by onnxruntime: {reason}") from None
         if "image_encoder" not in sessions or "text_encoder" not in sessions:
             raise AdapterFileError(f"{path} lacks image_encoder / text_encoder graphs")
         if self.fingerprint is None:
@@ -238,11 +240,11 @@ class OnnxBackend:
     def prompt_for(self, adapter) -> str:
         entry = self.catalog.entries.get(adapter)
         prompt = ((entry.task or {}).get("prompt") if entry is not None else None)
-        return prompt if isinstance(prompt, str) and prompt.count("{}") == 1 else DEFAULT_PROMPT
+        return prompt if isinstance(prompt, str) and prompt_problem(prompt) is None else DEFAULT_PROMPT
 
     def describe(self) -> dict[str, Any]:
-        return {"backbone": self.spec, "engine": "onnx", "adapters": [e.describe() for e in self.catalog.entries.values()],
-                "router": None}
+        return {"backbone": self.spec, "engine": "onnx",
+                "adapters": [e.describe() for e in self.catalog.entries.values()], "router": None}
 
     def count(self) -> int:
         return len(self.catalog.entries)

@@ -264,7 +264,7 @@ def _free_port(host: str) -> int:
 def _start_proxy(serve, host: str, port: int, log_level: str) -> int:
     """Start Serve with its HTTP proxy on host:port (port 0: a free one, tried again if another process takes it
     first); returns the port. A port in use is a ConfigError."""
-    for attempt in range(4 if port == 0 else 1):
+    for _attempt in range(4 if port == 0 else 1):
         chosen = port or _free_port(host)
         try:
             serve.start(http_options={"host": host, "port": chosen}, logging_config={"log_level": log_level})

@@ -37,7 +37,7 @@ class PhotometricAugment:
     p: float = 0.8
 
     @classmethod
-    def from_option(cls, value: Any) -> "PhotometricAugment | None":
+    def from_option(cls, value: Any) -> PhotometricAugment | None:
         """None for a false/absent option, the defaults for `true`, else the mapping's values."""
         if value is None or value is False:
             return None

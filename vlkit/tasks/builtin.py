@@ -23,7 +23,8 @@ def register_tasks(register):
     from .retrieval import RetrievalTask
     from .vqa import VqaTask
 
-    register("classification", ClassificationTask, "zero-shot-initialised class head (text or linear), cross-entropy; accuracy")
+    register("classification", ClassificationTask,
+             "zero-shot-initialised class head (text or linear), cross-entropy; accuracy")
     register("retrieval", RetrievalTask, "symmetric contrastive loss; recall@1/5/10 image->text and text->image")
     register("vqa", VqaTask, "answer classification over a closed answer set from image and question; accuracy")
     register("pairs", PairsTask, "Winoground-form minimal pairs: own caption/image over the swapped one; group score")

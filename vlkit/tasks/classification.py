@@ -31,9 +31,18 @@ from torch import nn
 
 from ..errors import ConfigError, DataError
 from . import metrics as M
+from .base import (
+    Evaluating,
+    Task,
+    batches,
+    check_options,
+    dataset_domains,
+    device_of,
+    prepare_pixels,
+    require_columns,
+    to_device,
+)
 from .features import image_embed
-from .base import (Evaluating, Task, batches, check_options, dataset_domains, device_of, prepare_pixels,
-                   require_columns, to_device)
 
 DEFAULT_PROMPT = "a photo of a {}"
 HEADS = ("text", "linear")

@@ -33,8 +33,17 @@ from torch import nn
 
 from ..errors import ConfigError, DataError
 from . import metrics as M
-from .base import (Evaluating, Task, batches, check_options, device_of, prepare_pixels, require_columns,
-                   to_device, tokenize_texts)
+from .base import (
+    Evaluating,
+    Task,
+    batches,
+    check_options,
+    device_of,
+    prepare_pixels,
+    require_columns,
+    to_device,
+    tokenize_texts,
+)
 
 DEFAULT_SIZE = 0.3
 SIZE_RANGE = (0.02, 0.98)

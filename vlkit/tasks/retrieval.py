@@ -43,9 +43,18 @@ from torch import nn
 
 from ..errors import ConfigError
 from . import metrics as M
+from .base import (
+    Evaluating,
+    Task,
+    batches,
+    check_options,
+    device_of,
+    prepare_pixels,
+    require_columns,
+    to_device,
+    tokenize_texts,
+)
 from .features import image_embed, text_embed
-from .base import (Evaluating, Task, batches, check_options, device_of, prepare_pixels, require_columns,
-                   to_device, tokenize_texts)
 
 KS = (1, 5, 10)
 

@@ -33,8 +33,18 @@ from torch import nn
 
 from ..errors import ConfigError
 from . import metrics as M
-from .base import (Evaluating, Task, batches, check_options, dataset_domains, device_of, prepare_pixels,
-                   require_columns, to_device, tokenize_texts)
+from .base import (
+    Evaluating,
+    Task,
+    batches,
+    check_options,
+    dataset_domains,
+    device_of,
+    prepare_pixels,
+    require_columns,
+    to_device,
+    tokenize_texts,
+)
 
 KNOWN_TYPES = ("colour", "shape", "count", "yesno_relation")
 

@@ -57,7 +57,8 @@ def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor]
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in trainable.items()},
+              str(tmp / "trainable.safetensors"))
     opt_tensors, opt_meta = _optimizer_tensors(optimizer)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
@@ -116,7 +117,8 @@ def load_checkpoint(ckpt: Path, params: dict[str, torch.nn.Parameter], optimizer
         raise ConfigError(f"checkpoint {ckpt} does not match this run: {len(shapes)} parameter(s) changed shape, "
                           f"e.g. {k} {tuple(trainable[k].shape)} in the checkpoint vs {tuple(params[k].shape)} now "
                           "(the adapter options changed since the checkpoint)")
-    missing = [k for k in ("step", "optimizer", "python_rng", "numpy_rng") if not isinstance(state, dict) or k not in state]
+    missing = [k for k in ("step", "optimizer", "python_rng", "numpy_rng")
+               if not isinstance(state, dict) or k not in state]
     if missing or "torch" not in rng:
         raise ConfigError(f"checkpoint {ckpt} is damaged: state.json lacks {', '.join(missing) or 'the torch RNG'}")
     try:

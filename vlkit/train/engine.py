@@ -12,19 +12,37 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from ..io import write_json, write_text
+from ..adapters.report import parameter_counts as counts
+from ..backbones.loading import load_backbone
 from ..data.api import few_shot  # noqa: F401 (moved to the data layer)
+from ..data.pipeline import (
+    LazyImages,
+    SeededBatches,
+    build_augment,
+    configure,
+    make_loader,
+    num_rows,
+    stream_loader,
+    take,
+    with_train_augment,
+)
+from ..errors import ConfigError
+from ..io import write_text
+from ..outputs import OutputTarget
+from ..tasks.features import CACHE, frozen_towers
 from .checkpoint import CKPT_DIR, latest_checkpoint, load_checkpoint, save_checkpoint
-from .logs import MetricsLog, plot_curves
-from .methods import apply_method, get_method
+from .compiling import compiled_step
+from .jobs import Job, build_task, is_streaming, load_datasets, prepare_training  # noqa: F401 (library API)
+from .logs import MetricsLog
+from .methods import get_method
+from .plan import build_plan, job_count
+from .recipe import check_resumable
 
 
 class _TrainModule(nn.Module):
@@ -70,78 +88,9 @@ def _accelerator(cfg, find_unused: bool = False):
         raise ConfigError(f"cannot set up device {cfg.device!r} with precision {cfg.precision!r}: {exc}") from None
 
 
-def build_task(backbone, cfg, train_ds):
-    import datasets as hfds
-    from omegaconf import OmegaConf
-
-    from ..plugins import registry
-
-    options = OmegaConf.to_container(cfg.task.options, resolve=True) or {}
-    cls = registry("task").get(cfg.task.name)
-    options = get_method(cfg.method).task_options(cls, options)
-    if not isinstance(train_ds, hfds.IterableDataset):
-        return cls(backbone, train_ds, **options)
-    try:
-        return cls(backbone, train_ds, **options)
-    except (TypeError, KeyError, NotImplementedError, AttributeError) as exc:
-        raise ConfigError(f"task {cfg.task.name!r} cannot set itself up from a streaming source ({exc})",
-                          hint="give its vocabulary in task.options (class_names, answers) or use a map-style "
-                               "source") from None
-
-
-def _load_source(spec: dict, task: str):
-    """One data source; `{"mix": [spec, ...]}` concatenates several on the task's required columns."""
-    from ..data import load_data, required_fields
-
-    if "mix" in spec:
-        import datasets
-
-        parts = []
-        for sub in spec["mix"]:
-            sub = dict(sub)
-            sub.setdefault("task", task)
-            ds = load_data(sub)
-            parts.append(ds.select_columns(list(required_fields(task))))
-        return datasets.concatenate_datasets(parts)
-    return load_data(spec)
-
-
-def load_datasets(cfg):
-    from omegaconf import OmegaConf
-
-    train = OmegaConf.to_container(cfg.data.train, resolve=True)
-    train.setdefault("task", cfg.task.name)
-    shots = train.pop("shots", None)
-    train_ds = _load_source(train, cfg.task.name)
-    if shots is not None:
-        import datasets as hfds
-
-        if isinstance(train_ds, hfds.IterableDataset):
-            raise ConfigError("shots: k needs a map-style source; this one is streaming")
-        train_ds = few_shot(train_ds, int(shots), seed=cfg.seed)
-    eval_ds = None
-    if cfg.data.eval is not None:
-        ev = OmegaConf.to_container(cfg.data.eval, resolve=True)
-        ev.setdefault("task", cfg.task.name)
-        eval_ds = _in_memory(_load_source(ev, cfg.task.name))
-    return train_ds, eval_ds
-
-
 def steps_per_epoch(n: int, batch_size: int, grad_accum: int, world: int) -> int:
     per_proc = n // world if world > 1 else n
     return max(1, math.ceil(math.ceil(per_proc / batch_size) / grad_accum))
-
-
-@dataclass
-class Job:
-    """One task trained by the loop: its adapter (None: the method's own), task, prepared data, sampler seed."""
-
-    name: str | None
-    task: Any
-    train: Any
-    eval: Any
-    seed: int
-    cfg: Any = None
 
 
 def train(cfg, out_dir: str | Path | None = None, *, resume: bool = False, overwrite: bool = False,
@@ -189,8 +138,6 @@ def _reporter(progress):
 
 def configure_pipeline(cfg, *prepared) -> None:
     """Apply the recipe's DataLoader options (data.num_workers, data.pin_memory, data.prefetch_factor)."""
-    from ..data.pipeline import configure
-
     opts = {"num_workers": cfg.data.num_workers, "pin_memory": cfg.data.pin_memory,
             "prefetch_factor": cfg.data.prefetch_factor}
     for data in prepared:
@@ -200,38 +147,7 @@ def configure_pipeline(cfg, *prepared) -> None:
             configure(data, **opts)
 
 
-def is_streaming(data) -> bool:
-    from ..data.pipeline import StreamingSource
-
-    return isinstance(data, StreamingSource)
-
-
-def prepare_training(cfg, backbone, task, ds):
-    """The task's prepared training data, or a StreamingSource for an iterable (streaming) dataset."""
-    import datasets as hfds
-
-    from ..data.pipeline import StreamingSource, build_augment
-
-    if not isinstance(ds, hfds.IterableDataset):
-        return task.prepare(backbone, ds)
-    if cfg.optim.steps is None:
-        raise ConfigError("a streaming training source has no known length: give optim.steps, not optim.epochs")
-    return StreamingSource(ds, task, backbone, seed=cfg.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-                           augment=build_augment(cfg.data.augment, backbone.image_size))
-
-
-def _in_memory(ds):
-    """An iterable (streaming) evaluation set read once into an on-disk Arrow dataset."""
-    import datasets as hfds
-
-    if not isinstance(ds, hfds.IterableDataset):
-        return ds
-    return hfds.Dataset.from_generator(lambda: (yield from ds), features=ds.features)
-
-
 def _train_view(cfg, backbone, data):
-    from ..data.pipeline import build_augment, with_train_augment
-
     return with_train_augment(data, build_augment(cfg.data.augment, backbone.image_size), cfg.seed)
 
 
@@ -247,9 +163,6 @@ def run(cfg, out_dir: str | Path | None = None, *, resume: bool = False, overwri
     then replaces the output directory whole, the checkpoints carried over. `publish=False` (a run inside
     another command's staging directory, e.g. `vlkit adapt`) writes the final files into the output directory."""
     import shutil
-
-    from ..outputs import OutputTarget
-    from .recipe import check_resumable
 
     out = Path(out_dir or cfg.output_dir or f"runs/{cfg.name}")
     if publish and _main_process():
@@ -296,25 +209,12 @@ def _run(cfg, out: Path, stage: Path | None, *, resume: bool, progress, stop_aft
     from accelerate.utils import set_seed
     from omegaconf import OmegaConf
 
-    from ..backbones.loading import load_backbone
-
     report = _reporter(progress)
-    multi = bool(cfg.get("tasks"))
-    accel = _accelerator(cfg, find_unused=multi)
+    accel = _accelerator(cfg, find_unused=job_count(cfg) > 1)
     set_seed(cfg.seed)
     backbone = load_backbone(cfg.backbone)
-    if multi:
-        from .multitask import setup_multitask
-
-        jobs, trainable = setup_multitask(cfg, backbone, datasets or {})
-        adapter = None
-    else:
-        train_ds, eval_ds = datasets if datasets is not None else load_datasets(cfg)
-        task = build_task(backbone, cfg, train_ds)
-        adapter_opts = OmegaConf.to_container(cfg.adapter, resolve=True)
-        adapter, trainable = apply_method(backbone, task, cfg, adapter_opts, train_data=train_ds)
-        jobs = [Job(None, task, prepare_training(cfg, backbone, task, train_ds),
-                    task.prepare(backbone, eval_ds) if eval_ds is not None else None, cfg.seed, cfg)]
+    plan = build_plan(cfg, backbone, datasets)
+    jobs, trainable = plan.jobs, plan.trainable
     for job in jobs:
         configure_pipeline(cfg, job.train, job.eval)
         if not is_streaming(job.train):
@@ -340,7 +240,7 @@ def _run(cfg, out: Path, stage: Path | None, *, resume: bool, progress, stop_aft
         write_text(out / CKPT_DIR / "recipe.yaml", OmegaConf.to_yaml(cfg))  # what the checkpoints belong to
     log = MetricsLog(out, enabled=accel.is_main_process, tensorboard=cfg.logging.tensorboard)
     result: dict[str, Any] = {"name": cfg.name, "method": cfg.method, "backbone": cfg.backbone,
-                              "task": "multitask" if multi else jobs[0].task.name, "output_dir": str(out)}
+                              "task": plan.label, "output_dir": str(out)}
     result["parameters"] = parameter_counts(backbone, [j.task for j in jobs], trainable)
     if warnings:
         result["warnings"] = warnings
@@ -360,37 +260,22 @@ def _run(cfg, out: Path, stage: Path | None, *, resume: bool, progress, stop_aft
     for job in jobs:
         if job.eval is None:
             continue
-        if job.name:
-            backbone.set_active(job.name)
+        job.activate(backbone)
         with torch.no_grad():
             per_task[job.name] = {"task": job.task.name, "metric": job.task.metric,
                                   **job.task.evaluate(backbone, _to(job.eval, accel.device),
                                                       batch_size=cfg.eval.batch_size)}
     result["steps"] = step
-    if multi:
-        from .multitask import multitask_result
-
-        multitask_result(result, cfg, per_task)
-    else:
-        final = {k: v for k, v in per_task.get(None, {}).items() if k not in ("task", "metric")}
-        result.update({"metrics": final, "primary_metric": jobs[0].task.metric,
-                       "score": final.get(jobs[0].task.metric)})
+    plan.finish(result, per_task)
     log.close()
     if accel.is_main_process and stage is not None:
         write_text(stage / "recipe.yaml", OmegaConf.to_yaml(cfg))
-        if multi:
-            from .multitask import write_multitask_outputs
-
-            write_multitask_outputs(cfg, stage, backbone, jobs, result)
-        else:
-            _write_outputs(cfg, stage, backbone, jobs[0].task, adapter, result, history, log)
+        plan.write(stage, backbone, result, history)
         if stage != out:
             _finish_logs(out, stage)
     accel.wait_for_everyone()
     report("end", result=result)
-    if multi:
-        return result, backbone, {j.name: j.task for j in jobs}
-    return result, backbone, jobs[0].task
+    return result, backbone, plan.tasks()
 
 
 def _drop_work_state(out: Path, created: bool) -> None:
@@ -419,14 +304,11 @@ def _finish_logs(out: Path, stage: Path) -> None:
 
 def _cache_frozen_towers(backbone, jobs, trainable) -> None:
     """Swap the inputs of towers that train nothing for their embeddings, computed once (feature cache)."""
-    from ..tasks.features import CACHE, frozen_towers
-
     frozen = frozen_towers(backbone, list(trainable))
     if not frozen:
         return
     for job in jobs:
-        if job.name:
-            backbone.set_active(job.name)
+        job.activate(backbone)
         if not is_streaming(job.train):
             job.train = job.task.cache_features(backbone, job.train, frozen, CACHE, train=True)
         if job.eval is not None:
@@ -435,8 +317,6 @@ def _cache_frozen_towers(backbone, jobs, trainable) -> None:
 
 def parameter_counts(backbone, tasks, trainable) -> dict[str, Any]:
     """Trainable, backbone, adapter and head parameter counts; trainable % as `vlkit.adapters.report` defines it."""
-    from ..adapters.report import parameter_counts as counts
-
     return counts(backbone, [t.head for t in tasks], trainable)
 
 
@@ -452,8 +332,7 @@ def unused_parameters(backbone, jobs, trainable: dict[str, torch.Tensor]) -> lis
     backbone.train()
     with torch.random.fork_rng(devices=[]):
         for job in jobs:
-            if job.name:
-                backbone.set_active(job.name)
+            job.activate(backbone)
             batch = probe_batch(job.train)
             loss = job.task.loss(backbone, batch)
             if not loss.requires_grad:
@@ -466,8 +345,6 @@ def unused_parameters(backbone, jobs, trainable: dict[str, torch.Tensor]) -> lis
 
 def probe_batch(data) -> dict[str, torch.Tensor]:
     """The first two rows of prepared (or streaming) training data."""
-    from ..data.pipeline import take
-
     if is_streaming(data):
         _, index, rows = next(data.raw_batches(2))
         return data.prepare_rows(rows, 0, index)
@@ -498,8 +375,6 @@ def _processes_agree(accel, trainable: dict[str, torch.Tensor]) -> bool:
 
 def _to(data, device):
     """Prepared data on `device`: tensors moved, lazy image columns left to stream."""
-    from ..data.pipeline import LazyImages
-
     return {k: v if isinstance(v, LazyImages) else v.to(device) for k, v in data.items()}
 
 
@@ -518,8 +393,6 @@ def consumed_batches(step: int, job: int, n_jobs: int, accum: int) -> int:
 
 
 def _fit(cfg, accel, module, jobs, trainable, out, log, resume, report, stop_after):
-    from ..data.pipeline import SeededBatches, make_loader, num_rows, stream_loader
-
     params = list(trainable.values())
     groups = param_groups(trainable, cfg.optim.lr, cfg.optim.head_lr)
     if cfg.optim.optimizer == "sgd":
@@ -536,7 +409,7 @@ def _fit(cfg, accel, module, jobs, trainable, out, log, resume, report, stop_aft
     scheduler = _scheduler(optimizer, cfg.optim.schedule, cfg.optim.warmup_steps, total)
     model, optimizer = accel.prepare(module, optimizer)
     raw_opt = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
-    step_fn = torch.compile(model) if cfg.compile else model  # parameters stay the module's own (checkpoints)
+    step_fn = compiled_step(model, cfg.compile, accel.device, report)  # parameters stay the module's own
     step = 0
     history: list[dict[str, Any]] = []
     if resume:
@@ -558,8 +431,7 @@ def _fit(cfg, accel, module, jobs, trainable, out, log, resume, report, stop_aft
         while step < total:
             ji = step % len(jobs)
             job = jobs[ji]
-            if job.name:
-                module.backbone.set_active(job.name)
+            job.activate(module.backbone)
             loss_sum = 0.0
             for micro in range(accum):
                 batch = next(streams[ji])
@@ -592,8 +464,7 @@ def _fit(cfg, accel, module, jobs, trainable, out, log, resume, report, stop_aft
                 for other in jobs:
                     if other.eval is None:
                         continue
-                    if other.name:
-                        module.backbone.set_active(other.name)
+                    other.activate(module.backbone)
                     with torch.no_grad():
                         metrics = other.task.evaluate(module.backbone, _to(other.eval, accel.device),
                                                       cfg.eval.batch_size)
@@ -614,23 +485,3 @@ def _fit(cfg, accel, module, jobs, trainable, out, log, resume, report, stop_aft
     finally:
         del streams
     return step, history
-
-
-def _write_outputs(cfg, out, backbone, task, adapter, result, history, log):
-    from safetensors.torch import save_file
-
-    from ..io import atomic_path
-
-    meta = task.metadata()
-    get_method(cfg.method).save(cfg, Path(out), backbone, task, adapter)
-    if adapter is not None:
-        result["adapter"] = adapter
-    head = task.head_state()
-    if head:
-        with atomic_path(out / "head.safetensors") as tmp:
-            save_file(head, str(tmp))
-    write_json(out / "task.json", meta)
-    write_json(out / "metrics.json", result)
-    if cfg.logging.plot and history:
-        plot_curves(history, out / "training_curves.png", task.metric)
-    result["files"] = sorted(p.name for p in Path(out).iterdir() if p.is_file())

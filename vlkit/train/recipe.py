@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ..errors import ConfigError
+from .compiling import check_compile_setting
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -101,7 +102,7 @@ class Recipe:
     optim: OptimCfg = field(default_factory=OptimCfg)
     precision: str = "fp32"
     device: str = "auto"
-    compile: bool = False  # torch.compile the training step (checkpoints, resume and export are unchanged)
+    compile: Any = False  # true | false | auto: torch.compile the training step (vlkit.train.compiling)
     seed: int = 0
     output_dir: Optional[str] = None
     eval: EvalCfg = field(default_factory=EvalCfg)
@@ -160,6 +161,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         # keys through list items (tasks.0.data.train.n=32) are set in place; the rest merge as a dotlist
         indexed = [o for o in overrides or [] if any(k.isdigit() for k in o.split("=", 1)[0].split("."))]
         plain = [o for o in overrides or [] if o not in indexed]
+        plain = _replace_whole(merged, plain)
         removed = [o[1:].split("=", 1)[0] for o in plain if o.startswith("~")]
         plain = [o for o in plain if not o.startswith("~")]
         plain, nulled = _null_removals(merged, plain)
@@ -172,6 +174,8 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
             _remove_key(merged, key, source)
         for item in indexed:
             key, value = item.split("=", 1)
+            if not _replace_whole(merged, [item]):
+                continue
             OmegaConf.update(merged, key, OmegaConf.from_dotlist([f"v={value}"]).v, merge=True)
         OmegaConf.to_container(merged, resolve=True, throw_on_missing=False)  # every ${...} resolves, now
     except OmegaConfBaseException as exc:
@@ -283,6 +287,30 @@ def _switch_options(cfg, overrides: list[str], notes: list[str]) -> set[str]:
     return gone
 
 
+def _replace_whole(cfg, overrides: list[str]) -> list[str]:
+    """A mapping given whole (a YAML flow mapping: `data.train={kind: parquet, path: d.parquet}`) replaces the
+    key's mapping instead of merging into it (a typed one, such as `task`, starts again from its defaults);
+    dotted keys (`data.train.path=...`) still merge. Returns the overrides left."""
+    from omegaconf import OmegaConf
+
+    left = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or key.startswith("~") or not value.strip().startswith("{"):
+            left.append(item)
+            continue
+        given = OmegaConf.from_dotlist([f"v={value}"]).v
+        if not OmegaConf.is_dict(given):
+            left.append(item)
+            continue
+        node = OmegaConf.select(cfg, key, default=None)
+        kind = OmegaConf.get_type(node) if OmegaConf.is_dict(node) else None
+        if kind is not None and kind is not dict:  # a typed section: its defaults, then the given keys
+            given = OmegaConf.merge(OmegaConf.structured(kind), given)
+        OmegaConf.update(cfg, key, given, merge=False)
+    return left
+
+
 def _null_removals(cfg, overrides: list[str]) -> tuple[list[str], list[str]]:
     """`key=null` inside a free mapping (adapter options, data specs, task options, compose) removes the key;
     a typed recipe key set to null stays an override. Returns (overrides left, keys to remove)."""
@@ -359,6 +387,7 @@ def check_recipe(cfg, source: str = "<recipe>", allow_untrained: bool = False) -
     method = methods.get(cfg.method)
     _choice(cfg.precision, PRECISIONS, "precision", source)
     _choice(cfg.device, DEVICES, "device", source)
+    check_compile_setting(cfg.compile, source)
     _choice(cfg.optim.schedule, SCHEDULES, "optim.schedule", source)
     _choice(cfg.optim.optimizer, ("adamw", "sgd"), "optim.optimizer", source)
     if cfg.task.name not in registry("task"):
@@ -376,7 +405,8 @@ def check_recipe(cfg, source: str = "<recipe>", allow_untrained: bool = False) -
         raise ConfigError(f"{source}: key 'data.augment': {exc}") from None
     for key in ("steps", "epochs"):
         value = getattr(cfg.optim, key)
-        if value is not None and method.fits and value < (0 if allow_untrained else 1) or (value is not None and value < 0):
+        least = 1 if method.fits and not allow_untrained else 0
+        if value is not None and value < least:
             raise ConfigError(f"{source}: key 'optim.{key}': must be >= 1 (got {value}); a run with no step "
                               "would write an untrained adapter", hint="pass --allow-untrained to write one anyway")
     for key in ("batch_size", "grad_accum"):
@@ -425,6 +455,10 @@ def _check_compose(cfg, source: str) -> None:
             _check_data_source(t.data.train, f"tasks[{i}].data.train", source)
             _check_data_source(t.data.eval, f"tasks[{i}].data.eval", source)
     base = cfg.compose.get("base") if cfg.compose else None
+    if base and cfg.tasks:
+        raise ConfigError(f"{source}: key 'compose.base': a multi-task run writes a route composition of its task "
+                          "adapters, which cannot carry a base under each of them",
+                          hint="train each task on the base with its own single-task recipe")
     if base and (cfg.method != "adapter" or not Path(str(base).split("+")[0]).exists()):
         raise ConfigError(f"{source}: key 'compose.base': " + (f"{base} does not exist" if cfg.method == "adapter"
                                                               else "only method 'adapter' trains on a base"))

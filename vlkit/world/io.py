@@ -58,8 +58,8 @@ def _png_bytes(value: Any) -> bytes:
 
 
 def _info(ds, task: str) -> dict[str, Any]:
-    from .domains import answer_set, class_names
     from .. import __version__
+    from .domains import answer_set, class_names
 
     try:
         info = json.loads(ds.info.description or "{}")
@@ -168,6 +168,15 @@ def read(out_dir: str | os.PathLike):
             info = json.loads((d / "world.json").read_text(encoding="utf-8"))
         except ValueError:
             info = {}
+    if not isinstance(info, dict):
+        info = {}
+    needed = ("image_0", "image_1") if manifest.name == "examples.jsonl" else ("file_name",)
+    for i, r in enumerate(rows, 1):
+        if not isinstance(r, dict):
+            raise DataError(f"{manifest}: row {i} is not a JSON object")
+        bad = next((c for c in needed if isinstance(r.get(c), bool) or not isinstance(r.get(c), (str, int))), None)
+        if bad is not None:
+            raise DataError(f"{manifest}: row {i} has no {bad!r} (the image's name)")
     if manifest.name == "examples.jsonl":
         image_cols = ("image_0", "image_1")
         for r in rows:
@@ -176,16 +185,19 @@ def read(out_dir: str | os.PathLike):
     else:
         image_cols = ("image",)
         for r in rows:
-            r["image"] = str(d / r.pop("file_name"))
+            r["image"] = str(d / str(r.pop("file_name")))
             r.pop("label_name", None)
-    columns = {k: [r.get(k) for r in rows] for k in rows[0]}
+    columns = {k: [r.get(k) for r in rows] for k in dict.fromkeys(k for r in rows for k in r)}
     for c in image_cols:
         missing = [p for p in columns[c] if not Path(p).is_file()]
         if missing:
             raise DataError(f"{manifest} names {len(missing)} missing image(s), e.g. {missing[0]}")
-    ds = datasets.Dataset.from_dict(columns)
-    for c in image_cols:
-        ds = ds.cast_column(c, Image())
-    if "label" in columns and info.get("class_names"):
-        ds = ds.cast_column("label", ClassLabel(names=info["class_names"]))
+    try:
+        ds = datasets.Dataset.from_dict(columns)
+        for c in image_cols:
+            ds = ds.cast_column(c, Image())
+        if "label" in columns and info.get("class_names"):
+            ds = ds.cast_column("label", ClassLabel(names=info["class_names"]))
+    except (ValueError, TypeError, KeyError) as exc:  # pyarrow's mixed-type columns are ValueErrors too
+        raise DataError(f"{manifest}: the rows do not make one table ({' '.join(str(exc).split())[:200]})") from None
     return ds

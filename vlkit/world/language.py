@@ -16,8 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .domains import (COL_NAMES, COUNT_WORDS, RELATIONS, ROW_NAMES, SIZES, SPATIAL_RELATIONS, SPECS, YES_NO,
-                      DomainSpec)
+from .domains import COL_NAMES, COUNT_WORDS, RELATIONS, ROW_NAMES, SIZES, SPATIAL_RELATIONS, SPECS, YES_NO, DomainSpec
 from .scenes import WorldObject, relation_holds
 
 SINGLE_TEMPLATES = ("{pre}{a} {loc}", "there is {a} {loc}", "{a} {loc}")

@@ -10,7 +10,8 @@ caption_0 true and caption_1 false, and image_1 the other way round).
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy as np
 

@@ -14,8 +14,8 @@ differ only where their objects differ.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
@@ -118,7 +118,8 @@ def _render_medical(objs: list[WorldObject], rng: np.random.Generator, size: int
         d = ImageDraw.Draw(mask)
         for part in o.parts:
             if role == "rim":
-                d.ellipse(_box_px(o, part[2], size * ss), fill=110, outline=255, width=max(1, round(0.2 * o.half * size * ss)))
+                rim = max(1, round(0.2 * o.half * size * ss))
+                d.ellipse(_box_px(o, part[2], size * ss), fill=110, outline=255, width=rim)
             else:
                 _draw_part(d, o, part, size * ss, 255)
         mask = mask.reduce(ss)

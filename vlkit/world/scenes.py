@@ -14,9 +14,10 @@ image and false of the other.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from itertools import permutations
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 

@@ -32,8 +32,8 @@ def _rotate(points: list[tuple[float, float]], degrees: float) -> list[tuple[flo
 
 
 def _regular(n: int, radius: float = 1.0, start: float = -90.0) -> list[tuple[float, float]]:
-    return [(radius * math.cos(math.radians(start + 360.0 * k / n)), radius * math.sin(math.radians(start + 360.0 * k / n)))
-            for k in range(n)]
+    angles = [math.radians(start + 360.0 * k / n) for k in range(n)]
+    return [(radius * math.cos(a), radius * math.sin(a)) for a in angles]
 
 
 def _star() -> list[tuple[float, float]]:
@@ -78,7 +78,8 @@ def _blob(rng: np.random.Generator, n: int, roughness: float, base: float = 1.0)
     return [(float(x), float(y)) for x, y in zip(r * np.cos(t), r * np.sin(t))]
 
 
-def _pencil(points: list[tuple[float, float]], rng: np.random.Generator, closed: bool = True) -> list[tuple[float, float]]:
+def _pencil(points: list[tuple[float, float]], rng: np.random.Generator,
+            closed: bool = True) -> list[tuple[float, float]]:
     """A hand-drawn version of an outline: densified, wobbly, slightly overshooting the start."""
     pts = list(points) + ([points[0], points[1 % len(points)]] if closed else [])
     out: list[tuple[float, float]] = []

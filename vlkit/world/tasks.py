@@ -13,8 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .domains import (DOMAIN_IDS, DOMAINS, SIZES, SPECS, TASK_IDS, TASKS, answer_set, class_names,
-                      vqa_answer_types)
+from .domains import DOMAIN_IDS, DOMAINS, SIZES, SPECS, TASK_IDS, TASKS, answer_set, class_names, vqa_answer_types
 from .language import caption, expression, question
 from .render import render_scene
 from .scenes import sample_scene, scene_json

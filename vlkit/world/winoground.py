@@ -23,8 +23,9 @@ sketches and includes "Morpheme-Level" where a noun changes number (circle/circl
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
