@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ..adapters.model import AdaptedModel
 from ..errors import ConfigError
 
 DATA_KIND = "world"  # the dataset kind adapt trains and evaluates on; its registry entry declares the domains
@@ -42,7 +43,7 @@ def _general_eval(backbone, cfg, n_eval: int, seed: int):
 
     from ..data import load_data
     from ..data.pipeline import materialize
-    from .engine import build_task
+    from .jobs import build_task
 
     ds = load_data({"kind": DATA_KIND, "domain": GENERAL_DOMAIN, "task": "classification", "n": n_eval,
                     "seed": seed + 20_000})
@@ -101,7 +102,7 @@ def _run_adapt(backbone, domain, shots, out, variant, baselines, steps, seed, n_
     ad_cfg = cfg_for("adapter")
     ad, ad_backbone, _ = run(ad_cfg, out, progress=progress, publish=False)
     photo_on, _ = _general_eval(ad_backbone, ad_cfg, n_eval, seed)
-    ad_backbone.set_active()
+    AdaptedModel.of(ad_backbone).disable_adapters()
     photo_off, photo_off_logits = _general_eval(ad_backbone, ad_cfg, n_eval, seed)
     verified = (photo_off == photo_frozen and photo_off_logits is not None
                 and torch.equal(photo_off_logits, photo_frozen_logits))
@@ -237,9 +238,8 @@ def _run_training_free(cfg, method: str, out: Path, shots: int) -> dict[str, Any
     """Tip-Adapter: the cache built from the few-shot set with no training (`build_tip_adapter`), α and β
     searched on the few-shot validation set (`protocol_val`), then evaluated on the test set."""
     from .. import load_backbone
-    from ..adapters.files import save_adapter
     from ..adapters.tip_adapter import build_tip_adapter
-    from .engine import build_task, load_datasets
+    from .jobs import build_task, load_datasets
 
     bb = load_backbone(cfg.backbone)
     train_ds, eval_ds = load_datasets(cfg)
@@ -248,7 +248,7 @@ def _run_training_free(cfg, method: str, out: Path, shots: int) -> dict[str, Any
     record = build_tip_adapter(bb, train_ds, task=task, name="tip", variant=method, val=val)
     with torch.no_grad():
         metrics = task.evaluate(bb, task.prepare(bb, eval_ds))
-    save_adapter(bb, out, name="tip", task=record.task)
+    AdaptedModel.of(bb).save_adapter(out, name="tip", task=record.task)
     return {"score": metrics[task.metric], "parameters": {"trainable": 0},  # a cache of buffers: nothing trains
             "alpha": record.config["alpha"], "beta": record.config["beta"]}
 

@@ -23,7 +23,7 @@ def measure_step_memory(cfg, batch_size: int | None = None) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
     from ..backbones.loading import load_backbone
-    from .engine import build_task, load_datasets
+    from .jobs import build_task, load_datasets
     from .methods import apply_method
 
     torch.manual_seed(cfg.seed)

@@ -25,6 +25,7 @@ from typing import Any
 from torch import nn
 
 from ..adapters.base import AdapterVariant
+from ..adapters.model import AdaptedModel
 from ..errors import ConfigError
 
 
@@ -85,7 +86,6 @@ class AdapterMethod(TrainingMethod):
         """Inject the recipe's adapter. A variant that needs the task or the data first gets them through
         `options_from_data` (options before the layers are made) and `init_from_data` (the layers filled
         in once injected, with only the recipe's base adapters active)."""
-        from ..adapters.inject import inject
         from ..compose.resolve import load_recipe_base
         from ..plugins import registry
 
@@ -95,24 +95,19 @@ class AdapterMethod(TrainingMethod):
         var = registry("adapter").get(variant)
         base = load_recipe_base(backbone, cfg)  # compose.base: train on top of frozen adapters
         opts = var.options_from_data(backbone, task, train_data, opts)
-        inject(backbone, variant, name=adapter, **opts)
+        model = AdaptedModel.of(backbone)
+        model.add_adapter(adapter, variant, **opts)
         if base:
-            backbone.set_active(*(n for n, _ in base), adapter, mode="stack")
+            model.set_adapter(*(n for n, _ in base), adapter, mode="stack")
         if type(var).init_from_data is not AdapterVariant.init_from_data:
-            active = backbone.adapter_state.active
-            mode = backbone.adapter_state.mode
-            backbone.set_active(*(n for n in active if n != adapter), mode=mode)
-            try:
+            with model.activated(*(n for n in model.active_adapters if n != adapter), mode=model.active_mode):
                 var.init_from_data(backbone, adapter, task, train_data)
-            finally:
-                backbone.set_active(*active, mode=mode)
         return adapter
 
     def save(self, cfg, out: Path, backbone, task, adapter: str | None) -> None:
-        from ..adapters.files import save_adapter
         from ..compose.resolve import write_base_composition
 
-        save_adapter(backbone, out, name=adapter, task=task.metadata())
+        AdaptedModel.of(backbone).save_adapter(out, name=adapter, task=task.metadata())
         write_base_composition(out, backbone, adapter)  # a no-op unless trained on top of a composition
 
 
@@ -193,21 +188,40 @@ def get_method(name: str) -> TrainingMethod:
     return registry("method").get(name)
 
 
+def freeze(backbone) -> None:
+    """Every backbone parameter frozen (a method's `prepare` then says what trains)."""
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+
+
+def prepare_adapter(method: TrainingMethod, backbone, task, cfg, adapter_options: dict[str, Any],
+                    train_data=None) -> str | None:
+    """One call of `method.prepare` for `task` (with `train_data` when its `prepare` takes that keyword); the
+    task head then trains when the method trains heads. Returns the adapter the method made, or None."""
+    if train_data is not None and "train_data" in inspect.signature(method.prepare).parameters:
+        adapter = method.prepare(backbone, task, cfg, adapter_options, train_data=train_data)
+    else:
+        adapter = method.prepare(backbone, task, cfg, adapter_options)
+    for p in task.head.parameters():
+        p.requires_grad_(method.trains_head)
+    return adapter
+
+
+def trainable_parameters(backbone, heads: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
+    """The parameters that train, by name: `backbone.<name>` (each tied tensor once), then each head's
+    under its prefix (`{"head.": head}` for one task)."""
+    trainable = {f"backbone.{n}": p for n, p in backbone.named_parameters() if p.requires_grad}
+    for prefix, head in heads.items():
+        trainable.update({f"{prefix}{n}": p for n, p in head.named_parameters() if p.requires_grad})
+    return trainable
+
+
 def apply_method(backbone, task, cfg, adapter_options: dict[str, Any],
                  train_data=None) -> tuple[str | None, dict[str, nn.Parameter]]:
     """Set requires_grad for the method; returns (adapter name or None, trainable parameters by name).
 
     `train_data` (the training dataset) reaches a method whose `prepare` takes a `train_data` keyword."""
     method = get_method(cfg.method)
-    for p in backbone.parameters():
-        p.requires_grad_(False)
-    if train_data is not None and "train_data" in inspect.signature(method.prepare).parameters:
-        adapter = method.prepare(backbone, task, cfg, adapter_options, train_data=train_data)
-    else:
-        adapter = method.prepare(backbone, task, cfg, adapter_options)
-    head_params = {f"head.{n}": p for n, p in task.head.named_parameters()}
-    for p in head_params.values():
-        p.requires_grad_(method.trains_head)
-    trainable = {f"backbone.{n}": p for n, p in backbone.named_parameters() if p.requires_grad}
-    trainable.update({n: p for n, p in head_params.items() if p.requires_grad})
-    return adapter, trainable
+    freeze(backbone)
+    adapter = prepare_adapter(method, backbone, task, cfg, adapter_options, train_data=train_data)
+    return adapter, trainable_parameters(backbone, {"head.": task.head})

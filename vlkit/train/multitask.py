@@ -3,6 +3,8 @@
 A recipe with `tasks: [{name, options, data, adapter}, ...]` trains one adapter per task, round-robin:
 step s runs a batch of task (s - 1) mod T with that task's adapter active. `sharing` ties parameters
 across the task adapters (`vlkit.compose.sharing`: per_task, half_shared_down, half_shared_up, shared).
+Each task's job is prepared exactly as its own single-task recipe would be (`vlkit.train.jobs.prepare_job`:
+the method's `prepare`, so a variant's `options_from_data` and `init_from_data` see that task and its data).
 
 Outputs: `adapters/<name>/` per task (a complete adapter directory — shared tensors copied in — with
 task.json, head.safetensors and a single-task recipe.yaml naming its data), `shared.safetensors` (the
@@ -16,8 +18,13 @@ from typing import Any
 
 import torch
 
+from ..adapters.inject import save_adapter
+from ..compose.composition import write_composition
 from ..compose.sharing import shared_parts, tie_shared
 from ..errors import ConfigError
+from ..io import atomic_path, write_json, write_text
+from .jobs import Job, prepare_job
+from .methods import adapter_name_for, freeze, get_method, trainable_parameters
 
 
 def task_recipe(cfg, tcfg, name: str):
@@ -30,50 +37,34 @@ def task_recipe(cfg, tcfg, name: str):
     return sub
 
 
-def setup_multitask(cfg, backbone, datasets: dict[str, tuple]):
-    """Inject one adapter per entry of `tasks`, tie them per `sharing`; returns (jobs, trainable parameters).
+def multitask_jobs(cfg, backbone, datasets: dict[str, tuple]) -> tuple[list[Job], dict[str, torch.nn.Parameter]]:
+    """One job per entry of `tasks`, each prepared exactly as the single-task recipe of that task would be (its
+    method's `prepare`: options from the data, injection, init from the data), then tied per `sharing`.
+    Returns (jobs, trainable parameters); heads are named `head.<adapter>.<param>`.
 
     `datasets`: optional {adapter name: (train Dataset, eval Dataset or None)} instead of each task's `data`."""
     from omegaconf import OmegaConf
 
-    from ..adapters.inject import adapter_layers, inject
-    from .engine import Job, build_task, load_datasets, prepare_training
-    from .methods import adapter_name_for
-
     opts = OmegaConf.to_container(cfg.adapter, resolve=True)
-    variant = opts.pop("variant")
     opts.pop("name", None)
-    shared_parts(variant, cfg.sharing)
-    for p in backbone.parameters():
-        p.requires_grad_(False)
-    jobs = []
+    shared_parts(opts["variant"], cfg.sharing)
+    method = get_method(cfg.method)
+    freeze(backbone)
+    jobs: list[Job] = []
+    trains: set[str] = set()  # a later injection freezes the earlier adapters: what each job's prepare made trainable
     for i, tcfg in enumerate(cfg.tasks):
         name = adapter_name_for(tcfg.adapter or tcfg.name)
         if any(j.name == name for j in jobs):
             raise ConfigError(f"two tasks would both use adapter {name!r}; give each an `adapter` name")
         sub = task_recipe(cfg, tcfg, name)
-        train_ds, eval_ds = datasets.get(name) or load_datasets(sub)
-        task = build_task(backbone, sub, train_ds)
-        inject(backbone, variant, name=name, **opts)
-        jobs.append(Job(name, task, prepare_training(sub, backbone, task, train_ds),
-                        task.prepare(backbone, eval_ds) if eval_ds is not None else None, cfg.seed + 7919 * i, sub))
-    names = [j.name for j in jobs]
-    tie_shared(backbone, names, cfg.sharing, check=False)
-    for n in names:
-        for layer in adapter_layers(backbone, n).values():
-            for p in layer.parameters():
-                p.requires_grad_(True)
-    trainable: dict[str, torch.nn.Parameter] = {}
-    ids: set[int] = set()
-    for n, p in backbone.named_parameters(remove_duplicate=True):
-        if p.requires_grad and id(p) not in ids:
-            trainable[f"backbone.{n}"] = p
-            ids.add(id(p))
-    for j in jobs:
-        for n, p in j.task.head.named_parameters():
+        jobs.append(prepare_job(backbone, sub, name=name, seed=cfg.seed + 7919 * i, adapter_options=dict(opts),
+                                datasets=datasets.get(name), method=method))
+        trains.update(n for n, p in backbone.named_parameters(remove_duplicate=False) if p.requires_grad)
+    tie_shared(backbone, [j.name for j in jobs], cfg.sharing, check=False)
+    for n, p in backbone.named_parameters(remove_duplicate=False):
+        if n in trains:
             p.requires_grad_(True)
-            trainable[f"head.{j.name}.{n}"] = p
-    return jobs, trainable
+    return jobs, trainable_parameters(backbone, {f"head.{j.name}.": j.task.head for j in jobs})
 
 
 def multitask_result(result: dict[str, Any], cfg, per_task: dict[str, dict]) -> None:
@@ -90,10 +81,6 @@ def write_multitask_outputs(cfg, out: Path, backbone, jobs, result: dict[str, An
     """adapters/<name>/ per task, shared.safetensors, composition.json (mode route) and metrics.json."""
     from omegaconf import OmegaConf
     from safetensors.torch import save_file
-
-    from ..adapters.files import save_adapter
-    from ..io import atomic_path, write_json, write_text
-    from ..compose.composition import write_composition
 
     names = [j.name for j in jobs]
     sources = []
