@@ -13,6 +13,7 @@ import vlkit
 from vlkit.adapters.inject import adapter_layers, adapter_parameters, merge_adapter
 from vlkit.errors import ConfigError, InjectionError
 from vlkit.plugins import registry
+from vlkit.adapters.model import AdaptedModel
 
 NEW = ("coop", "maple", "clip-adapter", "tip-adapter", "tip-adapter-f", "dora")
 TEXTS = ["a photo of a red cube", "that hat"]
@@ -112,7 +113,7 @@ def test_proj_sites_are_the_final_features(kind, make_backbone):
     got = sorted(seen.values(), key=lambda t: t.sum().item())
     want = sorted(ref, key=lambda t: t.sum().item())
     assert all(torch.equal(a, b) for a, b in zip(got, want))
-    bb.set_active()  # inactive: the frozen model's outputs exactly
+    AdaptedModel.of(bb).set_adapter()  # inactive: the frozen model's outputs exactly
     with torch.no_grad():
         assert torch.equal(bb.encode_image(pixels), ref[0]) and torch.equal(bb.encode_text(tokens), ref[1])
 
@@ -196,7 +197,7 @@ def _train(tmp_path, variant, *extra):
     batch = {"pixels": data["pixels"][:], "labels": data["labels"]}
     with torch.no_grad(), Evaluating(task.head):
         after = float(task.loss(bb, batch))
-        bb.set_active()
+        AdaptedModel.of(bb).set_adapter()
         before = float(task.loss(bb, batch))
     return result, before, after
 
@@ -286,7 +287,7 @@ def test_bad_options_are_one_clear_error(variant, opts, match, make_backbone):
     bb = make_backbone("tiny")
     with pytest.raises(ConfigError, match=match):
         vlkit.inject(bb, variant, **opts)
-    assert bb.adapter_records == {}
+    assert AdaptedModel.of(bb).records == {}
 
 
 def test_what_cannot_merge_or_stack_says_so(make_backbone, tmp_path):
@@ -299,8 +300,8 @@ def test_what_cannot_merge_or_stack_says_so(make_backbone, tmp_path):
             merge_adapter(bb, v.replace("-", "_"))
     vlkit.inject(bb, "coop", name="coop2")
     with pytest.raises(ConfigError, match="only one can act"):
-        bb.set_active("coop", "coop2", mode="stack")
-    bb.set_active("coop", "clip_adapter", mode="stack")  # coop stacks with other kinds
+        AdaptedModel.of(bb).set_adapter("coop", "coop2", mode="stack")
+    AdaptedModel.of(bb).set_adapter("coop", "clip_adapter", mode="stack")  # coop stacks with other kinds
     paths = [vlkit.save_adapter(bb, tmp_path / n, name=n) for n in ("tip_adapter",)] * 2
     with pytest.raises(ConfigError, match="hold different examples"):
         merge_adapters(paths, tmp_path / "merged")

@@ -9,6 +9,7 @@ import torch
 
 import vlkit
 from vlkit.errors import ConfigError, IncompatibleAdapterError
+from vlkit.adapters.model import AdaptedModel
 
 SPEC = "tiny@random"
 
@@ -66,20 +67,20 @@ def test_switching_is_exact_and_memory_grows_by_adapter_only(adapters, inputs):
     base_numel = sum(p.numel() for p in bb.parameters())
     base_ptrs = {n: p.data_ptr() for n, p in bb.base_parameters().items()}
     vlkit.load_adapter(bb, adapters["a"], name="a")
-    bb.set_active("a")
+    AdaptedModel.of(bb).set_adapter("a")
     a_before = encode(bb, *inputs)
     vlkit.load_adapter(bb, adapters["b"], name="b")
     n_b = json.loads((adapters["b"] / "adapter_config.json").read_text())["num_parameters"]
     n_a = json.loads((adapters["a"] / "adapter_config.json").read_text())["num_parameters"]
     assert sum(p.numel() for p in bb.parameters()) == base_numel + n_a + n_b
-    bb.set_active("b")
+    AdaptedModel.of(bb).set_adapter("b")
     b_out = encode(bb, *inputs)
-    bb.set_active("a")
+    AdaptedModel.of(bb).set_adapter("a")
     a_after = encode(bb, *inputs)
     for x, y, z in zip(a_before, a_after, b_out):
         assert torch.equal(x, y)
         assert not torch.allclose(x, z)
-    bb.set_active()
+    AdaptedModel.of(bb).set_adapter()
     frozen = encode(bb, *inputs)
     ref = encode(vlkit.load_backbone(SPEC), *inputs)
     assert all(torch.equal(x, y) for x, y in zip(frozen, ref))
@@ -93,24 +94,24 @@ def test_mixed_batch_routing_equals_per_sample(adapters, inputs, pair):
     for n in pair:
         vlkit.load_adapter(bb, adapters[n], name=n, activate=False)
     route = torch.tensor([0, 1, -1, 1, 0, -1])
-    bb.set_route(list(pair), route)
+    AdaptedModel.of(bb).route(list(pair), route)
     mixed = encode(bb, pixels, tokens)
-    bb.clear_route()
+    AdaptedModel.of(bb).clear_route()
     full = {}
     for i, n in [(0, pair[0]), (1, pair[1]), (-1, None)]:
-        bb.set_active(*(() if n is None else (n,)))
+        AdaptedModel.of(bb).set_adapter(*(() if n is None else (n,)))
         full[i] = encode(bb, pixels, tokens)
     for j, r in enumerate(route.tolist()):
         for t in range(2):  # identical to the whole batch run with that adapter
             assert torch.equal(mixed[t][j], full[r][t][j])
-        bb.set_active(*(() if r == -1 else (pair[r],)))
+        AdaptedModel.of(bb).set_adapter(*(() if r == -1 else (pair[r],)))
         alone = encode(bb, pixels[j:j + 1], tokens[j:j + 1])
         for t in range(2):  # and to the sample run alone
             torch.testing.assert_close(mixed[t][j], alone[t][0], rtol=1e-5, atol=1e-5)
-    bb.set_route(["a" if "a" in pair else pair[0], None], [0, 1, 0, 1, 0, 1])  # names form, None = frozen
+    AdaptedModel.of(bb).route(["a" if "a" in pair else pair[0], None], [0, 1, 0, 1, 0, 1])  # names form, None = frozen
     with pytest.raises(RuntimeError, match="route for 6 samples"):
         encode(bb, pixels[:2], tokens[:2])
-    bb.clear_route()
+    AdaptedModel.of(bb).clear_route()
 
 
 def _weights(d):
@@ -207,7 +208,7 @@ def test_compositions_load_and_resolve(adapters, tmp_path, inputs):
                       ("parallel", dict(mode="parallel", weights=[1.0, 0.5]))):
         w = {"average": [1.0, 3.0], "parallel": [1.0, 0.5]}.get(mode)
         compose([str(adapters["a"]), str(adapters["b"])], mode, tmp_path / mode, weights=w)
-        bb.set_active("a", "b", **act)
+        AdaptedModel.of(bb).set_adapter("a", "b", **act)
         outs[mode] = encode(bb, pixels, tokens)
         fresh = vlkit.load_backbone(SPEC)
         load_composition(fresh, tmp_path / mode)
@@ -222,10 +223,10 @@ def test_compositions_load_and_resolve(adapters, tmp_path, inputs):
     add_fusion(bb, "fz", ["a", "b"])
     for layer in __import__("vlkit.compose.adapter_fusion", fromlist=["x"]).fusion_layers(bb, "fz").values():
         torch.nn.init.zeros_(layer.query.weight)
-    bb.set_active("a", "b", mode="fuse", fusion="fz")
-    bb.set_active("a", "b", mode="parallel", weights=[0.5, 0.5])
+    AdaptedModel.of(bb).set_adapter("a", "b", mode="fuse", fusion="fz")
+    AdaptedModel.of(bb).set_adapter("a", "b", mode="parallel", weights=[0.5, 0.5])
     avg = encode(bb, pixels, tokens)
-    bb.set_active("a", "b", mode="fuse", fusion="fz")
+    AdaptedModel.of(bb).set_adapter("a", "b", mode="fuse", fusion="fz")
     torch.testing.assert_close(encode(bb, pixels, tokens)[0], avg[0], rtol=1e-5, atol=1e-5)
     save_fusion(bb, "fz", tmp_path / "fusion.safetensors")
     from vlkit.compose.composition import write_composition
@@ -234,7 +235,7 @@ def test_compositions_load_and_resolve(adapters, tmp_path, inputs):
                       extra={"fusion": {"name": "fz", "file": "../fusion.safetensors"}})
     fresh = vlkit.load_backbone(SPEC)
     comp = load_composition(fresh, tmp_path / "fused")
-    assert comp.fusion and fresh.adapter_state.mode == "fuse"
+    assert comp.fusion and AdaptedModel.of(fresh).state.mode == "fuse"
     torch.testing.assert_close(encode(fresh, pixels, tokens)[0], avg[0], rtol=1e-5, atol=1e-5)
 
 
@@ -264,7 +265,7 @@ def test_router_beats_chance_on_held_out_world_data(tmp_path):
         correct += int((routed.last_route == i).sum())
         total += len(ds)
     assert correct / total > 0.9
-    assert bb.adapter_state.route is None  # the routed view leaves no route behind
+    assert AdaptedModel.of(bb).state.route is None  # the routed view leaves no route behind
 
 
 def test_multitask_sharing_ties_parameters(tmp_path):
@@ -355,7 +356,7 @@ logging: {plot: false}
     bb = vlkit.load_backbone(SPEC)
     comp = load_composition(bb, d)
     fused = encode(bb, *inputs)
-    bb.set_active(*comp.names, mode="parallel", weights=[0.5, 0.5])
+    AdaptedModel.of(bb).set_adapter(*comp.names, mode="parallel", weights=[0.5, 0.5])
     assert not torch.allclose(fused[0], encode(bb, *inputs)[0], atol=1e-6)  # the fusion was trained
     system = resolve_adapter_arg(vlkit.load_backbone(SPEC), str(d))
     assert system.mode == "fuse" and system.fusion

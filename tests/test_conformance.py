@@ -17,6 +17,7 @@ from vlkit.adapters.inject import adapter_layers, adapter_parameters, merge_adap
 from vlkit.backbones.base import resolve_module
 from vlkit.errors import AdapterFileError, ConfigError, IncompatibleAdapterError, UnknownNameError
 from vlkit.plugins import registry
+from vlkit.adapters.model import AdaptedModel
 
 BACKBONES = ("tiny", "open_clip", "hf")
 VARIANT_NAMES = registry("adapter").names()
@@ -55,7 +56,7 @@ def trainables(bb, name="default") -> dict[int, tuple[str, torch.nn.Parameter]]:
     for path, layer in adapter_layers(bb, name).items():
         for pname, p in layer.named_parameters():
             out[id(p)] = (f"{path}.{pname}", p)
-    for pname, p in bb.adapter_records[name].extra.items():
+    for pname, p in AdaptedModel.of(bb).records[name].extra.items():
         out[id(p)] = (f"base::{pname}", p)
     return out
 
@@ -113,7 +114,7 @@ def test_unchanged_at_init(kind, variant, opts, make_backbone, sample_inputs):
     pixels, tokens = sample_inputs(bb)
     ref_img, ref_txt = encode(bb, pixels, tokens)
     record = vlkit.inject(bb, variant, **opts)
-    assert record.sites and bb.adapter_state.active == ("default",)
+    assert record.sites and AdaptedModel.of(bb).state.active == ("default",)
     towers = {s.tower for s in record.sites}
     assert towers == default_towers(variant)
     img, txt = encode(bb, pixels, tokens)
@@ -123,7 +124,7 @@ def test_unchanged_at_init(kind, variant, opts, make_backbone, sample_inputs):
         assert (txt - ref_txt).abs().max() <= 1e-6
     # else a prompt variant (e.g. vpt): inserted tokens join every attention softmax, so even at init the
     # outputs move; it declares `identity_at_init = False`. Inactive it is still the frozen backbone (below).
-    bb.set_active()  # no adapter active: the frozen backbone exactly
+    AdaptedModel.of(bb).set_adapter()  # no adapter active: the frozen backbone exactly
     img0, txt0 = encode(bb, pixels, tokens)
     assert (img0 - ref_img).abs().max() <= 1e-6 and (txt0 - ref_txt).abs().max() <= 1e-6
 
@@ -187,7 +188,7 @@ def test_save_load_round_trip_is_exact(kind, variant, opts, make_backbone, sampl
     loaded = vlkit.load_adapter(fresh, path)
     assert loaded.name == "mine" and loaded.variant == variant
     assert loaded.targets == record.targets and loaded.config == record.config
-    assert fresh.adapter_state.active == ("mine",)
+    assert AdaptedModel.of(fresh).state.active == ("mine",)
     assert not any(p.requires_grad for p in fresh.parameters()), "loaded adapters are frozen unless asked"
     a, b = adapter_parameters(bb, "mine"), adapter_parameters(fresh, "mine")
     assert set(a) == set(b) and a
@@ -199,9 +200,9 @@ def test_save_load_round_trip_is_exact(kind, variant, opts, make_backbone, sampl
     # under another name, inactive, trainable
     other = make_backbone(kind)
     rec = vlkit.load_adapter(other, path, name="again", activate=False, trainable=True)
-    assert rec.name == "again" and other.adapter_state.active == ()
+    assert rec.name == "again" and AdaptedModel.of(other).state.active == ()
     assert all(p.requires_grad for _, p in trainables(other, "again").values())
-    other.set_active("again")
+    AdaptedModel.of(other).set_adapter("again")
     out3 = encode(other, pixels, tokens)
     assert torch.equal(out[0], out3[0]) and torch.equal(out[1], out3[1])
     with pytest.raises(ConfigError, match="already"):
@@ -239,7 +240,7 @@ def test_merge_unmerge(kind, variant, opts, make_backbone, sample_inputs):
     remove_adapter(bb, "default")
     for k, v in bb.base_parameters().items():
         assert torch.equal(v, before[k]), f"{k} not restored after removing the merged adapter"
-    assert bb.adapter_records == {} and bb.adapter_state.active == ()
+    assert AdaptedModel.of(bb).records == {} and AdaptedModel.of(bb).state.active == ()
 
 
 def test_bottleneck_cannot_merge(make_backbone):
@@ -263,7 +264,7 @@ def test_load_onto_other_backbone(variant, make_backbone, backbone_specs, tmp_pa
         vlkit.load_adapter(other, path)
     msg = str(exc.value)
     assert "tiny@random" in msg and backbone_specs["open_clip"] in msg
-    assert other.adapter_records == {} and other.adapter_state.active == ()
+    assert AdaptedModel.of(other).records == {} and AdaptedModel.of(other).state.active == ()
 
 
 @pytest.mark.parametrize("variant", VARIANT_NAMES)
@@ -307,7 +308,7 @@ def test_corrupt_adapter_files(variant, make_backbone, tmp_path):
                 raise
             except Exception as exc:
                 pytest.fail(f"{what}: {type(exc).__name__}: {exc}")
-        assert fresh.adapter_records == {}, what
+        assert AdaptedModel.of(fresh).records == {}, what
     with pytest.raises(AdapterFileError, match="does not exist"):
         vlkit.load_adapter(fresh, tmp_path / "missing")
     with pytest.raises(AdapterFileError):
@@ -326,7 +327,7 @@ def test_corrupt_adapter_files(variant, make_backbone, tmp_path):
     save_file({k: v for k, v in tensors.items() if k != key}, str(d / WEIGHTS_NAME))
     with pytest.raises(IncompatibleAdapterError, match="missing"):
         vlkit.load_adapter(fresh, d)
-    assert fresh.adapter_records == {} and fresh.adapter_state.active == ()
+    assert AdaptedModel.of(fresh).records == {} and AdaptedModel.of(fresh).state.active == ()
     # after all that, the good copy still loads
     vlkit.load_adapter(fresh, good)
 
@@ -348,7 +349,7 @@ def test_unknown_variant(make_backbone):
         vlkit.inject(bb, "no_such_variant")
     for known in VARIANT_NAMES:
         assert known in str(exc.value)
-    assert bb.adapter_records == {}
+    assert AdaptedModel.of(bb).records == {}
 
 
 BAD_OPTIONS = [
@@ -372,7 +373,7 @@ def test_bad_options(variant, opts, make_backbone):
     bb = make_backbone("tiny")
     with pytest.raises(ConfigError):
         vlkit.inject(bb, variant, **opts)
-    assert bb.adapter_records == {}
+    assert AdaptedModel.of(bb).records == {}
     assert not any(type(m).__name__.startswith("Adapted") for m in bb.modules())
 
 
@@ -384,7 +385,7 @@ def test_bad_adapter_name_and_duplicate(make_backbone):
     with pytest.raises(ConfigError, match="already"):
         vlkit.inject(bb, "lora", name="a")
     with pytest.raises(UnknownNameError):
-        bb.set_active("zzz")
+        AdaptedModel.of(bb).set_adapter("zzz")
     with pytest.raises(UnknownNameError):
         vlkit.save_adapter(bb, "/nonexistent-unused", name="zzz")
 
@@ -478,16 +479,16 @@ def test_switching_between_adapters_is_exact(kind, first, second, make_backbone,
     a_only = encode(bb, pixels, tokens)
     assert not _same(a_only, base)
     vlkit.inject(bb, second, name="b")
-    assert bb.adapter_state.active == ("b",)
+    assert AdaptedModel.of(bb).state.active == ("b",)
     perturb(bb, "b", seed=2)
     b_out = encode(bb, pixels, tokens)
     assert not _same(b_out, a_only)
-    bb.set_active("a")
+    AdaptedModel.of(bb).set_adapter("a")
     after = encode(bb, pixels, tokens)
     assert torch.equal(after[0], a_only[0]) and torch.equal(after[1], a_only[1])
-    bb.set_active("b")
+    AdaptedModel.of(bb).set_adapter("b")
     assert _same(encode(bb, pixels, tokens), b_out)
-    bb.set_active()
+    AdaptedModel.of(bb).set_adapter()
     off = encode(bb, pixels, tokens)
     assert (off[0] - base[0]).abs().max() <= 1e-6 and (off[1] - base[1]).abs().max() <= 1e-6
 
@@ -497,15 +498,15 @@ def test_switching_between_adapters_is_exact(kind, first, second, make_backbone,
     fresh = make_backbone(kind)
     vlkit.load_adapter(fresh, tmp_path / "a")
     vlkit.load_adapter(fresh, tmp_path / "b", activate=False)
-    assert fresh.adapter_state.active == ("a",)
+    assert AdaptedModel.of(fresh).state.active == ("a",)
     got = encode(fresh, pixels, tokens)
     assert torch.equal(got[0], a_only[0]) and torch.equal(got[1], a_only[1])
-    fresh.set_active("b")
+    AdaptedModel.of(fresh).set_adapter("b")
     assert _same(encode(fresh, pixels, tokens), b_out)
 
     # removing one leaves the other untouched
     remove_adapter(bb, "b")
-    bb.set_active("a")
+    AdaptedModel.of(bb).set_adapter("a")
     after = encode(bb, pixels, tokens)
     assert torch.equal(after[0], a_only[0]) and torch.equal(after[1], a_only[1])
 
@@ -534,7 +535,7 @@ def test_bottleneck_input_position_adapts_what_the_sublayer_sees(kind, role, mak
     pixels, _ = sample_inputs(bb)
     with torch.no_grad():
         feats = bb.encode_image(pixels)
-        bb.set_active()
+        AdaptedModel.of(bb).set_adapter()
         plain = bb.encode_image(pixels)
     pre.remove()
     assert len(seen) == 2 and not torch.allclose(seen[0], seen[1])
@@ -558,7 +559,7 @@ def test_embed_site_adapts_the_tokens_entering_each_tower(kind, make_backbone, s
         ref = encode(bb, pixels, tokens)
         perturb(bb)
         adapted = encode(bb, pixels, tokens)
-        bb.set_active()
+        AdaptedModel.of(bb).set_adapter()
         off = encode(bb, pixels, tokens)
     for h in hooks:
         h.remove()

@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import vlkit
 from vlkit.adapters.inject import adapter_layers
+from vlkit.adapters.model import AdaptedModel
 
 CASES = [("lora", {"modules": "all"}), ("lora", {"modules": "qv"}), ("dora", {"modules": "all"}),
          ("ia3", {})]
@@ -36,8 +37,8 @@ def _run(bb, px, ids):
 
 def _generic(bb, names):
     """Every layer through its own forward on the base output (parallel, weights 1)."""
-    bb.adapter_state.mode = "parallel"
-    bb.adapter_state.weights = {n: 1.0 for n in names}
+    AdaptedModel.of(bb).state.mode = "parallel"
+    AdaptedModel.of(bb).state.weights = {n: 1.0 for n in names}
 
 
 @pytest.mark.parametrize("kind", ["tiny", "open_clip", "hf"])
@@ -65,7 +66,7 @@ def test_input_scaling_stacked_first_or_second(make_backbone, sample_inputs, ord
     for i, name in enumerate(order):
         vlkit.inject(bb, name, name=name, modules="mlp")  # both at mlp.fc2 (LoRA also at fc1)
         _perturb(bb, name, seed=i)
-    bb.set_active(*order)
+    AdaptedModel.of(bb).set_adapter(*order)
     px, ids = sample_inputs(bb)
     stacked, _ = _run(bb, px, ids)
     _generic(bb, list(order))  # both additive at fc2: the sum of their changes equals stacking them

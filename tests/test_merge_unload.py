@@ -8,6 +8,7 @@ import torch
 import vlkit
 from vlkit.adapters.inject import inject, merge_adapter, merge_and_unload
 from vlkit.errors import InjectionError
+from vlkit.adapters.model import AdaptedModel
 
 
 def _inputs(bb):
@@ -46,7 +47,7 @@ def test_merge_and_unload_equals_the_adapted_model_and_frees_the_copy(spec, vari
     bb = _trained(vlkit.load_backbone(spec), variant, "a", **opts)
     want = _embed(bb, pixels, tokens)
     merged = merge_and_unload(bb)
-    assert merged == ["a"] and bb.adapter_records == {} and bb.adapter_state.active == ()
+    assert merged == ["a"] and AdaptedModel.of(bb).records == {} and AdaptedModel.of(bb).state.active == ()
     got = _embed(bb, pixels, tokens)
     assert torch.allclose(got, want, atol=1e-5)
     assert [n for n, _ in bb.model.named_parameters()] == names  # the frozen module tree, hosts gone
@@ -66,7 +67,7 @@ def test_two_stacked_lora_adapters_fold_to_their_sum():
     bb = vlkit.load_backbone("tiny@random")
     _trained(bb, "lora", "a", rank=2)
     _trained(bb, "lora", "b", rank=2)
-    bb.set_active("a", "b")
+    AdaptedModel.of(bb).set_adapter("a", "b")
     pixels, tokens = _inputs(bb)
     want = _embed(bb, pixels, tokens)
     assert merge_and_unload(bb) == ["a", "b"]
@@ -79,7 +80,7 @@ def test_a_variant_that_cannot_merge_changes_nothing():
     want = _embed(bb, pixels, tokens)
     with pytest.raises(InjectionError, match="cannot be merged.*nothing was merged"):
         merge_and_unload(bb)
-    assert "a" in bb.adapter_records and torch.equal(_embed(bb, pixels, tokens), want)
+    assert "a" in AdaptedModel.of(bb).records and torch.equal(_embed(bb, pixels, tokens), want)
 
 
 def test_export_merge_folds_for_good_and_verifies(tmp_path, capsys):

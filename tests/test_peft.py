@@ -14,6 +14,7 @@ import vlkit
 from cli_helpers import cli
 from vlkit.adapters.inject import adapter_parameters, merge_adapter
 from vlkit.errors import ConfigError, IncompatibleAdapterError
+from vlkit.adapters.model import AdaptedModel
 
 peft = pytest.importorskip("peft")
 
@@ -118,7 +119,7 @@ def test_bridge_clear_errors(config, match, make_backbone):
     bb = make_backbone("tiny")
     with pytest.raises(ConfigError, match=match):
         vlkit.inject(bb, "peft", config=config)
-    assert bb.adapter_records == {}
+    assert AdaptedModel.of(bb).records == {}
     assert not any(type(m).__name__.startswith("Adapted") for m in bb.modules())
 
 

@@ -19,6 +19,7 @@ from vlkit.hookspecs import hookimpl  # noqa: E402
 from vlkit.probe import metrics as M  # noqa: E402
 from vlkit.probe.base import Probe, build_result, summarize  # noqa: E402
 from cli_helpers import cli
+from vlkit.adapters.model import AdaptedModel
 
 BACKBONE = "tiny@random"
 
@@ -238,7 +239,7 @@ def test_resolve_adapter_args(adapter_dirs, tmp_path):
                                                        "weights": [0.7, 0.3]}))
     systems = resolve_systems(bb, f"{lo},{bn},{lo}+{bn},{comp}")
     assert [s.label for s in systems] == ["backbone", lo, bn, f"{lo}+{bn}", str(comp)]
-    assert sorted(bb.adapter_records) == ["bn", "lo"]  # each directory loaded once
+    assert sorted(AdaptedModel.of(bb).records) == ["bn", "lo"]  # each directory loaded once
     assert systems[3].names == ("lo", "bn") and systems[3].mode == "stack"
     assert systems[4].names == ("lo", "bn") and systems[4].mode == "parallel" and systems[4].weights == [0.7, 0.3]
     with pytest.raises(ConfigError, match="not found"):
@@ -257,11 +258,8 @@ class StubBackbone(torch.nn.Module):
         from vlkit.backbones.state import AdapterState
 
         self.w = torch.nn.Parameter(torch.zeros(1))
-        self.adapter_state, self.adapter_records, self.joint = AdapterState(), {}, joint
+        self.state, self.joint = AdapterState(), joint  # the site switchboard the owner writes
         self.joint_calls = 0
-
-    def set_active(self, *names, mode="stack", weights=None, fusion=None):
-        self.adapter_state.activate(names, self.adapter_records, mode=mode, weights=weights, fusion=fusion)
 
     def joint_active(self):
         return self.joint
@@ -319,7 +317,7 @@ def test_fusion_adapter_is_scored_jointly(tmp_path):
     from vlkit.data import load_data  # the last example again, its four pairs scored jointly by hand
 
     ex = load_data("winoground:synth", n=6)[5]
-    bb.set_active(systems[1].names[0])
+    AdaptedModel.of(bb).set_adapter(systems[1].names[0])
     px = bb.preprocess_batch([ex["image_0"], ex["image_1"]] * 2)
     tk = bb.tokenize([ex["caption_0"]] * 2 + [ex["caption_1"]] * 2)
     expected = real(bb, px, tk).tolist()  # c0_i0, c0_i1, c1_i0, c1_i1

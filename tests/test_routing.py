@@ -7,6 +7,7 @@ import torch
 
 import vlkit
 from vlkit.adapters.inject import adapter_layers
+from vlkit.adapters.model import AdaptedModel
 
 
 def _perturb(bb, name, seed):
@@ -31,11 +32,11 @@ def test_mixed_route_equals_each_adapter_alone(kind, batch, make_backbone):
     tokens = bb.tokenize(["a red cube", "that hat", "a blue ring", "two stars", "a cross"][:batch])
     names = ["bn", None, "lo", "vo", "bn"][:batch] if batch > 1 else ["lo"]
     with torch.no_grad():
-        bb.set_route(names)
+        AdaptedModel.of(bb).route(names)
         img, txt = bb.encode_image(pixels), bb.encode_text(tokens)
-        bb.clear_route()
+        AdaptedModel.of(bb).clear_route()
         for i, name in enumerate(names):
-            bb.set_active(*([name] if name else []))
+            AdaptedModel.of(bb).set_adapter(*([name] if name else []))
             torch.testing.assert_close(img[i:i + 1], bb.encode_image(pixels[i:i + 1]), rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(txt[i:i + 1], bb.encode_text(tokens[i:i + 1]), rtol=1e-4, atol=1e-5)
 
@@ -48,10 +49,10 @@ def test_routed_gradients_reach_only_the_routed_adapters(make_backbone):
     for name in ("a", "b", "c"):  # each inject freezes what was there before: train all three
         for layer in adapter_layers(bb, name).values():
             layer.requires_grad_(True)
-    bb.set_route(["a", "b", "a"])
+    AdaptedModel.of(bb).route(["a", "b", "a"])
     pixels = torch.randn(3, 3, bb.image_size, bb.image_size)
     bb.encode_image(pixels).sum().backward()
-    bb.clear_route()
+    AdaptedModel.of(bb).clear_route()
     got = {name: any(p.grad is not None and bool(p.grad.abs().sum() > 0)
                      for l in adapter_layers(bb, name).values() for p in l.parameters())
            for name in ("a", "b", "c")}

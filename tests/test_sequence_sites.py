@@ -14,6 +14,7 @@ from vlkit.backbones.sequence import AdaptedSequence, grow_mask
 from vlkit.errors import ConfigError, InjectionError
 
 from cli_helpers import cli
+from vlkit.adapters.model import AdaptedModel
 
 BACKBONES = ("tiny", "open_clip", "hf")
 
@@ -33,7 +34,7 @@ def _perturb(bb, name="default", seed=1):
 
 def _prompts(bb, name, tower):
     """block index -> that block's prompt tokens (n, D) of adapter `name` in `tower`."""
-    rec = bb.adapter_records[name]
+    rec = AdaptedModel.of(bb).records[name]
     layers = adapter_layers(bb, name)
     return {s.layer: layers[s.path].prompts.detach() for s in rec.sites if s.tower == tower}
 
@@ -92,14 +93,14 @@ def test_inactive_is_bit_exact(kind, make_backbone, sample_inputs):
     vlkit.inject(bb, "lora", name="other")  # another adapter active: the prompt hosts pass through too
     _perturb(bb)
     lora_only = _encode(bb, pixels, tokens)
-    bb.set_active()
+    AdaptedModel.of(bb).set_adapter()
     off = _encode(bb, pixels, tokens)
     for a, b in zip(ref, off):
         assert torch.equal(a, b)
-    bb.set_active("default")
+    AdaptedModel.of(bb).set_adapter("default")
     on = _encode(bb, pixels, tokens)
     assert not torch.allclose(on[0], ref[0]) and not torch.allclose(on[1], ref[1])
-    bb.set_active("other")
+    AdaptedModel.of(bb).set_adapter("other")
     assert all(torch.equal(a, b) for a, b in zip(_encode(bb, pixels, tokens), lora_only))
 
 
@@ -218,23 +219,23 @@ def test_stacked_prompt_adapters_concatenate(make_backbone, sample_inputs):
     _perturb(bb, "b", seed=2)
     pa = {t: _prompts(bb, "a", t) for t in ("vision", "text")}
     pb = {t: _prompts(bb, "b", t) for t in ("vision", "text")}
-    bb.set_active("a", "b")
+    AdaptedModel.of(bb).set_adapter("a", "b")
     with torch.no_grad():
         img, txt = bb.encode_image(pixels), bb.encode_text(tokens)
         # b's tokens follow a's; where b has none of its own its previous ones travel on (computed by hand)
         ref = _stacked_reference(bb, pixels, tokens, pa, pb)
     torch.testing.assert_close(img, ref[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(txt, ref[1], atol=1e-5, rtol=1e-5)
-    bb.set_active("a", "b", mode="parallel")  # unweighted parallel: the same concatenation
+    AdaptedModel.of(bb).set_adapter("a", "b", mode="parallel")  # unweighted parallel: the same concatenation
     with torch.no_grad():
         torch.testing.assert_close(bb.encode_text(tokens), txt, atol=0, rtol=0)
-    bb.set_active("a", "b", mode="parallel", weights=[0.5, 0.5])
+    AdaptedModel.of(bb).set_adapter("a", "b", mode="parallel", weights=[0.5, 0.5])
     with pytest.raises(ConfigError, match="weighted"):
         bb.encode_text(tokens)
-    bb.set_route(["a", None])
+    AdaptedModel.of(bb).route(["a", None])
     with pytest.raises(ConfigError, match="routing"):
         bb.encode_text(tokens)
-    bb.clear_route()
+    AdaptedModel.of(bb).clear_route()
 
 
 def _stacked_reference(bb, pixels, tokens, pa, pb):
@@ -358,11 +359,11 @@ def test_prompts_under_a_joint_fusion_adapter(make_backbone, sample_inputs):
     vlkit.inject(bb, "vpt", name="p")
     _perturb(bb, "f")
     with torch.no_grad():
-        bb.set_active("f")
+        AdaptedModel.of(bb).set_adapter("f")
         fused = bb.encode_pair(pixels, tokens)
-        bb.set_active("f", "p")
+        AdaptedModel.of(bb).set_adapter("f", "p")
         both = bb.encode_pair(pixels, tokens)
-        bb.set_active("p", "f")
+        AdaptedModel.of(bb).set_adapter("p", "f")
         again = bb.encode_pair(pixels, tokens)
     assert both[0].shape == fused[0].shape and both[1].shape == fused[1].shape
     assert not torch.allclose(both[1], fused[1])

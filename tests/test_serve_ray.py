@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from test_serve import CLASSES, ROOT, SPEC, InProcess, b64, world  # noqa: F401 - world is a fixture
+from vlkit.adapters.model import AdaptedModel
 
 httpx = pytest.importorskip("httpx")
 
@@ -124,7 +125,7 @@ def test_replica_core_loads_and_evicts_units_with_single_process_answers(world, 
             comparable(reply["result"], single.client.post(path, json=body).json())
             unit = d.unit_for(adapter_of(body.get("adapter")))
             if unit is not None:  # only the unit in use is on the backbone
-                assert set(bb.adapter_records) == set(unit.served) == set(reply["report"]["held"][unit.id])
+                assert set(AdaptedModel.of(bb).records) == set(unit.served) == set(reply["report"]["held"][unit.id])
         assert reply["report"]["loads"] >= 4 and reply["report"]["unloads"] >= 3
         bad = asyncio.run(ask("/v1/classify", {"adapter": "vqa", "image": b64(world["images"][0])}))
         assert bad["status"] == 400 and "\n" not in bad["error"]
@@ -134,10 +135,10 @@ def test_replica_core_loads_and_evicts_units_with_single_process_answers(world, 
         evict = threading.Thread(target=lu.__del__)
         evict.start()
         time.sleep(0.3)
-        assert evict.is_alive() and "extra" in bb.adapter_records
+        assert evict.is_alive() and "extra" in AdaptedModel.of(bb).records
         core._release(lu)
         evict.join(10)
-        assert not evict.is_alive() and not bb.adapter_records and core.backend.catalog.router is None
+        assert not evict.is_alive() and not AdaptedModel.of(bb).records and core.backend.catalog.router is None
     finally:
         core.close(10)
 

@@ -8,14 +8,17 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 _LAZY = {
+    "load": "vlkit.adapters.model",
+    "AdaptedModel": "vlkit.adapters.model",
+    "AdapterHandle": "vlkit.adapters.model",
     "load_backbone": "vlkit.backbones.loading",
     "inject": "vlkit.adapters.inject",
     "merge_adapter": "vlkit.adapters.inject",
     "unmerge_adapter": "vlkit.adapters.inject",
     "merge_and_unload": "vlkit.adapters.inject",
-    "load_adapter": "vlkit.adapters.files",
-    "save_adapter": "vlkit.adapters.files",
-    "parameter_report": "vlkit.adapters.report",
+    "load_adapter": "vlkit.adapters.inject",
+    "save_adapter": "vlkit.adapters.inject",
+    "parameter_report": "vlkit.adapters.inject",
     "get_plugins": "vlkit.plugins",
 }
 

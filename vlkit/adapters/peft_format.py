@@ -55,10 +55,53 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     return read_tensor_file(wfile)
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_peft_config(path: Path, cfg: dict[str, Any]) -> None:
+    """AdapterFileError naming the file and key for a LoRA config value of the wrong type or range."""
+    where = path / CONFIG_NAME
+
+    def bad(key: str, want: str, value: Any) -> AdapterFileError:
+        return AdapterFileError(f"{where}: {key} must be {want}, got {value!r}")
+
+    def rank(key: str, v: Any) -> None:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise bad(key, "a positive integer", v)
+
+    if "r" in cfg:
+        rank("r", cfg["r"])
+    if "lora_alpha" in cfg and not _is_number(cfg["lora_alpha"]):
+        raise bad("lora_alpha", "a number", cfg["lora_alpha"])
+    drop = cfg.get("lora_dropout")
+    if drop is not None and not (_is_number(drop) and 0 <= drop < 1):
+        raise bad("lora_dropout", "a number in [0, 1)", drop)
+    for key in ("use_dora", "use_rslora", "fan_in_fan_out"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], bool):
+            raise bad(key, "true or false", cfg[key])
+    for key, check in (("rank_pattern", rank), ("alpha_pattern", None)):
+        pattern = cfg.get(key)
+        if pattern is None:
+            continue
+        if not isinstance(pattern, dict):
+            raise bad(key, "a mapping of module patterns to values", pattern)
+        for name, v in pattern.items():
+            if check is not None:
+                check(f"{key}[{name!r}]", v)
+            elif not _is_number(v):
+                raise bad(f"{key}[{name!r}]", "a number", v)
+
+
 def read_peft_dir(backbone, path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """A PEFT LoRA directory as a vlkit adapter config and tensors (see the module docstring)."""
     path = Path(path)
-    peft_cfg = json.loads((path / CONFIG_NAME).read_text())
+    try:
+        peft_cfg = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterFileError(f"{path / CONFIG_NAME} is not valid JSON: {exc}") from None
+    if not isinstance(peft_cfg, dict):
+        raise AdapterFileError(f"{path / CONFIG_NAME} is not a JSON object")
     ptype = str(peft_cfg.get("peft_type")).upper()
     if ptype != "LORA":
         raise AdapterFileError(f"{path} is a PEFT {ptype} adapter; vlkit reads PEFT LoRA directories (DoRA "
@@ -66,6 +109,7 @@ def read_peft_dir(backbone, path: str | Path) -> tuple[dict[str, Any], dict[str,
     if peft_cfg.get("modules_to_save") or peft_cfg.get("lora_bias") or peft_cfg.get("bias", "none") != "none":
         raise AdapterFileError(f"{path}: modules_to_save / trained biases change base weights; vlkit adapters "
                                "keep the backbone frozen and cannot load them")
+    check_peft_config(path, peft_cfg)
     raw = _read_weights(path)
     sites: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in raw.items():

@@ -42,12 +42,13 @@ def _tower_of(name: str, prefixes: dict[str, tuple[str, ...]]) -> str:
     return "shared"
 
 
-def parameter_report(backbone) -> dict[str, Any]:
-    """Total and trainable parameters of the backbone with its adapters, per tower and per adapter."""
+def parameter_report(backbone, records: dict[str, Any]) -> dict[str, Any]:
+    """Total and trainable parameters of the backbone with its adapters (`records`: name -> InjectionRecord, as
+    `AdaptedModel.records` holds them), per tower and per adapter."""
     prefixes = backbone.tower_prefixes()
     towers: dict[str, dict[str, int]] = {}
     adapters: dict[str, dict[str, Any]] = {
-        n: {"variant": r.variant, "parameters": 0, "sites": len(r.sites)} for n, r in backbone.adapter_records.items()}
+        n: {"variant": r.variant, "parameters": 0, "sites": len(r.sites)} for n, r in records.items()}
     total = trainable = base_total = 0
     for name, p in backbone.model.named_parameters():
         n = p.numel()
@@ -65,7 +66,7 @@ def parameter_report(backbone) -> dict[str, Any]:
             t["adapter"] += n
         else:
             base_total += n
-    for rec_name, rec in backbone.adapter_records.items():
+    for rec_name, rec in records.items():
         adapters[rec_name]["parameters"] += sum(p.numel() for p in rec.extra.values())
     for a in adapters.values():
         a["percent_of_backbone"] = 100.0 * a["parameters"] / max(base_total, 1)

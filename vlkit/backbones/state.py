@@ -19,14 +19,11 @@ def check_adapter_name(name: str) -> str:
 
 @dataclass
 class AdapterState:
-    """Everything about a backbone's adapters, in one place: what is loaded and what is active.
+    """The adapter sites' runtime switchboard: which loaded adapters are active, how they combine, per-sample
+    routes and the forward-time `context`, read by every adapter host (switching touches nothing else).
 
-    Loaded: `records` (adapter name -> the InjectionRecord `inject` made: variant, config, sites, extra
-    trainables, task), `fusions` (AdapterFusion name -> its record, see `vlkit.compose.adapter_fusion`) and `base_stack`
-    (the frozen [(name, dir)] a run trains on top of, recipe `compose.base`). Active: `active`, `mode`,
-    `weights`, `fusion`, per-sample `route`/`route_names` and the forward-time `context`, read by every
-    adapter host (switching touches nothing else). Backbone exposes `adapter_records`/`fusion_records` as views.
-    """
+    Only the owner of the adapters (`vlkit.adapters.model.AdaptedModel`) writes it; `joint` names the active-able
+    adapters whose variant fuses the towers, so joint scoring knows when to run."""
 
     active: tuple[str, ...] = ()
     mode: str = "stack"
@@ -35,9 +32,7 @@ class AdapterState:
     route_names: tuple[str, ...] = ()
     context: dict[str, Any] = field(default_factory=dict)
     fusion: str | None = None  # mode "fuse": name of the AdapterFusion layers (host.fusions[fusion])
-    records: dict[str, Any] = field(default_factory=dict)
-    fusions: dict[str, Any] = field(default_factory=dict)
-    base_stack: list = field(default_factory=list)
+    joint: frozenset = frozenset()
 
     def activate(self, names, known, mode: str = "stack", weights=None, fusion: str | None = None) -> None:
         names = tuple(n for n in names if n)
@@ -74,6 +69,10 @@ class AdapterState:
     def clear_route(self) -> None:
         self.route = None
         self.route_names = ()
+        self._groups = {}
+
+    def clear_groups(self) -> None:
+        """Forget the per-device sample groups of the route (after the route itself was put back)."""
         self._groups = {}
 
     def route_groups(self, device) -> list:

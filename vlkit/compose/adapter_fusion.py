@@ -7,7 +7,7 @@ and a value; the site's base output y (the adapters' common input) is the query:
 
 W_v starts as the identity and W_q, W_k near zero, so an untrained fusion is the plain average of the
 adapters. Fusion layers live in each host as `host.fusions[fusion_name][site_key]`, apart from the
-adapters; `backbone.set_active(*names, mode="fuse", fusion=fusion_name)` turns them on.
+adapters; `AdaptedModel.set_adapter(*names, mode="fuse", fusion=fusion_name)` turns them on.
 
 Training reuses the trainer: recipe `method: fuse` with `compose.adapters: [{name, path}, ...]` loads
 the adapters frozen, adds fusion layers (trainable) and trains them with the task head; the run
@@ -15,6 +15,7 @@ directory is also a composition directory (`fusion.safetensors`, `composition.js
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..adapters.files import read_tensor_file
+from ..adapters.model import AdaptedModel
+from ..adapters.sites import host_of
 from ..errors import ConfigError, IncompatibleAdapterError
+from ..io import save_safetensors
 
 FUSION_FILE = "fusion.safetensors"
 
@@ -58,7 +63,7 @@ def _fusion_sites(backbone, names: list[str]):
     """Site path -> (Site, adapters present there, in `names` order)."""
     out: dict[str, tuple[Any, list[str]]] = {}
     for n in names:
-        for site in backbone.adapter_records[n].sites:
+        for site in AdaptedModel.of(backbone).records[n].sites:
             entry = out.setdefault(site.path, (site, []))
             entry[1].append(n)
     return out
@@ -67,15 +72,13 @@ def _fusion_sites(backbone, names: list[str]):
 def add_fusion(backbone, name: str, adapters: list[str], *, trainable: bool = True,
                temperature: float = 1.0) -> dict[str, FusionAttention]:
     """Add AdapterFusion layers `name` over loaded `adapters` at every site any of them wraps."""
-    from ..adapters.inject import host_of
-
+    model = AdaptedModel.of(backbone)
     if len(adapters) < 1:
         raise ConfigError("a fusion needs at least one adapter")
     for n in adapters:
-        if n not in backbone.adapter_records:
+        if n not in model.records:
             raise ConfigError(f"adapter {n!r} is not loaded on the backbone")
-    records = backbone.fusion_records
-    if name in records:
+    if name in model.fusions:
         raise ConfigError(f"a fusion named {name!r} is already on this backbone")
     layers: dict[str, FusionAttention] = {}
     for path, (site, present) in _fusion_sites(backbone, adapters).items():
@@ -90,14 +93,12 @@ def add_fusion(backbone, name: str, adapters: list[str], *, trainable: bool = Tr
         for p in layer.parameters():
             p.requires_grad_(trainable)
         layers[path] = layer
-    records[name] = {"adapters": list(adapters), "sites": sorted(layers), "temperature": temperature}
+    model.add_fusion(name, {"adapters": list(adapters), "sites": sorted(layers), "temperature": temperature})
     return layers
 
 
 def fusion_layers(backbone, name: str) -> dict[str, FusionAttention]:
-    from ..adapters.inject import host_of
-
-    rec = backbone.fusion_records[name]
+    rec = AdaptedModel.of(backbone).fusions[name]
     sites = _fusion_sites(backbone, rec["adapters"])
     return {p: host_of(backbone, sites[p][0]).fusions[name][sites[p][0].key] for p in rec["sites"]}
 
@@ -108,22 +109,17 @@ def fusion_parameters(backbone, name: str) -> dict[str, torch.Tensor]:
 
 
 def remove_fusion(backbone, name: str) -> None:
-    from ..adapters.inject import host_of
-
-    rec = backbone.fusion_records.pop(name, None)
+    model = AdaptedModel.of(backbone)
+    rec = model.remove_fusion(name)
     if rec is None:
         return
-    for site, _ in _fusion_sites(backbone, [n for n in rec["adapters"] if n in backbone.adapter_records]).values():
+    for site, _ in _fusion_sites(backbone, [n for n in rec["adapters"] if n in model.records]).values():
         host = host_of(backbone, site)
         if name in host.fusions:
             del host.fusions[name]
-    if backbone.adapter_state.fusion == name:
-        backbone.set_active()
 
 
 def save_fusion(backbone, name: str, path: str | Path) -> Path:
-    from ..io import save_safetensors
-
     path = Path(path)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in fusion_parameters(backbone, name).items()}
     save_safetensors(tensors, path, metadata={"format": "pt", "vlkit_fusion": name})
@@ -132,11 +128,9 @@ def save_fusion(backbone, name: str, path: str | Path) -> Path:
 
 def load_fusion(backbone, name: str, adapters: list[str], path: str | Path, temperature: float = 1.0) -> None:
     """Add fusion `name` over loaded `adapters` and fill it from a fusion.safetensors file."""
-    from safetensors.torch import load_file
-
     add_fusion(backbone, name, adapters, trainable=False, temperature=temperature)
     try:
-        saved = load_file(str(path))
+        saved = read_tensor_file(path)
         expected = fusion_parameters(backbone, name)
         missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
         if missing or unexpected:
@@ -159,27 +153,22 @@ def prepare_fuse_method(backbone, task, cfg) -> None:
     activate them, and start the head from an adapter's own head for the same task when one fits."""
     from omegaconf import OmegaConf
 
-    from ..adapters.files import load_adapter
-
+    model = AdaptedModel.of(backbone)
     spec = OmegaConf.to_container(cfg.compose, resolve=True) if OmegaConf.is_config(cfg.compose) else dict(cfg.compose)
     names = []
     for item in spec.get("adapters") or []:
         path = Path(item["path"])
         name = item.get("name") or path.name
-        load_adapter(backbone, path, name=name, activate=False)
+        model.load_adapter(path, name=name, activate=False)
         names.append(name)
     fusion = spec.get("fusion") or "fusion"
     add_fusion(backbone, fusion, names, trainable=True, temperature=float(spec.get("temperature", 1.0)))
-    backbone.set_active(*names, mode="fuse", fusion=fusion)
+    model.set_adapter(*names, mode="fuse", fusion=fusion)
     init_head_from_adapters(task, [Path(i["path"]) for i in spec["adapters"]])
 
 
 def init_head_from_adapters(task, dirs: list[Path]) -> str | None:
     """Copy the head of the first adapter dir trained on the same task with the same options (shapes)."""
-    import json
-
-    from safetensors.torch import load_file
-
     if not list(task.head.parameters()):
         return None
     for d in dirs:
@@ -189,7 +178,7 @@ def init_head_from_adapters(task, dirs: list[Path]) -> str | None:
         meta = json.loads(meta_file.read_text())
         if meta.get("name") != task.name or meta.get("options") != task.metadata().get("options"):
             continue
-        state = load_file(str(head_file))
+        state = read_tensor_file(head_file)
         own = task.head.state_dict()
         if set(state) == set(own) and all(state[k].shape == own[k].shape for k in own):
             task.load_head_state(state)

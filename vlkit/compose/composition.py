@@ -26,7 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..adapters.files import read_adapter_config
+from ..adapters.model import AdaptedModel
 from ..errors import ConfigError, IncompatibleAdapterError
+from ..io import write_json
 
 COMPOSITION_FILE = "composition.json"
 FORMAT = "vlkit.composition"
@@ -87,9 +90,6 @@ def write_composition(out: str | Path, mode: str, backbone_or_cfg, sources: list
 
     `backbone_or_cfg`: a backbone, or the adapter config dict of one source (spec and fingerprint).
     """
-    from ..adapters.files import read_adapter_config
-    from ..io import write_json
-
     if mode not in MODES:
         raise ConfigError(f"composition mode {mode!r} is not one of {', '.join(MODES)}")
     out = Path(out)
@@ -148,14 +148,15 @@ class Composition:
 
     def activate(self, backbone, adapter: str | None = None, task: str | None = None) -> None:
         """Activate the composition; in route mode `adapter` (a name) or `task` (a task name) picks one."""
+        model = AdaptedModel.of(backbone)
         if adapter is not None or task is not None:
-            backbone.set_active(self.pick(adapter, task))
+            model.set_adapter(self.pick(adapter, task))
             return
         if self.mode == "route":
-            backbone.set_active()  # per-input routing: see `route` / `routed`
+            model.set_adapter()  # per-input routing: see `route` / `routed`
             return
         mode, weights = activation(self.mode, self.weights, len(self.names))
-        backbone.set_active(*self.names, mode=mode, weights=weights, fusion=self.fusion)
+        model.set_adapter(*self.names, mode=mode, weights=weights, fusion=self.fusion)
 
     def pick(self, adapter: str | None = None, task: str | None = None) -> str:
         if adapter is not None:
@@ -240,10 +241,5 @@ def load_composition(backbone, path: str | Path, *, activate: bool = True, resol
 @contextlib.contextmanager
 def frozen(backbone):
     """Within the block the backbone runs with no adapter; the activation state is restored after."""
-    st = backbone.adapter_state
-    saved = (st.active, st.mode, dict(st.weights), st.fusion, st.route, st.route_names)
-    st.active, st.route, st.route_names = (), None, ()
-    try:
+    with AdaptedModel.of(backbone).disabled():
         yield backbone
-    finally:
-        st.active, st.mode, st.weights, st.fusion, st.route, st.route_names = saved

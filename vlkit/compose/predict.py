@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..adapters.model import AdaptedModel
 from ..errors import ConfigError
 from .composition import Composition, load_composition
 
@@ -23,9 +24,9 @@ def load_task(backbone, meta: dict[str, Any] | None, head: Path | None = None):
         return None
     task = registry("task").get(meta["name"])(backbone, None, **(meta.get("options") or {}))
     if head is not None:
-        from safetensors.torch import load_file
+        from ..adapters.files import read_tensor_file
 
-        task.load_head_state(load_file(str(head)))
+        task.load_head_state(read_tensor_file(head))
     return task
 
 
@@ -84,7 +85,7 @@ def run_composition(backbone, path: str | Path, images: list, texts: list[str] |
             comp.activate(backbone)
             label = f"{comp.mode}({', '.join(comp.names)})"
         else:
-            backbone.set_active(*(() if name is None else (name,)))
+            AdaptedModel.of(backbone).set_adapter(name)
             label = name or "none (frozen backbone)"
         t = _task_for(comp, backbone, name, cache) if (name is not None or comp.mode != "route") else None
         tok = tokens[i:i + 1] if tokens is not None else None

@@ -175,6 +175,9 @@ class AdapterResolver:
         if path.is_dir() and (path / COMPOSITION_FILE).is_file():
             return self.composition(path, text)
         parts = [text] if path.exists() or text in self.model.records else text.split("+")
+        if len(parts) > 1 and not all(p.strip() for p in parts):
+            raise ConfigError(f"adapter stack {arg!r} has an empty part: write A+B (each part an adapter "
+                              "directory or a loaded name)")
         resolved = [self.part(p.strip()) for p in parts if p.strip()]
         if not resolved:
             raise ConfigError(f"empty adapter stack {arg!r}")

@@ -13,7 +13,7 @@ question for vqa, the expression for grounding, the class prompt of the label fo
 of the examples is held out for the reported routing accuracy.
 
 At inference `route(backbone, pixels, tokens)` predicts indices and `RoutedBackbone` is a view of the
-backbone whose encoders route each batch per sample (one forward through `backbone.set_route`).
+backbone whose encoders route each batch per sample (one forward through `AdaptedModel.route`).
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..adapters.model import AdaptedModel
 from ..errors import ConfigError, DataError
 from .composition import frozen
 
@@ -78,7 +79,7 @@ def route(backbone, router: Router, pixels=None, tokens=None) -> torch.Tensor:
 
 class RoutedBackbone:
     """A view of a backbone: every encoder call routes each input through the adapter the router picks
-    (per sample, one forward pass, via `set_route`). Other attributes are the backbone's."""
+    (per sample, one forward pass, via `AdaptedModel.route`). Other attributes are the backbone's."""
 
     def __init__(self, backbone, router: Router):
         object.__setattr__(self, "_backbone", backbone)
@@ -92,11 +93,12 @@ class RoutedBackbone:
         bb = self._backbone
         idx = route(bb, self.router, pixels, tokens)
         object.__setattr__(self, "last_route", idx)
-        bb.set_route(self.router.names, idx)
+        model = AdaptedModel.of(bb)
+        model.route(self.router.names, idx)
         try:
             return fn()
         finally:
-            bb.clear_route()
+            model.clear_route()
 
     def encode_image(self, pixels, normalize: bool = False):
         return self._routed(lambda: self._backbone.encode_image(pixels, normalize=normalize), pixels=pixels)
@@ -248,8 +250,7 @@ def save_router(router: Router, out: Path, report: dict | None = None) -> dict[s
 
 def load_router(path: Path, entry: dict[str, Any], loaded_names: list[str]) -> Router:
     """The router of a composition, its names mapped to the adapters' names as loaded on the backbone."""
-    from safetensors.torch import load_file
-
+    from ..adapters.files import read_tensor_file
     from .composition import read_composition
 
     spec = read_composition(path)
@@ -261,7 +262,7 @@ def load_router(path: Path, entry: dict[str, Any], loaded_names: list[str]) -> R
             raise ConfigError(f"router of {path} routes to {n!r}, which is not one of its adapters")
         names.append(mapping.get(n) if n is not None else None)
     router = Router(int(entry["dim"]), names, int(entry.get("hidden", 64)))
-    router.load_state_dict(load_file(str(path / entry.get("file", ROUTER_FILE))))
+    router.load_state_dict(read_tensor_file(path / entry.get("file", ROUTER_FILE)))
     return router.eval()
 
 

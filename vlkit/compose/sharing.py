@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from ..adapters.model import AdaptedModel
+from ..adapters.sites import host_of
 from ..errors import ConfigError, IncompatibleAdapterError
 
 SHARING = ("per_task", "half_shared_down", "half_shared_up", "shared")
@@ -53,15 +55,14 @@ def tie_shared(backbone, names: list[str], sharing: str, check: bool = True) -> 
 
     With `check`, the tied tensors must already be equal (re-tying loaded copies). Returns the shared
     tensors by `<site path>.<part param>`."""
-    from ..adapters.inject import adapter_layers, host_of
-
+    model = AdaptedModel.of(backbone)
     if sharing == "per_task" or len(names) < 1:
         return {}
-    rec0 = backbone.adapter_records[names[0]]
+    rec0 = model.records[names[0]]
     parts = shared_parts(rec0.variant, sharing)
-    first = adapter_layers(backbone, names[0])
+    first = model.adapter_layers(names[0])
     for n in names[1:]:
-        rec = backbone.adapter_records[n]
+        rec = model.records[n]
         if rec.variant != rec0.variant or [s.path for s in rec.sites] != [s.path for s in rec0.sites]:
             raise IncompatibleAdapterError(f"adapters {names[0]} and {n} cannot share parameters: different "
                                            "variant or sites")

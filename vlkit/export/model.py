@@ -17,7 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import AdapterFileError, ConfigError
+from ..adapters.base import AdapterVariant
+from ..adapters.model import AdaptedModel
+from ..errors import AdapterFileError, ConfigError, InjectionError
+from ..plugins import registry
 
 COMPOSITION_FILE = "composition.json"
 
@@ -75,22 +78,20 @@ def load_sources(backbone, paths: list[str | Path]) -> dict[str, Any]:
             task_dirs.append(p)
         for n in got:
             names.append(n)
-            rec = backbone.adapter_records[n]
+            rec = AdaptedModel.of(backbone).records[n]
             described.append({"name": n, "variant": rec.variant, "path": str(p), "sites": len(rec.sites),
                               "source": info["kind"]})
     if system is not None:
         system.activate(backbone)
         mode, weights = system.composition.mode, system.composition.weights
     else:
-        backbone.set_active(*names)
+        AdaptedModel.of(backbone).set_adapter(*names)
         mode, weights = "stack", None
     return {"names": names, "mode": mode, "weights": weights, "adapters": described,
             "task_dirs": [str(d) for d in dict.fromkeys(task_dirs)]}
 
 
 def _mergeable(variant) -> bool:
-    from ..adapters.base import AdapterVariant
-
     return type(variant).merged_weight is not AdapterVariant.merged_weight
 
 
@@ -100,27 +101,24 @@ def merge_where_possible(backbone, enabled: bool = True) -> list[str]:
     Only in plain stacking (no weights, no routing), only variants that merge, and only when no earlier
     adapter left as an operator acts at the same site (stacking order there must be kept).
     """
-    from ..adapters.inject import merge_adapter, unmerge_adapter
-    from ..errors import InjectionError
-    from ..plugins import registry
-
-    st = backbone.adapter_state
-    if (not enabled or st.route is not None or st.mode != "stack" or getattr(st, "fusion", None)
+    model = AdaptedModel.of(backbone)
+    st = model.state
+    if (not enabled or st.route is not None or st.mode != "stack" or st.fusion
             or any(w != 1.0 for w in st.weights.values())):
         return []
     merged: list[str] = []
     blocked: set[str] = set()
     for name in st.active:
-        rec = backbone.adapter_records[name]
+        rec = model.records[name]
         var = registry("adapter").get(rec.variant)
         paths = {s.path for s in rec.sites}
-        ok = (_mergeable(var) and not getattr(var, "joint", False) and not rec.extra
+        ok = (_mergeable(var) and not var.joint and not rec.extra
               and all(s.kind == "linear" for s in rec.sites) and not (paths & blocked))
         if ok:
             try:
-                merge_adapter(backbone, name)
+                model.merge_adapter(name)
             except InjectionError:
-                unmerge_adapter(backbone, name)
+                model.unmerge_adapter(name)
                 ok = False
         if ok:
             merged.append(name)
@@ -132,15 +130,14 @@ def merge_where_possible(backbone, enabled: bool = True) -> list[str]:
 @contextmanager
 def unmerged(backbone, merged: list[str]):
     """The model exactly as vlkit runs it (merged adapters unfolded) inside the block."""
-    from ..adapters.inject import merge_adapter, unmerge_adapter
-
+    model = AdaptedModel.of(backbone)
     for name in reversed(merged):
-        unmerge_adapter(backbone, name)
+        model.unmerge_adapter(name)
     try:
         yield
     finally:
         for name in merged:
-            merge_adapter(backbone, name)
+            model.merge_adapter(name)
 
 
 # --- task -------------------------------------------------------------------------------------
@@ -216,9 +213,9 @@ def build_task(backbone, name: str, meta: dict[str, Any] | None, meta_dir: Path 
         if head_file is None or not head_file.is_file():
             raise AdapterFileError(f"the {name} task of {meta_dir} has a {task.head_kind} head but no "
                                    "head.safetensors beside it")
-        from safetensors.torch import load_file
+        from ..adapters.files import read_tensor_file
 
-        task.load_head_state(load_file(str(head_file)))
+        task.load_head_state(read_tensor_file(head_file))
     task.head.eval()
     for p in task.head.parameters():
         p.requires_grad_(False)

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from ..adapters.model import AdaptedModel
 from ..compose.resolve import AdapterResolver, System, frozen_system, resolve_adapter_arg
 from ..errors import ConfigError
 
@@ -77,11 +78,9 @@ def score_examples(backbone, systems: Sequence[System], n: int, get_batch: Batch
 
     from ..scoring import pair_scores, paired_scores, uses_joint_scoring
 
-    state = backbone.adapter_state
-    previous = (state.active, state.mode, dict(state.weights), getattr(state, "fusion", None))
     device = _device(backbone)
     out: dict[str, list[np.ndarray]] = {s.label: [] for s in systems}
-    try:
+    with AdaptedModel.of(backbone).preserved():
         for start in range(0, n, batch_size):
             stop = min(n, start + batch_size)
             images, captions = get_batch(start, stop)
@@ -98,7 +97,7 @@ def score_examples(backbone, systems: Sequence[System], n: int, get_batch: Batch
                 rows, cols = (ex * t + cap).to(device), (ex * m + img).to(device)
                 for system in systems:
                     system.activate(backbone)
-                    model = system.wrap(backbone) if hasattr(system, "wrap") else backbone
+                    model = system.wrap(backbone)
                     if uses_joint_scoring(model):  # fusion: only the pairs needed, each scored jointly
                         s = paired_scores(model, pixels[cols], tokens[rows])
                     else:
@@ -106,8 +105,4 @@ def score_examples(backbone, systems: Sequence[System], n: int, get_batch: Batch
                     out[system.label].append(s.float().cpu().numpy().reshape(k, t, m))
             if progress is not None:
                 progress(k)
-    finally:
-        active, mode, weights, fusion = previous
-        kw = {"fusion": fusion} if fusion else {}
-        backbone.set_active(*active, mode=mode, weights=[weights[a] for a in active] if weights else None, **kw)
     return {label: np.concatenate(parts) if parts else np.zeros((0, 0, 0)) for label, parts in out.items()}

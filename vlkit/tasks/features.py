@@ -40,8 +40,7 @@ def tower_fingerprint(backbone, tower: str) -> str:
     prefixes = backbone.tower_prefixes()[tower]
     h = hashlib.blake2b(digest_size=16)
     h.update(str(backbone.spec).encode())
-    state = getattr(backbone, "adapter_state", None)
-    h.update(repr((getattr(state, "active", None), getattr(state, "mode", None))).encode())
+    h.update(backbone.activation_key().encode())
     items = list(backbone.model.named_parameters()) + list(backbone.model.named_buffers())
     for name, t in sorted(items, key=lambda kv: kv[0]):
         if not name.startswith(prefixes):

@@ -22,6 +22,7 @@ from vlkit.adapters import linear_weights
 from vlkit.adapters.inject import adapter_layers, merge_adapter, unmerge_adapter
 from vlkit.errors import ConfigError
 from vlkit.plugins import reset_plugins
+from vlkit.adapters.model import AdaptedModel
 
 SPEC = "tiny@random"
 OPTIM = "{lr: 1.0e-2, head_lr: 5.0e-2, steps: STEPS, batch_size: 16, warmup_steps: 0, schedule: constant}"
@@ -167,9 +168,9 @@ def test_weight_merge_and_unmerge_restore_bit_exactly():
     vlkit.inject(bb, "ia3-weight", modules="all")
     _perturb(bb)
     tuned = _embed(bb, pixels, tokens)
-    bb.set_active()
+    AdaptedModel.of(bb).set_adapter()
     assert not torch.allclose(_embed(bb, pixels, tokens)[0], tuned[0], atol=1e-4)
-    bb.set_active("default")
+    AdaptedModel.of(bb).set_adapter("default")
     base = {n: p.detach().clone() for n, p in bb.base_parameters().items()}
     merge_adapter(bb, "default")
     changed = [n for n, p in bb.base_parameters().items() if not torch.equal(p, base[n])]
@@ -369,7 +370,7 @@ def test_compose_merge_of_two_ia3_weight_adapters_loads(runs):
     pixels, tokens = _inputs(bb)
     frozen = _embed(bb, pixels, tokens)
     name = vlkit.load_adapter(bb, out)
-    assert bb.adapter_records[bb.adapter_state.active[0]].variant == "ia3-weight", name
+    assert AdaptedModel.of(bb).records[AdaptedModel.of(bb).state.active[0]].variant == "ia3-weight", name
     merged = _embed(bb, pixels, tokens)
     assert not torch.allclose(merged[0], frozen[0], atol=1e-6)
 

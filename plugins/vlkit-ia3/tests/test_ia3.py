@@ -14,6 +14,7 @@ import vlkit
 from vlkit.adapters.inject import adapter_layers, inject, merge_adapter, unmerge_adapter
 from vlkit.errors import ConfigError
 from vlkit.plugins import ENTRY_POINT_GROUP, PluginSystem, reset_plugins
+from vlkit.adapters.model import AdaptedModel
 
 SPEC = "tiny@random"
 
@@ -151,7 +152,7 @@ def test_identity_at_init(injected_dir):
     pixels, tokens = _inputs(bb)
     frozen = _embed(bb, pixels, tokens)
     vlkit.load_adapter(bb, injected_dir)
-    assert bb.adapter_state.active == ("default",)
+    assert AdaptedModel.of(bb).state.active == ("default",)
     assert all(torch.equal(p, torch.ones_like(p)) for p in _ia3_params(bb).values())
     adapted = _embed(bb, pixels, tokens)
     for a, f in zip(adapted, frozen):
@@ -192,14 +193,14 @@ def test_save_and_reload_is_bit_exact(injected_dir, tmp_path):
     bb = _perturbed(injected_dir)
     pixels, tokens = _inputs(bb)
     tuned = _embed(bb, pixels, tokens)
-    bb.set_active()
+    AdaptedModel.of(bb).set_adapter()
     frozen = _embed(bb, pixels, tokens)
     assert not torch.allclose(tuned[0], frozen[0], atol=1e-4)
     vlkit.save_adapter(bb, tmp_path / "tuned", name="tuned")
 
     fresh = vlkit.load_backbone(SPEC)
     vlkit.load_adapter(fresh, tmp_path / "tuned")
-    assert fresh.adapter_state.active == ("tuned",)
+    assert AdaptedModel.of(fresh).state.active == ("tuned",)
     reloaded = _embed(fresh, pixels, tokens)
     for a, b in zip(reloaded, tuned):
         assert torch.equal(a, b)

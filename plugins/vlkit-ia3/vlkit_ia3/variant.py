@@ -88,7 +88,7 @@ class IA3Variant(AdapterVariant):
     def roles(self, config: IA3Config) -> tuple[str, ...]:
         return MODULE_ROLES[config.modules]
 
-    def create_layer(self, site, config: IA3Config) -> nn.Module:
+    def create_layer(self, site, config: IA3Config, base=None) -> nn.Module:
         scales_input = site.role in INPUT_SCALED_ROLES
         features = site.in_features if scales_input else site.out_features
         return IA3Layer(features, scales_input, config.init)

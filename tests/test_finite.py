@@ -1,0 +1,124 @@
+"""NaN/inf adapter tensors are refused on every path that loads them (issue 29): each `vlkit compose` mode,
+`compose run`, `probe`, `export`, `inspect`, the task head and the server's hot load. One line, exit 2,
+naming the file."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import vlkit
+from cli_helpers import cli
+from vlkit.adapters.model import AdaptedModel
+
+SPEC = "tiny@random"
+
+
+def poison(file, value=float("nan")):
+    t = load_file(str(file))
+    k = sorted(t)[0]
+    t[k] = torch.full_like(t[k], value)
+    save_file(t, str(file))
+    return file
+
+
+def one_error_line(code, err, file):
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith("error:") and str(file) in lines[0] and "NaN or inf" in lines[0], err
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("finite")
+    out = {"tmp": tmp}
+    for name, value in (("good", None), ("other", None), ("nan", float("nan")), ("inf", float("-inf"))):
+        bb = vlkit.load_backbone(SPEC)
+        vlkit.inject(bb, "lora", name=name, rank=2)
+        d = vlkit.save_adapter(bb, tmp / name, name=name)
+        if value is not None:
+            poison(d / "adapter_model.safetensors", value)
+        out[name] = d
+    return out
+
+
+@pytest.mark.parametrize("mode", ["stack", "average", "parallel", "merge", "route", "fuse"])
+def test_compose_refuses_non_finite_in_every_mode(dirs, tmp_path, capsys, mode):
+    out = tmp_path / "out"
+    code, _, err = cli(["compose", f"{dirs['good']},{dirs['nan']}", "--mode", mode, "-o", str(out)], capsys)
+    one_error_line(code, err, dirs["nan"] / "adapter_model.safetensors")
+    assert not out.exists()
+
+
+def test_inf_is_refused_too_and_good_adapters_still_compose(dirs, tmp_path, capsys):
+    code, _, err = cli(["compose", f"{dirs['inf']},{dirs['good']}", "--mode", "stack", "-o", str(tmp_path / "x")],
+                       capsys)
+    one_error_line(code, err, dirs["inf"] / "adapter_model.safetensors")
+    code, _, err = cli(["compose", f"{dirs['good']},{dirs['other']}", "--mode", "stack", "-o",
+                        str(tmp_path / "ok")], capsys)
+    assert code == 0, err
+
+
+def test_compose_run_of_a_composition_whose_copy_went_bad(dirs, tmp_path, capsys):
+    from PIL import Image
+
+    comp = tmp_path / "comp"
+    code, _, err = cli(["compose", f"{dirs['good']},{dirs['other']}", "--mode", "stack", "-o", str(comp)], capsys)
+    assert code == 0, err
+    files = sorted(comp.rglob("adapter_model.safetensors"))
+    assert files
+    poison(files[-1])
+    img = tmp_path / "x.png"
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(img)
+    code, _, err = cli(["compose", "run", str(comp), "--image", str(img), "--text", "a red square"], capsys)
+    one_error_line(code, err, files[-1])
+
+
+def test_probe_export_and_inspect_refuse(dirs, tmp_path, capsys):
+    wfile = dirs["nan"] / "adapter_model.safetensors"
+    code, _, err = cli(["probe", "winoground", "--backbone", SPEC, "--data", "synth", "-n", "4", "--bootstrap",
+                        "5", "--adapters", str(dirs["nan"]), "--no-progress"], capsys)
+    one_error_line(code, err, wfile)
+    code, out, err = cli(["probe", "winoground", "--backbone", SPEC, "--data", "synth", "-n", "4", "--bootstrap",
+                          "5", "--adapters", f"{dirs['good']}+{dirs['nan']}", "--no-progress", "--json"], capsys)
+    one_error_line(code, err, wfile)
+    assert out == ""
+    code, _, err = cli(["export", "--adapter", str(dirs["nan"]), "-o", str(tmp_path / "onnx")], capsys)
+    one_error_line(code, err, wfile)
+    assert not (tmp_path / "onnx").exists()
+    code, _, err = cli(["export", "--format", "peft", "--adapter", str(dirs["nan"]), "-o", str(tmp_path / "p")],
+                       capsys)
+    one_error_line(code, err, wfile)
+    code, _, err = cli(["inspect", str(dirs["inf"])], capsys)
+    one_error_line(code, err, dirs["inf"] / "adapter_model.safetensors")
+
+
+def test_load_adapter_and_a_non_finite_head(dirs, tmp_path):
+    from vlkit.compose.predict import load_task
+    from vlkit.errors import AdapterFileError
+
+    bb = vlkit.load_backbone(SPEC)
+    with pytest.raises(AdapterFileError, match="NaN or inf"):
+        vlkit.load_adapter(bb, dirs["nan"])
+    assert "nan" not in AdaptedModel.of(bb).records  # nothing half-loaded
+    meta = {"name": "vqa", "options": {"answers": ["red", "blue"], "hidden": 8}}
+    head = tmp_path / "head.safetensors"
+    save_file(load_task(bb, meta).head_state(), str(head))
+    assert load_task(bb, meta, head) is not None
+    poison(head, float("inf"))
+    with pytest.raises(AdapterFileError, match="head.safetensors holds NaN or inf"):
+        load_task(bb, meta, head)
+
+
+def test_server_hot_load_refuses_with_422(dirs):
+    from starlette.testclient import TestClient
+
+    from vlkit.serve import ServeConfig, create_app
+
+    app = create_app(ServeConfig(backbone=SPEC, adapters=[str(dirs["good"])], max_batch=4, max_wait_ms=5))
+    with TestClient(app) as c:
+        r = c.post("/v1/adapters/bad", json={"path": str(dirs["nan"])})
+        assert r.status_code == 422, r.text
+        assert str(dirs["nan"] / "adapter_model.safetensors") in r.json()["error"] and "NaN" in r.json()["error"]
+        assert "bad" not in {a["name"] for a in c.get("/v1/adapters").json()["adapters"]}
+        assert c.post("/v1/adapters/other", json={"path": str(dirs["other"])}).status_code == 201

@@ -1,0 +1,125 @@
+"""`vlkit export --format peft`: a `lora` adapter, or a `peft` bridge adapter of any tuner, trained on an `hf:`
+backbone, written as a directory that `peft.PeftModel.from_pretrained(CLIPModel, dir)` loads (adapter_config.json
+written by PEFT's own config class, target_modules the exact module paths).
+
+The export is verified: the directory is loaded with PEFT onto a fresh copy of the base model and its image and
+text embeddings are compared with vlkit's on random inputs; a mismatch writes nothing. Reading PEFT directories is
+`vlkit.adapters.peft_format`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..adapters.files import read_adapter_config
+from ..adapters.model import AdaptedModel
+from ..adapters.peft_bridge import _peft_config, _site_name, peft_config_class
+from ..adapters.peft_format import CONFIG_NAME, EXPORT_TOLERANCE, PEFT_PREFIX, WEIGHTS_NAME
+from ..backbones.loading import load_backbone
+from ..errors import ConfigError, ExportError
+from ..io import save_safetensors
+from ..outputs import OutputTarget
+
+
+def _peft_tensors_and_config(backbone, name: str) -> tuple[dict[str, torch.Tensor], Any]:
+    """PEFT's state-dict keys and config object for adapter `name` (a `lora` or a `peft` bridge adapter)."""
+    model = AdaptedModel.of(backbone)
+    record = model.adapter(name).record
+    params = model.adapter_parameters(name)
+    if record.extra:
+        raise ConfigError(f"adapter {name!r} also trains backbone parameters ({', '.join(sorted(record.extra))}); "
+                          "a PEFT directory holds adapter tensors only")
+    paths = [s.path for s in record.sites]
+    if any("#" in p for p in paths) or backbone.family != "hf":
+        raise ConfigError(f"PEFT's format addresses transformers modules; {backbone.spec} ({backbone.family}) keeps "
+                          "its q/k/v inside nn.MultiheadAttention, which PEFT does not target as modules",
+                          hint="export --format peft takes adapters trained on hf: backbones")
+    c = record.config
+    out: dict[str, torch.Tensor] = {}
+    if record.variant == "lora":
+        from peft import LoraConfig
+
+        pcfg = LoraConfig(r=int(c["rank"]), lora_alpha=float(c["alpha"]), lora_dropout=float(c.get("dropout", 0.0)),
+                          target_modules=paths)
+        for p in paths:
+            out[f"{PEFT_PREFIX}{p}.lora_A.weight"] = params[f"{p}.lora_A"]
+            out[f"{PEFT_PREFIX}{p}.lora_B.weight"] = params[f"{p}.lora_B"]
+        return out, pcfg
+    if record.variant == "peft":
+        bridge = dict(c["config"])
+        ff = [s.path for s in record.sites
+              if bridge["peft_type"] == "IA3" and any(_site_name(s) == f or _site_name(s).endswith("." + f)
+                                                       for f in (bridge.get("feedforward_modules") or []))]
+        pcfg = _peft_config(bridge, feedforward=False)
+        pcfg.target_modules = set(paths)
+        if bridge["peft_type"] == "IA3":
+            pcfg.feedforward_modules = set(ff)
+        peft_config_class(bridge["peft_type"])
+        for key, t in params.items():
+            site, _, rest = key.partition(".tuner.")
+            parts = [x for x in rest.split(".") if x != "default"]
+            if parts[-1] == "weight" and parts[0] == "lora_magnitude_vector":
+                parts = parts[:-1]
+            out[f"{PEFT_PREFIX}{site}.{'.'.join(parts)}"] = t
+        return out, pcfg
+    raise ConfigError(f"adapter {name!r} is a {record.variant} adapter; PEFT's format holds lora and peft adapters",
+                      hint="train with adapter.variant=lora or adapter.variant=peft")
+
+
+def write_peft_dir(backbone, name: str, path: str | Path) -> Path:
+    """Write adapter `name` of an hf backbone as a PEFT adapter directory at `path`."""
+    tensors, pcfg = _peft_tensors_and_config(backbone, name)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    src = backbone.spec.split(":", 1)[1] if backbone.spec.startswith("hf:") else backbone.spec
+    pcfg.base_model_name_or_path = src
+    pcfg.inference_mode = True
+    pcfg.save_pretrained(str(path))
+    save_safetensors({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, path / WEIGHTS_NAME,
+                     metadata={"format": "pt"})
+    return path
+
+
+def peft_reference(spec: str, path: str | Path):
+    """A fresh backbone for `spec` whose model PEFT's `PeftModel.from_pretrained` has wrapped with `path`."""
+    from peft import PeftModel
+
+    ref = load_backbone(spec)
+    PeftModel.from_pretrained(ref.model, str(path)).eval()  # injects PEFT's layers into ref.model in place
+    return ref
+
+
+def compare(a, b, seed: int = 0, n: int = 3) -> dict[str, float]:
+    """Max abs differences of normalised image and text embeddings of two backbones on the same random inputs."""
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(n, 3, a.image_size, a.image_size, generator=g)
+    tokens = a.tokenize(["a photo of a cat", "the hat", "a"][:n])
+    with torch.no_grad():
+        return {"image": float((a.encode_image(pixels, normalize=True) - b.encode_image(pixels, normalize=True)).abs().max()),
+                "text": float((a.encode_text(tokens, normalize=True) - b.encode_text(tokens, normalize=True)).abs().max())}
+
+
+def export_peft(out: str | Path, adapter: str | Path, *, backbone: str | None = None, overwrite: bool = False,
+                seed: int = 0) -> dict[str, Any]:
+    """`vlkit export --format peft`: write `adapter` as a PEFT directory at `out`, verified through PEFT itself."""
+    output = OutputTarget(out, overwrite=overwrite, inputs=[adapter], what="PEFT adapter directory")
+    output.check()
+    cfg = read_adapter_config(adapter)
+    spec = backbone or cfg.get("backbone")
+    if not spec or not str(spec).startswith("hf:"):
+        raise ConfigError(f"--format peft writes adapters of transformers backbones (hf:...); this adapter is for "
+                          f"{spec!r}", hint="open_clip / tiny adapters stay in vlkit's format (vlkit.load_adapter)")
+    bb = load_backbone(spec)
+    rec = AdaptedModel.of(bb).load_adapter(adapter)
+    with output:
+        write_peft_dir(bb, rec.name, output.staging)
+        diffs = compare(bb, peft_reference(spec, output.staging), seed=seed)
+        worst = max(diffs.values())
+        if not worst <= EXPORT_TOLERANCE:
+            raise ExportError(f"PEFT's model differs from vlkit's by {worst:.3g} (tolerance {EXPORT_TOLERANCE:g}); "
+                              f"nothing was written to {out}")
+    return {"format": "peft", "out": str(out), "adapter": str(adapter), "variant": rec.variant,
+            "backbone": spec, "modules": len(rec.sites), "max_abs_diff": diffs, "tolerance": EXPORT_TOLERANCE,
+            "written": [CONFIG_NAME, WEIGHTS_NAME]}
