@@ -7,7 +7,7 @@ from .output import console
 
 
 class TrainProgress:
-    """`progress(event, **info)` for `vlkit.train.engine.run`: a bar for steps, warnings as yellow lines."""
+    """`progress(event, **info)` for `vlkit.train.engine.run`: a bar for steps, warnings as yellow lines, notes."""
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
@@ -17,6 +17,9 @@ class TrainProgress:
     def __call__(self, event: str, **info: Any) -> None:
         if event == "warning":
             console.print(f"[yellow]warning:[/yellow] {info.get('message', '')}")
+            return
+        if event == "note":
+            console.print(f"note: {info.get('message', '')}")
             return
         if not self.enabled:
             return
