@@ -86,9 +86,6 @@ def test_probe_export_and_inspect_refuse(dirs, tmp_path, capsys):
     code, _, err = cli(["export", "--adapter", str(dirs["nan"]), "-o", str(tmp_path / "onnx")], capsys)
     one_error_line(code, err, wfile)
     assert not (tmp_path / "onnx").exists()
-    code, _, err = cli(["export", "--format", "peft", "--adapter", str(dirs["nan"]), "-o", str(tmp_path / "p")],
-                       capsys)
-    one_error_line(code, err, wfile)
     code, _, err = cli(["inspect", str(dirs["inf"])], capsys)
     one_error_line(code, err, dirs["inf"] / "adapter_model.safetensors")
 
