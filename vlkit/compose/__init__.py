@@ -18,7 +18,7 @@ _LAZY = {
     "compose": "vlkit.compose.api",
     "resolve_sources": "vlkit.compose.api",
     "source_dirs": "vlkit.compose.resolve",
-    "load_composition": "vlkit.compose.composition",
+    "load_composition": "vlkit.compose.resolve",
     "write_composition": "vlkit.compose.composition",
     "read_composition": "vlkit.compose.composition",
     "Composition": "vlkit.compose.composition",

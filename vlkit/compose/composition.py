@@ -174,68 +174,18 @@ class Composition:
 
     def routed(self, backbone):
         """A view of `backbone` whose encoders send each input through the adapter the router picks."""
-        from .router import RoutedBackbone
-
         if self.router is None:
             raise ConfigError(f"composition {self.path} has no router",
                               hint="train one with `vlkit compose A,B --mode route -o DIR`")
-        return RoutedBackbone(backbone, self.router)
+        return self.router.view(backbone)
 
 
-def _read_task(d: Path | None) -> dict[str, Any]:
+def read_task(d: Path | None) -> dict[str, Any]:
     if d is None:
         return {}
     meta = json.loads((d / "task.json").read_text()) if (d / "task.json").is_file() else None
     head = d / "head.safetensors"
     return {"meta": meta, "head": head if head.is_file() else None, "dir": d}
-
-
-def load_composition(backbone, path: str | Path, *, activate: bool = True, resolver=None) -> Composition:
-    """Load the composition at `path` onto `backbone` (adapters under free names) and activate it."""
-    from .adapter_fusion import load_fusion
-    from .resolve import AdapterResolver
-
-    path = Path(path)
-    spec = read_composition(path)
-    fp = spec.get("backbone_fingerprint")
-    if fp and fp != backbone.fingerprint():
-        raise IncompatibleAdapterError(f"composition {path} was made for backbone {spec.get('backbone')!r} "
-                                       f"(fingerprint {fp}), but this backbone is {backbone.spec!r} "
-                                       f"(fingerprint {backbone.fingerprint()})")
-    resolver = resolver or AdapterResolver(backbone)
-    names, tasks = [], {}
-    for item in adapter_entries(path, spec):
-        target = str(item["path"]) if item["path"] is not None else item["name"]
-        name, _ = resolver.part(target, preferred=item.get("name"))
-        names.append(name)
-        tasks[name] = _read_task(item["path"])
-    if len(set(names)) != len(names):
-        raise ConfigError(f"composition {path} lists the same adapter twice")
-    mode = spec.get("mode", "stack")
-    weights = spec.get("weights")
-    if weights is not None and len(weights) != len(names):
-        raise ConfigError(f"composition {path}: {len(weights)} weights for {len(names)} adapters")
-    comp = Composition(path, mode, names, [float(w) for w in weights] if weights is not None else None,
-                       tasks=tasks, spec=spec)
-    if mode == "fuse":
-        fz = spec.get("fusion") or {}
-        fusion = resolver.free_fusion_name(fz.get("name") or "fusion")
-        load_fusion(backbone, fusion, names, path / fz.get("file", "fusion.safetensors"),
-                    temperature=float(fz.get("temperature", 1.0)))
-        comp.fusion = fusion
-        if isinstance(spec.get("task"), dict) and spec["task"].get("meta"):
-            comp.tasks["__fusion__"] = _read_task(path)
-    if mode == "route" and spec.get("router"):
-        from .router import load_router
-
-        comp.router = load_router(path, spec["router"], names)
-    if spec.get("sharing") and spec["sharing"] != "per_task":
-        from .sharing import tie_shared
-
-        tie_shared(backbone, names, spec["sharing"])
-    if activate:
-        comp.activate(backbone)
-    return comp
 
 
 @contextlib.contextmanager

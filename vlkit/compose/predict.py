@@ -13,7 +13,8 @@ import torch
 
 from ..adapters.model import AdaptedModel
 from ..errors import ConfigError
-from .composition import Composition, load_composition
+from .composition import Composition
+from .resolve import load_composition
 
 
 def load_task(backbone, meta: dict[str, Any] | None, head: Path | None = None):

@@ -27,7 +27,13 @@ from typing import Any
 from ..adapters.files import read_adapter_config
 from ..adapters.model import AdaptedModel
 from ..errors import ConfigError
-from .composition import COMPOSITION_FILE
+from .adapter_fusion import load_fusion
+from .composition import (
+    COMPOSITION_FILE, Composition, activation, adapter_entries, is_composition, read_composition, read_task,
+    write_composition,
+)
+from .router import load_router
+from .sharing import tie_shared
 
 ADAPTER_CONFIG = "adapter_config.json"
 FROZEN_NAMES = ("backbone", "none", "frozen")
@@ -47,9 +53,6 @@ def find_source(text: str, base: Path | None = None) -> Path:
 def source_dirs(items: list[str] | str) -> list[tuple[str, Path]]:
     """(free name, adapter directory) for each argument, nothing loaded; a composition directory stands for
     its adapters (e.g. the per-task adapters of a multi-task run)."""
-    from ..adapters.files import read_adapter_config
-    from .composition import adapter_entries, is_composition, read_composition
-
     if isinstance(items, str):
         items = [p.strip() for p in items.split(",") if p.strip()]
     out: list[tuple[str, Path]] = []
@@ -155,8 +158,6 @@ class AdapterResolver:
                           f"backbone" + (f" (loaded: {', '.join(self.model.records)})" if self.model.records else ""))
 
     def composition(self, path: Path, label: str) -> System:
-        from .composition import activation, load_composition
-
         comp = load_composition(self.backbone, path, activate=False, resolver=self)
         mode, weights = activation(comp.mode, comp.weights, len(comp.names))
         if comp.mode == "route":
@@ -219,8 +220,47 @@ def load_recipe_base(backbone, cfg) -> list[tuple[str, Path]]:
 
 def write_base_composition(out: Path, backbone, adapter: str) -> None:
     """After training on a base: `out` is also a stack composition (the base adapters copied in, then `.`)."""
-    from .composition import write_composition
-
     stack = AdaptedModel.of(backbone).base_stack
     if stack:
         write_composition(out, "stack", backbone, list(stack) + [(adapter, out)])
+
+
+def load_composition(backbone, path: str | Path, *, activate: bool = True, resolver=None) -> Composition:
+    """Load the composition at `path` onto `backbone` (adapters under free names) and activate it."""
+    path = Path(path)
+    spec = read_composition(path)
+    fp = spec.get("backbone_fingerprint")
+    if fp and fp != backbone.fingerprint():
+        raise IncompatibleAdapterError(f"composition {path} was made for backbone {spec.get('backbone')!r} "
+                                       f"(fingerprint {fp}), but this backbone is {backbone.spec!r} "
+                                       f"(fingerprint {backbone.fingerprint()})")
+    resolver = resolver or AdapterResolver(backbone)
+    names, tasks = [], {}
+    for item in adapter_entries(path, spec):
+        target = str(item["path"]) if item["path"] is not None else item["name"]
+        name, _ = resolver.part(target, preferred=item.get("name"))
+        names.append(name)
+        tasks[name] = read_task(item["path"])
+    if len(set(names)) != len(names):
+        raise ConfigError(f"composition {path} lists the same adapter twice")
+    mode = spec.get("mode", "stack")
+    weights = spec.get("weights")
+    if weights is not None and len(weights) != len(names):
+        raise ConfigError(f"composition {path}: {len(weights)} weights for {len(names)} adapters")
+    comp = Composition(path, mode, names, [float(w) for w in weights] if weights is not None else None,
+                       tasks=tasks, spec=spec)
+    if mode == "fuse":
+        fz = spec.get("fusion") or {}
+        fusion = resolver.free_fusion_name(fz.get("name") or "fusion")
+        load_fusion(backbone, fusion, names, path / fz.get("file", "fusion.safetensors"),
+                    temperature=float(fz.get("temperature", 1.0)))
+        comp.fusion = fusion
+        if isinstance(spec.get("task"), dict) and spec["task"].get("meta"):
+            comp.tasks["__fusion__"] = read_task(path)
+    if mode == "route" and spec.get("router"):
+        comp.router = load_router(path, spec["router"], names)
+    if spec.get("sharing") and spec["sharing"] != "per_task":
+        tie_shared(backbone, names, spec["sharing"])
+    if activate:
+        comp.activate(backbone)
+    return comp

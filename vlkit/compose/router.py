@@ -27,7 +27,7 @@ from torch import nn
 
 from ..adapters.model import AdaptedModel
 from ..errors import ConfigError, DataError
-from .composition import frozen
+from .composition import read_composition
 
 ROUTER_FILE = "router.safetensors"
 TEXT_COLUMNS = ("question", "expression", "caption", "text")
@@ -46,6 +46,10 @@ class Router(nn.Module):
         return self.net(features)
 
     @torch.no_grad()
+    def view(self, backbone) -> RoutedBackbone:
+        """`backbone` seen through this router: each encoder input goes through the adapter picked for it."""
+        return RoutedBackbone(backbone, self)
+
     def predict(self, features: torch.Tensor) -> torch.Tensor:
         return self.net(features.to(self.net[0].weight)).argmax(-1)
 
@@ -61,7 +65,7 @@ def features(backbone, pixels: torch.Tensor | None = None, tokens: torch.Tensor 
     dev = next(backbone.parameters()).device
     img = torch.zeros(n, d, device=dev)
     txt = torch.zeros(n, d, device=dev)
-    with frozen(backbone):
+    with AdaptedModel.of(backbone).disabled():
         if pixels is not None:
             img = torch.cat([backbone.encode_image(pixels[i:i + batch_size].to(dev), normalize=True)
                              for i in range(0, n, batch_size)]).float()
@@ -251,8 +255,6 @@ def save_router(router: Router, out: Path, report: dict | None = None) -> dict[s
 def load_router(path: Path, entry: dict[str, Any], loaded_names: list[str]) -> Router:
     """The router of a composition, its names mapped to the adapters' names as loaded on the backbone."""
     from ..adapters.files import read_tensor_file
-    from .composition import read_composition
-
     spec = read_composition(path)
     comp_names = [a.get("name") for a in spec["adapters"]]
     mapping = dict(zip(comp_names, loaded_names))

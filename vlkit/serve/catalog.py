@@ -175,7 +175,8 @@ class TorchCatalog:
         return name
 
     def _add_composition(self, path: Path, name: str | None, resolver=None) -> list[str]:
-        from ..compose.composition import activation, load_composition
+        from ..compose.composition import activation
+        from ..compose.resolve import load_composition
         from ..compose.predict import _task_for
         from ..compose.resolve import free_name
 
