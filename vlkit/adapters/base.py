@@ -5,9 +5,11 @@ import dataclasses
 import json
 import typing
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
+import torch
 from torch import nn
 
 from ..errors import ConfigError
@@ -109,7 +111,11 @@ def build_config(cls: type, options: dict[str, Any], what: str = "adapter") -> A
     return cfg
 
 
-class AdapterVariant(ABC):
+ConfigT = TypeVar("ConfigT", bound=AdapterConfig)
+"""A variant's own config dataclass: `class LoraVariant(AdapterVariant[LoraConfig])`."""
+
+
+class AdapterVariant(ABC, Generic[ConfigT]):
     """How one kind of adapter wraps a site. The core (vlkit.adapters.inject) does the rest: it selects the
     sites, wraps their modules in hosts, freezes the backbone, creates one layer per site through
     `create_layer`, saves / loads the layers' `state_dict()`, merges, shares and composes them.
@@ -198,19 +204,19 @@ class AdapterVariant(ABC):
     `parallel` (activating two adapters of this variant together in that mode), `merge` (every adapter-merge method) or
     the name of one merge method (`task_arithmetic`, ...)."""
 
-    def make_config(self, **options: Any) -> AdapterConfig:
+    def make_config(self, **options: Any) -> ConfigT:
         return build_config(self.config_cls, options, what=f"{self.name} adapter")
 
-    def roles(self, config: AdapterConfig) -> tuple[str, ...]:
+    def roles(self, config: ConfigT) -> tuple[str, ...]:
         """The site roles targeted when the config names no explicit targets."""
         return self.default_roles
 
-    def place(self, site, config: AdapterConfig):
+    def place(self, site, config: ConfigT):
         """The site a layer is made for; a variant may move it (e.g. to a sub-layer's input: a copy with
         kind "input" and a role like `attn.in`). Default: as is."""
         return site
 
-    def prepare_config(self, backbone, config: AdapterConfig, sites) -> AdapterConfig:
+    def prepare_config(self, backbone, config: ConfigT, sites) -> ConfigT:
         """Fill in what depends on the backbone (e.g. a layer pairing) before layers are made; saved with the
         adapter."""
         return config
@@ -230,7 +236,7 @@ class AdapterVariant(ABC):
         return None
 
     @abstractmethod
-    def create_layer(self, site, config: AdapterConfig, base=None) -> nn.Module:
+    def create_layer(self, site, config: ConfigT, base=None) -> nn.Module:
         """A new layer for `site` (see the class docstring for the layer contract).
 
         `base` is the frozen base behind the site: for a linear site an object with `weight`
@@ -240,8 +246,7 @@ class AdapterVariant(ABC):
         live base parameters: read them, do not modify them; `vlkit.adapters.linear_weights(base, role)`
         gives a sub-projection of an output site's module.
 
-        The core passes `base` as a keyword when the method has a parameter named `base` (or **kwargs);
-        variants written with the older `create_layer(self, site, config)` are called without it."""
+        The core always passes `base` as a keyword: keep the parameter in an override's signature."""
 
     def merged_weight(self, layer: nn.Module, weight, bias):
         """(weight, bias) with the layer folded in, or None when the variant cannot merge.
@@ -250,7 +255,17 @@ class AdapterVariant(ABC):
         tensors of the same shapes (a bias of None keeps the base's bias). Only linear sites merge."""
         return None
 
-    def extra_trainable(self, backbone, config: AdapterConfig, sites) -> dict[str, nn.Parameter]:
+    def describe_state(self, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Iterable[tuple[str, str]]:
+        """(label, value) lines `vlkit inspect` prints for a saved adapter of this variant (its `config` as saved
+        and its tensors by saved key). Default: none."""
+        return ()
+
+    def plain_equivalent_parameters(self, config: ConfigT, sites) -> int | None:
+        """Parameters of a plain bottleneck on the same sites, for variants whose overhead over one is worth
+        reporting (`vlkit inject` prints it); None: not reported."""
+        return None
+
+    def extra_trainable(self, backbone, config: ConfigT, sites) -> dict[str, nn.Parameter]:
         """Backbone parameters this variant trains too (e.g. layer norms), by unwrapped name.
 
         They are saved as `base::<name>`; they are absolute weights, so adapter merges other than `linear`

@@ -71,9 +71,8 @@ def _state(cfg: dict[str, Any], weights: dict[str, torch.Tensor]) -> dict[str, A
         var = reg.get(cfg["variant"]) if cfg.get("variant") in reg else None
     except Exception:  # an uninstalled plugin's adapter is still inspectable
         var = None
-    describe = getattr(var, "describe_state", None)
-    if describe is not None:
-        summary = [[str(k), str(v)] for k, v in describe(cfg.get("config", {}), weights)]
+    if var is not None:
+        summary = [[str(k), str(v)] for k, v in var.describe_state(cfg.get("config", {}), weights)]
     return {"state": state, "summary": summary}
 
 

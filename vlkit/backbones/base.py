@@ -67,7 +67,7 @@ class Backbone(nn.Module, metaclass=ABCMeta):
 
     def __init__(self, model: nn.Module, spec: str):
         super().__init__()
-        self.model = model
+        self.model: Any = model  # the family's own model class: its attributes differ per family
         self.spec = spec
         self.adapter_state = AdapterState()
         self._fingerprint = self._compute_fingerprint()
@@ -125,8 +125,8 @@ class Backbone(nn.Module, metaclass=ABCMeta):
         return torch.stack([self.preprocess(im) for im in images])
 
     image_size: int = 224
-    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)
     context_length: int = 77
 
     @property
@@ -148,6 +148,11 @@ class Backbone(nn.Module, metaclass=ABCMeta):
     def tower_prefixes(self) -> dict[str, tuple[str, ...]]:
         """Module-path prefixes of each tower, for per-tower parameter counts."""
         ...
+
+    def sequence_layout(self, tower: str):
+        """How the tower's blocks see their token sequence (`vlkit.backbones.sequence.SequenceLayout`), for
+        sequence sites (prompt tuning); None: the tower offers no sequence site."""
+        return None
 
     def all_blocks(self) -> list[Block]:
         return [b for t in TOWERS for b in self.blocks(t)]
@@ -290,7 +295,7 @@ def resolve_module(root: nn.Module, path: str) -> nn.Module:
     """The module at `path` of the unwrapped model; adapter hosts on the way are seen through."""
     from .hosts import AdapterHost
 
-    mod = root
+    mod: Any = root
     for part in path.split(".") if path else []:
         if isinstance(mod, AdapterHost):
             mod = mod.base
@@ -302,7 +307,7 @@ def set_module(root: nn.Module, path: str, new: nn.Module) -> None:
     from .hosts import AdapterHost
 
     parent_path, _, leaf = path.rpartition(".")
-    parent = resolve_module(root, parent_path) if parent_path else root
+    parent: Any = resolve_module(root, parent_path) if parent_path else root
     if isinstance(parent, AdapterHost):
         parent = parent.base
     if leaf.isdigit():

@@ -235,7 +235,7 @@ class AdaptedSequence(AdapterHost):
 def sequence_host(backbone, site: Site) -> AdaptedSequence:
     """The sequence host of `site`'s block; the first call for a tower wraps every block of that tower at once
     (later blocks carry the tokens on and the last one strips them)."""
-    layout = getattr(backbone, "sequence_layout", lambda tower: None)(site.tower)
+    layout = backbone.sequence_layout(site.tower)
     if layout is None:
         raise ConfigError(f"the {site.tower} tower of {backbone.spec} has no sequence sites")
     module = resolve_module(backbone.model, site.host_path)
@@ -252,5 +252,7 @@ def sequence_host(backbone, site: Site) -> AdaptedSequence:
         host = AdaptedSequence(mod, backbone.adapter_state, layout, carry, first=k == 0, last=k == len(blocks) - 1,
                                tower=site.tower)
         set_module(backbone.model, block.path, host)
-    return resolve_module(backbone.model, site.host_path)
+    wrapped = resolve_module(backbone.model, site.host_path)
+    assert isinstance(wrapped, AdaptedSequence)
+    return wrapped
 

@@ -103,7 +103,7 @@ def _task_of(directory: Path, columns: list[str]) -> str:
     best, size = None, -1
     for kind in ("task", "probe"):
         for entry in registry(kind):
-            need = tuple(getattr(entry.obj, "required", ()) or ())
+            need = tuple(entry.obj.required)
             if need and all(c in columns for c in need) and len(need) > size:
                 best, size = entry.name, len(need)
     if best is None:

@@ -61,10 +61,9 @@ def register(cli: typer.Typer) -> None:
         report = model.parameter_report()
         result = {"backbone": model.spec, "variant": adapter, "name": name, "config": record.config,
                   "targets": record.targets, "parameters": report, "dry_run": dry_run}
-        plain = getattr(registry("adapter").get(adapter), "plain_equivalent_parameters", None)
-        if plain is not None:
+        ref = registry("adapter").get(adapter).plain_equivalent_parameters(record.config_obj, record.sites)
+        if ref is not None:
             own = report["adapters"][name]["parameters"]
-            ref = plain(record.config_obj, record.sites)
             result["overhead_vs_bottleneck"] = {"adapter": own, "bottleneck": ref,
                                                 "percent": 100.0 * (own - ref) / max(ref, 1)}
         if dry_run:

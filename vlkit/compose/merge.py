@@ -41,12 +41,12 @@ def merge_methods() -> tuple[str, ...]:
     """Every merge method: the elementwise ones, then those the registered variants add (in registry order)."""
     extra: list[str] = []
     for var in _variants().values():
-        extra += [m for m in getattr(var, "merge_methods", ()) if m not in ELEMENTWISE and m not in extra]
+        extra += [m for m in var.merge_methods if m not in ELEMENTWISE and m not in extra]
     return ELEMENTWISE + tuple(extra)
 
 
 def _own_method(variant, method: str) -> bool:
-    return variant is not None and method not in ELEMENTWISE and method in getattr(variant, "merge_methods", ())
+    return variant is not None and method not in ELEMENTWISE and method in variant.merge_methods
 
 
 def _diff(a: dict, b: dict, ignore: tuple[str, ...]) -> list[str]:
@@ -89,10 +89,10 @@ def check_mergeable(labels: list[str], cfgs: list[dict], tensors: list[dict[str,
                     raise IncompatibleAdapterError(f"{where}: tensor {k} has shape {tuple(a_t[k].shape)} vs "
                                                    f"{tuple(t[k].shape)}")
     if method not in ELEMENTWISE and not own:
-        offered = [n for n, v in variants.items() if method in getattr(v, "merge_methods", ())]
+        offered = [n for n, v in variants.items() if method in v.merge_methods]
         raise ConfigError(f"merge method {method!r} is for {' / '.join(offered)} adapters; these are "
                           f"{a_cfg['variant']!r} "
-                          f"(use {', '.join(ELEMENTWISE + tuple(getattr(var, 'merge_methods', ())))})")
+                          f"(use {', '.join(ELEMENTWISE + (tuple(var.merge_methods) if var is not None else ()))})")
     extra = [k for k in a_t if k.startswith("base::")]
     if extra and method != "linear":
         raise IncompatibleAdapterError(f"adapter {a_label} also trains backbone tensors ({extra[0]}, ...), which are "

@@ -23,7 +23,7 @@ SHARING = ("per_task", "half_shared_down", "half_shared_up", "shared")
 
 
 def _shareable(variant) -> dict[str, tuple[str, ...]]:
-    return dict(getattr(variant, "shareable", None) or {})
+    return dict(variant.shareable) if variant is not None else {}
 
 
 def shared_parts(variant, sharing: str) -> tuple[str, ...]:
@@ -39,7 +39,7 @@ def shared_parts(variant, sharing: str) -> tuple[str, ...]:
     if isinstance(variant, str):
         label, var = variant, (reg.get(variant) if variant in reg else None)
     else:
-        label, var = getattr(variant, "name", type(variant).__name__), variant
+        label, var = variant.name or type(variant).__name__, variant
     parts = _shareable(var).get(sharing)
     if parts is None:
         if sharing == "shared":

@@ -31,10 +31,10 @@ def required_fields(task: str) -> tuple[str, ...]:
     for kind in ("task", "probe"):
         reg = registry(kind)
         if isinstance(task, str) and task in reg:
-            need = getattr(reg.get(task), "required", None)
+            need = reg.get(task).required
             if need:
                 return tuple(need)
-    known = registry("task").names() + [e.name for e in registry("probe") if getattr(e.obj, "required", None)]
+    known = registry("task").names() + [e.name for e in registry("probe") if e.obj.required]
     raise ConfigError(f"unknown task {task!r}; known: {', '.join(known)}")
 
 
@@ -158,14 +158,6 @@ def pick_split(ds: Any, split: str | None, label: str):
     raise DataError(f"{label} has several splits ({', '.join(names)}); choose one with split=")
 
 
-def _supports_image_mode() -> bool:
-    import inspect
-
-    import datasets
-
-    return "mode" in inspect.signature(datasets.Image).parameters
-
-
 def image_columns(ds) -> list[str]:
     """Columns of `ds` that hold images: datasets.Image features and tar member reference columns."""
     import datasets
@@ -174,36 +166,6 @@ def image_columns(ds) -> list[str]:
 
     return [name for name, feat in (ds.features or {}).items()
             if isinstance(feat, datasets.Image) or is_tar_ref_feature(feat)]
-
-
-def ensure_rgb(ds):
-    """`ds` with every datasets.Image column decoded as RGB (some sources hold RGBA, L or P images).
-
-    Tar reference columns are left as they are: `vlkit.data.images` decodes them to RGB when they are read.
-    """
-    import datasets
-
-    cols = [c for c in image_columns(ds) if isinstance(ds.features[c], datasets.Image)]
-    if not cols:
-        return ds
-    if _supports_image_mode():
-        for col in cols:
-            feat = ds.features[col]
-            if feat.mode != "RGB":
-                ds = ds.cast_column(col, datasets.Image(mode="RGB", decode=feat.decode))
-        return ds
-
-    def to_rgb(batch):  # older datasets without Image(mode=): convert on access
-        for col in cols:
-            if col in batch:
-                batch[col] = [im.convert("RGB") if im is not None and im.mode != "RGB" else im
-                              for im in batch[col]]
-        return batch
-
-    if isinstance(ds, datasets.IterableDataset):
-        return ds.map(to_rgb, batched=True)
-    ds.set_transform(to_rgb)
-    return ds
 
 
 def _first_bad_row(column) -> int | None:
@@ -286,7 +248,8 @@ def _check_image_paths(column, name: str, label: str) -> None:
 
 
 def load_data(spec: str | Mapping | None = None, **options: Any):
-    """Load a dataset through its registered kind; images come back as RGB; `task=` validates the columns.
+    """Load a dataset through its registered kind; `task=` validates the columns. Images are not converted:
+    they reach the backbone's own transform in their own mode (see `vlkit.imagefile`).
 
     >>> load_data({"kind": "world", "domain": "medical", "task": "vqa", "n": 200, "seed": 0})
     >>> load_data("imagefolder:/data/pets", task="classification")
@@ -308,7 +271,6 @@ def load_data(spec: str | Mapping | None = None, **options: Any):
     ds = pick_split(ds, split, label)
     if not isinstance(ds, (datasets.Dataset, datasets.IterableDataset)):
         raise DataError(f"dataset kind {kind!r} returned {type(ds).__name__}, not a datasets.Dataset")
-    ds = ensure_rgb(ds)
     task = parsed.get("task")
     if task:
         validate(ds, task, source=label)

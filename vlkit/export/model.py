@@ -187,7 +187,7 @@ def exportable_tasks() -> list[str]:
     """Registered tasks that declare `exportable` (see `vlkit.tasks.base.Task`), in registration order."""
     from ..plugins import registry
 
-    return [e.name for e in registry("task") if getattr(e.obj, "exportable", False)]
+    return [e.name for e in registry("task") if e.obj.exportable]
 
 
 def build_task(backbone, name: str, meta: dict[str, Any] | None, meta_dir: Path | None, data=None,
@@ -202,13 +202,13 @@ def build_task(backbone, name: str, meta: dict[str, Any] | None, meta_dir: Path 
     options: dict[str, Any] = {}
     if meta and meta.get("name") == name:
         options = {k: v for k, v in (meta.get("options") or {}).items()
-                   if k in getattr(cls, "OPTIONS", ()) and v is not None}
+                   if k in cls.OPTIONS and v is not None}
     if not options.get("class_names"):
         options = {}  # nothing saved to build on: a zero-shot task over the eval set's classes
     if zero_shot:
-        options.update(getattr(cls, "zero_shot_options", {}))
+        options.update(cls.zero_shot_options)
     task = cls(backbone, None if options.get("class_names") else data, **options)
-    if getattr(task, "head_kind", "text") != "text":
+    if task.head_kind != "text":
         head_file = meta_dir / "head.safetensors" if meta_dir is not None else None
         if head_file is None or not head_file.is_file():
             raise AdapterFileError(f"the {name} task of {meta_dir} has a {task.head_kind} head but no "

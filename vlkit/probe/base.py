@@ -44,7 +44,7 @@ DEFAULT_RESAMPLES = 1000
 
 
 class Probe(ABC):
-    """Base class of diagnostic probes (subclassing is optional: the CLI only needs these attributes)."""
+    """Base class of diagnostic probes: a registered probe is a subclass (or an instance of one)."""
 
     name: str = ""
     summary: str = ""
@@ -74,11 +74,8 @@ def get_probe(name: str):
     obj = reg.get(name)
     if isinstance(obj, type):
         obj = obj()
-    if not getattr(obj, "name", None):
-        try:
-            obj.name = name
-        except AttributeError:  # pragma: no cover - a frozen third-party object
-            pass
+    if not obj.name:
+        obj.name = name
     return obj
 
 
@@ -89,9 +86,9 @@ def list_probes() -> list[dict[str, str]]:
     out = []
     for entry in sorted(registry("probe"), key=lambda e: e.name):
         obj = entry.obj
-        summary = entry.summary or getattr(obj, "summary", "") or ""
+        summary = entry.summary or obj.summary or ""
         out.append({"name": entry.name, "plugin": entry.plugin, "summary": summary,
-                    "data": getattr(obj, "data_help", "") or ""})
+                    "data": obj.data_help or ""})
     return out
 
 
@@ -163,7 +160,7 @@ def build_result(probe, backbone, systems, *, dataset: str, n: int, metrics: Seq
         rows.append({**system.describe(), "scores": s["scores"], "diff": s["diff"],
                      "breakdowns": (breakdowns or {}).get(system.label, {})})
     result = {
-        "probe": getattr(probe, "name", str(probe)),
+        "probe": probe.name,
         "dataset": dataset,
         "backbone": getattr(backbone, "spec", str(backbone)),
         "adapters": [system.label for system in systems if system.names],

@@ -70,7 +70,7 @@ def _adapter_info(name: str, source: Path, cfg: dict, member_of: str | None = No
     var = variants.get(cfg["variant"]) if cfg["variant"] in variants else None
     task, labels = _task_info(source)
     out = {"name": name, "kind": "adapter", "source": str(source), "variant": cfg["variant"], "task": task,
-           "parameters": None, "joint": bool(getattr(var, "joint", False))}
+           "parameters": None, "joint": bool(var is not None and var.joint)}
     if member_of:
         out["composition"] = member_of
     if labels:

@@ -8,7 +8,7 @@ passed in each call, so the same task object works with adapters switched on or 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -34,6 +34,8 @@ class Task(ABC):
 
     name: str = ""
     metric: str = ""
+    OPTIONS: tuple[str, ...] = ()
+    """The task's options (recipe `task.options`); others are refused with the list of these."""
     required: tuple[str, ...] = ()
     text_column: str | None = None
     show_columns: tuple[str, ...] = ()
@@ -92,6 +94,27 @@ class Task(ABC):
 
     def load_head_state(self, state: dict[str, torch.Tensor]) -> None:
         self.head.load_state_dict(state)
+
+
+@runtime_checkable
+class ExportableTask(Protocol):
+    """What a task that declares `exportable = True` also has (`vlkit export --task NAME`, the serve classify
+    endpoint and the export's verification read these members)."""
+
+    exportable: ClassVar[bool]
+    zero_shot_options: ClassVar[dict[str, Any]]
+    """Options of the task's zero-shot form, the one export also verifies (classification: the text head)."""
+    head_kind: str
+    """"text": logits are `logit_scale * image @ class_embeddings(backbone).T`; otherwise a trained head."""
+    class_names: list[str]
+    prompt: str
+    prompts: list[str]
+
+    def logits(self, backbone, pixels: torch.Tensor) -> torch.Tensor: ...
+
+    def predict(self, backbone, data: dict[str, torch.Tensor], batch_size: int = 256) -> torch.Tensor: ...
+
+    def class_embeddings(self, backbone) -> torch.Tensor: ...
 
 
 def batches(data: dict[str, torch.Tensor], batch_size: int):

@@ -135,13 +135,13 @@ class LinearMethod(TrainingMethod):
     summary = "linear probe: frozen backbone, only the task head trains"
 
     def task_options(self, task_cls, options: dict[str, Any]) -> dict[str, Any]:
-        return {**getattr(task_cls, "linear_probe_options", {}), **options}
+        return {**task_cls.linear_probe_options, **options}
 
     def prepare(self, backbone, task, cfg, adapter_options: dict[str, Any]) -> str | None:
         if not list(task.head.parameters()):
             raise ConfigError(f"method 'linear' needs a task head with parameters; task {task.name!r} has none"
                               + (f" (set task.options to {task.linear_probe_options})"
-                                 if getattr(task, "linear_probe_options", None) else ""))
+                                 if task.linear_probe_options else ""))
         return None
 
 
