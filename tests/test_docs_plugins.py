@@ -109,6 +109,8 @@ def test_relative_links_resolve():
         if not md.is_file():
             continue
         text = re.sub(r"`[^`\n]*`", "", FENCE.sub("", md.read_text(encoding="utf-8")))
+        if re.search(r"\]\(\s", text):
+            bad.append(f"{md.relative_to(ROOT)}: a link target starts with a space or line break")
         for target in re.findall(r"\]\(([^)\s]+)\)", text):
             if re.match(r"[a-z][a-z0-9+.-]*:", target):
                 continue  # http:, mailto:, ...
