@@ -9,12 +9,30 @@ class VlkitError(Exception):
     kind = "error"
 
     def __init__(self, message: str, *, hint: str | None = None):
+        message, self.worker_traceback = _from_worker(type(self), message)
         super().__init__(message)
         self.message = message
         self.hint = hint
 
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message} ({self.hint})"
+
+
+WORKER_TRACEBACK = "\nOriginal Traceback (most recent call last):\n"
+
+
+def _from_worker(cls: type, message: str) -> tuple[str, str | None]:
+    """(the message, the worker's traceback) of an error a DataLoader worker raised: torch re-raises it in the
+    main process as `cls("Caught X in DataLoader worker process N.\nOriginal Traceback ...")`; the user sees
+    the original one line (the traceback is kept for VLKIT_DEBUG=1)."""
+    if not isinstance(message, str) or not message.startswith("Caught ") or WORKER_TRACEBACK not in message:
+        return message, None
+    tail = message.rstrip()
+    for name in (f"{cls.__module__}.{cls.__qualname__}: ", f"{cls.__qualname__}: "):
+        at = tail.rfind("\n" + name)
+        if at >= 0:
+            return tail[at + 1 + len(name):].strip(), message
+    return tail.splitlines()[-1].strip(), message
 
 
 class ConfigError(VlkitError):

@@ -162,6 +162,7 @@ def read_peft_dir(backbone, path: str | Path) -> tuple[dict[str, Any], dict[str,
             weights[f"{p}.lora_A"] = sites[p]["lora_A.weight"]
             weights[f"{p}.lora_B"] = sites[p]["lora_B.weight"]
     cfg = {"format": "peft", "variant": variant, "config": config, "name": "default",
-           "backbone": peft_cfg.get("base_model_name_or_path") or backbone.spec,
+           "backbone": base if isinstance(base := peft_cfg.get("base_model_name_or_path"), str) and base
+           else backbone.spec,
            "backbone_fingerprint": backbone.fingerprint(), "task": {}, "peft_config": peft_cfg}
     return cfg, weights

@@ -142,3 +142,6 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         sys.stderr.write(error_message(exc) + "\n")
         sys.exit(exit_code(exc))
+            worker_traceback = getattr(exc, "worker_traceback", None)
+            if worker_traceback:
+                sys.stderr.write(worker_traceback.rstrip() + "\n")

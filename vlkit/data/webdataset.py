@@ -72,6 +72,10 @@ def resolve_shards(shards: Any, split: str | None = None) -> list[str]:
     if isinstance(shards, (str, os.PathLike)):
         patterns = os.fspath(shards).split("::")
     elif isinstance(shards, (list, tuple)):
+        bad = [s for s in shards if not isinstance(s, (str, os.PathLike))]
+        if bad or not shards:
+            raise ConfigError(f"webdataset shards must be paths or patterns, got {bad[0]!r} in the list {shards!r}"
+                              if bad else "webdataset shards: the list is empty")
         patterns = [os.fspath(s) for s in shards]
     else:
         raise ConfigError(f"webdataset shards must be a path, a pattern or a list of them, not {shards!r}")

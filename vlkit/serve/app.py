@@ -49,13 +49,21 @@ from ..errors import (
     UnknownNameError,
     VlkitError,
 )
-from .guards import check_served_name, client_path
+from .guards import check_served_name, client_path, prompt_problem
 from .inputs import BODIES, adapter_of, decode_base64, form_fields, one_line, open_image, parse_json
 
 OPEN_PATHS = ("/health", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc")
 ENDPOINTS = ("/v1/embed", "/v1/classify", "/v1/score", "/v1/answer", "/v1/adapters", "/health", "/metrics",
              *OPEN_PATHS)
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+ERROR_STATUSES = {400: "Malformed request, or one the adapter cannot answer", 401: "Missing or wrong API key",
+                  403: "A hot-load path outside --adapter-root", 404: "Unknown adapter or path",
+                  405: "Method not allowed", 409: "Name conflict or reserved name", 413: "Over a size limit",
+                  415: "Unsupported content type", 422: "Wrong field, type or value, or a non-finite output",
+                  429: "Queue full (Retry-After)", 500: "A bug: logged with its request_id",
+                  503: "Draining (SIGTERM)"}
+ERROR_SCHEMA = {"type": "object", "required": ["error"],
+                "properties": {"error": {"type": "string"}, "request_id": {"type": "string"}}}
 log = logging.getLogger("vlkit.serve")
 MAX_TEXTS = 256
 MAX_TEXT_CHARS = 4096
@@ -428,7 +436,9 @@ def build_app(config: ServeConfig, service):
         state.draining = True
         await service.close(config.drain_timeout)
 
-    app = FastAPI(title="vlkit serve", version=__version__, lifespan=lifespan,
+    errors = {code: {"description": text, "content": {"application/json": {"schema": ERROR_SCHEMA}}}
+              for code, text in ERROR_STATUSES.items()}
+    app = FastAPI(title="vlkit serve", version=__version__, lifespan=lifespan, responses=errors,
                   description="One frozen vision-language backbone serving many adapters; requests for different "
                               "adapters are batched together. Errors are {\"error\": \"one line\"}.")
     app.state.vlkit = state
@@ -541,7 +551,13 @@ def run_server(config: ServeConfig, *, on_ready=None, log_level: str = "warning"
     """Serve `config` with uvicorn until SIGTERM/SIGINT; then stop accepting, answer what was admitted, exit."""
     import uvicorn
 
-    asgi = create_app(config)
+    config.check()
+    sock = listen_socket(config.host, int(config.port))  # a port in use: one line, before the backbone loads
+    try:
+        asgi = create_app(config)
+    except BaseException:
+        sock.close()
+        raise
     state = asgi.state.vlkit
 
     class Server(uvicorn.Server):
@@ -556,7 +572,6 @@ def run_server(config: ServeConfig, *, on_ready=None, log_level: str = "warning"
 
     ucfg = uvicorn.Config(asgi, host=config.host, port=int(config.port), log_level=log_level, access_log=False,
                           timeout_graceful_shutdown=config.drain_timeout, lifespan="on")
-    sock = listen_socket(config.host, int(config.port))
     try:
         Server(ucfg).run(sockets=[sock])
     finally:

@@ -9,6 +9,7 @@ from typing import Any
 
 from ..errors import RequestError
 from .engine import DEFAULT_PROMPT, TorchRunner
+from .guards import prompt_problem
 from .inputs import AUTO
 
 
@@ -52,7 +53,7 @@ class TorchBackend:
     def prompt_for(self, adapter: str | None) -> str:
         entry = self.catalog.entries.get(adapter) if adapter not in (None, AUTO) else None
         prompt = getattr(getattr(entry, "task", None), "prompt", None)
-        return prompt if isinstance(prompt, str) and prompt.count("{}") == 1 else DEFAULT_PROMPT
+        return prompt if isinstance(prompt, str) and prompt_problem(prompt) is None else DEFAULT_PROMPT
 
     def describe(self) -> dict[str, Any]:
         return self.catalog.describe()

@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import RequestError
-from .guards import MAX_JSON_DEPTH, check_prompt, json_depth
+from .guards import MAX_JSON_DEPTH, check_json, check_prompt
 
 AUTO = "auto"
 FROZEN = ("none", "backbone", "frozen")
@@ -91,10 +91,9 @@ def parse_json(raw: bytes, model: type[BaseModel]) -> BaseModel:
         raise RequestError(f"malformed JSON body: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except RecursionError:
         raise RequestError(f"malformed JSON body: nested deeper than {MAX_JSON_DEPTH} levels") from None
-    except ValueError as exc:  # an integer of more digits than Python converts
-        raise RequestError(f"malformed JSON body: {one_line(exc)[:120]}") from None
-    if json_depth(data) > MAX_JSON_DEPTH:
-        raise RequestError(f"malformed JSON body: nested deeper than {MAX_JSON_DEPTH} levels")
+    except ValueError:  # an integer of more digits than Python converts (4300)
+        raise RequestError("malformed JSON body: a number has too many digits") from None
+    check_json(data)
     if not isinstance(data, dict):
         raise RequestError(f"the body must be a JSON object, got {type(data).__name__ if data is not None else 'nothing'}",
                            status=422)

@@ -13,10 +13,12 @@ class Metrics:
         self.requests: dict[tuple[str, int], int] = {}
         self.latency: dict[str, list[float]] = {}  # endpoint -> [count per bucket..., +Inf count, sum]
         self.inflight = 0
+        self.server_errors = 0  # 500s from a bug (logged with their request id)
         self.started = time.time()
 
-    def observe(self, endpoint: str, status: int, seconds: float) -> None:
+    def observe(self, endpoint: str, status: int, seconds: float, server_error: bool = False) -> None:
         with self.lock:
+            self.server_errors += int(server_error)
             self.requests[(endpoint, status)] = self.requests.get((endpoint, status), 0) + 1
             h = self.latency.setdefault(endpoint, [0.0] * (len(BUCKETS) + 2))
             for i, b in enumerate(BUCKETS):
@@ -39,8 +41,10 @@ class Metrics:
                 lines.append(f'vlkit_request_seconds_bucket{{endpoint="{ep}",le="+Inf"}} {int(h[len(BUCKETS)])}')
                 lines.append(f'vlkit_request_seconds_sum{{endpoint="{ep}"}} {h[len(BUCKETS) + 1]:.6f}')
                 lines.append(f'vlkit_request_seconds_count{{endpoint="{ep}"}} {int(h[len(BUCKETS)])}')
-            inflight = self.inflight
-        lines += ["# HELP vlkit_inflight_requests Requests being handled now.", "# TYPE vlkit_inflight_requests gauge",
+            inflight, errors = self.inflight, self.server_errors
+        lines += ["# HELP vlkit_server_errors_total Requests answered 500 because of a bug (logged with their "
+                  "request id).", "# TYPE vlkit_server_errors_total counter", f"vlkit_server_errors_total {errors}",
+                  "# HELP vlkit_inflight_requests Requests being handled now.", "# TYPE vlkit_inflight_requests gauge",
                   f"vlkit_inflight_requests {inflight}",
                   "# HELP vlkit_adapters_loaded Served adapter names.", "# TYPE vlkit_adapters_loaded gauge",
                   f"vlkit_adapters_loaded {adapters}",

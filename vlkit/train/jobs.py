@@ -94,15 +94,16 @@ def build_task(backbone, cfg, train_ds):
 def _load_source(spec: dict, task: str):
     """One data source; `{"mix": [spec, ...]}` concatenates several on the task's required columns."""
     if "mix" in spec:
-        import datasets
+        from ..data.mix import mix_datasets
 
-        parts = []
-        for sub in spec["mix"]:
+        parts, labels = [], []
+        for i, sub in enumerate(spec["mix"]):
             sub = dict(sub)
             sub.setdefault("task", task)
             ds = load_data(sub)
             parts.append(ds.select_columns(list(required_fields(task))))
-        return datasets.concatenate_datasets(parts)
+            labels.append(f"mix[{i}] ({getattr(ds, '_vlkit_label', None) or sub.get('kind')})")
+        return mix_datasets(parts, labels)
     return load_data(spec)
 
 
