@@ -1,6 +1,9 @@
 """Photometric augmentation (vlkit.tasks.augment) and its use in retrieval pre-training."""
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
@@ -88,3 +91,54 @@ def test_retrieval_loss_with_augment_is_finite_and_bad_options_fail():
     assert torch.isfinite(loss)
     with pytest.raises(ConfigError, match="augment"):
         RetrievalTask(bb, ds, augment={"bogus": 1})
+
+
+# ---------------------------------------------------------------- data.augment lists from YAML and overrides
+
+AUGMENT = "[{RandomResizedCrop: {scale: [0.5, 1]}}, RandomHorizontalFlip]"
+QUICK = ["optim.steps=2", "data.train.n=16", "data.eval.n=8", "eval.every_steps=0", "checkpoint.every_steps=0",
+         "backbone=tiny@random"]
+
+
+def test_build_augment_takes_the_readme_list_from_a_recipe_file_and_an_override(tmp_path):
+    from omegaconf import ListConfig
+    from PIL import Image
+
+    from vlkit.data.pipeline import build_augment
+    from vlkit.train.recipe import load_recipe
+
+    root = Path(__file__).resolve().parents[1]
+    recipe = tmp_path / "aug.yaml"
+    recipe.write_text((root / "recipes" / "quickstart.yaml").read_text().replace(
+        "data:\n", f"data:\n  augment: {AUGMENT}\n", 1))
+    from_file = load_recipe(recipe).data.augment
+    from_override = load_recipe(root / "recipes" / "quickstart.yaml", [f"data.augment={AUGMENT}"]).data.augment
+    plain = [{"RandomResizedCrop": {"scale": [0.5, 1]}}, "RandomHorizontalFlip"]
+    im = Image.effect_mandelbrot((48, 40), (-2, -1.5, 1, 1.5), 50).convert("RGB")
+    outputs = []
+    for spec in (from_file, from_override, plain):
+        aug = build_augment(spec, 24)
+        assert [type(t).__name__ for t in aug.transforms] == ["RandomResizedCrop", "RandomHorizontalFlip"]
+        assert aug.transforms[0].scale == (0.5, 1) and list(aug.transforms[0].size) == [24, 24]
+        torch.manual_seed(0)
+        outputs.append(np.asarray(aug(im)))
+    assert isinstance(from_file, ListConfig) and isinstance(from_override, ListConfig)
+    assert all(np.array_equal(outputs[0], o) for o in outputs[1:])
+
+
+@pytest.mark.parametrize("route", ["file", "override"])
+def test_train_with_the_readme_augment_list(route, tmp_path, capsys):
+    from cli_helpers import cli
+
+    root = Path(__file__).resolve().parents[1]
+    recipe = root / "recipes" / "quickstart.yaml"
+    extra = [f"data.augment={AUGMENT}"]
+    if route == "file":
+        recipe = tmp_path / "aug.yaml"
+        recipe.write_text((root / "recipes" / "quickstart.yaml").read_text().replace(
+            "data:\n", f"data:\n  augment: {AUGMENT}\n", 1))
+        extra = []
+    code, _, err = cli(["train", str(recipe), *extra, *QUICK, "-o", str(tmp_path / "run")], capsys)
+    assert code == 0, err
+    written = (tmp_path / "run" / "recipe.yaml").read_text()
+    assert "RandomResizedCrop" in written and "RandomHorizontalFlip" in written

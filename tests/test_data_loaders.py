@@ -100,7 +100,7 @@ def test_third_party_plugin_adds_a_kind(toy_plugin):
     assert entry.plugin == "test-plugin" and entry.summary == "toy captions"
     ds = load_data("toy:hello", n=2, task="retrieval")
     assert ds["caption"] == ["hello 0", "hello 1"]
-    assert ds[0]["image"].mode == "RGB"  # load_data converts every source's images to RGB
+    assert ds[0]["image"].mode == "RGBA"  # load_data keeps each image's mode: the backbone's transform converts
 
 
 # ---------------------------------------------------------------- manifests
@@ -116,8 +116,8 @@ def test_manifest_jsonl_vqa_relative_and_absolute_paths(tmp_path):
     ])
     ds = load_data(f"manifest:{m}", task="vqa")
     assert len(ds) == 3 and ds["answer"] == ["red", "green", "blue"]
-    assert [ds[i]["image"].mode for i in range(3)] == ["RGB"] * 3  # the RGBA one converted
-    assert ds[1]["image"].getpixel((0, 0)) == COLORS[1]
+    assert [ds[i]["image"].mode for i in range(3)] == ["RGB", "RGBA", "RGB"]  # as stored, not converted
+    assert ds[1]["image"].getpixel((0, 0)) == COLORS[1] + (128,)
 
 
 def test_manifest_csv_grounding_boxes_and_dict_spec(tmp_path):
@@ -228,7 +228,7 @@ def test_imagefolder_metadata_and_class_folders(tmp_path):
                                             {"file_name": "b.png", "caption": "green"}])
     ds = load_data(f"imagefolder:{folder}", task="retrieval")
     assert sorted(ds["caption"]) == ["green", "red"]
-    assert {ds[i]["image"].mode for i in range(len(ds))} == {"RGB"}
+    assert {ds[i]["image"].mode for i in range(len(ds))} == {"RGB", "RGBA"}
     classes = tmp_path / "classes"
     png(classes / "cat" / "1.png", COLORS[0])
     png(classes / "dog" / "2.png", COLORS[1])
@@ -262,7 +262,7 @@ def test_parquet_kind_and_validate_missing_column(tmp_path):
     (tmp_path / "pq").mkdir()
     ds.to_parquet(str(tmp_path / "pq" / "train-00000-of-00001.parquet"))
     out = load_data(f"parquet:{tmp_path / 'pq'}", task="retrieval")
-    assert out["caption"] == ["a", "b"] and out[0]["image"].mode == "RGB"
+    assert out["caption"] == ["a", "b"] and [out[i]["image"].mode for i in range(2)] == ["RGBA", "RGB"]
     assert len(load_data(f"parquet:{tmp_path / 'pq'}", split="train")) == 2
     with pytest.raises(DataError, match=r"no parquet files for split 'test'.*splits found: train"):
         load_data(f"parquet:{tmp_path / 'pq'}", split="test")
@@ -288,7 +288,7 @@ def test_hf_kind_calls_load_dataset_with_token(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     ds = load_data("hf:someone/captions", config="small", split="train", task="retrieval")
     assert calls == [("someone/captions", "small", "train", "hf_secret")]
-    assert ds[0]["image"].mode == "RGB"
+    assert ds[0]["image"].mode == "RGBA"
 
 
 def test_hf_offline_gives_clear_error(monkeypatch):
@@ -371,9 +371,10 @@ def test_winoground_three_sources_agree(wino, monkeypatch):
     for ds in (from_jsonl, from_parquet, from_hub):
         assert ds.column_names == expected_cols
         assert ds.features == from_jsonl.features
-        assert {ds[i][f"image_{k}"].mode for i in range(3) for k in (0, 1)} == {"RGB"}
+        assert [ds[i][f"image_{k}"].mode for i in range(3) for k in (0, 1)] == [
+            wino_image(i, k)[1] for i in range(3) for k in (0, 1)]
     assert rows_of(from_jsonl) == rows_of(from_parquet) == rows_of(from_hub)
-    assert from_jsonl[1]["image_0"].getpixel((0, 0)) == wino_image(1, 0)[0]
+    assert from_jsonl[1]["image_0"].getpixel((0, 0)) == wino_image(1, 0)[0] + (128,)
     assert from_jsonl["caption_1"][2] == "b left of a 2"
 
 

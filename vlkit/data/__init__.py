@@ -1,4 +1,4 @@
-"""Datasets for vlkit: dataset kinds are plugins; `load_data` turns a spec into an RGB `datasets.Dataset`.
+"""Datasets for vlkit: dataset kinds are plugins; `load_data` turns a spec into a `datasets.Dataset`.
 
 >>> from vlkit.data import load_data
 >>> ds = load_data("manifest:captions.jsonl", task="retrieval")
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from .api import (
     dataset_kinds,
-    ensure_rgb,
     load_data,
     parse_data_spec,
     required_fields,
@@ -17,7 +16,6 @@ from .api import (
 
 __all__ = [
     "dataset_kinds",
-    "ensure_rgb",
     "load_data",
     "parse_data_spec",
     "required_fields",

@@ -8,11 +8,12 @@ storage and decodes the rows a batch needs, in the DataLoader's worker processes
 - a tar member reference ``{"shard": PATH, "offset": int, "size": int, "member": NAME}`` (webdataset shards,
   read by seeking to the member's data, no scan of the archive).
 
-A missing, truncated, zero-byte or undecodable image raises `DataError` naming where it came from.
+Cells are decoded by `vlkit.imagefile.open_image` (EXIF orientation, full decode, pixel limit) and come back in
+their own mode (RGBA, P, CMYK, I;16, ...): the backbone's own transform converts them, as its library does. A
+missing, truncated, zero-byte or undecodable image raises `DataError` naming where it came from.
 """
 from __future__ import annotations
 
-import io
 import os
 from typing import Any
 
@@ -53,43 +54,47 @@ def cell_label(cell: Any) -> str:
     return "embedded image"
 
 
-def decode_cell(cell: Any, *, where: str):
-    """A PIL RGB image from one stored cell; DataError naming `where` and the file/member when it fails."""
-    from PIL import Image, UnidentifiedImageError
+def decode_cell(cell: Any, *, where: str, mode: str | None = None):
+    """The decoded PIL image of one stored cell, in its own mode (or `mode`, a `datasets.Image(mode=...)` the
+    column declares); DataError naming `where` and the file/member when it fails."""
+    from PIL import Image
+
+    from ..imagefile import ImageDecodeError, open_image
 
     if cell is None:
         raise DataError(f"{where}: no image")
     if isinstance(cell, Image.Image):
-        return cell if cell.mode == "RGB" else cell.convert("RGB")
-    if is_tar_ref(cell):
-        data, origin = read_tar_member(cell), cell_label(cell)
-    elif isinstance(cell, dict) and cell.get("bytes") is not None:
-        data, origin = cell["bytes"], cell_label(cell)
-    elif isinstance(cell, dict) and cell.get("path"):
-        path = cell["path"]
-        if not os.path.isfile(path):
-            raise DataError(f"{where}: image file not found: {path}")
-        try:
-            with open(path, "rb") as fh:
-                data = fh.read()
-        except OSError as exc:
-            raise DataError(f"{where}: cannot read image file {path}: {exc.strerror or exc}") from None
-        origin = f"image file {path}"
+        im = cell
     else:
-        raise DataError(f"{where}: not an image cell ({type(cell).__name__})")
-    if not data:
-        raise DataError(f"{where}: {origin} is empty (0 bytes)")
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{where}: cannot decode {origin}: {exc}") from None
+        if is_tar_ref(cell):
+            data, origin = read_tar_member(cell), cell_label(cell)
+        elif isinstance(cell, dict) and cell.get("bytes") is not None:
+            data, origin = cell["bytes"], cell_label(cell)
+        elif isinstance(cell, dict) and cell.get("path"):
+            path = cell["path"]
+            if not os.path.isfile(path):
+                raise DataError(f"{where}: image file not found: {path}")
+            try:
+                with open(path, "rb") as fh:
+                    data = fh.read()
+            except OSError as exc:
+                raise DataError(f"{where}: cannot read image file {path}: {exc.strerror or exc}") from None
+            origin = f"image file {path}"
+        else:
+            raise DataError(f"{where}: not an image cell ({type(cell).__name__})")
+        if not data:
+            raise DataError(f"{where}: {origin} is empty (0 bytes)")
+        try:
+            im = open_image(data)
+        except ImageDecodeError as exc:
+            raise DataError(f"{where}: cannot decode {origin}: {exc}") from None
+    return im if mode is None or im.mode == mode else im.convert(mode)
 
 
 class ImageReader:
     """Random access to one image column of a `datasets.Dataset`, decoding only the rows asked for.
 
+    A mode the column's `datasets.Image` feature declares (the source's own `Image(mode=...)`) is kept.
     Picklable (DataLoader workers get a copy). `label` names the source in messages (``manifest:x.jsonl``).
     """
 
@@ -99,6 +104,7 @@ class ImageReader:
         if column not in ds.column_names:
             raise DataError(f"{label or 'dataset'} has no image column {column!r}")
         feat = ds.features[column]
+        self.mode = getattr(feat, "mode", None) if isinstance(feat, datasets.Image) else None
         if isinstance(feat, datasets.Image) and feat.decode:
             ds = ds.cast_column(column, datasets.Image(decode=False))
         self.ds = ds.select_columns([column])
@@ -112,6 +118,6 @@ class ImageReader:
         return self.ds[list(rows)][self.column] if rows else []
 
     def read(self, rows: list[int]):
-        """PIL RGB images of `rows` (0-based)."""
-        return [decode_cell(c, where=f"{self.label}, row {r + 1}, column {self.column!r}")
+        """The decoded PIL images of `rows` (0-based), each in its own mode."""
+        return [decode_cell(c, where=f"{self.label}, row {r + 1}, column {self.column!r}", mode=self.mode)
                 for r, c in zip(rows, self.cells(rows), strict=True)]

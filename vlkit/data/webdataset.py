@@ -3,9 +3,9 @@
 A shard is a plain (uncompressed) tar archive whose members are grouped into samples by key: the member name
 up to the first dot of its basename (``000123.jpg``, ``000123.txt``, ``000123.json``, ``000123.cls`` are one
 sample, key ``000123``; a folder inside the archive is part of the key). The image is the ``jpg``, ``jpeg``,
-``png`` or ``webp`` member; the caption comes from ``txt`` (else the json's ``caption`` or ``text``); the label
-from ``cls`` (an integer) or the json's ``label`` (integers, or names: a ClassLabel of the sorted names);
-``question``, ``answer``, ``expression`` and ``box`` come from the json when present.
+``png``, ``webp``, ``tif`` or ``tiff`` member; the caption comes from ``txt`` (else the json's ``caption`` or
+``text``); the label from ``cls`` (an integer) or the json's ``label`` (integers, or names: a ClassLabel of the
+sorted names); ``question``, ``answer``, ``expression`` and ``box`` come from the json when present.
 
     {kind: webdataset, shards: "/data/train-{0000..0099}.tar", task: retrieval}
 
@@ -37,7 +37,7 @@ from typing import Any
 from ..errors import ConfigError, DataError
 from .api import required_fields
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "tif", "tiff")
 TEXT_EXTS = ("txt", "cls", "json")
 JSON_FIELDS = ("question", "answer", "expression", "box")
 COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")

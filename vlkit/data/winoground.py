@@ -1,6 +1,6 @@
 """Winoground: the hub copy (gated, parquet), a local copy (parquet or examples.jsonl + images/), or synth pairs.
 
-All sources give the same columns: id, image_0, image_1 (images, decoded RGB by load_data), caption_0,
+All sources give the same columns: id, image_0, image_1 (images, each in its own mode), caption_0,
 caption_1, tag, secondary_tag, num_main_preds, collapsed_tag. The official repo layout is ``examples.jsonl``
 (``image_0``/``image_1`` hold file stems such as ``ex_0_img_0``) plus ``images/ex_0_img_0.png``; the current
 hub repo stores the same rows in parquet with the images embedded as bytes.
@@ -17,7 +17,7 @@ HUB_ID = "facebook/winoground"
 HUB_SPLIT = "test"
 IMAGE_COLUMNS = ("image_0", "image_1")
 REQUIRED = ("image_0", "image_1", "caption_0", "caption_1")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 LOCAL_HINT = ("use a local copy instead: winoground with --data DIR (a folder of parquet files, or examples.jsonl "
               "with an images/ folder), or the world kind's minimal pairs: winoground:synth")
 

@@ -96,7 +96,11 @@ def build_tiny_model(tokenizer: TinyTokenizer, seed: int = INIT_SEED):
 
 
 class TinyBackbone(OpenClipBackbone):
-    """The built-in tiny CLIP; its eval transform comes from the `preprocess` section of configs/tiny.json."""
+    """The built-in tiny CLIP; its eval transform comes from the `preprocess` section of configs/tiny.json.
+
+    The transform takes a PIL image of any mode and converts it as `vlkit.backbones.base.to_rgb` states: RGB
+    as is; transparency (RGBA, LA, PA, a palette with a transparent entry) composited onto white; 16-bit grey
+    (I;16) scaled to 8 bits; L, P, CMYK and the rest by PIL's own conversion."""
 
     family = "tiny"
 
