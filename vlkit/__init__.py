@@ -26,8 +26,13 @@ __all__ = ["__version__", *_LAZY]
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
+    import importlib
 
+    if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if not name.startswith("_"):  # a subpackage on first use: `import vlkit; vlkit.world.generate(...)`
+        import importlib.util
+
+        if importlib.util.find_spec(f"{__name__}.{name}") is not None:
+            return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'vlkit' has no attribute {name!r}")
