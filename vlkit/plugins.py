@@ -97,7 +97,7 @@ class PluginSystem:
             if os.environ.get("VLKIT_PLUGINS_STRICT", "") not in ("", "0"):
                 raise PluginError(msg)
             self.warnings.append(msg)
-            logging.getLogger("vlkit").warning(msg)
+            logging.getLogger(__name__).warning(msg)  # for library users; the CLI prints self.warnings instead
         for ep in eps:
             if allowed is not None and ep.name not in allowed:
                 continue

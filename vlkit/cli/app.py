@@ -9,6 +9,7 @@ import typer
 
 from .. import __version__
 from ..errors import VlkitError
+from .quiet import quiet_plugin_log, quiet_third_party
 
 
 def _version(value: bool) -> None:
@@ -34,8 +35,9 @@ def build_app() -> typer.Typer:
 
     from ..plugins import get_plugins
 
+    quiet_plugin_log()
     system = get_plugins()
-    for msg in system.warnings:
+    for msg in system.warnings:  # printed here, once: the plugin system's own log record is not
         sys.stderr.write(f"warning: {msg}\n")
     system.pm.hook.register_commands(cli=app)
     return app
@@ -109,6 +111,7 @@ def exit_code(exc: BaseException) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     debug = os.environ.get("VLKIT_DEBUG", "") not in ("", "0")
+    quiet_third_party()
     try:
         app = build_app()
         rc = app(args=argv, standalone_mode=False)
