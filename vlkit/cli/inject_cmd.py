@@ -5,42 +5,64 @@ from pathlib import Path
 
 import typer
 
+INJECT_SETTINGS = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def variant_help(variant: str) -> str:
+    """The options of adapter variant `variant` as help lines, from its config dataclass."""
+    from ..options import option_specs
+    from ..plugins import registry
+
+    var = registry("adapter").get(variant)
+    lines = [f"Options of adapter variant {variant!r} ({var.summary or type(var).__name__}), as --name VALUE:", ""]
+    for s in option_specs(var.config_cls):
+        flag = f"--{s.name.replace('_', '-')}"
+        default = "" if s.required else f" [default: {s.default!r}]"
+        lines.append(f"  {flag} {s.type.upper() if s.type in ('int', 'float', 'str', 'bool') else s.type}")
+        lines.append(f"      {s.help or '(no help)'}{default}")
+    lines.append("")
+    lines.append("Lists (layers, targets, exclude) take comma-separated values; -O key=value also works.")
+    return "\n".join(lines)
+
 
 def register(cli: typer.Typer) -> None:
-    @cli.command("inject")
+    @cli.command("inject", context_settings=INJECT_SETTINGS, add_help_option=False)
     def inject_cmd(
+        ctx: typer.Context,
         backbone: str = typer.Option("tiny", "--backbone", "-b", help="Backbone spec: tiny, open_clip:M@tag, hf:dir."),
         adapter: str = typer.Option("bottleneck", "--adapter", "-a", help="Adapter variant (see `vlkit plugins`)."),
         out: Path | None = typer.Option(None, "--out", "-o", help="Directory for the adapter."),
         name: str = typer.Option("default", "--name", help="Adapter name stored in the config."),
-        towers: str | None = typer.Option(None, "--towers", help="vision, text or both."),
-        layers: str | None = typer.Option(None, "--layers", help="Layer indices, e.g. 0,1,-1."),
-        targets: str | None = typer.Option(None, "--targets", help="Roles or module paths (re:REGEX allowed)."),
-        exclude: str | None = typer.Option(None, "--exclude", help="Roles or module paths to skip."),
-        reduction: float | None = typer.Option(None, "--reduction", help="Bottleneck reduction factor."),
-        hidden: int | None = typer.Option(None, "--hidden", help="Bottleneck hidden size."),
-        placement: str | None = typer.Option(None, "--placement", help="Bottleneck placement: attn, mlp, both."),
-        rank: int | None = typer.Option(None, "--rank", help="LoRA rank."),
-        alpha: float | None = typer.Option(None, "--alpha", help="LoRA alpha."),
         option: list[str] | None = typer.Option(None, "--option", "-O", help="Any variant option as key=value."),
         dry_run: bool = typer.Option(False, "--dry-run", help="List targeted modules; write nothing."),
         json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
+        show_help: bool = typer.Option(False, "--help", "-h", help="Show this message and exit; with --adapter X, "
+                                       "also X's own options (--towers, --rank, ...)."),
     ) -> None:
-        """Inject an adapter into a frozen backbone, print the parameter table, write the adapter directory."""
+        """Inject an adapter into a frozen backbone, print the parameter table, write the adapter directory.
+
+        The variant's own options are flags too: `--towers text --rank 4` (see `--adapter X --help`)."""
         from ..errors import ConfigError
+        from ..options import option_specs, parse_flag_args
+        from ..plugins import registry
         from .common import parse_kv, report_table
         from .output import console, print_json, table
 
+        if show_help:
+            typer.echo(ctx.get_help())
+            source = ctx.get_parameter_source("adapter")
+            if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP"):
+                typer.echo("")
+                typer.echo(variant_help(adapter))  # loads the variant (and torch): only when one was named
+            raise typer.Exit()
         if out is None and not dry_run:
             raise ConfigError("give an output directory with -o/--out (or use --dry-run)")
-        options = {k: v for k, v in dict(towers=towers, layers=layers, targets=targets, exclude=exclude,
-                                         reduction=reduction, hidden=hidden, placement=placement,
-                                         rank=rank, alpha=alpha).items() if v is not None}
+        specs = option_specs(registry("adapter").get(adapter).config_cls)
+        options = parse_flag_args(list(ctx.args), specs, f"adapter variant {adapter!r}")
         options.update(parse_kv(option))
 
         from ..backbones.loading import factory_name
-        from ..plugins import registry
 
         # cheap checks first: a bad name or option fails before a large backbone loads
         registry("backbone").get(factory_name(backbone))
@@ -54,7 +76,6 @@ def register(cli: typer.Typer) -> None:
             target.check()
 
         from .. import load
-        from ..plugins import registry
 
         model = load(backbone)
         record = model.add_adapter(name, adapter, **options)
@@ -70,6 +91,7 @@ def register(cli: typer.Typer) -> None:
             console.print(table(f"targets of {adapter} on {model.spec}", ["tower", "layer", "role", "module"],
                                 [[s.tower, s.layer, s.role, s.path] for s in record.sites]))
         else:
+            assert target is not None
             with target:
                 model.save_adapter(target.staging, name=name)
             result["path"] = str(out)
