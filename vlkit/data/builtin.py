@@ -8,6 +8,7 @@ A plugin package adds a kind the same way: implement ``register_datasets(registe
 from __future__ import annotations
 
 from ..hookspecs import hookimpl
+from .coop import OPTIONS as COOP_OPTIONS
 from .coop import load_coop
 from .loaders import load_hf, load_imagefolder, load_manifest_kind, load_parquet
 from .webdataset import load_webdataset
@@ -25,7 +26,7 @@ def register_datasets(register):
              summary="local JSONL/CSV manifest of image paths with captions, labels, questions/answers or boxes")
     register("coop", load_coop,
              summary="CoOp's few-shot layout: a dataset folder with split_zhou_<Name>.json and its images "
-                     "(options split, shots, seed, image_dir)")
+                     "(options split, shots, seed, image_dir)", options=("split", *COOP_OPTIONS))
     register("parquet", load_parquet, summary="local parquet file or folder of parquet files")
     register("webdataset", load_webdataset,
              summary="tar shards (img2dataset/open_clip layout), indexed for random access: "

@@ -11,7 +11,8 @@ Options:
 - `split`: train (default), val or test;
 - `shots`: k examples per class (CoOp's protocol: drawn from the split with `seed`; every class needs k; on
   `val` CoOp uses min(k, 4), which the caller asks for by passing that k);
-- `seed`: the seed of the draw (default 1, CoOp's first seed);
+- `seed`: the seed of the draw (default 1, CoOp's first seed; in a recipe, the recipe's `seed` unless the spec
+  gives one, with a note saying so: `vlkit.data.shots`); refused without `shots`;
 - `image_dir`: the folder the JSON's paths are relative to (default: found: the dataset folder, or the one
   sub-folder where the first listed image exists);
 - `name`: which `split_zhou_<Name>.json` when the folder holds several.
@@ -67,6 +68,7 @@ def load_coop(source: str | None = None, *, split: str | None = None, **options:
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise ConfigError(f"unknown coop option(s) {', '.join(unknown)}; options: split, {', '.join(OPTIONS[:-1])}")
+    shots, seed = _draw_options(options)
     task = options.get("task")
     if task is not None and not set(required_fields(task)) <= {"image", "label"}:
         raise ConfigError(f"the coop dataset kind holds image/label data; task {task!r} needs more")
@@ -104,13 +106,23 @@ def load_coop(source: str | None = None, *, split: str | None = None, **options:
                                   "label": datasets.ClassLabel(names=[names[i] for i in range(len(names))])})
     ds = datasets.Dataset.from_dict({"image": [str(images / r[0]) for r in rows], "label": [r[1] for r in rows]},
                                     features=features)
-    shots = options.get("shots")
     if shots is not None:
         from .api import few_shot
 
-        try:
-            k = int(shots)
-        except (TypeError, ValueError):
-            raise ConfigError(f"shots must be an integer, got {shots!r}") from None
-        ds = few_shot(ds, k, seed=int(options.get("seed", 1)))
+        ds = few_shot(ds, shots, seed=seed)
     return ds
+
+
+def _draw_options(options: dict[str, Any]) -> tuple[int | None, int]:
+    """(shots, seed), checked: integers, and no seed without shots (it would change nothing)."""
+    from .shots import check_shots
+
+    shots, seed = options.get("shots"), options.get("seed")
+    if shots is not None:
+        check_shots(shots, "coop option shots")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ConfigError(f"coop option seed must be an integer (the seed of the few-shot draw), got {seed!r}")
+    if seed is not None and shots is None:
+        raise ConfigError(f"coop option seed={seed} is the seed of the few-shot draw; without shots=k it changes "
+                          "nothing", hint="give shots=k too, or drop seed")
+    return shots, 1 if seed is None else seed

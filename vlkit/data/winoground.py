@@ -192,23 +192,33 @@ def load_synth(n: int = 400, seed: int = 0, domain: str = "photo", image_size: i
     return normalize(ds, "synth")
 
 
+SYNTH_OPTIONS = {"n": 400, "seed": 0, "domain": "photo", "image_size": 64}
+
+
 def load_winoground(source: str | None = None, *, split: str | None = None, task: str | None = None,
-                    token: str | bool | None = None, images_dir: str | None = None, n: int = 400,
-                    seed: int = 0, domain: str = "photo", image_size: int = 64, **options: Any):
+                    token: str | bool | None = None, images_dir: str | None = None, n: int | None = None,
+                    seed: int | None = None, domain: str | None = None, image_size: int | None = None,
+                    **options: Any):
     """Winoground from `source`: ``hub`` (default), ``synth``, or a local folder/file.
 
-    A local folder holds parquet files (the hub layout) or ``examples.jsonl`` plus ``images/``.
+    A local folder holds parquet files (the hub layout) or ``examples.jsonl`` plus ``images/``. Each option
+    belongs to one source and is refused with another: `token` (hub), `n`/`seed`/`domain`/`image_size`
+    (synth; defaults 400, 0, photo, 64), `images_dir` (a local examples.jsonl).
     """
     if options:
         raise ConfigError(f"unknown option(s) for dataset kind 'winoground': {', '.join(sorted(options))}")
     if task not in (None, "winoground"):
         raise ConfigError(f"winoground data is for task 'winoground', not {task!r}")
-    if source in (None, "", "hub"):
-        return load_hub(split=split, token=token)
-    if source.startswith("hub:"):
-        return load_hub(split=split, token=token, dataset_id=source[4:])
+    is_hub = source in (None, "", "hub") or source.startswith("hub:")
+    synth = {k: v for k, v in (("n", n), ("seed", seed), ("domain", domain), ("image_size", image_size))
+             if v is not None}
+    _only_for("token", token is not None and not is_hub, "the hub copy (winoground:hub)")
+    _only_for(", ".join(synth), bool(synth) and source != "synth", "generated pairs (winoground:synth)")
+    if is_hub:
+        return load_hub(split=split, token=token, dataset_id=source[4:] if source and source.startswith("hub:")
+                        else HUB_ID)
     if source == "synth":
-        return load_synth(n=n, seed=seed, domain=domain, image_size=image_size)
+        return load_synth(**{**SYNTH_OPTIONS, **synth})
     path = Path(source).expanduser()
     if not path.exists():
         raise DataError(f"winoground source not found: {path}",
@@ -216,6 +226,12 @@ def load_winoground(source: str | None = None, *, split: str | None = None, task
     examples = find_examples(path)
     if examples is not None:
         return load_examples_jsonl(examples, images_dir)
+    _only_for("images_dir", images_dir is not None, "a local examples.jsonl copy")
     if path.is_file() and path.suffix != ".parquet":
         raise DataError(f"winoground source {path} must be examples.jsonl, a parquet file or a folder")
     return load_parquet_copy(path, split=split)
+
+
+def _only_for(names: str, given: bool, source: str) -> None:
+    if given:
+        raise ConfigError(f"winoground option(s) {names} apply only to {source}, not to this source")

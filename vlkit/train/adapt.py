@@ -211,9 +211,12 @@ def protocol_val(cfg, shots: int, seed: int):
     from omegaconf import OmegaConf
 
     from ..data.api import few_shot, load_data
+    from ..data.shots import kind_draws_shots
     from ..errors import DataError
 
     spec = OmegaConf.to_container(cfg.data.train, resolve=True)
+    if kind_draws_shots(spec):
+        spec.pop("seed", None)  # the seed of its own draw: the val draw below has its own
     spec.pop("shots", None)
     spec.setdefault("task", cfg.task.name)
     if spec.get("kind") == DATA_KIND:

@@ -14,6 +14,7 @@ from ..adapters.model import AdaptedModel
 from ..data import load_data, required_fields
 from ..data.api import few_shot
 from ..data.pipeline import StreamingSource, build_augment
+from ..data.shots import take_shots
 from ..errors import ConfigError
 from ..plugins import registry
 from .methods import TrainingMethod, get_method, prepare_adapter
@@ -114,12 +115,12 @@ def load_datasets(cfg):
 
     train = OmegaConf.to_container(cfg.data.train, resolve=True)
     train.setdefault("task", cfg.task.name)
-    shots = train.pop("shots", None)
+    shots = take_shots(train, int(cfg.seed))  # None where the dataset kind draws them itself (vlkit.data.shots)
     train_ds = _load_source(train, cfg.task.name)
     if shots is not None:
         if isinstance(train_ds, hfds.IterableDataset):
             raise ConfigError("shots: k needs a map-style source; this one is streaming")
-        train_ds = few_shot(train_ds, int(shots), seed=cfg.seed)
+        train_ds = few_shot(train_ds, shots, seed=cfg.seed)
     eval_ds = None
     if cfg.data.eval is not None:
         ev = OmegaConf.to_container(cfg.data.eval, resolve=True)

@@ -190,6 +190,11 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"{source}: required key(s) {', '.join(missing)} not set (??? in the recipe)",
                           hint="give them on the command line: " + " ".join(f"{k}=..." for k in missing))
     check_recipe(merged, source, allow_untrained=allow_untrained)
+    from ..data.shots import recipe_notes
+
+    data_notes = recipe_notes(merged)  # a recipe setting that overrides a dataset kind's own option says so
+    if notes is not None:
+        notes.extend(data_notes)
     return merged
 
 

@@ -1,0 +1,114 @@
+"""No documented option silently ignored (issue 29): the `coop` kind's `shots`/`seed` and the recipe's are
+reconciled (the kind draws with its own seed when given, else with the recipe's, and says so in one note),
+bad values are one error line, and Winoground's per-source options are refused with another source."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cli_helpers import cli
+from test_fewshot import coop_dir  # noqa: F401 (fixture)
+from vlkit.data import load_data
+from vlkit.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def recipe(tmp_path, train: dict, seed: int = 0, name: str = "recipe") -> Path:
+    r = {"name": "coop-run", "backbone": "tiny@random", "method": "adapter",
+         "adapter": {"variant": "bottleneck", "reduction": 8}, "task": {"name": "classification"},
+         "data": {"train": train}, "optim": {"steps": 1, "batch_size": 4, "warmup_steps": 0},
+         "eval": {"every_steps": 0}, "checkpoint": {"every_steps": 0},
+         "logging": {"tensorboard": False, "plot": False}, "seed": seed}
+    f = tmp_path / f"{name}.yaml"
+    f.write_text(yaml.safe_dump(r))
+    return f
+
+
+def drawn(cfg) -> list[str]:
+    from vlkit.train.jobs import load_datasets
+
+    train, _ = load_datasets(cfg)
+    return sorted(x["path"] for x in train.cast_column("image", __import__("datasets").Image(decode=False))["image"])
+
+
+def coop_draw(root, shots, seed) -> list[str]:
+    import datasets
+
+    ds = load_data(f"coop:{root}", split="train", shots=shots, seed=seed)
+    return sorted(x["path"] for x in ds.cast_column("image", datasets.Image(decode=False))["image"])
+
+
+def test_coop_seed_in_a_recipe_is_checked(coop_dir, tmp_path, capsys):  # noqa: F811
+    f = recipe(tmp_path, {"kind": "coop", "source": str(coop_dir), "shots": 1, "seed": "abc"})
+    code, _, err = cli(["train", str(f), "-o", str(tmp_path / "run"), "--no-progress"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "coop option seed must be an integer" in err, err
+    for bad, what in (("abc", "shots must be an integer >= 1"), (0, "shots must be an integer >= 1"),
+                      (1.5, "shots must be an integer >= 1")):
+        f = recipe(tmp_path, {"kind": "world", "domain": "satellite", "task": "classification", "n": 40,
+                              "shots": bad})
+        code, _, err = cli(["train", str(f), "-o", str(tmp_path / "run"), "--no-progress"], capsys)
+        assert code == 2 and err.count("\n") == 1 and what in err, err
+
+
+def test_coop_draws_with_its_own_seed_or_the_recipes_with_a_note(coop_dir, tmp_path, capsys):  # noqa: F811
+    from vlkit.train.recipe import load_recipe
+
+    own = recipe(tmp_path, {"kind": "coop", "source": str(coop_dir), "shots": 2, "seed": 3}, seed=5, name="own")
+    notes: list[str] = []
+    cfg = load_recipe(own, notes=notes)
+    assert notes == [] and drawn(cfg) == coop_draw(coop_dir, 2, 3)
+    assert coop_draw(coop_dir, 2, 3) != coop_draw(coop_dir, 2, 5)  # the seeds do pick different shots
+
+    plain = recipe(tmp_path, {"kind": "coop", "source": str(coop_dir), "shots": 2}, seed=5, name="plain")
+    cfg = load_recipe(plain, notes=notes)
+    assert drawn(cfg) == coop_draw(coop_dir, 2, 5)
+    assert len(notes) == 1 and "recipe's seed 5" in notes[0] and "data.train.seed" in notes[0]
+
+    code, _, err = cli(["train", str(plain), "-o", str(tmp_path / "run"), "--no-progress"], capsys)
+    assert code == 0, err
+    assert [ln for ln in err.splitlines() if ln.startswith("note: data.train: coop draws shots=2 with the recipe's seed 5")], err
+    code, _, err = cli(["train", str(own), "-o", str(tmp_path / "run2"), "--no-progress"], capsys)
+    assert code == 0 and "note: data.train" not in err, err
+
+
+def test_other_kinds_draw_with_the_recipe_seed_and_keep_their_own(tmp_path):
+    from vlkit.data.api import few_shot
+    from vlkit.train.recipe import load_recipe
+
+    spec = {"kind": "world", "domain": "satellite", "task": "classification", "n": 40, "seed": 7, "shots": 2}
+    notes: list[str] = []
+    cfg = load_recipe(recipe(tmp_path, spec, seed=3), notes=notes)
+    from vlkit.train.jobs import load_datasets
+
+    import datasets
+
+    def images(ds):
+        return [x["bytes"] for x in ds.cast_column("image", datasets.Image(decode=False))["image"]]
+
+    train, _ = load_datasets(cfg)
+    full = load_data({k: v for k, v in spec.items() if k != "shots"})  # the world's seed 7 generates the data
+    assert notes == [] and images(train) == images(few_shot(full, 2, seed=3))  # the recipe's seed 3 draws
+    assert images(train) != images(few_shot(full, 2, seed=7))
+
+
+def test_coop_kind_options_are_used_or_refused(coop_dir):  # noqa: F811
+    with pytest.raises(ConfigError, match="without shots=k it changes nothing"):
+        load_data(f"coop:{coop_dir}", split="train", seed=2)
+    for bad in ("2", True, 2.0):
+        with pytest.raises(ConfigError, match="seed must be an integer"):
+            load_data(f"coop:{coop_dir}", split="train", shots=1, seed=bad)
+    with pytest.raises(ConfigError, match="shots must be an integer"):
+        load_data(f"coop:{coop_dir}", split="train", shots="1")
+
+
+def test_winoground_options_belong_to_their_source(tmp_path):
+    with pytest.raises(ConfigError, match="n, seed apply only to generated pairs"):
+        load_data({"kind": "winoground", "source": str(tmp_path), "n": 4, "seed": 1})
+    with pytest.raises(ConfigError, match="token apply only to the hub copy"):
+        load_data({"kind": "winoground", "source": "synth", "token": "x"})
+    with pytest.raises(ConfigError, match="domain apply only"):
+        load_data("winoground:hub", domain="medical")
+    assert len(load_data("winoground:synth", n=3, seed=1)) == 3
