@@ -5,11 +5,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vlkit-installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test test-fast lint venv bench clean
 
 $(STAMP): pyproject.toml plugins/vlkit-ia3/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,lint]"
 	$(PY) -m pip install -q --no-deps -e plugins/vlkit-ia3
 	touch $(STAMP)
 
@@ -23,6 +23,18 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# The quick loop while editing: every test not marked slow, less the end-to-end files (see FAST_SKIP).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" $(addprefix --ignore=,$(FAST_SKIP))
+
+# ruff (lint and format check) and mypy over vlkit/; every check runs, and any finding fails.
+lint: $(STAMP)
+	@rc=0; \
+	echo "ruff check vlkit"; $(VENV)/bin/ruff check vlkit || rc=1; \
+	echo "ruff format --check vlkit"; $(VENV)/bin/ruff format --check vlkit || rc=1; \
+	echo "mypy (vlkit)"; $(VENV)/bin/mypy || rc=1; \
+	exit $$rc
 
 bench: $(STAMP)
 	$(PY) bench/efficiency.py

@@ -39,6 +39,16 @@ def test_tiny_random_loads_frozen_in_eval_mode():
         assert torch.equal(a, b), k
 
 
+def test_module_apply_reaches_the_adapter_hosts():
+    """torch's `Module.apply(fn)` recurses through the injected hosts (their own entry point must not shadow it)."""
+    bb = vlkit.load_backbone("tiny")
+    vlkit.inject(bb, "lora", rank=2, towers="both")
+    seen: list[str] = []
+    bb.model.apply(lambda m: seen.append(type(m).__name__))
+    assert any(name.startswith("Adapted") for name in seen)
+    assert "LoraLayer" in seen
+
+
 def test_tiny_encoders_and_tokenizer():
     bb = vlkit.load_backbone("tiny@random")
     tokens = bb.tokenize(["a red cube", "two small dogs on grass"])

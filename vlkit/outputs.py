@@ -94,7 +94,7 @@ class OutputTarget:
         self.carry = tuple(carry)
         self.what = what
         self.hint = hint
-        self.staging: Path | None = None
+        self._staging: Path | None = None
         self._lock: Path | None = None
 
     # --- checks ----------------------------------------------------------------------------------
@@ -166,14 +166,21 @@ class OutputTarget:
             if not _pid_alive(pid) or pid == os.getpid():
                 shutil.rmtree(p, ignore_errors=True)
 
+    @property
+    def staging(self) -> Path:
+        """The directory to write the result into (there once the `with` block is entered)."""
+        if self._staging is None:
+            raise RuntimeError(f"the output target {self.target} has no staging directory outside its with block")
+        return self._staging
+
     def __enter__(self) -> OutputTarget:
         self.check()
         self._acquire()
         try:
             self.check()  # again under the lock (our own lock is not "another process")
             self._clean_stale()
-            self.staging = self.target.parent / f".{self.target.name}{STAGING_TAG}{os.getpid()}"
-            self.staging.mkdir(parents=True)
+            self._staging = self.target.parent / f".{self.target.name}{STAGING_TAG}{os.getpid()}"
+            self._staging.mkdir(parents=True)
         except BaseException:
             self._release()
             raise
@@ -197,12 +204,11 @@ class OutputTarget:
             staging.mkdir()  # removed below, like the old directory
         _fsync_dir(target.parent)
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if exc_type is None:
                 self.publish()
         finally:
-            if self.staging is not None:
-                shutil.rmtree(self.staging, ignore_errors=True)
+            if self._staging is not None:
+                shutil.rmtree(self._staging, ignore_errors=True)
             self._release()
-        return False

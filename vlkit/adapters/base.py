@@ -22,9 +22,15 @@ class AdapterConfig:
     """Options every variant shares: which towers, layers and sites to target."""
 
     towers: str = "both"
+    """Towers to adapt: both, vision or text."""
     layers: list[int] | None = None
+    """Block indices to adapt in each chosen tower (negative ones count from the end, -1 the last); None: every
+    block."""
     targets: list[str] | None = None
+    """Sites to wrap, each a role (attn.q, mlp, ...), a module path or path suffix, or re:REGEX; None: the
+    variant's default roles."""
     exclude: list[str] = field(default_factory=list)
+    """Sites to leave out of the targeted ones, matched like targets (role, path or suffix, re:REGEX)."""
 
     def validate(self) -> None:
         if self.towers not in TOWER_CHOICES:

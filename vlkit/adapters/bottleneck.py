@@ -27,9 +27,14 @@ class BottleneckShapeConfig(AdapterConfig):
     """Size, placement and activation of a bottleneck; shared by the bottleneck and fusion variants."""
 
     reduction: float = 8.0
+    """Bottleneck width = site width / reduction, rounded (> 0; fusion: the narrower tower's width); unused when
+    hidden is set."""
     hidden: int | None = None
+    """Bottleneck width in units (>= 1), overriding reduction; None: from reduction."""
     placement: str = "both"
+    """Sub-layers adapted when targets is unset: both (attention and MLP), attn or mlp."""
     activation: str = "relu"
+    """Non-linearity between the down- and up-projection: relu, gelu, silu or tanh."""
 
     def validate(self) -> None:
         super().validate()
@@ -49,11 +54,18 @@ class BottleneckShapeConfig(AdapterConfig):
 @dataclass
 class BottleneckConfig(BottleneckShapeConfig):
     dropout: float = 0.0
+    """Dropout on the adapter's input while training, in [0, 1)."""
     scale: float = 1.0
+    """Factor on the adapter's output: y + scale · up(act(down(y)))."""
     unfreeze_layernorm: bool = False
+    """Also train the LayerNorms of the adapted blocks (saved with the adapter as base:: weights)."""
     attn_position: str = "output"
+    """Where the attention-site adapter acts: output (the attention's output) or input (the normalised tokens
+    that feed q, k and v)."""
     mlp_position: str = "output"
+    """Where the MLP-site adapter acts: output (the MLP's output) or input (before its first projection)."""
     embed: bool = False
+    """Also adapt the token sequence entering each tower's first block (patch / token embeddings)."""
 
     def validate(self) -> None:
         super().validate()
@@ -81,7 +93,7 @@ class BottleneckLayer(nn.Module):
         return y + self.scale * self.up(self.act(self.down(self.dropout(y))))
 
 
-class BottleneckVariant(AdapterVariant):
+class BottleneckVariant(AdapterVariant[BottleneckConfig]):
     name = "bottleneck"
     summary = "down-project, activation, up-project with residual after attention and/or MLP"
     config_cls = BottleneckConfig

@@ -26,7 +26,9 @@ from .base import AdapterConfig, AdapterVariant
 @dataclass
 class ClipAdapterConfig(AdapterConfig):
     ratio: float = 0.2
+    """α, the weight of the residual MLP: f + α · W₂ ReLU(W₁ f), in (0, 1]."""
     reduction: int = 4
+    """Hidden width of the MLP = feature width // reduction (an integer >= 1)."""
 
     def validate(self) -> None:
         super().validate()
@@ -50,7 +52,7 @@ class ClipAdapterLayer(nn.Module):
         return y + self.ratio * self.up(torch.relu(self.down(y)))
 
 
-class ClipAdapterVariant(AdapterVariant):
+class ClipAdapterVariant(AdapterVariant[ClipAdapterConfig]):
     name = "clip-adapter"
     summary = "CLIP-Adapter: residual MLP with ratio alpha on the final image and/or text features"
     config_cls = ClipAdapterConfig

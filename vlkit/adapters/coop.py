@@ -42,14 +42,25 @@ INITS = ("prompt", "random")
 @dataclass
 class CoopConfig(AdapterConfig):
     towers: str = "text"
+    """text: the context is learned at the text tower's token embeddings (both is read as text)."""
     init_prompt: str | None = None
+    """The context words learned, e.g. 'a photo of a'; None: the class prompt's words before {} (vlkit train),
+    else 'a photo of a'."""
     init: str = "prompt"
+    """How the context vectors start: prompt (the initial prompt's token embeddings: the frozen model at init)
+    or random (N(0, init_std²))."""
     init_std: float = 0.02
+    """Standard deviation of the random init (init: random), >= 0."""
     class_specific: bool = False
+    """One context per class of class_names (true) or one shared by every class (false)."""
     class_names: list[str] | None = None
+    """The classes of a class-specific context, no duplicates (vlkit train fills them in from the task)."""
     context_ids: list[int] | None = None
+    """Set by vlkit and saved: the initial prompt's token ids under the backbone's tokenizer."""
     context_start: int | None = None
+    """Set by vlkit and saved: the token position of the first context word."""
     class_ids: list[list[int]] | None = None
+    """Set by vlkit and saved (class-specific only): each class name's token ids."""
 
     def validate(self) -> None:
         super().validate()
@@ -85,6 +96,10 @@ def word_tokens(backbone, text: str) -> tuple[int, list[int]]:
 class CoopContext(nn.Module):
     """`context` (S, M, D): S = 1 (shared) or one per class; replaces the M context embeddings of matching texts."""
 
+    context_ids: torch.Tensor
+    class_table: torch.Tensor | None
+    class_lengths: torch.Tensor
+
     def __init__(self, base: nn.Embedding, context_ids: list[int], start: int, class_ids: list[list[int]] | None,
                  init: str, std: float):
         super().__init__()
@@ -108,11 +123,13 @@ class CoopContext(nn.Module):
     def class_of(self, ids: torch.Tensor) -> torch.Tensor:
         """(B,) the class whose name follows the context (the longest that matches), -1 where none does."""
         m = self.context.shape[1]
-        width = self.class_table.shape[1]
+        table = self.class_table
+        assert table is not None, "class_of needs a class-specific context"
+        width = table.shape[1]
         after = ids[:, self.start + m:self.start + m + width]
         if after.shape[1] < width:
             after = torch.cat([after, after.new_full((after.shape[0], width - after.shape[1]), -2)], dim=1)
-        want = self.class_table.unsqueeze(0)                                   # (1, C, W)
+        want = table.unsqueeze(0)                                   # (1, C, W)
         ok = ((after.unsqueeze(1) == want) | (want < 0)).all(dim=-1)          # (B, C)
         score = torch.where(ok, self.class_lengths.unsqueeze(0), torch.full_like(ok, -1, dtype=torch.long))
         best, which = score.max(dim=1)
@@ -143,7 +160,7 @@ def task_prompt_prefix(task) -> str | None:
     return prompt.split("{}", 1)[0].strip()
 
 
-class CoopVariant(AdapterVariant):
+class CoopVariant(AdapterVariant[CoopConfig]):
     name = "coop"
     summary = "CoOp: learned context vectors replacing the class prompt's context words (shared or class-specific)"
     config_cls = CoopConfig
@@ -191,11 +208,12 @@ class CoopVariant(AdapterVariant):
         return config
 
     def create_layer(self, site, config: CoopConfig, base=None) -> nn.Module:
+        assert config.context_ids is not None and config.context_start is not None, "set by prepare_config"
         return CoopContext(base, config.context_ids, config.context_start,
                            config.class_ids if config.class_specific else None, config.init, config.init_std)
 
     def describe_state(self, config: dict[str, Any], tensors: dict[str, torch.Tensor]):
-        [ctx] = [t for k, t in tensors.items() if k.endswith(".context")] or [None]
+        ctx = next((t for k, t in tensors.items() if k.endswith(".context")), None)
         n_classes = len(config.get("class_names") or [])
         sets = "shared" if not config.get("class_specific") else f"class-specific ({n_classes} classes)"
         yield "initial prompt", repr(config.get("init_prompt"))

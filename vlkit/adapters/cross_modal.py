@@ -30,11 +30,19 @@ GATE_INIT = 0.5
 
 @dataclass
 class CrossModalConfig(BottleneckShapeConfig):
+    towers: str = "both"
+    """Must be both: each tower's fused sites read the other tower's."""
     placement: str = "mlp"
+    """Sub-layers that get a fused bottleneck when targets is unset: mlp, attn or both."""
     mechanism: str = "attention"
+    """How a site reads the other tower's hidden tokens: attention (cross-attention over them) or gating (a
+    channel gate from their pooled summary)."""
     gate: str = "scalar"
+    """The learned gate tanh(g) weighing the cross-modal path: scalar (one g) or channel (one per hidden unit)."""
     pairing: list[list[int]] | None = None
+    """Set by vlkit and saved: [[vision layer, text layer], ...], the fused layers paired by relative depth."""
     widths: list[int] | None = None
+    """Set by vlkit and saved: [vision width, text width] of the fused sites."""
 
     def validate(self) -> None:
         if self.towers != "both":
@@ -116,7 +124,7 @@ class CrossModalLayer(nn.Module):
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         h = self.act(self.down(y))
-        ctx = self._state.context if self._state is not None else {}
+        ctx: dict = self._state.context if self._state is not None else {}
         mode = ctx.get("joint")
         if mode == "record":
             key = (self.tower, self.layer, self.role)
@@ -132,7 +140,7 @@ class CrossModalLayer(nn.Module):
         return y + self.up(h)
 
 
-class CrossModalVariant(AdapterVariant):
+class CrossModalVariant(AdapterVariant[CrossModalConfig]):
     name = "fusion"
     summary = "bottleneck whose hidden tokens attend to / are gated by the other modality (joint scoring)"
     config_cls = CrossModalConfig
@@ -155,20 +163,23 @@ class CrossModalVariant(AdapterVariant):
         config.pairing = pairs
         widths = {s.tower: s.out_features for s in sites}
         config.widths = [widths["vision"], widths["text"]]
-        config._text_layers = txt
+        config._text_layers = txt  # type: ignore[attr-defined]  # not saved: a loaded config derives it
         return config
 
     def create_layer(self, site, config: CrossModalConfig, base=None) -> nn.Module:
-        txt_layers = getattr(config, "_text_layers", sorted({t for _, t in config.pairing}))
+        pairing = config.pairing
+        assert pairing is not None, "set by prepare_config"
+        txt_layers = getattr(config, "_text_layers", sorted({t for _, t in pairing}))
         if site.tower == "vision":
-            ctx_layer = _text_for_vision(config.pairing)[site.layer]
+            ctx_layer = _text_for_vision(pairing)[site.layer]
         else:
-            ctx_layer = _vision_for_text(config.pairing, txt_layers)[site.layer]
+            ctx_layer = _vision_for_text(pairing, txt_layers)[site.layer]
         return CrossModalLayer(site.tower, site.layer, site.role, site.out_features, ctx_layer,
                            self.hidden_for(config), config)
 
     def hidden_for(self, config: CrossModalConfig) -> int:
         """One bottleneck size for both towers, so each tower's hidden tokens can meet the other's."""
+        assert config.widths is not None, "set by prepare_config"
         return config.hidden_size(min(config.widths))
 
     def plain_equivalent_parameters(self, config: CrossModalConfig, sites) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -68,7 +69,7 @@ class DoraLayer(nn.Module):
         return y + (scale - 1) * wx + scale * self._low(x)
 
 
-class DoraVariant(AdapterVariant):
+class DoraVariant(AdapterVariant[DoraConfig]):
     name = "dora"
     summary = "weight-decomposed low-rank update (DoRA: magnitude + LoRA direction); mergeable"
     config_cls = DoraConfig
@@ -85,9 +86,10 @@ class DoraVariant(AdapterVariant):
     def create_layer(self, site, config: DoraConfig, base=None) -> nn.Module:
         return DoraLayer(base, config.rank, config.alpha, config.dropout)
 
-    def merged_weight(self, layer: DoraLayer, weight, bias):
+    def merged_weight(self, layer: nn.Module, weight, bias):
+        dora = cast(DoraLayer, layer)  # a variant is only handed its own layers
         with torch.no_grad():
-            return layer.adapted_weight(weight).to(weight.dtype), bias
+            return dora.adapted_weight(weight).to(weight.dtype), bias
 
     def describe_state(self, config, tensors):
         mags = [t.float() for k, t in tensors.items() if k.endswith(".magnitude")]

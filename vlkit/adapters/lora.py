@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -23,9 +23,13 @@ MODULE_ROLES = {
 @dataclass
 class LoraConfig(AdapterConfig):
     rank: int = 8
+    """Rank r of the low-rank update B·A (>= 1)."""
     alpha: float = 16.0
+    """Scale numerator: the update is (alpha / rank) · B·A."""
     dropout: float = 0.0
+    """Dropout on the low-rank path's input while training, in [0, 1)."""
     modules: str = "attn"
+    """Projections adapted when targets is unset: attn (q, k, v, out), qv, mlp (fc1, fc2) or all."""
 
     def validate(self) -> None:
         super().validate()
@@ -73,7 +77,7 @@ def lora_delta(configs, tensors, weights, site: str) -> torch.Tensor:
                for c, t, w in zip(configs, tensors, weights))
 
 
-class LoraVariant(AdapterVariant):
+class LoraVariant(AdapterVariant[LoraConfig]):
     """LoRA. Sharing: `half_shared_down` ties `lora_A`, `half_shared_up` ties `lora_B`. Merge methods beyond the
     elementwise ones: `concat` (A stacked, B scaled and concatenated: exactly ΔW = Σ w_i s_i B_i A_i at rank
     Σ r_i, alpha = rank) and `svd` (that ΔW truncated by SVD to `rank`, default the first source's); both let
@@ -92,8 +96,9 @@ class LoraVariant(AdapterVariant):
     def create_layer(self, site, config: LoraConfig, base=None) -> nn.Module:
         return LoraLayer(site.in_features, site.out_features, config.rank, config.alpha, config.dropout)
 
-    def merged_weight(self, layer: LoraLayer, weight, bias):
-        return weight + layer.delta_weight().to(weight.dtype), bias
+    def merged_weight(self, layer: nn.Module, weight, bias):
+        lora = cast(LoraLayer, layer)  # a variant is only handed its own layers
+        return weight + lora.delta_weight().to(weight.dtype), bias
 
     def merge_free_options(self, method: str) -> tuple[str, ...]:
         return ("rank", "alpha", "dropout") if method in self.merge_methods else ("dropout",)

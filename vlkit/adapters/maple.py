@@ -26,9 +26,14 @@ from .base import AdapterConfig, AdapterVariant
 
 @dataclass
 class MapleConfig(AdapterConfig):
+    towers: str = "both"
+    """Must be both: the vision prompts are projected from the text prompts of the same block."""
     num_tokens: int = 2
+    """Prompt tokens inserted at each prompted block of each tower (>= 1)."""
     depth: int = 2
+    """Prompt the first `depth` blocks of each tower when layers is unset (>= 1)."""
     init_std: float = 0.02
+    """Standard deviation of the text prompts' normal init (>= 0)."""
 
     def validate(self) -> None:
         super().validate()
@@ -66,7 +71,7 @@ class MapleVisionPrompts(nn.Module):
         return self.proj(self._text_prompts.to(self.proj.weight.dtype)).to(x.dtype)
 
 
-class MapleVariant(AdapterVariant):
+class MapleVariant(AdapterVariant[MapleConfig]):
     name = "maple"
     summary = "MaPLe: deep prompts in both towers, vision prompts projected from the text prompts"
     config_cls = MapleConfig

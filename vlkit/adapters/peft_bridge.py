@@ -38,7 +38,7 @@ import copy
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -73,7 +73,7 @@ def peft_config_class(peft_type: str):
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
     key = str(peft_type).upper()
-    cls = PEFT_TYPE_TO_CONFIG_MAPPING.get(key)
+    cls = PEFT_TYPE_TO_CONFIG_MAPPING.get(key)  # type: ignore[call-overload]  # PeftType is a str enum
     if cls is None:
         known = ", ".join(sorted(str(k) for k in PEFT_TYPE_TO_CONFIG_MAPPING))
         raise ConfigError(f"unknown peft_type {peft_type!r}; PEFT knows {known}")
@@ -108,6 +108,9 @@ def _as_list(value) -> list[str] | None:
 class PeftBridgeConfig(AdapterConfig):
     config: dict[str, Any] = field(default_factory=lambda: {"peft_type": "LORA", "r": 8, "lora_alpha": 16,
                                                             "target_modules": list(DEFAULT_TARGETS)})
+    """PEFT's config as an object (or JSON): peft_type (LORA, LOHA, LOKR, IA3, OFT, ...) and that tuner's
+    options (r, lora_alpha, use_dora, target_modules, ...); prompt-learning types and modules_to_save are
+    refused."""
 
     def validate(self) -> None:
         super().validate()
@@ -179,7 +182,7 @@ class _BaseProxy(nn.Linear):
         self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
         # PEFT reads device, dtype and (DoRA) the weight norm from real parameters while it builds the layer
         self.weight = nn.Parameter(weight.detach(), requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)  # type: ignore[assignment]
 
     def release(self) -> None:
         self._parameters.pop("weight", None)
@@ -213,7 +216,7 @@ class _Box(nn.Module):
         self.base = proxy
 
 
-def _make_tuner(cfg: dict[str, Any], weight, bias, feedforward: bool, r=None, alpha=None) -> nn.Module:
+def _make_tuner(cfg: dict[str, Any], weight, bias, feedforward: bool, r=None, alpha=None) -> Any:
     peft = _peft()
     box = _Box(_BaseProxy(weight, bias))
     try:
@@ -225,7 +228,7 @@ def _make_tuner(cfg: dict[str, Any], weight, bias, feedforward: bool, r=None, al
 
     if not isinstance(tuner, BaseTunerLayer):
         raise ConfigError(f"peft_type {cfg['peft_type']} did not wrap the linear projection")
-    tuner.get_base_layer().release()
+    cast(_BaseProxy, tuner.get_base_layer()).release()
     return tuner
 
 
@@ -252,7 +255,7 @@ class PeftSiteLayer(nn.Module):
         return y + (out - F.linear(x, weight, bias))  # a tuner that recomputes the projection (OFT, HRA, ...)
 
 
-class PeftVariant(AdapterVariant):
+class PeftVariant(AdapterVariant[PeftBridgeConfig]):
     """The PEFT bridge (see the module docstring)."""
 
     name = "peft"
@@ -302,8 +305,8 @@ class PeftVariant(AdapterVariant):
             return "a DoRA magnitude is an absolute row norm, not a task vector (use --method linear)"
         return super().merge_limit(method, config)
 
-    def merged_weight(self, layer: PeftSiteLayer, weight, bias):
-        tuner = copy.deepcopy(layer.tuner)
+    def merged_weight(self, layer: nn.Module, weight, bias):
+        tuner = copy.deepcopy(cast(PeftSiteLayer, layer).tuner)  # a variant is only handed its own layers
         proxy = tuner.get_base_layer()
         proxy.bind(weight.clone(), None if bias is None else bias.clone())
         try:

@@ -8,7 +8,8 @@
   projection of this backbone by name and shape (there is no fingerprint in a PEFT directory).
 - **Writing** (`vlkit export --format peft`, `vlkit.export.peft.export_peft`): a `lora` adapter, or a `peft`
   bridge adapter of any tuner, trained on an `hf:` backbone, as a directory
-  `peft.PeftModel.from_pretrained(CLIPModel, dir)` loads (adapter_config.json written by PEFT's own config class, target_modules the exact module paths). The
+  `peft.PeftModel.from_pretrained(CLIPModel, dir)` loads (adapter_config.json written by PEFT's own config
+  class, target_modules the exact module paths). The
   export is verified: the directory is loaded with PEFT onto a fresh copy of the base model and its image and
   text embeddings are compared with vlkit's on random inputs; a mismatch writes nothing.
 
@@ -141,7 +142,7 @@ def read_peft_dir(backbone, path: str | Path) -> tuple[dict[str, Any], dict[str,
         bridge = {"peft_type": "LORA", **{k: peft_cfg[k] for k in keep if k in peft_cfg and peft_cfg[k] is not None}}
         bridge["init_lora_weights"] = True
         bridge["target_modules"] = paths
-        config = {"config": bridge, "targets": paths}
+        config: dict[str, Any] = {"config": bridge, "targets": paths}
         variant = "peft"
         weights = {}
         for p in paths:

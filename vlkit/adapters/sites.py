@@ -27,6 +27,7 @@ class InjectionRecord:
     extra: dict[str, nn.Parameter] = field(default_factory=dict)
     task: dict[str, Any] = field(default_factory=dict)
     config_obj: Any = None
+    search: dict[str, Any] | None = None  # Tip-Adapter's alpha/beta search, when one ran
 
     @property
     def targets(self) -> list[str]:
@@ -140,7 +141,23 @@ def site_weights(host: AdapterHost, site: Site):
 
 def unwrap_empty_hosts(backbone) -> None:
     """Put each host's base module back where no adapter or fusion is left on it (deepest first)."""
-    hosts = [(path, m) for path, m in backbone.model.named_modules() if isinstance(m, AdapterHost)]
+    hosts = [(_logical_path(backbone.model, path), m) for path, m in backbone.model.named_modules()
+             if isinstance(m, AdapterHost)]
     for path, host in sorted(hosts, key=lambda pm: -pm[0].count(".")):
         if len(host.adapters) == 0 and len(host.fusions) == 0:
             set_module(backbone.model, path, host.base)
+
+
+def _logical_path(root: nn.Module, path: str) -> str:
+    """A module path with the `base` hops through adapter hosts removed (what `set_module` takes): a host nested in
+    another host's base, e.g. a LoRA projection inside a bottleneck-wrapped MLP, is `...mlp.c_fc`, not
+    `...mlp.base.c_fc`."""
+    out: list[str] = []
+    mod = root
+    for part in path.split(".") if path else []:
+        if isinstance(mod, AdapterHost) and part == "base":
+            mod = mod.base
+            continue
+        mod = mod[int(part)] if part.isdigit() else getattr(mod, part)
+        out.append(part)
+    return ".".join(out)

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -59,12 +59,19 @@ from .model import AdaptedModel
 @dataclass
 class TipAdapterConfig(AdapterConfig):
     towers: str = "vision"
+    """vision: the cache acts on the image features (both is read as vision)."""
     alpha: float = 1.0
+    """α, the weight of the cache logits added to the zero-shot logits."""
     beta: float = 5.5
+    """β, the sharpness of the cache affinity exp(−β (1 − f Kᵀ)), >= 0."""
     logit_scale: float = 100.0
+    """The head's logit scale s (> 0); vlkit train sets the backbone's."""
     cache_size: int = 16
+    """Cache entries: the few-shot training images (>= 1); vlkit train sets it from the data."""
     num_classes: int = 2
+    """Classes the cache values index (>= 1); vlkit train sets it from the task."""
     class_names: list[str] | None = None
+    """The num_classes class names; vlkit train sets them from the task."""
 
     def validate(self) -> None:
         super().validate()
@@ -86,6 +93,10 @@ class TipAdapterConfig(AdapterConfig):
 
 
 class TipCache(nn.Module):
+    keys: torch.Tensor
+    values: torch.Tensor
+    readout: torch.Tensor
+
     def __init__(self, width: int, config: TipAdapterConfig, trainable_keys: bool):
         super().__init__()
         keys = torch.zeros(config.cache_size, width)
@@ -110,7 +121,7 @@ class TipCache(nn.Module):
         return y + norm * (self.cache_logits(y) / self.logit_scale) @ self.readout.to(y.dtype)
 
 
-class TipAdapterVariant(AdapterVariant):
+class TipAdapterVariant(AdapterVariant[TipAdapterConfig]):
     name = "tip-adapter"
     summary = "Tip-Adapter: training-free key-value cache of few-shot image features (alpha, beta)"
     config_cls = TipAdapterConfig
@@ -177,7 +188,8 @@ def fill_cache(backbone, name: str, task, data: dict[str, Any], batch_size: int 
     """Fill the cache of adapter `name` from prepared data {"pixels", "labels"} (the adapter is kept inactive
     while the features are computed) and the task's class embeddings."""
     model = AdaptedModel.of(backbone)
-    [layer] = model.adapter_layers(name).values()
+    [module] = model.adapter_layers(name).values()
+    layer = cast(TipCache, module)
     with model.activated(*(n for n in model.active_adapters if n != name), mode=model.active_mode):
         feats = _features(backbone, data["pixels"], batch_size)
         with torch.no_grad():

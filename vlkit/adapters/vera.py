@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -35,9 +36,13 @@ _PROJECTIONS: dict[tuple[int, int, int, int], tuple[torch.Tensor, torch.Tensor]]
 @dataclass
 class VeraConfig(AdapterConfig):
     rank: int = 256
+    """Rank of the shared frozen random projections A (rank, in) and B (out, rank) (>= 1)."""
     d_initial: float = 0.1
+    """Initial value of every entry of the trainable vector λ_d (a finite number)."""
     projection_seed: int = 0
+    """Seed A and B are drawn from, in [0, 2**63); only adapters of the same seed merge."""
     modules: str = "attn"
+    """Projections adapted when targets is unset: attn (q, k, v, out), qv, mlp (fc1, fc2) or all."""
 
     def validate(self) -> None:
         super().validate()
@@ -68,6 +73,9 @@ def shared_projections(seed: int, rank: int, in_features: int, out_features: int
 class VeraLayer(nn.Module):
     """y + λ_b ⊙ B(λ_d ⊙ A x) (see the module docstring)."""
 
+    vera_A: torch.Tensor
+    vera_B: torch.Tensor
+
     def __init__(self, in_features: int, out_features: int, config: VeraConfig):
         super().__init__()
         a, b = shared_projections(config.projection_seed, config.rank, in_features, out_features)
@@ -85,7 +93,7 @@ class VeraLayer(nn.Module):
         return y + F.linear(h, self.vera_B.to(x.dtype)) * self.lambda_b.to(x.dtype)
 
 
-class VeraVariant(AdapterVariant):
+class VeraVariant(AdapterVariant[VeraConfig]):
     name = "vera"
     summary = "VeRA: shared frozen random projections, two trainable scaling vectors per projection; mergeable"
     config_cls = VeraConfig
@@ -101,9 +109,10 @@ class VeraVariant(AdapterVariant):
     def create_layer(self, site, config: VeraConfig, base=None) -> nn.Module:
         return VeraLayer(site.in_features, site.out_features, config)
 
-    def merged_weight(self, layer: VeraLayer, weight, bias):
+    def merged_weight(self, layer: nn.Module, weight, bias):
+        vera = cast(VeraLayer, layer)  # a variant is only handed its own layers
         with torch.no_grad():
-            return weight + layer.delta_weight().to(weight.dtype), bias
+            return weight + vera.delta_weight().to(weight.dtype), bias
 
     def describe_state(self, config, tensors):
         ds = [t.float() for k, t in tensors.items() if k.endswith(".lambda_d")]

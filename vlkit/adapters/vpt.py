@@ -25,7 +25,9 @@ from .base import AdapterConfig, AdapterVariant
 @dataclass
 class VptConfig(AdapterConfig):
     num_tokens: int = 4
+    """Learned tokens inserted at the input of each chosen block (>= 1)."""
     init_std: float = 0.02
+    """Standard deviation of the tokens' normal init (>= 0)."""
 
     def validate(self) -> None:
         super().validate()
@@ -46,7 +48,7 @@ class PromptTokens(nn.Module):
         return self.prompts.unsqueeze(0).expand(x.shape[0], -1, -1)
 
 
-class VptVariant(AdapterVariant):
+class VptVariant(AdapterVariant[VptConfig]):
     name = "vpt"
     summary = "deep prompt tuning: learned tokens inserted at each block's input (vision and text towers)"
     config_cls = VptConfig

@@ -72,9 +72,9 @@ def linear_weights(module: nn.Module, role: str | None = None) -> tuple[torch.Te
                 sub = _unwrap(sub)
                 if isinstance(getattr(sub, "weight", None), torch.Tensor):
                     return sub.weight, getattr(sub, "bias", None)
-    weight = getattr(module, "weight", None)
-    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
-        return weight, getattr(module, "bias", None)
+    own = getattr(module, "weight", None)
+    if isinstance(own, torch.Tensor) and own.dim() == 2:
+        return own, getattr(module, "bias", None)
     raise InjectionError(f"{type(module).__name__} has no linear projection for role {role!r}")
 
 

@@ -9,6 +9,8 @@ AdaptedMHA (an nn.MultiheadAttention, whose fused in-projection is split into q,
 """
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -44,7 +46,7 @@ class AdapterHost(nn.Module):
     def add_layer(self, adapter: str, key: str, kind: str, layer: nn.Module) -> None:
         if adapter not in self.adapters:
             self.adapters[adapter] = nn.ModuleDict()
-        self.adapters[adapter][key] = layer
+        cast(nn.ModuleDict, self.adapters[adapter])[key] = layer
         self.site_kinds[key] = kind
 
     def remove_adapter(self, adapter: str) -> None:
@@ -52,7 +54,7 @@ class AdapterHost(nn.Module):
             del self.adapters[adapter]
 
     def layer(self, adapter: str, key: str):
-        group = self.adapters[adapter] if adapter in self.adapters else None
+        group = cast(nn.ModuleDict, self.adapters[adapter]) if adapter in self.adapters else None
         if group is None or key not in group:
             return None
         layer = group[key]
@@ -70,11 +72,11 @@ class AdapterHost(nn.Module):
 
     def stack_layers(self, key: str) -> list | None:
         """The active, unmerged layers at `key` in stacking order when the adapters are plainly stacked
-        (no routing, mode "stack"); None in every other mode (the caller then takes `apply`)."""
+        (no routing, mode "stack"); None in every other mode (the caller then takes `run_adapters`)."""
         st = self._state
         if st.route is not None or st.mode != "stack":
             return None
-        groups = self._modules["adapters"]._modules
+        groups = self.adapters._modules
         out = []
         for n in st.active:
             group = groups.get(n)
@@ -89,10 +91,10 @@ class AdapterHost(nn.Module):
         layers allow. In plain stacking the first layer may take a shortcut (see the layer contract in
         `vlkit.adapters.base.AdapterVariant`): `input_transform(x)` (the projection runs once, on the changed
         input, instead of a second projection inside the layer) or `from_base(x, y, weight, bias)` (the layer
-        reuses the base output). Every other mode goes through `apply`, exactly as before."""
+        reuses the base output). Every other mode goes through `run_adapters`, exactly as before."""
         layers = self.stack_layers(key)
         if layers is None:
-            return self.apply(key, F.linear(x, weight, bias) if y is None else y, x, weight, bias)
+            return self.run_adapters(key, F.linear(x, weight, bias) if y is None else y, x, weight, bias)
         if not layers:
             return F.linear(x, weight, bias) if y is None else y
         first, rest = layers[0], layers[1:]
@@ -109,7 +111,7 @@ class AdapterHost(nn.Module):
             y = layer(x, y, weight, bias)
         return y
 
-    def apply(self, key: str, y: torch.Tensor, x=None, weight=None, bias=None,
+    def run_adapters(self, key: str, y: torch.Tensor, x=None, weight=None, bias=None,
               batch_dim: int | None = None) -> torch.Tensor:
         st = self._state
         if st.route is not None:
@@ -121,8 +123,8 @@ class AdapterHost(nn.Module):
         if not layers:
             return y
         if st.mode == "fuse":
-            group = self.fusions[st.fusion] if st.fusion in self.fusions else None
-            fusion = group[key] if group is not None and key in group else None
+            group = cast(nn.ModuleDict, self.fusions[st.fusion]) if st.fusion in self.fusions else None
+            fusion: Any = group[key] if group is not None and key in group else None
             if fusion is None:  # no fusion layer here: the plain average of the adapters' outputs
                 return sum(self._run(layer, key, y, x, weight, bias) for _, layer in layers) / len(layers)
             by_name = dict(layers)
@@ -204,21 +206,21 @@ class AdaptedOutput(AdapterHost):
             if self.site_kinds[key] != "input" or not self.has_active(key):
                 continue
             if args:
-                args = (self.apply(key, args[0]), *args[1:])
+                args = (self.run_adapters(key, args[0]), *args[1:])
             elif "hidden_states" in kwargs:
-                kwargs = {**kwargs, "hidden_states": self.apply(key, kwargs["hidden_states"])}
+                kwargs = {**kwargs, "hidden_states": self.run_adapters(key, kwargs["hidden_states"])}
         out = self.base(*args, **kwargs)
         for key in self.site_kinds:  # token-embedding sites first: they replace raw embeddings
             if self.site_kinds[key] == "tokens" and self.has_active(key):
                 ids = args[0] if args else kwargs.get("input", kwargs.get("input_ids"))
-                out = self.apply(key, out, ids, self.base.weight, None)
+                out = self.run_adapters(key, out, ids, self.base.weight, None)
         for key in self.site_kinds:
             if self.site_kinds[key] in ("input", "tokens"):
                 continue
             if isinstance(out, tuple):
-                out = (self.apply(key, out[0]), *out[1:])
+                out = (self.run_adapters(key, out[0]), *out[1:])
             else:
-                out = self.apply(key, out)
+                out = self.run_adapters(key, out)
         return out
 
 
@@ -226,7 +228,7 @@ class AdaptedLinear(AdapterHost):
     """Adapters on an nn.Linear: each layer sees the input, the base output, and the base weight."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = self._modules["base"]
+        base: Any = self._modules["base"]
         kinds = self.site_kinds
         if len(kinds) == 1 and type(base).forward is nn.Linear.forward:  # the usual case: one linear site
             (key, kind), = kinds.items()
@@ -235,9 +237,9 @@ class AdaptedLinear(AdapterHost):
         y = base(x)
         for key in self.site_kinds:
             if self.site_kinds[key] == "linear":
-                y = self.apply(key, y, x, self.base.weight, self.base.bias)
+                y = self.run_adapters(key, y, x, self.base.weight, self.base.bias)
             else:
-                y = self.apply(key, y)
+                y = self.run_adapters(key, y)
         return y
 
 
@@ -249,7 +251,7 @@ class AdaptedMHA(AdapterHost):
     """
 
     def _proj(self, i: int):
-        base = self.base
+        base: Any = self.base
         e = base.embed_dim
         w = base.in_proj_weight[i * e:(i + 1) * e]
         b = base.in_proj_bias[i * e:(i + 1) * e] if base.in_proj_bias is not None else None
@@ -260,7 +262,7 @@ class AdaptedMHA(AdapterHost):
         key = query if key is None else key
         value = query if value is None else value
         if INPUT_KEY in self.site_kinds and self.has_active(INPUT_KEY):  # self-attention input: q, k, v alike
-            adapted = self.apply(INPUT_KEY, query, batch_dim=0 if self.base.batch_first else 1)
+            adapted = self.run_adapters(INPUT_KEY, query, batch_dim=0 if self.base.batch_first else 1)
             key = adapted if key is query else key
             value = adapted if value is query else value
             query = adapted
@@ -277,7 +279,7 @@ class AdaptedMHA(AdapterHost):
                                      attn_mask=attn_mask, is_causal=is_causal)[0]
                 out = torch.where(_route_for(plain, out, 0 if self.base.batch_first else 1), base_out, out)
         if "attn" in self.site_kinds:
-            out = self.apply("attn", out, batch_dim=0 if self.base.batch_first else 1)
+            out = self.run_adapters("attn", out, batch_dim=0 if self.base.batch_first else 1)
         return out, weights
 
     def _plain_samples(self, proj_keys):
@@ -299,7 +301,7 @@ class AdaptedMHA(AdapterHost):
         return F.linear(x, w, b) if y is None else y
 
     def _explicit(self, query, key, value, key_padding_mask, attn_mask, is_causal):
-        base = self.base
+        base: Any = self.base
         if base.in_proj_weight is None:
             raise RuntimeError("MultiheadAttention with separate q/k/v weights is not supported")
         self_attention = query is key and key is value

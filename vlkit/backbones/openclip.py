@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,10 +20,10 @@ def _sites_for_block(tower: str, index: int, path: str, block: nn.Module) -> Blo
         return None
     from .hosts import AdapterHost
 
-    attn_m = attn.base if isinstance(attn, AdapterHost) else attn
+    attn_m: Any = attn.base if isinstance(attn, AdapterHost) else attn
     mlp_m = mlp.base if isinstance(mlp, AdapterHost) else mlp
-    fc1 = getattr(mlp_m, "c_fc", None)
-    fc2 = getattr(mlp_m, "c_proj", None)
+    fc1: Any = getattr(mlp_m, "c_fc", None)
+    fc2: Any = getattr(mlp_m, "c_proj", None)
     fc1 = fc1.base if isinstance(fc1, AdapterHost) else fc1
     fc2 = fc2.base if isinstance(fc2, AdapterHost) else fc2
     width = fc1.in_features if fc1 is not None else attn_m.embed_dim
@@ -44,7 +45,7 @@ def _sites_for_block(tower: str, index: int, path: str, block: nn.Module) -> Blo
 FEATURE_TAP = "vlkit_proj"
 
 
-def _text_owner(model: nn.Module) -> tuple[nn.Module, str]:
+def _text_owner(model: Any) -> tuple[nn.Module, str]:
     """The module holding the text tower's parts and its path prefix ("text." for CustomTextCLIP)."""
     if hasattr(model, "text") and hasattr(model.text, "transformer"):
         return model.text, "text."
@@ -260,7 +261,7 @@ def _load_safetensors_into(model: nn.Module, path: Path, spec: str) -> None:
         raise BackboneLoadError(f"cannot read checkpoint {path}: {exc}") from None
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     if "state_dict" in state:
-        state = state["state_dict"]
+        state = state["state_dict"]  # type: ignore[assignment]  # a nested state dict, as some trainers save
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches

@@ -64,7 +64,7 @@ class AdapterState:
             raise ConfigError(f"route indices must be in -1..{len(names) - 1} (-1: no adapter)")
         self.route_names = tuple(names)
         self.route = index
-        self._groups = {}
+        self._groups: dict[str, list[torch.Tensor]] = {}
 
     def clear_route(self) -> None:
         self.route = None

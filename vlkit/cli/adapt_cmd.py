@@ -61,14 +61,14 @@ def register(cli: typer.Typer) -> None:
             _protocol(backbone, domain, shot_list, out, method or variant, seeds, data, steps,
                       parse_kv(option), json_out, overwrite)
             return
-        shots = shot_list[0]
+        n_shots = shot_list[0]
 
         base = tuple(b.strip() for b in (baselines or "").split(",") if b.strip())
         from .progress import TrainProgress
 
         bar = TrainProgress()
         try:
-            res = run_adapt(backbone, domain, shots, out, variant, base, steps, seed,
+            res = run_adapt(backbone, domain, n_shots, out, variant, base, steps, seed,
                             adapter_options=parse_kv(option), progress=bar, overwrite=overwrite)
         finally:
             bar.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+from typing import Any
 
 import typer
 
@@ -43,11 +44,11 @@ def build_app() -> typer.Typer:
     return app
 
 
-def _one_line(text: str) -> str:
+def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
-OS_ERRORS = {  # errno -> what it means for the user (the rest: the system's own message)
+OS_ERRORS: dict[int | None, str] = {  # errno -> what it means for the user (the rest: the system's own message)
     errno.EROFS: "read-only file system",
     errno.ENOSPC: "no space left on device",
     errno.EDQUOT: "disk quota exceeded",
@@ -76,11 +77,11 @@ def error_message(exc: BaseException) -> str:
     return f"error: unexpected {type(exc).__name__}: {_one_line(exc)} (set VLKIT_DEBUG=1 for the traceback)"
 
 
-def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+def _click_exceptions() -> tuple[tuple[type[Any], ...], tuple[type[Any], ...], tuple[type[Any], ...]]:
     """(exit, abort, usage-error) classes: typer >= 0.2x vendors click as typer._click, older typer uses click."""
-    exits: list[type] = [typer.Exit]
-    aborts: list[type] = [typer.Abort]
-    usage: list[type] = [typer.TyperException]
+    exits: list[type[Any]] = [typer.Exit]
+    aborts: list[type[Any]] = [typer.Abort]
+    usage: list[type[Any]] = [typer.TyperException]
     try:
         import click
     except ImportError:  # pragma: no cover - typer without click
@@ -143,8 +144,8 @@ def main(argv: list[str] | None = None) -> None:
             import traceback
 
             traceback.print_exc()
-        sys.stderr.write(error_message(exc) + "\n")
-        sys.exit(exit_code(exc))
             worker_traceback = getattr(exc, "worker_traceback", None)
             if worker_traceback:
                 sys.stderr.write(worker_traceback.rstrip() + "\n")
+        sys.stderr.write(error_message(exc) + "\n")
+        sys.exit(exit_code(exc))

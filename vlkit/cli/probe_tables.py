@@ -67,7 +67,7 @@ def breakdown_tables(result: dict[str, Any]) -> list:
         tags = list(dict.fromkeys(tag for s in systems for tag in s["breakdowns"].get(key, {})))
         if not tags or len(tags) > TABLE_MAX_TAGS.get(key, len(tags)):
             continue
-        first = next(iter(base["breakdowns"].get(key, {}).values()), {})
+        first: dict[str, Any] = next(iter(base["breakdowns"].get(key, {}).values()), {})
         metrics = [m for m in result["metrics"] if m in first] or [m for m in first if m != "n"]
         marked = any("diff" in r for s in systems[1:] for r in s["breakdowns"].get(key, {}).values())
         level = int(round(100 * result.get("bootstrap", {}).get("level", 0.95)))

@@ -11,8 +11,8 @@ class TrainProgress:
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
-        self.bar = None
-        self.task = None
+        self.bar: Any = None  # a rich Progress, made when training starts
+        self.task: Any = None
 
     def __call__(self, event: str, **info: Any) -> None:
         if event == "warning":

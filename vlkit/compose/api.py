@@ -126,7 +126,8 @@ def _route(srcs, cfg0, out: Path, data, backbone_spec, hidden, steps, n_per_adap
     names: list[str | None] = [n for n, _ in srcs]
     unknown = sorted(set(per_name) - set(names) - {"none"})
     if unknown:
-        raise ConfigError(f"--data names {', '.join(unknown)}, which are not among the adapters ({', '.join(names)})")
+        raise ConfigError(f"--data names {', '.join(unknown)}, which are not among the adapters "
+                          f"({', '.join(map(str, names))})")
     backbone = _load_backbone_for(cfg0, backbone_spec)
     sources = []
     for i, (name, path) in enumerate(srcs):

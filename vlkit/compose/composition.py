@@ -168,7 +168,7 @@ class Composition:
             raise ConfigError(f"adapter {adapter!r} is not in composition {self.path}; it has {', '.join(self.names)}")
         matches = [n for n in self.names if (self.tasks.get(n, {}).get("meta") or {}).get("name") == task]
         if not matches:
-            have = sorted({(t.get("meta") or {}).get("name") for t in self.tasks.values()} - {None})
+            have = sorted(str(n) for n in {(t.get("meta") or {}).get("name") for t in self.tasks.values()} - {None})
             raise ConfigError(f"no adapter for task {task!r} in composition {self.path}; tasks: {', '.join(have)}")
         return matches[0]
 

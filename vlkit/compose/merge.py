@@ -139,7 +139,9 @@ def merge_tensors(cfgs: list[dict], tensors: list[dict[str, torch.Tensor]], meth
                 raise ConfigError("linear merge weights sum to zero (use task_arithmetic for signed sums)")
             weights = [w / total for w in weights]
         for k in tensors[0]:
-            acc = sum(w * t[k].double() for w, t in zip(weights, tensors))
+            acc = weights[0] * tensors[0][k].double()
+            for w, t in zip(weights[1:], tensors[1:]):
+                acc = acc + w * t[k].double()
             out[k] = acc.to(tensors[0][k].dtype)
         return out, config, info
     if method == "ties":
@@ -147,7 +149,7 @@ def merge_tensors(cfgs: list[dict], tensors: list[dict[str, torch.Tensor]], meth
             out[k] = ties_merge([t[k] for t in tensors], weights, density)
         return out, config, info
     var = _variants().get(cfgs[0]["variant"])
-    if not _own_method(var, method):
+    if var is None or not _own_method(var, method):
         raise ConfigError(f"merge method {method!r} is not offered by {cfgs[0]['variant']!r} adapters")
     return var.merge(method, [dict(c["config"]) for c in cfgs], tensors, list(weights),
                      {"density": density, "rank": rank})
@@ -198,7 +200,7 @@ def merge_adapters(sources: list[str | Path], out: str | Path, *, method: str = 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     name = name or (cfgs[0].get("name") if len(paths) == 1 else "merged")
-    provenance = {"mode": "merge", "method": method, "weights": weights,
+    provenance: dict[str, Any] = {"mode": "merge", "method": method, "weights": weights,
                   "sources": [{"name": c.get("name"), "path": str(p)} for c, p in zip(cfgs, paths)]}
     if method == "ties":
         provenance["density"] = density
@@ -207,7 +209,7 @@ def merge_adapters(sources: list[str | Path], out: str | Path, *, method: str = 
     cfg = {**cfgs[0], "name": name, "config": config, "composition": provenance,
            "num_parameters": int(sum(t.numel() for t in merged.values())),
            "task": tasks[0] if all(t == tasks[0] for t in tasks) else {}}
-    save_safetensors(merged, out / WEIGHTS_NAME, metadata={"format": "pt", "vlkit_adapter": name})
+    save_safetensors(merged, out / WEIGHTS_NAME, metadata={"format": "pt", "vlkit_adapter": str(name)})
     write_json(out / CONFIG_NAME, cfg)
     write_json(out / COMPOSITION_FILE, {
         "format": FORMAT, "format_version": FORMAT_VERSION, "mode": "merge", "backbone": cfgs[0].get("backbone"),

@@ -80,7 +80,8 @@ def run_composition(backbone, path: str | Path, images: list, texts: list[str] |
         raise ConfigError(f"{path} routes per input: pass --route auto, --adapter NAME or --task TASK")
     else:
         chosen = [None] * len(images)
-    rows, cache = [], {}
+    rows: list[dict[str, Any]] = []
+    cache: dict[Any, Any] = {}
     for i, name in enumerate(chosen):
         if name is None and comp.mode != "route":
             comp.activate(backbone)

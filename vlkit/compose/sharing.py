@@ -13,7 +13,10 @@ up-projection modules or parameters); `shared` with no entry ties the whole laye
 """
 from __future__ import annotations
 
+from typing import cast
+
 import torch
+from torch import nn
 
 from ..adapters.model import AdaptedModel
 from ..adapters.sites import host_of
@@ -67,8 +70,8 @@ def tie_shared(backbone, names: list[str], sharing: str, check: bool = True) -> 
             raise IncompatibleAdapterError(f"adapters {names[0]} and {n} cannot share parameters: different "
                                            "variant or sites")
         for site in rec.sites:
-            host = host_of(backbone, site)
-            layer, src = host.adapters[n][site.key], first[site.path]
+            group = cast(nn.ModuleDict, host_of(backbone, site).adapters[n])
+            layer, src = group[site.key], first[site.path]
             for part in parts:
                 mine, theirs = (layer, src) if part == "*" else (getattr(layer, part), getattr(src, part))
                 if mine is theirs:
@@ -77,7 +80,7 @@ def tie_shared(backbone, names: list[str], sharing: str, check: bool = True) -> 
                     raise IncompatibleAdapterError(f"adapters {names[0]} and {n} were saved as sharing {part!r} "
                                                    f"at {site.path}, but their weights differ")
                 if part == "*":
-                    host.adapters[n][site.key] = src
+                    group[site.key] = src
                 else:
                     setattr(layer, part, theirs)
     shared = {}

@@ -180,8 +180,8 @@ def _sample_row(shard: str, key: str, members: dict[str, tuple[str, int, int]], 
             raise DataError(f"{where}: not a JSON object")
     if "txt" in members:
         row["caption"] = texts[key, "txt"].strip()
-    elif isinstance(meta.get("caption") or meta.get("text"), str):
-        row["caption"] = (meta.get("caption") or meta.get("text")).strip()
+    elif isinstance(caption := meta.get("caption") or meta.get("text"), str):
+        row["caption"] = caption.strip()
     if "cls" in members:
         text = texts[key, "cls"].strip()
         if not re.fullmatch(r"-?\d+", text):

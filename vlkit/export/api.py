@@ -15,6 +15,7 @@ import os
 import re
 import secrets
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,8 @@ def vocabulary_words(backbone) -> list[str]:
     `encoder`)."""
     tok = getattr(backbone, "_tokenizer", None)
     for obj in (tok, getattr(tok, "tokenizer", None)):
+        if obj is None:
+            continue
         vocab = None
         if callable(getattr(obj, "get_vocab", None)):
             vocab = obj.get_vocab()
@@ -107,7 +110,7 @@ def tokenizer_files(backbone) -> dict[str, bytes]:
         return files
     tok = getattr(backbone, "_tokenizer", None)
     inner = getattr(tok, "tokenizer", tok)  # open_clip's HFTokenizer wraps a transformers tokenizer
-    if hasattr(inner, "save_pretrained"):
+    if inner is not None and hasattr(inner, "save_pretrained"):
         with tempfile.TemporaryDirectory() as d:
             inner.save_pretrained(d)
             for p in Path(d).rglob("*"):
@@ -265,7 +268,7 @@ def _staged_files(staging: Path) -> list[str]:
     return files
 
 
-def export_model(out: str | Path, *, backbone: str | None = None, adapters: list[str | Path] = (),
+def export_model(out: str | Path, *, backbone: str | None = None, adapters: Sequence[str | Path] = (),
                  target: str = "onnx", task: str | None = None, domain: str | None = None,
                  eval_data: str | None = None, eval_n: int | None = None, merge: bool = True,
                  options: ExportOptions | None = None, overwrite: bool = False,
@@ -350,6 +353,7 @@ def export_model(out: str | Path, *, backbone: str | None = None, adapters: list
     merged: list[str] = []  # filled below; later references unmerge these
     reference = _reference_fn(bb, merged)
     captions = list(ds["caption"]) if "caption" in ds.column_names else None
+    assert options.seed is not None  # drawn above when not given
     verify_inputs = _verify_inputs(bb, graphs, data, zs_task, captions, options.seed)
     evaluation = _evaluation(graphs, reference, data, zs_task, label, the_task is not None, verify_inputs)
     t = lap("eval data and tasks", t)

@@ -248,6 +248,9 @@ class TextEncoder(nn.Module):
 class Classifier(nn.Module):
     """pixel_values -> logits (B, C) through the task's head; `class_emb` given: baked in (text head)."""
 
+    _task: Any
+    class_emb: torch.Tensor | None
+
     def __init__(self, backbone, task, class_emb: torch.Tensor | None):
         super().__init__()
         self.backbone = backbone

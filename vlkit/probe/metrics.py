@@ -20,7 +20,7 @@ separate intervals suggest.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -77,7 +77,7 @@ def breakdown(correct: dict[str, np.ndarray], values: Sequence[Any], multi: bool
     return out
 
 
-def winoground_breakdowns(correct: dict[str, np.ndarray], tags: dict[str, Sequence[Any]]) -> dict[str, Any]:
+def winoground_breakdowns(correct: dict[str, np.ndarray], tags: Mapping[str, Sequence[Any]]) -> dict[str, Any]:
     """Breakdowns by collapsed_tag, num_main_preds, secondary_tag (comma-separated, multi-valued) and the
     fine-grained tag, for whichever of those columns `tags` has."""
     out = {}

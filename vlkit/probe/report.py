@@ -130,7 +130,7 @@ def plot_result(result: dict[str, Any], path: str | Path) -> Path:
         for i, m in enumerate(metrics):
             if m in chance:
                 ax.hlines(chance[m], i - 0.45, i + 0.45, colors="black", linestyles="dashed", linewidth=1,
-                          label="chance" if i == 0 else None)
+                          label="chance" if i == 0 else "_nolegend_")
         ax.set_xticks(x, metrics)
         ax.set_ylabel("score (%)")
         ax.set_ylim(0, 100)

@@ -50,7 +50,7 @@ from ..errors import (
     VlkitError,
 )
 from .guards import check_served_name, client_path, prompt_problem
-from .inputs import BODIES, adapter_of, decode_base64, form_fields, one_line, open_image, parse_json
+from .inputs import BODIES, LoadBody, adapter_of, decode_base64, form_fields, one_line, open_image, parse_json
 
 OPEN_PATHS = ("/health", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc")
 ENDPOINTS = ("/v1/embed", "/v1/classify", "/v1/score", "/v1/answer", "/v1/adapters", "/health", "/metrics",
@@ -325,7 +325,7 @@ def build_item(backend, config: ServeConfig, op: str, body, raw: bytes | None):
     image_field = getattr(body, "image", None)
     pixels = None
     if raw is not None or image_field:
-        data = raw if raw is not None else decode_base64(image_field)
+        data = raw if raw is not None else decode_base64(str(image_field))
         pixels = backend.preprocess(open_image(data, config.max_pixels))
     texts, labels = None, None
     if op == "embed":
@@ -436,8 +436,9 @@ def build_app(config: ServeConfig, service):
         state.draining = True
         await service.close(config.drain_timeout)
 
-    errors = {code: {"description": text, "content": {"application/json": {"schema": ERROR_SCHEMA}}}
-              for code, text in ERROR_STATUSES.items()}
+    errors: dict[int | str, dict[str, Any]] = {
+        code: {"description": text, "content": {"application/json": {"schema": ERROR_SCHEMA}}}
+        for code, text in ERROR_STATUSES.items()}
     app = FastAPI(title="vlkit serve", version=__version__, lifespan=lifespan, responses=errors,
                   description="One frozen vision-language backbone serving many adapters; requests for different "
                               "adapters are batched together. Errors are {\"error\": \"one line\"}.")
@@ -481,7 +482,8 @@ def build_app(config: ServeConfig, service):
         state.metrics.observe(endpoint, 200, time.perf_counter() - t0)
         return response
 
-    @app.post("/v1/embed", summary="Normalised embedding of a text or an image", openapi_extra=_openapi_body(BODIES["embed"]))
+    @app.post("/v1/embed", summary="Normalised embedding of a text or an image",
+              openapi_extra=_openapi_body(BODIES["embed"]))
     async def embed(request: Request):
         return await handle(request, "embed")
 
@@ -512,7 +514,7 @@ def build_app(config: ServeConfig, service):
         try:
             if state.draining:
                 raise RequestError("the server is draining (SIGTERM): send the request elsewhere", status=503)
-            body = parse_json(await request.body(), BODIES["load"])
+            body = parse_json(await request.body(), LoadBody)
             from ..backbones.state import check_adapter_name
 
             check_served_name(check_adapter_name(name))
@@ -571,7 +573,8 @@ def run_server(config: ServeConfig, *, on_ready=None, log_level: str = "warning"
                 on_ready(self)
 
     ucfg = uvicorn.Config(asgi, host=config.host, port=int(config.port), log_level=log_level, access_log=False,
-                          timeout_graceful_shutdown=config.drain_timeout, lifespan="on")
+                          timeout_graceful_shutdown=config.drain_timeout,  # type: ignore[arg-type]  # a float works
+                          lifespan="on")
     try:
         Server(ucfg).run(sockets=[sock])
     finally:

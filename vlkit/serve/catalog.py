@@ -176,9 +176,8 @@ class TorchCatalog:
 
     def _add_composition(self, path: Path, name: str | None, resolver=None) -> list[str]:
         from ..compose.composition import activation
-        from ..compose.resolve import load_composition
         from ..compose.predict import _task_for
-        from ..compose.resolve import free_name
+        from ..compose.resolve import free_name, load_composition
 
         with self.model.track() as loaded:
             comp = load_composition(self.backbone, path, activate=False, resolver=resolver)

@@ -114,8 +114,8 @@ def plan_units(items, *, first_id: int = 0, taken: set[str] | None = None, auto:
             cfg = read_adapter_config(path)
             served = given or free_name(taken | set(RESERVED_NAMES), str(cfg.get("name") or path.name))
             taken.add(served)
-            info = {served: _adapter_info(served, path, cfg)}
-            units.append(Unit(uid, "adapter", str(path), served, [served], info=info))
+            described = {served: _adapter_info(served, path, cfg)}
+            units.append(Unit(uid, "adapter", str(path), served, [served], info=described))
             continue
         if adapters_only or not is_composition(path):
             raise AdapterFileError(f"{path} is not an adapter directory (no {ADAPTER_CONFIG})"
@@ -160,11 +160,12 @@ def plan_units(items, *, first_id: int = 0, taken: set[str] | None = None, auto:
         task, labels = _task_info(task_dir)
         if task is None and task_dir is path:
             task = (spec["task"].get("meta") or {}).get("name")
-        info = {"name": label, "kind": "composition", "source": str(path), "variant": None, "task": task,
-                "parameters": None, "joint": False, "mode": act_mode, "adapters": [n for n, _, _ in members]}
+        about: dict[str, Any] = {"name": label, "kind": "composition", "source": str(path), "variant": None,
+                                 "task": task, "parameters": None, "joint": False, "mode": act_mode,
+                                 "adapters": [n for n, _, _ in members]}
         if labels:
-            info["labels"] = labels
-        units.append(Unit(uid, "composition", str(path), label, [label], names, info={label: info}))
+            about["labels"] = labels
+        units.append(Unit(uid, "composition", str(path), label, [label], names, info={label: about}))
     return units
 
 

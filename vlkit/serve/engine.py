@@ -299,7 +299,7 @@ class TorchRunner:
             groups.setdefault(key, []).append(it)
         for key, group in groups.items():
             self._forward(key, group)
-        out = []
+        out: list[Any] = []  # an answer, or the error of that item
         for it in items:
             if isinstance(it.resolved, BaseException):
                 out.append(it.resolved)

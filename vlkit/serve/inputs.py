@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -63,7 +63,10 @@ class LoadBody(BaseModel):
     path: str = Field(..., description="adapter directory on the server (an export directory for --engine onnx)")
 
 
-BODIES = {"embed": EmbedBody, "classify": ClassifyBody, "score": ScoreBody, "answer": AnswerBody, "load": LoadBody}
+Body = TypeVar("Body", bound=BaseModel)
+
+BODIES: dict[str, type[BaseModel]] = {"embed": EmbedBody, "classify": ClassifyBody, "score": ScoreBody,
+                                      "answer": AnswerBody, "load": LoadBody}
 
 
 def one_line(text: Any) -> str:
@@ -81,7 +84,7 @@ def validation_message(exc: ValidationError) -> str:
     return one_line(f"field '{loc}': {msg}")
 
 
-def parse_json(raw: bytes, model: type[BaseModel]) -> BaseModel:
+def parse_json(raw: bytes, model: type[Body]) -> Body:
     """The body as `model`: RequestError 400 for malformed JSON, 422 for a wrong shape, field or type."""
     try:
         data = json.loads(raw.decode("utf-8")) if raw else None
@@ -95,20 +98,20 @@ def parse_json(raw: bytes, model: type[BaseModel]) -> BaseModel:
         raise RequestError("malformed JSON body: a number has too many digits") from None
     check_json(data)
     if not isinstance(data, dict):
-        raise RequestError(f"the body must be a JSON object, got {type(data).__name__ if data is not None else 'nothing'}",
-                           status=422)
+        got = type(data).__name__ if data is not None else "nothing"
+        raise RequestError(f"the body must be a JSON object, got {got}", status=422)
     return validate(data, model)
 
 
-def validate(data: dict, model: type[BaseModel]) -> BaseModel:
+def validate(data: dict, model: type[Body]) -> Body:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise RequestError(validation_message(exc), status=422) from None
 
 
-def form_fields(form, model: type[BaseModel]) -> tuple[BaseModel, bytes | None]:
-    """A multipart form as `model` and the raw bytes of its `image` file part (None without one)."""
+def form_fields(form, model: type[Body]) -> tuple[Body, Any]:
+    """A multipart form as `model` and its `image` file part (an UploadFile the caller reads; None without one)."""
     data: dict[str, Any] = {}
     image = None
     for key in set(form.keys()):

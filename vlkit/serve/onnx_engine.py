@@ -55,8 +55,8 @@ class OnnxCatalog:
         self.threads = threads
         self.entries: dict[str, OnnxEntry] = {}
         self.fingerprint: str | None = None
-        self.transform = None
-        self.tokenizer = None
+        self.transform: Any = None  # set from the first export's manifest (preprocessing, tokenizer)
+        self.tokenizer: Any = None
         self.logit_scale = 1.0
         self.spec = "onnx"
 
@@ -195,7 +195,7 @@ class OnnxRunner:
             if it.labels is not None:
                 names, probs = it.labels, _softmax(scale * (f["image"][0] @ f["text"].T))
             elif "logits" in f:
-                names, probs = entry.task["class_names"], _softmax(f["logits"].astype(np.float64))
+                names, probs = (entry.task or {})["class_names"], _softmax(f["logits"].astype(np.float64))
             else:
                 raise RequestError(f"export {entry.name!r} has no classifier graph (vlkit export --task ...); give "
                                    "`labels`")

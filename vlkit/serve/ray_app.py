@@ -203,7 +203,8 @@ def build_application(config, directory, spec: str, app_name: str = APP_NAME):
         def __init__(self, replicas):
             self.replicas = replicas  # bound, so that Serve deploys the replicas with the ingress
 
-    return VlkitIngress.bind(VlkitReplica.bind(config, spec))
+    # serve.deployment made both classes Deployments (Ray's decorator is typed as returning the class)
+    return VlkitIngress.bind(VlkitReplica.bind(config, spec))  # type: ignore[attr-defined]
 
 
 def loopback_worker_setup() -> None:
@@ -221,7 +222,7 @@ def loopback_worker_setup() -> None:
     def loopback(server, address: str):
         return bind(server, address.replace("[::]", "127.0.0.1").replace("0.0.0.0", "127.0.0.1"))
 
-    loopback.vlkit_loopback = True
+    loopback.vlkit_loopback = True  # type: ignore[attr-defined]  # marks the patched function
     replica.add_port_to_grpc_server = loopback
 
 
@@ -236,7 +237,7 @@ def start_local_ray(**kwargs) -> None:
     try:
         import ray._private.ray_constants as constants
     except ImportError:  # pragma: no cover - another Ray layout
-        constants = None
+        constants = None  # type: ignore[assignment]
     env_var = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # false: Ray's processes take 127.0.0.1 as the node address
     saved_env, saved = os.environ.get(env_var), getattr(constants, "ENABLE_RAY_CLUSTER", None)
     os.environ[env_var] = "0"

@@ -55,7 +55,8 @@ class PhotometricAugment:
             if not (isinstance(c, (list, tuple)) and len(c) == 2):
                 raise ConfigError(f"augment.contrast must be [low, high], got {c!r}")
             kw["contrast"] = (float(c[0]), float(c[1]))
-        out = cls(**{k: (v if k == "contrast" else float(v)) for k, v in kw.items()})
+        kwargs: dict[str, Any] = {k: (v if k == "contrast" else float(v)) for k, v in kw.items()}
+        out = cls(**kwargs)
         out.validate()
         return out
 

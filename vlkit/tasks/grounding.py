@@ -25,6 +25,7 @@ with IoU ≥ 0.5) and `mean_iou`.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -76,6 +77,8 @@ def patch_grid(n: int) -> torch.Tensor:
 class GroundingHead(nn.Module):
     """Expression-conditioned attention over patch tokens, then an MLP to a box."""
 
+    grid: torch.Tensor
+
     def __init__(self, text_dim: int, width: int, num_tokens: int, hidden: int = 64,
                  init_size: tuple[float, float] = (DEFAULT_SIZE, DEFAULT_SIZE)):
         super().__init__()
@@ -84,10 +87,11 @@ class GroundingHead(nn.Module):
         self.log_temp = nn.Parameter(torch.zeros(()))
         self.pos_prior = nn.Parameter(torch.zeros(num_tokens))
         self.register_buffer("grid", patch_grid(num_tokens), persistent=False)
-        self.mlp = nn.Sequential(nn.Linear(2 * width + 4, hidden), nn.GELU(), nn.Linear(hidden, 4))
-        nn.init.normal_(self.mlp[-1].weight, std=0.01)
+        box = nn.Linear(hidden, 4)
+        self.mlp = nn.Sequential(nn.Linear(2 * width + 4, hidden), nn.GELU(), box)
+        nn.init.normal_(box.weight, std=0.01)
         with torch.no_grad():
-            self.mlp[-1].bias.copy_(torch.tensor([0.0, 0.0, *(_logit(s).item() for s in init_size)]))
+            box.bias.copy_(torch.tensor([0.0, 0.0, *(_logit(s).item() for s in init_size)]))
 
     def attention(self, tokens: torch.Tensor, text: torch.Tensor):
         """Attention weights (B, N) over the patches and the query (B, W)."""
@@ -134,11 +138,25 @@ def read_boxes(ds) -> torch.Tensor:
     return boxes.clamp(0.0, 1.0)
 
 
+@dataclass
+class GroundingOptions:
+    """The options of the `grounding` task."""
+
+    hidden: int = 64
+    """Width of the box head's MLP (>= 1)."""
+    l1_weight: float = 1.0
+    """Weight of the L1 box loss (>= 0; not 0 together with giou_weight)."""
+    giou_weight: float = 1.0
+    """Weight of the 1 − GIoU box loss (>= 0; not 0 together with l1_weight)."""
+    init_size: list[float] | None = None
+    """[w, h] the predicted box size starts at, each in (0, 1); None: the training boxes' mean size, else 0.3."""
+
+
 class GroundingTask(Task):
     name = "grounding"
     metric = "acc_iou50"
     required = ("image", "expression", "box")
-    OPTIONS = ("hidden", "l1_weight", "giou_weight", "init_size")
+    options_cls = GroundingOptions
     text_column = "expression"
     show_columns = ("expression", "box")
 
@@ -151,11 +169,11 @@ class GroundingTask(Task):
     def __init__(self, backbone, train_data=None, **options: Any):
         check_options(self.name, options, self.OPTIONS)
         super().__init__(backbone, train_data, **options)
-        self.hidden = int(options.get("hidden", 64))
+        self.hidden = int(options.get("hidden", GroundingOptions.hidden))
         if self.hidden < 1:
             raise ConfigError(f"hidden must be >= 1, got {self.hidden}")
-        self.l1_weight = float(options.get("l1_weight", 1.0))
-        self.giou_weight = float(options.get("giou_weight", 1.0))
+        self.l1_weight = float(options.get("l1_weight", GroundingOptions.l1_weight))
+        self.giou_weight = float(options.get("giou_weight", GroundingOptions.giou_weight))
         if self.l1_weight < 0 or self.giou_weight < 0 or self.l1_weight + self.giou_weight == 0:
             raise ConfigError("l1_weight and giou_weight must be >= 0 and not both 0")
         init_size = options.get("init_size")
@@ -167,7 +185,7 @@ class GroundingTask(Task):
             raise ConfigError(f"init_size must be two numbers in (0, 1), got {init_size!r}")
         self.num_tokens, self.width = token_geometry(backbone)
         self.head = GroundingHead(backbone.embed_dim, self.width, self.num_tokens, self.hidden,
-                                  tuple(self.init_size))
+                                  (self.init_size[0], self.init_size[1]))
 
     # --- model ------------------------------------------------------------------------------------
     def pair_features(self, backbone, pixels: torch.Tensor, tokens: torch.Tensor):

@@ -35,6 +35,7 @@ Metrics (percent): `i2t_r1`, `i2t_r5`, `i2t_r10`, `t2i_r1`, `t2i_r5`, `t2i_r10` 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -116,23 +117,46 @@ def _remove_words(tokens: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor) -
     return out
 
 
+@dataclass
+class RetrievalOptions:
+    """The options of the `retrieval` task."""
+
+    chunk: int = 1024
+    """Queries scored at once in evaluation (>= 1; bounds memory on large sets)."""
+    rerank_k: int = 10
+    """Joint (fusion) adapters: dual-encoder candidates re-ranked jointly in evaluation (>= 1)."""
+    negatives: int = 3
+    """Joint (fusion) adapters: other captions / images each pair competes with in the loss (>= 1)."""
+    swap_groups: list[list[str]] = field(default_factory=list)
+    """Word groups (e.g. the colour names): each caption gets a hard negative with one word swapped for another
+    of its group."""
+    drop_groups: list[list[str]] = field(default_factory=list)
+    """Word groups a training caption may lose entirely (with probability drop_prob), to learn partial
+    descriptions."""
+    drop_prob: float = 0.5
+    """Probability that a training caption loses the words of one of drop_groups."""
+    augment: bool | dict[str, Any] | None = None
+    """Photometric training augmentation of the images: true (the defaults) or a mapping of its options
+    (grayscale, contrast, brightness, illumination, noise, blur, p, grayscale_drop); None / false: none."""
+
+
 class RetrievalTask(Task):
     name = "retrieval"
     metric = "mean_recall"
     required = ("image", "caption")
-    OPTIONS = ("chunk", "rerank_k", "negatives", "swap_groups", "drop_groups", "drop_prob", "augment")
+    options_cls = RetrievalOptions
     text_column = "caption"
     show_columns = ("caption",)
 
     def __init__(self, backbone, train_data=None, **options: Any):
         check_options(self.name, options, self.OPTIONS)
         super().__init__(backbone, train_data, **options)
-        self.chunk = int(options.get("chunk", 1024))
+        self.chunk = int(options.get("chunk", RetrievalOptions.chunk))
         if self.chunk < 1:
             raise ConfigError(f"chunk must be >= 1, got {self.chunk}")
         self.swap_groups = [list(map(str, g)) for g in (options.get("swap_groups") or [])]
         self.drop_groups = [list(map(str, g)) for g in (options.get("drop_groups") or [])]
-        self.drop_prob = float(options.get("drop_prob", 0.5))
+        self.drop_prob = float(options.get("drop_prob", RetrievalOptions.drop_prob))
         self._drop_ids = [backbone.tokenize(" ".join(g))[0] for g in self.drop_groups] if self.drop_groups else []
         aug = options.get("augment")
         aug = dict(aug) if isinstance(aug, dict) else aug
@@ -141,8 +165,8 @@ class RetrievalTask(Task):
 
         self.augment = PhotometricAugment.from_option(aug)
         self._grey_ids = backbone.tokenize(" ".join(map(str, grey_words)))[0] if grey_words else None
-        self.rerank_k = int(options.get("rerank_k", 10))
-        self.negatives = int(options.get("negatives", 3))
+        self.rerank_k = int(options.get("rerank_k", RetrievalOptions.rerank_k))
+        self.negatives = int(options.get("negatives", RetrievalOptions.negatives))
         if self.rerank_k < 1 or self.negatives < 1:
             raise ConfigError("rerank_k and negatives must be >= 1")
         self.head = nn.Module()
@@ -219,6 +243,7 @@ class RetrievalTask(Task):
 
     def augment_batch(self, batch: dict[str, torch.Tensor], backbone) -> dict[str, torch.Tensor]:
         """Photometric augmentation of the batch's images; captions of images turned grey lose `grayscale_drop`."""
+        assert self.augment is not None, "augment_batch runs only with an augment option"
         pixels, grey = self.augment(batch["pixels"], backbone.mean, backbone.std)
         out = {**batch, "pixels": pixels}
         if self._grey_ids is not None and bool(grey.any()):
@@ -249,7 +274,7 @@ class RetrievalTask(Task):
         caption id of every row."""
         device = device_of(backbone)
         keys = data["caption_ids"]
-        first = {}
+        first: dict[int, int] = {}
         for i, k in enumerate(keys.tolist()):
             first.setdefault(k, i)
         order = torch.tensor([first[k] for k in range(len(first))], dtype=torch.long)

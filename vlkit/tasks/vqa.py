@@ -25,6 +25,7 @@ each type present.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -63,7 +64,7 @@ def default_answers(ds) -> list[str]:
     if domains and all(sets):  # every domain known: their answers merged in order
         merged: dict[str, None] = {}
         for answers in sets:
-            for a in answers:
+            for a in answers or ():
                 merged.setdefault(a, None)
         return list(merged)
     if ds is None or "answer" not in ds.column_names:
@@ -87,11 +88,22 @@ class VqaHead(nn.Module):
         return self.fc2(self.act(self.fc1(self.norm(features))))
 
 
+@dataclass
+class VqaOptions:
+    """The options of the `vqa` task."""
+
+    answers: list[str] | None = None
+    """The closed answer set, no duplicates (matched after strip().lower()); None: the answer set the data's
+    dataset kind declares for its domain(s), else the sorted distinct training answers."""
+    hidden: int = 64
+    """Width of the answer head's hidden layer (>= 1)."""
+
+
 class VqaTask(Task):
     name = "vqa"
     metric = "accuracy"
     required = ("image", "question", "answer")
-    OPTIONS = ("answers", "hidden")
+    options_cls = VqaOptions
     text_column = "question"
     show_columns = ("question", "answer", "answer_type")
 
@@ -116,7 +128,7 @@ class VqaTask(Task):
             if norm_answer(a) in self.answer_index:
                 raise ConfigError(f"answer {a!r} is in the answer set twice")
             self.answer_index[norm_answer(a)] = i
-        self.hidden = int(options.get("hidden", 64))
+        self.hidden = int(options.get("hidden", VqaOptions.hidden))
         if self.hidden < 1:
             raise ConfigError(f"hidden must be >= 1, got {self.hidden}")
         self.answer_type_names: list[str] = list(KNOWN_TYPES)

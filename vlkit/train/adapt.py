@@ -60,7 +60,7 @@ def _general_eval(backbone, cfg, n_eval: int, seed: int):
 def run_adapt(backbone: str = "tiny", domain: str = "medical", shots: int = 16, out: str | Path = "runs/adapt",
               variant: str = "bottleneck", baselines: tuple[str, ...] = (), steps: int | None = None,
               seed: int = 0, n_eval: int = 400, adapter_options: dict | None = None,
-              progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+              progress: Any = True, overwrite: bool = False) -> dict[str, Any]:
     """Few-shot adaptation into `out` (written whole, `vlkit.outputs`: a non-empty one needs `overwrite`)."""
     from ..outputs import OutputTarget
 

@@ -62,7 +62,7 @@ def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor]
     opt_tensors, opt_meta = _optimizer_tensors(optimizer)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()
     state = {
         "step": step,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,

@@ -6,7 +6,7 @@ bytes of parameters, gradients and AdamW state. Both measure one optimisation st
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -30,7 +30,7 @@ def measure_step_memory(cfg, batch_size: int | None = None) -> dict[str, Any]:
     backbone = load_backbone(cfg.backbone)
     train_ds, _ = load_datasets(cfg)
     task = build_task(backbone, cfg, train_ds)
-    _, trainable = apply_method(backbone, task, cfg, OmegaConf.to_container(cfg.adapter, resolve=True))
+    _, trainable = apply_method(backbone, task, cfg, cast(dict, OmegaConf.to_container(cfg.adapter, resolve=True)))
     bs = batch_size or cfg.optim.batch_size
     data = task.prepare(backbone, train_ds.select(range(min(bs, len(train_ds)))))
     backbone.train()

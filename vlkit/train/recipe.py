@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, cast
 
 from ..errors import ConfigError
 from .compiling import check_compile_setting
@@ -136,7 +136,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     from omegaconf.errors import OmegaConfBaseException
 
     schema = OmegaConf.structured(Recipe)
-    layers = []
+    layers: list[Any] = []
     source = str(path) if path else "<defaults>"
     if base:
         layers.append(OmegaConf.create(base))
@@ -232,7 +232,7 @@ def _accepted_options(parent: str, leaf: str, value: str) -> set[str] | None:
     `value`: the new plugin's declared options, or None when it declares none (the mapping is emptied)."""
     import dataclasses
 
-    from ..plugins import registry
+    from ..plugins import options_class, registry
 
     if leaf == "variant":
         reg = registry("adapter")
@@ -252,6 +252,9 @@ def _accepted_options(parent: str, leaf: str, value: str) -> set[str] | None:
         if declared is None:  # the loader's named keyword parameters
             params = inspect.signature(entry.obj).parameters.values()
             declared = [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        options_cls = options_class(entry)  # the options it takes through **options, as a dataclass
+        if options_cls is not None:
+            declared = [*declared, *(f.name for f in dataclasses.fields(options_cls))]
         return (set(COMMON_DATA_KEYS) | set(SOURCE_ALIASES) | set(declared)) - {"task"}
     if leaf == "name":
         reg = registry("task")
@@ -405,7 +408,7 @@ def check_recipe(cfg, source: str = "<recipe>", allow_untrained: bool = False) -
     from ..data.pipeline import build_augment
 
     try:
-        build_augment(OmegaConf.to_container(cfg.data, resolve=True).get("augment"), 224)
+        build_augment(cast(dict, OmegaConf.to_container(cfg.data, resolve=True)).get("augment"), 224)
     except ConfigError as exc:
         raise ConfigError(f"{source}: key 'data.augment': {exc}") from None
     for key in ("steps", "epochs"):

@@ -45,11 +45,15 @@ def _png_bytes(value: Any) -> bytes:
 
     from PIL import Image
 
+    from ..errors import DataError
+
     if isinstance(value, dict):
         data = value.get("bytes")
         if data is None and value.get("path"):
             data = Path(value["path"]).read_bytes()
-        if data is not None and data[:8] == b"\x89PNG\r\n\x1a\n":
+        if data is None:
+            raise DataError("an image cell has neither bytes nor a path")
+        if data[:8] == b"\x89PNG\r\n\x1a\n":
             return data
         value = Image.open(io.BytesIO(data))
     buf = io.BytesIO()
@@ -106,11 +110,11 @@ def write(ds, out_dir: str | os.PathLike, task: str) -> Path:
             raise DataError(f"winoground dataset lacks column(s) {', '.join(missing)}")
         raw = ds.cast_column("image_0", Image(decode=False)).cast_column("image_1", Image(decode=False))
         for row in raw:
-            rec = {c: _jsonable(row[c]) for c in PAIR_COLUMNS}
-            for k in ("image_0", "image_1"):
-                stem = f"ex_{rec['id']}_img_{k[-1]}"
-                _replace_bytes(images / f"{stem}.png", _png_bytes(row[k]))
-                rec[k] = stem
+            rec: dict[str, Any] = {c: _jsonable(row[c]) for c in PAIR_COLUMNS}
+            for col in ("image_0", "image_1"):
+                stem = f"ex_{rec['id']}_img_{col[-1]}"
+                _replace_bytes(images / f"{stem}.png", _png_bytes(row[col]))
+                rec[col] = stem
             lines.append(json.dumps(rec))
         manifest = out / "examples.jsonl"
     else:
@@ -123,7 +127,7 @@ def write(ds, out_dir: str | os.PathLike, task: str) -> Path:
         for k, row in enumerate(raw):
             rel = f"images/{k:0{width}d}.png"
             _replace_bytes(out / rel, _png_bytes(row.pop("image")))
-            rec: dict[str, Any] = {"file_name": rel}
+            rec = {"file_name": rel}
             for c, v in row.items():
                 rec[c] = _jsonable(v)
                 if c == "label" and names is not None:
@@ -178,7 +182,7 @@ def read(out_dir: str | os.PathLike):
         if bad is not None:
             raise DataError(f"{manifest}: row {i} has no {bad!r} (the image's name)")
     if manifest.name == "examples.jsonl":
-        image_cols = ("image_0", "image_1")
+        image_cols: tuple[str, ...] = ("image_0", "image_1")
         for r in rows:
             for c in image_cols:
                 r[c] = str(d / "images" / f"{r[c]}.png")

@@ -64,7 +64,10 @@ class TinyTokenizer:
 
         self.path = Path(path)
         self.tokenizer = Tokenizer.from_file(str(self.path))
-        self.context_length = int(self.tokenizer.truncation["max_length"])
+        truncation = self.tokenizer.truncation
+        if truncation is None:
+            raise BackboneLoadError(f"{self.path} sets no truncation (the context length)")
+        self.context_length = int(truncation["max_length"])
         self.vocab_size = self.tokenizer.get_vocab_size()
         self.eot_id = self.tokenizer.token_to_id(EOT)
 
