@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cli_helpers import cli
 from safetensors.torch import load_file, save_file
 
 import vlkit
-from cli_helpers import cli
 from vlkit.adapters.model import AdaptedModel
 
 SPEC = "tiny@random"

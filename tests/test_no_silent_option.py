@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from cli_helpers import cli
 from test_fewshot import coop_dir  # noqa: F401 (fixture)
+
 from vlkit.data import load_data
 from vlkit.errors import ConfigError
 
@@ -69,7 +69,8 @@ def test_coop_draws_with_its_own_seed_or_the_recipes_with_a_note(coop_dir, tmp_p
 
     code, _, err = cli(["train", str(plain), "-o", str(tmp_path / "run"), "--no-progress"], capsys)
     assert code == 0, err
-    assert [ln for ln in err.splitlines() if ln.startswith("note: data.train: coop draws shots=2 with the recipe's seed 5")], err
+    note = "note: data.train: coop draws shots=2 with the recipe's seed 5"
+    assert [ln for ln in err.splitlines() if ln.startswith(note)], err
     code, _, err = cli(["train", str(own), "-o", str(tmp_path / "run2"), "--no-progress"], capsys)
     assert code == 0 and "note: data.train" not in err, err
 
@@ -81,9 +82,9 @@ def test_other_kinds_draw_with_the_recipe_seed_and_keep_their_own(tmp_path):
     spec = {"kind": "world", "domain": "satellite", "task": "classification", "n": 40, "seed": 7, "shots": 2}
     notes: list[str] = []
     cfg = load_recipe(recipe(tmp_path, spec, seed=3), notes=notes)
-    from vlkit.train.jobs import load_datasets
-
     import datasets
+
+    from vlkit.train.jobs import load_datasets
 
     def images(ds):
         return [x["bytes"] for x in ds.cast_column("image", datasets.Image(decode=False))["image"]]
@@ -112,3 +113,16 @@ def test_winoground_options_belong_to_their_source(tmp_path):
     with pytest.raises(ConfigError, match="domain apply only"):
         load_data("winoground:hub", domain="medical")
     assert len(load_data("winoground:synth", n=3, seed=1)) == 3
+
+
+def test_probe_data_seed_is_for_generated_pairs_only(tmp_path, capsys):
+    from vlkit.probe.winoground import load_winoground_data
+
+    with pytest.raises(ConfigError, match="fixed copy"):
+        load_winoground_data(str(tmp_path), data_seed=3)
+    a, _ = load_winoground_data("synth", n=2, data_seed=1)
+    b, _ = load_winoground_data("synth", n=2)
+    assert a["caption_0"] != b["caption_0"] or a["caption_1"] != b["caption_1"]  # the seed is used
+    code, _, err = cli(["probe", "winoground", "-b", "tiny@random", "--data", "hub", "--data-seed", "3",
+                        "--no-progress"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "generates synth pairs" in err, err

@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from cli_helpers import cli
 
 import vlkit
-from cli_helpers import cli
 
 
 def run_cli(args, **env):

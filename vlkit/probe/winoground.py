@@ -29,17 +29,24 @@ SCORE_KEYS = ("c0_i0", "c0_i1", "c1_i0", "c1_i1")
 SYNTH_N = 400
 
 
-def load_winoground_data(data: Any = None, *, n: int | None = None, data_seed: int = 0):
-    """(dataset, label) for a Winoground data argument (see the module docstring)."""
+def load_winoground_data(data: Any = None, *, n: int | None = None, data_seed: int | None = None):
+    """(dataset, label) for a Winoground data argument (see the module docstring). `data_seed` generates synth
+    pairs (default 0); a fixed copy (hub, DIR, a Dataset) refuses it, since it would change nothing."""
     import datasets
 
     from ..data import load_data
 
+    synth = data is None or str(data) == "synth" or str(data).startswith("synth:")
+    if data_seed is not None and not synth and not isinstance(data, datasets.Dataset):
+        raise ConfigError(f"data seed {data_seed} generates synth pairs; winoground data {data} is a fixed copy "
+                          "(--n takes its first n)")
     if isinstance(data, datasets.Dataset):
+        if data_seed is not None:
+            raise ConfigError("data seed generates synth pairs; a given dataset is fixed")
         ds, label = data, "winoground:dataset"
     elif data is None or str(data) == "synth" or str(data).startswith("synth:"):
         domain = str(data).partition(":")[2] if data else ""
-        spec = {"kind": "winoground", "source": "synth", "n": int(n or SYNTH_N), "seed": int(data_seed)}
+        spec = {"kind": "winoground", "source": "synth", "n": int(n or SYNTH_N), "seed": int(data_seed or 0)}
         if domain:
             spec["domain"] = domain
         ds = load_data(spec, task="winoground")
@@ -109,7 +116,7 @@ class WinogroundProbe(Probe):
     default_data = "synth"
 
     def run(self, backbone, systems, *, data: Any = None, seed: int = 0, n: int | None = None,
-            n_boot: int = DEFAULT_RESAMPLES, level: float = 0.95, data_seed: int = 0, batch_size: int = 32,
+            n_boot: int = DEFAULT_RESAMPLES, level: float = 0.95, data_seed: int | None = None, batch_size: int = 32,
             progress: Callable[[int], Callable[[int], None]] | None = None, **options: Any) -> dict[str, Any]:
         if options:
             raise ConfigError(f"unknown option(s) for probe 'winoground': {', '.join(sorted(options))}")
