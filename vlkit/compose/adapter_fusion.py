@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -89,7 +89,7 @@ def add_fusion(backbone, name: str, adapters: list[str], *, trainable: bool = Tr
             layer.to(device=ref.device, dtype=ref.dtype)
         if name not in host.fusions:
             host.fusions[name] = nn.ModuleDict()
-        host.fusions[name][site.key] = layer
+        host.fusion_group(name)[site.key] = layer
         for p in layer.parameters():
             p.requires_grad_(trainable)
         layers[path] = layer
@@ -100,7 +100,8 @@ def add_fusion(backbone, name: str, adapters: list[str], *, trainable: bool = Tr
 def fusion_layers(backbone, name: str) -> dict[str, FusionAttention]:
     rec = AdaptedModel.of(backbone).fusions[name]
     sites = _fusion_sites(backbone, rec["adapters"])
-    return {p: host_of(backbone, sites[p][0]).fusions[name][sites[p][0].key] for p in rec["sites"]}
+    return {p: cast(FusionAttention, host_of(backbone, sites[p][0]).fusion_group(name)[sites[p][0].key])
+            for p in rec["sites"]}
 
 
 def fusion_parameters(backbone, name: str) -> dict[str, torch.Tensor]:
@@ -148,23 +149,19 @@ def load_fusion(backbone, name: str, adapters: list[str], path: str | Path, temp
 
 
 # --- training through the trainer (recipe method "fuse") -------------------------------------------------
-def prepare_fuse_method(backbone, task, cfg) -> None:
-    """Called by `apply_method` for `method: fuse`: load the adapters frozen, add trainable fusion layers,
-    activate them, and start the head from an adapter's own head for the same task when one fits."""
-    from omegaconf import OmegaConf
-
+def prepare_fuse(backbone, task, sources: list[tuple[str, Path]], fusion: str = "fusion",
+                 temperature: float = 1.0) -> None:
+    """Training AdapterFusion (recipe `method: fuse`): load the (name, adapter dir) `sources` frozen, add
+    trainable fusion layers `fusion`, activate them, and start the head from an adapter's own head for the same
+    task when one fits."""
     model = AdaptedModel.of(backbone)
-    spec = OmegaConf.to_container(cfg.compose, resolve=True) if OmegaConf.is_config(cfg.compose) else dict(cfg.compose)
     names = []
-    for item in spec.get("adapters") or []:
-        path = Path(item["path"])
-        name = item.get("name") or path.name
+    for name, path in sources:
         model.load_adapter(path, name=name, activate=False)
         names.append(name)
-    fusion = spec.get("fusion") or "fusion"
-    add_fusion(backbone, fusion, names, trainable=True, temperature=float(spec.get("temperature", 1.0)))
+    add_fusion(backbone, fusion, names, trainable=True, temperature=float(temperature))
     model.set_adapter(*names, mode="fuse", fusion=fusion)
-    init_head_from_adapters(task, [Path(i["path"]) for i in spec["adapters"]])
+    init_head_from_adapters(task, [path for _, path in sources])
 
 
 def init_head_from_adapters(task, dirs: list[Path]) -> str | None:
@@ -186,17 +183,13 @@ def init_head_from_adapters(task, dirs: list[Path]) -> str | None:
     return None
 
 
-def write_fuse_outputs(cfg, out: Path, backbone) -> None:
+def write_fuse_outputs(out: Path, backbone, sources: list[tuple[str, Path]], fusion: str = "fusion",
+                       temperature: float = 1.0) -> None:
     """After a `method: fuse` run: the fusion weights, copies of the adapters and composition.json."""
-    from omegaconf import OmegaConf
-
     from .composition import write_composition
 
-    spec = OmegaConf.to_container(cfg.compose, resolve=True)
-    fusion = spec.get("fusion") or "fusion"
     save_fusion(backbone, fusion, out / FUSION_FILE)
-    sources = [(item.get("name") or Path(item["path"]).name, Path(item["path"])) for item in spec["adapters"]]
-    write_composition(out, "fuse", backbone, sources, extra={
-        "fusion": {"name": fusion, "file": FUSION_FILE, "temperature": float(spec.get("temperature", 1.0))},
+    write_composition(out, "fuse", backbone, list(sources), extra={
+        "fusion": {"name": fusion, "file": FUSION_FILE, "temperature": float(temperature)},
         "task": {"meta": "task.json", "head": "head.safetensors" if (out / "head.safetensors").is_file() else None},
     })

@@ -207,10 +207,9 @@ def load_base_stack(backbone, base: str) -> list[tuple[str, Path]]:
     return [(n, dirs[n]) for n in system.names]
 
 
-def load_recipe_base(backbone, cfg) -> list[tuple[str, Path]]:
-    """Recipe `compose.base` (method `adapter`): load the base frozen before the new adapter is injected;
+def load_base(backbone, base: str | None) -> list[tuple[str, Path]]:
+    """A run's base (recipe `compose.base`, method `adapter`): loaded frozen before the new adapter is injected;
     the trainer then stacks the new adapter on it. Returns [(name, dir)] ([] without a base)."""
-    base = (cfg.get("compose") or {}).get("base")
     if not base:
         return []
     stack = load_base_stack(backbone, base)

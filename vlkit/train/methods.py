@@ -86,14 +86,14 @@ class AdapterMethod(TrainingMethod):
         """Inject the recipe's adapter. A variant that needs the task or the data first gets them through
         `options_from_data` (options before the layers are made) and `init_from_data` (the layers filled
         in once injected, with only the recipe's base adapters active)."""
-        from ..compose.resolve import load_recipe_base
+        from ..compose.resolve import load_base
         from ..plugins import registry
 
         opts = dict(adapter_options)
         variant = opts.pop("variant")
         adapter = adapter_name_for(opts.pop("name", cfg.name))
         var = registry("adapter").get(variant)
-        base = load_recipe_base(backbone, cfg)  # compose.base: train on top of frozen adapters
+        base = load_base(backbone, (cfg.get("compose") or {}).get("base"))  # train on top of frozen adapters
         opts = var.options_from_data(backbone, task, train_data, opts)
         model = AdaptedModel.of(backbone)
         model.add_adapter(adapter, variant, **opts)
@@ -168,15 +168,24 @@ class FuseMethod(TrainingMethod):
                                   "does not exist")
 
     def prepare(self, backbone, task, cfg, adapter_options: dict[str, Any]) -> str | None:
-        from ..compose.adapter_fusion import prepare_fuse_method
+        from ..compose.adapter_fusion import prepare_fuse
 
-        prepare_fuse_method(backbone, task, cfg)
+        prepare_fuse(backbone, task, *fuse_arguments(cfg))
         return None
 
     def save(self, cfg, out: Path, backbone, task, adapter: str | None) -> None:
         from ..compose.adapter_fusion import write_fuse_outputs
 
-        write_fuse_outputs(cfg, out, backbone)
+        write_fuse_outputs(out, backbone, *fuse_arguments(cfg))
+
+
+def fuse_arguments(cfg) -> tuple[list[tuple[str, Path]], str, float]:
+    """The recipe's `compose` mapping as plain arguments for vlkit.compose's fusion: (name, dir) sources, the
+    fusion's name and its temperature."""
+    spec = cfg.compose
+    sources = [(str(item.get("name") or Path(str(item["path"])).name), Path(str(item["path"])))
+               for item in spec.get("adapters") or []]
+    return sources, str(spec.get("fusion") or "fusion"), float(spec.get("temperature", 1.0))
 
 
 BUILTIN_METHODS = (AdapterMethod(), FullMethod(), LinearMethod(), ZeroShotMethod(), FuseMethod())
