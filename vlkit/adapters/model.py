@@ -20,12 +20,13 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from .. import __version__
+from ..backbones.base import Backbone
 from ..backbones.loading import load_backbone
 from ..backbones.state import check_adapter_name
 from ..errors import ConfigError, IncompatibleAdapterError, InjectionError, UnknownNameError
@@ -122,7 +123,7 @@ class Added:
 class AdaptedModel:
     """A frozen backbone with its adapters, and the only code that changes them."""
 
-    def __init__(self, backbone: nn.Module):
+    def __init__(self, backbone: Backbone):
         if _OWNER in backbone.__dict__:
             raise ConfigError("this backbone already has an AdaptedModel; use AdaptedModel.of(backbone)")
         self.backbone = backbone
@@ -142,7 +143,7 @@ class AdaptedModel:
         owner = backbone.__dict__.get(_OWNER)
         if owner is None or owner.backbone is not backbone:  # a deep copy carries its original's owner
             backbone.__dict__.pop(_OWNER, None)
-            owner = cls(backbone)
+            owner = cls(cast(Backbone, backbone))  # a Backbone, or a module with its interface
         return owner
 
     def __getattr__(self, name: str) -> Any:
@@ -154,7 +155,8 @@ class AdaptedModel:
         return self.backbone(*args, **kw)
 
     def __repr__(self) -> str:
-        return f"AdaptedModel({self.backbone.spec!r}, adapters={list(self.records)}, active={list(self.active_adapters)})"
+        return (f"AdaptedModel({self.backbone.spec!r}, adapters={list(self.records)}, "
+                f"active={list(self.active_adapters)})")
 
     # --- what is loaded and active -------------------------------------------------------------------------
     @property
@@ -205,7 +207,7 @@ class AdaptedModel:
             p.requires_grad_(False)
         for site in sites:
             host = host_for(bb, site)
-            layer = create_layer(var, site, config, base_for_site(host.base, site))
+            layer: Any = create_layer(var, site, config, base_for_site(host.base, site))
             if hasattr(layer, "bind_state"):
                 layer.bind_state(bb.adapter_state)
             ref = reference_tensor(host.base)
@@ -231,7 +233,7 @@ class AdaptedModel:
     def adapter_layers(self, name: str) -> dict[str, nn.Module]:
         """Site path -> the layer of adapter `name` at that site."""
         record = self.adapter(name).record
-        return {s.path: host_of(self.backbone, s).adapters[name][s.key] for s in record.sites}
+        return {s.path: host_of(self.backbone, s).adapter_group(name)[s.key] for s in record.sites}
 
     def adapter_parameters(self, name: str) -> dict[str, torch.Tensor]:
         """Every tensor that makes up adapter `name`, under the keys used in adapter_model.safetensors."""
@@ -342,7 +344,7 @@ class AdaptedModel:
         record, var = self._mergeable(name)
         for site in record.sites:
             host = host_of(self.backbone, site)
-            layer = host.adapters[name][site.key]
+            layer: Any = host.adapter_group(name)[site.key]  # merged / _saved_base: set here
             if getattr(layer, "merged", False):
                 continue
             weight, bias = site_weights(host, site)
@@ -362,7 +364,7 @@ class AdaptedModel:
         record = self.adapter(name).record
         for site in record.sites:
             host = host_of(self.backbone, site)
-            layer = host.adapters[name][site.key]
+            layer: Any = host.adapter_group(name)[site.key]
             if not getattr(layer, "merged", False):
                 continue
             weight, bias = site_weights(host, site)
@@ -397,7 +399,7 @@ class AdaptedModel:
             var = registry("adapter").get(record.variant)
             for site in record.sites:
                 host = host_of(self.backbone, site)
-                layer = host.adapters[name][site.key]
+                layer = host.adapter_group(name)[site.key]
                 if getattr(layer, "merged", False):  # already folded: only its saved copy goes
                     layer.__dict__.pop("_saved_base", None)
                     continue
@@ -509,7 +511,8 @@ class AdaptedModel:
             for key, t in expected.items():
                 if tuple(weights[key].shape) != tuple(t.shape):
                     raise IncompatibleAdapterError(
-                        f"adapter {path}: tensor {key} has shape {tuple(weights[key].shape)}, expected {tuple(t.shape)}")
+                        f"adapter {path}: tensor {key} has shape {tuple(weights[key].shape)}, "
+                        f"expected {tuple(t.shape)}")
             with torch.no_grad():
                 for key, t in expected.items():
                     t.copy_(weights[key].to(dtype=t.dtype, device=t.device))

@@ -91,7 +91,8 @@ def select_sites(backbone, variant, config) -> list[Site]:
     if not chosen:
         raise InjectionError(
             f"no site matched targets {patterns} for variant {variant.name!r} on {backbone.spec}",
-            hint=f"roles here: {', '.join(sorted(available_roles))}; {variant.name} wraps {'/'.join(variant.kinds)} sites",
+            hint=f"roles here: {', '.join(sorted(available_roles))}; "
+                 f"{variant.name} wraps {'/'.join(variant.kinds)} sites",
         )
     return chosen
 
@@ -103,6 +104,7 @@ def host_for(backbone, site: Site) -> AdapterHost:
     if site.kind == SEQUENCE_KIND:  # the whole tower's blocks at once; see vlkit.backbones.sequence
         return sequence_host(backbone, site)
     state = backbone.adapter_state
+    host: AdapterHost
     if isinstance(module, nn.MultiheadAttention):
         host = AdaptedMHA(module, state)
     elif isinstance(module, nn.Linear) and site.kind == "linear":
@@ -153,7 +155,7 @@ def _logical_path(root: nn.Module, path: str) -> str:
     another host's base, e.g. a LoRA projection inside a bottleneck-wrapped MLP, is `...mlp.c_fc`, not
     `...mlp.base.c_fc`."""
     out: list[str] = []
-    mod = root
+    mod: Any = root
     for part in path.split(".") if path else []:
         if isinstance(mod, AdapterHost) and part == "base":
             mod = mod.base

@@ -43,10 +43,18 @@ class AdapterHost(nn.Module):
         except AttributeError:
             return getattr(super().__getattr__("base"), name)
 
+    def adapter_group(self, adapter: str) -> nn.ModuleDict:
+        """The layers of `adapter` at this host, by site key (KeyError when it has none here)."""
+        return cast(nn.ModuleDict, self.adapters[adapter])
+
+    def fusion_group(self, fusion: str) -> nn.ModuleDict:
+        """The AdapterFusion layers `fusion` at this host, by site key (KeyError when it has none here)."""
+        return cast(nn.ModuleDict, self.fusions[fusion])
+
     def add_layer(self, adapter: str, key: str, kind: str, layer: nn.Module) -> None:
         if adapter not in self.adapters:
             self.adapters[adapter] = nn.ModuleDict()
-        cast(nn.ModuleDict, self.adapters[adapter])[key] = layer
+        self.adapter_group(adapter)[key] = layer
         self.site_kinds[key] = kind
 
     def remove_adapter(self, adapter: str) -> None:
@@ -54,7 +62,7 @@ class AdapterHost(nn.Module):
             del self.adapters[adapter]
 
     def layer(self, adapter: str, key: str):
-        group = cast(nn.ModuleDict, self.adapters[adapter]) if adapter in self.adapters else None
+        group = self.adapter_group(adapter) if adapter in self.adapters else None
         if group is None or key not in group:
             return None
         layer = group[key]
@@ -123,7 +131,7 @@ class AdapterHost(nn.Module):
         if not layers:
             return y
         if st.mode == "fuse":
-            group = cast(nn.ModuleDict, self.fusions[st.fusion]) if st.fusion in self.fusions else None
+            group = self.fusion_group(st.fusion) if st.fusion in self.fusions else None
             fusion: Any = group[key] if group is not None and key in group else None
             if fusion is None:  # no fusion layer here: the plain average of the adapters' outputs
                 return sum(self._run(layer, key, y, x, weight, bias) for _, layer in layers) / len(layers)

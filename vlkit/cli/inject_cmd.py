@@ -70,7 +70,7 @@ def register(cli: typer.Typer) -> None:
         from ..outputs import OutputTarget
 
         target = None
-        if not dry_run:
+        if out is not None and not dry_run:
             local = [p for p in (backbone.split(":", 1)[-1].split("@")) if p and Path(p).exists()]
             target = OutputTarget(out, overwrite=overwrite, inputs=local, what="adapter directory")
             target.check()

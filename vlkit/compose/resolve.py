@@ -26,10 +26,16 @@ from typing import Any
 
 from ..adapters.files import read_adapter_config
 from ..adapters.model import AdaptedModel
-from ..errors import ConfigError
+from ..errors import ConfigError, IncompatibleAdapterError
 from .adapter_fusion import load_fusion
 from .composition import (
-    COMPOSITION_FILE, Composition, activation, adapter_entries, is_composition, read_composition, read_task,
+    COMPOSITION_FILE,
+    Composition,
+    activation,
+    adapter_entries,
+    is_composition,
+    read_composition,
+    read_task,
     write_composition,
 )
 from .router import load_router

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,12 @@ from torch import nn
 from ..adapters.model import AdaptedModel
 from ..errors import ConfigError, DataError
 from .composition import read_composition
+from ..data import load_data
+from ..data.api import parse_data_spec
+from ..plugins import registry
+from ..tasks.base import prepare_pixels, tokenize_texts
+from ..io import atomic_path
+from ..adapters.files import read_tensor_file
 
 ROUTER_FILE = "router.safetensors"
 TEXT_COLUMNS = ("question", "expression", "caption", "text")
@@ -51,16 +57,18 @@ class Router(nn.Module):
         return RoutedBackbone(backbone, self)
 
     def predict(self, features: torch.Tensor) -> torch.Tensor:
-        return self.net(features.to(self.net[0].weight)).argmax(-1)
+        first = next(iter(self.net.parameters()))
+        return self.net(features.to(first)).argmax(-1)
 
 
 @torch.no_grad()
 def features(backbone, pixels: torch.Tensor | None = None, tokens: torch.Tensor | None = None,
              batch_size: int = 256) -> torch.Tensor:
     """Router inputs (n, 2·D + 2) from the frozen backbone: [image, text, has_image, has_text]."""
-    if pixels is None and tokens is None:
+    given = pixels if pixels is not None else tokens
+    if given is None:
         raise ConfigError("routing needs an image, a text or both")
-    n = len(pixels) if pixels is not None else len(tokens)
+    n = len(given)
     d = backbone.embed_dim
     dev = next(backbone.parameters()).device
     img = torch.zeros(n, d, device=dev)
@@ -130,7 +138,7 @@ def adapter_data_spec(adapter_dir: Path) -> dict[str, Any]:
     if not recipe.is_file():
         raise ConfigError(f"adapter {adapter_dir} has no recipe.yaml naming its training data; "
                           f"give data for it with --data NAME=SPEC")
-    cfg = OmegaConf.to_container(OmegaConf.load(recipe), resolve=True)
+    cfg = cast(dict, OmegaConf.to_container(OmegaConf.load(recipe), resolve=True))
     spec = dict((cfg.get("data") or {}).get("train") or {})
     if not spec:
         raise ConfigError(f"{recipe} has no data.train")
@@ -139,8 +147,6 @@ def adapter_data_spec(adapter_dir: Path) -> dict[str, Any]:
 
 
 def _load(spec, n: int, seed: int):
-    from ..data import load_data
-    from ..data.api import parse_data_spec
 
     spec = dict(spec) if isinstance(spec, dict) else parse_data_spec(spec)
     spec.pop("shots", None)
@@ -158,7 +164,6 @@ def _load(spec, n: int, seed: int):
 def _texts(ds, task_meta: dict | None, task: str | None = None) -> list[str | None]:
     """The text each example's task encodes (the task's declared `input_texts`: its `text_column`, or e.g. the
     class prompt of the label for classification); else the first text column."""
-    from ..plugins import registry
 
     task = (task_meta or {}).get("name") or task
     opts = (task_meta or {}).get("options") or {}
@@ -172,10 +177,9 @@ def _texts(ds, task_meta: dict | None, task: str | None = None) -> list[str | No
     return [None] * len(ds)
 
 
-def router_dataset(backbone, sources: list[tuple[str | None, Any, dict | None]], n_per_source: int = 256,
+def router_dataset(backbone, sources: list[tuple[int, Any, dict | None]], n_per_source: int = 256,
                    seed: int = 0, holdout: float = 0.2):
     """Features, labels and a held-out mask from (route index target, data spec or Dataset, task meta)."""
-    from ..tasks.base import prepare_pixels, tokenize_texts
 
     feats, labels, held, kinds = [], [], [], []
     g = torch.Generator().manual_seed(seed)
@@ -190,7 +194,7 @@ def router_dataset(backbone, sources: list[tuple[str | None, Any, dict | None]],
         texts = _texts(ds, meta, task)
         n = len(ds)
         is_held = torch.rand(n, generator=g) < holdout
-        variants = [("image", pixels, None, torch.arange(n))]
+        variants: list[tuple[str, Any, Any, torch.Tensor]] = [("image", pixels, None, torch.arange(n))]
         with_text = torch.tensor([t is not None for t in texts])
         if bool(with_text.any()):
             idx = torch.nonzero(with_text).flatten()
@@ -226,16 +230,18 @@ def train_router(backbone, names: list[str | None], sources, *, hidden: int = 64
     pred = router.predict(x[held])
     ok = (pred == y[held]).float()
     held_kinds = [k for k, h in zip(kinds, held.tolist()) if h]
+    per_adapter: dict[str, float] = {}
+    per_input: dict[str, float] = {}
     report = {"heldout_accuracy": 100.0 * float(ok.mean()), "chance": 100.0 / len(names),
-              "train_examples": int(train.sum()), "heldout_examples": int(held.sum()), "per_adapter": {},
-              "per_input": {}}
+              "train_examples": int(train.sum()), "heldout_examples": int(held.sum()), "per_adapter": per_adapter,
+              "per_input": per_input}
     for i, n in enumerate(names):
         m = y[held] == i
         if bool(m.any()):
-            report["per_adapter"][str(n)] = 100.0 * float(ok[m].mean())
+            per_adapter[str(n)] = 100.0 * float(ok[m].mean())
     for kind in dict.fromkeys(held_kinds):
         m = torch.tensor([k == kind for k in held_kinds])
-        report["per_input"][kind] = 100.0 * float(ok[m].mean())
+        per_input[kind] = 100.0 * float(ok[m].mean())
     return router, report
 
 
@@ -243,7 +249,6 @@ def save_router(router: Router, out: Path, report: dict | None = None) -> dict[s
     """Write router.safetensors; returns the `router` entry of composition.json."""
     from safetensors.torch import save_file
 
-    from ..io import atomic_path
 
     with atomic_path(out / ROUTER_FILE) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in router.state_dict().items()}, str(tmp))
@@ -254,7 +259,6 @@ def save_router(router: Router, out: Path, report: dict | None = None) -> dict[s
 
 def load_router(path: Path, entry: dict[str, Any], loaded_names: list[str]) -> Router:
     """The router of a composition, its names mapped to the adapters' names as loaded on the backbone."""
-    from ..adapters.files import read_tensor_file
     spec = read_composition(path)
     comp_names = [a.get("name") for a in spec["adapters"]]
     mapping = dict(zip(comp_names, loaded_names))

@@ -13,14 +13,12 @@ up-projection modules or parameters); `shared` with no entry ties the whole laye
 """
 from __future__ import annotations
 
-from typing import cast
-
 import torch
-from torch import nn
 
 from ..adapters.model import AdaptedModel
 from ..adapters.sites import host_of
 from ..errors import ConfigError, IncompatibleAdapterError
+from ..plugins import registry
 
 SHARING = ("per_task", "half_shared_down", "half_shared_up", "shared")
 
@@ -32,7 +30,6 @@ def _shareable(variant) -> dict[str, tuple[str, ...]]:
 def shared_parts(variant, sharing: str) -> tuple[str, ...]:
     """The layer attributes tied under `sharing` for `variant` (a registered name or an AdapterVariant):
     () for per_task, ("*",) for the whole layer; ConfigError when the variant does not define the scheme."""
-    from ..plugins import registry
 
     if sharing not in SHARING:
         raise ConfigError(f"sharing must be one of {', '.join(SHARING)}, got {sharing!r}")
@@ -70,7 +67,7 @@ def tie_shared(backbone, names: list[str], sharing: str, check: bool = True) -> 
             raise IncompatibleAdapterError(f"adapters {names[0]} and {n} cannot share parameters: different "
                                            "variant or sites")
         for site in rec.sites:
-            group = cast(nn.ModuleDict, host_of(backbone, site).adapters[n])
+            group = host_of(backbone, site).adapter_group(n)
             layer, src = group[site.key], first[site.path]
             for part in parts:
                 mine, theirs = (layer, src) if part == "*" else (getattr(layer, part), getattr(src, part))

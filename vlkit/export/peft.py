@@ -41,7 +41,8 @@ def _peft_tensors_and_config(backbone, name: str) -> tuple[dict[str, torch.Tenso
     if record.variant == "lora":
         from peft import LoraConfig
 
-        pcfg = LoraConfig(r=int(c["rank"]), lora_alpha=float(c["alpha"]), lora_dropout=float(c.get("dropout", 0.0)),
+        alpha: Any = float(c["alpha"])  # PEFT annotates lora_alpha as int; vlkit's alphas may be fractional
+        pcfg = LoraConfig(r=int(c["rank"]), lora_alpha=alpha, lora_dropout=float(c.get("dropout", 0.0)),
                           target_modules=paths)
         for p in paths:
             out[f"{PEFT_PREFIX}{p}.lora_A.weight"] = params[f"{p}.lora_A"]
@@ -97,8 +98,9 @@ def compare(a, b, seed: int = 0, n: int = 3) -> dict[str, float]:
     pixels = torch.randn(n, 3, a.image_size, a.image_size, generator=g)
     tokens = a.tokenize(["a photo of a cat", "the hat", "a"][:n])
     with torch.no_grad():
-        return {"image": float((a.encode_image(pixels, normalize=True) - b.encode_image(pixels, normalize=True)).abs().max()),
-                "text": float((a.encode_text(tokens, normalize=True) - b.encode_text(tokens, normalize=True)).abs().max())}
+        image = a.encode_image(pixels, normalize=True) - b.encode_image(pixels, normalize=True)
+        text = a.encode_text(tokens, normalize=True) - b.encode_text(tokens, normalize=True)
+        return {"image": float(image.abs().max()), "text": float(text.abs().max())}
 
 
 def export_peft(out: str | Path, adapter: str | Path, *, backbone: str | None = None, overwrite: bool = False,

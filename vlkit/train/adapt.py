@@ -4,7 +4,7 @@ with the general-domain (photo) score measured with the adapter off (verified un
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -214,7 +214,7 @@ def protocol_val(cfg, shots: int, seed: int):
     from ..data.shots import kind_draws_shots
     from ..errors import DataError
 
-    spec = OmegaConf.to_container(cfg.data.train, resolve=True)
+    spec = cast(dict, OmegaConf.to_container(cfg.data.train, resolve=True))
     if kind_draws_shots(spec):
         spec.pop("seed", None)  # the seed of its own draw: the val draw below has its own
     spec.pop("shots", None)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,8 @@ from .recipe import check_resumable
 
 class _TrainModule(nn.Module):
     """Backbone and task heads under one module so DDP and Accelerate see every trainable parameter."""
+
+    _tasks: list[Any]
 
     def __init__(self, backbone, tasks):
         super().__init__()
@@ -320,7 +323,7 @@ def parameter_counts(backbone, tasks, trainable) -> dict[str, Any]:
     return counts(backbone, [t.head for t in tasks], trainable)
 
 
-def unused_parameters(backbone, jobs, trainable: dict[str, torch.Tensor]) -> list[str]:
+def unused_parameters(backbone, jobs, trainable: Mapping[str, torch.Tensor]) -> list[str]:
     """Names of trainable parameters that no job's loss depends on (one probe batch of two rows each).
 
     Data parallelism needs every trainable parameter to get a gradient, and a parameter that cannot get
@@ -366,7 +369,7 @@ def summarize_names(names: list[str], backbone=None, limit: int = 3) -> str:
     return "; ".join(parts)
 
 
-def _processes_agree(accel, trainable: dict[str, torch.Tensor]) -> bool:
+def _processes_agree(accel, trainable: Mapping[str, torch.Tensor]) -> bool:
     """Every process holds bit-identical trainable weights (data parallelism kept them in sync)."""
     flat = torch.cat([p.detach().reshape(-1).double() for p in trainable.values()]).to(accel.device)
     gathered = accel.gather(flat.unsqueeze(0))
@@ -395,6 +398,7 @@ def consumed_batches(step: int, job: int, n_jobs: int, accum: int) -> int:
 def _fit(cfg, accel, module, jobs, trainable, out, log, resume, report, stop_after):
     params = list(trainable.values())
     groups = param_groups(trainable, cfg.optim.lr, cfg.optim.head_lr)
+    optimizer: torch.optim.Optimizer
     if cfg.optim.optimizer == "sgd":
         optimizer = torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=0.9, weight_decay=cfg.optim.weight_decay)
     else:
@@ -402,8 +406,9 @@ def _fit(cfg, accel, module, jobs, trainable, out, log, resume, report, stop_aft
     world, rank = accel.num_processes, accel.process_index
     bs, accum = cfg.optim.batch_size, cfg.optim.grad_accum
     sizes = [None if is_streaming(j.train) else num_rows(j.train) for j in jobs]
+    known = [n for n in sizes if n is not None]  # a streaming job needs optim.steps (checked with the jobs)
     total = (cfg.optim.steps if cfg.optim.steps is not None
-             else cfg.optim.epochs * sum(steps_per_epoch(n, bs, accum, world) for n in sizes))
+             else cfg.optim.epochs * sum(steps_per_epoch(n, bs, accum, world) for n in known))
     if total < 1:
         raise ConfigError("optim.steps (or epochs) gives no training step; set optim.steps >= 1")
     scheduler = _scheduler(optimizer, cfg.optim.schedule, cfg.optim.warmup_steps, total)
@@ -413,7 +418,9 @@ def _fit(cfg, accel, module, jobs, trainable, out, log, resume, report, stop_aft
     step = 0
     history: list[dict[str, Any]] = []
     if resume:
-        state = load_checkpoint(latest_checkpoint(out), trainable, raw_opt, scheduler)
+        ckpt = latest_checkpoint(out)
+        assert ckpt is not None, "run() checked that there is one"
+        state = load_checkpoint(ckpt, trainable, raw_opt, scheduler)
         step = int(state["step"])
         history = list(state.get("history", []))
         if accel.is_main_process:

@@ -8,7 +8,7 @@ same way for every kind of recipe: the task from its training data, then the rec
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from ..adapters.model import AdaptedModel
 from ..data import load_data, required_fields
@@ -79,7 +79,7 @@ def build_task(backbone, cfg, train_ds):
     import datasets as hfds
     from omegaconf import OmegaConf
 
-    options = OmegaConf.to_container(cfg.task.options, resolve=True) or {}
+    options = cast(dict, OmegaConf.to_container(cfg.task.options, resolve=True)) or {}
     cls = registry("task").get(cfg.task.name)
     options = get_method(cfg.method).task_options(cls, options)
     if not isinstance(train_ds, hfds.IterableDataset):
@@ -113,7 +113,7 @@ def load_datasets(cfg):
     import datasets as hfds
     from omegaconf import OmegaConf
 
-    train = OmegaConf.to_container(cfg.data.train, resolve=True)
+    train = cast(dict, OmegaConf.to_container(cfg.data.train, resolve=True))
     train.setdefault("task", cfg.task.name)
     shots = take_shots(train, int(cfg.seed))  # None where the dataset kind draws them itself (vlkit.data.shots)
     train_ds = _load_source(train, cfg.task.name)
@@ -123,7 +123,7 @@ def load_datasets(cfg):
         train_ds = few_shot(train_ds, shots, seed=cfg.seed)
     eval_ds = None
     if cfg.data.eval is not None:
-        ev = OmegaConf.to_container(cfg.data.eval, resolve=True)
+        ev = cast(dict, OmegaConf.to_container(cfg.data.eval, resolve=True))
         ev.setdefault("task", cfg.task.name)
         eval_ds = _in_memory(_load_source(ev, cfg.task.name))
     return train_ds, eval_ds

@@ -20,7 +20,7 @@ from __future__ import annotations
 import inspect
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
@@ -64,7 +64,7 @@ class AdapterMethod(TrainingMethod):
 
         from ..plugins import registry
 
-        opts = OmegaConf.to_container(cfg.adapter, resolve=True)
+        opts = cast(dict, OmegaConf.to_container(cfg.adapter, resolve=True))
         variant = opts.pop("variant", None)
         if not variant:
             raise ConfigError(f"{source}: key 'adapter.variant': missing (e.g. bottleneck, lora)")

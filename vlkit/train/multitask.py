@@ -14,7 +14,7 @@ re-ties the shared parameters) and metrics.json.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -45,7 +45,7 @@ def multitask_jobs(cfg, backbone, datasets: dict[str, tuple]) -> tuple[list[Job]
     `datasets`: optional {adapter name: (train Dataset, eval Dataset or None)} instead of each task's `data`."""
     from omegaconf import OmegaConf
 
-    opts = OmegaConf.to_container(cfg.adapter, resolve=True)
+    opts = cast(dict, OmegaConf.to_container(cfg.adapter, resolve=True))
     opts.pop("name", None)
     shared_parts(opts["variant"], cfg.sharing)
     method = get_method(cfg.method)

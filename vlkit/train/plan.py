@@ -10,7 +10,7 @@ train. The engine only loops over the jobs; the plan also says how the run's res
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
@@ -101,5 +101,5 @@ def build_plan(cfg, backbone, datasets: tuple | dict | None = None) -> Plan:
     freeze(backbone)
     method = get_method(cfg.method)
     job = prepare_job(backbone, cfg, name=None, seed=cfg.seed, method=method, datasets=datasets,
-                      adapter_options=OmegaConf.to_container(cfg.adapter, resolve=True))
+                      adapter_options=cast(dict, OmegaConf.to_container(cfg.adapter, resolve=True)))
     return Plan(cfg, [job], trainable_parameters(backbone, {"head.": job.task.head}))
