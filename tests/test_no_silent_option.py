@@ -126,3 +126,33 @@ def test_probe_data_seed_is_for_generated_pairs_only(tmp_path, capsys):
     code, _, err = cli(["probe", "winoground", "-b", "tiny@random", "--data", "hub", "--data-seed", "3",
                         "--no-progress"], capsys)
     assert code == 2 and err.count("\n") == 1 and "generates synth pairs" in err, err
+
+
+@pytest.mark.parametrize("args, unused", [
+    (["--mode", "stack", "--method", "ties"], "--method does not apply to --mode stack"),
+    (["--mode", "average", "--rank", "4"], "--rank does not apply to --mode average"),
+    (["--mode", "merge", "--density", "0.5"], "--density does not apply to merge --method linear"),
+    (["--mode", "merge", "--method", "task_arithmetic", "--rank", "2"], "--rank does not apply to merge"),
+    (["--mode", "parallel", "--recipe", "r.yaml"], "--recipe does not apply to --mode parallel"),
+    (["--mode", "merge", "--router-steps", "5", "--per-adapter", "9"], "--router-steps, --per-adapter do not"),
+    (["--mode", "route", "--weights", "1,2"], "--weights does not apply to --mode route"),
+    (["--mode", "stack", "--image", "x.png", "--backbone", "tiny"], "--image, --backbone do not apply"),
+    (["--mode", "fuse", "--set", "seed=1", "--text", "hi"], "--text does not apply to --mode fuse"),
+])
+def test_compose_refuses_options_its_mode_does_not_use(tmp_path, capsys, args, unused):
+    code, _, err = cli(["compose", "a,b", *args, "-o", str(tmp_path / "out")], capsys)
+    assert code == 2 and err.count("\n") == 1 and unused in err, err
+
+
+def test_compose_run_refuses_the_composing_options(tmp_path, capsys):
+    code, _, err = cli(["compose", "run", str(tmp_path), "--image", "x.png", "--mode", "stack", "--overwrite"],
+                       capsys)
+    assert code == 2 and "--mode, --overwrite do not apply to vlkit compose run" in err, err
+    import vlkit
+    from vlkit.compose.api import compose
+
+    bb = vlkit.load_backbone("tiny@random")
+    vlkit.inject(bb, "lora", rank=2)
+    a = vlkit.save_adapter(bb, tmp_path / "a")
+    with pytest.raises(ConfigError, match="weights do not apply to mode route"):
+        compose([str(a)], "route", tmp_path / "o", weights=[1.0])

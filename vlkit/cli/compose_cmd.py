@@ -11,7 +11,8 @@ from pathlib import Path
 
 import typer
 
-MODE_HELP = "merge | stack | average | parallel | fuse | route"
+MODES = ("merge", "stack", "average", "parallel", "fuse", "route")
+MODE_HELP = " | ".join(MODES)
 
 
 def _floats(text: str | None) -> list[float] | None:
@@ -25,6 +26,35 @@ def _floats(text: str | None) -> list[float] | None:
         raise ConfigError(f"--weights must be comma-separated numbers, got {text!r}") from None
 
 
+MODE_OPTIONS = {  # option -> the modes it applies to ("run": vlkit compose run DIR)
+    "--mode": MODES, "-o": MODES, "--weights": ("merge", "stack", "average", "parallel"),
+    "--method": ("merge",), "--rank": ("merge",), "--density": ("merge",), "--recipe": ("fuse",),
+    "--set": ("fuse",), "--data": ("route", "fuse"), "--router-steps": ("route",), "--per-adapter": ("route",),
+    "--image": ("run",), "--text": ("run",), "--route": ("run",), "--adapter": ("run",), "--task": ("run",),
+    "--backbone": ("route", "fuse", "run"), "--overwrite": MODES,
+}
+
+
+def check_mode_options(mode: str | None, method: str | None, given: dict) -> None:
+    """An option that the mode (or merge method) does not use is refused, not ignored."""
+    from ..errors import ConfigError
+
+    if mode is None or (mode != "run" and mode not in MODES):
+        return  # compose() says what the modes are
+    unused = [k for k, v in given.items() if v not in (None, []) and mode not in MODE_OPTIONS[k]]
+    if unused:
+        where = "vlkit compose run" if mode == "run" else f"--mode {mode}"
+        raise ConfigError(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to {where}; "
+                          f"see 'vlkit compose --help' for what each mode takes")
+    if mode == "merge" and method in (None, "linear", "task_arithmetic", "ties"):
+        extra = [k for k in ("--rank", "--density") if given[k] is not None and not (k == "--density" and
+                                                                                   method == "ties")]
+        if extra:
+            raise ConfigError(f"{', '.join(extra)} {'does' if len(extra) == 1 else 'do'} not apply to merge "
+                              f"--method {method or 'linear'} (--density: ties; --rank: the variant's own "
+                              "methods, e.g. svd)")
+
+
 def register(cli: typer.Typer) -> None:
     @cli.command("compose", context_settings={"allow_interspersed_args": True})
     def compose_cmd(
@@ -33,16 +63,17 @@ def register(cli: typer.Typer) -> None:
         mode: str | None = typer.Option(None, "--mode", "-m", help=MODE_HELP),
         out: Path | None = typer.Option(None, "--out", "-o", help="Composition directory to write."),
         weights: str | None = typer.Option(None, "--weights", "-w", help="Per-adapter weights, e.g. 0.5,0.5."),
-        method: str = typer.Option("linear", "--method",
-                                   help="merge: linear | task_arithmetic | ties | concat | svd (LoRA)."),
+        method: str | None = typer.Option(
+            None, "--method", help="merge: linear (default) | task_arithmetic | ties | concat | svd (LoRA)."),
         rank: int | None = typer.Option(None, "--rank", help="merge --method svd: target rank."),
-        density: float = typer.Option(0.2, "--density", help="merge --method ties: share of entries kept."),
+        density: float | None = typer.Option(
+            None, "--density", help="merge --method ties: share of entries kept (0.2)."),
         recipe: Path | None = typer.Option(None, "--recipe", help="fuse: recipe with task, data, optim."),
         data: list[str] | None = typer.Option(None, "--data",
                                                  help="route: NAME=SPEC per adapter (none=SPEC); fuse: SPEC."),
         set_: list[str] | None = typer.Option(None, "--set", help="fuse: recipe override key=value."),
-        router_steps: int = typer.Option(300, "--router-steps", help="route: router training steps."),
-        per_adapter: int = typer.Option(256, "--per-adapter", help="route: examples per adapter."),
+        router_steps: int | None = typer.Option(None, "--router-steps", help="route: router training steps (300)."),
+        per_adapter: int | None = typer.Option(None, "--per-adapter", help="route: examples per adapter (256)."),
         image: list[Path] | None = typer.Option(None, "--image", help="run: input image (repeatable)."),
         text: list[str] | None = typer.Option(None, "--text", help="run: text / question (repeatable)."),
         route: str | None = typer.Option(None, "--route", help="run: 'auto' routes each input by the router."),
@@ -57,6 +88,12 @@ def register(cli: typer.Typer) -> None:
         from ..errors import ConfigError
         from .output import console, print_json, table
 
+        given = {"--mode": mode, "-o": out, "--weights": weights, "--method": method, "--rank": rank,
+                 "--density": density, "--recipe": recipe, "--data": data, "--set": set_,
+                 "--router-steps": router_steps, "--per-adapter": per_adapter, "--image": image, "--text": text,
+                 "--route": route, "--adapter": adapter, "--task": task, "--backbone": backbone,
+                 "--overwrite": overwrite or None}
+        check_mode_options("run" if sources == "run" else mode, method, given)
         if sources == "run":
             if target is None:
                 raise ConfigError("usage: vlkit compose run DIR --image PATH [--text T] "
@@ -86,9 +123,10 @@ def register(cli: typer.Typer) -> None:
             finally:
                 bar.close()
         else:
-            res = compose(sources, mode, out, weights=_floats(weights), method=method, rank=rank,
-                          density=density, data=data, backbone=backbone, router_steps=router_steps,
-                          n_per_adapter=per_adapter, overwrite=overwrite)
+            res = compose(sources, mode, out, weights=_floats(weights), method=method or "linear", rank=rank,
+                          density=0.2 if density is None else density, data=data, backbone=backbone,
+                          router_steps=300 if router_steps is None else router_steps,
+                          n_per_adapter=256 if per_adapter is None else per_adapter, overwrite=overwrite)
         rows = [["mode", res["mode"]], ["adapters", ", ".join(res["adapters"])]]
         if res.get("weights") is not None:
             rows.append(["weights", ", ".join(f"{w:g}" for w in res["weights"])])

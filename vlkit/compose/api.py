@@ -81,6 +81,8 @@ def compose(sources: list[str] | str, mode: str, out: str | Path, *, weights: li
         raise ConfigError(f"{len(weights)} weights given for {len(srcs)} adapters ({', '.join(n for n, _ in srcs)})")
     if weights is not None:
         check_finite_weights(weights)
+        if mode == "route":
+            raise ConfigError("weights do not apply to mode route (its router picks one adapter per input)")
     if mode == "fuse":
         raise ConfigError("mode fuse trains fusion layers: call vlkit.train.fuse.fuse_adapters (vlkit compose "
                           "--mode fuse does)")
