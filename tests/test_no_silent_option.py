@@ -156,3 +156,10 @@ def test_compose_run_refuses_the_composing_options(tmp_path, capsys):
     a = vlkit.save_adapter(bb, tmp_path / "a")
     with pytest.raises(ConfigError, match="weights do not apply to mode route"):
         compose([str(a)], "route", tmp_path / "o", weights=[1.0])
+
+
+def test_export_peft_refuses_the_graph_options(tmp_path, capsys):
+    code, _, err = cli(["export", "--format", "peft", "-a", str(tmp_path), "-o", str(tmp_path / "o"), "--task",
+                        "classification", "--fp16", "--target", "onnx"], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "--target, --task, --fp16 do not apply to --format peft" in err

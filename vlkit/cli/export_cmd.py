@@ -99,7 +99,8 @@ def register(cli: typer.Typer) -> None:
                                                     help="Adapter or composition directory (repeat to stack)."),
         backbone: str | None = typer.Option(None, "--backbone", "-b",
                                                help="Backbone spec (default: the one the adapter names)."),
-        target: str = typer.Option("onnx", "--target", "-t", help="Export target (see `vlkit plugins`)."),
+        target: str | None = typer.Option(None, "--target", "-t",
+                                          help="Export target (see `vlkit plugins`; default onnx)."),
         fmt: str = typer.Option("graphs", "--format", "-f",
                                 help="graphs: the --target's verified graphs (ONNX by default); peft: one LoRA / "
                                      "peft adapter of an hf: backbone as a PEFT directory "
@@ -135,6 +136,16 @@ def register(cli: typer.Typer) -> None:
         from .output import console, print_json
 
         if fmt == "peft":
+            graph_only = {"--target": target, "--task": task, "--domain": domain, "--eval-data": eval_data,
+                          "--eval-n": eval_n, "--fp16": fp16 or None, "--quantize": quantize,
+                          "--providers": providers or None, "--opset": opset, "--no-merge": no_merge or None,
+                          "--merge": merge_unload or None, "--option": option or None}
+            unused = [k for k, v in graph_only.items() if v is not None]
+            if unused:
+                from ..errors import ConfigError
+
+                raise ConfigError(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to "
+                                  "--format peft (a PEFT directory, verified with peft itself)")
             _export_peft(out, adapter, backbone, overwrite, json_out, seed)
             return
         if fmt not in ("graphs", "onnx"):
@@ -145,7 +156,7 @@ def register(cli: typer.Typer) -> None:
                                 seed=seed, extra=parse_kv(option))
         try:
             with console.status("exporting and verifying…"):
-                summary = export_model(out, backbone=backbone, adapters=list(adapter or []), target=target,
+                summary = export_model(out, backbone=backbone, adapters=list(adapter or []), target=target or "onnx",
                                        task=task, domain=domain, eval_data=eval_data, eval_n=eval_n,
                                        merge=not no_merge, options=options, overwrite=overwrite,
                                        unload=merge_unload)
