@@ -282,3 +282,25 @@ def test_adapter_state_has_one_owner():
             if OWNER_ONLY.search(line):
                 offenders.append(f"{rel}:{i}")
     assert offenders == [], "adapter state reached outside its owner: " + ", ".join(offenders)
+
+
+LAZY_ALLOWED = ("cli/", "plugins.py", "world/plugin.py")
+"""Where vlkit's own modules may still be imported inside functions: the CLI (a command's implementation loads when
+the command runs, so `vlkit --help` stays fast) and the plugin registration modules (`*/builtin.py`,
+`world/plugin.py`, `plugins.py`), which run when plugins load and register names without importing what they name."""
+
+
+def test_own_modules_are_imported_at_module_top():
+    found = []
+    for f in PKG.rglob("*.py"):
+        rel = str(f.relative_to(PKG))
+        if rel.startswith(LAZY_ALLOWED) or rel.endswith("builtin.py") or f.name == "__init__.py":
+            continue
+        tree = ast.parse(f.read_text(encoding="utf-8"))
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("vlkit")):
+                    found.append(f"{rel}:{node.lineno}")
+    assert found == [], "vlkit modules imported inside functions (hides the graph): " + ", ".join(sorted(set(found)))

@@ -129,3 +129,8 @@ class MissingDependencyError(VlkitError):
     def __init__(self, message: str, *, package: str | None = None, hint: str | None = None):
         super().__init__(message, hint=hint)
         self.package = package
+
+
+class VlkitWarning(UserWarning):
+    """Something that runs but probably not as meant (e.g. class names the tokenizer does not know); the CLI
+    prints each as one `warning: ...` line."""

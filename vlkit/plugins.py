@@ -16,7 +16,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import PluginError
-from .registry import KINDS, Registry
+from .registry import KINDS, Entry, Registry
 
 ENTRY_POINT_GROUP = "vlkit"
 
@@ -169,3 +169,14 @@ def reset_plugins() -> None:
 
 def registry(kind: str) -> Registry:
     return get_plugins().registry(kind)
+
+
+def options_class(entry: Entry) -> type | None:
+    """The dataclass that declares a registered object's options (`vlkit.options.option_specs` reads it): an
+    adapter variant's `config_cls`, a task's `options_cls`, else the `options_cls` it was registered with
+    (`register(name, obj, summary, options_cls=...)`, as the `coop` dataset kind is); None when it declares none."""
+    if entry.kind == "adapter":
+        return entry.obj.config_cls
+    if entry.kind == "task":
+        return entry.obj.options_cls
+    return entry.meta.get("options_cls")

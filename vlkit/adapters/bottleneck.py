@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from ..backbones.base import resolve_module
 from ..errors import ConfigError
 from .base import AdapterConfig, AdapterVariant
 
@@ -116,7 +117,6 @@ class BottleneckVariant(AdapterVariant[BottleneckConfig]):
     def extra_trainable(self, backbone, config: BottleneckConfig, sites):
         if not config.unfreeze_layernorm:
             return {}
-        from ..backbones.base import resolve_module
 
         blocks = {(s.tower, s.layer) for s in sites}
         out = {}

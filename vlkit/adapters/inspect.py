@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from ..io import atomic_path
+from ..plugins import registry
 from .files import read_adapter_config, read_adapter_weights
 
 
@@ -65,7 +67,6 @@ def _state(cfg: dict[str, Any], weights: dict[str, torch.Tensor]) -> dict[str, A
                       "rms": float(flat.pow(2).mean().sqrt()) if flat.numel() else 0.0})
     summary: list[list[str]] = []
     try:
-        from ..plugins import registry
 
         reg = registry("adapter")
         var = reg.get(cfg["variant"]) if cfg.get("variant") in reg else None
@@ -83,7 +84,6 @@ def plot_gates(info: dict[str, Any], path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..io import atomic_path
 
     gates = info["gates"]
     towers = sorted({g["tower"] for g in gates})

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, DataError
+from ..plugins import registry
 from .base import AdapterConfig, AdapterVariant
 from .model import AdaptedModel
 
@@ -264,7 +265,6 @@ def build_tip_adapter(backbone, dataset, *, task=None, class_names: list[str] | 
         raise ConfigError(f"variant must be tip-adapter or tip-adapter-f, got {variant!r}")
     prepared = isinstance(dataset, dict)
     if task is None:
-        from ..plugins import registry
 
         ClassificationTask = registry("task").get("classification")
         opts = {k: v for k, v in (("class_names", class_names), ("prompt", prompt)) if v is not None}

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..backbones.hosts import AdapterHost
 from ..errors import InjectionError
 
 ATTN_PARTS = ("q", "k", "v", "out")
@@ -28,7 +29,6 @@ _MLP = {"fc1": ("fc1", "c_fc"), "fc2": ("fc2", "c_proj")}
 
 
 def _unwrap(module):
-    from ..backbones.hosts import AdapterHost
 
     while isinstance(module, AdapterHost):
         module = module.base

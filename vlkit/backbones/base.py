@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .hosts import AdapterHost, base_param_name
 from .state import AdapterState
 
 TOWERS = ("vision", "text")
@@ -161,6 +162,11 @@ class Backbone(nn.Module, metaclass=ABCMeta):
         """Files (name -> text or bytes) a consumer needs to tokenize without vlkit; see `vlkit export`."""
         return {}
 
+    def unknown_words(self, texts: list[str]) -> list[str]:
+        """The words of `texts` the tokenizer maps to its unknown token, each once in first-seen order. Byte-level
+        BPE tokenizers (CLIP's, open_clip's) know every word: the default finds none."""
+        return []
+
     def fingerprint(self) -> str:
         """A hash of the base architecture (parameter names, shapes, dtypes), independent of adapters."""
         return self._fingerprint
@@ -236,7 +242,6 @@ class Backbone(nn.Module, metaclass=ABCMeta):
         return flat.view(nt, ni)
 
     def base_parameters(self) -> dict[str, nn.Parameter]:
-        from .hosts import base_param_name
 
         return {base_param_name(n): p for n, p in self.model.named_parameters()
                 if ".adapters." not in n and ".fusions." not in n}
@@ -293,7 +298,6 @@ def shortest_edge_transform(size: int, mean, std, interpolation: str = "bicubic"
 
 def resolve_module(root: nn.Module, path: str) -> nn.Module:
     """The module at `path` of the unwrapped model; adapter hosts on the way are seen through."""
-    from .hosts import AdapterHost
 
     mod: Any = root
     for part in path.split(".") if path else []:
@@ -304,7 +308,6 @@ def resolve_module(root: nn.Module, path: str) -> nn.Module:
 
 
 def set_module(root: nn.Module, path: str, new: nn.Module) -> None:
-    from .hosts import AdapterHost
 
     parent_path, _, leaf = path.rpartition(".")
     parent: Any = resolve_module(root, parent_path) if parent_path else root

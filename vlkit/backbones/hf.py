@@ -10,10 +10,11 @@ from torch import nn
 
 from ..errors import BackboneLoadError
 from .base import Backbone, Block, Site, as_triple, tokens_site
+from .hosts import AdapterHost
+from .sequence import SequenceLayout, prompt_site
 
 
 def _unwrap(m):
-    from .hosts import AdapterHost
 
     return m.base if isinstance(m, AdapterHost) else m
 
@@ -69,6 +70,24 @@ class HFBackbone(Backbone):
             out = self.model.text_projection(out)
         return nn.functional.normalize(out, dim=-1) if normalize else out
 
+    def unknown_words(self, texts: list[str]) -> list[str]:
+        """Words the tokenizer encodes with its unknown token (none for CLIP's byte-level BPE, whose unknown
+        token is its end-of-text token)."""
+        import re
+
+        tok = self._tokenizer
+        unk = getattr(tok, "unk_token_id", None)
+        if unk is None or unk in {getattr(tok, k, None) for k in ("eos_token_id", "bos_token_id", "pad_token_id")}:
+            return []
+        found: dict[str, None] = {}
+        for text in texts:
+            if unk not in tok(str(text), add_special_tokens=False)["input_ids"]:
+                continue
+            for word in re.findall(r"\w+", str(text)):
+                if unk in tok(word, add_special_tokens=False)["input_ids"]:
+                    found.setdefault(word, None)
+        return list(found)
+
     def tokenize(self, texts):
         if isinstance(texts, str):
             texts = [texts]
@@ -107,7 +126,6 @@ class HFBackbone(Backbone):
             b.sites["mlp.fc2"] = Site(tower, i, "mlp.fc2", f"{path}.mlp.fc2", f"{path}.mlp.fc2", "linear",
                                       fc2.in_features, fc2.out_features)
             out.append(b)
-        from .sequence import prompt_site
 
         for b in out:
             b.sites["prompt"] = prompt_site(tower, b.index, b.path, b.width)
@@ -131,7 +149,6 @@ class HFBackbone(Backbone):
         """Prompt tokens go after the class token (CLIP vision) or the start-of-text token (CLIP text, causal;
         its padding mask grows with them); SigLIP towers have neither and take them first. Encoder layers are
         called `layer(hidden_states, attention_mask, ...)`."""
-        from .sequence import SequenceLayout
 
         at = 0 if self.is_siglip else 1
         return SequenceLayout(insert_at=at, batch_first=True, causal=tower == "text" and not self.is_siglip,

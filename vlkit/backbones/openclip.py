@@ -9,8 +9,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import BackboneLoadError, UnknownNameError
-from .base import Backbone, Block, Site, as_triple, tokens_site
+from ..errors import BackboneLoadError, ConfigError, UnknownNameError
+from .base import Backbone, Block, Site, as_triple, resolve_module, tokens_site
+from .hosts import AdapterHost
+from .sequence import SequenceLayout, prompt_site
 
 
 def _sites_for_block(tower: str, index: int, path: str, block: nn.Module) -> Block | None:
@@ -18,7 +20,6 @@ def _sites_for_block(tower: str, index: int, path: str, block: nn.Module) -> Blo
     mlp = getattr(block, "mlp", None)
     if attn is None or mlp is None:
         return None
-    from .hosts import AdapterHost
 
     attn_m: Any = attn.base if isinstance(attn, AdapterHost) else attn
     mlp_m = mlp.base if isinstance(mlp, AdapterHost) else mlp
@@ -115,7 +116,6 @@ class OpenClipBackbone(Backbone):
         path = feature_tap_paths(self.model).get(tower)
         if path is None:
             return x
-        from .base import resolve_module
 
         parent, _, leaf = path.rpartition(".")
         module = resolve_module(self.model, parent)._modules.get(leaf)
@@ -132,7 +132,6 @@ class OpenClipBackbone(Backbone):
     def encode_image_tokens(self, pixels):
         visual = self.model.visual
         if not hasattr(visual, "output_tokens"):
-            from ..errors import ConfigError
 
             raise ConfigError(f"the vision tower of {self.spec} ({type(visual).__name__}) does not expose patch tokens",
                               hint="dense tasks such as grounding need a ViT vision tower")
@@ -180,7 +179,6 @@ class OpenClipBackbone(Backbone):
             if b is not None:
                 out.append(b)
         if self.sequence_layout(tower) is not None:
-            from .sequence import prompt_site
 
             for b in out:
                 b.sites["prompt"] = prompt_site(tower, b.index, b.path, b.width)
@@ -200,7 +198,6 @@ class OpenClipBackbone(Backbone):
         """Prompt tokens go after the class token (vision; first when the tower has none) or after the
         start-of-text token (text, whose causal mask, with any padding mask, grows with them). Blocks are
         called `block(x, attn_mask=...)`, or positionally `(x, None, None, attn_mask)` under checkpointing."""
-        from .sequence import SequenceLayout
 
         if tower == "vision":
             trans = getattr(self.model.visual, "transformer", None)

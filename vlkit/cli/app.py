@@ -4,13 +4,16 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import warnings
 from typing import Any
 
 import typer
 
 from .. import __version__
-from ..errors import VlkitError
+from ..errors import VlkitError, VlkitWarning
 from .quiet import quiet_plugin_log, quiet_third_party
+
+_python_showwarning = warnings.showwarning
 
 
 def _version(value: bool) -> None:
@@ -110,9 +113,18 @@ def exit_code(exc: BaseException) -> int:
     return 1
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """vlkit's own warnings as one `warning: ...` line on stderr; others as Python prints them."""
+    if isinstance(category, type) and issubclass(category, VlkitWarning):
+        sys.stderr.write(f"warning: {message}\n")
+        return
+    _python_showwarning(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> None:
     debug = os.environ.get("VLKIT_DEBUG", "") not in ("", "0")
     quiet_third_party()
+    warnings.showwarning = _show_warning
     try:
         app = build_app()
         rc = app(args=argv, standalone_mode=False)

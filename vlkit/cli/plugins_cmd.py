@@ -1,4 +1,5 @@
-"""`vlkit plugins`: every plugin, its version and what it registers."""
+"""`vlkit plugins`: every plugin, its version and what it registers; `--json` adds, per registered object that
+declares them, its options (name, type, default, help, required: `vlkit.options.OptionSpec`)."""
 from __future__ import annotations
 
 import typer
@@ -8,13 +9,22 @@ def register(cli: typer.Typer) -> None:
     @cli.command("plugins")
     def plugins(json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout.")) -> None:
         """List installed plugins (built-in and from the `vlkit` entry-point group) and what they register."""
-        from ..plugins import get_plugins
+        from ..options import option_specs
+        from ..plugins import get_plugins, options_class
         from .output import console, print_json, table
 
-        infos = get_plugins().plugin_infos()
+        system = get_plugins()
+        infos = system.plugin_infos()
         if json_out:
-            print_json([{"name": i.name, "version": i.version, "builtin": i.builtin, "registers": i.registers}
-                        for i in infos])
+            options: dict[str, dict[str, dict[str, list]]] = {}
+            for kind, reg in system.registries.items():
+                for entry in reg:
+                    cls = options_class(entry)
+                    if cls is not None:
+                        options.setdefault(entry.plugin, {}).setdefault(kind, {})[entry.name] = [
+                            s.to_dict() for s in option_specs(cls)]
+            print_json([{"name": i.name, "version": i.version, "builtin": i.builtin, "registers": i.registers,
+                         "options": options.get(i.name, {})} for i in infos])
             return
         rows = []
         for i in infos:

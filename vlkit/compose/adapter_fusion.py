@@ -28,6 +28,7 @@ from ..adapters.model import AdaptedModel
 from ..adapters.sites import host_of
 from ..errors import ConfigError, IncompatibleAdapterError
 from ..io import save_safetensors
+from .composition import write_composition
 
 FUSION_FILE = "fusion.safetensors"
 
@@ -186,7 +187,6 @@ def init_head_from_adapters(task, dirs: list[Path]) -> str | None:
 def write_fuse_outputs(out: Path, backbone, sources: list[tuple[str, Path]], fusion: str = "fusion",
                        temperature: float = 1.0) -> None:
     """After a `method: fuse` run: the fusion weights, copies of the adapters and composition.json."""
-    from .composition import write_composition
 
     save_fusion(backbone, fusion, out / FUSION_FILE)
     write_composition(out, "fuse", backbone, list(sources), extra={

@@ -13,9 +13,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..adapters.files import read_adapter_config, read_adapter_weights
+from ..backbones.loading import load_backbone
 from ..errors import ConfigError, IncompatibleAdapterError
+from ..outputs import OutputTarget
 from .composition import MODES, write_composition
+from .merge import check_finite_weights, merge_adapters
 from .resolve import free_name, source_dirs
+from .router import adapter_data_spec, save_router, train_router
 
 resolve_sources = source_dirs  # (name, adapter directory) per argument; see vlkit.compose.resolve
 
@@ -23,7 +28,6 @@ resolve_sources = source_dirs  # (name, adapter directory) per argument; see vlk
 def _check_same_backbone(sources: list[tuple[str, Path]]) -> dict[str, Any]:
     """The first source's config, once every source reads (config and finite weights, in every mode) and all
     were made for one backbone."""
-    from ..adapters.files import read_adapter_config, read_adapter_weights
 
     cfgs = [read_adapter_config(p) for _, p in sources]
     for _, p in sources:
@@ -37,7 +41,6 @@ def _check_same_backbone(sources: list[tuple[str, Path]]) -> dict[str, Any]:
 
 
 def _load_backbone_for(cfg0: dict[str, Any], spec: str | None = None):
-    from ..backbones.loading import load_backbone
 
     backbone = load_backbone(spec or cfg0["backbone"]).eval()
     if backbone.fingerprint() != cfg0["backbone_fingerprint"]:
@@ -69,8 +72,6 @@ def compose(sources: list[str] | str, mode: str, out: str | Path, *, weights: li
 
     `out` follows `vlkit.outputs`: never one of the sources, refused when not empty unless `overwrite`, and
     replaced whole once the composition is complete."""
-    from ..outputs import OutputTarget
-    from .merge import check_finite_weights
 
     if mode not in MODES:
         raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -101,7 +102,6 @@ def _compose_into(stage: Path, out: Path, mode, srcs, cfg0, weights, method, ran
     summary: dict[str, Any] = {"mode": mode, "output_dir": str(out), "adapters": [n for n, _ in srcs],
                                "weights": weights}
     if mode == "merge":
-        from .merge import merge_adapters
 
         cfg = merge_adapters([p for _, p in srcs], stage, method=method, weights=weights, density=density, rank=rank,
                              name=free_name(set(), out.name), labels=[str(p) for _, p in srcs])
@@ -120,7 +120,6 @@ def _compose_into(stage: Path, out: Path, mode, srcs, cfg0, weights, method, ran
 def _route(srcs, cfg0, out: Path, data, backbone_spec, hidden, steps, n_per_adapter, seed) -> dict[str, Any]:
     import json
 
-    from .router import adapter_data_spec, save_router, train_router
 
     per_name, bare = parse_data_items(data)
     if bare is not None:

@@ -25,13 +25,16 @@ from typing import Any
 
 import torch
 
+from ..adapters.files import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config, read_adapter_weights
 from ..errors import ConfigError, IncompatibleAdapterError
+from ..io import save_safetensors, write_json
+from ..plugins import registry
+from .composition import COMPOSITION_FILE, FORMAT, FORMAT_VERSION
 
 ELEMENTWISE = ("linear", "task_arithmetic", "ties")
 
 
 def _variants() -> dict[str, Any]:
-    from ..plugins import registry
 
     reg = registry("adapter")
     return {n: reg.get(n) for n in reg.names()}
@@ -177,9 +180,6 @@ def merge_adapters(sources: list[str | Path], out: str | Path, *, method: str = 
                    weights: list[float] | None = None, density: float = 0.2, rank: int | None = None,
                    name: str | None = None, labels: list[str] | None = None) -> dict[str, Any]:
     """Merge adapter directories `sources` into the adapter directory `out`; returns its config."""
-    from ..adapters.files import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config, read_adapter_weights
-    from ..io import save_safetensors, write_json
-    from .composition import COMPOSITION_FILE, FORMAT, FORMAT_VERSION
 
     paths = [Path(p) for p in sources]
     labels = labels or [str(p) for p in paths]

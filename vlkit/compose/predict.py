@@ -11,21 +11,22 @@ from typing import Any
 
 import torch
 
+from ..adapters.files import read_tensor_file
 from ..adapters.model import AdaptedModel
 from ..errors import ConfigError
+from ..plugins import registry
 from .composition import Composition
 from .resolve import load_composition
+from .router import route as predict_route
 
 
 def load_task(backbone, meta: dict[str, Any] | None, head: Path | None = None):
     """The task object an adapter was trained with, from its task.json metadata and head file."""
-    from ..plugins import registry
 
     if not meta or not meta.get("name"):
         return None
     task = registry("task").get(meta["name"])(backbone, None, **(meta.get("options") or {}))
     if head is not None:
-        from ..adapters.files import read_tensor_file
 
         task.load_head_state(read_tensor_file(head))
     return task
@@ -70,7 +71,6 @@ def run_composition(backbone, path: str | Path, images: list, texts: list[str] |
     if route == "auto":
         if comp.router is None:
             raise ConfigError(f"{path} has no router: build one with `vlkit compose A,B --mode route -o DIR`")
-        from .router import route as predict_route
 
         idx = predict_route(backbone, comp.router, pixels, tokens).tolist()
         chosen = [comp.router.names[i] for i in idx]

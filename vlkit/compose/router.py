@@ -25,15 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..adapters.files import read_tensor_file
 from ..adapters.model import AdaptedModel
-from ..errors import ConfigError, DataError
-from .composition import read_composition
 from ..data import load_data
 from ..data.api import parse_data_spec
+from ..errors import ConfigError, DataError
+from ..io import atomic_path
 from ..plugins import registry
 from ..tasks.base import prepare_pixels, tokenize_texts
-from ..io import atomic_path
-from ..adapters.files import read_tensor_file
+from .composition import read_composition
 
 ROUTER_FILE = "router.safetensors"
 TEXT_COLUMNS = ("question", "expression", "caption", "text")

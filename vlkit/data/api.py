@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DataError, UnknownNameError
+from ..plugins import registry
+from .images import is_tar_ref_feature
 
 # Option names that mean "the source" in a mapping spec (a manifest's path, a hub id, a directory).
 SOURCE_ALIASES = ("source", "path", "data_dir", "dir", "id")
@@ -26,7 +28,6 @@ SOURCE_ALIASES = ("source", "path", "data_dir", "dir", "id")
 def required_fields(task: str) -> tuple[str, ...]:
     """The columns a dataset must have for `task` (image columns first): what the registered task (or probe)
     of that name declares in its `required` attribute."""
-    from ..plugins import registry
 
     for kind in ("task", "probe"):
         reg = registry(kind)
@@ -130,7 +131,6 @@ def _parse_string(text: str) -> dict[str, Any]:
 
 
 def _registry():
-    from ..plugins import registry
 
     return registry("dataset")
 
@@ -162,7 +162,6 @@ def image_columns(ds) -> list[str]:
     """Columns of `ds` that hold images: datasets.Image features and tar member reference columns."""
     import datasets
 
-    from .images import is_tar_ref_feature
 
     return [name for name, feat in (ds.features or {}).items()
             if isinstance(feat, datasets.Image) or is_tar_ref_feature(feat)]
@@ -189,7 +188,6 @@ def validate(ds, task: str, *, source: str | None = None) -> None:
     """
     import datasets
 
-    from .images import is_tar_ref_feature
 
     fields = required_fields(task)
     label = source or "dataset"

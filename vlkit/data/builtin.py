@@ -3,13 +3,14 @@
 A plugin package adds a kind the same way: implement ``register_datasets(register)`` with
 ``@vlkit.hookspecs.hookimpl`` and call ``register("mykind", loader, summary="...")``, where
 ``loader(source: str | None = None, *, split: str | None = None, **options) -> datasets.Dataset``; then
-``load_data("mykind:SOURCE")`` finds it.
+``load_data("mykind:SOURCE")`` finds it. A kind that takes ``**options`` declares them as one dataclass with
+field help, ``register(..., options_cls=MyOptions)`` (as ``coop`` does): recipe checking and ``vlkit plugins
+--json`` read it (`vlkit.options.option_specs`).
 """
 from __future__ import annotations
 
 from ..hookspecs import hookimpl
-from .coop import OPTIONS as COOP_OPTIONS
-from .coop import load_coop
+from .coop import CoopOptions, load_coop
 from .loaders import load_hf, load_imagefolder, load_manifest_kind, load_parquet
 from .webdataset import load_webdataset
 from .winoground import load_winoground
@@ -26,7 +27,7 @@ def register_datasets(register):
              summary="local JSONL/CSV manifest of image paths with captions, labels, questions/answers or boxes")
     register("coop", load_coop,
              summary="CoOp's few-shot layout: a dataset folder with split_zhou_<Name>.json and its images "
-                     "(options split, shots, seed, image_dir)", options=("split", *COOP_OPTIONS))
+                     "(options split, shots, seed, image_dir)", options_cls=CoopOptions)
     register("parquet", load_parquet, summary="local parquet file or folder of parquet files")
     register("webdataset", load_webdataset,
              summary="tar shards (img2dataset/open_clip layout), indexed for random access: "

@@ -23,13 +23,35 @@ class names in label order), so `classification` takes the class names and promp
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DataError
+from .api import few_shot
+from .shots import check_shots
 
 SPLITS = ("train", "val", "test")
-OPTIONS = ("shots", "seed", "image_dir", "name", "task")
+
+
+@dataclass
+class CoopOptions:
+    """The options of the `coop` dataset kind, beside `split` (train, the default, val or test)."""
+
+    shots: int | None = None
+    """k examples per class, drawn from the split with seed (every class needs k); None: the whole split."""
+    seed: int = 1
+    """Seed of the few-shot draw (1: CoOp's first seed)."""
+    image_dir: str | None = None
+    """Folder the split file's image paths are relative to (relative to the dataset folder); None: the dataset
+    folder, or its sub-folder that holds the first listed image."""
+    name: str | None = None
+    """Which split_zhou_<Name>.json to read when the folder holds several."""
+    task: str | None = None
+    """Set by vlkit: the task the data is loaded for (coop data has image and label columns only)."""
+
+
+OPTIONS = tuple(f.name for f in fields(CoopOptions))
 
 
 def _split_file(root: Path, name: str | None) -> Path:
@@ -107,7 +129,6 @@ def load_coop(source: str | None = None, *, split: str | None = None, **options:
     ds = datasets.Dataset.from_dict({"image": [str(images / r[0]) for r in rows], "label": [r[1] for r in rows]},
                                     features=features)
     if shots is not None:
-        from .api import few_shot
 
         ds = few_shot(ds, shots, seed=seed)
     return ds
@@ -115,7 +136,6 @@ def load_coop(source: str | None = None, *, split: str | None = None, **options:
 
 def _draw_options(options: dict[str, Any]) -> tuple[int | None, int]:
     """(shots, seed), checked: integers, and no seed without shots (it would change nothing)."""
-    from .shots import check_shots
 
     shots, seed = options.get("shots"), options.get("seed")
     if shots is not None:
@@ -125,4 +145,4 @@ def _draw_options(options: dict[str, Any]) -> tuple[int | None, int]:
     if seed is not None and shots is None:
         raise ConfigError(f"coop option seed={seed} is the seed of the few-shot draw; without shots=k it changes "
                           "nothing", hint="give shots=k too, or drop seed")
-    return shots, 1 if seed is None else seed
+    return shots, CoopOptions.seed if seed is None else seed

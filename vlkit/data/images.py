@@ -18,6 +18,7 @@ import os
 from typing import Any
 
 from ..errors import DataError
+from ..imagefile import ImageDecodeError, open_image
 
 TAR_REF_FIELDS = ("shard", "offset", "size", "member")
 
@@ -59,7 +60,6 @@ def decode_cell(cell: Any, *, where: str, mode: str | None = None):
     column declares); DataError naming `where` and the file/member when it fails."""
     from PIL import Image
 
-    from ..imagefile import ImageDecodeError, open_image
 
     if cell is None:
         raise DataError(f"{where}: no image")

@@ -10,11 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ConfigError
+from ..plugins import registry
 
 
 def kind_meta(kind: str) -> dict[str, Any]:
     """The metadata a dataset kind was registered with (an UnknownNameError for an unknown kind)."""
-    from ..plugins import registry
 
     return registry("dataset").entry(kind).meta
 
@@ -36,7 +36,6 @@ def kind_domains(kind: str) -> tuple[str, ...] | None:
 def domain_defaults(domain: str) -> dict[str, Any] | None:
     """Task option defaults for rows whose ``domain`` column is `domain`: from the first dataset kind that
     knows the domain (None when none does)."""
-    from ..plugins import registry
 
     for entry in registry("dataset"):
         fn = entry.meta.get("domain_defaults")

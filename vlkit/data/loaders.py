@@ -14,7 +14,8 @@ from typing import Any
 from ..errors import ConfigError, DataError
 from .api import pick_split, required_fields
 from .hub import hub_load
-from .manifest import check_image_exists, image_columns_of, read_rows
+from .labels import name_labels
+from .manifest import check_image_exists, image_columns_of, load_manifest, read_rows
 
 SPLIT_NAMES = ("train", "validation", "valid", "val", "dev", "test")
 # Options passed on to `datasets.load_dataset`, per kind (anything else is a ConfigError).
@@ -179,7 +180,8 @@ def load_imagefolder(source: str | None = None, *, split: str | None = None, tas
         raise
     except Exception as exc:
         raise _wrap_local_error("imagefolder", root, exc) from exc
-    return pick_split(ds, split, f"imagefolder:{root}")
+
+    return name_labels(pick_split(ds, split, f"imagefolder:{root}"), root)
 
 
 def load_manifest_kind(source: str | None = None, *, split: str | None = None, task: str | None = None,
@@ -189,12 +191,13 @@ def load_manifest_kind(source: str | None = None, *, split: str | None = None, t
     With `split`, a manifest that has a ``split`` column keeps only that split's rows; one without it is
     taken whole (one manifest file per split).
     """
-    from .manifest import load_manifest
 
     _no_extra("manifest", options)
     if not source:
         raise ConfigError("the manifest dataset kind needs a file: manifest:FILE.jsonl (or .csv)")
-    return load_manifest(source, required=_required(task), split=split)
+
+    ds = load_manifest(source, required=_required(task), split=split)
+    return name_labels(ds, Path(source).expanduser().parent)
 
 
 def parquet_files(source: str, kind: str = "parquet", split: str | None = None) -> list[Path]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+from ..imagefile import ImageDecodeError, open_image
 
 SINGLE_IMAGE_COLUMNS = ("image", "file_name", "image_path")
 PAIR_IMAGE_COLUMNS = ("image_0", "image_1")
@@ -84,7 +85,6 @@ def check_image_exists(path: Path, *, where: str) -> None:
 def check_image_file(path: Path, *, where: str) -> None:
     """DataError naming `path` and `where` if the file is missing or not a readable image (a full decode
     through `vlkit.imagefile.open_image`, the one decoding every reader uses)."""
-    from ..imagefile import ImageDecodeError, open_image
 
     if not path.is_file():
         raise DataError(f"{where}: image file not found: {path}")
@@ -96,7 +96,6 @@ def check_image_file(path: Path, *, where: str) -> None:
 
 def check_image_bytes(data: bytes, *, where: str) -> None:
     """DataError naming `where` if `data` is not a readable image."""
-    from ..imagefile import ImageDecodeError, open_image
 
     try:
         open_image(data)

@@ -16,6 +16,7 @@ import os
 from typing import Any
 
 from ..errors import DataError
+from .images import read_tar_member
 
 REF_FEATURE = ("shard", "offset", "size", "member")
 
@@ -49,7 +50,6 @@ def _read_refs(ds, column: str):
     """`ds` with the tar member references of `column` read into image bytes (`datasets.Image`)."""
     import datasets
 
-    from .images import read_tar_member
 
     cells = ds[column]
     blobs = [{"bytes": read_tar_member(c), "path": c["member"]} for c in cells]

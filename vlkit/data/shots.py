@@ -18,12 +18,12 @@ import inspect
 from typing import Any
 
 from ..errors import ConfigError
+from ..plugins import registry
 
 
 def declared_options(kind: str) -> set[str]:
     """The option names a registered dataset kind declares: its `options_cls` dataclass, else its `options`
     list, else its loader's named keyword parameters (an unknown kind: none)."""
-    from ..plugins import registry
 
     reg = registry("dataset")
     if kind not in reg:

@@ -36,6 +36,8 @@ from typing import Any
 
 from ..errors import ConfigError, DataError
 from .api import required_fields
+from .loaders import _no_extra
+from .manifest import parse_box
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "tif", "tiff")
 TEXT_EXTS = ("txt", "cls", "json")
@@ -197,7 +199,6 @@ def _sample_row(shard: str, key: str, members: dict[str, tuple[str, int, int]], 
         if meta.get(field) is not None:
             row[field] = meta[field]
     if "box" in row:
-        from .manifest import parse_box
 
         row["box"] = parse_box(row["box"], where=f"shard {shard}, member {members['json'][0]}")
     return row
@@ -286,7 +287,6 @@ def index_shards(shards: list[str], *, required: tuple[str, ...] = (), task: str
 def load_webdataset(source: str | None = None, *, split: str | None = None, shards: Any = None,
                     task: str | None = None, **options: Any):
     """Tar shards (img2dataset / open_clip layout) as a map-style Dataset of tar member references."""
-    from .loaders import _no_extra
 
     _no_extra("webdataset", options)
     if source is not None and shards is not None and os.fspath(source) != shards:

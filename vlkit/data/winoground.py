@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DataError
+from ..plugins import registry
+from .hub import hf_token, hub_load
+from .loaders import _int_option, parquet_files
 from .manifest import check_image_bytes, check_image_file, read_rows
 
 HUB_ID = "facebook/winoground"
@@ -155,7 +158,6 @@ def load_parquet_copy(source: Path, split: str | None = None):
     """A local copy of the hub repo's parquet files (a file or a folder searched recursively)."""
     import datasets
 
-    from .loaders import parquet_files
 
     files = parquet_files(str(source), kind="winoground", split=split)
     check_parquet_images(files)
@@ -170,7 +172,6 @@ def load_parquet_copy(source: Path, split: str | None = None):
 
 def load_hub(split: str | None = None, token: str | bool | None = None, dataset_id: str = HUB_ID):
     """`datasets.load_dataset("facebook/winoground", split="test", token=<the user's token>)`."""
-    from .hub import hf_token, hub_load
 
     if token is None:
         token = hf_token()
@@ -180,8 +181,6 @@ def load_hub(split: str | None = None, token: str | bool | None = None, dataset_
 
 def load_synth(n: int = 400, seed: int = 0, domain: str = "photo", image_size: int = 64):
     """Minimal pairs from the ``world`` dataset kind (the world plugin), task winoground."""
-    from ..plugins import registry
-    from .loaders import _int_option
 
     if "world" not in registry("dataset"):
         raise ConfigError("winoground:synth needs the dataset kind 'world' (the built-in world plugin), which is "

@@ -22,11 +22,33 @@ from typing import Any
 import numpy as np
 import torch
 
+from vlkit.backbones.loading import load_backbone
+
 from .. import __version__
 from ..adapters.model import AdaptedModel
+from ..data.api import load_data, parse_data_spec
+from ..data.kinds import kind_domains
 from ..data.pipeline import materialize
 from ..errors import ConfigError, ExportError, VlkitError
-from .base import Evaluation, ExportOptions, ExportRequest, ExportResult, GraphSpec
+from ..io import write_json
+from ..outputs import OutputTarget
+from ..plugins import registry
+from .base import Evaluation, ExportOptions, ExportRequest, ExportResult, GraphSpec, input_key
+from .model import (
+    Classifier,
+    ImageEncoder,
+    PairScorer,
+    TextEncoder,
+    build_task,
+    exportable_tasks,
+    load_sources,
+    merge_where_possible,
+    read_source,
+    recipe_data,
+    recipe_domain,
+    task_source,
+    unmerged,
+)
 
 WORLD_KIND = "world"  # the dataset kind `--domain` names a domain of (evaluated on when no other eval set is known)
 DEFAULT_DOMAIN = "photo"
@@ -38,7 +60,6 @@ FORMAT_VERSION = 1
 
 
 def get_exporter(target: str):
-    from ..plugins import registry
 
     return registry("exporter").get(target)
 
@@ -78,8 +99,6 @@ def eval_dataset(spec: str | None, recipe: dict | None, domain: str, n: int, see
                  task: str | None = None):
     """The eval set of exportable `task`: `spec` if given, else the recipe's (when it trained that task),
     else `n` examples of the world data kind's `domain` (seed 1000, as the shipped recipes use for eval)."""
-    from ..data.api import load_data, parse_data_spec
-    from .model import exportable_tasks
 
     task = task or exportable_tasks()[0]
     world_spec = {"kind": WORLD_KIND, "domain": domain, "task": task, "n": n, "seed": seed}
@@ -140,8 +159,6 @@ def _chunks(n: int, size: int = BATCH):
 def _reference_fn(backbone, merged: list[str]):
     """The PyTorch reference of a graph on a set of inputs (adapters unmerged), computed once per input set:
     the `real` verification inputs and the eval-set score share theirs."""
-    from .base import input_key
-    from .model import unmerged
 
     cache: dict[tuple, tuple[dict, dict[str, np.ndarray]]] = {}
 
@@ -198,7 +215,6 @@ def _evaluation(graphs, reference, data, zs_task, label: str, has_classifier: bo
 
 
 def build_graphs(backbone, task, class_emb, joint: bool) -> list[GraphSpec]:
-    from .model import Classifier, ImageEncoder, PairScorer, TextEncoder
 
     s = backbone.image_size
     g = torch.Generator().manual_seed(0)
@@ -289,23 +305,9 @@ def export_model(out: str | Path, *, backbone: str | None = None, adapters: Sequ
         timings[phase] = timings.get(phase, 0.0) + now - since
         return now
 
-    from ..outputs import OutputTarget
 
     output = OutputTarget(out, overwrite=overwrite, inputs=list(adapters), what="export directory")
     output.check()
-    from .. import load_backbone
-    from ..data.kinds import kind_domains
-    from ..io import write_json
-    from .model import (
-        build_task,
-        exportable_tasks,
-        load_sources,
-        merge_where_possible,
-        read_source,
-        recipe_data,
-        recipe_domain,
-        task_source,
-    )
 
     options = options or ExportOptions()
     if options.seed is None:

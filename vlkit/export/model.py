@@ -18,7 +18,9 @@ import torch
 from torch import nn
 
 from ..adapters.base import AdapterVariant
+from ..adapters.files import read_adapter_config, read_tensor_file
 from ..adapters.model import AdaptedModel
+from ..compose.resolve import AdapterResolver
 from ..errors import AdapterFileError, ConfigError, InjectionError
 from ..plugins import registry
 
@@ -28,7 +30,6 @@ COMPOSITION_FILE = "composition.json"
 # --- adapters ---------------------------------------------------------------------------------
 def read_source(path: str | Path) -> dict[str, Any]:
     """Check an adapter or composition directory without loading tensors; returns its description."""
-    from ..adapters.files import read_adapter_config
 
     path = Path(path)
     comp = path / COMPOSITION_FILE
@@ -52,7 +53,6 @@ def load_sources(backbone, paths: list[str | Path]) -> dict[str, Any]:
     and fusion layers; a merged composition is one plain adapter. Returns {"names", "mode", "weights",
     "adapters": [description per adapter], "task_dirs": directories that may hold task metadata}.
     """
-    from ..compose.resolve import AdapterResolver
 
     resolver = AdapterResolver(backbone)
     names: list[str] = []
@@ -185,7 +185,6 @@ def recipe_domain(recipe: dict[str, Any] | None, kind: str = "world") -> str | N
 
 def exportable_tasks() -> list[str]:
     """Registered tasks that declare `exportable` (see `vlkit.tasks.base.Task`), in registration order."""
-    from ..plugins import registry
 
     return [e.name for e in registry("task") if e.obj.exportable]
 
@@ -196,7 +195,6 @@ def build_task(backbone, name: str, meta: dict[str, Any] | None, meta_dir: Path 
     saved task), or, without saved class names, one whose class names and prompt come from `data` (the eval
     set: its ClassLabel names, the prompt its dataset kind declares for its domain). `zero_shot` applies the
     task's `zero_shot_options` (classification: the text head)."""
-    from ..plugins import registry
 
     cls = registry("task").get(name)
     options: dict[str, Any] = {}
@@ -213,7 +211,6 @@ def build_task(backbone, name: str, meta: dict[str, Any] | None, meta_dir: Path 
         if head_file is None or not head_file.is_file():
             raise AdapterFileError(f"the {name} task of {meta_dir} has a {task.head_kind} head but no "
                                    "head.safetensors beside it")
-        from ..adapters.files import read_tensor_file
 
         task.load_head_state(read_tensor_file(head_file))
     task.head.eval()

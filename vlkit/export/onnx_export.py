@@ -29,6 +29,8 @@ import torch
 
 from ..errors import ConfigError, ExportError
 from .base import Exporter, ExportOptions, ExportRequest, ExportResult, GraphSpec
+from .model import HalfPrecision
+from .verify import Verifier, resolve_providers, session_hints
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 14  # scaled_dot_product_attention
@@ -160,7 +162,6 @@ class OnnxExporter(Exporter):
     summary = "ONNX graphs (fp32, fp16, int8) verified with onnxruntime on CPU or CUDA"
 
     def check(self, options: ExportOptions) -> None:
-        from .verify import resolve_providers
 
         if options.quantize is not None and options.quantize not in QUANTIZE:
             raise ConfigError(f"--quantize {options.quantize!r} is not supported; choose: {', '.join(QUANTIZE)}")
@@ -174,7 +175,6 @@ class OnnxExporter(Exporter):
         import onnx
         import onnxruntime as ort
 
-        from .verify import Verifier, resolve_providers, session_hints
 
         opts = request.options
         extra = _coerce_extra(opts.extra)
@@ -200,7 +200,6 @@ class OnnxExporter(Exporter):
         if opts.fp16:
             half_modules = copy.deepcopy([g.module for g in request.graphs])  # one shared backbone copy
             for g, m in zip(request.graphs, half_modules):
-                from .model import HalfPrecision
 
                 path = staging / f"{g.name}.fp16.onnx"
                 export_graph(HalfPrecision(m), g, path, opset)

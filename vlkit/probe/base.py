@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UnknownNameError
+from ..plugins import registry
 from . import metrics as M
 
 DEFAULT_RESAMPLES = 1000
@@ -66,7 +67,6 @@ class Probe(ABC):
 
 def get_probe(name: str):
     """The registered probe `name` (a registered class is instantiated)."""
-    from ..plugins import registry
 
     reg = registry("probe")
     if name not in reg:
@@ -81,7 +81,6 @@ def get_probe(name: str):
 
 def list_probes() -> list[dict[str, str]]:
     """Every registered probe: name, plugin, summary (the summary given at registration, else the probe's)."""
-    from ..plugins import registry
 
     out = []
     for entry in sorted(registry("probe"), key=lambda e: e.name):

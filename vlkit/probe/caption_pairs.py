@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, DataError
+from ..imagefile import ImageDecodeError, open_image
 from . import metrics as M
 from .base import DEFAULT_RESAMPLES, Probe, annotate_breakdowns, build_result, summarize
 from .systems import score_examples
@@ -105,7 +106,6 @@ def _subset(examples: list[dict], n: int | None, seed: int) -> list[dict]:
 def pair_batches(examples: list[dict]) -> Callable[[int, int], tuple[list[list[Any]], list[list[str]]]]:
     from PIL import Image
 
-    from ..imagefile import ImageDecodeError, open_image
 
     def image(value):  # in its own mode: the backbone's own transform converts it
         if isinstance(value, Image.Image):

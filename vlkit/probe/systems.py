@@ -26,6 +26,7 @@ import numpy as np
 from ..adapters.model import AdaptedModel
 from ..compose.resolve import AdapterResolver, System, frozen_system, resolve_adapter_arg
 from ..errors import ConfigError
+from ..scoring import pair_scores, paired_scores, uses_joint_scoring
 
 __all__ = ["AdapterResolver", "System", "frozen_system", "resolve_adapter_arg", "parse_adapters",
            "resolve_systems", "score_examples"]
@@ -76,7 +77,6 @@ def score_examples(backbone, systems: Sequence[System], n: int, get_batch: Batch
     """
     import torch
 
-    from ..scoring import pair_scores, paired_scores, uses_joint_scoring
 
     device = _device(backbone)
     out: dict[str, list[np.ndarray]] = {s.label: [] for s in systems}

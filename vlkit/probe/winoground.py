@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from ..data import load_data
+from ..data.images import ImageReader
 from ..errors import ConfigError
 from . import metrics as M
 from .base import DEFAULT_RESAMPLES, Probe, annotate_breakdowns, build_result, summarize
@@ -34,7 +36,6 @@ def load_winoground_data(data: Any = None, *, n: int | None = None, data_seed: i
     pairs (default 0); a fixed copy (hub, DIR, a Dataset) refuses it, since it would change nothing."""
     import datasets
 
-    from ..data import load_data
 
     synth = data is None or str(data) == "synth" or str(data).startswith("synth:")
     if data_seed is not None and not synth and not isinstance(data, datasets.Dataset):
@@ -71,7 +72,6 @@ def load_winoground_data(data: Any = None, *, n: int | None = None, data_seed: i
 def winoground_batches(ds) -> Callable[[int, int], tuple[list[list[Any]], list[list[str]]]]:
     """get_batch for `score_examples`: images (image_0, image_1), decoded by `vlkit.imagefile` in their own mode
     for the backbone's own transform, and captions (caption_0, caption_1)."""
-    from ..data.images import ImageReader
 
     label = getattr(ds, "_vlkit_label", None) or "winoground data"
     readers = [ImageReader(ds, c, label=label) for c in ("image_0", "image_1")]

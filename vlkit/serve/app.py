@@ -40,6 +40,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
+from vlkit import __version__
+
+from ..adapters.files import read_adapter_config
+from ..backbones.state import check_adapter_name
+from ..compose.resolve import source_dirs
 from ..errors import (
     AdapterFileError,
     ConfigError,
@@ -49,8 +54,12 @@ from ..errors import (
     UnknownNameError,
     VlkitError,
 )
+from .backends import TorchBackend
+from .engine import BatchingEngine, Item
 from .guards import check_served_name, client_path, prompt_problem
 from .inputs import BODIES, LoadBody, adapter_of, decode_base64, form_fields, one_line, open_image, parse_json
+from .metrics import Metrics
+from .onnx_engine import OnnxBackend
 
 OPEN_PATHS = ("/health", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc")
 ENDPOINTS = ("/v1/embed", "/v1/classify", "/v1/score", "/v1/answer", "/v1/adapters", "/health", "/metrics",
@@ -165,18 +174,14 @@ def backbone_spec(config: ServeConfig) -> str:
     """The backbone a torch server loads: --backbone, else the one the first adapter was made for."""
     if config.backbone:
         return config.backbone
-    from ..adapters.files import read_adapter_config
-    from ..compose.resolve import source_dirs
 
     return read_adapter_config(source_dirs(config.adapters)[0][1]).get("backbone") or "tiny"
 
 
 def make_backend(config: ServeConfig):
     if config.engine == "onnx":
-        from .onnx_engine import OnnxBackend
 
         return OnnxBackend(config.adapters, providers=config.providers, threads=config.threads)
-    from .backends import TorchBackend
 
     if config.threads:
         import torch
@@ -279,7 +284,6 @@ class _Guard:
 
 class AppState:
     def __init__(self, config: ServeConfig, service):
-        from .metrics import Metrics
 
         self.config = config
         self.service = service
@@ -318,7 +322,6 @@ async def read_body(request: Request, op: str):
 
 def build_item(backend, config: ServeConfig, op: str, body, raw: bytes | None):
     """One request as an engine `Item`: decode, check limits and tensorise (run in a worker thread)."""
-    from .engine import Item
 
     adapter = adapter_of(body.adapter)
     backend.check_adapter(adapter, op)
@@ -366,7 +369,6 @@ class LocalService:
     (`vlkit.serve.ray_app.RayService` answers the same calls from Ray Serve replicas.)"""
 
     def __init__(self, config: ServeConfig, backend):
-        from .engine import BatchingEngine
 
         self.config = config
         self.backend = backend
@@ -426,7 +428,6 @@ def build_app(config: ServeConfig, service):
     (`LocalService`, or the Ray Serve one of `--cluster ray`)."""
     from contextlib import asynccontextmanager
 
-    from .. import __version__
 
     state = AppState(config, service)
 
@@ -515,7 +516,6 @@ def build_app(config: ServeConfig, service):
             if state.draining:
                 raise RequestError("the server is draining (SIGTERM): send the request elsewhere", status=503)
             body = parse_json(await request.body(), LoadBody)
-            from ..backbones.state import check_adapter_name
 
             check_served_name(check_adapter_name(name))
             path = client_path(body.path, config.adapter_root)

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..backbones.loading import load_backbone
 from ..errors import RequestError
+from .catalog import TorchCatalog
 from .engine import DEFAULT_PROMPT, TorchRunner
 from .guards import prompt_problem
 from .inputs import AUTO
@@ -19,8 +21,6 @@ class TorchBackend:
     def __init__(self, backbone: str, adapters=(), device: str | None = None):
         import torch
 
-        from ..backbones.loading import load_backbone
-        from .catalog import TorchCatalog
 
         dev = torch.device(device) if device else None
         self.backbone = load_backbone(backbone).eval()

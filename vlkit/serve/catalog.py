@@ -19,7 +19,12 @@ from typing import Any
 
 from ..adapters.files import read_adapter_config
 from ..adapters.model import AdaptedModel
+from ..backbones.state import check_adapter_name
+from ..compose.composition import activation, is_composition
+from ..compose.predict import _task_for, load_task
+from ..compose.resolve import find_source, free_name, load_composition
 from ..errors import AdapterFileError, RequestError
+from ..plugins import registry
 from .guards import RESERVED_NAMES, check_served_name
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -60,7 +65,6 @@ class Entry:
 
 def _read_task_files(backbone, d: Path):
     """The task an adapter directory was trained for (None without task.json)."""
-    from ..compose.predict import load_task
 
     meta_file, head = d / "task.json", d / "head.safetensors"
     if not meta_file.is_file():
@@ -77,7 +81,6 @@ def _read_task_files(backbone, d: Path):
 
 def name_and_path(text: str) -> tuple[str | None, Path]:
     """(the served name of `NAME=DIR`, or None; the directory) of one `--adapters` item."""
-    from ..compose.resolve import find_source
 
     name, sep, rest = text.partition("=")
     if sep and name and "/" not in name:
@@ -125,8 +128,6 @@ class TorchCatalog:
     def add(self, text: str, name: str | None = None, *, adapters_only: bool = False, resolver=None) -> list[str]:
         """Load one `--adapters` item (or a hot-loaded directory); returns the served names it added.
         `resolver` (a `vlkit.compose.resolve.AdapterResolver`) names a composition's adapters on the backbone."""
-        from ..backbones.state import check_adapter_name
-        from ..compose.composition import is_composition
 
         given, path = self._name_and_path(text)
         name = name or given
@@ -144,7 +145,6 @@ class TorchCatalog:
                                + ("" if adapters_only else " nor a composition directory"))
 
     def _entry_for(self, name: str, source: Path, task, member_of: str | None = None) -> Entry:
-        from ..plugins import registry
 
         rec = self.model.records[name]
         var = registry("adapter").get(rec.variant) if rec.variant in registry("adapter") else None
@@ -156,7 +156,6 @@ class TorchCatalog:
                      names=(name,), routable=routable, joint=bool(var is not None and var.joint), member_of=member_of)
 
     def _add_adapter(self, path: Path, name: str | None) -> str:
-        from ..compose.resolve import free_name
 
         cfg = read_adapter_config(path)
         if name is None:
@@ -175,9 +174,6 @@ class TorchCatalog:
         return name
 
     def _add_composition(self, path: Path, name: str | None, resolver=None) -> list[str]:
-        from ..compose.composition import activation
-        from ..compose.predict import _task_for
-        from ..compose.resolve import free_name, load_composition
 
         with self.model.track() as loaded:
             comp = load_composition(self.backbone, path, activate=False, resolver=resolver)

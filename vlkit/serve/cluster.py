@@ -22,9 +22,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..adapters.files import read_adapter_config
 from ..adapters.model import AdaptedModel
-from ..compose.resolve import AdapterResolver
-from ..errors import AdapterFileError, ConfigError, RequestError
+from ..backbones.state import check_adapter_name
+from ..compose.adapter_fusion import remove_fusion
+from ..compose.composition import activation, adapter_entries, is_composition, read_composition
+from ..compose.resolve import AdapterResolver, free_name
+from ..errors import AdapterFileError, ConfigError, OverloadedError, RequestError
+from ..plugins import registry
+from .app import build_item, error_text, http_status
+from .backends import TorchBackend
+from .catalog import name_and_path
+from .engine import BatchingEngine
+from .guards import RESERVED_NAMES, check_served_name
 from .inputs import AUTO, BODIES, validate
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -64,7 +74,6 @@ def _task_info(d: Path | None) -> tuple[str | None, list[str] | None]:
 
 
 def _adapter_info(name: str, source: Path, cfg: dict, member_of: str | None = None) -> dict[str, Any]:
-    from ..plugins import registry
 
     variants = registry("adapter")
     var = variants.get(cfg["variant"]) if cfg["variant"] in variants else None
@@ -90,12 +99,6 @@ def plan_units(items, *, first_id: int = 0, taken: set[str] | None = None, auto:
 
     `taken`: names already used (served or private; updated); `auto`: whether a unit already answers 'auto';
     `adapters_only` and `name`: a hot load (one adapter directory, served as `name`)."""
-    from ..adapters.files import read_adapter_config
-    from ..backbones.state import check_adapter_name
-    from ..compose.composition import activation, adapter_entries, is_composition, read_composition
-    from ..compose.resolve import free_name
-    from .catalog import name_and_path
-    from .guards import RESERVED_NAMES, check_served_name
 
     taken = set() if taken is None else taken
     units: list[Unit] = []
@@ -285,8 +288,6 @@ class LoadedUnit:
 
 def error_reply(exc: BaseException) -> dict[str, Any]:
     """An exception as the JSON-able reply of a replica (the ingress raises it again)."""
-    from ..errors import OverloadedError
-    from .app import error_text, http_status
 
     out: dict[str, Any] = {"error": error_text(exc), "status": http_status(exc)}
     if isinstance(exc, OverloadedError):
@@ -298,8 +299,6 @@ class ReplicaCore:
     """One replica: a frozen backbone, its batching engine and the units it holds (no Ray in here)."""
 
     def __init__(self, config, spec: str, *, tag: str = "local", device: str | None = None):
-        from .backends import TorchBackend
-        from .engine import BatchingEngine
 
         self.config = config
         self.tag = tag
@@ -359,7 +358,6 @@ class ReplicaCore:
         return lu
 
     def _drop(self, entries: set[str], adapters: set[str], fusions: set[str]) -> None:
-        from ..compose.adapter_fusion import remove_fusion
 
         cat = self.backend.catalog
         bb = cat.backbone
@@ -419,7 +417,6 @@ class ReplicaCore:
     async def answer(self, op: str, data: dict, raw: bytes | None) -> dict[str, Any]:
         from starlette.concurrency import run_in_threadpool
 
-        from .app import build_item
 
         if op not in ("embed", "classify", "score", "answer"):
             raise RequestError(f"unknown operation {op!r}", status=404)

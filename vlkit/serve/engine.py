@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..compose.router import features
 from ..errors import ConfigError, OverloadedError, RequestError, VlkitError
 from .inputs import AUTO
 
@@ -213,7 +214,6 @@ class TorchRunner:
 
     # --- auto ---------------------------------------------------------------------------------
     def _route_auto(self, items: list[Item]) -> None:
-        from ..compose.router import features
 
         router = self.catalog.router
         if router is None:

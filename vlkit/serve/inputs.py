@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import RequestError
+from ..imagefile import ImageDecodeError
+from ..imagefile import open_image as decode
 from .guards import MAX_JSON_DEPTH, check_json, check_prompt
 
 AUTO = "auto"
@@ -149,8 +151,6 @@ def decode_base64(text: str, field: str = "image") -> bytes:
 def open_image(raw: bytes, max_pixels: int):
     """Decode image bytes (base64, data URI or multipart) through `vlkit.imagefile.open_image`: the PIL image in
     its own mode, for the backbone's own transform. 400 for bytes that are no image, 413 over `max_pixels`."""
-    from ..imagefile import ImageDecodeError
-    from ..imagefile import open_image as decode
 
     if not raw:
         raise RequestError("the image is empty")

@@ -17,6 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from ..backbones.base import shortest_edge_transform
+from ..backbones.state import check_adapter_name
+from ..compose.resolve import free_name
 from ..errors import AdapterFileError, ConfigError, RequestError
 from .engine import DEFAULT_PROMPT
 from .guards import RESERVED_NAMES, check_served_name, prompt_problem
@@ -69,8 +72,6 @@ class OnnxCatalog:
     def add(self, text: str, name: str | None = None) -> str:
         import onnxruntime as ort
 
-        from ..backbones.state import check_adapter_name
-        from ..compose.resolve import free_name
 
         given, sep, rest = text.partition("=")
         path = Path(rest if sep and "/" not in given else text).expanduser()
@@ -114,7 +115,6 @@ class OnnxCatalog:
         return name
 
     def _setup(self, path: Path, manifest: dict) -> None:
-        from ..backbones.base import shortest_edge_transform
 
         pre = manifest.get("preprocessing") or {}
         m = re.search(r"interpolation=(\w+)", pre.get("transform", ""))

@@ -22,6 +22,9 @@ import threading
 from typing import Any
 
 from ..errors import ConfigError, MissingDependencyError, OverloadedError, RequestError
+from .app import backbone_spec, build_app
+from .cluster import Directory, ReplicaCore
+from .inputs import adapter_of
 
 APP_NAME = "vlkit"
 REPLICA_HEADER = "x-vlkit-replica"
@@ -79,7 +82,6 @@ class RayService:
 
     # --- the service interface of vlkit.serve.app.build_app ---------------------------------------------
     async def run(self, op: str, body, raw: bytes | None) -> tuple[dict, dict]:
-        from .inputs import adapter_of
 
         unit = self.directory.unit_for(adapter_of(body.adapter))
         reply = await self._call("run", unit, op, body.model_dump(), raw)
@@ -153,7 +155,6 @@ class RayService:
 def build_application(config, directory, spec: str, app_name: str = APP_NAME):
     """The Ray Serve application (the ingress bound to the replicas) for `config`, to run as `app_name`."""
     _, serve = require_ray()
-    from .cluster import ReplicaCore
 
     device = config.device or ("cuda" if float(config.gpus_per_replica) > 0 else None)
 
@@ -191,7 +192,6 @@ def build_application(config, directory, spec: str, app_name: str = APP_NAME):
                 core.close(float(core.config.drain_timeout))
 
     def asgi_app():  # built on the ingress replica when it starts (serve.ingress takes a builder function)
-        from .app import build_app
 
         handle = serve.get_deployment_handle("VlkitReplica", app_name=app_name)
         return build_app(config, RayService(config, handle, directory, spec))
@@ -298,8 +298,6 @@ def deploy(config, *, log_level: str = "warning") -> Deployment:
     proxy on --host/--port and run the application; returns once every replica is up."""
     import logging
 
-    from .app import backbone_spec
-    from .cluster import Directory
 
     config.check()
     ray, serve = require_ray()

@@ -7,11 +7,16 @@ passed in each call, so the same task object works with adapters switched on or 
 """
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
+
+from ..data.images import ImageReader
+from ..data.pipeline import LazyImages, iter_batches
+from ..errors import ConfigError, DataError
 
 
 class Task(ABC):
@@ -19,6 +24,7 @@ class Task(ABC):
     export and `vlkit data`, so no task name is written anywhere else):
 
     - `name`, `metric` (the primary metric, higher is better);
+    - `options_cls`: its options as one dataclass with field help (`OPTIONS`, their names, derives from it);
     - `required`: the columns a dataset must have (data validation);
     - `text_column`: the column of the text an input of this task carries (the router's text input);
       `input_texts` may compute it instead (classification: the class prompt of the label);
@@ -34,13 +40,30 @@ class Task(ABC):
 
     name: str = ""
     metric: str = ""
+    options_cls: ClassVar[type | None] = None
+    """The task's options (recipe `task.options`) as one dataclass: each field's name, type, default (as the task
+    applies it) and help (its attribute docstring; `vlkit.options.option_specs`). Setting it derives `OPTIONS`."""
     OPTIONS: tuple[str, ...] = ()
-    """The task's options (recipe `task.options`); others are refused with the list of these."""
+    """The names of the task's options (from `options_cls` where it is set); others are refused with the list of
+    these."""
     required: tuple[str, ...] = ()
     text_column: str | None = None
     show_columns: tuple[str, ...] = ()
     linear_probe_options: dict[str, Any] = {}
     exportable: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        declared = cls.__dict__.get("options_cls")
+        if declared is None:
+            return
+        if not dataclasses.is_dataclass(declared):
+            raise TypeError(f"{cls.__name__}.options_cls must be a dataclass, got {declared!r}")
+        names = tuple(f.name for f in dataclasses.fields(declared))
+        if "OPTIONS" in cls.__dict__ and tuple(cls.__dict__["OPTIONS"]) != names:
+            raise TypeError(f"{cls.__name__}.OPTIONS {cls.__dict__['OPTIONS']} differs from its options_cls "
+                            f"fields {names}: set options_cls only")
+        cls.OPTIONS = names
 
     def __init__(self, backbone, train_data=None, **options: Any):
         self.options = dict(options)
@@ -57,6 +80,12 @@ class Task(ABC):
     @abstractmethod
     def evaluate(self, backbone, data: dict[str, torch.Tensor], batch_size: int = 256) -> dict[str, float]:
         """Metrics on prepared eval data, in percent where they are rates; includes `self.metric`."""
+
+    def example_values(self, backbone, data: dict[str, torch.Tensor], batch_size: int = 256) -> dict[str, Any]:
+        """Per-example values behind metrics that are means over examples, for bootstrap intervals (`vlkit eval`):
+        ``{metric: (values (N,), groups (N,) or None)}`` where the metric is 100 × the mean of `values` (with
+        `groups`: the mean over groups of each group's mean). {} (the default): no intervals."""
+        return {}
 
     def cache_features(self, backbone, data: dict, frozen: set[str], cache, *, train: bool = False) -> dict:
         """Prepared `data` with the inputs of towers in `frozen` swapped for cached embeddings, where this
@@ -119,7 +148,6 @@ class ExportableTask(Protocol):
 
 def batches(data: dict[str, torch.Tensor], batch_size: int):
     """Prepared data in order, `batch_size` rows at a time; lazy image columns stream through a DataLoader."""
-    from ..data.pipeline import iter_batches
 
     yield from iter_batches(data, batch_size)
 
@@ -138,7 +166,6 @@ def device_of(backbone) -> torch.device:
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """`batch` on `device`; a lazy image column (a whole small prepared set) is decoded first."""
-    from ..data.pipeline import LazyImages
 
     return {k: (v.materialize() if isinstance(v, LazyImages) else v).to(device, non_blocking=True)
             for k, v in batch.items()}
@@ -146,7 +173,6 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 def require_columns(task: Task, ds, columns: tuple[str, ...] | None = None) -> None:
     """A DataError naming the missing columns when `ds` lacks what `task` reads."""
-    from ..errors import DataError
 
     need = task.required if columns is None else columns
     have = set(ds.column_names)
@@ -159,8 +185,6 @@ def require_columns(task: Task, ds, columns: tuple[str, ...] | None = None) -> N
 def prepare_pixels(backbone, ds, column: str = "image"):
     """The image column as a lazy (N, 3, S, S) column: rows are decoded and put through the backbone's own
     transform when a batch reads them (in DataLoader workers), never all at once."""
-    from ..data.images import ImageReader
-    from ..data.pipeline import LazyImages
 
     transform = getattr(backbone, "image_transform", None) or backbone.preprocess
     return LazyImages(ImageReader(ds, column, label=getattr(ds, "_vlkit_label", None)), transform,
@@ -176,7 +200,6 @@ def tokenize_texts(backbone, texts: list[str], chunk: int = 4096) -> torch.Tenso
 
 
 def check_options(task_name: str, options: dict[str, Any], allowed: tuple[str, ...]) -> None:
-    from ..errors import ConfigError
 
     unknown = sorted(set(options) - set(allowed))
     if unknown:

@@ -18,6 +18,9 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
+from ..data.pipeline import LazyImages
+from .base import batches, device_of
+
 MAX_ENTRIES = 16
 
 
@@ -55,7 +58,6 @@ def tower_fingerprint(backbone, tower: str) -> str:
 
 def data_fingerprint(column) -> str:
     """The identity of a lazy image column or a token tensor."""
-    from ..data.pipeline import LazyImages
 
     if isinstance(column, LazyImages):
         ds = column.reader.ds
@@ -101,7 +103,6 @@ class FeatureCache:
 
 
 def _encode(backbone, data, batch_size: int, fn) -> torch.Tensor:
-    from .base import batches, device_of
 
     device = device_of(backbone)
     was = backbone.training

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..scoring import winoground_correct
 from .base import Task, batches, check_options, device_of, prepare_pixels, require_columns, to_device, tokenize_texts
 
 TAGS = ("Object", "Relation", "Both")
@@ -62,7 +63,6 @@ class PairsTask(Task):
         return (text + image) / 4
 
     def evaluate(self, backbone, data: dict[str, torch.Tensor], batch_size: int = 256) -> dict[str, float]:
-        from ..scoring import winoground_correct
 
         dev = device_of(backbone)
         with torch.no_grad():

@@ -42,8 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.pipeline import LazyImages
 from ..errors import ConfigError
+from ..scoring import rerank_matrix
 from . import metrics as M
+from .augment import PhotometricAugment
 from .base import (
     Evaluating,
     Task,
@@ -161,7 +164,6 @@ class RetrievalTask(Task):
         aug = options.get("augment")
         aug = dict(aug) if isinstance(aug, dict) else aug
         grey_words = aug.pop("grayscale_drop", None) if isinstance(aug, dict) else None
-        from .augment import PhotometricAugment
 
         self.augment = PhotometricAugment.from_option(aug)
         self._grey_ids = backbone.tokenize(" ".join(map(str, grey_words)))[0] if grey_words else None
@@ -190,7 +192,6 @@ class RetrievalTask(Task):
         return out
 
     def cache_features(self, backbone, data, frozen, cache, *, train=False):
-        from ..data.pipeline import LazyImages
 
         if backbone.joint_active():
             return data
@@ -288,7 +289,26 @@ class RetrievalTask(Task):
         text = torch.cat(texts) if texts else torch.zeros(0, d)
         return image, text, keys
 
+    def example_values(self, backbone, data: dict[str, torch.Tensor], batch_size: int = 256):
+        """Per row: recall hits of its image (i2t) and of its caption (t2i) at each k; mean_recall their mean."""
+        i2t, t2i = self.ranks(backbone, data, batch_size)
+        out = {f"i2t_r{k}": ((i2t <= k).float(), None) for k in KS}
+        out.update({f"t2i_r{k}": ((t2i <= k).float(), None) for k in KS})
+        out["mean_recall"] = (torch.stack([v for v, _ in out.values()]).mean(0), None)
+        return out
+
     def evaluate(self, backbone, data: dict[str, torch.Tensor], batch_size: int = 256) -> dict[str, float]:
+        i2t, t2i = self.ranks(backbone, data, batch_size)
+        out = {}
+        for k in KS:
+            out[f"i2t_r{k}"] = M.recall_at_k(i2t, k)
+        for k in KS:
+            out[f"t2i_r{k}"] = M.recall_at_k(t2i, k)
+        out["mean_recall"] = sum(out.values()) / len(out)
+        return out
+
+    def ranks(self, backbone, data: dict[str, torch.Tensor], batch_size: int = 256):
+        """Rank (1 = first) of the first hit of each row's image (i2t) and of each row's caption (t2i)."""
         image, text, keys = self.embed(backbone, data, batch_size)
         distinct = torch.arange(len(text))
         if backbone.joint_active() and len(image) and len(text):
@@ -303,17 +323,10 @@ class RetrievalTask(Task):
                                                         distinct[i:i + self.chunk], keys)
                                       for i in range(0, len(text), self.chunk)] or [torch.zeros(0, dtype=torch.long)])
         t2i = t2i_distinct[keys] if len(keys) else t2i_distinct
-        out = {}
-        for k in KS:
-            out[f"i2t_r{k}"] = M.recall_at_k(i2t, k)
-        for k in KS:
-            out[f"t2i_r{k}"] = M.recall_at_k(t2i, k)
-        out["mean_recall"] = sum(out.values()) / len(out)
-        return out
+        return i2t, t2i
 
     def reranked(self, backbone, data, image, text, keys, batch_size):
         """Two-stage scores for joint adapters: dual-encoder top-`rerank_k`, re-ranked by joint pair scores."""
-        from ..scoring import rerank_matrix
 
         device = device_of(backbone)
         first: dict[int, int] = {}

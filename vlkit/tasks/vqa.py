@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.kinds import domain_defaults
 from ..errors import ConfigError
 from . import metrics as M
 from .base import (
@@ -57,7 +58,6 @@ def norm_answer(a) -> str:
 def default_answers(ds) -> list[str]:
     """The answer set a dataset kind declares for the data's domain(s) (`vlkit.data.kinds.domain_defaults`,
     e.g. the world's), else the sorted distinct training answers."""
-    from ..data.kinds import domain_defaults
 
     domains = dataset_domains(ds)
     sets = [(domain_defaults(d) or {}).get("answers") for d in domains]

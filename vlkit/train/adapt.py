@@ -8,8 +8,20 @@ from typing import Any, cast
 
 import torch
 
+from vlkit.backbones.loading import load_backbone
+
 from ..adapters.model import AdaptedModel
-from ..errors import ConfigError
+from ..adapters.tip_adapter import build_tip_adapter
+from ..data.api import few_shot, load_data, parse_data_spec
+from ..data.kinds import kind_domains
+from ..data.pipeline import materialize
+from ..data.shots import kind_draws_shots
+from ..errors import ConfigError, DataError
+from ..outputs import OutputTarget
+from ..plugins import registry
+from .engine import run
+from .jobs import build_task, load_datasets
+from .recipe import load_recipe
 
 DATA_KIND = "world"  # the dataset kind adapt trains and evaluates on; its registry entry declares the domains
 GENERAL_DOMAIN = "photo"
@@ -41,9 +53,6 @@ def _general_eval(backbone, cfg, n_eval: int, seed: int):
     logits, to verify that 'adapter off' is exactly the frozen model."""
     from omegaconf import OmegaConf
 
-    from ..data import load_data
-    from ..data.pipeline import materialize
-    from .jobs import build_task
 
     ds = load_data({"kind": DATA_KIND, "domain": GENERAL_DOMAIN, "task": "classification", "n": n_eval,
                     "seed": seed + 20_000})
@@ -62,7 +71,6 @@ def run_adapt(backbone: str = "tiny", domain: str = "medical", shots: int = 16, 
               seed: int = 0, n_eval: int = 400, adapter_options: dict | None = None,
               progress: Any = True, overwrite: bool = False) -> dict[str, Any]:
     """Few-shot adaptation into `out` (written whole, `vlkit.outputs`: a non-empty one needs `overwrite`)."""
-    from ..outputs import OutputTarget
 
     with OutputTarget(out, overwrite=overwrite, what="adapt output directory") as target:
         result = _run_adapt(backbone, domain, shots, target.staging, variant, baselines, steps, seed, n_eval,
@@ -73,9 +81,6 @@ def run_adapt(backbone: str = "tiny", domain: str = "medical", shots: int = 16, 
 
 def _run_adapt(backbone, domain, shots, out, variant, baselines, steps, seed, n_eval, adapter_options,
                progress) -> dict[str, Any]:
-    from ..data.kinds import kind_domains
-    from .engine import run
-    from .recipe import load_recipe
 
     domains = kind_domains(DATA_KIND) or ()
     if domain not in domains:
@@ -136,7 +141,6 @@ METHOD_LABELS = {"zeroshot": "zero-shot", "linear": "linear probe", "full": "ful
 
 def check_methods(methods) -> list[str]:
     """The methods of a protocol run: zeroshot, linear, full, tip-adapter or any registered adapter variant."""
-    from ..plugins import registry
 
     reg = registry("adapter")
     methods = [m.strip() for m in methods if m and m.strip()]
@@ -170,7 +174,6 @@ def _protocol_data(data, domain: str, shots: int, seed: int, n_eval: int) -> tup
                  "seed": seed, "shots": shots}
         return train, {"kind": DATA_KIND, "domain": domain, "task": "classification", "n": n_eval,
                        "seed": seed + 10_000}
-    from ..data.api import parse_data_spec
 
     spec = parse_data_spec(data)
     spec.pop("split", None)
@@ -182,7 +185,6 @@ def method_recipe(backbone: str, method: str, train: dict, eval_: dict, steps: i
     """The recipe of one protocol run. Adapter variants classify with the text head (class-name prompts through
     the possibly adapted text tower, as the CLIP-adaptation papers do); linear probe and full fine-tuning train
     a linear head initialised from those prompts."""
-    from ..plugins import registry
 
     is_variant = method not in BASE_METHODS
     kind = "adapter" if is_variant else method
@@ -210,9 +212,6 @@ def protocol_val(cfg, shots: int, seed: int):
     split or a class has no val example."""
     from omegaconf import OmegaConf
 
-    from ..data.api import few_shot, load_data
-    from ..data.shots import kind_draws_shots
-    from ..errors import DataError
 
     spec = cast(dict, OmegaConf.to_container(cfg.data.train, resolve=True))
     if kind_draws_shots(spec):
@@ -240,9 +239,6 @@ def protocol_val(cfg, shots: int, seed: int):
 def _run_training_free(cfg, method: str, out: Path, shots: int) -> dict[str, Any]:
     """Tip-Adapter: the cache built from the few-shot set with no training (`build_tip_adapter`), α and β
     searched on the few-shot validation set (`protocol_val`), then evaluated on the test set."""
-    from .. import load_backbone
-    from ..adapters.tip_adapter import build_tip_adapter
-    from .jobs import build_task, load_datasets
 
     bb = load_backbone(cfg.backbone)
     train_ds, eval_ds = load_datasets(cfg)
@@ -266,12 +262,10 @@ def run_fewshot(backbone: str = "tiny", methods=("bottleneck",), shots=(1, 2, 4,
     test splits (e.g. `coop:DATA/eurosat`); default the embedded world's `domain`. With `out`, each run's
     files go under `out/<method>/<shots>shot-seed<seed>/` and the table (fewshot.json) and plot (fewshot.png)
     beside them (written whole, `vlkit.outputs`)."""
-    from ..outputs import OutputTarget
 
     methods = check_methods(methods)
     shots, seeds = list(shots), list(seeds)
     if data is None:
-        from ..data.kinds import kind_domains
 
         domains = kind_domains(DATA_KIND) or ()
         if domain not in domains:
@@ -295,8 +289,6 @@ def _run_fewshot(backbone, methods, shots, seeds, data, domain, out: Path, steps
     import statistics
     import time
 
-    from .engine import run
-    from .recipe import load_recipe
 
     runs: list[dict[str, Any]] = []
     for method in methods:
@@ -314,14 +306,14 @@ def _run_fewshot(backbone, methods, shots, seeds, data, domain, out: Path, steps
                 else:
                     res, _, _ = run(cfg, where, progress=progress, publish=False)
                 seconds = time.perf_counter() - t0
-                row = {"method": method, "shots": k, "seed": seed, "accuracy": float(res["score"]),
+                row: dict[str, Any] = {"method": method, "shots": k, "seed": seed, "accuracy": float(res["score"]),
                        "trainable": int(res.get("parameters", {}).get("trainable", 0)), "seconds": seconds,
                        "steps": 0 if method in TRAINING_FREE or method == "zeroshot" else n_steps,
                        **{h: res[h] for h in ("alpha", "beta") if h in res}}
                 runs.append(row)
                 if on_run is not None:
                     on_run(row)
-    summary = []
+    summary: list[dict[str, Any]] = []
     for method in methods:
         for k in shots:
             rs = [r for r in runs if r["method"] == method and r["shots"] == k]
@@ -348,7 +340,8 @@ def plot_fewshot(summary: list[dict[str, Any]], path: str | Path, title: str = "
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     methods = list(dict.fromkeys(r["method"] for r in summary))
-    colors = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20").colors
+    cmap: Any = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")  # a ListedColormap: it has .colors
+    colors = cmap.colors
     for i, method in enumerate(methods):
         rs = sorted((r for r in summary if r["method"] == method), key=lambda r: r["shots"])
         xs = [r["shots"] for r in rs]

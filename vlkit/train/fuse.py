@@ -8,16 +8,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..compose.api import _check_same_backbone, parse_data_items, resolve_sources
+from ..data.api import parse_data_spec
 from ..errors import ConfigError
+from .engine import run
+from .recipe import check_recipe, load_recipe
 
 
 def fuse_adapters(sources: list[str] | str, out: str | Path, *, recipe: str | Path | None = None,
                   overrides: list[str] | None = None, data: list[str] | None = None, backbone: str | None = None,
                   weights: list[float] | None = None, progress=None, overwrite: bool = False) -> dict[str, Any]:
     """AdapterFusion over frozen adapters: train the fusion layers from `recipe`, write a composition to `out`."""
-    from ..compose.api import _check_same_backbone, parse_data_items, resolve_sources
-    from .engine import run
-    from .recipe import load_recipe
 
     srcs = resolve_sources(sources)
     cfg0 = _check_same_backbone(srcs)
@@ -35,8 +36,6 @@ def fuse_adapters(sources: list[str] | str, out: str | Path, *, recipe: str | Pa
     cfg = load_recipe(recipe, list(overrides or []), base=base)
     _, bare = parse_data_items(data)
     if bare is not None:
-        from ..data.api import parse_data_spec
-        from .recipe import check_recipe
 
         cfg.data.train = parse_data_spec(bare)
         check_recipe(cfg, str(recipe))

@@ -13,6 +13,7 @@ from typing import Any, cast
 from ..adapters.model import AdaptedModel
 from ..data import load_data, required_fields
 from ..data.api import few_shot
+from ..data.mix import mix_datasets
 from ..data.pipeline import StreamingSource, build_augment
 from ..data.shots import take_shots
 from ..errors import ConfigError
@@ -95,7 +96,6 @@ def build_task(backbone, cfg, train_ds):
 def _load_source(spec: dict, task: str):
     """One data source; `{"mix": [spec, ...]}` concatenates several on the task's required columns."""
     if "mix" in spec:
-        from ..data.mix import mix_datasets
 
         parts, labels = [], []
         for i, sub in enumerate(spec["mix"]):

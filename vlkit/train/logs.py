@@ -5,6 +5,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..io import atomic_path, write_text
+
 
 class MetricsLog:
     def __init__(self, out: Path, enabled: bool = True, tensorboard: bool = True):
@@ -34,7 +36,6 @@ class MetricsLog:
         """Drop rows logged after `step` (a resumed run logs the steps after its checkpoint again)."""
         if not self.enabled or not self.path.is_file():
             return
-        from ..io import write_text
 
         keep = []
         for line in self.path.read_text(encoding="utf-8").splitlines():
@@ -57,7 +58,6 @@ def plot_curves(history: list[dict[str, Any]], path: Path, metric: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..io import atomic_path
 
     steps = [r["step"] for r in history]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))

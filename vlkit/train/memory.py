@@ -10,6 +10,10 @@ from typing import Any, cast
 
 import torch
 
+from ..backbones.loading import load_backbone
+from .jobs import build_task, load_datasets
+from .methods import apply_method
+
 
 def _storage_key(t: torch.Tensor):
     try:
@@ -22,9 +26,6 @@ def measure_step_memory(cfg, batch_size: int | None = None) -> dict[str, Any]:
     """Bytes used by one training step of recipe `cfg` (method, adapter, task as the recipe says)."""
     from omegaconf import OmegaConf
 
-    from ..backbones.loading import load_backbone
-    from .jobs import build_task, load_datasets
-    from .methods import apply_method
 
     torch.manual_seed(cfg.seed)
     backbone = load_backbone(cfg.backbone)

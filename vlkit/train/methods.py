@@ -26,7 +26,11 @@ from torch import nn
 
 from ..adapters.base import AdapterVariant
 from ..adapters.model import AdaptedModel
+from ..compose.adapter_fusion import prepare_fuse, write_fuse_outputs
+from ..compose.resolve import load_base, write_base_composition
 from ..errors import ConfigError
+from ..io import atomic_path
+from ..plugins import registry
 
 
 def adapter_name_for(run_name: str) -> str:
@@ -62,7 +66,6 @@ class AdapterMethod(TrainingMethod):
     def check(self, cfg, source: str) -> None:
         from omegaconf import OmegaConf
 
-        from ..plugins import registry
 
         opts = cast(dict, OmegaConf.to_container(cfg.adapter, resolve=True))
         variant = opts.pop("variant", None)
@@ -86,8 +89,6 @@ class AdapterMethod(TrainingMethod):
         """Inject the recipe's adapter. A variant that needs the task or the data first gets them through
         `options_from_data` (options before the layers are made) and `init_from_data` (the layers filled
         in once injected, with only the recipe's base adapters active)."""
-        from ..compose.resolve import load_base
-        from ..plugins import registry
 
         opts = dict(adapter_options)
         variant = opts.pop("variant")
@@ -105,7 +106,6 @@ class AdapterMethod(TrainingMethod):
         return adapter
 
     def save(self, cfg, out: Path, backbone, task, adapter: str | None) -> None:
-        from ..compose.resolve import write_base_composition
 
         AdaptedModel.of(backbone).save_adapter(out, name=adapter, task=task.metadata())
         write_base_composition(out, backbone, adapter)  # a no-op unless trained on top of a composition
@@ -123,7 +123,6 @@ class FullMethod(TrainingMethod):
     def save(self, cfg, out: Path, backbone, task, adapter: str | None) -> None:
         from safetensors.torch import save_file
 
-        from ..io import atomic_path
 
         state = {k: v.detach().cpu().contiguous() for k, v in backbone.model.state_dict().items()}
         with atomic_path(out / "backbone.safetensors") as tmp:
@@ -168,13 +167,11 @@ class FuseMethod(TrainingMethod):
                                   "does not exist")
 
     def prepare(self, backbone, task, cfg, adapter_options: dict[str, Any]) -> str | None:
-        from ..compose.adapter_fusion import prepare_fuse
 
         prepare_fuse(backbone, task, *fuse_arguments(cfg))
         return None
 
     def save(self, cfg, out: Path, backbone, task, adapter: str | None) -> None:
-        from ..compose.adapter_fusion import write_fuse_outputs
 
         write_fuse_outputs(out, backbone, *fuse_arguments(cfg))
 
@@ -192,7 +189,6 @@ BUILTIN_METHODS = (AdapterMethod(), FullMethod(), LinearMethod(), ZeroShotMethod
 
 
 def get_method(name: str) -> TrainingMethod:
-    from ..plugins import registry
 
     return registry("method").get(name)
 

@@ -60,14 +60,14 @@ def multitask_jobs(cfg, backbone, datasets: dict[str, tuple]) -> tuple[list[Job]
         jobs.append(prepare_job(backbone, sub, name=name, seed=cfg.seed + 7919 * i, adapter_options=dict(opts),
                                 datasets=datasets.get(name), method=method))
         trains.update(n for n, p in backbone.named_parameters(remove_duplicate=False) if p.requires_grad)
-    tie_shared(backbone, [j.name for j in jobs], cfg.sharing, check=False)
+    tie_shared(backbone, [j.name for j in jobs if j.name is not None], cfg.sharing, check=False)
     for n, p in backbone.named_parameters(remove_duplicate=False):
         if n in trains:
             p.requires_grad_(True)
     return jobs, trainable_parameters(backbone, {f"head.{j.name}.": j.task.head for j in jobs})
 
 
-def multitask_result(result: dict[str, Any], cfg, per_task: dict[str, dict]) -> None:
+def multitask_result(result: dict[str, Any], cfg, per_task: dict[str | None, dict]) -> None:
     """Fill a multi-task run's result: per-task metrics, their mean as the score."""
     result.update({"tasks": [t.adapter or t.name for t in cfg.tasks], "sharing": cfg.sharing,
                    "per_task": per_task, "primary_metric": "mean of task metrics",

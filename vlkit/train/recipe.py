@@ -10,7 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, cast
 
+from ..backbones.loading import factory_name
+from ..compose.sharing import SHARING, shared_parts
+from ..data.api import SOURCE_ALIASES
+from ..data.pipeline import build_augment
+from ..data.shots import recipe_notes
 from ..errors import ConfigError
+from ..plugins import options_class, registry
 from .compiling import check_compile_setting
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -190,7 +196,6 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"{source}: required key(s) {', '.join(missing)} not set (??? in the recipe)",
                           hint="give them on the command line: " + " ".join(f"{k}=..." for k in missing))
     check_recipe(merged, source, allow_untrained=allow_untrained)
-    from ..data.shots import recipe_notes
 
     data_notes = recipe_notes(merged)  # a recipe setting that overrides a dataset kind's own option says so
     if notes is not None:
@@ -232,7 +237,6 @@ def _accepted_options(parent: str, leaf: str, value: str) -> set[str] | None:
     `value`: the new plugin's declared options, or None when it declares none (the mapping is emptied)."""
     import dataclasses
 
-    from ..plugins import options_class, registry
 
     if leaf == "variant":
         reg = registry("adapter")
@@ -242,7 +246,6 @@ def _accepted_options(parent: str, leaf: str, value: str) -> set[str] | None:
     if leaf == "kind":
         import inspect
 
-        from ..data.api import SOURCE_ALIASES
 
         reg = registry("dataset")
         if value not in reg:
@@ -372,7 +375,6 @@ def _check_data_source(spec: Any, key: str, source: str) -> None:
     kind = spec.get("kind")
     if not kind:
         raise ConfigError(f"{source}: key {key!r}: needs a 'kind' (e.g. world, manifest, imagefolder, hf)")
-    from ..plugins import registry
 
     if kind not in registry("dataset"):
         raise ConfigError(f"{source}: key '{key}.kind': unknown dataset kind {kind!r}; known: "
@@ -387,7 +389,6 @@ def check_recipe(cfg, source: str = "<recipe>", allow_untrained: bool = False) -
     """Semantic checks that need the plugin registries but no weights or data."""
     from omegaconf import OmegaConf
 
-    from ..plugins import registry
 
     methods = registry("method")
     if cfg.method not in methods:
@@ -405,7 +406,6 @@ def check_recipe(cfg, source: str = "<recipe>", allow_untrained: bool = False) -
         raise ConfigError(f"{source}: key 'optim': give optim.steps or optim.epochs")
     if cfg.data.num_workers < 0 or cfg.data.prefetch_factor < 1 or cfg.data.shuffle_buffer < 1:
         raise ConfigError(f"{source}: key 'data': num_workers must be >= 0, prefetch_factor and shuffle_buffer >= 1")
-    from ..data.pipeline import build_augment
 
     try:
         build_augment(cast(dict, OmegaConf.to_container(cfg.data, resolve=True)).get("augment"), 224)
@@ -435,7 +435,6 @@ def check_recipe(cfg, source: str = "<recipe>", allow_untrained: bool = False) -
         weights = bb.split("@", 1)[1]
         if ("/" in weights or weights.endswith(".safetensors")) and not Path(weights).exists():
             raise ConfigError(f"{source}: key 'backbone': weights file {weights} does not exist")
-    from ..backbones.loading import factory_name
 
     if factory_name(bb) not in registry("backbone"):
         raise ConfigError(f"{source}: key 'backbone': unknown backbone {bb!r}; known kinds: "
@@ -444,10 +443,8 @@ def check_recipe(cfg, source: str = "<recipe>", allow_untrained: bool = False) -
 
 def _check_compose(cfg, source: str) -> None:
     """Checks of the multi-task (`tasks`, `sharing`) and fusion (`method: fuse`, `compose`) keys."""
-    from ..plugins import registry
 
     if cfg.tasks:
-        from ..compose.sharing import SHARING, shared_parts
 
         _choice(cfg.sharing, SHARING, "sharing", source)
         if cfg.method != "adapter":

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..errors import ConfigError
+
 DOMAINS = ("photo", "medical", "satellite", "sketch")
 TASKS = ("classification", "retrieval", "vqa", "grounding", "winoground")
 
@@ -122,7 +124,6 @@ SPECS = {s.name: s for s in (PHOTO, MEDICAL, SATELLITE, SKETCH)}
 
 
 def spec(domain: str) -> DomainSpec:
-    from ..errors import ConfigError
 
     try:
         return SPECS[domain]

@@ -23,6 +23,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from vlkit import __version__
+
+from ..errors import ConfigError, DataError
+from ..io import write_json, write_text
+from .domains import TASKS, answer_set, class_names
+
 MANIFESTS = ("metadata.jsonl", "examples.jsonl")
 PAIR_COLUMNS = ("id", "image_0", "image_1", "caption_0", "caption_1", "tag", "secondary_tag", "num_main_preds",
                 "collapsed_tag")
@@ -45,7 +51,6 @@ def _png_bytes(value: Any) -> bytes:
 
     from PIL import Image
 
-    from ..errors import DataError
 
     if isinstance(value, dict):
         data = value.get("bytes")
@@ -62,8 +67,6 @@ def _png_bytes(value: Any) -> bytes:
 
 
 def _info(ds, task: str) -> dict[str, Any]:
-    from .. import __version__
-    from .domains import answer_set, class_names
 
     try:
         info = json.loads(ds.info.description or "{}")
@@ -92,12 +95,8 @@ def write(ds, out_dir: str | os.PathLike, task: str) -> Path:
     """Write `ds` (from `generate`) as PNGs plus a manifest under `out_dir`; returns the manifest path."""
     from datasets import ClassLabel, Image
 
-    from ..errors import DataError
-    from ..io import write_json, write_text
-    from .domains import TASKS
 
     if task not in TASKS:
-        from ..errors import ConfigError
 
         raise ConfigError(f"unknown world task {task!r}; tasks: {', '.join(TASKS)}")
     out = Path(out_dir)
@@ -140,7 +139,6 @@ def write(ds, out_dir: str | os.PathLike, task: str) -> Path:
 
 
 def find_manifest(out_dir: str | os.PathLike) -> Path:
-    from ..errors import DataError
 
     d = Path(out_dir)
     if not d.is_dir():
@@ -156,7 +154,6 @@ def read(out_dir: str | os.PathLike):
     import datasets
     from datasets import ClassLabel, Image
 
-    from ..errors import DataError
 
     d = Path(out_dir)
     manifest = find_manifest(d)

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from ..io import atomic_path
 from .scenes import WorldObject
 
 
@@ -209,7 +210,6 @@ def render_contact_sheet(images: Sequence[Image.Image], captions: Sequence[str],
 
     Written atomically (temporary file then rename). Returns the path.
     """
-    from ..io import atomic_path
 
     if len(images) != len(captions):
         raise ValueError("render_contact_sheet needs one caption per image")

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from .domains import PHOTO
+
 Part = tuple[str, str, Any]
 
 
@@ -199,7 +201,6 @@ CROP_COLOURS = (((176, 162, 70), (140, 150, 60)), ((96, 150, 60), (70, 118, 46))
 def make_look(domain: str, shape: str, colour: str, rng: np.random.Generator) -> dict[str, Any]:
     """Appearance details of one object that captions do not mention (kept small so classes stay clear)."""
     if domain == "photo":
-        from .domains import PHOTO
 
         r, g, b = PHOTO.rgb[colour]
         j = rng.integers(-10, 11, size=3)

@@ -13,6 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from vlkit import __version__
+
+from ..errors import ConfigError
 from .domains import DOMAIN_IDS, DOMAINS, SIZES, SPECS, TASK_IDS, TASKS, answer_set, class_names, vqa_answer_types
 from .language import caption, expression, question
 from .render import render_scene
@@ -33,7 +36,6 @@ def balanced(seed: int, domain: str, task: str, i: int, k: int, salt: int) -> in
 
 
 def check_args(domain: str, task: str, n: int, seed: int, image_size: int) -> None:
-    from ..errors import ConfigError
 
     if domain not in DOMAINS:
         raise ConfigError(f"unknown world domain {domain!r}; domains: {', '.join(DOMAINS)}")
@@ -142,7 +144,6 @@ def features(domain: str, task: str):
 
 def world_info(domain: str, task: str, n: int, seed: int, image_size: int) -> dict[str, Any]:
     """What `write` records in world.json (also kept as JSON in the dataset's info.description)."""
-    from .. import __version__
 
     return {"world": "vlkit procedural world", "domain": domain, "task": task, "n": n, "seed": seed,
             "image_size": image_size, "class_names": class_names(domain), "answer_set": answer_set(domain),

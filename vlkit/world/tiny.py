@@ -113,6 +113,18 @@ class TinyBackbone(OpenClipBackbone):
     def tokenizer_files(self):
         return {"tokenizer.json": self._tokenizer.path.read_bytes()}
 
+    def unknown_words(self, texts: list[str]) -> list[str]:
+        """Words outside the world vocabulary (the WordLevel tokenizer maps each to <unk>)."""
+        tok = self._tokenizer.tokenizer
+        unk = tok.token_to_id("<unk>")
+        found: dict[str, None] = {}
+        for text in texts:
+            enc = tok.encode(str(text))
+            for i, (a, b) in zip(enc.ids, enc.offsets):
+                if i == unk:
+                    found.setdefault(str(text)[a:b], None)
+        return list(found)
+
 
 def load_tiny(spec: str = "tiny", device: str | None = None) -> TinyBackbone:
     _, _, weights = spec.partition("@")

@@ -21,6 +21,7 @@ probability of the image and the given text.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -32,7 +33,19 @@ from vlkit.tasks.base import (Evaluating, Task, batches, check_options, device_o
 from vlkit.tasks.features import image_embed, text_embed
 from vlkit.tasks.metrics import string_keys
 
-OPTIONS = ("scale", "bias", "offset")
+@dataclass
+class CaptionMatchOptions:
+    """The options of the `caption-match` task."""
+
+    scale: float = 10.0
+    """Initial scale of the cosine in the match logit exp(log_scale) · cosine + bias (> 0)."""
+    bias: float = -4.0
+    """Initial bias of the match logit (-4 with scale 10: the threshold at cosine 0.4)."""
+    offset: int | None = None
+    """Which other example an eval image is paired with: i + offset mod N (>= 1); None: N // 2."""
+
+
+OPTIONS = tuple(f.name for f in fields(CaptionMatchOptions))
 
 
 class MatchHead(nn.Module):
@@ -53,17 +66,18 @@ class CaptionMatchTask(Task):
     required = ("image", "caption")
     text_column = "caption"
     show_columns = ("caption",)
+    options_cls = CaptionMatchOptions
 
     def __init__(self, backbone, train_data=None, **options: Any):
         check_options(self.name, options, OPTIONS)
         super().__init__(backbone, train_data, **options)
-        scale = float(options.get("scale", 10.0))
+        scale = float(options.get("scale", CaptionMatchOptions.scale))
         if not scale > 0:
             raise ConfigError(f"caption-match scale must be > 0, got {scale}")
         self.offset = options.get("offset")
         if self.offset is not None and int(self.offset) < 1:
             raise ConfigError(f"caption-match offset must be >= 1, got {self.offset}")
-        self.head = MatchHead(scale, float(options.get("bias", -4.0)))
+        self.head = MatchHead(scale, float(options.get("bias", CaptionMatchOptions.bias)))
 
     # --- model ------------------------------------------------------------------------------------
     def pair_logits(self, backbone, pixels, tokens, other: torch.Tensor):

@@ -32,7 +32,10 @@ INPUT_SCALED_ROLES = ("mlp.fc2",)
 @dataclass
 class IA3Config(AdapterConfig):
     modules: str = "attn_mlp"
+    """Projections scaled when targets is unset: attn_mlp (keys, values, MLP hidden), attn (keys, values) or
+    mlp."""
     init: float = 1.0
+    """Initial value of every scaling entry (> 0; 1 leaves the model unchanged)."""
 
     def validate(self) -> None:
         super().validate()

@@ -38,6 +38,7 @@ MODULE_ROLES = {
 @dataclass
 class WeightScaleConfig(AdapterConfig):
     modules: str = "qv"
+    """Projections rescaled when targets is unset: qv, attn (q, k, v, out) or all (attention and MLP)."""
 
     def validate(self) -> None:
         super().validate()
