@@ -33,6 +33,7 @@ from vlkit.tasks.base import (Evaluating, Task, batches, check_options, device_o
 from vlkit.tasks.features import image_embed, text_embed
 from vlkit.tasks.metrics import string_keys
 
+
 @dataclass
 class CaptionMatchOptions:
     """The options of the `caption-match` task."""
