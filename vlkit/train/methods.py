@@ -106,7 +106,7 @@ class AdapterMethod(TrainingMethod):
         return adapter
 
     def save(self, cfg, out: Path, backbone, task, adapter: str | None) -> None:
-
+        assert adapter is not None, "prepare made the adapter"
         AdaptedModel.of(backbone).save_adapter(out, name=adapter, task=task.metadata())
         write_base_composition(out, backbone, adapter)  # a no-op unless trained on top of a composition
 

@@ -100,6 +100,7 @@ def build_plan(cfg, backbone, datasets: tuple | dict | None = None) -> Plan:
         return MultiTaskPlan(cfg, jobs, trainable)
     freeze(backbone)
     method = get_method(cfg.method)
+    assert not isinstance(datasets, dict), "one task: (train, eval) or None"
     job = prepare_job(backbone, cfg, name=None, seed=cfg.seed, method=method, datasets=datasets,
                       adapter_options=cast(dict, OmegaConf.to_container(cfg.adapter, resolve=True)))
     return Plan(cfg, [job], trainable_parameters(backbone, {"head.": job.task.head}))
