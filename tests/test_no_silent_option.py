@@ -163,3 +163,8 @@ def test_export_peft_refuses_the_graph_options(tmp_path, capsys):
                         "classification", "--fp16", "--target", "onnx"], capsys)
     assert code == 2 and err.count("\n") == 1, err
     assert "--target, --task, --fp16 do not apply to --format peft" in err
+
+
+def test_hf_local_path_refuses_a_hub_token(tmp_path):
+    with pytest.raises(ConfigError, match="a hub token does not apply"):
+        load_data({"kind": "hf", "source": str(tmp_path), "token": "hf_x"})

@@ -85,6 +85,8 @@ def load_hf(source: str | None = None, *, split: str | None = None, config: str 
         raise ConfigError("the hf dataset kind needs a hub id or a local directory: hf:user/name or hf:DIR")
     streaming = _bool_option("streaming", streaming)
     if is_local_source(source):
+        if token is not None:
+            raise ConfigError(f"hf:{source} is a local path: a hub token does not apply to it")
         return _load_hf_local(Path(source).expanduser(), split=split, name=config or name, revision=revision,
                               streaming=streaming, **load_kwargs)
     if streaming:
