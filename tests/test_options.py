@@ -11,11 +11,15 @@ import pytest
 import torch
 from cli_helpers import cli
 
+import vlkit
 from vlkit.data.coop import OPTIONS as COOP_OPTIONS
 from vlkit.data.coop import CoopOptions
 from vlkit.options import attribute_docs, option_specs
 from vlkit.plugins import get_plugins, options_class
 from vlkit.tasks.base import Task
+from vlkit.tasks.classification import ClassificationTask
+from vlkit.tasks.grounding import GroundingOptions, GroundingTask
+from vlkit.tasks.retrieval import RetrievalOptions, RetrievalTask
 from vlkit.train.recipe import load_recipe
 
 
@@ -63,10 +67,6 @@ def test_coop_kind_options_derive_from_its_dataclass():
 
 
 def test_declared_task_defaults_are_the_applied_ones():
-    import vlkit
-    from vlkit.tasks.grounding import GroundingOptions, GroundingTask
-    from vlkit.tasks.retrieval import RetrievalOptions, RetrievalTask
-
     bb = vlkit.load_backbone("tiny@random")
     ret = RetrievalTask(bb, None)
     for name in ("chunk", "rerank_k", "negatives", "drop_prob"):
@@ -88,7 +88,8 @@ def test_plugins_json_lists_declared_options(capsys):
     peft = {o["name"]: o for o in infos["vlkit.adapters.builtin"]["options"]["adapter"]["peft"]}
     assert peft["config"]["default"]["peft_type"] == "LORA"
     tasks = infos["vlkit.tasks.builtin"]["options"]["task"]
-    assert [o["name"] for o in tasks["classification"]] == ["prompt", "head", "class_names"]
+    assert [o["name"] for o in tasks["classification"]] == list(ClassificationTask.OPTIONS)
+    assert {"prompt", "head", "class_names"} <= set(ClassificationTask.OPTIONS)
     assert "pairs" not in tasks  # no options declared
     assert [o["name"] for o in infos["vlkit.data.builtin"]["options"]["dataset"]["coop"]] == list(COOP_OPTIONS)
     ia3 = infos["ia3"]["options"]  # the outside example plugin
