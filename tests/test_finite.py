@@ -3,6 +3,8 @@
 naming the file."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from cli_helpers import cli
@@ -119,3 +121,18 @@ def test_server_hot_load_refuses_with_422(dirs):
         assert str(dirs["nan"] / "adapter_model.safetensors") in r.json()["error"] and "NaN" in r.json()["error"]
         assert "bad" not in {a["name"] for a in c.get("/v1/adapters").json()["adapters"]}
         assert c.post("/v1/adapters/other", json={"path": str(dirs["other"])}).status_code == 201
+
+
+def test_train_on_a_non_finite_base_and_peft_export_refuse(dirs, tmp_path, capsys, make_backbone, monkeypatch):
+    monkeypatch.setenv("VLKIT_PLUGINS", "")
+    root = Path(__file__).resolve().parents[1]
+    code, _, err = cli(["train", str(root / "recipes" / "quickstart.yaml"), "backbone=tiny@random", "data.train.n=16",
+                        "data.eval.n=8", "optim.steps=1", "eval.every_steps=0", "logging.tensorboard=false",
+                        f"compose.base={dirs['nan']}", "-o", str(tmp_path / "run"), "--no-progress"], capsys)
+    one_error_line(code, err, dirs["nan"] / "adapter_model.safetensors")
+    bb = make_backbone("hf")
+    vlkit.inject(bb, "lora", rank=2)
+    src = vlkit.save_adapter(bb, tmp_path / "hf-lora")
+    poison(src / "adapter_model.safetensors")
+    code, _, err = cli(["export", "--format", "peft", "-a", str(src), "-o", str(tmp_path / "p")], capsys)
+    one_error_line(code, err, src / "adapter_model.safetensors")
