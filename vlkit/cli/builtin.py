@@ -14,6 +14,7 @@ COMMAND_MODULES = (
     "adapt_cmd",
     "compose_cmd",
     "probe_cmd",
+    "eval_cmd",
     "export_cmd",
     "serve_cmd",
 )
