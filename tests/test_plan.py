@@ -30,8 +30,8 @@ def _single(adapter: dict, domain: str = "medical", n: int = 20, name: str = "me
         "logging": {"tensorboard": False, "plot": False}})
 
 
-def _multi(adapter: dict, sizes=(20, 20)):
-    tasks = [{"name": "classification", "options": {"head": "text"}, "adapter": name, "data": _data(domain, n)}
+def _multi(adapter: dict, sizes=(20, 20), head: str = "text"):
+    tasks = [{"name": "classification", "options": {"head": head}, "adapter": name, "data": _data(domain, n)}
              for (name, domain), n in zip((("med", "medical"), ("sat", "satellite")), sizes, strict=True)]
     return load_recipe(None, [], allow_untrained=True, base={
         "name": "mt", "backbone": "tiny", "adapter": adapter, "tasks": tasks, "optim": {"steps": 0},
@@ -84,7 +84,7 @@ def test_every_job_is_built_by_the_method_prepare(monkeypatch):
         return real(self, backbone, task, cfg, adapter_options, train_data=train_data)
 
     monkeypatch.setattr(AdapterMethod, "prepare", spy)
-    multi = _multi({"variant": "bottleneck"}, sizes=(12, 16))
+    multi = _multi({"variant": "bottleneck"}, sizes=(12, 16), head="linear")
     plan = build_plan(multi, load_backbone("tiny"))
     assert isinstance(plan, MultiTaskPlan) and job_count(multi) == 2 and plan.label == "multitask"
     assert [c[0] for c in calls] == ["med", "sat"] and [c[2] for c in calls] == [12, 16]
