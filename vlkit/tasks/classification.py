@@ -27,6 +27,7 @@ each class's accuracy, i.e. balanced accuracy, percent).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +37,7 @@ from torch import nn
 
 from ..data.kinds import domain_defaults
 from ..data.pipeline import LazyImages
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, VlkitWarning
 from . import metrics as M
 from .base import (
     Evaluating,
@@ -79,10 +80,6 @@ def default_prompt(ds) -> str:
 def check_vocabulary(backbone, class_names: list[str], templates: list[str], tokens: torch.Tensor) -> None:
     """Warn (VlkitWarning) naming the words of the class prompts the tokenizer maps to its unknown token; a
     ConfigError when that makes two classes' prompts identical (`tokens`: class-major, one row per template)."""
-    import warnings
-
-    from ..errors import VlkitWarning
-
     unknown = backbone.unknown_words([t.format(c) for c in class_names for t in templates])
     if not unknown:
         return

@@ -25,8 +25,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..adapters.model import AdaptedModel
+from ..backbones.loading import load_backbone
 from ..compose.resolve import AdapterResolver, System, frozen_system
+from ..data.api import load_data, parse_data_spec
 from ..errors import ConfigError, DataError
+from ..plugins import registry
+from ..probe.metrics import (
+    bootstrap_indices,
+    macro_statistic,
+    mean_statistic,
+    paired_bootstrap_diff,
+    percentile_interval,
+)
+from ..probe.systems import parse_adapters
+from ..tasks.features import CACHE
 
 FROZEN = ("vision", "text")
 
@@ -61,8 +74,6 @@ def parse_alphas(text: str | Sequence[float] | None) -> list[float]:
 
 def load_eval_data(data: Any, task: str, split: str | None = None) -> tuple[Any, str | None]:
     """The dataset to score: `data`'s `split`; without one, its test split where it has one, else all of it."""
-    from ..data.api import load_data, parse_data_spec
-
     spec = parse_data_spec(data)
     wanted = split or spec.pop("split", None)
     spec["task"] = task
@@ -94,17 +105,12 @@ def wise_systems(systems: Sequence[System], alphas: Sequence[float]) -> list[Sys
 
 
 def _build_task(backbone, name: str, ds, options: dict[str, Any]):
-    from ..plugins import registry
-
     return registry("task").get(name)(backbone, ds, **options)
 
 
 def score_system(backbone, system: System, task_name: str, ds, data, options: dict[str, Any],
                  batch_size: int) -> tuple[dict[str, float], dict[str, Any]]:
     """(metrics, per-example values) of one system: a fresh task on `ds`, features from the cache."""
-    from ..adapters.model import AdaptedModel
-    from ..tasks.features import CACHE
-
     model = AdaptedModel.of(backbone)
     with model.preserved(), torch.no_grad():
         system.activate(backbone)
@@ -118,8 +124,6 @@ def score_system(backbone, system: System, task_name: str, ds, data, options: di
 
 
 def _statistic(values, groups):
-    from ..probe.metrics import macro_statistic, mean_statistic
-
     v = values.detach().cpu().numpy() if hasattr(values, "detach") else np.asarray(values)
     if groups is None:
         return mean_statistic(v)
@@ -130,8 +134,6 @@ def _statistic(values, groups):
 def add_intervals(rows: list[dict[str, Any]], values: list[dict[str, Any]], metric: str, n_boot: int, level: float,
                   seed: int) -> None:
     """Bootstrap intervals of each row's metrics and the paired difference of `metric` to the first row."""
-    from ..probe.metrics import bootstrap_indices, paired_bootstrap_diff, percentile_interval
-
     n = next((len(v[0]) for vals in values for v in vals.values()), 0)
     if n < 1 or n_boot < 1:
         return
@@ -151,10 +153,6 @@ def run_eval(backbone: Any = "tiny", adapters: str | Sequence[str] | None = None
              device: str | None = None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Score the frozen backbone and each adapter argument on `data` for `task` (a registered task name);
     returns the result `vlkit eval --json` prints (rows in order: the backbone first)."""
-    from ..backbones.loading import load_backbone
-    from ..plugins import registry
-    from ..probe.systems import parse_adapters
-
     if task not in registry("task"):
         raise ConfigError(f"unknown task {task!r}; known: {', '.join(registry('task').names())}")
     if bootstrap < 0:
