@@ -107,6 +107,14 @@ def test_kind_override_keeps_the_options_the_dataclass_declares():
                      "'coop' does not take"]
 
 
+def test_task_override_keeps_the_options_a_plugin_task_declares():
+    notes: list[str] = []
+    cfg = load_recipe("recipes/quickstart.yaml", ["task.name=caption-match", "task.options.scale=5"], notes=notes)
+    assert dict(cfg.task.options) == {"scale": 5}  # the vlkit-ia3 task's options come from its options_cls
+    assert notes == ["task.name=caption-match: dropped task.options option(s) head, which task 'caption-match' "
+                     "does not take"]
+
+
 # --- option_specs --------------------------------------------------------------------------------------------------
 
 @dataclass
