@@ -112,6 +112,8 @@ def test_winoground_options_belong_to_their_source(tmp_path):
         load_data({"kind": "winoground", "source": "synth", "token": "x"})
     with pytest.raises(ConfigError, match="domain apply only"):
         load_data("winoground:hub", domain="medical")
+    with pytest.raises(ConfigError, match="split apply only to the hub copy and parquet copies"):
+        load_data("winoground:synth", split="test")
     assert len(load_data("winoground:synth", n=3, seed=1)) == 3
 
 

@@ -202,7 +202,7 @@ def load_winoground(source: str | None = None, *, split: str | None = None, task
 
     A local folder holds parquet files (the hub layout) or ``examples.jsonl`` plus ``images/``. Each option
     belongs to one source and is refused with another: `token` (hub), `n`/`seed`/`domain`/`image_size`
-    (synth; defaults 400, 0, photo, 64), `images_dir` (a local examples.jsonl).
+    (synth; defaults 400, 0, photo, 64), `images_dir` (a local examples.jsonl), `split` (hub and parquet copies).
     """
     if options:
         raise ConfigError(f"unknown option(s) for dataset kind 'winoground': {', '.join(sorted(options))}")
@@ -216,6 +216,7 @@ def load_winoground(source: str | None = None, *, split: str | None = None, task
     if is_hub:
         return load_hub(split=split, token=token, dataset_id=source[4:] if source and source.startswith("hub:")
                         else HUB_ID)
+    _only_for("split", split is not None and source == "synth", "the hub copy and parquet copies")
     if source == "synth":
         return load_synth(**{**SYNTH_OPTIONS, **synth})
     path = Path(source).expanduser()
@@ -224,6 +225,7 @@ def load_winoground(source: str | None = None, *, split: str | None = None, task
                         hint="give hub, synth, or a local folder with parquet files or examples.jsonl + images/")
     examples = find_examples(path)
     if examples is not None:
+        _only_for("split", split is not None, "the hub copy and parquet copies")
         return load_examples_jsonl(examples, images_dir)
     _only_for("images_dir", images_dir is not None, "a local examples.jsonl copy")
     if path.is_file() and path.suffix != ".parquet":
