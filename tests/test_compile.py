@@ -95,3 +95,13 @@ def test_compile_takes_true_false_or_auto(tmp_path, capsys, monkeypatch, value):
     code, _, err = cli(["train", str(ROOT / "recipes" / "quickstart.yaml"), *QUICK, f"compile={value}", "-o",
                         str(tmp_path / "run"), "--no-progress"], capsys)
     assert code == 2 and "key 'compile': expected true, false or auto" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_resume_may_change_compile(tmp_path, capsys, monkeypatch, no_compiler):
+    monkeypatch.setenv("VLKIT_PLUGINS", "")
+    run = tmp_path / "run"
+    args = ["train", str(ROOT / "recipes" / "quickstart.yaml"), *QUICK, "-o", str(run), "--no-progress"]
+    code, _, err = cli(args + ["optim.steps=2"], capsys)
+    assert code == 0, err
+    code, _, err = cli(args + ["optim.steps=3", "compile=auto", "--resume"], capsys)
+    assert code == 0 and "note: compile: auto" in err, err

@@ -477,7 +477,7 @@ def to_yaml(cfg) -> str:
 
 # keys a resumed run may change: how long it runs, how it logs, evaluates and checkpoints, how data is loaded
 RESUME_FREE = ("optim.steps", "optim.epochs", "eval", "checkpoint", "logging", "output_dir", "notes",
-               "data.num_workers", "data.pin_memory", "data.prefetch_factor", "device")
+               "data.num_workers", "data.pin_memory", "data.prefetch_factor", "device", "compile")
 
 
 def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
