@@ -154,7 +154,8 @@ def test_open_clip_local_config_and_checkpoint(tmp_path, tiny_open_clip):
     assert tokens.shape == (2, 16)
     with torch.no_grad():
         torch.testing.assert_close(bb.encode_image(pixels), model.encode_image(pixels), atol=1e-6, rtol=0)
-        torch.testing.assert_close(bb.encode_text(tokens), model.encode_text(tokens), atol=1e-6, rtol=0)
+        # vlkit runs texts at the batch's true length (test_text_length.py): the same values up to kernel rounding
+        torch.testing.assert_close(bb.encode_text(tokens), model.encode_text(tokens), atol=1e-5, rtol=0)
         torch.testing.assert_close(bb.encode_image(pixels, normalize=True),
                                    model.encode_image(pixels, normalize=True), atol=1e-6, rtol=0)
 

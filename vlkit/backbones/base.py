@@ -24,6 +24,23 @@ PROJ_ROLE = "proj"
 `encode_text` before normalisation."""
 
 
+def traced() -> bool:
+    """True inside `torch.jit.trace` / ONNX export or `torch.compile`: shapes must not depend on the data there."""
+    compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or (compiling is not None and compiling()))
+
+
+def true_length(ids: torch.Tensor, pad_id: int, eos_id: int | None = None) -> int:
+    """The columns of (B, L) token ids up to the last one holding a real token in any row (at least 1). When the
+    tokenizer pads with its end-of-text token (`eos_id == pad_id`), the first one of each row is real."""
+    real = ids != pad_id
+    if eos_id is not None and eos_id == pad_id:
+        is_pad = ~real
+        real = real | (is_pad & (is_pad.long().cumsum(dim=1) == 1))
+    cols = real.any(dim=0).nonzero()
+    return int(cols[-1]) + 1 if len(cols) else 1
+
+
 @dataclass
 class Site:
     """One place an adapter can act: the output of a sub-layer or one linear projection in a block.
@@ -66,6 +83,12 @@ class Backbone(nn.Module, metaclass=ABCMeta):
 
     family: str = "base"
 
+    text_pad_id: int | None = None
+    """The id `tokenize` pads with, where `encode_text` runs a batch at its true length (`trim_tokens`): a causal
+    text tower pooled at its end-of-text token, whose embeddings do not depend on padding after it. None (SigLIP,
+    whose pooling reads the last position): texts run at the full context length."""
+    text_eos_id: int | None = None
+
     def __init__(self, model: nn.Module, spec: str):
         super().__init__()
         self.model: Any = model  # the family's own model class: its attributes differ per family
@@ -92,6 +115,17 @@ class Backbone(nn.Module, metaclass=ABCMeta):
     def forward(self, pixels: torch.Tensor, tokens: torch.Tensor):
         """Normalised image and text embeddings and the logit scale, as CLIP's forward returns them."""
         return self.encode_image(pixels, normalize=True), self.encode_text(tokens, normalize=True), self.logit_scale
+
+    def trim_tokens(self, tokens):
+        """(B, L) token ids cut to the batch's longest text (`true_length`) where `text_pad_id` allows it.
+        `tokenize` keeps padding to the context length, so token tensors of different batches still concatenate
+        and the exported text graph keeps its input shape; the forward pays only for the real tokens. Never
+        under tracing or compilation (`traced`)."""
+        pad = self.text_pad_id
+        if pad is None or not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or traced():
+            return tokens
+        n = true_length(tokens, pad, self.text_eos_id)
+        return tokens if n >= tokens.shape[1] else tokens[:, :n]
 
     # --- inputs -------------------------------------------------------------------------------
     @abstractmethod
@@ -213,6 +247,7 @@ class Backbone(nn.Module, metaclass=ABCMeta):
         """
         if not self.joint_active():
             return self.encode_image(pixels, normalize=normalize), self.encode_text(tokens, normalize=normalize)
+        tokens = self.trim_tokens(tokens)
         st = self.adapter_state
         saved = st.context
         st.context = {"joint": "record", "states": {}, "masks": {"text": self.text_valid_mask(tokens)}}

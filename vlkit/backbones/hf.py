@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import BackboneLoadError
-from .base import Backbone, Block, Site, as_triple, tokens_site
+from .base import Backbone, Block, Site, as_triple, tokens_site, traced, true_length
 from .hosts import AdapterHost
 from .sequence import SequenceLayout, prompt_site
 
@@ -34,6 +34,9 @@ class HFBackbone(Backbone):
         self.context_length = int(context_length)
         self.is_siglip = not hasattr(model, "visual_projection")
         self._image_transform = image_transform
+        if not self.is_siglip:  # CLIP pools at its end-of-text token behind a causal mask
+            self.text_pad_id = getattr(tokenizer, "pad_token_id", None)
+            self.text_eos_id = getattr(tokenizer, "eos_token_id", None)
 
     def encode_image(self, pixels, normalize=False):
         out = self.model.vision_model(pixel_values=pixels).pooler_output
@@ -56,8 +59,11 @@ class HFBackbone(Backbone):
     def encode_text(self, tokens, normalize=False):
         if isinstance(tokens, dict):
             ids, mask = tokens["input_ids"], tokens.get("attention_mask")
+            if mask is not None and not self.is_siglip and not traced():
+                n = true_length(mask, 0)
+                ids, mask = ids[:, :n], mask[:, :n]
         else:
-            ids, mask = tokens, None
+            ids, mask = self.trim_tokens(tokens), None
             pad = getattr(self._tokenizer, "pad_token_id", None)
             if pad is not None and not self.is_siglip:
                 is_pad = ids == pad

@@ -93,6 +93,37 @@ class OpenClipBackbone(Backbone):
         pre = self._preprocess_cfg(preprocess_cfg or {})
         self.mean, self.std = as_triple(pre.mean), as_triple(pre.std)
         self._image_transform = self._build_transform(pre)
+        self._short_text = self._text_runs_short()
+        self.text_pad_id = self._pad_id() if self._short_text else None
+
+    def _pad_id(self) -> int | None:
+        """open_clip's own tokenizer pads with 0; others (hub tokenizers) keep the full length."""
+        return 0 if type(self._tokenizer).__name__ == "SimpleTokenizer" else None
+
+    def _text_runs_short(self) -> bool:
+        """Whether the text tower can run at a shorter length: a causal mask, pooled at the end-of-text token
+        (argmax or eos), no appended class token and no padding mask."""
+        owner, _ = _text_owner(self.model)
+        pool = getattr(owner, "text_pool_type", getattr(owner, "pool_type", None))
+        return (all(hasattr(owner, k) for k in ("token_embedding", "positional_embedding", "transformer", "ln_final"))
+                and isinstance(getattr(owner, "attn_mask", None), torch.Tensor) and pool in ("argmax", "eos")
+                and getattr(owner, "cls_emb", None) is None and not getattr(owner, "use_pad_mask", False))
+
+    def _encode_text_short(self, text: torch.Tensor) -> torch.Tensor:
+        """open_clip's text forward at the length of `text`: positions and the causal mask cut to it."""
+        from open_clip.transformer import text_global_pool
+
+        m, _ = _text_owner(self.model)
+        n = text.shape[1]
+        cast = m.transformer.get_cast_dtype()
+        x = m.token_embedding(text).to(cast) + m.positional_embedding[:n].to(cast)
+        x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask[:n, :n]))
+        pool = getattr(m, "text_pool_type", getattr(m, "pool_type", "argmax"))
+        x = text_global_pool(x, text, pool, eos_token_id=getattr(m, "text_eos_id", getattr(m, "eos_id", None)))
+        proj = m.text_projection
+        if proj is None:
+            return x
+        return proj(x) if isinstance(proj, nn.Module) else x @ proj
 
     def _preprocess_cfg(self, cfg: dict):
         """The model's preprocess config (size, mode, mean/std, interpolation, resize mode, fill colour) as
@@ -126,8 +157,14 @@ class OpenClipBackbone(Backbone):
         return nn.functional.normalize(features, dim=-1) if normalize else features
 
     def encode_text(self, tokens, normalize=False):
-        features = self._tap("text", self.model.encode_text(tokens, normalize=False))
+        tokens = self.trim_tokens(tokens)
+        short = self._short_text and tokens.shape[1] != self._text_positions()
+        raw = self._encode_text_short(tokens) if short else self.model.encode_text(tokens, normalize=False)
+        features = self._tap("text", raw)
         return nn.functional.normalize(features, dim=-1) if normalize else features
+
+    def _text_positions(self) -> int:
+        return int(_text_owner(self.model)[0].positional_embedding.shape[0])
 
     def encode_image_tokens(self, pixels):
         visual = self.model.visual

@@ -110,6 +110,9 @@ class TinyBackbone(OpenClipBackbone):
     def _build_transform(self, pre):
         return shortest_edge_transform(self.image_size, self.mean, self.std, pre.interpolation)
 
+    def _pad_id(self) -> int | None:
+        return int((self._tokenizer.tokenizer.padding or {}).get("pad_id", 0))
+
     def tokenizer_files(self):
         return {"tokenizer.json": self._tokenizer.path.read_bytes()}
 
