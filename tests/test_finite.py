@@ -136,3 +136,20 @@ def test_train_on_a_non_finite_base_and_peft_export_refuse(dirs, tmp_path, capsy
     poison(src / "adapter_model.safetensors")
     code, _, err = cli(["export", "--format", "peft", "-a", str(src), "-o", str(tmp_path / "p")], capsys)
     one_error_line(code, err, src / "adapter_model.safetensors")
+
+
+def test_resume_from_a_non_finite_checkpoint_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("VLKIT_PLUGINS", "")
+    root = Path(__file__).resolve().parents[1]
+    run = tmp_path / "run"
+    args = ["train", str(root / "recipes" / "quickstart.yaml"), "backbone=tiny@random", "data.train.n=16",
+            "data.eval.n=8", "eval.every_steps=0", "checkpoint.every_steps=1", "logging.tensorboard=false",
+            "logging.plot=false", "-o", str(run), "--no-progress"]
+    code, _, err = cli(args + ["optim.steps=2"], capsys)
+    assert code == 0, err
+    ckpt = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip() / "trainable.safetensors"
+    poison(ckpt, float("inf"))
+    code, _, err = cli(args + ["optim.steps=3", "--resume"], capsys)
+    lines = err.strip().splitlines()  # the run's own warning about frozen text-tower adapters comes first
+    assert code == 2 and [ln for ln in lines if ln.startswith("error:")] == lines[-1:], err
+    assert str(ckpt) in lines[-1] and "NaN or inf" in lines[-1]

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..adapters.files import check_finite
 from ..errors import ConfigError
 from ..io import file_mode, write_text
 
@@ -108,6 +109,7 @@ def load_checkpoint(ckpt: Path, params: dict[str, torch.nn.Parameter], optimizer
         rng = load_file(str(ckpt / "rng.safetensors"))
     except Exception as exc:
         raise ConfigError(f"checkpoint {ckpt} cannot be read: {exc}") from None
+    check_finite(trainable, ckpt / "trainable.safetensors")  # a diverged run is not resumed
     if set(trainable) != set(params):
         raise ConfigError(f"checkpoint {ckpt} does not match this run's trainable parameters "
                           f"(different recipe?): {len(set(trainable) ^ set(params))} names differ")
