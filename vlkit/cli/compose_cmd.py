@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-MODES = ("merge", "stack", "average", "parallel", "fuse", "route")
+MODES = ("merge", "stack", "average", "parallel", "fuse", "route", "wise")
 MODE_HELP = " | ".join(MODES)
 
 
@@ -31,7 +31,7 @@ MODE_OPTIONS = {  # option -> the modes it applies to ("run": vlkit compose run 
     "--method": ("merge",), "--rank": ("merge",), "--density": ("merge",), "--recipe": ("fuse",),
     "--set": ("fuse",), "--data": ("route", "fuse"), "--router-steps": ("route",), "--per-adapter": ("route",),
     "--image": ("run",), "--text": ("run",), "--route": ("run",), "--adapter": ("run",), "--task": ("run",),
-    "--backbone": ("route", "fuse", "run"), "--overwrite": MODES,
+    "--backbone": ("route", "fuse", "run"), "--overwrite": MODES, "--alpha": ("wise",),
 }
 
 
@@ -66,6 +66,8 @@ def register(cli: typer.Typer) -> None:
         method: str | None = typer.Option(
             None, "--method", help="merge: linear (default) | task_arithmetic | ties | concat | svd (LoRA)."),
         rank: int | None = typer.Option(None, "--rank", help="merge --method svd: target rank."),
+        alpha: float | None = typer.Option(None, "--alpha", help="wise: the adapter's strength, 0 (frozen "
+                                                                 "backbone) to 1 (the adapter), e.g. 0.5."),
         density: float | None = typer.Option(
             None, "--density", help="merge --method ties: share of entries kept (0.2)."),
         recipe: Path | None = typer.Option(None, "--recipe", help="fuse: recipe with task, data, optim."),
@@ -84,7 +86,7 @@ def register(cli: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
     ) -> None:
-        """Compose adapters (merge, stack, average, parallel, fuse, route) or run a composition."""
+        """Compose adapters (merge, stack, average, parallel, fuse, route, wise) or run a composition."""
         from ..errors import ConfigError
         from .output import console, print_json, table
 
@@ -92,7 +94,7 @@ def register(cli: typer.Typer) -> None:
                  "--density": density, "--recipe": recipe, "--data": data, "--set": set_,
                  "--router-steps": router_steps, "--per-adapter": per_adapter, "--image": image, "--text": text,
                  "--route": route, "--adapter": adapter, "--task": task, "--backbone": backbone,
-                 "--overwrite": overwrite or None}
+                 "--overwrite": overwrite or None, "--alpha": alpha}
         check_mode_options("run" if sources == "run" else mode, method, given)
         if sources == "run":
             if target is None:
@@ -126,7 +128,8 @@ def register(cli: typer.Typer) -> None:
             res = compose(sources, mode, out, weights=_floats(weights), method=method or "linear", rank=rank,
                           density=0.2 if density is None else density, data=data, backbone=backbone,
                           router_steps=300 if router_steps is None else router_steps,
-                          n_per_adapter=256 if per_adapter is None else per_adapter, overwrite=overwrite)
+                          n_per_adapter=256 if per_adapter is None else per_adapter, overwrite=overwrite,
+                          alpha=alpha)
         rows = [["mode", res["mode"]], ["adapters", ", ".join(res["adapters"])]]
         if res.get("weights") is not None:
             rows.append(["weights", ", ".join(f"{w:g}" for w in res["weights"])])

@@ -6,7 +6,8 @@ for their adapters, e.g. the per-task adapters of a multi-task run). Modes:
 - stack / average / parallel: copy the adapters in and record the mode and weights;
 - merge: one merged adapter (vlkit.compose.merge), method linear | task_arithmetic | ties | concat | svd;
 - fuse: AdapterFusion layers trained from a recipe with the adapters frozen (`vlkit.train.fuse`);
-- route: train a router on the adapters' own training data (or `data`), report held-out accuracy.
+- route: train a router on the adapters' own training data (or `data`), report held-out accuracy;
+- wise: one adapter interpolated towards the frozen backbone by `alpha` (WiSE-FT; see `vlkit.compose.composition`).
 """
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def compose(sources: list[str] | str, mode: str, out: str | Path, *, weights: li
             method: str = "linear", rank: int | None = None, density: float = 0.2,
             data: list[str] | None = None, backbone: str | None = None,
             router_hidden: int = 64, router_steps: int = 300, n_per_adapter: int = 256, seed: int = 0,
-            overwrite: bool = False) -> dict[str, Any]:
+            overwrite: bool = False, alpha: float | None = None) -> dict[str, Any]:
     """Compose adapters into the directory `out`; returns a summary (what `vlkit compose --json` prints).
 
     `out` follows `vlkit.outputs`: never one of the sources, refused when not empty unless `overwrite`, and
@@ -89,6 +90,16 @@ def compose(sources: list[str] | str, mode: str, out: str | Path, *, weights: li
                           "--mode fuse does)")
     if mode in ("average", "parallel") and len(srcs) < 2:
         raise ConfigError(f"mode {mode} needs at least two adapters")
+    if (mode == "wise") != (alpha is not None):
+        raise ConfigError("--alpha is mode wise's interpolation strength" if alpha is not None else
+                          "mode wise needs --alpha (0: the frozen backbone, 1: the adapter)")
+    if mode == "wise":
+        if len(srcs) != 1 or weights is not None:
+            raise ConfigError(f"mode wise interpolates one adapter (with --alpha, not --weights); got {len(srcs)}")
+        check_finite_weights([alpha])
+        if not 0.0 <= float(alpha) <= 1.0:
+            raise ConfigError(f"--alpha must lie in [0, 1] (0: the frozen backbone, 1: the adapter), got {alpha}")
+        weights = [float(alpha)]
     target = OutputTarget(out, overwrite=overwrite, inputs=[p for _, p in srcs], what="composition directory")
     target.check()
     with target:
@@ -111,9 +122,9 @@ def _compose_into(stage: Path, out: Path, mode, srcs, cfg0, weights, method, ran
             if k in cfg["composition"]:
                 summary[k] = cfg["composition"][k]
         return summary
-    if mode in ("stack", "average", "parallel"):
+    if mode in ("stack", "average", "parallel", "wise"):
         write_composition(stage, mode, cfg0, srcs, weights=weights)
-        return summary
+        return summary if mode != "wise" else {**summary, "alpha": weights[0]}
     return {**summary, **_route(srcs, cfg0, stage, data, backbone, router_hidden, router_steps, n_per_adapter, seed)}
 
 

@@ -13,7 +13,10 @@ Layout of a composition directory (self-contained: the adapters are copied in):
 Modes: `stack` (each adapter on the output of the previous, in order), `average` (outputs averaged
 with weights normalised to sum 1), `parallel` (the adapters' changes summed with weights), `fuse`
 (AdapterFusion), `route` (one adapter per input: chosen explicitly by name or task, or by the router),
-`merge` (the directory is itself one merged adapter; adapters = [{"path": "."}]).
+`merge` (the directory is itself one merged adapter; adapters = [{"path": "."}]), `wise` (WiSE-FT: one
+adapter interpolated towards the frozen backbone, weights = [α]: at every site y + α·(adapter(y) − y), which
+for a variant whose change is a weight delta (LoRA, VeRA, ...) is the delta scaled by α, and otherwise the
+adapter's output interpolated; α = 0 is the frozen backbone, α = 1 the adapter).
 
 `load_composition(backbone, dir)` loads everything onto a backbone and activates it.
 """
@@ -34,7 +37,7 @@ from ..io import write_json
 COMPOSITION_FILE = "composition.json"
 FORMAT = "vlkit.composition"
 FORMAT_VERSION = 1
-MODES = ("stack", "average", "parallel", "fuse", "route", "merge")
+MODES = ("stack", "average", "parallel", "fuse", "route", "merge", "wise")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "task.json", "head.safetensors", "recipe.yaml")
 
 
@@ -130,6 +133,8 @@ def activation(mode: str, weights: list[float] | None, n: int) -> tuple[str, lis
         return "parallel", [x / total for x in w]
     if mode in ("stack", "parallel", "fuse"):
         return mode, weights
+    if mode == "wise":
+        return "parallel", [float(x) for x in (weights or [1.0])]
     return "stack", None
 
 

@@ -3,6 +3,8 @@ with the general-domain (photo) score measured with the adapter off (verified un
 """
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -17,9 +19,12 @@ from ..data.kinds import kind_domains
 from ..data.pipeline import materialize
 from ..data.shots import kind_draws_shots
 from ..errors import ConfigError, DataError
+from ..io import write_json
 from ..outputs import OutputTarget
 from ..plugins import registry
+from .baselines import class_split, dataset_classes, keep_classes, linear_probe, score_on, write_run_metrics
 from .engine import run
+from .evaluate import load_eval_data, round_percent
 from .jobs import build_task, load_datasets
 from .recipe import load_recipe
 
@@ -28,8 +33,10 @@ GENERAL_DOMAIN = "photo"
 
 
 def adapt_recipe(backbone: str, domain: str, shots: int, method: str, variant: str, steps: int, seed: int,
-                 n_eval: int, adapter_options: dict[str, Any] | None = None, lr: float | None = None) -> dict:
+                 n_eval: int, adapter_options: dict[str, Any] | None = None, lr: float | None = None,
+                 batch_size: int | None = None, task_options: dict | None = None) -> dict:
     default_lr = {"adapter": 2e-3, "full": 1e-4, "linear": 1e-2}.get(method, 1e-3)
+    options = {**(task_options or {}), **({} if method == "zeroshot" else {"head": "linear"})}
     train = {"kind": DATA_KIND, "domain": domain, "task": "classification", "n": max(400, shots * 40),
              "seed": seed, "shots": shots}
     return {
@@ -37,12 +44,12 @@ def adapt_recipe(backbone: str, domain: str, shots: int, method: str, variant: s
         "backbone": backbone,
         "method": method,
         "adapter": {"variant": variant, **(adapter_options or {})},
-        "task": {"name": "classification", "options": {} if method == "zeroshot" else {"head": "linear"}},
+        "task": {"name": "classification", "options": options},
         "data": {"train": train,
                  "eval": {"kind": DATA_KIND, "domain": domain, "task": "classification", "n": n_eval,
                           "seed": seed + 10_000}},
-        "optim": {"lr": lr or default_lr, "steps": steps, "batch_size": min(32, shots * 4), "warmup_steps": 0,
-                  "schedule": "cosine"},
+        "optim": {"lr": lr or default_lr, "steps": steps, "batch_size": batch_size or min(32, shots * 4),
+                  "warmup_steps": 0, "schedule": "cosine"},
         "seed": seed,
         "logging": {"tensorboard": False},
     }
@@ -69,18 +76,26 @@ def _general_eval(backbone, cfg, n_eval: int, seed: int):
 def run_adapt(backbone: str = "tiny", domain: str = "medical", shots: int = 16, out: str | Path = "runs/adapt",
               variant: str = "bottleneck", baselines: tuple[str, ...] = (), steps: int | None = None,
               seed: int = 0, n_eval: int = 400, adapter_options: dict | None = None,
-              progress: Any = True, overwrite: bool = False) -> dict[str, Any]:
-    """Few-shot adaptation into `out` (written whole, `vlkit.outputs`: a non-empty one needs `overwrite`)."""
+              progress: Any = True, overwrite: bool = False, lr: float | None = None, batch_size: int | None = None,
+              task_options: dict | None = None) -> dict[str, Any]:
+    """Few-shot adaptation into `out` (written whole, `vlkit.outputs`: a non-empty one needs `overwrite`).
+    `lr`, `batch_size` and `task_options` (prompt or templates) reach the adapter's recipe; metrics.json records
+    them with the general-domain score and retention (percent of the frozen backbone's)."""
 
     with OutputTarget(out, overwrite=overwrite, what="adapt output directory") as target:
         result = _run_adapt(backbone, domain, shots, target.staging, variant, baselines, steps, seed, n_eval,
-                            adapter_options, progress)
+                            adapter_options, progress, {"lr": lr, "batch_size": batch_size,
+                                                        "task_options": task_options})
+        row = result["rows"][2]  # the adapter, on
+        write_run_metrics(target.staging, Path(out), {
+            "hyperparameters": result["hyperparameters"], "general_domain": GENERAL_DOMAIN,
+            "general": row["general"], "general_frozen": result["rows"][0]["general"], "retention": row["retention"]})
     result["adapter_dir"] = str(out)
-    return result
+    return round_percent(result)
 
 
 def _run_adapt(backbone, domain, shots, out, variant, baselines, steps, seed, n_eval, adapter_options,
-               progress) -> dict[str, Any]:
+               progress, optim: dict) -> dict[str, Any]:
 
     domains = kind_domains(DATA_KIND) or ()
     if domain not in domains:
@@ -96,7 +111,8 @@ def _run_adapt(backbone, domain, shots, out, variant, baselines, steps, seed, n_
 
     def cfg_for(method: str):
         return load_recipe(None, base=adapt_recipe(backbone, domain, shots, method, variant, steps, seed, n_eval,
-                                                   adapter_options))
+                                                   adapter_options, optim["lr"], optim["batch_size"],
+                                                   optim["task_options"]))
 
     zs_cfg = cfg_for("zeroshot")
     zs, zs_backbone, _ = run(zs_cfg, out / "zeroshot", progress=False, publish=False)
@@ -127,20 +143,29 @@ def _run_adapt(backbone, domain, shots, out, variant, baselines, steps, seed, n_
         else:
             row.update(general=photo_frozen, general_change=0.0)
         rows.append(row)
+    for row in rows:
+        row["retention"] = 100.0 * row["general"] / photo_frozen if photo_frozen else None
     return {"backbone": backbone, "domain": domain, "shots": shots, "variant": variant, "steps": steps,
+            "hyperparameters": {"lr": float(ad_cfg.optim.lr), "steps": steps,
+                                "batch_size": int(ad_cfg.optim.batch_size), **(optim["task_options"] or {})},
             "metric": "accuracy", "general_domain": GENERAL_DOMAIN, "adapter_dir": str(out),
             "adapter_off_verified": verified, "rows": rows}
 
 
 # --- the few-shot protocol: methods x shot counts x seeds ---------------------------------------------------------
 
-BASE_METHODS = ("zeroshot", "linear", "full")
+BASE_METHODS = ("zeroshot", "linear", "linear-sgd", "full")
 TRAINING_FREE = ("tip-adapter",)
-METHOD_LABELS = {"zeroshot": "zero-shot", "linear": "linear probe", "full": "full fine-tuning"}
+HEAD_METHODS = ("linear", "linear-sgd", "full")  # a trained linear head: no score on classes it never saw
+PROTOCOLS = ("fewshot", "base2novel")
+METHOD_LABELS = {"zeroshot": "zero-shot", "linear": "linear probe (L-BFGS)", "linear-sgd": "linear head (SGD)",
+                 "full": "full fine-tuning"}
+DEFAULT_LR = {"adapter": 2e-3, "full": 1e-4, "linear": 1e-2}
 
 
 def check_methods(methods) -> list[str]:
-    """The methods of a protocol run: zeroshot, linear, full, tip-adapter or any registered adapter variant."""
+    """The methods of a protocol run: zeroshot, linear (L-BFGS), linear-sgd, full, tip-adapter or any registered
+    adapter variant."""
 
     reg = registry("adapter")
     methods = [m.strip() for m in methods if m and m.strip()]
@@ -181,24 +206,28 @@ def _protocol_data(data, domain: str, shots: int, seed: int, n_eval: int) -> tup
 
 
 def method_recipe(backbone: str, method: str, train: dict, eval_: dict, steps: int, seed: int, shots: int,
-                  adapter_options: dict | None = None, lr: float | None = None) -> dict:
+                  adapter_options: dict | None = None, lr: float | None = None, batch_size: int | None = None,
+                  task_options: dict | None = None) -> dict:
     """The recipe of one protocol run. Adapter variants classify with the text head (class-name prompts through
-    the possibly adapted text tower, as the CLIP-adaptation papers do); linear probe and full fine-tuning train
-    a linear head initialised from those prompts."""
+    the possibly adapted text tower, as the CLIP-adaptation papers do); the linear probes and full fine-tuning
+    a linear head initialised from those prompts (`linear` then fits it by L-BFGS, `vlkit.train.baselines`)."""
 
     is_variant = method not in BASE_METHODS
-    kind = "adapter" if is_variant else method
-    default_lr = {"adapter": 2e-3, "full": 1e-4, "linear": 1e-2}.get(kind, 1e-3)
+    kind = "adapter" if is_variant else "linear" if method.startswith("linear") else method
     training_free = is_variant and getattr(registry("adapter").get(method), "training_free", False)
+    options = dict(task_options or {})
+    if kind in ("linear", "full"):
+        options["head"] = "linear"
     return {
         "name": f"fewshot-{method}",
         "backbone": backbone,
         "method": kind,
         "adapter": {"variant": method if is_variant else "bottleneck", **(adapter_options or {})},
-        "task": {"name": "classification", "options": {"head": "linear"} if kind in ("linear", "full") else {}},
+        "task": {"name": "classification", "options": options},
         "data": {"train": train, "eval": eval_},
-        "optim": {"lr": lr or default_lr, "steps": 0 if training_free or kind == "zeroshot" else steps,
-                  "batch_size": min(32, max(1, shots) * 4), "warmup_steps": 0, "schedule": "cosine"},
+        "optim": {"lr": lr or DEFAULT_LR.get(kind, 1e-3),
+                  "steps": 0 if training_free or kind == "zeroshot" or method == "linear" else steps,
+                  "batch_size": batch_size or min(32, max(1, shots) * 4), "warmup_steps": 0, "schedule": "cosine"},
         "eval": {"every_steps": 0},
         "checkpoint": {"every_steps": 0},
         "seed": seed,
@@ -236,98 +265,220 @@ def protocol_val(cfg, shots: int, seed: int):
     return few_shot(ds, k, seed=seed)
 
 
-def _run_training_free(cfg, method: str, out: Path, shots: int) -> dict[str, Any]:
+def _run_training_free(cfg, method: str, out: Path, shots: int, datasets=None) -> tuple[dict[str, Any], Any]:
     """Tip-Adapter: the cache built from the few-shot set with no training (`build_tip_adapter`), α and β
     searched on the few-shot validation set (`protocol_val`), then evaluated on the test set."""
 
     bb = load_backbone(cfg.backbone)
-    train_ds, eval_ds = load_datasets(cfg)
+    train_ds, eval_ds = datasets or load_datasets(cfg)
     task = build_task(bb, cfg, train_ds)
-    val = protocol_val(cfg, shots, int(cfg.seed))
+    val = _val_for(cfg, shots, datasets)
     record = build_tip_adapter(bb, train_ds, task=task, name="tip", variant=method, val=val)
     with torch.no_grad():
         metrics = task.evaluate(bb, task.prepare(bb, eval_ds))
     AdaptedModel.of(bb).save_adapter(out, name="tip", task=record.task)
-    return {"score": metrics[task.metric], "parameters": {"trainable": 0},  # a cache of buffers: nothing trains
-            "alpha": record.config["alpha"], "beta": record.config["beta"]}
+    return {"score": metrics[task.metric], "metrics": metrics, "parameters": {"trainable": 0},  # buffers only
+            "alpha": record.config["alpha"], "beta": record.config["beta"]}, bb
+
+
+def _val_for(cfg, shots: int, datasets):
+    """The few-shot validation set, restricted to the training classes under base-to-novel."""
+    val = protocol_val(cfg, shots, int(cfg.seed))
+    names = cfg.task.options.get("class_names")
+    if val is not None and datasets is not None and names:
+        val = keep_classes(val, list(names))
+    return val
+
+
+def _run_linear(cfg, out: Path, shots: int, datasets=None) -> tuple[dict[str, Any], Any]:
+    """CLIP's linear probe: L-BFGS logistic regression on frozen features, C searched on the few-shot val set."""
+    bb = load_backbone(cfg.backbone)
+    train_ds, eval_ds = datasets or load_datasets(cfg)
+    task = build_task(bb, cfg, train_ds)
+    return linear_probe(bb, task, train_ds, eval_ds, _val_for(cfg, shots, datasets), out), bb
+
+
+@dataclass
+class ProtocolSettings:
+    """What every run of one protocol shares."""
+
+    backbone: str
+    data: str | None
+    domain: str
+    n_eval: int
+    steps: int | None
+    lr: float | None
+    batch_size: int | None
+    adapter_options: dict | None
+    task_options: dict
+    protocol: str
+    general: Any
+    progress: Any
+
+
+def _general_spec(s: ProtocolSettings, seed: int):
+    """The general domain's data: `general` as given, else for the world its photo domain, else none."""
+    if s.general is not None:
+        return s.general
+    if s.data is None:
+        return {"kind": DATA_KIND, "domain": GENERAL_DOMAIN, "task": "classification", "n": s.n_eval,
+                "seed": seed + 20_000}
+    return None
+
+
+def _one_run(s: ProtocolSettings, method: str, k: int, seed: int, where: Path, final: Path,
+             general: tuple[Any, float] | None) -> dict[str, Any]:
+    """One (method, shots, seed) run: train or fit, score in-domain (base and novel classes under base2novel) and
+    on the general domain, write its metrics.json; returns its row."""
+    train, eval_ = _protocol_data(s.data, s.domain, k, seed, s.n_eval)
+    n_steps = s.steps or max(60, 6 * k)
+
+    def recipe(options):
+        return load_recipe(None, base=method_recipe(s.backbone, method, train, eval_, n_steps, seed, k,
+                                                    s.adapter_options, s.lr, s.batch_size, options),
+                           allow_untrained=method in TRAINING_FREE or method == "linear")
+
+    cfg = recipe(s.task_options)
+    datasets, novel = None, None
+    if s.protocol == "base2novel":
+        train_ds, eval_ds = load_datasets(cfg)
+        base, novel_names = class_split(dataset_classes(eval_ds))
+        datasets = (keep_classes(train_ds, base), keep_classes(eval_ds, base))
+        novel = (keep_classes(eval_ds, novel_names), novel_names)
+        cfg = recipe({**s.task_options, "class_names": base})
+    t0 = time.perf_counter()
+    if method in TRAINING_FREE:
+        res, bb = _run_training_free(cfg, method, where, k, datasets)
+    elif method == "linear":
+        res, bb = _run_linear(cfg, where, k, datasets)
+    else:
+        res, bb, _ = run(cfg, where, progress=s.progress, publish=False, datasets=datasets)
+    seconds = time.perf_counter() - t0
+    trains = method not in TRAINING_FREE and method not in ("zeroshot", "linear")
+    hyper = {"lr": float(cfg.optim.lr) if trains else None, "steps": n_steps if trains else 0,
+             "batch_size": int(cfg.optim.batch_size) if trains else None, **{h: res[h] for h in ("alpha", "beta", "C")
+                                                                             if h in res}}
+    row: dict[str, Any] = {"method": method, "shots": k, "seed": seed, "accuracy": float(res["score"]),
+                           "trainable": int(res.get("parameters", {}).get("trainable", 0)), "seconds": seconds,
+                           "steps": hyper["steps"], "hyperparameters": hyper,
+                           **{h: res[h] for h in ("alpha", "beta", "C") if h in res}}
+    if novel is not None:
+        row["base"] = row["accuracy"]
+        row["novel"] = None if method in HEAD_METHODS else score_on(bb, "classification", novel[0], s.task_options,
+                                                                    novel[1])
+        if row["novel"] is not None:
+            row["hm"] = harmonic_mean(row["base"], row["novel"])
+    if general is not None:
+        score = general[1] if method in ("zeroshot", "linear", "linear-sgd") else score_on(
+            bb, "classification", general[0], s.task_options)
+        row["general"] = score
+        row["retention"] = 100.0 * score / general[1] if general[1] else None
+    write_run_metrics(where, final, {"protocol": s.protocol, "shots": k, "seed": seed, "hyperparameters": hyper,
+                                     **{key: row[key] for key in ("base", "novel", "hm", "general", "retention")
+                                        if key in row},
+                                     **({} if (where / "metrics.json").is_file() else
+                                        {"method": method, "score": res["score"], "metrics": res.get("metrics"),
+                                         "parameters": res.get("parameters"), "train_time_s": seconds})})
+    return row
+
+
+def harmonic_mean(a: float, b: float) -> float:
+    """CoCoOp's H: 2ab / (a + b) (0 when both are 0)."""
+    return 2 * a * b / (a + b) if a + b else 0.0
 
 
 def run_fewshot(backbone: str = "tiny", methods=("bottleneck",), shots=(1, 2, 4, 8, 16), seeds=(1, 2, 3), *,
                 data: str | None = None, domain: str = "medical", out: str | Path | None = None,
                 steps: int | None = None, n_eval: int = 400, adapter_options: dict | None = None,
-                lr: float | None = None, progress=None, overwrite: bool = False, plot: bool = True,
-                on_run=None) -> dict[str, Any]:
+                lr: float | None = None, batch_size: int | None = None, task_options: dict | None = None,
+                protocol: str = "fewshot", general: Any = None, progress=None, overwrite: bool = False,
+                plot: bool = True, on_run=None) -> dict[str, Any]:
     """CoOp's few-shot protocol: every method at every shot count over every seed; accuracy mean ± sd per
     (method, shots), trainable parameters and training seconds per run. `data` is a data spec with train and
     test splits (e.g. `coop:DATA/eurosat`); default the embedded world's `domain`. With `out`, each run's
     files go under `out/<method>/<shots>shot-seed<seed>/` and the table (fewshot.json) and plot (fewshot.png)
-    beside them (written whole, `vlkit.outputs`)."""
+    beside them (written whole, `vlkit.outputs`).
+
+    `protocol="base2novel"` is CoCoOp's: trained on the first half of the classes, scored on the base and the
+    novel classes of the test set and their harmonic mean. `general` (a data spec; default the world's photo
+    domain when `data` is None) adds each run's general-domain score and its retention, as a percentage of
+    the frozen backbone's. `task_options` (prompt or templates) reach every run's classification task."""
 
     methods = check_methods(methods)
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    if batch_size is not None and batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    if lr is not None and not lr > 0:
+        raise ConfigError(f"--lr must be a positive number, got {lr}")
     shots, seeds = list(shots), list(seeds)
     if data is None:
-
         domains = kind_domains(DATA_KIND) or ()
         if domain not in domains:
             raise ConfigError(f"unknown domain {domain!r}; known: {', '.join(domains)}")
+    s = ProtocolSettings(backbone, data, domain, n_eval, steps, lr, batch_size, adapter_options,
+                         dict(task_options or {}), protocol, general, progress)
     if out is None:
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="vlkit-fewshot-") as tmp:
-            return _run_fewshot(backbone, methods, shots, seeds, data, domain, Path(tmp), steps, n_eval,
-                                adapter_options, lr, progress, False, on_run)
+            return _run_fewshot(s, methods, shots, seeds, Path(tmp), Path(tmp), False, on_run)
     with OutputTarget(out, overwrite=overwrite, what="adapt output directory") as target:
-        result = _run_fewshot(backbone, methods, shots, seeds, data, domain, target.staging, steps, n_eval,
-                              adapter_options, lr, progress, plot, on_run)
+        result = _run_fewshot(s, methods, shots, seeds, target.staging, Path(out), plot, on_run)
     result["out"] = str(out)
     return result
 
 
-def _run_fewshot(backbone, methods, shots, seeds, data, domain, out: Path, steps, n_eval, adapter_options, lr,
-                 progress, plot, on_run) -> dict[str, Any]:
-    import json
+def _summary(runs: list[dict[str, Any]], methods, shots) -> list[dict[str, Any]]:
     import statistics
-    import time
 
+    def mean(rs, key):
+        vals = [r[key] for r in rs if r.get(key) is not None]
+        return statistics.fmean(vals) if vals else None
 
-    runs: list[dict[str, Any]] = []
-    for method in methods:
-        for k in shots:
-            for seed in seeds:
-                train, eval_ = _protocol_data(data, domain, k, seed, n_eval)
-                n_steps = steps or max(60, 6 * k)
-                cfg = load_recipe(None, base=method_recipe(backbone, method, train, eval_, n_steps, seed, k,
-                                                           adapter_options, lr),
-                                  allow_untrained=method in TRAINING_FREE)
-                where = out / method / f"{k}shot-seed{seed}"
-                t0 = time.perf_counter()
-                if method in TRAINING_FREE:
-                    res = _run_training_free(cfg, method, where, k)
-                else:
-                    res, _, _ = run(cfg, where, progress=progress, publish=False)
-                seconds = time.perf_counter() - t0
-                row: dict[str, Any] = {"method": method, "shots": k, "seed": seed, "accuracy": float(res["score"]),
-                       "trainable": int(res.get("parameters", {}).get("trainable", 0)), "seconds": seconds,
-                       "steps": 0 if method in TRAINING_FREE or method == "zeroshot" else n_steps,
-                       **{h: res[h] for h in ("alpha", "beta") if h in res}}
-                runs.append(row)
-                if on_run is not None:
-                    on_run(row)
-    summary: list[dict[str, Any]] = []
+    out: list[dict[str, Any]] = []
     for method in methods:
         for k in shots:
             rs = [r for r in runs if r["method"] == method and r["shots"] == k]
             accs = [r["accuracy"] for r in rs]
-            summary.append({"method": method, "shots": k, "mean": statistics.fmean(accs),
-                            "sd": statistics.stdev(accs) if len(accs) > 1 else 0.0, "seeds": len(accs),
-                            "trainable": rs[0]["trainable"], "seconds": statistics.fmean(r["seconds"] for r in rs)})
-    result = {"backbone": backbone, "data": data or f"{DATA_KIND}:{domain}", "methods": methods, "shots": shots,
-              "seeds": seeds, "metric": "accuracy", "summary": summary, "runs": runs}
-    (out / "fewshot.json").write_text(json.dumps(result, indent=2) + "\n")
+            row = {"method": method, "shots": k, "mean": statistics.fmean(accs),
+                   "sd": statistics.stdev(accs) if len(accs) > 1 else 0.0, "seeds": len(accs),
+                   "trainable": rs[0]["trainable"], "seconds": statistics.fmean(r["seconds"] for r in rs)}
+            for key in ("base", "novel", "hm", "general", "retention"):
+                if any(key in r for r in rs):
+                    row[key] = mean(rs, key)
+            out.append(row)
+    return out
+
+
+def _run_fewshot(s: ProtocolSettings, methods, shots, seeds, out: Path, final: Path, plot, on_run) -> dict[str, Any]:
+    runs: list[dict[str, Any]] = []
+    general = None
+    spec = _general_spec(s, seeds[0])
+    if spec is not None:
+        gen_ds, _ = load_eval_data(spec, "classification")
+        general = (gen_ds, score_on(load_backbone(s.backbone), "classification", gen_ds, s.task_options))
+    for method in methods:
+        for k in shots:
+            for seed in seeds:
+                rel = Path(method) / f"{k}shot-seed{seed}"
+                row = _one_run(s, method, k, seed, out / rel, final / rel, general)
+                runs.append(row)
+                if on_run is not None:
+                    on_run(row)
+    summary = _summary(runs, methods, shots)
+    result = {"backbone": s.backbone, "data": s.data or f"{DATA_KIND}:{s.domain}", "protocol": s.protocol,
+              "methods": methods, "shots": shots, "seeds": seeds, "metric": "accuracy",
+              "task_options": s.task_options, "summary": summary, "runs": runs}
+    if general is not None:
+        result["general"] = {"data": s.general if s.general is not None else f"{DATA_KIND}:{GENERAL_DOMAIN}",
+                             "frozen": general[1]}
+    result = round_percent(result)
+    write_json(out / "fewshot.json", result)
     if plot:
-        plot_fewshot(summary, out / "fewshot.png", title=f"{result['data']} ({backbone}), mean ± sd over "
+        plot_fewshot(summary, out / "fewshot.png", title=f"{result['data']} ({s.backbone}), mean ± sd over "
                                                           f"{len(seeds)} seed(s)")
-        result["plot"] = str(out / "fewshot.png")
+        result["plot"] = str(final / "fewshot.png")
     return result
 
 

@@ -44,12 +44,16 @@ from ..tasks.features import CACHE
 FROZEN = ("vision", "text")
 
 
+NOT_PERCENT = ("C", "lr", "alpha", "beta", "weights", "level", "p_le_0")  # kept as they are
+
+
 def round_percent(value: Any, digits: int = 2) -> Any:
-    """Floats rounded to `digits` decimals, through dicts and lists (what a percentage means, not float noise)."""
+    """Floats rounded to `digits` decimals, through dicts and lists (what a percentage means, not float noise);
+    the values of keys in NOT_PERCENT (hyperparameters, weights) are kept as they are."""
     if isinstance(value, float):
         return round(value, digits) if np.isfinite(value) else value
     if isinstance(value, dict):
-        return {k: round_percent(v, digits) for k, v in value.items()}
+        return {k: v if k in NOT_PERCENT else round_percent(v, digits) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [round_percent(v, digits) for v in value]
     return value
