@@ -170,3 +170,16 @@ def test_export_peft_refuses_the_graph_options(tmp_path, capsys):
 def test_hf_local_path_refuses_a_hub_token(tmp_path):
     with pytest.raises(ConfigError, match="a hub token does not apply"):
         load_data({"kind": "hf", "source": str(tmp_path), "token": "hf_x"})
+
+
+@pytest.mark.parametrize("args, unused", [
+    (["--backbone", "tiny", "--providers", "CPUExecutionProvider"], "--providers does not apply with --engine torch"),
+    (["--engine", "onnx", "--adapters", "x", "--device", "cpu", "--backbone", "tiny"],
+     "--device, --backbone do not apply with --engine onnx"),
+    (["--backbone", "tiny", "--replicas", "2", "--ray-address", "h:6379"], "--replicas, --ray-address do not apply"),
+    (["--backbone", "tiny", "--cluster", "ray", "--threads", "2"], "--threads does not apply with --engine torch "
+                                                                     "--cluster ray"),
+])
+def test_serve_refuses_flags_its_engine_or_cluster_does_not_use(capsys, args, unused):
+    code, _, err = cli(["serve", *args], capsys)
+    assert code == 2 and err.count("\n") == 1 and unused in err, err

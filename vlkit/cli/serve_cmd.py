@@ -11,6 +11,26 @@ from __future__ import annotations
 
 import typer
 
+FLAG_SCOPE = {  # flag -> (what it needs, the engine / cluster values it applies to)
+    "--providers": ("engine", ("onnx",)), "--device": ("engine", ("torch",)), "--backbone": ("engine", ("torch",)),
+    "--threads": ("cluster", ("none",)), "--replicas": ("cluster", ("ray",)),
+    "--gpus-per-replica": ("cluster", ("ray",)), "--cpus-per-replica": ("cluster", ("ray",)),
+    "--max-adapters-per-replica": ("cluster", ("ray",)), "--ray-address": ("cluster", ("ray",)),
+}
+
+
+def check_flags(engine: str, cluster: str, given: dict) -> None:
+    """A flag that the chosen --engine / --cluster does not use is refused, not ignored."""
+    from ..errors import ConfigError
+
+    if engine not in ("torch", "onnx") or cluster not in ("none", "ray"):
+        return  # ServeConfig.check says what the choices are
+    chosen = {"engine": engine, "cluster": cluster}
+    unused = [f for f, v in given.items() if v is not None and chosen[FLAG_SCOPE[f][0]] not in FLAG_SCOPE[f][1]]
+    if unused:
+        what = " ".join(f"--{k} {v}" for k, v in chosen.items())
+        raise ConfigError(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply with {what}")
+
 
 def register(cli: typer.Typer) -> None:
     @cli.command("serve")
@@ -35,12 +55,15 @@ def register(cli: typer.Typer) -> None:
         providers: str | None = typer.Option(None, "--providers", help="onnx: execution providers, comma-separated."),
         cluster: str = typer.Option("none", "--cluster", help="none | ray: deploy on Ray Serve, replicas loading "
                                                                "adapters on demand (pip install 'vlkit[cluster]')."),
-        replicas: int = typer.Option(1, "--replicas", help="--cluster ray: model replicas (one backbone each)."),
-        gpus_per_replica: float = typer.Option(0.0, "--gpus-per-replica", help="--cluster ray: GPUs per replica."),
-        cpus_per_replica: float = typer.Option(1.0, "--cpus-per-replica", help="--cluster ray: CPUs per replica."),
-        max_adapters_per_replica: int = typer.Option(4, "--max-adapters-per-replica",
-                                                     help="--cluster ray: adapters a replica keeps loaded (least "
-                                                          "recently used ones are evicted)."),
+        replicas: int | None = typer.Option(None, "--replicas",
+                                            help="--cluster ray: model replicas (one backbone each; 1)."),
+        gpus_per_replica: float | None = typer.Option(None, "--gpus-per-replica",
+                                                      help="--cluster ray: GPUs per replica (0)."),
+        cpus_per_replica: float | None = typer.Option(None, "--cpus-per-replica",
+                                                      help="--cluster ray: CPUs per replica (1)."),
+        max_adapters_per_replica: int | None = typer.Option(None, "--max-adapters-per-replica",
+                                                            help="--cluster ray: adapters a replica keeps loaded "
+                                                                 "(least recently used ones are evicted; 4)."),
         ray_address: str | None = typer.Option(None, "--ray-address",
                                                   help="--cluster ray: a running Ray cluster (default: start a local "
                                                        "instance on 127.0.0.1)."),
@@ -57,14 +80,18 @@ def register(cli: typer.Typer) -> None:
 
         from ..serve.app import ServeConfig, run_server
 
+        ray_only = {"--replicas": replicas, "--gpus-per-replica": gpus_per_replica,
+                    "--cpus-per-replica": cpus_per_replica, "--max-adapters-per-replica": max_adapters_per_replica,
+                    "--ray-address": ray_address}
+        check_flags(engine, cluster, {"--providers": providers, "--device": device, "--backbone": backbone,
+                                      "--threads": threads, **ray_only})
+        ray = {k[2:].replace("-", "_"): v for k, v in ray_only.items() if v is not None}
         config = ServeConfig(backbone=backbone, adapters=adapters or [], engine=engine, host=host, port=port,
                              max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size,
                              max_body_bytes=max_body_bytes, max_pixels=max_pixels, api_key=api_key, device=device,
                              drain_timeout=drain_timeout,
                              providers=[p for p in (providers or "").split(",") if p.strip()] or None,
-                             cluster=cluster, replicas=replicas, gpus_per_replica=gpus_per_replica,
-                             cpus_per_replica=cpus_per_replica, max_adapters_per_replica=max_adapters_per_replica,
-                             ray_address=ray_address, threads=threads, adapter_root=adapter_root)
+                             cluster=cluster, threads=threads, adapter_root=adapter_root, **ray)
         config.check()
         if config.cluster == "ray":
             from ..serve.ray_app import run_cluster
