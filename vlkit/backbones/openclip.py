@@ -46,7 +46,7 @@ def _sites_for_block(tower: str, index: int, path: str, block: nn.Module) -> Blo
 FEATURE_TAP = "vlkit_proj"
 
 
-def _text_owner(model: Any) -> tuple[nn.Module, str]:
+def _text_owner(model: Any) -> tuple[Any, str]:
     """The module holding the text tower's parts and its path prefix ("text." for CustomTextCLIP)."""
     if hasattr(model, "text") and hasattr(model.text, "transformer"):
         return model.text, "text."
