@@ -143,9 +143,12 @@ def test_a_corrupt_member_with_two_workers_is_one_line(tmp_path, capsys, monkeyp
     args = ["train", "recipes/quickstart.yaml", f"data.train={{kind: webdataset, shards: {shard}}}", "data.eval=null",
             "data.num_workers=2", f"backbone={SPEC}", "optim.steps=3", "optim.batch_size=8", "eval.every_steps=0",
             "checkpoint.every_steps=0", "logging.plot=false", "logging.tensorboard=false",
-            "task.options={head: linear, class_names: [a, b]}", "-o", str(tmp_path / "run"), "--no-progress"]
+            "task.options={head: linear, class_names: [circle, square]}", "-o", str(tmp_path / "run"),
+            "--no-progress"]
     code, _, err = cli(args, capsys)
-    one_line(code, err, str(shard), "member 0005.png")
+    assert code == 2 and "Traceback" not in err and [x for x in err.splitlines() if x.startswith("error")] == \
+        [err.strip().splitlines()[-1]], err
+    assert str(shard) in err and "member 0005.png" in err
     monkeypatch.setenv("VLKIT_DEBUG", "1")
     code, _, err = cli([*args, "--overwrite"], capsys)
     assert code == 2 and "Original Traceback" in err and err.strip().splitlines()[-1].startswith("error: ")

@@ -69,6 +69,8 @@ def _split_file(root: Path, name: str | None) -> Path:
 
 def _image_root(root: Path, first: str, image_dir: str | None) -> Path:
     if image_dir is not None:
+        if not isinstance(image_dir, str) or not image_dir.strip():
+            raise ConfigError(f"coop option image_dir must be a folder name, got {image_dir!r}")
         d = Path(image_dir).expanduser()
         d = d if d.is_absolute() else root / d
         if not d.is_dir():
@@ -114,7 +116,8 @@ def load_coop(source: str | None = None, *, split: str | None = None, **options:
     names: dict[int, str] = {}
     for s in SPLITS:  # the class names of every split, so train / val / test share one ClassLabel
         for i, item in enumerate(table.get(s, [])):
-            if not (isinstance(item, list) and len(item) == 3 and isinstance(item[1], int)):
+            if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str) and item[0].strip()
+                    and isinstance(item[1], int) and not isinstance(item[1], bool) and item[1] >= 0):
                 raise DataError(f"{sfile}: {s}[{i}] is not [relative path, label, classname]")
             if names.setdefault(item[1], str(item[2])) != str(item[2]):
                 raise DataError(f"{sfile}: label {item[1]} is named both {names[item[1]]!r} and {item[2]!r}")
