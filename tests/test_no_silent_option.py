@@ -183,3 +183,8 @@ def test_hf_local_path_refuses_a_hub_token(tmp_path):
 def test_serve_refuses_flags_its_engine_or_cluster_does_not_use(capsys, args, unused):
     code, _, err = cli(["serve", *args], capsys)
     assert code == 2 and err.count("\n") == 1 and unused in err, err
+
+
+def test_probe_overwrite_needs_an_out_dir(capsys):
+    code, _, err = cli(["probe", "winoground", "-b", "tiny@random", "--overwrite"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "without --out nothing is written" in err, err

@@ -83,6 +83,8 @@ def register(cli: typer.Typer) -> None:
             raise ConfigError(f"-n must be at least 1, got {n}")
         if batch_size is not None and batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+        if overwrite and out is None:
+            raise ConfigError("--overwrite replaces the result file in --out DIR; without --out nothing is written")
         if plot is not None and plot.suffix.lower() not in (".png", ".svg", ".pdf"):
             raise ConfigError(f"--plot needs a .png, .svg or .pdf file name, got {plot.name}")
 
