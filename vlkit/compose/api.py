@@ -94,6 +94,7 @@ def compose(sources: list[str] | str, mode: str, out: str | Path, *, weights: li
         raise ConfigError("--alpha is mode wise's interpolation strength" if alpha is not None else
                           "mode wise needs --alpha (0: the frozen backbone, 1: the adapter)")
     if mode == "wise":
+        assert alpha is not None  # checked above
         if len(srcs) != 1 or weights is not None:
             raise ConfigError(f"mode wise interpolates one adapter (with --alpha, not --weights); got {len(srcs)}")
         check_finite_weights([alpha])

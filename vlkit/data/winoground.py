@@ -191,7 +191,7 @@ def load_synth(n: int = 400, seed: int = 0, domain: str = "photo", image_size: i
     return normalize(ds, "synth")
 
 
-SYNTH_OPTIONS = {"n": 400, "seed": 0, "domain": "photo", "image_size": 64}
+SYNTH_OPTIONS: dict[str, Any] = {"n": 400, "seed": 0, "domain": "photo", "image_size": 64}
 
 
 def load_winoground(source: str | None = None, *, split: str | None = None, task: str | None = None,
@@ -219,7 +219,7 @@ def load_winoground(source: str | None = None, *, split: str | None = None, task
     _only_for("split", split is not None and source == "synth", "the hub copy and parquet copies")
     if source == "synth":
         return load_synth(**{**SYNTH_OPTIONS, **synth})
-    path = Path(source).expanduser()
+    path = Path(str(source)).expanduser()  # not None: None is the hub
     if not path.exists():
         raise DataError(f"winoground source not found: {path}",
                         hint="give hub, synth, or a local folder with parquet files or examples.jsonl + images/")

@@ -63,7 +63,7 @@ def parse_alphas(text: str | Sequence[float] | None) -> list[float]:
     """'0,0.25,0.5' (or numbers) to floats in [0, 1]."""
     if text is None:
         return []
-    items = [text] if isinstance(text, (int, float)) else text
+    items: Any = [text] if isinstance(text, (int, float)) else text
     if isinstance(items, str):
         items = [p for p in items.split(",") if p.strip()]
     try:
@@ -180,7 +180,8 @@ def run_eval(backbone: Any = "tiny", adapters: str | Sequence[str] | None = None
     if general is not None:
         gen_ds, _ = load_eval_data(general, task)
         gen = (gen_ds, first.prepare(bb, gen_ds))
-    rows, values = [], []
+    rows: list[dict[str, Any]] = []
+    values: list[Any] = []
     for system in systems:
         if progress is not None:
             progress(system.label)
