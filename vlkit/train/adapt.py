@@ -3,10 +3,11 @@ with the general-domain (photo) score measured with the adapter off (verified un
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 
@@ -26,7 +27,7 @@ from .baselines import class_split, dataset_classes, keep_classes, linear_probe,
 from .engine import run
 from .evaluate import load_eval_data, round_percent
 from .jobs import build_task, load_datasets
-from .recipe import load_recipe
+from .recipe import as_recipe, load_recipe, plain
 
 DATA_KIND = "world"  # the dataset kind adapt trains and evaluates on; its registry entry declares the domains
 GENERAL_DOMAIN = "photo"
@@ -58,13 +59,12 @@ def adapt_recipe(backbone: str, domain: str, shots: int, method: str, variant: s
 def _general_eval(backbone, cfg, n_eval: int, seed: int):
     """Photo-domain zero-shot classification accuracy (class prompts through the text tower) and the
     logits, to verify that 'adapter off' is exactly the frozen model."""
-    from omegaconf import OmegaConf
 
 
     ds = load_data({"kind": DATA_KIND, "domain": GENERAL_DOMAIN, "task": "classification", "n": n_eval,
                     "seed": seed + 20_000})
-    cfg = OmegaConf.merge(cfg, {"method": "zeroshot"})
-    OmegaConf.update(cfg, "task.options", {}, merge=False)
+    cfg = dataclasses.replace(as_recipe(cfg), method="zeroshot")
+    cfg.task = dataclasses.replace(cfg.task, options={})
     task = build_task(backbone, cfg, ds)
     data = task.prepare(backbone, ds)
     with torch.no_grad():
@@ -239,10 +239,9 @@ def protocol_val(cfg, shots: int, seed: int):
     """CoOp's few-shot validation set: min(shots, 4) examples per class (fewer where the split has fewer), from
     the source's val split (a world source: a fresh draw with its own seed). None where the source has no val
     split or a class has no val example."""
-    from omegaconf import OmegaConf
 
 
-    spec = cast(dict, OmegaConf.to_container(cfg.data.train, resolve=True))
+    spec = plain(cfg.data.train)
     if kind_draws_shots(spec):
         spec.pop("seed", None)  # the seed of its own draw: the val draw below has its own
     spec.pop("shots", None)

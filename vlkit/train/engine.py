@@ -43,7 +43,7 @@ from .jobs import Job, build_task, is_streaming, load_datasets, prepare_training
 from .logs import MetricsLog
 from .methods import get_method
 from .plan import build_plan, job_count
-from .recipe import check_resumable
+from .recipe import as_recipe, check_resumable, plain, to_yaml
 
 
 class _TrainModule(nn.Module):
@@ -108,8 +108,6 @@ def train(cfg, out_dir: str | Path | None = None, *, resume: bool = False, overw
 
 def recipe_inputs(cfg) -> list[str]:
     """Local paths a recipe reads (adapters it builds on, local data), which its output may not be."""
-    from omegaconf import OmegaConf
-
     found: list[str] = []
 
     def walk(node):
@@ -123,7 +121,7 @@ def recipe_inputs(cfg) -> list[str]:
             for v in node:
                 walk(v)
 
-    walk(OmegaConf.to_container(cfg, resolve=True))
+    walk(plain(cfg))
     return [p for p in found if p and Path(p).exists()]
 
 
@@ -167,6 +165,7 @@ def run(cfg, out_dir: str | Path | None = None, *, resume: bool = False, overwri
     another command's staging directory, e.g. `vlkit adapt`) writes the final files into the output directory."""
     import shutil
 
+    cfg = as_recipe(cfg)
     out = Path(out_dir or cfg.output_dir or f"runs/{cfg.name}")
     if publish and _main_process():
         holder = OutputTarget(out).holder()
@@ -210,7 +209,6 @@ def run(cfg, out_dir: str | Path | None = None, *, resume: bool = False, overwri
 def _run(cfg, out: Path, stage: Path | None, *, resume: bool, progress, stop_after, datasets):
     """The run itself: working state in `out`, final files into `stage` (None on processes other than the first)."""
     from accelerate.utils import set_seed
-    from omegaconf import OmegaConf
 
     report = _reporter(progress)
     accel = _accelerator(cfg, find_unused=job_count(cfg) > 1)
@@ -240,7 +238,7 @@ def _run(cfg, out: Path, stage: Path | None, *, resume: bool, progress, stop_aft
     module = _TrainModule(backbone, [j.task for j in jobs])
     module.to(accel.device)
     if accel.is_main_process:
-        write_text(out / CKPT_DIR / "recipe.yaml", OmegaConf.to_yaml(cfg))  # what the checkpoints belong to
+        write_text(out / CKPT_DIR / "recipe.yaml", to_yaml(cfg))  # what the checkpoints belong to
     log = MetricsLog(out, enabled=accel.is_main_process, tensorboard=cfg.logging.tensorboard)
     result: dict[str, Any] = {"name": cfg.name, "method": cfg.method, "backbone": cfg.backbone,
                               "task": plan.label, "output_dir": str(out)}
@@ -272,7 +270,7 @@ def _run(cfg, out: Path, stage: Path | None, *, resume: bool, progress, stop_aft
     plan.finish(result, per_task)
     log.close()
     if accel.is_main_process and stage is not None:
-        write_text(stage / "recipe.yaml", OmegaConf.to_yaml(cfg))
+        write_text(stage / "recipe.yaml", to_yaml(cfg))
         plan.write(stage, backbone, result, history)
         if stage != out:
             _finish_logs(out, stage)

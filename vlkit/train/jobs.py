@@ -8,7 +8,7 @@ same way for every kind of recipe: the task from its training data, then the rec
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from ..adapters.model import AdaptedModel
 from ..data import load_data, required_fields
@@ -19,6 +19,7 @@ from ..data.shots import take_shots
 from ..errors import ConfigError
 from ..plugins import registry
 from .methods import TrainingMethod, get_method, prepare_adapter
+from .recipe import plain
 
 
 @dataclass(frozen=True)
@@ -78,9 +79,8 @@ def prepare_job(backbone, cfg, *, name: str | None, seed: int, adapter_options: 
 
 def build_task(backbone, cfg, train_ds):
     import datasets as hfds
-    from omegaconf import OmegaConf
 
-    options = cast(dict, OmegaConf.to_container(cfg.task.options, resolve=True)) or {}
+    options = plain(cfg.task.options) or {}
     cls = registry("task").get(cfg.task.name)
     options = get_method(cfg.method).task_options(cls, options)
     if not isinstance(train_ds, hfds.IterableDataset):
@@ -111,9 +111,8 @@ def _load_source(spec: dict, task: str):
 def load_datasets(cfg):
     """The recipe's (train, eval or None) datasets; `data.train.shots: k` keeps k examples per class."""
     import datasets as hfds
-    from omegaconf import OmegaConf
 
-    train = cast(dict, OmegaConf.to_container(cfg.data.train, resolve=True))
+    train = plain(cfg.data.train)
     train.setdefault("task", cfg.task.name)
     shots = take_shots(train, int(cfg.seed))  # None where the dataset kind draws them itself (vlkit.data.shots)
     train_ds = _load_source(train, cfg.task.name)
@@ -123,7 +122,7 @@ def load_datasets(cfg):
         train_ds = few_shot(train_ds, shots, seed=cfg.seed)
     eval_ds = None
     if cfg.data.eval is not None:
-        ev = cast(dict, OmegaConf.to_container(cfg.data.eval, resolve=True))
+        ev = plain(cfg.data.eval)
         ev.setdefault("task", cfg.task.name)
         eval_ds = _in_memory(_load_source(ev, cfg.task.name))
     return train_ds, eval_ds

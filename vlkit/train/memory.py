@@ -6,13 +6,14 @@ bytes of parameters, gradients and AdamW state. Both measure one optimisation st
 """
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
 import torch
 
 from ..backbones.loading import load_backbone
 from .jobs import build_task, load_datasets
 from .methods import apply_method
+from .recipe import plain
 
 
 def _storage_key(t: torch.Tensor):
@@ -24,14 +25,13 @@ def _storage_key(t: torch.Tensor):
 
 def measure_step_memory(cfg, batch_size: int | None = None) -> dict[str, Any]:
     """Bytes used by one training step of recipe `cfg` (method, adapter, task as the recipe says)."""
-    from omegaconf import OmegaConf
 
 
     torch.manual_seed(cfg.seed)
     backbone = load_backbone(cfg.backbone)
     train_ds, _ = load_datasets(cfg)
     task = build_task(backbone, cfg, train_ds)
-    _, trainable = apply_method(backbone, task, cfg, cast(dict, OmegaConf.to_container(cfg.adapter, resolve=True)))
+    _, trainable = apply_method(backbone, task, cfg, plain(cfg.adapter))
     bs = batch_size or cfg.optim.batch_size
     data = task.prepare(backbone, train_ds.select(range(min(bs, len(train_ds)))))
     backbone.train()

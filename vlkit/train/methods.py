@@ -20,7 +20,7 @@ from __future__ import annotations
 import inspect
 import re
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from torch import nn
 
@@ -31,6 +31,7 @@ from ..compose.resolve import load_base, write_base_composition
 from ..errors import ConfigError
 from ..io import atomic_path
 from ..plugins import registry
+from .recipe import plain
 
 
 def adapter_name_for(run_name: str) -> str:
@@ -64,10 +65,9 @@ class AdapterMethod(TrainingMethod):
     summary = "frozen backbone, one new adapter (adapter.variant) and the task head train"
 
     def check(self, cfg, source: str) -> None:
-        from omegaconf import OmegaConf
 
 
-        opts = cast(dict, OmegaConf.to_container(cfg.adapter, resolve=True))
+        opts = plain(cfg.adapter)
         variant = opts.pop("variant", None)
         if not variant:
             raise ConfigError(f"{source}: key 'adapter.variant': missing (e.g. bottleneck, lora)")
@@ -94,7 +94,7 @@ class AdapterMethod(TrainingMethod):
         variant = opts.pop("variant")
         adapter = adapter_name_for(opts.pop("name", cfg.name))
         var = registry("adapter").get(variant)
-        base = load_base(backbone, (cfg.get("compose") or {}).get("base"))  # train on top of frozen adapters
+        base = load_base(backbone, cfg.compose.get("base"))  # train on top of frozen adapters
         opts = var.options_from_data(backbone, task, train_data, opts)
         model = AdaptedModel.of(backbone)
         model.add_adapter(adapter, variant, **opts)

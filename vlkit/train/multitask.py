@@ -13,8 +13,10 @@ re-ties the shared parameters) and metrics.json.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 
@@ -25,16 +27,15 @@ from ..errors import ConfigError
 from ..io import atomic_path, write_json, write_text
 from .jobs import Job, prepare_job
 from .methods import adapter_name_for, freeze, get_method, trainable_parameters
+from .recipe import TaskCfg, plain, to_yaml
 
 
 def task_recipe(cfg, tcfg, name: str):
     """The single-task recipe of one entry of `tasks` (saved with its adapter; the router reads its data)."""
-    from omegaconf import OmegaConf
 
-    sub = OmegaConf.merge(cfg, {"name": name, "tasks": [], "sharing": "per_task",
-                                "task": {"name": tcfg.name, "options": tcfg.options}})
-    sub.data = tcfg.data
-    return sub
+    return dataclasses.replace(cfg, name=name, tasks=[], sharing="per_task",
+                               task=TaskCfg(name=tcfg.name, options=copy.deepcopy(tcfg.options)),
+                               data=copy.deepcopy(tcfg.data))
 
 
 def multitask_jobs(cfg, backbone, datasets: dict[str, tuple]) -> tuple[list[Job], dict[str, torch.nn.Parameter]]:
@@ -43,9 +44,8 @@ def multitask_jobs(cfg, backbone, datasets: dict[str, tuple]) -> tuple[list[Job]
     Returns (jobs, trainable parameters); heads are named `head.<adapter>.<param>`.
 
     `datasets`: optional {adapter name: (train Dataset, eval Dataset or None)} instead of each task's `data`."""
-    from omegaconf import OmegaConf
 
-    opts = cast(dict, OmegaConf.to_container(cfg.adapter, resolve=True))
+    opts = plain(cfg.adapter)
     opts.pop("name", None)
     shared_parts(opts["variant"], cfg.sharing)
     method = get_method(cfg.method)
@@ -79,7 +79,6 @@ def multitask_result(result: dict[str, Any], cfg, per_task: dict[str | None, dic
 
 def write_multitask_outputs(cfg, out: Path, backbone, jobs, result: dict[str, Any]) -> None:
     """adapters/<name>/ per task, shared.safetensors, composition.json (mode route) and metrics.json."""
-    from omegaconf import OmegaConf
     from safetensors.torch import save_file
 
     names = [j.name for j in jobs]
@@ -93,7 +92,7 @@ def write_multitask_outputs(cfg, out: Path, backbone, jobs, result: dict[str, An
             with atomic_path(d / "head.safetensors") as tmp:
                 save_file(head, str(tmp))
         write_json(d / "task.json", meta)
-        write_text(d / "recipe.yaml", OmegaConf.to_yaml(j.cfg))
+        write_text(d / "recipe.yaml", to_yaml(j.cfg))
         sources.append((j.name, d))
     extra: dict[str, Any] = {"sharing": cfg.sharing}
     shared = tie_shared(backbone, names, cfg.sharing, check=False)

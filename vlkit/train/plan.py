@@ -10,7 +10,7 @@ train. The engine only loops over the jobs; the plan also says how the run's res
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from torch import nn
 
@@ -19,11 +19,12 @@ from .jobs import Job, prepare_job
 from .logs import plot_curves
 from .methods import freeze, get_method, trainable_parameters
 from .multitask import multitask_jobs, multitask_result, write_multitask_outputs
+from .recipe import plain
 
 
 def job_count(cfg) -> int:
     """How many jobs `build_plan` makes of `cfg`, known before any weights or data load."""
-    return max(1, len(cfg.get("tasks") or []))
+    return max(1, len(cfg.tasks))
 
 
 class Plan:
@@ -93,14 +94,13 @@ def build_plan(cfg, backbone, datasets: tuple | dict | None = None) -> Plan:
 
     `datasets`: for a single task (train, eval or None); for a multi-task recipe {adapter name: (train, eval)};
     None: each task's `data`."""
-    from omegaconf import OmegaConf
 
-    if cfg.get("tasks"):
+    if cfg.tasks:
         jobs, trainable = multitask_jobs(cfg, backbone, dict(datasets or {}))
         return MultiTaskPlan(cfg, jobs, trainable)
     freeze(backbone)
     method = get_method(cfg.method)
     assert not isinstance(datasets, dict), "one task: (train, eval) or None"
     job = prepare_job(backbone, cfg, name=None, seed=cfg.seed, method=method, datasets=datasets,
-                      adapter_options=cast(dict, OmegaConf.to_container(cfg.adapter, resolve=True)))
+                      adapter_options=plain(cfg.adapter))
     return Plan(cfg, [job], trainable_parameters(backbone, {"head.": job.task.head}))

@@ -5,6 +5,8 @@ wrong types, unknown plugin names, bad adapter options and missing local files.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,7 +135,8 @@ def _omegaconf_error(exc: Exception, source: str) -> ConfigError:
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None,
                 notes: list[str] | None = None, allow_env: list[str] | tuple[str, ...] = (),
                 allow_untrained: bool = False):
-    """Read a recipe file (or start from defaults) and apply overrides; returns a typed DictConfig.
+    """Read a recipe file (or start from defaults) and apply overrides, check it, and return the typed
+    `Recipe` (see `as_recipe`).
 
     `notes` (a list) receives one line per override that dropped options (see `_switch_options`). A recipe
     file reads no environment variable (`${oc.env:NAME}`) unless `allow_env` names it, and calls no other
@@ -200,7 +203,76 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     data_notes = recipe_notes(merged)  # a recipe setting that overrides a dataset kind's own option says so
     if notes is not None:
         notes.extend(data_notes)
-    return merged
+    return as_recipe(merged)
+
+
+def as_recipe(cfg: Any) -> Recipe:
+    """The typed recipe: a `Recipe` (nested dataclasses; data specs, adapter and task options as plain dicts)
+    from the checked DictConfig `load_recipe` builds, or a `Recipe` as it is. Everything past the edge (the CLI,
+    `load_recipe`) reads this object."""
+    if isinstance(cfg, Recipe):
+        return cfg
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.is_config(cfg):
+        cfg = OmegaConf.merge(OmegaConf.structured(Recipe), cfg)
+    obj = OmegaConf.to_object(cfg)
+    if not isinstance(obj, Recipe):
+        raise ConfigError("a recipe must be a mapping of keys to values")
+    return _with_specs(obj)
+
+
+class Spec(dict):
+    """A free mapping of the recipe (adapter options, task options, data specs, compose): a plain dict whose keys
+    also read as attributes, as in the YAML (`cfg.adapter.rank`, `cfg.data.train.kind`)."""
+
+    __slots__ = ()
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        self[key] = value
+
+    def __delattr__(self, key: str) -> None:
+        try:
+            del self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+
+def _spec(node: Any) -> Any:
+    if isinstance(node, dict):
+        return Spec({k: _spec(v) for k, v in node.items()})
+    if isinstance(node, list):
+        return [_spec(v) for v in node]
+    if dataclasses.is_dataclass(node) and not isinstance(node, type):
+        return _with_specs(node)
+    return node
+
+
+def _with_specs(obj: Any) -> Any:
+    for f in dataclasses.fields(obj):
+        setattr(obj, f.name, _spec(getattr(obj, f.name)))
+    return obj
+
+
+def plain(node: Any) -> Any:
+    """A deep plain copy (dicts, lists, scalars) of a recipe node, an OmegaConf node or a dataclass."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(node):
+        return OmegaConf.to_container(node, resolve=True)
+    if dataclasses.is_dataclass(node) and not isinstance(node, type):
+        return {f.name: plain(getattr(node, f.name)) for f in dataclasses.fields(node)}
+    if isinstance(node, dict):
+        return {k: plain(v) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [plain(v) for v in node]
+    return copy.deepcopy(node)
 
 
 RESOLVER_RE = re.compile(r"\$\{\s*([A-Za-z_][\w.]*)\s*:([^}]*)\}")
@@ -470,9 +542,10 @@ def _check_compose(cfg, source: str) -> None:
 
 
 def to_yaml(cfg) -> str:
+    """The recipe as YAML (what a run saves as recipe.yaml)."""
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_yaml(cfg)
+    return OmegaConf.to_yaml(OmegaConf.create(plain(cfg)))
 
 
 # keys a resumed run may change: how long it runs, how it logs, evaluates and checkpoints, how data is loaded
@@ -501,7 +574,7 @@ def check_resumable(cfg, *recipe_files: Path) -> None:
         saved = OmegaConf.to_container(OmegaConf.load(saved_file), resolve=False)
     except Exception as exc:
         raise ConfigError(f"--resume: {saved_file} cannot be read: {str(exc).splitlines()[0]}") from None
-    now = OmegaConf.to_container(cfg, resolve=False)
+    now = plain(cfg)
     a, b = _flat(saved if isinstance(saved, dict) else {}), _flat(now)
     free = lambda k: any(k == f or k.startswith(f + ".") for f in RESUME_FREE)  # noqa: E731
     changed = sorted(k for k in set(a) | set(b) if not free(k) and a.get(k) != b.get(k))
