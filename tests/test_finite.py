@@ -1,5 +1,5 @@
 """NaN/inf adapter tensors are refused on every path that loads them (issue 29): each `vlkit compose` mode,
-`compose run`, `probe`, `export`, `inspect`, the task head and the server's hot load. One line, exit 2,
+`compose run`, `probe`, `eval`, `export`, `inspect`, `train`, the task head and the server's hot load. One line, exit 2,
 naming the file."""
 from __future__ import annotations
 
@@ -153,3 +153,9 @@ def test_resume_from_a_non_finite_checkpoint_is_refused(tmp_path, capsys, monkey
     lines = err.strip().splitlines()  # the run's own warning about frozen text-tower adapters comes first
     assert code == 2 and [ln for ln in lines if ln.startswith("error:")] == lines[-1:], err
     assert str(ckpt) in lines[-1] and "NaN or inf" in lines[-1]
+
+
+def test_eval_refuses(dirs, capsys):
+    code, _, err = cli(["eval", "--data", "world:satellite/classification", "-b", SPEC, "-a", str(dirs["nan"]),
+                        "--bootstrap", "0"], capsys)
+    one_error_line(code, err, dirs["nan"] / "adapter_model.safetensors")
