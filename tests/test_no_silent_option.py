@@ -188,3 +188,8 @@ def test_serve_refuses_flags_its_engine_or_cluster_does_not_use(capsys, args, un
 def test_probe_overwrite_needs_an_out_dir(capsys):
     code, _, err = cli(["probe", "winoground", "-b", "tiny@random", "--overwrite"], capsys)
     assert code == 2 and err.count("\n") == 1 and "without --out nothing is written" in err, err
+
+
+def test_eval_overwrite_needs_an_out_file(capsys):
+    code, _, err = cli(["eval", "--data", "world:satellite/classification", "--overwrite"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "without --out nothing is written" in err, err

@@ -84,6 +84,8 @@ def register(cli: typer.Typer) -> None:
         from .common import parse_kv
         from .output import console, print_json
 
+        if overwrite and out is None:
+            raise ConfigError("--overwrite replaces the --out FILE; without --out nothing is written")
         if out is not None and out.exists() and not overwrite:
             raise ConfigError(f"{out} exists", hint="pass --overwrite to replace it")
         if out is not None and out.is_dir():
