@@ -6,8 +6,13 @@ per method, and checks the two goals of issue 16: the best adapter at 16 shots i
 and Tip-Adapter (no training) beats zero-shot at every shot count. Every run goes through
 `vlkit.train.adapt.run_fewshot`, the function behind `vlkit adapt --method ... --shots ... --seeds ...`.
 
+Generalisation (issue 26), at the largest shot count: `retention` (the photo domain's zero-shot accuracy with the
+method's backbone, as a percentage of the frozen backbone's; a linear probe leaves the backbone as it is) and,
+unless `--no-base2novel`, CoCoOp's base-to-novel protocol (trained on the first half of the classes; accuracy on
+the base and on the novel classes, and their harmonic mean; a linear head has no novel score).
+
     python bench/fewshot.py [--quick] [--steps N] [--n-eval 300] [--json out.json] [--plot out.png] [--md out.md]
-                            [--domains D,..] [--runs-out runs.jsonl] [--from-runs a.jsonl,b.jsonl]
+                            [--domains D,..] [--runs-out runs.jsonl] [--from-runs a.jsonl,b.jsonl] [--no-base2novel]
 
 `--runs-out` appends every run (one JSON line) as it finishes; `--from-runs` builds the table from such files
 (e.g. one process per domain, run side by side) without running anything.
@@ -25,12 +30,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-METHODS = ["zeroshot", "linear", "coop", "vpt", "maple", "clip-adapter", "tip-adapter", "tip-adapter-f", "lora",
-           "dora", "bottleneck", "full"]
-LABELS = {"zeroshot": "zero-shot", "linear": "linear probe", "coop": "CoOp", "vpt": "VPT", "maple": "MaPLe",
+METHODS = ["zeroshot", "linear", "linear-sgd", "coop", "vpt", "maple", "clip-adapter", "tip-adapter", "tip-adapter-f",
+           "lora", "dora", "bottleneck", "full"]
+LABELS = {"zeroshot": "zero-shot", "linear": "linear probe (L-BFGS)", "linear-sgd": "linear head (SGD)",
+          "coop": "CoOp", "vpt": "VPT", "maple": "MaPLe",
           "clip-adapter": "CLIP-Adapter", "tip-adapter": "Tip-Adapter", "tip-adapter-f": "Tip-Adapter-F",
           "lora": "LoRA", "dora": "DoRA", "bottleneck": "bottleneck", "full": "full fine-tuning"}
-ADAPTERS = [m for m in METHODS if m not in ("zeroshot", "linear", "full")]
+ADAPTERS = [m for m in METHODS if m not in ("zeroshot", "linear", "linear-sgd", "full")]
 # the ranking CLIP-LoRA (Zanella & Ben Ayed, 2024) reports for ViT-B/16 at 16 shots, averaged over the 11 CoOp
 # datasets; the ranking only (no figures are copied here: read the paper's table for them)
 PUBLISHED = ["LoRA (CLIP-LoRA)", "Tip-Adapter-F", "CoOp"]
@@ -51,6 +57,7 @@ def main(argv=None) -> int:
     ap.add_argument("--md", type=Path, default=None)
     ap.add_argument("--runs-out", type=Path, default=None, help="append each run as a JSON line to this file")
     ap.add_argument("--from-runs", default=None, help="comma-separated JSON-lines files of runs: table only")
+    ap.add_argument("--no-base2novel", action="store_true", help="skip the base-to-novel runs")
     args = ap.parse_args(argv)
 
     from vlkit.train.adapt import plot_fewshot, run_fewshot
@@ -81,20 +88,34 @@ def main(argv=None) -> int:
         res = run_fewshot(args.backbone, methods, shots, seeds, domain=domain, steps=args.steps, n_eval=args.n_eval,
                           on_run=on_run)
         runs += [dict(r, domain=domain) for r in res["runs"]]
+        if not args.no_base2novel:
+            def on_b2n(r, domain=domain):
+                on_run(dict(r, protocol="base2novel"), domain)
+
+            res = run_fewshot(args.backbone, methods, [max(shots)], seeds, domain=domain, steps=args.steps,
+                              n_eval=args.n_eval, protocol="base2novel", on_run=on_b2n)
+            runs += [dict(r, domain=domain, protocol="base2novel") for r in res["runs"]]
     if not args.from_runs:
         wall = time.perf_counter() - t0
 
     # per (method, shots): per seed the mean over domains, then mean ± sd over seeds
+    b2n = [r for r in runs if r.get("protocol") == "base2novel"]
+    runs = [r for r in runs if r.get("protocol") != "base2novel"]
     summary = []
     for m in methods:
         for k in shots:
             per_seed = [statistics.fmean(r["accuracy"] for r in runs if r["method"] == m and r["shots"] == k
                                          and r["seed"] == s) for s in seeds]
             rs = [r for r in runs if r["method"] == m and r["shots"] == k]
-            summary.append({"method": m, "shots": k, "mean": statistics.fmean(per_seed),
-                            "sd": statistics.stdev(per_seed) if len(per_seed) > 1 else 0.0, "seeds": len(seeds),
-                            "trainable": max(r["trainable"] for r in rs),
-                            "seconds": statistics.fmean(r["seconds"] for r in rs)})
+            row = {"method": m, "shots": k, "mean": statistics.fmean(per_seed),
+                   "sd": statistics.stdev(per_seed) if len(per_seed) > 1 else 0.0, "seeds": len(seeds),
+                   "trainable": max(r["trainable"] for r in rs),
+                   "seconds": statistics.fmean(r["seconds"] for r in rs)}
+            for key, source in (("retention", rs), ("base", b2n), ("novel", b2n), ("hm", b2n)):
+                vals = [r[key] for r in source if r["method"] == m and r["shots"] == k and r.get(key) is not None]
+                if vals:
+                    row[key] = statistics.fmean(vals)
+            summary.append(row)
     acc = {(r["method"], r["shots"]): r["mean"] for r in summary}
     top = max(shots)
     best = max((m for m in methods if m in ADAPTERS), key=lambda m: acc[(m, top)], default=None)
@@ -116,23 +137,37 @@ def main(argv=None) -> int:
         plot_fewshot([dict(r, method=LABELS.get(r["method"], r["method"])) for r in summary], args.plot,
                      title=f"embedded world ({', '.join(domains)}), {args.backbone}, mean ± sd over {len(seeds)} seed(s)")
     if args.json:
-        args.json.write_text(json.dumps({"summary": summary, "runs": runs, "goals": goals, "domains": domains,
+        args.json.write_text(json.dumps({"summary": summary, "runs": runs + b2n, "goals": goals, "domains": domains,
                                          "shots": shots, "seeds": seeds, "wall_seconds": wall}, indent=2) + "\n")
     return 0
 
 
 def markdown(summary, methods, shots, domains, seeds, args, goals, wall) -> str:
     by = {(r["method"], r["shots"]): r for r in summary}
-    head = "| method | " + " | ".join(f"{k} shot{'s' if k > 1 else ''}" for k in shots) + " | trainable | train s (16) |"
+    top = max(shots)
+    b2n = any("base" in r for r in summary)
+    extra = [f"retention % ({top})"] + (["base", "novel", "HM"] if b2n else [])
+    head = ("| method | " + " | ".join(f"{k} shot{'s' if k > 1 else ''}" for k in shots) + " | " + " | ".join(extra)
+            + f" | trainable | train s ({top}) |")
     lines = [f"Embedded world, `{args.backbone}` backbone, domains {', '.join(domains)} (accuracy %, mean over the "
              f"domains, ± sd over seeds {', '.join(map(str, seeds))}; {args.n_eval} test images per domain; "
              f"steps {'max(60, 6 x shots)' if args.steps is None else args.steps}; "
              + (f"runs total {wall / 60:.1f} min, from {args.from_runs}" if args.from_runs
-                else f"wall {wall / 60:.1f} min on this machine") + "):", "", head, "|" + "---|" * (len(shots) + 3)]
+                else f"wall {wall / 60:.1f} min on this machine") + "):", "", head,
+             "|" + "---|" * (len(shots) + len(extra) + 3)]
+
+    def f(v):
+        return "—" if v is None else f"{v:.1f}"
+
     for m in methods:
         cells = [f"{by[(m, k)]['mean']:.1f} ± {by[(m, k)]['sd']:.1f}" for k in shots]
-        r = by[(m, max(shots))]
+        r = by[(m, top)]
+        cells += [f(r.get(k)) for k in ("retention", *(("base", "novel", "hm") if b2n else ()))]
         lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + f" | {r['trainable']:,} | {r['seconds']:.1f} |")
+    lines += ["", f"Retention: the photo domain's zero-shot accuracy after the method, % of the frozen backbone's, at "
+              f"{top} shots." + (f" Base-to-novel (CoCoOp): trained at {top} shots on the first half of each domain's "
+                                 "classes; accuracy on the base and the novel classes of the test set, HM their "
+                                 "harmonic mean; a linear head has no novel score." if b2n else "")]
     lines += ["", "Published reference (CLIP-LoRA paper, ViT-B/16, 16 shots, average of the 11 CoOp datasets): "
               + " > ".join(PUBLISHED) + " (ranking only; the tiny world backbone is not expected to match it)", ""]
     g = goals.get("best_adapter_ge_full")

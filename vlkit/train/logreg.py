@@ -58,8 +58,13 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, c: float, m
         loss.backward()
         return loss
 
-    with torch.enable_grad():
-        opt.step(closure)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a few hundred tiny ops per iteration: more threads only wait on each other
+    try:
+        with torch.enable_grad():
+            opt.step(closure)
+    finally:
+        torch.set_num_threads(threads)
     state = opt.state[opt._params[0]]
     return LogisticFit(w.detach(), b.detach(), float(c), int(state.get("n_iter", 0)))
 
