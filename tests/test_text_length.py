@@ -8,9 +8,9 @@ import json
 
 import pytest
 import torch
+from conftest import write_tiny_clip_tokenizer
 
 import vlkit
-from conftest import write_tiny_clip_tokenizer
 from vlkit.backbones.base import true_length
 
 WORDS = "red blue green circle square star cross left of right above below a the two one big small".split()

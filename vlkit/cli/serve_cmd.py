@@ -3,6 +3,7 @@
     vlkit serve --backbone tiny --adapters runs/med,runs/vqa,runs/router [--host 127.0.0.1 --port 8000]
                 [--engine torch|onnx] [--max-batch 32 --max-wait-ms 5 --queue-size 256]
                 [--api-key KEY | VLKIT_API_KEY] [--threads N] [--adapter-root DIR]
+                [--max-inputs 256 --max-texts 256] [--allow-url-images --url-timeout 10]
                 [--cluster ray --replicas 2 --gpus-per-replica 1 --max-adapters-per-replica 4 --ray-address ADDR]
 
 The server library is `vlkit.serve`; this module only maps flags to `ServeConfig`.
@@ -73,9 +74,18 @@ def register(cli: typer.Typer) -> None:
         adapter_root: str | None = typer.Option(None, "--adapter-root",
                                                    help="Hot loads (POST /v1/adapters/NAME) only from inside this "
                                                         "directory; relative paths are taken under it."),
+        max_inputs: int = typer.Option(256, "--max-inputs", help="Most items in one list request (embed, classify "
+                                                                  "and score `inputs`; /v1/embeddings `input`)."),
+        max_texts: int = typer.Option(256, "--max-texts", help="Most texts in one input (score texts, classify "
+                                                                "labels)."),
+        allow_url_images: bool = typer.Option(False, "--allow-url-images",
+                                              help="/v1/embeddings: fetch http(s) image URLs (public addresses only, "
+                                                   "--max-body-bytes and --url-timeout apply)."),
+        url_timeout: float = typer.Option(10.0, "--url-timeout", help="Seconds to fetch one image URL."),
         log_level: str = typer.Option("warning", "--log-level", help="uvicorn (or Ray) log level."),
     ) -> None:
         """Serve adapters over HTTP: embed, classify, score, answer; hot load; /health, /metrics, /docs."""
+        import os
         import sys
 
         from ..serve.app import ServeConfig, run_server
@@ -91,7 +101,8 @@ def register(cli: typer.Typer) -> None:
                              max_body_bytes=max_body_bytes, max_pixels=max_pixels, api_key=api_key, device=device,
                              drain_timeout=drain_timeout,
                              providers=[p for p in (providers or "").split(",") if p.strip()] or None,
-                             cluster=cluster, threads=threads, adapter_root=adapter_root, **ray)
+                             cluster=cluster, threads=threads, adapter_root=adapter_root, max_inputs=max_inputs,
+                             max_texts=max_texts, allow_url_images=allow_url_images, url_timeout=url_timeout, **ray)
         config.check()
         if config.cluster == "ray":
             from ..serve.ray_app import run_cluster
@@ -102,6 +113,11 @@ def register(cli: typer.Typer) -> None:
                 sys.stderr.flush()
 
             run_cluster(config, on_ready=cluster_ready, log_level=log_level)
+            if getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", "") == "vlkit.__main__" or \
+                    os.path.basename(sys.argv[0]) == "vlkit":
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(0)  # drained and shut down: Ray's C++ threads must not abort the interpreter's teardown
             return
 
         def ready(server) -> None:

@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Match
 
 from vlkit import __version__
 
@@ -58,12 +59,14 @@ from .backends import TorchBackend
 from .engine import BatchingEngine, Item
 from .guards import check_served_name, client_path, prompt_problem
 from .inputs import BODIES, LoadBody, adapter_of, decode_base64, form_fields, one_line, open_image, parse_json
+from .lists import run_body
 from .metrics import Metrics
 from .onnx_engine import OnnxBackend
+from .openai_api import OPENAI_PATHS, error_body, openai_router
 
 OPEN_PATHS = ("/health", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc")
 ENDPOINTS = ("/v1/embed", "/v1/classify", "/v1/score", "/v1/answer", "/v1/adapters", "/health", "/metrics",
-             *OPEN_PATHS)
+             *OPENAI_PATHS, *OPEN_PATHS)
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 ERROR_STATUSES = {400: "Malformed request, or one the adapter cannot answer", 401: "Missing or wrong API key",
                   403: "A hot-load path outside --adapter-root", 404: "Unknown adapter or path",
@@ -104,13 +107,19 @@ class ServeConfig:
     ray_address: str | None = None  # None: start a local Ray instance on 127.0.0.1
     threads: int | None = None  # intra-op threads of torch / onnxruntime (None: the library's default)
     adapter_root: str | None = None  # hot loads (POST /v1/adapters/NAME) only from inside this directory
+    max_inputs: int = 256  # items of one list request (inputs of embed/classify/score, input of /v1/embeddings)
+    max_texts: int = MAX_TEXTS  # texts of one input (score texts, classify labels)
+    allow_url_images: bool = False  # /v1/embeddings: http(s) image URLs (public addresses only)
+    url_timeout: float = 10.0  # seconds to fetch one image URL
 
     def check(self) -> None:
         if self.engine not in ("torch", "onnx"):
             raise ConfigError(f"--engine must be torch or onnx, got {self.engine!r}")
-        for k in ("max_batch", "queue_size", "max_body_bytes", "max_pixels"):
+        for k in ("max_batch", "queue_size", "max_body_bytes", "max_pixels", "max_inputs", "max_texts"):
             if int(getattr(self, k)) < 1:
                 raise ConfigError(f"--{k.replace('_', '-')} must be at least 1, got {getattr(self, k)}")
+        if not float(self.url_timeout) > 0:
+            raise ConfigError(f"--url-timeout must be above 0, got {self.url_timeout}")
         if self.threads is not None and int(self.threads) < 1:
             raise ConfigError(f"--threads must be at least 1, got {self.threads}")
         if float(self.max_wait_ms) < 0:
@@ -200,8 +209,9 @@ class _Guard:
         self.app = app
         self.state = state
 
-    async def _reply(self, send, status: int, message: str, headers=(), extra=None):
-        body = json.dumps({"error": message, **(extra or {})}).encode()
+    async def _reply(self, send, status: int, message: str, headers=(), extra=None, path: str = ""):
+        shaped = error_body(status, message) if path in OPENAI_PATHS else {"error": message}
+        body = json.dumps({**shaped, **(extra or {})}).encode()
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 *headers]})
@@ -240,15 +250,15 @@ class _Guard:
             if not hmac.compare_digest(given.encode(), st.api_key.encode()):
                 st.metrics.observe(endpoint_of(path), 401, 0.0)
                 return await self._reply(send, 401, "missing or wrong API key (Authorization: Bearer KEY or "
-                                                    "X-API-Key: KEY)", [(b"www-authenticate", b"Bearer")])
+                                                    "X-API-Key: KEY)", [(b"www-authenticate", b"Bearer")], path=path)
         limit = st.config.max_body_bytes
         try:
             declared = int(headers.get("content-length", "0") or 0)
         except ValueError:
-            return await self._reply(send, 400, "bad Content-Length header")
+            return await self._reply(send, 400, "bad Content-Length header", path=path)
         if declared > limit:
             return await self._reply(send, 413, f"the body is {declared:,} bytes, over the limit of {limit:,} "
-                                                "(--max-body-bytes)", [(b"connection", b"close")])
+                                                "(--max-body-bytes)", [(b"connection", b"close")], path=path)
         chunks, size = [], 0
         if scope.get("method") in ("POST", "PUT", "PATCH"):
             while True:
@@ -259,7 +269,7 @@ class _Guard:
                 size += len(chunk)
                 if size > limit:
                     return await self._reply(send, 413, f"the body is over the limit of {limit:,} bytes "
-                                                        "(--max-body-bytes)", [(b"connection", b"close")])
+                                                        "(--max-body-bytes)", [(b"connection", b"close")], path=path)
                 chunks.append(chunk)
                 if not msg.get("more_body", False):
                     break
@@ -351,8 +361,9 @@ def build_item(backend, config: ServeConfig, op: str, body, raw: bytes | None):
         labels = list(body.labels)
         texts = [prompt.format(x) for x in labels]
     if texts is not None:
-        if len(texts) > MAX_TEXTS:
-            raise RequestError(f"{len(texts)} texts in one request; the limit is {MAX_TEXTS}", status=413)
+        if len(texts) > int(config.max_texts):
+            raise RequestError(f"{len(texts)} texts in one input; the limit is {config.max_texts} (--max-texts)",
+                               status=413)
         if any(len(t) > MAX_TEXT_CHARS for t in texts):
             raise RequestError(f"a text is over {MAX_TEXT_CHARS} characters", status=413)
     if op in ("classify", "score", "answer") and pixels is None:
@@ -401,6 +412,18 @@ class LocalService:
 
     async def close(self, timeout: float) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self.engine.close, timeout)
+
+
+def allowed_methods(app, path: str) -> list[str]:
+    """The methods the app's routes take at `path` (HEAD with GET), sorted."""
+    def full(route, method: str) -> bool:
+        scope = {"type": "http", "path": path, "root_path": "", "method": method, "headers": []}
+        try:
+            return route.matches(scope)[0] == Match.FULL
+        except Exception:  # noqa: BLE001 - a route that cannot say matches nothing
+            return False
+
+    return [m for m in ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT") if any(full(r, m) for r in app.routes)]
 
 
 def finite_response(result: dict, headers: dict | None, body) -> JSONResponse:
@@ -459,8 +482,13 @@ def build_app(config: ServeConfig, service):
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, exc):
-        return JSONResponse({"error": one_line(exc.detail)}, status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:  # Allow: every method of every route of this path, not only the first route's
+            allowed = allowed_methods(app, request.url.path)
+            if request.method == "OPTIONS":
+                return Response(status_code=204, headers={"Allow": ", ".join([*allowed, "OPTIONS"])})
+            headers = {**(headers or {}), "Allow": ", ".join(allowed)}
+        return JSONResponse({"error": one_line(exc.detail)}, status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request, exc):
@@ -476,7 +504,7 @@ def build_app(config: ServeConfig, service):
             if state.draining:
                 raise RequestError("the server is draining (SIGTERM): send the request elsewhere", status=503)
             body, raw = await read_body(request, op)
-            result, headers = await service.run(op, body, raw)
+            result, headers = await run_body(service, config, op, body, raw)
             response = finite_response(result, headers, body)
         except Exception as exc:  # noqa: BLE001 - mapped to the one error shape
             return error_response(exc, endpoint, t0, request)
@@ -545,6 +573,8 @@ def build_app(config: ServeConfig, service):
         return PlainTextResponse(service.metrics(state.metrics, state.draining),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    app.include_router(openai_router(state, http_status=http_status, error_text=error_text,
+                                     finite_response=finite_response))
     app.add_middleware(_Guard, state=state)
     return app
 

@@ -12,7 +12,7 @@ import binascii
 import json
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import RequestError
 from ..imagefile import ImageDecodeError
@@ -23,35 +23,116 @@ AUTO = "auto"
 FROZEN = ("none", "backbone", "frozen")
 
 
-class _Body(BaseModel):
+NAME_PATTERN = r"^[A-Za-z0-9_-]+$"  # a served name (vlkit.backbones.state.NAME_RE)
+ADAPTER_PATTERN = r"^[A-Za-z0-9_.-]+$"  # what a request names: also compositions named after their folder
+ADAPTER_FIELD = ("adapter name, 'auto' (the router of a route composition) or none/null (the frozen backbone)")
+
+
+def _exactly_one(*groups: str) -> dict[str, Any]:
+    """The JSON schema of 'exactly one of these fields' (pydantic checks the same in `_one_of`)."""
+    return {"oneOf": [{"required": [g]} for g in groups]}
+
+
+def _one_of(data: Any, groups: tuple[str, ...], what: str) -> Any:
+    if isinstance(data, dict) and sum(g in data for g in groups) != 1:
+        raise ValueError(f"give exactly one of {what}")
+    return data
+
+
+class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    adapter: str | None = Field(None, description="adapter name, 'auto' (the router of a route composition) "
-                                                     "or none/null (the frozen backbone)")
+
+class _Body(_Strict):
+    adapter: str | None = Field(None, min_length=1, max_length=256, pattern=ADAPTER_PATTERN, description=ADAPTER_FIELD)
+
+
+class EmbedInput(_Strict):
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_exactly_one("text", "image"))
+    adapter: str | None = Field(None, min_length=1, max_length=256, pattern=ADAPTER_PATTERN,
+                                description=ADAPTER_FIELD + " (default: the request's)")
+    text: str = Field(None, description="a text to embed (or give image)")  # type: ignore[assignment]
+    image: str = Field(None, description="base64 PNG/JPEG image to embed (or give text)")  # type: ignore[assignment]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one(cls, data):
+        return _one_of(data, ("text", "image"), "`text` and `image`")
 
 
 class EmbedBody(_Body):
-    text: str | None = Field(None, description="a text to embed (or give image)")
-    image: str | None = Field(None, description="base64 PNG/JPEG image to embed (or give text)")
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_exactly_one("text", "image", "inputs"))
+    text: str = Field(None, description="a text to embed (or give image or inputs)")  # type: ignore[assignment]
+    image: str = Field(None, description="base64 PNG/JPEG image to embed")  # type: ignore[assignment]
+    inputs: list[EmbedInput] = Field(None, min_length=1,  # type: ignore[assignment]
+                                     description="a list of texts and images, each with its own adapter or the "
+                                                 "request's (up to --max-inputs); answered as `results`")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one(cls, data):
+        return _one_of(data, ("text", "image", "inputs"), "`text`, `image` and `inputs`")
+
+
+class ClassifyInput(_Strict):
+    adapter: str | None = Field(None, min_length=1, max_length=256, pattern=ADAPTER_PATTERN, description=ADAPTER_FIELD)
+    image: str = Field(..., description="base64 PNG/JPEG image")
 
 
 class ClassifyBody(_Body):
-    image: str = Field(..., description="base64 PNG/JPEG image")
-    labels: list[str] | None = Field(None, description="class labels to score instead of the adapter's head")
-    prompt: str | None = Field(None, description="template with exactly one {} (the label) and no other "
-                                                    "field (default: the adapter's task prompt, else 'a photo of "
-                                                    "a {}')")
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_exactly_one("image", "inputs"))
+    image: str = Field(None, description="base64 PNG/JPEG image (or give inputs)")  # type: ignore[assignment]
+    inputs: list[ClassifyInput] = Field(None, min_length=1,  # type: ignore[assignment]
+                                        description="images, each with its own adapter or the request's (up to "
+                                                    "--max-inputs); answered as `results`")
+    labels: list[str] = Field(None, min_length=1,  # type: ignore[assignment]
+                              description="distinct class labels to score instead of the adapter's head")
+    prompt: str = Field(None, description="template with exactly one {} (the label) and no other "  # type: ignore[assignment]
+                                          "field (default: the adapter's task prompt, else 'a photo of a {}')")
     top: int = Field(3, ge=1, le=1000, description="entries in `top`")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one(cls, data):
+        return _one_of(data, ("image", "inputs"), "`image` and `inputs`")
 
     @field_validator("prompt")
     @classmethod
     def _one_field(cls, value):
         return check_prompt(value)
 
+    @field_validator("labels")
+    @classmethod
+    def _distinct(cls, value):
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("give distinct labels")
+        return value
+
+
+class ScoreInput(_Strict):
+    adapter: str | None = Field(None, min_length=1, max_length=256, pattern=ADAPTER_PATTERN, description=ADAPTER_FIELD)
+    image: str = Field(..., description="base64 PNG/JPEG image")
+    texts: list[str] = Field(..., min_length=1, description="texts scored against the image")
+
 
 class ScoreBody(_Body):
-    image: str = Field(..., description="base64 PNG/JPEG image")
-    texts: list[str] = Field(..., description="texts scored against the image")
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
+        "oneOf": [{"required": ["image", "texts"]}, {"required": ["inputs"]}]})
+    image: str = Field(None, description="base64 PNG/JPEG image (with texts, or give inputs)")  # type: ignore[assignment]
+    texts: list[str] = Field(None, min_length=1,  # type: ignore[assignment]
+                             description="texts scored against the image")
+    inputs: list[ScoreInput] = Field(None, min_length=1,  # type: ignore[assignment]
+                                     description="image-texts pairs, each with its own adapter or the request's (up "
+                                                 "to --max-inputs); answered as `results`")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one(cls, data):
+        if isinstance(data, dict) and ("inputs" in data) == ("image" in data or "texts" in data):
+            raise ValueError("give `image` with `texts`, or `inputs`")
+        if isinstance(data, dict) and "inputs" not in data and not ("image" in data and "texts" in data):
+            raise ValueError("give `image` with `texts`")
+        return data
 
 
 class AnswerBody(_Body):
@@ -60,8 +141,7 @@ class AnswerBody(_Body):
     top: int = Field(3, ge=1, le=1000, description="entries in `scores` and `top`")
 
 
-class LoadBody(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class LoadBody(_Strict):
     path: str = Field(..., description="adapter directory on the server (an export directory for --engine onnx)")
 
 

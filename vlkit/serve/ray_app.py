@@ -84,7 +84,7 @@ class RayService:
     async def run(self, op: str, body, raw: bytes | None) -> tuple[dict, dict]:
 
         unit = self.directory.unit_for(adapter_of(body.adapter))
-        reply = await self._call("run", unit, op, body.model_dump(), raw)
+        reply = await self._call("run", unit, op, body.model_dump(exclude_none=True), raw)
         return reply["result"], {REPLICA_HEADER: reply["report"]["replica"]}
 
     def _holders(self) -> dict[str, list[str]]:
@@ -285,9 +285,16 @@ class Deployment:
         self.started_ray = started_ray
 
     def shutdown(self) -> None:
+        """Serve, then the Ray this process started; a controller that fails to shut down gracefully (its actors
+        already gone) is one warning line, and Ray is shut down all the same."""
+        import logging
+
         ray, serve = require_ray()
         try:
             serve.shutdown()
+        except Exception as exc:  # noqa: BLE001 - Ray raises its own types while its actors are going
+            logging.getLogger("vlkit.serve").warning("Ray Serve did not shut down cleanly: %s",
+                                                     " ".join(str(exc).split())[:200])
         finally:
             if self.started_ray and ray.is_initialized():
                 ray.shutdown()
@@ -342,6 +349,8 @@ def run_cluster(config, *, on_ready=None, log_level: str = "warning") -> None:
         while not stop.wait(0.5):
             pass
     finally:
+        for sig in previous:  # a second Ctrl-C / SIGTERM does not cut the drain short
+            signal.signal(sig, signal.SIG_IGN)
         dep.shutdown()
         for sig, h in previous.items():
             signal.signal(sig, h)
