@@ -304,3 +304,16 @@ def test_zero_shot_equals_clip_benchmark(digits, capsys):
     metrics = json.loads(stdout)["rows"][0]["metrics"]
     assert metrics["accuracy"] == round(100.0 * theirs["acc1"], 2)
     assert metrics["per_class_accuracy"] == round(100.0 * theirs["mean_per_class_recall"], 2)
+
+
+def test_eval_general_domain_retention(lora_dir, capsys):
+    code, stdout, err = cli(["eval", "--data", "world:satellite/classification", "--adapters", str(lora_dir),
+                             "--alpha", "0", "--general", "world:photo/classification", "--bootstrap", "0",
+                             "--prompt", "a satellite view of a {}", "--json"], capsys)
+    assert code == 0, err
+    res = json.loads(stdout)
+    frozen, adapted, zero = res["rows"]
+    assert res["split"] == "test" and frozen["retention"] == 100.0 and frozen["general"] > 40.0
+    assert zero["general"] == frozen["general"] and zero["metrics"] == frozen["metrics"]
+    assert adapted["retention"] == pytest.approx(100.0 * adapted["general"] / frozen["general"], abs=0.01)
+    assert "retention" in err

@@ -177,9 +177,10 @@ def run_eval(backbone: Any = "tiny", adapters: str | Sequence[str] | None = None
     first = _build_task(bb, task, ds, options)
     prepared = first.prepare(bb, ds)
     gen = None
-    if general is not None:
+    if general is not None:  # its own classes and default prompt; a prompt ensemble applies there too
         gen_ds, _ = load_eval_data(general, task)
-        gen = (gen_ds, first.prepare(bb, gen_ds))
+        gen_options = {k: v for k, v in options.items() if k not in ("class_names", "prompt")}
+        gen = (gen_ds, _build_task(bb, task, gen_ds, gen_options).prepare(bb, gen_ds), gen_options)
     rows: list[dict[str, Any]] = []
     values: list[Any] = []
     for system in systems:
@@ -188,7 +189,7 @@ def run_eval(backbone: Any = "tiny", adapters: str | Sequence[str] | None = None
         metrics, vals = score_system(bb, system, task, ds, prepared, options, batch_size)
         row: dict[str, Any] = {**system.describe(), "metrics": metrics}
         if gen is not None:
-            row["general"] = score_system(bb, system, task, gen[0], gen[1], options, batch_size)[0][metric]
+            row["general"] = score_system(bb, system, task, gen[0], gen[1], gen[2], batch_size)[0][metric]
             row["retention"] = 100.0 * row["general"] / rows[0]["general"] if rows and rows[0]["general"] else (
                 100.0 if not rows else float("nan"))
         rows.append(row)
