@@ -282,9 +282,11 @@ def test_ray_serve_multiplexes_adapters_across_replicas(world, items, single):
 
 
 @pytest.mark.slow
-def test_cli_cluster_ray_serves_until_sigterm(world):
+@pytest.mark.parametrize("to", ["process", "group"])
+def test_cli_cluster_ray_serves_until_sigterm(world, to):
     """`vlkit serve --cluster ray` starts its own Ray instance on 127.0.0.1, prints its URL, serves, and on
-    SIGTERM shuts Serve and Ray down and exits 0."""
+    SIGTERM (to the process, or to its whole process group as a terminal's Ctrl-C or a container stop does, Ray's
+    own processes included) shuts Serve and Ray down and exits 0, never SIGABRT."""
     pytest.importorskip("ray")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([sys.executable, "-m", "vlkit", "serve", "--cluster", "ray", "--replicas", "1",
@@ -305,7 +307,10 @@ def test_cli_cluster_ray_serves_until_sigterm(world):
         assert httpx.get(url + "/health", timeout=60).json()["cluster"] == "ray"
         r = httpx.post(url + "/v1/embed", json={"adapter": "extra", "text": "a star"}, timeout=120)
         assert r.status_code == 200 and len(r.json()["embedding"]) == 128
-        proc.send_signal(signal.SIGTERM)
+        if to == "group":
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
         assert proc.wait(120) == 0
     finally:
         if proc.poll() is None:
