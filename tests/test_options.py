@@ -1,9 +1,11 @@
-"""Plugin options are declared as dataclasses with field help: every registered adapter variant (plugins
-included), task and dataset kind that takes options documents each one; `vlkit plugins --json` and recipe
-checking read those declarations (`vlkit.options`)."""
+"""Plugin options are declared as dataclasses with field help: every registered adapter variant, task, dataset
+kind, probe, exporter and training method (plugins included) that takes options documents each one, and takes
+exactly the options its dataclass declares; `vlkit plugins --json` and recipe checking read those declarations
+(`vlkit.options`)."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 from dataclasses import dataclass, field
 
@@ -12,14 +14,19 @@ import torch
 from cli_helpers import cli
 
 import vlkit
+from vlkit.cli.probe_cmd import _accepted
 from vlkit.data.coop import OPTIONS as COOP_OPTIONS
 from vlkit.data.coop import CoopOptions
-from vlkit.options import attribute_docs, option_specs
+from vlkit.errors import ConfigError, VlkitError
+from vlkit.export.onnx_export import OnnxExporter, OnnxOptions
+from vlkit.options import attribute_docs, option_names, option_specs
 from vlkit.plugins import get_plugins, options_class
+from vlkit.probe.base import Probe, ProbeOptions, get_probe
 from vlkit.tasks.base import Task
 from vlkit.tasks.classification import ClassificationTask
 from vlkit.tasks.grounding import GroundingOptions, GroundingTask
 from vlkit.tasks.retrieval import RetrievalOptions, RetrievalTask
+from vlkit.train.methods import FuseOptions, TrainingMethod
 from vlkit.train.recipe import load_recipe
 
 
@@ -55,15 +62,124 @@ def test_tasks_declare_their_options_as_a_dataclass(entry):
     assert not missing, f"task {entry.name}: option(s) {', '.join(missing)} have no help"
 
 
+@pytest.mark.parametrize("kind", ["dataset", "probe", "exporter", "method"])
+def test_declared_options_have_help_on_every_field(kind):
+    for entry in get_plugins().registry(kind):
+        cls = options_class(entry)
+        if cls is not None:
+            missing = _undocumented(cls)
+            assert not missing, f"{kind} {entry.name} ({entry.plugin}): option(s) {', '.join(missing)} have no help"
+
+
+@pytest.mark.parametrize("kind", ["dataset", "exporter"])
+def test_every_builtin_kind_and_exporter_declares_its_options(kind):
+    system = get_plugins()
+    undeclared = [e.name for e in system.registry(kind) if e.plugin in system.builtin and options_class(e) is None]
+    assert not undeclared, f"built-in {kind}(s) {', '.join(undeclared)} declare no options_cls"
+
+
+def _named(fn, *skip: str) -> set[str]:
+    return {p.name for p in inspect.signature(fn).parameters.values()
+            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in skip}
+
+
 @pytest.mark.parametrize("entry", _entries("dataset", declaring=True))
-def test_dataset_kind_options_have_help(entry):
-    assert not _undocumented(options_class(entry))
+def test_dataset_kind_accepts_exactly_its_declared_options(entry):
+    """Named loader parameters are declared; the other declared options pass the loader's check of its
+    **options; an undeclared option is refused, naming it."""
+    loader, declared = entry.obj, set(option_names(options_class(entry)))
+    named = _named(loader, "source", "split")
+    assert named <= declared, f"{entry.name}: loader parameter(s) {sorted(named - declared)} are not declared"
+    rest = declared - named
+    takes_more = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(loader).parameters.values())
+    assert takes_more or not rest, f"{entry.name}: declared option(s) {sorted(rest)} are not taken"
+    with pytest.raises(ConfigError, match="zz_undeclared"):
+        loader(None, zz_undeclared=1)
+    for name in sorted(rest):  # a bare call fails later (no source), but not on the option
+        try:
+            loader(None, **{name: None})
+        except VlkitError as exc:
+            assert "unknown" not in str(exc), f"{entry.name} refuses its declared option {name}: {exc}"
+
+
+def test_builtin_kinds_take_the_options_they_took_before():
+    reg = get_plugins().registry("dataset")
+    load = ("task", "cache_dir", "keep_in_memory", "num_proc")
+    expected = {
+        "hf": {*load, "config", "name", "revision", "token", "streaming", "data_files"},
+        "imagefolder": {*load, "drop_labels", "drop_metadata", "filters"},
+        "parquet": {*load, "columns", "filters", "batch_size"},
+        "manifest": {"task"},
+        "webdataset": {"task", "shards"},
+        "winoground": {"task", "token", "images_dir", "n", "seed", "domain", "image_size"},
+        "world": {"domain", "task", "n", "seed", "image_size"},
+        "coop": set(COOP_OPTIONS),
+    }
+    for kind, names in expected.items():
+        assert set(option_names(options_class(reg.entry(kind)))) == names, kind
+    with pytest.raises(ConfigError, match="unknown option.*'parquet': seed"):
+        reg.get("parquet")("x.parquet", seed=1)
 
 
 def test_coop_kind_options_derive_from_its_dataclass():
     assert COOP_OPTIONS == ("shots", "seed", "image_dir", "name", "task")
     assert options_class(get_plugins().registry("dataset").entry("coop")) is CoopOptions
     assert {s.name: s.default for s in option_specs(CoopOptions)}["seed"] == 1
+
+
+@pytest.mark.parametrize("entry", _entries("probe", declaring=True))
+def test_probe_options_are_its_run_keywords(entry):
+    probe = get_probe(entry.name)
+    cls = probe.options_cls
+    assert issubclass(cls, ProbeOptions)
+    assert set(option_names(cls)) == _named(probe.run, "backbone", "systems", "progress")
+    assert _accepted(probe) == (set(option_names(cls)), False)
+
+
+def test_probe_cli_passes_only_declared_options(capsys):
+    assert option_names(get_probe("caption-pairs").options_cls)[-3:] == ("data_seed", "batch_size", "image_root")
+    assert Probe.options_cls is None
+
+    class Undeclared(Probe):  # a probe without options_cls: its run's signature says what it takes
+        def run(self, backbone, systems, *, data=None, seed=0, n=None, n_boot=1000, level=0.95, batch_size=8):
+            return {}
+
+    named, more = _accepted(Undeclared())
+    assert "batch_size" in named and "data_seed" not in named and not more
+    code, _, err = cli(["probe", "winoground", "--images", "imgs", "-n", "4"], capsys)
+    assert code == 2 and "probe 'winoground' has no option 'image-root'" in err
+
+
+def test_exporter_target_options_come_from_its_dataclass():
+    onnx = OnnxExporter()
+    assert options_class(get_plugins().registry("exporter").entry("onnx")) is OnnxOptions
+    assert onnx.target_options({"threads": "2", "per_channel": "yes"}) == {"threads": 2, "per_channel": True}
+    assert onnx.target_options({}) == {}
+    for bad, match in (({"thread": "2"}, "unknown onnx export option 'thread'; options: threads, per_channel"),
+                       ({"threads": "two"}, "onnx option threads must be an integer"),
+                       ({"threads": "-1"}, "threads must be >= 0"),
+                       ({"per_channel": "maybe"}, "onnx option per_channel must be true or false")):
+        with pytest.raises(ConfigError, match=match):
+            onnx.target_options(bad)
+
+
+@pytest.mark.parametrize("entry", _entries("method"))
+def test_methods_check_compose_against_their_options(entry):
+    method = entry.obj
+    assert isinstance(method, TrainingMethod)
+    cls = options_class(entry)
+    if cls is None:
+        method.check_options({"anything": 1}, "r.yaml")  # declares none: not checked
+        return
+    method.check_options({name: None for name in option_names(cls)}, "r.yaml")
+    with pytest.raises(ConfigError, match=f"r.yaml: key 'compose.zz': method '{entry.name}' does not take zz"):
+        method.check_options({"zz": 1}, "r.yaml")
+
+
+def test_a_recipe_with_an_undeclared_compose_key_is_refused():
+    assert option_names(FuseOptions) == ("adapters", "fusion", "temperature")
+    with pytest.raises(ConfigError, match="compose.tempreature.*its compose options: adapters, fusion, temperature"):
+        load_recipe("recipes/fuse.yaml", ["compose.tempreature=2"])
 
 
 def test_declared_task_defaults_are_the_applied_ones():
@@ -96,6 +212,20 @@ def test_plugins_json_lists_declared_options(capsys):
     assert {"ia3", "ia3-weight"} <= set(ia3["adapter"]) and "caption-match" in ia3["task"]
     assert all(o["help"] for o in ia3["task"]["caption-match"])
     assert infos["vlkit.backbones.builtin"]["options"] == {}
+    data = infos["vlkit.data.builtin"]["options"]["dataset"]
+    assert set(data) >= {"hf", "imagefolder", "parquet", "manifest", "webdataset", "winoground", "coop"}
+    assert [o["name"] for o in infos["vlkit.world.plugin"]["options"]["dataset"]["world"]] == [
+        "domain", "task", "n", "seed", "image_size"]
+    wino = {o["name"]: o for o in infos["vlkit.probe.builtin"]["options"]["probe"]["winoground"]}
+    assert list(wino) == ["data", "seed", "n", "n_boot", "level", "data_seed", "batch_size"]
+    assert wino["batch_size"]["default"] == 32 and wino["n_boot"]["help"]
+    assert "synth-attribute-swap" in infos["vlkit.world.plugin"]["options"]["probe"]
+    onnx = infos["vlkit.export.builtin"]["options"]["exporter"]["onnx"]
+    assert [(o["name"], o["type"], o["default"]) for o in onnx] == [("threads", "int", 0),
+                                                                    ("per_channel", "bool", False)]
+    methods = infos["vlkit.train.builtin"]["options"]["method"]
+    assert sorted(methods) == ["adapter", "fuse"]
+    assert [o["name"] for o in methods["fuse"]] == ["adapters", "fusion", "temperature"]
 
 
 def test_kind_override_keeps_the_options_the_dataclass_declares():

@@ -94,6 +94,13 @@ def option_specs(cls: type) -> list[OptionSpec]:
     return out
 
 
+def option_names(cls: type) -> tuple[str, ...]:
+    """The names of the options a dataclass declares, in field order (what a plugin's option check accepts)."""
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass of options")
+    return tuple(f.name for f in dataclasses.fields(cls) if not f.name.startswith("_"))
+
+
 def parse_flag_args(args: list[str], specs: list[OptionSpec], what: str) -> dict[str, Any]:
     """`--name value` / `--name=value` / `--flag` pairs for declared options (dashes or underscores), as strings
     for the options' own type coercion; an undeclared flag is a ConfigError listing the declared ones."""

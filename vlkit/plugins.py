@@ -173,10 +173,11 @@ def registry(kind: str) -> Registry:
 
 def options_class(entry: Entry) -> type | None:
     """The dataclass that declares a registered object's options (`vlkit.options.option_specs` reads it): an
-    adapter variant's `config_cls`, a task's `options_cls`, else the `options_cls` it was registered with
-    (`register(name, obj, summary, options_cls=...)`, as the `coop` dataset kind is); None when it declares none."""
+    adapter variant's `config_cls`; a task's, probe's, exporter's or training method's `options_cls` (a class
+    attribute of `Task`, `Probe`, `Exporter` and `TrainingMethod`, None on each); a dataset kind's `options_cls`
+    given at registration (`register(name, loader, summary, options_cls=...)`); None when it declares none."""
     if entry.kind == "adapter":
         return entry.obj.config_cls
-    if entry.kind == "task":
-        return entry.obj.options_cls
+    if entry.kind in ("task", "probe", "exporter", "method"):
+        return entry.meta.get("options_cls") or entry.obj.options_cls
     return entry.meta.get("options_cls")

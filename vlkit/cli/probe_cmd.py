@@ -11,11 +11,12 @@ and the probe modules load inside the command.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import typer
+
+from ..options import option_names
 
 
 def _list_table(probes: list[dict[str, str]]):
@@ -25,8 +26,12 @@ def _list_table(probes: list[dict[str, str]]):
                  [[p["name"], p["plugin"], p["summary"], p["data"]] for p in probes])
 
 
-def _accepted(fn: Callable) -> tuple[set[str], bool]:
-    params = inspect.signature(fn).parameters.values()
+def _accepted(probe) -> tuple[set[str], bool]:
+    """The options `probe.run` takes (its declared `options_cls`, else its signature's names) and whether it
+    takes any other keyword."""
+    if probe.options_cls is not None:
+        return set(option_names(probe.options_cls)), False
+    params = inspect.signature(probe.run).parameters.values()
     return {p.name for p in params}, any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
@@ -102,7 +107,7 @@ def register(cli: typer.Typer) -> None:
         bb = load_backbone(backbone, device=device)
         systems = resolve_systems(bb, adapters)
         options: dict[str, Any] = {"data": data, "seed": seed, "n": n, "n_boot": bootstrap, "level": level}
-        named, var_kw = _accepted(probe.run)
+        named, var_kw = _accepted(probe)
         optional = {"data_seed": data_seed, "batch_size": batch_size,
                     "image_root": str(images) if images is not None else None}
         for key, value in optional.items():
@@ -112,7 +117,7 @@ def register(cli: typer.Typer) -> None:
                 raise ConfigError(f"probe {name!r} has no option {key.replace('_', '-')!r}")
             options[key] = value
         start, bar = count_progress(console, not no_progress)
-        if start is not None and "progress" in named:
+        if start is not None and "progress" in inspect.signature(probe.run).parameters:
             options["progress"] = start
         with bar:
             result = probe.run(bb, systems, **options)

@@ -2,27 +2,93 @@
 files (the world plugin, `vlkit.world.plugin`, adds the procedural world).
 
 Every loader has the plugin signature ``loader(source: str | None = None, *, split: str | None = None,
-**options) -> datasets.Dataset``; `task` among the options names the columns that rows must fill. Each loader
-takes a fixed set of options and rejects any other with one ConfigError naming the kind and the options, so a
+**options) -> datasets.Dataset``; `task` among the options names the columns that rows must fill. Each kind
+declares its options as one dataclass with field help (`HfOptions`, ...; registered as the kind's
+`options_cls`) and its loader rejects any other with one ConfigError naming the kind and the options, so a
 stray ``domain``/``n``/``seed`` never reaches `datasets.load_dataset`.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DataError
+from ..options import option_names
 from .api import pick_split, required_fields
 from .hub import hub_load
 from .labels import name_labels
 from .manifest import check_image_exists, image_columns_of, load_manifest, read_rows
 
 SPLIT_NAMES = ("train", "validation", "valid", "val", "dev", "test")
-# Options passed on to `datasets.load_dataset`, per kind (anything else is a ConfigError).
-LOAD_OPTIONS = ("cache_dir", "keep_in_memory", "num_proc")
-PARQUET_OPTIONS = LOAD_OPTIONS + ("columns", "filters", "batch_size")
-IMAGEFOLDER_OPTIONS = LOAD_OPTIONS + ("drop_labels", "drop_metadata", "filters")
-HF_OPTIONS = LOAD_OPTIONS + ("data_files",)
+
+
+@dataclass
+class KindOptions:
+    """The option every built-in dataset kind takes beside `source` and `split`."""
+
+    task: str | None = None
+    """Set by vlkit: the task the data is loaded for (every row must fill that task's columns)."""
+
+
+@dataclass
+class ManifestOptions(KindOptions):
+    """The options of the `manifest` dataset kind (its columns come from the file, not from options)."""
+
+
+@dataclass
+class LoadOptions(KindOptions):
+    """Options a kind built on `datasets.load_dataset` passes on to it unchanged."""
+
+    cache_dir: str | None = None
+    """Cache folder of the `datasets` library (load_dataset's cache_dir); None: its default folder."""
+    keep_in_memory: bool | None = None
+    """Copy the dataset into memory instead of memory-mapping its Arrow cache (load_dataset's keep_in_memory)."""
+    num_proc: int | None = None
+    """Processes that prepare the dataset (load_dataset's num_proc); None: one."""
+
+
+@dataclass
+class HfOptions(LoadOptions):
+    """The options of the `hf` dataset kind."""
+
+    config: str | None = None
+    """The dataset's configuration (subset) name, load_dataset's `name`."""
+    name: str | None = None
+    """Another spelling of config (give one; when both are given they must agree)."""
+    revision: str | None = None
+    """Hub revision to read: a branch, tag or commit (hub ids only)."""
+    token: str | bool | None = None
+    """Hub token for a gated dataset (hub ids only); None: the logged-in user's token, if any."""
+    streaming: bool = False
+    """true: stream the rows (a datasets.IterableDataset) instead of downloading the whole dataset first."""
+    data_files: str | list[str] | dict[str, Any] | None = None
+    """Which files of the dataset to read: a path pattern, a list, or {split: pattern} (load_dataset's)."""
+
+
+@dataclass
+class ImagefolderOptions(LoadOptions):
+    """The options of the `imagefolder` dataset kind (the imagefolder builder's own)."""
+
+    drop_labels: bool | None = None
+    """true: no label column from the class subfolders; None: the builder decides from the layout."""
+    drop_metadata: bool | None = None
+    """true: ignore metadata.jsonl/.csv files (images and folder labels only)."""
+    filters: Any = None
+    """Row filter the builder applies (a pyarrow expression, or DNF tuples such as [["label", "==", 0]])."""
+
+
+@dataclass
+class ParquetOptions(LoadOptions):
+    """The options of the `parquet` dataset kind (the parquet builder's own)."""
+
+    columns: list[str] | None = None
+    """Read only these columns; None: every column."""
+    filters: Any = None
+    """Row filter applied while reading (DNF tuples such as [["label", "==", 0]], or a pyarrow expression)."""
+    batch_size: int | None = None
+    """Rows per Arrow record batch while reading; None: the builder's default."""
+
 # What `datasets.load_dataset` calls a single local file, by suffix (for hf:FILE).
 FILE_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv", ".arrow": "arrow",
                  ".txt": "text"}
@@ -38,8 +104,10 @@ def _int_option(name: str, value: Any) -> int:
     return out
 
 
-def _no_extra(kind: str, options: dict[str, Any], allowed: tuple[str, ...] = ()) -> dict[str, Any]:
-    """`options` when all are in `allowed`; else one ConfigError naming the kind and every unknown option."""
+def _no_extra(kind: str, options: dict[str, Any], declared: type) -> dict[str, Any]:
+    """`options` when each is a field of `declared`, the kind's options dataclass (options a loader names as
+    keyword parameters never arrive here); else one ConfigError naming the kind and every unknown option."""
+    allowed = option_names(declared)
     unknown = sorted(k for k in options if k not in allowed)
     if unknown:
         raise ConfigError(f"unknown option(s) for dataset kind {kind!r}: {', '.join(unknown)}")
@@ -78,7 +146,7 @@ def load_hf(source: str | None = None, *, split: str | None = None, config: str 
     """A Hugging Face hub dataset id (``hf:user/name``, with the user's token when it is gated), or a local path:
     a `save_to_disk` directory (`datasets.load_from_disk`), a data directory `datasets.load_dataset` reads
     (parquet/jsonl/csv/images) or one such file. ``streaming: true`` gives a `datasets.IterableDataset`."""
-    _no_extra("hf", load_kwargs, HF_OPTIONS)
+    _no_extra("hf", load_kwargs, HfOptions)
     if config and name and config != name:
         raise ConfigError(f"hf dataset: config={config!r} and name={name!r} disagree")
     if not source:
@@ -173,7 +241,7 @@ def load_imagefolder(source: str | None = None, *, split: str | None = None, tas
     """A local folder in the Hugging Face imagefolder layout (class subfolders, or a metadata.jsonl/.csv)."""
     import datasets
 
-    _no_extra("imagefolder", load_kwargs, IMAGEFOLDER_OPTIONS)
+    _no_extra("imagefolder", load_kwargs, ImagefolderOptions)
     root = _local_dir("imagefolder", source)
     _check_imagefolder_metadata(root, _required(task))
     try:
@@ -194,7 +262,7 @@ def load_manifest_kind(source: str | None = None, *, split: str | None = None, t
     taken whole (one manifest file per split).
     """
 
-    _no_extra("manifest", options)
+    _no_extra("manifest", options, ManifestOptions)
     if not source:
         raise ConfigError("the manifest dataset kind needs a file: manifest:FILE.jsonl (or .csv)")
 
@@ -238,7 +306,7 @@ def load_parquet(source: str | None = None, *, split: str | None = None, task: s
     """Local parquet files (a file, or a folder searched recursively; `split` picks SPLIT-*.parquet)."""
     import datasets
 
-    _no_extra("parquet", load_kwargs, PARQUET_OPTIONS)
+    _no_extra("parquet", load_kwargs, ParquetOptions)
     if not source:
         raise ConfigError("the parquet dataset kind needs a file or folder: parquet:DIR")
     files = parquet_files(source, split=split)
@@ -251,4 +319,5 @@ def load_parquet(source: str | None = None, *, split: str | None = None, task: s
 
 
 __all__ = ["load_hf", "load_imagefolder", "load_manifest_kind", "load_parquet", "parquet_files",
-           "is_saved_dataset"]
+           "is_saved_dataset", "KindOptions", "HfOptions", "ImagefolderOptions", "ManifestOptions",
+           "ParquetOptions"]

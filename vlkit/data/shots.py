@@ -13,12 +13,12 @@
 """
 from __future__ import annotations
 
-import dataclasses
 import inspect
 from typing import Any
 
 from ..errors import ConfigError
-from ..plugins import registry
+from ..options import option_names
+from ..plugins import options_class, registry
 
 
 def declared_options(kind: str) -> set[str]:
@@ -29,9 +29,9 @@ def declared_options(kind: str) -> set[str]:
     if kind not in reg:
         return set()
     entry = reg.entry(kind)
-    cls = entry.meta.get("options_cls")
-    if cls is not None and dataclasses.is_dataclass(cls):
-        return {f.name for f in dataclasses.fields(cls)}
+    cls = options_class(entry)
+    if cls is not None:
+        return set(option_names(cls))
     if entry.meta.get("options") is not None:
         return set(entry.meta["options"])
     params = inspect.signature(entry.obj).parameters.values()

@@ -32,11 +32,12 @@ import json
 import os
 import re
 import tarfile
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError, DataError
 from .api import required_fields
-from .loaders import _no_extra
+from .loaders import KindOptions, _no_extra
 from .manifest import parse_box
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "tif", "tiff")
@@ -284,11 +285,20 @@ def index_shards(shards: list[str], *, required: tuple[str, ...] = (), task: str
     return build_dataset(rows)
 
 
+@dataclass
+class WebdatasetOptions(KindOptions):
+    """The options of the `webdataset` dataset kind."""
+
+    shards: str | list[str] | None = None
+    """The tar shards, instead of the source: a brace pattern (/data/train-{0000..0099}.tar), a glob, a folder
+    of .tar files, several joined by ::, or a list; {split} in a pattern becomes the split (default train)."""
+
+
 def load_webdataset(source: str | None = None, *, split: str | None = None, shards: Any = None,
                     task: str | None = None, **options: Any):
     """Tar shards (img2dataset / open_clip layout) as a map-style Dataset of tar member references."""
 
-    _no_extra("webdataset", options)
+    _no_extra("webdataset", options, WebdatasetOptions)
     if source is not None and shards is not None and os.fspath(source) != shards:
         raise ConfigError(f"webdataset spec gives both source={source!r} and shards={shards!r}")
     spec = shards if shards is not None else source
@@ -301,4 +311,4 @@ def load_webdataset(source: str | None = None, *, split: str | None = None, shar
     return index_shards(resolve_shards(spec, split), required=required, task=task)
 
 
-__all__ = ["expand_braces", "resolve_shards", "scan_shard", "index_shards", "load_webdataset"]
+__all__ = ["expand_braces", "resolve_shards", "scan_shard", "index_shards", "load_webdataset", "WebdatasetOptions"]

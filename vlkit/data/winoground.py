@@ -7,13 +7,14 @@ hub repo stores the same rows in parquet with the images embedded as bytes.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DataError
 from ..plugins import registry
 from .hub import hf_token, hub_load
-from .loaders import _int_option, parquet_files
+from .loaders import KindOptions, _int_option, _no_extra, parquet_files
 from .manifest import check_image_bytes, check_image_file, read_rows
 
 HUB_ID = "facebook/winoground"
@@ -194,6 +195,24 @@ def load_synth(n: int = 400, seed: int = 0, domain: str = "photo", image_size: i
 SYNTH_OPTIONS: dict[str, Any] = {"n": 400, "seed": 0, "domain": "photo", "image_size": 64}
 
 
+@dataclass
+class WinogroundOptions(KindOptions):
+    """The options of the `winoground` dataset kind; each belongs to one source and is refused with another."""
+
+    token: str | bool | None = None
+    """Hub token for the gated hub copy (winoground:hub only); None: the logged-in user's token."""
+    images_dir: str | None = None
+    """Folder of the images of a local examples.jsonl copy; None: images/ beside it."""
+    n: int | None = None
+    """Generated minimal pairs (winoground:synth only); None: 400."""
+    seed: int | None = None
+    """Seed of the generated pairs (winoground:synth only); None: 0."""
+    domain: str | None = None
+    """World domain the pairs are drawn in (winoground:synth only); None: photo."""
+    image_size: int | None = None
+    """Side in pixels of the generated images (winoground:synth only); None: 64."""
+
+
 def load_winoground(source: str | None = None, *, split: str | None = None, task: str | None = None,
                     token: str | bool | None = None, images_dir: str | None = None, n: int | None = None,
                     seed: int | None = None, domain: str | None = None, image_size: int | None = None,
@@ -204,8 +223,7 @@ def load_winoground(source: str | None = None, *, split: str | None = None, task
     belongs to one source and is refused with another: `token` (hub), `n`/`seed`/`domain`/`image_size`
     (synth; defaults 400, 0, photo, 64), `images_dir` (a local examples.jsonl), `split` (hub and parquet copies).
     """
-    if options:
-        raise ConfigError(f"unknown option(s) for dataset kind 'winoground': {', '.join(sorted(options))}")
+    _no_extra("winoground", options, WinogroundOptions)
     if task not in (None, "winoground"):
         raise ConfigError(f"winoground data is for task 'winoground', not {task!r}")
     is_hub = source in (None, "", "hub") or source.startswith("hub:")

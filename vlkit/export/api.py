@@ -326,6 +326,7 @@ def export_model(out: str | Path, *, backbone: str | None = None, adapters: Sequ
         eval_n = EVAL_N_LOW_PRECISION if (options.fp16 or options.quantize) else EVAL_N
     if eval_n < 1:
         raise ConfigError(f"eval_n must be at least 1, got {eval_n}")
+    options = dataclasses.replace(options, extra=exporter.target_options(options.extra))  # its options_cls's
     exporter.check(options)
     sources = [read_source(p) for p in adapters]
     spec = backbone or next((s["backbone"] for s in sources if s.get("backbone")), None)

@@ -17,7 +17,9 @@ A third-party target registers the same way as the built-in `onnx` one:
     def register_exporters(register):
         register("coreml", CoreMLExporter(), "Core ML packages for Apple devices")
 
-where `CoreMLExporter` subclasses `vlkit.export.base.Exporter`.
+where `CoreMLExporter` subclasses `vlkit.export.base.Exporter`. A target's own options (`--option key=value`,
+`ExportOptions.extra`) are one dataclass with field help, its `options_cls`: `target_options` checks and types
+them, and `vlkit plugins --json` lists them.
 """
 from __future__ import annotations
 
@@ -31,6 +33,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from ..errors import ConfigError
+from ..options import OptionSpec, option_specs
 
 FP32_TOLERANCE = 1e-4  # max abs difference allowed for fp32 graphs, in cosine units
 FP16_TOLERANCE = 2e-2  # the same for fp16 graphs (reported and enforced, but looser)
@@ -219,10 +224,26 @@ class ExportRequest:
 
 
 class Exporter(ABC):
-    """An export target. Subclasses set `name` and `summary` and implement `check` and `export`."""
+    """An export target. Subclasses set `name` and `summary` and implement `check` and `export`; one with
+    target options (`--option key=value`) declares them as a dataclass, `options_cls`."""
 
     name: str = ""
     summary: str = ""
+    options_cls: type | None = None
+
+    def target_options(self, extra: dict[str, Any]) -> dict[str, Any]:
+        """`extra` (`--option` pairs) checked against `options_cls`: a key it does not declare is a ConfigError
+        naming the declared ones; text values of int, float and bool options become numbers and booleans.
+        Without `options_cls`, `extra` unchanged."""
+        if self.options_cls is None:
+            return dict(extra)
+        specs = {s.name: s for s in option_specs(self.options_cls)}
+        out: dict[str, Any] = {}
+        for key, value in extra.items():
+            if key not in specs:
+                raise ConfigError(f"unknown {self.name} export option {key!r}; options: {', '.join(specs)}")
+            out[key] = _typed(specs[key], value, f"{self.name} option {key}")
+        return out
 
     def check(self, options: ExportOptions) -> None:  # noqa: B027 - optional: by default every option is honoured
         """Reject options this target cannot honour (a ConfigError), before any model is loaded."""
@@ -230,3 +251,25 @@ class Exporter(ABC):
     @abstractmethod
     def export(self, request: ExportRequest) -> ExportResult:
         """Write the graphs of `request` into `request.staging`, verify them, and report."""
+
+
+def _typed(spec: OptionSpec, value: Any, what: str) -> Any:
+    kind = spec.type.replace(" | None", "")
+    if value is None and spec.type.endswith("| None"):
+        return None
+    if kind == "bool":
+        if isinstance(value, str):
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ConfigError(f"{what} must be true or false, got {value!r}")
+            return value.lower() in ("true", "1", "yes")
+        return bool(value)
+    if kind in ("int", "float"):
+        wrong = ConfigError(f"{what} must be {'an integer' if kind == 'int' else 'a number'}, got {value!r}")
+        try:
+            number = int(value) if kind == "int" else float(value)
+        except (TypeError, ValueError):
+            raise wrong from None
+        if isinstance(value, bool) or (kind == "int" and isinstance(value, float) and value != number):
+            raise wrong
+        return number
+    return value

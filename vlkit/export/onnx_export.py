@@ -22,6 +22,7 @@ import copy
 import logging
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,16 @@ from .verify import Verifier, resolve_providers, session_hints
 DEFAULT_OPSET = 17
 MIN_OPSET = 14  # scaled_dot_product_attention
 QUANTIZE = ("int8",)
-EXTRA_OPTIONS = {"threads": int, "per_channel": bool}
+
+
+@dataclass
+class OnnxOptions:
+    """The `onnx` target's own options (`vlkit export --option key=value`)."""
+
+    threads: int = 0
+    """onnxruntime intra-op threads while verifying (>= 0; 0: onnxruntime's default)."""
+    per_channel: bool = False
+    """int8 (--quantize int8): quantise weights per output channel instead of per tensor."""
 
 
 def max_opset() -> int:
@@ -135,31 +145,16 @@ def quantize_int8(src: Path, dest: Path, per_channel: bool = False) -> None:
         root.setLevel(level)
 
 
-def _coerce_extra(extra: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in extra.items():
-        if key not in EXTRA_OPTIONS:
-            raise ConfigError(f"unknown onnx export option {key!r}; options: {', '.join(EXTRA_OPTIONS)}")
-        tp = EXTRA_OPTIONS[key]
-        if tp is bool:
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ConfigError(f"onnx option {key} must be true or false, got {value!r}")
-                value = value.lower() in ("true", "1", "yes")
-            out[key] = bool(value)
-        else:
-            try:
-                out[key] = int(value)
-            except (TypeError, ValueError):
-                raise ConfigError(f"onnx option {key} must be an integer, got {value!r}") from None
-            if out[key] < 0:
-                raise ConfigError(f"onnx option {key} must be >= 0, got {value!r}")
-    return out
-
-
 class OnnxExporter(Exporter):
     name = "onnx"
     summary = "ONNX graphs (fp32, fp16, int8) verified with onnxruntime on CPU or CUDA"
+    options_cls = OnnxOptions
+
+    def target_options(self, extra: dict[str, Any]) -> dict[str, Any]:
+        out = super().target_options(extra)
+        if out.get("threads", 0) < 0:
+            raise ConfigError(f"onnx option threads must be >= 0, got {extra['threads']!r}")
+        return out
 
     def check(self, options: ExportOptions) -> None:
 
@@ -168,7 +163,7 @@ class OnnxExporter(Exporter):
         top = max_opset()
         if options.opset is not None and not MIN_OPSET <= options.opset <= top:
             raise ConfigError(f"--opset must be between {MIN_OPSET} and {top}, got {options.opset}")
-        _coerce_extra(options.extra)
+        self.target_options(options.extra)
         resolve_providers(options.providers)
 
     def export(self, request: ExportRequest) -> ExportResult:
@@ -177,7 +172,7 @@ class OnnxExporter(Exporter):
 
 
         opts = request.options
-        extra = _coerce_extra(opts.extra)
+        extra = self.target_options(opts.extra)
         opset = opts.opset or DEFAULT_OPSET
         providers = resolve_providers(opts.providers)
         staging = request.staging

@@ -3,11 +3,17 @@
 A probe is an object with a ``name``, a one-line ``summary`` and a ``run`` method; plugins register one
 through the ``register_probes`` hook::
 
+    @dataclass
+    class MyOptions(ProbeOptions):
+        batch_size: int = 64
+        \"\"\"Examples scored per batch.\"\"\"
+
     class MyProbe(Probe):
         name = "my-probe"
         summary = "what it measures"
+        options_cls = MyOptions  # `vlkit probe` passes only these; `vlkit plugins --json` lists them
 
-        def run(self, backbone, systems, *, data=None, seed=0, n=None, n_boot=1000, level=0.95, **options):
+        def run(self, backbone, systems, *, data=None, seed=0, n=None, n_boot=1000, level=0.95, batch_size=64):
             ...score each system with vlkit.probe.systems.score_examples...
             return build_result(self, backbone, systems, dataset="my-data", ...)
 
@@ -33,6 +39,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -42,6 +49,23 @@ from ..plugins import registry
 from . import metrics as M
 
 DEFAULT_RESAMPLES = 1000
+
+
+@dataclass
+class ProbeOptions:
+    """The options every probe's `run` takes (`vlkit probe`'s shared flags); a probe's `options_cls` subclasses
+    this with its own (`data_seed`, `batch_size`, ...), each a keyword parameter of its `run`."""
+
+    data: Any = None
+    """The probe's data (--data; what it may be is the probe's `data_help`); None: its `default_data`."""
+    seed: int = 0
+    """Seed of the bootstrap resamples (--seed)."""
+    n: int | None = None
+    """Examples to score (-n; generated, the first n or a seeded subset, as the probe says); None: all."""
+    n_boot: int = DEFAULT_RESAMPLES
+    """Bootstrap resamples for the confidence intervals (--bootstrap, >= 1)."""
+    level: float = 0.95
+    """Confidence level of the intervals (--level, in (0, 1))."""
 
 
 class Probe(ABC):
@@ -55,6 +79,8 @@ class Probe(ABC):
     default_data: str | None = None
     #: the columns a dataset of this probe has (`load_data(spec, task=<probe name>)` validates them)
     required: tuple[str, ...] = ()
+    #: the options `run` takes, as a `ProbeOptions` subclass with field help (None: `run`'s signature says)
+    options_cls: type | None = None
 
     @abstractmethod
     def run(self, backbone, systems, *, data: Any = None, seed: int = 0, n: int | None = None,

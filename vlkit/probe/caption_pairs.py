@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ import numpy as np
 from ..errors import ConfigError, DataError
 from ..imagefile import ImageDecodeError, open_image
 from . import metrics as M
-from .base import DEFAULT_RESAMPLES, Probe, annotate_breakdowns, build_result, summarize
+from .base import DEFAULT_RESAMPLES, Probe, ProbeOptions, annotate_breakdowns, build_result, summarize
 from .systems import score_examples
 
 IMAGE_KEYS = ("image", "image_path", "filename", "file_name")
@@ -146,6 +147,18 @@ def caption_pair_result(probe, backbone, systems, scores: dict, examples: list[d
                         n_boot=n_boot, seed=seed, level=level, per_example=per_example, extra=extra)
 
 
+@dataclass
+class CaptionPairOptions(ProbeOptions):
+    """The options of a caption-pair probe (`caption-pairs`, and the world's synth swap probes)."""
+
+    data_seed: int = 0
+    """Seed of the subset drawn with -n (and of generated pairs) (--data-seed)."""
+    batch_size: int = 64
+    """Examples scored per batch (--batch-size)."""
+    image_root: str | None = None
+    """Folder that relative image paths of JSON data start in (--images); None: each JSON file's folder."""
+
+
 class CaptionPairProbe(Probe):
     """Accuracy of the true caption over the false one, macro over categories, from local JSON files."""
 
@@ -153,6 +166,7 @@ class CaptionPairProbe(Probe):
     summary = "ARO/SugarCrepe-form caption pairs from local JSON (true vs false caption, macro accuracy)"
     data_help = "FILE.json / FILE.jsonl or a folder of them (rows: image, true_caption, false_caption, category)"
     default_data: str | None = None
+    options_cls = CaptionPairOptions
 
     def examples(self, data: Any, *, n: int | None, data_seed: int, image_root: str | None = None
                  ) -> tuple[list[dict], str]:

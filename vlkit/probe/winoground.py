@@ -15,6 +15,7 @@ backbone.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from ..data import load_data
 from ..data.images import ImageReader
 from ..errors import ConfigError
 from . import metrics as M
-from .base import DEFAULT_RESAMPLES, Probe, annotate_breakdowns, build_result, summarize
+from .base import DEFAULT_RESAMPLES, Probe, ProbeOptions, annotate_breakdowns, build_result, summarize
 from .systems import score_examples
 
 SCORE_KEYS = ("c0_i0", "c0_i1", "c1_i0", "c1_i1")
@@ -105,6 +106,16 @@ def evaluate_scores(scores: dict[str, np.ndarray], tags: dict[str, list[Any]], *
     return summary, breakdowns
 
 
+@dataclass
+class WinogroundProbeOptions(ProbeOptions):
+    """The options of the `winoground` probe."""
+
+    data_seed: int | None = None
+    """Seed of generated (synth) pairs (--data-seed); a fixed copy (hub, DIR) refuses it; None: 0."""
+    batch_size: int = 32
+    """Examples scored per batch (--batch-size)."""
+
+
 class WinogroundProbe(Probe):
     """Winoground (Thrush et al. 2022): does the model match two captions with the same words to two images?"""
 
@@ -114,6 +125,7 @@ class WinogroundProbe(Probe):
     summary = "Winoground text/image/group scores with tag breakdowns and bootstrap intervals"
     data_help = "synth (default: the embedded world's minimal pairs), hub (facebook/winoground, gated), or DIR"
     default_data = "synth"
+    options_cls = WinogroundProbeOptions
 
     def run(self, backbone, systems, *, data: Any = None, seed: int = 0, n: int | None = None,
             n_boot: int = DEFAULT_RESAMPLES, level: float = 0.95, data_seed: int | None = None, batch_size: int = 32,

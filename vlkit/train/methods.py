@@ -13,12 +13,15 @@ A method is an object with a `name` and the hooks below; the engine looks `cfg.m
 - `save(cfg, out, backbone, task, adapter)`: write what the method produced besides task.json, head and metrics.
 
 `fits` is False for a method that evaluates without training (zeroshot); `trains_head` says whether the task
-head's parameters train.
+head's parameters train. A method that reads options from the recipe's `compose` mapping declares them as one
+dataclass with field help, `options_cls`: recipe checking refuses a key it does not declare
+(`check_options`) and `vlkit plugins --json` lists them.
 """
 from __future__ import annotations
 
 import inspect
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,7 @@ from ..compose.adapter_fusion import prepare_fuse, write_fuse_outputs
 from ..compose.resolve import load_base, write_base_composition
 from ..errors import ConfigError
 from ..io import atomic_path
+from ..options import option_names
 from ..plugins import registry
 from .recipe import plain
 
@@ -46,6 +50,19 @@ class TrainingMethod:
     summary = ""
     fits = True
     trains_head = True
+    #: the options the method reads from the recipe's `compose` mapping, as a dataclass (None: it reads none)
+    options_cls: type | None = None
+
+    def check_options(self, options: dict[str, Any], source: str) -> None:
+        """The recipe's `compose` mapping, checked against `options_cls`: a key it does not declare is a
+        ConfigError naming the declared ones (a method without `options_cls` is not checked)."""
+        if self.options_cls is None:
+            return
+        declared = option_names(self.options_cls)
+        unknown = sorted(k for k in options if k not in declared)
+        if unknown:
+            raise ConfigError(f"{source}: key 'compose.{unknown[0]}': method {self.name!r} does not take "
+                              f"{', '.join(unknown)}; its compose options: {', '.join(declared)}")
 
     def check(self, cfg, source: str) -> None:
         return None
@@ -60,9 +77,31 @@ class TrainingMethod:
         return None
 
 
+@dataclass
+class AdapterMethodOptions:
+    """The `compose` options of method `adapter`."""
+
+    base: str | None = None
+    """A frozen adapter or composition directory (A, or A+B to stack) the new adapter trains on top of."""
+
+
+@dataclass
+class FuseOptions:
+    """The `compose` options of method `fuse` (`vlkit compose A,B --mode fuse --recipe R` fills them in)."""
+
+    adapters: list[dict[str, str]] = field(default_factory=list)
+    """The frozen adapters to fuse, at least one: a list of {name, path} (an adapter directory; name defaults
+    to the directory's name)."""
+    fusion: str = "fusion"
+    """Name of the fusion layers in the written adapter."""
+    temperature: float = 1.0
+    """Softmax temperature of the fusion attention over the adapters (> 0)."""
+
+
 class AdapterMethod(TrainingMethod):
     name = "adapter"
     summary = "frozen backbone, one new adapter (adapter.variant) and the task head train"
+    options_cls = AdapterMethodOptions
 
     def check(self, cfg, source: str) -> None:
 
@@ -154,6 +193,7 @@ class ZeroShotMethod(TrainingMethod):
 class FuseMethod(TrainingMethod):
     name = "fuse"
     summary = "AdapterFusion over frozen adapters (compose.adapters): only the fusion layers and head train"
+    options_cls = FuseOptions
 
     def check(self, cfg, source: str) -> None:
         adapters = cfg.compose.get("adapters") if cfg.compose else None

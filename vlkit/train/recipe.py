@@ -16,9 +16,9 @@ from ..backbones.loading import factory_name
 from ..compose.sharing import SHARING, shared_parts
 from ..data.api import SOURCE_ALIASES
 from ..data.pipeline import build_augment
-from ..data.shots import recipe_notes
+from ..data.shots import declared_options, recipe_notes
 from ..errors import ConfigError
-from ..plugins import options_class, registry
+from ..plugins import registry
 from .compiling import check_compile_setting
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -316,21 +316,9 @@ def _accepted_options(parent: str, leaf: str, value: str) -> set[str] | None:
             return None
         return {f.name for f in dataclasses.fields(reg.get(value).config_cls)} | {"variant", "name"}
     if leaf == "kind":
-        import inspect
-
-
-        reg = registry("dataset")
-        if value not in reg:
+        if value not in registry("dataset"):
             return None
-        entry = reg.entry(value)
-        declared = entry.meta.get("options")
-        if declared is None:  # the loader's named keyword parameters
-            params = inspect.signature(entry.obj).parameters.values()
-            declared = [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        options_cls = options_class(entry)  # the options it takes through **options, as a dataclass
-        if options_cls is not None:
-            declared = [*declared, *(f.name for f in dataclasses.fields(options_cls))]
-        return (set(COMMON_DATA_KEYS) | set(SOURCE_ALIASES) | set(declared)) - {"task"}
+        return (set(COMMON_DATA_KEYS) | set(SOURCE_ALIASES) | declared_options(value)) - {"task"}
     if leaf == "name":
         reg = registry("task")
         declared = getattr(reg.get(value), "OPTIONS", None) if value in reg else None
@@ -498,6 +486,7 @@ def check_recipe(cfg, source: str = "<recipe>", allow_untrained: bool = False) -
         raise ConfigError(f"{source}: key 'optim.lr': must be > 0")
     if cfg.optim.head_lr is not None and cfg.optim.head_lr <= 0:
         raise ConfigError(f"{source}: key 'optim.head_lr': must be > 0 (or null for optim.lr)")
+    method.check_options(dict(cfg.compose or {}), source)
     method.check(cfg, source)
     _check_data_source(cfg.data.train, "data.train", source)
     _check_data_source(cfg.data.eval, "data.eval", source)

@@ -14,6 +14,7 @@ dataset kind's registry entry (`Entry.meta`):
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError
@@ -21,6 +22,22 @@ from ..hookspecs import hookimpl
 from .domains import DOMAINS, TASKS
 
 DEFAULT_WORLD_N = 200
+
+
+@dataclass
+class WorldOptions:
+    """The options of the `world` dataset kind (domain and task may come from the source, world:DOMAIN/TASK)."""
+
+    domain: str | None = None
+    """The world domain to draw: photo, medical, satellite or sketch."""
+    task: str | None = None
+    """The task whose columns the rows carry: classification, retrieval, vqa, grounding or winoground."""
+    n: int = DEFAULT_WORLD_N
+    """Rows to generate (>= 1)."""
+    seed: int = 0
+    """Generation seed; the validation and test splits add a fixed offset, so splits are disjoint."""
+    image_size: int = 64
+    """Side in pixels of the generated images."""
 
 
 def domain_defaults(domain: str) -> dict[str, Any] | None:
@@ -39,7 +56,7 @@ def load_world(source: str | None = None, *, split: str | None = None, domain: s
     from ..data.loaders import _int_option, _no_extra
     from .tasks import generate
 
-    _no_extra("world", options)
+    _no_extra("world", options, WorldOptions)
     if source:
         parts = [p for p in source.strip("/").split("/") if p]
         if len(parts) > 2:
@@ -120,8 +137,9 @@ def _tiny(spec, device=None):
 def register_datasets(register):
     register("world", load_world,
              summary="embedded procedural image-text world: world:DOMAIN/TASK (options n, seed, image_size)",
-             domains=DOMAINS, tasks=TASKS, domain_defaults=domain_defaults, check=_check, generate=_generate,
-             write=_write, read=_read, find_manifest=_find_manifest, contact_sheet=_contact_sheet)
+             options_cls=WorldOptions, domains=DOMAINS, tasks=TASKS, domain_defaults=domain_defaults,
+             check=_check, generate=_generate, write=_write, read=_read, find_manifest=_find_manifest,
+             contact_sheet=_contact_sheet)
 
 
 @hookimpl
