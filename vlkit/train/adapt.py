@@ -354,7 +354,7 @@ def _one_run(s: ProtocolSettings, method: str, k: int, seed: int, where: Path, f
         res, bb, _ = run(cfg, where, progress=s.progress, publish=False, datasets=datasets)
     seconds = time.perf_counter() - t0
     trains = method not in TRAINING_FREE and method not in ("zeroshot", "linear")
-    hyper = {"lr": float(cfg.optim.lr) if trains else None, "steps": n_steps if trains else 0,
+    hyper: dict[str, Any] = {"lr": float(cfg.optim.lr) if trains else None, "steps": n_steps if trains else 0,
              "batch_size": int(cfg.optim.batch_size) if trains else None, **{h: res[h] for h in ("alpha", "beta", "C")
                                                                              if h in res}}
     row: dict[str, Any] = {"method": method, "shots": k, "seed": seed, "accuracy": float(res["score"]),

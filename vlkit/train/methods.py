@@ -244,7 +244,8 @@ def prepare_adapter(method: TrainingMethod, backbone, task, cfg, adapter_options
     """One call of `method.prepare` for `task` (with `train_data` when its `prepare` takes that keyword); the
     task head then trains when the method trains heads. Returns the adapter the method made, or None."""
     if train_data is not None and "train_data" in inspect.signature(method.prepare).parameters:
-        adapter = method.prepare(backbone, task, cfg, adapter_options, train_data=train_data)
+        prepare: Any = method.prepare  # this one takes the keyword (checked above)
+        adapter = prepare(backbone, task, cfg, adapter_options, train_data=train_data)
     else:
         adapter = method.prepare(backbone, task, cfg, adapter_options)
     for p in task.head.parameters():
