@@ -545,7 +545,9 @@ def build_app(config: ServeConfig, service):
                 raise RequestError("the server is draining (SIGTERM): send the request elsewhere", status=503)
             body = parse_json(await request.body(), LoadBody)
 
-            check_served_name(check_adapter_name(name))
+            listing = await service.describe()
+            check_served_name(check_adapter_name(name), listing.get("backbone"),
+                              {str(a.get("name")) for a in listing.get("adapters") or []})
             path = client_path(body.path, config.adapter_root)
             entry = await service.load(name, str(path))
         except Exception as exc:  # noqa: BLE001

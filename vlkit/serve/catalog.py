@@ -132,7 +132,7 @@ class TorchCatalog:
         given, path = self._name_and_path(text)
         name = name or given
         if name is not None:
-            check_served_name(check_adapter_name(name))
+            check_served_name(check_adapter_name(name), self.backbone.spec)
             if name in self.entries or name in self.model:
                 raise RequestError(f"an adapter named {name!r} is already loaded; unload it first", status=409)
         if not path.exists():
@@ -159,7 +159,7 @@ class TorchCatalog:
 
         cfg = read_adapter_config(path)
         if name is None:
-            taken = set(self.entries) | set(self.model.records) | set(RESERVED_NAMES)
+            taken = set(self.entries) | set(self.model.records) | set(RESERVED_NAMES) | {self.backbone.spec}
             name = free_name(taken, str(cfg.get("name") or path.name))
         self.model.load_adapter(path, name=name, activate=False)
         try:

@@ -83,11 +83,17 @@ def check_prompt(text: str | None) -> str | None:
     return text
 
 
-def check_served_name(name: str) -> str:
-    """RequestError 409 for a name that requests already use for something else ('auto', the frozen backbone)."""
+def check_served_name(name: str, backbone: str | None = None, served=()) -> str:
+    """RequestError 409 for a name that requests already use for something else ('auto', the frozen backbone,
+    the backbone's spec as `/v1/models` lists it) or that is served already (it would be listed twice)."""
     if name.strip().lower() in RESERVED_NAMES:
         raise RequestError(f"the adapter name {name!r} is reserved (requests use {', '.join(RESERVED_NAMES)} for "
                            "the router and the frozen backbone); choose another", status=409)
+    if backbone and name.strip().lower() == str(backbone).lower():
+        raise RequestError(f"the adapter name {name!r} is the backbone's (GET /v1/models lists it for the frozen "
+                           "backbone); choose another", status=409)
+    if name in served:
+        raise RequestError(f"an adapter named {name!r} is already loaded; unload it first", status=409)
     return name
 
 
