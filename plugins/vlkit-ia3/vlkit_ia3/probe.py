@@ -19,11 +19,12 @@ the frozen backbone, and a per-category breakdown with intervals, all from vlkit
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 from vlkit.errors import ConfigError, DataError
-from vlkit.probe.base import DEFAULT_RESAMPLES, Probe
+from vlkit.probe.base import DEFAULT_RESAMPLES, Probe, ProbeOptions
 from vlkit.probe.caption_pairs import caption_pair_result
 
 DEFAULT_N = 200
@@ -48,12 +49,23 @@ def perturbations(caption: str, seed: int) -> dict[str, str]:
     return out
 
 
+@dataclass
+class WordOrderOptions(ProbeOptions):
+    """The options of the `word-order` probe, beside every probe's."""
+
+    data_seed: int = 0
+    """Seed of the world data, of the -n subset of local data and of the shuffled captions (--data-seed)."""
+    batch_size: int = 64
+    """Examples scored per batch (--batch-size)."""
+
+
 class WordOrderProbe(Probe):
     name = "word-order"
     summary = "caption vs its words reversed / shuffled (seeded): does the text tower see word order"
     data_help = "world photo retrieval set (default) or a data spec / manifest FILE.jsonl with image, caption"
     default_data = None
     required = ("image", "caption")
+    options_cls = WordOrderOptions
 
     def dataset(self, data: Any, n: int | None, data_seed: int):
         from vlkit.data import load_data
