@@ -14,7 +14,10 @@ from torch import nn
 
 from ..errors import ConfigError
 
-TOWER_CHOICES = ("both", "vision", "text")
+TOWER_CHOICES = ("both", "vision", "text", "all", "projector", "encoder", "decoder", "lm")
+"""`towers:` values: a CLIP backbone's `vision` / `text` / `both`; a generative one's `vision`, `projector`,
+`encoder`, `decoder`, `lm` (its language model) and `all` / `both` (every part). The backbone checks the choice
+(`resolve_towers`)."""
 
 
 @dataclass
@@ -202,6 +205,9 @@ class AdapterVariant(ABC, Generic[ConfigT]):
     `shared` without an entry ties the whole layer."""
     merge_methods: tuple[str, ...] = ()
     """This variant's own adapter-merge methods beyond the elementwise ones (implemented in `merge`)."""
+    identity_at_init: bool = True
+    """False for variants whose layers change the outputs even at init (prompt tokens join every attention
+    softmax: `vpt`, `maple`, `prompt`); every other variant's layers start as the identity."""
     training_free: bool = False
     """True for a variant built from data rather than trained (Tip-Adapter's cache): its layers hold buffers,
     no parameters; `vlkit train` builds it through `init_from_data` only with `optim.steps=0`."""

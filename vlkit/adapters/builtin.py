@@ -14,12 +14,13 @@ def register_adapters(register):
     from .lora import LoraVariant
     from .maple import MapleVariant
     from .peft_bridge import PeftVariant
+    from .prompt import PromptVariant
     from .tip_adapter import TipAdapterFVariant, TipAdapterVariant
     from .vera import VeraVariant
     from .vpt import VptVariant
 
     for variant in (BottleneckVariant(), LoraVariant(), CrossModalVariant(), VptVariant(), CoopVariant(),
                     MapleVariant(), ClipAdapterVariant(), TipAdapterVariant(), TipAdapterFVariant(), DoraVariant(),
-                    VeraVariant()):
+                    VeraVariant(), PromptVariant()):
         register(variant.name, variant, variant.summary)
     register(PeftVariant.name, PeftVariant(), PeftVariant.summary)  # the PEFT bridge (vlkit.adapters.peft_bridge)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..backbones.base import TOWERS, Site, resolve_module, set_module
+from ..backbones.base import Site, resolve_module, set_module
 from ..backbones.hosts import AdaptedLinear, AdaptedMHA, AdaptedOutput, AdapterHost
 from ..backbones.sequence import SEQUENCE_KIND, sequence_host
 from ..errors import ConfigError, InjectionError
@@ -46,8 +46,8 @@ def _matches(pattern: str, site: Site, exact_paths: frozenset[str] = frozenset()
             or site.path.endswith("#" + pattern))
 
 
-def _towers(choice: str) -> tuple[str, ...]:
-    return TOWERS if choice == "both" else (choice,)
+def _towers(backbone, choice: str) -> tuple[str, ...]:
+    return tuple(backbone.resolve_towers(choice))
 
 
 def select_sites(backbone, variant, config) -> list[Site]:
@@ -62,7 +62,7 @@ def select_sites(backbone, variant, config) -> list[Site]:
     exact_paths = frozenset(s.path for b in backbone.all_blocks() for s in b.sites.values())
     chosen: list[Site] = []
     available_roles: set[str] = set()
-    for tower in _towers(config.towers):
+    for tower in _towers(backbone, config.towers):
         blocks = backbone.blocks(tower)
         if not blocks:
             raise InjectionError(f"the {tower} tower of {backbone.spec} has no transformer blocks to adapt",

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from .hosts import AdapterHost, base_param_name
 from .state import AdapterState
 
@@ -189,8 +190,19 @@ class Backbone(nn.Module, metaclass=ABCMeta):
         sequence sites (prompt tuning); None: the tower offers no sequence site."""
         return None
 
+    towers: tuple[str, ...] = TOWERS
+    kind: str = "contrastive"
+
+    def resolve_towers(self, choice: str) -> tuple[str, ...]:
+        """The towers an adapter's `towers:` option names on this backbone (`both`: vision and text)."""
+        if choice in ("both", "all"):
+            return self.towers
+        if choice in self.towers:
+            return (choice,)
+        raise ConfigError(f"towers must be one of both, {', '.join(self.towers)} on {self.spec}, got {choice!r}")
+
     def all_blocks(self) -> list[Block]:
-        return [b for t in TOWERS for b in self.blocks(t)]
+        return [b for t in self.towers for b in self.blocks(t)]
 
     def tokenizer_files(self) -> dict[str, Any]:
         """Files (name -> text or bytes) a consumer needs to tokenize without vlkit; see `vlkit export`."""

@@ -74,7 +74,7 @@ class AdapterHost(nn.Module):
         return any(n is not None and self.layer(n, key) is not None for n in names)
 
     def _run(self, layer, key, y, x, weight, bias):
-        if self.site_kinds[key] in ("output", "input"):
+        if self.site_kinds[key] in ("output", "input", "prefix"):
             return layer(y)
         return layer(x, y, weight, bias)
 

@@ -1,0 +1,326 @@
+"""VL-T5 / VL-BART style generative backbones: a vision tower, a projector and a transformers language model.
+
+    vl:lm=/models/t5-base,vision=open_clip:ViT-B-32,projector=linear
+
+The vision tower is any vlkit backbone's image tower (its text tower is dropped); its patch tokens go through the
+projector (`linear`, or `mlp2x`: Linear, GELU, Linear) into the language model's input, before the prompt's token
+embeddings, as VL-Adapter does. The language model is read from a local directory (`save_pretrained`): an
+encoder-decoder (T5, BART: the visual tokens and the prompt enter the encoder, the decoder writes the answer) or a
+decoder-only model (GPT-2, Llama, Qwen2, SmolLM: the answer follows the visual tokens and the prompt).
+
+Adapter sites: the vision tower's own, the projector's linear layers, and per LM block the attention and MLP
+outputs and projections (`LM_LAYOUTS`, architecture as data). A `prefix` site on the LM's input sequence takes
+prompt tuning (variant `prompt-tuning`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import BackboneLoadError, ConfigError
+from .base import Block, Site, resolve_module
+from .generative import GenerativeBackbone, as_image_batch
+from .loading import load_backbone
+
+PREFIX_KIND = "prefix"
+PREFIX_ROLE = "prefix"
+
+
+@dataclass(frozen=True)
+class LMLayout:
+    """Where a transformers LM keeps its blocks and, inside a block, its attention and MLP (None: absent)."""
+
+    encoder: str | None
+    decoder: str
+    attn: str
+    q: str | None
+    k: str | None
+    v: str | None
+    o: str | None
+    mlp: str | None
+    fc1: str | None
+    fc2: str | None
+    enc_mlp: str | None = None  # where an encoder block's MLP differs from a decoder block's (T5)
+
+
+LM_LAYOUTS: dict[str, LMLayout] = {
+    "t5": LMLayout("encoder.block", "decoder.block", "layer.0.SelfAttention", "q", "k", "v", "o",
+                   "layer.2.DenseReluDense", "wi", "wo", enc_mlp="layer.1.DenseReluDense"),
+    "bart": LMLayout("model.encoder.layers", "model.decoder.layers", "self_attn", "q_proj", "k_proj", "v_proj",
+                     "out_proj", None, "fc1", "fc2"),
+    "llama": LMLayout(None, "model.layers", "self_attn", "q_proj", "k_proj", "v_proj", "o_proj", "mlp", "up_proj",
+                      "down_proj"),
+    "gpt2": LMLayout(None, "transformer.h", "attn", None, None, None, None, "mlp", None, None),
+}
+for _alias in ("qwen2", "mistral", "smollm3"):
+    LM_LAYOUTS[_alias] = LM_LAYOUTS["llama"]
+for _alias in ("mt5", "umt5"):
+    LM_LAYOUTS[_alias] = LM_LAYOUTS["t5"]
+LM_LAYOUTS["mbart"] = LM_LAYOUTS["bart"]
+
+PROJECTORS = ("linear", "mlp2x")
+
+
+class PrefixPoint(nn.Module):
+    """The LM's input sequence (visual tokens and prompt embeddings), where prompt-tuning layers prepend."""
+
+    def forward(self, embeds: torch.Tensor) -> torch.Tensor:
+        return embeds
+
+
+class ComposedVLModel(nn.Module):
+    def __init__(self, vision: nn.Module, projector: nn.Module, lm: nn.Module):
+        super().__init__()
+        self.vision = vision
+        self.projector = projector
+        self.prefix = PrefixPoint()
+        self.lm = lm
+
+
+def parse_vl_spec(spec: str) -> dict[str, str]:
+    """`vl:lm=DIR,vision=SPEC,projector=linear` (or `vl:DIR`) to its parts, with the defaults filled in."""
+    body = spec.split(":", 1)[1] if spec.startswith("vl:") else spec
+    parts: dict[str, str] = {"vision": "tiny", "projector": "linear"}
+    for item in [p for p in body.split(",") if p.strip()]:
+        key, eq, value = item.partition("=")
+        if not eq:
+            key, value = "lm", item
+        key = key.strip()
+        if key not in ("lm", "vision", "projector"):
+            raise ConfigError(f"backbone spec {spec!r}: unknown part {key!r}; parts: lm, vision, projector")
+        parts[key] = value.strip()
+    if not parts.get("lm"):
+        raise ConfigError(f"backbone spec {spec!r} names no language model",
+                          hint="vl:lm=/path/to/t5-or-gpt2-dir,vision=tiny,projector=linear")
+    if parts["projector"] not in PROJECTORS:
+        raise ConfigError(f"backbone spec {spec!r}: projector must be one of {', '.join(PROJECTORS)}")
+    return parts
+
+
+def load_lm(src: str):
+    """(model, tokenizer, config) of a transformers language model directory, seq2seq or causal."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    local = Path(src).exists()
+    try:
+        cfg = AutoConfig.from_pretrained(src)
+    except Exception as exc:  # OSError, HTTP and offline errors differ across versions
+        if local:
+            raise BackboneLoadError(f"{src} is not a transformers model directory: {exc}") from None
+        raise BackboneLoadError(f"could not fetch language model {src!r} from the hub ({type(exc).__name__})",
+                                hint="no hub access? save_pretrained() the model and its tokenizer elsewhere, copy "
+                                     "the directory here, and use vl:lm=/path/to/dir") from None
+    if cfg.model_type not in LM_LAYOUTS:
+        raise BackboneLoadError(f"{src} is a {cfg.model_type!r} model; vl: backbones take "
+                                f"{', '.join(sorted(LM_LAYOUTS))} language models")
+    auto = AutoModelForSeq2SeqLM if cfg.is_encoder_decoder else AutoModelForCausalLM
+    try:
+        model = auto.from_pretrained(src)
+        tokenizer = AutoTokenizer.from_pretrained(src)
+    except Exception as exc:
+        raise BackboneLoadError(f"could not load the language model or tokenizer in {src}: {exc}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, cfg
+
+
+def _drop_text_tower(vb) -> None:
+    """The vision backbone's text tower is not used: its modules and parameters leave the model."""
+    for prefix in vb.tower_prefixes().get("text", ()):
+        name = prefix.rstrip(".")
+        if "." not in name and hasattr(vb.model, name):
+            if name in vb.model._modules:
+                del vb.model._modules[name]
+            elif name in vb.model._parameters:
+                del vb.model._parameters[name]
+
+
+class ComposedVLBackbone(GenerativeBackbone):
+    """A vision tower, a projector and a transformers LM (see the module docstring)."""
+
+    family = "vl"
+
+    def __init__(self, spec: str, vision, lm: nn.Module, tokenizer, lm_config, projector: str = "linear"):
+        _drop_text_tower(vision)
+        vwidth = vision.blocks("vision")[-1].width
+        d = int(lm_config.d_model if hasattr(lm_config, "d_model") else lm_config.hidden_size)
+        proj: nn.Module = nn.Sequential(nn.Linear(vwidth, d)) if projector == "linear" else nn.Sequential(
+            nn.Linear(vwidth, d), nn.GELU(), nn.Linear(d, d))
+        self.layout = LM_LAYOUTS[lm_config.model_type]
+        self.seq2seq = bool(lm_config.is_encoder_decoder)
+        self.towers = ("vision", "projector", "encoder", "decoder") if self.seq2seq else ("vision", "projector",
+                                                                                          "decoder")
+        self.tower_aliases = {"lm": self.towers[2:], "text": self.towers[2:]}
+        super().__init__(ComposedVLModel(vision.model, proj, lm), spec)
+        self.__dict__["vision_backbone"] = vision  # its encoders run `self.model.vision`; not a second submodule
+        self.tokenizer = tokenizer
+        self.lm_config = lm_config
+        self.image_size, self.mean, self.std = vision.image_size, vision.mean, vision.std
+        self.__dict__["_image_transform"] = vision.image_transform
+        self.width = d
+
+    # --- inputs to the LM -------------------------------------------------------------------------------
+    def _tokens(self, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = self.tokenizer(list(texts), padding="longest", truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
+        return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+    def visual_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, K·N, D): each image's patch tokens through the projector, the K images of an example in a row."""
+        flat, k = as_image_batch(pixels)
+        _, patches = self.vision_backbone.encode_image_tokens(flat)
+        vis = self.model.projector(patches)
+        return vis.reshape(pixels.shape[0], k * vis.shape[1], vis.shape[2])
+
+    def _inputs(self, pixels: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input embeddings [visual tokens; prompt] and their mask, through the prefix site."""
+        device = pixels.device
+        ids, mask = self._tokens(prompts, device)
+        text = self.model.lm.get_input_embeddings()(ids)
+        vis = self.visual_tokens(pixels).to(text.dtype)
+        embeds = torch.cat([vis, text], dim=1)
+        mask = torch.cat([torch.ones(vis.shape[:2], dtype=mask.dtype, device=device), mask], dim=1)
+        embeds2 = self.model.prefix(embeds)
+        extra = embeds2.shape[1] - embeds.shape[1]
+        if extra:
+            mask = torch.cat([torch.ones(mask.shape[0], extra, dtype=mask.dtype, device=device), mask], dim=1)
+        return embeds2, mask
+
+    def _labels(self, targets: list[str], device) -> torch.Tensor:
+        enc = self.tokenizer(list(targets), padding="longest", truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
+        ids = enc["input_ids"].to(device)
+        return ids.masked_fill(enc["attention_mask"].to(device) == 0, -100)
+
+    def _token_logits(self, pixels, prompts, targets) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits over each target token, labels with -100 at padding)."""
+        embeds, mask = self._inputs(pixels, prompts)
+        if self.seq2seq:
+            labels = self._labels(targets, pixels.device)
+            out = self.model.lm(inputs_embeds=embeds, attention_mask=mask, labels=labels)
+            return out.logits, labels
+        tgt = [" " + t + (self.tokenizer.eos_token or "") for t in targets]
+        enc = self.tokenizer(tgt, padding="longest", truncation=True, max_length=self.max_length,
+                             return_tensors="pt", add_special_tokens=False)
+        ids, tmask = enc["input_ids"].to(pixels.device), enc["attention_mask"].to(pixels.device)
+        temb = self.model.lm.get_input_embeddings()(ids)
+        full = torch.cat([embeds, temb], dim=1)
+        fmask = torch.cat([mask, tmask], dim=1)
+        logits = self.model.lm(inputs_embeds=full, attention_mask=fmask).logits
+        n = ids.shape[1]
+        return logits[:, -n - 1:-1], ids.masked_fill(tmask == 0, -100)
+
+    # --- the model calls --------------------------------------------------------------------------------
+    def loss(self, pixels, prompts, targets) -> torch.Tensor:
+        logits, labels = self._token_logits(pixels, prompts, targets)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+
+    def sequence_logprob(self, pixels, prompts, targets) -> torch.Tensor:
+        logits, labels = self._token_logits(pixels, prompts, targets)
+        logp = logits.float().log_softmax(-1)
+        keep = labels != -100
+        tok = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return (tok * keep).sum(-1)
+
+    @torch.no_grad()
+    def generate(self, pixels, prompts, *, max_new_tokens: int = 20, num_beams: int = 1) -> list[str]:
+        embeds, mask = self._inputs(pixels, prompts)
+        tok = self.tokenizer
+        out = self.model.lm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=int(max_new_tokens),
+                                     num_beams=int(num_beams), do_sample=False, use_cache=True,
+                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
+
+    # --- structure --------------------------------------------------------------------------------------
+    def tower_prefixes(self) -> dict[str, tuple[str, ...]]:
+        lay = self.layout
+        out = {"vision": ("vision.",), "projector": ("projector.", "prefix.")}
+        if self.seq2seq and lay.encoder:
+            out["encoder"] = (f"lm.{lay.encoder}.",)
+            out["decoder"] = ("lm.",)
+        else:
+            out["decoder"] = ("lm.",)
+        return out
+
+    def blocks(self, tower: str) -> list[Block]:
+        if tower == "vision":
+            return [self._vision_block(b) for b in self.vision_backbone.blocks("vision")]
+        if tower == "projector":
+            return self._projector_blocks()
+        if tower not in self.towers:
+            return []
+        lay = self.layout
+        root = lay.encoder if tower == "encoder" else lay.decoder
+        layers = resolve_module(self.model.lm, root)
+        blocks = []
+        for i in range(len(layers)):
+            path = f"lm.{root}.{i}"
+            b = Block(tower, i, path, self.width)
+            w = self.width
+            attn = f"{path}.{lay.attn}"
+            b.sites["attn"] = Site(tower, i, "attn", attn, attn, "output", w, w)
+            for role, attr in (("attn.q", lay.q), ("attn.k", lay.k), ("attn.v", lay.v), ("attn.out", lay.o)):
+                if attr:
+                    lin = resolve_module(self.model, f"{attn}.{attr}")
+                    b.sites[role] = Site(tower, i, role, f"{attn}.{attr}", f"{attn}.{attr}", "linear",
+                                         lin.in_features, lin.out_features)
+            mlp = lay.enc_mlp if (tower == "encoder" and lay.enc_mlp) else lay.mlp
+            if mlp:
+                b.sites["mlp"] = Site(tower, i, "mlp", f"{path}.{mlp}", f"{path}.{mlp}", "output", w, w)
+            ff = f"{path}.{mlp}" if mlp else path
+            for role, attr in (("mlp.fc1", lay.fc1), ("mlp.fc2", lay.fc2)):
+                if attr and _has(self.model, f"{ff}.{attr}"):
+                    lin = resolve_module(self.model, f"{ff}.{attr}")
+                    b.sites[role] = Site(tower, i, role, f"{ff}.{attr}", f"{ff}.{attr}", "linear",
+                                         lin.in_features, lin.out_features)
+            if i == 0 and tower == self.towers[2]:
+                b.sites[PREFIX_ROLE] = Site(tower, 0, PREFIX_ROLE, "prefix", "prefix", PREFIX_KIND, w, w)
+            blocks.append(b)
+        return blocks
+
+    def _vision_block(self, block: Block) -> Block:
+        b = Block("vision", block.index, f"vision.{block.path}", block.width)
+        for key, s in block.sites.items():
+            b.sites[key] = Site("vision", s.layer, s.role, f"vision.{s.path}", f"vision.{s.host_path}", s.kind,
+                                s.in_features, s.out_features)
+        return b
+
+    def _projector_blocks(self) -> list[Block]:
+        b = Block("projector", 0, "projector", self.width)
+        linears = [(n, m) for n, m in self.model.projector.named_children() if isinstance(m, nn.Linear)]
+        for j, (n, m) in enumerate(linears):
+            role = "mlp.fc1" if j == 0 else "mlp.fc2"
+            b.sites[role] = Site("projector", 0, role, f"projector.{n}", f"projector.{n}", "linear",
+                                 m.in_features, m.out_features)
+        b.sites["mlp"] = Site("projector", 0, "mlp", "projector", "projector", "output", self.width, self.width)
+        return [b]
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "lm": self.lm_config.model_type, "seq2seq": self.seq2seq,
+                "vision": self.vision_backbone.spec}
+
+
+def _has(root: nn.Module, path: str) -> bool:
+    try:
+        resolve_module(root, path)
+    except (AttributeError, IndexError, KeyError):
+        return False
+    return True
+
+
+def load_composed(spec: str, device: str | None = None) -> ComposedVLBackbone:
+    """Build `vl:lm=DIR,vision=SPEC,projector=linear|mlp2x` (see the module docstring)."""
+    parts = parse_vl_spec(spec)
+    vision = load_backbone(parts["vision"])
+    if vision.kind != "contrastive":
+        raise ConfigError(f"the vision tower of {spec!r} must be a CLIP-style backbone's, got {parts['vision']!r}")
+    lm, tokenizer, cfg = load_lm(parts["lm"])
+    bb = ComposedVLBackbone(spec, vision, lm, tokenizer, cfg, parts["projector"])
+    if device:
+        bb.to(device)
+    return bb

@@ -1,0 +1,147 @@
+"""The interface of generative vision-language backbones: images and a text prompt in, text out.
+
+A `GenerativeBackbone` is what VL-T5 / VL-BART, LLaVA, SmolVLM, BLIP and vision-encoder-decoder models have in
+common for vlkit: a frozen model with adapter sites in each of its parts (`towers`), a teacher-forced loss, the
+log-probability of given answers, and generation. The adapter machinery (sites, hosts, the owner
+`vlkit.AdaptedModel`) is the same as for the contrastive `Backbone`s; tasks that generate (captioning, open-ended
+VQA, GQA, NLVR2) call only the methods below.
+
+Inputs: `pixels` is (B, 3, H, W) for one image per example, or (B, K, 3, H, W) for K images (NLVR2's pairs);
+`prompts` and `targets` are lists of B strings.
+"""
+from __future__ import annotations
+
+import hashlib
+from abc import ABCMeta, abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .base import Block, shortest_edge_transform
+from .hosts import base_param_name
+from .state import AdapterState
+
+GENERATIVE_TOWERS = ("vision", "projector", "encoder", "decoder")
+
+
+class GenerativeBackbone(nn.Module, metaclass=ABCMeta):
+    """A vision-language model that writes text. Subclasses set `model`, `spec`, `family`, `towers`, implement
+    the three model calls and describe their blocks."""
+
+    family: str = "generative"
+    kind: str = "generative"
+    towers: tuple[str, ...] = GENERATIVE_TOWERS
+    tower_aliases: dict[str, tuple[str, ...]] = {}
+    """Names that stand for several towers in `towers:` options; `both` and `all` are every tower, `lm` the
+    language model's towers."""
+    image_size: int = 224
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    max_length: int = 64
+    """Longest prompt or target, in tokens, the backbone reads (longer ones are cut)."""
+
+    def __init__(self, model: nn.Module, spec: str):
+        super().__init__()
+        self.model = model
+        self.spec = spec
+        self.adapter_state = AdapterState()
+        self._fingerprint = self._compute_fingerprint()
+
+    # --- the model calls --------------------------------------------------------------------------------
+    @abstractmethod
+    def loss(self, pixels: torch.Tensor, prompts: list[str], targets: list[str]) -> torch.Tensor:
+        """Mean token cross-entropy of `targets` given the images and `prompts` (teacher forcing)."""
+
+    @abstractmethod
+    def sequence_logprob(self, pixels: torch.Tensor, prompts: list[str], targets: list[str]) -> torch.Tensor:
+        """(B,) summed log-probability of each target given its images and prompt."""
+
+    @abstractmethod
+    def generate(self, pixels: torch.Tensor, prompts: list[str], *, max_new_tokens: int = 20,
+                 num_beams: int = 1) -> list[str]:
+        """Greedy (num_beams 1) or beam-search answers, batched, with the key-value cache."""
+
+    def answer_probability(self, pixels: torch.Tensor, prompts: list[str], answer: str = "Yes") -> torch.Tensor:
+        """(B,) probability of `answer` as the whole reply (VQAScore's P("Yes" | image, question))."""
+        return self.sequence_logprob(pixels, prompts, [answer] * len(prompts)).exp()
+
+    # --- inputs -----------------------------------------------------------------------------------------
+    @property
+    def image_transform(self) -> Callable:
+        """The backbone's own eval transform: a PIL image (any mode) to a normalised (3, S, S) tensor."""
+        own = self.__dict__.get("_image_transform")
+        if own is not None:
+            return own
+        key = (int(self.image_size), tuple(self.mean), tuple(self.std))
+        cached = self.__dict__.get("_default_transform")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_default_transform"] = (key, shortest_edge_transform(*key))
+        return cached[1]
+
+    def preprocess(self, image) -> torch.Tensor:
+        return self.image_transform(image)
+
+    def preprocess_batch(self, images) -> torch.Tensor:
+        return torch.stack([self.preprocess(im) for im in images])
+
+    # --- structure --------------------------------------------------------------------------------------
+    @abstractmethod
+    def blocks(self, tower: str) -> list[Block]:
+        ...
+
+    @abstractmethod
+    def tower_prefixes(self) -> dict[str, tuple[str, ...]]:
+        ...
+
+    def resolve_towers(self, choice: str) -> tuple[str, ...]:
+        """The towers an adapter's `towers:` option names on this backbone."""
+        aliases = {"both": self.towers, "all": self.towers, **self.tower_aliases}
+        if choice in aliases:
+            return tuple(aliases[choice])
+        if choice in self.towers:
+            return (choice,)
+        raise ConfigError(f"towers must be one of {', '.join([*aliases, *self.towers])} on {self.spec}, "
+                          f"got {choice!r}")
+
+    def all_blocks(self) -> list[Block]:
+        return [b for t in self.towers for b in self.blocks(t)]
+
+    def sequence_layout(self, tower: str):
+        return None
+
+    def activation_key(self) -> str:
+        st = self.adapter_state
+        return repr((st.active, st.mode, sorted(st.weights.items()), st.fusion))
+
+    def joint_active(self) -> bool:
+        return False
+
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def _compute_fingerprint(self) -> str:
+        h = hashlib.sha256(self.family.encode())
+        for name, p in sorted(self.model.state_dict().items()):
+            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+        return h.hexdigest()[:16]
+
+    def base_parameters(self) -> dict[str, nn.Parameter]:
+        return {base_param_name(n): p for n, p in self.model.named_parameters()
+                if ".adapters." not in n and ".fusions." not in n}
+
+    def describe(self) -> dict[str, Any]:
+        return {"spec": self.spec, "family": self.family, "kind": self.kind, "towers": list(self.towers),
+                "image_size": self.image_size, "max_length": self.max_length, "fingerprint": self.fingerprint()}
+
+
+def as_image_batch(pixels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(B·K, 3, H, W) and K from (B, 3, H, W) or (B, K, 3, H, W)."""
+    if pixels.dim() == 4:
+        return pixels, 1
+    if pixels.dim() == 5:
+        b, k = pixels.shape[:2]
+        return pixels.reshape(b * k, *pixels.shape[2:]), k
+    raise ConfigError(f"images must be (B, 3, H, W) or (B, K, 3, H, W), got shape {tuple(pixels.shape)}")
