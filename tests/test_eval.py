@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from cli_helpers import cli
+
 from vlkit.errors import ConfigError
 
 # tiny's tokenizer knows these words; the digits' own names (four..nine) it does not
