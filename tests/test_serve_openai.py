@@ -259,3 +259,29 @@ def test_allow_header_lists_every_method(server):
     r = c.put("/v1/adapters/x", json={})
     assert r.status_code == 405 and set(r.headers["allow"].split(", ")) == {"DELETE", "POST"}
     assert c.request("PATCH", "/v1/embeddings").headers["allow"] == "POST"
+
+
+def test_openapi_document_is_complete(server):
+    doc = server.client.get("/openapi.json").json()
+    schemas = doc["components"]["schemas"]
+    assert {"bearer", "apiKey"} == set(doc["components"]["securitySchemes"])
+    assert [g["required"] for g in schemas["EmbedBody"]["oneOf"]] == [["text"], ["image"], ["inputs"]]
+    assert schemas["EmbedBody"]["properties"]["inputs"]["minItems"] == 1
+    assert schemas["ClassifyBody"]["properties"]["labels"]["uniqueItems"] is True
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            ok = [c for c in op["responses"] if c.startswith("2")]
+            assert ok and all("content" in op["responses"][c] or path == "/metrics" for c in ok), (path, method)
+            assert {"401", "404", "422", "429"} <= set(op["responses"]), (path, method)
+            assert "security" not in op  # this server has no key
+    name = doc["paths"]["/v1/adapters/{name}"]["delete"]["parameters"][0]["schema"]
+    assert name["pattern"] == "^[A-Za-z0-9_-]+$"
+    err = doc["paths"]["/v1/embeddings"]["post"]["responses"]["404"]["content"]["application/json"]["schema"]
+    assert err["$ref"].endswith("/OpenAIError")
+    keyed = InProcess(backbone=SPEC, api_key="k")
+    try:
+        doc = keyed.client.get("/openapi.json").json()
+        secured = {(p, m) for p, ops in doc["paths"].items() for m, op in ops.items() if "security" in op}
+        assert ("/v1/embeddings", "post") in secured and ("/health", "get") not in secured
+    finally:
+        keyed.close()

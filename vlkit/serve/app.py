@@ -63,6 +63,7 @@ from .lists import run_body
 from .metrics import Metrics
 from .onnx_engine import OnnxBackend
 from .openai_api import OPENAI_PATHS, error_body, openai_router
+from .schema import install_openapi
 
 OPEN_PATHS = ("/health", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc")
 ENDPOINTS = ("/v1/embed", "/v1/classify", "/v1/score", "/v1/answer", "/v1/adapters", "/health", "/metrics",
@@ -322,6 +323,8 @@ async def read_body(request: Request, op: str):
         except Exception as exc:  # noqa: BLE001 - a malformed form is the client's
             raise RequestError(f"malformed form body: {one_line(exc)[:200]}") from None
         body, upload = form_fields(form, model)
+        if op == "embed" and getattr(body, "text", None) is not None:
+            raise RequestError("a form uploads an image: send `text` as JSON", status=422)
         raw = await upload.read() if upload is not None else None
         return body, raw
     if ctype not in ("", "application/json") and not ctype.endswith("+json"):
@@ -577,6 +580,7 @@ def build_app(config: ServeConfig, service):
 
     app.include_router(openai_router(state, http_status=http_status, error_text=error_text,
                                      finite_response=finite_response))
+    install_openapi(app, api_key=bool(state.api_key))
     app.add_middleware(_Guard, state=state)
     return app
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import RequestError
 from ..imagefile import ImageDecodeError
@@ -25,6 +25,7 @@ FROZEN = ("none", "backbone", "frozen")
 
 NAME_PATTERN = r"^[A-Za-z0-9_-]+$"  # a served name (vlkit.backbones.state.NAME_RE)
 ADAPTER_PATTERN = r"^[A-Za-z0-9_.-]+$"  # what a request names: also compositions named after their folder
+PROMPT_PATTERN = r"^([^{}]|\{\{|\}\})*\{\}([^{}]|\{\{|\}\})*$"  # one {} (doubled braces are literal)
 ADAPTER_FIELD = ("adapter name, 'auto' (the router of a route composition) or none/null (the frozen backbone)")
 
 
@@ -37,6 +38,14 @@ def _one_of(data: Any, groups: tuple[str, ...], what: str) -> Any:
     if isinstance(data, dict) and sum(g in data for g in groups) != 1:
         raise ValueError(f"give exactly one of {what}")
     return data
+
+
+def _whole(value: Any) -> Any:
+    """A JSON number with no fraction (3.0) is the integer JSON Schema says it is; anything else as sent."""
+    return int(value) if isinstance(value, float) and value.is_integer() and abs(value) < 2**53 else value
+
+
+WholeInt = Annotated[int, BeforeValidator(_whole)]
 
 
 class _Strict(BaseModel):
@@ -52,7 +61,7 @@ class EmbedInput(_Strict):
     adapter: str | None = Field(None, min_length=1, max_length=256, pattern=ADAPTER_PATTERN,
                                 description=ADAPTER_FIELD + " (default: the request's)")
     text: str = Field(None, description="a text to embed (or give image)")  # type: ignore[assignment]
-    image: str = Field(None, description="base64 PNG/JPEG image to embed (or give text)")  # type: ignore[assignment]
+    image: str = Field(None, min_length=1, description="base64 PNG/JPEG image to embed (or give text)")  # type: ignore[assignment]
 
     @model_validator(mode="before")
     @classmethod
@@ -63,7 +72,7 @@ class EmbedInput(_Strict):
 class EmbedBody(_Body):
     model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_exactly_one("text", "image", "inputs"))
     text: str = Field(None, description="a text to embed (or give image or inputs)")  # type: ignore[assignment]
-    image: str = Field(None, description="base64 PNG/JPEG image to embed")  # type: ignore[assignment]
+    image: str = Field(None, min_length=1, description="base64 PNG/JPEG image to embed")  # type: ignore[assignment]
     inputs: list[EmbedInput] = Field(None, min_length=1,  # type: ignore[assignment]
                                      description="a list of texts and images, each with its own adapter or the "
                                                  "request's (up to --max-inputs); answered as `results`")
@@ -76,20 +85,21 @@ class EmbedBody(_Body):
 
 class ClassifyInput(_Strict):
     adapter: str | None = Field(None, min_length=1, max_length=256, pattern=ADAPTER_PATTERN, description=ADAPTER_FIELD)
-    image: str = Field(..., description="base64 PNG/JPEG image")
+    image: str = Field(..., min_length=1, description="base64 PNG/JPEG image")
 
 
 class ClassifyBody(_Body):
     model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_exactly_one("image", "inputs"))
-    image: str = Field(None, description="base64 PNG/JPEG image (or give inputs)")  # type: ignore[assignment]
+    image: str = Field(None, min_length=1, description="base64 PNG/JPEG image (or give inputs)")  # type: ignore[assignment]
     inputs: list[ClassifyInput] = Field(None, min_length=1,  # type: ignore[assignment]
                                         description="images, each with its own adapter or the request's (up to "
                                                     "--max-inputs); answered as `results`")
-    labels: list[str] = Field(None, min_length=1,  # type: ignore[assignment]
+    labels: list[str] = Field(None, min_length=1, json_schema_extra={"uniqueItems": True},  # type: ignore[assignment]
                               description="distinct class labels to score instead of the adapter's head")
-    prompt: str = Field(None, description="template with exactly one {} (the label) and no other "  # type: ignore[assignment]
-                                          "field (default: the adapter's task prompt, else 'a photo of a {}')")
-    top: int = Field(3, ge=1, le=1000, description="entries in `top`")
+    prompt: str = Field(None, pattern=PROMPT_PATTERN,  # type: ignore[assignment]
+                        description="template with exactly one {} (the label) and no other field (default: the "
+                                    "adapter's task prompt, else 'a photo of a {}')")
+    top: WholeInt = Field(3, ge=1, le=1000, description="entries in `top`")
 
     @model_validator(mode="before")
     @classmethod
@@ -111,14 +121,15 @@ class ClassifyBody(_Body):
 
 class ScoreInput(_Strict):
     adapter: str | None = Field(None, min_length=1, max_length=256, pattern=ADAPTER_PATTERN, description=ADAPTER_FIELD)
-    image: str = Field(..., description="base64 PNG/JPEG image")
+    image: str = Field(..., min_length=1, description="base64 PNG/JPEG image")
     texts: list[str] = Field(..., min_length=1, description="texts scored against the image")
 
 
 class ScoreBody(_Body):
     model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
-        "oneOf": [{"required": ["image", "texts"]}, {"required": ["inputs"]}]})
-    image: str = Field(None, description="base64 PNG/JPEG image (with texts, or give inputs)")  # type: ignore[assignment]
+        "anyOf": [{"required": ["image", "texts"], "not": {"required": ["inputs"]}},
+                  {"required": ["inputs"], "not": {"anyOf": [{"required": ["image"]}, {"required": ["texts"]}]}}]})
+    image: str = Field(None, min_length=1, description="base64 PNG/JPEG image (with texts, or give inputs)")  # type: ignore[assignment]
     texts: list[str] = Field(None, min_length=1,  # type: ignore[assignment]
                              description="texts scored against the image")
     inputs: list[ScoreInput] = Field(None, min_length=1,  # type: ignore[assignment]
@@ -136,13 +147,14 @@ class ScoreBody(_Body):
 
 
 class AnswerBody(_Body):
-    image: str = Field(..., description="base64 PNG/JPEG image")
+    image: str = Field(..., min_length=1, description="base64 PNG/JPEG image")
     question: str = Field(..., description="the question")
-    top: int = Field(3, ge=1, le=1000, description="entries in `scores` and `top`")
+    top: WholeInt = Field(3, ge=1, le=1000, description="entries in `scores` and `top`")
 
 
 class LoadBody(_Strict):
-    path: str = Field(..., description="adapter directory on the server (an export directory for --engine onnx)")
+    path: str = Field(..., min_length=1, max_length=4096, pattern=r"^[^\x00]*\S[^\x00]*$",
+                      description="adapter directory on the server (an export directory for --engine onnx)")
 
 
 Body = TypeVar("Body", bound=BaseModel)
@@ -203,7 +215,7 @@ def form_fields(form, model: type[Body]) -> tuple[Body, Any]:
             v = values[0]
             if hasattr(v, "read"):
                 image = v  # UploadFile, read by the caller
-                data["image"] = ""
+                data["image"] = "(file part)"  # read by the caller
             else:
                 data["image"] = v
             continue

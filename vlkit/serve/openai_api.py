@@ -18,7 +18,7 @@ import base64
 import math
 import re
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Request
@@ -29,7 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from ..backbones.base import true_length
 from ..errors import RequestError
 from .fetch import fetch_image
-from .inputs import ADAPTER_PATTERN, AUTO, FROZEN, EmbedBody, parse_json, validate
+from .inputs import ADAPTER_PATTERN, AUTO, FROZEN, EmbedBody, WholeInt, parse_json, validate
 from .lists import check_count, gather
 
 OPENAI_PATHS = ("/v1/embeddings", "/v1/models")
@@ -42,13 +42,13 @@ class EmbeddingsRequest(BaseModel):
     model: str = Field(..., min_length=1, max_length=1024, pattern=r"^\S+$",
                        description="an adapter, a composition, 'auto' (the router) or the frozen backbone (its spec "
                                    "or 'none'): see GET /v1/models")
-    input: str | list[str] = Field(..., description="a text, or a list of texts; with modality 'image', images as "
-                                                    "data:image/...;base64, URIs (or http(s) URLs with "
-                                                    "--allow-url-images)")
+    input: str | Annotated[list[str], Field(min_length=1)] = Field(
+        ..., description="a text, or a list of texts; with modality 'image', images as data:image/...;base64, URIs "
+                         "(or http(s) URLs with --allow-url-images)")
     modality: Literal["text", "image"] = Field("text", description="what `input` holds (Infinity's field)")
     encoding_format: Literal["float", "base64"] = Field("float", description="float lists, or base64 of "
                                                                               "little-endian float32")
-    dimensions: int = Field(None, ge=1, le=65536,  # type: ignore[assignment]
+    dimensions: WholeInt = Field(None, ge=1, le=65536,  # type: ignore[assignment]
                             description="keep the first N components and normalise again")
     user: str = Field(None, max_length=256, description="ignored")  # type: ignore[assignment]
 
@@ -178,7 +178,7 @@ def openai_router(state, *, http_status, error_text, finite_response) -> APIRout
                                    "data:image/...;base64, URIs")
             raw = await run_in_threadpool(fetch_image, image, max_bytes=int(config.max_body_bytes),
                                           timeout=float(config.url_timeout))
-            image = ""
+            image = "(url)"  # the fetched bytes are `raw`
         fields = {"adapter": adapter, "text": text, "image": image}
         body = validate({k: v for k, v in fields.items() if v is not None}, EmbedBody)
         answer, _ = await service.run("embed", body, raw)
