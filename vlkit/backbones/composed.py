@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +64,7 @@ for _alias in ("mt5", "umt5"):
 LM_LAYOUTS["mbart"] = LM_LAYOUTS["bart"]
 
 PROJECTORS = ("linear", "mlp2x")
+PROJECTOR_SEED = 0
 
 
 class PrefixPoint(nn.Module):
@@ -74,6 +75,11 @@ class PrefixPoint(nn.Module):
 
 
 class ComposedVLModel(nn.Module):
+    vision: nn.Module
+    projector: nn.Module
+    prefix: PrefixPoint
+    lm: Any
+
     def __init__(self, vision: nn.Module, projector: nn.Module, lm: nn.Module):
         super().__init__()
         self.vision = vision
@@ -144,25 +150,33 @@ class ComposedVLBackbone(GenerativeBackbone):
     """A vision tower, a projector and a transformers LM (see the module docstring)."""
 
     family = "vl"
+    model: ComposedVLModel
 
     def __init__(self, spec: str, vision, lm: nn.Module, tokenizer, lm_config, projector: str = "linear"):
         _drop_text_tower(vision)
         vwidth = vision.blocks("vision")[-1].width
         d = int(lm_config.d_model if hasattr(lm_config, "d_model") else lm_config.hidden_size)
-        proj: nn.Module = nn.Sequential(nn.Linear(vwidth, d)) if projector == "linear" else nn.Sequential(
-            nn.Linear(vwidth, d), nn.GELU(), nn.Linear(d, d))
+        with torch.random.fork_rng(devices=[]):  # a spec names one model: the projector's init is seeded
+            torch.manual_seed(PROJECTOR_SEED)
+            proj: nn.Module = nn.Sequential(nn.Linear(vwidth, d)) if projector == "linear" else nn.Sequential(
+                nn.Linear(vwidth, d), nn.GELU(), nn.Linear(d, d))
         self.layout = LM_LAYOUTS[lm_config.model_type]
         self.seq2seq = bool(lm_config.is_encoder_decoder)
         self.towers = ("vision", "projector", "encoder", "decoder") if self.seq2seq else ("vision", "projector",
                                                                                           "decoder")
         self.tower_aliases = {"lm": self.towers[2:], "text": self.towers[2:]}
         super().__init__(ComposedVLModel(vision.model, proj, lm), spec)
-        self.__dict__["vision_backbone"] = vision  # its encoders run `self.model.vision`; not a second submodule
+        self.__dict__["_vision_backbone"] = vision  # its encoders run `self.model.vision`; not a second submodule
         self.tokenizer = tokenizer
         self.lm_config = lm_config
         self.image_size, self.mean, self.std = vision.image_size, vision.mean, vision.std
         self.__dict__["_image_transform"] = vision.image_transform
         self.width = d
+
+    @property
+    def vision_backbone(self) -> Any:
+        """The vlkit backbone whose image tower this is (its `model` is `self.model.vision`)."""
+        return self.__dict__["_vision_backbone"]
 
     # --- inputs to the LM -------------------------------------------------------------------------------
     def _tokens(self, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,8 +269,8 @@ class ComposedVLBackbone(GenerativeBackbone):
         if tower not in self.towers:
             return []
         lay = self.layout
-        root = lay.encoder if tower == "encoder" else lay.decoder
-        layers = resolve_module(self.model.lm, root)
+        root = (lay.encoder if tower == "encoder" else lay.decoder) or lay.decoder
+        layers = cast(nn.ModuleList, resolve_module(self.model.lm, root))
         blocks = []
         for i in range(len(layers)):
             path = f"lm.{root}.{i}"
@@ -266,7 +280,7 @@ class ComposedVLBackbone(GenerativeBackbone):
             b.sites["attn"] = Site(tower, i, "attn", attn, attn, "output", w, w)
             for role, attr in (("attn.q", lay.q), ("attn.k", lay.k), ("attn.v", lay.v), ("attn.out", lay.o)):
                 if attr:
-                    lin = resolve_module(self.model, f"{attn}.{attr}")
+                    lin = cast(nn.Linear, resolve_module(self.model, f"{attn}.{attr}"))
                     b.sites[role] = Site(tower, i, role, f"{attn}.{attr}", f"{attn}.{attr}", "linear",
                                          lin.in_features, lin.out_features)
             mlp = lay.enc_mlp if (tower == "encoder" and lay.enc_mlp) else lay.mlp
@@ -275,7 +289,7 @@ class ComposedVLBackbone(GenerativeBackbone):
             ff = f"{path}.{mlp}" if mlp else path
             for role, attr in (("mlp.fc1", lay.fc1), ("mlp.fc2", lay.fc2)):
                 if attr and _has(self.model, f"{ff}.{attr}"):
-                    lin = resolve_module(self.model, f"{ff}.{attr}")
+                    lin = cast(nn.Linear, resolve_module(self.model, f"{ff}.{attr}"))
                     b.sites[role] = Site(tower, i, role, f"{ff}.{attr}", f"{ff}.{attr}", "linear",
                                          lin.in_features, lin.out_features)
             if i == 0 and tower == self.towers[2]:
