@@ -5,6 +5,7 @@ a composition directory (mode `fuse`) holding copies of the adapters and `fusion
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from ..compose.api import _check_same_backbone, parse_data_items, resolve_source
 from ..data.api import parse_data_spec
 from ..errors import ConfigError
 from .engine import run
-from .recipe import check_recipe, load_recipe
+from .recipe import load_recipe
 
 
 def fuse_adapters(sources: list[str] | str, out: str | Path, *, recipe: str | Path | None = None,
@@ -33,12 +34,11 @@ def fuse_adapters(sources: list[str] | str, out: str | Path, *, recipe: str | Pa
     base = {"name": out.name, "backbone": backbone or cfg0["backbone"], "method": "fuse",
             "compose": {"adapters": [{"name": n, "path": str(p)} for n, p in srcs], "fusion": "fusion"},
             "logging": {"tensorboard": False}}
-    cfg = load_recipe(recipe, list(overrides or []), base=base)
+    overrides = list(overrides or [])
     _, bare = parse_data_items(data)
-    if bare is not None:
-
-        cfg.data.train = parse_data_spec(bare)
-        check_recipe(cfg, str(recipe))
+    if bare is not None:  # --data replaces the recipe's training data, as `data.train={...}` given whole does
+        overrides.append("data.train=" + json.dumps(parse_data_spec(bare)))
+    cfg = load_recipe(recipe, overrides, base=base)
     if cfg.method != "fuse":
         raise ConfigError(f"{recipe}: method must be 'fuse' for --mode fuse (got {cfg.method!r})")
     result, _, _ = run(cfg, out, progress=progress, overwrite=overwrite)
