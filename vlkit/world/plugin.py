@@ -142,9 +142,17 @@ def register_datasets(register):
              contact_sheet=_contact_sheet)
 
 
+def _tiny_vl(spec, device=None):
+    from .tiny_vl import load_tiny_vl
+
+    return load_tiny_vl(spec, device=device)
+
+
 @hookimpl
 def register_backbones(register):
     register("tiny", _tiny, "built-in tiny CLIP pre-trained on the embedded photo world (tiny[@random|@path])")
+    register("tiny-vl", _tiny_vl, "built-in generative backbone: tiny's image tower + a small T5, pre-trained on the "
+                                  "embedded world's captions and questions (tiny-vl[@init|@random|@path])")
 
 
 @hookimpl
