@@ -3,7 +3,8 @@
 For dual-encoder adapters a score is the cosine of the normalised embeddings times the logit scale.
 Adapters that fuse the modalities (see the `fusion` variant) score pairs jointly: the backbone then
 exposes `joint_scores`, and `pair_scores` routes through it. Each pair's score depends only on that
-pair, never on the other members of the batch.
+pair, never on the other members of the batch. A generative backbone scores a pair as VQAScore does
+(`answer_scores`): the probability that it answers "Yes" to whether the image shows the text.
 """
 from __future__ import annotations
 
@@ -47,6 +48,24 @@ def paired_scores(backbone, pixels: torch.Tensor, tokens: torch.Tensor, batch_si
     img = embed_images(backbone, pixels, batch_size)
     txt = embed_texts(backbone, tokens, batch_size)
     return float(backbone.logit_scale) * (txt * img).sum(-1)
+
+
+VQASCORE_QUESTION = 'Does this image show "{}"? Please answer yes or no.'
+VQASCORE_ANSWER = "Yes"
+
+
+@torch.no_grad()
+def answer_scores(backbone, pixels: torch.Tensor, texts: list[str], batch_size: int = 64, *,
+                  question: str = VQASCORE_QUESTION, answer: str = VQASCORE_ANSWER) -> torch.Tensor:
+    """Score of text i with image i on a generative backbone, as VQAScore (Lin et al. 2024) scores it: the
+    probability of `answer` ("Yes") to `question` about the text: a (n,) vector in [0, 1]."""
+    prompts = [question.format(t) for t in texts]
+    return torch.cat([backbone.answer_probability(pixels[i:i + batch_size], prompts[i:i + batch_size], answer)
+                      for i in range(0, len(prompts), batch_size)])
+
+
+def is_generative(backbone) -> bool:
+    return getattr(backbone, "kind", "contrastive") == "generative"
 
 
 def rerank_matrix(dual: torch.Tensor, joint_fn, k: int, dim: int = 1) -> torch.Tensor:

@@ -14,7 +14,9 @@ one resolver shared with `vlkit compose` and `vlkit export`:
 An adapter directory named several times (``a,b,a+b``) is loaded once. `score_examples` scores examples of
 ``t`` captions and ``m`` images under each system through `vlkit.scoring` (dual encoders: one embedding
 per image and caption; fusion adapters: every (caption, image) pair jointly; route compositions: each input
-through the adapter its router picks), preprocessing each batch once for all systems.
+through the adapter its router picks), preprocessing each batch once for all systems. On a generative
+backbone a pair's score is VQAScore's, `vlkit.scoring.answer_scores`: P("Yes") to
+`Does this image show "{caption}"? Please answer yes or no.`
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import numpy as np
 from ..adapters.model import AdaptedModel
 from ..compose.resolve import AdapterResolver, System, frozen_system, resolve_adapter_arg
 from ..errors import ConfigError
-from ..scoring import pair_scores, paired_scores, uses_joint_scoring
+from ..scoring import answer_scores, is_generative, pair_scores, paired_scores, uses_joint_scoring
 
 __all__ = ["AdapterResolver", "System", "frozen_system", "resolve_adapter_arg", "parse_adapters",
            "resolve_systems", "score_examples"]
@@ -79,6 +81,13 @@ def score_examples(backbone, systems: Sequence[System], n: int, get_batch: Batch
 
 
     device = _device(backbone)
+    generative = is_generative(backbone)
+    if generative:
+        bad = next((s for s in systems if s.mode in ("route", "fuse")), None)
+        if bad is not None:
+            part = "router" if bad.mode == "route" else "fusion"
+            raise ConfigError(f"{bad.label} is a {bad.mode} composition: its {part} reads dual-encoder embeddings, "
+                              f"which generative backbone {backbone.spec} has not")
     out: dict[str, list[np.ndarray]] = {s.label: [] for s in systems}
     with AdaptedModel.of(backbone).preserved():
         for start in range(0, n, batch_size):
@@ -90,11 +99,20 @@ def score_examples(backbone, systems: Sequence[System], n: int, get_batch: Batch
                 raise ValueError("every example needs the same number of images and of captions")
             with torch.no_grad():
                 pixels = backbone.preprocess_batch([im for ims in images for im in ims]).to(device)
-                tokens = backbone.tokenize([c for cs in captions for c in cs]).to(device)
+                texts = [c for cs in captions for c in cs]
                 ex = torch.arange(k).repeat_interleave(t * m)
                 cap = torch.arange(t).repeat_interleave(m).repeat(k)
                 img = torch.arange(m).repeat(k * t)
                 rows, cols = (ex * t + cap).to(device), (ex * m + img).to(device)
+                if generative:  # every (caption, image) pair: P("Yes") to whether the image shows the caption
+                    for system in systems:
+                        system.activate(backbone)
+                        s = answer_scores(backbone, pixels[cols], [texts[r] for r in rows.tolist()])
+                        out[system.label].append(s.float().cpu().numpy().reshape(k, t, m))
+                    if progress is not None:
+                        progress(k)
+                    continue
+                tokens = backbone.tokenize(texts).to(device)
                 for system in systems:
                     system.activate(backbone)
                     model = system.wrap(backbone)
