@@ -138,6 +138,22 @@ def test_mix_of_images_stored_as_bytes_and_shards(tmp_path):
         mix_datasets([parts[0], parts[1].select_columns(["image"])], ["p", "w"])
 
 
+def test_a_corrupt_image_file_in_a_mix_is_named(tmp_path, monkeypatch):
+    from vlkit.data.images import ImageReader
+    from vlkit.errors import DataError
+    from vlkit.train.jobs import load_datasets
+    from vlkit.train.recipe import load_recipe
+
+    _mix_files(tmp_path)
+    (tmp_path / "img" / "2.png").write_bytes(b"not a png")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_recipe(RECIPES / "quickstart.yaml", [f"data.train={readme_mix_spec()}", "task.name=retrieval",
+                                                    "data.eval=null", "task.options={}"])
+    train, _ = load_datasets(cfg)
+    with pytest.raises(DataError, match=r"row 3, column 'image': cannot decode image file .*img/2\.png"):
+        ImageReader(train, "image", "mix").read([0, 1, 2])
+
+
 @pytest.mark.slow
 def test_readme_mix_trains(tmp_path, capsys, monkeypatch):
     _mix_files(tmp_path)

@@ -48,6 +48,8 @@ def read_tar_member(cell: dict) -> bytes:
 
 def cell_label(cell: Any) -> str:
     """Where a cell's image comes from, for messages."""
+    if is_tar_ref(cell) and int(cell["offset"]) == 0:  # a whole file (`vlkit.data.mix`): no tar data starts at 0
+        return f"image file {cell['shard']}"
     if is_tar_ref(cell):
         return f"shard {cell['shard']}, member {cell['member']}"
     if isinstance(cell, dict) and cell.get("path") and cell.get("bytes") is None:
