@@ -68,3 +68,65 @@ def test_probe_winoground_scores_are_p_yes(vl, capsys, tmp_path):
             assert abs(float(p) - r[key]) < 1e-5
     assert all(0.0 <= r["c0_i0"] <= 1.0 for r in rows)
     assert len({r["c0_i0"] for r in rows}) > 1  # the adapter changes the scores
+
+
+def _generate(vl, adapters, active, prompts, mode="stack", n=1):
+    m = _backbone(vl, *adapters)
+    if active:
+        m.set_adapter(*active, mode=mode)
+    bb = m.backbone
+    px = bb.preprocess_batch([Image.open(vl["image"])] * n)
+    with torch.no_grad():
+        return bb.generate(px, prompts, max_new_tokens=6)
+
+
+def test_compose_run_generates_through_adapters_stacks_and_compositions(vl, capsys, tmp_path):
+    img = str(vl["image"])
+    code, out, err = cli(["compose", "run", str(vl["lo"]), "--image", img, "--prompt", "caption:",
+                          "--max-new-tokens", "6", "--json"], capsys)
+    assert code == 0, err
+    res = json.loads(out)
+    assert [r["text"] for r in res["predictions"]] == _generate(vl, ["lo"], ["lo"], ["caption:"])
+    assert f"adapter {vl['lo']}" in err
+    # two images, one prompt each, through an a+b stack
+    stack = f"{vl['lo']}+{vl['bn']}"
+    code, out, err = cli(["compose", "run", stack, "--backbone", vl["spec"], "--image", img, "--image", img,
+                          "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--max-new-tokens", "6", "--json"], capsys)
+    assert code == 0, err
+    want = _generate(vl, ["lo", "bn"], ["lo", "bn"], PROMPTS, n=2)
+    assert [r["text"] for r in json.loads(out)["predictions"]] == want
+    # a parallel composition: both adapters on every site, summed
+    comp = tmp_path / "par"
+    code, _, err = cli(["compose", f"{vl['lo']},{vl['bn']}", "--mode", "parallel", "-o", str(comp)], capsys)
+    assert code == 0, err
+    code, out, err = cli(["compose", "run", str(comp), "--image", img, "--prompt", "caption:",
+                          "--max-new-tokens", "6", "--json"], capsys)
+    assert code == 0, err
+    assert [r["text"] for r in json.loads(out)["predictions"]] == _generate(vl, ["lo", "bn"], ["lo", "bn"],
+                                                                            ["caption:"], mode="parallel")
+    # one adapter of the composition
+    code, out, err = cli(["compose", "run", str(comp), "--adapter", "bn", "--image", img, "--prompt", "caption:",
+                          "--max-new-tokens", "6", "--json"], capsys)
+    assert code == 0, err
+    assert [r["text"] for r in json.loads(out)["predictions"]] == _generate(vl, ["bn"], ["bn"], ["caption:"])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--text", "a red circle", "--prompt", "caption:"], "--text does not apply to generative backbone"),
+    ([], "give --prompt"),
+    (["--prompt", "caption:", "--max-new-tokens", "0"], "at least 1"),
+    (["--prompt", "a", "--prompt", "b", "--prompt", "c"], "3 prompts for 1 images"),
+])
+def test_compose_run_refuses_what_does_not_apply(vl, capsys, args, message):
+    code, _, err = cli(["compose", "run", str(vl["lo"]), "--image", str(vl["image"]), *args], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_compose_run_refuses_prompt_on_a_contrastive_backbone(vl, capsys, tmp_path):
+    m = vlkit.load("tiny@random")
+    m.add_adapter("c", "lora", rank=2)
+    d = m.save_adapter(tmp_path / "c", "c")
+    comp = tmp_path / "comp"
+    assert cli(["compose", str(d), "--mode", "stack", "-o", str(comp)], capsys)[0] == 0
+    code, _, err = cli(["compose", "run", str(comp), "--image", str(vl["image"]), "--prompt", "caption:"], capsys)
+    assert code == 2 and "--prompt applies to generative backbones" in err, err

@@ -2,8 +2,11 @@
 
     vlkit compose A,B[,C] --mode merge|stack|average|parallel|fuse|route -o DIR [options]
     vlkit compose run DIR --image PATH [--text T] [--route auto | --adapter NAME | --task TASK]
+    vlkit compose run RUN --image PATH --prompt "caption:" [--max-new-tokens N] [--beams K]   (generative backbones)
 
-A, B are adapter directories, names of runs under runs/, or composition directories (their adapters).
+A, B are adapter directories, names of runs under runs/, or composition directories (their adapters). On a
+generative backbone `compose run` takes an adapter or run directory, `a+b` or a composition, and prints the text
+it generates for each image and prompt.
 """
 from __future__ import annotations
 
@@ -31,7 +34,8 @@ MODE_OPTIONS = {  # option -> the modes it applies to ("run": vlkit compose run 
     "--method": ("merge",), "--rank": ("merge",), "--density": ("merge",), "--recipe": ("fuse",),
     "--set": ("fuse",), "--data": ("route", "fuse"), "--router-steps": ("route",), "--per-adapter": ("route",),
     "--image": ("run",), "--text": ("run",), "--route": ("run",), "--adapter": ("run",), "--task": ("run",),
-    "--backbone": ("route", "fuse", "run"), "--overwrite": MODES, "--alpha": ("wise",),
+    "--backbone": ("route", "fuse", "run"), "--overwrite": MODES, "--alpha": ("wise",), "--prompt": ("run",),
+    "--max-new-tokens": ("run",), "--beams": ("run",),
 }
 
 
@@ -81,6 +85,11 @@ def register(cli: typer.Typer) -> None:
         route: str | None = typer.Option(None, "--route", help="run: 'auto' routes each input by the router."),
         adapter: str | None = typer.Option(None, "--adapter", help="run: use this adapter of the composition."),
         task: str | None = typer.Option(None, "--task", help="run: use the composition's adapter for this task."),
+        prompt: list[str] | None = typer.Option(None, "--prompt", help="run, generative backbones: the prompt, "
+                                                   "e.g. 'caption:' (repeatable: one per image)."),
+        max_new_tokens: int | None = typer.Option(None, "--max-new-tokens",
+                                                  help="run, generative backbones: longest answer in tokens (20)."),
+        beams: int | None = typer.Option(None, "--beams", help="run, generative backbones: beam width (1: greedy)."),
         backbone: str | None = typer.Option(None, "--backbone", "-b",
                                                help="Backbone spec (default: the adapters' own)."),
         json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
@@ -94,14 +103,21 @@ def register(cli: typer.Typer) -> None:
                  "--density": density, "--recipe": recipe, "--data": data, "--set": set_,
                  "--router-steps": router_steps, "--per-adapter": per_adapter, "--image": image, "--text": text,
                  "--route": route, "--adapter": adapter, "--task": task, "--backbone": backbone,
-                 "--overwrite": overwrite or None, "--alpha": alpha}
+                 "--overwrite": overwrite or None, "--alpha": alpha, "--prompt": prompt,
+                 "--max-new-tokens": max_new_tokens, "--beams": beams}
         check_mode_options("run" if sources == "run" else mode, method, given)
         if sources == "run":
             if target is None:
                 raise ConfigError("usage: vlkit compose run DIR --image PATH [--text T] "
                                   "[--route auto | --adapter NAME | --task TASK]")
-            res = _run(Path(target), image, text, route, adapter, task, backbone)
+            res = _run(Path(target), image, text, route, adapter, task, backbone,
+                       {"prompts": prompt, "max_new_tokens": max_new_tokens, "num_beams": beams})
             for r in res["predictions"]:
+                if "text" in r:
+                    from rich.markup import escape
+
+                    console.print(f"[{r['input']}] adapter {escape(str(r['adapter']))}: {escape(r['text'])}")
+                    continue
                 detail = r.get("answer") or r.get("score") or ", ".join(f"{t.get('class', t.get('answer'))} "
                                                                       f"{t['p']:.2f}" for t in r.get("top", []))
                 console.print(f"[{r['input']}] adapter {r['adapter']} ({r.get('task')}): {detail}")
@@ -149,21 +165,48 @@ def register(cli: typer.Typer) -> None:
             print_json(res)
 
 
-def _run(path: Path, images, texts, route, adapter, task, backbone_spec):
+def _run_backbone(path: Path, given: str | None) -> str:
+    """The backbone `compose run` loads: --backbone, else the one the composition or adapter was made for."""
+    from ..adapters.files import read_adapter_config
+    from ..compose.composition import is_composition, read_composition
+    from ..compose.resolve import find_source
+
+    if given:
+        return given
+    found = find_source(str(path))
+    if not is_composition(found) and (found / "adapter_config.json").is_file():
+        return read_adapter_config(found).get("backbone") or "tiny"
+    return read_composition(found).get("backbone") or "tiny"
+
+
+def _run(path: Path, images, texts, route, adapter, task, backbone_spec, gen: dict):
     from ..backbones.loading import load_backbone
-    from ..compose.composition import read_composition
-    from ..compose.predict import run_composition
+    from ..compose.predict import generate_with, run_composition
     from ..errors import ConfigError
     from ..imagefile import open_image
 
     if not images:
         raise ConfigError("vlkit compose run needs at least one --image")
-    spec = read_composition(path)
-    backbone = load_backbone(backbone_spec or spec.get("backbone") or "tiny").eval()
+    backbone = load_backbone(_run_backbone(path, backbone_spec)).eval()
+    generative = getattr(backbone, "kind", None) == "generative"
+    given = [k for k, v in (("--prompt", gen["prompts"]), ("--max-new-tokens", gen["max_new_tokens"]),
+                            ("--beams", gen["num_beams"])) if v is not None]
+    if given and not generative:
+        raise ConfigError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to generative backbones; "
+                          f"{backbone.spec} scores images and texts (use --text)")
+    if generative and (texts or route):
+        raise ConfigError(f"{'--text' if texts else '--route'} does not apply to generative backbone {backbone.spec}: "
+                          "give --prompt (e.g. 'caption:') and, for a composition, --adapter or --task")
+    if generative and not gen["prompts"]:
+        raise ConfigError(f"{backbone.spec} is a generative backbone: give --prompt, e.g. --prompt 'caption:'")
     pil = []
     for p in images:
         if not Path(p).is_file():
             raise FileNotFoundError(str(p))
         pil.append(open_image(p))  # in its own mode: the backbone's own transform converts it
+    if generative:
+        return generate_with(backbone, str(path), pil, list(gen["prompts"]), adapter=adapter, task=task,
+                             max_new_tokens=20 if gen["max_new_tokens"] is None else gen["max_new_tokens"],
+                             num_beams=1 if gen["num_beams"] is None else gen["num_beams"])
     return run_composition(backbone, path, pil, list(texts) if texts else None, adapter=adapter, task=task,
                            route=route)

@@ -1,5 +1,7 @@
 """Inference with a composition (`vlkit compose run`): pick the adapter (explicitly or by the router) per
-input and answer with that adapter's task: class scores, a VQA answer, or an image-text score.
+input and answer with that adapter's task: class scores, a VQA answer, or an image-text score. On a generative
+backbone `generate_with` writes text (a caption, an answer) for each image and prompt through an adapter, an
+`a+b` stack or a composition (stack, average, parallel, merge: their adapters active together on every site).
 
 The task of an adapter is rebuilt from its `task.json` (class names and prompt, answer set, ...) and its
 trained head from `head.safetensors`, so no training data is needed at inference.
@@ -16,7 +18,7 @@ from ..adapters.model import AdaptedModel
 from ..errors import ConfigError
 from ..plugins import registry
 from .composition import Composition
-from .resolve import load_composition
+from .resolve import AdapterResolver, load_composition
 from .router import route as predict_route
 
 
@@ -96,3 +98,38 @@ def run_composition(backbone, path: str | Path, images: list, texts: list[str] |
                    else _answer(backbone, None, pixels[i:i + 1], tok, top))
         rows.append(row)
     return {"composition": str(path), "mode": comp.mode, "route": route, "predictions": rows}
+
+
+GENERATIVE_MODES = ("stack", "parallel", "merge", "average")
+
+
+def generate_with(backbone, target: str | Path, images: list, prompts: list[str], *, adapter: str | None = None,
+                  task: str | None = None, max_new_tokens: int = 20, num_beams: int = 1) -> dict[str, Any]:
+    """Generated text for each image (PIL) and its prompt (one prompt for all, or one per image) on a generative
+    backbone, through `target`: an adapter or run directory, `a+b`, a composition directory, or `backbone`."""
+    if not prompts or len(prompts) not in (1, len(images)):
+        raise ConfigError(f"{len(prompts)} prompts for {len(images)} images: give one, or one per image")
+    if max_new_tokens < 1 or num_beams < 1:
+        raise ConfigError("--max-new-tokens and --beams must be at least 1")
+    prompts = list(prompts) * len(images) if len(prompts) == 1 else list(prompts)
+    system = AdapterResolver(backbone).resolve(str(target))
+    comp = system.composition
+    if adapter is not None or task is not None:
+        if comp is None:
+            raise ConfigError(f"--adapter and --task pick an adapter of a composition; {target} is not one")
+        chosen = comp.pick(adapter, task)
+        AdaptedModel.of(backbone).set_adapter(chosen)
+        label = chosen
+    elif system.mode not in GENERATIVE_MODES:
+        raise ConfigError(f"{target} is a {system.mode} composition: on generative backbone {backbone.spec} pass "
+                          "--adapter NAME (its router or fusion reads dual-encoder embeddings)")
+    else:
+        system.activate(backbone)
+        label = system.label if len(system.names) < 2 else f"{system.mode}({', '.join(system.names)})"
+    device = next(iter(backbone.parameters())).device
+    pixels = backbone.preprocess_batch(images).to(device)
+    texts = backbone.generate(pixels, prompts, max_new_tokens=int(max_new_tokens), num_beams=int(num_beams))
+    rows = [{"input": i, "adapter": label if system.names or adapter else "none (frozen backbone)",
+             "prompt": p, "text": t} for i, (p, t) in enumerate(zip(prompts, texts))]
+    return {"target": str(target), "mode": system.mode, "max_new_tokens": int(max_new_tokens),
+            "num_beams": int(num_beams), "predictions": rows}
