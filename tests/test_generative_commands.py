@@ -130,3 +130,76 @@ def test_compose_run_refuses_prompt_on_a_contrastive_backbone(vl, capsys, tmp_pa
     assert cli(["compose", str(d), "--mode", "stack", "-o", str(comp)], capsys)[0] == 0
     code, _, err = cli(["compose", "run", str(comp), "--image", str(vl["image"]), "--prompt", "caption:"], capsys)
     assert code == 2 and "--prompt applies to generative backbones" in err, err
+
+
+@pytest.fixture(scope="module")
+def gen_app(vl):
+    from fastapi.testclient import TestClient
+
+    from vlkit.serve import ServeConfig, create_app
+
+    app = create_app(ServeConfig(backbone=vl["spec"], adapters=[f"lo={vl['lo']}", f"bn={vl['bn']}"],
+                                 max_batch=8, max_wait_ms=300))
+    with TestClient(app) as client:
+        yield app, client
+
+
+def _b64(path):
+    import base64
+
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+def test_serve_generate_equals_compose_run(vl, gen_app, capsys):
+    _, client = gen_app
+    r = client.post("/v1/generate", json={"adapter": "lo", "image": _b64(vl["image"]), "prompt": "caption:",
+                                          "max_new_tokens": 6})
+    assert r.status_code == 200, r.text
+    code, out, err = cli(["compose", "run", str(vl["lo"]), "--image", str(vl["image"]), "--prompt", "caption:",
+                          "--max-new-tokens", "6", "--json"], capsys)
+    assert code == 0, err
+    assert r.json() == {"text": json.loads(out)["predictions"][0]["text"], "adapter": "lo"}
+
+
+def test_serve_batches_generation_for_different_adapters_routed_per_sample(vl, gen_app):
+    from vlkit.serve.generate_api import GenerateBody, build_generate_item
+
+    app, _ = gen_app
+    service = app.state.vlkit.service
+    asks = [("lo", PROMPTS[0]), ("bn", PROMPTS[1]), (None, PROMPTS[0]), ("lo", PROMPTS[1]), ("bn", PROMPTS[0])]
+    before = dict(service.engine.stats.batch_sizes)
+    items = [build_generate_item(service.backend, service.config, GenerateBody(
+        adapter=a, image=_b64(vl["image"]), prompt=p, max_new_tokens=6)) for a, p in asks]
+    futures = [service.engine.submit(it) for it in items]
+    got = [f.result(timeout=120) for f in futures]
+    assert service.engine.stats.batch_sizes.get(5, 0) == before.get(5, 0) + 1  # one batch of all five
+    for (a, p), res in zip(asks, got):
+        assert res == {"text": _generate(vl, [a] if a else [], [a] if a else [], [p])[0], "adapter": a or "none"}
+    assert len({res["text"] for res in got}) > 1
+
+
+@pytest.mark.parametrize("body,status,message", [
+    ({"adapter": "nope", "prompt": "caption:"}, 404, "unknown adapter 'nope'"),
+    ({"adapter": "auto", "prompt": "caption:"}, 400, "auto"),
+    ({"prompt": "caption:", "max_new_tokens": 0}, 422, "max_new_tokens"),
+    ({"prompt": ""}, 422, "prompt"),
+    ({"prompt": "caption:", "image": "%%%"}, 400, "not valid base64"),
+    ({"prompt": "caption:", "temperature": 1}, 422, "unknown field"),
+])
+def test_serve_generate_errors_are_4xx_json(vl, gen_app, body, status, message):
+    _, client = gen_app
+    r = client.post("/v1/generate", json={"image": _b64(vl["image"]), **body})
+    assert r.status_code == status and message in r.json()["error"], r.text
+
+
+def test_serve_refuses_what_a_generative_backbone_does_not_do(vl, gen_app):
+    _, client = gen_app
+    r = client.post("/v1/classify", json={"image": _b64(vl["image"]), "labels": ["a", "b"]})
+    assert r.status_code == 400 and "answers /v1/generate only" in r.json()["error"]
+    from fastapi.testclient import TestClient
+
+    from vlkit.serve import ServeConfig, create_app
+
+    with TestClient(create_app(ServeConfig(backbone="tiny@random"))) as client:
+        r = client.post("/v1/generate", json={"image": _b64(vl["image"]), "prompt": "caption:"})
+        assert r.status_code == 400 and "needs a generative backbone" in r.json()["error"]

@@ -10,6 +10,7 @@ Endpoints (JSON bodies, or multipart/form-data with an `image` file part):
     POST   /v1/classify            {"adapter", "image", "labels"?}          -> {"scores": {label: p}, "top", ...}
     POST   /v1/score               {"adapter", "image", "texts": [...]}     -> {"scores": [...], "joint"}
     POST   /v1/answer              {"adapter", "image", "question"}         -> {"answer", "scores": {...}, "top"}
+    POST   /v1/generate            {"adapter", "image", "prompt"}           -> {"text", "adapter"} (generative)
     GET    /v1/adapters                                                     -> {"backbone", "adapters", "router"}
     POST   /v1/adapters/{name}     {"path": DIR}  hot load                  -> the adapter's entry (201)
     DELETE /v1/adapters/{name}     unload                                   -> {"unloaded": name}
@@ -62,12 +63,14 @@ from .inputs import BODIES, LoadBody, adapter_of, decode_base64, form_fields, on
 from .lists import run_body
 from .metrics import Metrics
 from .onnx_engine import OnnxBackend
+from .generate_api import PATH as GENERATE_PATH
+from .generate_api import generate_router
 from .openai_api import OPENAI_PATHS, error_body, openai_router
 from .schema import install_openapi
 
 OPEN_PATHS = ("/health", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc")
 ENDPOINTS = ("/v1/embed", "/v1/classify", "/v1/score", "/v1/answer", "/v1/adapters", "/health", "/metrics",
-             *OPENAI_PATHS, *OPEN_PATHS)
+             GENERATE_PATH, *OPENAI_PATHS, *OPEN_PATHS)
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 ERROR_STATUSES = {400: "Malformed request, or one the adapter cannot answer", 401: "Missing or wrong API key",
                   403: "A hot-load path outside --adapter-root", 404: "Unknown adapter or path",
@@ -580,6 +583,7 @@ def build_app(config: ServeConfig, service):
 
     app.include_router(openai_router(state, http_status=http_status, error_text=error_text,
                                      finite_response=finite_response))
+    app.include_router(generate_router(state, http_status=http_status, error_text=error_text))
     install_openapi(app, api_key=bool(state.api_key))
     app.add_middleware(_Guard, state=state)
     return app

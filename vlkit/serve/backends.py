@@ -11,6 +11,9 @@ from ..backbones.loading import load_backbone
 from ..errors import RequestError
 from .catalog import TorchCatalog
 from .engine import DEFAULT_PROMPT, TorchRunner
+from .generate_api import OP as GENERATE
+from .generate_api import PATH as GENERATE_PATH
+from .generate_api import GenerativeRunner, is_generative
 from .guards import prompt_problem
 from .inputs import AUTO
 
@@ -28,7 +31,8 @@ class TorchBackend:
             self.backbone.to(dev)
         self.catalog = TorchCatalog(self.backbone, dev)
         self.catalog.add_many(list(adapters) if not isinstance(adapters, str) else adapters)
-        self.runner = TorchRunner(self.catalog)
+        self.generative = is_generative(self.backbone)
+        self.runner = GenerativeRunner(self.catalog) if self.generative else TorchRunner(self.catalog)
 
     @property
     def spec(self) -> str:
@@ -41,6 +45,10 @@ class TorchBackend:
         return self.backbone.tokenize(list(texts))
 
     def check_adapter(self, adapter: str | None, op: str) -> None:
+        if self.generative != (op == GENERATE):
+            raise RequestError(f"{self.spec} is a generative backbone: it answers {GENERATE_PATH} only, not /v1/{op}"
+                               if self.generative else f"{GENERATE_PATH} needs a generative backbone; {self.spec} "
+                               "embeds and scores (use /v1/embed, /v1/classify, /v1/score, /v1/answer)")
         if adapter is None:
             return
         if adapter == AUTO:
