@@ -22,6 +22,7 @@ from .loaders import (
     load_manifest_kind,
     load_parquet,
 )
+from .vl_formats import VlFileOptions, Vqav2Options, load_coco_captions, load_gqa, load_nlvr2, load_vqav2
 from .webdataset import WebdatasetOptions, load_webdataset
 from .winoground import WinogroundOptions, load_winoground
 
@@ -48,3 +49,15 @@ def register_datasets(register):
     register("winoground", load_winoground,
              summary="Winoground: hub (gated, HF token), synth (the world kind's minimal pairs) or a local copy DIR",
              options_cls=WinogroundOptions)
+    register("coco-captions", load_coco_captions,
+             summary="COCO captions JSON (captions_*.json: images + annotations), one row per image with all its "
+                     "captions as references (options image_dir, n)", options_cls=VlFileOptions)
+    register("vqav2", load_vqav2,
+             summary="VQAv2 questions JSON with its annotations JSON (ten human answers), COCO images "
+                     "(options annotations, image_dir, n)", options_cls=Vqav2Options)
+    register("gqa-questions", load_gqa,
+             summary="GQA questions JSON ({id: {imageId, question, answer, ...}}) and its images/ (options "
+                     "image_dir, n)", options_cls=VlFileOptions)
+    register("nlvr2-jsonl", load_nlvr2,
+             summary="NLVR2 JSON lines (identifier, sentence, label) with left/right images "
+                     "<id>-img0.png/-img1.png (options image_dir, n)", options_cls=VlFileOptions)

@@ -90,6 +90,84 @@ class LazyImages:
         return out
 
 
+class LazyImageSets(LazyImages):
+    """K image columns as one tensor-like of shape (N, K, 3, S, S) (two-image examples such as NLVR2's):
+    `col[idx]` decodes and transforms the K images of those rows; augmentation is seeded per image."""
+
+    def __init__(self, readers, transform, image_size: int, augment=None, seed: int = 0):
+        super().__init__(readers[0], transform, image_size, augment, seed)
+        self.readers = list(readers)
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
+        return (len(self), len(self.readers), 3, self.image_size, self.image_size)
+
+    def fetch(self, rows: list[int], epoch: int | None = None) -> torch.Tensor:
+        views = []
+        for k, reader in enumerate(self.readers):
+            one = LazyImages(reader, self.transform, self.image_size, self.augment, self.seed + 104_729 * k)
+            views.append(one.fetch(rows, epoch))
+        return torch.stack(views, dim=1)
+
+    def with_augment(self, augment, seed: int) -> LazyImageSets:
+        out = LazyImageSets(self.readers, self.transform, self.image_size, augment, seed)
+        out.loader_options = dict(self.loader_options)
+        return out
+
+
+class TextColumn:
+    """A column of strings (prompts, targets) or of lists of strings (references) that batches carry beside
+    tensors: indexed like a tensor (int, slice, list, 1-D tensor), moved to a device as itself.
+
+    With `choose` (training targets with several references), a row of a training batch (`fetch` with an
+    epoch) is one of its references, drawn from (`seed`, epoch, row), so a resumed run draws what an
+    uninterrupted one would; outside training it is the first reference."""
+
+    def __init__(self, items, choose: bool = False, seed: int = 0):
+        self.items = list(items)
+        self.choose = bool(choose)
+        self.seed = int(seed)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def rows(self, idx) -> list[int]:
+        if isinstance(idx, int):
+            return [idx]
+        if isinstance(idx, slice):
+            return list(range(len(self.items)))[idx]
+        if isinstance(idx, torch.Tensor):
+            idx = idx.reshape(-1).tolist()
+        return [int(i) for i in idx]
+
+    def __getitem__(self, idx):
+        return self.fetch(self.rows(idx))
+
+    def fetch(self, rows: list[int], epoch: int | None = None) -> TextColumn | list[str]:
+        if not self.choose:
+            return TextColumn([self.items[r] for r in rows])
+        out = []
+        for r in rows:
+            refs = self.items[r]
+            if isinstance(refs, str):
+                out.append(refs)
+            elif epoch is None or len(refs) == 1:
+                out.append(refs[0])
+            else:
+                g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, r))
+                out.append(refs[int(torch.randint(len(refs), (1,), generator=g))])
+        return TextColumn(out)
+
+    def to(self, *args, **kwargs) -> TextColumn:
+        return self
+
+    def tolist(self) -> list:
+        return list(self.items)
+
+
 def sample_seed(seed: int, epoch: int, row: int) -> int:
     return (int(seed) * 1_000_003 + int(epoch) * 10_000_019 + int(row) * 7_919) % (2 ** 63 - 1)
 
@@ -107,7 +185,7 @@ def take(data: Mapping, rows, epoch: int | None = None) -> dict[str, torch.Tenso
     rows_t = rows if isinstance(rows, torch.Tensor) else torch.as_tensor(rows, dtype=torch.long)
     out = {}
     for k, v in data.items():
-        if isinstance(v, LazyImages):
+        if isinstance(v, (LazyImages, TextColumn)):
             out[k] = v.fetch(rows_t.tolist(), epoch)
         else:
             out[k] = v[rows_t]

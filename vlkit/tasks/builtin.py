@@ -1,4 +1,5 @@
-"""The built-in task plugin: classification, retrieval, vqa, grounding and minimal pairs.
+"""The built-in task plugin: classification, retrieval, vqa, grounding, minimal pairs and the generative tasks
+(captioning, open-ended vqa-gen, gqa, nlvr2).
 
 A third-party task registers the same way from its own plugin module:
 
@@ -18,6 +19,7 @@ from ..hookspecs import hookimpl
 @hookimpl
 def register_tasks(register):
     from .classification import ClassificationTask
+    from .generative import CaptioningTask, GqaTask, Nlvr2Task, VqaGenTask
     from .grounding import GroundingTask
     from .pairs import PairsTask
     from .retrieval import RetrievalTask
@@ -29,3 +31,7 @@ def register_tasks(register):
     register("vqa", VqaTask, "answer classification over a closed answer set from image and question; accuracy")
     register("pairs", PairsTask, "Winoground-form minimal pairs: own caption/image over the swapped one; group score")
     register("grounding", GroundingTask, "box from patch tokens attended by the expression, L1 + GIoU; acc@IoU0.5")
+    register("captioning", CaptioningTask, "generative: 'caption:' prompt, caption target; COCO CIDEr-D and BLEU-4")
+    register("vqa-gen", VqaGenTask, "generative open-ended VQA ('vqa:' prompt); VQAv2 soft accuracy")
+    register("gqa", GqaTask, "generative compositional questions ('gqa:' prompt); exact match after normalisation")
+    register("nlvr2", Nlvr2Task, "generative: two images and a statement ('nlvr:' prompt), true/false; accuracy")

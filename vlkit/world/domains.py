@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from ..errors import ConfigError
 
 DOMAINS = ("photo", "medical", "satellite", "sketch")
-TASKS = ("classification", "retrieval", "vqa", "grounding", "winoground")
+TASKS = ("classification", "retrieval", "vqa", "grounding", "winoground", "captioning", "vqa-gen", "gqa", "nlvr2")
 
 # Stable small integers mixed into every RNG seed (never Python's hash(), which is salted per process).
 DOMAIN_IDS = {name: i + 1 for i, name in enumerate(DOMAINS)}

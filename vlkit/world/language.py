@@ -38,6 +38,18 @@ REL_REF_TEMPLATE = "{shape} {rel} the {other}"
 PREPOSITION_TEMPLATE = "{a} {r1} {b} and {r2} {c}"
 NUMERAL_TEMPLATE = "{n1} {s1} and {n2} {s2}"
 
+# generative tasks (`vl_tasks.py`): GQA-style questions and NLVR2-style statements
+GQA_SHAPE = "what shape is the {obj} {rel} the {ref}?"
+GQA_ATTRIBUTE = "what {attr} is the {shape} {rel} the {ref}?"
+GQA_VERIFY = "is the {ra} {rel} the {rb}?"
+GQA_COMPARE = "which is bigger, the {ra} or the {rb}?"
+NLVR_COUNT = "there {be} {n} {plural} in total"
+NLVR_BOTH = "both images contain {a}"
+NLVR_ONE = "exactly one image contains {a}"
+NLVR_SIDE = "the {side} image shows {a} {rel} {b}"
+VL_TEMPLATES = (GQA_SHAPE, GQA_ATTRIBUTE, GQA_VERIFY, GQA_COMPARE, NLVR_COUNT, NLVR_BOTH, NLVR_ONE, NLVR_SIDE,
+                "colour size left right true false")
+
 WORD_RE = re.compile(r"[a-z0-9]+")
 
 
@@ -237,7 +249,8 @@ def vocabulary() -> list[str]:
     texts: list[str] = [*SIZES, *ROW_NAMES, *COL_NAMES, *RELATIONS, *COUNT_WORDS, *YES_NO,
                         *SINGLE_TEMPLATES, *MEDICAL_SINGLE_TEMPLATES, *PAIR_TEMPLATES, *TRIPLE_TEMPLATES,
                         PHOTO_SHAPE_BY_COLOUR, *COUNT_QUESTIONS, COUNT_BY_COLOUR, *YESNO_QUESTIONS, LOC_TEMPLATE,
-                        *EXPRESSION_TEMPLATES, REL_REF_TEMPLATE, PREPOSITION_TEMPLATE, NUMERAL_TEMPLATE]
+                        *EXPRESSION_TEMPLATES, REL_REF_TEMPLATE, PREPOSITION_TEMPLATE, NUMERAL_TEMPLATE,
+                        *VL_TEMPLATES]
     for qs in COLOUR_QUESTIONS.values():
         texts += qs
     for s in SPECS.values():

@@ -20,6 +20,7 @@ from .domains import DOMAIN_IDS, DOMAINS, SIZES, SPECS, TASK_IDS, TASKS, answer_
 from .language import caption, expression, question
 from .render import render_scene
 from .scenes import sample_scene, scene_json
+from .vl_tasks import GQA_TYPES, captioning_row, gqa_row, nlvr2_row, vl_features
 from .winoground import COLLAPSED, make_pair
 
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 1024
@@ -76,7 +77,7 @@ def _multi(domain: str, task: str, seed: int, i: int, size: int) -> dict[str, An
     extra: dict[str, Any] = {}
     if task == "retrieval":
         objs = sample_scene(domain, rng, int(rng.choice([1, 2, 3], p=[0.3, 0.4, 0.3])), shapes, colours, sizes)
-    elif task == "vqa":
+    elif task in ("vqa", "vqa-gen"):
         types = vqa_answer_types(domain)
         slot = balanced(seed, domain, task, i, 2 * len(types), salt=3)
         qtype, want_yes = types[slot // 2], slot % 2 == 0
@@ -115,11 +116,22 @@ def _winoground(domain: str, seed: int, i: int, size: int) -> dict[str, Any]:
             "collapsed_tag": pair.collapsed}
 
 
+def _generative(domain: str, task: str, seed: int, i: int, size: int) -> dict[str, Any]:
+    rng = example_rng(seed, domain, task, i)
+    if task == "captioning":
+        return captioning_row(domain, rng, size)
+    if task == "gqa":
+        return gqa_row(domain, rng, balanced(seed, domain, task, i, 2 * len(GQA_TYPES), salt=5), size)
+    return nlvr2_row(domain, rng, balanced(seed, domain, task, i, 2, salt=6) == 0, i, size)
+
+
 def features(domain: str, task: str):
     """The `datasets.Features` of a generated dataset."""
     import datasets
     from datasets import ClassLabel, Features, Image, Value
 
+    if vl_features(task) is not None:
+        return Features(vl_features(task))
     if task == "winoground":
         return Features({"id": Value("int32"), "image_0": Image(), "image_1": Image(), "caption_0": Value("string"),
                          "caption_1": Value("string"), "tag": Value("string"), "secondary_tag": Value("string"),
@@ -132,7 +144,7 @@ def features(domain: str, task: str):
         if SPECS[domain].colours:
             f["colour"] = Value("string")
         f.update(size=Value("string"), region=Value("string"))
-    elif task == "vqa":
+    elif task in ("vqa", "vqa-gen"):
         f.update(question=Value("string"), answer=Value("string"), answer_type=Value("string"),
                  answer_id=Value("int64"))
     elif task == "grounding":
@@ -156,6 +168,8 @@ def generate_rows(domain: str, task: str, n: int, seed: int = 0, image_size: int
     for i in range(start, start + n):
         if task == "classification":
             yield _classification(domain, seed, i, image_size)
+        elif task in ("captioning", "gqa", "nlvr2"):
+            yield _generative(domain, task, seed, i, image_size)
         elif task == "winoground":
             yield _winoground(domain, seed, i, image_size)
         else:
