@@ -445,6 +445,58 @@ def finite_response(result: dict, headers: dict | None, body) -> JSONResponse:
                            "are broken or overflow", status=422) from None
 
 
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"description": text, "content": {"application/json": {"schema": ERROR_SCHEMA}}}
+    for code, text in ERROR_STATUSES.items()}
+
+
+def error_reply(state, exc: BaseException, endpoint: str, t0: float, request: Request | None = None) -> JSONResponse:
+    """The one error shape: a 4xx `{"error"}` (counted), or a bug's 500 with its request id (logged, counted)."""
+    status = http_status(exc)
+    headers = {"Retry-After": str(int(exc.retry_after))} if isinstance(exc, OverloadedError) else None
+    if status >= 500 and not isinstance(exc, VlkitError):
+        rid = getattr(request.state, "request_id", None) if request is not None else None
+        return JSONResponse(server_error(state, exc, endpoint, time.perf_counter() - t0, rid), status_code=500)
+    state.metrics.observe(endpoint, status, time.perf_counter() - t0)
+    return JSONResponse({"error": error_text(exc)}, status_code=status, headers=headers)
+
+
+def install_error_handlers(app) -> None:
+    """Starlette's HTTP errors (404, 405 with every allowed method) and FastAPI's validation errors in the one
+    error shape."""
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, exc):
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:  # Allow: every method of every route of this path, not only the first route's
+            allowed = allowed_methods(app, request.url.path)
+            if request.method == "OPTIONS":
+                return Response(status_code=204, headers={"Allow": ", ".join([*allowed, "OPTIONS"])})
+            headers = {**(headers or {}), "Allow": ", ".join(allowed)}
+        return JSONResponse({"error": one_line(exc.detail)}, status_code=exc.status_code, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request, exc):
+        err = (exc.errors() or [{}])[0]
+        loc = ".".join(str(x) for x in err.get("loc", ()))
+        return JSONResponse({"error": one_line(f"field '{loc}': {err.get('msg', 'invalid')}")}, status_code=422)
+
+
+async def hot_load(state, name: str, request: Request) -> dict[str, Any]:
+    """POST /v1/adapters/NAME: `name` no request means otherwise (reserved, the backbone's, served already) and
+    the body's path as sent, inside --adapter-root (`vlkit.serve.guards`), loaded by the service."""
+    if state.draining:
+        raise RequestError("the server is draining (SIGTERM): send the request elsewhere", status=503)
+    body = parse_json(await request.body(), LoadBody)
+    listing = await state.service.describe()
+    check_served_name(check_adapter_name(name), listing.get("backbone"),
+                      {str(a.get("name")) for a in listing.get("adapters") or []})
+    path = client_path(body.path, state.config.adapter_root)
+    return await state.service.load(name, str(path))
+
+
 def create_app(config: ServeConfig | None = None, *, backend=None, **overrides):
     """The FastAPI app for `config` (or keyword overrides); `backend` replaces the one `config` would build."""
     config = config or ServeConfig(**overrides)
@@ -466,41 +518,15 @@ def build_app(config: ServeConfig, service):
         state.draining = True
         await service.close(config.drain_timeout)
 
-    errors: dict[int | str, dict[str, Any]] = {
-        code: {"description": text, "content": {"application/json": {"schema": ERROR_SCHEMA}}}
-        for code, text in ERROR_STATUSES.items()}
-    app = FastAPI(title="vlkit serve", version=__version__, lifespan=lifespan, responses=errors,
+    app = FastAPI(title="vlkit serve", version=__version__, lifespan=lifespan, responses=ERROR_RESPONSES,
                   description="One frozen vision-language backbone serving many adapters; requests for different "
                               "adapters are batched together. Errors are {\"error\": \"one line\"}.")
     app.state.vlkit = state
 
+    install_error_handlers(app)
+
     def error_response(exc: BaseException, endpoint: str, t0: float, request: Request | None = None) -> JSONResponse:
-        status = http_status(exc)
-        headers = {"Retry-After": str(int(exc.retry_after))} if isinstance(exc, OverloadedError) else None
-        if status >= 500 and not isinstance(exc, VlkitError):
-            rid = getattr(request.state, "request_id", None) if request is not None else None
-            return JSONResponse(server_error(state, exc, endpoint, time.perf_counter() - t0, rid), status_code=500)
-        state.metrics.observe(endpoint, status, time.perf_counter() - t0)
-        return JSONResponse({"error": error_text(exc)}, status_code=status, headers=headers)
-
-    from fastapi.exceptions import RequestValidationError
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request, exc):
-        headers = getattr(exc, "headers", None)
-        if exc.status_code == 405:  # Allow: every method of every route of this path, not only the first route's
-            allowed = allowed_methods(app, request.url.path)
-            if request.method == "OPTIONS":
-                return Response(status_code=204, headers={"Allow": ", ".join([*allowed, "OPTIONS"])})
-            headers = {**(headers or {}), "Allow": ", ".join(allowed)}
-        return JSONResponse({"error": one_line(exc.detail)}, status_code=exc.status_code, headers=headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request, exc):
-        err = (exc.errors() or [{}])[0]
-        loc = ".".join(str(x) for x in err.get("loc", ()))
-        return JSONResponse({"error": one_line(f"field '{loc}': {err.get('msg', 'invalid')}")}, status_code=422)
+        return error_reply(state, exc, endpoint, t0, request)
 
     async def handle(request: Request, op: str):
         t0 = time.perf_counter()
@@ -547,15 +573,7 @@ def build_app(config: ServeConfig, service):
     async def load_adapter(name: str, request: Request):
         t0 = time.perf_counter()
         try:
-            if state.draining:
-                raise RequestError("the server is draining (SIGTERM): send the request elsewhere", status=503)
-            body = parse_json(await request.body(), LoadBody)
-
-            listing = await service.describe()
-            check_served_name(check_adapter_name(name), listing.get("backbone"),
-                              {str(a.get("name")) for a in listing.get("adapters") or []})
-            path = client_path(body.path, config.adapter_root)
-            entry = await service.load(name, str(path))
+            entry = await hot_load(state, name, request)
         except Exception as exc:  # noqa: BLE001
             return error_response(exc, "/v1/adapters", t0, request)
         state.metrics.observe("/v1/adapters", 201, time.perf_counter() - t0)
