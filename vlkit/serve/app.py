@@ -308,14 +308,6 @@ class AppState:
         self.draining = False
 
 
-def _openapi_body(model) -> dict:
-    schema = model.model_json_schema()
-    form = {"type": "object", "properties": {**schema.get("properties", {}),
-                                             "image": {"type": "string", "format": "binary"}}}
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema},
-                                                          "multipart/form-data": {"schema": form}}}}
-
-
 async def read_body(request: Request, op: str):
     """The request's body as the `op` model, and the raw bytes of a multipart `image` file part (or None)."""
     model = BODIES[op]
@@ -543,23 +535,19 @@ def build_app(config: ServeConfig, service):
         state.metrics.observe(endpoint, 200, time.perf_counter() - t0)
         return response
 
-    @app.post("/v1/embed", summary="Normalised embedding of a text or an image",
-              openapi_extra=_openapi_body(BODIES["embed"]))
+    @app.post("/v1/embed", summary="Normalised embeddings of texts or images")
     async def embed(request: Request):
         return await handle(request, "embed")
 
-    @app.post("/v1/classify", summary="Class scores from the adapter's task head, or for given labels",
-              openapi_extra=_openapi_body(BODIES["classify"]))
+    @app.post("/v1/classify", summary="Class scores from the adapter's task head, or for given labels")
     async def classify(request: Request):
         return await handle(request, "classify")
 
-    @app.post("/v1/score", summary="Image-text scores (joint scoring for fusion adapters)",
-              openapi_extra=_openapi_body(BODIES["score"]))
+    @app.post("/v1/score", summary="Image-text scores (joint scoring for fusion adapters)")
     async def score(request: Request):
         return await handle(request, "score")
 
-    @app.post("/v1/answer", summary="Answer a question about an image (VQA adapters)",
-              openapi_extra=_openapi_body(BODIES["answer"]))
+    @app.post("/v1/answer", summary="Answer a question about an image (VQA adapters)")
     async def answer(request: Request):
         return await handle(request, "answer")
 
@@ -567,9 +555,7 @@ def build_app(config: ServeConfig, service):
     async def list_adapters():
         return await service.describe()
 
-    @app.post("/v1/adapters/{name}", summary="Hot load an adapter directory under `name`", status_code=201,
-              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-                  "schema": BODIES["load"].model_json_schema()}}}})
+    @app.post("/v1/adapters/{name}", summary="Hot load an adapter directory under `name`", status_code=201)
     async def load_adapter(name: str, request: Request):
         t0 = time.perf_counter()
         try:

@@ -14,12 +14,14 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from ..backbones.base import shortest_edge_transform
 from ..backbones.openclip import OpenClipBackbone, _load_safetensors_into
 from ..errors import BackboneLoadError
+from .tiny_model import TinyCLIP
 
 HERE = Path(__file__).parent
 CONFIG_PATH = HERE / "configs" / "tiny.json"
@@ -87,14 +89,13 @@ def tiny_tokenizer() -> TinyTokenizer:
     return TinyTokenizer(TOKENIZER_PATH)
 
 
-def build_tiny_model(tokenizer: TinyTokenizer, seed: int = INIT_SEED):
-    from open_clip.model import CLIP
-
+def build_tiny_model(tokenizer: TinyTokenizer, seed: int = INIT_SEED) -> TinyCLIP:
+    """The tiny CLIP (`vlkit.world.tiny_model`, open_clip's CLIP written out), seeded."""
     cfg = tiny_config()
     text_cfg = dict(cfg["text_cfg"], vocab_size=tokenizer.vocab_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = CLIP(cfg["embed_dim"], copy.deepcopy(cfg["vision_cfg"]), text_cfg)
+        model = TinyCLIP(cfg["embed_dim"], copy.deepcopy(cfg["vision_cfg"]), text_cfg)
     return model
 
 
@@ -106,6 +107,17 @@ class TinyBackbone(OpenClipBackbone):
     (I;16) scaled to 8 bits; L, P, CMYK and the rest by PIL's own conversion."""
 
     family = "tiny"
+
+    def _preprocess_cfg(self, cfg: dict):
+        """The config's `preprocess` section (size, mean, std, interpolation), read without open_clip."""
+        size = int(cfg.get("size", self.image_size))
+        if size != self.image_size:
+            raise ValueError(f"preprocess size {size} differs from the vision tower's {self.image_size}")
+        return SimpleNamespace(size=size, mean=cfg.get("mean", self.mean), std=cfg.get("std", self.std),
+                               interpolation=cfg.get("interpolation", "bicubic"))
+
+    def _encode_text_short(self, text: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(text)  # TinyCLIP runs any length up to the context
 
     def _build_transform(self, pre):
         return shortest_edge_transform(self.image_size, self.mean, self.std, pre.interpolation)
