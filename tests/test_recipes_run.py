@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFilter
-
 from cli_helpers import cli
+from PIL import Image, ImageFilter
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -80,6 +80,20 @@ def test_multitask(tmp_path, capsys):
     assert (tmp_path / "mt" / "composition.json").is_file()
 
 
+def test_vl_multitask_one_shared_adapter(tmp_path, capsys):
+    from vl_models import make_lm
+
+    lm = make_lm("t5", tmp_path / "lms")
+    over = [f"tasks.{i}.data.{s}.n={n}" for i in range(4) for s, n in (("train", 8), ("eval", 4))]
+    r = _train(capsys, "vl-multitask.yaml", tmp_path / "vl", f"backbone=vl:lm={lm},vision=tiny", *over)
+    assert set(r["per_task"]) == {"caption", "vqa", "gqa", "nlvr"} and r["sharing"] == "shared"
+    assert {"caption/cider", "caption/bleu4", "vqa/accuracy", "gqa/accuracy", "nlvr/accuracy"} <= set(r["metrics"])
+    one = sum(t.numel() for t in load_file(str(tmp_path / "vl" / "adapters" / "caption" / "adapter_model.safetensors"))
+              .values())
+    assert r["parameters"]["trainable"] == r["parameters"]["adapter"] == one  # four tasks, one adapter's weights
+    assert (tmp_path / "vl" / "shared.safetensors").is_file()
+
+
 def test_pretrain_stages(tmp_path, capsys):
     _train(capsys, "pretrain-tiny.yaml", tmp_path / "p1", "data.train.mix.0.n=12", "data.train.mix.1.n=12",
            "data.eval.n=8")
@@ -133,6 +147,7 @@ TORCHRUN_CASES = {
     "pretrain-tiny.yaml": ["data.train.mix.0.n=12", "data.train.mix.1.n=12", "data.eval.n=8"],
     "gpu-vitb32-lora.yaml": GPU_ON_CPU,
     "gpu-hf-clip-bottleneck.yaml": GPU_ON_CPU,
+    "vl-multitask.yaml": [f"tasks.{i}.data.{s}.n={n}" for i in range(4) for s, n in (("train", 8), ("eval", 4))],
 }
 
 
@@ -151,6 +166,10 @@ def test_recipe_under_torchrun_two_processes(name, tmp_path, tiny_open_clip, hf_
     if name.startswith("gpu-hf"):
         extra += [f"backbone=hf:{hf_clip_dir}", f"data.train.data_dir={imagefolders['train']}",
                   f"data.eval.data_dir={imagefolders['val']}"]
+    if name.startswith("vl-"):
+        from vl_models import make_lm
+
+        extra += [f"backbone=vl:lm={make_lm('t5', tmp_path / 'lms')},vision=tiny"]
     port = str(29600 + list(TORCHRUN_CASES).index(name))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
            "-m", "vlkit", "train", str(RECIPES / name), "-o", str(tmp_path / "ddp"), "--json", "--no-progress",
