@@ -191,7 +191,7 @@ def test_metrics_labels_stay_bounded(server):
 # What a schema cannot say: image bytes that decode (400 names the image), an adapter whose task answers the
 # operation (400), and a hot-load directory that exists (422)
 SEMANTIC = (("/v1/", 400, ("base64", "image bytes", "the image is empty", "has no task", "does not classify",
-                           "does not answer", "cannot answer")),
+                           "does not answer", "cannot answer", "needs a generative backbone")),
             ("/v1/adapters/", 422, ("not found",)))
 
 
