@@ -53,7 +53,8 @@ def generated():
 
 def test_api_names():
     assert world.DOMAINS == ("photo", "medical", "satellite", "sketch")
-    assert world.TASKS == ("classification", "retrieval", "vqa", "grounding", "winoground")
+    assert world.TASKS == ("classification", "retrieval", "vqa", "grounding", "winoground", "captioning", "vqa-gen",
+                           "gqa", "nlvr2")
     assert world.class_names("photo") == world.shape_names("photo")
     assert 6 <= len(world.colour_names("photo")) <= 8 and len(world.class_names("photo")) == 6
     assert world.colour_names("medical") == ["bright", "dark"]
@@ -102,6 +103,10 @@ def test_columns_and_features(generated, task):
             assert f["num_main_preds"].dtype.startswith("int") and f["id"].dtype.startswith("int")
             assert ds[0]["image_0"].mode == "RGB" and ds[0]["image_0"].size == (64, 64)
             continue
+        if task == "nlvr2":
+            assert ds.column_names[:5] == ["id", "image_0", "image_1", "sentence", "label"]
+            assert f["label"] == Value("bool") and ds[0]["image_1"].size == (64, 64)
+            continue
         assert ds.column_names[:4] == ["image", "domain", "scene", "caption"]
         assert isinstance(f["image"], Image) and f["caption"] == Value("string")
         row = ds[0]
@@ -111,8 +116,10 @@ def test_columns_and_features(generated, task):
         if task == "classification":
             assert isinstance(f["label"], ClassLabel) and f["label"].names == world.class_names(domain)
             assert ("colour" in ds.column_names) == bool(world.colour_names(domain))
-        elif task == "vqa":
-            assert {"question", "answer", "answer_type", "answer_id"} <= set(ds.column_names)
+        elif task in ("vqa", "vqa-gen", "gqa"):
+            assert {"question", "answer", "answer_type"} <= set(ds.column_names)
+        elif task == "captioning":
+            assert len(row["references"]) == 5 and row["references"][0] == row["caption"]
         elif task == "grounding":
             assert {"expression", "box"} <= set(ds.column_names) and len(row["box"]) == 4
 
@@ -140,7 +147,7 @@ def test_vocabulary_covers_every_domain_and_task(generated):
         texts += world.colour_names(d) + world.shape_names(d)
         for t in world.TASKS:
             ds = generated[d, t]
-            for col in ("caption", "question", "answer", "expression", "caption_0", "caption_1"):
+            for col in ("caption", "question", "answer", "expression", "caption_0", "caption_1", "sentence"):
                 if col in ds.column_names:
                     texts += list(ds[col])
         for text in texts:

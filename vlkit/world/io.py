@@ -103,13 +103,14 @@ def write(ds, out_dir: str | os.PathLike, task: str) -> Path:
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
     lines: list[str] = []
-    if task == "winoground":
-        missing = [c for c in PAIR_COLUMNS if c not in ds.column_names]
+    if task in ("winoground", "nlvr2"):  # two images per example
+        cols = PAIR_COLUMNS if task == "winoground" else tuple(ds.column_names)
+        missing = [c for c in (*cols, "id", "image_0", "image_1") if c not in ds.column_names]
         if missing:
-            raise DataError(f"winoground dataset lacks column(s) {', '.join(missing)}")
+            raise DataError(f"{task} dataset lacks column(s) {', '.join(missing)}")
         raw = ds.cast_column("image_0", Image(decode=False)).cast_column("image_1", Image(decode=False))
         for row in raw:
-            rec: dict[str, Any] = {c: _jsonable(row[c]) for c in PAIR_COLUMNS}
+            rec: dict[str, Any] = {c: _jsonable(row[c]) for c in cols}
             for col in ("image_0", "image_1"):
                 stem = f"ex_{rec['id']}_img_{col[-1]}"
                 _replace_bytes(images / f"{stem}.png", _png_bytes(row[col]))
@@ -197,7 +198,7 @@ def read(out_dir: str | os.PathLike):
         ds = datasets.Dataset.from_dict(columns)
         for c in image_cols:
             ds = ds.cast_column(c, Image())
-        if "label" in columns and info.get("class_names"):
+        if "label" in columns and info.get("class_names") and manifest.name != "examples.jsonl":
             ds = ds.cast_column("label", ClassLabel(names=info["class_names"]))
     except (ValueError, TypeError, KeyError) as exc:  # pyarrow's mixed-type columns are ValueErrors too
         raise DataError(f"{manifest}: the rows do not make one table ({' '.join(str(exc).split())[:200]})") from None

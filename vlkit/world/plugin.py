@@ -31,7 +31,8 @@ class WorldOptions:
     domain: str | None = None
     """The world domain to draw: photo, medical, satellite or sketch."""
     task: str | None = None
-    """The task whose columns the rows carry: classification, retrieval, vqa, grounding or winoground."""
+    """The task whose columns the rows carry: classification, retrieval, vqa, grounding, winoground, or a
+    generative one: captioning, vqa-gen, gqa, nlvr2 (two images per example)."""
     n: int = DEFAULT_WORLD_N
     """Rows to generate (>= 1)."""
     seed: int = 0
