@@ -154,7 +154,7 @@ class ComposedVLBackbone(GenerativeBackbone):
 
     def __init__(self, spec: str, vision, lm: nn.Module, tokenizer, lm_config, projector: str = "linear"):
         _drop_text_tower(vision)
-        vwidth = vision.blocks("vision")[-1].width
+        vwidth = int(vision.blocks("vision")[-1].width)
         d = int(lm_config.d_model if hasattr(lm_config, "d_model") else lm_config.hidden_size)
         with torch.random.fork_rng(devices=[]):  # a spec names one model: the projector's init is seeded
             torch.manual_seed(PROJECTOR_SEED)
@@ -172,6 +172,7 @@ class ComposedVLBackbone(GenerativeBackbone):
         self.image_size, self.mean, self.std = vision.image_size, vision.mean, vision.std
         self.__dict__["_image_transform"] = vision.image_transform
         self.width = d
+        self.vwidth = vwidth
 
     @property
     def vision_backbone(self) -> Any:
@@ -184,12 +185,27 @@ class ComposedVLBackbone(GenerativeBackbone):
                              return_tensors="pt")
         return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
-    def visual_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, K·N, D): each image's patch tokens through the projector, the K images of an example in a row."""
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The vision tower's patch tokens, (B, N, W) or (B, K, N, W): what `visual_tokens` takes in place of
+        images when the tower is frozen (a feature cache computes them once per image)."""
         flat, k = as_image_batch(pixels)
         _, patches = self.vision_backbone.encode_image_tokens(flat)
-        vis = self.model.projector(patches)
-        return vis.reshape(pixels.shape[0], k * vis.shape[1], vis.shape[2])
+        return patches if pixels.dim() == 4 else patches.reshape(pixels.shape[0], k, *patches.shape[1:])
+
+    def visual_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, K·N, D): each image's patch tokens through the projector, the K images of an example in a row.
+        `pixels` may also be `image_features` output: (B, N, W) or (B, K, N, W)."""
+        is_images = pixels.dim() in (4, 5) and pixels.shape[-3] == 3 and pixels.shape[-1] == pixels.shape[-2] == \
+            self.image_size
+        if is_images:
+            patches = self.image_features(pixels)
+        else:
+            patches = pixels
+        if patches.dim() == 3:
+            patches = patches.unsqueeze(1)
+        b, k, n, w = patches.shape
+        vis = self.model.projector(patches.reshape(b * k, n, w))
+        return vis.reshape(b, k * n, vis.shape[-1])
 
     def _inputs(self, pixels: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Input embeddings [visual tokens; prompt] and their mask, through the prefix site."""
