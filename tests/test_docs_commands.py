@@ -138,6 +138,21 @@ def test_mix_of_images_stored_as_bytes_and_shards(tmp_path):
         mix_datasets([parts[0], parts[1].select_columns(["image"])], ["p", "w"])
 
 
+def test_mixed_sources_that_name_their_classes_differently():
+    import datasets
+
+    from vlkit.data.mix import mix_datasets
+
+    a = datasets.Dataset.from_dict({"label": [0, 1, 1]}, features=datasets.Features(
+        {"label": datasets.ClassLabel(names=["cat", "dog"])}))
+    b = datasets.Dataset.from_dict({"label": [0, 1, None]}, features=datasets.Features(
+        {"label": datasets.ClassLabel(names=["dog", "fox"])}))
+    mixed = mix_datasets([a, b])
+    names = mixed.features["label"].names
+    assert names == ["cat", "dog", "fox"]
+    assert [None if v is None else names[v] for v in mixed["label"]] == ["cat", "dog", "dog", "dog", "fox", None]
+
+
 def test_a_corrupt_image_file_in_a_mix_is_named(tmp_path, monkeypatch):
     from vlkit.data.images import ImageReader
     from vlkit.errors import DataError

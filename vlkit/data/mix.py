@@ -7,6 +7,8 @@ numbers them. `mix_datasets` brings every part to one set of features first:
 - image columns: when any part holds tar member references, the others' image files become references too (the
   whole file: offset 0, its size; nothing is read), so one `vlkit.data.images` reader decodes every row lazily;
   images stored as bytes (parquet, hf) cannot be referenced, so the references are read into bytes instead;
+- class labels: sources that name their classes differently get one ClassLabel of every name (the first source's
+  order, then the new names) and their numbers are mapped by name, so `cat` is one class whatever its number;
 - other columns: cast to the first part's feature (numbers to a ClassLabel, names dropped to numbers); a column
   that cannot be cast is a DataError naming the source and the column.
 """
@@ -59,13 +61,48 @@ def _read_refs(ds, column: str):
 def _replace_column(ds, column: str, values: list[Any], feature):
     import datasets
 
-    features = datasets.Features({**ds.features, column: feature})
-    return ds.remove_columns([column]).add_column(column, values, feature=feature).cast(features) \
+    new = datasets.Dataset.from_dict({column: values}, features=datasets.Features({column: feature}))
+    if len(ds.column_names) == 1:
+        return new
+    return datasets.concatenate_datasets([ds.remove_columns([column]), new], axis=1) \
         .select_columns(list(ds.column_names))
 
 
 def _is_ref(feature) -> bool:
     return isinstance(feature, dict) and all(k in feature for k in REF_FEATURE)
+
+
+def _same_class_names(parts: list, column: str) -> list:
+    """`parts` whose ClassLabel `column`s name their classes differently, mapped onto one ClassLabel by name."""
+    import datasets
+
+    feats = [p.features[column] for p in parts]
+    if not all(isinstance(f, datasets.ClassLabel) for f in feats) or all(f.names == feats[0].names for f in feats):
+        return parts
+    union = list(dict.fromkeys(n for f in feats for n in f.names))
+    index = {n: i for i, n in enumerate(union)}
+    target = datasets.ClassLabel(names=union)
+    out = []
+    for p, f in zip(parts, feats):
+        mapping = [index[n] for n in f.names]
+        values = [None if v is None else mapping[v] for v in p[column]]
+        out.append(_replace_column(p, column, values, target))
+    return out
+
+
+def _same_image_kind(parts: list, column: str, labels: list[str]) -> list:
+    """`parts` whose `column` is tar references in some and images in others, all references or all images."""
+    import datasets
+
+    feats = [p.features[column] for p in parts]
+    if not any(_is_ref(f) for f in feats) or all(_is_ref(f) for f in feats):
+        return parts
+    converted = [p if _is_ref(p.features[column]) else _file_refs(p, column, label) for p, label in zip(parts, labels)]
+    if all(c is not None for c in converted):
+        return converted
+    # some images are stored as bytes: read the references instead
+    return [(_read_refs(p, column) if _is_ref(p.features[column]) else p).cast_column(column, datasets.Image())
+            for p in parts]
 
 
 def mix_datasets(parts: list, labels: list[str] | None = None):
@@ -88,15 +125,7 @@ def mix_datasets(parts: list, labels: list[str] | None = None):
                             f"{', '.join(columns)}")
     parts = [p.select_columns(columns) for p in parts]
     for col in columns:
-        feats = [p.features[col] for p in parts]
-        if not any(_is_ref(f) for f in feats) or all(_is_ref(f) for f in feats):
-            continue
-        converted = [p if _is_ref(p.features[col]) else _file_refs(p, col, label) for p, label in zip(parts, labels)]
-        if all(c is not None for c in converted):
-            parts = converted
-        else:  # some images are stored as bytes: read the references instead
-            parts = [_read_refs(p, col) if _is_ref(p.features[col]) else p for p in parts]
-            parts = [p.cast_column(col, datasets.Image()) for p in parts]
+        parts = _same_class_names(_same_image_kind(parts, col, labels), col)
     target = parts[0].features
     aligned = [parts[0]]
     for p, label in zip(parts[1:], labels[1:]):
