@@ -1,4 +1,5 @@
-"""transformers backbones: `hf:<hub id or local dir>` for CLIPModel and SiglipModel.
+"""transformers backbones: `hf:<hub id or local dir>` for CLIPModel and SiglipModel, and the generative VLMs of
+`vlkit.backbones.hf_vlm` (LLaVA, Idefics3/SmolVLM, BLIP, vision-encoder-decoder) by their config's model_type.
 
 Model, tokenizer and image processor all come from the same checkpoint; images go through its own processor."""
 from __future__ import annotations
@@ -10,6 +11,7 @@ from torch import nn
 
 from ..errors import BackboneLoadError
 from .base import Backbone, Block, Site, as_triple, tokens_site, traced, true_length
+from .hf_vlm import VLM_TYPES, HFVLMBackbone, load_hf_vlm
 from .hosts import AdapterHost
 from .sequence import SequenceLayout, prompt_site
 
@@ -212,7 +214,7 @@ def _processor_constants(processor, cfg) -> tuple[int, tuple, tuple]:
     return want, as_triple(processor.image_mean), as_triple(processor.image_std)
 
 
-def load_hf(spec: str, device: str | None = None) -> HFBackbone:
+def load_hf(spec: str, device: str | None = None) -> HFBackbone | HFVLMBackbone:
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     src = spec.split(":", 1)[1] if spec.startswith("hf:") else spec
@@ -229,9 +231,10 @@ def load_hf(spec: str, device: str | None = None) -> HFBackbone:
             f"could not fetch transformers model {src!r} from the hub ({type(exc).__name__})",
             hint="no hub access? run save_pretrained() elsewhere, copy the directory here, and use hf:/path/to/dir",
         ) from None
-    if cfg.model_type not in ("clip", "siglip", "siglip2"):
+    if cfg.model_type not in ("clip", "siglip", "siglip2", *VLM_TYPES):
         raise BackboneLoadError(
-            f"hf model {src} is a {cfg.model_type!r} model; vlkit adapts CLIP and SigLIP dual encoders")
+            f"hf model {src} is a {cfg.model_type!r} model; vlkit adapts CLIP and SigLIP dual encoders and the "
+            f"generative {', '.join(VLM_TYPES)} models")
     if local and Path(src).is_dir():
         d = Path(src)
         if not any(d.glob("*.safetensors")) and any(d.glob("*.bin")):
@@ -239,6 +242,8 @@ def load_hf(spec: str, device: str | None = None) -> HFBackbone:
                 f"{src} holds only pickle weights (.bin); vlkit loads safetensors only",
                 hint="convert once where you trust the file: python -c \"from transformers import AutoModel; "
                      f"AutoModel.from_pretrained('{src}').save_pretrained('{src}', safe_serialization=True)\"")
+    if cfg.model_type in VLM_TYPES:
+        return load_hf_vlm(spec, src, cfg.model_type, device)
     try:
         model = AutoModel.from_pretrained(src, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(src)

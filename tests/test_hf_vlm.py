@@ -1,0 +1,174 @@
+"""transformers VLMs from a local directory (`hf:DIR`: LLaVA, Idefics3, SmolVLM, BLIP, vision-encoder-decoder), each
+built from a tiny random config with `save_pretrained`: the model's own processor and prompt format (our inputs give
+the model's own forward and generate the same results), a LoRA trained for a few steps on each with outputs
+unchanged at init, gradients only in adapters, merged equals unmerged generation and a bit-exact save/load round
+trip; prompt tuning on the prefix site; clear errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from vlm_models import make_vlm
+
+import vlkit
+from vlkit.adapters.model import AdaptedModel
+from vlkit.errors import BackboneLoadError, ConfigError
+
+KINDS = ["llava", "idefics3", "smolvlm", "blip", "vision-encoder-decoder"]
+PROMPTS = ["caption:", "vqa: what color is the circle ?"]
+TARGETS = ["a red circle", "red"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("vlms")
+
+
+def _load(root, kind) -> AdaptedModel:
+    if kind == "smolvlm":
+        pytest.importorskip("num2words", reason="SmolVLM's processor needs num2words")
+    torch.manual_seed(0)
+    return vlkit.load(f"hf:{make_vlm(kind, root)}")
+
+
+def _images():
+    return [Image.new("RGB", (40, 30), (200, 30, 30)), Image.new("L", (30, 50), 90)]
+
+
+def _prompts(kind):
+    return [""] * 2 if kind == "vision-encoder-decoder" else PROMPTS
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_lora_trains_with_unchanged_init_adapter_only_gradients_merge_and_exact_round_trip(root, kind, tmp_path):
+    m = _load(root, kind)
+    bb = m.backbone
+    assert bb.kind == "generative" and {"vision", "decoder"} <= set(bb.towers)
+    px, prompts = bb.preprocess_batch(_images()), _prompts(kind)
+    assert px.shape == (2, 3, bb.image_size, bb.image_size)
+    with torch.no_grad():
+        loss0, gen0 = bb.loss(px, prompts, TARGETS), bb.generate(px, prompts, max_new_tokens=4)
+    h = m.add_adapter("lo", "lora", rank=4, modules="all", towers="all")
+    assert {s.tower for s in h.sites} == set(bb.towers)
+    with torch.no_grad():
+        assert torch.allclose(bb.loss(px, prompts, TARGETS), loss0, atol=1e-5)
+        assert bb.generate(px, prompts, max_new_tokens=4) == gen0
+    params = list(m.trainable_parameters().values())
+    opt = torch.optim.AdamW(params, lr=2e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        bb.loss(px, prompts, TARGETS).backward()
+        grads = {n for n, p in bb.named_parameters() if p.grad is not None}
+        assert grads and all(".adapters." in n for n in grads)
+        opt.step()
+    with torch.no_grad():
+        assert float(bb.loss(px, prompts, TARGETS)) < float(loss0)
+        unmerged = bb.generate(px, prompts, max_new_tokens=5)
+        beams = bb.generate(px, prompts, max_new_tokens=5, num_beams=2)
+        lp = bb.sequence_logprob(px, prompts, TARGETS)
+        m.merge_adapter("lo")
+        assert bb.generate(px, prompts, max_new_tokens=5) == unmerged
+        assert bb.generate(px, prompts, max_new_tokens=5, num_beams=2) == beams
+        assert torch.allclose(bb.sequence_logprob(px, prompts, TARGETS), lp, atol=1e-4)
+        m.unmerge_adapter("lo")
+    m.save_adapter(tmp_path / "lo", "lo")
+    other = _load(root, kind)
+    other.load_adapter(tmp_path / "lo")
+    mine, theirs = m.adapter_parameters("lo"), other.adapter_parameters("lo")
+    assert set(mine) == set(theirs) and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    with torch.no_grad():
+        assert torch.equal(other.backbone.sequence_logprob(px, prompts, TARGETS), lp)
+        assert other.backbone.generate(px, prompts, max_new_tokens=5) == unmerged
+
+
+def _own_outputs(bb, kind, images, prompts):
+    """The transformers model's own generate, fed as its processor and docs feed it."""
+    model, tok = bb.model, bb.tokenizer
+    if kind in ("llava", "idefics3", "smolvlm"):
+        extra = {"do_image_splitting": False} if kind != "llava" else {}
+        texts = [bb.prompt_text(p, 1) for p in prompts]
+        inputs = bb.processor(text=texts, images=[[im] for im in images] if extra else images, padding=True,
+                              padding_side="left", return_tensors="pt", **extra)
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=bb.pad_id)
+        return tok.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    px = bb.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    if kind == "blip":  # BLIP's generate: the prompt tokenized whole ([CLS] ... [SEP]), one at a time
+        out = []
+        for i, p in enumerate(prompts):
+            ids = tok([p], return_tensors="pt")["input_ids"]
+            gen = model.generate(px[i:i + 1], input_ids=ids, max_new_tokens=4)  # drops the [SEP], keeps the prompt
+            out.append(tok.decode(gen[0, ids.shape[1] - 1:], skip_special_tokens=True))
+        return out
+    out = model.generate(pixel_values=px, max_new_tokens=4)
+    return tok.batch_decode(out, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_prompt_format_and_preprocessing_follow_the_models_own(root, kind):
+    m = _load(root, kind)
+    bb = m.backbone
+    images, prompts = _images(), _prompts(kind)
+    with torch.no_grad():
+        ours = bb.generate(bb.preprocess_batch(images), prompts, max_new_tokens=4)
+        theirs = _own_outputs(bb, kind, [im.convert("RGB") for im in images], prompts)
+    assert ours == [t.strip() for t in theirs]
+    if kind == "llava":
+        assert bb.prompt_text("what ?", 1).startswith("user :<image>")  # the processor's chat template
+        ids = bb._prompt_ids(["what ?"], 1)[0]
+        assert ids.count(bb.image_token_id) == 25  # (30 / 6)^2 patches: the processor's own expansion
+    if kind == "idefics3":  # no chat template: the images go first
+        assert bb.prompt_text("what ?", 2) == "<image><image>what ?"
+        with pytest.raises(ConfigError, match="holds 1 <image> tokens for 2 image"):
+            bb.prompt_text("<image> what ?", 2)
+
+
+@pytest.mark.parametrize("kind", ["llava", "blip"])
+def test_prompt_tuning_on_the_prefix_site_and_two_images(root, kind):
+    m = _load(root, kind)
+    bb = m.backbone
+    px = bb.preprocess_batch(_images())
+    with torch.no_grad():
+        before = bb.loss(px, PROMPTS, TARGETS)
+    h = m.add_adapter("p", "prompt-tuning", num_tokens=3)
+    assert [s.kind for s in h.sites] == ["prefix"] and h.sites[0].tower == "decoder"
+    loss = bb.loss(px, PROMPTS, TARGETS)
+    assert not torch.allclose(loss, before)
+    loss.backward()
+    assert all(".adapters." in n for n, p in bb.named_parameters() if p.grad is not None)
+    with torch.no_grad():
+        assert len(bb.generate(px, PROMPTS, max_new_tokens=3)) == 2
+        with m.disabled():
+            assert torch.allclose(bb.loss(px, PROMPTS, TARGETS), before, atol=1e-6)
+        two = torch.stack([px, px.flip(0)], dim=1)
+        assert len(bb.generate(two, ["nlvr: the circle is left of the square", "nlvr: a"], max_new_tokens=2)) == 2
+
+
+def test_sites_are_the_transformers_module_paths(root):
+    bb = _load(root, "llava").backbone
+    paths = {s.path for b in bb.all_blocks() for s in b.sites.values()}
+    assert "model.language_model.layers.0.self_attn.q_proj" in paths
+    assert "model.vision_tower.encoder.layers.1.mlp.fc2" in paths
+    assert {"model.multi_modal_projector.linear_1", "model.multi_modal_projector.linear_2"} <= paths
+    blip = _load(root, "blip").backbone
+    roles = {s.role for b in blip.blocks("decoder") for s in b.sites.values()}
+    assert {"xattn", "xattn.q", "xattn.out", "attn.q", "mlp.fc1"} <= roles
+    assert "attn.qkv" in blip.blocks("vision")[0].sites  # BLIP's vision attention is one fused projection
+
+
+def test_errors(root, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(BackboneLoadError, match="hf:/path/to/dir"):
+        vlkit.load("hf:someone/llava-tiny")
+    d = make_vlm("idefics3", root)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (bare / f).write_bytes((d / f).read_bytes())
+    with pytest.raises(BackboneLoadError, match="processor"):
+        vlkit.load(f"hf:{bare}")
+    m = _load(root, "vision-encoder-decoder")
+    with pytest.raises(ConfigError, match="towers must be one of"):
+        m.add_adapter("b", "bottleneck", towers="encoder")
