@@ -21,9 +21,9 @@ of too many digits), non-image bytes or a request the adapter cannot answer, 401
 load outside `--adapter-root`, 404 unknown adapter, 409 a name conflict or a reserved name (`auto`, `none`), 413
 over the body or pixel limit, 415 an unsupported content type, 422 a wrong field or type (a prompt without
 exactly one `{}`, a `top` outside 1..1000) or an adapter whose output is not finite, 429 a full queue (with
-Retry-After), 503 while draining. The single mapping from error types to statuses is `http_status`. A bug is a
-500 `{"error", "request_id"}`: logged once (with its traceback, under logger `vlkit.serve`) and counted in
-`/metrics` (`vlkit_server_errors_total`). Every response carries an `X-Request-ID` header.
+Retry-After), 503 while draining. The single mapping from error types to statuses, and the last line against a bug
+(a 500 `{"error", "request_id"}`, logged once under logger `vlkit.serve` and counted in `/metrics` as
+`vlkit_server_errors_total`), are `vlkit.serve.replies`. Every response carries an `X-Request-ID` header.
 """
 from __future__ import annotations
 
