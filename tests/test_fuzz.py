@@ -281,7 +281,7 @@ def test_fuzz_peft_dirs(hf_clip_dir, tmp_path, monkeypatch):
             "peft_type", "target_modules", "bias", "modules_to_save", "fan_in_fan_out", "base_model_name_or_path"]
     rng = random.Random(16)
     seen = {0: 0, 2: 0}
-    for case in range(40):
+    for case in range(30):
         d = tmp_path / f"c{case}"
         shutil.copytree(good, d)
         cfg_file, weights = d / "adapter_config.json", d / "adapter_model.safetensors"
@@ -297,7 +297,7 @@ def test_fuzz_peft_dirs(hf_clip_dir, tmp_path, monkeypatch):
         before = tree(d)
         seen[outcome(lambda: vlkit.load_adapter(vlkit.load_backbone(f"hf:{hf_clip_dir}"), d))] += 1
         assert tree(d) == before
-    assert seen[2] > 15
+    assert seen[2] > 12
 
 
 def _shard_bytes(rng: random.Random, n: int) -> bytes:
