@@ -172,3 +172,62 @@ def test_errors(root, tmp_path, monkeypatch):
     m = _load(root, "vision-encoder-decoder")
     with pytest.raises(ConfigError, match="towers must be one of"):
         m.add_adapter("b", "bottleneck", towers="encoder")
+
+
+def _perturb(model, name):
+    with torch.no_grad():
+        for t in model.adapter_parameters(name).values():
+            t.add_(0.05 * torch.randn_like(t))
+
+
+@pytest.mark.parametrize("kind", ["t5", "llama"])
+def test_lora_on_a_vl_language_model_loads_with_peft_on_the_transformers_lm(root, kind, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from vl_models import make_lm
+
+    from vlkit.export.peft import export_peft, write_peft_dir
+
+    lm_dir = make_lm(kind, root)
+    torch.manual_seed(0)
+    m = vlkit.load(f"vl:lm={lm_dir},vision=tiny@random")
+    m.add_adapter("lo", "lora", rank=4, modules="all", towers="lm")
+    _perturb(m, "lo")
+    write_peft_dir(m.backbone, "lo", tmp_path / "peft")
+    auto = AutoModelForSeq2SeqLM if kind == "t5" else AutoModelForCausalLM
+    peft = PeftModel.from_pretrained(auto.from_pretrained(lm_dir), str(tmp_path / "peft")).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 1], [9, 10, 11, 1, 0]])
+    kw = {"decoder_input_ids": ids[:, :3]} if kind == "t5" else {}
+    lm = m.backbone.model.lm
+    with torch.no_grad():
+        ours, theirs = lm(input_ids=ids, **kw).logits, peft(input_ids=ids, **kw).logits
+        with m.disabled():
+            assert not torch.allclose(lm(input_ids=ids, **kw).logits, ours, atol=1e-3)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    m.save_adapter(tmp_path / "lo", "lo")
+    summary = export_peft(tmp_path / "out", tmp_path / "lo")  # the CLI's path: written, then verified by PEFT
+    assert summary["base_model"] == str(lm_dir) and summary["max_abs_diff"]["logits"] <= 1e-5
+    m.add_adapter("all", "lora", rank=4, towers="all")
+    with pytest.raises(ConfigError, match="towers: lm"):
+        write_peft_dir(m.backbone, "all", tmp_path / "no")
+
+
+def test_lora_on_a_vlm_exports_to_peft(root, tmp_path):
+    from peft import PeftModel
+    from transformers import LlavaForConditionalGeneration
+
+    from vlkit.export.peft import export_peft
+
+    m = _load(root, "llava")
+    m.add_adapter("lo", "lora", rank=4, modules="all", towers="all")
+    _perturb(m, "lo")
+    m.save_adapter(tmp_path / "lo", "lo")
+    summary = export_peft(tmp_path / "out", tmp_path / "lo")
+    assert summary["max_abs_diff"]["logprob"] <= 1e-5 and summary["modules"] > 20
+    d = make_vlm("llava", root)
+    peft = PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(d), str(tmp_path / "out")).eval()
+    ids = torch.tensor([[3] + [m.backbone.image_token_id] * 25 + [5, 6]])
+    px = m.backbone.preprocess_batch(_images()[:1])
+    with torch.no_grad():
+        assert torch.allclose(m.backbone.model(input_ids=ids, pixel_values=px).logits,
+                              peft(input_ids=ids, pixel_values=px).logits, atol=1e-5)
