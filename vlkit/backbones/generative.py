@@ -38,14 +38,14 @@ class GenerativeBackbone(nn.Module, metaclass=ABCMeta):
     """Names that stand for several towers in `towers:` options; `both` and `all` are every tower, `lm` the
     language model's towers."""
     image_size: int = 224
-    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)
     max_length: int = 64
     """Longest prompt or target, in tokens, the backbone reads (longer ones are cut)."""
 
     def __init__(self, model: nn.Module, spec: str):
         super().__init__()
-        self.model = model
+        self.model: Any = model  # the family's own model class: its attributes differ per family
         self.spec = spec
         self.adapter_state = AdapterState()
         self._fingerprint = self._compute_fingerprint()

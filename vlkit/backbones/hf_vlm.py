@@ -218,7 +218,7 @@ class HFVLMBackbone(GenerativeBackbone):
         if tower not in self._paths:
             return []
         path = self._paths[tower]
-        layers = resolve_module(self.model, path)
+        layers: Any = resolve_module(self.model, path)  # a ModuleList
         out = []
         for i in range(len(layers)):
             bpath = f"{path}.{i}"
@@ -263,7 +263,7 @@ class HFVLMBackbone(GenerativeBackbone):
         if not self.projector:
             return []
         *linears, module = self.projector
-        mods = [resolve_module(self.model, p) for p in linears]
+        mods: list[Any] = [resolve_module(self.model, p) for p in linears]  # nn.Linear
         w = mods[-1].out_features
         b = Block("projector", 0, module, w)
         for j, (p, m) in enumerate(zip(linears, mods)):
@@ -578,7 +578,7 @@ def load_hf_vlm(spec: str, src: str, model_type: str, device: str | None = None)
     from transformers import AutoModelForImageTextToText, BlipForConditionalGeneration, VisionEncoderDecoderModel
 
     cls = VLM_TYPES[model_type]
-    auto = {"blip": BlipForConditionalGeneration, "vision-encoder-decoder": VisionEncoderDecoderModel}.get(
+    auto: Any = {"blip": BlipForConditionalGeneration, "vision-encoder-decoder": VisionEncoderDecoderModel}.get(
         model_type, AutoModelForImageTextToText)
     try:
         model = auto.from_pretrained(src, use_safetensors=True)

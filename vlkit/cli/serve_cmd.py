@@ -10,6 +10,8 @@ The server library is `vlkit.serve`; this module only maps flags to `ServeConfig
 """
 from __future__ import annotations
 
+from typing import Any
+
 import typer
 
 FLAG_SCOPE = {  # flag -> (what it needs, the engine / cluster values it applies to)
@@ -95,7 +97,7 @@ def register(cli: typer.Typer) -> None:
                     "--ray-address": ray_address}
         check_flags(engine, cluster, {"--providers": providers, "--device": device, "--backbone": backbone,
                                       "--threads": threads, **ray_only})
-        ray = {k[2:].replace("-", "_"): v for k, v in ray_only.items() if v is not None}
+        ray: dict[str, Any] = {k[2:].replace("-", "_"): v for k, v in ray_only.items() if v is not None}
         config = ServeConfig(backbone=backbone, adapters=adapters or [], engine=engine, host=host, port=port,
                              max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size,
                              max_body_bytes=max_body_bytes, max_pixels=max_pixels, api_key=api_key, device=device,

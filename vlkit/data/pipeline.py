@@ -180,10 +180,10 @@ def num_rows(data: Mapping) -> int:
     return len(next(iter(data.values())))
 
 
-def take(data: Mapping, rows, epoch: int | None = None) -> dict[str, torch.Tensor]:
-    """The batch of `rows` of prepared data: tensors indexed, lazy columns decoded."""
+def take(data: Mapping, rows, epoch: int | None = None) -> dict[str, Any]:
+    """The batch of `rows` of prepared data: tensors indexed, lazy columns decoded (a text column: strings)."""
     rows_t = rows if isinstance(rows, torch.Tensor) else torch.as_tensor(rows, dtype=torch.long)
-    out = {}
+    out: dict[str, Any] = {}
     for k, v in data.items():
         if isinstance(v, (LazyImages, TextColumn)):
             out[k] = v.fetch(rows_t.tolist(), epoch)

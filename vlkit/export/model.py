@@ -10,6 +10,7 @@ input and output names of the exported graphs.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ def read_source(path: str | Path) -> dict[str, Any]:
     return {"kind": "adapter", "path": str(path), "backbone": cfg.get("backbone"), "config": cfg}
 
 
-def load_sources(backbone, paths: list[str | Path]) -> dict[str, Any]:
+def load_sources(backbone, paths: Sequence[str | Path]) -> dict[str, Any]:
     """Load every adapter / composition directory onto `backbone` (through the one resolver,
     `vlkit.compose.resolve`) and activate them.
 

@@ -96,7 +96,8 @@ def fetch_image(url: str, *, max_bytes: int, timeout: float = 10.0,
             declared = resp.getheader("content-length")
             if declared and declared.isdigit() and int(declared) > max_bytes:
                 raise RequestError(f"the image at the URL is {int(declared):,} bytes, over {max_bytes:,}", status=413)
-            chunks, size = [], 0
+            chunks: list[bytes] = []
+            size = 0
             while True:
                 if time.monotonic() > deadline:
                     raise RequestError(f"image URL not fetched within {timeout:g} s", status=408)

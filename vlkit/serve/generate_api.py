@@ -44,7 +44,7 @@ class GenerateBody(_Strict):
     image: str = Field(..., min_length=1, description="base64 PNG/JPEG image (a data:image/...;base64, URI too)")
     prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS,
                         description="the text the model continues, e.g. 'caption:' or 'vqa: what color is it?'")
-    max_new_tokens: WholeInt = Field(20, ge=1, le=MAX_NEW_TOKENS,  # type: ignore[assignment]
+    max_new_tokens: WholeInt = Field(20, ge=1, le=MAX_NEW_TOKENS,
                                      description="most tokens generated (greedy, with the key-value cache)")
 
 

@@ -73,7 +73,7 @@ class EmbedBody(_Body):
     model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_exactly_one("text", "image", "inputs"))
     text: str = Field(None, description="a text to embed (or give image or inputs)")  # type: ignore[assignment]
     image: str = Field(None, min_length=1, description="base64 PNG/JPEG image to embed")  # type: ignore[assignment]
-    inputs: list[EmbedInput] = Field(None, min_length=1,  # type: ignore[assignment]
+    inputs: list[EmbedInput] = Field(None, min_length=1,  # type: ignore[arg-type]
                                      description="a list of texts and images, each with its own adapter or the "
                                                  "request's (up to --max-inputs); answered as `results`")
 
@@ -91,10 +91,10 @@ class ClassifyInput(_Strict):
 class ClassifyBody(_Body):
     model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_exactly_one("image", "inputs"))
     image: str = Field(None, min_length=1, description="base64 PNG/JPEG image (or give inputs)")  # type: ignore[assignment]
-    inputs: list[ClassifyInput] = Field(None, min_length=1,  # type: ignore[assignment]
+    inputs: list[ClassifyInput] = Field(None, min_length=1,  # type: ignore[arg-type]
                                         description="images, each with its own adapter or the request's (up to "
                                                     "--max-inputs); answered as `results`")
-    labels: list[str] = Field(None, min_length=1, json_schema_extra={"uniqueItems": True},  # type: ignore[assignment]
+    labels: list[str] = Field(None, min_length=1, json_schema_extra={"uniqueItems": True},  # type: ignore[arg-type]
                               description="distinct class labels to score instead of the adapter's head")
     prompt: str = Field(None, pattern=PROMPT_PATTERN,  # type: ignore[assignment]
                         description="template with exactly one {} (the label) and no other field (default: the "
@@ -130,9 +130,9 @@ class ScoreBody(_Body):
         "anyOf": [{"required": ["image", "texts"], "not": {"required": ["inputs"]}},
                   {"required": ["inputs"], "not": {"anyOf": [{"required": ["image"]}, {"required": ["texts"]}]}}]})
     image: str = Field(None, min_length=1, description="base64 PNG/JPEG image (with texts, or give inputs)")  # type: ignore[assignment]
-    texts: list[str] = Field(None, min_length=1,  # type: ignore[assignment]
+    texts: list[str] = Field(None, min_length=1,  # type: ignore[arg-type]
                              description="texts scored against the image")
-    inputs: list[ScoreInput] = Field(None, min_length=1,  # type: ignore[assignment]
+    inputs: list[ScoreInput] = Field(None, min_length=1,  # type: ignore[arg-type]
                                      description="image-texts pairs, each with its own adapter or the request's (up "
                                                  "to --max-inputs); answered as `results`")
 

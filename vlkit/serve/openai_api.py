@@ -153,7 +153,7 @@ def openai_router(state, *, http_status, error_text, finite_response) -> APIRout
     errors to statuses (`http_status`, `error_text`) and its check of non-finite answers (`finite_response`)."""
     router = APIRouter(tags=["OpenAI-compatible"])
     config, service = state.config, state.service
-    errors = {code: {"model": OpenAIError, "description": text} for code, text in (
+    errors: dict[int | str, dict[str, Any]] = {code: {"model": OpenAIError, "description": text} for code, text in (
         (400, "Malformed request, or an image URL refused"), (401, "Missing or wrong API key"),
         (403, "An image URL at a non-public address"), (404, "Unknown model"), (408, "An image URL too slow"),
         (413, "Over a size limit"), (422, "A wrong field, type or value, or a non-finite output"),

@@ -85,7 +85,8 @@ ANSWERS: dict[tuple[str, str], tuple[int, Any]] = {
     ("/v1/models", "get"): (200, ModelList),
 }
 OPEN = ("/health", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc")
-MODELS = (*BODIES.values(), EmbeddingsRequest, EmbeddingsResponse, ModelList, OpenAIError, EmbedAnswer,
+MODELS: tuple[type[BaseModel], ...] = (
+    *BODIES.values(), EmbeddingsRequest, EmbeddingsResponse, ModelList, OpenAIError, EmbedAnswer,
           ClassifyAnswer, ScoreAnswer, AnswerAnswer, AdapterList, Unloaded, Health)
 BODY_PATHS = {"/v1/embed": "embed", "/v1/classify": "classify", "/v1/score": "score", "/v1/answer": "answer"}
 FORM_PATHS = ("/v1/embed", "/v1/classify")

@@ -80,7 +80,8 @@ def bleu(hypotheses: list[str], references: list[list[str]], n: int = 4) -> list
     guess, correct = [0] * n, [0] * n
     testlen_total, reflen_total = 0, 0
     for hyp, refs in zip(hypotheses, references, strict=True):
-        reflens, maxcounts = [], {}
+        reflens: list[int] = []
+        maxcounts: dict[tuple[str, ...], int] = {}
         for ref in refs:
             words = ref.split()
             reflens.append(len(words))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -25,7 +26,8 @@ WEIGHTS_PATH = WEIGHTS_DIR / "tiny-vl.safetensors"
 SPECIALS = ["<pad>", "</s>", "<unk>"]
 EXTRA_WORDS = ["caption", "vqa", "gqa", "nlvr", "true", "false", "yes", "no", "does", "this", "image", "show",
                "please", "answer", "or", "describe", "question", "statement"]
-LM_CONFIG = {"d_model": 128, "d_ff": 256, "d_kv": 32, "num_heads": 4, "num_layers": 2, "num_decoder_layers": 2,
+LM_CONFIG: dict[str, Any] = {
+             "d_model": 128, "d_ff": 256, "d_kv": 32, "num_heads": 4, "num_layers": 2, "num_decoder_layers": 2,
              "relative_attention_num_buckets": 16, "relative_attention_max_distance": 64, "dropout_rate": 0.0,
              "feed_forward_proj": "relu", "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0,
              "tie_word_embeddings": True}
