@@ -81,6 +81,28 @@ def test_lora_trains_with_unchanged_init_adapter_only_gradients_merge_and_exact_
         assert other.backbone.generate(px, prompts, max_new_tokens=5) == unmerged
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_other_variants_at_every_part(root, kind):
+    m = _load(root, kind)
+    bb = m.backbone
+    px, prompts = bb.preprocess_batch(_images()), _prompts(kind)
+    sites = {s.path for b in bb.all_blocks() for s in b.sites.values()}
+    with torch.no_grad():
+        loss0 = bb.loss(px, prompts, TARGETS)
+    for variant, opts in [("bottleneck", {"towers": "all"}), ("dora", {"rank": 2, "modules": "all", "towers": "all"}),
+                          ("ia3", {"towers": "all"}), ("vera", {"rank": 4, "towers": "lm"})]:
+        h = m.add_adapter(variant, variant, **opts)
+        assert h.sites
+        loss = bb.loss(px, prompts, TARGETS)
+        assert torch.allclose(loss, loss0, atol=1e-5), variant
+        loss.backward()
+        grads = {n for n, p in bb.named_parameters() if p.grad is not None}
+        assert grads and all(".adapters." in n for n in grads), variant
+        m.delete_adapter(variant)
+        bb.zero_grad(set_to_none=True)
+    assert {s.path for b in bb.all_blocks() for s in b.sites.values()} == sites  # hosts left behind hide nothing
+
+
 def _own_outputs(bb, kind, images, prompts):
     """The transformers model's own generate, fed as its processor and docs feed it."""
     model, tok = bb.model, bb.tokenizer

@@ -34,6 +34,7 @@ from ..errors import BackboneLoadError, ConfigError
 from .base import Block, Site, as_triple, resolve_module, to_rgb
 from .composed import PREFIX_KIND, PREFIX_ROLE, PrefixPoint
 from .generative import GenerativeBackbone, as_image_batch
+from .hosts import AdapterHost
 
 PREFIX_PATH = "vlkit_prefix"
 
@@ -86,6 +87,12 @@ def _has(root: nn.Module, path: str) -> bool:
     except (AttributeError, IndexError, KeyError):
         return False
     return True
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    while isinstance(module, AdapterHost):
+        module = module.base
+    return module
 
 
 def find_stack(root: nn.Module, prefix: str) -> str:
@@ -237,7 +244,7 @@ class HFVLMBackbone(GenerativeBackbone):
 
         def linear(role: str, rel: str | None) -> None:
             if rel and _has(self.model, f"{b.path}.{rel}"):
-                lin = resolve_module(self.model, f"{b.path}.{rel}")
+                lin = _unwrap(resolve_module(self.model, f"{b.path}.{rel}"))
                 if isinstance(lin, nn.Linear):
                     p = f"{b.path}.{rel}"
                     b.sites[role] = Site(t, i, role, p, p, "linear", lin.in_features, lin.out_features)
@@ -506,7 +513,7 @@ class VisionEncoderDecoderBackbone(CrossAttentionVLM):
     def _projector_blocks(self):
         if not self.projector:
             return []
-        lin = self.model.enc_to_dec_proj
+        lin = _unwrap(self.model.enc_to_dec_proj)
         b = Block("projector", 0, "enc_to_dec_proj", lin.out_features)
         b.sites["mlp.fc1"] = Site("projector", 0, "mlp.fc1", "enc_to_dec_proj", "enc_to_dec_proj", "linear",
                                   lin.in_features, lin.out_features)
