@@ -65,8 +65,10 @@ def test_required_fields_and_unknown_names():
     assert required_fields("vqa") == ("image", "question", "answer")
     assert required_fields("grounding") == ("image", "expression", "box")
     assert required_fields("winoground") == ("image_0", "image_1", "caption_0", "caption_1")
-    with pytest.raises(ConfigError, match="unknown task 'captioning'"):
-        required_fields("captioning")
+    assert required_fields("captioning") == ("image", "caption")
+    assert required_fields("nlvr2") == ("image_0", "image_1", "sentence", "label")
+    with pytest.raises(ConfigError, match="unknown task 'colorization'"):
+        required_fields("colorization")
     with pytest.raises(UnknownNameError) as info:
         load_data("nosuchkind:x")
     for kind in ("hf", "imagefolder", "manifest", "parquet", "winoground", "world"):
