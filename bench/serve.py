@@ -1,6 +1,7 @@
 """Load test of `vlkit serve` on 127.0.0.1: one backbone with 8 adapters against one process per adapter.
 
     python bench/serve.py [--quick] [--backbone tiny] [--device cpu|cuda] [--seconds 6]
+    python bench/serve.py --peer infinity [--quick] [--threads 1] [--device cpu|cuda]
 
 Starts its own servers (subprocesses on free loopback ports), runs a bounded closed-loop load (concurrency 1, 8,
 32; each client sends /v1/classify requests back to back for a fixed time) with 1 adapter and with 8 adapters
@@ -175,8 +176,15 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     ap.add_argument("--threads", type=int, default=None,
                     help="each server's torch threads (vlkit serve --threads; default: torch's)")
+    ap.add_argument("--peer", choices=["infinity"], default=None,
+                    help="compare with another server on one transformers CLIP (bench/serve_peer.py)")
     a = ap.parse_args()
     seconds = a.seconds or (2.0 if a.quick else 6.0)
+    if a.peer == "infinity":
+        from serve_peer import run
+
+        run(seconds, a.threads or 1, a.device, make_adapters)
+        return
     conc = (1, 8, 32)
     with tempfile.TemporaryDirectory(prefix="vlkit-bench-serve-") as tmp:
         dirs = make_adapters(Path(tmp), a.backbone, 8)
