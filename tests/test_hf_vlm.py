@@ -175,6 +175,9 @@ def test_sites_are_the_transformers_module_paths(root):
     roles = {s.role for b in blip.blocks("decoder") for s in b.sites.values()}
     assert {"xattn", "xattn.q", "xattn.out", "attn.q", "mlp.fc1"} <= roles
     assert "attn.qkv" in blip.blocks("vision")[0].sites  # BLIP's vision attention is one fused projection
+    ved = _load(root, "vision-encoder-decoder").backbone  # ViT 48 wide, BERT 32: the model's enc_to_dec_proj
+    assert ved.towers == ("vision", "projector", "decoder")
+    assert ved.blocks("decoder")[0].sites["prefix"].in_features == 48  # the prefix joins the encoder's output
 
 
 def test_errors(root, tmp_path, monkeypatch):

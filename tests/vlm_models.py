@@ -1,6 +1,7 @@
 """Tiny transformers VLMs built from random configs and saved with `save_pretrained` (model, tokenizer, image
 processor or processor), as transformers' own tests build them: LLaVA, Idefics3, SmolVLM, BLIP and a ViT + BERT
-vision-encoder-decoder. Images are 24-30 px, every tower has 2 layers of width 32."""
+vision-encoder-decoder. Images are 24-30 px, every tower has 2 layers of width 32 (the ViT 48, so that
+the vision-encoder-decoder projects its output)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -114,7 +115,7 @@ def vision_encoder_decoder(d):
     )
 
     tok = tokenizer(d)
-    enc = ViTModel(ViTConfig(image_size=30, patch_size=6, **SMALL))
+    enc = ViTModel(ViTConfig(image_size=30, patch_size=6, **{**SMALL, "hidden_size": 48}))  # wider: a projector
     dec = BertLMHeadModel(BertConfig(vocab_size=len(tok), pad_token_id=0, bos_token_id=3, eos_token_id=1,
                                      max_position_embeddings=64, is_decoder=True, add_cross_attention=True, **SMALL))
     model = VisionEncoderDecoderModel(encoder=enc, decoder=dec)

@@ -513,10 +513,11 @@ class VisionEncoderDecoderBackbone(CrossAttentionVLM):
     def _projector_blocks(self):
         if not self.projector:
             return []
-        lin = _unwrap(self.model.enc_to_dec_proj)
-        b = Block("projector", 0, "enc_to_dec_proj", lin.out_features)
-        b.sites["mlp.fc1"] = Site("projector", 0, "mlp.fc1", "enc_to_dec_proj", "enc_to_dec_proj", "linear",
-                                  lin.in_features, lin.out_features)
+        lin: Any = _unwrap(self.model.enc_to_dec_proj)
+        n_in, n_out = int(lin.in_features), int(lin.out_features)
+        b = Block("projector", 0, "enc_to_dec_proj", n_out)
+        b.sites["mlp.fc1"] = Site("projector", 0, "mlp.fc1", "enc_to_dec_proj", "enc_to_dec_proj", "linear", n_in,
+                                  n_out)
         return [b]
 
     def memory(self, flat):
