@@ -25,7 +25,9 @@ TOKENIZER_PATH = HERE / "configs" / "tiny_vl_tokenizer.json"
 WEIGHTS_PATH = WEIGHTS_DIR / "tiny-vl.safetensors"
 SPECIALS = ["<pad>", "</s>", "<unk>"]
 EXTRA_WORDS = ["caption", "vqa", "gqa", "nlvr", "true", "false", "yes", "no", "does", "this", "image", "show",
-               "please", "answer", "or", "describe", "question", "statement"]
+               "please", "answer", "or", "describe", "question", "statement", "size", "total", "both", "images",
+               "contain", "contains", "exactly", "shows", "show", "image", "left", "right", "one", "two", "three",
+               "four", "five", "six", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]
 LM_CONFIG: dict[str, Any] = {
              "d_model": 128, "d_ff": 256, "d_kv": 32, "num_heads": 4, "num_layers": 2, "num_decoder_layers": 2,
              "relative_attention_num_buckets": 16, "relative_attention_max_distance": 64, "dropout_rate": 0.0,
