@@ -7,11 +7,11 @@
   sites are the module paths of the saved tensors (`base_model.model.` stripped); every tensor must fit a
   projection of this backbone by name and shape (there is no fingerprint in a PEFT directory).
 - **Writing** (`vlkit export --format peft`, `vlkit.export.peft.export_peft`): a `lora` adapter, or a `peft`
-  bridge adapter of any tuner, trained on an `hf:` backbone, as a directory
-  `peft.PeftModel.from_pretrained(CLIPModel, dir)` loads (adapter_config.json written by PEFT's own config
-  class, target_modules the exact module paths). The
-  export is verified: the directory is loaded with PEFT onto a fresh copy of the base model and its image and
-  text embeddings are compared with vlkit's on random inputs; a mismatch writes nothing.
+  bridge adapter of any tuner, trained on an `hf:` backbone (CLIP, SigLIP or a VLM) or on the language model of a
+  `vl:` backbone, as a directory `peft.PeftModel.from_pretrained(model, dir)` loads onto that transformers model
+  (adapter_config.json written by PEFT's own config class, target_modules the exact module paths). The
+  export is verified: the directory is loaded with PEFT onto a fresh copy of the base model and its outputs
+  are compared with vlkit's on random inputs; a mismatch writes nothing.
 
 open_clip and tiny backbones keep their q/k/v projections inside nn.MultiheadAttention, which PEFT does not
 address as modules of their own: their adapters cannot be written in PEFT's format (vlkit's own directory
