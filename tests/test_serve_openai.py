@@ -285,3 +285,27 @@ def test_openapi_document_is_complete(server):
         assert ("/v1/embeddings", "post") in secured and ("/health", "get") not in secured
     finally:
         keyed.close()
+
+
+def test_a_lone_request_does_not_wait_for_company():
+    """Requests one at a time run at once; requests that arrive together wait `max_wait_ms` for each other."""
+    import time
+
+    from vlkit.serve.engine import BatchingEngine, Item
+
+    class Echo:
+        def run(self, items):
+            return [{"n": len(items)} for _ in items]
+
+    engine = BatchingEngine(Echo(), max_batch=8, max_wait_ms=400)
+    try:
+        engine.submit(Item("embed", None)).result(5)  # no history yet: it waits
+        t0 = time.perf_counter()
+        for _ in range(3):
+            assert engine.submit(Item("embed", None)).result(5) == {"n": 1}
+        assert time.perf_counter() - t0 < 0.3  # three in a row, none waited 400 ms
+        with engine.cond:  # three arrive together (the worker sees them at once)
+            futures = [engine.submit(Item("embed", None)) for _ in range(3)]
+        assert [f.result(5)["n"] for f in futures] == [3, 3, 3]
+    finally:
+        engine.close(5)

@@ -3,8 +3,10 @@
 `BatchingEngine` owns one worker thread. Requests wait in a bounded queue (`queue_size`: more admitted and
 unanswered requests than that and `submit` raises `OverloadedError`, answered 429 with Retry-After); the worker
 takes the oldest, waits until `max_wait_ms` after it arrived for more, up to `max_batch`, whatever their adapters,
-and hands the batch to the runner. Control operations (hot load / unload) run on the same thread between two
-batches, so a forward never sees an adapter half loaded. `close()` answers everything already admitted, then stops.
+and hands the batch to the runner. A lone request on a server that answers one request at a time (its last batch
+held one, finished before this one arrived) runs at once: there is nobody to wait for. Control operations (hot
+load / unload) run on the same thread between two batches, so a forward never sees an adapter half loaded.
+`close()` answers everything already admitted, then stops.
 
 `TorchRunner` runs a batch in one forward per tower: every image of the batch through `encode_image`, every text
 through `encode_text` (image-text pairs through `encode_pair` for joint adapters), with `AdaptedModel.route` sending
@@ -75,6 +77,7 @@ class BatchingEngine:
         self.running = 0
         self.stopping = False
         self.stats = Stats()
+        self.last_end = 0.0  # when the last batch finished
         self.thread = threading.Thread(target=self._loop, name="vlkit-serve-engine", daemon=True)
         self.thread.start()
 
@@ -122,7 +125,7 @@ class BatchingEngine:
                     fn, fut = self.controls.popleft()
                     batch = None
                 elif self.queue:
-                    deadline = self.queue[0].arrived + self.max_wait
+                    deadline = self.queue[0].arrived + (self.max_wait if self._company() else 0.0)
                     while len(self.queue) < self.max_batch and not self.stopping and not self.controls:
                         left = deadline - time.perf_counter()
                         if left <= 0:
@@ -140,6 +143,15 @@ class BatchingEngine:
                 continue
             self._run(batch)
 
+    def _company(self) -> bool:
+        """Whether the oldest request should wait `max_wait` for others: unless the server runs one request at
+        a time (the last batch held one and it ended before this request arrived), where waiting adds latency
+        and nothing to batch with."""
+        if not self.stats.recent or len(self.queue) > 1:
+            return True
+        _, size = self.stats.recent[-1]
+        return size > 1 or self.last_end > self.queue[0].arrived
+
     def _run(self, batch: list[Item]) -> None:
         t0 = time.perf_counter()
         try:
@@ -153,6 +165,7 @@ class BatchingEngine:
         st.batch_sizes[len(batch)] = st.batch_sizes.get(len(batch), 0) + 1
         st.forward_seconds += dt
         st.recent.append((dt, len(batch)))
+        self.last_end = time.perf_counter()
         for item, res in zip(batch, results):
             if isinstance(res, BaseException):
                 item.future.set_exception(res)
