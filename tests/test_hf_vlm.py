@@ -165,6 +165,20 @@ def test_prompt_tuning_on_the_prefix_site_and_two_images(root, kind):
         assert len(bb.generate(two, ["nlvr: the circle is left of the square", "nlvr: a"], max_new_tokens=2)) == 2
 
 
+@pytest.mark.parametrize("kind", ["llava", "blip", "vision-encoder-decoder"])
+def test_images_reach_the_processor_in_their_own_mode(root, kind):
+    from vlkit.backbones.base import to_rgb
+
+    bb = _load(root, kind).backbone
+    rgba = Image.new("RGBA", (40, 30), (200, 30, 30, 0))  # transparent red: white once composited
+    grey = Image.new("L", (30, 50), 90)
+    own = bb.image_processor.do_convert_rgb  # CLIP's and BLIP's processors convert, ViT's does not
+    for im in (rgba, grey):
+        want = bb.image_processor(images=im if own else to_rgb(im), return_tensors="pt")["pixel_values"][0]
+        assert torch.equal(bb.preprocess(im), want)
+    assert not torch.equal(bb.preprocess(rgba), bb.preprocess(rgba.convert("RGB")))  # alpha was not just dropped
+
+
 def test_sites_are_the_transformers_module_paths(root):
     bb = _load(root, "llava").backbone
     paths = {s.path for b in bb.all_blocks() for s in b.sites.values()}

@@ -3,8 +3,8 @@
 `load_hf` dispatches on the config's `model_type`: `llava` (`LlavaForConditionalGeneration`), `idefics3` and
 `smolvlm` (`Idefics3ForConditionalGeneration`, `SmolVLMForConditionalGeneration`), `blip`
 (`BlipForConditionalGeneration`) and `vision-encoder-decoder` (`VisionEncoderDecoderModel`). Each comes with its own
-processor from the same directory: its image processor turns a PIL image (any mode, made RGB as every vlkit backbone
-makes it) into pixels, its tokenizer and prompt format build the text.
+processor from the same directory: its image processor turns a PIL image (in its own mode: see `ProcessorImages`)
+into pixels, its tokenizer and prompt format build the text.
 
 - Image-token models (LLaVA, Idefics3, SmolVLM): the prompt goes through the processor's chat template when it has
   one (a user turn of K images and the prompt, then the generation prompt), else it is `<image>`·K + prompt; a prompt
@@ -117,15 +117,19 @@ def find_layout(block: nn.Module) -> BlockLayout:
 
 
 class ProcessorImages:
-    """One PIL image, of any mode, as RGB (`to_rgb`, as every vlkit backbone converts) through a transformers image
-    processor: its pixels, (3, H, W) float32."""
+    """One PIL image through a transformers image processor: its pixels, (3, H, W) float32. The image reaches the
+    processor in its own mode where the processor converts modes itself (`do_convert_rgb`, as CLIP's, SigLIP's,
+    BLIP's and Idefics3's do), so the pixels are the library's own; a processor that does not (ViT's) gets it made
+    RGB by `to_rgb` first, as every vlkit backbone makes it."""
 
     def __init__(self, processor, **options):
         self.processor = processor
         self.options = options
+        self.converts = bool(getattr(processor, "do_convert_rgb", False))
 
     def __call__(self, image) -> torch.Tensor:
-        px = self.processor(images=to_rgb(image), return_tensors="pt", **self.options)["pixel_values"]
+        px = self.processor(images=image if self.converts else to_rgb(image), return_tensors="pt",
+                            **self.options)["pixel_values"]
         return px.reshape(-1, *px.shape[-3:])[0].to(torch.float32)
 
     def __repr__(self) -> str:
