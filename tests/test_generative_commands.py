@@ -23,6 +23,7 @@ def vl(tmp_path_factory):
     """The backbone spec and two adapter directories (a LoRA in every part, a bottleneck in the LM)."""
     root = tmp_path_factory.mktemp("vlcmd")
     spec = f"vl:lm={make_lm('t5', root)},vision=tiny@random,projector=linear"
+    torch.manual_seed(0)
     m = vlkit.load(spec)
     m.add_adapter("lo", "lora", rank=4, modules="all", towers="all")
     m.add_adapter("bn", "bottleneck", towers="lm")
@@ -203,3 +204,51 @@ def test_serve_refuses_what_a_generative_backbone_does_not_do(vl, gen_app):
     with TestClient(create_app(ServeConfig(backbone="tiny@random"))) as client:
         r = client.post("/v1/generate", json={"image": _b64(vl["image"]), "prompt": "caption:"})
         assert r.status_code == 400 and "needs a generative backbone" in r.json()["error"]
+
+
+@pytest.mark.parametrize("kind", ["t5", "bart"])
+def test_export_generates_the_same_tokens_in_onnxruntime(vl, capsys, tmp_path, kind):
+    from vlkit.export.generative import PROMPTS as EXPORT_PROMPTS
+    from vlkit.export.generative import load_sessions, onnx_generate
+
+    spec = vl["spec"] if kind == "t5" else f"vl:lm={make_lm(kind, vl['root'])},vision=tiny@random"
+    torch.manual_seed(0)
+    m = vlkit.load(spec)
+    m.add_adapter("lm", "lora", rank=4, modules="all", towers="lm")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for t in m.adapter_parameters("lm").values():
+            t.add_(0.6 * torch.randn(t.shape, generator=g))
+    lora = m.save_adapter(tmp_path / "lm", "lm")
+    out = tmp_path / "onnx"
+    code, stdout, err = cli(["export", "--adapter", str(lora), "-o", str(out), "--seed", "3", "--json"], capsys)
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert summary["merged"] == ["lm"] and all(c["passed"] for c in summary["checks"])
+    assert {"vision.onnx", "encoder.onnx", "decoder.onnx", "decoder_with_past.onnx", "export.json"} <= set(
+        summary["written"])
+    # the export runs on its own: a fresh image, the tokenizer from the export, greedy with the KV cache
+    sessions, manifest = load_sessions(out)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out / "tokenizer")
+    m = vlkit.load(spec)
+    m.load_adapter(lora)
+    bb = m.backbone
+    prompts = [EXPORT_PROMPTS[1], "caption:"]
+    px = bb.preprocess_batch([Image.open(vl["image"])] * 2)
+    enc = tok(prompts, padding="longest", return_tensors="np")
+    g = manifest["generation"]
+    ids = onnx_generate(sessions, px.numpy(), enc["input_ids"], enc["attention_mask"], max_new_tokens=6,
+                        start=g["decoder_start_token_id"], eos=g["eos_token_id"], pad=g["pad_token_id"],
+                        forced_bos=g["forced_bos_token_id"], forced_eos=g["forced_eos_token_id"])
+    with torch.no_grad():
+        want = bb.generate(px, prompts, max_new_tokens=6)
+    assert [t.strip() for t in tok.batch_decode(ids, skip_special_tokens=True)] == want
+    assert len(set(" ".join(manifest["verification"]["texts"]["pytorch"]).split())) > 1  # tokens vary by step
+
+
+def test_export_refuses_what_does_not_apply_to_a_generative_backbone(vl, capsys, tmp_path):
+    code, _, err = cli(["export", "--adapter", str(vl["lo"]), "-o", str(tmp_path / "x"), "--fp16"], capsys)
+    assert code == 2 and "--fp16 does not apply to a generative backbone" in err, err
+    assert not (tmp_path / "x").exists()

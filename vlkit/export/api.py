@@ -34,6 +34,7 @@ from ..io import write_json
 from ..outputs import OutputTarget
 from ..plugins import registry
 from .base import Evaluation, ExportOptions, ExportRequest, ExportResult, GraphSpec, input_key
+from .generative import export_generative
 from .model import (
     Classifier,
     ImageEncoder,
@@ -322,6 +323,7 @@ def export_model(out: str | Path, *, backbone: str | None = None, adapters: Sequ
         known = kind_domains(WORLD_KIND)
         if known is not None and domain not in known:
             raise ConfigError(f"unknown world domain {domain!r}; domains: {', '.join(known)}")
+    user_eval_n = eval_n
     if eval_n is None:
         eval_n = EVAL_N_LOW_PRECISION if (options.fp16 or options.quantize) else EVAL_N
     if eval_n < 1:
@@ -335,6 +337,12 @@ def export_model(out: str | Path, *, backbone: str | None = None, adapters: Sequ
 
     t = time.perf_counter()
     bb = load_backbone(spec)
+    if getattr(bb, "kind", None) == "generative":  # vision, encoder and decoder graphs, verified by generating
+        given = {"--task": task, "--domain": domain, "--eval-data": eval_data, "--eval-n": user_eval_n,
+                 "--fp16": options.fp16, "--quantize": options.quantize,
+                 "--target": None if target == "onnx" else target}
+        return export_generative(output, bb, [s["path"] for s in sources], options=options, merge=merge,
+                                 unload=unload, given=given)
     loaded = load_sources(bb, [s["path"] for s in sources]) if sources else {
         "names": [], "mode": "stack", "weights": None, "adapters": [], "task_dirs": []}
     t = lap("load", t)
