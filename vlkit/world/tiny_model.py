@@ -5,12 +5,13 @@ transformers and timm): a server of the tiny backbone holds only torch (issue 25
 text pooled at the end-of-text token by argmax, GELU, pre-norm residual blocks, no layer scale): the same module
 tree and parameter names (weights and adapters load either way), the same forward, and the same seeded init (modules
 built in open_clip's order, the text tower's `init_parameters` as open_clip's), so `tiny@random` is unchanged.
-tests/test_world.py checks all three against open_clip.
+tests/test_serve_light.py checks all three against open_clip.
 """
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -49,8 +50,11 @@ class Transformer(nn.Module):
         self.width, self.layers, self.batch_first, self.grad_checkpointing = width, layers, True, False
         self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, mlp_ratio) for _ in range(layers)])
 
+    def blocks(self) -> list[ResidualAttentionBlock]:
+        return [cast(ResidualAttentionBlock, b) for b in self.resblocks]
+
     def get_cast_dtype(self) -> torch.dtype:
-        return self.resblocks[0].mlp.c_fc.weight.dtype
+        return cast(nn.Linear, self.blocks()[0].mlp.c_fc).weight.dtype
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         for block in self.resblocks:
@@ -97,6 +101,8 @@ class VisionTransformer(nn.Module):
 class TinyCLIP(nn.Module):
     """open_clip's `CLIP` for the tiny config (`embed_dim`, `vision_cfg`, `text_cfg` as configs/tiny.json)."""
 
+    attn_mask: torch.Tensor
+
     def __init__(self, embed_dim: int, vision_cfg: dict, text_cfg: dict):
         super().__init__()
         v, t = vision_cfg, text_cfg
@@ -123,11 +129,11 @@ class TinyCLIP(nn.Module):
         nn.init.normal_(self.positional_embedding, std=0.01)
         width, layers = self.transformer.width, self.transformer.layers
         proj_std, attn_std, fc_std = width ** -0.5 * (2 * layers) ** -0.5, width ** -0.5, (2 * width) ** -0.5
-        for block in self.transformer.resblocks:
+        for block in self.transformer.blocks():
             nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
             nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
-            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
-            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+            nn.init.normal_(cast(nn.Linear, block.mlp.c_fc).weight, std=fc_std)
+            nn.init.normal_(cast(nn.Linear, block.mlp.c_proj).weight, std=proj_std)
         nn.init.normal_(self.text_projection, std=width ** -0.5)
 
     def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
