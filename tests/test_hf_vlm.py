@@ -134,6 +134,12 @@ def test_prompt_format_and_preprocessing_follow_the_models_own(root, kind):
         ours = bb.generate(bb.preprocess_batch(images), prompts, max_new_tokens=4)
         theirs = _own_outputs(bb, kind, [im.convert("RGB") for im in images], prompts)
     assert ours == [t.strip() for t in theirs]
+    px = bb.preprocess_batch(images)
+    with torch.no_grad():  # a batch (prompts of different lengths, padded) answers as each example alone
+        assert bb.generate(px, PROMPTS, max_new_tokens=5) == [bb.generate(px[i:i + 1], PROMPTS[i:i + 1],
+                                                                           max_new_tokens=5)[0] for i in range(2)]
+        alone = torch.cat([bb.sequence_logprob(px[i:i + 1], PROMPTS[i:i + 1], TARGETS[i:i + 1]) for i in range(2)])
+        assert torch.allclose(bb.sequence_logprob(px, PROMPTS, TARGETS), alone, atol=1e-5)
     if kind == "llava":
         assert bb.prompt_text("what ?", 1).startswith("user :<image>")  # the processor's chat template
         ids = bb._prompt_ids(["what ?"], 1)[0]
