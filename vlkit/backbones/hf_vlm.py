@@ -144,6 +144,8 @@ class HFVLMBackbone(GenerativeBackbone):
     """Tower -> its root module path (the block list is found under it)."""
     projector: tuple[str, ...] = ()
     """Linear layers of the projector (fc1, fc2) and the projector module, or nothing."""
+    image_options: dict[str, Any] = {}
+    """Options the image processor is called with."""
 
     def __init__(self, model: nn.Module, spec: str, tokenizer, image_processor, processor=None):
         model.add_module(PREFIX_PATH, PrefixPoint())
@@ -151,11 +153,10 @@ class HFVLMBackbone(GenerativeBackbone):
         self.tokenizer = tokenizer
         self.processor = processor
         self.image_processor = image_processor
-        self.__dict__["_image_transform"] = ProcessorImages(image_processor, **self.image_options())
+        self.__dict__["_image_transform"] = ProcessorImages(image_processor, **self.image_options)
         from PIL import Image
 
-        size = self.image_transform(Image.new("RGB", (32, 32))).shape
-        self.image_size = int(size[-1])
+        self.image_size = int(self.image_transform(Image.new("RGB", (32, 32))).shape[-1])
         self.mean = as_triple(getattr(image_processor, "image_mean", self.mean))
         self.std = as_triple(getattr(image_processor, "image_std", self.std))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -163,9 +164,6 @@ class HFVLMBackbone(GenerativeBackbone):
         self.towers = tuple(t for t in ("vision", "projector", "decoder") if t in self._paths or
                             (t == "projector" and self.projector))
         self.tower_aliases = {"lm": ("decoder",), "text": ("decoder",)}
-
-    def image_options(self) -> dict[str, Any]:
-        return {}
 
     # --- sequences ----------------------------------------------------------------------------------------
     def _target_ids(self, target: str) -> list[int]:
@@ -192,17 +190,17 @@ class HFVLMBackbone(GenerativeBackbone):
             labels[i, len(p):len(p) + len(t)] = torch.tensor(t, device=device)
         return ids, mask, labels
 
-    @staticmethod
-    def _scores(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(next-token logits, their labels), shifted by one."""
+    def _scores(self, pixels, prompts, targets) -> tuple[torch.Tensor, torch.Tensor]:
+        """(next-token logits, their labels): the token logits shifted by one."""
+        logits, labels = self._token_logits(pixels, list(prompts), list(targets))
         return logits[:, :-1], labels[:, 1:]
 
     def loss(self, pixels, prompts, targets) -> torch.Tensor:
-        logits, labels = self._scores(*self._token_logits(pixels, list(prompts), list(targets)))
+        logits, labels = self._scores(pixels, prompts, targets)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
 
     def sequence_logprob(self, pixels, prompts, targets) -> torch.Tensor:
-        logits, labels = self._scores(*self._token_logits(pixels, list(prompts), list(targets)))
+        logits, labels = self._scores(pixels, prompts, targets)
         logp = logits.float().log_softmax(-1)
         tok = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         return (tok * (labels != -100)).sum(-1)
@@ -274,7 +272,7 @@ class HFVLMBackbone(GenerativeBackbone):
         if not self.projector:
             return []
         *linears, module = self.projector
-        mods: list[Any] = [resolve_module(self.model, p) for p in linears]  # nn.Linear
+        mods: list[Any] = [_unwrap(resolve_module(self.model, p)) for p in linears]  # nn.Linear
         w = mods[-1].out_features
         b = Block("projector", 0, module, w)
         for j, (p, m) in enumerate(zip(linears, mods)):
@@ -284,7 +282,8 @@ class HFVLMBackbone(GenerativeBackbone):
         return [b]
 
     def _width(self, tower: str) -> int:
-        raise NotImplementedError
+        cfg = self.model.config
+        return int(cfg.vision_config.hidden_size if tower == "vision" else cfg.text_config.hidden_size)
 
     def prefix_width(self) -> int:
         return self._width("decoder")
@@ -375,10 +374,6 @@ class LlavaBackbone(ImageTokenVLM):
     def image_features(self, flat):
         return torch.stack(list(self.model.model.get_image_features(pixel_values=flat).pooler_output))
 
-    def _width(self, tower):
-        cfg = self.model.config
-        return int(cfg.vision_config.hidden_size if tower == "vision" else cfg.text_config.hidden_size)
-
     def tower_prefixes(self):
         return {"vision": ("model.vision_tower.",), "projector": ("model.multi_modal_projector.", f"{PREFIX_PATH}."),
                 "decoder": ("model.language_model.", "lm_head.")}
@@ -390,16 +385,11 @@ class Idefics3Backbone(ImageTokenVLM):
     stacks = {"vision": "model.vision_model", "decoder": "model.text_model"}
     projector = ("model.connector.modality_projection.proj", "model.connector")
 
-    def image_options(self):
-        return {"do_image_splitting": False}
+    image_options = {"do_image_splitting": False}  # one global tile per image
 
     def image_features(self, flat):
         inner = self.model.model
         return inner.connector(inner.vision_model(pixel_values=flat).last_hidden_state)
-
-    def _width(self, tower):
-        cfg = self.model.config
-        return int(cfg.vision_config.hidden_size if tower == "vision" else cfg.text_config.hidden_size)
 
     def tower_prefixes(self):
         return {"vision": ("model.vision_model.",), "projector": ("model.connector.", f"{PREFIX_PATH}."),
@@ -481,10 +471,6 @@ class BlipBackbone(CrossAttentionVLM):
         out = self.model.text_decoder.generate(input_ids=ids, attention_mask=mask, encoder_hidden_states=mem,
                                                encoder_attention_mask=mem_mask, **kw)
         return out[:, ids.shape[1]:]
-
-    def _width(self, tower):
-        cfg = self.model.config
-        return int(cfg.vision_config.hidden_size if tower == "vision" else cfg.text_config.hidden_size)
 
     def prefix_width(self):
         return int(self.model.config.vision_config.hidden_size)
