@@ -303,7 +303,8 @@ def export_generative(output, backbone, adapters: list[str], *, options, merge: 
         sessions = {f["graph"]: make_session(staging / f["file"], providers) for f in files}
         cfg = backbone.lm_config
         tok = backbone.tokenizer
-        gen = {"start": int(cfg.decoder_start_token_id), "eos": int(tok.eos_token_id), "pad": int(tok.pad_token_id),
+        gen: dict[str, Any] = {"start": int(cfg.decoder_start_token_id), "eos": int(tok.eos_token_id),
+               "pad": int(tok.pad_token_id),
                **forced}
         steps: list[np.ndarray] = []
         px, ids, mask = (batch[k].numpy() for k in ("pixel_values", "input_ids", "attention_mask"))
