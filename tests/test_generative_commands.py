@@ -252,3 +252,8 @@ def test_export_refuses_what_does_not_apply_to_a_generative_backbone(vl, capsys,
     code, _, err = cli(["export", "--adapter", str(vl["lo"]), "-o", str(tmp_path / "x"), "--fp16"], capsys)
     assert code == 2 and "--fp16 does not apply to a generative backbone" in err, err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_dual_encoder_task_is_refused_on_a_generative_backbone(vl, capsys):
+    code, _, err = cli(["eval", "-d", "world:photo", "--backbone", vl["spec"], "--bootstrap", "0"], capsys)
+    assert code == 2 and "runs on a dual encoder's embeddings" in err and len(err.strip().splitlines()) == 1, err

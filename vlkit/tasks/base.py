@@ -51,6 +51,9 @@ class Task(ABC):
     show_columns: tuple[str, ...] = ()
     linear_probe_options: dict[str, Any] = {}
     exportable: bool = False
+    backbone_kind: ClassVar[str] = "contrastive"
+    """The backbones the task runs on: "contrastive" (dual encoders: embeddings and logit scale) or "generative"
+    (`vlkit.backbones.generative.GenerativeBackbone`: loss, generate); another kind is refused at construction."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -66,6 +69,10 @@ class Task(ABC):
         cls.OPTIONS = names
 
     def __init__(self, backbone, train_data=None, **options: Any):
+        kind = getattr(backbone, "kind", None)
+        if kind == "generative" and self.backbone_kind != "generative":
+            raise ConfigError(f"task {self.name!r} runs on a dual encoder's embeddings; {backbone.spec} is a "
+                              "generative backbone: give a task that generates text (`vlkit plugins` lists the tasks)")
         self.options = dict(options)
         self.head: nn.Module = nn.Module()
 

@@ -58,6 +58,7 @@ class GenerativeTask(Task):
     """What the four generative tasks share: prompts with a prefix, the backbone's loss, generate then score."""
 
     prefix: ClassVar[str] = ""
+    backbone_kind: ClassVar[str] = "generative"
     options_cls = GenerateOptions
     image_columns: ClassVar[tuple[str, ...]] = ("image",)
     choose_target: ClassVar[bool] = False
