@@ -257,3 +257,9 @@ def test_export_refuses_what_does_not_apply_to_a_generative_backbone(vl, capsys,
 def test_a_dual_encoder_task_is_refused_on_a_generative_backbone(vl, capsys):
     code, _, err = cli(["eval", "-d", "world:photo", "--backbone", vl["spec"], "--bootstrap", "0"], capsys)
     assert code == 2 and "runs on a dual encoder's embeddings" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_route_composition_is_refused_on_a_generative_backbone(vl, capsys, tmp_path):
+    code, _, err = cli(["compose", f"{vl['lo']},{vl['bn']}", "--mode", "route", "-o", str(tmp_path / "r"),
+                        "--data", "lo=world:photo", "--data", "bn=world:photo"], capsys)
+    assert code == 2 and "--mode route trains a router on dual-encoder embeddings" in err, err

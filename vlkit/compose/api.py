@@ -142,6 +142,10 @@ def _route(srcs, cfg0, out: Path, data, backbone_spec, hidden, steps, n_per_adap
         raise ConfigError(f"--data names {', '.join(unknown)}, which are not among the adapters "
                           f"({', '.join(map(str, names))})")
     backbone = _load_backbone_for(cfg0, backbone_spec)
+    if getattr(backbone, "kind", None) == "generative":
+        raise ConfigError(f"--mode route trains a router on dual-encoder embeddings; {backbone.spec} is a generative "
+                          "backbone: serve the adapters side by side (vlkit serve routes each request by its "
+                          "adapter) or compose them with --mode stack, parallel or merge")
     sources = []
     for i, (name, path) in enumerate(srcs):
         spec = per_name.get(name) or adapter_data_spec(path)
