@@ -8,11 +8,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from cli_helpers import cli
 from PIL import Image
+from vl_models import make_lm
 
 import vlkit
-from cli_helpers import cli
-from vl_models import make_lm
 from vlkit.scoring import VQASCORE_QUESTION
 
 PROMPTS = ["caption:", "vqa: what color is the circle ?"]
