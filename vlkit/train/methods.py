@@ -162,8 +162,13 @@ class FullMethod(TrainingMethod):
     def save(self, cfg, out: Path, backbone, task, adapter: str | None) -> None:
         from safetensors.torch import save_file
 
-
-        state = {k: v.detach().cpu().contiguous() for k, v in backbone.model.state_dict().items()}
+        state, seen = {}, set()
+        for k, v in backbone.model.state_dict().items():  # tied weights (a T5's shared embeddings) saved once
+            key = (v.data_ptr(), tuple(v.shape), v.dtype) if v.numel() else None
+            if key is not None and key in seen:
+                continue
+            seen.add(key)
+            state[k] = v.detach().cpu().contiguous()
         with atomic_path(out / "backbone.safetensors") as tmp:
             save_file(state, str(tmp))
 

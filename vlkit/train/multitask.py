@@ -47,7 +47,9 @@ def multitask_jobs(cfg, backbone, datasets: dict[str, tuple]) -> tuple[list[Job]
 
     opts = plain(cfg.adapter)
     opts.pop("name", None)
-    shared_parts(opts["variant"], cfg.sharing)
+    adapters = cfg.method == "adapter"  # else method full: one model fine-tuned on every task, nothing to tie
+    if adapters:
+        shared_parts(opts["variant"], cfg.sharing)
     method = get_method(cfg.method)
     freeze(backbone)
     jobs: list[Job] = []
@@ -60,7 +62,8 @@ def multitask_jobs(cfg, backbone, datasets: dict[str, tuple]) -> tuple[list[Job]
         jobs.append(prepare_job(backbone, sub, name=name, seed=cfg.seed + 7919 * i, adapter_options=dict(opts),
                                 datasets=datasets.get(name), method=method))
         trains.update(n for n, p in backbone.named_parameters(remove_duplicate=False) if p.requires_grad)
-    tie_shared(backbone, [j.name for j in jobs if j.name is not None], cfg.sharing, check=False)
+    if adapters:
+        tie_shared(backbone, [j.name for j in jobs if j.name is not None], cfg.sharing, check=False)
     for n, p in backbone.named_parameters(remove_duplicate=False):
         if n in trains:
             p.requires_grad_(True)
@@ -78,9 +81,23 @@ def multitask_result(result: dict[str, Any], cfg, per_task: dict[str | None, dic
 
 
 def write_multitask_outputs(cfg, out: Path, backbone, jobs, result: dict[str, Any]) -> None:
-    """adapters/<name>/ per task, shared.safetensors, composition.json (mode route) and metrics.json."""
+    """adapters/<name>/ per task, shared.safetensors, composition.json (mode route) and metrics.json; with
+    method `full`, the fine-tuned backbone.safetensors and tasks/<name>/ (task.json, head) per task instead."""
     from safetensors.torch import save_file
 
+    if cfg.method != "adapter":
+        get_method(cfg.method).save(cfg, out, backbone, jobs[0].task, None)
+        for j in jobs:
+            d = out / "tasks" / j.name
+            d.mkdir(parents=True, exist_ok=True)
+            head = j.task.head_state()
+            if head:
+                with atomic_path(d / "head.safetensors") as tmp:
+                    save_file(head, str(tmp))
+            write_json(d / "task.json", j.task.metadata())
+            write_text(d / "recipe.yaml", to_yaml(j.cfg))
+        write_json(out / "metrics.json", result)
+        return
     names = [j.name for j in jobs]
     sources = []
     for j in jobs:

@@ -508,10 +508,12 @@ def _check_compose(cfg, source: str) -> None:
     if cfg.tasks:
 
         _choice(cfg.sharing, SHARING, "sharing", source)
-        if cfg.method != "adapter":
-            raise ConfigError(f"{source}: key 'tasks': multi-task training needs method 'adapter'")
+        if cfg.method not in ("adapter", "full"):
+            raise ConfigError(f"{source}: key 'tasks': multi-task training needs method 'adapter' (one adapter per "
+                              "task, tied per `sharing`) or 'full' (one model fine-tuned on every task)")
         try:
-            shared_parts(cfg.adapter.variant, cfg.sharing)
+            if cfg.method == "adapter":
+                shared_parts(cfg.adapter.variant, cfg.sharing)
         except ConfigError as exc:
             raise ConfigError(f"{source}: key 'sharing': {exc}") from None
         for i, t in enumerate(cfg.tasks):
