@@ -1,12 +1,13 @@
 """`python bench/serve.py --peer infinity`: `vlkit serve` against Infinity (`infinity-emb`) on the same model.
 
 Both servers serve one random-init transformers CLIP directory (width 256, 4+4 layers, 224 px, patch 32, written
-with save_pretrained with its tokenizer and image processor), one server at a time, alternating per point, with the
-same torch threads. Each takes OpenAI-style `POST /v1/embeddings` (vlkit: `model` = the backbone; images as data
-URIs with `"modality": "image"`, as Infinity takes them). Text and image embeddings at concurrency 1, 8 and 32
-(closed loop); first the embeddings of both are compared (cosine >= 0.999 required, texts of 3 to 60 words and
-images), then throughput, p50 and RSS, and the ratios the goals name; vlkit with 8 adapters mixed is measured
-beside its single-adapter figure.
+with save_pretrained with its tokenizer and image processor) with the same torch threads; both are up, and one at a
+time is loaded, alternating per point (the order swapped every point). Each takes OpenAI-style
+`POST /v1/embeddings` (vlkit: `model` = the frozen backbone; images as data URIs with `"modality": "image"`, as
+Infinity takes them), one input per request, closed loop at concurrency 1, 8 and 32. First the embeddings of both
+are compared (cosine >= 0.999 required for texts within Infinity's 20 tokens and for images; longer texts shown
+apart), then throughput, p50, RSS and the ratios the goals name; vlkit with 8 adapters mixed is measured beside its
+frozen-backbone figure at concurrency 32.
 
 Infinity is installed on first use into its own environment (build/infinity-venv: `infinity-emb` and the
 transformers 4 it needs, taking torch and numpy from this environment through a .pth file). When it cannot be
@@ -240,16 +241,25 @@ def cosines(a: list[list[float]], b: list[list[float]]) -> list[float]:
     return (x * y).sum(1).tolist()
 
 
-def session(proc: Proc, models: list[str], mixed: list[str], seconds: float, pools: dict, probes: dict) -> dict:
-    """One server's turn: the probe embeddings, then each kind at each concurrency (and 8 adapters mixed)."""
-    out: dict = {"probe": {k: embed(proc.embeddings, models[0], k.split("-")[0], v) for k, v in probes.items()}}
+def measure(procs: dict, models: dict, mixed: list[str], seconds: float, pools: dict) -> dict:
+    """Both servers up, loaded one at a time: each point runs on one server, then on the other (the order
+    swapped every point, so a change of the machine's load falls on both)."""
+    out: dict = {name: {} for name in procs}
+    order = list(procs)
     for kind in ("text", "image"):
         for c in (1, 8, 32):
-            out[(kind, c)] = asyncio.run(load(proc.embeddings, models, kind, c, seconds, pools[kind]))
-            print(f"  {kind:5s} c={c:<3d} {out[(kind, c)]['rps']:8.1f} req/s", file=sys.stderr, flush=True)
-        if mixed:
-            out[(kind, "mixed")] = asyncio.run(load(proc.embeddings, mixed, kind, 32, seconds, pools[kind]))
-    out["rss"] = proc.rss_mb()
+            for name in order:
+                out[name][(kind, c)] = asyncio.run(load(procs[name].embeddings, models[name], kind, c, seconds,
+                                                        pools[kind]))
+                print(f"  {name:8s} {kind:5s} c={c:<3d} {out[name][(kind, c)]['rps']:8.1f} req/s", file=sys.stderr,
+                      flush=True)
+            order.reverse()
+        if mixed:  # vlkit: 8 adapters mixed, next to its frozen-backbone figure measured again
+            for label, use in (("mixed", mixed), ("single", models["vlkit"])):
+                out["vlkit"][(kind, label)] = asyncio.run(load(procs["vlkit"].embeddings, use, kind, 32, seconds,
+                                                               pools[kind]))
+    for name, proc in procs.items():
+        out[name]["rss"] = proc.rss_mb()
     return out
 
 
@@ -263,25 +273,29 @@ def run(seconds: float, threads: int, device: str | None, make_adapters) -> None
     short = [" ".join(WORDS[i % len(WORDS)] for i in range(k, k + n)) for k, n in ((0, 3), (5, 8), (9, 14))]
     long = [" ".join(WORDS[(i * 7) % len(WORDS)] for i in range(n)) for n in (30, 60)]
     probes = {"text-short": short, "text-long": long, "image": inputs("image", 4, seed=5)}
-    results: dict = {}
+    models = {"vlkit": ["none"], "infinity": ["clip"]}
     with tempfile.TemporaryDirectory(prefix="vlkit-bench-peer-") as tmp:
         dirs = make_adapters(Path(tmp), f"hf:{model}", 8)
-        names = [d.name for d in dirs]
-        turns = [("vlkit", lambda: vlkit_server(model, dirs, threads, device), ["none"], names)]
+        procs = {"vlkit": vlkit_server(model, dirs, threads, device)}
         if why is None:
-            turns.append(("infinity", lambda: infinity_server(model, threads, device), ["clip"], []))
-        for name, start, models, mixed in turns:
-            print(f"[peer] {name} ...", file=sys.stderr, flush=True)
-            proc = start()
-            try:
-                proc.wait()
-                results[name] = session(proc, models, mixed, seconds, pools, probes)
-            except RuntimeError as exc:
-                if name == "vlkit":
-                    raise
-                why = f"Infinity did not serve the model: {exc}"[:300]
-            finally:
-                proc.stop()
+            procs["infinity"] = infinity_server(model, threads, device)
+        try:
+            for name in list(procs):
+                try:
+                    procs[name].wait()
+                except RuntimeError as exc:
+                    if name == "vlkit":
+                        raise
+                    why = f"Infinity did not serve the model: {exc}"[:300]
+                    procs.pop(name).stop()
+            probe = {name: {k: embed(p.embeddings, models[name][0], k.split("-")[0], v) for k, v in probes.items()}
+                     for name, p in procs.items()}
+            results = measure(procs, models, [d.name for d in dirs], seconds, pools)
+            for name in results:
+                results[name]["probe"] = probe[name]
+        finally:
+            for p in procs.values():
+                p.stop()
     report(results, why, seconds, threads, device)
 
 
@@ -320,5 +334,5 @@ def report(res: dict, why: str | None, seconds: float, threads: int, device: str
     else:
         print(f"| RSS, vlkit | {v['rss']:.0f} MiB | |")
     for kind in ("text", "image"):
-        m = v[(kind, "mixed")]["rps"] / v[(kind, 32)]["rps"]
+        m = v[(kind, "mixed")]["rps"] / v[(kind, "single")]["rps"]
         print(f"| {kind}: 8 adapters mixed / frozen backbone alone, vlkit at c=32 | {m:.2f}x | >= 0.8x |")
