@@ -74,9 +74,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--log-every", type=int, default=100)
     args = ap.parse_args(argv)
     print(pretrain(Path(args.out), n=args.n, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                   seed=args.seed))
+                   seed=args.seed, log_every=args.log_every))
 
 
 if __name__ == "__main__":
