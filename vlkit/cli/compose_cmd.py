@@ -112,15 +112,7 @@ def register(cli: typer.Typer) -> None:
                                   "[--route auto | --adapter NAME | --task TASK]")
             res = _run(Path(target), image, text, route, adapter, task, backbone,
                        {"prompts": prompt, "max_new_tokens": max_new_tokens, "num_beams": beams})
-            for r in res["predictions"]:
-                if "text" in r:
-                    from rich.markup import escape
-
-                    console.print(f"[{r['input']}] adapter {escape(str(r['adapter']))}: {escape(r['text'])}")
-                    continue
-                detail = r.get("answer") or r.get("score") or ", ".join(f"{t.get('class', t.get('answer'))} "
-                                                                      f"{t['p']:.2f}" for t in r.get("top", []))
-                console.print(f"[{r['input']}] adapter {r['adapter']} ({r.get('task')}): {detail}")
+            _print_predictions(res)
             if json_out:
                 print_json(res)
             return
@@ -146,23 +138,42 @@ def register(cli: typer.Typer) -> None:
                           router_steps=300 if router_steps is None else router_steps,
                           n_per_adapter=256 if per_adapter is None else per_adapter, overwrite=overwrite,
                           alpha=alpha)
-        rows = [["mode", res["mode"]], ["adapters", ", ".join(res["adapters"])]]
-        if res.get("weights") is not None:
-            rows.append(["weights", ", ".join(f"{w:g}" for w in res["weights"])])
-        for k in ("method", "variant", "num_parameters", "density", "svd_relative_error", "task", "score",
-                  "fusion_parameters"):
-            if res.get(k) is not None:
-                rows.append([k, f"{res[k]:.4g}" if isinstance(res[k], float) else res[k]])
-        if "routing" in res:
-            rep = res["routing"]
-            rows.append(["routing accuracy (held out)",
-                         f"{rep['heldout_accuracy']:.1f}% (chance {rep['chance']:.1f}%)"])
-            for k, v in rep["per_input"].items():
-                rows.append([f"  {k} inputs", f"{v:.1f}%"])
-        console.print(table(f"compose — {res['mode']}", ["", "value"], rows))
+        console.print(table(f"compose — {res['mode']}", ["", "value"], _summary_rows(res)))
         console.print(f"wrote {res['output_dir']}")
         if json_out:
             print_json(res)
+
+
+def _print_predictions(res: dict) -> None:
+    """`compose run`'s answers, one line per input."""
+    from rich.markup import escape
+
+    from .output import console
+
+    for r in res["predictions"]:
+        if "text" in r:
+            console.print(f"[{r['input']}] adapter {escape(str(r['adapter']))}: {escape(r['text'])}")
+            continue
+        detail = r.get("answer") or r.get("score") or ", ".join(f"{t.get('class', t.get('answer'))} "
+                                                              f"{t['p']:.2f}" for t in r.get("top", []))
+        console.print(f"[{r['input']}] adapter {r['adapter']} ({r.get('task')}): {detail}")
+
+
+def _summary_rows(res: dict) -> list[list]:
+    """The rows of the table a composition prints."""
+    rows = [["mode", res["mode"]], ["adapters", ", ".join(res["adapters"])]]
+    if res.get("weights") is not None:
+        rows.append(["weights", ", ".join(f"{w:g}" for w in res["weights"])])
+    for k in ("method", "variant", "num_parameters", "density", "svd_relative_error", "task", "score",
+              "fusion_parameters"):
+        if res.get(k) is not None:
+            rows.append([k, f"{res[k]:.4g}" if isinstance(res[k], float) else res[k]])
+    if "routing" in res:
+        rep = res["routing"]
+        rows.append(["routing accuracy (held out)", f"{rep['heldout_accuracy']:.1f}% (chance {rep['chance']:.1f}%)"])
+        for k, v in rep["per_input"].items():
+            rows.append([f"  {k} inputs", f"{v:.1f}%"])
+    return rows
 
 
 def _run_backbone(path: Path, given: str | None) -> str:
