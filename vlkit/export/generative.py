@@ -1,22 +1,30 @@
-"""`vlkit export` of a generative encoder-decoder backbone (`vl:` with T5 or BART): ONNX graphs that generate
-text without PyTorch, checked against onnxruntime by generating the same tokens.
+"""`vlkit export` of a generative `vl:` backbone (a vision tower, a projector and a T5, BART, GPT-2 or Llama-style
+LM): ONNX graphs that generate text without PyTorch, checked against onnxruntime by generating the same tokens.
 
 Files (in the output directory):
 
 - `vision.onnx`: `pixel_values` [batch, 3, S, S] -> `visual_tokens` [batch, N, D] (vision tower and projector;
   an example of K images concatenates its K rows of tokens along N)
-- `encoder.onnx`: `visual_tokens`, `input_ids` [batch, L], `attention_mask` [batch, L] (the prompt's tokens and
-  mask) -> `encoder_hidden_states` [batch, T, D], `encoder_attention_mask` [batch, T] (visual tokens, any
-  prompt-tuning prefix and the prompt, through the LM's encoder)
-- `decoder.onnx`: the first step: `input_ids` [batch, 1] (the decoder start token), `encoder_hidden_states`,
-  `encoder_attention_mask` -> `logits` [batch, 1, V] and `present.{self|cross}.{layer}.{key|value}`
-- `decoder_with_past.onnx`: every later step: `input_ids` [batch, 1] (the last token), `encoder_hidden_states`,
-  `encoder_attention_mask`, `past.{self|cross}.{layer}.{key|value}` -> `logits` and `present.self.*` (the cross
-  keys and values are the first step's throughout)
+- encoder-decoder LMs:
+  - `encoder.onnx`: `visual_tokens`, `input_ids` [batch, L], `attention_mask` [batch, L] (the prompt's tokens and
+    mask) -> `encoder_hidden_states` [batch, T, D], `encoder_attention_mask` [batch, T] (visual tokens, any
+    prompt-tuning prefix and the prompt, through the LM's encoder)
+  - `decoder.onnx`, the first step: `input_ids` [batch, 1] (the decoder start token), `encoder_hidden_states`,
+    `encoder_attention_mask` -> `logits` [batch, 1, V] and `present.{self|cross}.{layer}.{key|value}`
+  - `decoder_with_past.onnx`, every later step: `input_ids` [batch, 1] (the last token), `encoder_hidden_states`,
+    `encoder_attention_mask`, `past.{self|cross}.{layer}.{key|value}` -> `logits` and `present.self.*` (the
+    cross keys and values are the first step's throughout)
+- decoder-only LMs:
+  - `prefill.onnx`: `visual_tokens`, `input_ids`, `attention_mask` -> the last position's `logits`, the
+    `full_attention_mask`, the `last_position` and `present.self.{layer}.{key|value}` (positions are the mask's
+    running count, as transformers' `generate` numbers them)
+  - `decoder_with_past.onnx`: `input_ids` [batch, 1], `attention_mask` (the full mask and a 1 per step),
+    `position_ids` [batch, 1] (the last position + 1 per step), `past.self.*` -> `logits` and `present.self.*`
 - `tokenizer/` (the LM's tokenizer) and `export.json` (graphs, generation settings, preprocessing, checks)
 
 `onnx_generate` is greedy generation with these sessions (the KV cache in numpy), as transformers' `generate`
-does it: finished rows continue with the pad token until every row has ended or `max_new_tokens` is reached.
+does it: finished rows continue with the pad token until every row has ended or `max_new_tokens` is reached;
+forced first and last tokens (BART's forced EOS) as its logits processors force them.
 Verification: fresh seeded images with several prompts; PyTorch (adapters as vlkit runs them, unmerged) and
 onnxruntime (adapters merged where exact) must generate the same tokens end to end, the per-step logits must
 agree, and so must the visual tokens and the encoder states (the encoder given PyTorch's visual tokens), each
@@ -25,7 +33,7 @@ within `TOLERANCE` of the largest magnitude of the reference.
 Why not `optimum-onnx`: its release (0.1.0) requires transformers < 4.58 (vlkit runs on 5.x), and it exports a
 hub checkpoint's own architecture, not a vision tower and projector feeding the LM's input embeddings with
 adapters inside, so the graphs here are traced with `torch.onnx.export` (TorchScript exporter) as optimum's are.
-Decoder-only LMs (GPT-2, Llama, Qwen2) are refused for now.
+transformers VLMs (`hf:` LLaVA, SmolVLM, BLIP, ...) are not exported.
 """
 from __future__ import annotations
 
@@ -70,24 +78,66 @@ class VisionGraph(nn.Module):
         return self.bb.visual_tokens(pixel_values)
 
 
+def lm_inputs(model, visual_tokens, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LM's input embeddings [visual tokens; prompt] through the prefix site, and their mask (as the
+    backbone's `_inputs` builds them from strings)."""
+    text = model.lm.get_input_embeddings()(input_ids)
+    embeds = torch.cat([visual_tokens.to(text.dtype), text], dim=1)
+    ones = torch.ones(visual_tokens.shape[:2], dtype=attention_mask.dtype, device=attention_mask.device)
+    mask = torch.cat([ones, attention_mask], dim=1)
+    embeds2 = model.prefix(embeds)
+    extra = embeds2.shape[1] - embeds.shape[1]
+    if extra:
+        lead = torch.ones(mask.shape[0], extra, dtype=mask.dtype, device=mask.device)
+        mask = torch.cat([lead, mask], dim=1)
+    return embeds2, mask
+
+
 class EncoderGraph(nn.Module):
     def __init__(self, backbone):
         super().__init__()
         self.bb = backbone
 
     def forward(self, visual_tokens, input_ids, attention_mask):
-        model = self.bb.model
-        text = model.lm.get_input_embeddings()(input_ids)
-        embeds = torch.cat([visual_tokens.to(text.dtype), text], dim=1)
-        ones = torch.ones(visual_tokens.shape[:2], dtype=attention_mask.dtype, device=attention_mask.device)
-        mask = torch.cat([ones, attention_mask], dim=1)
-        embeds2 = model.prefix(embeds)
-        extra = embeds2.shape[1] - embeds.shape[1]
-        if extra:
-            lead = torch.ones(mask.shape[0], extra, dtype=mask.dtype, device=mask.device)
-            mask = torch.cat([lead, mask], dim=1)
-        hidden = model.lm.get_encoder()(inputs_embeds=embeds2, attention_mask=mask).last_hidden_state
+        embeds, mask = lm_inputs(self.bb.model, visual_tokens, input_ids, attention_mask)
+        hidden = self.bb.model.lm.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         return hidden, mask
+
+
+class PrefillGraph(nn.Module):
+    """Decoder-only LMs, the first step: the whole input sequence, positions as `generate` numbers them (the
+    mask's running count), the last position's logits and every layer's keys and values."""
+
+    def __init__(self, backbone, layers: int):
+        super().__init__()
+        self.bb, self.layers = backbone, layers
+
+    def forward(self, visual_tokens, input_ids, attention_mask):
+        dynamic, _ = _caches()
+        embeds, mask = lm_inputs(self.bb.model, visual_tokens, input_ids, attention_mask)
+        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        out = self.bb.model.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=dynamic(),
+                               use_cache=True, return_dict=True)
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        flat = [t for layer in cache.layers[:self.layers] for t in (layer.keys, layer.values)]
+        return (out.logits[:, -1:], mask, positions[:, -1:], *flat)
+
+
+class StepGraph(nn.Module):
+    """Decoder-only LMs, every later step: the last token at its position, the mask so far, the past."""
+
+    def __init__(self, backbone, layers: int):
+        super().__init__()
+        self.bb, self.layers = backbone, layers
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        dynamic, _ = _caches()
+        cache = dynamic([(past[2 * i], past[2 * i + 1]) for i in range(self.layers)])
+        out = self.bb.model.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               cache=cache, use_cache=True, return_dict=True)
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        flat = [t for layer in cache.layers[:self.layers] for t in (layer.keys, layer.values)]
+        return (out.logits, *flat)
 
 
 class DecoderGraph(nn.Module):
@@ -139,7 +189,35 @@ def _export(module: nn.Module, inputs: tuple, path: Path, names: list[str], outp
 
 
 def decoder_layers(config) -> int:
+    if not getattr(config, "is_encoder_decoder", False):
+        return int(config.num_hidden_layers)
     return int(getattr(config, "num_decoder_layers", None) or config.decoder_layers)
+
+
+def causal_specs(backbone, example: dict[str, torch.Tensor], vis: torch.Tensor, layers: int) -> list[tuple]:
+    """The prefill and step graphs of a decoder-only LM, with example inputs traced from `example`."""
+    prefill, step = PrefillGraph(backbone, layers).eval(), StepGraph(backbone, layers).eval()
+    with torch.no_grad():
+        _, mask, last, *present = prefill(vis, example["input_ids"], example["attention_mask"])
+    n = vis.shape[0]
+    one = torch.ones(n, 1, dtype=mask.dtype)
+    names = kv_names(layers, "past", cross=False)
+    kv_in = {k: {0: "batch", 2: "past"} for k in names}
+    kv_out = {k.replace("past.", "present."): {0: "batch", 2: "past_and_one"} for k in names}
+    return [
+        ("prefill", prefill, (vis, example["input_ids"], example["attention_mask"]),
+         ["visual_tokens", "input_ids", "attention_mask"],
+         ["logits", "full_attention_mask", "last_position", *kv_names(layers, "present", cross=False)],
+         {"visual_tokens": {0: "batch"}, "input_ids": {0: "batch", 1: "prompt"},
+          "attention_mask": {0: "batch", 1: "prompt"}, "logits": {0: "batch"},
+          "full_attention_mask": {0: "batch", 1: "sequence"}, "last_position": {0: "batch"},
+          **{k.replace("past.", "present."): {0: "batch", 2: "sequence"} for k in names}}),
+        ("decoder_with_past", step, (torch.ones(n, 1, dtype=torch.long), torch.cat([mask, one], 1), last + 1,
+                                     *present),
+         ["input_ids", "attention_mask", "position_ids", *names], ["logits", *kv_names(layers, "present", False)],
+         {"input_ids": {0: "batch"}, "attention_mask": {0: "batch", 1: "past_and_one"},
+          "position_ids": {0: "batch"}, "logits": {0: "batch"}, **kv_in, **kv_out}),
+    ]
 
 
 def write_graphs(backbone, staging: Path, example: dict[str, torch.Tensor], opset: int) -> list[dict[str, Any]]:
@@ -151,6 +229,11 @@ def write_graphs(backbone, staging: Path, example: dict[str, torch.Tensor], opse
     first, later = DecoderGraph(backbone, layers, False).eval(), DecoderGraph(backbone, layers, True).eval()
     with torch.no_grad():
         vis = vision(example["pixel_values"])
+    if not backbone.seq2seq:
+        specs = [("vision", vision, (example["pixel_values"],), ["pixel_values"], ["visual_tokens"],
+                  {"pixel_values": b, "visual_tokens": b}), *causal_specs(backbone, example, vis, layers)]
+        return _write(specs, staging, opset)
+    with torch.no_grad():
         hidden, mask = encoder(vis, example["input_ids"], example["attention_mask"])
         start = torch.full((vis.shape[0], 1), int(backbone.lm_config.decoder_start_token_id), dtype=torch.long)
         present = first(start, hidden, mask)[1:]
@@ -175,6 +258,10 @@ def write_graphs(backbone, staging: Path, example: dict[str, torch.Tensor], opse
          {"input_ids": b, "logits": b, **enc_axes, **kv_axes,
           **{k: v for k, v in out_axes.items() if ".self." in k}}),
     ]
+    return _write(specs, staging, opset)
+
+
+def _write(specs: list[tuple], staging: Path, opset: int) -> list[dict[str, Any]]:
     files = []
     for name, module, inputs, in_names, out_names, axes in specs:
         _export(module, inputs, staging / f"{name}.onnx", in_names, out_names, axes, opset)
@@ -201,25 +288,36 @@ def greedy_settings(generation_config) -> dict[str, int | None]:
 
 
 def onnx_generate(sessions: dict[str, Any], pixel_values: np.ndarray, input_ids: np.ndarray,
-                  attention_mask: np.ndarray, *, max_new_tokens: int, start: int, eos: int, pad: int,
+                  attention_mask: np.ndarray, *, max_new_tokens: int, start: int | None, eos: int, pad: int,
                   forced_bos: int | None = None, forced_eos: int | None = None,
                   logits: list | None = None) -> np.ndarray:
-    """Greedy generation with the four sessions (see the module docstring): (batch, 1 + steps) token ids, the
-    decoder start token first, as transformers returns them (`forced_bos` first and `forced_eos` at the length
-    limit, as its logits processors force them). `logits`, when given, collects each step's."""
+    """Greedy generation with the sessions of an export (see the module docstring), as transformers' `generate`
+    does it: (batch, steps) token ids, led by the decoder start token for an encoder-decoder LM, with
+    `forced_bos` first and `forced_eos` at the length limit as its logits processors force them. `logits`, when
+    given, collects each step's."""
     vis = sessions["vision"].run(None, {"pixel_values": pixel_values.astype(np.float32)})[0]
-    hidden, mask = sessions["encoder"].run(None, {"visual_tokens": vis, "input_ids": input_ids.astype(np.int64),
-                                                  "attention_mask": attention_mask.astype(np.int64)})
+    prompt = {"visual_tokens": vis, "input_ids": input_ids.astype(np.int64),
+              "attention_mask": attention_mask.astype(np.int64)}
     n = len(pixel_values)
-    tokens = [np.full(n, start, dtype=np.int64)]
-    enc = {"encoder_hidden_states": hidden, "encoder_attention_mask": mask}
-    first = sessions["decoder"]
-    out = first.run(None, {"input_ids": tokens[0][:, None], **enc})
-    names = [o.name.replace("present.", "past.") for o in first.get_outputs()[1:]]
-    past = dict(zip(names, out[1:]))
+    causal = "prefill" in sessions
+    if causal:
+        first = sessions["prefill"]
+        out = first.run(None, prompt)
+        mask, position = out[1], out[2]
+        kv_from, tokens = 3, []
+        enc: dict[str, np.ndarray] = {}
+    else:
+        hidden, mask = sessions["encoder"].run(None, prompt)
+        tokens = [np.full(n, start, dtype=np.int64)]
+        enc = {"encoder_hidden_states": hidden, "encoder_attention_mask": mask}
+        first = sessions["decoder"]
+        out = first.run(None, {"input_ids": tokens[0][:, None], **enc})
+        kv_from = 1
+    past = {o.name.replace("present.", "past."): v for o, v in zip(first.get_outputs()[kv_from:], out[kv_from:])}
     later = sessions["decoder_with_past"]
     own = [o.name.replace("present.", "past.") for o in later.get_outputs()[1:]]
     done = np.zeros(n, dtype=bool)
+    last = int(max_new_tokens) - 1
     for step in range(int(max_new_tokens)):
         step_logits = out[0][:, -1]
         if logits is not None:
@@ -227,14 +325,20 @@ def onnx_generate(sessions: dict[str, Any], pixel_values: np.ndarray, input_ids:
         pick = step_logits.argmax(-1)
         if step == 0 and forced_bos is not None:
             pick = np.full(n, forced_bos)
-        elif step == int(max_new_tokens) - 1 and forced_eos is not None:
+        elif step == last and forced_eos is not None:
             pick = np.full(n, forced_eos)
         nxt = np.where(done, pad, pick).astype(np.int64)
         tokens.append(nxt)
         done |= nxt == eos
-        if done.all() or step == int(max_new_tokens) - 1:
+        if done.all() or step == last:
             break
-        out = later.run(None, {"input_ids": nxt[:, None], **enc, **past})
+        if causal:
+            mask = np.concatenate([mask, np.ones((n, 1), dtype=mask.dtype)], axis=1)
+            position = position + 1
+            feed = {"input_ids": nxt[:, None], "attention_mask": mask, "position_ids": position, **past}
+        else:
+            feed = {"input_ids": nxt[:, None], **enc, **past}
+        out = later.run(None, feed)
         past.update(zip(own, out[1:]))
     return np.stack(tokens, axis=1)
 
@@ -254,37 +358,43 @@ def _prompt_batch(backbone, seed: int) -> dict[str, torch.Tensor]:
 
 
 def _reference(backbone, batch: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """What PyTorch computes, adapters as vlkit runs them: visual tokens, encoder states, greedy tokens (the same
-    call as `GenerativeBackbone.generate`) and the logits of every step (teacher-forced on those tokens)."""
+    """What PyTorch computes, adapters as vlkit runs them: visual tokens, encoder states (encoder-decoder LMs),
+    greedy tokens and the raw logits of every step, from the same `generate` call as
+    `GenerativeBackbone.generate`."""
     bb, lm, tok = backbone, backbone.model.lm, backbone.tokenizer
     with torch.no_grad():
         vis = bb.visual_tokens(batch["pixel_values"])
         embeds, mask = bb._inputs(batch["pixel_values"], list(PROMPTS))
-        hidden = lm.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        seq = lm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=VERIFY_NEW_TOKENS, num_beams=1,
-                          do_sample=False, use_cache=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        logits = lm(encoder_outputs=(hidden,), attention_mask=mask, decoder_input_ids=seq[:, :-1]).logits
-    return {"visual_tokens": vis.numpy(), "encoder_hidden_states": hidden.numpy(), "tokens": seq.numpy(),
-            "logits": logits.numpy()}
+        out = {"visual_tokens": vis.numpy()}
+        if bb.seq2seq:
+            hidden = lm.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+            out["encoder_hidden_states"] = hidden.numpy()
+        gen = lm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=VERIFY_NEW_TOKENS, num_beams=1,
+                          do_sample=False, use_cache=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                          output_logits=True, return_dict_in_generate=True)
+    return {**out, "tokens": gen.sequences.numpy(), "logits": torch.stack(gen.logits, dim=1).float().numpy()}
 
 
 def export_generative(output, backbone, adapters: list[str], *, options, merge: bool = True, unload: bool = False,
                       given: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Export `backbone` (generative, encoder-decoder) with `adapters` through `output` (a `vlkit.outputs`
+    """Export `backbone` (a generative `vl:` backbone) with `adapters` through `output` (a `vlkit.outputs`
     OutputTarget), verified; returns the summary `vlkit export` prints."""
     t0 = time.perf_counter()
     unused = [k for k, v in (given or {}).items() if v not in (None, False)]
     if unused:
         raise ConfigError(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to a generative "
                           f"backbone ({backbone.spec}): its export is the fp32 vision, encoder and decoder graphs")
-    if not getattr(backbone, "seq2seq", False) or not hasattr(backbone, "visual_tokens"):
-        raise ConfigError(f"ONNX export of {backbone.spec} is not supported: vlkit exports encoder-decoder vl: "
-                          "backbones (T5, BART); decoder-only language models are not exported yet")
+    if not hasattr(backbone, "visual_tokens") or not hasattr(backbone, "seq2seq"):
+        raise ConfigError(f"ONNX export of {backbone.spec} is not supported: vlkit exports vl: backbones (a vision "
+                          "tower, a projector and a T5, BART, GPT-2 or Llama-style LM)")
     opset = int(options.opset or DEFAULT_OPSET)
     if opset < MIN_OPSET:
         raise ConfigError(f"--opset must be at least {MIN_OPSET}, got {opset}")
     providers = resolve_providers(options.providers)
     forced = greedy_settings(backbone.model.lm.generation_config)
+    if forced["forced_bos"] is not None and not backbone.seq2seq:
+        raise ConfigError("the language model's generation config sets forced_bos_token_id, which the exported "
+                          "greedy generation of a decoder-only LM does not reproduce")
     loaded = load_sources(backbone, adapters) if adapters else {"names": [], "mode": "stack", "weights": None,
                                                                  "adapters": []}
     batch = _prompt_batch(backbone, int(options.seed or 0))
@@ -303,15 +413,12 @@ def export_generative(output, backbone, adapters: list[str], *, options, merge: 
         sessions = {f["graph"]: make_session(staging / f["file"], providers) for f in files}
         cfg = backbone.lm_config
         tok = backbone.tokenizer
-        gen: dict[str, Any] = {"start": int(cfg.decoder_start_token_id), "eos": int(tok.eos_token_id),
-               "pad": int(tok.pad_token_id),
-               **forced}
+        start = int(cfg.decoder_start_token_id) if backbone.seq2seq else None
+        gen: dict[str, Any] = {"start": start, "eos": int(tok.eos_token_id), "pad": int(tok.pad_token_id), **forced}
         steps: list[np.ndarray] = []
         px, ids, mask = (batch[k].numpy() for k in ("pixel_values", "input_ids", "attention_mask"))
         got = onnx_generate(sessions, px, ids, mask, max_new_tokens=VERIFY_NEW_TOKENS, logits=steps, **gen)
         vis = sessions["vision"].run(None, {"pixel_values": px})[0]
-        hidden = sessions["encoder"].run(None, {"visual_tokens": ref["visual_tokens"], "input_ids": ids,
-                                                "attention_mask": mask})[0]  # each graph on PyTorch's inputs
         same = got.shape == ref["tokens"].shape and bool((got == ref["tokens"]).all())
         mismatched = 0.0 if same else float((got[:, :ref["tokens"].shape[1]] != ref["tokens"][:, :got.shape[1]]).sum()
                                             + abs(got.shape[1] - ref["tokens"].shape[1]))
@@ -319,15 +426,19 @@ def export_generative(output, backbone, adapters: list[str], *, options, merge: 
         provider = sessions["vision"].get_providers()[0]
         n = len(PROMPTS)
         checks = [Check("vision", "fp32", "random", "visual_tokens (rel.)", n,
-                        relative_diff(vis, ref["visual_tokens"]), TOLERANCE, provider),
-                  Check("encoder", "fp32", "random", "encoder_hidden_states (rel.)", n,
-                        relative_diff(hidden, ref["encoder_hidden_states"]), TOLERANCE, provider),
-                  Check("decoder+past", "fp32", "random", "logits, every step (rel.)", n,
-                        relative_diff(step_logits, ref["logits"]) if same else float("inf"), TOLERANCE, provider),
-                  Check("generate", "fp32", "random", "tokens differing", n, mismatched, 0.0, provider)]
+                        relative_diff(vis, ref["visual_tokens"]), TOLERANCE, provider)]
+        if backbone.seq2seq:  # each graph on PyTorch's inputs
+            hidden = sessions["encoder"].run(None, {"visual_tokens": ref["visual_tokens"], "input_ids": ids,
+                                                    "attention_mask": mask})[0]
+            checks.append(Check("encoder", "fp32", "random", "encoder_hidden_states (rel.)", n,
+                                relative_diff(hidden, ref["encoder_hidden_states"]), TOLERANCE, provider))
+        lm_graphs = "decoder+past" if backbone.seq2seq else "prefill+past"
+        checks += [Check(lm_graphs, "fp32", "random", "logits, every step (rel.)", n,
+                         relative_diff(step_logits, ref["logits"]) if same else float("inf"), TOLERANCE, provider),
+                   Check("generate", "fp32", "random", "tokens differing", n, mismatched, 0.0, provider)]
         texts = {"pytorch": tok.batch_decode(ref["tokens"], skip_special_tokens=True),
                  "onnxruntime": tok.batch_decode(got, skip_special_tokens=True)}
-        worst = max(c.max_abs_diff for c in checks[:3])
+        worst = max(c.max_abs_diff for c in checks[:-1])
         describe = {"backbone": backbone.describe(), "adapters": loaded["adapters"], "mode": loaded["mode"],
                     "weights": loaded["weights"], "merged": list(merged)}
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "vlkit_version": __version__,
