@@ -1,4 +1,4 @@
-"""Quality of the shipped tiny CLIP on held-out scenes of the embedded world.
+"""Quality of the shipped tiny CLIP, and of the generative tiny-vl, on held-out scenes of the embedded world.
 
 Zero-shot shape and colour recognition on `photo` (the pre-training domain), image-text retrieval
 recall@1 on `photo`, and zero-shot classification on every other domain (the domain gap `vlkit adapt`
@@ -55,11 +55,29 @@ def measure(spec: str, n: int) -> dict:
     return out
 
 
+def measure_vl(spec: str, n: int) -> dict:
+    """`tiny-vl` on held-out photo scenes: captioning CIDEr-D and BLEU-4, open-ended VQA accuracy."""
+    import torch
+
+    from vlkit import load_backbone, world
+    from vlkit.plugins import registry
+
+    torch.set_grad_enabled(False)
+    bb = load_backbone(spec)
+    out: dict = {"backbone": spec}
+    for task_name, kind in (("captioning", "captioning"), ("vqa-gen", "vqa-gen")):
+        ds = world.generate("photo", kind, n, seed=EVAL_SEED)
+        task = registry("task").get(task_name)(bb, ds)
+        out[task_name] = task.evaluate(bb, task.prepare(bb, ds), batch_size=100)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--weights", default=None, help="tiny weights (.safetensors); default: the shipped ones")
     ap.add_argument("-n", type=int, default=500)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--vl", default="tiny-vl", help="generative backbone to measure too (none: skip)")
     args = ap.parse_args()
     spec = f"tiny@{args.weights}" if args.weights else "tiny"
     res = measure(spec, args.n)
@@ -78,6 +96,17 @@ def main() -> None:
     for d in ("medical", "satellite", "sketch"):
         t.add_row(f"{d}: zero-shot classification", f"{res[f'{d}_zero_shot']:.1f}", f"{res[f'{d}_chance']:.1f}")
     Console(width=160).print(t)
+    if args.vl != "none":
+        vl = measure_vl(args.vl, args.n)
+        res["vl"] = vl
+        t = Table(title=f"{args.vl} on {args.n} held-out photo scenes per row")
+        for c in ("measure", "score"):
+            t.add_column(c)
+        cap = vl["captioning"]
+        t.add_row("photo: captioning CIDEr-D x 100", f"{cap['cider']:.1f}")
+        t.add_row("photo: captioning BLEU-4 x 100", f"{cap['bleu4']:.1f}")
+        t.add_row("photo: open-ended VQA accuracy %", f"{vl['vqa-gen']['accuracy']:.1f}")
+        Console(width=160).print(t)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
 
