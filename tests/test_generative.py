@@ -123,3 +123,21 @@ def test_errors(lm_dirs, tmp_path):
         m.add_adapter("lo", "lora", towers="lm")
     with pytest.raises(ConfigError, match="towers must be one of"):
         m.add_adapter("b", "bottleneck", towers="encoder")  # a decoder-only LM has no encoder
+
+
+def test_tiny_vl_ships_pretrained_and_loads_offline(tmp_path):
+    from vlkit.world import generate
+
+    m = vlkit.load("tiny-vl")
+    bb = m.backbone
+    assert bb.kind == "generative" and bb.towers == ("vision", "projector", "encoder", "decoder")
+    ds = generate("photo", "captioning", 4, seed=99)
+    px = bb.preprocess_batch(ds["image"])
+    with torch.no_grad():
+        caps = bb.generate(px, ["caption:"] * 4, max_new_tokens=16)
+        init = vlkit.load("tiny-vl@init").backbone
+        assert bb.loss(px, ["caption:"] * 4, list(ds["caption"])) < init.loss(px, ["caption:"] * 4, list(ds["caption"]))
+    known = set(bb.tokenizer.get_vocab())
+    assert all(c and set(c.split()) <= known for c in caps)
+    with pytest.raises(BackboneLoadError, match="do not exist"):
+        vlkit.load(f"tiny-vl@{tmp_path / 'none.safetensors'}")
