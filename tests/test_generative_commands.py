@@ -266,3 +266,12 @@ def test_a_route_composition_is_refused_on_a_generative_backbone(vl, capsys, tmp
     code, _, err = cli(["compose", f"{vl['lo']},{vl['bn']}", "--mode", "route", "-o", str(tmp_path / "r"),
                         "--data", "lo=world:photo", "--data", "bn=world:photo"], capsys)
     assert code == 2 and "--mode route trains a router on dual-encoder embeddings" in err, err
+
+
+def test_a_decoder_only_backbone_answers_a_batch_as_each_example_alone(vl):
+    torch.manual_seed(5)
+    bb = vlkit.load(f"vl:lm={make_lm('llama', vl['root'])},vision=tiny@random").backbone
+    px = bb.preprocess_batch([Image.open(vl["image"])] * 2)
+    with torch.no_grad():
+        both = bb.generate(px, PROMPTS, max_new_tokens=6)  # prompts of different lengths: padding in the batch
+        assert both == [bb.generate(px[i:i + 1], [p], max_new_tokens=6)[0] for i, p in enumerate(PROMPTS)]

@@ -260,6 +260,8 @@ class ComposedVLBackbone(GenerativeBackbone):
     @torch.no_grad()
     def generate(self, pixels, prompts, *, max_new_tokens: int = 20, num_beams: int = 1) -> list[str]:
         embeds, mask = self._inputs(pixels, prompts)
+        if not self.seq2seq:
+            embeds, mask = pads_first(embeds, mask)
         tok = self.tokenizer
         out = self.model.lm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=int(max_new_tokens),
                                      num_beams=int(num_beams), do_sample=False, use_cache=True,
@@ -333,6 +335,16 @@ class ComposedVLBackbone(GenerativeBackbone):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "lm": self.lm_config.model_type, "seq2seq": self.seq2seq,
                 "vision": self.vision_backbone.spec}
+
+
+def pads_first(embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's padding moved before its tokens, in order: a decoder-only LM then writes every row's answer
+    right after its own prompt, as it does for the row alone (`generate` numbers positions by the mask's
+    running count), so a batch answers as its examples one by one."""
+    n = mask.shape[1]
+    key = mask.float() * n + torch.arange(n, device=mask.device, dtype=torch.float32)
+    order = key.argsort(dim=1)
+    return embeds.gather(1, order.unsqueeze(-1).expand(-1, -1, embeds.shape[-1])), mask.gather(1, order)
 
 
 def _has(root: nn.Module, path: str) -> bool:

@@ -16,8 +16,8 @@ Files (in the output directory):
     cross keys and values are the first step's throughout)
 - decoder-only LMs:
   - `prefill.onnx`: `visual_tokens`, `input_ids`, `attention_mask` -> the last position's `logits`, the
-    `full_attention_mask`, the `last_position` and `present.self.{layer}.{key|value}` (positions are the mask's
-    running count, as transformers' `generate` numbers them)
+    `full_attention_mask`, the `last_position` and `present.self.{layer}.{key|value}` (each row's padding first,
+    as the backbone batches it, and positions the mask's running count, as transformers' `generate` numbers them)
   - `decoder_with_past.onnx`: `input_ids` [batch, 1], `attention_mask` (the full mask and a 1 per step),
     `position_ids` [batch, 1] (the last position + 1 per step), `past.self.*` -> `logits` and `present.self.*`
 - `tokenizer/` (the LM's tokenizer) and `export.json` (graphs, generation settings, preprocessing, checks)
@@ -48,6 +48,7 @@ from torch import nn
 
 from .. import __version__
 from ..adapters.model import AdaptedModel
+from ..backbones.composed import pads_first
 from ..errors import ConfigError, ExportError
 from ..io import write_json
 from .base import Check
@@ -114,7 +115,7 @@ class PrefillGraph(nn.Module):
 
     def forward(self, visual_tokens, input_ids, attention_mask):
         dynamic, _ = _caches()
-        embeds, mask = lm_inputs(self.bb.model, visual_tokens, input_ids, attention_mask)
+        embeds, mask = pads_first(*lm_inputs(self.bb.model, visual_tokens, input_ids, attention_mask))
         positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
         out = self.bb.model.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=dynamic(),
                                use_cache=True, return_dict=True)
@@ -366,6 +367,8 @@ def _reference(backbone, batch: dict[str, torch.Tensor]) -> dict[str, np.ndarray
         vis = bb.visual_tokens(batch["pixel_values"])
         embeds, mask = bb._inputs(batch["pixel_values"], list(PROMPTS))
         out = {"visual_tokens": vis.numpy()}
+        if not bb.seq2seq:  # as `generate` batches a decoder-only LM
+            embeds, mask = pads_first(embeds, mask)
         if bb.seq2seq:
             hidden = lm.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
             out["encoder_hidden_states"] = hidden.numpy()
