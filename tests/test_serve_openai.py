@@ -309,3 +309,11 @@ def test_a_lone_request_does_not_wait_for_company():
         assert [f.result(5)["n"] for f in futures] == [3, 3, 3]
     finally:
         engine.close(5)
+
+
+def test_list_and_url_flags_are_checked(capsys):
+    from cli_helpers import cli
+
+    for flag, value in (("--max-inputs", "0"), ("--max-texts", "0"), ("--url-timeout", "0")):
+        code, _, err = cli(["serve", "--backbone", SPEC, flag, value, "--port", "0"], capsys)
+        assert code == 2 and flag in err and err.count("\n") == 1, err
