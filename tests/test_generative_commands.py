@@ -268,10 +268,15 @@ def test_a_route_composition_is_refused_on_a_generative_backbone(vl, capsys, tmp
     assert code == 2 and "--mode route trains a router on dual-encoder embeddings" in err, err
 
 
-def test_a_decoder_only_backbone_answers_a_batch_as_each_example_alone(vl):
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_a_decoder_only_backbone_answers_and_scores_a_batch_as_each_example_alone(vl, kind):
     torch.manual_seed(5)
-    bb = vlkit.load(f"vl:lm={make_lm('llama', vl['root'])},vision=tiny@random").backbone
+    bb = vlkit.load(f"vl:lm={make_lm(kind, vl['root'])},vision=tiny@random").backbone
     px = bb.preprocess_batch([Image.open(vl["image"])] * 2)
+    targets = ["yes", "a red circle"]
     with torch.no_grad():
         both = bb.generate(px, PROMPTS, max_new_tokens=6)  # prompts of different lengths: padding in the batch
         assert both == [bb.generate(px[i:i + 1], [p], max_new_tokens=6)[0] for i, p in enumerate(PROMPTS)]
+        scores = bb.sequence_logprob(px, PROMPTS, targets)
+        alone = torch.cat([bb.sequence_logprob(px[i:i + 1], [PROMPTS[i]], [targets[i]]) for i in range(2)])
+        assert torch.allclose(scores, alone, atol=1e-4)

@@ -239,9 +239,11 @@ class ComposedVLBackbone(GenerativeBackbone):
                              return_tensors="pt", add_special_tokens=False)
         ids, tmask = enc["input_ids"].to(pixels.device), enc["attention_mask"].to(pixels.device)
         temb = self.model.lm.get_input_embeddings()(ids)
+        embeds, mask = pads_first(embeds, mask)  # the target follows its own prompt, as for the example alone
         full = torch.cat([embeds, temb], dim=1)
         fmask = torch.cat([mask, tmask], dim=1)
-        logits = self.model.lm(inputs_embeds=full, attention_mask=fmask).logits
+        positions = (fmask.long().cumsum(-1) - 1).clamp(min=0)
+        logits = self.model.lm(inputs_embeds=full, attention_mask=fmask, position_ids=positions).logits
         n = ids.shape[1]
         return logits[:, -n - 1:-1], ids.masked_fill(tmask == 0, -100)
 
