@@ -27,13 +27,14 @@ def vl(tmp_path_factory):
     m = vlkit.load(spec)
     m.add_adapter("lo", "lora", rank=4, modules="all", towers="all")
     m.add_adapter("bn", "bottleneck", towers="lm")
+    m.add_adapter("pt", "prompt-tuning", num_tokens=3)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for name in ("lo", "bn"):
+        for name in ("lo", "bn", "pt"):
             for t in m.adapter_parameters(name).values():
                 if t.is_floating_point():
                     t.add_(0.3 * torch.randn(t.shape, generator=g))
-    dirs = {n: m.save_adapter(root / n, n) for n in ("lo", "bn")}
+    dirs = {n: m.save_adapter(root / n, n) for n in ("lo", "bn", "pt")}
     img = root / "x.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(img)
     return {"spec": spec, "root": root, "image": img, **dirs}
@@ -139,7 +140,7 @@ def gen_app(vl):
 
     from vlkit.serve import ServeConfig, create_app
 
-    app = create_app(ServeConfig(backbone=vl["spec"], adapters=[f"lo={vl['lo']}", f"bn={vl['bn']}"],
+    app = create_app(ServeConfig(backbone=vl["spec"], adapters=[f"lo={vl['lo']}", f"bn={vl['bn']}", f"pt={vl['pt']}"],
                                  max_batch=8, max_wait_ms=300))
     with TestClient(app) as client:
         yield app, client
@@ -167,13 +168,15 @@ def test_serve_batches_generation_for_different_adapters_routed_per_sample(vl, g
 
     app, _ = gen_app
     service = app.state.vlkit.service
-    asks = [("lo", PROMPTS[0]), ("bn", PROMPTS[1]), (None, PROMPTS[0]), ("lo", PROMPTS[1]), ("bn", PROMPTS[0])]
+    # lo, bn and the frozen backbone routed per sample in one generation; pt (prompt tuning: a longer input) apart
+    asks = [("lo", PROMPTS[0]), ("bn", PROMPTS[1]), (None, PROMPTS[0]), ("pt", PROMPTS[1]), ("lo", PROMPTS[1]),
+            ("bn", PROMPTS[0])]
     before = dict(service.engine.stats.batch_sizes)
     items = [build_generate_item(service.backend, service.config, GenerateBody(
         adapter=a, image=_b64(vl["image"]), prompt=p, max_new_tokens=6)) for a, p in asks]
     futures = [service.engine.submit(it) for it in items]
     got = [f.result(timeout=120) for f in futures]
-    assert service.engine.stats.batch_sizes.get(5, 0) == before.get(5, 0) + 1  # one batch of all five
+    assert service.engine.stats.batch_sizes.get(6, 0) == before.get(6, 0) + 1  # one batch of all six
     for (a, p), res in zip(asks, got):
         assert res == {"text": _generate(vl, [a] if a else [], [a] if a else [], [p])[0], "adapter": a or "none"}
     assert len({res["text"] for res in got}) > 1
