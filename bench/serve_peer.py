@@ -323,7 +323,7 @@ def report(res: dict, why: str | None, seconds: float, threads: int, device: str
     print("|---|---:|---:|")
     if i is not None:
         agree = {k: cosines(v["probe"][k], i["probe"][k]) for k in v["probe"]}
-        print(f"| agreement, cosine (texts up to 16 tokens; images) | min {min(agree['text-short']):.5f}; "
+        print(f"| agreement, cosine (texts within 20 tokens; images) | min {min(agree['text-short']):.5f}; "
               f"min {min(agree['image']):.5f} | >= 0.999 |")
         print(f"| texts of 30 and 60 words (Infinity cuts CLIP text at 20 tokens) | cosine "
               f"{', '.join(f'{x:.3f}' for x in agree['text-long'])} | (vlkit keeps 77) |")
