@@ -3,6 +3,7 @@
 Freeze a CLIP-style backbone, inject small adapters into its vision and text towers, train, compose,
 probe and export them. Heavy modules (torch) load lazily so `import vlkit` and `vlkit --help` stay fast.
 """
+
 from __future__ import annotations
 
 __version__ = "0.1.0"

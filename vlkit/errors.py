@@ -1,4 +1,5 @@
 """Typed errors raised by the vlkit API; the CLI maps each to a one-line message and exit code 2."""
+
 from __future__ import annotations
 
 
@@ -31,7 +32,7 @@ def _from_worker(cls: type, message: str) -> tuple[str, str | None]:
     for name in (f"{cls.__module__}.{cls.__qualname__}: ", f"{cls.__qualname__}: "):
         at = tail.rfind("\n" + name)
         if at >= 0:
-            return tail[at + 1 + len(name):].strip(), message
+            return tail[at + 1 + len(name) :].strip(), message
     return tail.splitlines()[-1].strip(), message
 
 

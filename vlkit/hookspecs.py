@@ -1,4 +1,5 @@
 """Plugin hook specifications. Every hook takes a `register` callback: register(name, obj, summary="", **meta)."""
+
 from __future__ import annotations
 
 import pluggy

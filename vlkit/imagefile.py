@@ -15,6 +15,7 @@ What decoding applies, once per file:
 - the pixel limit: `max_pixels` when given (`vlkit serve --max-pixels`), and always PIL's decompression-bomb
   limit (`Image.MAX_IMAGE_PIXELS`, twice of which is refused before decoding).
 """
+
 from __future__ import annotations
 
 import io
@@ -65,14 +66,16 @@ def open_image(source: bytes | bytearray | memoryview | str | os.PathLike, *, ma
         im = Image.open(io.BytesIO(data))
         w, h = im.size
         if max_pixels is not None and w * h > int(max_pixels):
-            raise ImageDecodeError(f"{label}the image is {w}x{h} = {w * h:,} pixels, over the limit of "
-                                   f"{int(max_pixels):,}", too_large=True)
+            raise ImageDecodeError(
+                f"{label}the image is {w}x{h} = {w * h:,} pixels, over the limit of {int(max_pixels):,}", too_large=True
+            )
         im.load()
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(f"{label}the image is over PIL's decompression-bomb limit ({_one_line(exc)})",
-                               too_large=True) from None
+        raise ImageDecodeError(
+            f"{label}the image is over PIL's decompression-bomb limit ({_one_line(exc)})", too_large=True
+        ) from None
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ... on bad bytes
         from PIL import UnidentifiedImageError
 

@@ -1,4 +1,5 @@
 """Atomic file writes: write to a temporary file in the same directory, fsync, then rename over the target."""
+
 from __future__ import annotations
 
 import json
@@ -64,13 +65,13 @@ def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> 
 
     blob = save(tensors, metadata=metadata)
     (n,) = struct.unpack("<Q", blob[:8])
-    header = json.loads(blob[8:8 + n])
+    header = json.loads(blob[8 : 8 + n])
     meta = header.pop("__metadata__", None)
     ordered = {"__metadata__": dict(sorted(meta.items()))} if meta else {}
     ordered.update(sorted(header.items()))
     text = json.dumps(ordered, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # safetensors pads the header to 8 bytes with spaces
-    return struct.pack("<Q", len(text)) + text + blob[8 + n:]
+    return struct.pack("<Q", len(text)) + text + blob[8 + n :]
 
 
 def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:

@@ -11,6 +11,7 @@ A plugin declares its options as a dataclass (an adapter variant's `config_cls`,
 CLI's generated flags (`vlkit inject --adapter lora --help`), `vlkit plugins --json` and the docs use. A field
 may give its help as `field(metadata={"help": ...})` instead of a docstring.
 """
+
 from __future__ import annotations
 
 import ast
@@ -36,14 +37,16 @@ class OptionSpec:
 
     def to_dict(self) -> dict[str, Any]:
         default = self.default if _jsonable(self.default) else repr(self.default)
-        return {"name": self.name, "type": self.type, "default": default, "help": self.help,
-                "required": self.required}
+        return {"name": self.name, "type": self.type, "default": default, "help": self.help, "required": self.required}
 
 
 def _jsonable(value: Any) -> bool:
-    return value is None or isinstance(value, (bool, int, float, str)) or (
-        isinstance(value, (list, tuple)) and all(_jsonable(v) for v in value)) or (
-        isinstance(value, dict) and all(isinstance(k, str) and _jsonable(v) for k, v in value.items()))
+    return (
+        value is None
+        or isinstance(value, (bool, int, float, str))
+        or (isinstance(value, (list, tuple)) and all(_jsonable(v) for v in value))
+        or (isinstance(value, dict) and all(isinstance(k, str) and _jsonable(v) for k, v in value.items()))
+    )
 
 
 def attribute_docs(cls: type) -> dict[str, str]:
@@ -60,9 +63,13 @@ def attribute_docs(cls: type) -> dict[str, str]:
         tree = ast.parse(src)
         body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
         for stmt, nxt in zip(body, body[1:]):
-            if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
-                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                    and isinstance(nxt.value.value, str)):
+            if (
+                isinstance(stmt, ast.AnnAssign)
+                and isinstance(stmt.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
                 docs[stmt.target.id] = " ".join(nxt.value.value.split())
     return docs
 
@@ -114,8 +121,9 @@ def parse_flag_args(args: list[str], specs: list[OptionSpec], what: str) -> dict
         key, eq, value = arg[2:].partition("=")
         spec = by_flag.get(key.replace("_", "-"))
         if spec is None:
-            raise ConfigError(f"unknown option --{key} for {what}; its options: "
-                              + ", ".join(f"--{f}" for f in by_flag))
+            raise ConfigError(
+                f"unknown option --{key} for {what}; its options: " + ", ".join(f"--{f}" for f in by_flag)
+            )
         if not eq:
             if spec.type == "bool" and (i + 1 >= len(args) or args[i + 1].startswith("--")):
                 value = "true"

@@ -13,6 +13,7 @@
   directory is removed and the target is untouched;
 - `carry` names entries of the old target (a run's `checkpoints/`) moved into the new one after the exchange.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -84,9 +85,17 @@ def _fsync_dir(path: Path) -> None:
 class OutputTarget:
     """One command's output directory, written whole (see the module docstring)."""
 
-    def __init__(self, target: str | os.PathLike, *, overwrite: bool = False, resume: bool = False,
-                 inputs: Iterable[str | os.PathLike | None] = (), carry: Iterable[str] = (),
-                 what: str = "output directory", hint: str = "pass --overwrite to replace it"):
+    def __init__(
+        self,
+        target: str | os.PathLike,
+        *,
+        overwrite: bool = False,
+        resume: bool = False,
+        inputs: Iterable[str | os.PathLike | None] = (),
+        carry: Iterable[str] = (),
+        what: str = "output directory",
+        hint: str = "pass --overwrite to replace it",
+    ):
         self.target = Path(target).expanduser()
         self.overwrite = overwrite
         self.resume = resume
@@ -105,12 +114,14 @@ class OutputTarget:
             raise OutputError(f"{self.what} {t} is an existing file, not a directory")
         holder = self.holder()
         if holder is not None:
-            raise OutputError(f"{self.what} {t} is being written by another vlkit process "
-                              f"(PID {holder}; lock {self.lock_path})")
+            raise OutputError(
+                f"{self.what} {t} is being written by another vlkit process (PID {holder}; lock {self.lock_path})"
+            )
         for p in self.inputs:
             if p.exists() and _same_or_nested(t, p):
-                raise OutputError(f"{self.what} {t} is one of this command's inputs ({p}); "
-                                  "write the result to a new directory")
+                raise OutputError(
+                    f"{self.what} {t} is one of this command's inputs ({p}); write the result to a new directory"
+                )
         if t.is_dir() and any(t.iterdir()) and not (self.overwrite or self.resume):
             raise OutputError(f"{self.what} {t} is not empty", hint=self.hint or None)
 
@@ -139,8 +150,10 @@ class OutputTarget:
                 except (OSError, ValueError, IndexError):
                     holder = -1
                 if holder != os.getpid() and _pid_alive(holder):
-                    raise OutputError(f"{self.what} {self.target} is being written by another vlkit process "
-                                      f"(PID {holder}; lock {lock})") from None
+                    raise OutputError(
+                        f"{self.what} {self.target} is being written by another vlkit process "
+                        f"(PID {holder}; lock {lock})"
+                    ) from None
                 lock.unlink(missing_ok=True)  # its writer is gone
                 continue
             with os.fdopen(fd, "w") as fh:
@@ -160,7 +173,7 @@ class OutputTarget:
         prefix = f".{self.target.name}{STAGING_TAG}"
         for p in self.target.parent.glob(prefix + "*"):
             try:
-                pid = int(p.name[len(prefix):])
+                pid = int(p.name[len(prefix) :])
             except ValueError:
                 continue
             if not _pid_alive(pid) or pid == os.getpid():

@@ -3,6 +3,7 @@
 Only entry points of installed distributions load (never a path or module name from a file). A name in
 VLKIT_PLUGINS that is not installed gives a one-line warning, or a PluginError with VLKIT_PLUGINS_STRICT=1.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -92,8 +93,10 @@ class PluginSystem:
         missing = sorted((allowed or set()) - {ep.name for ep in eps})
         if missing:
             installed = sorted({ep.name for ep in eps})
-            msg = (f"VLKIT_PLUGINS names {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
-                   f"not installed (installed plugins: {', '.join(installed) or 'none'})")
+            msg = (
+                f"VLKIT_PLUGINS names {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
+                f"not installed (installed plugins: {', '.join(installed) or 'none'})"
+            )
             if os.environ.get("VLKIT_PLUGINS_STRICT", "") not in ("", "0"):
                 raise PluginError(msg)
             self.warnings.append(msg)
@@ -141,8 +144,10 @@ class PluginSystem:
         return self.registries[kind]
 
     def plugin_infos(self) -> list[PluginInfo]:
-        infos = {name: PluginInfo(name, self.versions.get(name, "?"), name in self.builtin)
-                 for name, _ in self.pm.list_name_plugin()}
+        infos = {
+            name: PluginInfo(name, self.versions.get(name, "?"), name in self.builtin)
+            for name, _ in self.pm.list_name_plugin()
+        }
         for kind, reg in self.registries.items():
             for entry in reg:
                 infos.setdefault(entry.plugin, PluginInfo(entry.plugin, "?", False))

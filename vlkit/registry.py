@@ -1,5 +1,6 @@
 """Name registries for every plugin kind (backbones, adapter variants, tasks, datasets, probes, exporters,
 training methods)."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator

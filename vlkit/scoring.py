@@ -6,6 +6,7 @@ exposes `joint_scores`, and `pair_scores` routes through it. Each pair's score d
 pair, never on the other members of the batch. A generative backbone scores a pair as VQAScore does
 (`answer_scores`): the probability that it answers "Yes" to whether the image shows the text.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -22,14 +23,16 @@ def uses_joint_scoring(backbone) -> bool:
 
 @torch.no_grad()
 def embed_images(backbone, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    return torch.cat([backbone.encode_image(pixels[i:i + batch_size], normalize=True)
-                      for i in range(0, len(pixels), batch_size)])
+    return torch.cat(
+        [backbone.encode_image(pixels[i : i + batch_size], normalize=True) for i in range(0, len(pixels), batch_size)]
+    )
 
 
 @torch.no_grad()
 def embed_texts(backbone, tokens: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    return torch.cat([backbone.encode_text(tokens[i:i + batch_size], normalize=True)
-                      for i in range(0, len(tokens), batch_size)])
+    return torch.cat(
+        [backbone.encode_text(tokens[i : i + batch_size], normalize=True) for i in range(0, len(tokens), batch_size)]
+    )
 
 
 def pair_scores(backbone, pixels: torch.Tensor, tokens: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
@@ -55,13 +58,24 @@ VQASCORE_ANSWER = "Yes"
 
 
 @torch.no_grad()
-def answer_scores(backbone, pixels: torch.Tensor, texts: list[str], batch_size: int = 64, *,
-                  question: str = VQASCORE_QUESTION, answer: str = VQASCORE_ANSWER) -> torch.Tensor:
+def answer_scores(
+    backbone,
+    pixels: torch.Tensor,
+    texts: list[str],
+    batch_size: int = 64,
+    *,
+    question: str = VQASCORE_QUESTION,
+    answer: str = VQASCORE_ANSWER,
+) -> torch.Tensor:
     """Score of text i with image i on a generative backbone, as VQAScore (Lin et al. 2024) scores it: the
     probability of `answer` ("Yes") to `question` about the text: a (n,) vector in [0, 1]."""
     prompts = [question.format(t) for t in texts]
-    return torch.cat([backbone.answer_probability(pixels[i:i + batch_size], prompts[i:i + batch_size], answer)
-                      for i in range(0, len(prompts), batch_size)])
+    return torch.cat(
+        [
+            backbone.answer_probability(pixels[i : i + batch_size], prompts[i : i + batch_size], answer)
+            for i in range(0, len(prompts), batch_size)
+        ]
+    )
 
 
 def is_generative(backbone) -> bool:
@@ -89,8 +103,9 @@ def rerank_matrix(dual: torch.Tensor, joint_fn, k: int, dim: int = 1) -> torch.T
     return out
 
 
-def two_stage_scores(backbone, pixels: torch.Tensor, tokens: torch.Tensor, k: int = 10,
-                     batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def two_stage_scores(
+    backbone, pixels: torch.Tensor, tokens: torch.Tensor, k: int = 10, batch_size: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(text->image, image->text) score matrices: dual-encoder top-k, then joint re-ranking of the k.
 
     With no joint adapter active both are the dual-encoder matrix. Cost stays linear in the gallery.

@@ -1,4 +1,5 @@
 """The adapter-variant interface: a variant says how to wrap one site; the core does the rest."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -297,8 +298,14 @@ class AdapterVariant(ABC, Generic[ConfigT]):
         Default: `dropout` (training-only) for every method."""
         return ("dropout",)
 
-    def merge(self, method: str, configs: list[dict[str, Any]], tensors: list[dict[str, Any]],
-              weights: list[float], options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    def merge(
+        self,
+        method: str,
+        configs: list[dict[str, Any]],
+        tensors: list[dict[str, Any]],
+        weights: list[float],
+        options: dict[str, Any],
+    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
         """Merge adapters of this variant with one of `merge_methods`.
 
         `configs`: each source's variant config (the `config` of adapter_config.json, a dict);
@@ -307,5 +314,7 @@ class AdapterVariant(ABC, Generic[ConfigT]):
         None). One source is allowed. Return (merged tensors with the same keys a layer of the returned
         config loads, the merged variant config, info): `info` is recorded in the merged adapter's
         `composition` (e.g. an error measure or the rank chosen)."""
-        raise ConfigError(f"adapter variant {self.name!r} has no merge method {method!r}; "
-                          f"its methods: {', '.join(self.merge_methods) or 'the elementwise ones only'}")
+        raise ConfigError(
+            f"adapter variant {self.name!r} has no merge method {method!r}; "
+            f"its methods: {', '.join(self.merge_methods) or 'the elementwise ones only'}"
+        )

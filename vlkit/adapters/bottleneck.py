@@ -8,6 +8,7 @@ token sequence entering its first block (patch or token embeddings): where the i
 from pre-training (medical scans, say) it remaps the low-level features every block reads. At init
 each of these is still the identity.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace

@@ -1,4 +1,5 @@
 """Built-in adapter variants, registered through the same hook as third-party plugins."""
+
 from __future__ import annotations
 
 from ..hookspecs import hookimpl
@@ -19,8 +20,19 @@ def register_adapters(register):
     from .vera import VeraVariant
     from .vpt import VptVariant
 
-    for variant in (BottleneckVariant(), LoraVariant(), CrossModalVariant(), VptVariant(), CoopVariant(),
-                    MapleVariant(), ClipAdapterVariant(), TipAdapterVariant(), TipAdapterFVariant(), DoraVariant(),
-                    VeraVariant(), PromptVariant()):
+    for variant in (
+        BottleneckVariant(),
+        LoraVariant(),
+        CrossModalVariant(),
+        VptVariant(),
+        CoopVariant(),
+        MapleVariant(),
+        ClipAdapterVariant(),
+        TipAdapterVariant(),
+        TipAdapterFVariant(),
+        DoraVariant(),
+        VeraVariant(),
+        PromptVariant(),
+    ):
         register(variant.name, variant, variant.summary)
     register(PeftVariant.name, PeftVariant(), PeftVariant.summary)  # the PEFT bridge (vlkit.adapters.peft_bridge)

@@ -11,6 +11,7 @@ so that a fresh adapter leaves the model unchanged (W₂ = 0) and still trains (
 Options: `ratio` (α, default 0.2), `reduction` (4), `towers` (`both` default, `vision` — the paper's image
 adapter — or `text`). Cannot merge into the weights (a non-linear MLP); stacks and merges elementwise.
 """
+
 from __future__ import annotations
 
 import math

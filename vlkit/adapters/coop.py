@@ -24,6 +24,7 @@ end-of-text pooling are those of the frozen model.
 Text tower only (`towers: text`; `both` means text). Not mergeable (tokens are not a weight update); two CoOp
 adapters cannot be stacked or run in parallel (both replace the same context: only one could act).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -88,8 +89,8 @@ def word_tokens(backbone, text: str) -> tuple[int, list[int]]:
     if start is None:
         raise ConfigError(f"the tokenizer of {backbone.spec} gives no tokens for {text!r}")
     for k in range(1, n - start + 1):
-        if full[start + k:] == empty[start:n - k]:
-            return start, full[start:start + k]
+        if full[start + k :] == empty[start : n - k]:
+            return start, full[start : start + k]
     raise ConfigError(f"cannot find the tokens of {text!r} in its tokenization (truncated by the context length?)")
 
 
@@ -100,8 +101,15 @@ class CoopContext(nn.Module):
     class_table: torch.Tensor | None
     class_lengths: torch.Tensor
 
-    def __init__(self, base: nn.Embedding, context_ids: list[int], start: int, class_ids: list[list[int]] | None,
-                 init: str, std: float):
+    def __init__(
+        self,
+        base: nn.Embedding,
+        context_ids: list[int],
+        start: int,
+        class_ids: list[list[int]] | None,
+        init: str,
+        std: float,
+    ):
         super().__init__()
         ids = torch.tensor(context_ids, dtype=torch.long)
         emb = base.weight.detach().float()[ids]
@@ -114,7 +122,7 @@ class CoopContext(nn.Module):
             width = max(len(c) for c in class_ids)
             table = torch.full((len(class_ids), width), -1, dtype=torch.long)
             for i, c in enumerate(class_ids):
-                table[i, :len(c)] = torch.tensor(c, dtype=torch.long)
+                table[i, : len(c)] = torch.tensor(c, dtype=torch.long)
             self.register_buffer("class_table", table, persistent=False)
             self.register_buffer("class_lengths", torch.tensor([len(c) for c in class_ids]), persistent=False)
         else:
@@ -126,11 +134,11 @@ class CoopContext(nn.Module):
         table = self.class_table
         assert table is not None, "class_of needs a class-specific context"
         width = table.shape[1]
-        after = ids[:, self.start + m:self.start + m + width]
+        after = ids[:, self.start + m : self.start + m + width]
         if after.shape[1] < width:
             after = torch.cat([after, after.new_full((after.shape[0], width - after.shape[1]), -2)], dim=1)
-        want = table.unsqueeze(0)                                   # (1, C, W)
-        ok = ((after.unsqueeze(1) == want) | (want < 0)).all(dim=-1)          # (B, C)
+        want = table.unsqueeze(0)  # (1, C, W)
+        ok = ((after.unsqueeze(1) == want) | (want < 0)).all(dim=-1)  # (B, C)
         score = torch.where(ok, self.class_lengths.unsqueeze(0), torch.full_like(ok, -1, dtype=torch.long))
         best, which = score.max(dim=1)
         return torch.where(best > 0, which, torch.full_like(which, -1))
@@ -138,18 +146,18 @@ class CoopContext(nn.Module):
     def forward(self, ids, y, weight, bias=None):
         m = self.context.shape[1]
         s = self.start
-        window = ids[:, s:s + m]
+        window = ids[:, s : s + m]
         if window.shape[1] < m:
             return y
-        match = (window == self.context_ids.unsqueeze(0)).all(dim=1)           # (B,)
+        match = (window == self.context_ids.unsqueeze(0)).all(dim=1)  # (B,)
         if self.class_table is not None:
             which = self.class_of(ids)
             match = match & (which >= 0)
-            ctx = self.context[which.clamp(min=0)]                             # (B, M, D)
+            ctx = self.context[which.clamp(min=0)]  # (B, M, D)
         else:
             ctx = self.context.expand(ids.shape[0], -1, -1)
         delta = (ctx.to(y.dtype) - weight[self.context_ids].to(y.dtype).unsqueeze(0)) * match.to(y.dtype)[:, None, None]
-        return torch.cat([y[:, :s], y[:, s:s + m] + delta, y[:, s + m:]], dim=1)
+        return torch.cat([y[:, :s], y[:, s : s + m] + delta, y[:, s + m :]], dim=1)
 
 
 def task_prompt_prefix(task) -> str | None:
@@ -178,14 +186,17 @@ class CoopVariant(AdapterVariant[CoopConfig]):
             init = opts.get("init_prompt")
             if init in (None, "none", "null"):
                 if not prefix:
-                    raise ConfigError(f"coop learns the class prompt's context words, and the prompt "
-                                      f"{task.prompt!r} has none before '{{}}'",
-                                      hint="set task.options.prompt, e.g. 'a photo of a {}'")
+                    raise ConfigError(
+                        f"coop learns the class prompt's context words, and the prompt "
+                        f"{task.prompt!r} has none before '{{}}'",
+                        hint="set task.options.prompt, e.g. 'a photo of a {}'",
+                    )
                 opts["init_prompt"] = prefix
             elif not " ".join(prefix.lower().split()).startswith(" ".join(str(init).lower().split())):
-                raise ConfigError(f"coop's init_prompt {init!r} must begin the class prompt {task.prompt!r}",
-                                  hint=f"leave init_prompt unset (it becomes {prefix!r}) or set "
-                                       f"task.options.prompt='{init} {{}}'")
+                raise ConfigError(
+                    f"coop's init_prompt {init!r} must begin the class prompt {task.prompt!r}",
+                    hint=f"leave init_prompt unset (it becomes {prefix!r}) or set task.options.prompt='{init} {{}}'",
+                )
         names = getattr(task, "class_names", None)
         if str(opts.get("class_specific", False)).lower() in ("true", "1", "yes", "on") and not opts.get("class_names"):
             if not names:
@@ -197,8 +208,10 @@ class CoopVariant(AdapterVariant[CoopConfig]):
         prompt = config.init_prompt or DEFAULT_INIT_PROMPT
         start, ids = word_tokens(backbone, prompt)
         if config.context_ids is not None and (list(config.context_ids) != ids or config.context_start != start):
-            raise ConfigError(f"coop's saved context_ids {config.context_ids} are not the tokens of {prompt!r} "
-                              f"under {backbone.spec}'s tokenizer ({ids})")
+            raise ConfigError(
+                f"coop's saved context_ids {config.context_ids} are not the tokens of {prompt!r} "
+                f"under {backbone.spec}'s tokenizer ({ids})"
+            )
         config.init_prompt = prompt
         config.context_ids, config.context_start = ids, start
         if config.class_specific:
@@ -209,8 +222,14 @@ class CoopVariant(AdapterVariant[CoopConfig]):
 
     def create_layer(self, site, config: CoopConfig, base=None) -> nn.Module:
         assert config.context_ids is not None and config.context_start is not None, "set by prepare_config"
-        return CoopContext(base, config.context_ids, config.context_start,
-                           config.class_ids if config.class_specific else None, config.init, config.init_std)
+        return CoopContext(
+            base,
+            config.context_ids,
+            config.context_start,
+            config.class_ids if config.class_specific else None,
+            config.init,
+            config.init_std,
+        )
 
     def describe_state(self, config: dict[str, Any], tensors: dict[str, torch.Tensor]):
         ctx = next((t for k, t in tensors.items() if k.endswith(".context")), None)

@@ -11,6 +11,7 @@ Joint passes run twice: a recording pass stores each fused site's input tokens, 
 the other tower's recorded tokens (see `Backbone.encode_pair`). Towers of different depth are paired by
 relative depth; the pairing is saved in the adapter config.
 """
+
 from __future__ import annotations
 
 import math
@@ -85,8 +86,9 @@ class CrossModalLayer(nn.Module):
 
     per_sample = False  # reads the other tower's batch-aligned states: routed on the whole batch
 
-    def __init__(self, tower: str, layer: int, role: str, width: int, ctx_layer: int, hidden: int,
-                 config: CrossModalConfig):
+    def __init__(
+        self, tower: str, layer: int, role: str, width: int, ctx_layer: int, hidden: int, config: CrossModalConfig
+    ):
         super().__init__()
         self.tower, self.layer, self.role, self.ctx_layer = tower, layer, role, ctx_layer
         self.other = "text" if tower == "vision" else "vision"
@@ -174,8 +176,9 @@ class CrossModalVariant(AdapterVariant[CrossModalConfig]):
             ctx_layer = _text_for_vision(pairing)[site.layer]
         else:
             ctx_layer = _vision_for_text(pairing, txt_layers)[site.layer]
-        return CrossModalLayer(site.tower, site.layer, site.role, site.out_features, ctx_layer,
-                           self.hidden_for(config), config)
+        return CrossModalLayer(
+            site.tower, site.layer, site.role, site.out_features, ctx_layer, self.hidden_for(config), config
+        )
 
     def hidden_for(self, config: CrossModalConfig) -> int:
         """One bottleneck size for both towers, so each tower's hidden tokens can meet the other's."""

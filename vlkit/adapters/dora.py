@@ -13,6 +13,7 @@ common `towers` / `layers` / `targets` / `exclude`. Sharing: `half_shared_down` 
 `half_shared_up` ties `lora_B`, `shared` both (the magnitude stays per task). Adapter merges: `linear` only (a
 magnitude is an absolute row norm, not a task vector).
 """
+
 from __future__ import annotations
 
 import math

@@ -7,6 +7,7 @@ This module reads and checks the files (format, version, fingerprint, finite ten
 read. Writing and loading onto a backbone are the owner's (`AdaptedModel.save_adapter` / `load_adapter`), which
 checks every tensor's name and shape before anything is copied.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,10 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT = "vlkit.adapter"
 FORMAT_VERSION = 1
 # the file names are PEFT's, the schema is not: say so in the file itself
-FORMAT_NOTE = ("a vlkit adapter: PEFT's file names, vlkit's own schema (adapter_config.json is not a PEFT "
-               "config); load it with vlkit.load_adapter")
+FORMAT_NOTE = (
+    "a vlkit adapter: PEFT's file names, vlkit's own schema (adapter_config.json is not a PEFT "
+    "config); load it with vlkit.load_adapter"
+)
 
 
 def read_adapter_config(path: str | Path) -> dict[str, Any]:
@@ -40,8 +43,10 @@ def read_adapter_config(path: str | Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterFileError(f"{cfg_file} is not valid JSON: {exc}") from None
     if isinstance(cfg, dict) and "peft_type" in cfg and "format" not in cfg:
-        raise AdapterFileError(f"{cfg_file} is a PEFT adapter config (peft_type {cfg['peft_type']}); "
-                               "vlkit.load_adapter(backbone, dir) reads PEFT LoRA directories onto an hf: backbone")
+        raise AdapterFileError(
+            f"{cfg_file} is a PEFT adapter config (peft_type {cfg['peft_type']}); "
+            "vlkit.load_adapter(backbone, dir) reads PEFT LoRA directories onto an hf: backbone"
+        )
     if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
         fmt = cfg.get("format") if isinstance(cfg, dict) else None
         raise AdapterFileError(f"{cfg_file} is not a vlkit adapter config (format {fmt!r})")
@@ -62,8 +67,9 @@ def check_finite(tensors: dict[str, torch.Tensor], file: str | Path) -> None:
     """Refuse (AdapterFileError naming `file`) floating-point tensors that hold NaN or inf values."""
     bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all())
     if bad:
-        raise AdapterFileError(f"{file} holds NaN or inf values in {len(bad)} tensor(s), e.g. {bad[0]}; "
-                               "refused (retrain or re-export it)")
+        raise AdapterFileError(
+            f"{file} holds NaN or inf values in {len(bad)} tensor(s), e.g. {bad[0]}; refused (retrain or re-export it)"
+        )
 
 
 def read_tensor_file(file: str | Path) -> dict[str, torch.Tensor]:
@@ -92,4 +98,5 @@ def check_compatible(backbone, cfg: dict[str, Any], source: str) -> None:
         raise IncompatibleAdapterError(
             f"adapter {source} was made for backbone {cfg.get('backbone')!r} (fingerprint "
             f"{cfg['backbone_fingerprint']}), but this backbone is {backbone.spec!r} "
-            f"(fingerprint {backbone.fingerprint()})")
+            f"(fingerprint {backbone.fingerprint()})"
+        )

@@ -1,4 +1,5 @@
 """Look inside a saved adapter without a backbone: config, parameter counts, and fusion gate values."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,9 +27,16 @@ def inspect_adapter(path: str | Path) -> dict[str, Any]:
         if g is None:
             continue
         val = torch.tanh(g.float())
-        gates.append({"tower": site["tower"], "layer": site["layer"], "role": site["role"],
-                      "gate": float(val.mean()), "gate_abs": float(val.abs().mean()),
-                      "channels": int(val.numel())})
+        gates.append(
+            {
+                "tower": site["tower"],
+                "layer": site["layer"],
+                "role": site["role"],
+                "gate": float(val.mean()),
+                "gate_abs": float(val.abs().mean()),
+                "channels": int(val.numel()),
+            }
+        )
     gates.sort(key=lambda r: (r["tower"], r["layer"], r["role"]))
     return {
         **_state(cfg, weights),
@@ -55,19 +63,27 @@ def _state(cfg: dict[str, Any], weights: dict[str, torch.Tensor]) -> dict[str, A
     groups: dict[str, list[torch.Tensor]] = {}
     for key, t in weights.items():
         site = next((p for p in paths if key.startswith(p + ".")), None)
-        part = "base::" + key.split("::", 1)[1].rsplit(".", 1)[-1] if key.startswith("base::") else (
-            key[len(site) + 1:] if site else key.rsplit(".", 1)[-1])
+        part = (
+            "base::" + key.split("::", 1)[1].rsplit(".", 1)[-1]
+            if key.startswith("base::")
+            else (key[len(site) + 1 :] if site else key.rsplit(".", 1)[-1])
+        )
         groups.setdefault(part, []).append(t)
     state = []
     for part, ts in sorted(groups.items()):
         flat = torch.cat([t.detach().float().reshape(-1) for t in ts]) if ts else torch.zeros(0)
-        state.append({"tensor": part, "tensors": len(ts), "shape": list(ts[0].shape),
-                      "elements": int(flat.numel()),
-                      "mean_abs": float(flat.abs().mean()) if flat.numel() else 0.0,
-                      "rms": float(flat.pow(2).mean().sqrt()) if flat.numel() else 0.0})
+        state.append(
+            {
+                "tensor": part,
+                "tensors": len(ts),
+                "shape": list(ts[0].shape),
+                "elements": int(flat.numel()),
+                "mean_abs": float(flat.abs().mean()) if flat.numel() else 0.0,
+                "rms": float(flat.pow(2).mean().sqrt()) if flat.numel() else 0.0,
+            }
+        )
     summary: list[list[str]] = []
     try:
-
         reg = registry("adapter")
         var = reg.get(cfg["variant"]) if cfg.get("variant") in reg else None
     except Exception:  # an uninstalled plugin's adapter is still inspectable
@@ -83,7 +99,6 @@ def plot_gates(info: dict[str, Any], path: str | Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
 
     gates = info["gates"]
     towers = sorted({g["tower"] for g in gates})

@@ -1,4 +1,5 @@
 """LoRA: a low-rank update B·A added to linear projections, including those inside nn.MultiheadAttention."""
+
 from __future__ import annotations
 
 import math
@@ -73,8 +74,10 @@ def _scaling(config: dict) -> float:
 
 def lora_delta(configs, tensors, weights, site: str) -> torch.Tensor:
     """Σ w_i s_i B_i A_i at `site` (float64), s_i = alpha_i / rank_i."""
-    return sum(w * _scaling(c) * (t[f"{site}.lora_B"].double() @ t[f"{site}.lora_A"].double())
-               for c, t, w in zip(configs, tensors, weights))
+    return sum(
+        w * _scaling(c) * (t[f"{site}.lora_B"].double() @ t[f"{site}.lora_A"].double())
+        for c, t, w in zip(configs, tensors, weights)
+    )
 
 
 class LoraVariant(AdapterVariant[LoraConfig]):
@@ -113,8 +116,9 @@ class LoraVariant(AdapterVariant[LoraConfig]):
             r_new = sum(int(c["rank"]) for c in configs)
             for s in sites:
                 out[f"{s}.lora_A"] = torch.cat([t[f"{s}.lora_A"] for t in tensors], 0).to(dtype)
-                out[f"{s}.lora_B"] = torch.cat([(w * _scaling(c)) * t[f"{s}.lora_B"].double()
-                                                for c, t, w in zip(configs, tensors, weights)], 1).to(dtype)
+                out[f"{s}.lora_B"] = torch.cat(
+                    [(w * _scaling(c)) * t[f"{s}.lora_B"].double() for c, t, w in zip(configs, tensors, weights)], 1
+                ).to(dtype)
             config.update(rank=r_new, alpha=float(r_new))
             return out, config, info
         rank = options.get("rank")
@@ -133,7 +137,7 @@ class LoraVariant(AdapterVariant[LoraConfig]):
             a[:k] = root.unsqueeze(1) * vh[:k]
             out[f"{s}.lora_A"], out[f"{s}.lora_B"] = a.to(dtype), b.to(dtype)
             err_num += float((sv[k:] ** 2).sum())
-            err_den += float((sv ** 2).sum())
+            err_den += float((sv**2).sum())
         config.update(rank=r, alpha=float(r))
         info["rank"] = r
         info["svd_relative_error"] = math.sqrt(err_num / err_den) if err_den > 0 else 0.0

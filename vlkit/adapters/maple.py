@@ -13,6 +13,7 @@ required (`towers: both`) and the same blocks in each. Not the identity at init 
 attention softmax: `identity_at_init = False`, as for `vpt`); not mergeable; prompt adapters cannot be routed,
 fused or weighted (the sequence hosts say so).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -82,12 +83,15 @@ class MapleVariant(AdapterVariant[MapleConfig]):
     def prepare_config(self, backbone, config: MapleConfig, sites) -> MapleConfig:
         by_tower = {t: sorted(s.layer for s in sites if s.tower == t) for t in ("vision", "text")}
         if by_tower["vision"] != by_tower["text"]:
-            raise ConfigError(f"maple needs prompt sites at the same blocks of both towers; vision has "
-                              f"{by_tower['vision']}, text {by_tower['text']}")
+            raise ConfigError(
+                f"maple needs prompt sites at the same blocks of both towers; vision has "
+                f"{by_tower['vision']}, text {by_tower['text']}"
+            )
         widths = {s.layer: s.in_features for s in sites if s.tower == "text"}
         # one text prompt per block, shared by that block's two layers (not a config field: not saved here)
-        config.__dict__["_prompts"] = {j: nn.Parameter(torch.randn(config.num_tokens, w) * config.init_std)
-                                       for j, w in widths.items()}
+        config.__dict__["_prompts"] = {
+            j: nn.Parameter(torch.randn(config.num_tokens, w) * config.init_std) for j, w in widths.items()
+        }
         return config
 
     def create_layer(self, site, config: MapleConfig, base=None) -> nn.Module:

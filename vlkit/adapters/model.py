@@ -14,6 +14,7 @@ One backbone has one owner: `AdaptedModel.of(backbone)` returns it (creating it 
 handed a bare backbone reaches the same adapter state as the code that loaded it. Attributes the owner does not
 define (encoders, tokenizer, preprocessing, blocks) are the backbone's.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -155,8 +156,9 @@ class AdaptedModel:
         return self.backbone(*args, **kw)
 
     def __repr__(self) -> str:
-        return (f"AdaptedModel({self.backbone.spec!r}, adapters={list(self.records)}, "
-                f"active={list(self.active_adapters)})")
+        return (
+            f"AdaptedModel({self.backbone.spec!r}, adapters={list(self.records)}, active={list(self.active_adapters)})"
+        )
 
     # --- what is loaded and active -------------------------------------------------------------------------
     @property
@@ -191,8 +193,15 @@ class AdaptedModel:
             self._tracking.remove(added)
 
     # --- injection -----------------------------------------------------------------------------------------
-    def add_adapter(self, name: str = "default", variant: str = "bottleneck", *, trainable: bool = True,
-                    activate: bool = True, **options: Any) -> AdapterHandle:
+    def add_adapter(
+        self,
+        name: str = "default",
+        variant: str = "bottleneck",
+        *,
+        trainable: bool = True,
+        activate: bool = True,
+        **options: Any,
+    ) -> AdapterHandle:
         """Freeze the backbone and add adapter `name` of `variant`. Options are the variant's config fields
         (towers, layers, targets, exclude and the variant's own, e.g. reduction or rank)."""
         check_adapter_name(name)
@@ -262,8 +271,13 @@ class AdaptedModel:
             st.clear_route()
 
     # --- activation ----------------------------------------------------------------------------------------
-    def set_adapter(self, *names: str | Sequence[str] | None, mode: str = "stack",
-                    weights: Sequence[float] | None = None, fusion: str | None = None) -> None:
+    def set_adapter(
+        self,
+        *names: str | Sequence[str] | None,
+        mode: str = "stack",
+        weights: Sequence[float] | None = None,
+        fusion: str | None = None,
+    ) -> None:
         """Activate loaded adapters (none: the frozen backbone). Switching copies nothing.
 
         `set_adapter("a")`, `set_adapter("a", "b")` or `set_adapter(["a", "b"])`. Modes: "stack" (each on the
@@ -284,8 +298,9 @@ class AdaptedModel:
                 reason = reg.get(v).composition_limits.get(mode) if v in reg else None
                 if reason and variants.count(v) > 1:
                     raise ConfigError(f"{v} adapters cannot be activated together in mode {mode!r}: {reason}")
-        self.state.activate(flat, self.records, mode=mode, weights=None if weights is None else list(weights),
-                            fusion=fusion)
+        self.state.activate(
+            flat, self.records, mode=mode, weights=None if weights is None else list(weights), fusion=fusion
+        )
 
     def disable_adapters(self) -> None:
         """The frozen backbone's forward (adapters stay loaded)."""
@@ -303,8 +318,9 @@ class AdaptedModel:
             st.clear_groups()
 
     @contextlib.contextmanager
-    def activated(self, *names: str, mode: str = "stack", weights: Sequence[float] | None = None,
-                  fusion: str | None = None) -> Iterator[AdaptedModel]:
+    def activated(
+        self, *names: str, mode: str = "stack", weights: Sequence[float] | None = None, fusion: str | None = None
+    ) -> Iterator[AdaptedModel]:
         """Within the block, `names` are active; afterwards what was active before is again."""
         with self.preserved():
             self.set_adapter(*names, mode=mode, weights=weights, fusion=fusion)
@@ -335,8 +351,10 @@ class AdaptedModel:
         record = self.adapter(name).record
         var = registry("adapter").get(record.variant)
         if type(var).merged_weight is AdapterVariant.merged_weight:
-            raise InjectionError(f"adapter variant {record.variant!r} cannot be merged into the weights "
-                                 f"({var.summary or 'it is not a weight update'})")
+            raise InjectionError(
+                f"adapter variant {record.variant!r} cannot be merged into the weights "
+                f"({var.summary or 'it is not a weight update'})"
+            )
         return record, var
 
     def merge_adapter(self, name: str) -> None:
@@ -384,16 +402,19 @@ class AdaptedModel:
         st = self.state
         names = tuple(names) or tuple(st.active)
         if st.route is not None or st.mode != "stack" or st.fusion or any(w != 1.0 for w in st.weights.values()):
-            raise InjectionError("merge_and_unload folds plainly stacked adapters; this backbone is set to "
-                                 f"{'per-sample routing' if st.route is not None else st.mode}")
+            raise InjectionError(
+                "merge_and_unload folds plainly stacked adapters; this backbone is set to "
+                f"{'per-sample routing' if st.route is not None else st.mode}"
+            )
         for name in names:
             if name not in self.records:
                 raise ConfigError(f"no adapter named {name!r} on this backbone")
             record = self.records[name]
             var = registry("adapter").get(record.variant)
             if type(var).merged_weight is AdapterVariant.merged_weight or any(s.kind != "linear" for s in record.sites):
-                raise InjectionError(f"adapter {name!r} ({record.variant}) cannot be merged into the weights; "
-                                     "nothing was merged")
+                raise InjectionError(
+                    f"adapter {name!r} ({record.variant}) cannot be merged into the weights; nothing was merged"
+                )
         for name in names:
             record = self.records[name]
             var = registry("adapter").get(record.variant)
@@ -458,8 +479,9 @@ class AdaptedModel:
             cfg.update(extra)
         return cfg
 
-    def save_adapter(self, path: str | Path, name: str = "default", *, task: dict | None = None,
-                     extra: dict | None = None) -> Path:
+    def save_adapter(
+        self, path: str | Path, name: str = "default", *, task: dict | None = None, extra: dict | None = None
+    ) -> Path:
         """Write adapter `name` to directory `path` (safetensors + adapter_config.json); returns the directory."""
         self.adapter(name)
         path = Path(path)
@@ -467,14 +489,17 @@ class AdaptedModel:
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.adapter_parameters(name).items()}
         bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all())
         if bad:
-            raise ConfigError(f"adapter {name!r} holds NaN or inf values in {len(bad)} tensor(s), e.g. {bad[0]} "
-                              "(training diverged?); nothing was written")
+            raise ConfigError(
+                f"adapter {name!r} holds NaN or inf values in {len(bad)} tensor(s), e.g. {bad[0]} "
+                "(training diverged?); nothing was written"
+            )
         save_safetensors(tensors, path / WEIGHTS_NAME, metadata={"format": "pt", "vlkit_adapter": name})
         write_json(path / CONFIG_NAME, self.adapter_config(name, task, extra))
         return path
 
-    def load_adapter(self, path: str | Path, name: str | None = None, *, activate: bool = True,
-                     trainable: bool = False) -> AdapterHandle:
+    def load_adapter(
+        self, path: str | Path, name: str | None = None, *, activate: bool = True, trainable: bool = False
+    ) -> AdapterHandle:
         """Load an adapter directory under `name` (default: its saved name); several load side by side.
 
         A PEFT LoRA directory (`PeftModel.save_pretrained`, adapter_config.json with `peft_type`) loads too, as
@@ -507,12 +532,13 @@ class AdaptedModel:
             if missing or unexpected:
                 raise IncompatibleAdapterError(
                     f"adapter {path} does not fit: {len(missing)} tensors missing (e.g. {missing[:2]}), "
-                    f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+                    f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})"
+                )
             for key, t in expected.items():
                 if tuple(weights[key].shape) != tuple(t.shape):
                     raise IncompatibleAdapterError(
-                        f"adapter {path}: tensor {key} has shape {tuple(weights[key].shape)}, "
-                        f"expected {tuple(t.shape)}")
+                        f"adapter {path}: tensor {key} has shape {tuple(weights[key].shape)}, expected {tuple(t.shape)}"
+                    )
             with torch.no_grad():
                 for key, t in expected.items():
                     t.copy_(weights[key].to(dtype=t.dtype, device=t.device))

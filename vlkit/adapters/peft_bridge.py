@@ -32,6 +32,7 @@ writes them under PEFT's own names.
   every tuner, `task_arithmetic` / `ties` assume tensors whose neutral value is zero (LoRA's factors), so they
   are refused in one line for a DoRA magnitude (`use_dora`) or an (IA)^3 scale (`merge_limit`).
 """
+
 from __future__ import annotations
 
 import copy
@@ -50,14 +51,34 @@ from .base import AdapterConfig, AdapterVariant
 ADAPTER_NAME = "default"
 LINEAR_ROLES = ("attn.q", "attn.k", "attn.v", "attn.out", "mlp.fc1", "mlp.fc2")
 # transformers' projection names -> vlkit roles, so one PEFT config targets the same projections everywhere
-NAME_ROLES = {"q_proj": "attn.q", "k_proj": "attn.k", "v_proj": "attn.v", "out_proj": "attn.out",
-              "o_proj": "attn.out", "fc1": "mlp.fc1", "fc2": "mlp.fc2", "c_fc": "mlp.fc1", "c_proj": "mlp.fc2"}
+NAME_ROLES = {
+    "q_proj": "attn.q",
+    "k_proj": "attn.k",
+    "v_proj": "attn.v",
+    "out_proj": "attn.out",
+    "o_proj": "attn.out",
+    "fc1": "mlp.fc1",
+    "fc2": "mlp.fc2",
+    "c_fc": "mlp.fc1",
+    "c_proj": "mlp.fc2",
+}
 _PART_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "out": "out_proj"}
 DEFAULT_TARGETS = ["q_proj", "v_proj"]
 # options of PEFT configs that vlkit handles itself or cannot honour: key -> None (dropped) or the reason
-_HANDLED = ("target_modules", "layers_to_transform", "layers_pattern", "exclude_modules", "rank_pattern",
-            "alpha_pattern", "feedforward_modules", "task_type", "base_model_name_or_path", "revision",
-            "inference_mode", "peft_type")
+_HANDLED = (
+    "target_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "exclude_modules",
+    "rank_pattern",
+    "alpha_pattern",
+    "feedforward_modules",
+    "task_type",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "peft_type",
+)
 _BAD_INIT = ("pissa", "olora", "loftq", "eva", "corda", "orthogonal")
 
 
@@ -106,8 +127,9 @@ def _as_list(value) -> list[str] | None:
 
 @dataclass
 class PeftBridgeConfig(AdapterConfig):
-    config: dict[str, Any] = field(default_factory=lambda: {"peft_type": "LORA", "r": 8, "lora_alpha": 16,
-                                                            "target_modules": list(DEFAULT_TARGETS)})
+    config: dict[str, Any] = field(
+        default_factory=lambda: {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": list(DEFAULT_TARGETS)}
+    )
     """PEFT's config as an object (or JSON): peft_type (LORA, LOHA, LOKR, IA3, OFT, ...) and that tuner's
     options (r, lora_alpha, use_dora, target_modules, ...); prompt-learning types and modules_to_save are
     refused."""
@@ -129,12 +151,16 @@ class PeftBridgeConfig(AdapterConfig):
         if cfg.get("modules_to_save"):
             raise ConfigError("peft config: modules_to_save is not supported; vlkit trains the task head itself")
         if str(cfg.get("bias", "none")) != "none" or cfg.get("lora_bias"):
-            raise ConfigError("peft config: a trained base bias (bias / lora_bias) is not supported; adapters "
-                              "keep the backbone frozen")
+            raise ConfigError(
+                "peft config: a trained base bias (bias / lora_bias) is not supported; adapters "
+                "keep the backbone frozen"
+            )
         init = cfg.get("init_lora_weights", True)
         if isinstance(init, str) and init.lower().split("_")[0] in _BAD_INIT:
-            raise ConfigError(f"peft config: init_lora_weights={init!r} rewrites the base weights or needs data; "
-                              "use true, false or 'gaussian'")
+            raise ConfigError(
+                f"peft config: init_lora_weights={init!r} rewrites the base weights or needs data; "
+                "use true, false or 'gaussian'"
+            )
         if cfg.get("layers_pattern") and not cfg.get("layers_to_transform"):
             raise ConfigError("peft config: layers_pattern needs layers_to_transform (or use vlkit's `layers`)")
         if cfg.get("layers_to_transform") is not None and self.layers is None:
@@ -143,15 +169,18 @@ class PeftBridgeConfig(AdapterConfig):
         peft_config_class(cfg["peft_type"])  # an unknown peft_type is a ConfigError here
         probe = _peft_config(cfg, feedforward=False)
         if probe.is_prompt_learning:
-            raise ConfigError(f"peft_type {cfg['peft_type']} is a prompt-learning method, not a tuner of layers; "
-                              "vlkit's coop, vpt and maple variants learn prompts")
+            raise ConfigError(
+                f"peft_type {cfg['peft_type']} is a prompt-learning method, not a tuner of layers; "
+                "vlkit's coop, vpt and maple variants learn prompts"
+            )
         try:  # one throw-away layer: PEFT says now (not half-way through injection) if it cannot wrap a linear
             _make_tuner(cfg, torch.zeros(4, 4), None, feedforward=False)
         except ConfigError:
             raise
         except Exception as exc:
-            raise ConfigError(f"peft_type {cfg['peft_type']} cannot wrap a linear projection here: "
-                              f"{type(exc).__name__}: {exc}") from None
+            raise ConfigError(
+                f"peft_type {cfg['peft_type']} cannot wrap a linear projection here: {type(exc).__name__}: {exc}"
+            ) from None
 
 
 def _peft_config(cfg: dict[str, Any], feedforward: bool, r=None, alpha=None):
@@ -314,5 +343,6 @@ class PeftVariant(AdapterVariant[PeftBridgeConfig]):
                 tuner.merge(safe_merge=True, adapter_names=[ADAPTER_NAME])
         except Exception as exc:
             raise InjectionError(
-                f"PEFT cannot merge this tuner into the weights: {type(exc).__name__}: {exc}") from None
+                f"PEFT cannot merge this tuner into the weights: {type(exc).__name__}: {exc}"
+            ) from None
         return proxy.weight.detach(), (None if bias is None else proxy.bias.detach())

@@ -17,6 +17,7 @@ open_clip and tiny backbones keep their q/k/v projections inside nn.MultiheadAtt
 address as modules of their own: their adapters cannot be written in PEFT's format (vlkit's own directory
 format carries them).
 """
+
 from __future__ import annotations
 
 import json
@@ -51,8 +52,9 @@ def is_peft_dir(path: str | Path) -> bool:
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     wfile = path / WEIGHTS_NAME
     if not wfile.is_file():
-        raise AdapterFileError(f"{path} has no {WEIGHTS_NAME} (PEFT's .bin pickles are not read; "
-                               "save with safe_serialization=True)")
+        raise AdapterFileError(
+            f"{path} has no {WEIGHTS_NAME} (PEFT's .bin pickles are not read; save with safe_serialization=True)"
+        )
     return read_tensor_file(wfile)
 
 
@@ -105,20 +107,26 @@ def read_peft_dir(backbone, path: str | Path) -> tuple[dict[str, Any], dict[str,
         raise AdapterFileError(f"{path / CONFIG_NAME} is not a JSON object")
     ptype = str(peft_cfg.get("peft_type")).upper()
     if ptype != "LORA":
-        raise AdapterFileError(f"{path} is a PEFT {ptype} adapter; vlkit reads PEFT LoRA directories (DoRA "
-                               "included); train other tuners in vlkit with adapter.variant=peft")
+        raise AdapterFileError(
+            f"{path} is a PEFT {ptype} adapter; vlkit reads PEFT LoRA directories (DoRA "
+            "included); train other tuners in vlkit with adapter.variant=peft"
+        )
     if peft_cfg.get("modules_to_save") or peft_cfg.get("lora_bias") or peft_cfg.get("bias", "none") != "none":
-        raise AdapterFileError(f"{path}: modules_to_save / trained biases change base weights; vlkit adapters "
-                               "keep the backbone frozen and cannot load them")
+        raise AdapterFileError(
+            f"{path}: modules_to_save / trained biases change base weights; vlkit adapters "
+            "keep the backbone frozen and cannot load them"
+        )
     check_peft_config(path, peft_cfg)
     raw = _read_weights(path)
     sites: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in raw.items():
-        k = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        k = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
         part = next((p for p in LORA_PARTS if k.endswith("." + p)), None)
         if part is None:
-            raise IncompatibleAdapterError(f"{path}: tensor {key} is not a LoRA tensor (lora_A / lora_B / "
-                                           "lora_magnitude_vector); vlkit cannot load it")
+            raise IncompatibleAdapterError(
+                f"{path}: tensor {key} is not a LoRA tensor (lora_A / lora_B / "
+                "lora_magnitude_vector); vlkit cannot load it"
+            )
         sites.setdefault(k[: -len(part) - 1], {})[part] = t
     if not sites:
         raise AdapterFileError(f"{path}: {WEIGHTS_NAME} holds no tensors")
@@ -127,8 +135,9 @@ def read_peft_dir(backbone, path: str | Path) -> tuple[dict[str, Any], dict[str,
     if unknown:
         raise IncompatibleAdapterError(
             f"PEFT adapter {path} targets {len(unknown)} module(s) this backbone ({backbone.spec}) has no "
-            f"projection at, e.g. {unknown[0]}", hint="PEFT directories load onto the transformers model they were "
-                                                     "made for (hf:<that model>)")
+            f"projection at, e.g. {unknown[0]}",
+            hint="PEFT directories load onto the transformers model they were made for (hf:<that model>)",
+        )
     paths = [p for p in linear if p in sites]  # the backbone's order
     r, alpha = int(peft_cfg.get("r", 8)), float(peft_cfg.get("lora_alpha", 8))
     dora = bool(peft_cfg.get("use_dora"))
@@ -137,8 +146,17 @@ def read_peft_dir(backbone, path: str | Path) -> tuple[dict[str, Any], dict[str,
         if "lora_A.weight" not in sites[p] or "lora_B.weight" not in sites[p]:
             raise IncompatibleAdapterError(f"{path}: module {p} lacks lora_A or lora_B")
     if dora or patterns:
-        keep = ("r", "lora_alpha", "lora_dropout", "use_dora", "use_rslora", "rank_pattern", "alpha_pattern",
-                "fan_in_fan_out", "init_lora_weights")
+        keep = (
+            "r",
+            "lora_alpha",
+            "lora_dropout",
+            "use_dora",
+            "use_rslora",
+            "rank_pattern",
+            "alpha_pattern",
+            "fan_in_fan_out",
+            "init_lora_weights",
+        )
         bridge = {"peft_type": "LORA", **{k: peft_cfg[k] for k in keep if k in peft_cfg and peft_cfg[k] is not None}}
         bridge["init_lora_weights"] = True
         bridge["target_modules"] = paths
@@ -155,15 +173,22 @@ def read_peft_dir(backbone, path: str | Path) -> tuple[dict[str, Any], dict[str,
     else:
         if peft_cfg.get("use_rslora"):
             alpha = alpha * math.sqrt(r)  # rsLoRA scales by alpha/√r; vlkit's LoRA by alpha/rank
-        config = {"rank": r, "alpha": alpha, "dropout": float(peft_cfg.get("lora_dropout") or 0.0),
-                  "targets": paths}
+        config = {"rank": r, "alpha": alpha, "dropout": float(peft_cfg.get("lora_dropout") or 0.0), "targets": paths}
         variant = "lora"
         weights = {}
         for p in paths:
             weights[f"{p}.lora_A"] = sites[p]["lora_A.weight"]
             weights[f"{p}.lora_B"] = sites[p]["lora_B.weight"]
-    cfg = {"format": "peft", "variant": variant, "config": config, "name": "default",
-           "backbone": base if isinstance(base := peft_cfg.get("base_model_name_or_path"), str) and base
-           else backbone.spec,
-           "backbone_fingerprint": backbone.fingerprint(), "task": {}, "peft_config": peft_cfg}
+    cfg = {
+        "format": "peft",
+        "variant": variant,
+        "config": config,
+        "name": "default",
+        "backbone": base
+        if isinstance(base := peft_cfg.get("base_model_name_or_path"), str) and base
+        else backbone.spec,
+        "backbone_fingerprint": backbone.fingerprint(),
+        "task": {},
+        "peft_config": peft_cfg,
+    }
     return cfg, weights

@@ -5,6 +5,7 @@ backbone's language-model input, before the visual tokens and the prompt (the si
 Not the identity at init: the prepended tokens join every attention softmax (`identity_at_init = False`). Not
 mergeable: tokens are not a weight update.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -55,8 +56,10 @@ class PromptVariant(AdapterVariant[PromptConfig]):
     default_roles = ("prefix",)
     kinds = ("prefix",)
     identity_at_init = False
-    composition_limits = {"parallel": "prompt tokens change the sequence length; they stack, not add",
-                          "merge": "prompt tokens are not a weight update"}
+    composition_limits = {
+        "parallel": "prompt tokens change the sequence length; they stack, not add",
+        "merge": "prompt tokens are not a weight update",
+    }
 
     def create_layer(self, site, config: PromptConfig, base=None) -> nn.Module:
         return PrefixTokens(config.num_tokens, site.in_features, config.init_std)

@@ -1,8 +1,9 @@
 """Parameter counts, with the one definition of "trainable %" used everywhere (inject, train, adapt):
 
-    trainable % = 100 * trainable parameters / every parameter of the model being run
-                  (backbone + adapters + AdapterFusion layers + task heads, each tensor counted once).
+trainable % = 100 * trainable parameters / every parameter of the model being run
+              (backbone + adapters + AdapterFusion layers + task heads, each tensor counted once).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -31,8 +32,13 @@ def parameter_counts(backbone, heads=(), trainable=None) -> dict[str, Any]:
             adapters.setdefault(id(p), p)
     n_adapter = sum(p.numel() for p in adapters.values())
     n_head = sum(p.numel() for h in heads for p in h.parameters())
-    return {"trainable": n_trainable, "backbone": n_backbone, "adapter": n_adapter, "head": n_head,
-            "trainable_percent": trainable_percent(n_trainable, n_backbone + n_adapter + n_head)}
+    return {
+        "trainable": n_trainable,
+        "backbone": n_backbone,
+        "adapter": n_adapter,
+        "head": n_head,
+        "trainable_percent": trainable_percent(n_trainable, n_backbone + n_adapter + n_head),
+    }
 
 
 def _tower_of(name: str, prefixes: dict[str, tuple[str, ...]]) -> str:
@@ -48,7 +54,8 @@ def parameter_report(backbone, records: dict[str, Any]) -> dict[str, Any]:
     prefixes = backbone.tower_prefixes()
     towers: dict[str, dict[str, int]] = {}
     adapters: dict[str, dict[str, Any]] = {
-        n: {"variant": r.variant, "parameters": 0, "sites": len(r.sites)} for n, r in records.items()}
+        n: {"variant": r.variant, "parameters": 0, "sites": len(r.sites)} for n, r in records.items()
+    }
     total = trainable = base_total = 0
     for name, p in backbone.model.named_parameters():
         n = p.numel()

@@ -1,5 +1,6 @@
 """Injection mechanics: match a variant's sites on a backbone, wrap their modules in hosts, and describe what an
 adapter targets (`InjectionRecord`). The adapter state itself has one owner, `vlkit.adapters.model.AdaptedModel`."""
+
 from __future__ import annotations
 
 import re
@@ -42,8 +43,12 @@ def _matches(pattern: str, site: Site, exact_paths: frozenset[str] = frozenset()
         return bool(rx.search(site.path) or rx.fullmatch(site.role))
     if pattern in exact_paths:
         return pattern == site.path
-    return (pattern == site.role or pattern == site.path or site.path.endswith("." + pattern)
-            or site.path.endswith("#" + pattern))
+    return (
+        pattern == site.role
+        or pattern == site.path
+        or site.path.endswith("." + pattern)
+        or site.path.endswith("#" + pattern)
+    )
 
 
 def _towers(backbone, choice: str) -> tuple[str, ...]:
@@ -65,8 +70,10 @@ def select_sites(backbone, variant, config) -> list[Site]:
     for tower in _towers(backbone, config.towers):
         blocks = backbone.blocks(tower)
         if not blocks:
-            raise InjectionError(f"the {tower} tower of {backbone.spec} has no transformer blocks to adapt",
-                                 hint="choose --towers text or vision")
+            raise InjectionError(
+                f"the {tower} tower of {backbone.spec} has no transformer blocks to adapt",
+                hint="choose --towers text or vision",
+            )
         n = len(blocks)
         wanted = None
         if config.layers is not None:
@@ -92,7 +99,7 @@ def select_sites(backbone, variant, config) -> list[Site]:
         raise InjectionError(
             f"no site matched targets {patterns} for variant {variant.name!r} on {backbone.spec}",
             hint=f"roles here: {', '.join(sorted(available_roles))}; "
-                 f"{variant.name} wraps {'/'.join(variant.kinds)} sites",
+            f"{variant.name} wraps {'/'.join(variant.kinds)} sites",
         )
     return chosen
 
@@ -143,8 +150,11 @@ def site_weights(host: AdapterHost, site: Site):
 
 def unwrap_empty_hosts(backbone) -> None:
     """Put each host's base module back where no adapter or fusion is left on it (deepest first)."""
-    hosts = [(_logical_path(backbone.model, path), m) for path, m in backbone.model.named_modules()
-             if isinstance(m, AdapterHost)]
+    hosts = [
+        (_logical_path(backbone.model, path), m)
+        for path, m in backbone.model.named_modules()
+        if isinstance(m, AdapterHost)
+    ]
     for path, host in sorted(hosts, key=lambda pm: -pm[0].count(".")):
         if len(host.adapters) == 0 and len(host.fusions) == 0:
             set_module(backbone.model, path, host.base)

@@ -41,6 +41,7 @@ validation accuracy of the pick and of the default.
 Composition: stacks with other adapters; cannot be merged into the weights, and two caches cannot be merged
 elementwise (their keys are different examples).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -80,7 +81,8 @@ class TipAdapterConfig(AdapterConfig):
             self.towers = "vision"
         if self.towers != "vision":
             raise ConfigError(
-                f"the Tip-Adapter cache acts on the image features: towers must be vision, got {self.towers!r}")
+                f"the Tip-Adapter cache acts on the image features: towers must be vision, got {self.towers!r}"
+            )
         if self.cache_size < 1:
             raise ConfigError(f"cache_size must be >= 1, got {self.cache_size}")
         if self.num_classes < 1:
@@ -130,8 +132,9 @@ class TipAdapterVariant(AdapterVariant[TipAdapterConfig]):
     default_roles = ("proj",)
     training_free = True
     trainable_keys = False
-    composition_limits = {"merge": "Tip-Adapter caches hold different examples; build one cache from the union of "
-                                   "the data instead"}
+    composition_limits = {
+        "merge": "Tip-Adapter caches hold different examples; build one cache from the union of the data instead"
+    }
 
     def create_layer(self, site, config: TipAdapterConfig, base=None) -> nn.Module:
         return TipCache(site.out_features, config, self.trainable_keys)
@@ -156,11 +159,17 @@ class TipAdapterVariant(AdapterVariant[TipAdapterConfig]):
             n = len(train_data)
         except TypeError:
             raise ConfigError(
-                f"{self.name} builds its cache from a map-style training set; this one is streaming") from None
+                f"{self.name} builds its cache from a map-style training set; this one is streaming"
+            ) from None
         if n < 1:
             raise DataError(f"{self.name}: the training set is empty")
-        return {**options, "cache_size": n, "num_classes": len(names), "class_names": list(names),
-                "logit_scale": float(backbone.logit_scale)}
+        return {
+            **options,
+            "cache_size": n,
+            "num_classes": len(names),
+            "class_names": list(names),
+            "logit_scale": float(backbone.logit_scale),
+        }
 
     def init_from_data(self, backbone, name: str, task, train_data) -> None:
         fill_cache(backbone, name, task, task.prepare(backbone, train_data))
@@ -179,7 +188,7 @@ def _features(backbone, pixels, batch_size: int) -> torch.Tensor:
     out = []
     with torch.no_grad():
         for i in range(0, len(pixels), batch_size):
-            chunk = pixels[i:i + batch_size]
+            chunk = pixels[i : i + batch_size]
             chunk = torch.stack(list(chunk)) if not isinstance(chunk, torch.Tensor) else chunk
             out.append(backbone.encode_image(chunk.to(device), normalize=True).float().cpu())
     return torch.cat(out) if out else torch.zeros(0, backbone.embed_dim)
@@ -198,8 +207,10 @@ def fill_cache(backbone, name: str, task, data: dict[str, Any], batch_size: int 
     labels = torch.as_tensor(data["labels"]).long().cpu()
     n, c = layer.keys.shape[0], layer.values.shape[1]
     if len(feats) != n or class_emb.shape[0] != c:
-        raise ConfigError(f"adapter {name!r} has a cache of {n} examples and {c} classes; the data has "
-                          f"{len(feats)} examples and the task {class_emb.shape[0]} classes")
+        raise ConfigError(
+            f"adapter {name!r} has a cache of {n} examples and {c} classes; the data has "
+            f"{len(feats)} examples and the task {class_emb.shape[0]} classes"
+        )
     values = torch.zeros(n, c)
     ok = labels >= 0
     values[ok.nonzero().flatten(), labels[ok]] = 1.0
@@ -218,8 +229,17 @@ def _class_embeddings(backbone, task) -> torch.Tensor:
         return task.class_embeddings(backbone).float().cpu()
 
 
-def search_alpha_beta(backbone, task, train: dict[str, Any], val: dict[str, Any], *, alphas=ALPHAS, betas=BETAS,
-                      default: tuple[float, float] = (1.0, 5.5), batch_size: int = 64) -> dict[str, Any]:
+def search_alpha_beta(
+    backbone,
+    task,
+    train: dict[str, Any],
+    val: dict[str, Any],
+    *,
+    alphas=ALPHAS,
+    betas=BETAS,
+    default: tuple[float, float] = (1.0, 5.5),
+    batch_size: int = 64,
+) -> dict[str, Any]:
     """The (α, β) of `alphas` × `betas` whose Tip-Adapter logits `s f Wᵀ + α exp(−β (1 − f Kᵀ)) L` are most
     accurate on the prepared validation data `val`; the cache is `train` (prepared), features from the backbone
     as it is now. Ties go to the pair nearest `default` (log distance). Returns {"alpha", "beta", "accuracy",
@@ -252,20 +272,29 @@ def search_alpha_beta(backbone, task, train: dict[str, Any], val: dict[str, Any]
     if default not in grid:
         pred = (zero_shot + default[0] * torch.exp(-default[1] * (1 - affinity)) @ onehot).argmax(-1)
         grid[default] = float((pred == target).float().mean()) * 100
-    return {"alpha": best[0], "beta": best[1], "accuracy": grid[best], "default_accuracy": grid[default],
-            "grid": grid}
+    return {"alpha": best[0], "beta": best[1], "accuracy": grid[best], "default_accuracy": grid[default], "grid": grid}
 
 
-def build_tip_adapter(backbone, dataset, *, task=None, class_names: list[str] | None = None,
-                      prompt: str | None = None, alpha: float = 1.0, beta: float = 5.5, name: str = "tip-adapter",
-                      variant: str = "tip-adapter", batch_size: int = 64, out: str | Path | None = None,
-                      val=None):
+def build_tip_adapter(
+    backbone,
+    dataset,
+    *,
+    task=None,
+    class_names: list[str] | None = None,
+    prompt: str | None = None,
+    alpha: float = 1.0,
+    beta: float = 5.5,
+    name: str = "tip-adapter",
+    variant: str = "tip-adapter",
+    batch_size: int = 64,
+    out: str | Path | None = None,
+    val=None,
+):
     """Build a Tip-Adapter cache from few-shot data with no training (see the module docstring)."""
     if variant not in ("tip-adapter", "tip-adapter-f"):
         raise ConfigError(f"variant must be tip-adapter or tip-adapter-f, got {variant!r}")
     prepared = isinstance(dataset, dict)
     if task is None:
-
         ClassificationTask = registry("task").get("classification")
         opts = {k: v for k, v in (("class_names", class_names), ("prompt", prompt)) if v is not None}
         task = ClassificationTask(backbone, None if prepared else dataset, **opts)
@@ -279,12 +308,22 @@ def build_tip_adapter(backbone, dataset, *, task=None, class_names: list[str] | 
     search = None
     if val is not None:
         val_data = val if isinstance(val, dict) else task.prepare(backbone, val)
-        search = search_alpha_beta(backbone, task, data, val_data, default=(float(alpha), float(beta)),
-                                   batch_size=batch_size)
+        search = search_alpha_beta(
+            backbone, task, data, val_data, default=(float(alpha), float(beta)), batch_size=batch_size
+        )
         alpha, beta = search["alpha"], search["beta"]
     model = AdaptedModel.of(backbone)
-    model.add_adapter(name, variant, trainable=variant == "tip-adapter-f", alpha=alpha, beta=beta, cache_size=n,
-                      num_classes=len(names), class_names=names, logit_scale=float(backbone.logit_scale))
+    model.add_adapter(
+        name,
+        variant,
+        trainable=variant == "tip-adapter-f",
+        alpha=alpha,
+        beta=beta,
+        cache_size=n,
+        num_classes=len(names),
+        class_names=names,
+        logit_scale=float(backbone.logit_scale),
+    )
     fill_cache(backbone, name, task, data, batch_size=batch_size)
     record = model.records[name]
     record.task = task.metadata()

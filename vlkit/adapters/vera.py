@@ -16,6 +16,7 @@ Options: `rank` (256), `d_initial` (0.1), `projection_seed` (0), `modules` (LoRA
 between adapters of the same `rank` and `projection_seed` (λ_d scales a shared random projection; it is not a
 task vector whose neutral value is zero).
 """
+
 from __future__ import annotations
 
 import math
@@ -50,7 +51,7 @@ class VeraConfig(AdapterConfig):
             raise ConfigError(f"rank must be >= 1, got {self.rank}")
         if not math.isfinite(self.d_initial):
             raise ConfigError(f"d_initial must be a finite number, got {self.d_initial}")
-        if not 0 <= int(self.projection_seed) < 2 ** 63:
+        if not 0 <= int(self.projection_seed) < 2**63:
             raise ConfigError(f"projection_seed must be in [0, 2**63), got {self.projection_seed}")
         if self.modules not in MODULE_ROLES:
             raise ConfigError(f"modules must be one of {', '.join(MODULE_ROLES)}, got {self.modules!r}")

@@ -11,6 +11,7 @@ Not the identity at init: inserted tokens join every attention softmax, so even 
 outputs (the conformance suite knows this through `identity_at_init = False`). Not mergeable: tokens are not
 a weight update.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -15,6 +15,7 @@ None) of one projection, as views of the module's own parameters (writing into t
 Adapter hosts (vlkit's wrappers) are seen through. `base_for_site` is what `inject` hands a variant's
 `create_layer` as `base`; `LinearView` is that object for a projection that is not a module of its own.
 """
+
 from __future__ import annotations
 
 import torch
@@ -54,8 +55,10 @@ def linear_weights(module: nn.Module, role: str | None = None) -> tuple[torch.Te
         if part == "out":
             return module.out_proj.weight, module.out_proj.bias
         if part not in ("q", "k", "v"):
-            raise InjectionError(f"nn.MultiheadAttention has no projection for role {role!r} "
-                                 f"(roles: {', '.join('attn.' + p for p in ATTN_PARTS)})")
+            raise InjectionError(
+                f"nn.MultiheadAttention has no projection for role {role!r} "
+                f"(roles: {', '.join('attn.' + p for p in ATTN_PARTS)})"
+            )
         i = "qkv".index(part)
         e = module.embed_dim
         rows = slice(i * e, (i + 1) * e)

@@ -1,4 +1,5 @@
 """The Backbone interface every backbone plugin implements, and the description of its injection points."""
+
 from __future__ import annotations
 
 import hashlib
@@ -99,12 +100,10 @@ class Backbone(nn.Module, metaclass=ABCMeta):
 
     # --- encoders -----------------------------------------------------------------------------
     @abstractmethod
-    def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        ...
+    def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor: ...
 
     @abstractmethod
-    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        ...
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor: ...
 
     @abstractmethod
     def encode_image_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,8 +129,7 @@ class Backbone(nn.Module, metaclass=ABCMeta):
 
     # --- inputs -------------------------------------------------------------------------------
     @abstractmethod
-    def tokenize(self, texts: list[str] | str) -> torch.Tensor:
-        ...
+    def tokenize(self, texts: list[str] | str) -> torch.Tensor: ...
 
     @property
     def image_transform(self) -> Callable:
@@ -167,18 +165,15 @@ class Backbone(nn.Module, metaclass=ABCMeta):
 
     @property
     @abstractmethod
-    def embed_dim(self) -> int:
-        ...
+    def embed_dim(self) -> int: ...
 
     @property
     @abstractmethod
-    def logit_scale(self) -> torch.Tensor:
-        ...
+    def logit_scale(self) -> torch.Tensor: ...
 
     # --- structure ----------------------------------------------------------------------------
     @abstractmethod
-    def blocks(self, tower: str) -> list[Block]:
-        ...
+    def blocks(self, tower: str) -> list[Block]: ...
 
     @abstractmethod
     def tower_prefixes(self) -> dict[str, tuple[str, ...]]:
@@ -276,7 +271,7 @@ class Backbone(nn.Module, metaclass=ABCMeta):
     def joint_pair_scores(self, pixels, tokens, batch_size: int = 256) -> torch.Tensor:
         out = []
         for i in range(0, len(pixels), batch_size):
-            img, txt = self.encode_pair(pixels[i:i + batch_size], tokens[i:i + batch_size])
+            img, txt = self.encode_pair(pixels[i : i + batch_size], tokens[i : i + batch_size])
             out.append((img * txt).sum(-1))
         return float(self.logit_scale) * torch.cat(out)
 
@@ -290,8 +285,11 @@ class Backbone(nn.Module, metaclass=ABCMeta):
 
     def base_parameters(self) -> dict[str, nn.Parameter]:
 
-        return {base_param_name(n): p for n, p in self.model.named_parameters()
-                if ".adapters." not in n and ".fusions." not in n}
+        return {
+            base_param_name(n): p
+            for n, p in self.model.named_parameters()
+            if ".adapters." not in n and ".fusions." not in n
+        }
 
 
 def as_triple(value) -> tuple[float, ...]:
@@ -339,8 +337,15 @@ def shortest_edge_transform(size: int, mean, std, interpolation: str = "bicubic"
     from torchvision import transforms as T
 
     mode = T.InterpolationMode(interpolation)
-    return T.Compose([to_rgb, T.Resize(int(size), interpolation=mode), T.CenterCrop(int(size)), T.ToTensor(),
-                      T.Normalize(list(mean), list(std))])
+    return T.Compose(
+        [
+            to_rgb,
+            T.Resize(int(size), interpolation=mode),
+            T.CenterCrop(int(size)),
+            T.ToTensor(),
+            T.Normalize(list(mean), list(std)),
+        ]
+    )
 
 
 def resolve_module(root: nn.Module, path: str) -> nn.Module:

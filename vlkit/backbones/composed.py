@@ -12,6 +12,7 @@ Adapter sites: the vision tower's own, the projector's linear layers, and per LM
 outputs and projections (`LM_LAYOUTS`, architecture as data). A `prefix` site on the LM's input sequence takes
 prompt tuning (variant `prompt-tuning`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -49,12 +50,34 @@ class LMLayout:
 
 
 LM_LAYOUTS: dict[str, LMLayout] = {
-    "t5": LMLayout("encoder.block", "decoder.block", "layer.0.SelfAttention", "q", "k", "v", "o",
-                   "layer.2.DenseReluDense", "wi", "wo", enc_mlp="layer.1.DenseReluDense"),
-    "bart": LMLayout("model.encoder.layers", "model.decoder.layers", "self_attn", "q_proj", "k_proj", "v_proj",
-                     "out_proj", None, "fc1", "fc2"),
-    "llama": LMLayout(None, "model.layers", "self_attn", "q_proj", "k_proj", "v_proj", "o_proj", "mlp", "up_proj",
-                      "down_proj"),
+    "t5": LMLayout(
+        "encoder.block",
+        "decoder.block",
+        "layer.0.SelfAttention",
+        "q",
+        "k",
+        "v",
+        "o",
+        "layer.2.DenseReluDense",
+        "wi",
+        "wo",
+        enc_mlp="layer.1.DenseReluDense",
+    ),
+    "bart": LMLayout(
+        "model.encoder.layers",
+        "model.decoder.layers",
+        "self_attn",
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "out_proj",
+        None,
+        "fc1",
+        "fc2",
+    ),
+    "llama": LMLayout(
+        None, "model.layers", "self_attn", "q_proj", "k_proj", "v_proj", "o_proj", "mlp", "up_proj", "down_proj"
+    ),
     "gpt2": LMLayout(None, "transformer.h", "attn", None, None, None, None, "mlp", None, None),
 }
 for _alias in ("qwen2", "mistral", "smollm3"):
@@ -101,8 +124,10 @@ def parse_vl_spec(spec: str) -> dict[str, str]:
             raise ConfigError(f"backbone spec {spec!r}: unknown part {key!r}; parts: lm, vision, projector")
         parts[key] = value.strip()
     if not parts.get("lm"):
-        raise ConfigError(f"backbone spec {spec!r} names no language model",
-                          hint="vl:lm=/path/to/t5-or-gpt2-dir,vision=tiny,projector=linear")
+        raise ConfigError(
+            f"backbone spec {spec!r} names no language model",
+            hint="vl:lm=/path/to/t5-or-gpt2-dir,vision=tiny,projector=linear",
+        )
     if parts["projector"] not in PROJECTORS:
         raise ConfigError(f"backbone spec {spec!r}: projector must be one of {', '.join(PROJECTORS)}")
     return parts
@@ -118,12 +143,15 @@ def load_lm(src: str):
     except Exception as exc:  # OSError, HTTP and offline errors differ across versions
         if local:
             raise BackboneLoadError(f"{src} is not a transformers model directory: {exc}") from None
-        raise BackboneLoadError(f"could not fetch language model {src!r} from the hub ({type(exc).__name__})",
-                                hint="no hub access? save_pretrained() the model and its tokenizer elsewhere, copy "
-                                     "the directory here, and use vl:lm=/path/to/dir") from None
+        raise BackboneLoadError(
+            f"could not fetch language model {src!r} from the hub ({type(exc).__name__})",
+            hint="no hub access? save_pretrained() the model and its tokenizer elsewhere, copy "
+            "the directory here, and use vl:lm=/path/to/dir",
+        ) from None
     if cfg.model_type not in LM_LAYOUTS:
-        raise BackboneLoadError(f"{src} is a {cfg.model_type!r} model; vl: backbones take "
-                                f"{', '.join(sorted(LM_LAYOUTS))} language models")
+        raise BackboneLoadError(
+            f"{src} is a {cfg.model_type!r} model; vl: backbones take {', '.join(sorted(LM_LAYOUTS))} language models"
+        )
     auto = AutoModelForSeq2SeqLM if cfg.is_encoder_decoder else AutoModelForCausalLM
     try:
         model = auto.from_pretrained(src)
@@ -158,12 +186,16 @@ class ComposedVLBackbone(GenerativeBackbone):
         d = int(lm_config.d_model if hasattr(lm_config, "d_model") else lm_config.hidden_size)
         with torch.random.fork_rng(devices=[]):  # a spec names one model: the projector's init is seeded
             torch.manual_seed(PROJECTOR_SEED)
-            proj: nn.Module = nn.Sequential(nn.Linear(vwidth, d)) if projector == "linear" else nn.Sequential(
-                nn.Linear(vwidth, d), nn.GELU(), nn.Linear(d, d))
+            proj: nn.Module = (
+                nn.Sequential(nn.Linear(vwidth, d))
+                if projector == "linear"
+                else nn.Sequential(nn.Linear(vwidth, d), nn.GELU(), nn.Linear(d, d))
+            )
         self.layout = LM_LAYOUTS[lm_config.model_type]
         self.seq2seq = bool(lm_config.is_encoder_decoder)
-        self.towers = ("vision", "projector", "encoder", "decoder") if self.seq2seq else ("vision", "projector",
-                                                                                          "decoder")
+        self.towers = (
+            ("vision", "projector", "encoder", "decoder") if self.seq2seq else ("vision", "projector", "decoder")
+        )
         self.tower_aliases = {"lm": self.towers[2:], "text": self.towers[2:]}
         super().__init__(ComposedVLModel(vision.model, proj, lm), spec)
         self.__dict__["_vision_backbone"] = vision  # its encoders run `self.model.vision`; not a second submodule
@@ -181,8 +213,9 @@ class ComposedVLBackbone(GenerativeBackbone):
 
     # --- inputs to the LM -------------------------------------------------------------------------------
     def _tokens(self, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-        enc = self.tokenizer(list(texts), padding="longest", truncation=True, max_length=self.max_length,
-                             return_tensors="pt")
+        enc = self.tokenizer(
+            list(texts), padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
         return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -195,8 +228,9 @@ class ComposedVLBackbone(GenerativeBackbone):
     def visual_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, K·N, D): each image's patch tokens through the projector, the K images of an example in a row.
         `pixels` may also be `image_features` output: (B, N, W) or (B, K, N, W)."""
-        is_images = pixels.dim() in (4, 5) and pixels.shape[-3] == 3 and pixels.shape[-1] == pixels.shape[-2] == \
-            self.image_size
+        is_images = (
+            pixels.dim() in (4, 5) and pixels.shape[-3] == 3 and pixels.shape[-1] == pixels.shape[-2] == self.image_size
+        )
         if is_images:
             patches = self.image_features(pixels)
         else:
@@ -222,8 +256,9 @@ class ComposedVLBackbone(GenerativeBackbone):
         return embeds2, mask
 
     def _labels(self, targets: list[str], device) -> torch.Tensor:
-        enc = self.tokenizer(list(targets), padding="longest", truncation=True, max_length=self.max_length,
-                             return_tensors="pt")
+        enc = self.tokenizer(
+            list(targets), padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
         ids = enc["input_ids"].to(device)
         return ids.masked_fill(enc["attention_mask"].to(device) == 0, -100)
 
@@ -235,8 +270,14 @@ class ComposedVLBackbone(GenerativeBackbone):
             out = self.model.lm(inputs_embeds=embeds, attention_mask=mask, labels=labels)
             return out.logits, labels
         tgt = [" " + t + (self.tokenizer.eos_token or "") for t in targets]
-        enc = self.tokenizer(tgt, padding="longest", truncation=True, max_length=self.max_length,
-                             return_tensors="pt", add_special_tokens=False)
+        enc = self.tokenizer(
+            tgt,
+            padding="longest",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+            add_special_tokens=False,
+        )
         ids, tmask = enc["input_ids"].to(pixels.device), enc["attention_mask"].to(pixels.device)
         temb = self.model.lm.get_input_embeddings()(ids)
         embeds, mask = pads_first(embeds, mask)  # the target follows its own prompt, as for the example alone
@@ -245,7 +286,7 @@ class ComposedVLBackbone(GenerativeBackbone):
         positions = (fmask.long().cumsum(-1) - 1).clamp(min=0)
         logits = self.model.lm(inputs_embeds=full, attention_mask=fmask, position_ids=positions).logits
         n = ids.shape[1]
-        return logits[:, -n - 1:-1], ids.masked_fill(tmask == 0, -100)
+        return logits[:, -n - 1 : -1], ids.masked_fill(tmask == 0, -100)
 
     # --- the model calls --------------------------------------------------------------------------------
     def loss(self, pixels, prompts, targets) -> torch.Tensor:
@@ -265,9 +306,16 @@ class ComposedVLBackbone(GenerativeBackbone):
         if not self.seq2seq:
             embeds, mask = pads_first(embeds, mask)
         tok = self.tokenizer
-        out = self.model.lm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=int(max_new_tokens),
-                                     num_beams=int(num_beams), do_sample=False, use_cache=True,
-                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        out = self.model.lm.generate(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            max_new_tokens=int(max_new_tokens),
+            num_beams=int(num_beams),
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
         return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
 
     # --- structure --------------------------------------------------------------------------------------
@@ -301,8 +349,9 @@ class ComposedVLBackbone(GenerativeBackbone):
             for role, attr in (("attn.q", lay.q), ("attn.k", lay.k), ("attn.v", lay.v), ("attn.out", lay.o)):
                 if attr:
                     lin = cast(nn.Linear, resolve_module(self.model, f"{attn}.{attr}"))
-                    b.sites[role] = Site(tower, i, role, f"{attn}.{attr}", f"{attn}.{attr}", "linear",
-                                         lin.in_features, lin.out_features)
+                    b.sites[role] = Site(
+                        tower, i, role, f"{attn}.{attr}", f"{attn}.{attr}", "linear", lin.in_features, lin.out_features
+                    )
             mlp = lay.enc_mlp if (tower == "encoder" and lay.enc_mlp) else lay.mlp
             if mlp:
                 b.sites["mlp"] = Site(tower, i, "mlp", f"{path}.{mlp}", f"{path}.{mlp}", "output", w, w)
@@ -310,8 +359,9 @@ class ComposedVLBackbone(GenerativeBackbone):
             for role, attr in (("mlp.fc1", lay.fc1), ("mlp.fc2", lay.fc2)):
                 if attr and _has(self.model, f"{ff}.{attr}"):
                     lin = cast(nn.Linear, resolve_module(self.model, f"{ff}.{attr}"))
-                    b.sites[role] = Site(tower, i, role, f"{ff}.{attr}", f"{ff}.{attr}", "linear",
-                                         lin.in_features, lin.out_features)
+                    b.sites[role] = Site(
+                        tower, i, role, f"{ff}.{attr}", f"{ff}.{attr}", "linear", lin.in_features, lin.out_features
+                    )
             if i == 0 and tower == self.towers[2]:
                 b.sites[PREFIX_ROLE] = Site(tower, 0, PREFIX_ROLE, "prefix", "prefix", PREFIX_KIND, w, w)
             blocks.append(b)
@@ -320,8 +370,16 @@ class ComposedVLBackbone(GenerativeBackbone):
     def _vision_block(self, block: Block) -> Block:
         b = Block("vision", block.index, f"vision.{block.path}", block.width)
         for key, s in block.sites.items():
-            b.sites[key] = Site("vision", s.layer, s.role, f"vision.{s.path}", f"vision.{s.host_path}", s.kind,
-                                s.in_features, s.out_features)
+            b.sites[key] = Site(
+                "vision",
+                s.layer,
+                s.role,
+                f"vision.{s.path}",
+                f"vision.{s.host_path}",
+                s.kind,
+                s.in_features,
+                s.out_features,
+            )
         return b
 
     def _projector_blocks(self) -> list[Block]:
@@ -329,14 +387,19 @@ class ComposedVLBackbone(GenerativeBackbone):
         linears = [(n, m) for n, m in self.model.projector.named_children() if isinstance(m, nn.Linear)]
         for j, (n, m) in enumerate(linears):
             role = "mlp.fc1" if j == 0 else "mlp.fc2"
-            b.sites[role] = Site("projector", 0, role, f"projector.{n}", f"projector.{n}", "linear",
-                                 m.in_features, m.out_features)
+            b.sites[role] = Site(
+                "projector", 0, role, f"projector.{n}", f"projector.{n}", "linear", m.in_features, m.out_features
+            )
         b.sites["mlp"] = Site("projector", 0, "mlp", "projector", "projector", "output", self.width, self.width)
         return [b]
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "lm": self.lm_config.model_type, "seq2seq": self.seq2seq,
-                "vision": self.vision_backbone.spec}
+        return {
+            **super().describe(),
+            "lm": self.lm_config.model_type,
+            "seq2seq": self.seq2seq,
+            "vision": self.vision_backbone.spec,
+        }
 
 
 def pads_first(embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,6 +9,7 @@ VQA, GQA, NLVR2) call only the methods below.
 Inputs: `pixels` is (B, 3, H, W) for one image per example, or (B, K, 3, H, W) for K images (NLVR2's pairs);
 `prompts` and `targets` are lists of B strings.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -60,8 +61,9 @@ class GenerativeBackbone(nn.Module, metaclass=ABCMeta):
         """(B,) summed log-probability of each target given its images and prompt."""
 
     @abstractmethod
-    def generate(self, pixels: torch.Tensor, prompts: list[str], *, max_new_tokens: int = 20,
-                 num_beams: int = 1) -> list[str]:
+    def generate(
+        self, pixels: torch.Tensor, prompts: list[str], *, max_new_tokens: int = 20, num_beams: int = 1
+    ) -> list[str]:
         """Greedy (num_beams 1) or beam-search answers, batched, with the key-value cache."""
 
     def answer_probability(self, pixels: torch.Tensor, prompts: list[str], answer: str = "Yes") -> torch.Tensor:
@@ -89,12 +91,10 @@ class GenerativeBackbone(nn.Module, metaclass=ABCMeta):
 
     # --- structure --------------------------------------------------------------------------------------
     @abstractmethod
-    def blocks(self, tower: str) -> list[Block]:
-        ...
+    def blocks(self, tower: str) -> list[Block]: ...
 
     @abstractmethod
-    def tower_prefixes(self) -> dict[str, tuple[str, ...]]:
-        ...
+    def tower_prefixes(self) -> dict[str, tuple[str, ...]]: ...
 
     def resolve_towers(self, choice: str) -> tuple[str, ...]:
         """The towers an adapter's `towers:` option names on this backbone."""
@@ -103,8 +103,7 @@ class GenerativeBackbone(nn.Module, metaclass=ABCMeta):
             return tuple(aliases[choice])
         if choice in self.towers:
             return (choice,)
-        raise ConfigError(f"towers must be one of {', '.join([*aliases, *self.towers])} on {self.spec}, "
-                          f"got {choice!r}")
+        raise ConfigError(f"towers must be one of {', '.join([*aliases, *self.towers])} on {self.spec}, got {choice!r}")
 
     def all_blocks(self) -> list[Block]:
         return [b for t in self.towers for b in self.blocks(t)]
@@ -129,12 +128,22 @@ class GenerativeBackbone(nn.Module, metaclass=ABCMeta):
         return h.hexdigest()[:16]
 
     def base_parameters(self) -> dict[str, nn.Parameter]:
-        return {base_param_name(n): p for n, p in self.model.named_parameters()
-                if ".adapters." not in n and ".fusions." not in n}
+        return {
+            base_param_name(n): p
+            for n, p in self.model.named_parameters()
+            if ".adapters." not in n and ".fusions." not in n
+        }
 
     def describe(self) -> dict[str, Any]:
-        return {"spec": self.spec, "family": self.family, "kind": self.kind, "towers": list(self.towers),
-                "image_size": self.image_size, "max_length": self.max_length, "fingerprint": self.fingerprint()}
+        return {
+            "spec": self.spec,
+            "family": self.family,
+            "kind": self.kind,
+            "towers": list(self.towers),
+            "image_size": self.image_size,
+            "max_length": self.max_length,
+            "fingerprint": self.fingerprint(),
+        }
 
 
 def as_image_batch(pixels: torch.Tensor) -> tuple[torch.Tensor, int]:

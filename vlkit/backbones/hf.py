@@ -2,6 +2,7 @@
 `vlkit.backbones.hf_vlm` (LLaVA, Idefics3/SmolVLM, BLIP, vision-encoder-decoder) by their config's model_type.
 
 Model, tokenizer and image processor all come from the same checkpoint; images go through its own processor."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,8 +27,17 @@ class HFBackbone(Backbone):
 
     family = "hf"
 
-    def __init__(self, model: nn.Module, spec: str, tokenizer, image_size: int, mean, std, context_length: int,
-                 image_transform=None):
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: str,
+        tokenizer,
+        image_size: int,
+        mean,
+        std,
+        context_length: int,
+        image_transform=None,
+    ):
         super().__init__(model, spec)
         self._tokenizer = tokenizer
         self.image_size = int(image_size)
@@ -99,8 +109,9 @@ class HFBackbone(Backbone):
     def tokenize(self, texts):
         if isinstance(texts, str):
             texts = [texts]
-        enc = self._tokenizer(list(texts), padding="max_length", truncation=True,
-                              max_length=self.context_length, return_tensors="pt")
+        enc = self._tokenizer(
+            list(texts), padding="max_length", truncation=True, max_length=self.context_length, return_tensors="pt"
+        )
         return enc["input_ids"]
 
     @property
@@ -126,13 +137,23 @@ class HFBackbone(Backbone):
             b.sites["attn"] = Site(tower, i, "attn", f"{path}.self_attn", f"{path}.self_attn", "output", w, w)
             for part, attr in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("out", "out_proj")):
                 lin = _unwrap(getattr(attn, attr))
-                b.sites[f"attn.{part}"] = Site(tower, i, f"attn.{part}", f"{path}.self_attn.{attr}",
-                                               f"{path}.self_attn.{attr}", "linear", lin.in_features, lin.out_features)
+                b.sites[f"attn.{part}"] = Site(
+                    tower,
+                    i,
+                    f"attn.{part}",
+                    f"{path}.self_attn.{attr}",
+                    f"{path}.self_attn.{attr}",
+                    "linear",
+                    lin.in_features,
+                    lin.out_features,
+                )
             b.sites["mlp"] = Site(tower, i, "mlp", f"{path}.mlp", f"{path}.mlp", "output", w, w)
-            b.sites["mlp.fc1"] = Site(tower, i, "mlp.fc1", f"{path}.mlp.fc1", f"{path}.mlp.fc1", "linear",
-                                      fc1.in_features, fc1.out_features)
-            b.sites["mlp.fc2"] = Site(tower, i, "mlp.fc2", f"{path}.mlp.fc2", f"{path}.mlp.fc2", "linear",
-                                      fc2.in_features, fc2.out_features)
+            b.sites["mlp.fc1"] = Site(
+                tower, i, "mlp.fc1", f"{path}.mlp.fc1", f"{path}.mlp.fc1", "linear", fc1.in_features, fc1.out_features
+            )
+            b.sites["mlp.fc2"] = Site(
+                tower, i, "mlp.fc2", f"{path}.mlp.fc2", f"{path}.mlp.fc2", "linear", fc2.in_features, fc2.out_features
+            )
             out.append(b)
 
         for b in out:
@@ -149,8 +170,9 @@ class HFBackbone(Backbone):
             proj = "visual_projection" if tower == "vision" else "text_projection"
             lin = _unwrap(getattr(self.model, proj, None)) if hasattr(self.model, proj) else None
             if isinstance(lin, nn.Linear):
-                out[-1].sites["proj"] = Site(tower, out[-1].index, "proj", proj, proj, "output",
-                                             lin.out_features, lin.out_features)
+                out[-1].sites["proj"] = Site(
+                    tower, out[-1].index, "proj", proj, proj, "output", lin.out_features, lin.out_features
+                )
         return out
 
     def sequence_layout(self, tower: str):
@@ -159,8 +181,15 @@ class HFBackbone(Backbone):
         called `layer(hidden_states, attention_mask, ...)`."""
 
         at = 0 if self.is_siglip else 1
-        return SequenceLayout(insert_at=at, batch_first=True, causal=tower == "text" and not self.is_siglip,
-                              hidden_arg="hidden_states", hidden_index=0, mask_arg="attention_mask", mask_index=1)
+        return SequenceLayout(
+            insert_at=at,
+            batch_first=True,
+            causal=tower == "text" and not self.is_siglip,
+            hidden_arg="hidden_states",
+            hidden_index=0,
+            mask_arg="attention_mask",
+            mask_index=1,
+        )
 
     def tower_prefixes(self):
         return {"vision": ("vision_model.", "visual_projection."), "text": ("text_model.", "text_projection.")}
@@ -207,8 +236,9 @@ def _processor_constants(processor, cfg) -> tuple[int, tuple, tuple]:
     h, w = _field(box, "height"), _field(box, "width")
     size = (h, w) if h and w else (_field(box, "shortest_edge") or want,) * 2
     if tuple(size) != (want, want):
-        raise BackboneLoadError(f"the image processor makes {size[0]}x{size[1]} images; the vision tower takes "
-                                f"{want}x{want}")
+        raise BackboneLoadError(
+            f"the image processor makes {size[0]}x{size[1]} images; the vision tower takes {want}x{want}"
+        )
     if not getattr(processor, "do_normalize", True):
         return want, (0.0,) * 3, (1.0,) * 3
     return want, as_triple(processor.image_mean), as_triple(processor.image_std)
@@ -219,8 +249,9 @@ def load_hf(spec: str, device: str | None = None) -> HFBackbone | HFVLMBackbone:
 
     src = spec.split(":", 1)[1] if spec.startswith("hf:") else spec
     if not src:
-        raise BackboneLoadError(f"backbone spec {spec!r} names no model",
-                                hint="hf:openai/clip-vit-base-patch32 or hf:/local/dir")
+        raise BackboneLoadError(
+            f"backbone spec {spec!r} names no model", hint="hf:openai/clip-vit-base-patch32 or hf:/local/dir"
+        )
     local = Path(src).exists()
     try:
         cfg = AutoConfig.from_pretrained(src)
@@ -234,22 +265,26 @@ def load_hf(spec: str, device: str | None = None) -> HFBackbone | HFVLMBackbone:
     if cfg.model_type not in ("clip", "siglip", "siglip2", *VLM_TYPES):
         raise BackboneLoadError(
             f"hf model {src} is a {cfg.model_type!r} model; vlkit adapts CLIP and SigLIP dual encoders and the "
-            f"generative {', '.join(VLM_TYPES)} models")
+            f"generative {', '.join(VLM_TYPES)} models"
+        )
     if local and Path(src).is_dir():
         d = Path(src)
         if not any(d.glob("*.safetensors")) and any(d.glob("*.bin")):
             raise BackboneLoadError(
                 f"{src} holds only pickle weights (.bin); vlkit loads safetensors only",
-                hint="convert once where you trust the file: python -c \"from transformers import AutoModel; "
-                     f"AutoModel.from_pretrained('{src}').save_pretrained('{src}', safe_serialization=True)\"")
+                hint='convert once where you trust the file: python -c "from transformers import AutoModel; '
+                f"AutoModel.from_pretrained('{src}').save_pretrained('{src}', safe_serialization=True)\"",
+            )
     if cfg.model_type in VLM_TYPES:
         return load_hf_vlm(spec, src, cfg.model_type, device)
     try:
         model = AutoModel.from_pretrained(src, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(src)
     except Exception as exc:
-        raise BackboneLoadError(f"could not load model or tokenizer from {src}: {exc}",
-                                hint="the directory needs config.json, weights and tokenizer files") from None
+        raise BackboneLoadError(
+            f"could not load model or tokenizer from {src}: {exc}",
+            hint="the directory needs config.json, weights and tokenizer files",
+        ) from None
     processor = _image_processor(src, local, cfg)
     size, mean, std = _processor_constants(processor, cfg)
     ctx = cfg.text_config.max_position_embeddings

@@ -21,6 +21,7 @@ where fused, `xattn.*`, `mlp.fc1`/`fc2`); a `prefix` site takes prompt tuning: l
 model's input (image-token models) or the decoder's memory (cross-attention models). Site paths are the
 transformers model's own module paths, which is what PEFT's `target_modules` names.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -59,25 +60,57 @@ class BlockLayout:
     xo: str | None = None
 
 
-CLIP_LIKE = BlockLayout("self_attn", "q_proj", "k_proj", "v_proj", "out_proj", mlp="mlp", fc1="mlp.fc1",
-                        fc2="mlp.fc2")
+CLIP_LIKE = BlockLayout("self_attn", "q_proj", "k_proj", "v_proj", "out_proj", mlp="mlp", fc1="mlp.fc1", fc2="mlp.fc2")
 LAYOUTS: dict[str, BlockLayout] = {
     "clip": CLIP_LIKE,
     "vit": BlockLayout("attention", "q_proj", "k_proj", "v_proj", "o_proj", mlp="mlp", fc1="mlp.fc1", fc2="mlp.fc2"),
     "blip_vision": BlockLayout("self_attn", o="projection", qkv="qkv", mlp="mlp", fc1="mlp.fc1", fc2="mlp.fc2"),
-    "llama": BlockLayout("self_attn", "q_proj", "k_proj", "v_proj", "o_proj", mlp="mlp", fc1="mlp.up_proj",
-                         fc2="mlp.down_proj"),
-    "bert": BlockLayout("attention", "self.query", "self.key", "self.value", "output.dense", mlp="output",
-                        fc1="intermediate.dense", fc2="output.dense", xattn="crossattention", xq="self.query",
-                        xk="self.key", xv="self.value", xo="output.dense"),
-    "bart": BlockLayout("self_attn", "q_proj", "k_proj", "v_proj", "out_proj", fc1="fc1", fc2="fc2",
-                        xattn="encoder_attn", xq="q_proj", xk="k_proj", xv="v_proj", xo="out_proj"),
+    "llama": BlockLayout(
+        "self_attn", "q_proj", "k_proj", "v_proj", "o_proj", mlp="mlp", fc1="mlp.up_proj", fc2="mlp.down_proj"
+    ),
+    "bert": BlockLayout(
+        "attention",
+        "self.query",
+        "self.key",
+        "self.value",
+        "output.dense",
+        mlp="output",
+        fc1="intermediate.dense",
+        fc2="output.dense",
+        xattn="crossattention",
+        xq="self.query",
+        xk="self.key",
+        xv="self.value",
+        xo="output.dense",
+    ),
+    "bart": BlockLayout(
+        "self_attn",
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "out_proj",
+        fc1="fc1",
+        fc2="fc2",
+        xattn="encoder_attn",
+        xq="q_proj",
+        xk="k_proj",
+        xv="v_proj",
+        xo="out_proj",
+    ),
     "gpt2": BlockLayout("attn", mlp="mlp", xattn="crossattention"),
 }
 """Block layouts by family; a tower's layout is the first whose attention (and MLP) paths exist in its blocks."""
 
-STACKS = ("vision_model.encoder.layers", "encoder.layer", "encoder.layers", "bert.encoder.layer",
-          "roberta.encoder.layer", "model.decoder.layers", "transformer.h", "layers")
+STACKS = (
+    "vision_model.encoder.layers",
+    "encoder.layer",
+    "encoder.layers",
+    "bert.encoder.layer",
+    "roberta.encoder.layer",
+    "model.decoder.layers",
+    "transformer.h",
+    "layers",
+)
 """Where a vision encoder or a causal LM keeps its blocks (relative to the tower's root), tried in order."""
 
 
@@ -101,19 +134,26 @@ def find_stack(root: nn.Module, prefix: str) -> str:
     for cand in STACKS:
         if _has(base, cand) and isinstance(resolve_module(base, cand), nn.ModuleList):
             return f"{prefix}.{cand}" if prefix else cand
-    raise BackboneLoadError(f"cannot find the transformer blocks of {type(base).__name__}; known block lists: "
-                            f"{', '.join(STACKS)}")
+    raise BackboneLoadError(
+        f"cannot find the transformer blocks of {type(base).__name__}; known block lists: {', '.join(STACKS)}"
+    )
 
 
 def find_layout(block: nn.Module) -> BlockLayout:
     """The first layout all of whose self-attention and MLP paths exist in `block`."""
     for lay in LAYOUTS.values():
-        paths = [lay.attn, lay.mlp, lay.fc1, lay.fc2,
-                 *(f"{lay.attn}.{p}" for p in (lay.q, lay.k, lay.v, lay.o, lay.qkv) if p)]
+        paths = [
+            lay.attn,
+            lay.mlp,
+            lay.fc1,
+            lay.fc2,
+            *(f"{lay.attn}.{p}" for p in (lay.q, lay.k, lay.v, lay.o, lay.qkv) if p),
+        ]
         if all(_has(block, p) for p in paths if p):
             return lay
-    raise BackboneLoadError(f"vlkit does not know the block layout of {type(block).__name__}; known: "
-                            f"{', '.join(LAYOUTS)}")
+    raise BackboneLoadError(
+        f"vlkit does not know the block layout of {type(block).__name__}; known: {', '.join(LAYOUTS)}"
+    )
 
 
 class ProcessorImages:
@@ -128,8 +168,9 @@ class ProcessorImages:
         self.converts = bool(getattr(processor, "do_convert_rgb", False))
 
     def __call__(self, image) -> torch.Tensor:
-        px = self.processor(images=image if self.converts else to_rgb(image), return_tensors="pt",
-                            **self.options)["pixel_values"]
+        px = self.processor(images=image if self.converts else to_rgb(image), return_tensors="pt", **self.options)[
+            "pixel_values"
+        ]
         return px.reshape(-1, *px.shape[-3:])[0].to(torch.float32)
 
     def __repr__(self) -> str:
@@ -161,8 +202,9 @@ class HFVLMBackbone(GenerativeBackbone):
         self.std = as_triple(getattr(image_processor, "image_std", self.std))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._paths = {t: find_stack(model, root) for t, root in self.stacks.items()}
-        self.towers = tuple(t for t in ("vision", "projector", "decoder") if t in self._paths or
-                            (t == "projector" and self.projector))
+        self.towers = tuple(
+            t for t in ("vision", "projector", "decoder") if t in self._paths or (t == "projector" and self.projector)
+        )
         self.tower_aliases = {"lm": ("decoder",), "text": ("decoder",)}
 
     # --- sequences ----------------------------------------------------------------------------------------
@@ -187,7 +229,7 @@ class HFVLMBackbone(GenerativeBackbone):
         ids, mask = self._pad([p + t for p, t in zip(prompt_ids, tgt)], False, device)
         labels = torch.full_like(ids, -100)
         for i, (p, t) in enumerate(zip(prompt_ids, tgt)):
-            labels[i, len(p):len(p) + len(t)] = torch.tensor(t, device=device)
+            labels[i, len(p) : len(p) + len(t)] = torch.tensor(t, device=device)
         return ids, mask, labels
 
     def _scores(self, pixels, prompts, targets) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,8 +256,14 @@ class HFVLMBackbone(GenerativeBackbone):
     def _gen_kwargs(self, max_new_tokens: int, num_beams: int) -> dict[str, Any]:
         eos = getattr(self.model.generation_config, "eos_token_id", None)
         eos = [eos] if isinstance(eos, int) else list(eos or [])
-        return {"max_new_tokens": int(max_new_tokens), "num_beams": int(num_beams), "do_sample": False,
-                "use_cache": True, "pad_token_id": self.pad_id, "eos_token_id": sorted({*eos, self.eos_id})}
+        return {
+            "max_new_tokens": int(max_new_tokens),
+            "num_beams": int(num_beams),
+            "do_sample": False,
+            "use_cache": True,
+            "pad_token_id": self.pad_id,
+            "eos_token_id": sorted({*eos, self.eos_id}),
+        }
 
     # --- structure ----------------------------------------------------------------------------------------
     def tower_prefixes(self) -> dict[str, tuple[str, ...]]:
@@ -257,8 +305,13 @@ class HFVLMBackbone(GenerativeBackbone):
                 b.sites[role] = Site(t, i, role, p, p, "output", w, w)
 
         output("attn", lay.attn)
-        for role, rel in (("attn.q", lay.q), ("attn.k", lay.k), ("attn.v", lay.v), ("attn.out", lay.o),
-                          ("attn.qkv", lay.qkv)):
+        for role, rel in (
+            ("attn.q", lay.q),
+            ("attn.k", lay.k),
+            ("attn.v", lay.v),
+            ("attn.out", lay.o),
+            ("attn.qkv", lay.qkv),
+        ):
             linear(role, f"{lay.attn}.{rel}" if rel else None)
         if lay.xattn and _has(self.model, f"{b.path}.{lay.xattn}"):
             output("xattn", lay.xattn)
@@ -289,8 +342,11 @@ class HFVLMBackbone(GenerativeBackbone):
         return self._width("decoder")
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "architecture": type(self.model).__name__,
-                "processor": type(self.processor or self.image_processor).__name__}
+        return {
+            **super().describe(),
+            "architecture": type(self.model).__name__,
+            "processor": type(self.processor or self.image_processor).__name__,
+        }
 
 
 class ImageTokenVLM(HFVLMBackbone):
@@ -303,8 +359,11 @@ class ImageTokenVLM(HFVLMBackbone):
         self.image_token = getattr(processor, "image_token", self.image_token)
         self.image_token_id = int(model.config.image_token_id)
         gen_eos = getattr(model.generation_config, "eos_token_id", None)
-        self.eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else (
-            gen_eos[0] if isinstance(gen_eos, list) else gen_eos)
+        self.eos_id = (
+            tokenizer.eos_token_id
+            if tokenizer.eos_token_id is not None
+            else (gen_eos[0] if isinstance(gen_eos, list) else gen_eos)
+        )
         s = self.image_size
         info = {"pixel_values": torch.zeros(1, 3, s, s), "rows": [[0]], "cols": [[0]]}
         self._image_text = processor.replace_image_token(info, 0)
@@ -318,8 +377,9 @@ class ImageTokenVLM(HFVLMBackbone):
             return prompt
         if getattr(self.processor, "chat_template", None):
             content = [{"type": "image"}] * k + [{"type": "text", "text": prompt}]
-            return self.processor.apply_chat_template([{"role": "user", "content": content}],
-                                                      add_generation_prompt=True, tokenize=False)
+            return self.processor.apply_chat_template(
+                [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+            )
         return self.image_token * k + prompt
 
     def _prompt_ids(self, prompts: list[str], k: int) -> list[list[int]]:
@@ -327,8 +387,7 @@ class ImageTokenVLM(HFVLMBackbone):
         n = sum(t.count(self.image_token) for t in texts)
         texts, _ = self.processor.get_text_with_replacements(list(texts), [self._image_text] * n)
         bos = self.tokenizer.bos_token
-        return [list(self.tokenizer(t, add_special_tokens=not (bos and t.startswith(bos)))["input_ids"])
-                for t in texts]
+        return [list(self.tokenizer(t, add_special_tokens=not (bos and t.startswith(bos)))["input_ids"]) for t in texts]
 
     def image_features(self, flat: torch.Tensor) -> torch.Tensor:
         """(B·K, N, D) projected image tokens."""
@@ -340,8 +399,10 @@ class ImageTokenVLM(HFVLMBackbone):
         feats = self.image_features(flat).to(embeds.dtype)
         where = (ids == self.image_token_id).unsqueeze(-1)
         if int(where.sum()) != feats.shape[0] * feats.shape[1]:
-            raise ConfigError(f"the prompts hold {int(where.sum())} image tokens for {feats.shape[0]} image(s) of "
-                              f"{feats.shape[1]} tokens")
+            raise ConfigError(
+                f"the prompts hold {int(where.sum())} image tokens for {feats.shape[0]} image(s) of "
+                f"{feats.shape[1]} tokens"
+            )
         embeds = embeds.masked_scatter(where, feats.reshape(-1, feats.shape[-1]))
         embeds2 = getattr(self.model, PREFIX_PATH)(embeds)
         extra = embeds2.shape[1] - embeds.shape[1]
@@ -354,29 +415,36 @@ class ImageTokenVLM(HFVLMBackbone):
         ids, mask, labels = self._teacher_forced(self._prompt_ids(prompts, k), targets, pixels.device)
         embeds, mask2 = self._embeds(pixels, ids, mask)
         logits = self.model(inputs_embeds=embeds, attention_mask=mask2, use_cache=False).logits
-        return logits[:, logits.shape[1] - ids.shape[1]:], labels
+        return logits[:, logits.shape[1] - ids.shape[1] :], labels
 
     @torch.no_grad()
     def generate(self, pixels, prompts, *, max_new_tokens: int = 20, num_beams: int = 1) -> list[str]:
         _, k = as_image_batch(pixels)
         ids, mask = self._pad(self._prompt_ids(list(prompts), k), True, pixels.device)
         embeds, mask = self._embeds(pixels, ids, mask)
-        out = self.model.generate(inputs_embeds=embeds, attention_mask=mask,
-                                  **self._gen_kwargs(max_new_tokens, num_beams))
+        out = self.model.generate(
+            inputs_embeds=embeds, attention_mask=mask, **self._gen_kwargs(max_new_tokens, num_beams)
+        )
         return self._decode(out)
 
 
 class LlavaBackbone(ImageTokenVLM):
     stacks = {"vision": "model.vision_tower", "decoder": "model.language_model"}
-    projector = ("model.multi_modal_projector.linear_1", "model.multi_modal_projector.linear_2",
-                 "model.multi_modal_projector")
+    projector = (
+        "model.multi_modal_projector.linear_1",
+        "model.multi_modal_projector.linear_2",
+        "model.multi_modal_projector",
+    )
 
     def image_features(self, flat):
         return torch.stack(list(self.model.model.get_image_features(pixel_values=flat).pooler_output))
 
     def tower_prefixes(self):
-        return {"vision": ("model.vision_tower.",), "projector": ("model.multi_modal_projector.", f"{PREFIX_PATH}."),
-                "decoder": ("model.language_model.", "lm_head.")}
+        return {
+            "vision": ("model.vision_tower.",),
+            "projector": ("model.multi_modal_projector.", f"{PREFIX_PATH}."),
+            "decoder": ("model.language_model.", "lm_head."),
+        }
 
 
 class Idefics3Backbone(ImageTokenVLM):
@@ -392,8 +460,11 @@ class Idefics3Backbone(ImageTokenVLM):
         return inner.connector(inner.vision_model(pixel_values=flat).last_hidden_state)
 
     def tower_prefixes(self):
-        return {"vision": ("model.vision_model.",), "projector": ("model.connector.", f"{PREFIX_PATH}."),
-                "decoder": ("model.text_model.", "lm_head.")}
+        return {
+            "vision": ("model.vision_model.",),
+            "projector": ("model.connector.", f"{PREFIX_PATH}."),
+            "decoder": ("model.text_model.", "lm_head."),
+        }
 
 
 class CrossAttentionVLM(HFVLMBackbone):
@@ -424,8 +495,10 @@ class CrossAttentionVLM(HFVLMBackbone):
         return mem, torch.ones(mem.shape[:2], dtype=torch.long, device=mem.device)
 
     def _prompt_ids(self, prompts: list[str]) -> list[list[int]]:
-        return [[self.start_id, *self.tokenizer(p, add_special_tokens=False)["input_ids"]] if p.strip()
-                else [self.start_id] for p in prompts]
+        return [
+            [self.start_id, *self.tokenizer(p, add_special_tokens=False)["input_ids"]] if p.strip() else [self.start_id]
+            for p in prompts
+        ]
 
     def _token_logits(self, pixels, prompts, targets):
         ids, mask, labels = self._teacher_forced(self._prompt_ids(prompts), targets, pixels.device)
@@ -442,8 +515,9 @@ class CrossAttentionVLM(HFVLMBackbone):
         for idx in groups.values():
             ids, mask = self._pad([rows[i] for i in idx], True, pixels.device)
             sel = torch.tensor(idx, device=pixels.device)
-            gen = self.decoder_generate(ids, mask, mem[sel], mem_mask[sel],
-                                        **self._gen_kwargs(max_new_tokens, num_beams))
+            gen = self.decoder_generate(
+                ids, mask, mem[sel], mem_mask[sel], **self._gen_kwargs(max_new_tokens, num_beams)
+            )
             for i, text in zip(idx, self._decode(gen)):
                 out[i] = text
         return out
@@ -464,13 +538,19 @@ class BlipBackbone(CrossAttentionVLM):
         return self.model.vision_model(pixel_values=flat).last_hidden_state
 
     def decoder_logits(self, ids, mask, mem, mem_mask):
-        return self.model.text_decoder(input_ids=ids, attention_mask=mask, encoder_hidden_states=mem,
-                                       encoder_attention_mask=mem_mask, use_cache=False).logits
+        return self.model.text_decoder(
+            input_ids=ids,
+            attention_mask=mask,
+            encoder_hidden_states=mem,
+            encoder_attention_mask=mem_mask,
+            use_cache=False,
+        ).logits
 
     def decoder_generate(self, ids, mask, mem, mem_mask, **kw):
-        out = self.model.text_decoder.generate(input_ids=ids, attention_mask=mask, encoder_hidden_states=mem,
-                                               encoder_attention_mask=mem_mask, **kw)
-        return out[:, ids.shape[1]:]
+        out = self.model.text_decoder.generate(
+            input_ids=ids, attention_mask=mask, encoder_hidden_states=mem, encoder_attention_mask=mem_mask, **kw
+        )
+        return out[:, ids.shape[1] :]
 
     def prefix_width(self):
         return int(self.model.config.vision_config.hidden_size)
@@ -506,23 +586,29 @@ class VisionEncoderDecoderBackbone(CrossAttentionVLM):
         lin: Any = _unwrap(self.model.enc_to_dec_proj)
         n_in, n_out = int(lin.in_features), int(lin.out_features)
         b = Block("projector", 0, "enc_to_dec_proj", n_out)
-        b.sites["mlp.fc1"] = Site("projector", 0, "mlp.fc1", "enc_to_dec_proj", "enc_to_dec_proj", "linear", n_in,
-                                  n_out)
+        b.sites["mlp.fc1"] = Site(
+            "projector", 0, "mlp.fc1", "enc_to_dec_proj", "enc_to_dec_proj", "linear", n_in, n_out
+        )
         return [b]
 
     def memory(self, flat):
         return self.model.encoder(pixel_values=flat).last_hidden_state
 
     def decoder_logits(self, ids, mask, mem, mem_mask):
-        return self.model(encoder_outputs=(mem,), decoder_input_ids=ids, decoder_attention_mask=mask,
-                          use_cache=False).logits
+        return self.model(
+            encoder_outputs=(mem,), decoder_input_ids=ids, decoder_attention_mask=mask, use_cache=False
+        ).logits
 
     def decoder_generate(self, ids, mask, mem, mem_mask, **kw):
         from transformers.modeling_outputs import BaseModelOutput
 
-        out = self.model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=mem), decoder_input_ids=ids,
-                                  decoder_attention_mask=mask, **kw)
-        return out[:, ids.shape[1]:]
+        out = self.model.generate(
+            encoder_outputs=BaseModelOutput(last_hidden_state=mem),
+            decoder_input_ids=ids,
+            decoder_attention_mask=mask,
+            **kw,
+        )
+        return out[:, ids.shape[1] :]
 
     def _width(self, tower):
         cfg = self.model.config
@@ -534,14 +620,21 @@ class VisionEncoderDecoderBackbone(CrossAttentionVLM):
 
     def tower_prefixes(self):
         if self.projector:
-            return {"vision": ("encoder.",), "projector": ("enc_to_dec_proj.", f"{PREFIX_PATH}."),
-                    "decoder": ("decoder.",)}
+            return {
+                "vision": ("encoder.",),
+                "projector": ("enc_to_dec_proj.", f"{PREFIX_PATH}."),
+                "decoder": ("decoder.",),
+            }
         return {"vision": ("encoder.",), "decoder": ("decoder.", f"{PREFIX_PATH}.")}
 
 
-VLM_TYPES: dict[str, type[HFVLMBackbone]] = {"llava": LlavaBackbone, "idefics3": Idefics3Backbone,
-                                             "smolvlm": Idefics3Backbone, "blip": BlipBackbone,
-                                             "vision-encoder-decoder": VisionEncoderDecoderBackbone}
+VLM_TYPES: dict[str, type[HFVLMBackbone]] = {
+    "llava": LlavaBackbone,
+    "idefics3": Idefics3Backbone,
+    "smolvlm": Idefics3Backbone,
+    "blip": BlipBackbone,
+    "vision-encoder-decoder": VisionEncoderDecoderBackbone,
+}
 
 
 def _parts(src: str, model_type: str):
@@ -552,8 +645,10 @@ def _parts(src: str, model_type: str):
     try:
         processor = AutoProcessor.from_pretrained(src)
     except ImportError as exc:
-        raise BackboneLoadError(f"the {model_type} processor in {src} needs a package that is not installed: {exc}",
-                                hint="pip install it (SmolVLM's processor needs num2words)") from None
+        raise BackboneLoadError(
+            f"the {model_type} processor in {src} needs a package that is not installed: {exc}",
+            hint="pip install it (SmolVLM's processor needs num2words)",
+        ) from None
     except Exception:  # no processor_config.json: image processor and tokenizer saved apart
         processor = None
     images = getattr(processor, "image_processor", None)
@@ -562,12 +657,16 @@ def _parts(src: str, model_type: str):
         images = images or AutoImageProcessor.from_pretrained(src)
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(src)
     except Exception as exc:
-        raise BackboneLoadError(f"could not load the image processor or tokenizer in {src}: {exc}",
-                                hint="save_pretrained() the model's processor (or its image processor and tokenizer) "
-                                     "into the same directory") from None
+        raise BackboneLoadError(
+            f"could not load the image processor or tokenizer in {src}: {exc}",
+            hint="save_pretrained() the model's processor (or its image processor and tokenizer) "
+            "into the same directory",
+        ) from None
     if model_type in ("llava", "idefics3", "smolvlm") and not hasattr(processor, "replace_image_token"):
-        raise BackboneLoadError(f"{src} holds no {model_type} processor (processor_config.json)",
-                                hint="save the model's AutoProcessor into the directory with save_pretrained()")
+        raise BackboneLoadError(
+            f"{src} holds no {model_type} processor (processor_config.json)",
+            hint="save the model's AutoProcessor into the directory with save_pretrained()",
+        )
     return (processor if hasattr(processor, "image_processor") else None), images, tokenizer
 
 
@@ -577,7 +676,8 @@ def load_hf_vlm(spec: str, src: str, model_type: str, device: str | None = None)
 
     cls = VLM_TYPES[model_type]
     auto: Any = {"blip": BlipForConditionalGeneration, "vision-encoder-decoder": VisionEncoderDecoderModel}.get(
-        model_type, AutoModelForImageTextToText)
+        model_type, AutoModelForImageTextToText
+    )
     try:
         model = auto.from_pretrained(src, use_safetensors=True)
     except Exception as exc:

@@ -7,6 +7,7 @@ weigh the adapters' outputs), and per-sample routing (each sample of the batch t
 Three hosts: AdaptedOutput (a sub-layer's output), AdaptedLinear (an nn.Linear), and
 AdaptedMHA (an nn.MultiheadAttention, whose fused in-projection is split into q, k, v sites).
 """
+
 from __future__ import annotations
 
 from typing import Any, cast
@@ -119,8 +120,9 @@ class AdapterHost(nn.Module):
             y = layer(x, y, weight, bias)
         return y
 
-    def run_adapters(self, key: str, y: torch.Tensor, x=None, weight=None, bias=None,
-              batch_dim: int | None = None) -> torch.Tensor:
+    def run_adapters(
+        self, key: str, y: torch.Tensor, x=None, weight=None, bias=None, batch_dim: int | None = None
+    ) -> torch.Tensor:
         st = self._state
         if st.route is not None:
             return self._routed(key, y, x, weight, bias, batch_dim)
@@ -147,7 +149,6 @@ class AdapterHost(nn.Module):
         for _, layer in layers:
             y = self._run(layer, key, y, x, weight, bias)
         return y
-
 
     def _routed(self, key, y, x, weight, bias, batch_dim):
         """Per-sample routing: each adapter's layer runs on its own samples only (gathered along the batch
@@ -190,8 +191,10 @@ def _batch_dim(route: torch.Tensor, y: torch.Tensor, batch_dim: int | None) -> i
     if batch_dim is None:
         batch_dim = 1 if (y.dim() > 1 and y.shape[0] != n and y.shape[1] == n) else 0
     if y.dim() <= batch_dim or y.shape[batch_dim] != n:
-        raise RuntimeError(f"a route for {n} samples is set but this forward has batch shape {tuple(y.shape)}; "
-                           "clear it (AdaptedModel.clear_route()) or set one per batch")
+        raise RuntimeError(
+            f"a route for {n} samples is set but this forward has batch shape {tuple(y.shape)}; "
+            "clear it (AdaptedModel.clear_route()) or set one per batch"
+        )
     return batch_dim
 
 
@@ -239,7 +242,7 @@ class AdaptedLinear(AdapterHost):
         base: Any = self._modules["base"]
         kinds = self.site_kinds
         if len(kinds) == 1 and type(base).forward is nn.Linear.forward:  # the usual case: one linear site
-            (key, kind), = kinds.items()
+            ((key, kind),) = kinds.items()
             if kind == "linear":
                 return self.linear_site(key, x, base.weight, base.bias)
         y = base(x)
@@ -261,12 +264,21 @@ class AdaptedMHA(AdapterHost):
     def _proj(self, i: int):
         base: Any = self.base
         e = base.embed_dim
-        w = base.in_proj_weight[i * e:(i + 1) * e]
-        b = base.in_proj_bias[i * e:(i + 1) * e] if base.in_proj_bias is not None else None
+        w = base.in_proj_weight[i * e : (i + 1) * e]
+        b = base.in_proj_bias[i * e : (i + 1) * e] if base.in_proj_bias is not None else None
         return w, b
 
-    def forward(self, query, key=None, value=None, key_padding_mask=None, need_weights=True,
-                attn_mask=None, average_attn_weights=True, is_causal=False):
+    def forward(
+        self,
+        query,
+        key=None,
+        value=None,
+        key_padding_mask=None,
+        need_weights=True,
+        attn_mask=None,
+        average_attn_weights=True,
+        is_causal=False,
+    ):
         key = query if key is None else key
         value = query if value is None else value
         if INPUT_KEY in self.site_kinds and self.has_active(INPUT_KEY):  # self-attention input: q, k, v alike
@@ -276,15 +288,29 @@ class AdaptedMHA(AdapterHost):
             query = adapted
         proj_keys = ("attn_q", "attn_k", "attn_v", "attn_out")
         if not any(k in self.site_kinds and self.has_active(k) for k in proj_keys):
-            out, weights = self.base(query, key, value, key_padding_mask=key_padding_mask,
-                                     need_weights=need_weights, attn_mask=attn_mask,
-                                     average_attn_weights=average_attn_weights, is_causal=is_causal)
+            out, weights = self.base(
+                query,
+                key,
+                value,
+                key_padding_mask=key_padding_mask,
+                need_weights=need_weights,
+                attn_mask=attn_mask,
+                average_attn_weights=average_attn_weights,
+                is_causal=is_causal,
+            )
         else:
             out, weights = self._explicit(query, key, value, key_padding_mask, attn_mask, is_causal), None
             plain = self._plain_samples(proj_keys)
             if plain is not None:  # routed samples with no projection adapter here: the original module, exactly
-                base_out = self.base(query, key, value, key_padding_mask=key_padding_mask, need_weights=False,
-                                     attn_mask=attn_mask, is_causal=is_causal)[0]
+                base_out = self.base(
+                    query,
+                    key,
+                    value,
+                    key_padding_mask=key_padding_mask,
+                    need_weights=False,
+                    attn_mask=attn_mask,
+                    is_causal=is_causal,
+                )[0]
                 out = torch.where(_route_for(plain, out, 0 if self.base.batch_first else 1), base_out, out)
         if "attn" in self.site_kinds:
             out = self.run_adapters("attn", out, batch_dim=0 if self.base.batch_first else 1)
@@ -296,8 +322,10 @@ class AdaptedMHA(AdapterHost):
         st = self._state
         if st.route is None:
             return None
-        uses = [n is not None and any(k in self.site_kinds and self.layer(n, k) is not None for k in proj_keys)
-                for n in st.route_names]
+        uses = [
+            n is not None and any(k in self.site_kinds and self.layer(n, k) is not None for k in proj_keys)
+            for n in st.route_names
+        ]
         table = torch.tensor([False, *uses])  # index 0: route -1 (no adapter)
         plain = ~table[st.route.cpu() + 1]
         return plain.to(st.route.device) if bool(plain.any()) else None
@@ -345,8 +373,9 @@ class AdaptedMHA(AdapterHost):
             kpm = kpm.to(q.dtype).view(bsz, 1, 1, src)
             mask = kpm if mask is None else mask + kpm
         drop = base.dropout if self.training else 0.0
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop,
-                                           is_causal=bool(is_causal and mask is None))
+        o = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=drop, is_causal=bool(is_causal and mask is None)
+        )
         o = o.transpose(1, 2).reshape(bsz, tgt, e)
         ow, ob = base.out_proj.weight, base.out_proj.bias
         out = self._site("attn_out", o, ow, ob)

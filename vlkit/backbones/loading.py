@@ -1,4 +1,5 @@
 """`load_backbone(spec)`: find the registered factory for a spec and build the backbone."""
+
 from __future__ import annotations
 
 from ..errors import ConfigError

@@ -1,4 +1,5 @@
 """open_clip backbones: `open_clip:<model or config.json>[@<pretrained tag or local .safetensors>]`."""
+
 from __future__ import annotations
 
 import json
@@ -32,14 +33,24 @@ def _sites_for_block(tower: str, index: int, path: str, block: nn.Module) -> Blo
     b.sites["attn"] = Site(tower, index, "attn", f"{path}.attn", f"{path}.attn", "output", width, width)
     if isinstance(attn_m, nn.MultiheadAttention) and attn_m.in_proj_weight is not None:
         for part in ("q", "k", "v", "out"):
-            b.sites[f"attn.{part}"] = Site(tower, index, f"attn.{part}", f"{path}.attn#{part}", f"{path}.attn",
-                                           "linear", width, width)
+            b.sites[f"attn.{part}"] = Site(
+                tower, index, f"attn.{part}", f"{path}.attn#{part}", f"{path}.attn", "linear", width, width
+            )
     b.sites["mlp"] = Site(tower, index, "mlp", f"{path}.mlp", f"{path}.mlp", "output", width, width)
     if fc1 is not None and fc2 is not None:
-        b.sites["mlp.fc1"] = Site(tower, index, "mlp.fc1", f"{path}.mlp.c_fc", f"{path}.mlp.c_fc", "linear",
-                                  fc1.in_features, fc1.out_features)
-        b.sites["mlp.fc2"] = Site(tower, index, "mlp.fc2", f"{path}.mlp.c_proj", f"{path}.mlp.c_proj", "linear",
-                                  fc2.in_features, fc2.out_features)
+        b.sites["mlp.fc1"] = Site(
+            tower, index, "mlp.fc1", f"{path}.mlp.c_fc", f"{path}.mlp.c_fc", "linear", fc1.in_features, fc1.out_features
+        )
+        b.sites["mlp.fc2"] = Site(
+            tower,
+            index,
+            "mlp.fc2",
+            f"{path}.mlp.c_proj",
+            f"{path}.mlp.c_proj",
+            "linear",
+            fc2.in_features,
+            fc2.out_features,
+        )
     return b
 
 
@@ -105,9 +116,13 @@ class OpenClipBackbone(Backbone):
         (argmax or eos), no appended class token and no padding mask."""
         owner, _ = _text_owner(self.model)
         pool = getattr(owner, "text_pool_type", getattr(owner, "pool_type", None))
-        return (all(hasattr(owner, k) for k in ("token_embedding", "positional_embedding", "transformer", "ln_final"))
-                and isinstance(getattr(owner, "attn_mask", None), torch.Tensor) and pool in ("argmax", "eos")
-                and getattr(owner, "cls_emb", None) is None and not getattr(owner, "use_pad_mask", False))
+        return (
+            all(hasattr(owner, k) for k in ("token_embedding", "positional_embedding", "transformer", "ln_final"))
+            and isinstance(getattr(owner, "attn_mask", None), torch.Tensor)
+            and pool in ("argmax", "eos")
+            and getattr(owner, "cls_emb", None) is None
+            and not getattr(owner, "use_pad_mask", False)
+        )
 
     def _encode_text_short(self, text: torch.Tensor) -> torch.Tensor:
         """open_clip's text forward at the length of `text`: positions and the causal mask cut to it."""
@@ -169,9 +184,10 @@ class OpenClipBackbone(Backbone):
     def encode_image_tokens(self, pixels):
         visual = self.model.visual
         if not hasattr(visual, "output_tokens"):
-
-            raise ConfigError(f"the vision tower of {self.spec} ({type(visual).__name__}) does not expose patch tokens",
-                              hint="dense tasks such as grounding need a ViT vision tower")
+            raise ConfigError(
+                f"the vision tower of {self.spec} ({type(visual).__name__}) does not expose patch tokens",
+                hint="dense tasks such as grounding need a ViT vision tower",
+            )
         previous = visual.output_tokens
         visual.output_tokens = True
         try:
@@ -216,7 +232,6 @@ class OpenClipBackbone(Backbone):
             if b is not None:
                 out.append(b)
         if self.sequence_layout(tower) is not None:
-
             for b in out:
                 b.sites["prompt"] = prompt_site(tower, b.index, b.path, b.width)
         embed = self._embed_path(tower)
@@ -246,8 +261,15 @@ class OpenClipBackbone(Backbone):
             at, causal = 1, getattr(owner, "attn_mask", None) is not None
         if trans is None or not hasattr(trans, "resblocks"):
             return None
-        return SequenceLayout(insert_at=at, batch_first=bool(getattr(trans, "batch_first", False)), causal=causal,
-                              hidden_arg="q_x", hidden_index=0, mask_arg="attn_mask", mask_index=3)
+        return SequenceLayout(
+            insert_at=at,
+            batch_first=bool(getattr(trans, "batch_first", False)),
+            causal=causal,
+            hidden_arg="q_x",
+            hidden_index=0,
+            mask_arg="attn_mask",
+            mask_index=3,
+        )
 
     def _embed_path(self, tower: str) -> str | None:
         """The module whose output is the token sequence entering the tower's first block (after the
@@ -258,8 +280,11 @@ class OpenClipBackbone(Backbone):
         return f"{prefix}token_embedding" if hasattr(owner, "token_embedding") else None
 
     def tower_prefixes(self):
-        text = ("text.",) if self._text_blocks_path().startswith("text.") else (
-            "transformer.", "token_embedding.", "positional_embedding", "ln_final.", "text_projection")
+        text = (
+            ("text.",)
+            if self._text_blocks_path().startswith("text.")
+            else ("transformer.", "token_embedding.", "positional_embedding", "ln_final.", "text_projection")
+        )
         return {"vision": ("visual.",), "text": text}
 
     def tokenizer_files(self):
@@ -293,7 +318,7 @@ def _load_safetensors_into(model: nn.Module, path: Path, spec: str) -> None:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise BackboneLoadError(f"cannot read checkpoint {path}: {exc}") from None
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    state = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
     if "state_dict" in state:
         state = state["state_dict"]  # type: ignore[assignment]  # a nested state dict, as some trainers save
     try:
@@ -304,7 +329,8 @@ def _load_safetensors_into(model: nn.Module, path: Path, spec: str) -> None:
     if missing or unexpected:
         raise BackboneLoadError(
             f"checkpoint {path} does not fit {spec}: {len(missing)} missing keys "
-            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
 
 
 def load_open_clip(spec: str, device: str | None = None) -> OpenClipBackbone:
@@ -314,8 +340,9 @@ def load_open_clip(spec: str, device: str | None = None) -> OpenClipBackbone:
     body = spec.split(":", 1)[1] if ":" in spec else spec
     model_name, _, weights = body.partition("@")
     if not model_name:
-        raise BackboneLoadError(f"backbone spec {spec!r} names no model",
-                                hint="e.g. open_clip:ViT-B-32@laion2b_s34b_b79k")
+        raise BackboneLoadError(
+            f"backbone spec {spec!r} names no model", hint="e.g. open_clip:ViT-B-32@laion2b_s34b_b79k"
+        )
     cfg_path = Path(model_name)
     preprocess: dict = {}
     if model_name.endswith(".json"):
@@ -342,15 +369,17 @@ def load_open_clip(spec: str, device: str | None = None) -> OpenClipBackbone:
                 raise BackboneLoadError(
                     f"checkpoint {ckpt} is not a .safetensors file; vlkit never unpickles weight files",
                     hint="convert it once with "
-                         "safetensors.torch.save_file(torch.load(path, weights_only=True), 'x.safetensors')")
+                    "safetensors.torch.save_file(torch.load(path, weights_only=True), 'x.safetensors')",
+                )
         else:
             tag = weights
             tags = open_clip.list_pretrained_tags_by_model(model_name)
             if tag not in tags:
                 raise UnknownNameError(f"pretrained tag for open_clip model {model_name}", tag, tags)
     try:
-        model = open_clip.create_model(model_name, pretrained=tag, device=device or "cpu",
-                                       force_preprocess_cfg=preprocess or None)
+        model = open_clip.create_model(
+            model_name, pretrained=tag, device=device or "cpu", force_preprocess_cfg=preprocess or None
+        )
     except BackboneLoadError:
         raise
     except Exception as exc:  # network or hub failures surface as many exception types
@@ -358,7 +387,7 @@ def load_open_clip(spec: str, device: str | None = None) -> OpenClipBackbone:
             raise BackboneLoadError(
                 f"could not fetch pretrained weights {model_name}@{tag} ({type(exc).__name__}: {str(exc)[:200]})",
                 hint=f"no hub access? download the checkpoint elsewhere and use "
-                     f"open_clip:{model_name}@/path/to/open_clip_model.safetensors",
+                f"open_clip:{model_name}@/path/to/open_clip_model.safetensors",
             ) from None
         raise BackboneLoadError(f"could not build open_clip model {model_name}: {exc}") from None
     if ckpt is not None:
@@ -366,8 +395,10 @@ def load_open_clip(spec: str, device: str | None = None) -> OpenClipBackbone:
     try:
         tokenizer = open_clip.get_tokenizer(model_name)
     except Exception as exc:  # hf tokenizers need the hub
-        raise BackboneLoadError(f"could not load the tokenizer of open_clip model {model_name}: {exc}",
-                                hint="models with hub tokenizers need the tokenizer files cached locally") from None
+        raise BackboneLoadError(
+            f"could not load the tokenizer of open_clip model {model_name}: {exc}",
+            hint="models with hub tokenizers need the tokenizer files cached locally",
+        ) from None
     try:
         pcfg = dict(open_clip.get_model_preprocess_cfg(model))
     except Exception:  # older open_clip: constants only
@@ -376,6 +407,7 @@ def load_open_clip(spec: str, device: str | None = None) -> OpenClipBackbone:
     try:
         return OpenClipBackbone(model, spec, tokenizer, pcfg)
     except (AssertionError, TypeError, ValueError) as exc:
-        raise BackboneLoadError(f"invalid preprocess config {pcfg} for open_clip model {model_name}: {exc}",
-                                hint="interpolation: bicubic or bilinear; resize_mode: shortest, longest or squash"
-                                ) from None
+        raise BackboneLoadError(
+            f"invalid preprocess config {pcfg} for open_clip model {model_name}: {exc}",
+            hint="interpolation: bicubic or bilinear; resize_mode: shortest, longest or squash",
+        ) from None

@@ -25,6 +25,7 @@ inside the blocks sits `n` positions later and attends to the prompts.
 
 With no sequence adapter active the hosts call the block exactly as before (bit-identical outputs).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -78,9 +79,9 @@ def grow_mask(mask: torch.Tensor, at: int, n: int, causal: bool) -> torch.Tensor
     length = mask.shape[-1]
     col = min(at, length - 1)
     row = max(at - 1, 0)
-    cols = mask[..., :, col:col + 1].expand(*mask.shape[:-1], n)
+    cols = mask[..., :, col : col + 1].expand(*mask.shape[:-1], n)
     wide = torch.cat([mask[..., :, :at], cols, mask[..., :, at:]], dim=-1)
-    rows = wide[..., row:row + 1, :].expand(*wide.shape[:-2], n, wide.shape[-1]).clone()
+    rows = wide[..., row : row + 1, :].expand(*wide.shape[:-2], n, wide.shape[-1]).clone()
     tri = torch.ones(n, n, dtype=torch.bool, device=mask.device)
     if causal:
         tri = tri.tril()
@@ -88,7 +89,7 @@ def grow_mask(mask: torch.Tensor, at: int, n: int, causal: bool) -> torch.Tensor
         block = tri
     else:
         block = torch.zeros(n, n, dtype=mask.dtype, device=mask.device).masked_fill(~tri, float("-inf"))
-    rows[..., :, at:at + n] = block
+    rows[..., :, at : at + n] = block
     return torch.cat([wide[..., :at, :], rows, wide[..., at:, :]], dim=-2)
 
 
@@ -111,8 +112,16 @@ class TowerCarry:
 class AdaptedSequence(AdapterHost):
     """A transformer block whose input sequence active sequence adapters add tokens to (see the module doc)."""
 
-    def __init__(self, base: nn.Module, state: AdapterState, layout: SequenceLayout, carry: TowerCarry,
-                 first: bool, last: bool, tower: str = ""):
+    def __init__(
+        self,
+        base: nn.Module,
+        state: AdapterState,
+        layout: SequenceLayout,
+        carry: TowerCarry,
+        first: bool,
+        last: bool,
+        tower: str = "",
+    ):
         super().__init__(base, state)
         object.__setattr__(self, "layout", layout)
         object.__setattr__(self, "carry", carry)
@@ -127,19 +136,25 @@ class AdaptedSequence(AdapterHost):
         owners = self.carry.owners()
         if st.route is not None:
             if any(n in owners for n in st.route_names if n):
-                raise ConfigError("per-sample routing cannot route to a prompt (sequence) adapter: "
-                                  f"{', '.join(n for n in st.route_names if n in owners)}",
-                                  hint="activate it with set_active for the whole batch instead")
+                raise ConfigError(
+                    "per-sample routing cannot route to a prompt (sequence) adapter: "
+                    f"{', '.join(n for n in st.route_names if n in owners)}",
+                    hint="activate it with set_active for the whole batch instead",
+                )
             return []
         names = [n for n in st.active if n in owners]
         if not names:
             return []
         if st.mode == "fuse":
-            raise ConfigError(f"prompt (sequence) adapters cannot be fused: {', '.join(names)}",
-                              hint="stack them (mode stack) or activate them alone")
+            raise ConfigError(
+                f"prompt (sequence) adapters cannot be fused: {', '.join(names)}",
+                hint="stack them (mode stack) or activate them alone",
+            )
         if st.mode == "parallel" and any(st.weights.get(n, 1.0) != 1.0 for n in names):
-            raise ConfigError(f"prompt (sequence) adapters cannot be weighted: {', '.join(names)}",
-                              hint="their tokens are concatenated; give them weight 1 or stack them")
+            raise ConfigError(
+                f"prompt (sequence) adapters cannot be weighted: {', '.join(names)}",
+                hint="their tokens are concatenated; give them weight 1 or stack them",
+            )
         return names
 
     def _tokens(self, names: list[str], xb: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
@@ -156,8 +171,10 @@ class AdaptedSequence(AdapterHost):
                 if tokens.dim() == 2:
                     tokens = tokens.unsqueeze(0).expand(batch, -1, -1)
                 if tokens.dim() != 3 or tokens.shape[0] != batch or tokens.shape[2] != xb.shape[2]:
-                    raise ConfigError(f"sequence adapter {n!r} returned tokens of shape {tuple(tokens.shape)}; "
-                                      f"expected (n, {xb.shape[2]}) or ({batch}, n, {xb.shape[2]})")
+                    raise ConfigError(
+                        f"sequence adapter {n!r} returned tokens of shape {tuple(tokens.shape)}; "
+                        f"expected (n, {xb.shape[2]}) or ({batch}, n, {xb.shape[2]})"
+                    )
                 tokens = tokens.to(xb.dtype)
             if tokens is not None and tokens.shape[1] > 0:
                 out.append((n, tokens))
@@ -199,15 +216,17 @@ class AdaptedSequence(AdapterHost):
         at = min(lay.insert_at, xb.shape[1])
         n = sum(t.shape[1] for _, t in groups)
         seq = torch.cat([xb[:, :at], *(t for _, t in groups), xb[:, at:]], dim=1)
-        args, kwargs = self._put(args, kwargs, lay.hidden_arg, lay.hidden_index,
-                                 seq if lay.batch_first else seq.transpose(0, 1))
+        args, kwargs = self._put(
+            args, kwargs, lay.hidden_arg, lay.hidden_index, seq if lay.batch_first else seq.transpose(0, 1)
+        )
         mask = self._get(args, kwargs, lay.mask_arg, lay.mask_index)
         if mask is not None:
             if not isinstance(mask, torch.Tensor):
-                raise ConfigError(f"cannot insert prompt tokens under an attention mask of type {type(mask).__name__}",
-                                  hint="use the model's sdpa or eager attention")
-            args, kwargs = self._put(args, kwargs, lay.mask_arg, lay.mask_index,
-                                     grow_mask(mask, at, n, lay.causal))
+                raise ConfigError(
+                    f"cannot insert prompt tokens under an attention mask of type {type(mask).__name__}",
+                    hint="use the model's sdpa or eager attention",
+                )
+            args, kwargs = self._put(args, kwargs, lay.mask_arg, lay.mask_index, grow_mask(mask, at, n, lay.causal))
         masks = self._state.context.get("masks")
         valid = masks.get(self.tower) if isinstance(masks, dict) else None
         if valid is not None:  # joint (cross-modal) layers inside the block read this tower's valid-token mask
@@ -219,13 +238,13 @@ class AdaptedSequence(AdapterHost):
                 masks[self.tower] = valid
         y = out[0] if isinstance(out, tuple) else out
         yb = y if lay.batch_first else y.transpose(0, 1)
-        real = torch.cat([yb[:, :at], yb[:, at + n:]], dim=1)
+        real = torch.cat([yb[:, :at], yb[:, at + n :]], dim=1)
         if self.last:
             carry.clear()
         else:
             tokens, i = {}, at
             for name, t in groups:
-                tokens[name] = yb[:, i:i + t.shape[1]]
+                tokens[name] = yb[:, i : i + t.shape[1]]
                 i += t.shape[1]
             carry.tokens = tokens
         real = real if lay.batch_first else real.transpose(0, 1)
@@ -249,10 +268,10 @@ def sequence_host(backbone, site: Site) -> AdaptedSequence:
             continue
         if isinstance(mod, AdapterHost):
             raise ConfigError(f"block {block.path} is already wrapped by a {type(mod).__name__}")
-        host = AdaptedSequence(mod, backbone.adapter_state, layout, carry, first=k == 0, last=k == len(blocks) - 1,
-                               tower=site.tower)
+        host = AdaptedSequence(
+            mod, backbone.adapter_state, layout, carry, first=k == 0, last=k == len(blocks) - 1, tower=site.tower
+        )
         set_module(backbone.model, block.path, host)
     wrapped = resolve_module(backbone.model, site.host_path)
     assert isinstance(wrapped, AdaptedSequence)
     return wrapped
-

@@ -1,4 +1,5 @@
 """Which adapters are active on a backbone, how they combine, and per-sample routing; shared by all hosts."""
+
 from __future__ import annotations
 
 import re

@@ -1,4 +1,5 @@
 """`vlkit adapt`: few-shot domain adaptation with in-domain and general-domain (retention) scores."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,32 +11,68 @@ def _f(v) -> str:
     return "—" if v is None else f"{v:.1f}"
 
 
-def _protocol(backbone, domain, shots, out, methods, seeds, data, steps, options, json_out, overwrite,
-              extra: dict) -> None:
+def _protocol(
+    backbone, domain, shots, out, methods, seeds, data, steps, options, json_out, overwrite, extra: dict
+) -> None:
     from ..train.adapt import METHOD_LABELS, parse_ints, run_fewshot
     from .output import console, print_json, table
 
     seed_list = parse_ints(seeds or "1,2,3", "--seeds")
     names = [m.strip() for m in methods.split(",") if m.strip()]
     with console.status("few-shot protocol…") as status:
+
         def on_run(r):
             status.update(f"{r['method']} {r['shots']} shots seed {r['seed']}: {r['accuracy']:.1f}%")
 
-        res = run_fewshot(backbone, names, shots, seed_list, data=data, domain=domain, out=out, steps=steps,
-                          adapter_options=options, progress=None, overwrite=overwrite, on_run=on_run, **extra)
+        res = run_fewshot(
+            backbone,
+            names,
+            shots,
+            seed_list,
+            data=data,
+            domain=domain,
+            out=out,
+            steps=steps,
+            adapter_options=options,
+            progress=None,
+            overwrite=overwrite,
+            on_run=on_run,
+            **extra,
+        )
     b2n = res["protocol"] == "base2novel"
     general = "general" in res
-    columns = ["method", "shots", "base" if b2n else "accuracy", *(["novel", "HM"] if b2n else []),
-               *([f"general ({res['general']['data']})", "retention %"] if general else []),
-               "seeds", "trainable", "train s"]
+    columns = [
+        "method",
+        "shots",
+        "base" if b2n else "accuracy",
+        *(["novel", "HM"] if b2n else []),
+        *([f"general ({res['general']['data']})", "retention %"] if general else []),
+        "seeds",
+        "trainable",
+        "train s",
+    ]
     rows = []
     for r in res["summary"]:
-        rows.append([METHOD_LABELS.get(r["method"], r["method"]), r["shots"], f"{r['mean']:.1f} ± {r['sd']:.1f}",
-                     *([_f(r.get("novel")), _f(r.get("hm"))] if b2n else []),
-                     *([_f(r.get("general")), _f(r.get("retention"))] if general else []),
-                     r["seeds"], f"{r['trainable']:,}", f"{r['seconds']:.1f}"])
-    console.print(table(f"{'base-to-novel' if b2n else 'few-shot'} {res['data']} ({backbone}) — accuracy %, "
-                        f"mean ± sd over seeds {res['seeds']}", columns, rows))
+        rows.append(
+            [
+                METHOD_LABELS.get(r["method"], r["method"]),
+                r["shots"],
+                f"{r['mean']:.1f} ± {r['sd']:.1f}",
+                *([_f(r.get("novel")), _f(r.get("hm"))] if b2n else []),
+                *([_f(r.get("general")), _f(r.get("retention"))] if general else []),
+                r["seeds"],
+                f"{r['trainable']:,}",
+                f"{r['seconds']:.1f}",
+            ]
+        )
+    console.print(
+        table(
+            f"{'base-to-novel' if b2n else 'few-shot'} {res['data']} ({backbone}) — accuracy %, "
+            f"mean ± sd over seeds {res['seeds']}",
+            columns,
+            rows,
+        )
+    )
     console.print(f"table and plot written to {out}/fewshot.json, {out}/fewshot.png")
     if json_out:
         print_json(res)
@@ -46,30 +83,46 @@ def register(cli: typer.Typer) -> None:
     def adapt_cmd(
         backbone: str = typer.Option("tiny", "--backbone", "-b", help="Backbone spec."),
         domain: str = typer.Option("medical", "--domain", help="Target domain of the embedded world."),
-        shots: str = typer.Option("16", "--shots", help="Training examples per class; a list (1,2,4,8,16) runs "
-                                                        "the few-shot protocol."),
-        method: str | None = typer.Option(None, "--method", "-m",
-                                             help="Few-shot protocol: method(s), comma-separated: an adapter "
-                                                  "variant, tip-adapter, zeroshot, linear or full."),
+        shots: str = typer.Option(
+            "16", "--shots", help="Training examples per class; a list (1,2,4,8,16) runs the few-shot protocol."
+        ),
+        method: str | None = typer.Option(
+            None,
+            "--method",
+            "-m",
+            help="Few-shot protocol: method(s), comma-separated: an adapter "
+            "variant, tip-adapter, zeroshot, linear or full.",
+        ),
         seeds: str | None = typer.Option(None, "--seeds", help="Few-shot protocol: seeds (e.g. 1,2,3)."),
-        data: str | None = typer.Option(None, "--data", help="Few-shot protocol: a data spec with train and "
-                                                                "test splits (e.g. coop:DATA/eurosat); default "
-                                                                "the embedded world's --domain."),
+        data: str | None = typer.Option(
+            None,
+            "--data",
+            help="Few-shot protocol: a data spec with train and "
+            "test splits (e.g. coop:DATA/eurosat); default "
+            "the embedded world's --domain.",
+        ),
         out: Path = typer.Option(Path("runs/adapt"), "--out", "-o", help="Adapter directory."),
         variant: str = typer.Option("bottleneck", "--adapter", "-a", help="Adapter variant."),
         baselines: str | None = typer.Option(None, "--baselines", help="Also run: full,linear."),
         steps: int | None = typer.Option(None, "--steps", help="Training steps (default: 6 x shots, >= 60)."),
-        lr: float | None = typer.Option(None, "--lr", help="Learning rate (default per method: adapters 2e-3, "
-                                                           "linear-sgd 1e-2, full 1e-4)."),
+        lr: float | None = typer.Option(
+            None, "--lr", help="Learning rate (default per method: adapters 2e-3, linear-sgd 1e-2, full 1e-4)."
+        ),
         batch_size: int | None = typer.Option(None, "--batch-size", help="Batch size (default: min(32, 4 x shots))."),
         prompt: str | None = typer.Option(None, "--prompt", help="Class prompt template with one {}."),
-        templates: str | None = typer.Option(None, "--templates", help="Prompt ensemble: imagenet (CLIP's 80), "
-                                                                       "photo, or a file of templates."),
-        protocol: str | None = typer.Option(None, "--protocol", help="fewshot (default) or base2novel (CoCoOp: "
-                                                                     "train on the base half of the classes)."),
-        general: str | None = typer.Option(None, "--general", help="Few-shot protocol: general-domain data spec "
-                                                                   "for retention (default: the world's photo "
-                                                                   "domain without --data)."),
+        templates: str | None = typer.Option(
+            None, "--templates", help="Prompt ensemble: imagenet (CLIP's 80), photo, or a file of templates."
+        ),
+        protocol: str | None = typer.Option(
+            None, "--protocol", help="fewshot (default) or base2novel (CoCoOp: train on the base half of the classes)."
+        ),
+        general: str | None = typer.Option(
+            None,
+            "--general",
+            help="Few-shot protocol: general-domain data spec "
+            "for retention (default: the world's photo "
+            "domain without --data).",
+        ),
         seed: int = typer.Option(0, "--seed"),
         option: list[str] | None = typer.Option(None, "--option", "-O", help="Adapter option key=value."),
         json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
@@ -84,10 +137,26 @@ def register(cli: typer.Typer) -> None:
         shot_list = parse_ints(shots, "--shots")
         task_options = {k: v for k, v in (("prompt", prompt), ("templates", templates)) if v is not None}
         if method or seeds or data or protocol or general or len(shot_list) > 1:
-            _protocol(backbone, domain, shot_list, out, method or variant, seeds, data, steps,
-                      parse_kv(option), json_out, overwrite,
-                      {"lr": lr, "batch_size": batch_size, "task_options": task_options,
-                       "protocol": protocol or "fewshot", "general": general})
+            _protocol(
+                backbone,
+                domain,
+                shot_list,
+                out,
+                method or variant,
+                seeds,
+                data,
+                steps,
+                parse_kv(option),
+                json_out,
+                overwrite,
+                {
+                    "lr": lr,
+                    "batch_size": batch_size,
+                    "task_options": task_options,
+                    "protocol": protocol or "fewshot",
+                    "general": general,
+                },
+            )
             return
         n_shots = shot_list[0]
 
@@ -96,9 +165,22 @@ def register(cli: typer.Typer) -> None:
 
         bar = TrainProgress()
         try:
-            res = run_adapt(backbone, domain, n_shots, out, variant, base, steps, seed,
-                            adapter_options=parse_kv(option), progress=bar, overwrite=overwrite, lr=lr,
-                            batch_size=batch_size, task_options=task_options)
+            res = run_adapt(
+                backbone,
+                domain,
+                n_shots,
+                out,
+                variant,
+                base,
+                steps,
+                seed,
+                adapter_options=parse_kv(option),
+                progress=bar,
+                overwrite=overwrite,
+                lr=lr,
+                batch_size=batch_size,
+                task_options=task_options,
+            )
         finally:
             bar.close()
 
@@ -112,11 +194,32 @@ def register(cli: typer.Typer) -> None:
                 note = "identical to frozen ✓" if r["verified_unchanged"] else "DIFFERS from frozen ✗"
             if "forgetting" in r:
                 note = f"forgetting {r['forgetting']:.1f}"
-            rows.append([r["method"], f"{r['trainable_percent']:.2f}%", f(r["in_domain"]), f(r["general"]),
-                         f"{r['general_change']:+.1f}", f(r.get("retention")), note])
-        console.print(table(f"{res['domain']} adaptation, {res['shots']} shots/class — accuracy %",
-                            ["method", "trainable", res["domain"], f"{res['general_domain']} (general)",
-                             "Δ general", "retention %", "note"], rows))
+            rows.append(
+                [
+                    r["method"],
+                    f"{r['trainable_percent']:.2f}%",
+                    f(r["in_domain"]),
+                    f(r["general"]),
+                    f"{r['general_change']:+.1f}",
+                    f(r.get("retention")),
+                    note,
+                ]
+            )
+        console.print(
+            table(
+                f"{res['domain']} adaptation, {res['shots']} shots/class — accuracy %",
+                [
+                    "method",
+                    "trainable",
+                    res["domain"],
+                    f"{res['general_domain']} (general)",
+                    "Δ general",
+                    "retention %",
+                    "note",
+                ],
+                rows,
+            )
+        )
         console.print(f"adapter written to {res['adapter_dir']}")
         if json_out:
             print_json(res)

@@ -1,4 +1,5 @@
 """Root typer app: builds the command tree through the register_commands hook and maps errors to exit codes."""
+
 from __future__ import annotations
 
 import errno

@@ -1,4 +1,5 @@
 """Built-in plugin that adds vlkit's own commands through the same register_commands hook as third parties."""
+
 from __future__ import annotations
 
 import importlib

@@ -1,4 +1,5 @@
 """Helpers shared by command modules: parsing key=value options and rendering the parameter report."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -24,6 +25,12 @@ def report_table(report: dict[str, Any]):
         pct = 100.0 * t["trainable"] / max(t["total"], 1)
         rows.append([f"tower: {tower}", f"{t['total']:,}", f"{t['trainable']:,}", f"{pct:.3f}%"])
     for name, a in report["adapters"].items():
-        rows.append([f"adapter: {name} ({a['variant']}, {a['sites']} sites)", f"{a['parameters']:,}", "",
-                     f"{a['percent_of_backbone']:.3f}% of backbone"])
+        rows.append(
+            [
+                f"adapter: {name} ({a['variant']}, {a['sites']} sites)",
+                f"{a['parameters']:,}",
+                "",
+                f"{a['percent_of_backbone']:.3f}% of backbone",
+            ]
+        )
     return table(f"parameters — {report['backbone']}", ["scope", "total", "trainable", "trainable %"], rows)

@@ -8,6 +8,7 @@ A, B are adapter directories, names of runs under runs/, or composition director
 generative backbone `compose run` takes an adapter or run directory, `a+b` or a composition, and prints the text
 it generates for each image and prompt.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,12 +31,28 @@ def _floats(text: str | None) -> list[float] | None:
 
 
 MODE_OPTIONS = {  # option -> the modes it applies to ("run": vlkit compose run DIR)
-    "--mode": MODES, "-o": MODES, "--weights": ("merge", "stack", "average", "parallel"),
-    "--method": ("merge",), "--rank": ("merge",), "--density": ("merge",), "--recipe": ("fuse",),
-    "--set": ("fuse",), "--data": ("route", "fuse"), "--router-steps": ("route",), "--per-adapter": ("route",),
-    "--image": ("run",), "--text": ("run",), "--route": ("run",), "--adapter": ("run",), "--task": ("run",),
-    "--backbone": ("route", "fuse", "run"), "--overwrite": MODES, "--alpha": ("wise",), "--prompt": ("run",),
-    "--max-new-tokens": ("run",), "--beams": ("run",),
+    "--mode": MODES,
+    "-o": MODES,
+    "--weights": ("merge", "stack", "average", "parallel"),
+    "--method": ("merge",),
+    "--rank": ("merge",),
+    "--density": ("merge",),
+    "--recipe": ("fuse",),
+    "--set": ("fuse",),
+    "--data": ("route", "fuse"),
+    "--router-steps": ("route",),
+    "--per-adapter": ("route",),
+    "--image": ("run",),
+    "--text": ("run",),
+    "--route": ("run",),
+    "--adapter": ("run",),
+    "--task": ("run",),
+    "--backbone": ("route", "fuse", "run"),
+    "--overwrite": MODES,
+    "--alpha": ("wise",),
+    "--prompt": ("run",),
+    "--max-new-tokens": ("run",),
+    "--beams": ("run",),
 }
 
 
@@ -48,15 +65,20 @@ def check_mode_options(mode: str | None, method: str | None, given: dict) -> Non
     unused = [k for k, v in given.items() if v not in (None, []) and mode not in MODE_OPTIONS[k]]
     if unused:
         where = "vlkit compose run" if mode == "run" else f"--mode {mode}"
-        raise ConfigError(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to {where}; "
-                          f"see 'vlkit compose --help' for what each mode takes")
+        raise ConfigError(
+            f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to {where}; "
+            f"see 'vlkit compose --help' for what each mode takes"
+        )
     if mode == "merge" and method in (None, "linear", "task_arithmetic", "ties"):
-        extra = [k for k in ("--rank", "--density") if given[k] is not None and not (k == "--density" and
-                                                                                   method == "ties")]
+        extra = [
+            k for k in ("--rank", "--density") if given[k] is not None and not (k == "--density" and method == "ties")
+        ]
         if extra:
-            raise ConfigError(f"{', '.join(extra)} {'does' if len(extra) == 1 else 'do'} not apply to merge "
-                              f"--method {method or 'linear'} (--density: ties; --rank: the variant's own "
-                              "methods, e.g. svd)")
+            raise ConfigError(
+                f"{', '.join(extra)} {'does' if len(extra) == 1 else 'do'} not apply to merge "
+                f"--method {method or 'linear'} (--density: ties; --rank: the variant's own "
+                "methods, e.g. svd)"
+            )
 
 
 def register(cli: typer.Typer) -> None:
@@ -68,15 +90,19 @@ def register(cli: typer.Typer) -> None:
         out: Path | None = typer.Option(None, "--out", "-o", help="Composition directory to write."),
         weights: str | None = typer.Option(None, "--weights", "-w", help="Per-adapter weights, e.g. 0.5,0.5."),
         method: str | None = typer.Option(
-            None, "--method", help="merge: linear (default) | task_arithmetic | ties | concat | svd (LoRA)."),
+            None, "--method", help="merge: linear (default) | task_arithmetic | ties | concat | svd (LoRA)."
+        ),
         rank: int | None = typer.Option(None, "--rank", help="merge --method svd: target rank."),
-        alpha: float | None = typer.Option(None, "--alpha", help="wise: the adapter's strength, 0 (frozen "
-                                                                 "backbone) to 1 (the adapter), e.g. 0.5."),
+        alpha: float | None = typer.Option(
+            None, "--alpha", help="wise: the adapter's strength, 0 (frozen backbone) to 1 (the adapter), e.g. 0.5."
+        ),
         density: float | None = typer.Option(
-            None, "--density", help="merge --method ties: share of entries kept (0.2)."),
+            None, "--density", help="merge --method ties: share of entries kept (0.2)."
+        ),
         recipe: Path | None = typer.Option(None, "--recipe", help="fuse: recipe with task, data, optim."),
-        data: list[str] | None = typer.Option(None, "--data",
-                                                 help="route: NAME=SPEC per adapter (none=SPEC); fuse: SPEC."),
+        data: list[str] | None = typer.Option(
+            None, "--data", help="route: NAME=SPEC per adapter (none=SPEC); fuse: SPEC."
+        ),
         set_: list[str] | None = typer.Option(None, "--set", help="fuse: recipe override key=value."),
         router_steps: int | None = typer.Option(None, "--router-steps", help="route: router training steps (300)."),
         per_adapter: int | None = typer.Option(None, "--per-adapter", help="route: examples per adapter (256)."),
@@ -85,13 +111,16 @@ def register(cli: typer.Typer) -> None:
         route: str | None = typer.Option(None, "--route", help="run: 'auto' routes each input by the router."),
         adapter: str | None = typer.Option(None, "--adapter", help="run: use this adapter of the composition."),
         task: str | None = typer.Option(None, "--task", help="run: use the composition's adapter for this task."),
-        prompt: list[str] | None = typer.Option(None, "--prompt", help="run, generative backbones: the prompt, "
-                                                   "e.g. 'caption:' (repeatable: one per image)."),
-        max_new_tokens: int | None = typer.Option(None, "--max-new-tokens",
-                                                  help="run, generative backbones: longest answer in tokens (20)."),
+        prompt: list[str] | None = typer.Option(
+            None, "--prompt", help="run, generative backbones: the prompt, e.g. 'caption:' (repeatable: one per image)."
+        ),
+        max_new_tokens: int | None = typer.Option(
+            None, "--max-new-tokens", help="run, generative backbones: longest answer in tokens (20)."
+        ),
         beams: int | None = typer.Option(None, "--beams", help="run, generative backbones: beam width (1: greedy)."),
-        backbone: str | None = typer.Option(None, "--backbone", "-b",
-                                               help="Backbone spec (default: the adapters' own)."),
+        backbone: str | None = typer.Option(
+            None, "--backbone", "-b", help="Backbone spec (default: the adapters' own)."
+        ),
         json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
     ) -> None:
@@ -99,19 +128,46 @@ def register(cli: typer.Typer) -> None:
         from ..errors import ConfigError
         from .output import console, print_json, table
 
-        given = {"--mode": mode, "-o": out, "--weights": weights, "--method": method, "--rank": rank,
-                 "--density": density, "--recipe": recipe, "--data": data, "--set": set_,
-                 "--router-steps": router_steps, "--per-adapter": per_adapter, "--image": image, "--text": text,
-                 "--route": route, "--adapter": adapter, "--task": task, "--backbone": backbone,
-                 "--overwrite": overwrite or None, "--alpha": alpha, "--prompt": prompt,
-                 "--max-new-tokens": max_new_tokens, "--beams": beams}
+        given = {
+            "--mode": mode,
+            "-o": out,
+            "--weights": weights,
+            "--method": method,
+            "--rank": rank,
+            "--density": density,
+            "--recipe": recipe,
+            "--data": data,
+            "--set": set_,
+            "--router-steps": router_steps,
+            "--per-adapter": per_adapter,
+            "--image": image,
+            "--text": text,
+            "--route": route,
+            "--adapter": adapter,
+            "--task": task,
+            "--backbone": backbone,
+            "--overwrite": overwrite or None,
+            "--alpha": alpha,
+            "--prompt": prompt,
+            "--max-new-tokens": max_new_tokens,
+            "--beams": beams,
+        }
         check_mode_options("run" if sources == "run" else mode, method, given)
         if sources == "run":
             if target is None:
-                raise ConfigError("usage: vlkit compose run DIR --image PATH [--text T] "
-                                  "[--route auto | --adapter NAME | --task TASK]")
-            res = _run(Path(target), image, text, route, adapter, task, backbone,
-                       {"prompts": prompt, "max_new_tokens": max_new_tokens, "num_beams": beams})
+                raise ConfigError(
+                    "usage: vlkit compose run DIR --image PATH [--text T] [--route auto | --adapter NAME | --task TASK]"
+                )
+            res = _run(
+                Path(target),
+                image,
+                text,
+                route,
+                adapter,
+                task,
+                backbone,
+                {"prompts": prompt, "max_new_tokens": max_new_tokens, "num_beams": beams},
+            )
             _print_predictions(res)
             if json_out:
                 print_json(res)
@@ -128,16 +184,35 @@ def register(cli: typer.Typer) -> None:
 
             bar = TrainProgress(enabled=not json_out)
             try:
-                res = fuse_adapters(sources, out, recipe=recipe, overrides=set_, data=data, backbone=backbone,
-                                    weights=_floats(weights), progress=bar, overwrite=overwrite)
+                res = fuse_adapters(
+                    sources,
+                    out,
+                    recipe=recipe,
+                    overrides=set_,
+                    data=data,
+                    backbone=backbone,
+                    weights=_floats(weights),
+                    progress=bar,
+                    overwrite=overwrite,
+                )
             finally:
                 bar.close()
         else:
-            res = compose(sources, mode, out, weights=_floats(weights), method=method or "linear", rank=rank,
-                          density=0.2 if density is None else density, data=data, backbone=backbone,
-                          router_steps=300 if router_steps is None else router_steps,
-                          n_per_adapter=256 if per_adapter is None else per_adapter, overwrite=overwrite,
-                          alpha=alpha)
+            res = compose(
+                sources,
+                mode,
+                out,
+                weights=_floats(weights),
+                method=method or "linear",
+                rank=rank,
+                density=0.2 if density is None else density,
+                data=data,
+                backbone=backbone,
+                router_steps=300 if router_steps is None else router_steps,
+                n_per_adapter=256 if per_adapter is None else per_adapter,
+                overwrite=overwrite,
+                alpha=alpha,
+            )
         console.print(table(f"compose — {res['mode']}", ["", "value"], _summary_rows(res)))
         console.print(f"wrote {res['output_dir']}")
         if json_out:
@@ -154,8 +229,11 @@ def _print_predictions(res: dict) -> None:
         if "text" in r:
             console.print(f"[{r['input']}] adapter {escape(str(r['adapter']))}: {escape(r['text'])}")
             continue
-        detail = r.get("answer") or r.get("score") or ", ".join(f"{t.get('class', t.get('answer'))} "
-                                                              f"{t['p']:.2f}" for t in r.get("top", []))
+        detail = (
+            r.get("answer")
+            or r.get("score")
+            or ", ".join(f"{t.get('class', t.get('answer'))} {t['p']:.2f}" for t in r.get("top", []))
+        )
         console.print(f"[{r['input']}] adapter {r['adapter']} ({r.get('task')}): {detail}")
 
 
@@ -164,8 +242,16 @@ def _summary_rows(res: dict) -> list[list]:
     rows = [["mode", res["mode"]], ["adapters", ", ".join(res["adapters"])]]
     if res.get("weights") is not None:
         rows.append(["weights", ", ".join(f"{w:g}" for w in res["weights"])])
-    for k in ("method", "variant", "num_parameters", "density", "svd_relative_error", "task", "score",
-              "fusion_parameters"):
+    for k in (
+        "method",
+        "variant",
+        "num_parameters",
+        "density",
+        "svd_relative_error",
+        "task",
+        "score",
+        "fusion_parameters",
+    ):
         if res.get(k) is not None:
             rows.append([k, f"{res[k]:.4g}" if isinstance(res[k], float) else res[k]])
     if "routing" in res:
@@ -200,14 +286,25 @@ def _run(path: Path, images, texts, route, adapter, task, backbone_spec, gen: di
         raise ConfigError("vlkit compose run needs at least one --image")
     backbone = load_backbone(_run_backbone(path, backbone_spec)).eval()
     generative = getattr(backbone, "kind", None) == "generative"
-    given = [k for k, v in (("--prompt", gen["prompts"]), ("--max-new-tokens", gen["max_new_tokens"]),
-                            ("--beams", gen["num_beams"])) if v is not None]
+    given = [
+        k
+        for k, v in (
+            ("--prompt", gen["prompts"]),
+            ("--max-new-tokens", gen["max_new_tokens"]),
+            ("--beams", gen["num_beams"]),
+        )
+        if v is not None
+    ]
     if given and not generative:
-        raise ConfigError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to generative backbones; "
-                          f"{backbone.spec} scores images and texts (use --text)")
+        raise ConfigError(
+            f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to generative backbones; "
+            f"{backbone.spec} scores images and texts (use --text)"
+        )
     if generative and (texts or route):
-        raise ConfigError(f"{'--text' if texts else '--route'} does not apply to generative backbone {backbone.spec}: "
-                          "give --prompt (e.g. 'caption:') and, for a composition, --adapter or --task")
+        raise ConfigError(
+            f"{'--text' if texts else '--route'} does not apply to generative backbone {backbone.spec}: "
+            "give --prompt (e.g. 'caption:') and, for a composition, --adapter or --task"
+        )
     if generative and not gen["prompts"]:
         raise ConfigError(f"{backbone.spec} is a generative backbone: give --prompt, e.g. --prompt 'caption:'")
     pil = []
@@ -216,8 +313,14 @@ def _run(path: Path, images, texts, route, adapter, task, backbone_spec, gen: di
             raise FileNotFoundError(str(p))
         pil.append(open_image(p))  # in its own mode: the backbone's own transform converts it
     if generative:
-        return generate_with(backbone, str(path), pil, list(gen["prompts"]), adapter=adapter, task=task,
-                             max_new_tokens=20 if gen["max_new_tokens"] is None else gen["max_new_tokens"],
-                             num_beams=1 if gen["num_beams"] is None else gen["num_beams"])
-    return run_composition(backbone, path, pil, list(texts) if texts else None, adapter=adapter, task=task,
-                           route=route)
+        return generate_with(
+            backbone,
+            str(path),
+            pil,
+            list(gen["prompts"]),
+            adapter=adapter,
+            task=task,
+            max_new_tokens=20 if gen["max_new_tokens"] is None else gen["max_new_tokens"],
+            num_beams=1 if gen["num_beams"] is None else gen["num_beams"],
+        )
+    return run_composition(backbone, path, pil, list(texts) if texts else None, adapter=adapter, task=task, route=route)

@@ -2,6 +2,7 @@
 
 Heavy libraries (datasets, PIL, numpy) are imported inside the commands so `vlkit --help` stays fast.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,12 +19,15 @@ data_app = typer.Typer(
     add_completion=False,
 )
 
+
 @data_app.command("generate")
 def generate_cmd(
     domain: str = typer.Option("photo", "--domain", help="photo, medical, satellite or sketch."),
-    task: str | None = typer.Option(None, "--task",
-                                       help="A task the world generates: classification (default), retrieval, "
-                                            "vqa, grounding or winoground."),
+    task: str | None = typer.Option(
+        None,
+        "--task",
+        help="A task the world generates: classification (default), retrieval, vqa, grounding or winoground.",
+    ),
     n: int = typer.Option(1000, "-n", "--n", help="Number of examples (pairs for winoground)."),
     seed: int = typer.Option(0, "--seed", help="Seed; the same seed gives the same bytes."),
     image_size: int = typer.Option(64, "--image-size", help="Image side in pixels."),
@@ -51,9 +55,20 @@ def generate_cmd(
     seconds = time.perf_counter() - t0
     console.print(f"wrote {n} {domain}/{task} examples to {out} ({manifest.name} + images/) in {seconds:.1f}s")
     if as_json:
-        print_json({"out": str(out), "manifest": str(manifest), "world_json": str(Path(out) / "world.json"),
-                    "domain": domain, "task": task, "n": n, "seed": seed, "image_size": image_size,
-                    "columns": ds.column_names, "seconds": round(seconds, 3)})
+        print_json(
+            {
+                "out": str(out),
+                "manifest": str(manifest),
+                "world_json": str(Path(out) / "world.json"),
+                "domain": domain,
+                "task": task,
+                "n": n,
+                "seed": seed,
+                "image_size": image_size,
+                "columns": ds.column_names,
+                "seconds": round(seconds, 3),
+            }
+        )
 
 
 WORLD_KIND = "world"  # the dataset kind whose registry entry declares what these commands run
@@ -169,20 +184,25 @@ def show_cmd(
             if annotate is not None and len(image_cols) == 1:
                 im = im.resize((im.width * 2, im.height * 2))
                 annotate(ImageDraw.Draw(im), row, float(im.width))
-            suffix = col[len("image"):]
+            suffix = col[len("image") :]
             text_cols = [c for c in cols if c.endswith(suffix)] if suffix else cols
             text = " · ".join(_cell(row[c]) for c in text_cols if row.get(c) is not None)
             label = f"{row.get('id', i)}{'ab'[int(suffix[1:]) % 2] if suffix[1:].isdigit() else ''}"
             images.append(im)
             captions.append(f"{label}: {text}" if suffix else text)
-    sheet = world["contact_sheet"](images, captions, out or directory / "contact_sheet.png",
-                                 columns=4)
-    console.print(table(f"{directory} ({task}, {len(ds)} examples)", ["#", *cols],
-                        [[i, *(_cell(r[c]) for c in cols)] for i, r in enumerate(records)]))
+    sheet = world["contact_sheet"](images, captions, out or directory / "contact_sheet.png", columns=4)
+    console.print(
+        table(
+            f"{directory} ({task}, {len(ds)} examples)",
+            ["#", *cols],
+            [[i, *(_cell(r[c]) for c in cols)] for i, r in enumerate(records)],
+        )
+    )
     console.print(f"contact sheet: {sheet}")
     if as_json:
-        print_json({"dir": str(directory), "task": task, "n": len(ds), "contact_sheet": str(sheet),
-                    "examples": records})
+        print_json(
+            {"dir": str(directory), "task": task, "n": len(ds), "contact_sheet": str(sheet), "examples": records}
+        )
 
 
 def register(cli: typer.Typer) -> None:

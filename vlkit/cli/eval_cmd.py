@@ -9,6 +9,7 @@ One table on stderr (rows: the backbone, then each adapter argument; columns: th
 bootstrap intervals and the paired difference of the primary metric to the backbone); ``--json`` prints the
 result on stdout, ``-o FILE`` writes it. The engine is `vlkit.train.evaluate.run_eval`.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -38,8 +39,11 @@ def result_table(res: dict[str, Any]):
     for r in res["rows"]:
         iv = r.get("intervals", {})
         d = r.get("delta")
-        cells = [r["label"], *(_cell(r["metrics"].get(m), iv.get(m)) for m in metrics),
-                 "—" if d is None else f"{d['value']:+.2f} [{d['low']:+.1f}, {d['high']:+.1f}]"]
+        cells = [
+            r["label"],
+            *(_cell(r["metrics"].get(m), iv.get(m)) for m in metrics),
+            "—" if d is None else f"{d['value']:+.2f} [{d['low']:+.1f}, {d['high']:+.1f}]",
+        ]
         if general:
             cells += [_cell(r.get("general")), _cell(r.get("retention"))]
         rows.append(cells)
@@ -52,22 +56,35 @@ def result_table(res: dict[str, Any]):
 def register(cli: typer.Typer) -> None:
     @cli.command("eval")
     def eval_cmd(
-        data: str = typer.Option(..., "--data", "-d", help="Data spec: coop:DIR, manifest:FILE, world:DOMAIN/TASK, "
-                                                          "imagefolder:DIR, hf:ID, a local path."),
+        data: str = typer.Option(
+            ...,
+            "--data",
+            "-d",
+            help="Data spec: coop:DIR, manifest:FILE, world:DOMAIN/TASK, imagefolder:DIR, hf:ID, a local path.",
+        ),
         task: str = typer.Option("classification", "--task", "-t", help="Task whose metrics to report."),
         backbone: str = typer.Option("tiny", "--backbone", "-b", help="Backbone spec."),
         adapters: str | None = typer.Option(
-            None, "--adapters", "-a", help="Comma-separated: adapter dirs, a+b stacks, composition dirs (any mode, "
-                                           "routers too). The backbone alone always comes first."),
+            None,
+            "--adapters",
+            "-a",
+            help="Comma-separated: adapter dirs, a+b stacks, composition dirs (any mode, "
+            "routers too). The backbone alone always comes first.",
+        ),
         split: str | None = typer.Option(None, "--split", help="Split to score [default: test where there is one]."),
         prompt: str | None = typer.Option(None, "--prompt", help="classification: prompt template with one {}."),
         templates: str | None = typer.Option(
-            None, "--templates", help="classification: a prompt ensemble: imagenet (CLIP's 80), photo, or a file."),
+            None, "--templates", help="classification: a prompt ensemble: imagenet (CLIP's 80), photo, or a file."
+        ),
         option: list[str] | None = typer.Option(None, "--option", "-O", help="Task option key=value."),
-        alpha: str | None = typer.Option(None, "--alpha", help="WiSE sweep, e.g. 0,0.5,1: each single adapter also "
-                                                               "at these strengths."),
-        general: str | None = typer.Option(None, "--general", help="General-domain data spec: every row also "
-                                                                   "reports its score there and its retention."),
+        alpha: str | None = typer.Option(
+            None, "--alpha", help="WiSE sweep, e.g. 0,0.5,1: each single adapter also at these strengths."
+        ),
+        general: str | None = typer.Option(
+            None,
+            "--general",
+            help="General-domain data spec: every row also reports its score there and its retention.",
+        ),
         bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples (0: no intervals)."),
         level: float = typer.Option(0.95, "--level", help="Confidence level of the intervals."),
         seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap resamples."),
@@ -99,9 +116,22 @@ def register(cli: typer.Typer) -> None:
                     raise ConfigError(f"--{key} and -O {key}=... both given")
                 options[key] = value
         with console.status("evaluating…") as status:
-            res = run_eval(backbone, adapters, data=data, task=task, options=options, split=split,
-                           alphas=parse_alphas(alpha), general=general, bootstrap=bootstrap, level=level, seed=seed,
-                           batch_size=batch_size, device=device, progress=lambda label: status.update(label))
+            res = run_eval(
+                backbone,
+                adapters,
+                data=data,
+                task=task,
+                options=options,
+                split=split,
+                alphas=parse_alphas(alpha),
+                general=general,
+                bootstrap=bootstrap,
+                level=level,
+                seed=seed,
+                batch_size=batch_size,
+                device=device,
+                progress=lambda label: status.update(label),
+            )
         console.print(result_table(res))
         if out is not None:
             write_json(out, res)

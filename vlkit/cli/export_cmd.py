@@ -8,6 +8,7 @@ The verification table (max abs difference per graph, precision, input set and o
 scores go to stderr; `--json` prints the summary on stdout. A failed check exits with code 2 and writes
 nothing.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -59,22 +60,35 @@ def checks_table(summary: dict[str, Any]):
         ok = "[green]ok[/]" if c["passed"] else "[red]FAIL[/]"
         if not c["required"]:
             ok = "[dim]info[/]"  # int8: reported with the score change, not enforced
-        rows.append([c["graph"], c["precision"], c["inputs"], c["batch"], c["output"], _fmt(c["max_abs_diff"]),
-                     _fmt(c["tolerance"]), ok])
+        rows.append(
+            [
+                c["graph"],
+                c["precision"],
+                c["inputs"],
+                c["batch"],
+                c["output"],
+                _fmt(c["max_abs_diff"]),
+                _fmt(c["tolerance"]),
+                ok,
+            ]
+        )
     providers = sorted({c["provider"] for c in summary.get("checks", []) if c.get("provider")})
     title = f"verification against PyTorch ({', '.join(providers) or 'onnxruntime'})"
     return _table(title, ["graph", "prec", "inputs", "n", "output", "max|diff|", "tol", ""], rows)
 
 
 def scores_table(summary: dict[str, Any]):
-    rows = [[r["precision"], r["metric"], f"{r['value']:.2f}", f"{r['delta']:+.2f}", f"{r['agreement']:.1f}%", r["n"]]
-            for r in summary.get("scores", [])]
+    rows = [
+        [r["precision"], r["metric"], f"{r['value']:.2f}", f"{r['delta']:+.2f}", f"{r['agreement']:.1f}%", r["n"]]
+        for r in summary.get("scores", [])
+    ]
     dataset = summary.get("manifest", {}).get("eval", {}).get("dataset", "eval set")
     return _table(f"eval-set score ({dataset})", ["graph", "metric", "value", "change", "same pred.", "n"], rows)
 
 
-def _export_peft(out: Path, adapter: list[str] | None, backbone: str | None, overwrite: bool, json_out: bool,
-                 seed: int | None) -> None:
+def _export_peft(
+    out: Path, adapter: list[str] | None, backbone: str | None, overwrite: bool, json_out: bool, seed: int | None
+) -> None:
     """`--format peft`: one adapter as a PEFT directory (vlkit.export.peft.export_peft)."""
     from ..errors import ConfigError
     from ..export.peft import export_peft
@@ -85,8 +99,10 @@ def _export_peft(out: Path, adapter: list[str] | None, backbone: str | None, ove
     with console.status("writing the PEFT directory and loading it with PEFT…"):
         summary = export_peft(out, adapter[0], backbone=backbone, overwrite=overwrite, seed=seed or 0)
     worst = ", ".join(f"{k} {v:.2e}" for k, v in summary["max_abs_diff"].items())
-    console.print(f"verified with peft.PeftModel (max |diff| {worst}); wrote a PEFT {summary['variant']} adapter "
-                  f"({summary['modules']} modules) to {out}")
+    console.print(
+        f"verified with peft.PeftModel (max |diff| {worst}); wrote a PEFT {summary['variant']} adapter "
+        f"({summary['modules']} modules) to {out}"
+    )
     if json_out:
         print_json(summary)
 
@@ -95,34 +111,52 @@ def register(cli: typer.Typer) -> None:
     @cli.command("export")
     def export_cmd(
         out: Path = typer.Option(..., "--out", "-o", help="Output directory for the graphs and export.json."),
-        adapter: list[str] | None = typer.Option(None, "--adapter", "-a",
-                                                    help="Adapter or composition directory (repeat to stack)."),
-        backbone: str | None = typer.Option(None, "--backbone", "-b",
-                                               help="Backbone spec (default: the one the adapter names)."),
-        target: str | None = typer.Option(None, "--target", "-t",
-                                          help="Export target (see `vlkit plugins`; default onnx)."),
-        fmt: str = typer.Option("graphs", "--format", "-f",
-                                help="graphs: the --target's verified graphs (ONNX by default); peft: one LoRA / "
-                                     "peft adapter of an hf: backbone as a PEFT directory "
-                                     "(PeftModel.from_pretrained loads it), verified through PEFT."),
+        adapter: list[str] | None = typer.Option(
+            None, "--adapter", "-a", help="Adapter or composition directory (repeat to stack)."
+        ),
+        backbone: str | None = typer.Option(
+            None, "--backbone", "-b", help="Backbone spec (default: the one the adapter names)."
+        ),
+        target: str | None = typer.Option(
+            None, "--target", "-t", help="Export target (see `vlkit plugins`; default onnx)."
+        ),
+        fmt: str = typer.Option(
+            "graphs",
+            "--format",
+            "-f",
+            help="graphs: the --target's verified graphs (ONNX by default); peft: one LoRA / "
+            "peft adapter of an hf: backbone as a PEFT directory "
+            "(PeftModel.from_pretrained loads it), verified through PEFT.",
+        ),
         task: str | None = typer.Option(None, "--task", help="Add a task head graph: classification."),
-        domain: str | None = typer.Option(None, "--domain",
-                                             help="World domain of the eval set, and of the class names when the "
-                                                  "adapter saved none (default: the recipe's, else photo)."),
-        eval_data: str | None = typer.Option(None, "--eval-data", help="Eval set data spec (default: the recipe's "
-                                                "or the world's classification set)."),
-        eval_n: int | None = typer.Option(None, "--eval-n",
-                                             help="At most this many eval examples (default 16; 256 with --fp16 "
-                                                  "or --quantize, whose score change is what they are judged by)."),
+        domain: str | None = typer.Option(
+            None,
+            "--domain",
+            help="World domain of the eval set, and of the class names when the "
+            "adapter saved none (default: the recipe's, else photo).",
+        ),
+        eval_data: str | None = typer.Option(
+            None, "--eval-data", help="Eval set data spec (default: the recipe's or the world's classification set)."
+        ),
+        eval_n: int | None = typer.Option(
+            None,
+            "--eval-n",
+            help="At most this many eval examples (default 16; 256 with --fp16 "
+            "or --quantize, whose score change is what they are judged by).",
+        ),
         fp16: bool = typer.Option(False, "--fp16", help="Also write float16 graphs (fp32 inputs and outputs)."),
         quantize: str | None = typer.Option(None, "--quantize", help="Also write quantised graphs: int8."),
-        providers: list[str] | None = typer.Option(None, "--providers",
-                                                      help="onnxruntime execution providers, comma-separated."),
+        providers: list[str] | None = typer.Option(
+            None, "--providers", help="onnxruntime execution providers, comma-separated."
+        ),
         opset: int | None = typer.Option(None, "--opset", help="ONNX opset (default 17)."),
         no_merge: bool = typer.Option(False, "--no-merge", help="Keep LoRA-like adapters as operators."),
-        merge_unload: bool = typer.Option(False, "--merge",
-                                          help="Fold the adapters into the weights for good (no copy kept for "
-                                               "an exact unmerge: the frozen backbone's memory); all must merge."),
+        merge_unload: bool = typer.Option(
+            False,
+            "--merge",
+            help="Fold the adapters into the weights for good (no copy kept for "
+            "an exact unmerge: the frozen backbone's memory); all must merge.",
+        ),
         seed: int | None = typer.Option(None, "--seed", help="Seed of the random verification inputs."),
         option: list[str] | None = typer.Option(None, "--option", "-O", help="Target option key=value."),
         json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
@@ -136,30 +170,58 @@ def register(cli: typer.Typer) -> None:
         from .output import console, print_json
 
         if fmt == "peft":
-            graph_only = {"--target": target, "--task": task, "--domain": domain, "--eval-data": eval_data,
-                          "--eval-n": eval_n, "--fp16": fp16 or None, "--quantize": quantize,
-                          "--providers": providers or None, "--opset": opset, "--no-merge": no_merge or None,
-                          "--merge": merge_unload or None, "--option": option or None}
+            graph_only = {
+                "--target": target,
+                "--task": task,
+                "--domain": domain,
+                "--eval-data": eval_data,
+                "--eval-n": eval_n,
+                "--fp16": fp16 or None,
+                "--quantize": quantize,
+                "--providers": providers or None,
+                "--opset": opset,
+                "--no-merge": no_merge or None,
+                "--merge": merge_unload or None,
+                "--option": option or None,
+            }
             unused = [k for k, v in graph_only.items() if v is not None]
             if unused:
                 from ..errors import ConfigError
 
-                raise ConfigError(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to "
-                                  "--format peft (a PEFT directory, verified with peft itself)")
+                raise ConfigError(
+                    f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to "
+                    "--format peft (a PEFT directory, verified with peft itself)"
+                )
             _export_peft(out, adapter, backbone, overwrite, json_out, seed)
             return
         if fmt not in ("graphs", "onnx"):
             from ..errors import ConfigError
 
             raise ConfigError(f"--format must be graphs or peft, got {fmt!r}")
-        options = ExportOptions(fp16=fp16, quantize=quantize, providers=_providers(providers), opset=opset,
-                                seed=seed, extra=parse_kv(option))
+        options = ExportOptions(
+            fp16=fp16,
+            quantize=quantize,
+            providers=_providers(providers),
+            opset=opset,
+            seed=seed,
+            extra=parse_kv(option),
+        )
         try:
             with console.status("exporting and verifying…"):
-                summary = export_model(out, backbone=backbone, adapters=list(adapter or []), target=target or "onnx",
-                                       task=task, domain=domain, eval_data=eval_data, eval_n=eval_n,
-                                       merge=not no_merge, options=options, overwrite=overwrite,
-                                       unload=merge_unload)
+                summary = export_model(
+                    out,
+                    backbone=backbone,
+                    adapters=list(adapter or []),
+                    target=target or "onnx",
+                    task=task,
+                    domain=domain,
+                    eval_data=eval_data,
+                    eval_n=eval_n,
+                    merge=not no_merge,
+                    options=options,
+                    overwrite=overwrite,
+                    unload=merge_unload,
+                )
         except ExportError as exc:
             if exc.summary:
                 _wide(console).print(checks_table(exc.summary))

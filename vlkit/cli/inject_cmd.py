@@ -1,4 +1,5 @@
 """`vlkit inject`: put an adapter into a backbone and write the initialised adapter directory."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -37,8 +38,12 @@ def register(cli: typer.Typer) -> None:
         dry_run: bool = typer.Option(False, "--dry-run", help="List targeted modules; write nothing."),
         json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
-        show_help: bool = typer.Option(False, "--help", "-h", help="Show this message and exit; with --adapter X, "
-                                       "also X's own options (--towers, --rank, ...)."),
+        show_help: bool = typer.Option(
+            False,
+            "--help",
+            "-h",
+            help="Show this message and exit; with --adapter X, also X's own options (--towers, --rank, ...).",
+        ),
     ) -> None:
         """Inject an adapter into a frozen backbone, print the parameter table, write the adapter directory.
 
@@ -80,16 +85,31 @@ def register(cli: typer.Typer) -> None:
         model = load(backbone)
         record = model.add_adapter(name, adapter, **options)
         report = model.parameter_report()
-        result = {"backbone": model.spec, "variant": adapter, "name": name, "config": record.config,
-                  "targets": record.targets, "parameters": report, "dry_run": dry_run}
+        result = {
+            "backbone": model.spec,
+            "variant": adapter,
+            "name": name,
+            "config": record.config,
+            "targets": record.targets,
+            "parameters": report,
+            "dry_run": dry_run,
+        }
         ref = registry("adapter").get(adapter).plain_equivalent_parameters(record.config_obj, record.sites)
         if ref is not None:
             own = report["adapters"][name]["parameters"]
-            result["overhead_vs_bottleneck"] = {"adapter": own, "bottleneck": ref,
-                                                "percent": 100.0 * (own - ref) / max(ref, 1)}
+            result["overhead_vs_bottleneck"] = {
+                "adapter": own,
+                "bottleneck": ref,
+                "percent": 100.0 * (own - ref) / max(ref, 1),
+            }
         if dry_run:
-            console.print(table(f"targets of {adapter} on {model.spec}", ["tower", "layer", "role", "module"],
-                                [[s.tower, s.layer, s.role, s.path] for s in record.sites]))
+            console.print(
+                table(
+                    f"targets of {adapter} on {model.spec}",
+                    ["tower", "layer", "role", "module"],
+                    [[s.tower, s.layer, s.role, s.path] for s in record.sites],
+                )
+            )
         else:
             assert target is not None
             with target:
@@ -98,8 +118,10 @@ def register(cli: typer.Typer) -> None:
         console.print(report_table(report))
         if "overhead_vs_bottleneck" in result:
             o = result["overhead_vs_bottleneck"]
-            console.print(f"{adapter}: {o['adapter']:,} parameters vs {o['bottleneck']:,} for a plain bottleneck "
-                          f"of the same size on the same sites: {o['percent']:+.1f}%")
+            console.print(
+                f"{adapter}: {o['adapter']:,} parameters vs {o['bottleneck']:,} for a plain bottleneck "
+                f"of the same size on the same sites: {o['percent']:+.1f}%"
+            )
         if not dry_run:
             console.print(f"wrote adapter [bold]{name}[/] ({adapter}, {len(record.sites)} sites) to {out}")
         if json_out:

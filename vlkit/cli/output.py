@@ -1,4 +1,5 @@
 """Shared CLI output helpers: rich console on stderr for tables and progress, JSON on stdout for machines."""
+
 from __future__ import annotations
 
 import json

@@ -1,5 +1,6 @@
 """`vlkit plugins`: every plugin, its version and what it registers; `--json` adds, per registered object that
 declares them, its options (name, type, default, help, required: `vlkit.options.OptionSpec`)."""
+
 from __future__ import annotations
 
 import typer
@@ -22,9 +23,20 @@ def register(cli: typer.Typer) -> None:
                     cls = options_class(entry)
                     if cls is not None:
                         options.setdefault(entry.plugin, {}).setdefault(kind, {})[entry.name] = [
-                            s.to_dict() for s in option_specs(cls)]
-            print_json([{"name": i.name, "version": i.version, "builtin": i.builtin, "registers": i.registers,
-                         "options": options.get(i.name, {})} for i in infos])
+                            s.to_dict() for s in option_specs(cls)
+                        ]
+            print_json(
+                [
+                    {
+                        "name": i.name,
+                        "version": i.version,
+                        "builtin": i.builtin,
+                        "registers": i.registers,
+                        "options": options.get(i.name, {}),
+                    }
+                    for i in infos
+                ]
+            )
             return
         rows = []
         for i in infos:

@@ -8,6 +8,7 @@
 Tables go to stderr, ``--json`` prints the result on stdout. Probes are plugins (`register_probes`); torch
 and the probe modules load inside the command.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -22,8 +23,11 @@ from ..options import option_names
 def _list_table(probes: list[dict[str, str]]):
     from .output import table
 
-    return table("probes", ["name", "plugin", "summary", "--data"],
-                 [[p["name"], p["plugin"], p["summary"], p["data"]] for p in probes])
+    return table(
+        "probes",
+        ["name", "plugin", "summary", "--data"],
+        [[p["name"], p["plugin"], p["summary"], p["data"]] for p in probes],
+    )
 
 
 def _accepted(probe) -> tuple[set[str], bool]:
@@ -42,16 +46,22 @@ def register(cli: typer.Typer) -> None:
         list_: bool = typer.Option(False, "--list", help="List the registered probes and exit."),
         backbone: str = typer.Option("tiny", "--backbone", "-b", help="Backbone spec: tiny, open_clip:M@tag, hf:dir."),
         adapters: str | None = typer.Option(
-            None, "--adapters", "-a",
-            help="Comma-separated: adapter dirs, a+b stacks, composition dirs. The backbone alone always comes first."),
-        data: str | None = typer.Option(None, "--data", "-d",
-                                           help="Probe data: winoground synth|hub|DIR; caption-pairs FILE.json|DIR."),
+            None,
+            "--adapters",
+            "-a",
+            help="Comma-separated: adapter dirs, a+b stacks, composition dirs. The backbone alone always comes first.",
+        ),
+        data: str | None = typer.Option(
+            None, "--data", "-d", help="Probe data: winoground synth|hub|DIR; caption-pairs FILE.json|DIR."
+        ),
         images: Path | None = typer.Option(None, "--images", help="Image root for relative paths in JSON data."),
         n: int | None = typer.Option(
-            None, "-n", "--n", help="Examples (synth: generated; Winoground copy: first n; JSON: seeded subset)."),
+            None, "-n", "--n", help="Examples (synth: generated; Winoground copy: first n; JSON: seeded subset)."
+        ),
         seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap resamples."),
         data_seed: int | None = typer.Option(
-            None, "--data-seed", help="Seed of generated (synth) data and of JSON subsets [default: 0]."),
+            None, "--data-seed", help="Seed of generated (synth) data and of JSON subsets [default: 0]."
+        ),
         bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the intervals."),
         level: float = typer.Option(0.95, "--level", help="Confidence level of the intervals."),
         batch_size: int | None = typer.Option(None, "--batch-size", help="Examples scored per batch."),
@@ -108,8 +118,11 @@ def register(cli: typer.Typer) -> None:
         systems = resolve_systems(bb, adapters)
         options: dict[str, Any] = {"data": data, "seed": seed, "n": n, "n_boot": bootstrap, "level": level}
         named, var_kw = _accepted(probe)
-        optional = {"data_seed": data_seed, "batch_size": batch_size,
-                    "image_root": str(images) if images is not None else None}
+        optional = {
+            "data_seed": data_seed,
+            "batch_size": batch_size,
+            "image_root": str(images) if images is not None else None,
+        }
         for key, value in optional.items():
             if value is None:
                 continue

@@ -1,4 +1,5 @@
 """Probe result tables on stderr (rich): systems x metrics with bootstrap intervals, and one table per breakdown."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -25,8 +26,10 @@ def main_table(result: dict[str, Any]):
     metrics = result["metrics"]
     level = int(round(100 * result["bootstrap"]["level"]))
     with_diff = len(result["systems"]) > 1
-    t = Table(title=f"{result['probe']} — {result['dataset']} — {result['backbone']} (n={result['n']}; "
-                    f"{level}% bootstrap intervals, {result['bootstrap']['resamples']} resamples)")
+    t = Table(
+        title=f"{result['probe']} — {result['dataset']} — {result['backbone']} (n={result['n']}; "
+        f"{level}% bootstrap intervals, {result['bootstrap']['resamples']} resamples)"
+    )
     t.add_column("system", overflow="fold")
     for m in metrics:
         t.add_column(m, justify="right")
@@ -71,8 +74,10 @@ def breakdown_tables(result: dict[str, Any]) -> list:
         metrics = [m for m in result["metrics"] if m in first] or [m for m in first if m != "n"]
         marked = any("diff" in r for s in systems[1:] for r in s["breakdowns"].get(key, {}).values())
         level = int(round(100 * result.get("bootstrap", {}).get("level", 0.95)))
-        t = Table(title=f"by {key}", caption=(f"(Δ to the backbone; * its paired {level}% interval excludes 0)"
-                                              if marked else None))
+        t = Table(
+            title=f"by {key}",
+            caption=(f"(Δ to the backbone; * its paired {level}% interval excludes 0)" if marked else None),
+        )
         for col in (key, "n", "system"):
             t.add_column(col, justify="right" if col == "n" else "left")
         for m in metrics:

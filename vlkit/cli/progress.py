@@ -1,4 +1,5 @@
 """Progress on stderr, drawn with rich: the library reports through callbacks (training events, probe counts)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -26,13 +27,22 @@ class TrainProgress:
         if event == "start":
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self.bar = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                                TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console)
+            self.bar = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(),
+                console=console,
+            )
             self.bar.start()
             self.task = self.bar.add_task("train", total=info["total"], completed=info.get("step", 0), info="")
         elif event == "step" and self.bar is not None:
-            self.bar.update(self.task, completed=info["step"],
-                            info=f"loss {info['loss']:.4f} lr {info['lr']:.2e} {info['rate']:.0f} samples/s")
+            self.bar.update(
+                self.task,
+                completed=info["step"],
+                info=f"loss {info['loss']:.4f} lr {info['lr']:.2e} {info['rate']:.0f} samples/s",
+            )
         elif event == "end":
             self.close()
 
@@ -50,8 +60,14 @@ def count_progress(console, enabled: bool, label: str = "probe"):
         return None, nullcontext()
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    bar = Progress(TextColumn(f"[bold]{label}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                   TimeRemainingColumn(), console=console, transient=True)
+    bar = Progress(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
 
     def start(total: int):
         task = bar.add_task(label, total=total)

@@ -5,6 +5,7 @@ Set through the libraries' environment variables before they are imported (so pr
 CLI, e.g. under torchrun, inherit it) and through their functions where they already are (the CLI called
 in-process). `VLKIT_DEBUG=1` leaves them all as they are, beside the traceback it shows.
 """
+
 from __future__ import annotations
 
 import logging

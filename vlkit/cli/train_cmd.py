@@ -1,4 +1,5 @@
 """`vlkit train RECIPE [key=value ...]`: train from a YAML recipe (also under accelerate launch / torchrun)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,11 +15,14 @@ def register(cli: typer.Typer) -> None:
         out: Path | None = typer.Option(None, "--out", "-o", help="Output directory (default: recipe output_dir)."),
         resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the output dir."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
-        allow_untrained: bool = typer.Option(False, "--allow-untrained",
-                                             help="Let optim.steps=0 write the adapter as initialised."),
-        allow_env: list[str] | None = typer.Option(None, "--allow-env",
-                                                      help="Environment variable the recipe may read with "
-                                                           "${oc.env:NAME} (repeat for several)."),
+        allow_untrained: bool = typer.Option(
+            False, "--allow-untrained", help="Let optim.steps=0 write the adapter as initialised."
+        ),
+        allow_env: list[str] | None = typer.Option(
+            None,
+            "--allow-env",
+            help="Environment variable the recipe may read with ${oc.env:NAME} (repeat for several).",
+        ),
         json_out: bool = typer.Option(False, "--json", help="Print the final metrics as JSON on stdout."),
         no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
     ) -> None:
@@ -31,8 +35,9 @@ def register(cli: typer.Typer) -> None:
         from .progress import TrainProgress
 
         notes: list[str] = []
-        cfg = load_recipe(recipe, overrides or [], notes=notes, allow_env=tuple(allow_env or ()),
-                          allow_untrained=allow_untrained)
+        cfg = load_recipe(
+            recipe, overrides or [], notes=notes, allow_env=tuple(allow_env or ()), allow_untrained=allow_untrained
+        )
         if os.environ.get("RANK", "0") == "0":
             for note in notes:
                 console.print(f"note: {note}")
@@ -42,7 +47,7 @@ def register(cli: typer.Typer) -> None:
         if n_cpu:
             import sys
 
-            relaunch_under_torchrun(n_cpu, sys.argv[sys.argv.index("train"):] if "train" in sys.argv else ["train"])
+            relaunch_under_torchrun(n_cpu, sys.argv[sys.argv.index("train") :] if "train" in sys.argv else ["train"])
         bar = TrainProgress(enabled=not no_progress and os.environ.get("RANK", "0") == "0")
         try:
             result = train(cfg, out, resume=resume, overwrite=overwrite, progress=bar)

@@ -12,6 +12,7 @@
 
 Per-sample routing inside a batch is `AdaptedModel.route(names, index)`.
 """
+
 from __future__ import annotations
 
 _LAZY = {

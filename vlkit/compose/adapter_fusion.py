@@ -13,6 +13,7 @@ Training reuses the trainer: recipe `method: fuse` with `compose.adapters: [{nam
 the adapters frozen, adds fusion layers (trainable) and trains them with the task head; the run
 directory is also a composition directory (`fusion.safetensors`, `composition.json`, the adapters).
 """
+
 from __future__ import annotations
 
 import json
@@ -70,8 +71,9 @@ def _fusion_sites(backbone, names: list[str]):
     return out
 
 
-def add_fusion(backbone, name: str, adapters: list[str], *, trainable: bool = True,
-               temperature: float = 1.0) -> dict[str, FusionAttention]:
+def add_fusion(
+    backbone, name: str, adapters: list[str], *, trainable: bool = True, temperature: float = 1.0
+) -> dict[str, FusionAttention]:
     """Add AdapterFusion layers `name` over loaded `adapters` at every site any of them wraps."""
     model = AdaptedModel.of(backbone)
     if len(adapters) < 1:
@@ -101,13 +103,16 @@ def add_fusion(backbone, name: str, adapters: list[str], *, trainable: bool = Tr
 def fusion_layers(backbone, name: str) -> dict[str, FusionAttention]:
     rec = AdaptedModel.of(backbone).fusions[name]
     sites = _fusion_sites(backbone, rec["adapters"])
-    return {p: cast(FusionAttention, host_of(backbone, sites[p][0]).fusion_group(name)[sites[p][0].key])
-            for p in rec["sites"]}
+    return {
+        p: cast(FusionAttention, host_of(backbone, sites[p][0]).fusion_group(name)[sites[p][0].key])
+        for p in rec["sites"]
+    }
 
 
 def fusion_parameters(backbone, name: str) -> dict[str, torch.Tensor]:
-    return {f"{path}.{k}": t for path, layer in fusion_layers(backbone, name).items()
-            for k, t in layer.state_dict().items()}
+    return {
+        f"{path}.{k}": t for path, layer in fusion_layers(backbone, name).items() for k, t in layer.state_dict().items()
+    }
 
 
 def remove_fusion(backbone, name: str) -> None:
@@ -136,13 +141,16 @@ def load_fusion(backbone, name: str, adapters: list[str], path: str | Path, temp
         expected = fusion_parameters(backbone, name)
         missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
         if missing or unexpected:
-            raise IncompatibleAdapterError(f"fusion {path} does not fit these adapters: {len(missing)} tensors "
-                                           f"missing (e.g. {missing[:2]}), {len(unexpected)} unexpected")
+            raise IncompatibleAdapterError(
+                f"fusion {path} does not fit these adapters: {len(missing)} tensors "
+                f"missing (e.g. {missing[:2]}), {len(unexpected)} unexpected"
+            )
         with torch.no_grad():
             for k, t in expected.items():
                 if tuple(saved[k].shape) != tuple(t.shape):
-                    raise IncompatibleAdapterError(f"fusion {path}: {k} has shape {tuple(saved[k].shape)}, "
-                                                   f"expected {tuple(t.shape)}")
+                    raise IncompatibleAdapterError(
+                        f"fusion {path}: {k} has shape {tuple(saved[k].shape)}, expected {tuple(t.shape)}"
+                    )
                 t.copy_(saved[k].to(dtype=t.dtype, device=t.device))
     except Exception:
         remove_fusion(backbone, name)
@@ -150,8 +158,9 @@ def load_fusion(backbone, name: str, adapters: list[str], path: str | Path, temp
 
 
 # --- training through the trainer (recipe method "fuse") -------------------------------------------------
-def prepare_fuse(backbone, task, sources: list[tuple[str, Path]], fusion: str = "fusion",
-                 temperature: float = 1.0) -> None:
+def prepare_fuse(
+    backbone, task, sources: list[tuple[str, Path]], fusion: str = "fusion", temperature: float = 1.0
+) -> None:
     """Training AdapterFusion (recipe `method: fuse`): load the (name, adapter dir) `sources` frozen, add
     trainable fusion layers `fusion`, activate them, and start the head from an adapter's own head for the same
     task when one fits."""
@@ -184,12 +193,19 @@ def init_head_from_adapters(task, dirs: list[Path]) -> str | None:
     return None
 
 
-def write_fuse_outputs(out: Path, backbone, sources: list[tuple[str, Path]], fusion: str = "fusion",
-                       temperature: float = 1.0) -> None:
+def write_fuse_outputs(
+    out: Path, backbone, sources: list[tuple[str, Path]], fusion: str = "fusion", temperature: float = 1.0
+) -> None:
     """After a `method: fuse` run: the fusion weights, copies of the adapters and composition.json."""
 
     save_fusion(backbone, fusion, out / FUSION_FILE)
-    write_composition(out, "fuse", backbone, list(sources), extra={
-        "fusion": {"name": fusion, "file": FUSION_FILE, "temperature": float(temperature)},
-        "task": {"meta": "task.json", "head": "head.safetensors" if (out / "head.safetensors").is_file() else None},
-    })
+    write_composition(
+        out,
+        "fuse",
+        backbone,
+        list(sources),
+        extra={
+            "fusion": {"name": fusion, "file": FUSION_FILE, "temperature": float(temperature)},
+            "task": {"meta": "task.json", "head": "head.safetensors" if (out / "head.safetensors").is_file() else None},
+        },
+    )

@@ -9,6 +9,7 @@ for their adapters, e.g. the per-task adapters of a multi-task run). Modes:
 - route: train a router on the adapters' own training data (or `data`), report held-out accuracy;
 - wise: one adapter interpolated towards the frozen backbone by `alpha` (WiSE-FT; see `vlkit.compose.composition`).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -37,7 +38,8 @@ def _check_same_backbone(sources: list[tuple[str, Path]]) -> dict[str, Any]:
         if cfg["backbone_fingerprint"] != cfgs[0]["backbone_fingerprint"]:
             raise IncompatibleAdapterError(
                 f"adapters {sources[0][1]} and {p} were made for different backbones: {cfgs[0].get('backbone')!r} "
-                f"({cfgs[0]['backbone_fingerprint']}) vs {cfg.get('backbone')!r} ({cfg['backbone_fingerprint']})")
+                f"({cfgs[0]['backbone_fingerprint']}) vs {cfg.get('backbone')!r} ({cfg['backbone_fingerprint']})"
+            )
     return cfgs[0]
 
 
@@ -45,8 +47,10 @@ def _load_backbone_for(cfg0: dict[str, Any], spec: str | None = None):
 
     backbone = load_backbone(spec or cfg0["backbone"]).eval()
     if backbone.fingerprint() != cfg0["backbone_fingerprint"]:
-        raise IncompatibleAdapterError(f"backbone {backbone.spec!r} (fingerprint {backbone.fingerprint()}) is not "
-                                       f"the one the adapters were made for ({cfg0['backbone_fingerprint']})")
+        raise IncompatibleAdapterError(
+            f"backbone {backbone.spec!r} (fingerprint {backbone.fingerprint()}) is not "
+            f"the one the adapters were made for ({cfg0['backbone_fingerprint']})"
+        )
     return backbone
 
 
@@ -64,11 +68,24 @@ def parse_data_items(items: list[str] | None) -> tuple[dict[str, Any], Any]:
     return per_name, bare
 
 
-def compose(sources: list[str] | str, mode: str, out: str | Path, *, weights: list[float] | None = None,
-            method: str = "linear", rank: int | None = None, density: float = 0.2,
-            data: list[str] | None = None, backbone: str | None = None,
-            router_hidden: int = 64, router_steps: int = 300, n_per_adapter: int = 256, seed: int = 0,
-            overwrite: bool = False, alpha: float | None = None) -> dict[str, Any]:
+def compose(
+    sources: list[str] | str,
+    mode: str,
+    out: str | Path,
+    *,
+    weights: list[float] | None = None,
+    method: str = "linear",
+    rank: int | None = None,
+    density: float = 0.2,
+    data: list[str] | None = None,
+    backbone: str | None = None,
+    router_hidden: int = 64,
+    router_steps: int = 300,
+    n_per_adapter: int = 256,
+    seed: int = 0,
+    overwrite: bool = False,
+    alpha: float | None = None,
+) -> dict[str, Any]:
     """Compose adapters into the directory `out`; returns a summary (what `vlkit compose --json` prints).
 
     `out` follows `vlkit.outputs`: never one of the sources, refused when not empty unless `overwrite`, and
@@ -86,13 +103,17 @@ def compose(sources: list[str] | str, mode: str, out: str | Path, *, weights: li
         if mode == "route":
             raise ConfigError("weights do not apply to mode route (its router picks one adapter per input)")
     if mode == "fuse":
-        raise ConfigError("mode fuse trains fusion layers: call vlkit.train.fuse.fuse_adapters (vlkit compose "
-                          "--mode fuse does)")
+        raise ConfigError(
+            "mode fuse trains fusion layers: call vlkit.train.fuse.fuse_adapters (vlkit compose --mode fuse does)"
+        )
     if mode in ("average", "parallel") and len(srcs) < 2:
         raise ConfigError(f"mode {mode} needs at least two adapters")
     if (mode == "wise") != (alpha is not None):
-        raise ConfigError("--alpha is mode wise's interpolation strength" if alpha is not None else
-                          "mode wise needs --alpha (0: the frozen backbone, 1: the adapter)")
+        raise ConfigError(
+            "--alpha is mode wise's interpolation strength"
+            if alpha is not None
+            else "mode wise needs --alpha (0: the frozen backbone, 1: the adapter)"
+        )
     if mode == "wise":
         assert alpha is not None  # checked above
         if len(srcs) != 1 or weights is not None:
@@ -104,21 +125,67 @@ def compose(sources: list[str] | str, mode: str, out: str | Path, *, weights: li
     target = OutputTarget(out, overwrite=overwrite, inputs=[p for _, p in srcs], what="composition directory")
     target.check()
     with target:
-        summary = _compose_into(target.staging, out, mode, srcs, cfg0, weights, method, rank, density, data,
-                                backbone, router_hidden, router_steps, n_per_adapter, seed)
+        summary = _compose_into(
+            target.staging,
+            out,
+            mode,
+            srcs,
+            cfg0,
+            weights,
+            method,
+            rank,
+            density,
+            data,
+            backbone,
+            router_hidden,
+            router_steps,
+            n_per_adapter,
+            seed,
+        )
     return summary
 
 
-def _compose_into(stage: Path, out: Path, mode, srcs, cfg0, weights, method, rank, density, data, backbone,
-                  router_hidden, router_steps, n_per_adapter, seed) -> dict[str, Any]:
-    summary: dict[str, Any] = {"mode": mode, "output_dir": str(out), "adapters": [n for n, _ in srcs],
-                               "weights": weights}
+def _compose_into(
+    stage: Path,
+    out: Path,
+    mode,
+    srcs,
+    cfg0,
+    weights,
+    method,
+    rank,
+    density,
+    data,
+    backbone,
+    router_hidden,
+    router_steps,
+    n_per_adapter,
+    seed,
+) -> dict[str, Any]:
+    summary: dict[str, Any] = {
+        "mode": mode,
+        "output_dir": str(out),
+        "adapters": [n for n, _ in srcs],
+        "weights": weights,
+    }
     if mode == "merge":
-
-        cfg = merge_adapters([p for _, p in srcs], stage, method=method, weights=weights, density=density, rank=rank,
-                             name=free_name(set(), out.name), labels=[str(p) for _, p in srcs])
-        summary.update(method=method, weights=cfg["composition"]["weights"], variant=cfg["variant"],
-                       config=cfg["config"], num_parameters=cfg["num_parameters"])
+        cfg = merge_adapters(
+            [p for _, p in srcs],
+            stage,
+            method=method,
+            weights=weights,
+            density=density,
+            rank=rank,
+            name=free_name(set(), out.name),
+            labels=[str(p) for _, p in srcs],
+        )
+        summary.update(
+            method=method,
+            weights=cfg["composition"]["weights"],
+            variant=cfg["variant"],
+            config=cfg["config"],
+            num_parameters=cfg["num_parameters"],
+        )
         for k in ("svd_relative_error", "density"):
             if k in cfg["composition"]:
                 summary[k] = cfg["composition"][k]
@@ -132,20 +199,22 @@ def _compose_into(stage: Path, out: Path, mode, srcs, cfg0, weights, method, ran
 def _route(srcs, cfg0, out: Path, data, backbone_spec, hidden, steps, n_per_adapter, seed) -> dict[str, Any]:
     import json
 
-
     per_name, bare = parse_data_items(data)
     if bare is not None:
         raise ConfigError("--data for --mode route is NAME=SPEC per adapter (none=SPEC: inputs for no adapter)")
     names: list[str | None] = [n for n, _ in srcs]
     unknown = sorted(set(per_name) - set(names) - {"none"})
     if unknown:
-        raise ConfigError(f"--data names {', '.join(unknown)}, which are not among the adapters "
-                          f"({', '.join(map(str, names))})")
+        raise ConfigError(
+            f"--data names {', '.join(unknown)}, which are not among the adapters ({', '.join(map(str, names))})"
+        )
     backbone = _load_backbone_for(cfg0, backbone_spec)
     if getattr(backbone, "kind", None) == "generative":
-        raise ConfigError(f"--mode route trains a router on dual-encoder embeddings; {backbone.spec} is a generative "
-                          "backbone: serve the adapters side by side (vlkit serve routes each request by its "
-                          "adapter) or compose them with --mode stack, parallel or merge")
+        raise ConfigError(
+            f"--mode route trains a router on dual-encoder embeddings; {backbone.spec} is a generative "
+            "backbone: serve the adapters side by side (vlkit serve routes each request by its "
+            "adapter) or compose them with --mode stack, parallel or merge"
+        )
     sources = []
     for i, (name, path) in enumerate(srcs):
         spec = per_name.get(name) or adapter_data_spec(path)
@@ -154,8 +223,9 @@ def _route(srcs, cfg0, out: Path, data, backbone_spec, hidden, steps, n_per_adap
     if "none" in per_name:
         names.append(None)
         sources.append((len(names) - 1, per_name["none"], None))
-    router, report = train_router(backbone, names, sources, hidden=hidden, steps=steps,
-                                  n_per_source=n_per_adapter, seed=seed)
+    router, report = train_router(
+        backbone, names, sources, hidden=hidden, steps=steps, n_per_source=n_per_adapter, seed=seed
+    )
     out.mkdir(parents=True, exist_ok=True)
     entry = save_router(router, out, report)
     write_composition(out, "route", backbone, srcs, extra={"router": entry})

@@ -20,6 +20,7 @@ adapter's output interpolated; α = 0 is the frozen backbone, α = 1 the adapter
 
 `load_composition(backbone, dir)` loads everything onto a backbone and activates it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -67,8 +68,9 @@ def read_composition(path: str | Path) -> dict[str, Any]:
     if mode not in MODES:
         raise ConfigError(f"composition {file}: mode {mode!r} is not one of {', '.join(MODES)}")
     if int(spec.get("format_version", 1)) > FORMAT_VERSION:
-        raise ConfigError(f"composition {file} has format version {spec['format_version']}; "
-                          f"this vlkit reads up to {FORMAT_VERSION}")
+        raise ConfigError(
+            f"composition {file} has format version {spec['format_version']}; this vlkit reads up to {FORMAT_VERSION}"
+        )
     return spec
 
 
@@ -79,16 +81,23 @@ def adapter_entries(path: Path, spec: dict[str, Any]) -> list[dict[str, Any]]:
         if isinstance(item, str):
             item = {"path": item}
         if not isinstance(item, dict) or not (item.get("path") or item.get("name")):
-            raise ConfigError(f"composition {path / COMPOSITION_FILE}: each adapter needs a path (or a loaded name): "
-                              f"{item!r}")
+            raise ConfigError(
+                f"composition {path / COMPOSITION_FILE}: each adapter needs a path (or a loaded name): {item!r}"
+            )
         p = item.get("path")
         out.append({**item, "path": (path / p) if p is not None else None})
     return out
 
 
-def write_composition(out: str | Path, mode: str, backbone_or_cfg, sources: list[tuple[str, Path]],
-                      weights: list[float] | None = None, extra: dict[str, Any] | None = None,
-                      copy: bool = True) -> Path:
+def write_composition(
+    out: str | Path,
+    mode: str,
+    backbone_or_cfg,
+    sources: list[tuple[str, Path]],
+    weights: list[float] | None = None,
+    extra: dict[str, Any] | None = None,
+    copy: bool = True,
+) -> Path:
     """Write `out/composition.json`, copying each (name, adapter dir) source into `out/adapters/<name>`.
 
     `backbone_or_cfg`: a backbone, or the adapter config dict of one source (spec and fingerprint).
@@ -107,17 +116,25 @@ def write_composition(out: str | Path, mode: str, backbone_or_cfg, sources: list
         if cfg["backbone_fingerprint"] != fingerprint:
             raise IncompatibleAdapterError(
                 f"adapter {src} was made for backbone {cfg.get('backbone')!r} (fingerprint "
-                f"{cfg['backbone_fingerprint']}), but the composition is for {spec_name!r} ({fingerprint})")
+                f"{cfg['backbone_fingerprint']}), but the composition is for {spec_name!r} ({fingerprint})"
+            )
         if copy and Path(src).resolve() != out.resolve():
             dst = copy_adapter(Path(src), out / "adapters" / name)
             rel = dst.relative_to(out).as_posix()
         else:
             rel = Path(src).resolve().relative_to(out.resolve()).as_posix() if copy else str(Path(src).resolve())
-        entries.append({"name": name, "path": rel, "variant": cfg["variant"],
-                        "task": (cfg.get("task") or {}).get("name")})
-    spec = {"format": FORMAT, "format_version": FORMAT_VERSION, "mode": mode, "backbone": spec_name,
-            "backbone_fingerprint": fingerprint, "adapters": entries,
-            "weights": [float(w) for w in weights] if weights is not None else None}
+        entries.append(
+            {"name": name, "path": rel, "variant": cfg["variant"], "task": (cfg.get("task") or {}).get("name")}
+        )
+    spec = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "mode": mode,
+        "backbone": spec_name,
+        "backbone_fingerprint": fingerprint,
+        "adapters": entries,
+        "weights": [float(w) for w in weights] if weights is not None else None,
+    }
     spec.update(extra or {})
     write_json(out / COMPOSITION_FILE, spec)
     return out
@@ -180,8 +197,9 @@ class Composition:
     def routed(self, backbone):
         """A view of `backbone` whose encoders send each input through the adapter the router picks."""
         if self.router is None:
-            raise ConfigError(f"composition {self.path} has no router",
-                              hint="train one with `vlkit compose A,B --mode route -o DIR`")
+            raise ConfigError(
+                f"composition {self.path} has no router", hint="train one with `vlkit compose A,B --mode route -o DIR`"
+            )
         return self.router.view(backbone)
 
 

@@ -17,6 +17,7 @@ method may take a single source. The result is a normal adapter directory (`vlki
 config records `composition: {mode: merge, sources, weights, method}` plus the variant's merge info, and a
 `composition.json` (mode merge) so composition-aware commands read it too.
 """
+
 from __future__ import annotations
 
 import math
@@ -79,7 +80,8 @@ def check_mergeable(labels: list[str], cfgs: list[dict], tensors: list[dict[str,
         if cfg["backbone_fingerprint"] != a_cfg["backbone_fingerprint"]:
             raise IncompatibleAdapterError(
                 f"{where}: backbone fingerprint differs ({a_cfg.get('backbone')!r} {a_cfg['backbone_fingerprint']} "
-                f"vs {cfg.get('backbone')!r} {cfg['backbone_fingerprint']})")
+                f"vs {cfg.get('backbone')!r} {cfg['backbone_fingerprint']})"
+            )
         diff = _diff(a_cfg["config"], cfg["config"], ignore)
         if diff:
             raise IncompatibleAdapterError(f"{where}: config differs: {'; '.join(diff)}")
@@ -89,17 +91,22 @@ def check_mergeable(labels: list[str], cfgs: list[dict], tensors: list[dict[str,
         if not own:
             for k in a_t:
                 if tuple(t[k].shape) != tuple(a_t[k].shape):
-                    raise IncompatibleAdapterError(f"{where}: tensor {k} has shape {tuple(a_t[k].shape)} vs "
-                                                   f"{tuple(t[k].shape)}")
+                    raise IncompatibleAdapterError(
+                        f"{where}: tensor {k} has shape {tuple(a_t[k].shape)} vs {tuple(t[k].shape)}"
+                    )
     if method not in ELEMENTWISE and not own:
         offered = [n for n, v in variants.items() if method in v.merge_methods]
-        raise ConfigError(f"merge method {method!r} is for {' / '.join(offered)} adapters; these are "
-                          f"{a_cfg['variant']!r} "
-                          f"(use {', '.join(ELEMENTWISE + (tuple(var.merge_methods) if var is not None else ()))})")
+        raise ConfigError(
+            f"merge method {method!r} is for {' / '.join(offered)} adapters; these are "
+            f"{a_cfg['variant']!r} "
+            f"(use {', '.join(ELEMENTWISE + (tuple(var.merge_methods) if var is not None else ()))})"
+        )
     extra = [k for k in a_t if k.startswith("base::")]
     if extra and method != "linear":
-        raise IncompatibleAdapterError(f"adapter {a_label} also trains backbone tensors ({extra[0]}, ...), which are "
-                                       f"absolute weights, not task vectors: only the linear merge applies")
+        raise IncompatibleAdapterError(
+            f"adapter {a_label} also trains backbone tensors ({extra[0]}, ...), which are "
+            f"absolute weights, not task vectors: only the linear merge applies"
+        )
 
 
 def default_weights(method: str, n: int) -> list[float]:
@@ -128,9 +135,14 @@ def ties_merge(ts: list[torch.Tensor], weights: list[float], density: float) -> 
     return merged.view(ts[0].shape).to(ts[0].dtype)
 
 
-def merge_tensors(cfgs: list[dict], tensors: list[dict[str, torch.Tensor]], method: str, weights: list[float],
-                  density: float = 0.2, rank: int | None = None
-                  ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+def merge_tensors(
+    cfgs: list[dict],
+    tensors: list[dict[str, torch.Tensor]],
+    method: str,
+    weights: list[float],
+    density: float = 0.2,
+    rank: int | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """(merged tensors, merged variant config, info) — `info` holds e.g. the SVD's relative error."""
     config = dict(cfgs[0]["config"])
     info: dict[str, Any] = {}
@@ -154,8 +166,9 @@ def merge_tensors(cfgs: list[dict], tensors: list[dict[str, torch.Tensor]], meth
     var = _variants().get(cfgs[0]["variant"])
     if var is None or not _own_method(var, method):
         raise ConfigError(f"merge method {method!r} is not offered by {cfgs[0]['variant']!r} adapters")
-    return var.merge(method, [dict(c["config"]) for c in cfgs], tensors, list(weights),
-                     {"density": density, "rank": rank})
+    return var.merge(
+        method, [dict(c["config"]) for c in cfgs], tensors, list(weights), {"density": density, "rank": rank}
+    )
 
 
 def check_finite_weights(weights) -> None:
@@ -176,9 +189,17 @@ def check_tensors(label: str, tensors: dict[str, torch.Tensor]) -> None:
             raise ConfigError(f"adapter {label}: tensor {k} holds NaN or inf values")
 
 
-def merge_adapters(sources: list[str | Path], out: str | Path, *, method: str = "linear",
-                   weights: list[float] | None = None, density: float = 0.2, rank: int | None = None,
-                   name: str | None = None, labels: list[str] | None = None) -> dict[str, Any]:
+def merge_adapters(
+    sources: list[str | Path],
+    out: str | Path,
+    *,
+    method: str = "linear",
+    weights: list[float] | None = None,
+    density: float = 0.2,
+    rank: int | None = None,
+    name: str | None = None,
+    labels: list[str] | None = None,
+) -> dict[str, Any]:
     """Merge adapter directories `sources` into the adapter directory `out`; returns its config."""
 
     paths = [Path(p) for p in sources]
@@ -195,25 +216,43 @@ def merge_adapters(sources: list[str | Path], out: str | Path, *, method: str = 
     merged, config, info = merge_tensors(cfgs, tensors, method, weights, density, rank)
     bad = sorted(k for k, v in merged.items() if not torch.isfinite(v).all())
     if bad:
-        raise ConfigError(f"the {method} merge gives non-finite values in {len(bad)} tensor(s), e.g. {bad[0]}; "
-                          "nothing was written")
+        raise ConfigError(
+            f"the {method} merge gives non-finite values in {len(bad)} tensor(s), e.g. {bad[0]}; nothing was written"
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     name = name or (cfgs[0].get("name") if len(paths) == 1 else "merged")
-    provenance: dict[str, Any] = {"mode": "merge", "method": method, "weights": weights,
-                  "sources": [{"name": c.get("name"), "path": str(p)} for c, p in zip(cfgs, paths)]}
+    provenance: dict[str, Any] = {
+        "mode": "merge",
+        "method": method,
+        "weights": weights,
+        "sources": [{"name": c.get("name"), "path": str(p)} for c, p in zip(cfgs, paths)],
+    }
     if method == "ties":
         provenance["density"] = density
     provenance.update(info)
     tasks = [c.get("task") or {} for c in cfgs]
-    cfg = {**cfgs[0], "name": name, "config": config, "composition": provenance,
-           "num_parameters": int(sum(t.numel() for t in merged.values())),
-           "task": tasks[0] if all(t == tasks[0] for t in tasks) else {}}
+    cfg = {
+        **cfgs[0],
+        "name": name,
+        "config": config,
+        "composition": provenance,
+        "num_parameters": int(sum(t.numel() for t in merged.values())),
+        "task": tasks[0] if all(t == tasks[0] for t in tasks) else {},
+    }
     save_safetensors(merged, out / WEIGHTS_NAME, metadata={"format": "pt", "vlkit_adapter": str(name)})
     write_json(out / CONFIG_NAME, cfg)
-    write_json(out / COMPOSITION_FILE, {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "mode": "merge", "backbone": cfgs[0].get("backbone"),
-        "backbone_fingerprint": cfgs[0]["backbone_fingerprint"],
-        "adapters": [{"name": name, "path": ".", "variant": cfgs[0]["variant"], "task": cfg["task"].get("name")}],
-        "weights": None, "merge": provenance})
+    write_json(
+        out / COMPOSITION_FILE,
+        {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "mode": "merge",
+            "backbone": cfgs[0].get("backbone"),
+            "backbone_fingerprint": cfgs[0]["backbone_fingerprint"],
+            "adapters": [{"name": name, "path": ".", "variant": cfgs[0]["variant"], "task": cfg["task"].get("name")}],
+            "weights": None,
+            "merge": provenance,
+        },
+    )
     return cfg

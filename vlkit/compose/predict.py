@@ -6,6 +6,7 @@ backbone `generate_with` writes text (a caption, an answer) for each image and p
 The task of an adapter is rebuilt from its `task.json` (class names and prompt, answer set, ...) and its
 trained head from `head.safetensors`, so no training data is needed at inference.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,7 +30,6 @@ def load_task(backbone, meta: dict[str, Any] | None, head: Path | None = None):
         return None
     task = registry("task").get(meta["name"])(backbone, None, **(meta.get("options") or {}))
     if head is not None:
-
         task.load_head_state(read_tensor_file(head))
     return task
 
@@ -50,17 +50,30 @@ def _answer(backbone, task, pixels: torch.Tensor, tokens: torch.Tensor | None, t
 def _task_for(comp: Composition, backbone, name: str | None, cache: dict) -> Any:
     key = name or "__composition__"
     if key not in cache:
-        info = comp.tasks.get(name) if name else (comp.tasks.get("__fusion__") or
-                                                  next((comp.tasks[n] for n in reversed(comp.names)
-                                                        if (comp.tasks.get(n) or {}).get("meta")), {}))
+        info = (
+            comp.tasks.get(name)
+            if name
+            else (
+                comp.tasks.get("__fusion__")
+                or next((comp.tasks[n] for n in reversed(comp.names) if (comp.tasks.get(n) or {}).get("meta")), {})
+            )
+        )
         info = info or {}
         cache[key] = load_task(backbone, info.get("meta"), info.get("head"))
     return cache[key]
 
 
-def run_composition(backbone, path: str | Path, images: list, texts: list[str] | None = None, *,
-                    adapter: str | None = None, task: str | None = None, route: str | None = None,
-                    top: int = 3) -> dict[str, Any]:
+def run_composition(
+    backbone,
+    path: str | Path,
+    images: list,
+    texts: list[str] | None = None,
+    *,
+    adapter: str | None = None,
+    task: str | None = None,
+    route: str | None = None,
+    top: int = 3,
+) -> dict[str, Any]:
     """Predictions for `images` (PIL) and optional `texts` (one, or one per image) with a composition."""
     comp = load_composition(backbone, path, activate=False)
     if texts and len(texts) not in (1, len(images)):
@@ -92,10 +105,13 @@ def run_composition(backbone, path: str | Path, images: list, texts: list[str] |
             AdaptedModel.of(backbone).set_adapter(name)
             label = name or "none (frozen backbone)"
         t = _task_for(comp, backbone, name, cache) if (name is not None or comp.mode != "route") else None
-        tok = tokens[i:i + 1] if tokens is not None else None
+        tok = tokens[i : i + 1] if tokens is not None else None
         row = {"input": i, "adapter": label}
-        row.update(_answer(backbone, t, pixels[i:i + 1], tok, top) if t is not None
-                   else _answer(backbone, None, pixels[i:i + 1], tok, top))
+        row.update(
+            _answer(backbone, t, pixels[i : i + 1], tok, top)
+            if t is not None
+            else _answer(backbone, None, pixels[i : i + 1], tok, top)
+        )
         rows.append(row)
     return {"composition": str(path), "mode": comp.mode, "route": route, "predictions": rows}
 
@@ -103,8 +119,17 @@ def run_composition(backbone, path: str | Path, images: list, texts: list[str] |
 GENERATIVE_MODES = ("stack", "parallel", "merge", "average")
 
 
-def generate_with(backbone, target: str | Path, images: list, prompts: list[str], *, adapter: str | None = None,
-                  task: str | None = None, max_new_tokens: int = 20, num_beams: int = 1) -> dict[str, Any]:
+def generate_with(
+    backbone,
+    target: str | Path,
+    images: list,
+    prompts: list[str],
+    *,
+    adapter: str | None = None,
+    task: str | None = None,
+    max_new_tokens: int = 20,
+    num_beams: int = 1,
+) -> dict[str, Any]:
     """Generated text for each image (PIL) and its prompt (one prompt for all, or one per image) on a generative
     backbone, through `target`: an adapter or run directory, `a+b`, a composition directory, or `backbone`."""
     if not prompts or len(prompts) not in (1, len(images)):
@@ -121,15 +146,24 @@ def generate_with(backbone, target: str | Path, images: list, prompts: list[str]
         AdaptedModel.of(backbone).set_adapter(chosen)
         label = chosen
     elif system.mode not in GENERATIVE_MODES:
-        raise ConfigError(f"{target} is a {system.mode} composition: on generative backbone {backbone.spec} pass "
-                          "--adapter NAME (its router or fusion reads dual-encoder embeddings)")
+        raise ConfigError(
+            f"{target} is a {system.mode} composition: on generative backbone {backbone.spec} pass "
+            "--adapter NAME (its router or fusion reads dual-encoder embeddings)"
+        )
     else:
         system.activate(backbone)
         label = system.label if len(system.names) < 2 else f"{system.mode}({', '.join(system.names)})"
     device = next(iter(backbone.parameters())).device
     pixels = backbone.preprocess_batch(images).to(device)
     texts = backbone.generate(pixels, prompts, max_new_tokens=int(max_new_tokens), num_beams=int(num_beams))
-    rows = [{"input": i, "adapter": label if system.names or adapter else "none (frozen backbone)",
-             "prompt": p, "text": t} for i, (p, t) in enumerate(zip(prompts, texts))]
-    return {"target": str(target), "mode": system.mode, "max_new_tokens": int(max_new_tokens),
-            "num_beams": int(num_beams), "predictions": rows}
+    rows = [
+        {"input": i, "adapter": label if system.names or adapter else "none (frozen backbone)", "prompt": p, "text": t}
+        for i, (p, t) in enumerate(zip(prompts, texts))
+    ]
+    return {
+        "target": str(target),
+        "mode": system.mode,
+        "max_new_tokens": int(max_new_tokens),
+        "num_beams": int(num_beams),
+        "predictions": rows,
+    }

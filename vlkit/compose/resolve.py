@@ -16,6 +16,7 @@ loading anything (`vlkit compose`). An argument is:
 
 An adapter directory named several times (``a,b,a+b``) is loaded once per resolver.
 """
+
 from __future__ import annotations
 
 import os
@@ -68,8 +69,11 @@ def source_dirs(items: list[str] | str) -> list[tuple[str, Path]]:
         if not path.exists():
             raise ConfigError(f"adapter {item!r} not found: not a directory, nor a run under {RUNS_DIR}/")
         if is_composition(path) and not (path / ADAPTER_CONFIG).is_file():
-            found = [(e.get("name") or Path(e["path"]).name, Path(e["path"]))
-                     for e in adapter_entries(path, read_composition(path)) if e["path"] is not None]
+            found = [
+                (e.get("name") or Path(e["path"]).name, Path(e["path"]))
+                for e in adapter_entries(path, read_composition(path))
+                if e["path"] is not None
+            ]
         elif (path / ADAPTER_CONFIG).is_file():
             found = [(str(read_adapter_config(path).get("name") or path.name), path)]
         else:
@@ -111,8 +115,12 @@ class System:
         return backbone
 
     def describe(self) -> dict[str, Any]:
-        return {"label": self.label, "adapters": list(self.sources or self.names), "mode": self.mode,
-                "weights": self.weights}
+        return {
+            "label": self.label,
+            "adapters": list(self.sources or self.names),
+            "mode": self.mode,
+            "weights": self.weights,
+        }
 
 
 def frozen_system() -> System:
@@ -160,8 +168,10 @@ class AdapterResolver:
             raise ConfigError(f"{path} is not an adapter directory (no {ADAPTER_CONFIG})")
         if text in self.model.records:
             return text, text
-        raise ConfigError(f"adapter {text!r} not found: not an adapter directory nor an adapter loaded on the "
-                          f"backbone" + (f" (loaded: {', '.join(self.model.records)})" if self.model.records else ""))
+        raise ConfigError(
+            f"adapter {text!r} not found: not an adapter directory nor an adapter loaded on the "
+            f"backbone" + (f" (loaded: {', '.join(self.model.records)})" if self.model.records else "")
+        )
 
     def composition(self, path: Path, label: str) -> System:
         comp = load_composition(self.backbone, path, activate=False, resolver=self)
@@ -169,8 +179,16 @@ class AdapterResolver:
         if comp.mode == "route":
             mode, weights = "route", None
         sources = [str(p) for p in (t.get("dir") for t in comp.tasks.values()) if p is not None]
-        return System(label=label, names=tuple(comp.names), mode=mode, weights=weights, sources=sources,
-                      slug=_slug(path.name), fusion=comp.fusion, composition=comp)
+        return System(
+            label=label,
+            names=tuple(comp.names),
+            mode=mode,
+            weights=weights,
+            sources=sources,
+            slug=_slug(path.name),
+            fusion=comp.fusion,
+            composition=comp,
+        )
 
     def resolve(self, arg: str) -> System:
         text = str(arg).strip()
@@ -183,8 +201,9 @@ class AdapterResolver:
             return self.composition(path, text)
         parts = [text] if path.exists() or text in self.model.records else text.split("+")
         if len(parts) > 1 and not all(p.strip() for p in parts):
-            raise ConfigError(f"adapter stack {arg!r} has an empty part: write A+B (each part an adapter "
-                              "directory or a loaded name)")
+            raise ConfigError(
+                f"adapter stack {arg!r} has an empty part: write A+B (each part an adapter directory or a loaded name)"
+            )
         resolved = [self.part(p.strip()) for p in parts if p.strip()]
         if not resolved:
             raise ConfigError(f"empty adapter stack {arg!r}")
@@ -207,8 +226,10 @@ def load_base_stack(backbone, base: str) -> list[tuple[str, Path]]:
     resolver = AdapterResolver(backbone)
     system = resolver.resolve(str(base))
     if system.mode != "stack" or not system.names:
-        raise ConfigError(f"compose.base {base!r} is a {system.mode} composition; a new adapter trains on top of "
-                          "an adapter, an a+b stack, or a stack or merge composition")
+        raise ConfigError(
+            f"compose.base {base!r} is a {system.mode} composition; a new adapter trains on top of "
+            "an adapter, an a+b stack, or a stack or merge composition"
+        )
     dirs = {name: Path(d) for d, name in resolver.loaded.items()}
     return [(n, dirs[n]) for n in system.names]
 
@@ -236,9 +257,11 @@ def load_composition(backbone, path: str | Path, *, activate: bool = True, resol
     spec = read_composition(path)
     fp = spec.get("backbone_fingerprint")
     if fp and fp != backbone.fingerprint():
-        raise IncompatibleAdapterError(f"composition {path} was made for backbone {spec.get('backbone')!r} "
-                                       f"(fingerprint {fp}), but this backbone is {backbone.spec!r} "
-                                       f"(fingerprint {backbone.fingerprint()})")
+        raise IncompatibleAdapterError(
+            f"composition {path} was made for backbone {spec.get('backbone')!r} "
+            f"(fingerprint {fp}), but this backbone is {backbone.spec!r} "
+            f"(fingerprint {backbone.fingerprint()})"
+        )
     resolver = resolver or AdapterResolver(backbone)
     names, tasks = [], {}
     for item in adapter_entries(path, spec):
@@ -252,13 +275,19 @@ def load_composition(backbone, path: str | Path, *, activate: bool = True, resol
     weights = spec.get("weights")
     if weights is not None and len(weights) != len(names):
         raise ConfigError(f"composition {path}: {len(weights)} weights for {len(names)} adapters")
-    comp = Composition(path, mode, names, [float(w) for w in weights] if weights is not None else None,
-                       tasks=tasks, spec=spec)
+    comp = Composition(
+        path, mode, names, [float(w) for w in weights] if weights is not None else None, tasks=tasks, spec=spec
+    )
     if mode == "fuse":
         fz = spec.get("fusion") or {}
         fusion = resolver.free_fusion_name(fz.get("name") or "fusion")
-        load_fusion(backbone, fusion, names, path / fz.get("file", "fusion.safetensors"),
-                    temperature=float(fz.get("temperature", 1.0)))
+        load_fusion(
+            backbone,
+            fusion,
+            names,
+            path / fz.get("file", "fusion.safetensors"),
+            temperature=float(fz.get("temperature", 1.0)),
+        )
         comp.fusion = fusion
         if isinstance(spec.get("task"), dict) and spec["task"].get("meta"):
             comp.tasks["__fusion__"] = read_task(path)

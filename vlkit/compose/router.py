@@ -15,6 +15,7 @@ of the examples is held out for the reported routing accuracy.
 At inference `route(backbone, pixels, tokens)` predicts indices and `RoutedBackbone` is a view of the
 backbone whose encoders route each batch per sample (one forward through `AdaptedModel.route`).
 """
+
 from __future__ import annotations
 
 import json
@@ -62,8 +63,9 @@ class Router(nn.Module):
 
 
 @torch.no_grad()
-def features(backbone, pixels: torch.Tensor | None = None, tokens: torch.Tensor | None = None,
-             batch_size: int = 256) -> torch.Tensor:
+def features(
+    backbone, pixels: torch.Tensor | None = None, tokens: torch.Tensor | None = None, batch_size: int = 256
+) -> torch.Tensor:
     """Router inputs (n, 2·D + 2) from the frozen backbone: [image, text, has_image, has_text]."""
     given = pixels if pixels is not None else tokens
     if given is None:
@@ -75,11 +77,19 @@ def features(backbone, pixels: torch.Tensor | None = None, tokens: torch.Tensor 
     txt = torch.zeros(n, d, device=dev)
     with AdaptedModel.of(backbone).disabled():
         if pixels is not None:
-            img = torch.cat([backbone.encode_image(pixels[i:i + batch_size].to(dev), normalize=True)
-                             for i in range(0, n, batch_size)]).float()
+            img = torch.cat(
+                [
+                    backbone.encode_image(pixels[i : i + batch_size].to(dev), normalize=True)
+                    for i in range(0, n, batch_size)
+                ]
+            ).float()
         if tokens is not None:
-            txt = torch.cat([backbone.encode_text(tokens[i:i + batch_size].to(dev), normalize=True)
-                             for i in range(0, n, batch_size)]).float()
+            txt = torch.cat(
+                [
+                    backbone.encode_text(tokens[i : i + batch_size].to(dev), normalize=True)
+                    for i in range(0, n, batch_size)
+                ]
+            ).float()
     flags = torch.tensor([float(pixels is not None), float(tokens is not None)], device=dev).expand(n, 2)
     return torch.cat([img, txt, flags], dim=1)
 
@@ -136,8 +146,9 @@ def adapter_data_spec(adapter_dir: Path) -> dict[str, Any]:
 
     recipe = adapter_dir / "recipe.yaml"
     if not recipe.is_file():
-        raise ConfigError(f"adapter {adapter_dir} has no recipe.yaml naming its training data; "
-                          f"give data for it with --data NAME=SPEC")
+        raise ConfigError(
+            f"adapter {adapter_dir} has no recipe.yaml naming its training data; give data for it with --data NAME=SPEC"
+        )
     cfg = cast(dict, OmegaConf.to_container(OmegaConf.load(recipe), resolve=True))
     spec = dict((cfg.get("data") or {}).get("train") or {})
     if not spec:
@@ -177,8 +188,9 @@ def _texts(ds, task_meta: dict | None, task: str | None = None) -> list[str | No
     return [None] * len(ds)
 
 
-def router_dataset(backbone, sources: list[tuple[int, Any, dict | None]], n_per_source: int = 256,
-                   seed: int = 0, holdout: float = 0.2):
+def router_dataset(
+    backbone, sources: list[tuple[int, Any, dict | None]], n_per_source: int = 256, seed: int = 0, holdout: float = 0.2
+):
     """Features, labels and a held-out mask from (route index target, data spec or Dataset, task meta)."""
 
     feats, labels, held, kinds = [], [], [], []
@@ -208,8 +220,17 @@ def router_dataset(backbone, sources: list[tuple[int, Any, dict | None]], n_per_
     return torch.cat(feats), torch.cat(labels), torch.cat(held), kinds
 
 
-def train_router(backbone, names: list[str | None], sources, *, hidden: int = 64, steps: int = 300,
-                 lr: float = 3e-3, n_per_source: int = 256, seed: int = 0) -> tuple[Router, dict[str, Any]]:
+def train_router(
+    backbone,
+    names: list[str | None],
+    sources,
+    *,
+    hidden: int = 64,
+    steps: int = 300,
+    lr: float = 3e-3,
+    n_per_source: int = 256,
+    seed: int = 0,
+) -> tuple[Router, dict[str, Any]]:
     """Train a router over `names` from `sources` [(index into names, data, task meta)]; returns it and
     its report: held-out routing accuracy overall, per adapter and per input kind, and chance."""
     x, y, held, kinds = router_dataset(backbone, sources, n_per_source, seed)
@@ -232,9 +253,14 @@ def train_router(backbone, names: list[str | None], sources, *, hidden: int = 64
     held_kinds = [k for k, h in zip(kinds, held.tolist()) if h]
     per_adapter: dict[str, float] = {}
     per_input: dict[str, float] = {}
-    report = {"heldout_accuracy": 100.0 * float(ok.mean()), "chance": 100.0 / len(names),
-              "train_examples": int(train.sum()), "heldout_examples": int(held.sum()), "per_adapter": per_adapter,
-              "per_input": per_input}
+    report = {
+        "heldout_accuracy": 100.0 * float(ok.mean()),
+        "chance": 100.0 / len(names),
+        "train_examples": int(train.sum()),
+        "heldout_examples": int(held.sum()),
+        "per_adapter": per_adapter,
+        "per_input": per_input,
+    }
     for i, n in enumerate(names):
         m = y[held] == i
         if bool(m.any()):
@@ -249,12 +275,16 @@ def save_router(router: Router, out: Path, report: dict | None = None) -> dict[s
     """Write router.safetensors; returns the `router` entry of composition.json."""
     from safetensors.torch import save_file
 
-
     with atomic_path(out / ROUTER_FILE) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in router.state_dict().items()}, str(tmp))
-    return {"file": ROUTER_FILE, "names": router.names, "dim": router.dim, "hidden": router.hidden,
-            "features": "frozen normalised [image, text, has_image, has_text]",
-            **({"report": report} if report else {})}
+    return {
+        "file": ROUTER_FILE,
+        "names": router.names,
+        "dim": router.dim,
+        "hidden": router.hidden,
+        "features": "frozen normalised [image, text, has_image, has_text]",
+        **({"report": report} if report else {}),
+    }
 
 
 def load_router(path: Path, entry: dict[str, Any], loaded_names: list[str]) -> Router:

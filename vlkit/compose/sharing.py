@@ -11,6 +11,7 @@ gradient); multi-task training (`vlkit.train.multitask`) and composition loading
 Each variant says which layer attributes a scheme ties in `AdapterVariant.shareable` (its own down- and
 up-projection modules or parameters); `shared` with no entry ties the whole layer.
 """
+
 from __future__ import annotations
 
 import torch
@@ -45,8 +46,10 @@ def shared_parts(variant, sharing: str) -> tuple[str, ...]:
         if sharing == "shared":
             return ("*",)
         defined = [n for n in reg.names() if sharing in _shareable(reg.get(n))]
-        raise ConfigError(f"sharing {sharing!r} is not defined for adapter variant {label!r} "
-                          f"(defined for {', '.join(defined) or 'no registered variant'})")
+        raise ConfigError(
+            f"sharing {sharing!r} is not defined for adapter variant {label!r} "
+            f"(defined for {', '.join(defined) or 'no registered variant'})"
+        )
     return tuple(parts)
 
 
@@ -64,8 +67,9 @@ def tie_shared(backbone, names: list[str], sharing: str, check: bool = True) -> 
     for n in names[1:]:
         rec = model.records[n]
         if rec.variant != rec0.variant or [s.path for s in rec.sites] != [s.path for s in rec0.sites]:
-            raise IncompatibleAdapterError(f"adapters {names[0]} and {n} cannot share parameters: different "
-                                           "variant or sites")
+            raise IncompatibleAdapterError(
+                f"adapters {names[0]} and {n} cannot share parameters: different variant or sites"
+            )
         for site in rec.sites:
             group = host_of(backbone, site).adapter_group(n)
             layer, src = group[site.key], first[site.path]
@@ -74,8 +78,10 @@ def tie_shared(backbone, names: list[str], sharing: str, check: bool = True) -> 
                 if mine is theirs:
                     continue
                 if check and not all(torch.equal(a, b) for a, b in zip(_tensors(mine), _tensors(theirs))):
-                    raise IncompatibleAdapterError(f"adapters {names[0]} and {n} were saved as sharing {part!r} "
-                                                   f"at {site.path}, but their weights differ")
+                    raise IncompatibleAdapterError(
+                        f"adapters {names[0]} and {n} were saved as sharing {part!r} "
+                        f"at {site.path}, but their weights differ"
+                    )
                 if part == "*":
                     group[site.key] = src
                 else:

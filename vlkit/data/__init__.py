@@ -4,6 +4,7 @@
 >>> ds = load_data("manifest:captions.jsonl", task="retrieval")
 >>> ds = load_data({"kind": "world", "domain": "medical", "task": "vqa", "n": 200, "seed": 0})
 """
+
 from __future__ import annotations
 
 from .api import (

@@ -10,6 +10,7 @@ source (``hf`` with ``streaming: true``), a `datasets.IterableDataset` whose col
 features when they are known. An image column is a `datasets.Image` feature or a column of tar member
 references (``webdataset`` shards), decoded lazily by `vlkit.data.images`.
 """
+
 from __future__ import annotations
 
 import os
@@ -59,9 +60,10 @@ def guess_kind(path: str) -> str | None:
             return "parquet"
         if suffix == ".tar":
             return "webdataset"
-        raise ConfigError(f"cannot tell the dataset kind of {path}: expected a .jsonl/.csv manifest, a .parquet "
-                          "file or a .tar shard",
-                          hint="write it as KIND:PATH, e.g. manifest:x.jsonl")
+        raise ConfigError(
+            f"cannot tell the dataset kind of {path}: expected a .jsonl/.csv manifest, a .parquet file or a .tar shard",
+            hint="write it as KIND:PATH, e.g. manifest:x.jsonl",
+        )
     if p.is_dir():
         if (p / "examples.jsonl").is_file() or (p / "data" / "examples.jsonl").is_file():
             return "winoground"
@@ -103,8 +105,10 @@ def parse_data_spec(spec: str | Mapping | None = None, **options: Any) -> dict[s
     if not kind and out.get("source"):
         kind = guess_kind(out["source"])
     if not kind or not isinstance(kind, str):
-        raise ConfigError("a data spec needs a kind: write KIND:SOURCE (e.g. imagefolder:DIR, manifest:x.jsonl, "
-                          "hf:user/name, winoground:synth) or give kind= in a mapping")
+        raise ConfigError(
+            "a data spec needs a kind: write KIND:SOURCE (e.g. imagefolder:DIR, manifest:x.jsonl, "
+            "hf:user/name, winoground:synth) or give kind= in a mapping"
+        )
     out["kind"] = kind
     return out
 
@@ -162,9 +166,11 @@ def image_columns(ds) -> list[str]:
     """Columns of `ds` that hold images: datasets.Image features and tar member reference columns."""
     import datasets
 
-
-    return [name for name, feat in (ds.features or {}).items()
-            if isinstance(feat, datasets.Image) or is_tar_ref_feature(feat)]
+    return [
+        name
+        for name, feat in (ds.features or {}).items()
+        if isinstance(feat, datasets.Image) or is_tar_ref_feature(feat)
+    ]
 
 
 def _first_bad_row(column) -> int | None:
@@ -187,7 +193,6 @@ def validate(ds, task: str, *, source: str | None = None) -> None:
     Raises DataError naming the column (and the source, when given) or the 1-based row and the file.
     """
     import datasets
-
 
     fields = required_fields(task)
     label = source or "dataset"
@@ -215,7 +220,8 @@ def _check_columns(have: list[str], fields: tuple[str, ...], task: str, label: s
         what = "streaming dataset " if streaming else ""
         raise DataError(
             f"{what}{label} has no column {missing[0]!r} required for task {task!r} "
-            f"(needs {', '.join(fields)}; has {', '.join(have) or 'no columns'})")
+            f"(needs {', '.join(fields)}; has {', '.join(have) or 'no columns'})"
+        )
 
 
 def _check_shards(column, name: str, label: str) -> None:

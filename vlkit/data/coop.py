@@ -20,6 +20,7 @@ Options:
 Columns: `image` (read lazily from its file) and `label` (a `datasets.ClassLabel` whose names are the JSON's
 class names in label order), so `classification` takes the class names and prompts from it.
 """
+
 from __future__ import annotations
 
 import json
@@ -59,10 +60,12 @@ def _split_file(root: Path, name: str | None) -> Path:
     if name is not None:
         files = [f for f in files if f.stem == f"split_zhou_{name}"]
     if not files:
-        raise DataError(f"coop:{root} has no split_zhou_{name or '<Name>'}.json (CoOp's split file)",
-                        hint="point coop: at the dataset folder that holds the split file and the images")
+        raise DataError(
+            f"coop:{root} has no split_zhou_{name or '<Name>'}.json (CoOp's split file)",
+            hint="point coop: at the dataset folder that holds the split file and the images",
+        )
     if len(files) > 1:
-        names = ", ".join(f.stem[len("split_zhou_"):] for f in files)
+        names = ", ".join(f.stem[len("split_zhou_") :] for f in files)
         raise ConfigError(f"coop:{root} holds several split files ({names}); choose one with name=...")
     return files[0]
 
@@ -79,8 +82,10 @@ def _image_root(root: Path, first: str, image_dir: str | None) -> Path:
     for d in [root, *sorted(p for p in root.iterdir() if p.is_dir())]:
         if (d / first).is_file():
             return d
-    raise DataError(f"coop:{root}: the first listed image {first} is in neither the dataset folder nor one of "
-                    "its sub-folders", hint="give image_dir=FOLDER (the folder the split file's paths start in)")
+    raise DataError(
+        f"coop:{root}: the first listed image {first} is in neither the dataset folder nor one of its sub-folders",
+        hint="give image_dir=FOLDER (the folder the split file's paths start in)",
+    )
 
 
 from .api import required_fields  # noqa: E402
@@ -116,8 +121,15 @@ def load_coop(source: str | None = None, *, split: str | None = None, **options:
     names: dict[int, str] = {}
     for s in SPLITS:  # the class names of every split, so train / val / test share one ClassLabel
         for i, item in enumerate(table.get(s, [])):
-            if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str) and item[0].strip()
-                    and isinstance(item[1], int) and not isinstance(item[1], bool) and item[1] >= 0):
+            if not (
+                isinstance(item, list)
+                and len(item) == 3
+                and isinstance(item[0], str)
+                and item[0].strip()
+                and isinstance(item[1], int)
+                and not isinstance(item[1], bool)
+                and item[1] >= 0
+            ):
                 raise DataError(f"{sfile}: {s}[{i}] is not [relative path, label, classname]")
             if names.setdefault(item[1], str(item[2])) != str(item[2]):
                 raise DataError(f"{sfile}: label {item[1]} is named both {names[item[1]]!r} and {item[2]!r}")
@@ -127,12 +139,13 @@ def load_coop(source: str | None = None, *, split: str | None = None, **options:
     if not rows:
         raise DataError(f"{sfile}: the {split} list is empty")
     images = _image_root(root, rows[0][0], options.get("image_dir"))
-    features = datasets.Features({"image": datasets.Image(),
-                                  "label": datasets.ClassLabel(names=[names[i] for i in range(len(names))])})
-    ds = datasets.Dataset.from_dict({"image": [str(images / r[0]) for r in rows], "label": [r[1] for r in rows]},
-                                    features=features)
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=[names[i] for i in range(len(names))])}
+    )
+    ds = datasets.Dataset.from_dict(
+        {"image": [str(images / r[0]) for r in rows], "label": [r[1] for r in rows]}, features=features
+    )
     if shots is not None:
-
         ds = few_shot(ds, shots, seed=seed)
     return ds
 
@@ -146,6 +159,8 @@ def _draw_options(options: dict[str, Any]) -> tuple[int | None, int]:
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ConfigError(f"coop option seed must be an integer (the seed of the few-shot draw), got {seed!r}")
     if seed is not None and shots is None:
-        raise ConfigError(f"coop option seed={seed} is the seed of the few-shot draw; without shots=k it changes "
-                          "nothing", hint="give shots=k too, or drop seed")
+        raise ConfigError(
+            f"coop option seed={seed} is the seed of the few-shot draw; without shots=k it changes nothing",
+            hint="give shots=k too, or drop seed",
+        )
     return shots, CoopOptions.seed if seed is None else seed

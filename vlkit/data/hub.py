@@ -3,6 +3,7 @@
 Every hub failure (offline, DNS, gated, not found) becomes one DataError that names the dataset id, says what
 went wrong and how to give a local copy instead; no stack trace reaches the user.
 """
+
 from __future__ import annotations
 
 import os
@@ -14,8 +15,10 @@ from ..errors import DataError
 
 _TRUE = {"1", "ON", "YES", "TRUE"}
 
-LOCAL_HINT = ("to use a local copy instead, give a local path: an imagefolder directory (imagefolder:DIR), "
-              "a JSONL/CSV manifest of image paths (manifest:FILE.jsonl) or parquet files (parquet:DIR)")
+LOCAL_HINT = (
+    "to use a local copy instead, give a local path: an imagefolder directory (imagefolder:DIR), "
+    "a JSONL/CSV manifest of image paths (manifest:FILE.jsonl) or parquet files (parquet:DIR)"
+)
 
 
 def hf_token() -> str | None:
@@ -77,12 +80,28 @@ def _short(exc: BaseException) -> str:
 
 def _is_unreachable(exc: BaseException) -> bool:
     names = {cls.__name__ for cls in type(exc).__mro__}
-    if names & {"ConnectionError", "OfflineModeIsEnabled", "Timeout", "TimeoutError", "ConnectTimeout",
-                "LocalEntryNotFoundError", "ConnectError"}:
+    if names & {
+        "ConnectionError",
+        "OfflineModeIsEnabled",
+        "Timeout",
+        "TimeoutError",
+        "ConnectTimeout",
+        "LocalEntryNotFoundError",
+        "ConnectError",
+    }:
         return True
     text = str(exc)
-    return any(s in text for s in ("Couldn't reach", "offline mode", "OfflineModeIsEnabled",
-                                   "Name or service not known", "Failed to resolve", "Connection refused"))
+    return any(
+        s in text
+        for s in (
+            "Couldn't reach",
+            "offline mode",
+            "OfflineModeIsEnabled",
+            "Name or service not known",
+            "Failed to resolve",
+            "Connection refused",
+        )
+    )
 
 
 def _is_gated(exc: BaseException) -> bool:
@@ -90,20 +109,28 @@ def _is_gated(exc: BaseException) -> bool:
     return "GatedRepoError" in names or "gated" in str(exc).lower()
 
 
-def hub_error(dataset_id: str, exc: BaseException, *, offline: bool, token: str | None,
-              local_hint: str = LOCAL_HINT) -> DataError:
+def hub_error(
+    dataset_id: str, exc: BaseException, *, offline: bool, token: str | None, local_hint: str = LOCAL_HINT
+) -> DataError:
     """The DataError for a failed hub load of `dataset_id`."""
     if _is_gated(exc):
-        how = ("the token in use was refused: accept the dataset's terms on its hub page with this account"
-               if token else "no Hugging Face token was found: set HF_TOKEN or run `hf auth login`")
+        how = (
+            "the token in use was refused: accept the dataset's terms on its hub page with this account"
+            if token
+            else "no Hugging Face token was found: set HF_TOKEN or run `hf auth login`"
+        )
         return DataError(
             f"Hugging Face dataset {dataset_id!r} is gated: accept its terms at "
-            f"https://huggingface.co/datasets/{dataset_id} and authenticate; {how}", hint=local_hint)
+            f"https://huggingface.co/datasets/{dataset_id} and authenticate; {how}",
+            hint=local_hint,
+        )
     if offline or _is_unreachable(exc):
         why = "offline mode is on: HF_HUB_OFFLINE is set" if offline else _short(exc)
         return DataError(
             f"cannot load Hugging Face dataset {dataset_id!r}: the Hugging Face Hub is unreachable ({why}) "
-            f"and no cached copy was found", hint=local_hint)
+            f"and no cached copy was found",
+            hint=local_hint,
+        )
     names = {cls.__name__ for cls in type(exc).__mro__}
     if names & {"DatasetNotFoundError", "RepositoryNotFoundError", "DataFilesNotFoundError"}:
         auth = "" if token else "; if it is private, set HF_TOKEN or run `hf auth login`"
@@ -111,8 +138,15 @@ def hub_error(dataset_id: str, exc: BaseException, *, offline: bool, token: str 
     return DataError(f"cannot load Hugging Face dataset {dataset_id!r}: {_short(exc)}", hint=local_hint)
 
 
-def hub_load(dataset_id: str, *, name: str | None = None, split: str | None = None,
-             token: str | bool | None = None, local_hint: str = LOCAL_HINT, **kwargs: Any):
+def hub_load(
+    dataset_id: str,
+    *,
+    name: str | None = None,
+    split: str | None = None,
+    token: str | bool | None = None,
+    local_hint: str = LOCAL_HINT,
+    **kwargs: Any,
+):
     """`datasets.load_dataset(dataset_id, name=name, split=split, token=token)` with errors as DataError.
 
     `token=None` uses the user's token (HF_TOKEN or the saved login), so gated datasets work once the user
@@ -130,5 +164,6 @@ def hub_load(dataset_id: str, *, name: str | None = None, split: str | None = No
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as exc:
-            raise hub_error(dataset_id, exc, offline=offline, token=token if isinstance(token, str) else None,
-                            local_hint=local_hint) from exc
+            raise hub_error(
+                dataset_id, exc, offline=offline, token=token if isinstance(token, str) else None, local_hint=local_hint
+            ) from exc

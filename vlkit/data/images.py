@@ -12,6 +12,7 @@ Cells are decoded by `vlkit.imagefile.open_image` (EXIF orientation, full decode
 their own mode (RGBA, P, CMYK, I;16, ...): the backbone's own transform converts them, as its library does. A
 missing, truncated, zero-byte or undecodable image raises `DataError` naming where it came from.
 """
+
 from __future__ import annotations
 
 import os
@@ -61,7 +62,6 @@ def decode_cell(cell: Any, *, where: str, mode: str | None = None):
     """The decoded PIL image of one stored cell, in its own mode (or `mode`, a `datasets.Image(mode=...)` the
     column declares); DataError naming `where` and the file/member when it fails."""
     from PIL import Image
-
 
     if cell is None:
         raise DataError(f"{where}: no image")
@@ -121,5 +121,7 @@ class ImageReader:
 
     def read(self, rows: list[int]):
         """The decoded PIL images of `rows` (0-based), each in its own mode."""
-        return [decode_cell(c, where=f"{self.label}, row {r + 1}, column {self.column!r}", mode=self.mode)
-                for r, c in zip(rows, self.cells(rows), strict=True)]
+        return [
+            decode_cell(c, where=f"{self.label}, row {r + 1}, column {self.column!r}", mode=self.mode)
+            for r, c in zip(rows, self.cells(rows), strict=True)
+        ]

@@ -5,6 +5,7 @@ A kind may give, for the values of a ``domain`` column its rows carry, task opti
 (keys such as ``class_names``, ``prompt``, ``answers``; None for a domain it does not know). The world
 plugin registers the kind ``world`` this way, with its domain names and its ``vlkit data`` functions.
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -10,6 +10,7 @@ folder (imagefolder metadata, a manifest) calls :func:`name_labels`, which casts
 
 Anything else leaves the labels as they are.
 """
+
 from __future__ import annotations
 
 import json

@@ -7,6 +7,7 @@ declares its options as one dataclass with field help (`HfOptions`, ...; registe
 `options_cls`) and its loader rejects any other with one ConfigError naming the kind and the options, so a
 stray ``domain``/``n``/``seed`` never reaches `datasets.load_dataset`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -89,9 +90,16 @@ class ParquetOptions(LoadOptions):
     batch_size: int | None = None
     """Rows per Arrow record batch while reading; None: the builder's default."""
 
+
 # What `datasets.load_dataset` calls a single local file, by suffix (for hf:FILE).
-FILE_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv", ".arrow": "arrow",
-                 ".txt": "text"}
+FILE_BUILDERS = {
+    ".parquet": "parquet",
+    ".jsonl": "json",
+    ".json": "json",
+    ".csv": "csv",
+    ".arrow": "arrow",
+    ".txt": "text",
+}
 
 
 def _int_option(name: str, value: Any) -> int:
@@ -136,13 +144,24 @@ def is_local_source(source: str) -> bool:
 
 def is_saved_dataset(path: Path) -> bool:
     """Whether `path` was written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
-    return path.is_dir() and ((path / "dataset_dict.json").is_file()
-                              or ((path / "state.json").is_file() and (path / "dataset_info.json").is_file()))
+    return path.is_dir() and (
+        (path / "dataset_dict.json").is_file()
+        or ((path / "state.json").is_file() and (path / "dataset_info.json").is_file())
+    )
 
 
-def load_hf(source: str | None = None, *, split: str | None = None, config: str | None = None,
-            name: str | None = None, revision: str | None = None, token: str | bool | None = None,
-            task: str | None = None, streaming: Any = False, **load_kwargs: Any):
+def load_hf(
+    source: str | None = None,
+    *,
+    split: str | None = None,
+    config: str | None = None,
+    name: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    task: str | None = None,
+    streaming: Any = False,
+    **load_kwargs: Any,
+):
     """A Hugging Face hub dataset id (``hf:user/name``, with the user's token when it is gated), or a local path:
     a `save_to_disk` directory (`datasets.load_from_disk`), a data directory `datasets.load_dataset` reads
     (parquet/jsonl/csv/images) or one such file. ``streaming: true`` gives a `datasets.IterableDataset`."""
@@ -155,16 +174,23 @@ def load_hf(source: str | None = None, *, split: str | None = None, config: str 
     if is_local_source(source):
         if token is not None:
             raise ConfigError(f"hf:{source} is a local path: a hub token does not apply to it")
-        return _load_hf_local(Path(source).expanduser(), split=split, name=config or name, revision=revision,
-                              streaming=streaming, **load_kwargs)
+        return _load_hf_local(
+            Path(source).expanduser(),
+            split=split,
+            name=config or name,
+            revision=revision,
+            streaming=streaming,
+            **load_kwargs,
+        )
     if streaming:
         load_kwargs["streaming"] = True
     ds = hub_load(source, name=config or name, split=split, token=token, revision=revision, **load_kwargs)
     return pick_split(ds, split, f"hf:{source}")
 
 
-def _load_hf_local(path: Path, *, split: str | None, name: str | None, revision: str | None, streaming: bool,
-                   **load_kwargs: Any):
+def _load_hf_local(
+    path: Path, *, split: str | None, name: str | None, revision: str | None, streaming: bool, **load_kwargs: Any
+):
     import datasets
 
     label = f"hf:{path}"
@@ -182,10 +208,11 @@ def _load_hf_local(path: Path, *, split: str | None, name: str | None, revision:
         if path.is_file():
             builder = FILE_BUILDERS.get(path.suffix.lower())
             if builder is None:
-                raise DataError(f"{label}: cannot tell how to read {path.name}; expected a save_to_disk or data "
-                                f"directory, or a {', '.join(FILE_BUILDERS)} file")
-            ds = datasets.load_dataset(builder, data_files=[str(path)], name=name, streaming=streaming,
-                                       **load_kwargs)
+                raise DataError(
+                    f"{label}: cannot tell how to read {path.name}; expected a save_to_disk or data "
+                    f"directory, or a {', '.join(FILE_BUILDERS)} file"
+                )
+            ds = datasets.load_dataset(builder, data_files=[str(path)], name=name, streaming=streaming, **load_kwargs)
         else:
             ds = datasets.load_dataset(str(path), name=name, streaming=streaming, **load_kwargs)
     except (KeyboardInterrupt, SystemExit, ConfigError, DataError):
@@ -236,8 +263,9 @@ def _wrap_local_error(kind: str, where: Path, exc: Exception) -> DataError:
     return DataError(f"cannot load {kind} {where}: {msg}")
 
 
-def load_imagefolder(source: str | None = None, *, split: str | None = None, task: str | None = None,
-                     **load_kwargs: Any):
+def load_imagefolder(
+    source: str | None = None, *, split: str | None = None, task: str | None = None, **load_kwargs: Any
+):
     """A local folder in the Hugging Face imagefolder layout (class subfolders, or a metadata.jsonl/.csv)."""
     import datasets
 
@@ -254,8 +282,7 @@ def load_imagefolder(source: str | None = None, *, split: str | None = None, tas
     return name_labels(pick_split(ds, split, f"imagefolder:{root}"), root)
 
 
-def load_manifest_kind(source: str | None = None, *, split: str | None = None, task: str | None = None,
-                       **options: Any):
+def load_manifest_kind(source: str | None = None, *, split: str | None = None, task: str | None = None, **options: Any):
     """A local JSONL/CSV manifest of image paths (relative to its folder, or absolute) and their fields.
 
     With `split`, a manifest that has a ``split`` column keeps only that split's rows; one without it is
@@ -285,6 +312,7 @@ def parquet_files(source: str, kind: str = "parquet", split: str | None = None) 
     if not files:
         raise DataError(f"no .parquet files under {path}")
     if split:
+
         def split_of(f: Path) -> str | None:
             for name in SPLIT_NAMES:
                 if f.name.startswith((f"{name}-", f"{name}_", f"{name}.")) or f.parent.name == name:
@@ -301,8 +329,7 @@ def parquet_files(source: str, kind: str = "parquet", split: str | None = None) 
     return files
 
 
-def load_parquet(source: str | None = None, *, split: str | None = None, task: str | None = None,
-                 **load_kwargs: Any):
+def load_parquet(source: str | None = None, *, split: str | None = None, task: str | None = None, **load_kwargs: Any):
     """Local parquet files (a file, or a folder searched recursively; `split` picks SPLIT-*.parquet)."""
     import datasets
 
@@ -318,6 +345,16 @@ def load_parquet(source: str | None = None, *, split: str | None = None, task: s
         raise _wrap_local_error("parquet", Path(source), exc) from exc
 
 
-__all__ = ["load_hf", "load_imagefolder", "load_manifest_kind", "load_parquet", "parquet_files",
-           "is_saved_dataset", "KindOptions", "HfOptions", "ImagefolderOptions", "ManifestOptions",
-           "ParquetOptions"]
+__all__ = [
+    "load_hf",
+    "load_imagefolder",
+    "load_manifest_kind",
+    "load_parquet",
+    "parquet_files",
+    "is_saved_dataset",
+    "KindOptions",
+    "HfOptions",
+    "ImagefolderOptions",
+    "ManifestOptions",
+    "ParquetOptions",
+]

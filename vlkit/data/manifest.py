@@ -7,6 +7,7 @@ as a JSON list or separated by spaces/commas. Load-time checks are cheap and nam
 that exists but cannot be decoded raises `DataError` (naming the file and row) when it is decoded, by
 `vlkit.data.images`, so time to the first step does not grow with the dataset.
 """
+
 from __future__ import annotations
 
 import csv
@@ -31,8 +32,9 @@ def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     try:
         yield from _read_rows(path)
     except UnicodeDecodeError as exc:
-        raise DataError(f"manifest {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
-                        "save it as UTF-8") from None
+        raise DataError(
+            f"manifest {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"
+        ) from None
 
 
 def _read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -48,7 +50,8 @@ def _read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                     rec = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise DataError(
-                        f"manifest {path}: row {row} (line {lineno}) is not valid JSON: {exc.msg}") from None
+                        f"manifest {path}: row {row} (line {lineno}) is not valid JSON: {exc.msg}"
+                    ) from None
                 if not isinstance(rec, dict):
                     raise DataError(f"manifest {path}: row {row} (line {lineno}) is not a JSON object")
                 yield row, rec
@@ -129,9 +132,11 @@ def image_columns_of(keys: list[str], path: Path) -> tuple[list[str], str | None
     for c in SINGLE_IMAGE_COLUMNS:
         if c in keys:
             return ["image"], c
-    raise DataError(f"manifest {path} has no image column: expected one of "
-                    f"{', '.join(SINGLE_IMAGE_COLUMNS)} (or image_0 and image_1 for pairs); "
-                    f"columns: {', '.join(keys) or 'none'}")
+    raise DataError(
+        f"manifest {path} has no image column: expected one of "
+        f"{', '.join(SINGLE_IMAGE_COLUMNS)} (or image_0 and image_1 for pairs); "
+        f"columns: {', '.join(keys) or 'none'}"
+    )
 
 
 def _label_feature(values: list[Any]):
@@ -139,8 +144,7 @@ def _label_feature(values: list[Any]):
     import datasets
 
     present = [v for v in values if v is not None]
-    if present and all(isinstance(v, int) or (isinstance(v, str) and v.strip().lstrip("-").isdigit())
-                       for v in present):
+    if present and all(isinstance(v, int) or (isinstance(v, str) and v.strip().lstrip("-").isdigit()) for v in present):
         return [int(v) if v is not None else None for v in values], datasets.Value("int64")
     if present and len(present) == len(values) and all(isinstance(v, str) for v in present):
         names = sorted(set(present))
@@ -180,8 +184,10 @@ def load_manifest(path: str | os.PathLike, *, required: tuple[str, ...] = (), sp
     other = [k for k in keys if k not in src_cols and k not in SINGLE_IMAGE_COLUMNS + PAIR_IMAGE_COLUMNS]
     missing_cols = [c for c in required if c not in img_cols and c not in other]
     if missing_cols:
-        raise DataError(f"manifest {path} has no column {missing_cols[0]!r} (required: {', '.join(required)}; "
-                        f"columns: {', '.join(keys)})")
+        raise DataError(
+            f"manifest {path} has no column {missing_cols[0]!r} (required: {', '.join(required)}; "
+            f"columns: {', '.join(keys)})"
+        )
     columns: dict[str, list[Any]] = {c: [] for c in img_cols + other}
     for row, rec in rows:
         rec = {COLUMN_ALIASES.get(k, k): v for k, v in rec.items()}

@@ -12,6 +12,7 @@ numbers them. `mix_datasets` brings every part to one set of features first:
 - other columns: cast to the first part's feature (numbers to a ClassLabel, names dropped to numbers); a column
   that cannot be cast is a DataError naming the source and the column.
 """
+
 from __future__ import annotations
 
 import os
@@ -52,7 +53,6 @@ def _read_refs(ds, column: str):
     """`ds` with the tar member references of `column` read into image bytes (`datasets.Image`)."""
     import datasets
 
-
     cells = ds[column]
     blobs = [{"bytes": read_tar_member(c), "path": c["member"]} for c in cells]
     return _replace_column(ds, column, blobs, datasets.Image())
@@ -64,8 +64,9 @@ def _replace_column(ds, column: str, values: list[Any], feature):
     new = datasets.Dataset.from_dict({column: values}, features=datasets.Features({column: feature}))
     if len(ds.column_names) == 1:
         return new
-    return datasets.concatenate_datasets([ds.remove_columns([column]), new], axis=1) \
-        .select_columns(list(ds.column_names))
+    return datasets.concatenate_datasets([ds.remove_columns([column]), new], axis=1).select_columns(
+        list(ds.column_names)
+    )
 
 
 def _is_ref(feature) -> bool:
@@ -101,8 +102,10 @@ def _same_image_kind(parts: list, column: str, labels: list[str]) -> list:
     if all(c is not None for c in converted):
         return converted
     # some images are stored as bytes: read the references instead
-    return [(_read_refs(p, column) if _is_ref(p.features[column]) else p).cast_column(column, datasets.Image())
-            for p in parts]
+    return [
+        (_read_refs(p, column) if _is_ref(p.features[column]) else p).cast_column(column, datasets.Image())
+        for p in parts
+    ]
 
 
 def mix_datasets(parts: list, labels: list[str] | None = None):
@@ -121,8 +124,10 @@ def mix_datasets(parts: list, labels: list[str] | None = None):
     columns = list(parts[0].column_names)
     for p, label in zip(parts, labels):
         if sorted(p.column_names) != sorted(columns):
-            raise DataError(f"{label} has columns {', '.join(p.column_names)}; the other sources of the mix have "
-                            f"{', '.join(columns)}")
+            raise DataError(
+                f"{label} has columns {', '.join(p.column_names)}; the other sources of the mix have "
+                f"{', '.join(columns)}"
+            )
     parts = [p.select_columns(columns) for p in parts]
     for col in columns:
         parts = _same_class_names(_same_image_kind(parts, col, labels), col)
@@ -136,6 +141,8 @@ def mix_datasets(parts: list, labels: list[str] | None = None):
             aligned.append(p.cast(target))
         except (ValueError, TypeError) as exc:
             col = next((c for c in columns if p.features[c] != target[c]), columns[0])
-            raise DataError(f"{label}: column {col!r} ({p.features[col]}) cannot be mixed with {labels[0]}'s "
-                            f"({target[col]}): {' '.join(str(exc).split())[:160]}") from None
+            raise DataError(
+                f"{label}: column {col!r} ({p.features[col]}) cannot be mixed with {labels[0]}'s "
+                f"({target[col]}): {' '.join(str(exc).split())[:160]}"
+            ) from None
     return datasets.concatenate_datasets(aligned)

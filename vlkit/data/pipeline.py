@@ -9,6 +9,7 @@ workers. Train-time augmentation (`data.augment`, torchvision transforms v2) is 
 row), so it does not depend on which worker decodes a row either. Evaluation streams the same way in
 order (`iter_batches`).
 """
+
 from __future__ import annotations
 
 import math
@@ -77,9 +78,11 @@ class LazyImages:
             return self.augment(im)
         except (ValueError, TypeError) as exc:
             label = getattr(self.reader, "label", "dataset")
-            raise DataError(f"{label}, row {row + 1}: data.augment cannot transform this {im.mode} image: {exc}",
-                            hint="geometric transforms take every mode; colour ones need RGB: list RGB first "
-                                 "(PIL's conversion, alpha dropped)") from None
+            raise DataError(
+                f"{label}, row {row + 1}: data.augment cannot transform this {im.mode} image: {exc}",
+                hint="geometric transforms take every mode; colour ones need RGB: list RGB first "
+                "(PIL's conversion, alpha dropped)",
+            ) from None
 
     def materialize(self) -> torch.Tensor:
         return self.fetch(list(range(len(self))))
@@ -169,7 +172,7 @@ class TextColumn:
 
 
 def sample_seed(seed: int, epoch: int, row: int) -> int:
-    return (int(seed) * 1_000_003 + int(epoch) * 10_000_019 + int(row) * 7_919) % (2 ** 63 - 1)
+    return (int(seed) * 1_000_003 + int(epoch) * 10_000_019 + int(row) * 7_919) % (2**63 - 1)
 
 
 def is_lazy(data: Mapping) -> bool:
@@ -219,8 +222,9 @@ class SeededBatches:
     `start` is the number of batches already consumed (resume): the stream begins at
     epoch = start // batches_per_epoch, batch = start % batches_per_epoch, with no replay."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, start: int = 0,
-                 shuffle: bool = True):
+    def __init__(
+        self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, start: int = 0, shuffle: bool = True
+    ):
         if n < 1:
             raise ConfigError("the training data has no rows")
         self.n, self.batch_size, self.seed = n, batch_size, seed
@@ -237,7 +241,7 @@ class SeededBatches:
         else:
             perm = torch.arange(self.n)
         if self.world > 1:
-            perm = perm[self.rank::self.world][:self.per_proc]
+            perm = perm[self.rank :: self.world][: self.per_proc]
         return perm
 
     def __iter__(self) -> Iterator[tuple[int, list[int]]]:
@@ -245,7 +249,7 @@ class SeededBatches:
         while True:
             perm = self.order(epoch)
             for i in range(b * self.batch_size, len(perm), self.batch_size):
-                yield epoch, perm[i:i + self.batch_size].tolist()
+                yield epoch, perm[i : i + self.batch_size].tolist()
             epoch, b = epoch + 1, 0
 
 
@@ -277,11 +281,17 @@ def make_loader(data: Mapping, sampler, *, train: bool, options: dict[str, Any] 
     pin = opts.get("pin_memory")
     if pin is None:
         pin = torch.cuda.is_available()
-    kwargs: dict[str, Any] = {"batch_size": None, "sampler": sampler, "num_workers": workers,
-                              "pin_memory": bool(pin), "generator": torch.Generator().manual_seed(0)}
+    kwargs: dict[str, Any] = {
+        "batch_size": None,
+        "sampler": sampler,
+        "num_workers": workers,
+        "pin_memory": bool(pin),
+        "generator": torch.Generator().manual_seed(0),
+    }
     if workers > 0:
-        kwargs.update(prefetch_factor=int(opts.get("prefetch_factor") or 2), worker_init_fn=_worker_init,
-                      persistent_workers=False)
+        kwargs.update(
+            prefetch_factor=int(opts.get("prefetch_factor") or 2), worker_init_fn=_worker_init, persistent_workers=False
+        )
     return torch.utils.data.DataLoader(_Batches(data, train), **kwargs)
 
 
@@ -290,7 +300,7 @@ def iter_batches(data: Mapping, batch_size: int) -> Iterator[dict[str, torch.Ten
     n = num_rows(data)
     if not is_lazy(data):
         for i in range(0, n, batch_size):
-            yield {k: v[i:i + batch_size] for k, v in data.items()}
+            yield {k: v[i : i + batch_size] for k, v in data.items()}
         return
     spans = [(0, list(range(i, min(n, i + batch_size)))) for i in range(0, n, batch_size)]
     yield from make_loader(data, spans, train=False)
@@ -314,8 +324,9 @@ def build_augment(spec: Any, image_size: int):
     if isinstance(spec, Mapping):
         spec = [{k: v} for k, v in spec.items()]
     if not isinstance(spec, list):
-        raise ConfigError("data.augment must be true/false or a list of {TransformName: {options}} "
-                          "(torchvision.transforms.v2)")
+        raise ConfigError(
+            "data.augment must be true/false or a list of {TransformName: {options}} (torchvision.transforms.v2)"
+        )
     steps = []
     for item in spec:
         name, kwargs = (item, {}) if isinstance(item, str) else next(iter(dict(item).items()))
@@ -414,9 +425,13 @@ def stream_loader(source: StreamingSource, batch_size: int, *, rank: int = 0, wo
     """A DataLoader over a streaming source: at most one worker, so the row order stays the stream's."""
     workers = min(1, int(source.loader_options.get("num_workers") or 0))
     pin = source.loader_options.get("pin_memory")
-    kwargs: dict[str, Any] = {"batch_size": None, "num_workers": workers,
-                              "pin_memory": bool(torch.cuda.is_available() if pin is None else pin)}
+    kwargs: dict[str, Any] = {
+        "batch_size": None,
+        "num_workers": workers,
+        "pin_memory": bool(torch.cuda.is_available() if pin is None else pin),
+    }
     if workers:
-        kwargs.update(prefetch_factor=int(source.loader_options.get("prefetch_factor") or 2),
-                      worker_init_fn=_worker_init)
+        kwargs.update(
+            prefetch_factor=int(source.loader_options.get("prefetch_factor") or 2), worker_init_fn=_worker_init
+        )
     return torch.utils.data.DataLoader(_StreamBatches(source, batch_size, rank, world, start), **kwargs)

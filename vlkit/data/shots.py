@@ -11,6 +11,7 @@
 
 `take_shots(spec, seed)` prepares a spec for loading; `recipe_notes(cfg)` gives the recipe's `note:` lines.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -71,8 +72,10 @@ def _notes_for(spec: Any, key: str, seed: int) -> list[str]:
     check_shots(spec["shots"], f"{key}.shots")
     if not kind_draws_shots(spec) or "seed" not in declared_options(spec["kind"]) or spec.get("seed") is not None:
         return []
-    return [f"{key}: {spec['kind']} draws shots={spec['shots']} with the recipe's seed {seed}, not its own "
-            f"default; set {key}.seed to choose"]
+    return [
+        f"{key}: {spec['kind']} draws shots={spec['shots']} with the recipe's seed {seed}, not its own "
+        f"default; set {key}.seed to choose"
+    ]
 
 
 def recipe_notes(cfg) -> list[str]:

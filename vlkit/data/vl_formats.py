@@ -15,6 +15,7 @@
 
 Rows keep the datasets' ids. Every image path is checked to exist when the data loads (a stat, no decoding).
 """
+
 from __future__ import annotations
 
 import json
@@ -73,8 +74,10 @@ def _image_dir(kind: str, path: Path, given: str | None, candidates: list[Path])
     for d in candidates:
         if d.is_dir():
             return d
-    raise DataError(f"{kind}: cannot find the images of {path.name} (looked in "
-                    f"{', '.join(str(c) for c in candidates)})", hint="give image_dir=")
+    raise DataError(
+        f"{kind}: cannot find the images of {path.name} (looked in {', '.join(str(c) for c in candidates)})",
+        hint="give image_dir=",
+    )
 
 
 def _limit(rows: list, n: Any) -> list:
@@ -119,8 +122,15 @@ def _split_of(name: str) -> str | None:
     return None
 
 
-def load_coco_captions(source: str | None = None, *, split: str | None = None, task: str | None = None,
-                       image_dir: str | None = None, n: Any = None, **options: Any):
+def load_coco_captions(
+    source: str | None = None,
+    *,
+    split: str | None = None,
+    task: str | None = None,
+    image_dir: str | None = None,
+    n: Any = None,
+    **options: Any,
+):
     """COCO captions JSON (``images`` and ``annotations``): one row per image with all its captions."""
     _no_extra("coco-captions", options, VlFileOptions)
     path = _json_file("coco-captions", source)
@@ -128,9 +138,14 @@ def load_coco_captions(source: str | None = None, *, split: str | None = None, t
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
         raise DataError(f"{path} is not a COCO captions file (it needs 'images' and 'annotations')")
     sub = _split_of(path.name) or ""
-    images = _image_dir("coco-captions", path, image_dir,
-                        [path.parent / sub, path.parent.parent / sub, path.parent / "images"] if sub else
-                        [path.parent / "images", path.parent])
+    images = _image_dir(
+        "coco-captions",
+        path,
+        image_dir,
+        [path.parent / sub, path.parent.parent / sub, path.parent / "images"]
+        if sub
+        else [path.parent / "images", path.parent],
+    )
     caps: dict[Any, list[str]] = {}
     for a in data["annotations"]:
         caps.setdefault(a["image_id"], []).append(str(a["caption"]).strip())
@@ -157,8 +172,16 @@ def _annotations_path(path: Path, given: str | None) -> Path | None:
     return guess if guess.is_file() and guess != path else None
 
 
-def load_vqav2(source: str | None = None, *, split: str | None = None, task: str | None = None,
-               image_dir: str | None = None, n: Any = None, annotations: str | None = None, **options: Any):
+def load_vqav2(
+    source: str | None = None,
+    *,
+    split: str | None = None,
+    task: str | None = None,
+    image_dir: str | None = None,
+    n: Any = None,
+    annotations: str | None = None,
+    **options: Any,
+):
     """VQAv2 questions JSON with its annotations (answers) JSON, images in COCO's layout."""
     _no_extra("vqav2", options, Vqav2Options)
     path = _json_file("vqav2", source)
@@ -166,8 +189,12 @@ def load_vqav2(source: str | None = None, *, split: str | None = None, task: str
     if not isinstance(data, dict) or "questions" not in data:
         raise DataError(f"{path} is not a VQAv2 questions file (it needs 'questions')")
     sub = str(data.get("data_subtype") or _split_of(path.name.replace("mscoco_", "")) or "")
-    images = _image_dir("vqav2", path, image_dir, [path.parent / sub, path.parent.parent / sub,
-                                                    path.parent.parent / "images" / sub, path.parent / "images"])
+    images = _image_dir(
+        "vqav2",
+        path,
+        image_dir,
+        [path.parent / sub, path.parent.parent / sub, path.parent.parent / "images" / sub, path.parent / "images"],
+    )
     ann_path = _annotations_path(path, annotations)
     answers: dict[Any, dict] = {}
     if ann_path is not None:
@@ -190,8 +217,15 @@ def load_vqav2(source: str | None = None, *, split: str | None = None, task: str
     return _dataset(cols, ("image",), ("answers",))
 
 
-def load_gqa(source: str | None = None, *, split: str | None = None, task: str | None = None,
-             image_dir: str | None = None, n: Any = None, **options: Any):
+def load_gqa(
+    source: str | None = None,
+    *,
+    split: str | None = None,
+    task: str | None = None,
+    image_dir: str | None = None,
+    n: Any = None,
+    **options: Any,
+):
     """GQA questions JSON ({question id: {imageId, question, answer, fullAnswer, types}}), images by imageId."""
     _no_extra("gqa-questions", options, VlFileOptions)
     path = _json_file("gqa-questions", source)
@@ -199,8 +233,14 @@ def load_gqa(source: str | None = None, *, split: str | None = None, task: str |
     if not isinstance(data, dict) or not all(isinstance(v, dict) and "imageId" in v for v in data.values()):
         raise DataError(f"{path} is not a GQA questions file ({{question id: {{imageId, question, ...}}}})")
     images = _image_dir("gqa-questions", path, image_dir, [path.parent.parent / "images", path.parent / "images"])
-    cols: dict[str, list] = {"image": [], "question_id": [], "question": [], "answer": [], "full_answer": [],
-                             "answer_type": []}
+    cols: dict[str, list] = {
+        "image": [],
+        "question_id": [],
+        "question": [],
+        "answer": [],
+        "full_answer": [],
+        "answer_type": [],
+    }
     for i, (qid, q) in enumerate(_limit(list(data.items()), n)):
         cols["image"].append(_image(images, f"{q['imageId']}.jpg", f"{path}, question {qid}"))
         cols["question_id"].append(str(qid))
@@ -213,15 +253,30 @@ def load_gqa(source: str | None = None, *, split: str | None = None, task: str |
     return _dataset(cols, ("image",))
 
 
-def load_nlvr2(source: str | None = None, *, split: str | None = None, task: str | None = None,
-               image_dir: str | None = None, n: Any = None, **options: Any):
+def load_nlvr2(
+    source: str | None = None,
+    *,
+    split: str | None = None,
+    task: str | None = None,
+    image_dir: str | None = None,
+    n: Any = None,
+    **options: Any,
+):
     """NLVR2 JSON lines (identifier, sentence, label) with each example's left and right images."""
     _no_extra("nlvr2-jsonl", options, VlFileOptions)
     path = _json_file("nlvr2-jsonl", source)
     part = path.stem.split("_")[0]
-    images = _image_dir("nlvr2-jsonl", path, image_dir,
-                        [path.parent.parent / "images" / part, path.parent / "images" / part, path.parent / part,
-                         path.parent / "images"])
+    images = _image_dir(
+        "nlvr2-jsonl",
+        path,
+        image_dir,
+        [
+            path.parent.parent / "images" / part,
+            path.parent / "images" / part,
+            path.parent / part,
+            path.parent / "images",
+        ],
+    )
     rows = []
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
@@ -235,8 +290,7 @@ def load_nlvr2(source: str | None = None, *, split: str | None = None, task: str
         where = f"{path}, line {i + 1}"
         ident = str(rec.get("identifier") or "")
         if ident.count("-") < 3 or "sentence" not in rec or "label" not in rec:
-            raise DataError(f"{where}: an NLVR2 example needs identifier (split-set-pair-sentence), sentence "
-                            "and label")
+            raise DataError(f"{where}: an NLVR2 example needs identifier (split-set-pair-sentence), sentence and label")
         folder = images / str(rec["directory"]) if rec.get("directory") is not None else images
         stem = ident.rsplit("-", 1)[0]
         cols["identifier"].append(ident)

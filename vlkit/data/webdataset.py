@@ -25,6 +25,7 @@ kind; `vlkit.data.images` decodes the referenced bytes in the DataLoader workers
 Errors name the shard and the member: a shard that is missing or is not a tar archive, a key with no image,
 a ``cls`` that is not an integer, a json that does not parse, a member cut short by a truncated archive.
 """
+
 from __future__ import annotations
 
 import glob
@@ -65,7 +66,7 @@ def expand_braces(pattern: str) -> list[str]:
             alts = body.split(",")
         else:
             continue
-        head, tail = pattern[:m.start()], pattern[m.end():]
+        head, tail = pattern[: m.start()], pattern[m.end() :]
         return [out for alt in alts for out in expand_braces(head + alt + tail)]
     return [pattern]
 
@@ -77,8 +78,11 @@ def resolve_shards(shards: Any, split: str | None = None) -> list[str]:
     elif isinstance(shards, (list, tuple)):
         bad = [s for s in shards if not isinstance(s, (str, os.PathLike))]
         if bad or not shards:
-            raise ConfigError(f"webdataset shards must be paths or patterns, got {bad[0]!r} in the list {shards!r}"
-                              if bad else "webdataset shards: the list is empty")
+            raise ConfigError(
+                f"webdataset shards must be paths or patterns, got {bad[0]!r} in the list {shards!r}"
+                if bad
+                else "webdataset shards: the list is empty"
+            )
         patterns = [os.fspath(s) for s in shards]
     else:
         raise ConfigError(f"webdataset shards must be a path, a pattern or a list of them, not {shards!r}")
@@ -122,8 +126,10 @@ def scan_shard(shard: str) -> dict[str, dict[str, tuple[str, int, int]]]:
         head = fh.read(6)
         end = fh.seek(0, os.SEEK_END)
     if head.startswith(COMPRESSED_MAGIC):
-        raise DataError(f"shard {shard}: a compressed tar archive cannot be indexed (members are read by offset); "
-                        "decompress it to a plain .tar")
+        raise DataError(
+            f"shard {shard}: a compressed tar archive cannot be indexed (members are read by offset); "
+            "decompress it to a plain .tar"
+        )
     samples: dict[str, dict[str, tuple[str, int, int]]] = {}
     try:
         with tarfile.open(shard, mode="r:") as tf:
@@ -138,12 +144,14 @@ def scan_shard(shard: str) -> dict[str, dict[str, tuple[str, int, int]]]:
                 if ext in members:
                     raise DataError(f"shard {shard}, member {info.name}: key {key!r} already has a {ext!r} member")
                 if info.offset_data + info.size > end:
-                    raise DataError(f"shard {shard}, member {info.name}: truncated (the archive ends before "
-                                    f"its {info.size} bytes)")
+                    raise DataError(
+                        f"shard {shard}, member {info.name}: truncated (the archive ends before its {info.size} bytes)"
+                    )
                 members[ext] = (info.name, info.offset_data, info.size)
             if 0 < end - tf.offset < tarfile.BLOCKSIZE:  # tarfile stops quietly at a cut-off header
-                raise DataError(f"shard {shard}: truncated (the archive ends inside the member header at byte "
-                                f"{tf.offset})")
+                raise DataError(
+                    f"shard {shard}: truncated (the archive ends inside the member header at byte {tf.offset})"
+                )
     except tarfile.TarError as exc:
         raise DataError(f"shard {shard}: not a tar archive ({exc})") from None
     return samples
@@ -151,8 +159,12 @@ def scan_shard(shard: str) -> dict[str, dict[str, tuple[str, int, int]]]:
 
 def _read_texts(shard: str, samples: dict[str, dict[str, tuple[str, int, int]]]) -> dict[tuple[str, str], str]:
     """The text of every txt/cls/json member of a shard, read in offset order."""
-    wanted = sorted((m[1], m[2], m[0], key, ext) for key, members in samples.items()
-                    for ext, m in members.items() if ext in TEXT_EXTS)
+    wanted = sorted(
+        (m[1], m[2], m[0], key, ext)
+        for key, members in samples.items()
+        for ext, m in members.items()
+        if ext in TEXT_EXTS
+    )
     out: dict[tuple[str, str], str] = {}
     with open(shard, "rb") as fh:
         for offset, size, member, key, ext in wanted:
@@ -168,8 +180,7 @@ def _sample_row(shard: str, key: str, members: dict[str, tuple[str, int, int]], 
     image_ext = next((e for e in IMAGE_EXTS if e in members), None)
     if image_ext is None:
         names = ", ".join(m[0] for m in members.values())
-        raise DataError(f"shard {shard}, member {names}: key {key!r} has no image member "
-                        f"({', '.join(IMAGE_EXTS)})")
+        raise DataError(f"shard {shard}, member {names}: key {key!r} has no image member ({', '.join(IMAGE_EXTS)})")
     member, offset, size = members[image_ext]
     row: dict[str, Any] = {"image": {"shard": shard, "offset": offset, "size": size, "member": member}}
     meta: dict[str, Any] = {}
@@ -193,14 +204,14 @@ def _sample_row(shard: str, key: str, members: dict[str, tuple[str, int, int]], 
     elif meta.get("label") is not None:
         label = meta["label"]
         if isinstance(label, bool) or not isinstance(label, (int, str)):
-            raise DataError(f"shard {shard}, member {members['json'][0]}: label must be an integer or a name, "
-                            f"got {label!r}")
+            raise DataError(
+                f"shard {shard}, member {members['json'][0]}: label must be an integer or a name, got {label!r}"
+            )
         row["label"] = label
     for field in JSON_FIELDS:
         if meta.get(field) is not None:
             row[field] = meta[field]
     if "box" in row:
-
         row["box"] = parse_box(row["box"], where=f"shard {shard}, member {members['json'][0]}")
     return row
 
@@ -219,8 +230,10 @@ def _label_column(rows: list[dict[str, Any]]):
         return values, datasets.Value("int64")
     mixed = next((r for r in rows if isinstance(r.get("label"), int)), None)
     if mixed is not None:
-        raise DataError(f"{_where(mixed)}: label {mixed['label']!r} is an integer but other samples name their "
-                        f"labels ({sorted(names)[0]!r}, ...)")
+        raise DataError(
+            f"{_where(mixed)}: label {mixed['label']!r} is an integer but other samples name their "
+            f"labels ({sorted(names)[0]!r}, ...)"
+        )
     order = sorted(names)
     index = {n: i for i, n in enumerate(order)}
     return [index[v] if v is not None else None for v in values], datasets.ClassLabel(names=order)
@@ -276,12 +289,16 @@ def index_shards(shards: list[str], *, required: tuple[str, ...] = (), task: str
             for field in required:
                 if field != "image" and row.get(field) is None:
                     have = ", ".join(m[0] for m in members.values())
-                    raise DataError(f"shard {shard}, member {row['image']['member']}: key {key!r} has no "
-                                    f"{field!r} (required for task {task!r}; members: {have})")
+                    raise DataError(
+                        f"shard {shard}, member {row['image']['member']}: key {key!r} has no "
+                        f"{field!r} (required for task {task!r}; members: {have})"
+                    )
             rows.append(row)
     if not rows:
-        raise DataError(f"no samples in webdataset shards {shards[0]}" + (f" (and {len(shards) - 1} more)"
-                                                                            if len(shards) > 1 else ""))
+        raise DataError(
+            f"no samples in webdataset shards {shards[0]}"
+            + (f" (and {len(shards) - 1} more)" if len(shards) > 1 else "")
+        )
     return build_dataset(rows)
 
 
@@ -294,8 +311,9 @@ class WebdatasetOptions(KindOptions):
     of .tar files, several joined by ::, or a list; {split} in a pattern becomes the split (default train)."""
 
 
-def load_webdataset(source: str | None = None, *, split: str | None = None, shards: Any = None,
-                    task: str | None = None, **options: Any):
+def load_webdataset(
+    source: str | None = None, *, split: str | None = None, shards: Any = None, task: str | None = None, **options: Any
+):
     """Tar shards (img2dataset / open_clip layout) as a map-style Dataset of tar member references."""
 
     _no_extra("webdataset", options, WebdatasetOptions)

@@ -5,6 +5,7 @@ caption_1, tag, secondary_tag, num_main_preds, collapsed_tag. The official repo 
 (``image_0``/``image_1`` hold file stems such as ``ex_0_img_0``) plus ``images/ex_0_img_0.png``; the current
 hub repo stores the same rows in parquet with the images embedded as bytes.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,8 +23,10 @@ HUB_SPLIT = "test"
 IMAGE_COLUMNS = ("image_0", "image_1")
 REQUIRED = ("image_0", "image_1", "caption_0", "caption_1")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-LOCAL_HINT = ("use a local copy instead: winoground with --data DIR (a folder of parquet files, or examples.jsonl "
-              "with an images/ folder), or the world kind's minimal pairs: winoground:synth")
+LOCAL_HINT = (
+    "use a local copy instead: winoground with --data DIR (a folder of parquet files, or examples.jsonl "
+    "with an images/ folder), or the world kind's minimal pairs: winoground:synth"
+)
 
 
 def canonical_features() -> dict[str, Any]:
@@ -49,8 +52,7 @@ def normalize(ds, label: str):
 
     missing = [c for c in REQUIRED if c not in ds.column_names]
     if missing:
-        raise DataError(f"winoground data {label} has no column {missing[0]!r} "
-                        f"(columns: {', '.join(ds.column_names)})")
+        raise DataError(f"winoground data {label} has no column {missing[0]!r} (columns: {', '.join(ds.column_names)})")
     canon = canonical_features()
     order = [c for c in canon if c in ds.column_names] + [c for c in ds.column_names if c not in canon]
     if order != ds.column_names:
@@ -103,8 +105,9 @@ def load_examples_jsonl(examples: Path, images_dir: str | Path | None = None):
         raise DataError(f"winoground examples file {examples} has no rows")
     canon = canonical_features()
     keys = list(dict.fromkeys(k for _, rec in rows for k in rec))
-    columns: dict[str, list[Any]] = {c: [] for c in [c for c in canon if c in keys or c == "id"] +
-                                     [k for k in keys if k not in canon]}
+    columns: dict[str, list[Any]] = {
+        c: [] for c in [c for c in canon if c in keys or c == "id"] + [k for k in keys if k not in canon]
+    }
     for row, rec in rows:
         where = f"winoground examples {examples}, row {row}"
         for c in REQUIRED:
@@ -137,8 +140,10 @@ def check_parquet_images(files: list[Path]) -> None:
         names = pf.schema_arrow.names
         cols = [c for c in IMAGE_COLUMNS if c in names]
         if len(cols) < len(IMAGE_COLUMNS):
-            raise DataError(f"winoground parquet {f} has no column "
-                            f"{next(c for c in IMAGE_COLUMNS if c not in names)!r} (columns: {', '.join(names)})")
+            raise DataError(
+                f"winoground parquet {f} has no column "
+                f"{next(c for c in IMAGE_COLUMNS if c not in names)!r} (columns: {', '.join(names)})"
+            )
         start = 0
         for batch in pf.iter_batches(columns=cols, batch_size=16):
             for c in cols:
@@ -158,7 +163,6 @@ def check_parquet_images(files: list[Path]) -> None:
 def load_parquet_copy(source: Path, split: str | None = None):
     """A local copy of the hub repo's parquet files (a file or a folder searched recursively)."""
     import datasets
-
 
     files = parquet_files(str(source), kind="winoground", split=split)
     check_parquet_images(files)
@@ -184,11 +188,17 @@ def load_synth(n: int = 400, seed: int = 0, domain: str = "photo", image_size: i
     """Minimal pairs from the ``world`` dataset kind (the world plugin), task winoground."""
 
     if "world" not in registry("dataset"):
-        raise ConfigError("winoground:synth needs the dataset kind 'world' (the built-in world plugin), which is "
-                          "not registered")
-    ds = registry("dataset").get("world")(None, domain=domain, task="winoground", n=_int_option("n", n),
-                                          seed=_int_option("seed", seed),
-                                          image_size=_int_option("image_size", image_size))
+        raise ConfigError(
+            "winoground:synth needs the dataset kind 'world' (the built-in world plugin), which is not registered"
+        )
+    ds = registry("dataset").get("world")(
+        None,
+        domain=domain,
+        task="winoground",
+        n=_int_option("n", n),
+        seed=_int_option("seed", seed),
+        image_size=_int_option("image_size", image_size),
+    )
     return normalize(ds, "synth")
 
 
@@ -213,10 +223,19 @@ class WinogroundOptions(KindOptions):
     """Side in pixels of the generated images (winoground:synth only); None: 64."""
 
 
-def load_winoground(source: str | None = None, *, split: str | None = None, task: str | None = None,
-                    token: str | bool | None = None, images_dir: str | None = None, n: int | None = None,
-                    seed: int | None = None, domain: str | None = None, image_size: int | None = None,
-                    **options: Any):
+def load_winoground(
+    source: str | None = None,
+    *,
+    split: str | None = None,
+    task: str | None = None,
+    token: str | bool | None = None,
+    images_dir: str | None = None,
+    n: int | None = None,
+    seed: int | None = None,
+    domain: str | None = None,
+    image_size: int | None = None,
+    **options: Any,
+):
     """Winoground from `source`: ``hub`` (default), ``synth``, or a local folder/file.
 
     A local folder holds parquet files (the hub layout) or ``examples.jsonl`` plus ``images/``. Each option
@@ -227,20 +246,24 @@ def load_winoground(source: str | None = None, *, split: str | None = None, task
     if task not in (None, "winoground"):
         raise ConfigError(f"winoground data is for task 'winoground', not {task!r}")
     is_hub = source in (None, "", "hub") or source.startswith("hub:")
-    synth = {k: v for k, v in (("n", n), ("seed", seed), ("domain", domain), ("image_size", image_size))
-             if v is not None}
+    synth = {
+        k: v for k, v in (("n", n), ("seed", seed), ("domain", domain), ("image_size", image_size)) if v is not None
+    }
     _only_for("token", token is not None and not is_hub, "the hub copy (winoground:hub)")
     _only_for(", ".join(synth), bool(synth) and source != "synth", "generated pairs (winoground:synth)")
     if is_hub:
-        return load_hub(split=split, token=token, dataset_id=source[4:] if source and source.startswith("hub:")
-                        else HUB_ID)
+        return load_hub(
+            split=split, token=token, dataset_id=source[4:] if source and source.startswith("hub:") else HUB_ID
+        )
     _only_for("split", split is not None and source == "synth", "the hub copy and parquet copies")
     if source == "synth":
         return load_synth(**{**SYNTH_OPTIONS, **synth})
     path = Path(str(source)).expanduser()  # not None: None is the hub
     if not path.exists():
-        raise DataError(f"winoground source not found: {path}",
-                        hint="give hub, synth, or a local folder with parquet files or examples.jsonl + images/")
+        raise DataError(
+            f"winoground source not found: {path}",
+            hint="give hub, synth, or a local folder with parquet files or examples.jsonl + images/",
+        )
     examples = find_examples(path)
     if examples is not None:
         _only_for("split", split is not None, "the hub copy and parquet copies")

@@ -7,6 +7,7 @@ See `vlkit.export.base` for the exporter interface a third-party target implemen
 for the driver, `vlkit.export.onnx_export` for the built-in ONNX target and `vlkit.export.verify` for the
 onnxruntime checks.
 """
+
 from __future__ import annotations
 
 

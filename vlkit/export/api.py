@@ -8,6 +8,7 @@ itself, then lets the exporter write and verify into a staging directory beside 
 (`vlkit.outputs`). Only when every required check passes does the staging directory replace the output
 directory, in one rename; otherwise nothing is left behind and an `ExportError` says what differed.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -81,8 +82,11 @@ def vocabulary_words(backbone) -> list[str]:
         if vocab:
             special = set(getattr(obj, "all_special_tokens", None) or ())
             ordered = sorted(vocab.items(), key=lambda kv: kv[1])
-            return [w for w, _ in ordered if isinstance(w, str) and w not in special
-                    and not (w.startswith("<") and w.endswith(">")) and w.strip()]
+            return [
+                w
+                for w, _ in ordered
+                if isinstance(w, str) and w not in special and not (w.startswith("<") and w.endswith(">")) and w.strip()
+            ]
     return []
 
 
@@ -96,8 +100,7 @@ def _random_texts(backbone, n: int, seed: int) -> list[str]:
     return [" ".join(rng.choice(words, size=int(rng.integers(1, 12)))) for _ in range(n)]
 
 
-def eval_dataset(spec: str | None, recipe: dict | None, domain: str, n: int, seed: int = 1000,
-                 task: str | None = None):
+def eval_dataset(spec: str | None, recipe: dict | None, domain: str, n: int, seed: int = 1000, task: str | None = None):
     """The eval set of exportable `task`: `spec` if given, else the recipe's (when it trained that task),
     else `n` examples of the world data kind's `domain` (seed 1000, as the shipped recipes use for eval)."""
 
@@ -146,9 +149,17 @@ def tokenizer_files(backbone) -> dict[str, bytes]:
 
         bpe = Path(default_bpe())
         files[bpe.name] = bpe.read_bytes()
-        files["tokenizer_config.json"] = json.dumps({
-            "type": "open_clip.SimpleTokenizer", "bpe_file": bpe.name, "context_length": backbone.context_length,
-            "sot_token_id": tok.sot_token_id, "eot_token_id": tok.eot_token_id, "lower_case": True}, indent=1).encode()
+        files["tokenizer_config.json"] = json.dumps(
+            {
+                "type": "open_clip.SimpleTokenizer",
+                "bpe_file": bpe.name,
+                "context_length": backbone.context_length,
+                "sot_token_id": tok.sot_token_id,
+                "eot_token_id": tok.eot_token_id,
+                "lower_case": True,
+            },
+            indent=1,
+        ).encode()
     return files
 
 
@@ -184,8 +195,15 @@ def _reference_fn(backbone, merged: list[str]):
     return reference
 
 
-def _evaluation(graphs, reference, data, zs_task, label: str, has_classifier: bool,
-                verify_inputs: dict[str, dict[str, dict[str, torch.Tensor]]]) -> Evaluation:
+def _evaluation(
+    graphs,
+    reference,
+    data,
+    zs_task,
+    label: str,
+    has_classifier: bool,
+    verify_inputs: dict[str, dict[str, dict[str, torch.Tensor]]],
+) -> Evaluation:
     """The eval-set score. Its inputs are the arrays of the `real` verification inputs (the eval images; the
     class prompts, which lead the real text inputs), passed whole, so neither PyTorch nor an exporter that
     caches by `input_key` computes them twice; PyTorch's predictions come from the graphs' references
@@ -224,28 +242,60 @@ def build_graphs(backbone, task, class_emb, joint: bool) -> list[GraphSpec]:
     batch = {0: "batch"}
     scale = float(backbone.logit_scale)
     graphs = [
-        GraphSpec("image_encoder", ImageEncoder(backbone), {"pixel_values": px}, ["image_embeds"],
-                  {"pixel_values": batch, "image_embeds": batch}, description="pixels -> normalised image embedding"),
-        GraphSpec("text_encoder", TextEncoder(backbone), {"input_ids": ids}, ["text_embeds"],
-                  {"input_ids": batch, "text_embeds": batch}, description="token ids -> normalised text embedding"),
+        GraphSpec(
+            "image_encoder",
+            ImageEncoder(backbone),
+            {"pixel_values": px},
+            ["image_embeds"],
+            {"pixel_values": batch, "image_embeds": batch},
+            description="pixels -> normalised image embedding",
+        ),
+        GraphSpec(
+            "text_encoder",
+            TextEncoder(backbone),
+            {"input_ids": ids},
+            ["text_embeds"],
+            {"input_ids": batch, "text_embeds": batch},
+            description="token ids -> normalised text embedding",
+        ),
     ]
     if task is not None:
-        graphs.append(GraphSpec(
-            "classifier", Classifier(backbone, task, class_emb), {"pixel_values": px}, ["logits"],
-            {"pixel_values": batch, "logits": batch}, reference=Classifier(backbone, task, None),
-            scale={"logits": scale if task.head_kind == "text" else 1.0},
-            description=f"pixels -> class logits ({task.head_kind} head over {len(task.class_names)} classes)"))
+        graphs.append(
+            GraphSpec(
+                "classifier",
+                Classifier(backbone, task, class_emb),
+                {"pixel_values": px},
+                ["logits"],
+                {"pixel_values": batch, "logits": batch},
+                reference=Classifier(backbone, task, None),
+                scale={"logits": scale if task.head_kind == "text" else 1.0},
+                description=f"pixels -> class logits ({task.head_kind} head over {len(task.class_names)} classes)",
+            )
+        )
     if joint:
-        graphs.append(GraphSpec(
-            "pair_scorer", PairScorer(backbone), {"pixel_values": px, "input_ids": ids},
-            ["scores", "image_embeds", "text_embeds"],
-            {"pixel_values": batch, "input_ids": batch, "scores": batch, "image_embeds": batch, "text_embeds": batch},
-            scale={"scores": scale}, description="image i with text i -> joint (fusion) score"))
+        graphs.append(
+            GraphSpec(
+                "pair_scorer",
+                PairScorer(backbone),
+                {"pixel_values": px, "input_ids": ids},
+                ["scores", "image_embeds", "text_embeds"],
+                {
+                    "pixel_values": batch,
+                    "input_ids": batch,
+                    "scores": batch,
+                    "image_embeds": batch,
+                    "text_embeds": batch,
+                },
+                scale={"scores": scale},
+                description="image i with text i -> joint (fusion) score",
+            )
+        )
     return graphs
 
 
-def _verify_inputs(backbone, graphs, data, zs_task, captions: list[str] | None,
-                   seed: int) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
+def _verify_inputs(
+    backbone, graphs, data, zs_task, captions: list[str] | None, seed: int
+) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
     """Fresh random inputs (batch 3, not the traced 2) and real ones: eval images, class prompts and captions;
     the pair scorer gets each eval image with its own caption (else its class prompt)."""
     s = backbone.image_size
@@ -269,8 +319,10 @@ def _verify_inputs(backbone, graphs, data, zs_task, captions: list[str] | None,
         elif names == ["input_ids"]:
             out[gr.name] = {"random": {"input_ids": rnd_ids}, "real": {"input_ids": real_ids}}
         else:
-            out[gr.name] = {"random": {"pixel_values": rnd_px, "input_ids": rnd_ids},
-                            "real": {"pixel_values": real_px[:len(cap_ids)], "input_ids": cap_ids}}
+            out[gr.name] = {
+                "random": {"pixel_values": rnd_px, "input_ids": rnd_ids},
+                "real": {"pixel_values": real_px[: len(cap_ids)], "input_ids": cap_ids},
+            }
     return out
 
 
@@ -285,11 +337,21 @@ def _staged_files(staging: Path) -> list[str]:
     return files
 
 
-def export_model(out: str | Path, *, backbone: str | None = None, adapters: Sequence[str | Path] = (),
-                 target: str = "onnx", task: str | None = None, domain: str | None = None,
-                 eval_data: str | None = None, eval_n: int | None = None, merge: bool = True,
-                 options: ExportOptions | None = None, overwrite: bool = False,
-                 unload: bool = False) -> dict[str, Any]:
+def export_model(
+    out: str | Path,
+    *,
+    backbone: str | None = None,
+    adapters: Sequence[str | Path] = (),
+    target: str = "onnx",
+    task: str | None = None,
+    domain: str | None = None,
+    eval_data: str | None = None,
+    eval_n: int | None = None,
+    merge: bool = True,
+    options: ExportOptions | None = None,
+    overwrite: bool = False,
+    unload: bool = False,
+) -> dict[str, Any]:
     """Export a backbone with adapters to `out` through exporter `target`, verified; returns the summary.
 
     `out` follows `vlkit.outputs`: refused when not empty (unless `overwrite`) or one of the adapters, and
@@ -305,7 +367,6 @@ def export_model(out: str | Path, *, backbone: str | None = None, adapters: Sequ
         now = time.perf_counter()
         timings[phase] = timings.get(phase, 0.0) + now - since
         return now
-
 
     output = OutputTarget(out, overwrite=overwrite, inputs=list(adapters), what="export directory")
     output.check()
@@ -338,13 +399,23 @@ def export_model(out: str | Path, *, backbone: str | None = None, adapters: Sequ
     t = time.perf_counter()
     bb = load_backbone(spec)
     if getattr(bb, "kind", None) == "generative":  # vision, encoder and decoder graphs, verified by generating
-        given = {"--task": task, "--domain": domain, "--eval-data": eval_data, "--eval-n": user_eval_n,
-                 "--fp16": options.fp16, "--quantize": options.quantize,
-                 "--target": None if target == "onnx" else target}
-        return export_generative(output, bb, [s["path"] for s in sources], options=options, merge=merge,
-                                 unload=unload, given=given)
-    loaded = load_sources(bb, [s["path"] for s in sources]) if sources else {
-        "names": [], "mode": "stack", "weights": None, "adapters": [], "task_dirs": []}
+        given = {
+            "--task": task,
+            "--domain": domain,
+            "--eval-data": eval_data,
+            "--eval-n": user_eval_n,
+            "--fp16": options.fp16,
+            "--quantize": options.quantize,
+            "--target": None if target == "onnx" else target,
+        }
+        return export_generative(
+            output, bb, [s["path"] for s in sources], options=options, merge=merge, unload=unload, given=given
+        )
+    loaded = (
+        load_sources(bb, [s["path"] for s in sources])
+        if sources
+        else {"names": [], "mode": "stack", "weights": None, "adapters": [], "task_dirs": []}
+    )
     t = lap("load", t)
     meta, meta_dir = task_source(loaded["task_dirs"])
     recipe = recipe_data(loaded["task_dirs"])
@@ -385,8 +456,14 @@ def export_model(out: str | Path, *, backbone: str | None = None, adapters: Sequ
     out = Path(out)
     output.__enter__()
     staging = output.staging
-    describe = {"backbone": bb.describe(), "adapters": loaded["adapters"], "mode": loaded["mode"],
-                "weights": loaded["weights"], "merged": merged + unloaded, "domain": dom}
+    describe = {
+        "backbone": bb.describe(),
+        "adapters": loaded["adapters"],
+        "mode": loaded["mode"],
+        "weights": loaded["weights"],
+        "merged": merged + unloaded,
+        "domain": dom,
+    }
     request = ExportRequest(bb, graphs, verify_inputs, reference, evaluation, options, staging, describe)
     try:
         result: ExportResult = exporter.export(request)
@@ -397,13 +474,18 @@ def export_model(out: str | Path, *, backbone: str | None = None, adapters: Sequ
             raise ExportError(
                 f"{len(result.failed)} verification check(s) failed: {worst.graph} ({worst.precision}, "
                 f"{worst.inputs} inputs) output {worst.output} differs from PyTorch by {worst.max_abs_diff:.3g} "
-                f"(tolerance {worst.tolerance:.3g}); nothing was written to {out}", summary=summary)
+                f"(tolerance {worst.tolerance:.3g}); nothing was written to {out}",
+                summary=summary,
+            )
         tok = tokenizer_files(bb)
         for name, blob in tok.items():
             (staging / "tokenizer" / name).parent.mkdir(parents=True, exist_ok=True)
             (staging / "tokenizer" / name).write_bytes(blob)
-        summary["manifest"]["tokenizer"] = {"dir": "tokenizer", "files": sorted(tok),
-                                            "context_length": bb.context_length}
+        summary["manifest"]["tokenizer"] = {
+            "dir": "tokenizer",
+            "files": sorted(tok),
+            "context_length": bb.context_length,
+        }
         write_json(staging / "export.json", summary["manifest"])
         summary["written"] = _staged_files(staging)
         lap("write", t)
@@ -417,8 +499,9 @@ def export_model(out: str | Path, *, backbone: str | None = None, adapters: Sequ
     return summary
 
 
-def _summary(request: ExportRequest, result: ExportResult, out: Path, target: str, task, zs_task,
-             eval_label: str) -> dict[str, Any]:
+def _summary(
+    request: ExportRequest, result: ExportResult, out: Path, target: str, task, zs_task, eval_label: str
+) -> dict[str, Any]:
     bb = request.backbone
     used = task or zs_task
     graphs = []
@@ -429,24 +512,47 @@ def _summary(request: ExportRequest, result: ExportResult, out: Path, target: st
     for c in result.checks:
         worst[c.precision] = max(worst.get(c.precision, 0.0), c.max_abs_diff)
     manifest = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "vlkit_version": __version__, "target": target,
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "vlkit_version": __version__,
+        "target": target,
         **request.describe,
         "logit_scale": float(bb.logit_scale),
-        "preprocessing": {"image_size": bb.image_size, "mean": list(bb.mean), "std": list(bb.std),
-                          "resize": "the backbone's own eval transform (see `transform`)",
-                          "transform": re.sub(r" at 0x[0-9a-f]+", "", repr(bb.image_transform)),
-                          "channel_order": "RGB",
-                          "layout": "NCHW", "pixel_scale": "x / 255, then (x - mean) / std"},
-        "task": None if task is None else {"name": task.name, "class_names": task.class_names,
-                                           "prompt": task.prompt, "head": task.head_kind},
+        "preprocessing": {
+            "image_size": bb.image_size,
+            "mean": list(bb.mean),
+            "std": list(bb.std),
+            "resize": "the backbone's own eval transform (see `transform`)",
+            "transform": re.sub(r" at 0x[0-9a-f]+", "", repr(bb.image_transform)),
+            "channel_order": "RGB",
+            "layout": "NCHW",
+            "pixel_scale": "x / 255, then (x - mean) / std",
+        },
+        "task": None
+        if task is None
+        else {"name": task.name, "class_names": task.class_names, "prompt": task.prompt, "head": task.head_kind},
         "zero_shot_prompts": used.prompts,
         "graphs": graphs,
-        "verification": {"passed": not result.failed, "max_abs_diff": worst, "seed": request.options.seed,
-                         "checks": [c.to_dict() for c in result.checks]},
+        "verification": {
+            "passed": not result.failed,
+            "max_abs_diff": worst,
+            "seed": request.options.seed,
+            "checks": [c.to_dict() for c in result.checks],
+        },
         "eval": {"dataset": eval_label, "scores": result.scores},
         **result.manifest,
     }
-    return {"output_dir": str(out), "target": target, "passed": not result.failed,
-            "backbone": bb.spec, "adapters": request.describe["adapters"], "merged": request.describe["merged"],
-            "files": result.files, "checks": [c.to_dict() for c in result.checks], "scores": result.scores,
-            "max_abs_diff": worst, "notes": result.notes, "manifest": manifest}
+    return {
+        "output_dir": str(out),
+        "target": target,
+        "passed": not result.failed,
+        "backbone": bb.spec,
+        "adapters": request.describe["adapters"],
+        "merged": request.describe["merged"],
+        "files": result.files,
+        "checks": [c.to_dict() for c in result.checks],
+        "scores": result.scores,
+        "max_abs_diff": worst,
+        "notes": result.notes,
+        "manifest": manifest,
+    }

@@ -21,6 +21,7 @@ where `CoreMLExporter` subclasses `vlkit.export.base.Exporter`. A target's own o
 `ExportOptions.extra`) are one dataclass with field help, its `options_cls`: `target_options` checks and types
 them, and `vlkit plugins --json` lists them.
 """
+
 from __future__ import annotations
 
 import math
@@ -74,6 +75,7 @@ class GraphSpec:
 
     def io(self) -> dict[str, list[dict[str, Any]]]:
         """Names, dtypes and shapes (batch as "batch") of the inputs and outputs, for export.json."""
+
         def shape(name, t):
             dims = list(t.shape) if t is not None else []
             for axis, label in self.dynamic_axes.get(name, {}).items():
@@ -81,8 +83,10 @@ class GraphSpec:
                     dims[axis] = label
             return dims
 
-        ins = [{"name": n, "dtype": str(t.dtype).replace("torch.", ""), "shape": shape(n, t)}
-               for n, t in self.inputs.items()]
+        ins = [
+            {"name": n, "dtype": str(t.dtype).replace("torch.", ""), "shape": shape(n, t)}
+            for n, t in self.inputs.items()
+        ]
         outs = [{"name": n, "dtype": "float32", "shape": ["batch", "..."]} for n in self.outputs]
         return {"inputs": ins, "outputs": outs}
 
@@ -118,9 +122,18 @@ class Check:
         return math.isfinite(self.max_abs_diff) and self.max_abs_diff <= self.tolerance
 
     def to_dict(self) -> dict[str, Any]:
-        return {"graph": self.graph, "precision": self.precision, "inputs": self.inputs, "output": self.output,
-                "batch": self.batch, "max_abs_diff": self.max_abs_diff, "tolerance": self.tolerance,
-                "required": self.required, "passed": self.passed, "provider": self.provider}
+        return {
+            "graph": self.graph,
+            "precision": self.precision,
+            "inputs": self.inputs,
+            "output": self.output,
+            "batch": self.batch,
+            "max_abs_diff": self.max_abs_diff,
+            "tolerance": self.tolerance,
+            "required": self.required,
+            "passed": self.passed,
+            "provider": self.provider,
+        }
 
 
 @dataclass
@@ -148,8 +161,16 @@ def input_key(inputs: dict[str, Any]) -> tuple:
     out = []
     for name, v in inputs.items():
         if isinstance(v, torch.Tensor):
-            out.append((name, v.device.type, v.data_ptr(), tuple(v.shape), str(v.dtype).replace("torch.", ""),
-                        tuple(v.stride())))
+            out.append(
+                (
+                    name,
+                    v.device.type,
+                    v.data_ptr(),
+                    tuple(v.shape),
+                    str(v.dtype).replace("torch.", ""),
+                    tuple(v.stride()),
+                )
+            )
         else:
             a = np.asarray(v)
             strides = tuple(st // a.itemsize for st in a.strides) if a.itemsize else ()
@@ -168,8 +189,16 @@ class Evaluation:
     or `reference_run` (a `run` over the PyTorch references), evaluated on first use.
     """
 
-    def __init__(self, metric: str, dataset: str, graph: str, predict: Callable,
-                 reference_predictions: np.ndarray | None, labels: np.ndarray, reference_run: Callable | None = None):
+    def __init__(
+        self,
+        metric: str,
+        dataset: str,
+        graph: str,
+        predict: Callable,
+        reference_predictions: np.ndarray | None,
+        labels: np.ndarray,
+        reference_run: Callable | None = None,
+    ):
         self.metric = metric
         self.dataset = dataset
         self.graph = graph
@@ -192,8 +221,14 @@ class Evaluation:
         pred = self._predict(run)
         value = accuracy(pred, self.labels)
         agree = float(100.0 * np.mean(pred == self.reference_predictions)) if len(pred) else float("nan")
-        return {"metric": self.metric, "value": value, "pytorch": self.reference_score,
-                "delta": value - self.reference_score, "agreement": agree, "n": int(len(pred))}
+        return {
+            "metric": self.metric,
+            "value": value,
+            "pytorch": self.reference_score,
+            "delta": value - self.reference_score,
+            "agreement": agree,
+            "n": int(len(pred)),
+        }
 
 
 def accuracy(pred: np.ndarray, labels: np.ndarray) -> float:

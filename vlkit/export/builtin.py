@@ -10,6 +10,7 @@ A third-party package adds a target from its own plugin module (entry point grou
 
 where the exporter subclasses `vlkit.export.base.Exporter`; `vlkit export --target tflite` then uses it.
 """
+
 from __future__ import annotations
 
 from ..hookspecs import hookimpl

@@ -35,6 +35,7 @@ hub checkpoint's own architecture, not a vision tower and projector feeding the 
 adapters inside, so the graphs here are traced with `torch.onnx.export` (TorchScript exporter) as optimum's are.
 transformers VLMs (`hf:` LLaVA, SmolVLM, BLIP, ...) are not exported.
 """
+
 from __future__ import annotations
 
 import re
@@ -56,8 +57,12 @@ from .model import load_sources, merge_where_possible
 from .onnx_export import DEFAULT_OPSET, MIN_OPSET, _quiet_export
 from .verify import make_session, max_abs_diff, resolve_providers
 
-PROMPTS = ("caption:", "vqa: what color is the circle ?", "gqa: is the square left of the triangle ?",
-           "nlvr: there is a red circle")
+PROMPTS = (
+    "caption:",
+    "vqa: what color is the circle ?",
+    "gqa: is the square left of the triangle ?",
+    "nlvr: there is a red circle",
+)
 VERIFY_NEW_TOKENS = 12
 TOLERANCE = 1e-3  # visual tokens, encoder states and logits, fp32, relative to the reference's largest magnitude
 FORMAT = "vlkit.export.generative"
@@ -117,10 +122,16 @@ class PrefillGraph(nn.Module):
         dynamic, _ = _caches()
         embeds, mask = pads_first(*lm_inputs(self.bb.model, visual_tokens, input_ids, attention_mask))
         positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        out = self.bb.model.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=dynamic(),
-                               use_cache=True, return_dict=True)
+        out = self.bb.model.lm(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=dynamic(),
+            use_cache=True,
+            return_dict=True,
+        )
         cache = out.cache if hasattr(out, "cache") else out.past_key_values
-        flat = [t for layer in cache.layers[:self.layers] for t in (layer.keys, layer.values)]
+        flat = [t for layer in cache.layers[: self.layers] for t in (layer.keys, layer.values)]
         return (out.logits[:, -1:], mask, positions[:, -1:], *flat)
 
 
@@ -134,10 +145,16 @@ class StepGraph(nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, *past):
         dynamic, _ = _caches()
         cache = dynamic([(past[2 * i], past[2 * i + 1]) for i in range(self.layers)])
-        out = self.bb.model.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               cache=cache, use_cache=True, return_dict=True)
+        out = self.bb.model.lm(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+            return_dict=True,
+        )
         cache = out.cache if hasattr(out, "cache") else out.past_key_values
-        flat = [t for layer in cache.layers[:self.layers] for t in (layer.keys, layer.values)]
+        flat = [t for layer in cache.layers[: self.layers] for t in (layer.keys, layer.values)]
         return (out.logits, *flat)
 
 
@@ -157,8 +174,14 @@ class DecoderGraph(nn.Module):
             cache = enc_dec(own, cross)
         else:
             cache = enc_dec(dynamic(), dynamic())
-        out = self.bb.model.lm(encoder_outputs=(encoder_hidden_states,), attention_mask=encoder_attention_mask,
-                               decoder_input_ids=input_ids, cache=cache, use_cache=True, return_dict=True)
+        out = self.bb.model.lm(
+            encoder_outputs=(encoder_hidden_states,),
+            attention_mask=encoder_attention_mask,
+            decoder_input_ids=input_ids,
+            cache=cache,
+            use_cache=True,
+            return_dict=True,
+        )
         cache = out.cache if hasattr(out, "cache") else out.past_key_values
         flat = []
         for i in range(self.layers):
@@ -174,19 +197,37 @@ def kv_names(layers: int, prefix: str, cross: bool = True) -> list[str]:
     return [f"{prefix}.{p}.{i}.{k}" for i in range(layers) for p in parts for k in ("key", "value")]
 
 
-def _export(module: nn.Module, inputs: tuple, path: Path, names: list[str], outputs: list[str],
-            axes: dict[str, dict[int, str]], opset: int) -> None:
+def _export(
+    module: nn.Module,
+    inputs: tuple,
+    path: Path,
+    names: list[str],
+    outputs: list[str],
+    axes: dict[str, dict[int, str]],
+    opset: int,
+) -> None:
     import onnx
 
     module.eval()
     try:
         with _quiet_export(), torch.no_grad():
-            torch.onnx.export(module, inputs, str(path), dynamo=False, input_names=names, output_names=outputs,
-                              dynamic_axes=axes, opset_version=opset, do_constant_folding=True)
+            torch.onnx.export(
+                module,
+                inputs,
+                str(path),
+                dynamo=False,
+                input_names=names,
+                output_names=outputs,
+                dynamic_axes=axes,
+                opset_version=opset,
+                do_constant_folding=True,
+            )
         onnx.checker.check_model(str(path))
     except Exception as exc:  # tracing / symbolic errors of arbitrary type
-        raise ExportError(f"could not export the {path.stem} graph to ONNX: {type(exc).__name__}: {exc}",
-                          hint="an adapter variant may use an operation without an ONNX form") from None
+        raise ExportError(
+            f"could not export the {path.stem} graph to ONNX: {type(exc).__name__}: {exc}",
+            hint="an adapter variant may use an operation without an ONNX form",
+        ) from None
 
 
 def decoder_layers(config) -> int:
@@ -206,18 +247,37 @@ def causal_specs(backbone, example: dict[str, torch.Tensor], vis: torch.Tensor, 
     kv_in = {k: {0: "batch", 2: "past"} for k in names}
     kv_out = {k.replace("past.", "present."): {0: "batch", 2: "past_and_one"} for k in names}
     return [
-        ("prefill", prefill, (vis, example["input_ids"], example["attention_mask"]),
-         ["visual_tokens", "input_ids", "attention_mask"],
-         ["logits", "full_attention_mask", "last_position", *kv_names(layers, "present", cross=False)],
-         {"visual_tokens": {0: "batch"}, "input_ids": {0: "batch", 1: "prompt"},
-          "attention_mask": {0: "batch", 1: "prompt"}, "logits": {0: "batch"},
-          "full_attention_mask": {0: "batch", 1: "sequence"}, "last_position": {0: "batch"},
-          **{k.replace("past.", "present."): {0: "batch", 2: "sequence"} for k in names}}),
-        ("decoder_with_past", step, (torch.ones(n, 1, dtype=torch.long), torch.cat([mask, one], 1), last + 1,
-                                     *present),
-         ["input_ids", "attention_mask", "position_ids", *names], ["logits", *kv_names(layers, "present", False)],
-         {"input_ids": {0: "batch"}, "attention_mask": {0: "batch", 1: "past_and_one"},
-          "position_ids": {0: "batch"}, "logits": {0: "batch"}, **kv_in, **kv_out}),
+        (
+            "prefill",
+            prefill,
+            (vis, example["input_ids"], example["attention_mask"]),
+            ["visual_tokens", "input_ids", "attention_mask"],
+            ["logits", "full_attention_mask", "last_position", *kv_names(layers, "present", cross=False)],
+            {
+                "visual_tokens": {0: "batch"},
+                "input_ids": {0: "batch", 1: "prompt"},
+                "attention_mask": {0: "batch", 1: "prompt"},
+                "logits": {0: "batch"},
+                "full_attention_mask": {0: "batch", 1: "sequence"},
+                "last_position": {0: "batch"},
+                **{k.replace("past.", "present."): {0: "batch", 2: "sequence"} for k in names},
+            },
+        ),
+        (
+            "decoder_with_past",
+            step,
+            (torch.ones(n, 1, dtype=torch.long), torch.cat([mask, one], 1), last + 1, *present),
+            ["input_ids", "attention_mask", "position_ids", *names],
+            ["logits", *kv_names(layers, "present", False)],
+            {
+                "input_ids": {0: "batch"},
+                "attention_mask": {0: "batch", 1: "past_and_one"},
+                "position_ids": {0: "batch"},
+                "logits": {0: "batch"},
+                **kv_in,
+                **kv_out,
+            },
+        ),
     ]
 
 
@@ -231,8 +291,17 @@ def write_graphs(backbone, staging: Path, example: dict[str, torch.Tensor], opse
     with torch.no_grad():
         vis = vision(example["pixel_values"])
     if not backbone.seq2seq:
-        specs = [("vision", vision, (example["pixel_values"],), ["pixel_values"], ["visual_tokens"],
-                  {"pixel_values": b, "visual_tokens": b}), *causal_specs(backbone, example, vis, layers)]
+        specs = [
+            (
+                "vision",
+                vision,
+                (example["pixel_values"],),
+                ["pixel_values"],
+                ["visual_tokens"],
+                {"pixel_values": b, "visual_tokens": b},
+            ),
+            *causal_specs(backbone, example, vis, layers),
+        ]
         return _write(specs, staging, opset)
     with torch.no_grad():
         hidden, mask = encoder(vis, example["input_ids"], example["attention_mask"])
@@ -243,21 +312,54 @@ def write_graphs(backbone, staging: Path, example: dict[str, torch.Tensor], opse
     kv_axes = {n: {0: "batch", 2: "source" if ".cross." in n else "past"} for n in kv_names(layers, "past")}
     out_axes = {n: {0: "batch", 2: "source" if ".cross." in n else "past_and_one"} for n in kv_names(layers, "present")}
     specs = [
-        ("vision", vision, (example["pixel_values"],), ["pixel_values"], ["visual_tokens"],
-         {"pixel_values": b, "visual_tokens": b}),
-        ("encoder", encoder, (vis, example["input_ids"], example["attention_mask"]),
-         ["visual_tokens", "input_ids", "attention_mask"], ["encoder_hidden_states", "encoder_attention_mask"],
-         {"visual_tokens": b, "input_ids": {0: "batch", 1: "prompt"}, "attention_mask": {0: "batch", 1: "prompt"},
-          **enc_axes}),
-        ("decoder", first, (start, hidden, mask), ["input_ids", "encoder_hidden_states", "encoder_attention_mask"],
-         ["logits", *kv_names(layers, "present")], {"input_ids": b, "logits": b, **enc_axes,
-                                                     **{n: {0: "batch", 2: "source" if ".cross." in n else "one"}
-                                                        for n in kv_names(layers, "present")}}),
-        ("decoder_with_past", later, (step, hidden, mask, *present),
-         ["input_ids", "encoder_hidden_states", "encoder_attention_mask", *kv_names(layers, "past")],
-         ["logits", *kv_names(layers, "present", cross=False)],
-         {"input_ids": b, "logits": b, **enc_axes, **kv_axes,
-          **{k: v for k, v in out_axes.items() if ".self." in k}}),
+        (
+            "vision",
+            vision,
+            (example["pixel_values"],),
+            ["pixel_values"],
+            ["visual_tokens"],
+            {"pixel_values": b, "visual_tokens": b},
+        ),
+        (
+            "encoder",
+            encoder,
+            (vis, example["input_ids"], example["attention_mask"]),
+            ["visual_tokens", "input_ids", "attention_mask"],
+            ["encoder_hidden_states", "encoder_attention_mask"],
+            {
+                "visual_tokens": b,
+                "input_ids": {0: "batch", 1: "prompt"},
+                "attention_mask": {0: "batch", 1: "prompt"},
+                **enc_axes,
+            },
+        ),
+        (
+            "decoder",
+            first,
+            (start, hidden, mask),
+            ["input_ids", "encoder_hidden_states", "encoder_attention_mask"],
+            ["logits", *kv_names(layers, "present")],
+            {
+                "input_ids": b,
+                "logits": b,
+                **enc_axes,
+                **{n: {0: "batch", 2: "source" if ".cross." in n else "one"} for n in kv_names(layers, "present")},
+            },
+        ),
+        (
+            "decoder_with_past",
+            later,
+            (step, hidden, mask, *present),
+            ["input_ids", "encoder_hidden_states", "encoder_attention_mask", *kv_names(layers, "past")],
+            ["logits", *kv_names(layers, "present", cross=False)],
+            {
+                "input_ids": b,
+                "logits": b,
+                **enc_axes,
+                **kv_axes,
+                **{k: v for k, v in out_axes.items() if ".self." in k},
+            },
+        ),
     ]
     return _write(specs, staging, opset)
 
@@ -266,39 +368,70 @@ def _write(specs: list[tuple], staging: Path, opset: int) -> list[dict[str, Any]
     files = []
     for name, module, inputs, in_names, out_names, axes in specs:
         _export(module, inputs, staging / f"{name}.onnx", in_names, out_names, axes, opset)
-        files.append({"graph": name, "precision": "fp32", "file": f"{name}.onnx", "inputs": in_names,
-                      "outputs": out_names})
+        files.append(
+            {"graph": name, "precision": "fp32", "file": f"{name}.onnx", "inputs": in_names, "outputs": out_names}
+        )
     return files
 
 
-UNSUPPORTED = {"no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "repetition_penalty": 1.0,
-               "min_length": 0, "min_new_tokens": None, "bad_words_ids": None, "suppress_tokens": None,
-               "begin_suppress_tokens": None, "sequence_bias": None, "exponential_decay_length_penalty": None}
+UNSUPPORTED = {
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "repetition_penalty": 1.0,
+    "min_length": 0,
+    "min_new_tokens": None,
+    "bad_words_ids": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "sequence_bias": None,
+    "exponential_decay_length_penalty": None,
+}
 
 
 def greedy_settings(generation_config) -> dict[str, int | None]:
     """The forced first and last tokens of the LM's generation config (BART forces EOS at the length limit); a
     setting `onnx_generate` does not reproduce (no_repeat_ngram_size, repetition_penalty, ...) is refused."""
-    odd = [k for k, default in UNSUPPORTED.items() if getattr(generation_config, k, default) not in (default, None)
-           and not (k == "min_length" and getattr(generation_config, k) == 0)]
+    odd = [
+        k
+        for k, default in UNSUPPORTED.items()
+        if getattr(generation_config, k, default) not in (default, None)
+        and not (k == "min_length" and getattr(generation_config, k) == 0)
+    ]
     if odd:
-        raise ConfigError(f"the language model's generation config sets {', '.join(odd)}, which the exported greedy "
-                          "generation does not reproduce; remove it from generation_config.json to export")
-    return {"forced_bos": getattr(generation_config, "forced_bos_token_id", None),
-            "forced_eos": getattr(generation_config, "forced_eos_token_id", None)}
+        raise ConfigError(
+            f"the language model's generation config sets {', '.join(odd)}, which the exported greedy "
+            "generation does not reproduce; remove it from generation_config.json to export"
+        )
+    return {
+        "forced_bos": getattr(generation_config, "forced_bos_token_id", None),
+        "forced_eos": getattr(generation_config, "forced_eos_token_id", None),
+    }
 
 
-def onnx_generate(sessions: dict[str, Any], pixel_values: np.ndarray, input_ids: np.ndarray,
-                  attention_mask: np.ndarray, *, max_new_tokens: int, start: int | None, eos: int, pad: int,
-                  forced_bos: int | None = None, forced_eos: int | None = None,
-                  logits: list | None = None) -> np.ndarray:
+def onnx_generate(
+    sessions: dict[str, Any],
+    pixel_values: np.ndarray,
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray,
+    *,
+    max_new_tokens: int,
+    start: int | None,
+    eos: int,
+    pad: int,
+    forced_bos: int | None = None,
+    forced_eos: int | None = None,
+    logits: list | None = None,
+) -> np.ndarray:
     """Greedy generation with the sessions of an export (see the module docstring), as transformers' `generate`
     does it: (batch, steps) token ids, led by the decoder start token for an encoder-decoder LM, with
     `forced_bos` first and `forced_eos` at the length limit as its logits processors force them. `logits`, when
     given, collects each step's."""
     vis = sessions["vision"].run(None, {"pixel_values": pixel_values.astype(np.float32)})[0]
-    prompt = {"visual_tokens": vis, "input_ids": input_ids.astype(np.int64),
-              "attention_mask": attention_mask.astype(np.int64)}
+    prompt = {
+        "visual_tokens": vis,
+        "input_ids": input_ids.astype(np.int64),
+        "attention_mask": attention_mask.astype(np.int64),
+    }
     n = len(pixel_values)
     causal = "prefill" in sessions
     if causal:
@@ -372,34 +505,60 @@ def _reference(backbone, batch: dict[str, torch.Tensor]) -> dict[str, np.ndarray
         if bb.seq2seq:
             hidden = lm.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
             out["encoder_hidden_states"] = hidden.numpy()
-        gen = lm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=VERIFY_NEW_TOKENS, num_beams=1,
-                          do_sample=False, use_cache=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                          output_logits=True, return_dict_in_generate=True)
+        gen = lm.generate(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            max_new_tokens=VERIFY_NEW_TOKENS,
+            num_beams=1,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
     return {**out, "tokens": gen.sequences.numpy(), "logits": torch.stack(gen.logits, dim=1).float().numpy()}
 
 
-def export_generative(output, backbone, adapters: list[str], *, options, merge: bool = True, unload: bool = False,
-                      given: dict[str, Any] | None = None) -> dict[str, Any]:
+def export_generative(
+    output,
+    backbone,
+    adapters: list[str],
+    *,
+    options,
+    merge: bool = True,
+    unload: bool = False,
+    given: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Export `backbone` (a generative `vl:` backbone) with `adapters` through `output` (a `vlkit.outputs`
     OutputTarget), verified; returns the summary `vlkit export` prints."""
     t0 = time.perf_counter()
     unused = [k for k, v in (given or {}).items() if v not in (None, False)]
     if unused:
-        raise ConfigError(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to a generative "
-                          f"backbone ({backbone.spec}): its export is the fp32 vision, encoder and decoder graphs")
+        raise ConfigError(
+            f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to a generative "
+            f"backbone ({backbone.spec}): its export is the fp32 vision, encoder and decoder graphs"
+        )
     if not hasattr(backbone, "visual_tokens") or not hasattr(backbone, "seq2seq"):
-        raise ConfigError(f"ONNX export of {backbone.spec} is not supported: vlkit exports vl: backbones (a vision "
-                          "tower, a projector and a T5, BART, GPT-2 or Llama-style LM)")
+        raise ConfigError(
+            f"ONNX export of {backbone.spec} is not supported: vlkit exports vl: backbones (a vision "
+            "tower, a projector and a T5, BART, GPT-2 or Llama-style LM)"
+        )
     opset = int(options.opset or DEFAULT_OPSET)
     if opset < MIN_OPSET:
         raise ConfigError(f"--opset must be at least {MIN_OPSET}, got {opset}")
     providers = resolve_providers(options.providers)
     forced = greedy_settings(backbone.model.lm.generation_config)
     if forced["forced_bos"] is not None and not backbone.seq2seq:
-        raise ConfigError("the language model's generation config sets forced_bos_token_id, which the exported "
-                          "greedy generation of a decoder-only LM does not reproduce")
-    loaded = load_sources(backbone, adapters) if adapters else {"names": [], "mode": "stack", "weights": None,
-                                                                 "adapters": []}
+        raise ConfigError(
+            "the language model's generation config sets forced_bos_token_id, which the exported "
+            "greedy generation of a decoder-only LM does not reproduce"
+        )
+    loaded = (
+        load_sources(backbone, adapters)
+        if adapters
+        else {"names": [], "mode": "stack", "weights": None, "adapters": []}
+    )
     batch = _prompt_batch(backbone, int(options.seed or 0))
     ref = _reference(backbone, batch)
     model = AdaptedModel.of(backbone)
@@ -423,56 +582,136 @@ def export_generative(output, backbone, adapters: list[str], *, options, merge: 
         got = onnx_generate(sessions, px, ids, mask, max_new_tokens=VERIFY_NEW_TOKENS, logits=steps, **gen)
         vis = sessions["vision"].run(None, {"pixel_values": px})[0]
         same = got.shape == ref["tokens"].shape and bool((got == ref["tokens"]).all())
-        mismatched = 0.0 if same else float((got[:, :ref["tokens"].shape[1]] != ref["tokens"][:, :got.shape[1]]).sum()
-                                            + abs(got.shape[1] - ref["tokens"].shape[1]))
+        mismatched = (
+            0.0
+            if same
+            else float(
+                (got[:, : ref["tokens"].shape[1]] != ref["tokens"][:, : got.shape[1]]).sum()
+                + abs(got.shape[1] - ref["tokens"].shape[1])
+            )
+        )
         step_logits = np.stack(steps, axis=1)
         provider = sessions["vision"].get_providers()[0]
         n = len(PROMPTS)
-        checks = [Check("vision", "fp32", "random", "visual_tokens (rel.)", n,
-                        relative_diff(vis, ref["visual_tokens"]), TOLERANCE, provider)]
+        checks = [
+            Check(
+                "vision",
+                "fp32",
+                "random",
+                "visual_tokens (rel.)",
+                n,
+                relative_diff(vis, ref["visual_tokens"]),
+                TOLERANCE,
+                provider,
+            )
+        ]
         if backbone.seq2seq:  # each graph on PyTorch's inputs
-            hidden = sessions["encoder"].run(None, {"visual_tokens": ref["visual_tokens"], "input_ids": ids,
-                                                    "attention_mask": mask})[0]
-            checks.append(Check("encoder", "fp32", "random", "encoder_hidden_states (rel.)", n,
-                                relative_diff(hidden, ref["encoder_hidden_states"]), TOLERANCE, provider))
+            hidden = sessions["encoder"].run(
+                None, {"visual_tokens": ref["visual_tokens"], "input_ids": ids, "attention_mask": mask}
+            )[0]
+            checks.append(
+                Check(
+                    "encoder",
+                    "fp32",
+                    "random",
+                    "encoder_hidden_states (rel.)",
+                    n,
+                    relative_diff(hidden, ref["encoder_hidden_states"]),
+                    TOLERANCE,
+                    provider,
+                )
+            )
         lm_graphs = "decoder+past" if backbone.seq2seq else "prefill+past"
-        checks += [Check(lm_graphs, "fp32", "random", "logits, every step (rel.)", n,
-                         relative_diff(step_logits, ref["logits"]) if same else float("inf"), TOLERANCE, provider),
-                   Check("generate", "fp32", "random", "tokens differing", n, mismatched, 0.0, provider)]
-        texts = {"pytorch": tok.batch_decode(ref["tokens"], skip_special_tokens=True),
-                 "onnxruntime": tok.batch_decode(got, skip_special_tokens=True)}
+        checks += [
+            Check(
+                lm_graphs,
+                "fp32",
+                "random",
+                "logits, every step (rel.)",
+                n,
+                relative_diff(step_logits, ref["logits"]) if same else float("inf"),
+                TOLERANCE,
+                provider,
+            ),
+            Check("generate", "fp32", "random", "tokens differing", n, mismatched, 0.0, provider),
+        ]
+        texts = {
+            "pytorch": tok.batch_decode(ref["tokens"], skip_special_tokens=True),
+            "onnxruntime": tok.batch_decode(got, skip_special_tokens=True),
+        }
         worst = max(c.max_abs_diff for c in checks[:-1])
-        describe = {"backbone": backbone.describe(), "adapters": loaded["adapters"], "mode": loaded["mode"],
-                    "weights": loaded["weights"], "merged": list(merged)}
-        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "vlkit_version": __version__,
-                    "target": "onnx", "kind": "generative", **describe, "opset": opset,
-                    "preprocessing": {"image_size": backbone.image_size, "mean": list(backbone.mean),
-                                      "std": list(backbone.std), "channel_order": "RGB", "layout": "NCHW",
-                                      "transform": re.sub(r" at 0x[0-9a-f]+", "", repr(backbone.image_transform))},
-                    "generation": {"decoder_start_token_id": gen["start"], "eos_token_id": gen["eos"],
-                                   "pad_token_id": gen["pad"], "forced_bos_token_id": forced["forced_bos"],
-                                   "forced_eos_token_id": forced["forced_eos"],
-                                   "max_prompt_tokens": backbone.max_length,
-                                   "decoder_layers": decoder_layers(cfg),
-                                   "strategy": "greedy with the key-value cache (vlkit.export.generative."
-                                               "onnx_generate)"},
-                    "graphs": files, "tokenizer": {"dir": "tokenizer"},
-                    "verification": {"passed": all(c.passed for c in checks), "seed": options.seed,
-                                     "prompts": list(PROMPTS), "max_new_tokens": VERIFY_NEW_TOKENS,
-                                     "checks": [c.to_dict() for c in checks], "texts": texts,
-                                     "tokens": {"pytorch": ref["tokens"].tolist(), "onnxruntime": got.tolist()}}}
-        summary = {"output_dir": str(output.target), "target": "onnx", "passed": all(c.passed for c in checks),
-                   "backbone": backbone.spec, "adapters": loaded["adapters"], "merged": list(merged),
-                   "files": files, "checks": [c.to_dict() for c in checks], "scores": [],
-                   "max_abs_diff": {"fp32": worst}, "manifest": manifest,
-                   "notes": [f"onnxruntime generated the same {VERIFY_NEW_TOKENS}-token greedy answers as PyTorch "
-                             f"for {n} prompts" if same else "onnxruntime generated other tokens than PyTorch"]}
+        describe = {
+            "backbone": backbone.describe(),
+            "adapters": loaded["adapters"],
+            "mode": loaded["mode"],
+            "weights": loaded["weights"],
+            "merged": list(merged),
+        }
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "vlkit_version": __version__,
+            "target": "onnx",
+            "kind": "generative",
+            **describe,
+            "opset": opset,
+            "preprocessing": {
+                "image_size": backbone.image_size,
+                "mean": list(backbone.mean),
+                "std": list(backbone.std),
+                "channel_order": "RGB",
+                "layout": "NCHW",
+                "transform": re.sub(r" at 0x[0-9a-f]+", "", repr(backbone.image_transform)),
+            },
+            "generation": {
+                "decoder_start_token_id": gen["start"],
+                "eos_token_id": gen["eos"],
+                "pad_token_id": gen["pad"],
+                "forced_bos_token_id": forced["forced_bos"],
+                "forced_eos_token_id": forced["forced_eos"],
+                "max_prompt_tokens": backbone.max_length,
+                "decoder_layers": decoder_layers(cfg),
+                "strategy": "greedy with the key-value cache (vlkit.export.generative.onnx_generate)",
+            },
+            "graphs": files,
+            "tokenizer": {"dir": "tokenizer"},
+            "verification": {
+                "passed": all(c.passed for c in checks),
+                "seed": options.seed,
+                "prompts": list(PROMPTS),
+                "max_new_tokens": VERIFY_NEW_TOKENS,
+                "checks": [c.to_dict() for c in checks],
+                "texts": texts,
+                "tokens": {"pytorch": ref["tokens"].tolist(), "onnxruntime": got.tolist()},
+            },
+        }
+        summary = {
+            "output_dir": str(output.target),
+            "target": "onnx",
+            "passed": all(c.passed for c in checks),
+            "backbone": backbone.spec,
+            "adapters": loaded["adapters"],
+            "merged": list(merged),
+            "files": files,
+            "checks": [c.to_dict() for c in checks],
+            "scores": [],
+            "max_abs_diff": {"fp32": worst},
+            "manifest": manifest,
+            "notes": [
+                f"onnxruntime generated the same {VERIFY_NEW_TOKENS}-token greedy answers as PyTorch for {n} prompts"
+                if same
+                else "onnxruntime generated other tokens than PyTorch"
+            ],
+        }
         failed = [c for c in checks if not c.passed]
         if failed:
             c = failed[0]
-            raise ExportError(f"{len(failed)} verification check(s) failed: {c.graph} output {c.output} differs "
-                              f"from PyTorch by {c.max_abs_diff:.3g} (tolerance {c.tolerance:.3g}); nothing was "
-                              f"written to {output.target}", summary=summary)
+            raise ExportError(
+                f"{len(failed)} verification check(s) failed: {c.graph} output {c.output} differs "
+                f"from PyTorch by {c.max_abs_diff:.3g} (tolerance {c.tolerance:.3g}); nothing was "
+                f"written to {output.target}",
+                summary=summary,
+            )
         tok.save_pretrained(str(staging / "tokenizer"))
         write_json(staging / "export.json", manifest)
         summary["written"] = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())

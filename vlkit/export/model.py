@@ -7,6 +7,7 @@ as operators; `unmerged` restores the exact vlkit model for the PyTorch referenc
 (`ImageEncoder`, `TextEncoder`, `Classifier`, `PairScorer`) take and return plain tensors with the
 input and output names of the exported graphs.
 """
+
 from __future__ import annotations
 
 import json
@@ -68,9 +69,10 @@ def load_sources(backbone, paths: Sequence[str | Path]) -> dict[str, Any]:
                 raise ConfigError(f"{p} is a composition; export it alone (without other --adapter directories)")
             system = resolver.resolve(str(p))
             if system.mode == "route":
-                raise ConfigError(f"{p} routes each input to one adapter; a graph holds one model",
-                                  hint=f"export each adapter alone: --adapter {p}/adapters/<name> "
-                                       f"({', '.join(system.names)})")
+                raise ConfigError(
+                    f"{p} routes each input to one adapter; a graph holds one model",
+                    hint=f"export each adapter alone: --adapter {p}/adapters/<name> ({', '.join(system.names)})",
+                )
             got = list(system.names)
             task_dirs.append(p)
             task_dirs.extend(Path(t["dir"]) for t in system.composition.tasks.values() if t.get("dir") is not None)
@@ -80,16 +82,22 @@ def load_sources(backbone, paths: Sequence[str | Path]) -> dict[str, Any]:
         for n in got:
             names.append(n)
             rec = AdaptedModel.of(backbone).records[n]
-            described.append({"name": n, "variant": rec.variant, "path": str(p), "sites": len(rec.sites),
-                              "source": info["kind"]})
+            described.append(
+                {"name": n, "variant": rec.variant, "path": str(p), "sites": len(rec.sites), "source": info["kind"]}
+            )
     if system is not None:
         system.activate(backbone)
         mode, weights = system.composition.mode, system.composition.weights
     else:
         AdaptedModel.of(backbone).set_adapter(*names)
         mode, weights = "stack", None
-    return {"names": names, "mode": mode, "weights": weights, "adapters": described,
-            "task_dirs": [str(d) for d in dict.fromkeys(task_dirs)]}
+    return {
+        "names": names,
+        "mode": mode,
+        "weights": weights,
+        "adapters": described,
+        "task_dirs": [str(d) for d in dict.fromkeys(task_dirs)],
+    }
 
 
 def _mergeable(variant) -> bool:
@@ -104,8 +112,13 @@ def merge_where_possible(backbone, enabled: bool = True) -> list[str]:
     """
     model = AdaptedModel.of(backbone)
     st = model.state
-    if (not enabled or st.route is not None or st.mode != "stack" or st.fusion
-            or any(w != 1.0 for w in st.weights.values())):
+    if (
+        not enabled
+        or st.route is not None
+        or st.mode != "stack"
+        or st.fusion
+        or any(w != 1.0 for w in st.weights.values())
+    ):
         return []
     merged: list[str] = []
     blocked: set[str] = set()
@@ -113,8 +126,13 @@ def merge_where_possible(backbone, enabled: bool = True) -> list[str]:
         rec = model.records[name]
         var = registry("adapter").get(rec.variant)
         paths = {s.path for s in rec.sites}
-        ok = (_mergeable(var) and not var.joint and not rec.extra
-              and all(s.kind == "linear" for s in rec.sites) and not (paths & blocked))
+        ok = (
+            _mergeable(var)
+            and not var.joint
+            and not rec.extra
+            and all(s.kind == "linear" for s in rec.sites)
+            and not (paths & blocked)
+        )
         if ok:
             try:
                 model.merge_adapter(name)
@@ -190,8 +208,9 @@ def exportable_tasks() -> list[str]:
     return [e.name for e in registry("task") if e.obj.exportable]
 
 
-def build_task(backbone, name: str, meta: dict[str, Any] | None, meta_dir: Path | None, data=None,
-               zero_shot: bool = False):
+def build_task(
+    backbone, name: str, meta: dict[str, Any] | None, meta_dir: Path | None, data=None, zero_shot: bool = False
+):
     """Exportable task `name` as an adapter was trained with it (head loaded; class names and prompt from its
     saved task), or, without saved class names, one whose class names and prompt come from `data` (the eval
     set: its ClassLabel names, the prompt its dataset kind declares for its domain). `zero_shot` applies the
@@ -200,8 +219,7 @@ def build_task(backbone, name: str, meta: dict[str, Any] | None, meta_dir: Path 
     cls = registry("task").get(name)
     options: dict[str, Any] = {}
     if meta and meta.get("name") == name:
-        options = {k: v for k, v in (meta.get("options") or {}).items()
-                   if k in cls.OPTIONS and v is not None}
+        options = {k: v for k, v in (meta.get("options") or {}).items() if k in cls.OPTIONS and v is not None}
     if not options.get("class_names"):
         options = {}  # nothing saved to build on: a zero-shot task over the eval set's classes
     if zero_shot:
@@ -210,8 +228,9 @@ def build_task(backbone, name: str, meta: dict[str, Any] | None, meta_dir: Path 
     if task.head_kind != "text":
         head_file = meta_dir / "head.safetensors" if meta_dir is not None else None
         if head_file is None or not head_file.is_file():
-            raise AdapterFileError(f"the {name} task of {meta_dir} has a {task.head_kind} head but no "
-                                   "head.safetensors beside it")
+            raise AdapterFileError(
+                f"the {name} task of {meta_dir} has a {task.head_kind} head but no head.safetensors beside it"
+            )
 
         task.load_head_state(read_tensor_file(head_file))
     task.head.eval()

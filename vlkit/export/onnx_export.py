@@ -16,6 +16,7 @@ The legacy TorchScript exporter (`dynamo=False`) is used: it needs no package be
 Target options (`--option key=value`): `threads` (onnxruntime intra-op threads for verification),
 `per_channel` (per-channel int8 weights).
 """
+
 from __future__ import annotations
 
 import copy
@@ -80,12 +81,22 @@ def export_graph(module: torch.nn.Module, graph: GraphSpec, path: Path, opset: i
     module.eval()
     try:
         with _quiet_export(), torch.no_grad():
-            torch.onnx.export(module, tuple(graph.inputs.values()), str(path), dynamo=False,
-                              input_names=list(graph.inputs), output_names=list(graph.outputs),
-                              dynamic_axes=graph.dynamic_axes, opset_version=opset, do_constant_folding=True)
+            torch.onnx.export(
+                module,
+                tuple(graph.inputs.values()),
+                str(path),
+                dynamo=False,
+                input_names=list(graph.inputs),
+                output_names=list(graph.outputs),
+                dynamic_axes=graph.dynamic_axes,
+                opset_version=opset,
+                do_constant_folding=True,
+            )
     except Exception as exc:  # tracing / symbolic errors of arbitrary type
-        raise ExportError(f"could not export the {graph.name} graph to ONNX: {type(exc).__name__}: {exc}",
-                          hint="an adapter variant may use an operation without an ONNX form") from None
+        raise ExportError(
+            f"could not export the {graph.name} graph to ONNX: {type(exc).__name__}: {exc}",
+            hint="an adapter variant may use an operation without an ONNX form",
+        ) from None
     try:
         onnx.checker.check_model(str(path))
     except Exception as exc:
@@ -106,8 +117,10 @@ def fix_mixed_layernorm(path: Path) -> int:
         inferred = onnx.shape_inference.infer_shapes(model)
     except Exception:  # inference is best effort: without types there is nothing to fix
         return 0
-    types = {vi.name: vi.type.tensor_type.elem_type
-             for vi in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)}
+    types = {
+        vi.name: vi.type.tensor_type.elem_type
+        for vi in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)
+    }
     types.update({t.name: t.data_type for t in model.graph.initializer})
     for node in model.graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
@@ -170,7 +183,6 @@ class OnnxExporter(Exporter):
         import onnx
         import onnxruntime as ort
 
-
         opts = request.options
         extra = self.target_options(opts.extra)
         opset = opts.opset or DEFAULT_OPSET
@@ -181,8 +193,15 @@ class OnnxExporter(Exporter):
 
         def record(graph: str, precision: str, path: Path) -> None:
             verifier.add(graph, precision, path)
-            result.files.append({"graph": graph, "precision": precision, "file": path.name,
-                                 "bytes": path.stat().st_size, "session": session_hints(precision)})
+            result.files.append(
+                {
+                    "graph": graph,
+                    "precision": precision,
+                    "file": path.name,
+                    "bytes": path.stat().st_size,
+                    "session": session_hints(precision),
+                }
+            )
 
         import time
 
@@ -195,7 +214,6 @@ class OnnxExporter(Exporter):
         if opts.fp16:
             half_modules = copy.deepcopy([g.module for g in request.graphs])  # one shared backbone copy
             for g, m in zip(request.graphs, half_modules):
-
                 path = staging / f"{g.name}.fp16.onnx"
                 export_graph(HalfPrecision(m), g, path, opset)
                 fix_mixed_layernorm(path)
@@ -203,8 +221,10 @@ class OnnxExporter(Exporter):
             del half_modules
             precisions.append("fp16")
             if providers[0] == "CPUExecutionProvider":
-                result.notes.append("fp16 graphs on CPUExecutionProvider run without onnxruntime's NCHWc layout "
-                                    "optimiser (it crashes on float16 convolutions); they are meant for GPUs")
+                result.notes.append(
+                    "fp16 graphs on CPUExecutionProvider run without onnxruntime's NCHWc layout "
+                    "optimiser (it crashes on float16 convolutions); they are meant for GPUs"
+                )
         if opts.quantize == "int8":
             for g in request.graphs:
                 path = staging / f"{g.name}.int8.onnx"
@@ -217,7 +237,13 @@ class OnnxExporter(Exporter):
         result.checks = verifier.check_all()
         result.scores = verifier.scores(precisions)
         result.timings["verify"] = time.perf_counter() - t
-        result.manifest = {"runtime": {"onnx": onnx.__version__, "onnxruntime": ort.__version__,
-                                       "torch": torch.__version__.split("+")[0], "opset": opset,
-                                       "verified_providers": providers}}
+        result.manifest = {
+            "runtime": {
+                "onnx": onnx.__version__,
+                "onnxruntime": ort.__version__,
+                "torch": torch.__version__.split("+")[0],
+                "opset": opset,
+                "verified_providers": providers,
+            }
+        }
         return result

@@ -10,6 +10,7 @@ The export is verified: the directory is loaded with PEFT onto a fresh copy of t
 compared with vlkit's on random inputs (CLIP: image and text embeddings; VLMs: answer log-probabilities; `vl:`
 language models: logits); a mismatch writes nothing. Reading PEFT directories is `vlkit.adapters.peft_format`.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,9 +35,11 @@ def peft_target(backbone) -> tuple[Any, str, str]:
     """(the transformers model PEFT wraps, the prefix of its module paths among the backbone's site paths, the
     directory or hub id it loads from)."""
     if backbone.family not in PEFT_FAMILIES:
-        raise ConfigError(f"PEFT's format addresses transformers modules; {backbone.spec} ({backbone.family}) keeps "
-                          "its q/k/v inside nn.MultiheadAttention, which PEFT does not target as modules",
-                          hint="export --format peft takes adapters trained on hf: and vl: backbones")
+        raise ConfigError(
+            f"PEFT's format addresses transformers modules; {backbone.spec} ({backbone.family}) keeps "
+            "its q/k/v inside nn.MultiheadAttention, which PEFT does not target as modules",
+            hint="export --format peft takes adapters trained on hf: and vl: backbones",
+        )
     if backbone.family == "vl":
         return backbone.model.lm, "lm.", parse_vl_spec(backbone.spec)["lm"]
     spec = backbone.spec
@@ -49,36 +52,47 @@ def _peft_tensors_and_config(backbone, name: str) -> tuple[dict[str, torch.Tenso
     record = model.adapter(name).record
     params = model.adapter_parameters(name)
     if record.extra:
-        raise ConfigError(f"adapter {name!r} also trains backbone parameters ({', '.join(sorted(record.extra))}); "
-                          "a PEFT directory holds adapter tensors only")
+        raise ConfigError(
+            f"adapter {name!r} also trains backbone parameters ({', '.join(sorted(record.extra))}); "
+            "a PEFT directory holds adapter tensors only"
+        )
     _, root, _ = peft_target(backbone)
     outside = sorted({s.tower for s in record.sites if not s.path.startswith(root)})
     if outside:
-        raise ConfigError(f"adapter {name!r} has sites in the {', '.join(outside)} tower(s) of {backbone.spec}; "
-                          "PEFT's directory here is for its language model alone",
-                          hint="train the adapter with towers: lm")
+        raise ConfigError(
+            f"adapter {name!r} has sites in the {', '.join(outside)} tower(s) of {backbone.spec}; "
+            "PEFT's directory here is for its language model alone",
+            hint="train the adapter with towers: lm",
+        )
     if any("#" in s.path for s in record.sites):
-        raise ConfigError(f"adapter {name!r} targets projections inside nn.MultiheadAttention, which PEFT does not "
-                          "target as modules")
-    params = {k[len(root):]: v for k, v in params.items()}
-    paths = [s.path[len(root):] for s in record.sites]
+        raise ConfigError(
+            f"adapter {name!r} targets projections inside nn.MultiheadAttention, which PEFT does not target as modules"
+        )
+    params = {k[len(root) :]: v for k, v in params.items()}
+    paths = [s.path[len(root) :] for s in record.sites]
     c = record.config
     out: dict[str, torch.Tensor] = {}
     if record.variant == "lora":
         from peft import LoraConfig
 
         alpha: Any = float(c["alpha"])  # PEFT annotates lora_alpha as int; vlkit's alphas may be fractional
-        pcfg = LoraConfig(r=int(c["rank"]), lora_alpha=alpha, lora_dropout=float(c.get("dropout", 0.0)),
-                          target_modules=paths)
+        pcfg = LoraConfig(
+            r=int(c["rank"]), lora_alpha=alpha, lora_dropout=float(c.get("dropout", 0.0)), target_modules=paths
+        )
         for p in paths:
             out[f"{PEFT_PREFIX}{p}.lora_A.weight"] = params[f"{p}.lora_A"]
             out[f"{PEFT_PREFIX}{p}.lora_B.weight"] = params[f"{p}.lora_B"]
         return out, pcfg
     if record.variant == "peft":
         bridge = dict(c["config"])
-        ff = [s.path[len(root):] for s in record.sites
-              if bridge["peft_type"] == "IA3" and any(_site_name(s) == f or _site_name(s).endswith("." + f)
-                                                       for f in (bridge.get("feedforward_modules") or []))]
+        ff = [
+            s.path[len(root) :]
+            for s in record.sites
+            if bridge["peft_type"] == "IA3"
+            and any(
+                _site_name(s) == f or _site_name(s).endswith("." + f) for f in (bridge.get("feedforward_modules") or [])
+            )
+        ]
         pcfg = _peft_config(bridge, feedforward=False)
         pcfg.target_modules = set(paths)
         if bridge["peft_type"] == "IA3":
@@ -91,8 +105,10 @@ def _peft_tensors_and_config(backbone, name: str) -> tuple[dict[str, torch.Tenso
                 parts = parts[:-1]
             out[f"{PEFT_PREFIX}{site}.{'.'.join(parts)}"] = t
         return out, pcfg
-    raise ConfigError(f"adapter {name!r} is a {record.variant} adapter; PEFT's format holds lora and peft adapters",
-                      hint="train with adapter.variant=lora or adapter.variant=peft")
+    raise ConfigError(
+        f"adapter {name!r} is a {record.variant} adapter; PEFT's format holds lora and peft adapters",
+        hint="train with adapter.variant=lora or adapter.variant=peft",
+    )
 
 
 def write_peft_dir(backbone, name: str, path: str | Path) -> Path:
@@ -103,8 +119,11 @@ def write_peft_dir(backbone, name: str, path: str | Path) -> Path:
     pcfg.base_model_name_or_path = peft_target(backbone)[2]
     pcfg.inference_mode = True
     pcfg.save_pretrained(str(path))
-    save_safetensors({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, path / WEIGHTS_NAME,
-                     metadata={"format": "pt"})
+    save_safetensors(
+        {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()},
+        path / WEIGHTS_NAME,
+        metadata={"format": "pt"},
+    )
     return path
 
 
@@ -150,16 +169,19 @@ def compare_generative(backbone, path: str | Path, seed: int = 0) -> dict[str, f
     return {"logprob": float(diff.abs().max())}
 
 
-def export_peft(out: str | Path, adapter: str | Path, *, backbone: str | None = None, overwrite: bool = False,
-                seed: int = 0) -> dict[str, Any]:
+def export_peft(
+    out: str | Path, adapter: str | Path, *, backbone: str | None = None, overwrite: bool = False, seed: int = 0
+) -> dict[str, Any]:
     """`vlkit export --format peft`: write `adapter` as a PEFT directory at `out`, verified through PEFT itself."""
     output = OutputTarget(out, overwrite=overwrite, inputs=[adapter], what="PEFT adapter directory")
     output.check()
     cfg = read_adapter_config(adapter)
     spec = backbone or cfg.get("backbone")
     if not spec or not str(spec).startswith(("hf:", "vl:")):
-        raise ConfigError(f"--format peft writes adapters of transformers backbones (hf:..., vl:...); this adapter is "
-                          f"for {spec!r}", hint="open_clip / tiny adapters stay in vlkit's format (vlkit.load_adapter)")
+        raise ConfigError(
+            f"--format peft writes adapters of transformers backbones (hf:..., vl:...); this adapter is for {spec!r}",
+            hint="open_clip / tiny adapters stay in vlkit's format (vlkit.load_adapter)",
+        )
     bb = load_backbone(spec)
     rec = AdaptedModel.of(bb).load_adapter(adapter)
     with output:
@@ -170,8 +192,19 @@ def export_peft(out: str | Path, adapter: str | Path, *, backbone: str | None = 
             diffs = compare(bb, peft_reference(spec, output.staging), seed=seed)
         worst = max(diffs.values())
         if not worst <= EXPORT_TOLERANCE:
-            raise ExportError(f"PEFT's model differs from vlkit's by {worst:.3g} (tolerance {EXPORT_TOLERANCE:g}); "
-                              f"nothing was written to {out}")
-    return {"format": "peft", "out": str(out), "adapter": str(adapter), "variant": rec.variant,
-            "backbone": spec, "base_model": peft_target(bb)[2], "modules": len(rec.sites), "max_abs_diff": diffs,
-            "tolerance": EXPORT_TOLERANCE, "written": [CONFIG_NAME, WEIGHTS_NAME]}
+            raise ExportError(
+                f"PEFT's model differs from vlkit's by {worst:.3g} (tolerance {EXPORT_TOLERANCE:g}); "
+                f"nothing was written to {out}"
+            )
+    return {
+        "format": "peft",
+        "out": str(out),
+        "adapter": str(adapter),
+        "variant": rec.variant,
+        "backbone": spec,
+        "base_model": peft_target(bb)[2],
+        "modules": len(rec.sites),
+        "max_abs_diff": diffs,
+        "tolerance": EXPORT_TOLERANCE,
+        "written": [CONFIG_NAME, WEIGHTS_NAME],
+    }

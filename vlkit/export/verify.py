@@ -7,6 +7,7 @@ unmerged, as vlkit runs them). Max abs differences are judged in cosine units: n
 they are, logits and pair scores relative to the logit scale. fp32 must agree within 1e-4, fp16 within
 2e-2; int8 (dynamic quantisation) differences are reported, with the change of the eval-set score.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -44,10 +45,16 @@ def resolve_providers(requested: list[str] | None) -> list[str]:
     if requested:
         unknown = [p for p in requested if p not in available]
         if unknown:
-            hint = ("install onnxruntime-gpu (pip install 'vlkit[gpu]') for CUDAExecutionProvider"
-                    if "CUDAExecutionProvider" in unknown else None)
-            raise ConfigError(f"execution provider(s) {', '.join(unknown)} not available in this onnxruntime; "
-                              f"available: {', '.join(available)}", hint=hint)
+            hint = (
+                "install onnxruntime-gpu (pip install 'vlkit[gpu]') for CUDAExecutionProvider"
+                if "CUDAExecutionProvider" in unknown
+                else None
+            )
+            raise ConfigError(
+                f"execution provider(s) {', '.join(unknown)} not available in this onnxruntime; "
+                f"available: {', '.join(available)}",
+                hint=hint,
+            )
         chosen = list(dict.fromkeys(requested))
     else:
         chosen = ["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available and _gpu_present() else []
@@ -76,8 +83,10 @@ def make_session(path: str | Path, providers: list[str], precision: str = "fp32"
     if precision == "fp16":
         kwargs["disabled_optimizers"] = list(FP16_DISABLED_OPTIMIZERS)
     plain = list(providers)
-    with_opts: list[Any] = [("CUDAExecutionProvider", {"use_tf32": "0"}) if p == "CUDAExecutionProvider"
-                            and precision == "fp32" else p for p in providers]
+    with_opts: list[Any] = [
+        ("CUDAExecutionProvider", {"use_tf32": "0"}) if p == "CUDAExecutionProvider" and precision == "fp32" else p
+        for p in providers
+    ]
     try:
         return ort.InferenceSession(str(path), so, providers=with_opts, **kwargs)
     except Exception as first:  # an onnxruntime without the use_tf32 option: plain providers
@@ -95,7 +104,7 @@ def run_chunked(sess, inputs: dict[str, np.ndarray], chunk: int = CHUNK) -> dict
     n = len(next(iter(inputs.values())))
     parts: dict[str, list[np.ndarray]] = {k: [] for k in names}
     for i in range(0, n, chunk):
-        outs = sess.run(names, {k: v[i:i + chunk] for k, v in inputs.items()})
+        outs = sess.run(names, {k: v[i : i + chunk] for k, v in inputs.items()})
         for k, o in zip(names, outs):
             parts[k].append(np.asarray(o))
     return {k: np.concatenate(v) for k, v in parts.items()}
@@ -159,13 +168,23 @@ class Verifier:
             got = self.run(graph.name, precision, _numpy(tensors))
             batch = len(next(iter(tensors.values())))
             for out in graph.outputs:
-                checks.append(Check(graph.name, precision, set_name, out, batch,
-                                    max_abs_diff(got[out], ref[out]), graph.tolerance(out, precision), provider))
+                checks.append(
+                    Check(
+                        graph.name,
+                        precision,
+                        set_name,
+                        out,
+                        batch,
+                        max_abs_diff(got[out], ref[out]),
+                        graph.tolerance(out, precision),
+                        provider,
+                    )
+                )
         return checks
 
     def check_all(self) -> list[Check]:
         checks: list[Check] = []
-        for (graph, precision) in self.files:
+        for graph, precision in self.files:
             checks.extend(self.check(self.request.graph(graph), precision))
         return checks
 
@@ -174,9 +193,19 @@ class Verifier:
         ev = self.request.evaluation
         if ev is None:
             return []
-        rows = [{"precision": "pytorch", "metric": ev.metric, "value": ev.reference_score,
-                 "pytorch": ev.reference_score, "delta": 0.0, "agreement": 100.0, "n": int(len(ev.labels))}]
+        rows = [
+            {
+                "precision": "pytorch",
+                "metric": ev.metric,
+                "value": ev.reference_score,
+                "pytorch": ev.reference_score,
+                "delta": 0.0,
+                "agreement": 100.0,
+                "n": int(len(ev.labels)),
+            }
+        ]
         for precision in precisions:
+
             def run(graph: str, inputs: dict[str, np.ndarray], _p=precision) -> dict[str, np.ndarray]:
                 return self.run(graph, _p, inputs)
 

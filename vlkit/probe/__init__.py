@@ -6,6 +6,7 @@
 
 Probes are plugins (hook ``register_probes``); see `vlkit.probe.base` for the interface and the result.
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -35,6 +35,7 @@ each adapter configuration. The result is a plain dict (JSON-ready apart from ``
 
 Values are percentages; ``diff`` holds the paired bootstrap interval of (system − first system).
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -83,8 +84,18 @@ class Probe(ABC):
     options_cls: type | None = None
 
     @abstractmethod
-    def run(self, backbone, systems, *, data: Any = None, seed: int = 0, n: int | None = None,
-            n_boot: int = DEFAULT_RESAMPLES, level: float = 0.95, **options: Any) -> dict[str, Any]:
+    def run(
+        self,
+        backbone,
+        systems,
+        *,
+        data: Any = None,
+        seed: int = 0,
+        n: int | None = None,
+        n_boot: int = DEFAULT_RESAMPLES,
+        level: float = 0.95,
+        **options: Any,
+    ) -> dict[str, Any]:
         """Score every system on the probe's data and return a result dict (see the module docstring)."""
 
     def __repr__(self) -> str:
@@ -112,16 +123,23 @@ def list_probes() -> list[dict[str, str]]:
     for entry in sorted(registry("probe"), key=lambda e: e.name):
         obj = entry.obj
         summary = entry.summary or obj.summary or ""
-        out.append({"name": entry.name, "plugin": entry.plugin, "summary": summary,
-                    "data": obj.data_help or ""})
+        out.append({"name": entry.name, "plugin": entry.plugin, "summary": summary, "data": obj.data_help or ""})
     return out
 
 
 # ----------------------------------------------------------------------------------------- results
 
-def summarize(labels: Sequence[str], values: dict[str, dict[str, np.ndarray]],
-              statistics: dict[str, Callable[[np.ndarray], M.Statistic]], n: int, *,
-              n_boot: int = DEFAULT_RESAMPLES, seed: int = 0, level: float = 0.95) -> dict[str, dict[str, Any]]:
+
+def summarize(
+    labels: Sequence[str],
+    values: dict[str, dict[str, np.ndarray]],
+    statistics: dict[str, Callable[[np.ndarray], M.Statistic]],
+    n: int,
+    *,
+    n_boot: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, dict[str, Any]]:
     """Point values, bootstrap intervals and paired differences to the first system.
 
     `values[label][metric]` is the per-example vector a metric is computed from and `statistics[metric]`
@@ -140,15 +158,23 @@ def summarize(labels: Sequence[str], values: dict[str, dict[str, np.ndarray]],
             lo, hi = M.percentile_interval(stat(idx), level)
             scores[metric] = {"value": float(stat(full)[0]), "low": lo, "high": hi}
             if label != base:
-                diff[metric] = M.paired_bootstrap_diff(base_stat=make(values[base][metric]), other_stat=stat,
-                                                       indices=idx, level=level)
+                diff[metric] = M.paired_bootstrap_diff(
+                    base_stat=make(values[base][metric]), other_stat=stat, indices=idx, level=level
+                )
         out[label] = {"scores": scores, "diff": diff if label != base else None}
     return out
 
 
-def annotate_breakdowns(breakdowns: dict[str, dict[str, Any]], groups: dict[str, dict[str, np.ndarray]],
-                        values: dict[str, dict[str, np.ndarray]], metrics: Sequence[str], *,
-                        n_boot: int = DEFAULT_RESAMPLES, seed: int = 0, level: float = 0.95) -> None:
+def annotate_breakdowns(
+    breakdowns: dict[str, dict[str, Any]],
+    groups: dict[str, dict[str, np.ndarray]],
+    values: dict[str, dict[str, np.ndarray]],
+    metrics: Sequence[str],
+    *,
+    n_boot: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+    level: float = 0.95,
+) -> None:
     """Add bootstrap intervals to breakdown rows in place: ``row["ci"][metric] = [low, high]`` and, for every
     system after the first, ``row["diff"][metric]`` (paired interval of the difference on that subset).
 
@@ -169,21 +195,42 @@ def annotate_breakdowns(breakdowns: dict[str, dict[str, Any]], groups: dict[str,
                 sub = {m: np.asarray(values[label][m])[idx] for m in metrics}
                 row["ci"] = {m: list(M.bootstrap_ci(sub[m], indices=boot, level=level)) for m in metrics}
                 if label != base:
-                    row["diff"] = {m: M.paired_bootstrap_diff(np.asarray(values[base][m])[idx], sub[m], indices=boot,
-                                                              level=level) for m in metrics}
+                    row["diff"] = {
+                        m: M.paired_bootstrap_diff(np.asarray(values[base][m])[idx], sub[m], indices=boot, level=level)
+                        for m in metrics
+                    }
 
 
-def build_result(probe, backbone, systems, *, dataset: str, n: int, metrics: Sequence[str], primary: str,
-                 chance: dict[str, float] | None, summary: dict[str, dict[str, Any]],
-                 breakdowns: dict[str, dict[str, Any]] | None = None, n_boot: int = DEFAULT_RESAMPLES,
-                 seed: int = 0, level: float = 0.95, per_example: dict[str, Any] | None = None,
-                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def build_result(
+    probe,
+    backbone,
+    systems,
+    *,
+    dataset: str,
+    n: int,
+    metrics: Sequence[str],
+    primary: str,
+    chance: dict[str, float] | None,
+    summary: dict[str, dict[str, Any]],
+    breakdowns: dict[str, dict[str, Any]] | None = None,
+    n_boot: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+    level: float = 0.95,
+    per_example: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Assemble the result dict every probe returns (see the module docstring)."""
     rows = []
     for system in systems:
         s = summary[system.label]
-        rows.append({**system.describe(), "scores": s["scores"], "diff": s["diff"],
-                     "breakdowns": (breakdowns or {}).get(system.label, {})})
+        rows.append(
+            {
+                **system.describe(),
+                "scores": s["scores"],
+                "diff": s["diff"],
+                "breakdowns": (breakdowns or {}).get(system.label, {}),
+            }
+        )
     result = {
         "probe": probe.name,
         "dataset": dataset,
@@ -193,8 +240,12 @@ def build_result(probe, backbone, systems, *, dataset: str, n: int, metrics: Seq
         "metrics": list(metrics),
         "primary": primary,
         "chance": dict(chance or {}),
-        "bootstrap": {"resamples": int(n_boot), "seed": int(seed), "level": float(level),
-                      "method": "percentile; differences paired (same resamples)"},
+        "bootstrap": {
+            "resamples": int(n_boot),
+            "seed": int(seed),
+            "level": float(level),
+            "method": "percentile; differences paired (same resamples)",
+        },
         "systems": rows,
     }
     if extra:

@@ -19,6 +19,7 @@ and ``vlkit probe --list`` shows it, ``vlkit probe my-probe --adapters a,b`` run
 tables, JSON, files and plot as the built-in ones. The probe modules import numpy only; torch loads when a
 probe runs.
 """
+
 from __future__ import annotations
 
 from ..hookspecs import hookimpl

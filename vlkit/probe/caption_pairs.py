@@ -14,6 +14,7 @@ the reported accuracy is the macro average over categories (micro beside it), ch
 The world plugin (`vlkit.world.probes`) builds ``synth-attribute-swap`` and ``synth-relation-swap`` on
 this probe, with examples generated from the world's minimal pairs.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,7 +37,6 @@ FALSE_KEYS = ("false_caption", "negative_caption")
 CATEGORY_KEYS = ("category", "relation_name")
 METRICS = ("accuracy", "micro_accuracy")
 CHANCE = {"accuracy": 50.0, "micro_accuracy": 50.0}
-
 
 
 def _first(row: dict, keys: tuple[str, ...]) -> Any:
@@ -80,8 +80,11 @@ def load_caption_pair_files(data: str | Path, image_root: str | Path | None = No
         for i, row in enumerate(read_json_rows(file), start=1):
             where = f"{file}, row {i}"
             image, true, false = _first(row, IMAGE_KEYS), _first(row, TRUE_KEYS), _first(row, FALSE_KEYS)
-            for what, value, keys in (("image", image, IMAGE_KEYS), ("true caption", true, TRUE_KEYS),
-                                      ("false caption", false, FALSE_KEYS)):
+            for what, value, keys in (
+                ("image", image, IMAGE_KEYS),
+                ("true caption", true, TRUE_KEYS),
+                ("false caption", false, FALSE_KEYS),
+            ):
                 if value is None:
                     raise DataError(f"{where} has no {what} (expected one of {', '.join(keys)})")
             img = Path(str(image)).expanduser()
@@ -90,8 +93,15 @@ def load_caption_pair_files(data: str | Path, image_root: str | Path | None = No
             if not img.is_file():
                 raise DataError(f"{where}: image file not found: {img}")
             category = _first(row, CATEGORY_KEYS) or file.stem
-            examples.append({"id": row.get("id", f"{file.stem}:{i - 1}"), "image": str(img), "true": str(true),
-                             "false": str(false), "category": str(category)})
+            examples.append(
+                {
+                    "id": row.get("id", f"{file.stem}:{i - 1}"),
+                    "image": str(img),
+                    "true": str(true),
+                    "false": str(false),
+                    "category": str(category),
+                }
+            )
     return examples
 
 
@@ -106,7 +116,6 @@ def _subset(examples: list[dict], n: int | None, seed: int) -> list[dict]:
 
 def pair_batches(examples: list[dict]) -> Callable[[int, int], tuple[list[list[Any]], list[list[str]]]]:
     from PIL import Image
-
 
     def image(value):  # in its own mode: the backbone's own transform converts it
         if isinstance(value, Image.Image):
@@ -123,9 +132,20 @@ def pair_batches(examples: list[dict]) -> Callable[[int, int], tuple[list[list[A
     return get
 
 
-def caption_pair_result(probe, backbone, systems, scores: dict, examples: list[dict], label: str, *,
-                        n_boot: int, seed: int, level: float, extra_columns: dict | None = None,
-                        extra: dict | None = None) -> dict[str, Any]:
+def caption_pair_result(
+    probe,
+    backbone,
+    systems,
+    scores: dict,
+    examples: list[dict],
+    label: str,
+    *,
+    n_boot: int,
+    seed: int,
+    level: float,
+    extra_columns: dict | None = None,
+    extra: dict | None = None,
+) -> dict[str, Any]:
     """The common result of a caption-pair probe from `score_examples` scores (per system (n, 2, 1): the true
     caption, then the perturbed one) and its examples (dicts with `id` and `category`): `accuracy` (macro over
     categories, primary) and `micro_accuracy` with bootstrap intervals, paired differences and a per-category
@@ -136,15 +156,38 @@ def caption_pair_result(probe, backbone, systems, scores: dict, examples: list[d
     stats = {"accuracy": lambda v: M.macro_statistic(v, categories), "micro_accuracy": M.mean_statistic}
     summary = summarize(list(scores), values, stats, len(examples), n_boot=n_boot, seed=seed, level=level)
     breakdowns = {lab: {"category": M.breakdown({"accuracy": c}, categories)} for lab, c in correct.items()}
-    annotate_breakdowns(breakdowns, {"category": M.groups_of(categories)},
-                        {lab: {"accuracy": c} for lab, c in correct.items()}, ["accuracy"], n_boot=n_boot,
-                        seed=seed, level=level)
-    per_example = {"ids": [e["id"] for e in examples], "keys": ["true", "false"],
-                   "scores": {lab: s[:, :, 0].tolist() for lab, s in scores.items()},
-                   "extra": {"category": categories, **(extra_columns or {})}}
-    return build_result(probe, backbone, systems, dataset=label, n=len(examples), metrics=METRICS,
-                        primary="accuracy", chance=CHANCE, summary=summary, breakdowns=breakdowns,
-                        n_boot=n_boot, seed=seed, level=level, per_example=per_example, extra=extra)
+    annotate_breakdowns(
+        breakdowns,
+        {"category": M.groups_of(categories)},
+        {lab: {"accuracy": c} for lab, c in correct.items()},
+        ["accuracy"],
+        n_boot=n_boot,
+        seed=seed,
+        level=level,
+    )
+    per_example = {
+        "ids": [e["id"] for e in examples],
+        "keys": ["true", "false"],
+        "scores": {lab: s[:, :, 0].tolist() for lab, s in scores.items()},
+        "extra": {"category": categories, **(extra_columns or {})},
+    }
+    return build_result(
+        probe,
+        backbone,
+        systems,
+        dataset=label,
+        n=len(examples),
+        metrics=METRICS,
+        primary="accuracy",
+        chance=CHANCE,
+        summary=summary,
+        breakdowns=breakdowns,
+        n_boot=n_boot,
+        seed=seed,
+        level=level,
+        per_example=per_example,
+        extra=extra,
+    )
 
 
 @dataclass
@@ -168,8 +211,9 @@ class CaptionPairProbe(Probe):
     default_data: str | None = None
     options_cls = CaptionPairOptions
 
-    def examples(self, data: Any, *, n: int | None, data_seed: int, image_root: str | None = None
-                 ) -> tuple[list[dict], str]:
+    def examples(
+        self, data: Any, *, n: int | None, data_seed: int, image_root: str | None = None
+    ) -> tuple[list[dict], str]:
         if data is None:
             raise ConfigError(f"probe {self.name!r} needs --data FILE.json (or a folder of JSON files)")
         if isinstance(data, list):
@@ -177,18 +221,33 @@ class CaptionPairProbe(Probe):
         examples = load_caption_pair_files(data, image_root=image_root)
         return _subset(examples, n, data_seed), f"caption-pairs:{Path(str(data)).resolve().stem}"
 
-    def run(self, backbone, systems, *, data: Any = None, seed: int = 0, n: int | None = None,
-            n_boot: int = DEFAULT_RESAMPLES, level: float = 0.95, data_seed: int = 0, batch_size: int = 64,
-            image_root: str | None = None, progress: Callable[[int], Callable[[int], None]] | None = None,
-            **options: Any) -> dict[str, Any]:
+    def run(
+        self,
+        backbone,
+        systems,
+        *,
+        data: Any = None,
+        seed: int = 0,
+        n: int | None = None,
+        n_boot: int = DEFAULT_RESAMPLES,
+        level: float = 0.95,
+        data_seed: int = 0,
+        batch_size: int = 64,
+        image_root: str | None = None,
+        progress: Callable[[int], Callable[[int], None]] | None = None,
+        **options: Any,
+    ) -> dict[str, Any]:
         if options:
             raise ConfigError(f"unknown option(s) for probe {self.name!r}: {', '.join(sorted(options))}")
-        examples, label = self.examples(data if data is not None else self.default_data, n=n,
-                                        data_seed=data_seed, image_root=image_root)
+        examples, label = self.examples(
+            data if data is not None else self.default_data, n=n, data_seed=data_seed, image_root=image_root
+        )
         if not examples:
             raise DataError(f"probe {self.name!r}: no examples in {label}")
         advance = progress(len(examples)) if progress is not None else None
-        scores = score_examples(backbone, systems, len(examples), pair_batches(examples), batch_size=batch_size,
-                                progress=advance)
-        return caption_pair_result(self, backbone, systems, scores, examples, label, n_boot=n_boot, seed=seed,
-                                   level=level)
+        scores = score_examples(
+            backbone, systems, len(examples), pair_batches(examples), batch_size=batch_size, progress=advance
+        )
+        return caption_pair_result(
+            self, backbone, systems, scores, examples, label, n_boot=n_boot, seed=seed, level=level
+        )

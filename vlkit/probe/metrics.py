@@ -18,6 +18,7 @@ a difference between two systems scores both on the *same* resample indices, so 
 correlation between the systems is kept and the interval of the difference is much tighter than the two
 separate intervals suggest.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -33,6 +34,7 @@ BREAKDOWN_KEYS = ("collapsed_tag", "num_main_preds", "secondary_tag", "tag")
 
 
 # ----------------------------------------------------------------------------------------- Winoground
+
 
 def mean_percent(values: Any) -> float:
     """100 × the mean of a boolean/0-1 vector (nan when empty)."""
@@ -64,8 +66,9 @@ def groups_of(values: Sequence[Any], multi: bool = False) -> dict[str, np.ndarra
     return {k: np.asarray(out[k], dtype=np.int64) for k in sorted(out)}
 
 
-def breakdown(correct: dict[str, np.ndarray], values: Sequence[Any], multi: bool = False,
-              metrics: Iterable[str] | None = None) -> dict[str, dict[str, float]]:
+def breakdown(
+    correct: dict[str, np.ndarray], values: Sequence[Any], multi: bool = False, metrics: Iterable[str] | None = None
+) -> dict[str, dict[str, float]]:
     """``{tag: {"n": count, metric: percent, ...}}`` over the examples carrying each tag."""
     metrics = tuple(metrics or correct)
     out: dict[str, dict[str, float]] = {}
@@ -89,11 +92,11 @@ def winoground_breakdowns(correct: dict[str, np.ndarray], tags: Mapping[str, Seq
 
 # ----------------------------------------------------------------------------------------- caption pairs
 
+
 def caption_pair_correct(true_scores: Any, false_scores: Any) -> np.ndarray:
     """Per-example booleans: the true caption scores strictly higher than the false one."""
     t = np.asarray(true_scores.detach().cpu() if hasattr(true_scores, "detach") else true_scores, dtype=np.float64)
-    f = np.asarray(false_scores.detach().cpu() if hasattr(false_scores, "detach") else false_scores,
-                   dtype=np.float64)
+    f = np.asarray(false_scores.detach().cpu() if hasattr(false_scores, "detach") else false_scores, dtype=np.float64)
     if t.shape != f.shape:
         raise ValueError(f"true and false scores differ in shape: {t.shape} vs {f.shape}")
     return t > f
@@ -159,9 +162,16 @@ def percentile_interval(samples: np.ndarray, level: float = 0.95) -> tuple[float
     return float(lo), float(hi)
 
 
-def bootstrap_ci(values: Any = None, *, statistic: Statistic | None = None, n: int | None = None,
-                 n_boot: int = 1000, seed: int = 0, level: float = 0.95,
-                 indices: np.ndarray | None = None) -> tuple[float, float]:
+def bootstrap_ci(
+    values: Any = None,
+    *,
+    statistic: Statistic | None = None,
+    n: int | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    indices: np.ndarray | None = None,
+) -> tuple[float, float]:
     """Percentile bootstrap interval of 100 × mean(values) (or of `statistic` over `n` examples).
 
     The same `seed` (or the same `indices`) gives the same interval.
@@ -176,9 +186,18 @@ def bootstrap_ci(values: Any = None, *, statistic: Statistic | None = None, n: i
     return percentile_interval(statistic(indices), level)
 
 
-def paired_bootstrap_diff(base: Any = None, other: Any = None, *, base_stat: Statistic | None = None,
-                          other_stat: Statistic | None = None, n: int | None = None, n_boot: int = 1000,
-                          seed: int = 0, level: float = 0.95, indices: np.ndarray | None = None) -> dict[str, float]:
+def paired_bootstrap_diff(
+    base: Any = None,
+    other: Any = None,
+    *,
+    base_stat: Statistic | None = None,
+    other_stat: Statistic | None = None,
+    n: int | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    indices: np.ndarray | None = None,
+) -> dict[str, float]:
     """Difference other − base (percentage points) with a paired percentile bootstrap interval.
 
     Both systems are scored on the same resampled examples. Returns ``{"value", "low", "high", "p_le_0"}``

@@ -2,6 +2,7 @@
 and the grouped bar chart (the tables are drawn by `vlkit.cli.probe_tables`). Works for any probe that returns
 the common result dict.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,7 @@ def result_stem(result: dict[str, Any]) -> str:
         names = ["-".join(Path(p.strip().rstrip("/\\")).parts[-2:]) for p in str(s["label"]).split("+")]
         parts.append("+".join(slug(n, 40) for n in names))
     adapters = "_".join(parts) if parts else "backbone"
-    return "__".join([slug(str(result.get("dataset", result.get("probe", "probe")))), backbone,
-                      slug(adapters, 100)])
+    return "__".join([slug(str(result.get("dataset", result.get("probe", "probe")))), backbone, slug(adapters, 100)])
 
 
 def write_result_file(result: dict[str, Any], out_dir: str | Path, overwrite: bool = False) -> Path:
@@ -105,6 +105,7 @@ def write_scores_file(result: dict[str, Any], path: str | Path) -> Path:
 
 # ----------------------------------------------------------------------------------------- plot
 
+
 def plot_result(result: dict[str, Any], path: str | Path) -> Path:
     """Grouped bar chart: one group per metric, one bar per system with its interval, chance as dashed lines."""
     import matplotlib
@@ -123,19 +124,29 @@ def plot_result(result: dict[str, Any], path: str | Path) -> Path:
     try:
         for j, s in enumerate(systems):
             vals = np.array([s["scores"][m]["value"] for m in metrics])
-            err = np.array([[s["scores"][m]["value"] - s["scores"][m]["low"] for m in metrics],
-                            [s["scores"][m]["high"] - s["scores"][m]["value"] for m in metrics]])
+            err = np.array(
+                [
+                    [s["scores"][m]["value"] - s["scores"][m]["low"] for m in metrics],
+                    [s["scores"][m]["high"] - s["scores"][m]["value"] for m in metrics],
+                ]
+            )
             ax.bar(x - 0.4 + width * (j + 0.5), vals, width, yerr=err, capsize=3, label=s["label"])
         chance = result.get("chance") or {}
         for i, m in enumerate(metrics):
             if m in chance:
-                ax.hlines(chance[m], i - 0.45, i + 0.45, colors="black", linestyles="dashed", linewidth=1,
-                          label="chance" if i == 0 else "_nolegend_")
+                ax.hlines(
+                    chance[m],
+                    i - 0.45,
+                    i + 0.45,
+                    colors="black",
+                    linestyles="dashed",
+                    linewidth=1,
+                    label="chance" if i == 0 else "_nolegend_",
+                )
         ax.set_xticks(x, metrics)
         ax.set_ylabel("score (%)")
         ax.set_ylim(0, 100)
-        ax.set_title(f"{result['probe']} — {result['dataset']} — {result['backbone']} (n={result['n']})",
-                     fontsize=9)
+        ax.set_title(f"{result['probe']} — {result['dataset']} — {result['backbone']} (n={result['n']})", fontsize=9)
         ax.legend(fontsize=8)
         fig.tight_layout()
         with atomic_path(path) as tmp:

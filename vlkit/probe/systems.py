@@ -18,6 +18,7 @@ through the adapter its router picks), preprocessing each batch once for all sys
 backbone a pair's score is VQAScore's, `vlkit.scoring.answer_scores`: P("Yes") to
 `Does this image show "{caption}"? Please answer yes or no.`
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -30,8 +31,15 @@ from ..compose.resolve import AdapterResolver, System, frozen_system, resolve_ad
 from ..errors import ConfigError
 from ..scoring import answer_scores, is_generative, pair_scores, paired_scores, uses_joint_scoring
 
-__all__ = ["AdapterResolver", "System", "frozen_system", "resolve_adapter_arg", "parse_adapters",
-           "resolve_systems", "score_examples"]
+__all__ = [
+    "AdapterResolver",
+    "System",
+    "frozen_system",
+    "resolve_adapter_arg",
+    "parse_adapters",
+    "resolve_systems",
+    "score_examples",
+]
 
 
 def parse_adapters(value: str | Sequence[str] | None) -> list[str]:
@@ -70,8 +78,15 @@ def _device(backbone):
     return torch.device("cpu")
 
 
-def score_examples(backbone, systems: Sequence[System], n: int, get_batch: Batch, *, batch_size: int = 32,
-                   progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+def score_examples(
+    backbone,
+    systems: Sequence[System],
+    n: int,
+    get_batch: Batch,
+    *,
+    batch_size: int = 32,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, np.ndarray]:
     """Scores of each system: ``{label: array (n, t, m)}`` with ``[example, caption, image]``.
 
     ``get_batch(start, stop)`` returns, for examples ``start..stop-1``, their images (a list of ``m`` PIL
@@ -79,15 +94,16 @@ def score_examples(backbone, systems: Sequence[System], n: int, get_batch: Batch
     """
     import torch
 
-
     device = _device(backbone)
     generative = is_generative(backbone)
     if generative:
         bad = next((s for s in systems if s.mode in ("route", "fuse")), None)
         if bad is not None:
             part = "router" if bad.mode == "route" else "fusion"
-            raise ConfigError(f"{bad.label} is a {bad.mode} composition: its {part} reads dual-encoder embeddings, "
-                              f"which generative backbone {backbone.spec} has not")
+            raise ConfigError(
+                f"{bad.label} is a {bad.mode} composition: its {part} reads dual-encoder embeddings, "
+                f"which generative backbone {backbone.spec} has not"
+            )
     out: dict[str, list[np.ndarray]] = {s.label: [] for s in systems}
     with AdaptedModel.of(backbone).preserved():
         for start in range(0, n, batch_size):

@@ -12,6 +12,7 @@ scores follow Thrush et al. 2022 exactly (strict ``>``, see `vlkit.probe.metrics
 interval per score (and per tag) and a paired bootstrap interval for each adapter's difference to the frozen
 backbone.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -37,11 +38,12 @@ def load_winoground_data(data: Any = None, *, n: int | None = None, data_seed: i
     pairs (default 0); a fixed copy (hub, DIR, a Dataset) refuses it, since it would change nothing."""
     import datasets
 
-
     synth = data is None or str(data) == "synth" or str(data).startswith("synth:")
     if data_seed is not None and not synth and not isinstance(data, datasets.Dataset):
-        raise ConfigError(f"data seed {data_seed} generates synth pairs; winoground data {data} is a fixed copy "
-                          "(--n takes its first n)")
+        raise ConfigError(
+            f"data seed {data_seed} generates synth pairs; winoground data {data} is a fixed copy "
+            "(--n takes its first n)"
+        )
     if isinstance(data, datasets.Dataset):
         if data_seed is not None:
             raise ConfigError("data seed generates synth pairs; a given dataset is fixed")
@@ -92,14 +94,21 @@ def tags_of(ds) -> dict[str, list[Any]]:
     return {key: list(ds[key]) for key in M.BREAKDOWN_KEYS if key in ds.column_names}
 
 
-def evaluate_scores(scores: dict[str, np.ndarray], tags: dict[str, list[Any]], *, n_boot: int = DEFAULT_RESAMPLES,
-                    seed: int = 0, level: float = 0.95) -> tuple[dict[str, Any], dict[str, Any]]:
+def evaluate_scores(
+    scores: dict[str, np.ndarray],
+    tags: dict[str, list[Any]],
+    *,
+    n_boot: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """(summary, breakdowns) of per-system (N, 2, 2) scores: see `base.summarize`."""
     labels = list(scores)
     correct = {label: M.winoground_correct(s) for label, s in scores.items()}
     n = len(next(iter(scores.values())))
-    summary = summarize(labels, correct, {m: M.mean_statistic for m in M.WINOGROUND_METRICS}, n,
-                        n_boot=n_boot, seed=seed, level=level)
+    summary = summarize(
+        labels, correct, {m: M.mean_statistic for m in M.WINOGROUND_METRICS}, n, n_boot=n_boot, seed=seed, level=level
+    )
     breakdowns = {label: M.winoground_breakdowns(correct[label], tags) for label in labels}
     groups = {key: M.groups_of(values, multi=(key == "secondary_tag")) for key, values in tags.items()}
     annotate_breakdowns(breakdowns, groups, correct, M.WINOGROUND_METRICS, n_boot=n_boot, seed=seed, level=level)
@@ -127,25 +136,55 @@ class WinogroundProbe(Probe):
     default_data = "synth"
     options_cls = WinogroundProbeOptions
 
-    def run(self, backbone, systems, *, data: Any = None, seed: int = 0, n: int | None = None,
-            n_boot: int = DEFAULT_RESAMPLES, level: float = 0.95, data_seed: int | None = None, batch_size: int = 32,
-            progress: Callable[[int], Callable[[int], None]] | None = None, **options: Any) -> dict[str, Any]:
+    def run(
+        self,
+        backbone,
+        systems,
+        *,
+        data: Any = None,
+        seed: int = 0,
+        n: int | None = None,
+        n_boot: int = DEFAULT_RESAMPLES,
+        level: float = 0.95,
+        data_seed: int | None = None,
+        batch_size: int = 32,
+        progress: Callable[[int], Callable[[int], None]] | None = None,
+        **options: Any,
+    ) -> dict[str, Any]:
         if options:
             raise ConfigError(f"unknown option(s) for probe 'winoground': {', '.join(sorted(options))}")
-        ds, label = load_winoground_data(data if data is not None else self.default_data, n=n,
-                                         data_seed=data_seed)
+        ds, label = load_winoground_data(data if data is not None else self.default_data, n=n, data_seed=data_seed)
         n_ex = len(ds)
         advance = progress(n_ex) if progress is not None else None
-        scores = score_examples(backbone, systems, n_ex, winoground_batches(ds), batch_size=batch_size,
-                                progress=advance)
+        scores = score_examples(
+            backbone, systems, n_ex, winoground_batches(ds), batch_size=batch_size, progress=advance
+        )
         tags = tags_of(ds)
         summary, breakdowns = evaluate_scores(scores, tags, n_boot=n_boot, seed=seed, level=level)
         ids = list(ds["id"]) if "id" in ds.column_names else list(range(n_ex))
-        per_example = {"ids": ids, "keys": list(SCORE_KEYS),
-                       "scores": {lab: s.reshape(len(s), 4).tolist() for lab, s in scores.items()}}
-        counts = {key: {tag: len(idx) for tag, idx in M.groups_of(values, multi=(key == "secondary_tag")).items()}
-                  for key, values in tags.items()}
-        return build_result(self, backbone, systems, dataset=label, n=n_ex, metrics=M.WINOGROUND_METRICS,
-                            primary="group", chance=M.CHANCE, summary=summary, breakdowns=breakdowns,
-                            n_boot=n_boot, seed=seed, level=level, per_example=per_example,
-                            extra={"tag_counts": counts})
+        per_example = {
+            "ids": ids,
+            "keys": list(SCORE_KEYS),
+            "scores": {lab: s.reshape(len(s), 4).tolist() for lab, s in scores.items()},
+        }
+        counts = {
+            key: {tag: len(idx) for tag, idx in M.groups_of(values, multi=(key == "secondary_tag")).items()}
+            for key, values in tags.items()
+        }
+        return build_result(
+            self,
+            backbone,
+            systems,
+            dataset=label,
+            n=n_ex,
+            metrics=M.WINOGROUND_METRICS,
+            primary="group",
+            chance=M.CHANCE,
+            summary=summary,
+            breakdowns=breakdowns,
+            n_boot=n_boot,
+            seed=seed,
+            level=level,
+            per_example=per_example,
+            extra={"tag_counts": counts},
+        )

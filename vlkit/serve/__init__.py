@@ -11,6 +11,7 @@
 - `vlkit.serve.ray_app` (`--cluster ray`, needs `vlkit[cluster]`): the same app on Ray Serve, replicas loading
   adapters on demand (`serve.multiplexed`); `vlkit.serve.cluster`: its plan of units and one replica's core.
 """
+
 from __future__ import annotations
 
 

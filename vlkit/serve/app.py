@@ -25,6 +25,7 @@ Retry-After), 503 while draining. The single mapping from error types to statuse
 (a 500 `{"error", "request_id"}`, logged once under logger `vlkit.serve` and counted in `/metrics` as
 `vlkit_server_errors_total`), are `vlkit.serve.replies`. Every response carries an `X-Request-ID` header.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -122,9 +123,11 @@ class ServeConfig:
             raise ConfigError(f"--cluster must be none or ray, got {self.cluster!r}")
         if self.cluster == "ray":
             if self.engine != "torch":
-                raise ConfigError("--cluster ray serves the torch engine (replicas share one backbone and load "
-                                  "adapters on demand); serve onnx exports with one `vlkit serve --engine onnx` per "
-                                  "machine")
+                raise ConfigError(
+                    "--cluster ray serves the torch engine (replicas share one backbone and load "
+                    "adapters on demand); serve onnx exports with one `vlkit serve --engine onnx` per "
+                    "machine"
+                )
             if int(self.replicas) < 1 or int(self.max_adapters_per_replica) < 1:
                 raise ConfigError("--replicas and --max-adapters-per-replica must be at least 1")
             if float(self.gpus_per_replica) < 0 or float(self.cpus_per_replica) < 0:
@@ -141,7 +144,6 @@ def backbone_spec(config: ServeConfig) -> str:
 
 def make_backend(config: ServeConfig):
     if config.engine == "onnx":
-
         return OnnxBackend(config.adapters, providers=config.providers, threads=config.threads)
 
     if config.threads:
@@ -179,8 +181,9 @@ async def read_body(request: Request, op: str):
         raw = await upload.read() if upload is not None else None
         return body, raw
     if ctype not in ("", "application/json") and not ctype.endswith("+json"):
-        raise RequestError(f"unsupported content type {ctype!r}: send application/json or multipart/form-data",
-                           status=415)
+        raise RequestError(
+            f"unsupported content type {ctype!r}: send application/json or multipart/form-data", status=415
+        )
     return parse_json(await request.body(), model), None
 
 
@@ -216,8 +219,9 @@ def build_item(backend, config: ServeConfig, op: str, body, raw: bytes | None):
         texts = [prompt.format(x) for x in labels]
     if texts is not None:
         if len(texts) > int(config.max_texts):
-            raise RequestError(f"{len(texts)} texts in one input; the limit is {config.max_texts} (--max-texts)",
-                               status=413)
+            raise RequestError(
+                f"{len(texts)} texts in one input; the limit is {config.max_texts} (--max-texts)", status=413
+            )
         if any(len(t) > MAX_TEXT_CHARS for t in texts):
             raise RequestError(f"a text is over {MAX_TEXT_CHARS} characters", status=413)
     if op in ("classify", "score", "answer") and pixels is None:
@@ -225,8 +229,7 @@ def build_item(backend, config: ServeConfig, op: str, body, raw: bytes | None):
     top = int(getattr(body, "top", 3))
     if not 1 <= top <= 1000:
         raise RequestError("field 'top': must be 1..1000", status=422)
-    return Item(op, adapter, pixels=pixels, tokens=backend.tokenize(texts) if texts else None, labels=labels,
-                top=top)
+    return Item(op, adapter, pixels=pixels, tokens=backend.tokenize(texts) if texts else None, labels=labels, top=top)
 
 
 class LocalService:
@@ -237,8 +240,9 @@ class LocalService:
 
         self.config = config
         self.backend = backend
-        self.engine = BatchingEngine(backend.runner, max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
-                                     queue_size=config.queue_size)
+        self.engine = BatchingEngine(
+            backend.runner, max_batch=config.max_batch, max_wait_ms=config.max_wait_ms, queue_size=config.queue_size
+        )
 
     async def run(self, op: str, body, raw: bytes | None) -> tuple[dict, dict]:
         """(the answer, extra response headers) of one request."""
@@ -258,8 +262,7 @@ class LocalService:
 
     def health(self) -> dict[str, Any]:
         b, e = self.backend, self.engine
-        return {"engine": b.name, "backbone": b.spec, "adapters": b.count(), "queue": e.depth,
-                "max_batch": e.max_batch}
+        return {"engine": b.name, "backbone": b.spec, "adapters": b.count(), "queue": e.depth, "max_batch": e.max_batch}
 
     def metrics(self, metrics, draining: bool) -> str:
         return metrics.render(self.engine, self.backend.count(), draining)
@@ -275,8 +278,9 @@ async def hot_load(state, name: str, request: Request) -> dict[str, Any]:
         raise RequestError("the server is draining (SIGTERM): send the request elsewhere", status=503)
     body = parse_json(await request.body(), LoadBody)
     listing = await state.service.describe()
-    check_served_name(check_adapter_name(name), listing.get("backbone"),
-                      {str(a.get("name")) for a in listing.get("adapters") or []})
+    check_served_name(
+        check_adapter_name(name), listing.get("backbone"), {str(a.get("name")) for a in listing.get("adapters") or []}
+    )
     path = client_path(body.path, state.config.adapter_root)
     return await state.service.load(name, str(path))
 
@@ -293,7 +297,6 @@ def build_app(config: ServeConfig, service):
     (`LocalService`, or the Ray Serve one of `--cluster ray`)."""
     from contextlib import asynccontextmanager
 
-
     state = AppState(config, service)
 
     @asynccontextmanager
@@ -302,9 +305,14 @@ def build_app(config: ServeConfig, service):
         state.draining = True
         await service.close(config.drain_timeout)
 
-    app = FastAPI(title="vlkit serve", version=__version__, lifespan=lifespan, responses=ERROR_RESPONSES,
-                  description="One frozen vision-language backbone serving many adapters; requests for different "
-                              "adapters are batched together. Errors are {\"error\": \"one line\"}.")
+    app = FastAPI(
+        title="vlkit serve",
+        version=__version__,
+        lifespan=lifespan,
+        responses=ERROR_RESPONSES,
+        description="One frozen vision-language backbone serving many adapters; requests for different "
+        'adapters are batched together. Errors are {"error": "one line"}.',
+    )
     app.state.vlkit = state
 
     install_error_handlers(app)
@@ -374,11 +382,13 @@ def build_app(config: ServeConfig, service):
 
     @app.get("/metrics", summary="Prometheus metrics (text format)", response_class=PlainTextResponse)
     async def metrics():
-        return PlainTextResponse(service.metrics(state.metrics, state.draining),
-                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+        return PlainTextResponse(
+            service.metrics(state.metrics, state.draining), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
 
-    app.include_router(openai_router(state, http_status=http_status, error_text=error_text,
-                                     finite_response=finite_response))
+    app.include_router(
+        openai_router(state, http_status=http_status, error_text=error_text, finite_response=finite_response)
+    )
     app.include_router(generate_router(state, http_status=http_status, error_text=error_text))
     install_openapi(app, api_key=bool(state.api_key))
     app.add_middleware(_Guard, state=state)
@@ -408,9 +418,15 @@ def run_server(config: ServeConfig, *, on_ready=None, log_level: str = "warning"
             if on_ready is not None and self.started:
                 on_ready(self)
 
-    ucfg = uvicorn.Config(asgi, host=config.host, port=int(config.port), log_level=log_level, access_log=False,
-                          timeout_graceful_shutdown=config.drain_timeout,  # type: ignore[arg-type]  # a float works
-                          lifespan="on")
+    ucfg = uvicorn.Config(
+        asgi,
+        host=config.host,
+        port=int(config.port),
+        log_level=log_level,
+        access_log=False,
+        timeout_graceful_shutdown=config.drain_timeout,  # type: ignore[arg-type]  # a float works
+        lifespan="on",
+    )
     try:
         Server(ucfg).run(sockets=[sock])
     finally:
@@ -434,7 +450,10 @@ def listen_socket(host: str, port: int):
         sock.bind(address)
     except OSError as exc:
         sock.close()
-        why = ("the address is in use (give another --port, or --port 0 for a free one)"
-               if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc))
+        why = (
+            "the address is in use (give another --port, or --port 0 for a free one)"
+            if exc.errno == errno.EADDRINUSE
+            else exc.strerror or str(exc)
+        )
         raise ConfigError(f"cannot listen on {host}:{port}: {why}") from None
     return sock

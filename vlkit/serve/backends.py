@@ -3,6 +3,7 @@
 `TorchBackend` holds a vlkit backbone with its adapters (`vlkit.serve.catalog`); `OnnxBackend`
 (`vlkit.serve.onnx_engine`) holds `vlkit export` directories. Both answer through the same `BatchingEngine`.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -23,7 +24,6 @@ class TorchBackend:
 
     def __init__(self, backbone: str, adapters=(), device: str | None = None):
         import torch
-
 
         dev = torch.device(device) if device else None
         self.backbone = load_backbone(backbone).eval()
@@ -46,15 +46,20 @@ class TorchBackend:
 
     def check_adapter(self, adapter: str | None, op: str) -> None:
         if self.generative != (op == GENERATE):
-            raise RequestError(f"{self.spec} is a generative backbone: it answers {GENERATE_PATH} only, not /v1/{op}"
-                               if self.generative else f"{GENERATE_PATH} needs a generative backbone; {self.spec} "
-                               "embeds and scores (use /v1/embed, /v1/classify, /v1/score, /v1/answer)")
+            raise RequestError(
+                f"{self.spec} is a generative backbone: it answers {GENERATE_PATH} only, not /v1/{op}"
+                if self.generative
+                else f"{GENERATE_PATH} needs a generative backbone; {self.spec} "
+                "embeds and scores (use /v1/embed, /v1/classify, /v1/score, /v1/answer)"
+            )
         if adapter is None:
             return
         if adapter == AUTO:
             if self.catalog.router is None:
-                raise RequestError("adapter 'auto' needs a route composition (vlkit compose A,B --mode route) "
-                                   "among --adapters; none is loaded")
+                raise RequestError(
+                    "adapter 'auto' needs a route composition (vlkit compose A,B --mode route) "
+                    "among --adapters; none is loaded"
+                )
             return
         self.catalog.get(adapter)
 

@@ -10,6 +10,7 @@
 
 Adapters are never copied: they are loaded side by side and a batch picks per sample (`AdaptedModel.route`).
 """
+
 from __future__ import annotations
 
 import json
@@ -51,8 +52,15 @@ class Entry:
 
     def describe(self) -> dict[str, Any]:
         task = self.task
-        out = {"name": self.name, "kind": self.kind, "source": self.source, "variant": self.variant,
-               "task": getattr(task, "name", None) or None, "parameters": self.parameters, "joint": self.joint}
+        out = {
+            "name": self.name,
+            "kind": self.kind,
+            "source": self.source,
+            "variant": self.variant,
+            "task": getattr(task, "name", None) or None,
+            "parameters": self.parameters,
+            "joint": self.joint,
+        }
         if self.kind == "composition":
             out.update(mode=self.mode, adapters=list(self.names))
         if self.member_of:
@@ -104,14 +112,19 @@ class TorchCatalog:
     def get(self, name: str) -> Entry:
         if name not in self.entries:
             known = ", ".join(sorted(self.entries)) or "none loaded"
-            raise RequestError(f"unknown adapter {name!r}; loaded: {known} (or 'auto', or none for the frozen "
-                               "backbone)", status=404)
+            raise RequestError(
+                f"unknown adapter {name!r}; loaded: {known} (or 'auto', or none for the frozen backbone)", status=404
+            )
         return self.entries[name]
 
     def describe(self) -> dict[str, Any]:
-        return {"backbone": self.backbone.spec, "adapters": [e.describe() for e in self.entries.values()],
-                "router": None if self.router is None else
-                {"source": self.router_source, "routes_to": [n or "none" for n in self.router.names]}}
+        return {
+            "backbone": self.backbone.spec,
+            "adapters": [e.describe() for e in self.entries.values()],
+            "router": None
+            if self.router is None
+            else {"source": self.router_source, "routes_to": [n or "none" for n in self.router.names]},
+        }
 
     # --- loading ------------------------------------------------------------------------------
     def add_many(self, items) -> list[str]:
@@ -141,8 +154,10 @@ class TorchCatalog:
             return [self._add_adapter(path, name)]
         if is_composition(path) and not adapters_only:
             return self._add_composition(path, name, resolver)
-        raise AdapterFileError(f"{path} is not an adapter directory (no {ADAPTER_CONFIG})"
-                               + ("" if adapters_only else " nor a composition directory"))
+        raise AdapterFileError(
+            f"{path} is not an adapter directory (no {ADAPTER_CONFIG})"
+            + ("" if adapters_only else " nor a composition directory")
+        )
 
     def _entry_for(self, name: str, source: Path, task, member_of: str | None = None) -> Entry:
 
@@ -152,8 +167,18 @@ class TorchCatalog:
         params = int(sum(t.numel() for t in self.model.adapter_parameters(name).values()))
         if task is not None and self.device is not None:
             task.head.to(self.device)
-        return Entry(name, "adapter", str(source), task=task, variant=rec.variant, parameters=params,
-                     names=(name,), routable=routable, joint=bool(var is not None and var.joint), member_of=member_of)
+        return Entry(
+            name,
+            "adapter",
+            str(source),
+            task=task,
+            variant=rec.variant,
+            parameters=params,
+            names=(name,),
+            routable=routable,
+            joint=bool(var is not None and var.joint),
+            member_of=member_of,
+        )
 
     def _add_adapter(self, path: Path, name: str | None) -> str:
 
@@ -197,19 +222,35 @@ class TorchCatalog:
         if task is not None and self.device is not None:
             task.head.to(self.device)
         params = int(sum(t.numel() for n in loaded.adapters for t in self.model.adapter_parameters(n).values()))
-        self.entries[label] = Entry(label, "composition", str(path), task=task, parameters=params,
-                                    names=tuple(comp.names), mode=mode, weights=weights, fusion=comp.fusion,
-                                    routable=False, joint=False, extra={"composition_mode": comp.mode})
+        self.entries[label] = Entry(
+            label,
+            "composition",
+            str(path),
+            task=task,
+            parameters=params,
+            names=tuple(comp.names),
+            mode=mode,
+            weights=weights,
+            fusion=comp.fusion,
+            routable=False,
+            joint=False,
+            extra={"composition_mode": comp.mode},
+        )
         return [label]
 
     def remove(self, name: str) -> None:
         entry = self.get(name)
         if self.router is not None and name in self.router.names:
-            raise RequestError(f"adapter {name!r} is a route of the router of {self.router_source}; "
-                               "it cannot be unloaded while the router serves 'auto'", status=409)
+            raise RequestError(
+                f"adapter {name!r} is a route of the router of {self.router_source}; "
+                "it cannot be unloaded while the router serves 'auto'",
+                status=409,
+            )
         if entry.kind != "adapter":
-            raise RequestError(f"{name!r} is a composition loaded with --adapters; only adapters loaded one by one "
-                               "can be unloaded", status=409)
+            raise RequestError(
+                f"{name!r} is a composition loaded with --adapters; only adapters loaded one by one can be unloaded",
+                status=409,
+            )
         users = [e.name for e in self.entries.values() if e.kind == "composition" and name in e.names]
         if users:
             raise RequestError(f"adapter {name!r} is part of {', '.join(users)}", status=409)

@@ -11,6 +11,7 @@ compositions get private names (`LABEL-NAME`) that no served name can take.
 `ReplicaCore` is what one replica runs: one frozen backbone, its batching engine (`vlkit.serve.engine`), and the
 units it holds (`load` / `unload`, run between batches; a unit is dropped only once its requests are answered).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -78,8 +79,15 @@ def _adapter_info(name: str, source: Path, cfg: dict, member_of: str | None = No
     variants = registry("adapter")
     var = variants.get(cfg["variant"]) if cfg["variant"] in variants else None
     task, labels = _task_info(source)
-    out = {"name": name, "kind": "adapter", "source": str(source), "variant": cfg["variant"], "task": task,
-           "parameters": None, "joint": bool(var is not None and var.joint)}
+    out = {
+        "name": name,
+        "kind": "adapter",
+        "source": str(source),
+        "variant": cfg["variant"],
+        "task": task,
+        "parameters": None,
+        "joint": bool(var is not None and var.joint),
+    }
     if member_of:
         out["composition"] = member_of
     if labels:
@@ -93,8 +101,15 @@ def split_items(items) -> list[str]:
     return [str(x) for x in items or []]
 
 
-def plan_units(items, *, first_id: int = 0, taken: set[str] | None = None, auto: bool = False,
-               adapters_only: bool = False, name: str | None = None) -> list[Unit]:
+def plan_units(
+    items,
+    *,
+    first_id: int = 0,
+    taken: set[str] | None = None,
+    auto: bool = False,
+    adapters_only: bool = False,
+    name: str | None = None,
+) -> list[Unit]:
     """The units of `--adapters` items (a comma-separated string or a list), from their files alone.
 
     `taken`: names already used (served or private; updated); `auto`: whether a unit already answers 'auto';
@@ -121,8 +136,10 @@ def plan_units(items, *, first_id: int = 0, taken: set[str] | None = None, auto:
             units.append(Unit(uid, "adapter", str(path), served, [served], info=described))
             continue
         if adapters_only or not is_composition(path):
-            raise AdapterFileError(f"{path} is not an adapter directory (no {ADAPTER_CONFIG})"
-                                   + ("" if adapters_only else " nor a composition directory"))
+            raise AdapterFileError(
+                f"{path} is not an adapter directory (no {ADAPTER_CONFIG})"
+                + ("" if adapters_only else " nor a composition directory")
+            )
         spec = read_composition(path)
         mode = spec.get("mode", "stack")
         label = given or free_name((taken if mode != "route" else set()) | set(RESERVED_NAMES), path.name)
@@ -133,8 +150,10 @@ def plan_units(items, *, first_id: int = 0, taken: set[str] | None = None, auto:
         aliases: dict[str | None, str] = {}
         for e in adapter_entries(path, spec):
             if e["path"] is None:
-                raise ConfigError(f"composition {path} names the adapter {e.get('name')!r} without a directory; "
-                                  "a server loads adapters from directories")
+                raise ConfigError(
+                    f"composition {path} names the adapter {e.get('name')!r} without a directory; "
+                    "a server loads adapters from directories"
+                )
             p = Path(e["path"]).resolve()
             key = str(p)
             if key in names:
@@ -154,18 +173,30 @@ def plan_units(items, *, first_id: int = 0, taken: set[str] | None = None, auto:
             provides = router is not None and not auto
             auto = auto or provides
             info = {n: _adapter_info(n, p, cfg, member_of=label) for n, p, cfg in members}
-            units.append(Unit(uid, "route", str(path), label, [n for n, _, _ in members], names, provides, router,
-                              info))
+            units.append(
+                Unit(uid, "route", str(path), label, [n for n, _, _ in members], names, provides, router, info)
+            )
             continue
         act_mode, _ = activation(mode, spec.get("weights"), len(members))
-        task_dir = path if isinstance(spec.get("task"), dict) and spec["task"].get("meta") else next(
-            (p for _, p, _ in reversed(members) if (p / "task.json").is_file()), None)
+        task_dir = (
+            path
+            if isinstance(spec.get("task"), dict) and spec["task"].get("meta")
+            else next((p for _, p, _ in reversed(members) if (p / "task.json").is_file()), None)
+        )
         task, labels = _task_info(task_dir)
         if task is None and task_dir is path:
             task = (spec["task"].get("meta") or {}).get("name")
-        about: dict[str, Any] = {"name": label, "kind": "composition", "source": str(path), "variant": None,
-                                 "task": task, "parameters": None, "joint": False, "mode": act_mode,
-                                 "adapters": [n for n, _, _ in members]}
+        about: dict[str, Any] = {
+            "name": label,
+            "kind": "composition",
+            "source": str(path),
+            "variant": None,
+            "task": task,
+            "parameters": None,
+            "joint": False,
+            "mode": act_mode,
+            "adapters": [n for n, _, _ in members],
+        }
         if labels:
             about["labels"] = labels
         units.append(Unit(uid, "composition", str(path), label, [label], names, info={label: about}))
@@ -213,13 +244,16 @@ class Directory:
             return None
         if adapter == AUTO:
             if self.auto is None:
-                raise RequestError("adapter 'auto' needs a route composition (vlkit compose A,B --mode route) "
-                                   "among --adapters; none is loaded")
+                raise RequestError(
+                    "adapter 'auto' needs a route composition (vlkit compose A,B --mode route) "
+                    "among --adapters; none is loaded"
+                )
             return self.units[self.auto]
         if adapter not in self.by_name:
             known = ", ".join(sorted(self.by_name)) or "none loaded"
-            raise RequestError(f"unknown adapter {adapter!r}; loaded: {known} (or 'auto', or none for the frozen "
-                               "backbone)", status=404)
+            raise RequestError(
+                f"unknown adapter {adapter!r}; loaded: {known} (or 'auto', or none for the frozen backbone)", status=404
+            )
         return self.units[self.by_name[adapter]]
 
     def remove(self, name: str) -> Unit:
@@ -229,11 +263,16 @@ class Directory:
             raise RequestError(f"unknown adapter {name!r}", status=404)
         if unit.kind == "route":
             src = self.units[self.auto].source if self.auto == unit.id else unit.source
-            raise RequestError(f"adapter {name!r} is a route of the router of {src}; it cannot be unloaded while "
-                               "the router serves 'auto'", status=409)
+            raise RequestError(
+                f"adapter {name!r} is a route of the router of {src}; it cannot be unloaded while "
+                "the router serves 'auto'",
+                status=409,
+            )
         if unit.kind != "adapter":
-            raise RequestError(f"{name!r} is a composition loaded with --adapters; only adapters loaded one by one "
-                               "can be unloaded", status=409)
+            raise RequestError(
+                f"{name!r} is a composition loaded with --adapters; only adapters loaded one by one can be unloaded",
+                status=409,
+            )
         del self.by_name[name]
         del self.units[unit.id]
         self.taken -= set(unit.served) | set(unit.names.values())
@@ -272,8 +311,9 @@ class LoadedUnit:
     used past --max-adapters-per-replica): the unit stops taking requests, its admitted ones are answered, then
     its adapters, heads, fusions and router leave the backbone."""
 
-    def __init__(self, core: ReplicaCore, unit: Unit, entries: set[str], adapters: set[str], fusions: set[str],
-                 router=None):
+    def __init__(
+        self, core: ReplicaCore, unit: Unit, entries: set[str], adapters: set[str], fusions: set[str], router=None
+    ):
         self.core, self.unit = core, unit
         self.entries, self.adapters, self.fusions, self.router = entries, adapters, fusions, router
         self.inflight = 0
@@ -303,8 +343,12 @@ class ReplicaCore:
         self.config = config
         self.tag = tag
         self.backend = TorchBackend(spec, (), device=device or config.device)
-        self.engine = BatchingEngine(self.backend.runner, max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
-                                     queue_size=config.queue_size)
+        self.engine = BatchingEngine(
+            self.backend.runner,
+            max_batch=config.max_batch,
+            max_wait_ms=config.max_wait_ms,
+            queue_size=config.queue_size,
+        )
         self.cond = threading.Condition()
         self.units: dict[str, LoadedUnit] = {}
         self.loads = 0
@@ -339,11 +383,16 @@ class ReplicaCore:
                 if unit.kind == "adapter":
                     served = cat.add(unit.source, name=unit.label, adapters_only=True)
                 else:
-                    served = cat.add(unit.source, name=unit.label if unit.kind == "composition" else None,
-                                     resolver=PlannedResolver(bb, unit.names))
+                    served = cat.add(
+                        unit.source,
+                        name=unit.label if unit.kind == "composition" else None,
+                        resolver=PlannedResolver(bb, unit.names),
+                    )
                 if sorted(served) != sorted(unit.served):
-                    raise AdapterFileError(f"{unit.source} changed since the server started: it serves "
-                                           f"{', '.join(served)}, not {', '.join(unit.served)}")
+                    raise AdapterFileError(
+                        f"{unit.source} changed since the server started: it serves "
+                        f"{', '.join(served)}, not {', '.join(unit.served)}"
+                    )
             except BaseException:
                 self._drop(set(cat.entries) - before, set(loaded.adapters), set(loaded.fusions))
                 cat.router, cat.router_source = saved
@@ -406,8 +455,9 @@ class ReplicaCore:
                     lu.inflight += 1
                     return lu
             await asyncio.sleep(0.01)  # evicted meanwhile: the multiplexer loads it again
-        raise RequestError("the adapter was unloaded from this replica while the request waited; send it again",
-                           status=503)
+        raise RequestError(
+            "the adapter was unloaded from this replica while the request waited; send it again", status=503
+        )
 
     def _release(self, lu: LoadedUnit) -> None:
         with self.cond:
@@ -417,15 +467,15 @@ class ReplicaCore:
     async def answer(self, op: str, data: dict, raw: bytes | None) -> dict[str, Any]:
         from starlette.concurrency import run_in_threadpool
 
-
         if op not in ("embed", "classify", "score", "answer"):
             raise RequestError(f"unknown operation {op!r}", status=404)
         body = validate(data, BODIES[op])
         item = await run_in_threadpool(build_item, self.backend, self.config, op, body, raw)
         return await asyncio.wrap_future(self.engine.submit(item))
 
-    async def reply(self, op: str, data: dict, raw: bytes | None,
-                    get_unit: Callable[[], Awaitable[LoadedUnit]] | None = None) -> dict[str, Any]:
+    async def reply(
+        self, op: str, data: dict, raw: bytes | None, get_unit: Callable[[], Awaitable[LoadedUnit]] | None = None
+    ) -> dict[str, Any]:
         """{"result"} or {"error", "status"}, and this replica's "report": what a replica sends the ingress."""
         lu = None
         try:
@@ -460,11 +510,20 @@ class ReplicaCore:
     def report(self) -> dict[str, Any]:
         with self.cond:
             held = {uid: list(lu.unit.served) for uid, lu in self.units.items() if not lu.closing}
-            described = {n: d for lu in self.units.values() if not lu.closing
-                         for n, d in self.describe(lu.unit).items()}
+            described = {
+                n: d for lu in self.units.values() if not lu.closing for n, d in self.describe(lu.unit).items()
+            }
         st = self.engine.stats
-        return {"replica": self.tag, "held": held, "loads": self.loads, "unloads": self.unloads,
-                "queue": self.engine.depth, "batches": st.batches, "batched": st.items, "entries": described}
+        return {
+            "replica": self.tag,
+            "held": held,
+            "loads": self.loads,
+            "unloads": self.unloads,
+            "queue": self.engine.depth,
+            "batches": st.batches,
+            "batched": st.items,
+            "entries": described,
+        }
 
     def close(self, timeout: float | None = None) -> None:
         self.engine.close(timeout)

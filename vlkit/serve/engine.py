@@ -14,6 +14,7 @@ each sample through its own adapter (-1: the frozen backbone). Requests for `aut
 the route composition. Each request is then answered by its adapter's task (`Task.answer`, as `vlkit compose run`
 answers) from the features the batch computed, through `SampleView`.
 """
+
 from __future__ import annotations
 
 import math
@@ -93,8 +94,10 @@ class BatchingEngine:
             if self.stopping:
                 raise RequestError("the server is shutting down", status=503)
             if self.pending >= self.queue_size:
-                raise OverloadedError(f"the queue is full ({self.queue_size} requests waiting; --queue-size)",
-                                      retry_after=self.retry_after())
+                raise OverloadedError(
+                    f"the queue is full ({self.queue_size} requests waiting; --queue-size)",
+                    retry_after=self.retry_after(),
+                )
             self.pending += 1
             item.arrived = time.perf_counter()
             self.queue.append(item)
@@ -207,8 +210,11 @@ class SampleView:
 
     def encode_text(self, tokens, normalize: bool = False):
         f = self._item.feats
-        if tokens is self._item.tokens or (self._item.tokens is not None and tokens.shape == self._item.tokens.shape
-                                           and torch.equal(tokens.cpu(), self._item.tokens.cpu())):
+        if tokens is self._item.tokens or (
+            self._item.tokens is not None
+            and tokens.shape == self._item.tokens.shape
+            and torch.equal(tokens.cpu(), self._item.tokens.cpu())
+        ):
             return self._norm(f["pair"][1] if "pair" in f else f["text"], normalize)
         return self._norm(self._catalog.text_features(self._item.resolved, tokens, key=id(tokens)), normalize)
 
@@ -231,8 +237,10 @@ class TorchRunner:
         router = self.catalog.router
         if router is None:
             for it in items:
-                it.resolved = RequestError("adapter 'auto' needs a route composition (vlkit compose A,B --mode "
-                                           "route) among --adapters; none is loaded")
+                it.resolved = RequestError(
+                    "adapter 'auto' needs a route composition (vlkit compose A,B --mode "
+                    "route) among --adapters; none is loaded"
+                )
             return
         groups: dict[tuple[bool, bool], list[Item]] = {}
         for it in items:
@@ -287,12 +295,24 @@ class TorchRunner:
                 start += n
 
         with torch.no_grad():
-            run(lambda px: bb.encode_image(px), [img_px], img_owner,
-                lambda o, out, s, n: o.feats.__setitem__("image", out[s:s + n]))
-            run(lambda tok: bb.encode_text(tok), [txt_tok], txt_owner,
-                lambda o, out, s, n: o.feats.__setitem__("text", out[s:s + n]))
-            run(lambda px, tok: bb.encode_pair(px, tok, normalize=False), [pair_px, pair_tok], pair_owner,
-                lambda o, out, s, n: o.feats.__setitem__("pair", (out[0][s:s + n], out[1][s:s + n])))
+            run(
+                lambda px: bb.encode_image(px),
+                [img_px],
+                img_owner,
+                lambda o, out, s, n: o.feats.__setitem__("image", out[s : s + n]),
+            )
+            run(
+                lambda tok: bb.encode_text(tok),
+                [txt_tok],
+                txt_owner,
+                lambda o, out, s, n: o.feats.__setitem__("text", out[s : s + n]),
+            )
+            run(
+                lambda px, tok: bb.encode_pair(px, tok, normalize=False),
+                [pair_px, pair_tok],
+                pair_owner,
+                lambda o, out, s, n: o.feats.__setitem__("pair", (out[0][s : s + n], out[1][s : s + n])),
+            )
 
     def run(self, items: list[Item]) -> list[Any]:
         auto = [it for it in items if it.adapter == AUTO]
@@ -349,8 +369,7 @@ class TorchRunner:
             else:
                 img, txt = F.normalize(f["image"], dim=-1), F.normalize(f["text"], dim=-1)
                 s = (img * txt).sum(-1)
-            return {"scores": [round(scale * float(v), 4) for v in s.tolist()], "adapter": label,
-                    "joint": "pair" in f}
+            return {"scores": [round(scale * float(v), 4) for v in s.tolist()], "adapter": label, "joint": "pair" in f}
         view = SampleView(bb, it, self.catalog)
         px = None if it.pixels is None else it.pixels.unsqueeze(0)
         if it.op == "classify":
@@ -359,8 +378,12 @@ class TorchRunner:
                 probs = (scale * img @ txt.t()).float().softmax(-1)[0]
                 order = probs.argsort(descending=True).tolist()
                 top = [{"class": it.labels[j], "p": round(float(probs[j]), 4)} for j in order]
-                return {"scores": {it.labels[j]: round(float(probs[j]), 4) for j in range(len(it.labels))},
-                        "top": top[:it.top], "adapter": label, "task": None}
+                return {
+                    "scores": {it.labels[j]: round(float(probs[j]), 4) for j in range(len(it.labels))},
+                    "top": top[: it.top],
+                    "adapter": label,
+                    "task": None,
+                }
             if task is None:
                 raise RequestError(f"{who} has no task head to classify with; give `labels`")
             n = len(getattr(task, "class_names", None) or []) or 1000
@@ -368,10 +391,16 @@ class TorchRunner:
                 res = task.answer(view, px, None, max(n, it.top))
             top = res.get("top") or []
             if not top or "class" not in top[0]:
-                raise RequestError(f"adapter {label!r} ({task.name}) does not classify images; give `labels`, or "
-                                   "use the endpoint of its task")
-            return {"scores": {t["class"]: t["p"] for t in top}, "top": top[:it.top], "adapter": label,
-                    "task": task.name}
+                raise RequestError(
+                    f"adapter {label!r} ({task.name}) does not classify images; give `labels`, or "
+                    "use the endpoint of its task"
+                )
+            return {
+                "scores": {t["class"]: t["p"] for t in top},
+                "top": top[: it.top],
+                "adapter": label,
+                "task": task.name,
+            }
         if it.op == "answer":
             if task is None:
                 raise RequestError(f"{who} has no task that answers questions")
@@ -383,6 +412,11 @@ class TorchRunner:
             if "answer" not in res:
                 raise RequestError(f"adapter {label!r} ({task.name}) does not answer questions")
             top = res.get("top") or []
-            return {"answer": res["answer"], "scores": {t.get("answer"): t["p"] for t in top}, "top": top,
-                    "adapter": label, "task": task.name}
+            return {
+                "answer": res["answer"],
+                "scores": {t.get("answer"): t["p"] for t in top},
+                "top": top,
+                "adapter": label,
+                "task": task.name,
+            }
         raise RequestError(f"unknown operation {it.op!r}")

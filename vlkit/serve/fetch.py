@@ -5,6 +5,7 @@ private, link-local, shared, reserved, multicast or unspecified address, IPv4-ma
 the address it checked (so a second lookup cannot swap it), and follows at most `MAX_REDIRECTS` redirects, checking
 each hop the same way. The body is read up to `max_bytes` (413 beyond) within `timeout` seconds overall (408).
 """
+
 from __future__ import annotations
 
 import http.client
@@ -61,13 +62,17 @@ def _checked_address(host: str, port: int, allow: Callable[[str], bool]) -> str:
     addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
     refused = [a for a in addresses if not allow(a)]
     if not addresses or refused:
-        raise RequestError(f"image URL host {host!r} resolves to a loopback, private or otherwise non-public address "
-                           f"({', '.join(refused) or 'none'}); refused", status=403)
+        raise RequestError(
+            f"image URL host {host!r} resolves to a loopback, private or otherwise non-public address "
+            f"({', '.join(refused) or 'none'}); refused",
+            status=403,
+        )
     return addresses[0]
 
 
-def fetch_image(url: str, *, max_bytes: int, timeout: float = 10.0,
-                allow: Callable[[str], bool] = public_address) -> bytes:
+def fetch_image(
+    url: str, *, max_bytes: int, timeout: float = 10.0, allow: Callable[[str], bool] = public_address
+) -> bytes:
     """The bytes at `url` (http or https), every hop's addresses checked by `allow` (tests pass their own)."""
     deadline = time.monotonic() + timeout
     for _ in range(MAX_REDIRECTS + 1):
@@ -85,8 +90,11 @@ def fetch_image(url: str, *, max_bytes: int, timeout: float = 10.0,
         cls = _PinnedTLS if parts.scheme == "https" else _Pinned
         conn = cls(parts.hostname, port, address, left)
         try:
-            conn.request("GET", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
-                         headers={"User-Agent": "vlkit-serve", "Accept": "image/*"})
+            conn.request(
+                "GET",
+                (parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
+                headers={"User-Agent": "vlkit-serve", "Accept": "image/*"},
+            )
             resp = conn.getresponse()
             if resp.status in (301, 302, 303, 307, 308) and resp.getheader("location"):
                 url = urljoin(url, resp.getheader("location", ""))

@@ -14,6 +14,7 @@ image and prompt.
 A contrastive server answers `/v1/generate` with a 400, and a generative one the other `/v1/...` operations
 (`TorchBackend.check_adapter`); errors are `{"error": "one line"}` as on every vlkit endpoint.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -42,10 +43,15 @@ ROUTED = "__routed__"
 class GenerateBody(_Strict):
     adapter: str | None = Field(None, min_length=1, max_length=256, pattern=ADAPTER_PATTERN, description=ADAPTER_FIELD)
     image: str = Field(..., min_length=1, description="base64 PNG/JPEG image (a data:image/...;base64, URI too)")
-    prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS,
-                        description="the text the model continues, e.g. 'caption:' or 'vqa: what color is it?'")
-    max_new_tokens: WholeInt = Field(20, ge=1, le=MAX_NEW_TOKENS,
-                                     description="most tokens generated (greedy, with the key-value cache)")
+    prompt: str = Field(
+        ...,
+        min_length=1,
+        max_length=MAX_PROMPT_CHARS,
+        description="the text the model continues, e.g. 'caption:' or 'vqa: what color is it?'",
+    )
+    max_new_tokens: WholeInt = Field(
+        20, ge=1, le=MAX_NEW_TOKENS, description="most tokens generated (greedy, with the key-value cache)"
+    )
 
 
 class GenerateAnswer(BaseModel):
@@ -69,8 +75,9 @@ def build_generate_item(backend, config, body: GenerateBody) -> GenerateItem:
     """Decode and check one request (run in a worker thread)."""
     if backend is None or not is_generative(getattr(backend, "backbone", None)):
         what = getattr(backend, "spec", None) or "this server's backbone"
-        raise RequestError(f"{PATH} needs a generative backbone (vl:..., tiny-vl) served with --engine torch; "
-                           f"{what} is not one")
+        raise RequestError(
+            f"{PATH} needs a generative backbone (vl:..., tiny-vl) served with --engine torch; {what} is not one"
+        )
     adapter = adapter_of(body.adapter)
     backend.check_adapter(adapter, OP)
     pixels = backend.preprocess(open_image(decode_base64(body.image), int(config.max_pixels)))
@@ -88,8 +95,12 @@ class GenerativeRunner:
     def _routable(self, name: str) -> bool:
         entry = self.catalog.entries[name]
         rec = self.catalog.model.records.get(name)
-        return entry.kind == "adapter" and entry.routable and rec is not None and all(
-            s.kind not in ("prefix", "sequence") for s in rec.sites)
+        return (
+            entry.kind == "adapter"
+            and entry.routable
+            and rec is not None
+            and all(s.kind not in ("prefix", "sequence") for s in rec.sites)
+        )
 
     def _key(self, it: Item) -> Any:
         if it.resolved is None or self._routable(it.resolved):
@@ -109,8 +120,7 @@ class GenerativeRunner:
         try:
             px = torch.stack([it.pixels for it in group]).to(self.device)
             with torch.no_grad():
-                return self.backbone.generate(px, [it.prompt for it in group],
-                                              max_new_tokens=group[0].max_new_tokens)
+                return self.backbone.generate(px, [it.prompt for it in group], max_new_tokens=group[0].max_new_tokens)
         finally:
             cat.activate(None)
 
@@ -122,8 +132,9 @@ class GenerativeRunner:
                 out[i] = RequestError(f"{self.backbone.spec} is a generative backbone: it answers {PATH} only")
                 continue
             if it.adapter == AUTO:
-                out[i] = RequestError("adapter 'auto' needs a router, which reads dual-encoder embeddings; a "
-                                      "generative backbone has none")
+                out[i] = RequestError(
+                    "adapter 'auto' needs a router, which reads dual-encoder embeddings; a generative backbone has none"
+                )
                 continue
             if it.adapter is not None and it.adapter not in self.catalog.entries:
                 out[i] = RequestError(f"adapter {it.adapter!r} is not loaded", status=404)
@@ -137,8 +148,11 @@ class GenerativeRunner:
             except VlkitError as exc:
                 texts = [exc if isinstance(exc, RequestError) else RequestError(str(exc))] * len(group)
             for (i, it), text in zip(members, texts):
-                out[i] = text if isinstance(text, BaseException) else {
-                    "text": text, "adapter": it.resolved if it.resolved is not None else "none"}
+                out[i] = (
+                    text
+                    if isinstance(text, BaseException)
+                    else {"text": text, "adapter": it.resolved if it.resolved is not None else "none"}
+                )
         return [out[i] for i in range(len(items))]
 
 
@@ -147,10 +161,17 @@ def generate_router(state, *, http_status, error_text) -> APIRouter:
     router = APIRouter()
     config, service = state.config, state.service
 
-    @router.post(PATH, summary="Text from an image and a prompt (generative backbones): a caption, an answer",
-                 response_model=GenerateAnswer,
-                 openapi_extra={"requestBody": {"required": True, "content": {
-                     "application/json": {"schema": GenerateBody.model_json_schema()}}}})
+    @router.post(
+        PATH,
+        summary="Text from an image and a prompt (generative backbones): a caption, an answer",
+        response_model=GenerateAnswer,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": GenerateBody.model_json_schema()}},
+            }
+        },
+    )
     async def generate(request: Request):
         t0 = time.perf_counter()
         try:

@@ -9,6 +9,7 @@
 - hot-load paths: taken as sent (a client's `~` is never expanded); with `--adapter-root DIR` a path must resolve
   (symbolic links followed) inside DIR.
 """
+
 from __future__ import annotations
 
 import string
@@ -58,8 +59,9 @@ def check_json(data: Any) -> None:
             try:
                 node.encode("utf-8")
             except UnicodeEncodeError:
-                raise RequestError("malformed JSON body: a string holds a lone surrogate (\\ud800-\\udfff), "
-                                   "not Unicode text") from None
+                raise RequestError(
+                    "malformed JSON body: a string holds a lone surrogate (\\ud800-\\udfff), not Unicode text"
+                ) from None
 
 
 def prompt_problem(text: str) -> str | None:
@@ -87,11 +89,17 @@ def check_served_name(name: str, backbone: str | None = None, served=()) -> str:
     """RequestError 409 for a name that requests already use for something else ('auto', the frozen backbone,
     the backbone's spec as `/v1/models` lists it) or that is served already (it would be listed twice)."""
     if name.strip().lower() in RESERVED_NAMES:
-        raise RequestError(f"the adapter name {name!r} is reserved (requests use {', '.join(RESERVED_NAMES)} for "
-                           "the router and the frozen backbone); choose another", status=409)
+        raise RequestError(
+            f"the adapter name {name!r} is reserved (requests use {', '.join(RESERVED_NAMES)} for "
+            "the router and the frozen backbone); choose another",
+            status=409,
+        )
     if backbone and name.strip().lower() == str(backbone).lower():
-        raise RequestError(f"the adapter name {name!r} is the backbone's (GET /v1/models lists it for the frozen "
-                           "backbone); choose another", status=409)
+        raise RequestError(
+            f"the adapter name {name!r} is the backbone's (GET /v1/models lists it for the frozen "
+            "backbone); choose another",
+            status=409,
+        )
     if name in served:
         raise RequestError(f"an adapter named {name!r} is already loaded; unload it first", status=409)
     return name
@@ -109,8 +117,7 @@ def client_path(text: str, root: str | Path | None = None) -> Path:
             base = Path(root).resolve()
             full = (p if p.is_absolute() else base / p).resolve()
             if full != base and base not in full.parents:
-                raise RequestError(f"field 'path': {text!r} is outside the adapter root (--adapter-root)",
-                                   status=403)
+                raise RequestError(f"field 'path': {text!r} is outside the adapter root (--adapter-root)", status=403)
         else:
             full = p if p.is_absolute() else Path.cwd() / p
             if not p.is_absolute() and not full.exists() and (RUNS_DIR / p).is_dir():

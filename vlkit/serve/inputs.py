@@ -5,6 +5,7 @@ score `{"adapter", "image", "texts"}`, answer `{"adapter", "image", "question"}`
 (a `data:image/...;base64,` prefix is allowed) in JSON, or a file part in multipart/form-data. Types are strict
 (a number where a string belongs is refused) and unknown fields are refused, so a typo is an error, not a default.
 """
+
 from __future__ import annotations
 
 import base64
@@ -26,7 +27,7 @@ FROZEN = ("none", "backbone", "frozen")
 NAME_PATTERN = r"^[A-Za-z0-9_-]+$"  # a served name (vlkit.backbones.state.NAME_RE)
 ADAPTER_PATTERN = r"^[A-Za-z0-9_.-]+$"  # what a request names: also compositions named after their folder
 PROMPT_PATTERN = r"^([^{}]|\{\{|\}\})*\{\}([^{}]|\{\{|\}\})*$"  # one {} (doubled braces are literal)
-ADAPTER_FIELD = ("adapter name, 'auto' (the router of a route composition) or none/null (the frozen backbone)")
+ADAPTER_FIELD = "adapter name, 'auto' (the router of a route composition) or none/null (the frozen backbone)"
 
 
 def _exactly_one(*groups: str) -> dict[str, Any]:
@@ -58,8 +59,13 @@ class _Body(_Strict):
 
 class EmbedInput(_Strict):
     model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_exactly_one("text", "image"))
-    adapter: str | None = Field(None, min_length=1, max_length=256, pattern=ADAPTER_PATTERN,
-                                description=ADAPTER_FIELD + " (default: the request's)")
+    adapter: str | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        pattern=ADAPTER_PATTERN,
+        description=ADAPTER_FIELD + " (default: the request's)",
+    )
     text: str = Field(None, description="a text to embed (or give image)")  # type: ignore[assignment]
     image: str = Field(None, min_length=1, description="base64 PNG/JPEG image to embed (or give text)")  # type: ignore[assignment]
 
@@ -73,9 +79,12 @@ class EmbedBody(_Body):
     model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_exactly_one("text", "image", "inputs"))
     text: str = Field(None, description="a text to embed (or give image or inputs)")  # type: ignore[assignment]
     image: str = Field(None, min_length=1, description="base64 PNG/JPEG image to embed")  # type: ignore[assignment]
-    inputs: list[EmbedInput] = Field(None, min_length=1,  # type: ignore[arg-type]
-                                     description="a list of texts and images, each with its own adapter or the "
-                                                 "request's (up to --max-inputs); answered as `results`")
+    inputs: list[EmbedInput] = Field(
+        None,  # type: ignore[arg-type]
+        min_length=1,
+        description="a list of texts and images, each with its own adapter or the "
+        "request's (up to --max-inputs); answered as `results`",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -91,14 +100,23 @@ class ClassifyInput(_Strict):
 class ClassifyBody(_Body):
     model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_exactly_one("image", "inputs"))
     image: str = Field(None, min_length=1, description="base64 PNG/JPEG image (or give inputs)")  # type: ignore[assignment]
-    inputs: list[ClassifyInput] = Field(None, min_length=1,  # type: ignore[arg-type]
-                                        description="images, each with its own adapter or the request's (up to "
-                                                    "--max-inputs); answered as `results`")
-    labels: list[str] = Field(None, min_length=1, json_schema_extra={"uniqueItems": True},  # type: ignore[arg-type]
-                              description="distinct class labels to score instead of the adapter's head")
-    prompt: str = Field(None, pattern=PROMPT_PATTERN,  # type: ignore[assignment]
-                        description="template with exactly one {} (the label) and no other field (default: the "
-                                    "adapter's task prompt, else 'a photo of a {}')")
+    inputs: list[ClassifyInput] = Field(
+        None,  # type: ignore[arg-type]
+        min_length=1,
+        description="images, each with its own adapter or the request's (up to --max-inputs); answered as `results`",
+    )
+    labels: list[str] = Field(
+        None,  # type: ignore[arg-type]
+        min_length=1,
+        json_schema_extra={"uniqueItems": True},
+        description="distinct class labels to score instead of the adapter's head",
+    )
+    prompt: str = Field(
+        None,
+        pattern=PROMPT_PATTERN,  # type: ignore[assignment]
+        description="template with exactly one {} (the label) and no other field (default: the "
+        "adapter's task prompt, else 'a photo of a {}')",
+    )
     top: WholeInt = Field(3, ge=1, le=1000, description="entries in `top`")
 
     @model_validator(mode="before")
@@ -126,15 +144,28 @@ class ScoreInput(_Strict):
 
 
 class ScoreBody(_Body):
-    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
-        "anyOf": [{"required": ["image", "texts"], "not": {"required": ["inputs"]}},
-                  {"required": ["inputs"], "not": {"anyOf": [{"required": ["image"]}, {"required": ["texts"]}]}}]})
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["image", "texts"], "not": {"required": ["inputs"]}},
+                {"required": ["inputs"], "not": {"anyOf": [{"required": ["image"]}, {"required": ["texts"]}]}},
+            ]
+        },
+    )
     image: str = Field(None, min_length=1, description="base64 PNG/JPEG image (with texts, or give inputs)")  # type: ignore[assignment]
-    texts: list[str] = Field(None, min_length=1,  # type: ignore[arg-type]
-                             description="texts scored against the image")
-    inputs: list[ScoreInput] = Field(None, min_length=1,  # type: ignore[arg-type]
-                                     description="image-texts pairs, each with its own adapter or the request's (up "
-                                                 "to --max-inputs); answered as `results`")
+    texts: list[str] = Field(
+        None,  # type: ignore[arg-type]
+        min_length=1,
+        description="texts scored against the image",
+    )
+    inputs: list[ScoreInput] = Field(
+        None,  # type: ignore[arg-type]
+        min_length=1,
+        description="image-texts pairs, each with its own adapter or the request's (up "
+        "to --max-inputs); answered as `results`",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -153,14 +184,24 @@ class AnswerBody(_Body):
 
 
 class LoadBody(_Strict):
-    path: str = Field(..., min_length=1, max_length=4096, pattern=r"^[^\x00]*\S[^\x00]*$",
-                      description="adapter directory on the server (an export directory for --engine onnx)")
+    path: str = Field(
+        ...,
+        min_length=1,
+        max_length=4096,
+        pattern=r"^[^\x00]*\S[^\x00]*$",
+        description="adapter directory on the server (an export directory for --engine onnx)",
+    )
 
 
 Body = TypeVar("Body", bound=BaseModel)
 
-BODIES: dict[str, type[BaseModel]] = {"embed": EmbedBody, "classify": ClassifyBody, "score": ScoreBody,
-                                      "answer": AnswerBody, "load": LoadBody}
+BODIES: dict[str, type[BaseModel]] = {
+    "embed": EmbedBody,
+    "classify": ClassifyBody,
+    "score": ScoreBody,
+    "answer": AnswerBody,
+    "load": LoadBody,
+}
 
 
 def one_line(text: Any) -> str:

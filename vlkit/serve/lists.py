@@ -5,6 +5,7 @@ the service at once, so the batching engine runs them with each other and with o
 their adapters. The answer is `{"results": [...]}` in order; an item that fails fails the request with its error
 (the first one by position). `--max-inputs` bounds the items of one request (413 beyond).
 """
+
 from __future__ import annotations
 
 import asyncio

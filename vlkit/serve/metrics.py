@@ -1,4 +1,5 @@
 """Prometheus text-format metrics of `vlkit serve` (no client library: a few counters and one histogram)."""
+
 from __future__ import annotations
 
 import threading
@@ -28,13 +29,17 @@ class Metrics:
             h[len(BUCKETS) + 1] += seconds
 
     def render(self, engine=None, adapters: int = 0, draining: bool = False) -> str:
-        lines = ["# HELP vlkit_requests_total Requests answered, by endpoint and HTTP status.",
-                 "# TYPE vlkit_requests_total counter"]
+        lines = [
+            "# HELP vlkit_requests_total Requests answered, by endpoint and HTTP status.",
+            "# TYPE vlkit_requests_total counter",
+        ]
         with self.lock:
             for (ep, status), n in sorted(self.requests.items()):
                 lines.append(f'vlkit_requests_total{{endpoint="{ep}",status="{status}"}} {n}')
-            lines += ["# HELP vlkit_request_seconds Request latency in seconds, by endpoint.",
-                      "# TYPE vlkit_request_seconds histogram"]
+            lines += [
+                "# HELP vlkit_request_seconds Request latency in seconds, by endpoint.",
+                "# TYPE vlkit_request_seconds histogram",
+            ]
             for ep, h in sorted(self.latency.items()):
                 for i, b in enumerate(BUCKETS):
                     lines.append(f'vlkit_request_seconds_bucket{{endpoint="{ep}",le="{b}"}} {int(h[i])}')
@@ -42,28 +47,41 @@ class Metrics:
                 lines.append(f'vlkit_request_seconds_sum{{endpoint="{ep}"}} {h[len(BUCKETS) + 1]:.6f}')
                 lines.append(f'vlkit_request_seconds_count{{endpoint="{ep}"}} {int(h[len(BUCKETS)])}')
             inflight, errors = self.inflight, self.server_errors
-        lines += ["# HELP vlkit_server_errors_total Requests answered 500 because of a bug (logged with their "
-                  "request id).", "# TYPE vlkit_server_errors_total counter", f"vlkit_server_errors_total {errors}",
-                  "# HELP vlkit_inflight_requests Requests being handled now.", "# TYPE vlkit_inflight_requests gauge",
-                  f"vlkit_inflight_requests {inflight}",
-                  "# HELP vlkit_adapters_loaded Served adapter names.", "# TYPE vlkit_adapters_loaded gauge",
-                  f"vlkit_adapters_loaded {adapters}",
-                  "# HELP vlkit_draining 1 while the server drains after SIGTERM.", "# TYPE vlkit_draining gauge",
-                  f"vlkit_draining {int(draining)}",
-                  "# HELP vlkit_uptime_seconds Seconds since the server started.", "# TYPE vlkit_uptime_seconds gauge",
-                  f"vlkit_uptime_seconds {time.time() - self.started:.3f}"]
+        lines += [
+            "# HELP vlkit_server_errors_total Requests answered 500 because of a bug (logged with their request id).",
+            "# TYPE vlkit_server_errors_total counter",
+            f"vlkit_server_errors_total {errors}",
+            "# HELP vlkit_inflight_requests Requests being handled now.",
+            "# TYPE vlkit_inflight_requests gauge",
+            f"vlkit_inflight_requests {inflight}",
+            "# HELP vlkit_adapters_loaded Served adapter names.",
+            "# TYPE vlkit_adapters_loaded gauge",
+            f"vlkit_adapters_loaded {adapters}",
+            "# HELP vlkit_draining 1 while the server drains after SIGTERM.",
+            "# TYPE vlkit_draining gauge",
+            f"vlkit_draining {int(draining)}",
+            "# HELP vlkit_uptime_seconds Seconds since the server started.",
+            "# TYPE vlkit_uptime_seconds gauge",
+            f"vlkit_uptime_seconds {time.time() - self.started:.3f}",
+        ]
         if engine is not None:
             st = engine.stats
-            lines += ["# HELP vlkit_queue_depth Requests waiting for a batch.", "# TYPE vlkit_queue_depth gauge",
-                      f"vlkit_queue_depth {engine.depth}",
-                      "# HELP vlkit_batches_total Batches run.", "# TYPE vlkit_batches_total counter",
-                      f"vlkit_batches_total {st.batches}",
-                      "# HELP vlkit_batched_requests_total Requests run in batches.",
-                      "# TYPE vlkit_batched_requests_total counter", f"vlkit_batched_requests_total {st.items}",
-                      "# HELP vlkit_batch_forward_seconds_total Seconds spent running batches.",
-                      "# TYPE vlkit_batch_forward_seconds_total counter",
-                      f"vlkit_batch_forward_seconds_total {st.forward_seconds:.6f}",
-                      "# HELP vlkit_batch_size Batches by size.", "# TYPE vlkit_batch_size gauge"]
+            lines += [
+                "# HELP vlkit_queue_depth Requests waiting for a batch.",
+                "# TYPE vlkit_queue_depth gauge",
+                f"vlkit_queue_depth {engine.depth}",
+                "# HELP vlkit_batches_total Batches run.",
+                "# TYPE vlkit_batches_total counter",
+                f"vlkit_batches_total {st.batches}",
+                "# HELP vlkit_batched_requests_total Requests run in batches.",
+                "# TYPE vlkit_batched_requests_total counter",
+                f"vlkit_batched_requests_total {st.items}",
+                "# HELP vlkit_batch_forward_seconds_total Seconds spent running batches.",
+                "# TYPE vlkit_batch_forward_seconds_total counter",
+                f"vlkit_batch_forward_seconds_total {st.forward_seconds:.6f}",
+                "# HELP vlkit_batch_size Batches by size.",
+                "# TYPE vlkit_batch_size gauge",
+            ]
             for size, n in sorted(dict(st.batch_sizes).items()):
                 lines.append(f'vlkit_batch_size{{size="{size}"}} {n}')
         return "\n".join(lines) + "\n"

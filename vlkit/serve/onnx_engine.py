@@ -7,6 +7,7 @@ the manifest (`preprocessing`), texts through the shipped `tokenizer/tokenizer.j
 adapter, one session run per graph and group (the graphs have a dynamic batch axis). VQA heads are not exported,
 so `/v1/answer` and `auto` are refused with a 400.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,10 +47,16 @@ class OnnxEntry:
 
     def describe(self) -> dict[str, Any]:
         t = self.task or {}
-        return {"name": self.name, "kind": "export", "source": self.source, "task": t.get("name"),
-                "labels": t.get("class_names"), "graphs": sorted(self.sessions),
-                "adapters": [a.get("name") for a in self.manifest.get("adapters", [])],
-                "joint": "pair_scorer" in self.sessions}
+        return {
+            "name": self.name,
+            "kind": "export",
+            "source": self.source,
+            "task": t.get("name"),
+            "labels": t.get("class_names"),
+            "graphs": sorted(self.sessions),
+            "adapters": [a.get("name") for a in self.manifest.get("adapters", [])],
+            "joint": "pair_scorer" in self.sessions,
+        }
 
 
 class OnnxCatalog:
@@ -65,13 +72,13 @@ class OnnxCatalog:
 
     def get(self, name: str) -> OnnxEntry:
         if name not in self.entries:
-            raise RequestError(f"unknown adapter {name!r}; loaded: {', '.join(sorted(self.entries)) or 'none'}",
-                               status=404)
+            raise RequestError(
+                f"unknown adapter {name!r}; loaded: {', '.join(sorted(self.entries)) or 'none'}", status=404
+            )
         return self.entries[name]
 
     def add(self, text: str, name: str | None = None) -> str:
         import onnxruntime as ort
-
 
         given, sep, rest = text.partition("=")
         path = Path(rest if sep and "/" not in given else text).expanduser()
@@ -85,8 +92,9 @@ class OnnxCatalog:
             raise AdapterFileError(f"{mfile} is not valid JSON: {exc}") from None
         fp = (manifest.get("backbone") or {}).get("fingerprint")
         if self.fingerprint is not None and fp != self.fingerprint:
-            raise AdapterFileError(f"{path} was exported from another backbone (fingerprint {fp}, serving "
-                                   f"{self.fingerprint})")
+            raise AdapterFileError(
+                f"{path} was exported from another backbone (fingerprint {fp}, serving {self.fingerprint})"
+            )
         if name is None:
             adapters = [a.get("name") for a in manifest.get("adapters", []) if a.get("name")]
             name = free_name(set(self.entries) | set(RESERVED_NAMES), "+".join(adapters) or path.name)
@@ -144,9 +152,12 @@ class OnnxRunner:
         out: dict[int, Any] = {}
         for i, it in enumerate(items):
             if it.adapter is None or it.adapter == AUTO or it.adapter not in self.catalog.entries:
-                out[i] = RequestError("the onnx engine serves exported adapters by name (no frozen backbone, no "
-                                      "'auto')" if it.adapter in (None, AUTO) else f"unknown adapter {it.adapter!r}",
-                                      status=400 if it.adapter in (None, AUTO) else 404)
+                out[i] = RequestError(
+                    "the onnx engine serves exported adapters by name (no frozen backbone, no 'auto')"
+                    if it.adapter in (None, AUTO)
+                    else f"unknown adapter {it.adapter!r}",
+                    status=400 if it.adapter in (None, AUTO) else 404,
+                )
                 continue
             groups.setdefault(it.adapter, []).append(i)
         for name, idxs in groups.items():
@@ -158,7 +169,7 @@ class OnnxRunner:
                 px = np.stack([np.asarray(it.pixels, dtype=np.float32) for it in img_rows])
                 emb = entry.sessions["image_encoder"].run(None, {"pixel_values": px})[0]
                 for j, it in enumerate(img_rows):
-                    it.feats["image"] = emb[j:j + 1]
+                    it.feats["image"] = emb[j : j + 1]
                 if "classifier" in entry.sessions and any(it.op == "classify" and it.labels is None for it in img_rows):
                     logits = entry.sessions["classifier"].run(None, {"pixel_values": px})[0]
                     for j, it in enumerate(img_rows):
@@ -168,7 +179,7 @@ class OnnxRunner:
                 emb = entry.sessions["text_encoder"].run(None, {"input_ids": ids})[0]
                 s = 0
                 for it in txt_rows:
-                    it.feats["text"] = emb[s:s + len(it.tokens)]
+                    it.feats["text"] = emb[s : s + len(it.tokens)]
                     s += len(it.tokens)
             for i, it in zip(idxs, group):
                 try:
@@ -180,14 +191,17 @@ class OnnxRunner:
     def answer(self, entry: OnnxEntry, it) -> dict[str, Any]:
         f, scale = it.feats, self.catalog.logit_scale
         if it.op == "embed":
-            return {"embedding": (f["image"] if it.pixels is not None else f["text"])[0].astype(float).tolist(),
-                    "adapter": entry.name}
+            return {
+                "embedding": (f["image"] if it.pixels is not None else f["text"])[0].astype(float).tolist(),
+                "adapter": entry.name,
+            }
         if it.op == "score":
             if "pair_scorer" in entry.sessions:
                 n = len(it.tokens)
                 px = np.repeat(np.asarray(it.pixels, dtype=np.float32)[None], n, axis=0)
-                s = entry.sessions["pair_scorer"].run(None, {"pixel_values": px,
-                                                             "input_ids": np.asarray(it.tokens, dtype=np.int64)})[0]
+                s = entry.sessions["pair_scorer"].run(
+                    None, {"pixel_values": px, "input_ids": np.asarray(it.tokens, dtype=np.int64)}
+                )[0]
                 return {"scores": [round(float(v), 4) for v in s], "adapter": entry.name, "joint": True}
             s = scale * (f["text"] @ f["image"][0])
             return {"scores": [round(float(v), 4) for v in s], "adapter": entry.name, "joint": False}
@@ -197,12 +211,17 @@ class OnnxRunner:
             elif "logits" in f:
                 names, probs = (entry.task or {})["class_names"], _softmax(f["logits"].astype(np.float64))
             else:
-                raise RequestError(f"export {entry.name!r} has no classifier graph (vlkit export --task ...); give "
-                                   "`labels`")
+                raise RequestError(
+                    f"export {entry.name!r} has no classifier graph (vlkit export --task ...); give `labels`"
+                )
             order = np.argsort(-probs, kind="stable")
             top = [{"class": names[j], "p": round(float(probs[j]), 4)} for j in order]
-            return {"scores": {t["class"]: t["p"] for t in top}, "top": top[:it.top], "adapter": entry.name,
-                    "task": (entry.task or {}).get("name") if it.labels is None else None}
+            return {
+                "scores": {t["class"]: t["p"] for t in top},
+                "top": top[: it.top],
+                "adapter": entry.name,
+                "task": (entry.task or {}).get("name") if it.labels is None else None,
+            }
         raise RequestError("the onnx engine cannot answer questions: vlkit export writes no VQA head")
 
 
@@ -231,20 +250,25 @@ class OnnxBackend:
 
     def check_adapter(self, adapter, op: str) -> None:
         if adapter is None or adapter == AUTO:
-            raise RequestError("the onnx engine serves exported adapters by name: give `adapter` (no frozen "
-                               "backbone, no 'auto')")
+            raise RequestError(
+                "the onnx engine serves exported adapters by name: give `adapter` (no frozen backbone, no 'auto')"
+            )
         self.catalog.get(adapter)
         if op == "answer":
             raise RequestError("the onnx engine cannot answer questions: vlkit export writes no VQA head")
 
     def prompt_for(self, adapter) -> str:
         entry = self.catalog.entries.get(adapter)
-        prompt = ((entry.task or {}).get("prompt") if entry is not None else None)
+        prompt = (entry.task or {}).get("prompt") if entry is not None else None
         return prompt if isinstance(prompt, str) and prompt_problem(prompt) is None else DEFAULT_PROMPT
 
     def describe(self) -> dict[str, Any]:
-        return {"backbone": self.spec, "engine": "onnx",
-                "adapters": [e.describe() for e in self.catalog.entries.values()], "router": None}
+        return {
+            "backbone": self.spec,
+            "engine": "onnx",
+            "adapters": [e.describe() for e in self.catalog.entries.values()],
+            "router": None,
+        }
 
     def count(self) -> int:
         return len(self.catalog.entries)

@@ -12,6 +12,7 @@ LlamaIndex, LiteLLM and vector databases speak it).
 Every input is one request to the batching engine, answered exactly as `/v1/embed` answers it, so inputs of
 different models batch together. Errors here are OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
 """
+
 from __future__ import annotations
 
 import base64
@@ -39,17 +40,29 @@ TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_e
 
 class EmbeddingsRequest(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
-    model: str = Field(..., min_length=1, max_length=1024, pattern=r"^\S+$",
-                       description="an adapter, a composition, 'auto' (the router) or the frozen backbone (its spec "
-                                   "or 'none'): see GET /v1/models")
+    model: str = Field(
+        ...,
+        min_length=1,
+        max_length=1024,
+        pattern=r"^\S+$",
+        description="an adapter, a composition, 'auto' (the router) or the frozen backbone (its spec "
+        "or 'none'): see GET /v1/models",
+    )
     input: str | Annotated[list[str], Field(min_length=1)] = Field(
-        ..., description="a text, or a list of texts; with modality 'image', images as data:image/...;base64, URIs "
-                         "(or http(s) URLs with --allow-url-images)")
+        ...,
+        description="a text, or a list of texts; with modality 'image', images as data:image/...;base64, URIs "
+        "(or http(s) URLs with --allow-url-images)",
+    )
     modality: Literal["text", "image"] = Field("text", description="what `input` holds (Infinity's field)")
-    encoding_format: Literal["float", "base64"] = Field("float", description="float lists, or base64 of "
-                                                                              "little-endian float32")
-    dimensions: WholeInt = Field(None, ge=1, le=65536,  # type: ignore[assignment]
-                            description="keep the first N components and normalise again")
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="float lists, or base64 of little-endian float32"
+    )
+    dimensions: WholeInt = Field(
+        None,
+        ge=1,
+        le=65536,  # type: ignore[assignment]
+        description="keep the first N components and normalise again",
+    )
     user: str = Field(None, max_length=256, description="ignored")  # type: ignore[assignment]
 
 
@@ -126,7 +139,7 @@ def count_tokens(backend, texts: list[str]) -> int:
     if pad is None:
         return int(ids.numel())
     eos = getattr(bb, "text_eos_id", None)
-    return sum(true_length(ids[i:i + 1], pad, eos) for i in range(len(ids)))
+    return sum(true_length(ids[i : i + 1], pad, eos) for i in range(len(ids)))
 
 
 def adapter_for(model: str, spec: str | None) -> str | None:
@@ -153,11 +166,21 @@ def openai_router(state, *, http_status, error_text, finite_response) -> APIRout
     errors to statuses (`http_status`, `error_text`) and its check of non-finite answers (`finite_response`)."""
     router = APIRouter(tags=["OpenAI-compatible"])
     config, service = state.config, state.service
-    errors: dict[int | str, dict[str, Any]] = {code: {"model": OpenAIError, "description": text} for code, text in (
-        (400, "Malformed request, or an image URL refused"), (401, "Missing or wrong API key"),
-        (403, "An image URL at a non-public address"), (404, "Unknown model"), (408, "An image URL too slow"),
-        (413, "Over a size limit"), (422, "A wrong field, type or value, or a non-finite output"),
-        (429, "Queue full (Retry-After)"), (500, "A bug, logged"), (503, "Draining"))}
+    errors: dict[int | str, dict[str, Any]] = {
+        code: {"model": OpenAIError, "description": text}
+        for code, text in (
+            (400, "Malformed request, or an image URL refused"),
+            (401, "Missing or wrong API key"),
+            (403, "An image URL at a non-public address"),
+            (404, "Unknown model"),
+            (408, "An image URL too slow"),
+            (413, "Over a size limit"),
+            (422, "A wrong field, type or value, or a non-finite output"),
+            (429, "Queue full (Retry-After)"),
+            (500, "A bug, logged"),
+            (503, "Draining"),
+        )
+    }
 
     def failed(exc: BaseException, endpoint: str, t0: float) -> JSONResponse:
         status = http_status(exc)
@@ -174,20 +197,31 @@ def openai_router(state, *, http_status, error_text, finite_response) -> APIRout
         raw = None
         if image is not None and not image.startswith("data:"):
             if not config.allow_url_images:
-                raise RequestError("image URLs are off on this server (vlkit serve --allow-url-images); send "
-                                   "data:image/...;base64, URIs")
-            raw = await run_in_threadpool(fetch_image, image, max_bytes=int(config.max_body_bytes),
-                                          timeout=float(config.url_timeout))
+                raise RequestError(
+                    "image URLs are off on this server (vlkit serve --allow-url-images); send "
+                    "data:image/...;base64, URIs"
+                )
+            raw = await run_in_threadpool(
+                fetch_image, image, max_bytes=int(config.max_body_bytes), timeout=float(config.url_timeout)
+            )
             image = "(url)"  # the fetched bytes are `raw`
         fields = {"adapter": adapter, "text": text, "image": image}
         body = validate({k: v for k, v in fields.items() if v is not None}, EmbedBody)
         answer, _ = await service.run("embed", body, raw)
         return answer
 
-    @router.post("/v1/embeddings", summary="OpenAI-compatible embeddings of texts or images",
-                 response_model=EmbeddingsResponse, responses=errors,
-                 openapi_extra={"requestBody": {"required": True, "content": {
-                     "application/json": {"schema": EmbeddingsRequest.model_json_schema()}}}})
+    @router.post(
+        "/v1/embeddings",
+        summary="OpenAI-compatible embeddings of texts or images",
+        response_model=EmbeddingsResponse,
+        responses=errors,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": EmbeddingsRequest.model_json_schema()}},
+            }
+        },
+    )
     async def embeddings(request: Request):
         t0 = time.perf_counter()
         try:
@@ -201,23 +235,39 @@ def openai_router(state, *, http_status, error_text, finite_response) -> APIRout
             adapter = adapter_for(body.model, await spec_of(service))
             image = body.modality == "image"
             if image and any(not x.startswith(("data:image/", "http://", "https://")) for x in inputs):
-                raise RequestError("field 'input': with modality 'image' give data:image/...;base64, URIs (or http(s) "
-                                   "URLs with --allow-url-images)", status=422)
+                raise RequestError(
+                    "field 'input': with modality 'image' give data:image/...;base64, URIs (or http(s) "
+                    "URLs with --allow-url-images)",
+                    status=422,
+                )
             answers = await gather(one(adapter, None if image else x, x if image else None) for x in inputs)
-            data = [{"object": "embedding", "index": i,
-                     "embedding": embedding_out(a["embedding"], body.dimensions, body.encoding_format)}
-                    for i, a in enumerate(answers)]
+            data = [
+                {
+                    "object": "embedding",
+                    "index": i,
+                    "embedding": embedding_out(a["embedding"], body.dimensions, body.encoding_format),
+                }
+                for i, a in enumerate(answers)
+            ]
             tokens = 0 if image else count_tokens(state.backend, inputs)  # ~0.1 ms: no thread hop
-            result = {"object": "list", "data": data, "model": body.model,
-                      "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+            result = {
+                "object": "list",
+                "data": data,
+                "model": body.model,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
             response = finite_response(result, None, None)
         except Exception as exc:  # noqa: BLE001 - OpenAI's error shape
             return failed(exc, "/v1/embeddings", t0)
         state.metrics.observe("/v1/embeddings", 200, time.perf_counter() - t0)
         return response
 
-    @router.get("/v1/models", summary="What `model` may name (OpenAI list shape)", response_model=ModelList,
-                responses={k: v for k, v in errors.items() if k in (401, 500)})
+    @router.get(
+        "/v1/models",
+        summary="What `model` may name (OpenAI list shape)",
+        response_model=ModelList,
+        responses={k: v for k, v in errors.items() if k in (401, 500)},
+    )
     async def models():
         t0 = time.perf_counter()
         try:
@@ -235,4 +285,3 @@ async def spec_of(service) -> str | None:
     if backend is not None:
         return backend.spec
     return (await service.describe()).get("backbone")
-

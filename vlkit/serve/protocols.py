@@ -5,6 +5,7 @@
 `vlkit.serve.onnx_engine.OnnxBackend`). The backend's `runner` answers one batch of `vlkit.serve.engine.Item`s at a
 time for the `BatchingEngine`. `tests/test_declarations.py` checks every backend against these protocols.
 """
+
 from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable

@@ -13,6 +13,7 @@ Two deployments make one Ray Serve application:
 
 Ray is imported only here and only when used; without it `require_ray` raises `MissingDependencyError`.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -36,8 +37,10 @@ def require_ray():
         import ray
         from ray import serve
     except ImportError:
-        raise MissingDependencyError("--cluster ray needs Ray Serve, which is not installed: "
-                                     "pip install 'vlkit[cluster]' (or 'ray[serve]')", package="ray[serve]") from None
+        raise MissingDependencyError(
+            "--cluster ray needs Ray Serve, which is not installed: pip install 'vlkit[cluster]' (or 'ray[serve]')",
+            package="ray[serve]",
+        ) from None
     return ray, serve
 
 
@@ -62,8 +65,9 @@ class RayService:
         try:
             reply = await getattr(handle, method).remote(*args, unit)
         except BackPressureError:
-            raise OverloadedError(f"every replica is busy ({self.config.queue_size} requests waiting; --queue-size)",
-                                  retry_after=1.0) from None
+            raise OverloadedError(
+                f"every replica is busy ({self.config.queue_size} requests waiting; --queue-size)", retry_after=1.0
+            ) from None
         except (RayError, RayServeException) as exc:
             first = " ".join(str(exc).split())[:200]
             raise RequestError(f"no replica could answer ({type(exc).__name__}: {first})", status=503) from None
@@ -105,13 +109,23 @@ class RayService:
             entry = dict(self.entries.get(name) or unit.info[name])
             entry["replicas"] = holders.get(name, [])
             adapters.append(entry)
-        held = {tag: sorted(n for uid, names in rep["held"].items() if uid in self.directory.units for n in names)
-                for tag, rep in sorted(self.reports.items())}
-        return {"backbone": self.spec, "adapters": adapters, "router": self.directory.router(),
-                "cluster": {"kind": "ray", "replicas": int(self.config.replicas),
-                            "max_adapters_per_replica": int(self.config.max_adapters_per_replica),
-                            "held": held, "loads": {t: r["loads"] for t, r in sorted(self.reports.items())},
-                            "unloads": {t: r["unloads"] for t, r in sorted(self.reports.items())}}}
+        held = {
+            tag: sorted(n for uid, names in rep["held"].items() if uid in self.directory.units for n in names)
+            for tag, rep in sorted(self.reports.items())
+        }
+        return {
+            "backbone": self.spec,
+            "adapters": adapters,
+            "router": self.directory.router(),
+            "cluster": {
+                "kind": "ray",
+                "replicas": int(self.config.replicas),
+                "max_adapters_per_replica": int(self.config.max_adapters_per_replica),
+                "held": held,
+                "loads": {t: r["loads"] for t, r in sorted(self.reports.items())},
+                "unloads": {t: r["unloads"] for t, r in sorted(self.reports.items())},
+            },
+        }
 
     async def load(self, name: str, path: str) -> dict[str, Any]:
         unit = self.directory.plan_adapter(name, path)
@@ -127,20 +141,38 @@ class RayService:
         self.entries.pop(name, None)
 
     def health(self) -> dict[str, Any]:
-        return {"engine": "torch", "backbone": self.spec, "adapters": len(self.directory.names()),
-                "queue": sum(r.get("queue", 0) for r in self.reports.values()),
-                "max_batch": int(self.config.max_batch), "cluster": "ray", "replicas": int(self.config.replicas)}
+        return {
+            "engine": "torch",
+            "backbone": self.spec,
+            "adapters": len(self.directory.names()),
+            "queue": sum(r.get("queue", 0) for r in self.reports.values()),
+            "max_batch": int(self.config.max_batch),
+            "cluster": "ray",
+            "replicas": int(self.config.replicas),
+        }
 
     def metrics(self, metrics, draining: bool) -> str:
         text = metrics.render(None, len(self.directory.names()), draining)
-        rows = [("vlkit_replica_unit_loads_total", "counter", "Adapters (or compositions) a replica loaded on demand.",
-                 "loads"),
-                ("vlkit_replica_unit_unloads_total", "counter", "Units a replica evicted (least recently used).",
-                 "unloads"),
-                ("vlkit_replica_batches_total", "counter", "Batches a replica ran.", "batches"),
-                ("vlkit_replica_batched_requests_total", "counter", "Requests a replica ran in batches.", "batched")]
-        lines = ["# HELP vlkit_replica_units_held Units a replica holds now (as it last reported).",
-                 "# TYPE vlkit_replica_units_held gauge"]
+        rows = [
+            (
+                "vlkit_replica_unit_loads_total",
+                "counter",
+                "Adapters (or compositions) a replica loaded on demand.",
+                "loads",
+            ),
+            (
+                "vlkit_replica_unit_unloads_total",
+                "counter",
+                "Units a replica evicted (least recently used).",
+                "unloads",
+            ),
+            ("vlkit_replica_batches_total", "counter", "Batches a replica ran.", "batches"),
+            ("vlkit_replica_batched_requests_total", "counter", "Requests a replica ran in batches.", "batched"),
+        ]
+        lines = [
+            "# HELP vlkit_replica_units_held Units a replica holds now (as it last reported).",
+            "# TYPE vlkit_replica_units_held gauge",
+        ]
         reports = sorted(self.reports.items())
         lines += [f'vlkit_replica_units_held{{replica="{t}"}} {len(r["held"])}' for t, r in reports]
         for metric, kind, help_text, key in rows:
@@ -158,12 +190,14 @@ def build_application(config, directory, spec: str, app_name: str = APP_NAME):
 
     device = config.device or ("cuda" if float(config.gpus_per_replica) > 0 else None)
 
-    @serve.deployment(name="VlkitReplica", num_replicas=int(config.replicas),
-                      max_ongoing_requests=max(2 * int(config.max_batch), 8),
-                      max_queued_requests=int(config.queue_size),
-                      graceful_shutdown_timeout_s=float(config.drain_timeout),
-                      ray_actor_options={"num_cpus": float(config.cpus_per_replica),
-                                         "num_gpus": float(config.gpus_per_replica)})
+    @serve.deployment(
+        name="VlkitReplica",
+        num_replicas=int(config.replicas),
+        max_ongoing_requests=max(2 * int(config.max_batch), 8),
+        max_queued_requests=int(config.queue_size),
+        graceful_shutdown_timeout_s=float(config.drain_timeout),
+        ray_actor_options={"num_cpus": float(config.cpus_per_replica), "num_gpus": float(config.gpus_per_replica)},
+    )
     class VlkitReplica:
         def __init__(self, config, spec: str):
             self.core = ReplicaCore(config, spec, tag=serve.get_replica_context().replica_tag, device=device)
@@ -196,8 +230,13 @@ def build_application(config, directory, spec: str, app_name: str = APP_NAME):
         handle = serve.get_deployment_handle("VlkitReplica", app_name=app_name)
         return build_app(config, RayService(config, handle, directory, spec))
 
-    @serve.deployment(name="VlkitIngress", num_replicas=1, max_ongoing_requests=max(int(config.queue_size), 8),
-                      graceful_shutdown_timeout_s=float(config.drain_timeout), ray_actor_options={"num_cpus": 0})
+    @serve.deployment(
+        name="VlkitIngress",
+        num_replicas=1,
+        max_ongoing_requests=max(int(config.queue_size), 8),
+        graceful_shutdown_timeout_s=float(config.drain_timeout),
+        ray_actor_options={"num_cpus": 0},
+    )
     @serve.ingress(asgi_app)
     class VlkitIngress:
         def __init__(self, replicas):
@@ -293,8 +332,9 @@ class Deployment:
         try:
             serve.shutdown()
         except Exception as exc:  # noqa: BLE001 - Ray raises its own types while its actors are going
-            logging.getLogger("vlkit.serve").warning("Ray Serve did not shut down cleanly: %s",
-                                                     " ".join(str(exc).split())[:200])
+            logging.getLogger("vlkit.serve").warning(
+                "Ray Serve did not shut down cleanly: %s", " ".join(str(exc).split())[:200]
+            )
         finally:
             if self.started_ray and ray.is_initialized():
                 ray.shutdown()
@@ -304,7 +344,6 @@ def deploy(config, *, log_level: str = "warning") -> Deployment:
     """Plan the units, connect to Ray (--ray-address) or start a local instance on 127.0.0.1, start Serve's HTTP
     proxy on --host/--port and run the application; returns once every replica is up."""
     import logging
-
 
     config.check()
     ray, serve = require_ray()
@@ -354,4 +393,3 @@ def run_cluster(config, *, on_ready=None, log_level: str = "warning") -> None:
         dep.shutdown()
         for sig, h in previous.items():
             signal.signal(sig, h)
-

@@ -8,6 +8,7 @@
 - `install_error_handlers`: Starlette's and FastAPI's own errors (404, 405, validation) in the same shape;
 - `finite_response`: an answer holding NaN or infinity is a 422 naming the adapter, never invalid JSON.
 """
+
 from __future__ import annotations
 
 import hmac
@@ -36,20 +37,41 @@ from .openai_api import OPENAI_PATHS, error_body
 
 OPEN_PATHS = ("/health", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc")
 
-ENDPOINTS = ("/v1/embed", "/v1/classify", "/v1/score", "/v1/answer", "/v1/adapters", "/health", "/metrics",
-             GENERATE_PATH, *OPENAI_PATHS, *OPEN_PATHS)
+ENDPOINTS = (
+    "/v1/embed",
+    "/v1/classify",
+    "/v1/score",
+    "/v1/answer",
+    "/v1/adapters",
+    "/health",
+    "/metrics",
+    GENERATE_PATH,
+    *OPENAI_PATHS,
+    *OPEN_PATHS,
+)
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
-ERROR_STATUSES = {400: "Malformed request, or one the adapter cannot answer", 401: "Missing or wrong API key",
-                  403: "A hot-load path outside --adapter-root", 404: "Unknown adapter or path",
-                  405: "Method not allowed", 409: "Name conflict or reserved name", 413: "Over a size limit",
-                  415: "Unsupported content type", 422: "Wrong field, type or value, or a non-finite output",
-                  429: "Queue full (Retry-After)", 500: "A bug: logged with its request_id",
-                  503: "Draining (SIGTERM)"}
+ERROR_STATUSES = {
+    400: "Malformed request, or one the adapter cannot answer",
+    401: "Missing or wrong API key",
+    403: "A hot-load path outside --adapter-root",
+    404: "Unknown adapter or path",
+    405: "Method not allowed",
+    409: "Name conflict or reserved name",
+    413: "Over a size limit",
+    415: "Unsupported content type",
+    422: "Wrong field, type or value, or a non-finite output",
+    429: "Queue full (Retry-After)",
+    500: "A bug: logged with its request_id",
+    503: "Draining (SIGTERM)",
+}
 
-ERROR_SCHEMA = {"type": "object", "required": ["error"],
-                "properties": {"error": {"type": "string"}, "request_id": {"type": "string"}}}
+ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {"type": "string"}, "request_id": {"type": "string"}},
+}
 
 log = logging.getLogger("vlkit.serve")
 
@@ -84,8 +106,14 @@ def endpoint_of(path: str) -> str:
 
 def server_error(state, exc: BaseException, endpoint: str, seconds: float, request_id: str | None) -> dict:
     """The body of a 500: logged once with its traceback and counted in /metrics."""
-    log.error("internal error (request %s, %s): %s: %s", request_id, endpoint, type(exc).__name__,
-              one_line(exc)[:300], exc_info=(type(exc), exc, exc.__traceback__))
+    log.error(
+        "internal error (request %s, %s): %s: %s",
+        request_id,
+        endpoint,
+        type(exc).__name__,
+        one_line(exc)[:300],
+        exc_info=(type(exc), exc, exc.__traceback__),
+    )
     state.metrics.observe(endpoint, 500, seconds, server_error=True)
     return {"error": error_text(exc), "request_id": request_id}
 
@@ -102,9 +130,17 @@ class _Guard:
     async def _reply(self, send, status: int, message: str, headers=(), extra=None, path: str = ""):
         shaped = error_body(status, message) if path in OPENAI_PATHS else {"error": message}
         body = json.dumps({**shaped, **(extra or {})}).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                *headers]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    *headers,
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
     async def __call__(self, scope, receive, send):
@@ -139,16 +175,26 @@ class _Guard:
             given = auth[7:].strip() if auth.lower().startswith("bearer ") else headers.get("x-api-key", "")
             if not hmac.compare_digest(given.encode(), st.api_key.encode()):
                 st.metrics.observe(endpoint_of(path), 401, 0.0)
-                return await self._reply(send, 401, "missing or wrong API key (Authorization: Bearer KEY or "
-                                                    "X-API-Key: KEY)", [(b"www-authenticate", b"Bearer")], path=path)
+                return await self._reply(
+                    send,
+                    401,
+                    "missing or wrong API key (Authorization: Bearer KEY or X-API-Key: KEY)",
+                    [(b"www-authenticate", b"Bearer")],
+                    path=path,
+                )
         limit = st.config.max_body_bytes
         try:
             declared = int(headers.get("content-length", "0") or 0)
         except ValueError:
             return await self._reply(send, 400, "bad Content-Length header", path=path)
         if declared > limit:
-            return await self._reply(send, 413, f"the body is {declared:,} bytes, over the limit of {limit:,} "
-                                                "(--max-body-bytes)", [(b"connection", b"close")], path=path)
+            return await self._reply(
+                send,
+                413,
+                f"the body is {declared:,} bytes, over the limit of {limit:,} (--max-body-bytes)",
+                [(b"connection", b"close")],
+                path=path,
+            )
         chunks, size = [], 0
         if scope.get("method") in ("POST", "PUT", "PATCH"):
             while True:
@@ -158,8 +204,13 @@ class _Guard:
                 chunk = msg.get("body", b"")
                 size += len(chunk)
                 if size > limit:
-                    return await self._reply(send, 413, f"the body is over the limit of {limit:,} bytes "
-                                                        "(--max-body-bytes)", [(b"connection", b"close")], path=path)
+                    return await self._reply(
+                        send,
+                        413,
+                        f"the body is over the limit of {limit:,} bytes (--max-body-bytes)",
+                        [(b"connection", b"close")],
+                        path=path,
+                    )
                 chunks.append(chunk)
                 if not msg.get("more_body", False):
                     break
@@ -184,6 +235,7 @@ class _Guard:
 
 def allowed_methods(app, path: str) -> list[str]:
     """The methods the app's routes take at `path` (HEAD with GET), sorted."""
+
     def full(route, method: str) -> bool:
         scope = {"type": "http", "path": path, "root_path": "", "method": method, "headers": []}
         try:
@@ -203,13 +255,16 @@ def finite_response(result: dict, headers: dict | None, body) -> JSONResponse:
         name = result.get("adapter") if isinstance(result, dict) else None
         name = name or getattr(body, "adapter", None) or "none"
         who = "the frozen backbone" if name == "none" else f"adapter {name!r}"
-        raise RequestError(f"{who} produced non-finite values (NaN or infinity) for this request; its weights "
-                           "are broken or overflow", status=422) from None
+        raise RequestError(
+            f"{who} produced non-finite values (NaN or infinity) for this request; its weights are broken or overflow",
+            status=422,
+        ) from None
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"description": text, "content": {"application/json": {"schema": ERROR_SCHEMA}}}
-    for code, text in ERROR_STATUSES.items()}
+    for code, text in ERROR_STATUSES.items()
+}
 
 
 def error_reply(state, exc: BaseException, endpoint: str, t0: float, request: Request | None = None) -> JSONResponse:

@@ -8,6 +8,7 @@ endpoint; the API key as security schemes (`Authorization: Bearer` and `X-API-Ke
 outside `/health` and the docs when the server has a key. Every error status is documented app-wide with its
 `{"error"}` body (OpenAI's shape on `/v1/embeddings` and `/v1/models`).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -54,8 +55,22 @@ class AnswerAnswer(_Open):
 
 def _results(model: type[BaseModel]) -> dict[str, Any]:
     ref = {"$ref": f"#/components/schemas/{model.__name__}"}
-    return {"anyOf": [ref, {"type": "object", "required": ["results"], "properties": {
-        "results": {"type": "array", "items": ref, "description": "one answer per item of `inputs`, in order"}}}]}
+    return {
+        "anyOf": [
+            ref,
+            {
+                "type": "object",
+                "required": ["results"],
+                "properties": {
+                    "results": {
+                        "type": "array",
+                        "items": ref,
+                        "description": "one answer per item of `inputs`, in order",
+                    }
+                },
+            },
+        ]
+    }
 
 
 class AdapterList(_Open):
@@ -86,8 +101,19 @@ ANSWERS: dict[tuple[str, str], tuple[int, Any]] = {
 }
 OPEN = ("/health", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc")
 MODELS: tuple[type[BaseModel], ...] = (
-    *BODIES.values(), EmbeddingsRequest, EmbeddingsResponse, ModelList, OpenAIError, EmbedAnswer,
-          ClassifyAnswer, ScoreAnswer, AnswerAnswer, AdapterList, Unloaded, Health)
+    *BODIES.values(),
+    EmbeddingsRequest,
+    EmbeddingsResponse,
+    ModelList,
+    OpenAIError,
+    EmbedAnswer,
+    ClassifyAnswer,
+    ScoreAnswer,
+    AnswerAnswer,
+    AdapterList,
+    Unloaded,
+    Health,
+)
 BODY_PATHS = {"/v1/embed": "embed", "/v1/classify": "classify", "/v1/score": "score", "/v1/answer": "answer"}
 FORM_PATHS = ("/v1/embed", "/v1/classify")
 
@@ -120,7 +146,8 @@ def complete(doc: dict[str, Any], api_key: bool) -> dict[str, Any]:
     comps.setdefault("schemas", {}).update(components())
     comps["securitySchemes"] = {
         "bearer": {"type": "http", "scheme": "bearer", "description": "--api-key / VLKIT_API_KEY"},
-        "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": "--api-key / VLKIT_API_KEY"}}
+        "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": "--api-key / VLKIT_API_KEY"},
+    }
     for path, ops in doc.get("paths", {}).items():
         for method, op in ops.items():
             if path in BODY_PATHS and method == "post":
@@ -140,11 +167,15 @@ def complete(doc: dict[str, Any], api_key: bool) -> dict[str, Any]:
                 schema = model if isinstance(model, dict) else _ref(model)
                 responses = op.setdefault("responses", {})
                 responses.pop("200" if status != 200 else "201", None)
-                responses[str(status)] = {"description": responses.get(str(status), {}).get("description", "OK"),
-                                          "content": {"application/json": {"schema": schema}}}
+                responses[str(status)] = {
+                    "description": responses.get(str(status), {}).get("description", "OK"),
+                    "content": {"application/json": {"schema": schema}},
+                }
             if path == "/health":
-                op["responses"]["503"] = {"description": "Draining (SIGTERM)",
-                                          "content": {"application/json": {"schema": _ref(Health)}}}
+                op["responses"]["503"] = {
+                    "description": "Draining (SIGTERM)",
+                    "content": {"application/json": {"schema": _ref(Health)}},
+                }
             if api_key and path not in OPEN:
                 op["security"] = [{"bearer": []}, {"apiKey": []}]
     return doc

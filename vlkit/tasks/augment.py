@@ -15,6 +15,7 @@ Options (a task's `augment:` mapping; `augment: true` takes every default):
 - `blur` (0.3): probability of a 3x3 Gaussian blur;
 - `p` (0.8): probability that an image is augmented at all.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -100,8 +101,9 @@ class PhotometricAugment:
         if self.blur > 0:
             k = torch.tensor([1.0, 2.0, 1.0], dtype=dt, device=dev)
             k = (k[:, None] * k[None, :]) / 16.0
-            blurred = F.conv2d(F.pad(out, (1, 1, 1, 1), mode="replicate"), k.expand(out.shape[1], 1, 3, 3),
-                               groups=out.shape[1])
+            blurred = F.conv2d(
+                F.pad(out, (1, 1, 1, 1), mode="replicate"), k.expand(out.shape[1], 1, 3, 3), groups=out.shape[1]
+            )
             out = torch.where((u(n) < self.blur).view(-1, 1, 1, 1), blurred, out)
         out = out.clamp(0.0, 1.0)
         out = torch.where(on.view(-1, 1, 1, 1), out, raw)

@@ -5,6 +5,7 @@ tokens, and lazy image columns that the streaming pipeline decodes per batch), o
 parameters), computes a training loss on a batch and metrics on a prepared eval set. The backbone is
 passed in each call, so the same task object works with adapters switched on or off.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -64,15 +65,19 @@ class Task(ABC):
             raise TypeError(f"{cls.__name__}.options_cls must be a dataclass, got {declared!r}")
         names = tuple(f.name for f in dataclasses.fields(declared))
         if "OPTIONS" in cls.__dict__ and tuple(cls.__dict__["OPTIONS"]) != names:
-            raise TypeError(f"{cls.__name__}.OPTIONS {cls.__dict__['OPTIONS']} differs from its options_cls "
-                            f"fields {names}: set options_cls only")
+            raise TypeError(
+                f"{cls.__name__}.OPTIONS {cls.__dict__['OPTIONS']} differs from its options_cls "
+                f"fields {names}: set options_cls only"
+            )
         cls.OPTIONS = names
 
     def __init__(self, backbone, train_data=None, **options: Any):
         kind = getattr(backbone, "kind", None)
         if kind == "generative" and self.backbone_kind != "generative":
-            raise ConfigError(f"task {self.name!r} runs on a dual encoder's embeddings; {backbone.spec} is a "
-                              "generative backbone: give a task that generates text (`vlkit plugins` lists the tasks)")
+            raise ConfigError(
+                f"task {self.name!r} runs on a dual encoder's embeddings; {backbone.spec} is a "
+                "generative backbone: give a task that generates text (`vlkit plugins` lists the tasks)"
+            )
         self.options = dict(options)
         self.head: nn.Module = nn.Module()
 
@@ -174,8 +179,9 @@ def device_of(backbone) -> torch.device:
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """`batch` on `device`; a lazy image column (a whole small prepared set) is decoded first."""
 
-    return {k: (v.materialize() if isinstance(v, LazyImages) else v).to(device, non_blocking=True)
-            for k, v in batch.items()}
+    return {
+        k: (v.materialize() if isinstance(v, LazyImages) else v).to(device, non_blocking=True) for k, v in batch.items()
+    }
 
 
 def require_columns(task: Task, ds, columns: tuple[str, ...] | None = None) -> None:
@@ -185,8 +191,10 @@ def require_columns(task: Task, ds, columns: tuple[str, ...] | None = None) -> N
     have = set(ds.column_names)
     missing = [c for c in need if c not in have]
     if missing:
-        raise DataError(f"task {task.name!r} needs column(s) {', '.join(missing)}; the dataset has "
-                        f"{', '.join(ds.column_names) or 'none'}")
+        raise DataError(
+            f"task {task.name!r} needs column(s) {', '.join(missing)}; the dataset has "
+            f"{', '.join(ds.column_names) or 'none'}"
+        )
 
 
 def prepare_pixels(backbone, ds, column: str = "image"):
@@ -194,8 +202,7 @@ def prepare_pixels(backbone, ds, column: str = "image"):
     transform when a batch reads them (in DataLoader workers), never all at once."""
 
     transform = getattr(backbone, "image_transform", None) or backbone.preprocess
-    return LazyImages(ImageReader(ds, column, label=getattr(ds, "_vlkit_label", None)), transform,
-                      backbone.image_size)
+    return LazyImages(ImageReader(ds, column, label=getattr(ds, "_vlkit_label", None)), transform, backbone.image_size)
 
 
 def tokenize_texts(backbone, texts: list[str], chunk: int = 4096) -> torch.Tensor:
@@ -203,15 +210,16 @@ def tokenize_texts(backbone, texts: list[str], chunk: int = 4096) -> torch.Tenso
     texts = [str(t) for t in texts]
     if not texts:
         return backbone.tokenize([""])[:0]
-    return torch.cat([backbone.tokenize(texts[i:i + chunk]) for i in range(0, len(texts), chunk)])
+    return torch.cat([backbone.tokenize(texts[i : i + chunk]) for i in range(0, len(texts), chunk)])
 
 
 def check_options(task_name: str, options: dict[str, Any], allowed: tuple[str, ...]) -> None:
 
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise ConfigError(f"unknown option(s) for task {task_name!r}: {', '.join(unknown)}",
-                          hint=f"options: {', '.join(allowed)}")
+        raise ConfigError(
+            f"unknown option(s) for task {task_name!r}: {', '.join(unknown)}", hint=f"options: {', '.join(allowed)}"
+        )
 
 
 def dataset_domains(ds) -> list[str]:

@@ -11,6 +11,7 @@ A third-party task registers the same way from its own plugin module:
 
 where `MyTask` subclasses `vlkit.tasks.base.Task`; the trainer builds it as `MyTask(backbone, train_ds, **options)`.
 """
+
 from __future__ import annotations
 
 from ..hookspecs import hookimpl
@@ -25,8 +26,11 @@ def register_tasks(register):
     from .retrieval import RetrievalTask
     from .vqa import VqaTask
 
-    register("classification", ClassificationTask,
-             "zero-shot-initialised class head (text or linear), cross-entropy; accuracy")
+    register(
+        "classification",
+        ClassificationTask,
+        "zero-shot-initialised class head (text or linear), cross-entropy; accuracy",
+    )
     register("retrieval", RetrievalTask, "symmetric contrastive loss; recall@1/5/10 image->text and text->image")
     register("vqa", VqaTask, "answer classification over a closed answer set from image and question; accuracy")
     register("pairs", PairsTask, "Winoground-form minimal pairs: own caption/image over the swapped one; group score")

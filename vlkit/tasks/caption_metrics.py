@@ -8,6 +8,7 @@ the reference length closest to each hypothesis) and `CiderScorer` (CIDEr-D: tf-
 document frequencies from the evaluated references, hypothesis counts clipped by the reference's, a Gaussian
 length penalty with sigma 6, times 10) operation for operation, so the scores are the same numbers.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,8 +17,9 @@ from collections import defaultdict
 
 # pycocoevalcap.tokenizer.ptbtokenizer.PUNCTUATIONS: tokens removed after tokenisation
 # (in upper case, so the lower-cased bracket tokens -lrb- ... stay, as they do there)
-PUNCTUATIONS = frozenset(["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-",
-                          "--", "...", ";"])
+PUNCTUATIONS = frozenset(
+    ["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"]
+)
 _BRACKETS = {"(": "-lrb-", ")": "-rrb-", "{": "-lcb-", "}": "-rcb-", "[": "-lsb-", "]": "-rsb-"}
 _CLITICS = re.compile(r"^(.+?)(n't|'s|'re|'ve|'ll|'d|'m)$")
 _SPLIT_INSIDE = re.compile(r"(--|[;!?\"()\[\]{}]|:(?!\d)|(?<!\d):|,(?!\d)|(?<!\d),)")
@@ -70,7 +72,7 @@ def _ngrams(words: list[str], n: int = 4) -> dict[tuple[str, ...], int]:
     counts: dict[tuple[str, ...], int] = defaultdict(int)
     for k in range(1, n + 1):
         for i in range(len(words) - k + 1):
-            counts[tuple(words[i:i + k])] += 1
+            counts[tuple(words[i : i + k])] += 1
     return counts
 
 
@@ -135,7 +137,7 @@ def cider_d(hypotheses: list[str], references: list[list[str]], n: int = 4, sigm
                 val[k] += min(vh[k][g], vr[k][g]) * vr[k][g]
             if nh[k] != 0 and nr[k] != 0:
                 val[k] /= nh[k] * nr[k]
-            val[k] *= math.e ** (-(delta ** 2) / (2 * sigma ** 2))
+            val[k] *= math.e ** (-(delta**2) / (2 * sigma**2))
         return val
 
     scores = []

@@ -25,6 +25,7 @@ in another order is mapped by name.
 Metrics: `accuracy` (primary, percent) and `per_class_accuracy` (mean over the classes present of
 each class's accuracy, i.e. balanced accuracy, percent).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -93,11 +94,16 @@ def check_vocabulary(backbone, class_names: list[str], templates: list[str], tok
             clashes.append((other, name))
     if clashes:
         pairs = "; ".join(f"{a!r} and {b!r}" for a, b in clashes[:5])
-        raise ConfigError(f"classes {pairs} get identical prompts: the tokenizer of {backbone.spec!r} does not know "
-                          f"{words}", hint="rename the classes (class_names) with words it knows, or use a "
-                                          "backbone whose tokenizer knows them")
-    warnings.warn(f"the tokenizer of {backbone.spec!r} does not know {words} (in the class prompts): each becomes "
-                  "its unknown token", VlkitWarning, stacklevel=3)
+        raise ConfigError(
+            f"classes {pairs} get identical prompts: the tokenizer of {backbone.spec!r} does not know {words}",
+            hint="rename the classes (class_names) with words it knows, or use a backbone whose tokenizer knows them",
+        )
+    warnings.warn(
+        f"the tokenizer of {backbone.spec!r} does not know {words} (in the class prompts): each becomes "
+        "its unknown token",
+        VlkitWarning,
+        stacklevel=3,
+    )
 
 
 class LinearHead(nn.Module):
@@ -153,8 +159,10 @@ class ClassificationTask(Task):
     def answer(self, backbone, pixels: torch.Tensor, tokens: torch.Tensor | None, top: int = 3) -> dict[str, Any]:
         probs = self.logits(backbone, pixels).float().softmax(-1)[0]
         v, i = probs.topk(min(top, len(probs)))
-        return {"task": self.name, "top": [{"class": self.class_names[j], "p": round(float(p), 4)}
-                                           for p, j in zip(v.tolist(), i.tolist())]}
+        return {
+            "task": self.name,
+            "top": [{"class": self.class_names[j], "p": round(float(p), 4)} for p, j in zip(v.tolist(), i.tolist())],
+        }
 
     def __init__(self, backbone, train_data=None, **options: Any):
         check_options(self.name, options, self.OPTIONS)
@@ -164,8 +172,10 @@ class ClassificationTask(Task):
             raise ConfigError(f"classification head must be one of {', '.join(HEADS)}, got {head!r}")
         names = options.get("class_names") or label_names(train_data)
         if not names:
-            raise ConfigError("classification needs class names: a ClassLabel `label` column in the training "
-                              "data or the class_names option")
+            raise ConfigError(
+                "classification needs class names: a ClassLabel `label` column in the training "
+                "data or the class_names option"
+            )
         self.class_names = [str(n) for n in names]
         if len(set(self.class_names)) != len(self.class_names):
             raise ConfigError("class_names has duplicates")
@@ -244,8 +254,9 @@ class ClassificationTask(Task):
             else:
                 iv = int(v)
                 if not 0 <= iv < len(self.class_names):
-                    raise DataError(f"label {iv} is outside 0..{len(self.class_names) - 1} "
-                                    f"({len(self.class_names)} class names)")
+                    raise DataError(
+                        f"label {iv} is outside 0..{len(self.class_names) - 1} ({len(self.class_names)} class names)"
+                    )
                 out.append(iv)
         return torch.tensor(out, dtype=torch.long)
 
@@ -276,8 +287,10 @@ class ClassificationTask(Task):
     def evaluate(self, backbone, data: dict[str, torch.Tensor], batch_size: int = 256) -> dict[str, float]:
         pred = self.predict(backbone, data, batch_size)
         labels = data["labels"]
-        return {"accuracy": M.accuracy(pred, labels),
-                "per_class_accuracy": M.macro_accuracy(pred, labels, len(self.class_names))}
+        return {
+            "accuracy": M.accuracy(pred, labels),
+            "per_class_accuracy": M.macro_accuracy(pred, labels, len(self.class_names)),
+        }
 
     def metadata(self) -> dict[str, Any]:
         meta = super().metadata()

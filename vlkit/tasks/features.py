@@ -10,6 +10,7 @@ Entries are keyed by a fingerprint of the tower's weights (its parameters and bu
 and the active adapters) and of the data (the dataset's fingerprint, column and transform), so a changed
 weight or changed data misses the cache.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -122,7 +123,7 @@ CACHE = FeatureCache()
 
 def frozen_towers(backbone, trainable_names) -> set[str]:
     """Towers none of whose parameters is in `trainable_names` (names as `backbone.<model path>`)."""
-    names = [n[len("backbone.model."):] for n in trainable_names if n.startswith("backbone.model.")]
+    names = [n[len("backbone.model.") :] for n in trainable_names if n.startswith("backbone.model.")]
     other = [n for n in trainable_names if n.startswith("backbone.") and not n.startswith("backbone.model.")]
     if other:
         return set()

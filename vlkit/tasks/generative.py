@@ -17,6 +17,7 @@ The tasks have no head (an adapter, or the model itself, does the learning) and 
 generate text. Prepared data: `pixels` (a lazy image column, or a lazy set of K image columns), and the text
 columns `prompts`, `targets` and `references` (`vlkit.data.pipeline.TextColumn`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -50,8 +51,10 @@ class GenerateOptions:
 def require_generative(backbone, task: str) -> None:
     if getattr(backbone, "kind", None) != "generative":
         spec = getattr(backbone, "spec", None) or type(backbone).__name__
-        raise ConfigError(f"task {task!r} generates text: it needs a generative backbone (vl:lm=DIR,... or a "
-                          f"transformers VLM), and {spec} is not one")
+        raise ConfigError(
+            f"task {task!r} generates text: it needs a generative backbone (vl:lm=DIR,... or a "
+            f"transformers VLM), and {spec} is not one"
+        )
 
 
 class GenerativeTask(Task):
@@ -103,11 +106,15 @@ class GenerativeTask(Task):
             pixels = prepare_pixels(backbone, ds, self.image_columns[0])
         else:
             transform = getattr(backbone, "image_transform", None) or backbone.preprocess
-            pixels = LazyImageSets([ImageReader(ds, c, label=label) for c in self.image_columns], transform,
-                                   backbone.image_size)
-        return {"pixels": pixels, "prompts": TextColumn(self.prompts(ds)),
-                "targets": TextColumn(self.targets(ds), choose=self.choose_target),
-                "references": TextColumn(self.references(ds))}
+            pixels = LazyImageSets(
+                [ImageReader(ds, c, label=label) for c in self.image_columns], transform, backbone.image_size
+            )
+        return {
+            "pixels": pixels,
+            "prompts": TextColumn(self.prompts(ds)),
+            "targets": TextColumn(self.targets(ds), choose=self.choose_target),
+            "references": TextColumn(self.references(ds)),
+        }
 
     def loss(self, backbone, batch: dict[str, Any]) -> torch.Tensor:
         batch = to_device(batch, device_of(backbone))
@@ -119,8 +126,12 @@ class GenerativeTask(Task):
         out: list[str] = []
         with Evaluating(self.head):
             for b in batches({"pixels": data["pixels"], "prompts": data["prompts"]}, batch_size):
-                out += backbone.generate(b["pixels"].to(device), list(b["prompts"]),
-                                         max_new_tokens=self.max_new_tokens, num_beams=self.num_beams)
+                out += backbone.generate(
+                    b["pixels"].to(device),
+                    list(b["prompts"]),
+                    max_new_tokens=self.max_new_tokens,
+                    num_beams=self.num_beams,
+                )
         return [str(t).strip() for t in out]
 
     def evaluate(self, backbone, data: dict[str, Any], batch_size: int = 256) -> dict[str, float]:
@@ -139,14 +150,22 @@ class GenerativeTask(Task):
         if self.text_column and not text:
             raise ConfigError(f"this adapter's task {self.name!r} needs a {self.text_column}: give it with --text")
         with torch.no_grad():
-            out = backbone.generate(pixels.to(device_of(backbone)), [self.prompt(text)],
-                                    max_new_tokens=self.max_new_tokens, num_beams=self.num_beams)
+            out = backbone.generate(
+                pixels.to(device_of(backbone)),
+                [self.prompt(text)],
+                max_new_tokens=self.max_new_tokens,
+                num_beams=self.num_beams,
+            )
         return {"task": self.name, "text": str(out[0]).strip()}
 
     def metadata(self) -> dict[str, Any]:
         meta = super().metadata()
-        meta["options"] = {**self.options, "max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams,
-                           "prefix": self.task_prefix}
+        meta["options"] = {
+            **self.options,
+            "max_new_tokens": self.max_new_tokens,
+            "num_beams": self.num_beams,
+            "prefix": self.task_prefix,
+        }
         return meta
 
 
@@ -190,8 +209,10 @@ class VqaGenTask(GenerativeTask):
     def references(self, ds) -> list[list[str]]:
         if "answers" not in ds.column_names:
             return [[str(a)] * 10 for a in ds["answer"]]
-        return [[str(x) for x in answers] if answers else [str(a)] * 10
-                for a, answers in zip(ds["answer"], ds["answers"], strict=True)]
+        return [
+            [str(x) for x in answers] if answers else [str(a)] * 10
+            for a, answers in zip(ds["answer"], ds["answers"], strict=True)
+        ]
 
     def per_example(self, predictions: list[str], references: list[list[str]]) -> list[float]:
         return [vqa_accuracy(p, refs) for p, refs in zip(predictions, references, strict=True)]
@@ -229,5 +250,6 @@ class Nlvr2Task(GenerativeTask):
         return [truth_word(v, i) for i, v in enumerate(ds["label"])]
 
     def per_example(self, predictions: list[str], references: list[list[str]]) -> list[float]:
-        return [float(p.strip().lower().rstrip(".") == refs[0]) for p, refs in zip(predictions, references,
-                                                                                   strict=True)]
+        return [
+            float(p.strip().lower().rstrip(".") == refs[0]) for p, refs in zip(predictions, references, strict=True)
+        ]

@@ -22,6 +22,7 @@ Loss: l1_weight · L1(box) + giou_weight · (1 − GIoU). Prepared tensors: `pix
 (expressions), `boxes` (N, 4) float. Metrics (percent): `acc_iou50` (primary: share of predictions
 with IoU ≥ 0.5) and `mean_iou`.
 """
+
 from __future__ import annotations
 
 import math
@@ -79,8 +80,14 @@ class GroundingHead(nn.Module):
 
     grid: torch.Tensor
 
-    def __init__(self, text_dim: int, width: int, num_tokens: int, hidden: int = 64,
-                 init_size: tuple[float, float] = (DEFAULT_SIZE, DEFAULT_SIZE)):
+    def __init__(
+        self,
+        text_dim: int,
+        width: int,
+        num_tokens: int,
+        hidden: int = 64,
+        init_size: tuple[float, float] = (DEFAULT_SIZE, DEFAULT_SIZE),
+    ):
         super().__init__()
         self.width = width
         self.query = nn.Linear(text_dim, width)
@@ -133,8 +140,10 @@ def read_boxes(ds) -> torch.Tensor:
     bad = ((boxes < -tol) | (boxes > 1 + tol)).any(dim=1) | (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
     if bool(bad.any()):
         i = int(bad.nonzero()[0])
-        raise DataError(f"box {rows[i]} (row {i}) is not [x0, y0, x1, y1] normalised to [0, 1]",
-                        hint="divide pixel coordinates by the image width and height")
+        raise DataError(
+            f"box {rows[i]} (row {i}) is not [x0, y0, x1, y1] normalised to [0, 1]",
+            hint="divide pixel coordinates by the image width and height",
+        )
     return boxes.clamp(0.0, 1.0)
 
 
@@ -184,8 +193,9 @@ class GroundingTask(Task):
         if len(self.init_size) != 2 or not all(0 < v < 1 for v in self.init_size):
             raise ConfigError(f"init_size must be two numbers in (0, 1), got {init_size!r}")
         self.num_tokens, self.width = token_geometry(backbone)
-        self.head = GroundingHead(backbone.embed_dim, self.width, self.num_tokens, self.hidden,
-                                  (self.init_size[0], self.init_size[1]))
+        self.head = GroundingHead(
+            backbone.embed_dim, self.width, self.num_tokens, self.hidden, (self.init_size[0], self.init_size[1])
+        )
 
     # --- model ------------------------------------------------------------------------------------
     def pair_features(self, backbone, pixels: torch.Tensor, tokens: torch.Tensor):
@@ -203,9 +213,11 @@ class GroundingTask(Task):
     # --- Task API ---------------------------------------------------------------------------------
     def prepare(self, backbone, ds) -> dict[str, torch.Tensor]:
         require_columns(self, ds)
-        return {"pixels": prepare_pixels(backbone, ds),
-                "tokens": tokenize_texts(backbone, [str(e) for e in ds["expression"]]),
-                "boxes": read_boxes(ds)}
+        return {
+            "pixels": prepare_pixels(backbone, ds),
+            "tokens": tokenize_texts(backbone, [str(e) for e in ds["expression"]]),
+            "boxes": read_boxes(ds),
+        }
 
     def loss(self, backbone, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         batch = to_device(batch, device_of(backbone))
@@ -227,6 +239,11 @@ class GroundingTask(Task):
 
     def metadata(self) -> dict[str, Any]:
         meta = super().metadata()
-        meta["options"] = {**self.options, "hidden": self.hidden, "l1_weight": self.l1_weight,
-                           "giou_weight": self.giou_weight, "init_size": self.init_size}
+        meta["options"] = {
+            **self.options,
+            "hidden": self.hidden,
+            "l1_weight": self.l1_weight,
+            "giou_weight": self.giou_weight,
+            "init_size": self.init_size,
+        }
         return meta

@@ -13,6 +13,7 @@ caption string). A gallery item is a hit for a query when the keys are equal, so
 "a red square" (images 0 and 3) either image answers the query "a red square", and either copy of the
 caption answers image 0.
 """
+
 from __future__ import annotations
 
 import torch
@@ -69,8 +70,9 @@ def retrieval_ranks(sim: torch.Tensor, query_keys: torch.Tensor, gallery_keys: t
     hit in the gallery get rank `gallery size + 1`, which no recall@k counts.
     """
     if sim.dim() != 2 or sim.shape != (len(query_keys), len(gallery_keys)):
-        raise ValueError(f"sim must be (queries, gallery) = ({len(query_keys)}, {len(gallery_keys)}), "
-                         f"got {tuple(sim.shape)}")
+        raise ValueError(
+            f"sim must be (queries, gallery) = ({len(query_keys)}, {len(gallery_keys)}), got {tuple(sim.shape)}"
+        )
     sim = torch.nan_to_num(sim.float(), nan=float("-inf"))  # a NaN score never helps a query
     hit = query_keys.reshape(-1, 1) == gallery_keys.reshape(1, -1)
     neg_inf = torch.tensor(float("-inf"), device=sim.device)

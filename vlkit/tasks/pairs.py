@@ -8,6 +8,7 @@ overall and per `collapsed_tag`.
 Columns: `image_0`, `image_1`, `caption_0`, `caption_1`, optional `collapsed_tag`.
 Prepared tensors: `pixels_0`, `pixels_1`, `tokens_0`, `tokens_1`, `tag` (index into the task's tag list).
 """
+
 from __future__ import annotations
 
 from typing import Any

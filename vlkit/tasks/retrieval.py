@@ -32,6 +32,7 @@ Ranks are pessimistic about ties (see `vlkit.tasks.metrics.retrieval_ranks`).
 Metrics (percent): `i2t_r1`, `i2t_r5`, `i2t_r10`, `t2i_r1`, `t2i_r5`, `t2i_r10` and the primary
 `mean_recall`, the mean of the six.
 """
+
 from __future__ import annotations
 
 import random
@@ -63,8 +64,9 @@ from .features import image_embed, text_embed
 KS = (1, 5, 10)
 
 
-def contrastive_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor,
-                     keys: torch.Tensor | None = None) -> torch.Tensor:
+def contrastive_loss(
+    image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, keys: torch.Tensor | None = None
+) -> torch.Tensor:
     """Symmetric InfoNCE over a batch of normalised embeddings; rows with equal `keys` are all positives."""
     logits = scale * image @ text.t()
     if keys is None:
@@ -84,7 +86,7 @@ def swap_word(caption: str, groups: list[list[str]], seed: int) -> str | None:
     rng = random.Random(seed)
     i, group = spots[rng.randrange(len(spots))]
     core = words[i].lower().strip(",.")
-    tail = words[i][len(words[i].rstrip(",.")):]
+    tail = words[i][len(words[i].rstrip(",.")) :]
     words[i] = rng.choice([w for w in group if w != core]) + tail
     return " ".join(words)
 
@@ -183,8 +185,11 @@ class RetrievalTask(Task):
         require_columns(self, ds)
         captions = [str(c) for c in ds["caption"]]
         keys, _ = M.string_keys(captions)
-        out = {"pixels": prepare_pixels(backbone, ds), "tokens": tokenize_texts(backbone, captions),
-               "caption_ids": keys}
+        out = {
+            "pixels": prepare_pixels(backbone, ds),
+            "tokens": tokenize_texts(backbone, captions),
+            "caption_ids": keys,
+        }
         if self.swap_groups:
             negs = [swap_word(c, self.swap_groups, seed=i) for i, c in enumerate(captions)]
             out["neg_tokens"] = tokenize_texts(backbone, [n or c for n, c in zip(negs, captions)])
@@ -225,7 +230,7 @@ class RetrievalTask(Task):
         t2i = scores(cands, rows)
         ids = batch.get("caption_ids")
         if ids is not None:  # a "negative" with the same caption is a positive: drop it from the softmax
-            same = (ids[cands] == ids.unsqueeze(1))
+            same = ids[cands] == ids.unsqueeze(1)
             same[:, 0] = False
             i2t = i2t.masked_fill(same, float("-inf"))
             t2i = t2i.masked_fill(same, float("-inf"))
@@ -266,8 +271,14 @@ class RetrievalTask(Task):
         image, text = self.embed_pair(backbone, batch["pixels"], batch["tokens"])
         if "neg_tokens" in batch:
             neg = text_embed(backbone, batch["neg_tokens"], normalize=True).float()
-            return negclip_loss(image.float(), text.float(), neg, batch["neg_valid"], backbone.logit_scale.float(),
-                                batch.get("caption_ids"))
+            return negclip_loss(
+                image.float(),
+                text.float(),
+                neg,
+                batch["neg_valid"],
+                backbone.logit_scale.float(),
+                batch.get("caption_ids"),
+            )
         return contrastive_loss(image.float(), text.float(), backbone.logit_scale.float(), batch.get("caption_ids"))
 
     def embed(self, backbone, data: dict[str, torch.Tensor], batch_size: int = 256):
@@ -280,10 +291,14 @@ class RetrievalTask(Task):
             first.setdefault(k, i)
         order = torch.tensor([first[k] for k in range(len(first))], dtype=torch.long)
         with Evaluating(self.head):
-            images = [image_embed(backbone, b["p"].to(device), normalize=True).float().cpu()
-                      for b in batches({"p": data["pixels"]}, batch_size)]
-            texts = [text_embed(backbone, b["t"].to(device), normalize=True).float().cpu()
-                     for b in batches({"t": data["tokens"][order]}, batch_size)]
+            images = [
+                image_embed(backbone, b["p"].to(device), normalize=True).float().cpu()
+                for b in batches({"p": data["pixels"]}, batch_size)
+            ]
+            texts = [
+                text_embed(backbone, b["t"].to(device), normalize=True).float().cpu()
+                for b in batches({"t": data["tokens"][order]}, batch_size)
+            ]
         d = backbone.embed_dim
         image = torch.cat(images) if images else torch.zeros(0, d)
         text = torch.cat(texts) if texts else torch.zeros(0, d)
@@ -316,12 +331,21 @@ class RetrievalTask(Task):
             i2t = M.retrieval_ranks(i2t_scores, keys, distinct)
             t2i_distinct = M.retrieval_ranks(t2i_scores, distinct, keys)
         else:
-            i2t = torch.cat([M.retrieval_ranks(image[i:i + self.chunk] @ text.t(), keys[i:i + self.chunk], distinct)
-                             for i in range(0, len(image), self.chunk)] or [torch.zeros(0, dtype=torch.long)])
+            i2t = torch.cat(
+                [
+                    M.retrieval_ranks(image[i : i + self.chunk] @ text.t(), keys[i : i + self.chunk], distinct)
+                    for i in range(0, len(image), self.chunk)
+                ]
+                or [torch.zeros(0, dtype=torch.long)]
+            )
             # one query per distinct caption, expanded to one per row (rows with the same caption rank alike)
-            t2i_distinct = torch.cat([M.retrieval_ranks(text[i:i + self.chunk] @ image.t(),
-                                                        distinct[i:i + self.chunk], keys)
-                                      for i in range(0, len(text), self.chunk)] or [torch.zeros(0, dtype=torch.long)])
+            t2i_distinct = torch.cat(
+                [
+                    M.retrieval_ranks(text[i : i + self.chunk] @ image.t(), distinct[i : i + self.chunk], keys)
+                    for i in range(0, len(text), self.chunk)
+                ]
+                or [torch.zeros(0, dtype=torch.long)]
+            )
         t2i = t2i_distinct[keys] if len(keys) else t2i_distinct
         return i2t, t2i
 
@@ -337,8 +361,11 @@ class RetrievalTask(Task):
 
         def joint(ti, ii):
             with torch.no_grad():
-                return backbone.joint_pair_scores(data["pixels"][ii].to(device), tokens[ti].to(device),
-                                                  batch_size).float().cpu()
+                return (
+                    backbone.joint_pair_scores(data["pixels"][ii].to(device), tokens[ti].to(device), batch_size)
+                    .float()
+                    .cpu()
+                )
 
         dual = text @ image.t()
         t2i = rerank_matrix(dual, joint, self.rerank_k, dim=1)
@@ -347,6 +374,11 @@ class RetrievalTask(Task):
 
     def metadata(self) -> dict[str, Any]:
         meta = super().metadata()
-        meta["options"] = {**self.options, "chunk": self.chunk, "rerank_k": self.rerank_k, "drop_prob": self.drop_prob,
-                           "negatives": self.negatives}
+        meta["options"] = {
+            **self.options,
+            "chunk": self.chunk,
+            "rerank_k": self.rerank_k,
+            "drop_prob": self.drop_prob,
+            "negatives": self.negatives,
+        }
         return meta

@@ -23,6 +23,7 @@ an `answer_type` column, `answer_types` (N,) long indexing `self.answer_type_nam
 Metrics (percent): `accuracy` (primary) and, with an `answer_type` column, `accuracy_<type>` for
 each type present.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -112,16 +113,21 @@ class VqaTask(Task):
             raise ConfigError("this adapter answers questions: give the question with --text")
         probs = self.logits(backbone, pixels, tokens).float().softmax(-1)[0]
         v, i = probs.topk(min(top, len(probs)))
-        return {"task": self.name, "answer": self.answers[int(i[0])],
-                "top": [{"answer": self.answers[j], "p": round(float(p), 4)} for p, j in zip(v.tolist(), i.tolist())]}
+        return {
+            "task": self.name,
+            "answer": self.answers[int(i[0])],
+            "top": [{"answer": self.answers[j], "p": round(float(p), 4)} for p, j in zip(v.tolist(), i.tolist())],
+        }
 
     def __init__(self, backbone, train_data=None, **options: Any):
         check_options(self.name, options, self.OPTIONS)
         super().__init__(backbone, train_data, **options)
         answers = options.get("answers") or default_answers(train_data)
         if not answers:
-            raise ConfigError("vqa needs an answer set: the answers option, a world `domain` column or training "
-                              "data with an `answer` column")
+            raise ConfigError(
+                "vqa needs an answer set: the answers option, a world `domain` column or training "
+                "data with an `answer` column"
+            )
         self.answers = [str(a) for a in answers]
         self.answer_index: dict[str, int] = {}
         for i, a in enumerate(self.answers):
@@ -154,11 +160,14 @@ class VqaTask(Task):
     # --- Task API ---------------------------------------------------------------------------------
     def prepare(self, backbone, ds) -> dict[str, torch.Tensor]:
         require_columns(self, ds)
-        answers = torch.tensor([self.answer_index.get(norm_answer(a), -1) if a is not None else -1
-                                for a in ds["answer"]], dtype=torch.long)
-        out = {"pixels": prepare_pixels(backbone, ds),
-               "tokens": tokenize_texts(backbone, [str(q) for q in ds["question"]]),
-               "answer_ids": answers}
+        answers = torch.tensor(
+            [self.answer_index.get(norm_answer(a), -1) if a is not None else -1 for a in ds["answer"]], dtype=torch.long
+        )
+        out = {
+            "pixels": prepare_pixels(backbone, ds),
+            "tokens": tokenize_texts(backbone, [str(q) for q in ds["question"]]),
+            "answer_ids": answers,
+        }
         if "answer_type" in ds.column_names:
             ids = []
             for t in ds["answer_type"]:

@@ -1,6 +1,7 @@
 """Domain adaptation from few shots: a domain adapter against zero-shot, linear probe and full fine-tuning,
 with the general-domain (photo) score measured with the adapter off (verified unchanged) and on.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,24 +34,47 @@ DATA_KIND = "world"  # the dataset kind adapt trains and evaluates on; its regis
 GENERAL_DOMAIN = "photo"
 
 
-def adapt_recipe(backbone: str, domain: str, shots: int, method: str, variant: str, steps: int, seed: int,
-                 n_eval: int, adapter_options: dict[str, Any] | None = None, lr: float | None = None,
-                 batch_size: int | None = None, task_options: dict | None = None) -> dict:
+def adapt_recipe(
+    backbone: str,
+    domain: str,
+    shots: int,
+    method: str,
+    variant: str,
+    steps: int,
+    seed: int,
+    n_eval: int,
+    adapter_options: dict[str, Any] | None = None,
+    lr: float | None = None,
+    batch_size: int | None = None,
+    task_options: dict | None = None,
+) -> dict:
     default_lr = {"adapter": 2e-3, "full": 1e-4, "linear": 1e-2}.get(method, 1e-3)
     options = {**(task_options or {}), **({} if method == "zeroshot" else {"head": "linear"})}
-    train = {"kind": DATA_KIND, "domain": domain, "task": "classification", "n": max(400, shots * 40),
-             "seed": seed, "shots": shots}
+    train = {
+        "kind": DATA_KIND,
+        "domain": domain,
+        "task": "classification",
+        "n": max(400, shots * 40),
+        "seed": seed,
+        "shots": shots,
+    }
     return {
         "name": f"{domain}-{method}",
         "backbone": backbone,
         "method": method,
         "adapter": {"variant": variant, **(adapter_options or {})},
         "task": {"name": "classification", "options": options},
-        "data": {"train": train,
-                 "eval": {"kind": DATA_KIND, "domain": domain, "task": "classification", "n": n_eval,
-                          "seed": seed + 10_000}},
-        "optim": {"lr": lr or default_lr, "steps": steps, "batch_size": batch_size or min(32, shots * 4),
-                  "warmup_steps": 0, "schedule": "cosine"},
+        "data": {
+            "train": train,
+            "eval": {"kind": DATA_KIND, "domain": domain, "task": "classification", "n": n_eval, "seed": seed + 10_000},
+        },
+        "optim": {
+            "lr": lr or default_lr,
+            "steps": steps,
+            "batch_size": batch_size or min(32, shots * 4),
+            "warmup_steps": 0,
+            "schedule": "cosine",
+        },
         "seed": seed,
         "logging": {"tensorboard": False},
     }
@@ -60,9 +84,9 @@ def _general_eval(backbone, cfg, n_eval: int, seed: int):
     """Photo-domain zero-shot classification accuracy (class prompts through the text tower) and the
     logits, to verify that 'adapter off' is exactly the frozen model."""
 
-
-    ds = load_data({"kind": DATA_KIND, "domain": GENERAL_DOMAIN, "task": "classification", "n": n_eval,
-                    "seed": seed + 20_000})
+    ds = load_data(
+        {"kind": DATA_KIND, "domain": GENERAL_DOMAIN, "task": "classification", "n": n_eval, "seed": seed + 20_000}
+    )
     cfg = dataclasses.replace(as_recipe(cfg), method="zeroshot")
     cfg.task = dataclasses.replace(cfg.task, options={})
     task = build_task(backbone, cfg, ds)
@@ -73,29 +97,61 @@ def _general_eval(backbone, cfg, n_eval: int, seed: int):
     return metrics[task.metric], logits
 
 
-def run_adapt(backbone: str = "tiny", domain: str = "medical", shots: int = 16, out: str | Path = "runs/adapt",
-              variant: str = "bottleneck", baselines: tuple[str, ...] = (), steps: int | None = None,
-              seed: int = 0, n_eval: int = 400, adapter_options: dict | None = None,
-              progress: Any = True, overwrite: bool = False, lr: float | None = None, batch_size: int | None = None,
-              task_options: dict | None = None) -> dict[str, Any]:
+def run_adapt(
+    backbone: str = "tiny",
+    domain: str = "medical",
+    shots: int = 16,
+    out: str | Path = "runs/adapt",
+    variant: str = "bottleneck",
+    baselines: tuple[str, ...] = (),
+    steps: int | None = None,
+    seed: int = 0,
+    n_eval: int = 400,
+    adapter_options: dict | None = None,
+    progress: Any = True,
+    overwrite: bool = False,
+    lr: float | None = None,
+    batch_size: int | None = None,
+    task_options: dict | None = None,
+) -> dict[str, Any]:
     """Few-shot adaptation into `out` (written whole, `vlkit.outputs`: a non-empty one needs `overwrite`).
     `lr`, `batch_size` and `task_options` (prompt or templates) reach the adapter's recipe; metrics.json records
     them with the general-domain score and retention (percent of the frozen backbone's)."""
 
     with OutputTarget(out, overwrite=overwrite, what="adapt output directory") as target:
-        result = _run_adapt(backbone, domain, shots, target.staging, variant, baselines, steps, seed, n_eval,
-                            adapter_options, progress, {"lr": lr, "batch_size": batch_size,
-                                                        "task_options": task_options})
+        result = _run_adapt(
+            backbone,
+            domain,
+            shots,
+            target.staging,
+            variant,
+            baselines,
+            steps,
+            seed,
+            n_eval,
+            adapter_options,
+            progress,
+            {"lr": lr, "batch_size": batch_size, "task_options": task_options},
+        )
         row = result["rows"][2]  # the adapter, on
-        write_run_metrics(target.staging, Path(out), {
-            "hyperparameters": result["hyperparameters"], "general_domain": GENERAL_DOMAIN,
-            "general": row["general"], "general_frozen": result["rows"][0]["general"], "retention": row["retention"]})
+        write_run_metrics(
+            target.staging,
+            Path(out),
+            {
+                "hyperparameters": result["hyperparameters"],
+                "general_domain": GENERAL_DOMAIN,
+                "general": row["general"],
+                "general_frozen": result["rows"][0]["general"],
+                "retention": row["retention"],
+            },
+        )
     result["adapter_dir"] = str(out)
     return round_percent(result)
 
 
-def _run_adapt(backbone, domain, shots, out, variant, baselines, steps, seed, n_eval, adapter_options,
-               progress, optim: dict) -> dict[str, Any]:
+def _run_adapt(
+    backbone, domain, shots, out, variant, baselines, steps, seed, n_eval, adapter_options, progress, optim: dict
+) -> dict[str, Any]:
 
     domains = kind_domains(DATA_KIND) or ()
     if domain not in domains:
@@ -110,46 +166,102 @@ def _run_adapt(backbone, domain, shots, out, variant, baselines, steps, seed, n_
     rows: list[dict[str, Any]] = []
 
     def cfg_for(method: str):
-        return load_recipe(None, base=adapt_recipe(backbone, domain, shots, method, variant, steps, seed, n_eval,
-                                                   adapter_options, optim["lr"], optim["batch_size"],
-                                                   optim["task_options"]))
+        return load_recipe(
+            None,
+            base=adapt_recipe(
+                backbone,
+                domain,
+                shots,
+                method,
+                variant,
+                steps,
+                seed,
+                n_eval,
+                adapter_options,
+                optim["lr"],
+                optim["batch_size"],
+                optim["task_options"],
+            ),
+        )
 
     zs_cfg = cfg_for("zeroshot")
     zs, zs_backbone, _ = run(zs_cfg, out / "zeroshot", progress=False, publish=False)
     photo_frozen, photo_frozen_logits = _general_eval(zs_backbone, zs_cfg, n_eval, seed)
-    rows.append({"method": "zero-shot (frozen)", "trainable_percent": 0.0, "in_domain": zs["score"],
-                 "general": photo_frozen, "general_change": 0.0})
+    rows.append(
+        {
+            "method": "zero-shot (frozen)",
+            "trainable_percent": 0.0,
+            "in_domain": zs["score"],
+            "general": photo_frozen,
+            "general_change": 0.0,
+        }
+    )
 
     ad_cfg = cfg_for("adapter")
     ad, ad_backbone, _ = run(ad_cfg, out, progress=progress, publish=False)
     photo_on, _ = _general_eval(ad_backbone, ad_cfg, n_eval, seed)
     AdaptedModel.of(ad_backbone).disable_adapters()
     photo_off, photo_off_logits = _general_eval(ad_backbone, ad_cfg, n_eval, seed)
-    verified = (photo_off == photo_frozen and photo_off_logits is not None
-                and torch.equal(photo_off_logits, photo_frozen_logits))
-    rows.append({"method": f"{variant} adapter, off", "trainable_percent": 0.0, "in_domain": None,
-                 "general": photo_off, "general_change": photo_off - photo_frozen, "verified_unchanged": verified})
-    rows.append({"method": f"{variant} adapter, on", "trainable_percent": ad["parameters"]["trainable_percent"],
-                 "in_domain": ad["score"], "general": photo_on, "general_change": photo_on - photo_frozen})
+    verified = (
+        photo_off == photo_frozen
+        and photo_off_logits is not None
+        and torch.equal(photo_off_logits, photo_frozen_logits)
+    )
+    rows.append(
+        {
+            "method": f"{variant} adapter, off",
+            "trainable_percent": 0.0,
+            "in_domain": None,
+            "general": photo_off,
+            "general_change": photo_off - photo_frozen,
+            "verified_unchanged": verified,
+        }
+    )
+    rows.append(
+        {
+            "method": f"{variant} adapter, on",
+            "trainable_percent": ad["parameters"]["trainable_percent"],
+            "in_domain": ad["score"],
+            "general": photo_on,
+            "general_change": photo_on - photo_frozen,
+        }
+    )
     for method in baselines:
         bcfg = cfg_for(method)
         res, bb, _ = run(bcfg, out / f"baseline-{method}", progress=progress, publish=False)
-        row = {"method": "full fine-tuning" if method == "full" else "linear probe",
-               "trainable_percent": res["parameters"]["trainable_percent"], "in_domain": res["score"]}
+        row = {
+            "method": "full fine-tuning" if method == "full" else "linear probe",
+            "trainable_percent": res["parameters"]["trainable_percent"],
+            "in_domain": res["score"],
+        }
         if method == "full":
             photo_after, _ = _general_eval(bb, bcfg, n_eval, seed)
-            row.update(general=photo_after, general_change=photo_after - photo_frozen,
-                       forgetting=photo_frozen - photo_after)
+            row.update(
+                general=photo_after, general_change=photo_after - photo_frozen, forgetting=photo_frozen - photo_after
+            )
         else:
             row.update(general=photo_frozen, general_change=0.0)
         rows.append(row)
     for row in rows:
         row["retention"] = 100.0 * row["general"] / photo_frozen if photo_frozen else None
-    return {"backbone": backbone, "domain": domain, "shots": shots, "variant": variant, "steps": steps,
-            "hyperparameters": {"lr": float(ad_cfg.optim.lr), "steps": steps,
-                                "batch_size": int(ad_cfg.optim.batch_size), **(optim["task_options"] or {})},
-            "metric": "accuracy", "general_domain": GENERAL_DOMAIN, "adapter_dir": str(out),
-            "adapter_off_verified": verified, "rows": rows}
+    return {
+        "backbone": backbone,
+        "domain": domain,
+        "shots": shots,
+        "variant": variant,
+        "steps": steps,
+        "hyperparameters": {
+            "lr": float(ad_cfg.optim.lr),
+            "steps": steps,
+            "batch_size": int(ad_cfg.optim.batch_size),
+            **(optim["task_options"] or {}),
+        },
+        "metric": "accuracy",
+        "general_domain": GENERAL_DOMAIN,
+        "adapter_dir": str(out),
+        "adapter_off_verified": verified,
+        "rows": rows,
+    }
 
 
 # --- the few-shot protocol: methods x shot counts x seeds ---------------------------------------------------------
@@ -158,8 +270,12 @@ BASE_METHODS = ("zeroshot", "linear", "linear-sgd", "full")
 TRAINING_FREE = ("tip-adapter",)
 HEAD_METHODS = ("linear", "linear-sgd", "full")  # a trained linear head: no score on classes it never saw
 PROTOCOLS = ("fewshot", "base2novel")
-METHOD_LABELS = {"zeroshot": "zero-shot", "linear": "linear probe (L-BFGS)", "linear-sgd": "linear head (SGD)",
-                 "full": "full fine-tuning"}
+METHOD_LABELS = {
+    "zeroshot": "zero-shot",
+    "linear": "linear probe (L-BFGS)",
+    "linear-sgd": "linear head (SGD)",
+    "full": "full fine-tuning",
+}
 DEFAULT_LR = {"adapter": 2e-3, "full": 1e-4, "linear": 1e-2}
 
 
@@ -173,8 +289,10 @@ def check_methods(methods) -> list[str]:
         raise ConfigError("--method names no method")
     for m in methods:
         if m not in BASE_METHODS and m not in reg:
-            raise ConfigError(f"unknown method {m!r}; methods: {', '.join(BASE_METHODS)} or an adapter variant "
-                              f"({', '.join(reg.names())})")
+            raise ConfigError(
+                f"unknown method {m!r}; methods: {', '.join(BASE_METHODS)} or an adapter variant "
+                f"({', '.join(reg.names())})"
+            )
     return methods
 
 
@@ -195,19 +313,40 @@ def parse_ints(text, what: str) -> list[int]:
 def _protocol_data(data, domain: str, shots: int, seed: int, n_eval: int) -> tuple[dict, dict]:
     """(train spec with `shots`, eval spec) for the embedded world's `domain` or a data spec (e.g. coop:DIR)."""
     if data is None:
-        train = {"kind": DATA_KIND, "domain": domain, "task": "classification", "n": max(400, shots * 40),
-                 "seed": seed, "shots": shots}
-        return train, {"kind": DATA_KIND, "domain": domain, "task": "classification", "n": n_eval,
-                       "seed": seed + 10_000}
+        train = {
+            "kind": DATA_KIND,
+            "domain": domain,
+            "task": "classification",
+            "n": max(400, shots * 40),
+            "seed": seed,
+            "shots": shots,
+        }
+        return train, {
+            "kind": DATA_KIND,
+            "domain": domain,
+            "task": "classification",
+            "n": n_eval,
+            "seed": seed + 10_000,
+        }
 
     spec = parse_data_spec(data)
     spec.pop("split", None)
     return {**spec, "split": "train", "shots": shots}, {**spec, "split": "test"}
 
 
-def method_recipe(backbone: str, method: str, train: dict, eval_: dict, steps: int, seed: int, shots: int,
-                  adapter_options: dict | None = None, lr: float | None = None, batch_size: int | None = None,
-                  task_options: dict | None = None) -> dict:
+def method_recipe(
+    backbone: str,
+    method: str,
+    train: dict,
+    eval_: dict,
+    steps: int,
+    seed: int,
+    shots: int,
+    adapter_options: dict | None = None,
+    lr: float | None = None,
+    batch_size: int | None = None,
+    task_options: dict | None = None,
+) -> dict:
     """The recipe of one protocol run. Adapter variants classify with the text head (class-name prompts through
     the possibly adapted text tower, as the CLIP-adaptation papers do); the linear probes and full fine-tuning
     a linear head initialised from those prompts (`linear` then fits it by L-BFGS, `vlkit.train.baselines`)."""
@@ -225,9 +364,13 @@ def method_recipe(backbone: str, method: str, train: dict, eval_: dict, steps: i
         "adapter": {"variant": method if is_variant else "bottleneck", **(adapter_options or {})},
         "task": {"name": "classification", "options": options},
         "data": {"train": train, "eval": eval_},
-        "optim": {"lr": lr or DEFAULT_LR.get(kind, 1e-3),
-                  "steps": 0 if training_free or kind == "zeroshot" or method == "linear" else steps,
-                  "batch_size": batch_size or min(32, max(1, shots) * 4), "warmup_steps": 0, "schedule": "cosine"},
+        "optim": {
+            "lr": lr or DEFAULT_LR.get(kind, 1e-3),
+            "steps": 0 if training_free or kind == "zeroshot" or method == "linear" else steps,
+            "batch_size": batch_size or min(32, max(1, shots) * 4),
+            "warmup_steps": 0,
+            "schedule": "cosine",
+        },
         "eval": {"every_steps": 0},
         "checkpoint": {"every_steps": 0},
         "seed": seed,
@@ -239,7 +382,6 @@ def protocol_val(cfg, shots: int, seed: int):
     """CoOp's few-shot validation set: min(shots, 4) examples per class (fewer where the split has fewer), from
     the source's val split (a world source: a fresh draw with its own seed). None where the source has no val
     split or a class has no val example."""
-
 
     spec = plain(cfg.data.train)
     if kind_draws_shots(spec):
@@ -276,8 +418,13 @@ def _run_training_free(cfg, method: str, out: Path, shots: int, datasets=None) -
     with torch.no_grad():
         metrics = task.evaluate(bb, task.prepare(bb, eval_ds))
     AdaptedModel.of(bb).save_adapter(out, name="tip", task=record.task)
-    return {"score": metrics[task.metric], "metrics": metrics, "parameters": {"trainable": 0},  # buffers only
-            "alpha": record.config["alpha"], "beta": record.config["beta"]}, bb
+    return {
+        "score": metrics[task.metric],
+        "metrics": metrics,
+        "parameters": {"trainable": 0},  # buffers only
+        "alpha": record.config["alpha"],
+        "beta": record.config["beta"],
+    }, bb
 
 
 def _val_for(cfg, shots: int, datasets):
@@ -320,22 +467,32 @@ def _general_spec(s: ProtocolSettings, seed: int):
     if s.general is not None:
         return s.general
     if s.data is None:
-        return {"kind": DATA_KIND, "domain": GENERAL_DOMAIN, "task": "classification", "n": s.n_eval,
-                "seed": seed + 20_000}
+        return {
+            "kind": DATA_KIND,
+            "domain": GENERAL_DOMAIN,
+            "task": "classification",
+            "n": s.n_eval,
+            "seed": seed + 20_000,
+        }
     return None
 
 
-def _one_run(s: ProtocolSettings, method: str, k: int, seed: int, where: Path, final: Path,
-             general: tuple[Any, float] | None) -> dict[str, Any]:
+def _one_run(
+    s: ProtocolSettings, method: str, k: int, seed: int, where: Path, final: Path, general: tuple[Any, float] | None
+) -> dict[str, Any]:
     """One (method, shots, seed) run: train or fit, score in-domain (base and novel classes under base2novel) and
     on the general domain, write its metrics.json; returns its row."""
     train, eval_ = _protocol_data(s.data, s.domain, k, seed, s.n_eval)
     n_steps = s.steps or max(60, 6 * k)
 
     def recipe(options):
-        return load_recipe(None, base=method_recipe(s.backbone, method, train, eval_, n_steps, seed, k,
-                                                    s.adapter_options, s.lr, s.batch_size, options),
-                           allow_untrained=method in TRAINING_FREE or method == "linear")
+        return load_recipe(
+            None,
+            base=method_recipe(
+                s.backbone, method, train, eval_, n_steps, seed, k, s.adapter_options, s.lr, s.batch_size, options
+            ),
+            allow_untrained=method in TRAINING_FREE or method == "linear",
+        )
 
     cfg = recipe(s.task_options)
     datasets, novel = None, None
@@ -354,30 +511,60 @@ def _one_run(s: ProtocolSettings, method: str, k: int, seed: int, where: Path, f
         res, bb, _ = run(cfg, where, progress=s.progress, publish=False, datasets=datasets)
     seconds = time.perf_counter() - t0
     trains = method not in TRAINING_FREE and method not in ("zeroshot", "linear")
-    hyper: dict[str, Any] = {"lr": float(cfg.optim.lr) if trains else None, "steps": n_steps if trains else 0,
-             "batch_size": int(cfg.optim.batch_size) if trains else None, **{h: res[h] for h in ("alpha", "beta", "C")
-                                                                             if h in res}}
-    row: dict[str, Any] = {"method": method, "shots": k, "seed": seed, "accuracy": float(res["score"]),
-                           "trainable": int(res.get("parameters", {}).get("trainable", 0)), "seconds": seconds,
-                           "steps": hyper["steps"], "hyperparameters": hyper,
-                           **{h: res[h] for h in ("alpha", "beta", "C") if h in res}}
+    hyper: dict[str, Any] = {
+        "lr": float(cfg.optim.lr) if trains else None,
+        "steps": n_steps if trains else 0,
+        "batch_size": int(cfg.optim.batch_size) if trains else None,
+        **{h: res[h] for h in ("alpha", "beta", "C") if h in res},
+    }
+    row: dict[str, Any] = {
+        "method": method,
+        "shots": k,
+        "seed": seed,
+        "accuracy": float(res["score"]),
+        "trainable": int(res.get("parameters", {}).get("trainable", 0)),
+        "seconds": seconds,
+        "steps": hyper["steps"],
+        "hyperparameters": hyper,
+        **{h: res[h] for h in ("alpha", "beta", "C") if h in res},
+    }
     if novel is not None:
         row["base"] = row["accuracy"]
-        row["novel"] = None if method in HEAD_METHODS else score_on(bb, "classification", novel[0], s.task_options,
-                                                                    novel[1])
+        row["novel"] = (
+            None if method in HEAD_METHODS else score_on(bb, "classification", novel[0], s.task_options, novel[1])
+        )
         if row["novel"] is not None:
             row["hm"] = harmonic_mean(row["base"], row["novel"])
     if general is not None:
-        score = general[1] if method in ("zeroshot", "linear", "linear-sgd") else score_on(
-            bb, "classification", general[0], s.task_options)
+        score = (
+            general[1]
+            if method in ("zeroshot", "linear", "linear-sgd")
+            else score_on(bb, "classification", general[0], s.task_options)
+        )
         row["general"] = score
         row["retention"] = 100.0 * score / general[1] if general[1] else None
-    write_run_metrics(where, final, {"protocol": s.protocol, "shots": k, "seed": seed, "hyperparameters": hyper,
-                                     **{key: row[key] for key in ("base", "novel", "hm", "general", "retention")
-                                        if key in row},
-                                     **({} if (where / "metrics.json").is_file() else
-                                        {"method": method, "score": res["score"], "metrics": res.get("metrics"),
-                                         "parameters": res.get("parameters"), "train_time_s": seconds})})
+    write_run_metrics(
+        where,
+        final,
+        {
+            "protocol": s.protocol,
+            "shots": k,
+            "seed": seed,
+            "hyperparameters": hyper,
+            **{key: row[key] for key in ("base", "novel", "hm", "general", "retention") if key in row},
+            **(
+                {}
+                if (where / "metrics.json").is_file()
+                else {
+                    "method": method,
+                    "score": res["score"],
+                    "metrics": res.get("metrics"),
+                    "parameters": res.get("parameters"),
+                    "train_time_s": seconds,
+                }
+            ),
+        },
+    )
     return row
 
 
@@ -386,12 +573,28 @@ def harmonic_mean(a: float, b: float) -> float:
     return 2 * a * b / (a + b) if a + b else 0.0
 
 
-def run_fewshot(backbone: str = "tiny", methods=("bottleneck",), shots=(1, 2, 4, 8, 16), seeds=(1, 2, 3), *,
-                data: str | None = None, domain: str = "medical", out: str | Path | None = None,
-                steps: int | None = None, n_eval: int = 400, adapter_options: dict | None = None,
-                lr: float | None = None, batch_size: int | None = None, task_options: dict | None = None,
-                protocol: str = "fewshot", general: Any = None, progress=None, overwrite: bool = False,
-                plot: bool = True, on_run=None) -> dict[str, Any]:
+def run_fewshot(
+    backbone: str = "tiny",
+    methods=("bottleneck",),
+    shots=(1, 2, 4, 8, 16),
+    seeds=(1, 2, 3),
+    *,
+    data: str | None = None,
+    domain: str = "medical",
+    out: str | Path | None = None,
+    steps: int | None = None,
+    n_eval: int = 400,
+    adapter_options: dict | None = None,
+    lr: float | None = None,
+    batch_size: int | None = None,
+    task_options: dict | None = None,
+    protocol: str = "fewshot",
+    general: Any = None,
+    progress=None,
+    overwrite: bool = False,
+    plot: bool = True,
+    on_run=None,
+) -> dict[str, Any]:
     """CoOp's few-shot protocol: every method at every shot count over every seed; accuracy mean ± sd per
     (method, shots), trainable parameters and training seconds per run. `data` is a data spec with train and
     test splits (e.g. `coop:DATA/eurosat`); default the embedded world's `domain`. With `out`, each run's
@@ -415,8 +618,20 @@ def run_fewshot(backbone: str = "tiny", methods=("bottleneck",), shots=(1, 2, 4,
         domains = kind_domains(DATA_KIND) or ()
         if domain not in domains:
             raise ConfigError(f"unknown domain {domain!r}; known: {', '.join(domains)}")
-    s = ProtocolSettings(backbone, data, domain, n_eval, steps, lr, batch_size, adapter_options,
-                         dict(task_options or {}), protocol, general, progress)
+    s = ProtocolSettings(
+        backbone,
+        data,
+        domain,
+        n_eval,
+        steps,
+        lr,
+        batch_size,
+        adapter_options,
+        dict(task_options or {}),
+        protocol,
+        general,
+        progress,
+    )
     if out is None:
         import tempfile
 
@@ -440,9 +655,15 @@ def _summary(runs: list[dict[str, Any]], methods, shots) -> list[dict[str, Any]]
         for k in shots:
             rs = [r for r in runs if r["method"] == method and r["shots"] == k]
             accs = [r["accuracy"] for r in rs]
-            row = {"method": method, "shots": k, "mean": statistics.fmean(accs),
-                   "sd": statistics.stdev(accs) if len(accs) > 1 else 0.0, "seeds": len(accs),
-                   "trainable": rs[0]["trainable"], "seconds": statistics.fmean(r["seconds"] for r in rs)}
+            row = {
+                "method": method,
+                "shots": k,
+                "mean": statistics.fmean(accs),
+                "sd": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                "seeds": len(accs),
+                "trainable": rs[0]["trainable"],
+                "seconds": statistics.fmean(r["seconds"] for r in rs),
+            }
             for key in ("base", "novel", "hm", "general", "retention"):
                 if any(key in r for r in rs):
                     row[key] = mean(rs, key)
@@ -466,17 +687,29 @@ def _run_fewshot(s: ProtocolSettings, methods, shots, seeds, out: Path, final: P
                 if on_run is not None:
                     on_run(row)
     summary = _summary(runs, methods, shots)
-    result = {"backbone": s.backbone, "data": s.data or f"{DATA_KIND}:{s.domain}", "protocol": s.protocol,
-              "methods": methods, "shots": shots, "seeds": seeds, "metric": "accuracy",
-              "task_options": s.task_options, "summary": summary, "runs": runs}
+    result = {
+        "backbone": s.backbone,
+        "data": s.data or f"{DATA_KIND}:{s.domain}",
+        "protocol": s.protocol,
+        "methods": methods,
+        "shots": shots,
+        "seeds": seeds,
+        "metric": "accuracy",
+        "task_options": s.task_options,
+        "summary": summary,
+        "runs": runs,
+    }
     if general is not None:
-        result["general"] = {"data": s.general if s.general is not None else f"{DATA_KIND}:{GENERAL_DOMAIN}",
-                             "frozen": general[1]}
+        result["general"] = {
+            "data": s.general if s.general is not None else f"{DATA_KIND}:{GENERAL_DOMAIN}",
+            "frozen": general[1],
+        }
     result = round_percent(result)
     write_json(out / "fewshot.json", result)
     if plot:
-        plot_fewshot(summary, out / "fewshot.png", title=f"{result['data']} ({s.backbone}), mean ± sd over "
-                                                          f"{len(seeds)} seed(s)")
+        plot_fewshot(
+            summary, out / "fewshot.png", title=f"{result['data']} ({s.backbone}), mean ± sd over {len(seeds)} seed(s)"
+        )
         result["plot"] = str(final / "fewshot.png")
     return result
 
@@ -497,10 +730,17 @@ def plot_fewshot(summary: list[dict[str, Any]], path: str | Path, title: str = "
         xs = [r["shots"] for r in rs]
         ys = [r["mean"] for r in rs]
         sd = [r["sd"] for r in rs]
-        line, = ax.plot(xs, ys, marker="os^D"[i % 4], color=colors[i % len(colors)],
-                        linestyle="-" if i % 2 == 0 else "--", label=METHOD_LABELS.get(method, method))
-        ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)], alpha=0.15,
-                        color=line.get_color())
+        (line,) = ax.plot(
+            xs,
+            ys,
+            marker="os^D"[i % 4],
+            color=colors[i % len(colors)],
+            linestyle="-" if i % 2 == 0 else "--",
+            label=METHOD_LABELS.get(method, method),
+        )
+        ax.fill_between(
+            xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)], alpha=0.15, color=line.get_color()
+        )
     if len({r["shots"] for r in summary}) > 1:
         ax.set_xscale("log", base=2)
     ax.set_xticks(sorted({r["shots"] for r in summary}))

@@ -10,6 +10,7 @@ scores of a trained backbone on other data (novel classes, the general domain) a
   backbone as it is (its adapters active);
 - `write_run_metrics`: a run's metrics.json with the final output directory and percentages to 2 decimals.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,12 @@ def image_features(backbone, task, ds) -> tuple[torch.Tensor, torch.Tensor]:
     if not (isinstance(px, torch.Tensor) and px.dim() == 2 and px.is_floating_point()):
         device = device_of(backbone)
         with torch.no_grad():
-            px = torch.cat([backbone.encode_image(b["p"].to(device), normalize=False).float().cpu()
-                            for b in batches({"p": px}, 256)])
+            px = torch.cat(
+                [
+                    backbone.encode_image(b["p"].to(device), normalize=False).float().cpu()
+                    for b in batches({"p": px}, 256)
+                ]
+            )
     return F.normalize(px.float(), dim=-1), data["labels"]
 
 
@@ -64,9 +69,16 @@ def linear_probe(backbone, task, train_ds, eval_ds, val_ds, out: Path) -> dict[s
     write_json(out / "task.json", task.metadata())
     trainable = sum(p.numel() for p in task.head.parameters())
     train_acc = 100.0 * float((fit.logits(x).argmax(-1) == y).double().mean())
-    return {"score": metrics[task.metric], "metrics": metrics, "parameters": {"trainable": trainable},
-            "C": fit.c, "C_search": tried, "lbfgs_iterations": fit.iterations, "train_accuracy": train_acc,
-            "C_source": "validation" if val_ds is not None else "default"}
+    return {
+        "score": metrics[task.metric],
+        "metrics": metrics,
+        "parameters": {"trainable": trainable},
+        "C": fit.c,
+        "C_search": tried,
+        "lbfgs_iterations": fit.iterations,
+        "train_accuracy": train_acc,
+        "C_source": "validation" if val_ds is not None else "default",
+    }
 
 
 def class_split(names: list[str]) -> tuple[list[str], list[str]]:

@@ -10,6 +10,7 @@ A third-party method registers the same way from its own plugin module:
 
 where `MyMethod` subclasses `vlkit.train.methods.TrainingMethod`.
 """
+
 from __future__ import annotations
 
 from ..hookspecs import hookimpl

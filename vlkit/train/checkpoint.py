@@ -4,6 +4,7 @@ A checkpoint directory holds `trainable.safetensors` (trainable parameters and h
 (optimizer state tensors), `rng.safetensors` (torch RNG states) and `state.json` (step, epoch, scheduler,
 optimizer hyper-parameters, Python and NumPy RNG states). `latest` names the newest complete one.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,15 @@ def _restore_optimizer(optimizer, tensors: dict[str, torch.Tensor], meta: dict[s
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor], optimizer, scheduler,
-                    extra: dict[str, Any], keep: int = 2) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    trainable: dict[str, torch.Tensor],
+    optimizer,
+    scheduler,
+    extra: dict[str, Any],
+    keep: int = 2,
+) -> Path:
     from safetensors.torch import save_file
 
     root = Path(run_dir) / CKPT_DIR
@@ -58,8 +66,9 @@ def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor]
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in trainable.items()},
-              str(tmp / "trainable.safetensors"))
+    save_file(
+        {k: v.detach().cpu().contiguous().clone() for k, v in trainable.items()}, str(tmp / "trainable.safetensors")
+    )
     opt_tensors, opt_meta = _optimizer_tensors(optimizer)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
@@ -111,16 +120,21 @@ def load_checkpoint(ckpt: Path, params: dict[str, torch.nn.Parameter], optimizer
         raise ConfigError(f"checkpoint {ckpt} cannot be read: {exc}") from None
     check_finite(trainable, ckpt / "trainable.safetensors")  # a diverged run is not resumed
     if set(trainable) != set(params):
-        raise ConfigError(f"checkpoint {ckpt} does not match this run's trainable parameters "
-                          f"(different recipe?): {len(set(trainable) ^ set(params))} names differ")
+        raise ConfigError(
+            f"checkpoint {ckpt} does not match this run's trainable parameters "
+            f"(different recipe?): {len(set(trainable) ^ set(params))} names differ"
+        )
     shapes = [k for k, p in params.items() if tuple(trainable[k].shape) != tuple(p.shape)]
     if shapes:
         k = shapes[0]
-        raise ConfigError(f"checkpoint {ckpt} does not match this run: {len(shapes)} parameter(s) changed shape, "
-                          f"e.g. {k} {tuple(trainable[k].shape)} in the checkpoint vs {tuple(params[k].shape)} now "
-                          "(the adapter options changed since the checkpoint)")
-    missing = [k for k in ("step", "optimizer", "python_rng", "numpy_rng")
-               if not isinstance(state, dict) or k not in state]
+        raise ConfigError(
+            f"checkpoint {ckpt} does not match this run: {len(shapes)} parameter(s) changed shape, "
+            f"e.g. {k} {tuple(trainable[k].shape)} in the checkpoint vs {tuple(params[k].shape)} now "
+            "(the adapter options changed since the checkpoint)"
+        )
+    missing = [
+        k for k in ("step", "optimizer", "python_rng", "numpy_rng") if not isinstance(state, dict) or k not in state
+    ]
     if missing or "torch" not in rng:
         raise ConfigError(f"checkpoint {ckpt} is damaged: state.json lacks {', '.join(missing) or 'the torch RNG'}")
     try:

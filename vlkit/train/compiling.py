@@ -6,6 +6,7 @@ inductor's own caches key on the compiler, so a compiler that went missing is st
 not work, `compile: true` stops with one line saying why (a ConfigError, exit 2) and `compile: auto` trains
 eager, reporting a "note" event (the CLI prints `note: ...`).
 """
+
 from __future__ import annotations
 
 import types
@@ -60,5 +61,7 @@ def compiled_step(model, setting: Any, device: Any, report=None):
         if report is not None:
             report("note", message=f"compile: auto: torch.compile does not work here ({problem}); training eager")
         return model
-    raise ConfigError(f"compile: true, but torch.compile does not work here: {problem}",
-                      hint="install a C++ compiler (the inductor needs one), or set compile: auto or false")
+    raise ConfigError(
+        f"compile: true, but torch.compile does not work here: {problem}",
+        hint="install a C++ compiler (the inductor needs one), or set compile: auto or false",
+    )

@@ -7,6 +7,7 @@ follows from the step count, so a resumed run reads exactly the batches an unint
 seen, with any number of workers. A multi-task recipe trains one adapter per task round-robin: step s
 runs task (s - 1) mod T with its adapter active, through the same loop, checkpoints and resume.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -96,8 +97,15 @@ def steps_per_epoch(n: int, batch_size: int, grad_accum: int, world: int) -> int
     return max(1, math.ceil(math.ceil(per_proc / batch_size) / grad_accum))
 
 
-def train(cfg, out_dir: str | Path | None = None, *, resume: bool = False, overwrite: bool = False,
-          progress=None, stop_after: int | None = None) -> dict[str, Any]:
+def train(
+    cfg,
+    out_dir: str | Path | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress=None,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
     """Run a recipe. Returns the final metrics and where everything was written.
 
     The output directory follows `vlkit.outputs`: a non-empty one is refused unless `resume` (continue its
@@ -139,8 +147,11 @@ def _reporter(progress):
 
 def configure_pipeline(cfg, *prepared) -> None:
     """Apply the recipe's DataLoader options (data.num_workers, data.pin_memory, data.prefetch_factor)."""
-    opts = {"num_workers": cfg.data.num_workers, "pin_memory": cfg.data.pin_memory,
-            "prefetch_factor": cfg.data.prefetch_factor}
+    opts = {
+        "num_workers": cfg.data.num_workers,
+        "pin_memory": cfg.data.pin_memory,
+        "prefetch_factor": cfg.data.prefetch_factor,
+    }
     for data in prepared:
         if is_streaming(data):
             data.loader_options.update(opts)
@@ -152,8 +163,17 @@ def _train_view(cfg, backbone, data):
     return with_train_augment(data, build_augment(cfg.data.augment, backbone.image_size), cfg.seed)
 
 
-def run(cfg, out_dir: str | Path | None = None, *, resume: bool = False, overwrite: bool = False,
-        progress=None, stop_after: int | None = None, datasets: tuple | dict | None = None, publish: bool = True):
+def run(
+    cfg,
+    out_dir: str | Path | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress=None,
+    stop_after: int | None = None,
+    datasets: tuple | dict | None = None,
+    publish: bool = True,
+):
     """Like `train`, and also returns the trained backbone and task: (result, backbone, task).
 
     A recipe with `tasks` trains one adapter per task through the same loop; the third item is then a
@@ -178,12 +198,26 @@ def run(cfg, out_dir: str | Path | None = None, *, resume: bool = False, overwri
     target = None
     if not publish:
         out.mkdir(parents=True, exist_ok=True)
-        return _run(cfg, out, out if _main_process() else None, resume=resume, progress=progress,
-                    stop_after=stop_after, datasets=datasets)
+        return _run(
+            cfg,
+            out,
+            out if _main_process() else None,
+            resume=resume,
+            progress=progress,
+            stop_after=stop_after,
+            datasets=datasets,
+        )
     created = not out.exists()
     if _main_process():
-        target = OutputTarget(out, overwrite=overwrite, resume=resume, inputs=recipe_inputs(cfg), carry=(CKPT_DIR,),
-                              what="run directory", hint="pass --resume to continue it, or --overwrite to start over")
+        target = OutputTarget(
+            out,
+            overwrite=overwrite,
+            resume=resume,
+            inputs=recipe_inputs(cfg),
+            carry=(CKPT_DIR,),
+            what="run directory",
+            hint="pass --resume to continue it, or --overwrite to start over",
+        )
         target.__enter__()
     try:
         if target is not None:
@@ -192,8 +226,15 @@ def run(cfg, out_dir: str | Path | None = None, *, resume: bool = False, overwri
                     p = out / name
                     shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
             out.mkdir(parents=True, exist_ok=True)
-        found = _run(cfg, out, target.staging if target is not None else None, resume=resume, progress=progress,
-                     stop_after=stop_after, datasets=datasets)
+        found = _run(
+            cfg,
+            out,
+            target.staging if target is not None else None,
+            resume=resume,
+            progress=progress,
+            stop_after=stop_after,
+            datasets=datasets,
+        )
     except BaseException as exc:
         if target is not None:
             if latest_checkpoint(out) is None:  # nothing worth resuming: leave the directory as it was
@@ -228,9 +269,11 @@ def _run(cfg, out: Path, stage: Path | None, *, resume: bool, progress, stop_aft
         if unused:
             for n in unused:
                 trainable.pop(n).requires_grad_(False)
-            msg = (f"{len(unused)} adapter parameter tensor(s) can get no gradient with task "
-                   f"{'/'.join(j.task.name for j in jobs)} and this head, so they are frozen and not counted as "
-                   f"trainable: {summarize_names(unused, backbone)}")
+            msg = (
+                f"{len(unused)} adapter parameter tensor(s) can get no gradient with task "
+                f"{'/'.join(j.task.name for j in jobs)} and this head, so they are frozen and not counted as "
+                f"trainable: {summarize_names(unused, backbone)}"
+            )
             warnings.append(msg)
             report("warning", message=msg)
     if cfg.data.feature_cache:
@@ -240,8 +283,13 @@ def _run(cfg, out: Path, stage: Path | None, *, resume: bool, progress, stop_aft
     if accel.is_main_process:
         write_text(out / CKPT_DIR / "recipe.yaml", to_yaml(cfg))  # what the checkpoints belong to
     log = MetricsLog(out, enabled=accel.is_main_process, tensorboard=cfg.logging.tensorboard)
-    result: dict[str, Any] = {"name": cfg.name, "method": cfg.method, "backbone": cfg.backbone,
-                              "task": plan.label, "output_dir": str(out)}
+    result: dict[str, Any] = {
+        "name": cfg.name,
+        "method": cfg.method,
+        "backbone": cfg.backbone,
+        "task": plan.label,
+        "output_dir": str(out),
+    }
     result["parameters"] = parameter_counts(backbone, [j.task for j in jobs], trainable)
     if warnings:
         result["warnings"] = warnings
@@ -263,9 +311,11 @@ def _run(cfg, out: Path, stage: Path | None, *, resume: bool, progress, stop_aft
             continue
         job.activate(backbone)
         with torch.no_grad():
-            per_task[job.name] = {"task": job.task.name, "metric": job.task.metric,
-                                  **job.task.evaluate(backbone, _to(job.eval, accel.device),
-                                                      batch_size=cfg.eval.batch_size)}
+            per_task[job.name] = {
+                "task": job.task.name,
+                "metric": job.task.metric,
+                **job.task.evaluate(backbone, _to(job.eval, accel.device), batch_size=cfg.eval.batch_size),
+            }
     result["steps"] = step
     plan.finish(result, per_task)
     log.close()
@@ -405,8 +455,11 @@ def _fit(cfg, accel, module, jobs, trainable, out, log, resume, report, stop_aft
     bs, accum = cfg.optim.batch_size, cfg.optim.grad_accum
     sizes = [None if is_streaming(j.train) else num_rows(j.train) for j in jobs]
     known = [n for n in sizes if n is not None]  # a streaming job needs optim.steps (checked with the jobs)
-    total = (cfg.optim.steps if cfg.optim.steps is not None
-             else cfg.optim.epochs * sum(steps_per_epoch(n, bs, accum, world) for n in known))
+    total = (
+        cfg.optim.steps
+        if cfg.optim.steps is not None
+        else cfg.optim.epochs * sum(steps_per_epoch(n, bs, accum, world) for n in known)
+    )
     if total < 1:
         raise ConfigError("optim.steps (or epochs) gives no training step; set optim.steps >= 1")
     scheduler = _scheduler(optimizer, cfg.optim.schedule, cfg.optim.warmup_steps, total)
@@ -426,8 +479,11 @@ def _fit(cfg, accel, module, jobs, trainable, out, log, resume, report, stop_aft
     streams = []
     for i, (j, n) in enumerate(zip(jobs, sizes, strict=True)):
         start = consumed_batches(step, i, len(jobs), accum)
-        loader = (stream_loader(j.train, bs, rank=rank, world=world, start=start) if n is None else
-                  make_loader(j.train, SeededBatches(n, bs, j.seed, rank, world, start=start), train=True))
+        loader = (
+            stream_loader(j.train, bs, rank=rank, world=world, start=start)
+            if n is None
+            else make_loader(j.train, SeededBatches(n, bs, j.seed, rank, world, start=start), train=True)
+        )
         streams.append(iter(loader))
     model.train()
     report("start", total=total, step=step)
@@ -471,8 +527,9 @@ def _fit(cfg, accel, module, jobs, trainable, out, log, resume, report, stop_aft
                         continue
                     other.activate(module.backbone)
                     with torch.no_grad():
-                        metrics = other.task.evaluate(module.backbone, _to(other.eval, accel.device),
-                                                      cfg.eval.batch_size)
+                        metrics = other.task.evaluate(
+                            module.backbone, _to(other.eval, accel.device), cfg.eval.batch_size
+                        )
                     prefix = f"eval/{other.name}/" if len(jobs) > 1 else "eval/"
                     row.update({f"{prefix}{k}": v for k, v in metrics.items()})
                 model.train()
@@ -482,8 +539,9 @@ def _fit(cfg, accel, module, jobs, trainable, out, log, resume, report, stop_aft
             report("step", step=step, total=total, loss=loss_sum, lr=lr, rate=rate)
             if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < total:
                 if accel.is_main_process:
-                    save_checkpoint(out, step, trainable, raw_opt, scheduler, {"history": history},
-                                    keep=cfg.checkpoint.keep)
+                    save_checkpoint(
+                        out, step, trainable, raw_opt, scheduler, {"history": history}, keep=cfg.checkpoint.keep
+                    )
                 accel.wait_for_everyone()
             if stop_after is not None and step >= stop_after:
                 break

@@ -17,6 +17,7 @@ Options:
 
 Percentages are rounded to 2 decimals in the result.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -99,12 +100,22 @@ def wise_systems(systems: Sequence[System], alphas: Sequence[float]) -> list[Sys
         if not alphas or not s.names:
             continue
         if len(s.names) != 1 or s.mode not in ("stack", "parallel"):
-            raise ConfigError(f"--alpha scales one adapter; {s.label!r} is a {s.mode} of {len(s.names)} adapters",
-                              hint="give the adapters one by one, or compose them first (vlkit compose)")
+            raise ConfigError(
+                f"--alpha scales one adapter; {s.label!r} is a {s.mode} of {len(s.names)} adapters",
+                hint="give the adapters one by one, or compose them first (vlkit compose)",
+            )
         base = (s.weights or [1.0])[0] if s.mode == "parallel" else 1.0
         for a in alphas:
-            out.append(System(label=f"{s.label} α={a:g}", names=s.names, mode="parallel", weights=[a * base],
-                              sources=list(s.sources), slug=f"{s.slug}-a{a:g}"))
+            out.append(
+                System(
+                    label=f"{s.label} α={a:g}",
+                    names=s.names,
+                    mode="parallel",
+                    weights=[a * base],
+                    sources=list(s.sources),
+                    slug=f"{s.slug}-a{a:g}",
+                )
+            )
     return out
 
 
@@ -112,8 +123,9 @@ def _build_task(backbone, name: str, ds, options: dict[str, Any]):
     return registry("task").get(name)(backbone, ds, **options)
 
 
-def score_system(backbone, system: System, task_name: str, ds, data, options: dict[str, Any],
-                 batch_size: int) -> tuple[dict[str, float], dict[str, Any]]:
+def score_system(
+    backbone, system: System, task_name: str, ds, data, options: dict[str, Any], batch_size: int
+) -> tuple[dict[str, float], dict[str, Any]]:
     """(metrics, per-example values) of one system: a fresh task on `ds`, features from the cache."""
     model = AdaptedModel.of(backbone)
     with model.preserved(), torch.no_grad():
@@ -135,8 +147,9 @@ def _statistic(values, groups):
     return macro_statistic(v, g.tolist())
 
 
-def add_intervals(rows: list[dict[str, Any]], values: list[dict[str, Any]], metric: str, n_boot: int, level: float,
-                  seed: int) -> None:
+def add_intervals(
+    rows: list[dict[str, Any]], values: list[dict[str, Any]], metric: str, n_boot: int, level: float, seed: int
+) -> None:
     """Bootstrap intervals of each row's metrics and the paired difference of `metric` to the first row."""
     n = next((len(v[0]) for vals in values for v in vals.values()), 0)
     if n < 1 or n_boot < 1:
@@ -147,14 +160,28 @@ def add_intervals(rows: list[dict[str, Any]], values: list[dict[str, Any]], metr
         stats = {m: _statistic(*v) for m, v in vals.items() if len(v[0]) == n}
         row["intervals"] = {m: list(percentile_interval(stat(indices), level)) for m, stat in stats.items()}
         if row is not rows[0] and base is not None and metric in stats:
-            row["delta"] = paired_bootstrap_diff(base_stat=_statistic(*base), other_stat=stats[metric],
-                                                 indices=indices, level=level)
+            row["delta"] = paired_bootstrap_diff(
+                base_stat=_statistic(*base), other_stat=stats[metric], indices=indices, level=level
+            )
 
 
-def run_eval(backbone: Any = "tiny", adapters: str | Sequence[str] | None = None, *, data: Any, task: str,
-             options: dict[str, Any] | None = None, split: str | None = None, alphas: Sequence[float] = (),
-             general: Any = None, bootstrap: int = 1000, level: float = 0.95, seed: int = 0, batch_size: int = 256,
-             device: str | None = None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_eval(
+    backbone: Any = "tiny",
+    adapters: str | Sequence[str] | None = None,
+    *,
+    data: Any,
+    task: str,
+    options: dict[str, Any] | None = None,
+    split: str | None = None,
+    alphas: Sequence[float] = (),
+    general: Any = None,
+    bootstrap: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+    batch_size: int = 256,
+    device: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Score the frozen backbone and each adapter argument on `data` for `task` (a registered task name);
     returns the result `vlkit eval --json` prints (rows in order: the backbone first)."""
     if task not in registry("task"):
@@ -190,14 +217,25 @@ def run_eval(backbone: Any = "tiny", adapters: str | Sequence[str] | None = None
         row: dict[str, Any] = {**system.describe(), "metrics": metrics}
         if gen is not None:
             row["general"] = score_system(bb, system, task, gen[0], gen[1], gen[2], batch_size)[0][metric]
-            row["retention"] = 100.0 * row["general"] / rows[0]["general"] if rows and rows[0]["general"] else (
-                100.0 if not rows else float("nan"))
+            row["retention"] = (
+                100.0 * row["general"] / rows[0]["general"]
+                if rows and rows[0]["general"]
+                else (100.0 if not rows else float("nan"))
+            )
         rows.append(row)
         values.append(vals)
     add_intervals(rows, values, metric, bootstrap, level, seed)
-    result = {"backbone": bb.spec, "data": data if isinstance(data, str) else str(data), "split": used_split,
-              "task": task, "metric": metric, "n": len(ds), "options": options,
-              "bootstrap": {"resamples": bootstrap, "level": level, "seed": seed}, "rows": rows}
+    result = {
+        "backbone": bb.spec,
+        "data": data if isinstance(data, str) else str(data),
+        "split": used_split,
+        "task": task,
+        "metric": metric,
+        "n": len(ds),
+        "options": options,
+        "bootstrap": {"resamples": bootstrap, "level": level, "seed": seed},
+        "rows": rows,
+    }
     names = (first.metadata().get("options") or {}).get("class_names")
     if names:
         result["class_names"] = list(names)

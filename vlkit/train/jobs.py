@@ -5,6 +5,7 @@ same way for every kind of recipe: the task from its training data, then the rec
 (for method `adapter`: the variant's `options_from_data`, the compose base, the injection and
 `init_from_data`), then the data prepared for the loop. `vlkit.train.plan` turns a recipe into its jobs.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -61,8 +62,16 @@ class Job:
             self.active.apply(backbone)
 
 
-def prepare_job(backbone, cfg, *, name: str | None, seed: int, adapter_options: dict[str, Any],
-                datasets: tuple | None = None, method: TrainingMethod | None = None) -> Job:
+def prepare_job(
+    backbone,
+    cfg,
+    *,
+    name: str | None,
+    seed: int,
+    adapter_options: dict[str, Any],
+    datasets: tuple | None = None,
+    method: TrainingMethod | None = None,
+) -> Job:
     """One job of recipe `cfg`: its task built on the training data, its adapter made by the method's `prepare`
     (with the training data), its training and evaluation data prepared.
 
@@ -73,8 +82,16 @@ def prepare_job(backbone, cfg, *, name: str | None, seed: int, adapter_options: 
     task = build_task(backbone, cfg, train_ds)
     adapter = prepare_adapter(method, backbone, task, cfg, adapter_options, train_data=train_ds)
     active = Activation.of(backbone)
-    return Job(name, task, prepare_training(cfg, backbone, task, train_ds),
-               task.prepare(backbone, eval_ds) if eval_ds is not None else None, seed, cfg, adapter, active)
+    return Job(
+        name,
+        task,
+        prepare_training(cfg, backbone, task, train_ds),
+        task.prepare(backbone, eval_ds) if eval_ds is not None else None,
+        seed,
+        cfg,
+        adapter,
+        active,
+    )
 
 
 def build_task(backbone, cfg, train_ds):
@@ -88,15 +105,15 @@ def build_task(backbone, cfg, train_ds):
     try:
         return cls(backbone, train_ds, **options)
     except (TypeError, KeyError, NotImplementedError, AttributeError) as exc:
-        raise ConfigError(f"task {cfg.task.name!r} cannot set itself up from a streaming source ({exc})",
-                          hint="give its vocabulary in task.options (class_names, answers) or use a map-style "
-                               "source") from None
+        raise ConfigError(
+            f"task {cfg.task.name!r} cannot set itself up from a streaming source ({exc})",
+            hint="give its vocabulary in task.options (class_names, answers) or use a map-style source",
+        ) from None
 
 
 def _load_source(spec: dict, task: str):
     """One data source; `{"mix": [spec, ...]}` concatenates several on the task's required columns."""
     if "mix" in spec:
-
         parts, labels = [], []
         for i, sub in enumerate(spec["mix"]):
             sub = dict(sub)
@@ -140,8 +157,14 @@ def prepare_training(cfg, backbone, task, ds):
         return task.prepare(backbone, ds)
     if cfg.optim.steps is None:
         raise ConfigError("a streaming training source has no known length: give optim.steps, not optim.epochs")
-    return StreamingSource(ds, task, backbone, seed=cfg.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-                           augment=build_augment(cfg.data.augment, backbone.image_size))
+    return StreamingSource(
+        ds,
+        task,
+        backbone,
+        seed=cfg.seed,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        augment=build_augment(cfg.data.augment, backbone.image_size),
+    )
 
 
 def _in_memory(ds):

@@ -4,6 +4,7 @@ Accelerate's CPU launcher runs the script once (it expects MPI for more), so a u
 processes silently gets 1. `vlkit train` detects that case (accelerate's CPU flag and rendezvous address
 set, no rank) and re-runs itself under `torch.distributed.run` with the process count the user gave.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,9 +37,11 @@ def cpu_launch_processes() -> int | None:
         return None
     n = _parent_num_processes()
     if n is None:
-        raise ConfigError("accelerate launch --cpu asked for several processes, but accelerate's CPU launcher "
-                          "starts one", hint="use torchrun --nproc_per_node N -m vlkit train ..., or accelerate "
-                          "launch --multi_gpu --num_processes N -m vlkit train ... device=cpu")
+        raise ConfigError(
+            "accelerate launch --cpu asked for several processes, but accelerate's CPU launcher starts one",
+            hint="use torchrun --nproc_per_node N -m vlkit train ..., or accelerate "
+            "launch --multi_gpu --num_processes N -m vlkit train ... device=cpu",
+        )
     return n if n > 1 else None
 
 
@@ -48,6 +51,16 @@ def relaunch_under_torchrun(n: int, argv: list[str]) -> None:
     port = env.pop("MASTER_PORT", "29500")
     env.pop("MASTER_ADDR", None)
     env["ACCELERATE_USE_CPU"] = "true"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", port,
-           "-m", "vlkit", *argv]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(n),
+        "--master_port",
+        port,
+        "-m",
+        "vlkit",
+        *argv,
+    ]
     os.execve(sys.executable, cmd, env)

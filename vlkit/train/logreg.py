@@ -9,6 +9,7 @@ strong-Wolfe line search, so it reaches the same solution scikit-learn does.
 accuracy at C = 1e6, 1e4, ..., 1e-6; then `steps` rounds of a binary search in log10(C) around the best,
 each keeping the better end. Ties keep the lower validation loss.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,9 @@ class LogisticFit:
         return x.double() @ self.weight.t() + self.bias
 
 
-def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, c: float, max_iter: int = 1000,
-                 tol: float = 1e-7) -> LogisticFit:
+def fit_logistic(
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, c: float, max_iter: int = 1000, tol: float = 1e-7
+) -> LogisticFit:
     """Multinomial logistic regression with L2 strength 1/c on features `x` (N, D) and labels `y` (N,)."""
     if c <= 0 or not math.isfinite(c):
         raise ConfigError(f"the inverse L2 strength C must be a positive number, got {c}")
@@ -47,8 +49,15 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, c: float, m
         raise ConfigError("the linear probe has no labelled training example")
     w = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, tolerance_grad=tol, tolerance_change=1e-12,
-                            history_size=20, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [w, b],
+        lr=1.0,
+        max_iter=max_iter,
+        tolerance_grad=tol,
+        tolerance_change=1e-12,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
     n = len(y)
 
     def closure():
@@ -75,8 +84,15 @@ def _score(fit: LogisticFit, x: torch.Tensor, y: torch.Tensor) -> tuple[float, f
     return float((logits.argmax(-1) == y).double().mean()), -float(F.cross_entropy(logits, y))
 
 
-def search_c(x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor, num_classes: int,
-             steps: int = SEARCH_STEPS, max_iter: int = 1000) -> tuple[LogisticFit, list[dict[str, float]]]:
+def search_c(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    x_val: torch.Tensor,
+    y_val: torch.Tensor,
+    num_classes: int,
+    steps: int = SEARCH_STEPS,
+    max_iter: int = 1000,
+) -> tuple[LogisticFit, list[dict[str, float]]]:
     """The fit at the C that scores best on the validation features, and every (C, accuracy) tried."""
     tried: list[dict[str, float]] = []
     fits: dict[float, tuple[tuple[float, float], LogisticFit]] = {}
@@ -91,7 +107,7 @@ def search_c(x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: torch
     best = max(C_GRID, key=lambda c: evaluate(c)[0])
     lo, hi = math.log10(best) - 1.0, math.log10(best) + 1.0
     for _ in range(steps):
-        left, right = evaluate(10 ** lo), evaluate(10 ** hi)
+        left, right = evaluate(10**lo), evaluate(10**hi)
         if left[0] < right[0]:
             lo = 0.5 * (lo + hi)
         else:

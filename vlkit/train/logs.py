@@ -1,4 +1,5 @@
 """Run logs: metrics as JSON lines (and TensorBoard when installed), and a PNG of the training curves."""
+
 from __future__ import annotations
 
 import json
@@ -57,7 +58,6 @@ def plot_curves(history: list[dict[str, Any]], path: Path, metric: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
 
     steps = [r["step"] for r in history]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))

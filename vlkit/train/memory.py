@@ -4,6 +4,7 @@ On CUDA the allocator's peak is exact; on CPU there is no allocator peak to read
 activations are counted through autograd's saved-tensor hooks (each storage once) and added to the
 bytes of parameters, gradients and AdamW state. Both measure one optimisation step of a real batch.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -25,7 +26,6 @@ def _storage_key(t: torch.Tensor):
 
 def measure_step_memory(cfg, batch_size: int | None = None) -> dict[str, Any]:
     """Bytes used by one training step of recipe `cfg` (method, adapter, task as the recipe says)."""
-
 
     torch.manual_seed(cfg.seed)
     backbone = load_backbone(cfg.backbone)
@@ -63,8 +63,13 @@ def measure_step_memory(cfg, batch_size: int | None = None) -> dict[str, Any]:
     if opt is not None:
         for st in opt.state.values():
             opt_bytes += sum(v.numel() * v.element_size() for v in st.values() if isinstance(v, torch.Tensor))
-    out = {"parameters": param_bytes, "gradients": grad_bytes, "optimizer": opt_bytes,
-           "activations": activations, "total": param_bytes + grad_bytes + opt_bytes + activations}
+    out = {
+        "parameters": param_bytes,
+        "gradients": grad_bytes,
+        "optimizer": opt_bytes,
+        "activations": activations,
+        "total": param_bytes + grad_bytes + opt_bytes + activations,
+    }
     if cuda:
         out["cuda_peak"] = torch.cuda.max_memory_allocated()
     return out

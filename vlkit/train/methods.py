@@ -17,6 +17,7 @@ head's parameters train. A method that reads options from the recipe's `compose`
 dataclass with field help, `options_cls`: recipe checking refuses a key it does not declare
 (`check_options`) and `vlkit plugins --json` lists them.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -61,8 +62,10 @@ class TrainingMethod:
         declared = option_names(self.options_cls)
         unknown = sorted(k for k in options if k not in declared)
         if unknown:
-            raise ConfigError(f"{source}: key 'compose.{unknown[0]}': method {self.name!r} does not take "
-                              f"{', '.join(unknown)}; its compose options: {', '.join(declared)}")
+            raise ConfigError(
+                f"{source}: key 'compose.{unknown[0]}': method {self.name!r} does not take "
+                f"{', '.join(unknown)}; its compose options: {', '.join(declared)}"
+            )
 
     def check(self, cfg, source: str) -> None:
         return None
@@ -105,24 +108,27 @@ class AdapterMethod(TrainingMethod):
 
     def check(self, cfg, source: str) -> None:
 
-
         opts = plain(cfg.adapter)
         variant = opts.pop("variant", None)
         if not variant:
             raise ConfigError(f"{source}: key 'adapter.variant': missing (e.g. bottleneck, lora)")
         reg = registry("adapter")
         if variant not in reg:
-            raise ConfigError(f"{source}: key 'adapter.variant': unknown variant {variant!r}; known: "
-                              f"{', '.join(reg.names())}")
+            raise ConfigError(
+                f"{source}: key 'adapter.variant': unknown variant {variant!r}; known: {', '.join(reg.names())}"
+            )
         try:
             reg.get(variant).make_config(**opts)
         except ConfigError as exc:
             raise ConfigError(f"{source}: key 'adapter': {exc}") from None
-        if getattr(reg.get(variant), "training_free", False) and not (cfg.optim.steps == 0
-                                                                       or cfg.optim.get("epochs") == 0):
-            raise ConfigError(f"{source}: key 'adapter.variant': {variant} is built from the training data without "
-                              "training; set optim.steps=0 (with --allow-untrained), use `vlkit adapt --method "
-                              f"{variant}`, or train it with a trainable counterpart (e.g. tip-adapter-f)")
+        if getattr(reg.get(variant), "training_free", False) and not (
+            cfg.optim.steps == 0 or cfg.optim.get("epochs") == 0
+        ):
+            raise ConfigError(
+                f"{source}: key 'adapter.variant': {variant} is built from the training data without "
+                "training; set optim.steps=0 (with --allow-untrained), use `vlkit adapt --method "
+                f"{variant}`, or train it with a trainable counterpart (e.g. tip-adapter-f)"
+            )
 
     def prepare(self, backbone, task, cfg, adapter_options: dict[str, Any], train_data=None) -> str | None:
         """Inject the recipe's adapter. A variant that needs the task or the data first gets them through
@@ -182,9 +188,10 @@ class LinearMethod(TrainingMethod):
 
     def prepare(self, backbone, task, cfg, adapter_options: dict[str, Any]) -> str | None:
         if not list(task.head.parameters()):
-            raise ConfigError(f"method 'linear' needs a task head with parameters; task {task.name!r} has none"
-                              + (f" (set task.options to {task.linear_probe_options})"
-                                 if task.linear_probe_options else ""))
+            raise ConfigError(
+                f"method 'linear' needs a task head with parameters; task {task.name!r} has none"
+                + (f" (set task.options to {task.linear_probe_options})" if task.linear_probe_options else "")
+            )
         return None
 
 
@@ -203,13 +210,16 @@ class FuseMethod(TrainingMethod):
     def check(self, cfg, source: str) -> None:
         adapters = cfg.compose.get("adapters") if cfg.compose else None
         if not adapters:
-            raise ConfigError(f"{source}: key 'compose.adapters': method 'fuse' needs the adapters to fuse "
-                              "(a list of {name, path}; `vlkit compose A,B --mode fuse --recipe R` fills it in)")
+            raise ConfigError(
+                f"{source}: key 'compose.adapters': method 'fuse' needs the adapters to fuse "
+                "(a list of {name, path}; `vlkit compose A,B --mode fuse --recipe R` fills it in)"
+            )
         for i, item in enumerate(adapters):
             path = item.get("path") if hasattr(item, "get") else None
             if not path or not Path(str(path)).is_dir():
-                raise ConfigError(f"{source}: key 'compose.adapters[{i}].path': adapter directory {path} "
-                                  "does not exist")
+                raise ConfigError(
+                    f"{source}: key 'compose.adapters[{i}].path': adapter directory {path} does not exist"
+                )
 
     def prepare(self, backbone, task, cfg, adapter_options: dict[str, Any]) -> str | None:
 
@@ -225,8 +235,10 @@ def fuse_arguments(cfg) -> tuple[list[tuple[str, Path]], str, float]:
     """The recipe's `compose` mapping as plain arguments for vlkit.compose's fusion: (name, dir) sources, the
     fusion's name and its temperature."""
     spec = cfg.compose
-    sources = [(str(item.get("name") or Path(str(item["path"])).name), Path(str(item["path"])))
-               for item in spec.get("adapters") or []]
+    sources = [
+        (str(item.get("name") or Path(str(item["path"])).name), Path(str(item["path"])))
+        for item in spec.get("adapters") or []
+    ]
     return sources, str(spec.get("fusion") or "fusion"), float(spec.get("temperature", 1.0))
 
 
@@ -244,8 +256,9 @@ def freeze(backbone) -> None:
         p.requires_grad_(False)
 
 
-def prepare_adapter(method: TrainingMethod, backbone, task, cfg, adapter_options: dict[str, Any],
-                    train_data=None) -> str | None:
+def prepare_adapter(
+    method: TrainingMethod, backbone, task, cfg, adapter_options: dict[str, Any], train_data=None
+) -> str | None:
     """One call of `method.prepare` for `task` (with `train_data` when its `prepare` takes that keyword); the
     task head then trains when the method trains heads. Returns the adapter the method made, or None."""
     if train_data is not None and "train_data" in inspect.signature(method.prepare).parameters:
@@ -267,8 +280,9 @@ def trainable_parameters(backbone, heads: dict[str, nn.Module]) -> dict[str, nn.
     return trainable
 
 
-def apply_method(backbone, task, cfg, adapter_options: dict[str, Any],
-                 train_data=None) -> tuple[str | None, dict[str, nn.Parameter]]:
+def apply_method(
+    backbone, task, cfg, adapter_options: dict[str, Any], train_data=None
+) -> tuple[str | None, dict[str, nn.Parameter]]:
     """Set requires_grad for the method; returns (adapter name or None, trainable parameters by name).
 
     `train_data` (the training dataset) reaches a method whose `prepare` takes a `train_data` keyword."""

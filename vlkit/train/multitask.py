@@ -11,6 +11,7 @@ task.json, head.safetensors and a single-task recipe.yaml naming its data), `sha
 shared tensors, once), `composition.json` (mode `route`: pick an adapter with --task/--adapter; loading
 re-ties the shared parameters) and metrics.json.
 """
+
 from __future__ import annotations
 
 import copy
@@ -33,9 +34,14 @@ from .recipe import TaskCfg, plain, to_yaml
 def task_recipe(cfg, tcfg, name: str):
     """The single-task recipe of one entry of `tasks` (saved with its adapter; the router reads its data)."""
 
-    return dataclasses.replace(cfg, name=name, tasks=[], sharing="per_task",
-                               task=TaskCfg(name=tcfg.name, options=copy.deepcopy(tcfg.options)),
-                               data=copy.deepcopy(tcfg.data))
+    return dataclasses.replace(
+        cfg,
+        name=name,
+        tasks=[],
+        sharing="per_task",
+        task=TaskCfg(name=tcfg.name, options=copy.deepcopy(tcfg.options)),
+        data=copy.deepcopy(tcfg.data),
+    )
 
 
 def multitask_jobs(cfg, backbone, datasets: dict[str, tuple]) -> tuple[list[Job], dict[str, torch.nn.Parameter]]:
@@ -59,8 +65,17 @@ def multitask_jobs(cfg, backbone, datasets: dict[str, tuple]) -> tuple[list[Job]
         if any(j.name == name for j in jobs):
             raise ConfigError(f"two tasks would both use adapter {name!r}; give each an `adapter` name")
         sub = task_recipe(cfg, tcfg, name)
-        jobs.append(prepare_job(backbone, sub, name=name, seed=cfg.seed + 7919 * i, adapter_options=dict(opts),
-                                datasets=datasets.get(name), method=method))
+        jobs.append(
+            prepare_job(
+                backbone,
+                sub,
+                name=name,
+                seed=cfg.seed + 7919 * i,
+                adapter_options=dict(opts),
+                datasets=datasets.get(name),
+                method=method,
+            )
+        )
         trains.update(n for n, p in backbone.named_parameters(remove_duplicate=False) if p.requires_grad)
     if adapters:
         tie_shared(backbone, [j.name for j in jobs if j.name is not None], cfg.sharing, check=False)
@@ -72,10 +87,17 @@ def multitask_jobs(cfg, backbone, datasets: dict[str, tuple]) -> tuple[list[Job]
 
 def multitask_result(result: dict[str, Any], cfg, per_task: dict[str | None, dict]) -> None:
     """Fill a multi-task run's result: per-task metrics, their mean as the score."""
-    result.update({"tasks": [t.adapter or t.name for t in cfg.tasks], "sharing": cfg.sharing,
-                   "per_task": per_task, "primary_metric": "mean of task metrics",
-                   "metrics": {f"{name}/{k}": v for name, m in per_task.items() for k, v in m.items()
-                               if k not in ("task", "metric")}})
+    result.update(
+        {
+            "tasks": [t.adapter or t.name for t in cfg.tasks],
+            "sharing": cfg.sharing,
+            "per_task": per_task,
+            "primary_metric": "mean of task metrics",
+            "metrics": {
+                f"{name}/{k}": v for name, m in per_task.items() for k, v in m.items() if k not in ("task", "metric")
+            },
+        }
+    )
     scores = [v[v["metric"]] for v in per_task.values()]
     result["score"] = sum(scores) / len(scores) if scores else None
 
@@ -116,7 +138,10 @@ def write_multitask_outputs(cfg, out: Path, backbone, jobs, result: dict[str, An
     if shared:
         with atomic_path(out / "shared.safetensors") as tmp:
             save_file({k: v.detach().cpu().contiguous().clone() for k, v in shared.items()}, str(tmp))
-        extra["shared_parameters"] = {"file": "shared.safetensors", "tensors": len(shared),
-                                      "numel": int(sum(v.numel() for v in shared.values()))}
+        extra["shared_parameters"] = {
+            "file": "shared.safetensors",
+            "tensors": len(shared),
+            "numel": int(sum(v.numel() for v in shared.values())),
+        }
     write_composition(out, "route", backbone, sources, extra=extra)
     write_json(out / "metrics.json", result)

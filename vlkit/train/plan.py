@@ -7,6 +7,7 @@ train. The engine only loops over the jobs; the plan also says how the run's res
 - multi-task (`vlkit.train.multitask`): one job per task, run round-robin, each task's adapter prepared as
   its single-task recipe would be, tied per `sharing`; writes a route composition of the task adapters.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -101,6 +102,7 @@ def build_plan(cfg, backbone, datasets: tuple | dict | None = None) -> Plan:
     freeze(backbone)
     method = get_method(cfg.method)
     assert not isinstance(datasets, dict), "one task: (train, eval) or None"
-    job = prepare_job(backbone, cfg, name=None, seed=cfg.seed, method=method, datasets=datasets,
-                      adapter_options=plain(cfg.adapter))
+    job = prepare_job(
+        backbone, cfg, name=None, seed=cfg.seed, method=method, datasets=datasets, adapter_options=plain(cfg.adapter)
+    )
     return Plan(cfg, [job], trainable_parameters(backbone, {"head.": job.task.head}))

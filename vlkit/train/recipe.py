@@ -3,6 +3,7 @@
 Everything a run needs is checked here, before any backbone weights or data load: unknown keys,
 wrong types, unknown plugin names, bad adapter options and missing local files.
 """
+
 from __future__ import annotations
 
 import copy
@@ -132,9 +133,14 @@ def _omegaconf_error(exc: Exception, source: str) -> ConfigError:
     return ConfigError(where + msg.strip())
 
 
-def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None,
-                notes: list[str] | None = None, allow_env: list[str] | tuple[str, ...] = (),
-                allow_untrained: bool = False):
+def load_recipe(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    base: dict | None = None,
+    notes: list[str] | None = None,
+    allow_env: list[str] | tuple[str, ...] = (),
+    allow_untrained: bool = False,
+):
     """Read a recipe file (or start from defaults) and apply overrides, check it, and return the typed
     `Recipe` (see `as_recipe`).
 
@@ -196,8 +202,10 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{source}: key 'tasks[{i}].data.train': each task needs its training data")
     missing = sorted(OmegaConf.missing_keys(merged))
     if missing:
-        raise ConfigError(f"{source}: required key(s) {', '.join(missing)} not set (??? in the recipe)",
-                          hint="give them on the command line: " + " ".join(f"{k}=..." for k in missing))
+        raise ConfigError(
+            f"{source}: required key(s) {', '.join(missing)} not set (??? in the recipe)",
+            hint="give them on the command line: " + " ".join(f"{k}=..." for k in missing),
+        )
     check_recipe(merged, source, allow_untrained=allow_untrained)
 
     data_notes = recipe_notes(merged)  # a recipe setting that overrides a dataset kind's own option says so
@@ -294,11 +302,15 @@ def _check_resolvers(node: Any, source: str, allow_env: set[str], key: str = "")
             if name in ENV_RESOLVERS and arg in allow_env:
                 continue
             if name in ENV_RESOLVERS:
-                raise ConfigError(f"{source}: key {key!r} reads the environment variable {arg} ({m.group(0)}); "
-                                  "recipes do not read the environment",
-                                  hint=f"allow it explicitly with --allow-env {arg}, or pass the value as an override")
-            raise ConfigError(f"{source}: key {key!r} calls the resolver {name!r} ({m.group(0)}); recipes may only "
-                              "refer to other keys (${{key}}) and allowed environment variables")
+                raise ConfigError(
+                    f"{source}: key {key!r} reads the environment variable {arg} ({m.group(0)}); "
+                    "recipes do not read the environment",
+                    hint=f"allow it explicitly with --allow-env {arg}, or pass the value as an override",
+                )
+            raise ConfigError(
+                f"{source}: key {key!r} calls the resolver {name!r} ({m.group(0)}); recipes may only "
+                "refer to other keys (${{key}}) and allowed environment variables"
+            )
 
 
 COMMON_DATA_KEYS = ("kind", "split", "shots", "mix")  # `task` goes too: the run fills it from task.name
@@ -308,7 +320,6 @@ def _accepted_options(parent: str, leaf: str, value: str) -> set[str] | None:
     """The keys a mapping keeps when its `variant` (adapter), `kind` (data spec) or `name` (task) becomes
     `value`: the new plugin's declared options, or None when it declares none (the mapping is emptied)."""
     import dataclasses
-
 
     if leaf == "variant":
         reg = registry("adapter")
@@ -353,8 +364,10 @@ def _switch_options(cfg, overrides: list[str], notes: list[str]) -> set[str]:
             gone.add(f"{mapping_key}.{k}")
         if dropped:
             what = {"variant": "adapter variant", "kind": "dataset kind"}.get(leaf, "task")
-            notes.append(f"{key}={value}: dropped {mapping_key} option(s) {', '.join(dropped)}, which {what} "
-                         f"{value!r} does not take")
+            notes.append(
+                f"{key}={value}: dropped {mapping_key} option(s) {', '.join(dropped)}, which {what} "
+                f"{value!r} does not take"
+            )
     return gone
 
 
@@ -392,8 +405,12 @@ def _null_removals(cfg, overrides: list[str]) -> tuple[list[str], list[str]]:
         key, _, value = item.partition("=")
         parent = key.rpartition(".")[0]
         node = OmegaConf.select(cfg, parent, default=None) if parent else None
-        if (value.strip().lower() in ("null", "~") and node is not None and OmegaConf.is_dict(node)
-                and OmegaConf.get_type(node) is dict):
+        if (
+            value.strip().lower() in ("null", "~")
+            and node is not None
+            and OmegaConf.is_dict(node)
+            and OmegaConf.get_type(node) is dict
+        ):
             if key.rpartition(".")[2] in node:
                 remove.append(key)
         else:
@@ -437,8 +454,10 @@ def _check_data_source(spec: Any, key: str, source: str) -> None:
         raise ConfigError(f"{source}: key {key!r}: needs a 'kind' (e.g. world, manifest, imagefolder, hf)")
 
     if kind not in registry("dataset"):
-        raise ConfigError(f"{source}: key '{key}.kind': unknown dataset kind {kind!r}; known: "
-                          f"{', '.join(registry('dataset').names())}")
+        raise ConfigError(
+            f"{source}: key '{key}.kind': unknown dataset kind {kind!r}; known: "
+            f"{', '.join(registry('dataset').names())}"
+        )
     for pkey in ("path", "data_dir", "data_files"):
         val = spec.get(pkey)
         if isinstance(val, str) and kind in ("manifest", "imagefolder", "parquet") and not Path(val).exists():
@@ -448,7 +467,6 @@ def _check_data_source(spec: Any, key: str, source: str) -> None:
 def check_recipe(cfg, source: str = "<recipe>", allow_untrained: bool = False) -> None:
     """Semantic checks that need the plugin registries but no weights or data."""
     from omegaconf import OmegaConf
-
 
     methods = registry("method")
     if cfg.method not in methods:
@@ -460,8 +478,9 @@ def check_recipe(cfg, source: str = "<recipe>", allow_untrained: bool = False) -
     _choice(cfg.optim.schedule, SCHEDULES, "optim.schedule", source)
     _choice(cfg.optim.optimizer, ("adamw", "sgd"), "optim.optimizer", source)
     if cfg.task.name not in registry("task"):
-        raise ConfigError(f"{source}: key 'task.name': unknown task {cfg.task.name!r}; known: "
-                          f"{', '.join(registry('task').names())}")
+        raise ConfigError(
+            f"{source}: key 'task.name': unknown task {cfg.task.name!r}; known: {', '.join(registry('task').names())}"
+        )
     if method.fits and cfg.optim.steps is None and cfg.optim.epochs is None:
         raise ConfigError(f"{source}: key 'optim': give optim.steps or optim.epochs")
     if cfg.data.num_workers < 0 or cfg.data.prefetch_factor < 1 or cfg.data.shuffle_buffer < 1:
@@ -475,8 +494,11 @@ def check_recipe(cfg, source: str = "<recipe>", allow_untrained: bool = False) -
         value = getattr(cfg.optim, key)
         least = 1 if method.fits and not allow_untrained else 0
         if value is not None and value < least:
-            raise ConfigError(f"{source}: key 'optim.{key}': must be >= 1 (got {value}); a run with no step "
-                              "would write an untrained adapter", hint="pass --allow-untrained to write one anyway")
+            raise ConfigError(
+                f"{source}: key 'optim.{key}': must be >= 1 (got {value}); a run with no step "
+                "would write an untrained adapter",
+                hint="pass --allow-untrained to write one anyway",
+            )
     for key in ("batch_size", "grad_accum"):
         if getattr(cfg.optim, key) < 1:
             raise ConfigError(f"{source}: key 'optim.{key}': must be >= 1")
@@ -498,19 +520,21 @@ def check_recipe(cfg, source: str = "<recipe>", allow_untrained: bool = False) -
             raise ConfigError(f"{source}: key 'backbone': weights file {weights} does not exist")
 
     if factory_name(bb) not in registry("backbone"):
-        raise ConfigError(f"{source}: key 'backbone': unknown backbone {bb!r}; known kinds: "
-                          f"{', '.join(registry('backbone').names())}")
+        raise ConfigError(
+            f"{source}: key 'backbone': unknown backbone {bb!r}; known kinds: {', '.join(registry('backbone').names())}"
+        )
 
 
 def _check_compose(cfg, source: str) -> None:
     """Checks of the multi-task (`tasks`, `sharing`) and fusion (`method: fuse`, `compose`) keys."""
 
     if cfg.tasks:
-
         _choice(cfg.sharing, SHARING, "sharing", source)
         if cfg.method not in ("adapter", "full"):
-            raise ConfigError(f"{source}: key 'tasks': multi-task training needs method 'adapter' (one adapter per "
-                              "task, tied per `sharing`) or 'full' (one model fine-tuned on every task)")
+            raise ConfigError(
+                f"{source}: key 'tasks': multi-task training needs method 'adapter' (one adapter per "
+                "task, tied per `sharing`) or 'full' (one model fine-tuned on every task)"
+            )
         try:
             if cfg.method == "adapter":
                 shared_parts(cfg.adapter.variant, cfg.sharing)
@@ -518,18 +542,24 @@ def _check_compose(cfg, source: str) -> None:
             raise ConfigError(f"{source}: key 'sharing': {exc}") from None
         for i, t in enumerate(cfg.tasks):
             if t.name not in registry("task"):
-                raise ConfigError(f"{source}: key 'tasks[{i}].name': unknown task {t.name!r}; known: "
-                                  f"{', '.join(registry('task').names())}")
+                raise ConfigError(
+                    f"{source}: key 'tasks[{i}].name': unknown task {t.name!r}; known: "
+                    f"{', '.join(registry('task').names())}"
+                )
             _check_data_source(t.data.train, f"tasks[{i}].data.train", source)
             _check_data_source(t.data.eval, f"tasks[{i}].data.eval", source)
     base = cfg.compose.get("base") if cfg.compose else None
     if base and cfg.tasks:
-        raise ConfigError(f"{source}: key 'compose.base': a multi-task run writes a route composition of its task "
-                          "adapters, which cannot carry a base under each of them",
-                          hint="train each task on the base with its own single-task recipe")
+        raise ConfigError(
+            f"{source}: key 'compose.base': a multi-task run writes a route composition of its task "
+            "adapters, which cannot carry a base under each of them",
+            hint="train each task on the base with its own single-task recipe",
+        )
     if base and (cfg.method != "adapter" or not Path(str(base).split("+")[0]).exists()):
-        raise ConfigError(f"{source}: key 'compose.base': " + (f"{base} does not exist" if cfg.method == "adapter"
-                                                              else "only method 'adapter' trains on a base"))
+        raise ConfigError(
+            f"{source}: key 'compose.base': "
+            + (f"{base} does not exist" if cfg.method == "adapter" else "only method 'adapter' trains on a base")
+        )
 
 
 def to_yaml(cfg) -> str:
@@ -540,8 +570,20 @@ def to_yaml(cfg) -> str:
 
 
 # keys a resumed run may change: how long it runs, how it logs, evaluates and checkpoints, how data is loaded
-RESUME_FREE = ("optim.steps", "optim.epochs", "eval", "checkpoint", "logging", "output_dir", "notes",
-               "data.num_workers", "data.pin_memory", "data.prefetch_factor", "device", "compile")
+RESUME_FREE = (
+    "optim.steps",
+    "optim.epochs",
+    "eval",
+    "checkpoint",
+    "logging",
+    "output_dir",
+    "notes",
+    "data.num_workers",
+    "data.pin_memory",
+    "data.prefetch_factor",
+    "device",
+    "compile",
+)
 
 
 def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -572,7 +614,9 @@ def check_resumable(cfg, *recipe_files: Path) -> None:
     if changed:
         shown = ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in changed[:4])
         more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
-        raise ConfigError(f"--resume: the recipe differs from the one the checkpoints in {saved_file.parent} were "
-                          f"made with: {shown}{more}",
-                          hint="resume with the same recipe (only optim.steps/epochs, eval, checkpoint and logging "
-                               "may change), or start over with --overwrite")
+        raise ConfigError(
+            f"--resume: the recipe differs from the one the checkpoints in {saved_file.parent} were "
+            f"made with: {shown}{more}",
+            hint="resume with the same recipe (only optim.steps/epochs, eval, checkpoint and logging "
+            "may change), or start over with --overwrite",
+        )

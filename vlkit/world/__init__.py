@@ -13,22 +13,50 @@ CLIP (``photo``) and a benchmark for adapters.
 The same seed gives the same bytes in any process. `write` stores a dataset as PNGs plus a manifest that
 ``datasets.load_dataset("imagefolder", data_dir=...)`` (or the official Winoground layout) reads back.
 """
+
 from __future__ import annotations
 
 import importlib
 
 _LAZY = {  # loaded on first use, so registering the world plugin costs no numpy or PIL import
-    **{name: "domains" for name in ("DOMAINS", "TASKS", "answer_set", "class_names", "class_prompt",
-                                    "colour_names", "shape_names", "vqa_answer_types")},
-    "MANIFESTS": "io", "read": "io", "write": "io",
+    **{
+        name: "domains"
+        for name in (
+            "DOMAINS",
+            "TASKS",
+            "answer_set",
+            "class_names",
+            "class_prompt",
+            "colour_names",
+            "shape_names",
+            "vqa_answer_types",
+        )
+    },
+    "MANIFESTS": "io",
+    "read": "io",
+    "write": "io",
     "vocabulary": "language",
     "render_contact_sheet": "render",
-    "features": "tasks", "generate": "tasks",
+    "features": "tasks",
+    "generate": "tasks",
 }
 
 __all__ = [
-    "DOMAINS", "TASKS", "generate", "features", "class_names", "class_prompt", "colour_names", "shape_names",
-    "answer_set", "vqa_answer_types", "vocabulary", "write", "read", "MANIFESTS", "render_contact_sheet",
+    "DOMAINS",
+    "TASKS",
+    "generate",
+    "features",
+    "class_names",
+    "class_prompt",
+    "colour_names",
+    "shape_names",
+    "answer_set",
+    "vqa_answer_types",
+    "vocabulary",
+    "write",
+    "read",
+    "MANIFESTS",
+    "render_contact_sheet",
 ]
 
 

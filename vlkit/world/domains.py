@@ -9,6 +9,7 @@ on a 3x3 grid of regions) but differ in class set, look and wording:
 - ``satellite``: top-down textured ground with land-cover objects; no colour attribute.
 - ``sketch``: pencil outlines of the photo shapes on paper; no colour attribute.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -68,23 +69,41 @@ class DomainSpec:
 PHOTO = DomainSpec(
     name="photo",
     shapes=("circle", "square", "triangle", "star", "cross", "diamond"),
-    plurals={"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars",
-             "cross": "crosses", "diamond": "diamonds"},
+    plurals={
+        "circle": "circles",
+        "square": "squares",
+        "triangle": "triangles",
+        "star": "stars",
+        "cross": "crosses",
+        "diamond": "diamonds",
+    },
     colours=("red", "orange", "yellow", "green", "blue", "purple", "black"),
     class_prompt="a photo of a {}",
     prefixes=("a photo of", "an image of", "a picture of", ""),
     object_word="object",
     objects_word="objects",
     shape_question=("what shape is {loc}", "which shape is {loc}"),
-    rgb={"red": (214, 40, 40), "orange": (247, 140, 20), "yellow": (236, 201, 18), "green": (38, 158, 62),
-         "blue": (38, 84, 214), "purple": (134, 58, 184), "black": (30, 30, 34)},
+    rgb={
+        "red": (214, 40, 40),
+        "orange": (247, 140, 20),
+        "yellow": (236, 201, 18),
+        "green": (38, 158, 62),
+        "blue": (38, 84, 214),
+        "purple": (134, 58, 184),
+        "black": (30, 30, 34),
+    },
 )
 
 MEDICAL = DomainSpec(
     name="medical",
     shapes=("nodule", "mass", "calcification", "cyst", "consolidation"),
-    plurals={"nodule": "nodules", "mass": "masses", "calcification": "calcifications", "cyst": "cysts",
-             "consolidation": "consolidations"},
+    plurals={
+        "nodule": "nodules",
+        "mass": "masses",
+        "calcification": "calcifications",
+        "cyst": "cysts",
+        "consolidation": "consolidations",
+    },
     colours=("bright", "dark"),
     class_prompt="a radiograph showing a {}",
     prefixes=("a radiograph showing", "an x ray showing", "a chest radiograph with", ""),
@@ -92,8 +111,13 @@ MEDICAL = DomainSpec(
     objects_word="findings",
     shape_question=("what finding is seen {loc}", "what kind of finding is {loc}"),
     region_suffix="region",
-    adjectives={"nodule": "round", "mass": "irregular", "calcification": "punctate", "cyst": "oval",
-                "consolidation": "hazy"},
+    adjectives={
+        "nodule": "round",
+        "mass": "irregular",
+        "calcification": "punctate",
+        "cyst": "oval",
+        "consolidation": "hazy",
+    },
 )
 
 SATELLITE = DomainSpec(

@@ -16,6 +16,7 @@ pairs use the layout of the official Winoground repository::
 Every file is written to a temporary name and renamed into place, images first and manifests last, so a
 reader never sees a half-written manifest or a manifest that names a missing image.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,17 @@ from ..io import write_json, write_text
 from .domains import TASKS, answer_set, class_names
 
 MANIFESTS = ("metadata.jsonl", "examples.jsonl")
-PAIR_COLUMNS = ("id", "image_0", "image_1", "caption_0", "caption_1", "tag", "secondary_tag", "num_main_preds",
-                "collapsed_tag")
+PAIR_COLUMNS = (
+    "id",
+    "image_0",
+    "image_1",
+    "caption_0",
+    "caption_1",
+    "tag",
+    "secondary_tag",
+    "num_main_preds",
+    "collapsed_tag",
+)
 
 
 def _replace_bytes(path: Path, data: bytes) -> None:
@@ -50,7 +60,6 @@ def _png_bytes(value: Any) -> bytes:
     import io
 
     from PIL import Image
-
 
     if isinstance(value, dict):
         data = value.get("bytes")
@@ -95,9 +104,7 @@ def write(ds, out_dir: str | os.PathLike, task: str) -> Path:
     """Write `ds` (from `generate`) as PNGs plus a manifest under `out_dir`; returns the manifest path."""
     from datasets import ClassLabel, Image
 
-
     if task not in TASKS:
-
         raise ConfigError(f"unknown world task {task!r}; tasks: {', '.join(TASKS)}")
     out = Path(out_dir)
     images = out / "images"
@@ -154,7 +161,6 @@ def read(out_dir: str | os.PathLike):
     """Load a directory written by `write` as a `datasets.Dataset` (images decoded lazily from the PNGs)."""
     import datasets
     from datasets import ClassLabel, Image
-
 
     d = Path(out_dir)
     manifest = find_manifest(d)

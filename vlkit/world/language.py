@@ -9,6 +9,7 @@ its attributes, plus a location (one object) or a relation (two or three objects
 - satellite: "an aerial view of a large lake above a small building";
 - sketch: "a pencil drawing of a medium star in the center".
 """
+
 from __future__ import annotations
 
 import re
@@ -47,8 +48,17 @@ NLVR_COUNT = "there {be} {n} {plural} in total"
 NLVR_BOTH = "both images contain {a}"
 NLVR_ONE = "exactly one image contains {a}"
 NLVR_SIDE = "the {side} image shows {a} {rel} {b}"
-VL_TEMPLATES = (GQA_SHAPE, GQA_ATTRIBUTE, GQA_VERIFY, GQA_COMPARE, NLVR_COUNT, NLVR_BOTH, NLVR_ONE, NLVR_SIDE,
-                "colour size left right true false")
+VL_TEMPLATES = (
+    GQA_SHAPE,
+    GQA_ATTRIBUTE,
+    GQA_VERIFY,
+    GQA_COMPARE,
+    NLVR_COUNT,
+    NLVR_BOTH,
+    NLVR_ONE,
+    NLVR_SIDE,
+    "colour size left right true false",
+)
 
 WORD_RE = re.compile(r"[a-z0-9]+")
 
@@ -119,6 +129,7 @@ def caption(domain: str, objs: list[WorldObject], rng: np.random.Generator) -> s
 
 # ---- referring expressions ---------------------------------------------------------------------------
 
+
 def _attr_refs(i: int, objs: list[WorldObject], domain: str, kinds: tuple[str, ...]) -> list[str]:
     """Non-relational descriptions of objs[i] that match no other object."""
     o = objs[i]
@@ -136,8 +147,13 @@ def _attr_refs(i: int, objs: list[WorldObject], domain: str, kinds: tuple[str, .
     return out
 
 
-def refer(i: int, objs: list[WorldObject], domain: str, rng: np.random.Generator,
-          kinds: tuple[str, ...] = ("shape", "colour", "size", "loc", "rel")) -> str:
+def refer(
+    i: int,
+    objs: list[WorldObject],
+    domain: str,
+    rng: np.random.Generator,
+    kinds: tuple[str, ...] = ("shape", "colour", "size", "loc", "rel"),
+) -> str:
     """A short unambiguous description of objs[i] without article ('red circle', 'star left of the cross')."""
     cands = _attr_refs(i, objs, domain, tuple(k for k in kinds if k != "rel"))
     if "rel" in kinds:
@@ -149,8 +165,10 @@ def refer(i: int, objs: list[WorldObject], domain: str, rng: np.random.Generator
             if not other_refs:
                 continue
             for rel in RELATIONS:
-                if relation_holds(o, rel, other) and sum(
-                        p.shape == o.shape and relation_holds(p, rel, other) for p in objs) == 1:
+                if (
+                    relation_holds(o, rel, other)
+                    and sum(p.shape == o.shape and relation_holds(p, rel, other) for p in objs) == 1
+                ):
                     ref = other_refs[int(rng.integers(len(other_refs)))]
                     cands.append(REL_REF_TEMPLATE.format(shape=o.shape, rel=rel, other=ref))
     if not cands:
@@ -166,12 +184,14 @@ def expression(i: int, objs: list[WorldObject], domain: str, rng: np.random.Gene
 
 # ---- visual question answering -----------------------------------------------------------------------
 
+
 def _pick(rng: np.random.Generator, options):
     return options[int(rng.integers(len(options)))]
 
 
-def question(domain: str, objs: list[WorldObject], rng: np.random.Generator, qtype: str,
-             want_yes: bool = True) -> tuple[str, str] | None:
+def question(
+    domain: str, objs: list[WorldObject], rng: np.random.Generator, qtype: str, want_yes: bool = True
+) -> tuple[str, str] | None:
     """(question, answer) of type `qtype` about the scene, or None when the scene cannot support it."""
     s = SPECS[domain]
     if qtype == "colour":
@@ -201,8 +221,12 @@ def question(domain: str, objs: list[WorldObject], rng: np.random.Generator, qty
             return None
         for _ in range(20):
             rel = _pick(rng, RELATIONS)
-            pairs = [(a, b) for a in range(len(objs)) for b in range(len(objs))
-                     if a != b and relation_holds(objs[a], rel, objs[b]) == want_yes]
+            pairs = [
+                (a, b)
+                for a in range(len(objs))
+                for b in range(len(objs))
+                if a != b and relation_holds(objs[a], rel, objs[b]) == want_yes
+            ]
             if pairs:
                 a, b = pairs[int(rng.integers(len(pairs)))]
                 kinds = ("shape", "colour", "size", "loc")
@@ -215,6 +239,7 @@ def question(domain: str, objs: list[WorldObject], rng: np.random.Generator, qty
 
 # ---- minimal-pair captions ---------------------------------------------------------------------------
 
+
 def desc_phrase(desc: dict[str, str]) -> str:
     """'a large red circle' from {'shape': 'circle', 'colour': 'red', 'size': 'large'}."""
     bits = [desc[k] for k in ("size", "colour") if desc.get(k)] + [desc["shape"]]
@@ -226,8 +251,9 @@ def struct_caption(struct: dict[str, Any], domain: str) -> str:
     if "counts" in struct:
         (s1, n1), (s2, n2) = struct["counts"].items()
         plural = SPECS[domain].plurals
-        return NUMERAL_TEMPLATE.format(n1=COUNT_WORDS[n1], s1=plural[s1] if n1 > 1 else s1,
-                                       n2=COUNT_WORDS[n2], s2=plural[s2] if n2 > 1 else s2)
+        return NUMERAL_TEMPLATE.format(
+            n1=COUNT_WORDS[n1], s1=plural[s1] if n1 > 1 else s1, n2=COUNT_WORDS[n2], s2=plural[s2] if n2 > 1 else s2
+        )
     nps = [desc_phrase(d) for d in struct["objects"]]
     clauses = struct["clauses"]
     if len(clauses) == 1:
@@ -239,6 +265,7 @@ def struct_caption(struct: dict[str, Any], domain: str) -> str:
 
 # ---- vocabulary --------------------------------------------------------------------------------------
 
+
 def _template_words(t: str) -> set[str]:
     return set(words(re.sub(r"\{[a-z_0-9]*\}", " ", t)))
 
@@ -246,16 +273,43 @@ def _template_words(t: str) -> set[str]:
 def vocabulary() -> list[str]:
     """Every word any caption, question, answer, expression, class prompt or pair caption can contain."""
     vocab: set[str] = {"a", "an"}
-    texts: list[str] = [*SIZES, *ROW_NAMES, *COL_NAMES, *RELATIONS, *COUNT_WORDS, *YES_NO,
-                        *SINGLE_TEMPLATES, *MEDICAL_SINGLE_TEMPLATES, *PAIR_TEMPLATES, *TRIPLE_TEMPLATES,
-                        PHOTO_SHAPE_BY_COLOUR, *COUNT_QUESTIONS, COUNT_BY_COLOUR, *YESNO_QUESTIONS, LOC_TEMPLATE,
-                        *EXPRESSION_TEMPLATES, REL_REF_TEMPLATE, PREPOSITION_TEMPLATE, NUMERAL_TEMPLATE,
-                        *VL_TEMPLATES]
+    texts: list[str] = [
+        *SIZES,
+        *ROW_NAMES,
+        *COL_NAMES,
+        *RELATIONS,
+        *COUNT_WORDS,
+        *YES_NO,
+        *SINGLE_TEMPLATES,
+        *MEDICAL_SINGLE_TEMPLATES,
+        *PAIR_TEMPLATES,
+        *TRIPLE_TEMPLATES,
+        PHOTO_SHAPE_BY_COLOUR,
+        *COUNT_QUESTIONS,
+        COUNT_BY_COLOUR,
+        *YESNO_QUESTIONS,
+        LOC_TEMPLATE,
+        *EXPRESSION_TEMPLATES,
+        REL_REF_TEMPLATE,
+        PREPOSITION_TEMPLATE,
+        NUMERAL_TEMPLATE,
+        *VL_TEMPLATES,
+    ]
     for qs in COLOUR_QUESTIONS.values():
         texts += qs
     for s in SPECS.values():
-        texts += [*s.shapes, *s.plurals.values(), *s.colours, *s.prefixes, s.class_prompt, s.object_word,
-                  s.objects_word, *s.shape_question, s.region_suffix, *s.adjectives.values()]
+        texts += [
+            *s.shapes,
+            *s.plurals.values(),
+            *s.colours,
+            *s.prefixes,
+            s.class_prompt,
+            s.object_word,
+            s.objects_word,
+            *s.shape_question,
+            s.region_suffix,
+            *s.adjectives.values(),
+        ]
     for t in texts:
         vocab |= _template_words(t)
     return sorted(vocab)

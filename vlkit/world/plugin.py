@@ -12,6 +12,7 @@ dataset kind's registry entry (`Entry.meta`):
   ``write(ds, out_dir, task)``, ``read(dir)``, ``find_manifest(dir)``, ``contact_sheet(images, captions,
   out, columns=)``: what ``vlkit data generate`` and ``vlkit data show`` run.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -50,9 +51,17 @@ def domain_defaults(domain: str) -> dict[str, Any] | None:
     return {"class_names": class_names(domain), "prompt": class_prompt(domain), "answers": answer_set(domain)}
 
 
-def load_world(source: str | None = None, *, split: str | None = None, domain: str | None = None,
-               task: str | None = None, n: int = DEFAULT_WORLD_N, seed: int = 0, image_size: int = 64,
-               **options: Any):
+def load_world(
+    source: str | None = None,
+    *,
+    split: str | None = None,
+    domain: str | None = None,
+    task: str | None = None,
+    n: int = DEFAULT_WORLD_N,
+    seed: int = 0,
+    image_size: int = 64,
+    **options: Any,
+):
     """The embedded procedural image-text world: ``world:DOMAIN/TASK`` or options domain, task, n, seed."""
     from ..data.loaders import _int_option, _no_extra
     from .tasks import generate
@@ -136,11 +145,21 @@ def _tiny(spec, device=None):
 
 @hookimpl
 def register_datasets(register):
-    register("world", load_world,
-             summary="embedded procedural image-text world: world:DOMAIN/TASK (options n, seed, image_size)",
-             options_cls=WorldOptions, domains=DOMAINS, tasks=TASKS, domain_defaults=domain_defaults,
-             check=_check, generate=_generate, write=_write, read=_read, find_manifest=_find_manifest,
-             contact_sheet=_contact_sheet)
+    register(
+        "world",
+        load_world,
+        summary="embedded procedural image-text world: world:DOMAIN/TASK (options n, seed, image_size)",
+        options_cls=WorldOptions,
+        domains=DOMAINS,
+        tasks=TASKS,
+        domain_defaults=domain_defaults,
+        check=_check,
+        generate=_generate,
+        write=_write,
+        read=_read,
+        find_manifest=_find_manifest,
+        contact_sheet=_contact_sheet,
+    )
 
 
 def _tiny_vl(spec, device=None):
@@ -152,8 +171,12 @@ def _tiny_vl(spec, device=None):
 @hookimpl
 def register_backbones(register):
     register("tiny", _tiny, "built-in tiny CLIP pre-trained on the embedded photo world (tiny[@random|@path])")
-    register("tiny-vl", _tiny_vl, "built-in generative backbone: tiny's image tower + a small T5, pre-trained on the "
-                                  "embedded world's captions and questions (tiny-vl[@init|@random|@path])")
+    register(
+        "tiny-vl",
+        _tiny_vl,
+        "built-in generative backbone: tiny's image tower + a small T5, pre-trained on the "
+        "embedded world's captions and questions (tiny-vl[@init|@random|@path])",
+    )
 
 
 @hookimpl

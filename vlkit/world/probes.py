@@ -8,6 +8,7 @@ caption_0 true and caption_1 false, and image_1 the other way round).
 - relation swap (ARO VG-Relation): ``a circle left of a square`` / ``a square left of a circle``
   (``swap-objects``), and ``A left of B and above C`` / ``A above B and left of C`` (``swap-prepositions``).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
@@ -26,8 +27,9 @@ RELATION_SWAPS = {"noun": "swap-objects", "preposition": "swap-prepositions"}
 SYNTH_N = 400
 
 
-def synth_pairs(kinds: Iterable[str], n_pairs: int, seed: int = 0, domain: str = "photo",
-                image_size: int = 64) -> Iterator[dict[str, Any]]:
+def synth_pairs(
+    kinds: Iterable[str], n_pairs: int, seed: int = 0, domain: str = "photo", image_size: int = 64
+) -> Iterator[dict[str, Any]]:
     """World minimal pairs of the given kinds, cycling through the kinds (seeded, deterministic):
     ``{"kind", "image_0", "image_1", "caption_0", "caption_1"}`` (caption_i is true of image_i only)."""
     if domain not in DOMAINS:
@@ -45,20 +47,33 @@ def synth_pairs(kinds: Iterable[str], n_pairs: int, seed: int = 0, domain: str =
         rng = np.random.default_rng([seed, 7919, sorted(collapsed_of).index(kind), i])
         pair = make_pair(domain, collapsed_of[kind], rng, kind=kind)
         c0, c1 = pair.captions(domain)
-        yield {"kind": kind, "collapsed_tag": collapsed_of[kind], "caption_0": c0, "caption_1": c1,
-               "image_0": render_scene(domain, pair.objs_0, pair.bg_seed, image_size),
-               "image_1": render_scene(domain, pair.objs_1, pair.bg_seed, image_size)}
+        yield {
+            "kind": kind,
+            "collapsed_tag": collapsed_of[kind],
+            "caption_0": c0,
+            "caption_1": c1,
+            "image_0": render_scene(domain, pair.objs_0, pair.bg_seed, image_size),
+            "image_1": render_scene(domain, pair.objs_1, pair.bg_seed, image_size),
+        }
 
 
-def synth_swap_examples(kinds: dict[str, str], n: int = SYNTH_N, seed: int = 0, domain: str = "photo",
-                        image_size: int = 64) -> list[dict[str, Any]]:
+def synth_swap_examples(
+    kinds: dict[str, str], n: int = SYNTH_N, seed: int = 0, domain: str = "photo", image_size: int = 64
+) -> list[dict[str, Any]]:
     """Caption pairs from world minimal pairs of the given kinds ({kind: category}), balanced over kinds:
     each pair gives (image_0, caption_0 true, caption_1 false) and (image_1, caption_1 true, caption_0 false)."""
     examples: list[dict[str, Any]] = []
     for i, p in enumerate(synth_pairs(list(kinds), (n + 1) // 2, seed=seed, domain=domain, image_size=image_size)):
         for k in (0, 1):
-            examples.append({"id": f"{i}_{k}", "image": p[f"image_{k}"], "true": p[f"caption_{k}"],
-                             "false": p[f"caption_{1 - k}"], "category": kinds[p["kind"]]})
+            examples.append(
+                {
+                    "id": f"{i}_{k}",
+                    "image": p[f"image_{k}"],
+                    "true": p[f"caption_{k}"],
+                    "false": p[f"caption_{1 - k}"],
+                    "category": kinds[p["kind"]],
+                }
+            )
     return examples[:n]
 
 
@@ -71,8 +86,9 @@ class SynthSwapProbe(CaptionPairProbe):
         self.name, self.kinds, self.summary = name, dict(kinds), summary
         self.data_help = f"synth (default) or synth:DOMAIN; categories {', '.join(kinds.values())}"
 
-    def examples(self, data: Any, *, n: int | None, data_seed: int, image_root: str | None = None
-                 ) -> tuple[list[dict], str]:
+    def examples(
+        self, data: Any, *, n: int | None, data_seed: int, image_root: str | None = None
+    ) -> tuple[list[dict], str]:
         text = str(data or "synth")
         if text != "synth" and not text.startswith("synth:"):
             return super().examples(data, n=n, data_seed=data_seed, image_root=image_root)
@@ -82,10 +98,16 @@ class SynthSwapProbe(CaptionPairProbe):
 
 
 def attribute_swap_probe() -> SynthSwapProbe:
-    return SynthSwapProbe("synth-attribute-swap", ATTRIBUTE_SWAPS,
-                          "world pairs whose attributes swap between objects (colour, size): binding")
+    return SynthSwapProbe(
+        "synth-attribute-swap",
+        ATTRIBUTE_SWAPS,
+        "world pairs whose attributes swap between objects (colour, size): binding",
+    )
 
 
 def relation_swap_probe() -> SynthSwapProbe:
-    return SynthSwapProbe("synth-relation-swap", RELATION_SWAPS,
-                          "world pairs whose objects or prepositions swap around a relation: word order")
+    return SynthSwapProbe(
+        "synth-relation-swap",
+        RELATION_SWAPS,
+        "world pairs whose objects or prepositions swap around a relation: word order",
+    )

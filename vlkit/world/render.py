@@ -11,6 +11,7 @@ differ only where their objects differ.
   noise, and blurred bright or dark findings;
 - satellite: top-down textured ground (grass/dry/mixed) with buildings, fields, lakes, roads and forests.
 """
+
 from __future__ import annotations
 
 import os
@@ -137,8 +138,14 @@ def _render_medical(objs: list[WorldObject], rng: np.random.Generator, size: int
 
 
 _GROUNDS = ((92, 118, 64), (150, 136, 96), (116, 124, 78))
-_SAT_FIXED = {"shadow": (38, 42, 34), "shore": (172, 160, 120), "road": (128, 126, 120), "roadline": (206, 200, 180),
-              "tree": (36, 80, 42), "treeshadow": (22, 40, 26)}
+_SAT_FIXED = {
+    "shadow": (38, 42, 34),
+    "shore": (172, 160, 120),
+    "road": (128, 126, 120),
+    "roadline": (206, 200, 180),
+    "tree": (36, 80, 42),
+    "treeshadow": (22, 40, 26),
+}
 
 
 def _render_satellite(objs: list[WorldObject], rng: np.random.Generator, size: int) -> Image.Image:
@@ -170,8 +177,12 @@ def _render_satellite(objs: list[WorldObject], rng: np.random.Generator, size: i
     return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8), "RGB")
 
 
-_RENDERERS = {"photo": _render_photo, "sketch": _render_sketch, "medical": _render_medical,
-              "satellite": _render_satellite}
+_RENDERERS = {
+    "photo": _render_photo,
+    "sketch": _render_sketch,
+    "medical": _render_medical,
+    "satellite": _render_satellite,
+}
 
 
 def render_scene(domain: str, objs: list[WorldObject], bg_seed: int, size: int = 64) -> Image.Image:
@@ -204,8 +215,14 @@ def _wrap(text: str, font, width: int, max_lines: int) -> list[str]:
     return lines
 
 
-def render_contact_sheet(images: Sequence[Image.Image], captions: Sequence[str], path: str | os.PathLike,
-                         columns: int | None = None, thumb: int = 128, caption_lines: int = 4) -> Path:
+def render_contact_sheet(
+    images: Sequence[Image.Image],
+    captions: Sequence[str],
+    path: str | os.PathLike,
+    columns: int | None = None,
+    thumb: int = 128,
+    caption_lines: int = 4,
+) -> Path:
     """A grid PNG of `images` (scaled to `thumb` px) with each caption in small text underneath.
 
     Written atomically (temporary file then rename). Returns the path.

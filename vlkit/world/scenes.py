@@ -11,6 +11,7 @@ with boxes that never touch. Relations are defined by the grid, which makes them
 cross") against a scene; the Winoground builder uses it to check that each caption is true of its own
 image and false of the other.
 """
+
 from __future__ import annotations
 
 import json
@@ -67,8 +68,12 @@ class WorldObject:
         d: dict[str, Any] = {"shape": self.shape}
         if self.colour:
             d["colour"] = self.colour
-        d.update(size=self.size, region=self.region, center=[round(self.cx, 4), round(self.cy, 4)],
-                 box=[round(v, 4) for v in self.box])
+        d.update(
+            size=self.size,
+            region=self.region,
+            center=[round(self.cx, 4), round(self.cy, 4)],
+            box=[round(v, 4) for v in self.box],
+        )
         return d
 
 
@@ -87,8 +92,14 @@ def relation_holds(a: WorldObject, rel: str, b: WorldObject) -> bool:
 
 
 def true_relations(objs: list[WorldObject]) -> list[tuple[int, str, int]]:
-    return [(i, rel, j) for i, a in enumerate(objs) for j, b in enumerate(objs) if i != j
-            for rel in RELATIONS if relation_holds(a, rel, b)]
+    return [
+        (i, rel, j)
+        for i, a in enumerate(objs)
+        for j, b in enumerate(objs)
+        if i != j
+        for rel in RELATIONS
+        if relation_holds(a, rel, b)
+    ]
 
 
 def scene_json(objs: list[WorldObject]) -> str:
@@ -98,8 +109,9 @@ def scene_json(objs: list[WorldObject]) -> str:
 
 
 def new_object(domain: str, shape: str, colour: str, size: str, cell: int, rng: np.random.Generator) -> WorldObject:
-    return WorldObject(shape, colour, size, cell, parts=make_parts(domain, shape, rng),
-                       look=make_look(domain, shape, colour, rng))
+    return WorldObject(
+        shape, colour, size, cell, parts=make_parts(domain, shape, rng), look=make_look(domain, shape, colour, rng)
+    )
 
 
 def _clamp_centre(o: WorldObject, cx: float, cy: float) -> tuple[float, float]:
@@ -119,7 +131,7 @@ def boxes_apart(objs: Iterable[WorldObject]) -> bool:
     objs = list(objs)
     for i, a in enumerate(objs):
         ax0, ay0, ax1, ay1 = a.box
-        for b in objs[i + 1:]:
+        for b in objs[i + 1 :]:
             bx0, by0, bx1, by1 = b.box
             if ax0 < bx1 + GAP and bx0 < ax1 + GAP and ay0 < by1 + GAP and by0 < ay1 + GAP:
                 return False
@@ -143,8 +155,15 @@ def copy_object(o: WorldObject, **changes: Any) -> WorldObject:
     return recentre(c, c.cx, c.cy)
 
 
-def sample_scene(domain: str, rng: np.random.Generator, n_objects: int, shapes: list[str], colours: list[str],
-                 sizes: list[str], fixed: list[dict[str, str]] | None = None) -> list[WorldObject]:
+def sample_scene(
+    domain: str,
+    rng: np.random.Generator,
+    n_objects: int,
+    shapes: list[str],
+    colours: list[str],
+    sizes: list[str],
+    fixed: list[dict[str, str]] | None = None,
+) -> list[WorldObject]:
     """`n_objects` objects in distinct cells; `fixed[i]` pins attributes of object i (shape/colour/size)."""
     fixed = fixed or []
     for attempt in range(40):
@@ -163,6 +182,7 @@ def sample_scene(domain: str, rng: np.random.Generator, n_objects: int, shapes: 
 
 # ---- structured descriptions -------------------------------------------------------------------------
 
+
 def matches(o: WorldObject, desc: dict[str, str]) -> bool:
     return all(getattr(o, k) == v for k, v in desc.items())
 
@@ -179,6 +199,7 @@ def holds(struct: dict[str, Any], objs: list[WorldObject]) -> bool:
     descs = struct["objects"]
     for assign in permutations(range(len(objs)), len(descs)):
         if all(matches(objs[a], d) for a, d in zip(assign, descs)) and all(
-                relation_holds(objs[assign[i]], rel, objs[assign[j]]) for i, rel, j in struct["clauses"]):
+            relation_holds(objs[assign[i]], rel, objs[assign[j]]) for i, rel, j in struct["clauses"]
+        ):
             return True
     return False

@@ -13,6 +13,7 @@ renderer fills. A part is ``(kind, role, data)``:
 The role tells the renderer which colour, intensity or blur to use. `make_look` draws the per-object
 appearance (exact RGB, intensity amplitude, roof colour...) that is not part of the scene's words.
 """
+
 from __future__ import annotations
 
 import math
@@ -80,8 +81,9 @@ def _blob(rng: np.random.Generator, n: int, roughness: float, base: float = 1.0)
     return [(float(x), float(y)) for x, y in zip(r * np.cos(t), r * np.sin(t))]
 
 
-def _pencil(points: list[tuple[float, float]], rng: np.random.Generator,
-            closed: bool = True) -> list[tuple[float, float]]:
+def _pencil(
+    points: list[tuple[float, float]], rng: np.random.Generator, closed: bool = True
+) -> list[tuple[float, float]]:
     """A hand-drawn version of an outline: densified, wobbly, slightly overshooting the start."""
     pts = list(points) + ([points[0], points[1 % len(points)]] if closed else [])
     out: list[tuple[float, float]] = []
@@ -201,7 +203,6 @@ CROP_COLOURS = (((176, 162, 70), (140, 150, 60)), ((96, 150, 60), (70, 118, 46))
 def make_look(domain: str, shape: str, colour: str, rng: np.random.Generator) -> dict[str, Any]:
     """Appearance details of one object that captions do not mention (kept small so classes stay clear)."""
     if domain == "photo":
-
         r, g, b = PHOTO.rgb[colour]
         j = rng.integers(-10, 11, size=3)
         return {"rgb": tuple(int(min(255, max(0, v + int(d)))) for v, d in zip((r, g, b), j))}
@@ -210,8 +211,11 @@ def make_look(domain: str, shape: str, colour: str, rng: np.random.Generator) ->
         return {"amp": float(amp), "texture": int(rng.integers(2**31))}
     if domain == "satellite":
         crop = CROP_COLOURS[int(rng.integers(len(CROP_COLOURS)))]
-        return {"roof": ROOF_COLOURS[int(rng.integers(len(ROOF_COLOURS)))], "crop": crop,
-                "water": (int(rng.integers(30, 50)), int(rng.integers(62, 84)), int(rng.integers(110, 140)))}
+        return {
+            "roof": ROOF_COLOURS[int(rng.integers(len(ROOF_COLOURS)))],
+            "crop": crop,
+            "water": (int(rng.integers(30, 50)), int(rng.integers(62, 84)), int(rng.integers(110, 140))),
+        }
     if domain == "sketch":
         return {"pen": int(rng.integers(30, 80)), "double": bool(rng.random() < 0.4)}
     raise ValueError(f"unknown domain {domain!r}")

@@ -6,6 +6,7 @@ Quantities that must be balanced exactly (class labels, photo colours, VQA quest
 answers, Winoground collapsed tags) come from a shuffled block design: a permutation of the options drawn
 from ``[seed, domain_id, task_id, block, salt]`` for each block of consecutive examples.
 """
+
 from __future__ import annotations
 
 import json
@@ -62,8 +63,14 @@ def _classification(domain: str, seed: int, i: int, size: int) -> dict[str, Any]
         pin["colour"] = s.colours[balanced(seed, domain, "classification", i, len(s.colours), salt=2)]
     objs = sample_scene(domain, rng, 1, list(s.shapes), list(s.colours), list(SIZES), fixed=[pin])
     o = objs[0]
-    row = {"image": render_scene(domain, objs, int(rng.integers(2**31)), size), "domain": domain,
-           "scene": scene_json(objs), "caption": caption(domain, objs, rng), "label": label, "shape": o.shape}
+    row = {
+        "image": render_scene(domain, objs, int(rng.integers(2**31)), size),
+        "domain": domain,
+        "scene": scene_json(objs),
+        "caption": caption(domain, objs, rng),
+        "label": label,
+        "shape": o.shape,
+    }
     if s.colours:
         row["colour"] = o.colour
     row.update(size=o.size, region=o.region)
@@ -97,10 +104,13 @@ def _multi(domain: str, task: str, seed: int, i: int, size: int) -> dict[str, An
             fixed = [{"shape": shared}, {"shape": shared}]
         objs = sample_scene(domain, rng, k, shapes, colours, sizes, fixed=fixed)
         t = int(rng.integers(k))
-        extra = {"expression": expression(t, objs, domain, rng), "box": [round(v, 4) for v in objs[t].box],
-                 "target": t}
-    row = {"image": render_scene(domain, objs, int(rng.integers(2**31)), size), "domain": domain,
-           "scene": scene_json(objs), "caption": caption(domain, objs, rng)}
+        extra = {"expression": expression(t, objs, domain, rng), "box": [round(v, 4) for v in objs[t].box], "target": t}
+    row = {
+        "image": render_scene(domain, objs, int(rng.integers(2**31)), size),
+        "domain": domain,
+        "scene": scene_json(objs),
+        "caption": caption(domain, objs, rng),
+    }
     row.update(extra)
     return row
 
@@ -110,10 +120,17 @@ def _winoground(domain: str, seed: int, i: int, size: int) -> dict[str, Any]:
     collapsed = COLLAPSED[balanced(seed, domain, "winoground", i, len(COLLAPSED), salt=4)]
     pair = make_pair(domain, collapsed, rng)
     c0, c1 = pair.captions(domain)
-    return {"id": i, "image_0": render_scene(domain, pair.objs_0, pair.bg_seed, size),
-            "image_1": render_scene(domain, pair.objs_1, pair.bg_seed, size), "caption_0": c0, "caption_1": c1,
-            "tag": pair.tag, "secondary_tag": pair.secondary_tag, "num_main_preds": pair.num_main_preds,
-            "collapsed_tag": pair.collapsed}
+    return {
+        "id": i,
+        "image_0": render_scene(domain, pair.objs_0, pair.bg_seed, size),
+        "image_1": render_scene(domain, pair.objs_1, pair.bg_seed, size),
+        "caption_0": c0,
+        "caption_1": c1,
+        "tag": pair.tag,
+        "secondary_tag": pair.secondary_tag,
+        "num_main_preds": pair.num_main_preds,
+        "collapsed_tag": pair.collapsed,
+    }
 
 
 def _generative(domain: str, task: str, seed: int, i: int, size: int) -> dict[str, Any]:
@@ -133,11 +150,25 @@ def features(domain: str, task: str):
     if vl_features(task) is not None:
         return Features(vl_features(task))
     if task == "winoground":
-        return Features({"id": Value("int32"), "image_0": Image(), "image_1": Image(), "caption_0": Value("string"),
-                         "caption_1": Value("string"), "tag": Value("string"), "secondary_tag": Value("string"),
-                         "num_main_preds": Value("int32"), "collapsed_tag": Value("string")})
-    f: dict[str, Any] = {"image": Image(), "domain": Value("string"), "scene": Value("string"),
-                         "caption": Value("string")}
+        return Features(
+            {
+                "id": Value("int32"),
+                "image_0": Image(),
+                "image_1": Image(),
+                "caption_0": Value("string"),
+                "caption_1": Value("string"),
+                "tag": Value("string"),
+                "secondary_tag": Value("string"),
+                "num_main_preds": Value("int32"),
+                "collapsed_tag": Value("string"),
+            }
+        )
+    f: dict[str, Any] = {
+        "image": Image(),
+        "domain": Value("string"),
+        "scene": Value("string"),
+        "caption": Value("string"),
+    }
     if task == "classification":
         f["label"] = ClassLabel(names=class_names(domain))
         f["shape"] = Value("string")
@@ -145,8 +176,9 @@ def features(domain: str, task: str):
             f["colour"] = Value("string")
         f.update(size=Value("string"), region=Value("string"))
     elif task in ("vqa", "vqa-gen"):
-        f.update(question=Value("string"), answer=Value("string"), answer_type=Value("string"),
-                 answer_id=Value("int64"))
+        f.update(
+            question=Value("string"), answer=Value("string"), answer_type=Value("string"), answer_id=Value("int64")
+        )
     elif task == "grounding":
         list_type = getattr(datasets, "List", None)
         box = list_type(Value("float64"), length=4) if list_type else datasets.Sequence(Value("float64"), length=4)
@@ -157,9 +189,17 @@ def features(domain: str, task: str):
 def world_info(domain: str, task: str, n: int, seed: int, image_size: int) -> dict[str, Any]:
     """What `write` records in world.json (also kept as JSON in the dataset's info.description)."""
 
-    return {"world": "vlkit procedural world", "domain": domain, "task": task, "n": n, "seed": seed,
-            "image_size": image_size, "class_names": class_names(domain), "answer_set": answer_set(domain),
-            "vlkit_version": __version__}
+    return {
+        "world": "vlkit procedural world",
+        "domain": domain,
+        "task": task,
+        "n": n,
+        "seed": seed,
+        "image_size": image_size,
+        "class_names": class_names(domain),
+        "answer_set": answer_set(domain),
+        "vlkit_version": __version__,
+    }
 
 
 def generate_rows(domain: str, task: str, n: int, seed: int = 0, image_size: int = 64, start: int = 0):
@@ -186,6 +226,9 @@ def generate(domain: str, task: str, n: int, seed: int = 0, image_size: int = 64
     for row in generate_rows(domain, task, n, seed, image_size):
         for name in feats:
             columns[name].append(row[name])
-    info = datasets.DatasetInfo(description=json.dumps(world_info(domain, task, n, seed, image_size)),
-                                dataset_name=f"vlkit-world-{domain}-{task}", features=feats)
+    info = datasets.DatasetInfo(
+        description=json.dumps(world_info(domain, task, n, seed, image_size)),
+        dataset_name=f"vlkit-world-{domain}-{task}",
+        features=feats,
+    )
     return datasets.Dataset.from_dict(columns, features=feats, info=info)

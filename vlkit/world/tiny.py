@@ -9,6 +9,7 @@ pad=0, start=1, unknown=2, words from 3, end-of-text = the largest id (open_clip
 Specs: `tiny` (shipped pre-trained weights; a seeded init when none are shipped), `tiny@random`
 (seeded init), `tiny@/path/weights.safetensors` (weights of a run, e.g. recipes/pretrain-tiny.yaml).
 """
+
 from __future__ import annotations
 
 import copy
@@ -51,8 +52,9 @@ def build_tokenizer(words: list[str], context_length: int = 32):
     tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace(Regex("[^a-z0-9]+"), " ")])
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single=f"<sot> $A {EOT}",
-                                                       special_tokens=[("<sot>", 1), (EOT, eot_id)])
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"<sot> $A {EOT}", special_tokens=[("<sot>", 1), (EOT, eot_id)]
+    )
     tok.enable_truncation(max_length=context_length)
     tok.enable_padding(length=context_length, pad_id=0, pad_token="<pad>")
     return tok
@@ -113,8 +115,12 @@ class TinyBackbone(OpenClipBackbone):
         size = int(cfg.get("size", self.image_size))
         if size != self.image_size:
             raise ValueError(f"preprocess size {size} differs from the vision tower's {self.image_size}")
-        return SimpleNamespace(size=size, mean=cfg.get("mean", self.mean), std=cfg.get("std", self.std),
-                               interpolation=cfg.get("interpolation", "bicubic"))
+        return SimpleNamespace(
+            size=size,
+            mean=cfg.get("mean", self.mean),
+            std=cfg.get("std", self.std),
+            interpolation=cfg.get("interpolation", "bicubic"),
+        )
 
     def _encode_text_short(self, text: torch.Tensor) -> torch.Tensor:
         return self.model.encode_text(text)  # TinyCLIP runs any length up to the context

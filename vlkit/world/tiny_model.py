@@ -7,6 +7,7 @@ tree and parameter names (weights and adapters load either way), the same forwar
 built in open_clip's order, the text tower's `init_parameters` as open_clip's), so `tiny@random` is unchanged.
 tests/test_serve_light.py checks all three against open_clip.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,8 +34,9 @@ class ResidualAttentionBlock(nn.Module):
         self.ls_1 = nn.Identity()
         self.ln_2 = LayerNorm(width)
         hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential(OrderedDict([("c_fc", nn.Linear(width, hidden)), ("gelu", nn.GELU()),
-                                              ("c_proj", nn.Linear(hidden, width))]))
+        self.mlp = nn.Sequential(
+            OrderedDict([("c_fc", nn.Linear(width, hidden)), ("gelu", nn.GELU()), ("c_proj", nn.Linear(hidden, width))])
+        )
         self.ls_2 = nn.Identity()
 
     def forward(self, q_x, k_x=None, v_x=None, attn_mask=None):
@@ -63,8 +65,9 @@ class Transformer(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    def __init__(self, image_size: int, patch_size: int, width: int, layers: int, heads: int, mlp_ratio: float,
-                 output_dim: int):
+    def __init__(
+        self, image_size: int, patch_size: int, width: int, layers: int, heads: int, mlp_ratio: float, output_dim: int
+    ):
         super().__init__()
         self.output_tokens = False
         self.image_size, self.patch_size = (image_size, image_size), (patch_size, patch_size)
@@ -72,7 +75,7 @@ class VisionTransformer(nn.Module):
         self.grid_size = (grid, grid)
         self.output_dim = output_dim
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
-        scale = width ** -0.5
+        scale = width**-0.5
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
         self.patch_dropout = nn.Identity()
@@ -107,9 +110,15 @@ class TinyCLIP(nn.Module):
         super().__init__()
         v, t = vision_cfg, text_cfg
         v_width = int(v["width"])
-        self.visual = VisionTransformer(int(v["image_size"]), int(v["patch_size"]), v_width, int(v["layers"]),
-                                        v_width // int(v.get("head_width", 64)), float(v.get("mlp_ratio", 4.0)),
-                                        embed_dim)
+        self.visual = VisionTransformer(
+            int(v["image_size"]),
+            int(v["patch_size"]),
+            v_width,
+            int(v["layers"]),
+            v_width // int(v.get("head_width", 64)),
+            float(v.get("mlp_ratio", 4.0)),
+            embed_dim,
+        )
         width, ctx = int(t["width"]), int(t["context_length"])
         self.context_length, self.vocab_size = ctx, int(t["vocab_size"])
         self.token_embedding = nn.Embedding(self.vocab_size, width)
@@ -128,13 +137,13 @@ class TinyCLIP(nn.Module):
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
         width, layers = self.transformer.width, self.transformer.layers
-        proj_std, attn_std, fc_std = width ** -0.5 * (2 * layers) ** -0.5, width ** -0.5, (2 * width) ** -0.5
+        proj_std, attn_std, fc_std = width**-0.5 * (2 * layers) ** -0.5, width**-0.5, (2 * width) ** -0.5
         for block in self.transformer.blocks():
             nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
             nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
             nn.init.normal_(cast(nn.Linear, block.mlp.c_fc).weight, std=fc_std)
             nn.init.normal_(cast(nn.Linear, block.mlp.c_proj).weight, std=proj_std)
-        nn.init.normal_(self.text_projection, std=width ** -0.5)
+        nn.init.normal_(self.text_projection, std=width**-0.5)
 
     def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         features = self.visual(image)

@@ -8,6 +8,7 @@ writes, plus the task prefixes). Its weights (`weights/tiny-vl.safetensors`, the
 Specs: `tiny-vl` (shipped weights), `tiny-vl@init` (tiny's pre-trained image tower, the rest freshly initialised
 with a fixed seed: where pre-training starts), `tiny-vl@random`, `tiny-vl@/path/to/weights.safetensors`.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,15 +25,70 @@ from .tiny import HERE, WEIGHTS_DIR, load_tiny
 TOKENIZER_PATH = HERE / "configs" / "tiny_vl_tokenizer.json"
 WEIGHTS_PATH = WEIGHTS_DIR / "tiny-vl.safetensors"
 SPECIALS = ["<pad>", "</s>", "<unk>"]
-EXTRA_WORDS = ["caption", "vqa", "gqa", "nlvr", "true", "false", "yes", "no", "does", "this", "image", "show",
-               "please", "answer", "or", "describe", "question", "statement", "size", "total", "both", "images",
-               "contain", "contains", "exactly", "shows", "show", "image", "left", "right", "one", "two", "three",
-               "four", "five", "six", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]
+EXTRA_WORDS = [
+    "caption",
+    "vqa",
+    "gqa",
+    "nlvr",
+    "true",
+    "false",
+    "yes",
+    "no",
+    "does",
+    "this",
+    "image",
+    "show",
+    "please",
+    "answer",
+    "or",
+    "describe",
+    "question",
+    "statement",
+    "size",
+    "total",
+    "both",
+    "images",
+    "contain",
+    "contains",
+    "exactly",
+    "shows",
+    "show",
+    "image",
+    "left",
+    "right",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "0",
+    "1",
+    "2",
+    "3",
+    "4",
+    "5",
+    "6",
+    "7",
+    "8",
+    "9",
+]
 LM_CONFIG: dict[str, Any] = {
-             "d_model": 128, "d_ff": 256, "d_kv": 32, "num_heads": 4, "num_layers": 2, "num_decoder_layers": 2,
-             "relative_attention_num_buckets": 16, "relative_attention_max_distance": 64, "dropout_rate": 0.0,
-             "feed_forward_proj": "relu", "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0,
-             "tie_word_embeddings": True}
+    "d_model": 128,
+    "d_ff": 256,
+    "d_kv": 32,
+    "num_heads": 4,
+    "num_layers": 2,
+    "num_decoder_layers": 2,
+    "relative_attention_num_buckets": 16,
+    "relative_attention_max_distance": 64,
+    "dropout_rate": 0.0,
+    "feed_forward_proj": "relu",
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+    "decoder_start_token_id": 0,
+    "tie_word_embeddings": True,
+}
 INIT_SEED = 0
 
 
@@ -41,18 +97,39 @@ def tokenizer_json(words: list[str]) -> dict:
     sequence with `</s>` (T5's convention)."""
     vocab = {w: i for i, w in enumerate(SPECIALS + sorted(set(words) - set(SPECIALS)))}
     return {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": [
-            {"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
-             "special": True} for i, t in enumerate(SPECIALS)],
-        "normalizer": {"type": "Sequence", "normalizers": [
-            {"type": "Lowercase"}, {"type": "Replace", "pattern": {"Regex": "[^a-z0-9]+"}, "content": " "}]},
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [
+            {
+                "id": i,
+                "content": t,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
+            for i, t in enumerate(SPECIALS)
+        ],
+        "normalizer": {
+            "type": "Sequence",
+            "normalizers": [
+                {"type": "Lowercase"},
+                {"type": "Replace", "pattern": {"Regex": "[^a-z0-9]+"}, "content": " "},
+            ],
+        },
         "pre_tokenizer": {"type": "WhitespaceSplit"},
-        "post_processor": {"type": "TemplateProcessing",
-                           "single": [{"Sequence": {"id": "A", "type_id": 0}},
-                                      {"SpecialToken": {"id": "</s>", "type_id": 0}}],
-                           "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}},
-                                    {"SpecialToken": {"id": "</s>", "type_id": 0}}],
-                           "special_tokens": {"</s>": {"id": "</s>", "ids": [1], "tokens": ["</s>"]}}},
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [{"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}}],
+            "pair": [
+                {"Sequence": {"id": "A", "type_id": 0}},
+                {"Sequence": {"id": "B", "type_id": 1}},
+                {"SpecialToken": {"id": "</s>", "type_id": 0}},
+            ],
+            "special_tokens": {"</s>": {"id": "</s>", "ids": [1], "tokens": ["</s>"]}},
+        },
         "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": True},
         "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"},
     }
@@ -70,8 +147,9 @@ def tiny_vl_tokenizer():
 
     if not TOKENIZER_PATH.is_file():
         raise BackboneLoadError(f"{TOKENIZER_PATH} is missing from the package; reinstall vlkit")
-    return PreTrainedTokenizerFast(tokenizer_file=str(TOKENIZER_PATH), pad_token="<pad>", eos_token="</s>",
-                                   unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_file=str(TOKENIZER_PATH), pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
 
 
 def build_tiny_vl(spec: str, vision) -> ComposedVLBackbone:
@@ -97,14 +175,17 @@ def load_tiny_vl(spec: str = "tiny-vl", device: str | None = None) -> ComposedVL
         if not path.is_file():
             if weights:
                 raise BackboneLoadError(f"tiny-vl weights {path} do not exist")
-            raise BackboneLoadError(f"{path} is missing from the package",
-                                    hint="use tiny-vl@init, or train it with recipes/pretrain-tiny-vl.yaml")
+            raise BackboneLoadError(
+                f"{path} is missing from the package",
+                hint="use tiny-vl@init, or train it with recipes/pretrain-tiny-vl.yaml",
+            )
         state = load_file(str(path))
         missing, unexpected = bb.model.load_state_dict(state, strict=False)
         tied = {"lm.encoder.embed_tokens.weight", "lm.decoder.embed_tokens.weight", "lm.lm_head.weight"}
         if unexpected or set(missing) - tied:
-            raise BackboneLoadError(f"{path} does not fit tiny-vl: missing {sorted(missing)[:3]}, "
-                                    f"unexpected {sorted(unexpected)[:3]}")
+            raise BackboneLoadError(
+                f"{path} does not fit tiny-vl: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
+            )
         bb._fingerprint = bb._compute_fingerprint()
     bb.eval()
     if device:

@@ -10,6 +10,7 @@ and NLVR2-style statements about a pair of images.
   exactly one image contains, or a relation in the left or right image; `label` is true for half of the
   examples exactly (balanced in blocks), and each statement is checked against the scenes.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -45,8 +46,13 @@ def captioning_row(domain: str, rng: np.random.Generator, size: int) -> dict[str
     _, shapes, colours, sizes = _kit(domain)
     objs = sample_scene(domain, rng, int(rng.choice([1, 2, 3], p=[0.3, 0.4, 0.3])), shapes, colours, sizes)
     refs = [caption(domain, objs, rng) for _ in range(N_REFERENCES)]
-    return {"image": render_scene(domain, objs, int(rng.integers(2**31)), size), "domain": domain,
-            "scene": scene_json(objs), "caption": refs[0], "references": refs}
+    return {
+        "image": render_scene(domain, objs, int(rng.integers(2**31)), size),
+        "domain": domain,
+        "scene": scene_json(objs),
+        "caption": refs[0],
+        "references": refs,
+    }
 
 
 def _unique_related(objs, rel: str, b: int) -> int | None:
@@ -71,8 +77,12 @@ def _gqa_question(domain: str, objs, rng: np.random.Generator, qtype: str, want_
         return GQA_ATTRIBUTE.format(attr=attr, shape=objs[a].shape, rel=rel, ref=ref), answer
     if qtype == "verify_relation":
         rel = RELATIONS[int(rng.integers(len(RELATIONS)))]
-        pairs = [(a, b) for a in range(len(objs)) for b in range(len(objs))
-                 if a != b and relation_holds(objs[a], rel, objs[b]) == want_yes]
+        pairs = [
+            (a, b)
+            for a in range(len(objs))
+            for b in range(len(objs))
+            if a != b and relation_holds(objs[a], rel, objs[b]) == want_yes
+        ]
         if not pairs:
             return None
         a, b = pairs[int(rng.integers(len(pairs)))]
@@ -94,9 +104,15 @@ def gqa_row(domain: str, rng: np.random.Generator, slot: int, size: int) -> dict
         if qa is not None:
             break
     q, a = qa
-    return {"image": render_scene(domain, objs, int(rng.integers(2**31)), size), "domain": domain,
-            "scene": scene_json(objs), "caption": caption(domain, objs, rng), "question": q, "answer": a,
-            "answer_type": qtype}
+    return {
+        "image": render_scene(domain, objs, int(rng.integers(2**31)), size),
+        "domain": domain,
+        "scene": scene_json(objs),
+        "caption": caption(domain, objs, rng),
+        "question": q,
+        "answer": a,
+        "answer_type": qtype,
+    }
 
 
 def _desc(o, domain: str, colour: bool) -> dict[str, str]:
@@ -150,8 +166,16 @@ def nlvr2_row(domain: str, rng: np.random.Generator, want_true: bool, i: int, si
             text, truth = _statement(domain, scenes, rng)
             if text and truth == want_true:
                 images = [render_scene(domain, objs, int(rng.integers(2**31)), size) for objs in scenes]
-                return {"id": i, "image_0": images[0], "image_1": images[1], "sentence": text, "label": truth,
-                        "domain": domain, "scene_0": scene_json(scenes[0]), "scene_1": scene_json(scenes[1])}
+                return {
+                    "id": i,
+                    "image_0": images[0],
+                    "image_1": images[1],
+                    "sentence": text,
+                    "label": truth,
+                    "domain": domain,
+                    "scene_0": scene_json(scenes[0]),
+                    "scene_1": scene_json(scenes[1]),
+                }
 
 
 def vl_features(task: str) -> dict[str, Any] | None:
@@ -161,13 +185,32 @@ def vl_features(task: str) -> dict[str, Any] | None:
 
     strings = getattr(datasets, "List", datasets.Sequence)(Value("string"))
     if task == "captioning":
-        return {"image": Image(), "domain": Value("string"), "scene": Value("string"), "caption": Value("string"),
-                "references": strings}
+        return {
+            "image": Image(),
+            "domain": Value("string"),
+            "scene": Value("string"),
+            "caption": Value("string"),
+            "references": strings,
+        }
     if task == "gqa":
-        return {"image": Image(), "domain": Value("string"), "scene": Value("string"), "caption": Value("string"),
-                "question": Value("string"), "answer": Value("string"), "answer_type": Value("string")}
+        return {
+            "image": Image(),
+            "domain": Value("string"),
+            "scene": Value("string"),
+            "caption": Value("string"),
+            "question": Value("string"),
+            "answer": Value("string"),
+            "answer_type": Value("string"),
+        }
     if task == "nlvr2":
-        return {"id": Value("int32"), "image_0": Image(), "image_1": Image(), "sentence": Value("string"),
-                "label": Value("bool"), "domain": Value("string"), "scene_0": Value("string"),
-                "scene_1": Value("string")}
+        return {
+            "id": Value("int32"),
+            "image_0": Image(),
+            "image_1": Image(),
+            "sentence": Value("string"),
+            "label": Value("bool"),
+            "domain": Value("string"),
+            "scene_0": Value("string"),
+            "scene_1": Value("string"),
+        }
     return None

@@ -21,6 +21,7 @@ two images share their background (same `bg_seed`) and, where an object keeps it
 geometry and position, so they differ only in what the captions swap. ``secondary_tag`` is "Symbolic" for
 sketches and includes "Morpheme-Level" where a noun changes number (circle/circles).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -76,8 +77,12 @@ class Pair:
         return struct_caption(self.struct_0, domain), struct_caption(self.struct_1, domain)
 
     def valid(self) -> bool:
-        return (holds(self.struct_0, self.objs_0) and holds(self.struct_1, self.objs_1)
-                and not holds(self.struct_0, self.objs_1) and not holds(self.struct_1, self.objs_0))
+        return (
+            holds(self.struct_0, self.objs_0)
+            and holds(self.struct_1, self.objs_1)
+            and not holds(self.struct_0, self.objs_1)
+            and not holds(self.struct_1, self.objs_0)
+        )
 
 
 def kinds_for(domain: str, collapsed: str) -> tuple[str, ...]:
@@ -170,8 +175,10 @@ def _two_object(domain: str, kind: str, rng: np.random.Generator):
     elif kind == "noun_phrase":  # whole objects swap places
         objs_1 = [copy_object(a, cell=b.cell), copy_object(b, cell=a.cell)]
     elif kind == "adj_colour":
-        objs_1 = [copy_object(a, colour=c2, look=make_look(domain, s1, c2, rng)),
-                  copy_object(b, colour=c1, look=make_look(domain, s2, c1, rng))]
+        objs_1 = [
+            copy_object(a, colour=c2, look=make_look(domain, s1, c2, rng)),
+            copy_object(b, colour=c1, look=make_look(domain, s2, c1, rng)),
+        ]
     else:
         objs_1 = [copy_object(a, size=z2), copy_object(b, size=z1)]
     return struct_0, struct_1, [a, b], objs_1
@@ -194,6 +201,7 @@ def _three_object(domain: str, kind: str, rng: np.random.Generator):
         def ok(cells):
             objs = [_proto(p.shape, p.colour, p.size, c) for p, c in zip(protos, cells)]
             return holds(truth, objs) and not holds(falsity, objs)
+
         return _find_cells(3, ok, rng)
 
     cells_0, cells_1 = arrangement(struct_0, struct_1), arrangement(struct_1, struct_0)
@@ -209,8 +217,15 @@ def _numeral(domain: str, rng: np.random.Generator):
     shapes, colours, sizes = _attrs(domain, rng, 3)
     s1, s2 = shapes[0], shapes[1]
     cells = [int(c) for c in rng.choice(9, size=3, replace=False)]
-    objs_0 = _realise(domain, [_proto(s1, colours[0], sizes[0], cells[0]), _proto(s1, colours[1], sizes[1], cells[1]),
-                               _proto(s2, colours[2], sizes[2], cells[2])], rng)
+    objs_0 = _realise(
+        domain,
+        [
+            _proto(s1, colours[0], sizes[0], cells[0]),
+            _proto(s1, colours[1], sizes[1], cells[1]),
+            _proto(s2, colours[2], sizes[2], cells[2]),
+        ],
+        rng,
+    )
     changed = new_object(domain, s2, colours[1], sizes[1], cells[1], rng)
     objs_1 = [objs_0[0], copy_object(objs_0[1], shape=s2, parts=changed.parts), objs_0[2]]
     return {"counts": {s1: 2, s2: 1}}, {"counts": {s1: 1, s2: 2}}, objs_0, objs_1
