@@ -141,3 +141,10 @@ def test_tiny_vl_ships_pretrained_and_loads_offline(tmp_path):
     assert all(c and set(c.split()) <= known for c in caps)
     with pytest.raises(BackboneLoadError, match="do not exist"):
         vlkit.load(f"tiny-vl@{tmp_path / 'none.safetensors'}")
+
+
+def test_a_variant_refuses_a_backbone_kind_it_does_not_adapt():
+    m = vlkit.load("tiny@random")
+    with pytest.raises(InjectionError, match="adapts generative backbones"):
+        m.add_adapter("p", "prompt-tuning")
+    assert not m.records

@@ -206,6 +206,9 @@ class AdapterVariant(ABC, Generic[ConfigT]):
     `shared` without an entry ties the whole layer."""
     merge_methods: tuple[str, ...] = ()
     """This variant's own adapter-merge methods beyond the elementwise ones (implemented in `merge`)."""
+    backbone_kinds: tuple[str, ...] = ("contrastive", "generative")
+    """The kinds of backbone (`Backbone.kind`: "contrastive" CLIP-style dual encoders, "generative" models that
+    write text) this variant adapts; injecting it into another kind is refused in one line."""
     identity_at_init: bool = True
     """False for variants whose layers change the outputs even at init (prompt tokens join every attention
     softmax: `vpt`, `maple`, `prompt`); every other variant's layers start as the identity."""

@@ -210,6 +210,11 @@ class AdaptedModel:
         if name in self.records:
             raise ConfigError(f"an adapter named {name!r} is already on this backbone; pick another name")
         bb = self.backbone
+        if bb.kind not in var.backbone_kinds:
+            raise InjectionError(
+                f"adapter variant {variant!r} adapts {' and '.join(var.backbone_kinds)} backbones; "
+                f"{bb.spec} is a {bb.kind} one"
+            )
         sites = [var.place(s, config) for s in select_sites(bb, var, config)]
         config = var.prepare_config(bb, config, sites)
         for p in bb.parameters():

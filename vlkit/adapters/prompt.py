@@ -56,6 +56,7 @@ class PromptVariant(AdapterVariant[PromptConfig]):
     default_roles = ("prefix",)
     kinds = ("prefix",)
     identity_at_init = False
+    backbone_kinds = ("generative",)
     composition_limits = {
         "parallel": "prompt tokens change the sequence length; they stack, not add",
         "merge": "prompt tokens are not a weight update",
