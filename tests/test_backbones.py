@@ -86,7 +86,7 @@ def test_tiny_tokenizer_is_the_world_vocabulary_as_a_tokenizers_file():
     from vlkit import world
     from vlkit.world.tiny import TOKENIZER_PATH, build_tokenizer
 
-    words = list(world.vocabulary())
+    words = list(world.vocabulary(generative=False))
     shipped = Tokenizer.from_file(str(TOKENIZER_PATH))
     assert shipped.to_str() == build_tokenizer(words, 32).to_str()
     bb = vlkit.load_backbone("tiny@random")

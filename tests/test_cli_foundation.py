@@ -135,7 +135,7 @@ def test_plugins_json_lists_builtins():
     assert adapters["builtin"] and adapters["version"] == vlkit.__version__
     assert {"bottleneck", "lora"} <= set(adapters["registers"]["adapter"])
     assert {"open_clip", "hf"} <= set(infos["vlkit.backbones.builtin"]["registers"]["backbone"])
-    assert infos["vlkit.world.plugin"]["builtin"] and infos["vlkit.world.plugin"]["registers"]["backbone"] == ["tiny"]
+    assert infos["vlkit.world.plugin"]["builtin"] and infos["vlkit.world.plugin"]["registers"]["backbone"] == ["tiny", "tiny-vl"]
     assert {"synth-attribute-swap", "synth-relation-swap"} <= set(infos["vlkit.world.plugin"]["registers"]["probe"])
     assert infos["vlkit.cli.builtin"]["builtin"]
     names = list(infos)

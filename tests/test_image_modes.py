@@ -237,7 +237,7 @@ def _write_sources(root: Path, files) -> dict[str, str | dict]:
     import datasets
 
     root.mkdir(exist_ok=True)
-    rows = [{"image": str(p), "caption": name, "label": f"class{i % 2}"} for i, (name, p) in enumerate(files.items())]
+    rows = [{"image": str(p), "caption": name, "label": ("circle", "square")[i % 2]} for i, (name, p) in enumerate(files.items())]
     manifest = root / "m.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     folder = root / "folder"
@@ -261,7 +261,7 @@ def _write_sources(root: Path, files) -> dict[str, str | dict]:
     coop = root / "coop"
     shutil.copytree(folder, coop / "images", ignore=shutil.ignore_patterns("*.jsonl"))
     (coop / "split_zhou_Modes.json").write_text(json.dumps(
-        {"test": [[name, i % 2, f"class{i % 2}"] for i, name in enumerate(files)]}))
+        {"test": [[name, i % 2, ("circle", "square")[i % 2]] for i, name in enumerate(files)]}))
     return {"manifest": f"manifest:{manifest}", "imagefolder": f"imagefolder:{folder}",
             "webdataset": {"kind": "webdataset", "shards": str(shard)}, "parquet": f"parquet:{root / 'pq'}",
             "hf": f"hf:{root / 'saved'}", "coop": {"kind": "coop", "source": str(coop), "split": "test"}}

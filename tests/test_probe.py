@@ -258,7 +258,7 @@ class StubBackbone(torch.nn.Module):
         from vlkit.backbones.state import AdapterState
 
         self.w = torch.nn.Parameter(torch.zeros(1))
-        self.state, self.joint = AdapterState(), joint  # the site switchboard the owner writes
+        self.adapter_state, self.joint = AdapterState(), joint  # the site switchboard the owner writes
         self.joint_calls = 0
 
     def joint_active(self):
@@ -281,7 +281,7 @@ def test_score_examples_indexing_and_joint_routing(joint, monkeypatch):
 
     bb = StubBackbone(joint)
     if not joint:  # the dual-encoder path: a full (texts x images) matrix from vlkit.scoring.pair_scores
-        monkeypatch.setattr("vlkit.scoring.pair_scores",
+        monkeypatch.setattr("vlkit.probe.systems.pair_scores",
                             lambda b, px, tk, batch_size=256: 10 * tk[:, :1] + px[:, 0][None, :])
 
     def get(start, stop):  # example e: images with red = 2e, 2e+1; captions "3e", "3e+1"

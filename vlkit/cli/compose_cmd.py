@@ -276,7 +276,7 @@ def _run_backbone(path: Path, given: str | None) -> str:
     return read_composition(found).get("backbone") or "tiny"
 
 
-def _run(path: Path, images, texts, route, adapter, task, backbone_spec, gen: dict):
+def _run(path: Path, images, texts, route, adapter, task, backbone_spec, gen: dict | None = None):
     from ..backbones.loading import load_backbone
     from ..compose.predict import generate_with, run_composition
     from ..errors import ConfigError
@@ -285,6 +285,7 @@ def _run(path: Path, images, texts, route, adapter, task, backbone_spec, gen: di
     if not images:
         raise ConfigError("vlkit compose run needs at least one --image")
     backbone = load_backbone(_run_backbone(path, backbone_spec)).eval()
+    gen = gen or {"prompts": None, "max_new_tokens": None, "num_beams": None}
     generative = getattr(backbone, "kind", None) == "generative"
     given = [
         k

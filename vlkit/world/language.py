@@ -270,8 +270,11 @@ def _template_words(t: str) -> set[str]:
     return set(words(re.sub(r"\{[a-z_0-9]*\}", " ", t)))
 
 
-def vocabulary() -> list[str]:
-    """Every word any caption, question, answer, expression, class prompt or pair caption can contain."""
+def vocabulary(generative: bool = True) -> list[str]:
+    """Every word any caption, question, answer, expression, class prompt or pair caption can contain.
+
+    `generative=False`: without the words only the generative tasks write (GQA questions, NLVR2 statements): the
+    vocabulary the `tiny` CLIP's tokenizer was built from."""
     vocab: set[str] = {"a", "an"}
     texts: list[str] = [
         *SIZES,
@@ -293,7 +296,7 @@ def vocabulary() -> list[str]:
         REL_REF_TEMPLATE,
         PREPOSITION_TEMPLATE,
         NUMERAL_TEMPLATE,
-        *VL_TEMPLATES,
+        *(VL_TEMPLATES if generative else ()),
     ]
     for qs in COLOUR_QUESTIONS.values():
         texts += qs
