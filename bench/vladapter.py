@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "vl-multitask.yaml"
 ROWS = {  # label -> recipe overrides (the paper's rows, in its order)
-    "full": ("full fine-tuning", ["method=full", "sharing=per_task"]),
+    "full": ("full fine-tuning", ["method=full", "sharing=per_task", "optim.lr=1e-4"]),  # the whole model: 10x lower
     "multiple-adapters": ("multiple adapters", ["sharing=per_task"]),
     "half-shared-adapters": ("half-shared adapters", ["sharing=half_shared_down"]),
     "single-adapter": ("single adapter", ["sharing=shared"]),
