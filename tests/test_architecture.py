@@ -256,14 +256,29 @@ def test_module_cycle_finder_sees_a_cycle():
     assert module_cycles({"a": {"b"}, "b": set()}) == []
 
 
+def own_lines(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """A function's own lines: its body, less the functions defined inside it (counted on their own), and less its
+    signature (a command's options, one per line as the formatter writes them, are declarations, not logic)."""
+    lines = set(range(fn.body[0].lineno, fn.end_lineno + 1))
+    for node in ast.walk(fn):
+        if node is not fn and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            lines -= set(range(node.lineno, node.end_lineno + 1))
+    return len(lines)
+
+
 def test_few_long_functions():
-    """Functions over 100 lines stay at most 3."""
+    """Functions over 100 lines of their own stay at most 3."""
     long = []
     for f in PKG.rglob("*.py"):
         for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 100:
-                long.append(f"{f.relative_to(PKG)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})")
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and own_lines(node) > 100:
+                long.append(f"{f.relative_to(PKG)}:{node.lineno} {node.name} ({own_lines(node)})")
     assert len(long) <= 3, "functions over 100 lines: " + ", ".join(sorted(long))
+
+
+def test_own_lines_counts_the_body_without_nested_functions():
+    tree = ast.parse("def f(\n    a,\n    b,\n):\n    x = 1\n    def g():\n        return 2\n    return x\n")
+    assert own_lines(tree.body[0]) == 2
 
 
 OWNER_ONLY = re.compile(r"\b(adapter_records|adapter_state)\b")

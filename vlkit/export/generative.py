@@ -590,51 +590,7 @@ def export_generative(
                 + abs(got.shape[1] - ref["tokens"].shape[1])
             )
         )
-        step_logits = np.stack(steps, axis=1)
-        provider = sessions["vision"].get_providers()[0]
-        n = len(PROMPTS)
-        checks = [
-            Check(
-                "vision",
-                "fp32",
-                "random",
-                "visual_tokens (rel.)",
-                n,
-                relative_diff(vis, ref["visual_tokens"]),
-                TOLERANCE,
-                provider,
-            )
-        ]
-        if backbone.seq2seq:  # each graph on PyTorch's inputs
-            hidden = sessions["encoder"].run(
-                None, {"visual_tokens": ref["visual_tokens"], "input_ids": ids, "attention_mask": mask}
-            )[0]
-            checks.append(
-                Check(
-                    "encoder",
-                    "fp32",
-                    "random",
-                    "encoder_hidden_states (rel.)",
-                    n,
-                    relative_diff(hidden, ref["encoder_hidden_states"]),
-                    TOLERANCE,
-                    provider,
-                )
-            )
-        lm_graphs = "decoder+past" if backbone.seq2seq else "prefill+past"
-        checks += [
-            Check(
-                lm_graphs,
-                "fp32",
-                "random",
-                "logits, every step (rel.)",
-                n,
-                relative_diff(step_logits, ref["logits"]) if same else float("inf"),
-                TOLERANCE,
-                provider,
-            ),
-            Check("generate", "fp32", "random", "tokens differing", n, mismatched, 0.0, provider),
-        ]
+        checks = _checks(backbone, sessions, ref, px, ids, mask, vis, steps, same, mismatched)
         texts = {
             "pytorch": tok.batch_decode(ref["tokens"], skip_special_tokens=True),
             "onnxruntime": tok.batch_decode(got, skip_special_tokens=True),
@@ -647,44 +603,7 @@ def export_generative(
             "weights": loaded["weights"],
             "merged": list(merged),
         }
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "vlkit_version": __version__,
-            "target": "onnx",
-            "kind": "generative",
-            **describe,
-            "opset": opset,
-            "preprocessing": {
-                "image_size": backbone.image_size,
-                "mean": list(backbone.mean),
-                "std": list(backbone.std),
-                "channel_order": "RGB",
-                "layout": "NCHW",
-                "transform": re.sub(r" at 0x[0-9a-f]+", "", repr(backbone.image_transform)),
-            },
-            "generation": {
-                "decoder_start_token_id": gen["start"],
-                "eos_token_id": gen["eos"],
-                "pad_token_id": gen["pad"],
-                "forced_bos_token_id": forced["forced_bos"],
-                "forced_eos_token_id": forced["forced_eos"],
-                "max_prompt_tokens": backbone.max_length,
-                "decoder_layers": decoder_layers(cfg),
-                "strategy": "greedy with the key-value cache (vlkit.export.generative.onnx_generate)",
-            },
-            "graphs": files,
-            "tokenizer": {"dir": "tokenizer"},
-            "verification": {
-                "passed": all(c.passed for c in checks),
-                "seed": options.seed,
-                "prompts": list(PROMPTS),
-                "max_new_tokens": VERIFY_NEW_TOKENS,
-                "checks": [c.to_dict() for c in checks],
-                "texts": texts,
-                "tokens": {"pytorch": ref["tokens"].tolist(), "onnxruntime": got.tolist()},
-            },
-        }
+        manifest = _manifest(backbone, describe, opset, files, gen, forced, checks, texts, ref, got, options)
         summary = {
             "output_dir": str(output.target),
             "target": "onnx",
@@ -698,7 +617,8 @@ def export_generative(
             "max_abs_diff": {"fp32": worst},
             "manifest": manifest,
             "notes": [
-                f"onnxruntime generated the same {VERIFY_NEW_TOKENS}-token greedy answers as PyTorch for {n} prompts"
+                f"onnxruntime generated the same {VERIFY_NEW_TOKENS}-token greedy answers as PyTorch for "
+                f"{len(PROMPTS)} prompts"
                 if same
                 else "onnxruntime generated other tokens than PyTorch"
             ],
@@ -721,6 +641,101 @@ def export_generative(
         raise
     output.__exit__(None, None, None)
     return summary
+
+
+def _checks(backbone, sessions, ref, px, ids, mask, vis, steps, same: bool, mismatched: float) -> list[Check]:
+    """The export's checks: visual tokens, encoder states (encoder-decoder LMs), every step's logits and the
+    generated tokens, each graph run on PyTorch's inputs."""
+    step_logits = np.stack(steps, axis=1)
+    provider = sessions["vision"].get_providers()[0]
+    n = len(PROMPTS)
+    checks = [
+        Check(
+            "vision",
+            "fp32",
+            "random",
+            "visual_tokens (rel.)",
+            n,
+            relative_diff(vis, ref["visual_tokens"]),
+            TOLERANCE,
+            provider,
+        )
+    ]
+    if backbone.seq2seq:  # each graph on PyTorch's inputs
+        hidden = sessions["encoder"].run(
+            None, {"visual_tokens": ref["visual_tokens"], "input_ids": ids, "attention_mask": mask}
+        )[0]
+        checks.append(
+            Check(
+                "encoder",
+                "fp32",
+                "random",
+                "encoder_hidden_states (rel.)",
+                n,
+                relative_diff(hidden, ref["encoder_hidden_states"]),
+                TOLERANCE,
+                provider,
+            )
+        )
+    lm_graphs = "decoder+past" if backbone.seq2seq else "prefill+past"
+    checks += [
+        Check(
+            lm_graphs,
+            "fp32",
+            "random",
+            "logits, every step (rel.)",
+            n,
+            relative_diff(step_logits, ref["logits"]) if same else float("inf"),
+            TOLERANCE,
+            provider,
+        ),
+        Check("generate", "fp32", "random", "tokens differing", n, mismatched, 0.0, provider),
+    ]
+    return checks
+
+
+def _manifest(backbone, describe, opset, files, gen, forced, checks, texts, ref, got, options) -> dict[str, Any]:
+    """export.json of a generative export."""
+    cfg = backbone.lm_config
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "vlkit_version": __version__,
+        "target": "onnx",
+        "kind": "generative",
+        **describe,
+        "opset": opset,
+        "preprocessing": {
+            "image_size": backbone.image_size,
+            "mean": list(backbone.mean),
+            "std": list(backbone.std),
+            "channel_order": "RGB",
+            "layout": "NCHW",
+            "transform": re.sub(r" at 0x[0-9a-f]+", "", repr(backbone.image_transform)),
+        },
+        "generation": {
+            "decoder_start_token_id": gen["start"],
+            "eos_token_id": gen["eos"],
+            "pad_token_id": gen["pad"],
+            "forced_bos_token_id": forced["forced_bos"],
+            "forced_eos_token_id": forced["forced_eos"],
+            "max_prompt_tokens": backbone.max_length,
+            "decoder_layers": decoder_layers(cfg),
+            "strategy": "greedy with the key-value cache (vlkit.export.generative.onnx_generate)",
+        },
+        "graphs": files,
+        "tokenizer": {"dir": "tokenizer"},
+        "verification": {
+            "passed": all(c.passed for c in checks),
+            "seed": options.seed,
+            "prompts": list(PROMPTS),
+            "max_new_tokens": VERIFY_NEW_TOKENS,
+            "checks": [c.to_dict() for c in checks],
+            "texts": texts,
+            "tokens": {"pytorch": ref["tokens"].tolist(), "onnxruntime": got.tolist()},
+        },
+    }
+    return manifest
 
 
 def load_sessions(directory: str | Path, providers: list[str] | None = None) -> tuple[dict[str, Any], dict]:
