@@ -94,6 +94,20 @@ def test_vl_multitask_one_shared_adapter(tmp_path, capsys):
     assert (tmp_path / "vl" / "shared.safetensors").is_file()
 
 
+def test_pretrain_tiny_vl_trains_the_projector_and_t5_only(tmp_path, capsys):
+    import torch
+
+    import vlkit
+
+    over = [f"tasks.{i}.data.{s}.n={n}" for i in range(2) for s, n in (("train", 8), ("eval", 4))]
+    r = _train(capsys, "pretrain-tiny-vl.yaml", tmp_path / "tvl", *over)
+    assert set(r["per_task"]) == {"caption", "vqa"} and 0 < r["parameters"]["trainable_percent"] < 100
+    trained = vlkit.load(f"tiny-vl@{tmp_path / 'tvl' / 'backbone.safetensors'}").backbone.model.state_dict()
+    start = vlkit.load("tiny-vl@init").backbone.model.state_dict()
+    assert all(torch.equal(trained[k], start[k]) for k in start if k.startswith("vision."))
+    assert not torch.equal(trained["lm.shared.weight"], start["lm.shared.weight"])
+
+
 def test_pretrain_stages(tmp_path, capsys):
     _train(capsys, "pretrain-tiny.yaml", tmp_path / "p1", "data.train.mix.0.n=12", "data.train.mix.1.n=12",
            "data.eval.n=8")

@@ -89,6 +89,15 @@ class AdapterMethodOptions:
 
 
 @dataclass
+class FullOptions:
+    """The `compose` options of method `full`."""
+
+    towers: list[str] | None = None
+    """The backbone's towers that train (e.g. [projector, encoder, decoder] to keep a generative backbone's image
+    tower frozen); None: every weight."""
+
+
+@dataclass
 class FuseOptions:
     """The `compose` options of method `fuse` (`vlkit compose A,B --mode fuse --recipe R` fills them in)."""
 
@@ -158,11 +167,25 @@ class AdapterMethod(TrainingMethod):
 
 class FullMethod(TrainingMethod):
     name = "full"
-    summary = "full fine-tuning: every backbone weight trains; writes backbone.safetensors"
+    summary = "full fine-tuning: every backbone weight (or those of compose.towers) trains; writes backbone.safetensors"
+    options_cls = FullOptions
 
     def prepare(self, backbone, task, cfg, adapter_options: dict[str, Any]) -> str | None:
-        for p in backbone.parameters():
-            p.requires_grad_(True)
+        towers = (cfg.compose or {}).get("towers")
+        if not towers:
+            for p in backbone.parameters():
+                p.requires_grad_(True)
+            return None
+        known = backbone.tower_prefixes()
+        unknown = [t for t in towers if t not in known]
+        if unknown:
+            raise ConfigError(
+                f"key 'compose.towers': {', '.join(map(str, unknown))} is no tower of {backbone.spec}; "
+                f"towers: {', '.join(known)}"
+            )
+        prefixes = tuple(p for t in towers for p in known[t])
+        for name, p in backbone.model.named_parameters():
+            p.requires_grad_(name.startswith(prefixes))
         return None
 
     def save(self, cfg, out: Path, backbone, task, adapter: str | None) -> None:
