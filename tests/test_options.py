@@ -224,7 +224,7 @@ def test_plugins_json_lists_declared_options(capsys):
     assert [(o["name"], o["type"], o["default"]) for o in onnx] == [("threads", "int", 0),
                                                                     ("per_channel", "bool", False)]
     methods = infos["vlkit.train.builtin"]["options"]["method"]
-    assert sorted(methods) == ["adapter", "fuse"]
+    assert sorted(methods) == ["adapter", "full", "fuse"]
     assert [o["name"] for o in methods["fuse"]] == ["adapters", "fusion", "temperature"]
 
 
