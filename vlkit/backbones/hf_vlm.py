@@ -24,6 +24,7 @@ transformers model's own module paths, which is what PEFT's `target_modules` nam
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
@@ -247,8 +248,8 @@ class HFVLMBackbone(GenerativeBackbone):
         tok = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         return (tok * (labels != -100)).sum(-1)
 
-    def _token_logits(self, pixels, prompts, targets) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+    @abstractmethod
+    def _token_logits(self, pixels, prompts, targets) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def _decode(self, out: torch.Tensor) -> list[str]:
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
@@ -266,8 +267,8 @@ class HFVLMBackbone(GenerativeBackbone):
         }
 
     # --- structure ----------------------------------------------------------------------------------------
-    def tower_prefixes(self) -> dict[str, tuple[str, ...]]:
-        raise NotImplementedError
+    @abstractmethod
+    def tower_prefixes(self) -> dict[str, tuple[str, ...]]: ...
 
     def blocks(self, tower: str) -> list[Block]:
         if tower == "projector":
@@ -389,9 +390,10 @@ class ImageTokenVLM(HFVLMBackbone):
         bos = self.tokenizer.bos_token
         return [list(self.tokenizer(t, add_special_tokens=not (bos and t.startswith(bos)))["input_ids"]) for t in texts]
 
+    @abstractmethod
     def image_features(self, flat: torch.Tensor) -> torch.Tensor:
         """(B·K, N, D) projected image tokens."""
-        raise NotImplementedError
+        ...
 
     def _embeds(self, pixels, ids, mask) -> tuple[torch.Tensor, torch.Tensor]:
         flat, _ = as_image_batch(pixels)
@@ -476,16 +478,18 @@ class CrossAttentionVLM(HFVLMBackbone):
     """Whether generation gives the decoder position ids from the attention mask (prompts may then be padded on
     the left); otherwise prompts of one length generate together, unpadded."""
 
+    @abstractmethod
     def memory(self, flat: torch.Tensor) -> torch.Tensor:
         """(B·K, N, D) tokens the decoder attends to."""
-        raise NotImplementedError
+        ...
 
-    def decoder_logits(self, ids, mask, mem, mem_mask) -> torch.Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def decoder_logits(self, ids, mask, mem, mem_mask) -> torch.Tensor: ...
 
+    @abstractmethod
     def decoder_generate(self, ids, mask, mem, mem_mask, **kw) -> torch.Tensor:
         """New token ids (the prompt's cut off)."""
-        raise NotImplementedError
+        ...
 
     def _memory(self, pixels) -> tuple[torch.Tensor, torch.Tensor]:
         flat, k = as_image_batch(pixels)
