@@ -13,26 +13,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from .base import AdapterConfig, AdapterVariant
+from .base import AdapterVariant
+from .vpt import VptConfig
 
 
 @dataclass
-class PromptConfig(AdapterConfig):
+class PromptConfig(VptConfig):
     towers: str = "all"
     """Where the prefix site is: a generative backbone's language-model input (`all`, `lm`, `encoder` for an
     encoder-decoder LM, `decoder` for a decoder-only one)."""
     num_tokens: int = 20
     """Learned tokens prepended to the LM's input sequence (>= 1)."""
-    init_std: float = 0.02
-    """Standard deviation of the tokens' normal init (>= 0)."""
-
-    def validate(self) -> None:
-        super().validate()
-        if self.num_tokens < 1:
-            raise ConfigError(f"num_tokens must be >= 1, got {self.num_tokens}")
-        if not self.init_std >= 0:
-            raise ConfigError(f"init_std must be >= 0, got {self.init_std}")
 
 
 class PrefixTokens(nn.Module):

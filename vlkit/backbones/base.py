@@ -138,14 +138,7 @@ class Backbone(nn.Module, metaclass=ABCMeta):
 
         Subclasses set `self._image_transform` (a plain picklable object, not an nn.Module); plugins that
         set none get `shortest_edge_transform` of their `image_size`, `mean` and `std`."""
-        own = self.__dict__.get("_image_transform")
-        if own is not None:
-            return own
-        key = (int(self.image_size), tuple(self.mean), tuple(self.std))
-        cached = self.__dict__.get("_default_transform")
-        if cached is None or cached[0] != key:
-            cached = self.__dict__["_default_transform"] = (key, shortest_edge_transform(*key))
-        return cached[1]
+        return own_or_default_transform(self)
 
     def preprocess(self, image) -> torch.Tensor:
         """A PIL image to a normalised CHW float tensor through `image_transform`."""
@@ -326,6 +319,19 @@ def to_rgb(image):
         grey = np.rint(np.asarray(image, dtype=np.float64) / 257.0).astype(np.uint8)
         return Image.fromarray(grey, "L").convert("RGB")
     return image.convert("RGB")
+
+
+def own_or_default_transform(backbone) -> Callable:
+    """`backbone._image_transform` when it sets one, else `shortest_edge_transform` of its `image_size`, `mean`
+    and `std` (built once per setting)."""
+    own = backbone.__dict__.get("_image_transform")
+    if own is not None:
+        return own
+    key = (int(backbone.image_size), tuple(backbone.mean), tuple(backbone.std))
+    cached = backbone.__dict__.get("_default_transform")
+    if cached is None or cached[0] != key:
+        cached = backbone.__dict__["_default_transform"] = (key, shortest_edge_transform(*key))
+    return cached[1]
 
 
 def shortest_edge_transform(size: int, mean, std, interpolation: str = "bicubic"):

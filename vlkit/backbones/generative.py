@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import Block, shortest_edge_transform
+from .base import Block, own_or_default_transform
 from .hosts import base_param_name
 from .state import AdapterState
 
@@ -74,14 +74,7 @@ class GenerativeBackbone(nn.Module, metaclass=ABCMeta):
     @property
     def image_transform(self) -> Callable:
         """The backbone's own eval transform: a PIL image (any mode) to a normalised (3, S, S) tensor."""
-        own = self.__dict__.get("_image_transform")
-        if own is not None:
-            return own
-        key = (int(self.image_size), tuple(self.mean), tuple(self.std))
-        cached = self.__dict__.get("_default_transform")
-        if cached is None or cached[0] != key:
-            cached = self.__dict__["_default_transform"] = (key, shortest_edge_transform(*key))
-        return cached[1]
+        return own_or_default_transform(self)
 
     def preprocess(self, image) -> torch.Tensor:
         return self.image_transform(image)
