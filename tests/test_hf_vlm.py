@@ -5,6 +5,8 @@ unchanged at init, gradients only in adapters, merged equals unmerged generation
 trip; prompt tuning on the prefix site; clear errors."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from PIL import Image
@@ -225,7 +227,7 @@ def _perturb(model, name):
             t.add_(0.05 * torch.randn_like(t))
 
 
-@pytest.mark.parametrize("kind", ["t5", "llama"])
+@pytest.mark.parametrize("kind", ["t5", "llama", "gpt2"])
 def test_lora_on_a_vl_language_model_loads_with_peft_on_the_transformers_lm(root, kind, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
@@ -239,6 +241,10 @@ def test_lora_on_a_vl_language_model_loads_with_peft_on_the_transformers_lm(root
     m.add_adapter("lo", "lora", rank=4, modules="all", towers="lm")
     _perturb(m, "lo")
     write_peft_dir(m.backbone, "lo", tmp_path / "peft")
+    written = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert written["fan_in_fan_out"] is (kind == "gpt2")  # GPT-2's Conv1D keeps its weight as (in, out)
+    if kind == "gpt2":  # the fused q, k, v projection is one module, as PEFT targets it
+        assert "transformer.h.0.attn.c_attn" in written["target_modules"]
     auto = AutoModelForSeq2SeqLM if kind == "t5" else AutoModelForCausalLM
     peft = PeftModel.from_pretrained(auto.from_pretrained(lm_dir), str(tmp_path / "peft")).eval()
     ids = torch.tensor([[5, 6, 7, 8, 1], [9, 10, 11, 1, 0]])

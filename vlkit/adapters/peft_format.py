@@ -154,9 +154,8 @@ def read_peft_dir(backbone, path: str | Path) -> tuple[dict[str, Any], dict[str,
             "use_rslora",
             "rank_pattern",
             "alpha_pattern",
-            "fan_in_fan_out",
             "init_lora_weights",
-        )
+        )  # not fan_in_fan_out: vlkit hands every tuner its site's weight as (out, in), a Conv1D's transposed
         bridge = {"peft_type": "LORA", **{k: peft_cfg[k] for k in keep if k in peft_cfg and peft_cfg[k] is not None}}
         bridge["init_lora_weights"] = True
         bridge["target_modules"] = paths

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..backbones.base import Site, resolve_module, set_module
-from ..backbones.hosts import AdaptedLinear, AdaptedMHA, AdaptedOutput, AdapterHost
+from ..backbones.base import FUSED_ROLES, Site, resolve_module, set_module
+from ..backbones.hosts import AdaptedLinear, AdaptedMHA, AdaptedOutput, AdapterHost, linear_params
 from ..backbones.sequence import SEQUENCE_KIND, sequence_host
 from ..errors import ConfigError, InjectionError
 from .weights import linear_weights
@@ -37,7 +37,8 @@ class InjectionRecord:
 
 def _matches(pattern: str, site: Site, exact_paths: frozenset[str] = frozenset()) -> bool:
     """Role, `re:` regex, exact path, or path suffix. A pattern that is the full path of some site matches
-    only that site (open_clip's text path `transformer.resblocks.0.attn` is also a suffix of the vision one)."""
+    only that site (open_clip's text path `transformer.resblocks.0.attn` is also a suffix of the vision one). A
+    fused projection's site (`attn.qkv`, `FUSED_ROLES`) is matched by the role of each of its parts too."""
     if pattern.startswith("re:"):
         rx = re.compile(pattern[3:])
         return bool(rx.search(site.path) or rx.fullmatch(site.role))
@@ -45,6 +46,7 @@ def _matches(pattern: str, site: Site, exact_paths: frozenset[str] = frozenset()
         return pattern == site.path
     return (
         pattern == site.role
+        or pattern in FUSED_ROLES.get(site.role, ())
         or pattern == site.path
         or site.path.endswith("." + pattern)
         or site.path.endswith("#" + pattern)
@@ -114,7 +116,7 @@ def host_for(backbone, site: Site) -> AdapterHost:
     host: AdapterHost
     if isinstance(module, nn.MultiheadAttention):
         host = AdaptedMHA(module, state)
-    elif isinstance(module, nn.Linear) and site.kind == "linear":
+    elif site.kind == "linear" and linear_params(module) is not None:  # nn.Linear, transformers' Conv1D
         host = AdaptedLinear(module, state)
     else:
         host = AdaptedOutput(module, state)

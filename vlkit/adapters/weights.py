@@ -9,8 +9,12 @@ None) of one projection, as views of the module's own parameters (writing into t
   differ); `attn.out` is `out_proj`;
 - attention with separate projections (transformers `CLIPAttention` and the like): `q_proj`, `k_proj`,
   `v_proj`, `out_proj` (also `o_proj`) for `attn.q` / `attn.k` / `attn.v` / `attn.out`;
+- GPT-2's attention (`GPT2Attention`): `attn.qkv` is the fused `c_attn`, `attn.out` is `c_proj` (cross-attention:
+  `xattn.q` is `q_attn`, `xattn.kv` the fused `c_attn`);
 - an MLP module: `mlp.fc1` is `fc1` / `c_fc`, `mlp.fc2` is `fc2` / `c_proj`;
-- `nn.Linear` (or any module with a `weight`): its own weight and bias, whatever the role.
+- `nn.Linear` (or any module with a `weight`): its own weight and bias, whatever the role;
+- transformers' `Conv1D` (GPT-2's projections, weight stored (in, out)): its weight transposed, a view, so it is
+  (out_features, in_features) like every other (`vlkit.backbones.hosts.linear_params`).
 
 Adapter hosts (vlkit's wrappers) are seen through. `base_for_site` is what `inject` hands a variant's
 `create_layer` as `base`; `LinearView` is that object for a projection that is not a module of its own.
@@ -21,19 +25,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..backbones.hosts import AdapterHost
+from ..backbones.hosts import linear_params, unwrap_host
 from ..errors import InjectionError
 
 ATTN_PARTS = ("q", "k", "v", "out")
-_SEPARATE = {"q": ("q_proj",), "k": ("k_proj",), "v": ("v_proj",), "out": ("out_proj", "o_proj")}
+_SEPARATE = {
+    "q": ("q_proj", "q_attn"),
+    "k": ("k_proj",),
+    "v": ("v_proj",),
+    "out": ("out_proj", "o_proj", "c_proj"),
+    "qkv": ("qkv", "c_attn"),
+    "kv": ("c_attn",),
+}
 _MLP = {"fc1": ("fc1", "c_fc"), "fc2": ("fc2", "c_proj")}
-
-
-def _unwrap(module):
-
-    while isinstance(module, AdapterHost):
-        module = module.base
-    return module
 
 
 def _part(role: str | None) -> str | None:
@@ -47,10 +51,13 @@ def linear_weights(module: nn.Module, role: str | None = None) -> tuple[torch.Te
     `role` is a site role (`attn.q`, `attn.k`, `attn.v`, `attn.out`, `mlp.fc1`, `mlp.fc2`) or its last part
     (`q`, `fc1`, ...); for a plain linear module it may be None. InjectionError when `module` has no such
     projection."""
-    module = _unwrap(module)
+    module = unwrap_host(module)
     part = _part(role)
     if isinstance(module, LinearView):
         return module.weight, module.bias
+    lin = linear_params(module)
+    if lin is not None:
+        return lin.weight, lin.bias
     if isinstance(module, nn.MultiheadAttention):
         if part == "out":
             return module.out_proj.weight, module.out_proj.bias
@@ -72,9 +79,13 @@ def linear_weights(module: nn.Module, role: str | None = None) -> tuple[torch.Te
         for attr in _SEPARATE.get(part, ()) + _MLP.get(part, ()):
             sub = getattr(module, attr, None)
             if sub is not None:
-                sub = _unwrap(sub)
-                if isinstance(getattr(sub, "weight", None), torch.Tensor):
-                    return sub.weight, getattr(sub, "bias", None)
+                sub = unwrap_host(sub)
+                lin = linear_params(sub)
+                if lin is not None:
+                    return lin.weight, lin.bias
+                sub_weight = getattr(sub, "weight", None)
+                if isinstance(sub_weight, torch.Tensor):
+                    return sub_weight, getattr(sub, "bias", None)
     own = getattr(module, "weight", None)
     if isinstance(own, torch.Tensor) and own.dim() == 2:
         return own, getattr(module, "bias", None)
@@ -82,13 +93,14 @@ def linear_weights(module: nn.Module, role: str | None = None) -> tuple[torch.Te
 
 
 class LinearView:
-    """The projection `role` of a module that holds several (nn.MultiheadAttention's q, k, v), seen as a
-    linear layer: live `weight` / `bias` (views into the module's parameters, read on each access),
+    """The projection `role` of a module that holds several (nn.MultiheadAttention's q, k, v), or a transformers
+    `Conv1D` (its weight transposed), seen as a linear layer: live `weight` (out_features, in_features) / `bias`
+    (views into the module's parameters, read on each access),
     `in_features`, `out_features`, and `module` / `role` it came from. Not an nn.Module, so keeping it on
     an adapter layer does not put the base's parameters into the adapter."""
 
     def __init__(self, module: nn.Module, role: str):
-        self.module = _unwrap(module)
+        self.module = unwrap_host(module)
         self.role = role
         linear_weights(self.module, role)  # fail early on an unknown role
 
@@ -115,9 +127,10 @@ class LinearView:
 def base_for_site(module: nn.Module, site) -> nn.Module | LinearView:
     """What a variant's `create_layer` gets as `base` for `site`, given the module at `site.host_path`.
 
-    Linear sites: the nn.Linear itself, or a LinearView of the role's rows when the host module holds several
-    projections (nn.MultiheadAttention). Every other kind (output, input, ...): the wrapped module itself."""
-    module = _unwrap(module)
+    Linear sites: the nn.Linear itself, or a LinearView: of the role's rows when the host module holds several
+    projections (nn.MultiheadAttention), of the transposed weight of a transformers `Conv1D` (GPT-2), so `weight`
+    is (out_features, in_features) everywhere. Every other kind (output, input, ...): the wrapped module itself."""
+    module = unwrap_host(module)
     if site.kind != "linear":
         return module
     if isinstance(module, nn.Linear):

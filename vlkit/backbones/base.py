@@ -43,12 +43,21 @@ def true_length(ids: torch.Tensor, pad_id: int, eos_id: int | None = None) -> in
     return int(cols[-1]) + 1 if len(cols) else 1
 
 
+FUSED_ROLES: dict[str, tuple[str, ...]] = {
+    "attn.qkv": ("attn.q", "attn.k", "attn.v"),
+    "xattn.kv": ("xattn.k", "xattn.v"),
+}
+"""Roles of one projection that computes several (GPT-2's `c_attn`, BLIP's `qkv`), with the roles of its parts: a
+target naming a part (`attn.v`) selects the fused projection, as PEFT targets `c_attn` where others have `v_proj`."""
+
+
 @dataclass
 class Site:
     """One place an adapter can act: the output of a sub-layer or one linear projection in a block.
 
     `host_path` is the module that gets wrapped; for projections inside an `nn.MultiheadAttention`
-    the host is the attention module and `path` reads `<host_path>#q` (k, v, out).
+    the host is the attention module and `path` reads `<host_path>#q` (k, v, out). A fused projection has a
+    role of `FUSED_ROLES` (`attn.qkv`) and is one site.
     """
 
     tower: str

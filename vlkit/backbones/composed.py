@@ -9,8 +9,9 @@ encoder-decoder (T5, BART: the visual tokens and the prompt enter the encoder, t
 decoder-only model (GPT-2, Llama, Qwen2, SmolLM: the answer follows the visual tokens and the prompt).
 
 Adapter sites: the vision tower's own, the projector's linear layers, and per LM block the attention and MLP
-outputs and projections (`LM_LAYOUTS`, architecture as data). A `prefix` site on the LM's input sequence takes
-prompt tuning (variant `prompt-tuning`).
+outputs and projections (`LM_LAYOUTS`, architecture as data; GPT-2's `Conv1D` projections are linear sites like
+any nn.Linear, its fused `c_attn` one `attn.qkv` site, as PEFT treats it). A `prefix` site on the LM's input sequence
+takes prompt tuning (variant `prompt-tuning`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch import nn
 from ..errors import BackboneLoadError, ConfigError
 from .base import Block, Site, resolve_module
 from .generative import GenerativeBackbone, as_image_batch
+from .hosts import linear_params
 from .loading import load_backbone
 
 PREFIX_KIND = "prefix"
@@ -47,6 +49,7 @@ class LMLayout:
     fc1: str | None
     fc2: str | None
     enc_mlp: str | None = None  # where an encoder block's MLP differs from a decoder block's (T5)
+    qkv: str | None = None  # one fused q, k, v projection (GPT-2's c_attn)
 
 
 LM_LAYOUTS: dict[str, LMLayout] = {
@@ -78,7 +81,7 @@ LM_LAYOUTS: dict[str, LMLayout] = {
     "llama": LMLayout(
         None, "model.layers", "self_attn", "q_proj", "k_proj", "v_proj", "o_proj", "mlp", "up_proj", "down_proj"
     ),
-    "gpt2": LMLayout(None, "transformer.h", "attn", None, None, None, None, "mlp", None, None),
+    "gpt2": LMLayout(None, "transformer.h", "attn", None, None, None, "c_proj", "mlp", "c_fc", "c_proj", qkv="c_attn"),
 }
 for _alias in ("qwen2", "mistral", "smollm3"):
     LM_LAYOUTS[_alias] = LM_LAYOUTS["llama"]
@@ -346,26 +349,28 @@ class ComposedVLBackbone(GenerativeBackbone):
             w = self.width
             attn = f"{path}.{lay.attn}"
             b.sites["attn"] = Site(tower, i, "attn", attn, attn, "output", w, w)
-            for role, attr in (("attn.q", lay.q), ("attn.k", lay.k), ("attn.v", lay.v), ("attn.out", lay.o)):
+            attn_parts = (("attn.q", lay.q), ("attn.k", lay.k), ("attn.v", lay.v), ("attn.qkv", lay.qkv))
+            for role, attr in (*attn_parts, ("attn.out", lay.o)):
                 if attr:
-                    lin = cast(nn.Linear, resolve_module(self.model, f"{attn}.{attr}"))
-                    b.sites[role] = Site(
-                        tower, i, role, f"{attn}.{attr}", f"{attn}.{attr}", "linear", lin.in_features, lin.out_features
-                    )
+                    self._linear_site(b, role, f"{attn}.{attr}")
             mlp = lay.enc_mlp if (tower == "encoder" and lay.enc_mlp) else lay.mlp
             if mlp:
                 b.sites["mlp"] = Site(tower, i, "mlp", f"{path}.{mlp}", f"{path}.{mlp}", "output", w, w)
             ff = f"{path}.{mlp}" if mlp else path
             for role, attr in (("mlp.fc1", lay.fc1), ("mlp.fc2", lay.fc2)):
                 if attr and _has(self.model, f"{ff}.{attr}"):
-                    lin = cast(nn.Linear, resolve_module(self.model, f"{ff}.{attr}"))
-                    b.sites[role] = Site(
-                        tower, i, role, f"{ff}.{attr}", f"{ff}.{attr}", "linear", lin.in_features, lin.out_features
-                    )
+                    self._linear_site(b, role, f"{ff}.{attr}")
             if i == 0 and tower == self.towers[2]:
                 b.sites[PREFIX_ROLE] = Site(tower, 0, PREFIX_ROLE, "prefix", "prefix", PREFIX_KIND, w, w)
             blocks.append(b)
         return blocks
+
+    def _linear_site(self, b: Block, role: str, path: str) -> None:
+        """A linear site of block `b` at the projection `path` (an nn.Linear or GPT-2's Conv1D)."""
+        lin = linear_params(resolve_module(self.model, path))
+        if lin is None:
+            raise BackboneLoadError(f"{path} of {self.lm_config.model_type} is not a linear projection")
+        b.sites[role] = Site(b.tower, b.index, role, path, path, "linear", lin.in_features, lin.out_features)
 
     def _vision_block(self, block: Block) -> Block:
         b = Block("vision", block.index, f"vision.{block.path}", block.width)

@@ -4,13 +4,19 @@ A host keeps the original module as `base` (its parameters untouched), holds ada
 `adapters[adapter_name][site_key]`, and reads the shared AdapterState to know which to run.
 Modes: stack, parallel (weighted sum of deltas), fuse (AdapterFusion layers in `fusions[name][site_key]`
 weigh the adapters' outputs), and per-sample routing (each sample of the batch through its own adapter).
-Three hosts: AdaptedOutput (a sub-layer's output), AdaptedLinear (an nn.Linear), and
-AdaptedMHA (an nn.MultiheadAttention, whose fused in-projection is split into q, k, v sites).
+Three hosts: AdaptedOutput (a sub-layer's output), AdaptedLinear (an nn.Linear, or transformers' `Conv1D`: GPT-2's
+projections, a linear layer whose weight is stored transposed), and AdaptedMHA (an nn.MultiheadAttention, whose
+fused in-projection is split into q, k, v sites).
+
+`linear_params(module)` is the one place a linear-like module is read as a linear layer: (weight as
+(out_features, in_features), bias, in_features, out_features); for a `Conv1D` the weight is a transposed view of
+its parameter, so writing into it (a merge) writes the parameter.
 """
 
 from __future__ import annotations
 
-from typing import Any, cast
+import sys
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +31,47 @@ def base_param_name(name: str) -> str:
 
 
 INPUT_KEY = "attn_in"  # a layer on the attention's input (bottleneck `attn_position: input`)
+
+
+class LinearParams(NamedTuple):
+    """A linear-like module read as y = x Wᵀ + b: `weight` (out_features, in_features) and `bias` (out_features
+    or None) are the module's live parameters or views of them."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    in_features: int
+    out_features: int
+
+
+def conv1d_type() -> type | None:
+    """transformers' `Conv1D` (GPT-2's projections: weight (in, out), y = x W + b) once transformers has loaded it;
+    None before, when no instance can exist (transformers is not imported for it)."""
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+
+
+def unwrap_host(module: nn.Module) -> nn.Module:
+    """The module under any adapter hosts wrapped around it."""
+    while isinstance(module, AdapterHost):
+        module = module.base
+    return module
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether `module` (seen through adapter hosts) is a transformers `Conv1D`."""
+    conv = conv1d_type()
+    return conv is not None and isinstance(unwrap_host(module), conv)
+
+
+def linear_params(module: nn.Module) -> LinearParams | None:
+    """`module` (seen through adapter hosts) as a linear layer, or None when it is neither an nn.Linear nor a
+    transformers `Conv1D`. A Conv1D's weight comes back as `weight.t()`: (out, in), a view of the parameter."""
+    module = unwrap_host(module)
+    if isinstance(module, nn.Linear):
+        return LinearParams(module.weight, module.bias, module.in_features, module.out_features)
+    if is_conv1d(module):
+        w = cast(torch.Tensor, module.weight).t()
+        return LinearParams(w, cast(Any, module).bias, int(w.shape[1]), int(w.shape[0]))
+    return None
 
 
 class AdapterHost(nn.Module):
@@ -236,19 +283,25 @@ class AdaptedOutput(AdapterHost):
 
 
 class AdaptedLinear(AdapterHost):
-    """Adapters on an nn.Linear: each layer sees the input, the base output, and the base weight."""
+    """Adapters on an nn.Linear or a transformers `Conv1D`: each layer sees the input, the base output, and the
+    base weight as (out_features, in_features) (`linear_params`; a Conv1D's is its transposed parameter)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base: Any = self._modules["base"]
         kinds = self.site_kinds
-        if len(kinds) == 1 and type(base).forward is nn.Linear.forward:  # the usual case: one linear site
+        if len(kinds) == 1:  # the usual case: one linear site
             ((key, kind),) = kinds.items()
             if kind == "linear":
-                return self.linear_site(key, x, base.weight, base.bias)
+                if type(base).forward is nn.Linear.forward:
+                    return self.linear_site(key, x, base.weight, base.bias)
+                if is_conv1d(base):  # F.linear(x, W.t(), b) is Conv1D's own addmm, bit for bit
+                    return self.linear_site(key, x, base.weight.t(), base.bias)
         y = base(x)
+        lin = linear_params(base)
+        weight, bias = (lin.weight, lin.bias) if lin is not None else (None, None)
         for key in self.site_kinds:
             if self.site_kinds[key] == "linear":
-                y = self.run_adapters(key, y, x, self.base.weight, self.base.bias)
+                y = self.run_adapters(key, y, x, weight, bias)
             else:
                 y = self.run_adapters(key, y)
         return y

@@ -6,6 +6,9 @@ written by PEFT's own config class, target_modules the exact module paths):
   transformers model of the directory;
 - `vl:` composed backbones: their language model (`lm=DIR`), for adapters on its sites only (`towers: lm`).
 
+GPT-2's projections are transformers `Conv1D`s (weight stored (in, out)): PEFT wraps them with `fan_in_fan_out=True`,
+which the config says; their LoRA factors are the same tensors as for an nn.Linear.
+
 The export is verified: the directory is loaded with PEFT onto a fresh copy of the base model and its outputs are
 compared with vlkit's on random inputs (CLIP: image and text embeddings; VLMs: answer log-probabilities; `vl:`
 language models: logits); a mismatch writes nothing. Reading PEFT directories is `vlkit.adapters.peft_format`.
@@ -22,7 +25,9 @@ from ..adapters.files import read_adapter_config
 from ..adapters.model import AdaptedModel
 from ..adapters.peft_bridge import _peft_config, _site_name, peft_config_class
 from ..adapters.peft_format import CONFIG_NAME, EXPORT_TOLERANCE, PEFT_PREFIX, WEIGHTS_NAME
+from ..backbones.base import resolve_module
 from ..backbones.composed import load_lm, parse_vl_spec
+from ..backbones.hosts import is_conv1d
 from ..backbones.loading import load_backbone
 from ..errors import ConfigError, ExportError
 from ..io import save_safetensors
@@ -70,6 +75,7 @@ def _peft_tensors_and_config(backbone, name: str) -> tuple[dict[str, torch.Tenso
         )
     params = {k[len(root) :]: v for k, v in params.items()}
     paths = [s.path[len(root) :] for s in record.sites]
+    transposed = any(is_conv1d(resolve_module(backbone.model, s.host_path)) for s in record.sites)
     c = record.config
     out: dict[str, torch.Tensor] = {}
     if record.variant == "lora":
@@ -77,7 +83,11 @@ def _peft_tensors_and_config(backbone, name: str) -> tuple[dict[str, torch.Tenso
 
         alpha: Any = float(c["alpha"])  # PEFT annotates lora_alpha as int; vlkit's alphas may be fractional
         pcfg = LoraConfig(
-            r=int(c["rank"]), lora_alpha=alpha, lora_dropout=float(c.get("dropout", 0.0)), target_modules=paths
+            r=int(c["rank"]),
+            lora_alpha=alpha,
+            lora_dropout=float(c.get("dropout", 0.0)),
+            target_modules=paths,
+            fan_in_fan_out=transposed,  # GPT-2's Conv1D: PEFT's flag for a weight stored (in, out)
         )
         for p in paths:
             out[f"{PEFT_PREFIX}{p}.lora_A.weight"] = params[f"{p}.lora_A"]
@@ -95,6 +105,8 @@ def _peft_tensors_and_config(backbone, name: str) -> tuple[dict[str, torch.Tenso
         ]
         pcfg = _peft_config(bridge, feedforward=False)
         pcfg.target_modules = set(paths)
+        if hasattr(pcfg, "fan_in_fan_out"):  # the bridge ran the tuner on (out, in) weights; PEFT's Conv1D wants it
+            pcfg.fan_in_fan_out = transposed
         if bridge["peft_type"] == "IA3":
             pcfg.feedforward_modules = set(ff)
         peft_config_class(bridge["peft_type"])
