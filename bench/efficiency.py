@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def recipe(task: str, method: str, variant: str | None, steps: int, n_train: int, n_eval: int, seed: int,
            head_lr: float | None = 3e-2) -> dict:
-    lr = {"linear": 3e-2, "zeroshot": 1e-3}.get(method, 3e-3)
+    lr = {"linear-sgd": 3e-2, "zeroshot": 1e-3}.get(method, 3e-3)
     if method == "full":  # best of 2e-4, 5e-4, 1e-3, 2e-3 (classification) and 5e-5, 1e-4, 2e-4, 5e-4, 1e-3 (vqa)
         lr = 1e-3 if task == "classification" else 1e-4
     towers = "vision" if task == "classification" else "both"
@@ -64,7 +64,7 @@ def recipe(task: str, method: str, variant: str | None, steps: int, n_train: int
     }
 
 
-METHODS = [("zero-shot", "zeroshot", None), ("linear probe", "linear", None), ("bottleneck", "adapter", "bottleneck"),
+METHODS = [("zero-shot", "zeroshot", None), ("linear probe", "linear-sgd", None), ("bottleneck", "adapter", "bottleneck"),
            ("LoRA", "adapter", "lora"), ("(IA)^3", "adapter", "ia3"), ("full fine-tuning", "full", None)]
 
 
@@ -96,7 +96,7 @@ def main() -> None:
             if variant and variant not in registry("adapter"):
                 console.print(f"[yellow]skip {label}: variant {variant!r} not installed[/]")
                 continue
-            if method == "linear" and task == "retrieval":
+            if method == "linear-sgd" and task == "retrieval":
                 continue
             scores, times = [], []
             for seed in seeds:

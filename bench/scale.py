@@ -236,7 +236,7 @@ def main() -> None:
     n_c = args.cache_images
     spe = n_c // args.batch
     for case, extra in (("vision-only LoRA (text tower cached)", {"adapter.towers": "vision"}),
-                        ("linear probe (vision tower cached)", {"method": "linear"})):
+                        ("linear probe (vision tower cached)", {"method": "linear-sgd"})):  # the SGD head
         for flag in (False, True):
             data = {"kind": "manifest", "path": files[n_c]["manifest"]}
             task = {"task": {"name": "classification", "options": {"head": "linear", "class_names": WORDS[:2]}}} \

@@ -29,7 +29,7 @@ def test_adapt_table_and_retention(tmp_path):
     res = run_adapt("tiny@random", "medical", shots=2, out=tmp_path / "med", steps=4, n_eval=30,
                     baselines=("full", "linear"), progress=False)
     methods = [r["method"] for r in res["rows"]]
-    assert methods[0].startswith("zero-shot") and "full fine-tuning" in methods and "linear probe" in methods
+    assert methods[0].startswith("zero-shot") and "full fine-tuning" in methods and "linear probe (L-BFGS)" in methods
     off = next(r for r in res["rows"] if r["method"].endswith("off"))
     assert off["verified_unchanged"] is True and off["general_change"] == 0.0
     full = next(r for r in res["rows"] if r["method"] == "full fine-tuning")

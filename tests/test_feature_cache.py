@@ -61,7 +61,7 @@ def test_embed_helpers_accept_features():
 @pytest.mark.parametrize("case", ["linear-probe", "vision-only-retrieval"])
 def test_cached_run_matches_uncached(tmp_path, case):
     if case == "linear-probe":
-        over = ["method=linear", "task.options.head=linear"]
+        over = ["method=linear-sgd", "task.options.head=linear"]  # the SGD head: trained through the loop
         recipe = ROOT / "recipes" / "quickstart.yaml"
         data = ["data.train.n=32", "data.eval.n=16"]
     else:

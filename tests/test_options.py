@@ -224,8 +224,9 @@ def test_plugins_json_lists_declared_options(capsys):
     assert [(o["name"], o["type"], o["default"]) for o in onnx] == [("threads", "int", 0),
                                                                     ("per_channel", "bool", False)]
     methods = infos["vlkit.train.builtin"]["options"]["method"]
-    assert sorted(methods) == ["adapter", "full", "fuse"]
+    assert sorted(methods) == ["adapter", "full", "fuse", "linear"]
     assert [o["name"] for o in methods["fuse"]] == ["adapters", "fusion", "temperature"]
+    assert [o["name"] for o in methods["linear"]] == ["C", "val"]
 
 
 def test_kind_override_keeps_the_options_the_dataclass_declares():

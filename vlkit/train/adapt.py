@@ -16,15 +16,22 @@ from vlkit.backbones.loading import load_backbone
 
 from ..adapters.model import AdaptedModel
 from ..adapters.tip_adapter import build_tip_adapter
-from ..data.api import few_shot, load_data, parse_data_spec
+from ..data.api import load_data, parse_data_spec
 from ..data.kinds import kind_domains
 from ..data.pipeline import materialize
-from ..data.shots import kind_draws_shots
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError
 from ..io import write_json
 from ..outputs import OutputTarget
 from ..plugins import registry
-from .baselines import class_split, dataset_classes, keep_classes, linear_probe, score_on, write_run_metrics
+from .baselines import (
+    class_split,
+    dataset_classes,
+    keep_classes,
+    linear_probe,
+    score_on,
+    validation_split,
+    write_run_metrics,
+)
 from .engine import run
 from .evaluate import load_eval_data, round_percent
 from .jobs import build_task, load_datasets
@@ -48,7 +55,7 @@ def adapt_recipe(
     batch_size: int | None = None,
     task_options: dict | None = None,
 ) -> dict:
-    default_lr = {"adapter": 2e-3, "full": 1e-4, "linear": 1e-2}.get(method, 1e-3)
+    default_lr = DEFAULT_LR.get(method, 1e-3)
     options = {**(task_options or {}), **({} if method == "zeroshot" else {"head": "linear"})}
     train = {
         "kind": DATA_KIND,
@@ -159,8 +166,8 @@ def _run_adapt(
     if domain == GENERAL_DOMAIN:
         raise ConfigError(f"{GENERAL_DOMAIN!r} is the general (pre-training) domain; adapt to another one")
     for b in baselines:
-        if b not in ("full", "linear"):
-            raise ConfigError(f"unknown baseline {b!r}; choose from full, linear")
+        if b not in ("full", "linear", "linear-sgd"):
+            raise ConfigError(f"unknown baseline {b!r}; choose from full, linear, linear-sgd")
     out = Path(out)
     steps = steps or max(60, 6 * shots)
     rows: list[dict[str, Any]] = []
@@ -230,7 +237,7 @@ def _run_adapt(
         bcfg = cfg_for(method)
         res, bb, _ = run(bcfg, out / f"baseline-{method}", progress=progress, publish=False)
         row = {
-            "method": "full fine-tuning" if method == "full" else "linear probe",
+            "method": METHOD_LABELS[method],
             "trainable_percent": res["parameters"]["trainable_percent"],
             "in_domain": res["score"],
         }
@@ -276,7 +283,7 @@ METHOD_LABELS = {
     "linear-sgd": "linear head (SGD)",
     "full": "full fine-tuning",
 }
-DEFAULT_LR = {"adapter": 2e-3, "full": 1e-4, "linear": 1e-2}
+DEFAULT_LR = {"adapter": 2e-3, "full": 1e-4, "linear": 1e-2, "linear-sgd": 1e-2}
 
 
 def check_methods(methods) -> list[str]:
@@ -349,13 +356,14 @@ def method_recipe(
 ) -> dict:
     """The recipe of one protocol run. Adapter variants classify with the text head (class-name prompts through
     the possibly adapted text tower, as the CLIP-adaptation papers do); the linear probes and full fine-tuning
-    a linear head initialised from those prompts (`linear` then fits it by L-BFGS, `vlkit.train.baselines`)."""
+    a linear head initialised from those prompts (`linear` fits it by L-BFGS, `vlkit.train.baselines`; recipe
+    method `linear-sgd` trains it by SGD)."""
 
     is_variant = method not in BASE_METHODS
-    kind = "adapter" if is_variant else "linear" if method.startswith("linear") else method
+    kind = "adapter" if is_variant else method
     training_free = is_variant and getattr(registry("adapter").get(method), "training_free", False)
     options = dict(task_options or {})
-    if kind in ("linear", "full"):
+    if kind in HEAD_METHODS:
         options["head"] = "linear"
     return {
         "name": f"fewshot-{method}",
@@ -381,29 +389,8 @@ def method_recipe(
 def protocol_val(cfg, shots: int, seed: int):
     """CoOp's few-shot validation set: min(shots, 4) examples per class (fewer where the split has fewer), from
     the source's val split (a world source: a fresh draw with its own seed). None where the source has no val
-    split or a class has no val example."""
-
-    spec = plain(cfg.data.train)
-    if kind_draws_shots(spec):
-        spec.pop("seed", None)  # the seed of its own draw: the val draw below has its own
-    spec.pop("shots", None)
-    spec.setdefault("task", cfg.task.name)
-    if spec.get("kind") == DATA_KIND:
-        spec["seed"] = seed + 20_000
-    else:
-        spec["split"] = "val"
-    try:
-        ds = load_data(spec)
-    except DataError:
-        return None
-    from collections import Counter
-
-    counts = Counter(ds["label"])
-    classes = len(ds.features["label"].names) if hasattr(ds.features["label"], "names") else len(counts)
-    k = min(shots, 4, min(counts.values(), default=0))
-    if k < 1 or len(counts) < classes:  # a class missing from the val split: no search (the paper's defaults)
-        return None
-    return few_shot(ds, k, seed=seed)
+    split or a class has no val example (`vlkit.train.baselines.validation_split`)."""
+    return validation_split(plain(cfg.data.train), cfg.task.name, seed, shots)
 
 
 def _run_training_free(cfg, method: str, out: Path, shots: int, datasets=None) -> tuple[dict[str, Any], Any]:

@@ -1,4 +1,4 @@
-"""The built-in training-method plugin: adapter, full, linear, zeroshot and fuse (`vlkit.train.methods`).
+"""The built-in training-method plugin: adapter, full, linear, linear-sgd, zeroshot and fuse (`vlkit.train.methods`).
 
 A third-party method registers the same way from its own plugin module:
 

@@ -263,8 +263,10 @@ def _run(cfg, out: Path, stage: Path | None, *, resume: bool, progress, stop_aft
             job.train = _train_view(cfg, backbone, job.train)
     warnings: list[str] = []
     untrained = cfg.optim.steps == 0 or cfg.optim.epochs == 0  # let through by the recipe check only when allowed
-    fits = get_method(cfg.method).fits and not untrained
-    if fits and trainable:
+    method = get_method(cfg.method)
+    solves = bool(getattr(method, "solves", False))
+    fits = method.fits and (solves or not untrained)
+    if fits and trainable and not solves:
         unused = unused_parameters(backbone, jobs, trainable)
         if unused:
             for n in unused:
@@ -296,7 +298,9 @@ def _run(cfg, out: Path, stage: Path | None, *, resume: bool, progress, stop_aft
     step = 0
     history: list[dict[str, Any]] = []
     t_fit = time.perf_counter()
-    if fits:
+    if fits and solves:  # the method's own fit (the linear probe's L-BFGS): no optimiser loop
+        result["solver"] = method.solve(backbone, jobs[0].task, cfg, jobs[0].source)
+    elif fits:
         step, history = _fit(cfg, accel, module, jobs, trainable, out, log, resume, report, stop_after)
     result["processes"] = accel.num_processes
     if accel.num_processes > 1:

@@ -55,6 +55,7 @@ class Job:
     cfg: Any = None
     adapter: str | None = None
     active: Activation | None = None
+    source: Any = None  # the training dataset itself (a method that `solves` fits on it)
 
     def activate(self, backbone) -> None:
         """Make this job's adapters the active ones (nothing to do when the job records none)."""
@@ -91,6 +92,7 @@ def prepare_job(
         cfg,
         adapter,
         active,
+        train_ds,
     )
 
 

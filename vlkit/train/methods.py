@@ -10,12 +10,15 @@ A method is an object with a `name` and the hooks below; the engine looks `cfg.m
   frozen) and return the adapter's name when the method trains one, else None; a `prepare` with a
   `train_data` keyword also gets the training dataset (the `adapter` method hands it to the variant's
   `options_from_data` / `init_from_data`);
-- `save(cfg, out, backbone, task, adapter)`: write what the method produced besides task.json, head and metrics.
+- `save(cfg, out, backbone, task, adapter)`: write what the method produced besides task.json, head and metrics;
+- `solve(backbone, task, cfg, train_data)`: for a method with `solves = True`, the fit itself instead of the
+  engine's optimiser loop (the `linear` probe's L-BFGS logistic regression); returns what the run records of it.
 
 `fits` is False for a method that evaluates without training (zeroshot); `trains_head` says whether the task
-head's parameters train. A method that reads options from the recipe's `compose` mapping declares them as one
-dataclass with field help, `options_cls`: recipe checking refuses a key it does not declare
-(`check_options`) and `vlkit plugins --json` lists them.
+head's parameters train; `solves` that the method fits them itself (`optim` then does not apply). A method
+that reads options from the recipe's `compose` mapping declares them as one dataclass with field help,
+`options_cls`: recipe checking refuses a key it does not declare (`check_options`) and `vlkit plugins --json`
+lists them.
 """
 
 from __future__ import annotations
@@ -32,10 +35,12 @@ from ..adapters.base import AdapterVariant
 from ..adapters.model import AdaptedModel
 from ..compose.adapter_fusion import prepare_fuse, write_fuse_outputs
 from ..compose.resolve import load_base, write_base_composition
+from ..data.api import load_data
 from ..errors import ConfigError
 from ..io import atomic_path
 from ..options import option_names
 from ..plugins import registry
+from .baselines import fit_linear_head, validation_split
 from .recipe import plain
 
 
@@ -51,6 +56,8 @@ class TrainingMethod:
     summary = ""
     fits = True
     trains_head = True
+    #: True: `solve` fits the trainable parameters instead of the engine's optimiser loop
+    solves = False
     #: the options the method reads from the recipe's `compose` mapping, as a dataclass (None: it reads none)
     options_cls: type | None = None
 
@@ -79,6 +86,11 @@ class TrainingMethod:
     def save(self, cfg, out: Path, backbone, task, adapter: str | None) -> None:
         return None
 
+    def solve(self, backbone, task, cfg, train_data) -> dict[str, Any]:
+        """Fit what trains (a method with `solves`), given the task and its training dataset; returns a record of
+        the fit for the run's result (`solver`)."""
+        raise NotImplementedError(f"method {self.name!r} does not solve its fit (solves = False)")
+
 
 @dataclass
 class AdapterMethodOptions:
@@ -95,6 +107,18 @@ class FullOptions:
     towers: list[str] | None = None
     """The backbone's towers that train (e.g. [projector, encoder, decoder] to keep a generative backbone's image
     tower frozen); None: every weight."""
+
+
+@dataclass
+class LinearOptions:
+    """The `compose` options of method `linear` (the L-BFGS linear probe)."""
+
+    C: float | None = None
+    """The inverse L2 strength (scikit-learn's C); None: searched on the validation split (CoOp's search), C = 1
+    where there is none."""
+    val: dict[str, Any] | None = None
+    """A data spec of the validation set the C search scores on; None: the training source's val split (the
+    embedded world: a fresh draw), min(shots, 4) per class for a few-shot source (`data.train.shots`)."""
 
 
 @dataclass
@@ -202,9 +226,9 @@ class FullMethod(TrainingMethod):
             save_file(state, str(tmp))
 
 
-class LinearMethod(TrainingMethod):
-    name = "linear"
-    summary = "linear probe: frozen backbone, only the task head trains"
+class LinearSGDMethod(TrainingMethod):
+    name = "linear-sgd"
+    summary = "linear head by SGD: frozen backbone, only the task head trains, with the recipe's optim"
 
     def task_options(self, task_cls, options: dict[str, Any]) -> dict[str, Any]:
         return {**task_cls.linear_probe_options, **options}
@@ -212,10 +236,49 @@ class LinearMethod(TrainingMethod):
     def prepare(self, backbone, task, cfg, adapter_options: dict[str, Any]) -> str | None:
         if not list(task.head.parameters()):
             raise ConfigError(
-                f"method 'linear' needs a task head with parameters; task {task.name!r} has none"
+                f"method {self.name!r} needs a task head with parameters; task {task.name!r} has none"
                 + (f" (set task.options to {task.linear_probe_options})" if task.linear_probe_options else "")
             )
         return None
+
+
+class LinearMethod(LinearSGDMethod):
+    """CLIP's linear probe: L-BFGS logistic regression on the frozen image features, C searched on a validation
+    split (`vlkit.train.baselines.fit_linear_head`, what `vlkit adapt --method linear` runs too)."""
+
+    name = "linear"
+    summary = "linear probe: L-BFGS logistic regression on frozen image features, C searched on validation data"
+    solves = True
+    options_cls = LinearOptions
+
+    def check(self, cfg, source: str) -> None:
+        if cfg.data.augment:
+            raise ConfigError(
+                f"{source}: key 'data.augment': method 'linear' fits on the frozen features of the training "
+                "images, so augmentation does not apply",
+                hint="method linear-sgd trains the head by SGD on augmented images",
+            )
+        c = (cfg.compose or {}).get("C")
+        if c is not None and not (isinstance(c, (int, float)) and c > 0):
+            raise ConfigError(f"{source}: key 'compose.C': must be a positive number, got {c!r}")
+
+    def solve(self, backbone, task, cfg, train_data) -> dict[str, Any]:
+        import datasets as hfds
+
+        if isinstance(train_data, hfds.IterableDataset):
+            raise ConfigError(
+                "method 'linear' fits on every training example at once; a streaming source cannot be used",
+                hint="use a map-style source, or method linear-sgd",
+            )
+        options = cfg.compose or {}
+        c, val = options.get("C"), None
+        if c is None and options.get("val"):
+            val = load_data({"task": task.name, **plain(options["val"])})
+        elif c is None:
+            spec = plain(cfg.data.train)
+            val = validation_split(spec, task.name, int(cfg.seed), spec.get("shots"))
+        fit = fit_linear_head(backbone, task, train_data, val, c=c, cache=bool(cfg.data.feature_cache))
+        return {"solver": "lbfgs", **fit}
 
 
 class ZeroShotMethod(TrainingMethod):
@@ -265,7 +328,7 @@ def fuse_arguments(cfg) -> tuple[list[tuple[str, Path]], str, float]:
     return sources, str(spec.get("fusion") or "fusion"), float(spec.get("temperature", 1.0))
 
 
-BUILTIN_METHODS = (AdapterMethod(), FullMethod(), LinearMethod(), ZeroShotMethod(), FuseMethod())
+BUILTIN_METHODS = (AdapterMethod(), FullMethod(), LinearMethod(), LinearSGDMethod(), ZeroShotMethod(), FuseMethod())
 
 
 def get_method(name: str) -> TrainingMethod:

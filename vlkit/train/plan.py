@@ -2,7 +2,7 @@
 list of jobs, each built by its method's `prepare` (`vlkit.train.jobs.prepare_job`), and the parameters that
 train. The engine only loops over the jobs; the plan also says how the run's result and files are written.
 
-- single task (any method: adapter, full, linear, zeroshot, fuse, a plugin's): one job; the method writes
+- single task (any method: adapter, full, linear, linear-sgd, zeroshot, fuse, a plugin's): one job; the method writes
   its files (`TrainingMethod.save`), with task.json, head.safetensors, metrics.json and the curves;
 - multi-task (`vlkit.train.multitask`): one job per task, run round-robin, each task's adapter prepared as
   its single-task recipe would be, tied per `sharing`; writes a route composition of the task adapters.

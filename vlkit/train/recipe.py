@@ -481,7 +481,7 @@ def check_recipe(cfg, source: str = "<recipe>", allow_untrained: bool = False) -
         raise ConfigError(
             f"{source}: key 'task.name': unknown task {cfg.task.name!r}; known: {', '.join(registry('task').names())}"
         )
-    if method.fits and cfg.optim.steps is None and cfg.optim.epochs is None:
+    if method.fits and not getattr(method, "solves", False) and cfg.optim.steps is None and cfg.optim.epochs is None:
         raise ConfigError(f"{source}: key 'optim': give optim.steps or optim.epochs")
     if cfg.data.num_workers < 0 or cfg.data.prefetch_factor < 1 or cfg.data.shuffle_buffer < 1:
         raise ConfigError(f"{source}: key 'data': num_workers must be >= 0, prefetch_factor and shuffle_buffer >= 1")
@@ -492,7 +492,7 @@ def check_recipe(cfg, source: str = "<recipe>", allow_untrained: bool = False) -
         raise ConfigError(f"{source}: key 'data.augment': {exc}") from None
     for key in ("steps", "epochs"):
         value = getattr(cfg.optim, key)
-        least = 1 if method.fits and not allow_untrained else 0
+        least = 1 if method.fits and not getattr(method, "solves", False) and not allow_untrained else 0
         if value is not None and value < least:
             raise ConfigError(
                 f"{source}: key 'optim.{key}': must be >= 1 (got {value}); a run with no step "
