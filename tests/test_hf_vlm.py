@@ -38,10 +38,10 @@ def _images():
 
 
 def _prompts(kind):
-    return [""] * 2 if kind == "vision-encoder-decoder" else PROMPTS
+    return [""] * 2 if kind.startswith("vision-encoder-decoder") else PROMPTS
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", [*KINDS, "vision-encoder-decoder-gpt2"])
 def test_lora_trains_with_unchanged_init_adapter_only_gradients_merge_and_exact_round_trip(root, kind, tmp_path):
     m = _load(root, kind)
     bb = m.backbone
@@ -261,6 +261,27 @@ def test_lora_on_a_vl_language_model_loads_with_peft_on_the_transformers_lm(root
     m.add_adapter("all", "lora", rank=4, towers="all")
     with pytest.raises(ConfigError, match="towers: lm"):
         write_peft_dir(m.backbone, "all", tmp_path / "no")
+
+
+def test_lora_on_a_gpt2_decoder_targets_its_conv1d_projections_and_exports_to_peft(root, tmp_path):
+    from vlkit.export.peft import export_peft
+
+    m = _load(root, "vision-encoder-decoder-gpt2")
+    dec = m.backbone.blocks("decoder")[0].sites
+    h0 = "decoder.transformer.h.0"
+    assert {r: s.path for r, s in dec.items() if s.kind == "linear"} == {
+        "attn.qkv": f"{h0}.attn.c_attn", "attn.out": f"{h0}.attn.c_proj", "xattn.q": f"{h0}.crossattention.q_attn",
+        "xattn.kv": f"{h0}.crossattention.c_attn", "xattn.out": f"{h0}.crossattention.c_proj",
+        "mlp.fc1": f"{h0}.mlp.c_fc", "mlp.fc2": f"{h0}.mlp.c_proj"}
+    assert (dec["xattn.kv"].in_features, dec["xattn.kv"].out_features) == (32, 64)  # keys and values, fused
+    roles = ["attn.q", "attn.out", "xattn.q", "xattn.v", "xattn.out", "mlp.fc1", "mlp.fc2"]  # attn.q, xattn.v: fused
+    h = m.add_adapter("lo", "lora", rank=4, targets=roles, towers="all")
+    assert {s.path for s in h.sites if s.path.startswith(f"{h0}.")} == {s.path for s in dec.values() if s.kind == "linear"}
+    assert {s.tower for s in h.sites} == {"vision", "projector", "decoder"}
+    _perturb(m, "lo")
+    m.save_adapter(tmp_path / "lo", "lo")
+    summary = export_peft(tmp_path / "out", tmp_path / "lo")  # ViT's nn.Linear and GPT-2's Conv1D in one directory
+    assert summary["max_abs_diff"]["logprob"] <= 1e-5 and summary["modules"] == len(h.sites)
 
 
 def test_lora_on_a_vlm_exports_to_peft(root, tmp_path):

@@ -124,8 +124,22 @@ def vision_encoder_decoder(d):
     ViTImageProcessor(size={"height": 30, "width": 30}).save_pretrained(d)
 
 
+def vision_encoder_decoder_gpt2(d):
+    """A ViT encoder and a GPT-2 decoder (vit-gpt2 captioners): Conv1D projections, c_attn fusing q, k, v."""
+    from transformers import GPT2Config, GPT2LMHeadModel, VisionEncoderDecoderModel, ViTConfig, ViTImageProcessor, ViTModel
+
+    tok = tokenizer(d)
+    enc = ViTModel(ViTConfig(image_size=30, patch_size=6, **{**SMALL, "hidden_size": 48}))
+    dec = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=64, pad_token_id=0,
+                                     bos_token_id=3, eos_token_id=1, add_cross_attention=True))
+    model = VisionEncoderDecoderModel(encoder=enc, decoder=dec)
+    model.config.decoder_start_token_id, model.config.pad_token_id, model.config.eos_token_id = 3, 0, 1
+    model.save_pretrained(d)
+    ViTImageProcessor(size={"height": 30, "width": 30}).save_pretrained(d)
+
+
 BUILDERS = {"llava": llava, "idefics3": idefics3, "smolvlm": smolvlm, "blip": blip,
-            "vision-encoder-decoder": vision_encoder_decoder}
+            "vision-encoder-decoder": vision_encoder_decoder, "vision-encoder-decoder-gpt2": vision_encoder_decoder_gpt2}
 
 
 def make_vlm(kind: str, root: Path) -> Path:

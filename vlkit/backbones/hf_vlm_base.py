@@ -18,7 +18,7 @@ from ..errors import BackboneLoadError
 from .base import Block, Site, as_triple, resolve_module, to_rgb
 from .composed import PREFIX_KIND, PREFIX_ROLE, PrefixPoint
 from .generative import GenerativeBackbone
-from .hosts import AdapterHost
+from .hosts import AdapterHost, linear_params
 
 PREFIX_PATH = "vlkit_prefix"
 
@@ -41,6 +41,7 @@ class BlockLayout:
     xk: str | None = None
     xv: str | None = None
     xo: str | None = None
+    xkv: str | None = None  # one fused key and value projection of the cross-attention (GPT-2's c_attn)
 
 
 CLIP_LIKE = BlockLayout("self_attn", "q_proj", "k_proj", "v_proj", "out_proj", mlp="mlp", fc1="mlp.fc1", fc2="mlp.fc2")
@@ -80,7 +81,18 @@ LAYOUTS: dict[str, BlockLayout] = {
         xv="v_proj",
         xo="out_proj",
     ),
-    "gpt2": BlockLayout("attn", mlp="mlp", xattn="crossattention"),
+    "gpt2": BlockLayout(  # Conv1D projections (linear sites through `linear_params`); c_attn fuses q, k, v
+        "attn",
+        o="c_proj",
+        qkv="c_attn",
+        mlp="mlp",
+        fc1="mlp.c_fc",
+        fc2="mlp.c_proj",
+        xattn="crossattention",
+        xq="q_attn",
+        xo="c_proj",
+        xkv="c_attn",
+    ),
 }
 """Block layouts by family; a tower's layout is the first whose attention (and MLP) paths exist in its blocks."""
 
@@ -277,8 +289,8 @@ class HFVLMBackbone(GenerativeBackbone):
 
         def linear(role: str, rel: str | None) -> None:
             if rel and _has(self.model, f"{b.path}.{rel}"):
-                lin = _unwrap(resolve_module(self.model, f"{b.path}.{rel}"))
-                if isinstance(lin, nn.Linear):
+                lin = linear_params(resolve_module(self.model, f"{b.path}.{rel}"))  # nn.Linear or Conv1D
+                if lin is not None:
                     p = f"{b.path}.{rel}"
                     b.sites[role] = Site(t, i, role, p, p, "linear", lin.in_features, lin.out_features)
 
@@ -298,7 +310,13 @@ class HFVLMBackbone(GenerativeBackbone):
             linear(role, f"{lay.attn}.{rel}" if rel else None)
         if lay.xattn and _has(self.model, f"{b.path}.{lay.xattn}"):
             output("xattn", lay.xattn)
-            for role, rel in (("xattn.q", lay.xq), ("xattn.k", lay.xk), ("xattn.v", lay.xv), ("xattn.out", lay.xo)):
+            for role, rel in (
+                ("xattn.q", lay.xq),
+                ("xattn.k", lay.xk),
+                ("xattn.v", lay.xv),
+                ("xattn.out", lay.xo),
+                ("xattn.kv", lay.xkv),
+            ):
                 linear(role, f"{lay.xattn}.{rel}" if rel else None)
         output("mlp", lay.mlp)
         linear("mlp.fc1", lay.fc1)

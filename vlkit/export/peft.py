@@ -7,7 +7,8 @@ written by PEFT's own config class, target_modules the exact module paths):
 - `vl:` composed backbones: their language model (`lm=DIR`), for adapters on its sites only (`towers: lm`).
 
 GPT-2's projections are transformers `Conv1D`s (weight stored (in, out)): PEFT wraps them with `fan_in_fan_out=True`,
-which the config says; their LoRA factors are the same tensors as for an nn.Linear.
+which the config says; their LoRA factors are the same tensors as for an nn.Linear. (A model with both, a ViT encoder
+and a GPT-2 decoder, gets True: PEFT sets the flag of each nn.Linear back to False, with a warning.)
 
 The export is verified: the directory is loaded with PEFT onto a fresh copy of the base model and its outputs are
 compared with vlkit's on random inputs (CLIP: image and text embeddings; VLMs: answer log-probabilities; `vl:`
