@@ -263,6 +263,30 @@ def test_lora_on_a_vl_language_model_loads_with_peft_on_the_transformers_lm(root
         write_peft_dir(m.backbone, "all", tmp_path / "no")
 
 
+def test_peft_bridge_dora_on_gpt2_conv1d_merges_and_exports_to_peft(root, tmp_path):
+    from vl_models import make_lm
+
+    from vlkit.export.peft import export_peft
+
+    lm_dir = make_lm("gpt2", root)
+    torch.manual_seed(0)
+    m = vlkit.load(f"vl:lm={lm_dir},vision=tiny@random")
+    cfg = {"peft_type": "LORA", "r": 4, "use_dora": True, "target_modules": ["c_attn", "c_proj", "c_fc"]}
+    h = m.add_adapter("d", "peft", config=cfg, towers="lm")
+    assert len(h.sites) == 8  # c_attn, attn.c_proj, c_fc, mlp.c_proj in each of 2 blocks
+    _perturb(m, "d")
+    lm, ids = m.backbone.model.lm, torch.tensor([[5, 6, 7, 8, 1]])
+    with torch.no_grad():
+        ours = lm(input_ids=ids).logits
+        m.merge_adapter("d")  # PEFT's own merge of the tuner, written into Conv1D's (in, out) weight
+        assert torch.allclose(lm(input_ids=ids).logits, ours, atol=1e-5)
+        m.unmerge_adapter("d")
+    m.save_adapter(tmp_path / "d", "d")
+    summary = export_peft(tmp_path / "out", tmp_path / "d")
+    assert summary["max_abs_diff"]["logits"] <= 1e-5
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+
+
 def test_lora_on_a_gpt2_decoder_targets_its_conv1d_projections_and_exports_to_peft(root, tmp_path):
     from vlkit.export.peft import export_peft
 

@@ -145,7 +145,12 @@ class AdapterVariant(ABC, Generic[ConfigT]):
     - `attn.q`, `attn.k`, `attn.v`, `attn.out`: the attention's query / key / value / output projections
       (kind "linear"), whether the backbone fuses them (nn.MultiheadAttention's `in_proj_weight`, as
       open_clip and tiny do) or keeps separate modules (transformers' `q_proj`, ...);
+    - `attn.qkv`: one module projecting query, key and value at once (GPT-2's `c_attn`, kind "linear"), one
+      site, which a target naming any of its parts (`attn.q`, `attn.k`, `attn.v`) selects, as PEFT does;
     - `mlp.fc1`, `mlp.fc2`: the MLP's first and second projection (kind "linear").
+
+    A linear site's weight is always (out_features, in_features): a transformers `Conv1D` (GPT-2), which stores
+    its parameter as (in, out), is seen transposed, and merges are written back transposed.
 
     Kinds: "output" (the layer maps a sub-layer's output tensor to a new one), "linear" (the layer sees a
     projection's input, base output and base weights), "input" (like "output", but on the sub-layer's
