@@ -2,7 +2,7 @@
 
     vlkit compose A,B[,C] --mode merge|stack|average|parallel|fuse|route -o DIR [options]
     vlkit compose run DIR --image PATH [--text T] [--route auto | --adapter NAME | --task TASK]
-    vlkit compose run RUN --image PATH --prompt "caption:" [--max-new-tokens N] [--beams K]   (generative backbones)
+    vlkit compose run RUN --image PATH --prompt "caption:" [--max-new-tokens N] [--num-beams K]   (generative backbones)
 
 A, B are adapter directories, names of runs under runs/, or composition directories (their adapters). On a
 generative backbone `compose run` takes an adapter or run directory, `a+b` or a composition, and prints the text
@@ -52,7 +52,7 @@ MODE_OPTIONS = {  # option -> the modes it applies to ("run": vlkit compose run 
     "--alpha": ("wise",),
     "--prompt": ("run",),
     "--max-new-tokens": ("run",),
-    "--beams": ("run",),
+    "--num-beams": ("run",),
 }
 
 
@@ -117,7 +117,9 @@ def register(cli: typer.Typer) -> None:
         max_new_tokens: int | None = typer.Option(
             None, "--max-new-tokens", help="run, generative backbones: longest answer in tokens (20)."
         ),
-        beams: int | None = typer.Option(None, "--beams", help="run, generative backbones: beam width (1: greedy)."),
+        beams: int | None = typer.Option(
+            None, "--num-beams", "--beams", help="run, generative backbones: beam width (1: greedy)."
+        ),
         backbone: str | None = typer.Option(
             None, "--backbone", "-b", help="Backbone spec (default: the adapters' own)."
         ),
@@ -150,7 +152,7 @@ def register(cli: typer.Typer) -> None:
             "--alpha": alpha,
             "--prompt": prompt,
             "--max-new-tokens": max_new_tokens,
-            "--beams": beams,
+            "--num-beams": beams,
         }
         check_mode_options("run" if sources == "run" else mode, method, given)
         if sources == "run":
@@ -292,7 +294,7 @@ def _run(path: Path, images, texts, route, adapter, task, backbone_spec, gen: di
         for k, v in (
             ("--prompt", gen["prompts"]),
             ("--max-new-tokens", gen["max_new_tokens"]),
-            ("--beams", gen["num_beams"]),
+            ("--num-beams", gen["num_beams"]),
         )
         if v is not None
     ]

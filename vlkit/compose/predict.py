@@ -135,7 +135,7 @@ def generate_with(
     if not prompts or len(prompts) not in (1, len(images)):
         raise ConfigError(f"{len(prompts)} prompts for {len(images)} images: give one, or one per image")
     if max_new_tokens < 1 or num_beams < 1:
-        raise ConfigError("--max-new-tokens and --beams must be at least 1")
+        raise ConfigError("--max-new-tokens and --num-beams must be at least 1")
     prompts = list(prompts) * len(images) if len(prompts) == 1 else list(prompts)
     system = AdapterResolver(backbone).resolve(str(target))
     comp = system.composition

@@ -10,7 +10,7 @@ Endpoints (JSON bodies, or multipart/form-data with an `image` file part):
     POST   /v1/classify            {"adapter", "image", "labels"?}          -> {"scores": {label: p}, "top", ...}
     POST   /v1/score               {"adapter", "image", "texts": [...]}     -> {"scores": [...], "joint"}
     POST   /v1/answer              {"adapter", "image", "question"}         -> {"answer", "scores": {...}, "top"}
-    POST   /v1/generate            {"adapter", "image", "prompt"}           -> {"text", "adapter"} (generative)
+    POST   /v1/generate            {"adapter", "image", "prompt", ...}      -> {"text", "adapter"} (generative)
     GET    /v1/adapters                                                     -> {"backbone", "adapters", "router"}
     POST   /v1/adapters/{name}     {"path": DIR}  hot load                  -> the adapter's entry (201)
     DELETE /v1/adapters/{name}     unload                                   -> {"unloaded": name}
@@ -48,7 +48,8 @@ from ..errors import (
 )
 from .backends import TorchBackend
 from .engine import BatchingEngine, Item
-from .generate_api import generate_router
+from .generate_api import OP as GENERATE
+from .generate_api import build_generate_item, generate_router
 from .guards import check_served_name, client_path, prompt_problem
 from .inputs import BODIES, LoadBody, adapter_of, decode_base64, form_fields, one_line, open_image, parse_json
 from .lists import run_body
@@ -189,7 +190,8 @@ async def read_body(request: Request, op: str):
 
 def build_item(backend, config: ServeConfig, op: str, body, raw: bytes | None):
     """One request as an engine `Item`: decode, check limits and tensorise (run in a worker thread)."""
-
+    if op == GENERATE:
+        return build_generate_item(backend, config, body)
     adapter = adapter_of(body.adapter)
     backend.check_adapter(adapter, op)
     image_field = getattr(body, "image", None)
@@ -389,7 +391,7 @@ def build_app(config: ServeConfig, service):
     app.include_router(
         openai_router(state, http_status=http_status, error_text=error_text, finite_response=finite_response)
     )
-    app.include_router(generate_router(state, http_status=http_status, error_text=error_text))
+    app.include_router(generate_router(state, error_response=error_response))
     install_openapi(app, api_key=bool(state.api_key))
     app.add_middleware(_Guard, state=state)
     return app

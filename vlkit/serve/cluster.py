@@ -35,6 +35,8 @@ from .app import build_item, error_text, http_status
 from .backends import TorchBackend
 from .catalog import name_and_path
 from .engine import BatchingEngine
+from .generate_api import OP as GENERATE
+from .generate_api import GenerateBody
 from .guards import RESERVED_NAMES, check_served_name
 from .inputs import AUTO, BODIES, validate
 
@@ -467,9 +469,9 @@ class ReplicaCore:
     async def answer(self, op: str, data: dict, raw: bytes | None) -> dict[str, Any]:
         from starlette.concurrency import run_in_threadpool
 
-        if op not in ("embed", "classify", "score", "answer"):
+        if op not in ("embed", "classify", "score", "answer", GENERATE):
             raise RequestError(f"unknown operation {op!r}", status=404)
-        body = validate(data, BODIES[op])
+        body = validate(data, GenerateBody if op == GENERATE else BODIES[op])
         item = await run_in_threadpool(build_item, self.backend, self.config, op, body, raw)
         return await asyncio.wrap_future(self.engine.submit(item))
 

@@ -1,23 +1,26 @@
 """`POST /v1/generate` of `vlkit serve` on a generative backbone: an image and a prompt in, text out.
 
-    POST /v1/generate   {"adapter", "image", "prompt", "max_new_tokens"?}   -> {"text", "adapter"}
+    POST /v1/generate   {"adapter", "image", "prompt", "max_new_tokens"?, "num_beams"?}   -> {"text", "adapter"}
 
 `adapter` names what `/v1/embed`'s names (an adapter, a composition, or none/null for the frozen backbone; `auto`
-needs a router, which reads dual-encoder embeddings, so a generative server has none). Each request is one item
-of the batching engine: `GenerativeRunner` takes a batch, whatever its adapters, and generates with the key-value
-cache (greedy) once per group of requests that share `max_new_tokens`: single adapters and the frozen backbone
-together, each sample through its own adapter (`AdaptedModel.route`, which holds through generation: the
-encoder, and the decoder at every step, see the same batch rows); a composition, or an adapter that changes the
-sequence length (prompt tuning), in its own group. The answer is what `vlkit compose run` prints for the same
-image and prompt.
+needs a router, which reads dual-encoder embeddings, so a generative server has none). `num_beams` 1 is greedy
+decoding, 2..8 beam search, both with the key-value cache, as `vlkit compose run --num-beams N` and the backbone's
+own `generate` decode. Each request is one item of the batching engine: a batch, whatever its adapters, is
+generated once per group of requests that share their decoding settings (`max_new_tokens`, `num_beams`). In a
+greedy group, single adapters and the frozen backbone go together, each sample through its own adapter
+(`AdaptedModel.route`, which holds through generation: the encoder, and the decoder at every step, see the same
+batch rows); a composition, or an adapter that changes the sequence length (prompt tuning), in its own group.
+Beam search multiplies the decoder's rows by the beam width, so a beam group holds the requests of one adapter.
+The answer is what `vlkit compose run` prints for the same image, prompt and settings.
 
-A contrastive server answers `/v1/generate` with a 400, and a generative one the other `/v1/...` operations
-(`TorchBackend.check_adapter`); errors are `{"error": "one line"}` as on every vlkit endpoint.
+The same request reaches a `--cluster ray` replica (`vlkit.serve.ray_app`, through the service's `run`) and the
+onnxruntime engine over a generative `vlkit export` (`vlkit.serve.onnx_generative`). A contrastive server answers
+`/v1/generate` with a 400, and a generative one the other `/v1/...` operations (`TorchBackend.check_adapter`);
+errors are `{"error": "one line"}` as on every vlkit endpoint.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +29,6 @@ import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
-from starlette.concurrency import run_in_threadpool
 
 from ..errors import RequestError, VlkitError
 from .engine import Item
@@ -36,6 +38,7 @@ from .inputs import parse_json as parse_body
 OP = "generate"
 PATH = "/v1/generate"
 MAX_NEW_TOKENS = 256
+MAX_BEAMS = 8
 MAX_PROMPT_CHARS = 4096
 ROUTED = "__routed__"
 
@@ -49,8 +52,12 @@ class GenerateBody(_Strict):
         max_length=MAX_PROMPT_CHARS,
         description="the text the model continues, e.g. 'caption:' or 'vqa: what color is it?'",
     )
-    max_new_tokens: WholeInt = Field(
-        20, ge=1, le=MAX_NEW_TOKENS, description="most tokens generated (greedy, with the key-value cache)"
+    max_new_tokens: WholeInt = Field(20, ge=1, le=MAX_NEW_TOKENS, description="most tokens generated")
+    num_beams: WholeInt = Field(
+        1,
+        ge=1,
+        le=MAX_BEAMS,
+        description="1: greedy decoding; 2..8: beam search of that width (both with the key-value cache)",
     )
 
 
@@ -61,10 +68,11 @@ class GenerateAnswer(BaseModel):
 
 @dataclass
 class GenerateItem(Item):
-    """A generation request inside the engine: its prompt and length limit beside the image."""
+    """A generation request inside the engine: its prompt and decoding settings beside the image."""
 
     prompt: str = ""
     max_new_tokens: int = 20
+    num_beams: int = 1
 
 
 def is_generative(backbone) -> bool:
@@ -73,15 +81,23 @@ def is_generative(backbone) -> bool:
 
 def build_generate_item(backend, config, body: GenerateBody) -> GenerateItem:
     """Decode and check one request (run in a worker thread)."""
-    if backend is None or not is_generative(getattr(backend, "backbone", None)):
+    if backend is None or not getattr(backend, "generative", False):
         what = getattr(backend, "spec", None) or "this server's backbone"
         raise RequestError(
-            f"{PATH} needs a generative backbone (vl:..., tiny-vl) served with --engine torch; {what} is not one"
+            f"{PATH} needs a generative backbone (vl:..., tiny-vl; or --engine onnx over its vlkit export); "
+            f"{what} is not one"
         )
     adapter = adapter_of(body.adapter)
     backend.check_adapter(adapter, OP)
     pixels = backend.preprocess(open_image(decode_base64(body.image), int(config.max_pixels)))
-    return GenerateItem(OP, adapter, pixels=pixels, prompt=body.prompt, max_new_tokens=int(body.max_new_tokens))
+    return GenerateItem(
+        OP,
+        adapter,
+        pixels=pixels,
+        prompt=body.prompt,
+        max_new_tokens=int(body.max_new_tokens),
+        num_beams=int(body.num_beams),
+    )
 
 
 class GenerativeRunner:
@@ -102,10 +118,10 @@ class GenerativeRunner:
             and all(s.kind not in ("prefix", "sequence") for s in rec.sites)
         )
 
-    def _key(self, it: Item) -> Any:
-        if it.resolved is None or self._routable(it.resolved):
+    def _key(self, it: GenerateItem) -> Any:
+        if it.num_beams == 1 and (it.resolved is None or self._routable(it.resolved)):
             return ROUTED
-        return it.resolved
+        return it.resolved  # beams: one adapter (or the frozen backbone, None) per group
 
     def _generate(self, key: Any, group: list[GenerateItem]) -> list[str]:
         cat = self.catalog
@@ -120,7 +136,12 @@ class GenerativeRunner:
         try:
             px = torch.stack([it.pixels for it in group]).to(self.device)
             with torch.no_grad():
-                return self.backbone.generate(px, [it.prompt for it in group], max_new_tokens=group[0].max_new_tokens)
+                return self.backbone.generate(
+                    px,
+                    [it.prompt for it in group],
+                    max_new_tokens=group[0].max_new_tokens,
+                    num_beams=group[0].num_beams,
+                )
         finally:
             cat.activate(None)
 
@@ -140,8 +161,8 @@ class GenerativeRunner:
                 out[i] = RequestError(f"adapter {it.adapter!r} is not loaded", status=404)
                 continue
             it.resolved = it.adapter
-            groups.setdefault((it.max_new_tokens, self._key(it)), []).append((i, it))
-        for (_, key), members in groups.items():
+            groups.setdefault((it.max_new_tokens, it.num_beams, self._key(it)), []).append((i, it))
+        for (_, _, key), members in groups.items():
             group = [it for _, it in members]
             try:
                 texts: list[Any] = self._generate(key, group)
@@ -156,10 +177,11 @@ class GenerativeRunner:
         return [out[i] for i in range(len(items))]
 
 
-def generate_router(state, *, http_status, error_text) -> APIRouter:
-    """`POST /v1/generate` over the server's `AppState`, with the app's mapping from errors to statuses."""
+def generate_router(state, *, error_response) -> APIRouter:
+    """`POST /v1/generate` over the server's `AppState`: the body checked here, the request answered by the
+    service's `run` (one process's engine, or a `--cluster ray` replica), errors through the app's
+    `error_response(exc, endpoint, t0, request)`."""
     router = APIRouter()
-    config, service = state.config, state.service
 
     @router.post(
         PATH,
@@ -178,19 +200,10 @@ def generate_router(state, *, http_status, error_text) -> APIRouter:
             if state.draining:
                 raise RequestError("the server is draining (SIGTERM): send the request elsewhere", status=503)
             body = parse_body(await request.body(), GenerateBody)
-            engine = getattr(service, "engine", None)
-            if engine is None:
-                raise RequestError(f"{PATH} is served by one process (not --cluster ray)")
-            item = await run_in_threadpool(build_generate_item, getattr(service, "backend", None), config, body)
-            result = await asyncio.wrap_future(engine.submit(item))
+            result, headers = await state.service.run(OP, body, None)
         except Exception as exc:  # noqa: BLE001 - mapped to the one error shape
-            status = http_status(exc)
-            if status >= 500:
-                raise  # the server's last line logs and counts it
-            state.metrics.observe(PATH, status, time.perf_counter() - t0)
-            headers = {"Retry-After": str(int(exc.retry_after))} if hasattr(exc, "retry_after") else None
-            return JSONResponse({"error": error_text(exc)}, status_code=status, headers=headers)
+            return error_response(exc, PATH, t0, request)
         state.metrics.observe(PATH, 200, time.perf_counter() - t0)
-        return JSONResponse(result)
+        return JSONResponse(result, headers=headers or None)
 
     return router

@@ -6,6 +6,10 @@ or present as operators, as `vlkit export` wrote it. Images go through the backb
 the manifest (`preprocessing`), texts through the shipped `tokenizer/tokenizer.json`. A batch is grouped by
 adapter, one session run per graph and group (the graphs have a dynamic batch axis). VQA heads are not exported,
 so `/v1/answer` and `auto` are refused with a 400.
+
+A generative export (`vision.onnx` and the LM's graphs, `vlkit.export.generative`) answers `/v1/generate` only,
+through `vlkit.serve.onnx_generative`: requests grouped by export and decoding settings, greedy or beam search,
+the same text as the PyTorch server. One server serves exports of one backbone, so of one kind.
 """
 
 from __future__ import annotations
@@ -23,8 +27,11 @@ from ..backbones.state import check_adapter_name
 from ..compose.resolve import free_name
 from ..errors import AdapterFileError, ConfigError, RequestError
 from .engine import DEFAULT_PROMPT
+from .generate_api import OP as GENERATE
+from .generate_api import PATH as GENERATE_PATH
 from .guards import RESERVED_NAMES, check_served_name, prompt_problem
 from .inputs import AUTO
+from .onnx_generative import PromptCodec, check_graphs, generate_texts, is_generative_export
 
 MANIFEST = "export.json"
 
@@ -51,11 +58,12 @@ class OnnxEntry:
             "name": self.name,
             "kind": "export",
             "source": self.source,
-            "task": t.get("name"),
-            "labels": t.get("class_names"),
+            "task": t.get("name") if isinstance(t, dict) else None,
+            "labels": t.get("class_names") if isinstance(t, dict) else None,
             "graphs": sorted(self.sessions),
             "adapters": [a.get("name") for a in self.manifest.get("adapters", [])],
             "joint": "pair_scorer" in self.sessions,
+            "generative": is_generative_export(self.manifest),
         }
 
 
@@ -67,6 +75,8 @@ class OnnxCatalog:
         self.fingerprint: str | None = None
         self.transform: Any = None  # set from the first export's manifest (preprocessing, tokenizer)
         self.tokenizer: Any = None
+        self.codec: PromptCodec | None = None  # generative exports: their prompts in, text out
+        self.generative = False
         self.logit_scale = 1.0
         self.spec = "onnx"
 
@@ -115,26 +125,34 @@ class OnnxCatalog:
             except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
                 reason = " ".join(str(exc).split())[:200]
                 raise AdapterFileError(f"{f} cannot be loaded by onnxruntime: {reason}") from None
-        if "image_encoder" not in sessions or "text_encoder" not in sessions:
+        if is_generative_export(manifest):
+            check_graphs(path, manifest, sessions)
+        elif "image_encoder" not in sessions or "text_encoder" not in sessions:
             raise AdapterFileError(f"{path} lacks image_encoder / text_encoder graphs")
+        if self.entries and is_generative_export(manifest) != self.generative:
+            raise AdapterFileError(f"{path} is another kind of export than those served (generative and contrastive)")
         if self.fingerprint is None:
             self._setup(path, manifest)
         self.entries[name] = OnnxEntry(name, str(path), manifest, sessions)
         return name
 
     def _setup(self, path: Path, manifest: dict) -> None:
-
         pre = manifest.get("preprocessing") or {}
         m = re.search(r"interpolation=(\w+)", pre.get("transform", ""))
         interp = m.group(1).lower() if m else "bicubic"
         self.transform = shortest_edge_transform(int(pre["image_size"]), pre["mean"], pre["std"], interp)
-        tok = path / "tokenizer" / "tokenizer.json"
-        if not tok.is_file():
-            raise ConfigError(f"{path} has no tokenizer/tokenizer.json; the onnx engine tokenizes with `tokenizers`")
-        from tokenizers import Tokenizer
+        if is_generative_export(manifest):
+            self.codec, self.generative = PromptCodec(path, manifest), True
+        else:
+            tok = path / "tokenizer" / "tokenizer.json"
+            if not tok.is_file():
+                raise ConfigError(
+                    f"{path} has no tokenizer/tokenizer.json; the onnx engine tokenizes with `tokenizers`"
+                )
+            from tokenizers import Tokenizer
 
-        self.tokenizer = Tokenizer.from_file(str(tok))
-        self.logit_scale = float(manifest.get("logit_scale", 1.0))
+            self.tokenizer = Tokenizer.from_file(str(tok))
+            self.logit_scale = float(manifest.get("logit_scale", 1.0))
         self.fingerprint = (manifest.get("backbone") or {}).get("fingerprint")
         self.spec = (manifest.get("backbone") or {}).get("spec") or "onnx"
 
@@ -149,6 +167,7 @@ class OnnxRunner:
 
     def run(self, items) -> list[Any]:
         groups: dict[str, list] = {}
+        generations: dict[tuple, list[int]] = {}
         out: dict[int, Any] = {}
         for i, it in enumerate(items):
             if it.adapter is None or it.adapter == AUTO or it.adapter not in self.catalog.entries:
@@ -158,8 +177,14 @@ class OnnxRunner:
                     else f"unknown adapter {it.adapter!r}",
                     status=400 if it.adapter in (None, AUTO) else 404,
                 )
-                continue
-            groups.setdefault(it.adapter, []).append(i)
+            elif (it.op == GENERATE) != self.catalog.generative:
+                out[i] = RequestError(self.kind_problem(it.op))
+            elif it.op == GENERATE:
+                generations.setdefault((it.adapter, it.max_new_tokens, it.num_beams), []).append(i)
+            else:
+                groups.setdefault(it.adapter, []).append(i)
+        for (name, _, _), idxs in generations.items():
+            self._generate(self.catalog.entries[name], [items[i] for i in idxs], idxs, out)
         for name, idxs in groups.items():
             entry = self.catalog.entries[name]
             group = [items[i] for i in idxs]
@@ -187,6 +212,24 @@ class OnnxRunner:
                 except RequestError as exc:
                     out[i] = exc
         return [out[i] for i in range(len(items))]
+
+    def kind_problem(self, op: str) -> str:
+        """Why operation `op` is refused by this server's kind of export."""
+        if self.catalog.generative:
+            return f"{self.catalog.spec} is a generative export: it answers {GENERATE_PATH} only, not /v1/{op}"
+        return (
+            f"{GENERATE_PATH} needs a generative export (vlkit export of a vl: backbone such as tiny-vl); "
+            f"{self.catalog.spec} embeds and scores"
+        )
+
+    def _generate(self, entry: OnnxEntry, group: list, idxs: list[int], out: dict[int, Any]) -> None:
+        assert self.catalog.codec is not None  # set with the first generative export
+        try:
+            texts: list[Any] = generate_texts(entry, self.catalog.codec, group)
+        except RequestError as exc:
+            texts = [exc] * len(group)
+        for i, text in zip(idxs, texts):
+            out[i] = text if isinstance(text, BaseException) else {"text": text, "adapter": entry.name}
 
     def answer(self, entry: OnnxEntry, it) -> dict[str, Any]:
         f, scale = it.feats, self.catalog.logit_scale
@@ -248,7 +291,14 @@ class OnnxBackend:
         enc = self.catalog.tokenizer.encode_batch([str(t) for t in texts])
         return np.asarray([e.ids for e in enc], dtype=np.int64)
 
+    @property
+    def generative(self) -> bool:
+        """Whether the exports served are generative ones (they answer /v1/generate only)."""
+        return self.catalog.generative
+
     def check_adapter(self, adapter, op: str) -> None:
+        if (op == GENERATE) != self.catalog.generative:
+            raise RequestError(self.runner.kind_problem(op))
         if adapter is None or adapter == AUTO:
             raise RequestError(
                 "the onnx engine serves exported adapters by name: give `adapter` (no frozen backbone, no 'auto')"

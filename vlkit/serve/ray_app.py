@@ -2,8 +2,9 @@
 
 Two deployments make one Ray Serve application:
 
-- `VlkitIngress` (one replica, no CPU reserved): the FastAPI app of `vlkit.serve.app.build_app` with every endpoint,
-  limit, API key, error shape and metric of the single-process server. It parses and checks each body, finds the
+- `VlkitIngress` (one replica, no CPU reserved): the FastAPI app of `vlkit.serve.app.build_app` with every endpoint
+  (`/v1/generate` on a generative backbone too), limit, API key, error shape and metric of the single-process
+  server. It parses and checks each body, finds the
   unit (`vlkit.serve.cluster`) that serves the request's adapter and calls the model deployment through a handle
   with `.options(multiplexed_model_id=UNIT)`, so Ray routes it to a replica that already holds that unit.
 - `VlkitReplica` (`--replicas`, `--cpus-per-replica`, `--gpus-per-replica`): one frozen backbone each, with its
