@@ -408,6 +408,17 @@ def greedy_settings(generation_config) -> dict[str, int | None]:
     }
 
 
+def beam_settings(generation_config) -> dict[str, Any]:
+    """The LM's beam-search settings as `generate` applies them (transformers' defaults where unset), for a beam
+    search over the exported graphs (`vlkit serve --engine onnx`, `num_beams` above 1)."""
+    penalty = getattr(generation_config, "length_penalty", None)
+    stopping = getattr(generation_config, "early_stopping", None)
+    return {
+        "length_penalty": 1.0 if penalty is None else float(penalty),
+        "early_stopping": False if stopping is None else stopping,
+    }
+
+
 def onnx_generate(
     sessions: dict[str, Any],
     pixel_values: np.ndarray,
@@ -722,6 +733,7 @@ def _manifest(backbone, describe, opset, files, gen, forced, checks, texts, ref,
             "max_prompt_tokens": backbone.max_length,
             "decoder_layers": decoder_layers(cfg),
             "strategy": "greedy with the key-value cache (vlkit.export.generative.onnx_generate)",
+            **beam_settings(backbone.model.lm.generation_config),
         },
         "graphs": files,
         "tokenizer": {"dir": "tokenizer"},
