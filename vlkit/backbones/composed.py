@@ -26,7 +26,7 @@ from torch import nn
 
 from ..errors import BackboneLoadError, ConfigError
 from .base import Block, Site, resolve_module
-from .generative import GenerativeBackbone, as_image_batch
+from .generative import GenerativeBackbone, as_image_batch, mask_positions, output_cache
 from .hosts import linear_params
 from .loading import load_backbone
 
@@ -196,6 +196,7 @@ class ComposedVLBackbone(GenerativeBackbone):
             )
         self.layout = LM_LAYOUTS[lm_config.model_type]
         self.seq2seq = bool(lm_config.is_encoder_decoder)
+        self.export_lm = "seq2seq" if self.seq2seq else "causal"
         self.towers = (
             ("vision", "projector", "encoder", "decoder") if self.seq2seq else ("vision", "projector", "decoder")
         )
@@ -246,10 +247,14 @@ class ComposedVLBackbone(GenerativeBackbone):
 
     def _inputs(self, pixels: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Input embeddings [visual tokens; prompt] and their mask, through the prefix site."""
-        device = pixels.device
-        ids, mask = self._tokens(prompts, device)
+        ids, mask = self._tokens(prompts, pixels.device)
+        return self._lm_inputs(self.visual_tokens(pixels), ids, mask)
+
+    def _lm_inputs(self, visual, ids, mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_inputs` from the visual tokens and the prompt's token ids and mask."""
+        device = mask.device
         text = self.model.lm.get_input_embeddings()(ids)
-        vis = self.visual_tokens(pixels).to(text.dtype)
+        vis = visual.to(text.dtype)
         embeds = torch.cat([vis, text], dim=1)
         mask = torch.cat([torch.ones(vis.shape[:2], dtype=mask.dtype, device=device), mask], dim=1)
         embeds2 = self.model.prefix(embeds)
@@ -305,6 +310,10 @@ class ComposedVLBackbone(GenerativeBackbone):
 
     @torch.no_grad()
     def generate(self, pixels, prompts, *, max_new_tokens: int = 20, num_beams: int = 1) -> list[str]:
+        ids, _ = self.generate_ids(pixels, prompts, max_new_tokens=max_new_tokens, num_beams=num_beams)
+        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+    def generate_ids(self, pixels, prompts, *, max_new_tokens=20, num_beams=1, logits=False):
         embeds, mask = self._inputs(pixels, prompts)
         if not self.seq2seq:
             embeds, mask = pads_first(embeds, mask)
@@ -318,8 +327,68 @@ class ComposedVLBackbone(GenerativeBackbone):
             use_cache=True,
             pad_token_id=tok.pad_token_id,
             eos_token_id=tok.eos_token_id,
+            output_logits=bool(logits),
+            return_dict_in_generate=True,
         )
-        return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
+        return out.sequences, (torch.stack(out.logits, dim=1).float() if logits else None)
+
+    # --- export: encoder and decoder (T5, BART), or prefill and steps (decoder-only) ----------------------
+    prompt_format = "the tokenizer's own encoding of the prompt (tokenizer/), padded as it pads"
+
+    def prompt_tokens(self, prompts):
+        return self._tokens(list(prompts), torch.device("cpu"))
+
+    def encode(self, visual, ids, mask):
+        embeds, mask = self._lm_inputs(visual, ids, mask)
+        return self.model.lm.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state, mask
+
+    def decode(self, ids, hidden, mask, cache):
+        out = self.model.lm(
+            encoder_outputs=(hidden,),
+            attention_mask=mask,
+            decoder_input_ids=ids,
+            cache=cache,
+            use_cache=True,
+            return_dict=True,
+        )
+        return out.logits, output_cache(out)
+
+    def prefill(self, visual, ids, mask, cache):
+        """Each row's padding first, positions the mask's running count (as `generate` runs a decoder-only LM)."""
+        embeds, mask = pads_first(*self._lm_inputs(visual, ids, mask))
+        positions = mask_positions(mask)
+        out = self.model.lm(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+            return_dict=True,
+        )
+        return out.logits[:, -1:], mask, positions[:, -1:], output_cache(out)
+
+    def step(self, ids, mask, positions, visual, cache):
+        out = self.model.lm(
+            input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, return_dict=True
+        )
+        return out.logits, output_cache(out)
+
+    def generation_settings(self) -> dict[str, Any]:
+        cfg, tok = self.lm_config, self.tokenizer
+        if self.seq2seq:
+            layers = getattr(cfg, "num_decoder_layers", None) or cfg.decoder_layers
+        else:
+            layers = cfg.num_hidden_layers
+        return {
+            "config": self.model.lm.generation_config,
+            "start": int(cfg.decoder_start_token_id) if self.seq2seq else None,
+            "eos": [int(tok.eos_token_id)],
+            "pad": int(tok.pad_token_id),
+            "layers": int(layers),
+        }
+
+    def save_prompt_files(self, directory: str) -> None:
+        self.tokenizer.save_pretrained(directory)
 
     # --- structure --------------------------------------------------------------------------------------
     def tower_prefixes(self) -> dict[str, tuple[str, ...]]:

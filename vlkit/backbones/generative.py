@@ -70,6 +70,64 @@ class GenerativeBackbone(nn.Module, metaclass=ABCMeta):
         """(B,) probability of `answer` as the whole reply (VQAScore's P("Yes" | image, question))."""
         return self.sequence_logprob(pixels, prompts, [answer] * len(prompts)).exp()
 
+    # --- the pieces `vlkit export` traces into ONNX graphs (vlkit/export/generative_graphs.py) -------------
+    export_lm: str | None = None
+    """How generation splits into graphs: "seq2seq" (`encode` reads the visual tokens and the prompt, `decode` writes
+    from the decoder start token), "causal" (`prefill` reads the prompt, `step` writes one token at a time); None:
+    the backbone does not export."""
+    cross_attention: bool = False
+    """Whether a causal decoder cross-attends to the visual tokens: its cache then holds cross-attention keys and
+    values too (a transformers `EncoderDecoderCache`), filled by `prefill`, read by every `step`."""
+    export_prompts: tuple[str, ...] | None = None
+    """Prompts the export is verified with where the exporter's own do not suit the model."""
+    prompt_format: str = ""
+    """How a prompt becomes `prompt_tokens`' ids, in words (export.json records it)."""
+
+    def _not_exported(self) -> ConfigError:
+        return ConfigError(f"ONNX export of {self.spec} ({type(self).__name__}) is not supported")
+
+    def visual_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, T, D): the images as the language model takes them (its input tokens or its memory)."""
+        raise self._not_exported()
+
+    def prompt_tokens(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, mask) of `prompts` as generation batches them (what the prompt graphs take)."""
+        raise self._not_exported()
+
+    def encode(self, visual: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """seq2seq: (encoder states, their mask)."""
+        raise self._not_exported()
+
+    def decode(self, ids: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor, cache: Any) -> tuple[Any, Any]:
+        """seq2seq: one decoder step over `cache` (filled in place): (logits, cache)."""
+        raise self._not_exported()
+
+    def prefill(self, visual: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, cache: Any) -> tuple[Any, ...]:
+        """causal: the whole prompt into `cache`: (the last position's logits, the full attention mask, the last
+        position id, cache), positions numbered as `generate` numbers them."""
+        raise self._not_exported()
+
+    def step(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, visual: torch.Tensor, cache: Any):
+        """causal: the next token at `positions`, the mask so far: (logits, cache)."""
+        raise self._not_exported()
+
+    def generate_ids(
+        self, pixels: torch.Tensor, prompts: list[str], *, max_new_tokens: int = 20, num_beams: int = 1, logits=False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The token ids `generate` decodes, (B, steps): led by the decoder start token for a seq2seq LM, padded after
+        the end; with `logits` also each step's raw logits (B, steps, V; NaN where a row's batch had stopped)."""
+        raise self._not_exported()
+
+    def generation_settings(self) -> dict[str, Any]:
+        """{"config": the generation config `generate` runs under, "start": the decoder start token (seq2seq) or
+        None, "eos": end tokens, "pad": the pad token, "layers": decoder layers, and where a causal decoder's
+        prompt begins with a start token, "prompt_start": that token}."""
+        raise self._not_exported()
+
+    def save_prompt_files(self, directory: str) -> None:
+        """Save what turns prompts into `prompt_tokens` and answers into text (tokenizer, processor)."""
+        raise self._not_exported()
+
     # --- inputs -----------------------------------------------------------------------------------------
     @property
     def image_transform(self) -> Callable:
@@ -147,3 +205,14 @@ def as_image_batch(pixels: torch.Tensor) -> tuple[torch.Tensor, int]:
         b, k = pixels.shape[:2]
         return pixels.reshape(b * k, *pixels.shape[2:]), k
     raise ConfigError(f"images must be (B, 3, H, W) or (B, K, 3, H, W), got shape {tuple(pixels.shape)}")
+
+
+def mask_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids as transformers' `generate` numbers a padded prompt: the mask's running count from 0, padding
+    at 0."""
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+def output_cache(out) -> Any:
+    """The key-value cache a transformers model call returned (`cache`, formerly `past_key_values`)."""
+    return out.cache if hasattr(out, "cache") else out.past_key_values

@@ -25,6 +25,7 @@ transformers model's own module paths, which is what PEFT's `target_modules` nam
 
 from __future__ import annotations
 
+import inspect
 from abc import abstractmethod
 from typing import Any
 
@@ -32,7 +33,7 @@ import torch
 
 from ..errors import BackboneLoadError, ConfigError
 from .base import Block, Site
-from .generative import as_image_batch
+from .generative import as_image_batch, mask_positions, output_cache
 from .hf_vlm_base import PREFIX_PATH, HFVLMBackbone, _unwrap
 
 
@@ -81,22 +82,30 @@ class ImageTokenVLM(HFVLMBackbone):
         """(B·K, N, D) projected image tokens."""
         ...
 
-    def _embeds(self, pixels, ids, mask) -> tuple[torch.Tensor, torch.Tensor]:
-        flat, _ = as_image_batch(pixels)
+    def visual_tokens(self, pixels):
+        """(B, K·N, D): the projected features of each example's K images, in a row."""
+        flat, k = as_image_batch(pixels)
+        feats = self.image_features(flat)
+        return feats.reshape(pixels.shape[0], k * feats.shape[1], feats.shape[2])
+
+    def _merge(self, visual, ids, mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LM's input embeddings: the image features in place of the image tokens, through the prefix site."""
         embeds = self.model.get_input_embeddings()(ids)
-        feats = self.image_features(flat).to(embeds.dtype)
         where = (ids == self.image_token_id).unsqueeze(-1)
-        if int(where.sum()) != feats.shape[0] * feats.shape[1]:
+        if not torch.jit.is_tracing() and int(where.sum()) != visual.shape[0] * visual.shape[1]:
             raise ConfigError(
-                f"the prompts hold {int(where.sum())} image tokens for {feats.shape[0]} image(s) of "
-                f"{feats.shape[1]} tokens"
+                f"the prompts hold {int(where.sum())} image tokens for {visual.shape[0]} example(s) of "
+                f"{visual.shape[1]} image tokens"
             )
-        embeds = embeds.masked_scatter(where, feats.reshape(-1, feats.shape[-1]))
+        embeds = embeds.masked_scatter(where, visual.to(embeds.dtype).reshape(-1, visual.shape[-1]))
         embeds2 = getattr(self.model, PREFIX_PATH)(embeds)
         extra = embeds2.shape[1] - embeds.shape[1]
         if extra:
             mask = torch.cat([torch.ones(mask.shape[0], extra, dtype=mask.dtype, device=mask.device), mask], 1)
         return embeds2, mask
+
+    def _embeds(self, pixels, ids, mask) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._merge(self.visual_tokens(pixels), ids, mask)
 
     def _token_logits(self, pixels, prompts, targets):
         _, k = as_image_batch(pixels)
@@ -105,15 +114,31 @@ class ImageTokenVLM(HFVLMBackbone):
         logits = self.model(inputs_embeds=embeds, attention_mask=mask2, use_cache=False).logits
         return logits[:, logits.shape[1] - ids.shape[1] :], labels
 
-    @torch.no_grad()
-    def generate(self, pixels, prompts, *, max_new_tokens: int = 20, num_beams: int = 1) -> list[str]:
+    def generate_ids(self, pixels, prompts, *, max_new_tokens=20, num_beams=1, logits=False):
         _, k = as_image_batch(pixels)
         ids, mask = self._pad(self._prompt_ids(list(prompts), k), True, pixels.device)
         embeds, mask = self._embeds(pixels, ids, mask)
-        out = self.model.generate(
-            inputs_embeds=embeds, attention_mask=mask, **self._gen_kwargs(max_new_tokens, num_beams)
-        )
-        return self._decode(out)
+        kw = self._gen_kwargs(max_new_tokens, num_beams, logits)
+        return self._generated(self.model.generate(inputs_embeds=embeds, attention_mask=mask, **kw), 0, logits)
+
+    # --- export: a prefill over the merged embeddings, then one token a step ------------------------------
+    prompt_format = (
+        "the prompt in the model's format (its chat template with one image), the image token expanded as the "
+        "processor expands it, tokenized, padded on the left (tokenizer/ holds the processor)"
+    )
+
+    def prompt_tokens(self, prompts):
+        return self._pad(self._prompt_ids(list(prompts), 1), True, torch.device("cpu"))
+
+    def prefill(self, visual, ids, mask, cache):
+        embeds, mask = self._merge(visual, ids, mask)
+        positions = mask_positions(mask)
+        out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+        return out.logits[:, -1:], mask, positions[:, -1:], output_cache(out)
+
+    def step(self, ids, mask, positions, visual, cache):
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+        return out.logits, output_cache(out)
 
 
 class LlavaBackbone(ImageTokenVLM):
@@ -125,7 +150,15 @@ class LlavaBackbone(ImageTokenVLM):
     )
 
     def image_features(self, flat):
-        return torch.stack(list(self.model.model.get_image_features(pixel_values=flat).pooler_output))
+        """What the model's `get_image_features` computes (the configured vision layers, the class token dropped
+        for "default", the projector) as one tensor, not its list of one per image: a graph can trace it."""
+        cfg, inner = self.model.config, self.model.model
+        layers = cfg.vision_feature_layer
+        states = inner.vision_tower(flat, output_hidden_states=True).hidden_states
+        picked = [states[i] for i in ([layers] if isinstance(layers, int) else layers)]
+        if cfg.vision_feature_select_strategy == "default":
+            picked = [h[:, 1:] for h in picked]
+        return inner.multi_modal_projector(torch.cat(picked, dim=-1))
 
     def tower_prefixes(self):
         return {
@@ -143,9 +176,36 @@ class Idefics3Backbone(ImageTokenVLM):
 
     image_options = {"do_image_splitting": False}  # one global tile per image
 
+    def __init__(self, model, spec, tokenizer, image_processor, processor):
+        super().__init__(model, spec, tokenizer, image_processor, processor)
+        self._patch_positions = self._own_patch_positions()
+
+    def _own_patch_positions(self) -> torch.Tensor:
+        """(1, N): the position ids the vision embeddings give a whole image of `image_size` (every patch real),
+        from the model's own code, once; `image_features` then holds them as constants (that code's bucketize and
+        untyped `full` have no faithful ONNX form)."""
+        emb = self.model.model.vision_model.embeddings
+        seen: list[torch.Tensor] = []
+        hook = emb.position_embedding.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+        s, n = self.image_size, self.image_size // emb.patch_size
+        try:
+            with torch.no_grad():
+                emb(pixel_values=torch.zeros(1, 3, s, s), patch_attention_mask=torch.ones(1, n, n, dtype=torch.bool))
+        finally:
+            hook.remove()
+        return seen[0].clone()
+
     def image_features(self, flat):
+        """The vision model's own forward for whole images (as vlkit feeds them: one global tile each, every patch
+        real), with the position ids of `_own_patch_positions`, then the connector."""
         inner = self.model.model
-        return inner.connector(inner.vision_model(pixel_values=flat).last_hidden_state)
+        vm = inner.vision_model
+        if tuple(flat.shape[-2:]) != (self.image_size, self.image_size):
+            return inner.connector(vm(pixel_values=flat).last_hidden_state)
+        emb = vm.embeddings
+        x = emb.patch_embedding(flat).flatten(2).transpose(1, 2)
+        x = x + emb.position_embedding(self._patch_positions.to(x.device))
+        return inner.connector(vm.post_layernorm(vm.encoder(inputs_embeds=x).last_hidden_state))
 
     def tower_prefixes(self):
         return {
@@ -173,8 +233,13 @@ class CrossAttentionVLM(HFVLMBackbone):
     def decoder_logits(self, ids, mask, mem, mem_mask) -> torch.Tensor: ...
 
     @abstractmethod
-    def decoder_generate(self, ids, mask, mem, mem_mask, **kw) -> torch.Tensor:
-        """New token ids (the prompt's cut off)."""
+    def decoder_generate(self, ids, mask, mem, mem_mask, **kw):
+        """The decoder's `generate` output (the prompt's ids first)."""
+        ...
+
+    @abstractmethod
+    def decoder_step(self, ids, mask, positions, mem, cache) -> tuple[torch.Tensor, Any]:
+        """(logits, cache): the decoder over `ids` at `positions`, the key-value `cache` filled in place."""
         ...
 
     def _memory(self, pixels) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,23 +259,50 @@ class CrossAttentionVLM(HFVLMBackbone):
         ids, mask, labels = self._teacher_forced(self._prompt_ids(prompts), targets, pixels.device)
         return self.decoder_logits(ids, mask, *self._memory(pixels)), labels
 
-    @torch.no_grad()
-    def generate(self, pixels, prompts, *, max_new_tokens: int = 20, num_beams: int = 1) -> list[str]:
+    def generate_ids(self, pixels, prompts, *, max_new_tokens=20, num_beams=1, logits=False):
         rows = self._prompt_ids(list(prompts))
         groups: dict[int, list[int]] = {}
         for i, r in enumerate(rows):
             groups.setdefault(0 if self.positions_follow_mask else len(r), []).append(i)
-        out: list[str] = [""] * len(rows)
         mem, mem_mask = self._memory(pixels)
+        kw = self._gen_kwargs(max_new_tokens, num_beams, logits)
+        parts = []
         for idx in groups.values():
             ids, mask = self._pad([rows[i] for i in idx], True, pixels.device)
             sel = torch.tensor(idx, device=pixels.device)
-            gen = self.decoder_generate(
-                ids, mask, mem[sel], mem_mask[sel], **self._gen_kwargs(max_new_tokens, num_beams)
-            )
-            for i, text in zip(idx, self._decode(gen)):
-                out[i] = text
-        return out
+            out = self.decoder_generate(ids, mask, mem[sel], mem_mask[sel], **kw)
+            parts.append((sel, *self._generated(out, ids.shape[1], logits)))
+        if len(parts) == 1:
+            return parts[0][1], parts[0][2]
+        steps = max(p[1].shape[1] for p in parts)
+        tokens = torch.full((len(rows), steps), self.pad_id, dtype=torch.long, device=pixels.device)
+        scores = None
+        for sel, ids, lg in parts:
+            tokens[sel, : ids.shape[1]] = ids
+            if lg is not None:
+                if scores is None:
+                    scores = torch.full((len(rows), steps, lg.shape[-1]), float("nan"), device=pixels.device)
+                scores[sel, : lg.shape[1]] = lg
+        return tokens, scores
+
+    # --- export: the decoder's prefill over the prompt, then one token a step, cross-attending to the memory --
+    cross_attention = True
+    prompt_format = "the decoder start token, then the prompt's tokens without special tokens, padded on the left"
+
+    def visual_tokens(self, pixels):
+        """(B, K·N, D): the memory the decoder attends to (the vision encoder's tokens, through the prefix site)."""
+        return self._memory(pixels)[0]
+
+    def prompt_tokens(self, prompts):
+        return self._pad(self._prompt_ids(list(prompts)), True, torch.device("cpu"))
+
+    def prefill(self, visual, ids, mask, cache):
+        positions = mask_positions(mask)
+        logits, cache = self.decoder_step(ids, mask, positions, visual, cache)
+        return logits[:, -1:], mask, positions[:, -1:], cache
+
+    def step(self, ids, mask, positions, visual, cache):
+        return self.decoder_step(ids, mask, positions, visual, cache)
 
 
 class BlipBackbone(CrossAttentionVLM):
@@ -237,10 +329,25 @@ class BlipBackbone(CrossAttentionVLM):
         ).logits
 
     def decoder_generate(self, ids, mask, mem, mem_mask, **kw):
-        out = self.model.text_decoder.generate(
+        return self.model.text_decoder.generate(
             input_ids=ids, attention_mask=mask, encoder_hidden_states=mem, encoder_attention_mask=mem_mask, **kw
         )
-        return out[:, ids.shape[1] :]
+
+    def decoder_step(self, ids, mask, positions, mem, cache):
+        out = self.model.text_decoder(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            encoder_hidden_states=mem,
+            encoder_attention_mask=torch.ones(mem.shape[:2], dtype=torch.long, device=mem.device),
+            cache=cache,
+            use_cache=True,
+        )
+        return out.logits, output_cache(out)
+
+    @property
+    def generation_config(self):
+        return self.model.text_decoder.generation_config
 
     def prefix_width(self):
         return int(self.model.config.vision_config.hidden_size)
@@ -269,6 +376,9 @@ class VisionEncoderDecoderBackbone(CrossAttentionVLM):
         pad = cfg.pad_token_id if cfg.pad_token_id is not None else dc.pad_token_id
         if pad is not None:
             self.pad_id = int(pad)
+        self._decoder_positions = "position_ids" in inspect.signature(model.decoder.forward).parameters
+        if not self._decoder_positions:  # a padded batch would shift its rows' positions: verify one length
+            self.export_prompts = ("",) * 4
 
     def _projector_blocks(self):
         if not self.projector:
@@ -292,13 +402,26 @@ class VisionEncoderDecoderBackbone(CrossAttentionVLM):
     def decoder_generate(self, ids, mask, mem, mem_mask, **kw):
         from transformers.modeling_outputs import BaseModelOutput
 
-        out = self.model.generate(
+        return self.model.generate(
             encoder_outputs=BaseModelOutput(last_hidden_state=mem),
             decoder_input_ids=ids,
             decoder_attention_mask=mask,
             **kw,
         )
-        return out[:, ids.shape[1] :]
+
+    def decoder_step(self, ids, mask, positions, mem, cache):
+        """The model's forward; the decoder's positions follow the mask where it takes position ids (a padded row
+        then writes as it does alone, as `generate` writes prompts of one length together), else its own."""
+        extra = {"decoder_position_ids": positions} if self._decoder_positions else {}
+        out = self.model(
+            encoder_outputs=(mem,),
+            decoder_input_ids=ids,
+            decoder_attention_mask=mask,
+            cache=cache,
+            use_cache=True,
+            **extra,
+        )
+        return out.logits, output_cache(out)
 
     def _width(self, tower):
         cfg = self.model.config

@@ -248,17 +248,58 @@ class HFVLMBackbone(GenerativeBackbone):
     def _decode(self, out: torch.Tensor) -> list[str]:
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
-    def _gen_kwargs(self, max_new_tokens: int, num_beams: int) -> dict[str, Any]:
+    def _eos_ids(self) -> list[int]:
         eos = getattr(self.model.generation_config, "eos_token_id", None)
         eos = [eos] if isinstance(eos, int) else list(eos or [])
+        return sorted({*eos, self.eos_id})
+
+    def _gen_kwargs(self, max_new_tokens: int, num_beams: int, logits: bool = False) -> dict[str, Any]:
         return {
             "max_new_tokens": int(max_new_tokens),
             "num_beams": int(num_beams),
             "do_sample": False,
             "use_cache": True,
             "pad_token_id": self.pad_id,
-            "eos_token_id": sorted({*eos, self.eos_id}),
+            "eos_token_id": self._eos_ids(),
+            "output_logits": bool(logits),
+            "return_dict_in_generate": True,
         }
+
+    @staticmethod
+    def _generated(out, cut: int, logits: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(new ids, raw logits of every step or None) of a `generate` output, its first `cut` ids dropped."""
+        return out.sequences[:, cut:], (torch.stack(out.logits, dim=1).float() if logits else None)
+
+    def generate(self, pixels, prompts, *, max_new_tokens: int = 20, num_beams: int = 1) -> list[str]:
+        with torch.no_grad():
+            ids, _ = self.generate_ids(pixels, list(prompts), max_new_tokens=max_new_tokens, num_beams=num_beams)
+        return self._decode(ids)
+
+    # --- export: what the language model's graphs need (see `GenerativeBackbone`) --------------------------
+    export_lm = "causal"
+
+    @property
+    def generation_config(self):
+        """The generation config of the model whose `generate` writes the answers."""
+        return self.model.generation_config
+
+    def generation_settings(self) -> dict[str, Any]:
+        layers: Any = resolve_module(self.model, self._paths["decoder"])  # a ModuleList
+        return {
+            "config": self.generation_config,
+            "start": None,
+            "eos": self._eos_ids(),
+            "pad": int(self.pad_id),
+            "layers": len(layers),
+            "prompt_start": getattr(self, "start_id", None),
+        }
+
+    def save_prompt_files(self, directory: str) -> None:
+        if self.processor is not None:
+            self.processor.save_pretrained(directory)
+        else:
+            self.tokenizer.save_pretrained(directory)
+            self.image_processor.save_pretrained(directory)
 
     # --- structure ----------------------------------------------------------------------------------------
     @abstractmethod
