@@ -21,6 +21,13 @@ where fused, `xattn.*`, `mlp.fc1`/`fc2`); a `prefix` site takes prompt tuning: l
 model's input (image-token models) or the decoder's memory (cross-attention models). Site paths are the
 transformers model's own module paths, which is what PEFT's `target_modules` names. The structure they share
 (block layouts, the base class) is in `vlkit.backbones.hf_vlm_base`.
+
+ONNX export (`vlkit export`, `vlkit.export.generative_graphs`): every family is a causal decoder with a key-value
+cache. `visual_tokens` is the vision graph (image-token models: the projected image features, which the prefill
+merges in place of the image tokens; cross-attention models: the decoder's memory, whose keys and values the
+prefill caches for every later step). LLaVA's image features are computed as one tensor (its `get_image_features`
+returns a list per image) and Idefics3/SmolVLM's patch positions once, from the model's own code (their bucketize
+has no faithful ONNX form), so that both trace; the export's verification compares them with the model's own.
 """
 
 from __future__ import annotations
