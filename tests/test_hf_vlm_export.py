@@ -3,7 +3,8 @@ built from a tiny random config: the command writes the vision graph and the lan
 decoder-with-past graphs with adapters inside (a LoRA in every tower merged; a bottleneck or prompt tuning kept as
 they are), its own verification generates the same greedy tokens in onnxruntime as in PyTorch, and the written
 export answers a fresh batch (prompts of different lengths, padded) on its own, from its processor or tokenizer,
-as the backbone does; a generation setting the export cannot reproduce is refused in one line."""
+as the backbone does; a generation setting the export cannot reproduce is refused in one line; the traceable image
+features of LLaVA and Idefics3/SmolVLM are the models' own."""
 from __future__ import annotations
 
 import json
@@ -137,3 +138,17 @@ def test_a_generation_setting_the_export_does_not_reproduce_is_refused(root, cap
     code, _, err = cli(["export", "--backbone", f"hf:{src}", "-o", str(tmp_path / "x")], capsys)
     assert code == 2 and "repetition_penalty" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("kind", ["llava", "idefics3", "smolvlm"])
+def test_traceable_image_features_are_the_models_own(root, kind):
+    bb = _load(root, kind).backbone
+    px = bb.preprocess_batch(_images())
+    inner = bb.model.model
+    with torch.no_grad():
+        ours = bb.image_features(px)
+        if kind == "llava":  # one tensor, not the model's list of one per image
+            theirs = torch.stack(list(inner.get_image_features(pixel_values=px).pooler_output))
+        else:  # the model's own patch positions (bucketize) in its vision model's forward
+            theirs = inner.connector(inner.vision_model(pixel_values=px).last_hidden_state)
+    assert ours.shape == theirs.shape and torch.allclose(ours, theirs, atol=1e-6)

@@ -27,7 +27,7 @@ cache. `visual_tokens` is the vision graph (image-token models: the projected im
 merges in place of the image tokens; cross-attention models: the decoder's memory, whose keys and values the
 prefill caches for every later step). LLaVA's image features are computed as one tensor (its `get_image_features`
 returns a list per image) and Idefics3/SmolVLM's patch positions once, from the model's own code (their bucketize
-has no faithful ONNX form), so that both trace; the export's verification compares them with the model's own.
+has no faithful ONNX form), so that both trace; `tests/test_hf_vlm_export.py` holds them to the models' own.
 """
 
 from __future__ import annotations
