@@ -11,6 +11,46 @@ def _f(v) -> str:
     return "—" if v is None else f"{v:.1f}"
 
 
+def _cross_columns(res) -> tuple[list[str], list[str]]:
+    """(target labels, their column headers "→ label") of a result with cross-domain targets."""
+    cross = res.get("cross_domain") or {}
+    labels = list(cross.get("targets") or [])
+    frozen = cross.get("frozen") or {}
+    return labels, [f"→ {t} (frozen {_f(frozen.get(t))})" if "summary" in res else f"→ {t}" for t in labels]
+
+
+def _single_table(res):
+    """The single adapt run's table: a row per model, in-domain, general (retention) and cross-domain columns."""
+    from .output import table
+
+    targets, headers = _cross_columns(res)
+    rows = []
+    for r in res["rows"]:
+        note = ""
+        if "verified_unchanged" in r:
+            note = "identical to frozen ✓" if r["verified_unchanged"] else "DIFFERS from frozen ✗"
+        if "forgetting" in r:
+            note = f"forgetting {r['forgetting']:.1f}"
+        rows.append(
+            [
+                r["method"],
+                f"{r['trainable_percent']:.2f}%",
+                _f(r["in_domain"]),
+                _f(r["general"]),
+                f"{r['general_change']:+.1f}",
+                _f(r.get("retention")),
+                *(_f((r.get("cross") or {}).get(t)) for t in targets),
+                note,
+            ]
+        )
+    columns = ["method", "trainable", res["domain"], f"{res['general_domain']} (general)", "Δ general"]
+    return table(
+        f"{res['domain']} adaptation, {res['shots']} shots/class — accuracy %",
+        [*columns, "retention %", *headers, "note"],
+        rows,
+    )
+
+
 def _protocol(
     backbone, domain, shots, out, methods, seeds, data, steps, options, json_out, overwrite, extra: dict
 ) -> None:
@@ -41,12 +81,15 @@ def _protocol(
         )
     b2n = res["protocol"] == "base2novel"
     general = "general" in res
+    targets, headers = _cross_columns(res)
+    top = (res.get("cross_domain") or {}).get("shots")
     columns = [
         "method",
         "shots",
         "base" if b2n else "accuracy",
         *(["novel", "HM"] if b2n else []),
         *([f"general ({res['general']['data']})", "retention %"] if general else []),
+        *headers,
         "seeds",
         "trainable",
         "train s",
@@ -60,6 +103,7 @@ def _protocol(
                 f"{r['mean']:.1f} ± {r['sd']:.1f}",
                 *([_f(r.get("novel")), _f(r.get("hm"))] if b2n else []),
                 *([_f(r.get("general")), _f(r.get("retention"))] if general else []),
+                *(_f((r.get("cross") or {}).get(t)) if r["shots"] == top else "—" for t in targets),
                 r["seeds"],
                 f"{r['trainable']:,}",
                 f"{r['seconds']:.1f}",
@@ -68,7 +112,7 @@ def _protocol(
     console.print(
         table(
             f"{'base-to-novel' if b2n else 'few-shot'} {res['data']} ({backbone}) — accuracy %, "
-            f"mean ± sd over seeds {res['seeds']}",
+            f"mean ± sd over seeds {res['seeds']}" + (f"; → other domains at {top} shots" if targets else ""),
             columns,
             rows,
         )
@@ -91,7 +135,7 @@ def register(cli: typer.Typer) -> None:
             "--method",
             "-m",
             help="Few-shot protocol: method(s), comma-separated: an adapter "
-            "variant, tip-adapter, zeroshot, linear or full.",
+            "variant, tip-adapter, zeroshot, linear (L-BFGS), linear-sgd or full.",
         ),
         seeds: str | None = typer.Option(None, "--seeds", help="Few-shot protocol: seeds (e.g. 1,2,3)."),
         data: str | None = typer.Option(
@@ -103,7 +147,7 @@ def register(cli: typer.Typer) -> None:
         ),
         out: Path = typer.Option(Path("runs/adapt"), "--out", "-o", help="Adapter directory."),
         variant: str = typer.Option("bottleneck", "--adapter", "-a", help="Adapter variant."),
-        baselines: str | None = typer.Option(None, "--baselines", help="Also run: full,linear."),
+        baselines: str | None = typer.Option(None, "--baselines", help="Also run: full, linear (L-BFGS), linear-sgd."),
         steps: int | None = typer.Option(None, "--steps", help="Training steps (default: 6 x shots, >= 60)."),
         lr: float | None = typer.Option(
             None, "--lr", help="Learning rate (default per method: adapters 2e-3, linear-sgd 1e-2, full 1e-4)."
@@ -123,6 +167,17 @@ def register(cli: typer.Typer) -> None:
             "for retention (default: the world's photo "
             "domain without --data).",
         ),
+        eval_domains: str | None = typer.Option(
+            None,
+            "--eval-domains",
+            help="Cross-domain: also score on these world domains (comma-separated, or all), "
+            "the frozen backbone's zero-shot score beside; with --method at the largest --shots.",
+        ),
+        eval_data: str | None = typer.Option(
+            None,
+            "--eval-data",
+            help="Cross-domain with --data: other datasets' test sets to score on (data specs, comma-separated).",
+        ),
         seed: int = typer.Option(0, "--seed"),
         option: list[str] | None = typer.Option(None, "--option", "-O", help="Adapter option key=value."),
         json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
@@ -132,11 +187,11 @@ def register(cli: typer.Typer) -> None:
         --seeds, --data or several --shots, run the few-shot protocol and print its table (mean ± sd) and plot."""
         from ..train.adapt import parse_ints, run_adapt
         from .common import parse_kv
-        from .output import console, print_json, table
+        from .output import console, print_json
 
         shot_list = parse_ints(shots, "--shots")
         task_options = {k: v for k, v in (("prompt", prompt), ("templates", templates)) if v is not None}
-        if method or seeds or data or protocol or general or len(shot_list) > 1:
+        if method or seeds or data or protocol or general or eval_data or len(shot_list) > 1:
             _protocol(
                 backbone,
                 domain,
@@ -155,6 +210,8 @@ def register(cli: typer.Typer) -> None:
                     "task_options": task_options,
                     "protocol": protocol or "fewshot",
                     "general": general,
+                    "eval_domains": eval_domains,
+                    "eval_data": eval_data,
                 },
             )
             return
@@ -180,46 +237,12 @@ def register(cli: typer.Typer) -> None:
                 lr=lr,
                 batch_size=batch_size,
                 task_options=task_options,
+                eval_domains=eval_domains,
             )
         finally:
             bar.close()
+        console.print(_single_table(res))
 
-        def f(v):
-            return "—" if v is None else f"{v:.1f}"
-
-        rows = []
-        for r in res["rows"]:
-            note = ""
-            if "verified_unchanged" in r:
-                note = "identical to frozen ✓" if r["verified_unchanged"] else "DIFFERS from frozen ✗"
-            if "forgetting" in r:
-                note = f"forgetting {r['forgetting']:.1f}"
-            rows.append(
-                [
-                    r["method"],
-                    f"{r['trainable_percent']:.2f}%",
-                    f(r["in_domain"]),
-                    f(r["general"]),
-                    f"{r['general_change']:+.1f}",
-                    f(r.get("retention")),
-                    note,
-                ]
-            )
-        console.print(
-            table(
-                f"{res['domain']} adaptation, {res['shots']} shots/class — accuracy %",
-                [
-                    "method",
-                    "trainable",
-                    res["domain"],
-                    f"{res['general_domain']} (general)",
-                    "Δ general",
-                    "retention %",
-                    "note",
-                ],
-                rows,
-            )
-        )
         console.print(f"adapter written to {res['adapter_dir']}")
         if json_out:
             print_json(res)

@@ -4,10 +4,12 @@
     vlkit eval --adapters runs/sat --data manifest:val.jsonl --task retrieval
     vlkit eval --adapters runs/sat --data world:satellite/classification --alpha 0,0.25,0.5,0.75,1 \\
         --general world:photo/classification --templates imagenet
+    vlkit eval --adapters runs/sat --data world:satellite/classification --data world:sketch/classification
 
 One table on stderr (rows: the backbone, then each adapter argument; columns: the task's metrics with
-bootstrap intervals and the paired difference of the primary metric to the backbone); ``--json`` prints the
-result on stdout, ``-o FILE`` writes it. The engine is `vlkit.train.evaluate.run_eval`.
+bootstrap intervals and the paired difference of the primary metric to the backbone; with several ``--data``,
+one column group per dataset: its primary metric and that difference); ``--json`` prints the result on stdout,
+``-o FILE`` writes it. The engine is `vlkit.train.evaluate.run_eval`.
 """
 
 from __future__ import annotations
@@ -25,10 +27,43 @@ def _cell(value: Any, interval: list[float] | None = None) -> str:
     return f"{text} [{interval[0]:.1f}, {interval[1]:.1f}]" if interval else text
 
 
-def result_table(res: dict[str, Any]):
-    """The result as one rich table: a row per system, a column per metric."""
+def _delta(d: dict[str, float] | None) -> str:
+    return "—" if d is None else f"{d['value']:+.2f} [{d['low']:+.1f}, {d['high']:+.1f}]"
+
+
+def datasets_table(res: dict[str, Any]):
+    """A several-dataset result as one table: a row per system; per dataset its primary metric and the difference
+    to the backbone; then the general score and retention when asked for."""
     from .output import table
 
+    primary, parts = res["metric"], res["datasets"]
+    columns = ["model"]
+    for part in parts:
+        where = part["data"] + (f" ({part['split']})" if part.get("split") else "")
+        columns += [f"{where}: {primary} (n={part['n']})", f"{where}: Δ"]
+    general = "general" in parts[0]
+    if general:
+        columns += [f"general {primary}", "retention %"]
+    rows = []
+    for i, first in enumerate(parts[0]["rows"]):
+        cells = [first["label"]]
+        for part in parts:
+            r = part["rows"][i]
+            cells += [_cell(r["metrics"].get(primary), r.get("intervals", {}).get(primary)), _delta(r.get("delta"))]
+        if general:
+            cells += [_cell(first.get("general")), _cell(first.get("retention"))]
+        rows.append(cells)
+    b = res["bootstrap"]
+    note = f", {b['level'] * 100:g}% bootstrap intervals over {b['resamples']} resamples" if b["resamples"] else ""
+    return table(f"{res['task']} on {len(parts)} datasets ({res['backbone']}){note}", columns, rows)
+
+
+def result_table(res: dict[str, Any]):
+    """The result as one rich table: a row per system, a column per metric (`datasets_table` for several)."""
+    from .output import table
+
+    if "datasets" in res:
+        return datasets_table(res)
     metrics = list(dict.fromkeys(m for r in res["rows"] for m in r["metrics"]))
     primary = res["metric"]
     columns = ["model", *metrics, f"Δ {primary} vs backbone"]
@@ -42,7 +77,7 @@ def result_table(res: dict[str, Any]):
         cells = [
             r["label"],
             *(_cell(r["metrics"].get(m), iv.get(m)) for m in metrics),
-            "—" if d is None else f"{d['value']:+.2f} [{d['low']:+.1f}, {d['high']:+.1f}]",
+            _delta(d),
         ]
         if general:
             cells += [_cell(r.get("general")), _cell(r.get("retention"))]
@@ -56,11 +91,12 @@ def result_table(res: dict[str, Any]):
 def register(cli: typer.Typer) -> None:
     @cli.command("eval")
     def eval_cmd(
-        data: str = typer.Option(
+        data: list[str] = typer.Option(
             ...,
             "--data",
             "-d",
-            help="Data spec: coop:DIR, manifest:FILE, world:DOMAIN/TASK, imagefolder:DIR, hf:ID, a local path.",
+            help="Data spec: coop:DIR, manifest:FILE, world:DOMAIN/TASK, imagefolder:DIR, hf:ID, a local path; "
+            "repeat it to score several datasets (a column group each).",
         ),
         task: str = typer.Option("classification", "--task", "-t", help="Task whose metrics to report."),
         backbone: str = typer.Option("tiny", "--backbone", "-b", help="Backbone spec."),
@@ -119,7 +155,7 @@ def register(cli: typer.Typer) -> None:
             res = run_eval(
                 backbone,
                 adapters,
-                data=data,
+                data=data[0] if len(data) == 1 else list(data),
                 task=task,
                 options=options,
                 split=split,

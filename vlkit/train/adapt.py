@@ -32,6 +32,7 @@ from .baselines import (
     validation_split,
     write_run_metrics,
 )
+from .crossdomain import CrossDomain, data_targets, domain_targets
 from .engine import run
 from .evaluate import load_eval_data, round_percent
 from .jobs import build_task, load_datasets
@@ -104,6 +105,19 @@ def _general_eval(backbone, cfg, n_eval: int, seed: int):
     return metrics[task.metric], logits
 
 
+def world_cross(
+    eval_domains, domain: str, n_eval: int, seed: int, shots: int | None = None, split: str | None = None
+) -> CrossDomain:
+    """`--eval-domains` (names, `all`: every other domain) of the embedded world: each domain's test draw, drawn as
+    the general domain's (`n_eval` images, seed + 20000, `split`), so the photo column equals the general one where
+    the classes differ (`vlkit.train.crossdomain`)."""
+    spec = {"kind": DATA_KIND, "task": "classification", "n": n_eval, "seed": seed + 20_000}
+    if split is not None:
+        spec["split"] = split
+    known = kind_domains(DATA_KIND) or ()
+    return domain_targets(eval_domains, source=domain, known=known, spec=spec, task="classification", shots=shots)
+
+
 def run_adapt(
     backbone: str = "tiny",
     domain: str = "medical",
@@ -120,11 +134,15 @@ def run_adapt(
     lr: float | None = None,
     batch_size: int | None = None,
     task_options: dict | None = None,
+    eval_domains: str | list[str] | None = None,
 ) -> dict[str, Any]:
     """Few-shot adaptation into `out` (written whole, `vlkit.outputs`: a non-empty one needs `overwrite`).
     `lr`, `batch_size` and `task_options` (prompt or templates) reach the adapter's recipe; metrics.json records
-    them with the general-domain score and retention (percent of the frozen backbone's)."""
+    them with the general-domain score and retention (percent of the frozen backbone's). `eval_domains` (world
+    domains, `all`: every other one) adds each row's accuracy on those domains (`cross`), the frozen backbone's
+    zero-shot accuracy there in the first row."""
 
+    cross = world_cross(eval_domains, domain, n_eval, seed)
     with OutputTarget(out, overwrite=overwrite, what="adapt output directory") as target:
         result = _run_adapt(
             backbone,
@@ -139,6 +157,7 @@ def run_adapt(
             adapter_options,
             progress,
             {"lr": lr, "batch_size": batch_size, "task_options": task_options},
+            cross,
         )
         row = result["rows"][2]  # the adapter, on
         write_run_metrics(
@@ -150,6 +169,7 @@ def run_adapt(
                 "general": row["general"],
                 "general_frozen": result["rows"][0]["general"],
                 "retention": row["retention"],
+                **cross.record(row.get("cross")),
             },
         )
     result["adapter_dir"] = str(out)
@@ -157,7 +177,19 @@ def run_adapt(
 
 
 def _run_adapt(
-    backbone, domain, shots, out, variant, baselines, steps, seed, n_eval, adapter_options, progress, optim: dict
+    backbone,
+    domain,
+    shots,
+    out,
+    variant,
+    baselines,
+    steps,
+    seed,
+    n_eval,
+    adapter_options,
+    progress,
+    optim: dict,
+    cross: CrossDomain,
 ) -> dict[str, Any]:
 
     domains = kind_domains(DATA_KIND) or ()
@@ -201,12 +233,14 @@ def _run_adapt(
             "in_domain": zs["score"],
             "general": photo_frozen,
             "general_change": 0.0,
+            **cross.frozen_entry(zs_backbone, optim["task_options"]),
         }
     )
 
     ad_cfg = cfg_for("adapter")
     ad, ad_backbone, _ = run(ad_cfg, out, progress=progress, publish=False)
     photo_on, _ = _general_eval(ad_backbone, ad_cfg, n_eval, seed)
+    on_cross = cross.entry(ad_backbone, out, optim["task_options"])  # before the adapter goes off
     AdaptedModel.of(ad_backbone).disable_adapters()
     photo_off, photo_off_logits = _general_eval(ad_backbone, ad_cfg, n_eval, seed)
     verified = (
@@ -222,6 +256,7 @@ def _run_adapt(
             "general": photo_off,
             "general_change": photo_off - photo_frozen,
             "verified_unchanged": verified,
+            **cross.frozen_entry(),
         }
     )
     rows.append(
@@ -231,6 +266,7 @@ def _run_adapt(
             "in_domain": ad["score"],
             "general": photo_on,
             "general_change": photo_on - photo_frozen,
+            **on_cross,
         }
     )
     for method in baselines:
@@ -248,7 +284,7 @@ def _run_adapt(
             )
         else:
             row.update(general=photo_frozen, general_change=0.0)
-        rows.append(row)
+        rows.append({**row, **cross.entry(bb, out / f"baseline-{method}", optim["task_options"])})
     for row in rows:
         row["retention"] = 100.0 * row["general"] / photo_frozen if photo_frozen else None
     return {
@@ -268,6 +304,7 @@ def _run_adapt(
         "adapter_dir": str(out),
         "adapter_off_verified": verified,
         "rows": rows,
+        **cross.result_entry(),
     }
 
 
@@ -447,6 +484,20 @@ class ProtocolSettings:
     protocol: str
     general: Any
     progress: Any
+    cross: CrossDomain | None = None  # other domains, scored at `cross.shots` (the largest shot count)
+
+
+def _protocol_cross(data, domain: str, eval_domains, eval_data, n_eval: int, seed: int, shots) -> CrossDomain:
+    """The protocol's cross-domain targets, scored at the largest shot count: world domains (`eval_domains`,
+    without `data`) or other datasets' test sets (`eval_data`, with it)."""
+    if data is None and eval_data:
+        raise ConfigError("--eval-data takes test sets for a --data run; for the embedded world use --eval-domains")
+    if data is not None and eval_domains:
+        raise ConfigError("--eval-domains names domains of the embedded world; with --data give --eval-data SPEC,...")
+    top = max(shots, default=None)
+    if data is None:
+        return world_cross(eval_domains, domain, n_eval, seed, top, split="test")  # as the general domain's
+    return data_targets(eval_data, source=data, task="classification", shots=top)
 
 
 def _general_spec(s: ProtocolSettings, seed: int):
@@ -530,6 +581,8 @@ def _one_run(
         )
         row["general"] = score
         row["retention"] = 100.0 * score / general[1] if general[1] else None
+    if s.cross is not None and k == s.cross.shots:  # the run's model on the other domains
+        row.update(s.cross.entry(bb, where, s.task_options))
     write_run_metrics(
         where,
         final,
@@ -539,6 +592,7 @@ def _one_run(
             "seed": seed,
             "hyperparameters": hyper,
             **{key: row[key] for key in ("base", "novel", "hm", "general", "retention") if key in row},
+            **(s.cross.record(row.get("cross")) if s.cross is not None else {}),
             **(
                 {}
                 if (where / "metrics.json").is_file()
@@ -581,6 +635,8 @@ def run_fewshot(
     overwrite: bool = False,
     plot: bool = True,
     on_run=None,
+    eval_domains: str | list[str] | None = None,
+    eval_data: str | list[str] | None = None,
 ) -> dict[str, Any]:
     """CoOp's few-shot protocol: every method at every shot count over every seed; accuracy mean ± sd per
     (method, shots), trainable parameters and training seconds per run. `data` is a data spec with train and
@@ -591,7 +647,12 @@ def run_fewshot(
     `protocol="base2novel"` is CoCoOp's: trained on the first half of the classes, scored on the base and the
     novel classes of the test set and their harmonic mean. `general` (a data spec; default the world's photo
     domain when `data` is None) adds each run's general-domain score and its retention, as a percentage of
-    the frozen backbone's. `task_options` (prompt or templates) reach every run's classification task."""
+    the frozen backbone's. `task_options` (prompt or templates) reach every run's classification task.
+
+    Cross-domain (`vlkit.train.crossdomain`): `eval_domains` (world domains, `all`: every other one; without
+    `data`) or `eval_data` (data specs of other test sets; with `data`) adds each run's accuracy there at the
+    largest shot count (`cross` in its row, the summary and metrics.json), with the frozen backbone's zero-shot
+    accuracy on each (the result's `cross_domain`)."""
 
     methods = check_methods(methods)
     if protocol not in PROTOCOLS:
@@ -618,6 +679,7 @@ def run_fewshot(
         protocol,
         general,
         progress,
+        _protocol_cross(data, domain, eval_domains, eval_data, n_eval, seeds[0] if seeds else 0, shots),
     )
     if out is None:
         import tempfile
@@ -654,6 +716,9 @@ def _summary(runs: list[dict[str, Any]], methods, shots) -> list[dict[str, Any]]
             for key in ("base", "novel", "hm", "general", "retention"):
                 if any(key in r for r in rs):
                     row[key] = mean(rs, key)
+            crosses = [r["cross"] for r in rs if "cross" in r]
+            if crosses:
+                row["cross"] = {d: statistics.fmean(c[d] for c in crosses) for d in crosses[0]}
             out.append(row)
     return out
 
@@ -665,6 +730,8 @@ def _run_fewshot(s: ProtocolSettings, methods, shots, seeds, out: Path, final: P
     if spec is not None:
         gen_ds, _ = load_eval_data(spec, "classification")
         general = (gen_ds, score_on(load_backbone(s.backbone), "classification", gen_ds, s.task_options))
+    if s.cross is not None and s.cross.targets:
+        s.cross.measure_frozen(load_backbone(s.backbone), s.task_options)
     for method in methods:
         for k in shots:
             for seed in seeds:
@@ -685,6 +752,7 @@ def _run_fewshot(s: ProtocolSettings, methods, shots, seeds, out: Path, final: P
         "task_options": s.task_options,
         "summary": summary,
         "runs": runs,
+        **(s.cross.result_entry() if s.cross is not None else {}),
     }
     if general is not None:
         result["general"] = {

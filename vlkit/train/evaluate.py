@@ -13,7 +13,9 @@ Options:
 - ``alphas``: WiSE-FT's sweep: each single-adapter system again at each α, the adapter's delta at every site
   scaled by α (the ``wise`` composition mode; α = 0 is the frozen backbone, α = 1 the adapter);
 - ``general``: a data spec of the general (pre-training) domain; every system is also scored there and its
-  ``retention`` (its general score as a percentage of the frozen backbone's) reported.
+  ``retention`` (its general score as a percentage of the frozen backbone's) reported;
+- ``data`` as a list of specs: each dataset scored as it would be alone, one result each under ``datasets``
+  (`vlkit eval --data A --data B` prints one column group per dataset).
 
 Percentages are rounded to 2 decimals in the result.
 """
@@ -183,28 +185,61 @@ def run_eval(
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Score the frozen backbone and each adapter argument on `data` for `task` (a registered task name);
-    returns the result `vlkit eval --json` prints (rows in order: the backbone first)."""
+    returns the result `vlkit eval --json` prints (rows in order: the backbone first).
+
+    `data` a list of several data specs: each is scored as it would be alone, and the result holds `data` (the
+    list) and `datasets` (one single-dataset result each; the general domain's scores, the same for all, are
+    computed once)."""
     if task not in registry("task"):
         raise ConfigError(f"unknown task {task!r}; known: {', '.join(registry('task').names())}")
     if bootstrap < 0:
         raise ConfigError(f"--bootstrap must be >= 0, got {bootstrap}")
     if not 0.0 < level < 1.0:
         raise ConfigError(f"--level must be in (0, 1), got {level}")
+    specs = list(data) if isinstance(data, (list, tuple)) else [data]
+    if not specs:
+        raise ConfigError("--data names no dataset")
+    labels = [d if isinstance(d, str) else str(d) for d in specs]
+    dup = next((x for x in labels if labels.count(x) > 1), None)
+    if dup is not None:
+        raise ConfigError(f"--data names {dup!r} twice")
     bb = load_backbone(backbone, device=device) if isinstance(backbone, str) else backbone
     resolver = AdapterResolver(bb)
     systems = [frozen_system()] + [s for s in (resolver.resolve(a) for a in parse_adapters(adapters)) if s.names]
-    labels = [s.label for s in systems]
-    dup = next((x for x in labels if labels.count(x) > 1), None)
+    names = [s.label for s in systems]
+    dup = next((x for x in names if names.count(x) > 1), None)
     if dup is not None:
         raise ConfigError(f"--adapters names {dup!r} twice")
     systems = wise_systems(systems, list(alphas))
     options = dict(options or {})
+    header = {"backbone": bb.spec, "task": task, "metric": registry("task").get(task).metric}
+    setting = {"options": options, "bootstrap": {"resamples": bootstrap, "level": level, "seed": seed}}
+    general_scores: dict[str, float] = {}  # by system label: the general domain's scores do not depend on `data`
+    parts = []
+    for spec in specs:
+        scored = _score_dataset(bb, systems, task, spec, options, split, general, general_scores, batch_size, progress)
+        add_intervals(scored["rows"], scored.pop("values"), header["metric"], bootstrap, level, seed)
+        parts.append(scored)
+    if len(parts) > 1:
+        return round_percent({**header, "data": labels, **setting, "datasets": parts})
+    (part,) = parts
+    result = {"backbone": bb.spec, "data": part["data"], "split": part["split"], **header, "n": part["n"], **setting}
+    result["rows"] = part["rows"]
+    return round_percent({**result, **{k: part[k] for k in ("class_names", "general") if k in part}})
+
+
+def _score_dataset(
+    bb, systems, task: str, data, options, split, general, general_scores: dict[str, float], batch_size, progress
+) -> dict[str, Any]:
+    """One dataset's part of the result (data, split, n, rows with metrics, general and retention, class names),
+    with the per-example `values` the intervals are computed from."""
     ds, used_split = load_eval_data(data, task, split)
     metric = registry("task").get(task).metric
     first = _build_task(bb, task, ds, options)
     prepared = first.prepare(bb, ds)
     gen = None
-    if general is not None:  # its own classes and default prompt; a prompt ensemble applies there too
+    if general is not None and any(s.label not in general_scores for s in systems):  # not scored for another `data`
+        # its own classes and default prompt; a prompt ensemble applies there too
         gen_ds, _ = load_eval_data(general, task)
         gen_options = {k: v for k, v in options.items() if k not in ("class_names", "prompt")}
         gen = (gen_ds, _build_task(bb, task, gen_ds, gen_options).prepare(bb, gen_ds), gen_options)
@@ -215,8 +250,13 @@ def run_eval(
             progress(system.label)
         metrics, vals = score_system(bb, system, task, ds, prepared, options, batch_size)
         row: dict[str, Any] = {**system.describe(), "metrics": metrics}
-        if gen is not None:
-            row["general"] = score_system(bb, system, task, gen[0], gen[1], gen[2], batch_size)[0][metric]
+        if general is not None:
+            if system.label not in general_scores:
+                assert gen is not None, "loaded above for a system without a score"
+                general_scores[system.label] = score_system(bb, system, task, gen[0], gen[1], gen[2], batch_size)[0][
+                    metric
+                ]
+            row["general"] = general_scores[system.label]
             row["retention"] = (
                 100.0 * row["general"] / rows[0]["general"]
                 if rows and rows[0]["general"]
@@ -224,21 +264,16 @@ def run_eval(
             )
         rows.append(row)
         values.append(vals)
-    add_intervals(rows, values, metric, bootstrap, level, seed)
-    result = {
-        "backbone": bb.spec,
+    part: dict[str, Any] = {
         "data": data if isinstance(data, str) else str(data),
         "split": used_split,
-        "task": task,
-        "metric": metric,
         "n": len(ds),
-        "options": options,
-        "bootstrap": {"resamples": bootstrap, "level": level, "seed": seed},
         "rows": rows,
+        "values": values,
     }
     names = (first.metadata().get("options") or {}).get("class_names")
     if names:
-        result["class_names"] = list(names)
+        part["class_names"] = list(names)
     if general is not None:
-        result["general"] = general if isinstance(general, str) else str(general)
-    return round_percent(result)
+        part["general"] = general if isinstance(general, str) else str(general)
+    return part
