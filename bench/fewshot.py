@@ -11,8 +11,15 @@ method's backbone, as a percentage of the frozen backbone's; a linear probe leav
 unless `--no-base2novel`, CoCoOp's base-to-novel protocol (trained on the first half of the classes; accuracy on
 the base and on the novel classes, and their harmonic mean; a linear head has no novel score).
 
+Cross-domain (issue 26), unless `--no-cross`: every run at the largest shot count is also scored on the other
+domains (the other two of medical/satellite/sketch and photo; `vlkit adapt --eval-domains all`): a table of
+methods x (source → target) with the frozen backbone's zero-shot accuracy as its first row. A trained head is kept
+where the target has the source's classes (sketch ↔ photo); elsewhere the method's backbone classifies the
+target zero-shot (`vlkit.train.crossdomain`).
+
     python bench/fewshot.py [--quick] [--steps N] [--n-eval 300] [--json out.json] [--plot out.png] [--md out.md]
                             [--domains D,..] [--runs-out runs.jsonl] [--from-runs a.jsonl,b.jsonl] [--no-base2novel]
+                            [--no-cross]
 
 `--runs-out` appends every run (one JSON line) as it finishes; `--from-runs` builds the table from such files
 (e.g. one process per domain, run side by side) without running anything.
@@ -58,6 +65,7 @@ def main(argv=None) -> int:
     ap.add_argument("--runs-out", type=Path, default=None, help="append each run as a JSON line to this file")
     ap.add_argument("--from-runs", default=None, help="comma-separated JSON-lines files of runs: table only")
     ap.add_argument("--no-base2novel", action="store_true", help="skip the base-to-novel runs")
+    ap.add_argument("--no-cross", action="store_true", help="skip the cross-domain scores")
     args = ap.parse_args(argv)
 
     from vlkit.train.adapt import plot_fewshot, run_fewshot
@@ -68,9 +76,12 @@ def main(argv=None) -> int:
     methods = args.methods.split(",")
     t0 = time.perf_counter()
     runs = []
+    frozen_cross = {}  # source domain -> the frozen backbone's zero-shot accuracy on each target
     if args.from_runs:
         for f in args.from_runs.split(","):
             runs += [json.loads(line) for line in Path(f).read_text().splitlines() if line.strip()]
+        frozen_cross = {r["domain"]: r["cross_frozen"] for r in runs if "cross_frozen" in r}
+        runs = [r for r in runs if "method" in r]
         domains = [d for d in dict.fromkeys(r["domain"] for r in runs) if args.domains is None or d in domains]
         runs = [r for r in runs if r["domain"] in domains and r["method"] in methods]
         shots = sorted({r["shots"] for r in runs} & set(shots)) if args.shots else sorted({r["shots"] for r in runs})
@@ -86,8 +97,13 @@ def main(argv=None) -> int:
                     fh.write(json.dumps(dict(r, domain=domain)) + "\n")
 
         res = run_fewshot(args.backbone, methods, shots, seeds, domain=domain, steps=args.steps, n_eval=args.n_eval,
-                          on_run=on_run)
+                          on_run=on_run, eval_domains=None if args.no_cross else "all")
         runs += [dict(r, domain=domain) for r in res["runs"]]
+        if "cross_domain" in res:
+            frozen_cross[domain] = res["cross_domain"]["frozen"]
+            if args.runs_out:
+                with args.runs_out.open("a") as fh:
+                    fh.write(json.dumps({"domain": domain, "cross_frozen": frozen_cross[domain]}) + "\n")
         if not args.no_base2novel:
             def on_b2n(r, domain=domain):
                 on_run(dict(r, protocol="base2novel"), domain)
@@ -129,7 +145,8 @@ def main(argv=None) -> int:
             "per_shots": {k: acc[("tip-adapter", k)] - acc[("zeroshot", k)] for k in shots},
             "met": all(acc[("tip-adapter", k)] > acc[("zeroshot", k)] for k in shots)}
 
-    md = markdown(summary, methods, shots, domains, seeds, args, goals, wall)
+    cross = cross_summary(runs, methods, domains, max(shots), frozen_cross)
+    md = markdown(summary, methods, shots, domains, seeds, args, goals, wall) + cross_markdown(cross, methods)
     print(md)
     if args.md:
         args.md.write_text(md)
@@ -138,8 +155,48 @@ def main(argv=None) -> int:
                      title=f"embedded world ({', '.join(domains)}), {args.backbone}, mean ± sd over {len(seeds)} seed(s)")
     if args.json:
         args.json.write_text(json.dumps({"summary": summary, "runs": runs + b2n, "goals": goals, "domains": domains,
-                                         "shots": shots, "seeds": seeds, "wall_seconds": wall}, indent=2) + "\n")
+                                         "shots": shots, "seeds": seeds, "cross_domain": cross,
+                                         "wall_seconds": wall}, indent=2) + "\n")
     return 0
+
+
+def cross_summary(runs, methods, domains, top, frozen) -> dict:
+    """Per source domain: its targets, the frozen backbone's accuracy on each, and per method the mean over seeds
+    of its accuracy on each target, at `top` shots ({} when no run has cross-domain scores)."""
+    out = {}
+    for source in domains:
+        rs = [r for r in runs if r["domain"] == source and r["shots"] == top and r.get("cross")]
+        if not rs:
+            continue
+        targets = list(rs[0]["cross"])
+        per_method = {}
+        for m in methods:
+            mine = [r["cross"] for r in rs if r["method"] == m]
+            if mine:
+                per_method[m] = {t: statistics.fmean(c[t] for c in mine) for t in targets}
+        out[source] = {"targets": targets, "frozen": frozen.get(source, {}), "methods": per_method}
+    return {"shots": top, "sources": out} if out else {}
+
+
+def cross_markdown(cross, methods) -> str:
+    """The cross-domain table: a row per method (the frozen backbone first), a column per source → target."""
+    if not cross:
+        return ""
+    pairs = [(s, t) for s, c in cross["sources"].items() for t in c["targets"]]
+    lines = ["", f"**Cross-domain** (adapted on the source at {cross['shots']} shots, accuracy % on each target, mean "
+             "over seeds; same classes (sketch ↔ photo): the trained head, else the method's backbone zero-shot):", "",
+             "| method | " + " | ".join(f"{s} → {t}" for s, t in pairs) + " |", "|" + "---|" * (len(pairs) + 1)]
+
+    def f(v):
+        return "—" if v is None else f"{v:.1f}"
+
+    frozen = [f(cross["sources"][s]["frozen"].get(t)) for s, t in pairs]
+    lines.append("| frozen backbone (zero-shot) | " + " | ".join(frozen) + " |")
+    for m in methods:
+        cells = [f(cross["sources"][s]["methods"].get(m, {}).get(t)) for s, t in pairs]
+        if any(c != "—" for c in cells):
+            lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown(summary, methods, shots, domains, seeds, args, goals, wall) -> str:
