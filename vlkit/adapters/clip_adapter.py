@@ -58,6 +58,7 @@ class ClipAdapterVariant(AdapterVariant[ClipAdapterConfig]):
     summary = "CLIP-Adapter: residual MLP with ratio alpha on the final image and/or text features"
     config_cls = ClipAdapterConfig
     kinds = ("output",)
+    backbone_kinds = ("contrastive",)  # a dual encoder's final image / text embeddings
     default_roles = ("proj",)
     shareable = {"half_shared_down": ("down",), "half_shared_up": ("up",), "shared": ("down", "up")}
 

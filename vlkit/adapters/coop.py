@@ -173,6 +173,7 @@ class CoopVariant(AdapterVariant[CoopConfig]):
     summary = "CoOp: learned context vectors replacing the class prompt's context words (shared or class-specific)"
     config_cls = CoopConfig
     kinds = ("tokens",)
+    backbone_kinds = ("contrastive",)  # the class prompt of a dual encoder's text tower
     default_roles = ("tokens",)
     composition_limits = {
         "stack": "coop adapters replace the same context embeddings, so only one can act: activate one",

@@ -77,6 +77,7 @@ class MapleVariant(AdapterVariant[MapleConfig]):
     summary = "MaPLe: deep prompts in both towers, vision prompts projected from the text prompts"
     config_cls = MapleConfig
     kinds = ("sequence",)
+    backbone_kinds = ("contrastive",)  # couples a dual encoder's text and image prompts
     default_roles = ("prompt",)
     identity_at_init = False
 

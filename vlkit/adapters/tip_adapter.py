@@ -129,6 +129,7 @@ class TipAdapterVariant(AdapterVariant[TipAdapterConfig]):
     summary = "Tip-Adapter: training-free key-value cache of few-shot image features (alpha, beta)"
     config_cls = TipAdapterConfig
     kinds = ("output",)
+    backbone_kinds = ("contrastive",)  # a cache over a dual encoder's image embeddings and class texts
     default_roles = ("proj",)
     training_free = True
     trainable_keys = False

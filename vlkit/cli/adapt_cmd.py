@@ -127,15 +127,26 @@ def register(cli: typer.Typer) -> None:
     def adapt_cmd(
         backbone: str = typer.Option("tiny", "--backbone", "-b", help="Backbone spec."),
         domain: str = typer.Option("medical", "--domain", help="Target domain of the embedded world."),
+        task: str | None = typer.Option(
+            None,
+            "--task",
+            "-t",
+            help="Task to adapt for: on a generative backbone any generative task (default captioning; "
+            "vqa-gen, gqa, nlvr2, a plugin's); on a dual encoder classification.",
+        ),
         shots: str = typer.Option(
-            "16", "--shots", help="Training examples per class; a list (1,2,4,8,16) runs the few-shot protocol."
+            "16",
+            "--shots",
+            help="Training examples per class (generative tasks: training examples in total); a list "
+            "(1,2,4,8,16) runs the few-shot protocol.",
         ),
         method: str | None = typer.Option(
             None,
             "--method",
             "-m",
             help="Few-shot protocol: method(s), comma-separated: an adapter "
-            "variant, tip-adapter, zeroshot, linear (L-BFGS), linear-sgd or full.",
+            "variant, tip-adapter, zeroshot, linear (L-BFGS), linear-sgd or full (generative backbones: "
+            "a variant, zeroshot or full).",
         ),
         seeds: str | None = typer.Option(None, "--seeds", help="Few-shot protocol: seeds (e.g. 1,2,3)."),
         data: str | None = typer.Option(
@@ -148,11 +159,15 @@ def register(cli: typer.Typer) -> None:
         out: Path = typer.Option(Path("runs/adapt"), "--out", "-o", help="Adapter directory."),
         variant: str = typer.Option("bottleneck", "--adapter", "-a", help="Adapter variant."),
         baselines: str | None = typer.Option(None, "--baselines", help="Also run: full, linear (L-BFGS), linear-sgd."),
-        steps: int | None = typer.Option(None, "--steps", help="Training steps (default: 6 x shots, >= 60)."),
+        steps: int | None = typer.Option(
+            None, "--steps", help="Training steps (default: 6 x shots, >= 60; generative: 2 x shots, >= 60)."
+        ),
         lr: float | None = typer.Option(
             None, "--lr", help="Learning rate (default per method: adapters 2e-3, linear-sgd 1e-2, full 1e-4)."
         ),
-        batch_size: int | None = typer.Option(None, "--batch-size", help="Batch size (default: min(32, 4 x shots))."),
+        batch_size: int | None = typer.Option(
+            None, "--batch-size", help="Batch size (default: min(32, 4 x shots); generative: min(16, shots))."
+        ),
         prompt: str | None = typer.Option(None, "--prompt", help="Class prompt template with one {}."),
         templates: str | None = typer.Option(
             None, "--templates", help="Prompt ensemble: imagenet (CLIP's 80), photo, or a file of templates."
@@ -190,6 +205,38 @@ def register(cli: typer.Typer) -> None:
         from .output import console, print_json
 
         shot_list = parse_ints(shots, "--shots")
+        from ..backbones.loading import load_backbone
+        from ..train.adapt_generative import GENERATIVE, check_dual_encoder_task
+
+        loaded = load_backbone(backbone)
+        if loaded.kind == GENERATIVE:  # VL-Adapter's setting: vlkit.train.adapt_generative
+            from .adapt_generative import DUAL_ENCODER_ONLY, adapt_generative, check_options
+
+            check_options(dict(zip(DUAL_ENCODER_ONLY, (prompt, templates, protocol, eval_domains, eval_data))))
+            adapt_generative(
+                loaded,
+                backbone=backbone,
+                task=task,
+                domain=domain,
+                shots=shot_list,
+                out=out,
+                method=method,
+                seeds=seeds,
+                data=data,
+                general=general,
+                variant=variant,
+                baselines=baselines,
+                steps=steps,
+                lr=lr,
+                batch_size=batch_size,
+                seed=seed,
+                adapter_options=parse_kv(option),
+                json_out=json_out,
+                overwrite=overwrite,
+            )
+            return
+        check_dual_encoder_task(loaded, task)
+        del loaded
         task_options = {k: v for k, v in (("prompt", prompt), ("templates", templates)) if v is not None}
         if method or seeds or data or protocol or general or eval_data or len(shot_list) > 1:
             _protocol(
@@ -242,7 +289,6 @@ def register(cli: typer.Typer) -> None:
         finally:
             bar.close()
         console.print(_single_table(res))
-
         console.print(f"adapter written to {res['adapter_dir']}")
         if json_out:
             print_json(res)

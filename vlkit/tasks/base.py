@@ -55,6 +55,9 @@ class Task(ABC):
     backbone_kind: ClassVar[str] = "contrastive"
     """The backbones the task runs on: "contrastive" (dual encoders: embeddings and logit scale) or "generative"
     (`vlkit.backbones.generative.GenerativeBackbone`: loss, generate); another kind is refused at construction."""
+    adapt_default: ClassVar[bool] = False
+    """True: the task `vlkit adapt` runs on a backbone of this task's `backbone_kind` when no `--task` is given
+    (classification for dual encoders, captioning for generative backbones)."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -146,6 +146,7 @@ class ClassificationTask(Task):
     show_columns = ("label_name", "caption")
     exportable = True
     zero_shot_options = {"head": "text"}
+    adapt_default = True
 
     @classmethod
     def input_texts(cls, ds, options: dict[str, Any]) -> list[str | None] | None:

@@ -176,6 +176,7 @@ class CaptioningTask(GenerativeTask):
     required = ("image", "caption")
     show_columns = ("caption",)
     choose_target = True
+    adapt_default = True
 
     def targets(self, ds) -> list:
         return self.references(ds)

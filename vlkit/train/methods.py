@@ -60,6 +60,8 @@ class TrainingMethod:
     solves = False
     #: the options the method reads from the recipe's `compose` mapping, as a dataclass (None: it reads none)
     options_cls: type | None = None
+    #: the kinds of backbone (`Backbone.kind`) the method trains: "contrastive" dual encoders, "generative" ones
+    backbone_kinds: tuple[str, ...] = ("contrastive", "generative")
 
     def check_options(self, options: dict[str, Any], source: str) -> None:
         """The recipe's `compose` mapping, checked against `options_cls`: a key it does not declare is a
@@ -229,6 +231,7 @@ class FullMethod(TrainingMethod):
 class LinearSGDMethod(TrainingMethod):
     name = "linear-sgd"
     summary = "linear head by SGD: frozen backbone, only the task head trains, with the recipe's optim"
+    backbone_kinds = ("contrastive",)  # a class head over a dual encoder's image embeddings
 
     def task_options(self, task_cls, options: dict[str, Any]) -> dict[str, Any]:
         return {**task_cls.linear_probe_options, **options}
@@ -347,6 +350,7 @@ def prepare_adapter(
 ) -> str | None:
     """One call of `method.prepare` for `task` (with `train_data` when its `prepare` takes that keyword); the
     task head then trains when the method trains heads. Returns the adapter the method made, or None."""
+    check_backbone_kind(method, backbone)
     if train_data is not None and "train_data" in inspect.signature(method.prepare).parameters:
         prepare: Any = method.prepare  # this one takes the keyword (checked above)
         adapter = prepare(backbone, task, cfg, adapter_options, train_data=train_data)
@@ -355,6 +359,17 @@ def prepare_adapter(
     for p in task.head.parameters():
         p.requires_grad_(method.trains_head)
     return adapter
+
+
+def check_backbone_kind(method: TrainingMethod, backbone) -> None:
+    """A ConfigError in one line when `method` does not train this kind of backbone (its `backbone_kinds`)."""
+    kind = getattr(backbone, "kind", None)
+    kinds = getattr(method, "backbone_kinds", None) or ()
+    if kind is not None and kinds and kind not in kinds:
+        raise ConfigError(
+            f"method {method.name!r} trains {' and '.join(kinds)} backbones; "
+            f"{getattr(backbone, 'spec', type(backbone).__name__)} is a {kind} one"
+        )
 
 
 def trainable_parameters(backbone, heads: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
