@@ -391,7 +391,7 @@ logging: {{tensorboard: false, plot: false}}
 
 
 def test_router_texts_are_what_the_task_encodes():
-    from vlkit.compose.router import _texts
+    from vlkit.compose.router import example_texts as _texts
     from vlkit.data import load_data
 
     ds = load_data({"kind": "world", "domain": "satellite", "task": "vqa", "n": 2, "seed": 0})

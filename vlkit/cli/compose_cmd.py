@@ -1,6 +1,6 @@
 """`vlkit compose`: combine adapters into a composition directory, and run one on inputs.
 
-    vlkit compose A,B[,C] --mode merge|stack|average|parallel|fuse|route -o DIR [options]
+    vlkit compose A,B[,C] --mode merge|stack|average|parallel|fuse|route|wise|gate -o DIR [options]
     vlkit compose run DIR --image PATH [--text T] [--route auto | --adapter NAME | --task TASK]
     vlkit compose run RUN --image PATH --prompt "caption:" [--max-new-tokens N] [--num-beams K]   (generative backbones)
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import typer
 
-MODES = ("merge", "stack", "average", "parallel", "fuse", "route", "wise")
+MODES = ("merge", "stack", "average", "parallel", "fuse", "route", "wise", "gate")
 MODE_HELP = " | ".join(MODES)
 
 
@@ -39,7 +39,7 @@ MODE_OPTIONS = {  # option -> the modes it applies to ("run": vlkit compose run 
     "--density": ("merge",),
     "--recipe": ("fuse",),
     "--set": ("fuse",),
-    "--data": ("route", "fuse"),
+    "--data": ("route", "fuse", "gate"),
     "--router-steps": ("route",),
     "--per-adapter": ("route",),
     "--image": ("run",),
@@ -47,9 +47,10 @@ MODE_OPTIONS = {  # option -> the modes it applies to ("run": vlkit compose run 
     "--route": ("run",),
     "--adapter": ("run",),
     "--task": ("run",),
-    "--backbone": ("route", "fuse", "run"),
+    "--backbone": ("route", "fuse", "gate", "run"),
     "--overwrite": MODES,
     "--alpha": ("wise",),
+    "--quantile": ("gate",),
     "--prompt": ("run",),
     "--max-new-tokens": ("run",),
     "--num-beams": ("run",),
@@ -96,12 +97,18 @@ def register(cli: typer.Typer) -> None:
         alpha: float | None = typer.Option(
             None, "--alpha", help="wise: the adapter's strength, 0 (frozen backbone) to 1 (the adapter), e.g. 0.5."
         ),
+        quantile: float | None = typer.Option(
+            None,
+            "--quantile",
+            help="gate: threshold quantile of the training inputs' leave-one-out nearest-neighbour similarity (0: "
+            "their minimum).",
+        ),
         density: float | None = typer.Option(
             None, "--density", help="merge --method ties: share of entries kept (0.2)."
         ),
         recipe: Path | None = typer.Option(None, "--recipe", help="fuse: recipe with task, data, optim."),
         data: list[str] | None = typer.Option(
-            None, "--data", help="route: NAME=SPEC per adapter (none=SPEC); fuse: SPEC."
+            None, "--data", help="route: NAME=SPEC per adapter (none=SPEC); gate: NAME=SPEC; fuse: SPEC."
         ),
         set_: list[str] | None = typer.Option(None, "--set", help="fuse: recipe override key=value."),
         router_steps: int | None = typer.Option(None, "--router-steps", help="route: router training steps (300)."),
@@ -126,7 +133,7 @@ def register(cli: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
     ) -> None:
-        """Compose adapters (merge, stack, average, parallel, fuse, route, wise) or run a composition."""
+        """Compose adapters (merge, stack, average, parallel, fuse, route, wise, gate) or run a composition."""
         from ..errors import ConfigError
         from .output import console, print_json, table
 
@@ -150,6 +157,7 @@ def register(cli: typer.Typer) -> None:
             "--backbone": backbone,
             "--overwrite": overwrite or None,
             "--alpha": alpha,
+            "--quantile": quantile,
             "--prompt": prompt,
             "--max-new-tokens": max_new_tokens,
             "--num-beams": beams,
@@ -214,6 +222,7 @@ def register(cli: typer.Typer) -> None:
                 n_per_adapter=256 if per_adapter is None else per_adapter,
                 overwrite=overwrite,
                 alpha=alpha,
+                quantile=0.0 if quantile is None else quantile,
             )
         console.print(table(f"compose — {res['mode']}", ["", "value"], _summary_rows(res)))
         console.print(f"wrote {res['output_dir']}")
@@ -261,6 +270,14 @@ def _summary_rows(res: dict) -> list[list]:
         rows.append(["routing accuracy (held out)", f"{rep['heldout_accuracy']:.1f}% (chance {rep['chance']:.1f}%)"])
         for k, v in rep["per_input"].items():
             rows.append([f"  {k} inputs", f"{v:.1f}%"])
+    for name, g in ((res.get("gate") or {}).get("per_adapter") or {}).items():
+        text = "—" if g["text_threshold"] is None else f"{g['text_threshold']:.3f}"
+        rows.append(
+            [
+                f"gate {name}",
+                f"{g['images']} images (threshold {g['image_threshold']:.3f}), {g['texts']} texts (threshold {text})",
+            ]
+        )
     return rows
 
 

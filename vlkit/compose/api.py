@@ -7,7 +7,9 @@ for their adapters, e.g. the per-task adapters of a multi-task run). Modes:
 - merge: one merged adapter (vlkit.compose.merge), method linear | task_arithmetic | ties | concat | svd;
 - fuse: AdapterFusion layers trained from a recipe with the adapters frozen (`vlkit.train.fuse`);
 - route: train a router on the adapters' own training data (or `data`), report held-out accuracy;
-- wise: one adapter interpolated towards the frozen backbone by `alpha` (WiSE-FT; see `vlkit.compose.composition`).
+- wise: one adapter interpolated towards the frozen backbone by `alpha` (WiSE-FT; see `vlkit.compose.composition`);
+- gate: a route composition whose router is a domain gate calibrated on the adapters' own training data
+  (`vlkit.compose.gate`): each input through the adapter it resembles, else the frozen backbone.
 """
 
 from __future__ import annotations
@@ -20,9 +22,13 @@ from ..backbones.loading import load_backbone
 from ..errors import ConfigError, IncompatibleAdapterError
 from ..outputs import OutputTarget
 from .composition import MODES, write_composition
+from .gate import GateOptions, calibrate_gate, recipe_seed, save_gate, training_data
 from .merge import check_finite_weights, merge_adapters
+from .predict import load_task
 from .resolve import free_name, source_dirs
 from .router import adapter_data_spec, save_router, train_router
+
+COMPOSE_MODES = (*MODES, "gate")  # gate writes a route composition (its router a domain gate)
 
 resolve_sources = source_dirs  # (name, adapter directory) per argument; see vlkit.compose.resolve
 
@@ -85,14 +91,15 @@ def compose(
     seed: int = 0,
     overwrite: bool = False,
     alpha: float | None = None,
+    quantile: float = 0.0,
 ) -> dict[str, Any]:
     """Compose adapters into the directory `out`; returns a summary (what `vlkit compose --json` prints).
 
     `out` follows `vlkit.outputs`: never one of the sources, refused when not empty unless `overwrite`, and
     replaced whole once the composition is complete."""
 
-    if mode not in MODES:
-        raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode not in COMPOSE_MODES:
+        raise ConfigError(f"--mode must be one of {', '.join(COMPOSE_MODES)}, got {mode!r}")
     srcs = resolve_sources(sources)
     cfg0 = _check_same_backbone(srcs)
     out = Path(out)
@@ -100,8 +107,8 @@ def compose(
         raise ConfigError(f"{len(weights)} weights given for {len(srcs)} adapters ({', '.join(n for n, _ in srcs)})")
     if weights is not None:
         check_finite_weights(weights)
-        if mode == "route":
-            raise ConfigError("weights do not apply to mode route (its router picks one adapter per input)")
+        if mode in ("route", "gate"):
+            raise ConfigError(f"weights do not apply to mode {mode} (it picks one adapter per input)")
     if mode == "fuse":
         raise ConfigError(
             "mode fuse trains fusion layers: call vlkit.train.fuse.fuse_adapters (vlkit compose --mode fuse does)"
@@ -114,6 +121,8 @@ def compose(
             if alpha is not None
             else "mode wise needs --alpha (0: the frozen backbone, 1: the adapter)"
         )
+    if mode == "gate":
+        GateOptions(quantile).validate()
     if mode == "wise":
         assert alpha is not None  # checked above
         if len(srcs) != 1 or weights is not None:
@@ -141,6 +150,7 @@ def compose(
             router_steps,
             n_per_adapter,
             seed,
+            quantile=quantile,
         )
     return summary
 
@@ -161,6 +171,7 @@ def _compose_into(
     router_steps,
     n_per_adapter,
     seed,
+    quantile: float = 0.0,
 ) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "mode": mode,
@@ -193,7 +204,40 @@ def _compose_into(
     if mode in ("stack", "average", "parallel", "wise"):
         write_composition(stage, mode, cfg0, srcs, weights=weights)
         return summary if mode != "wise" else {**summary, "alpha": weights[0]}
+    if mode == "gate":
+        return {**summary, **_gate(srcs, cfg0, stage, data, backbone, quantile)}
     return {**summary, **_route(srcs, cfg0, stage, data, backbone, router_hidden, router_steps, n_per_adapter, seed)}
+
+
+def _gate(srcs, cfg0, out: Path, data, backbone_spec, quantile: float) -> dict[str, Any]:
+    """A domain gate over the adapters, calibrated on each one's training data (its recipe's `data.train`, the
+    few-shot draw included, or `--data NAME=SPEC`); no data for 'none': the gate needs no general-domain data."""
+    import json
+
+    per_name, bare = parse_data_items(data)
+    names = [n for n, _ in srcs]
+    if bare is not None or "none" in per_name:
+        raise ConfigError(
+            "--data for --mode gate is NAME=SPEC per adapter (its training data); the gate needs no data for "
+            "'none' (inputs unlike every adapter's go to the frozen backbone)"
+        )
+    unknown = sorted(set(per_name) - set(names))
+    if unknown:
+        raise ConfigError(f"--data names {', '.join(unknown)}, which are not among the adapters ({', '.join(names)})")
+    backbone = _load_backbone_for(cfg0, backbone_spec)
+    if getattr(backbone, "kind", None) == "generative":
+        raise ConfigError(f"--mode gate compares dual-encoder embeddings; {backbone.spec} is a generative backbone")
+    sources = []
+    for name, path in srcs:
+        meta = json.loads((path / "task.json").read_text()) if (path / "task.json").is_file() else None
+        given = per_name.get(name)
+        ds = training_data(given, 0) if given else training_data(adapter_data_spec(path), recipe_seed(path))
+        sources.append((name, ds, load_task(backbone, meta) or meta))
+    gate, report = calibrate_gate(backbone, sources, quantile)
+    out.mkdir(parents=True, exist_ok=True)
+    entry = save_gate(gate, out, report)
+    write_composition(out, "route", backbone, srcs, extra={"router": entry})
+    return {"mode": "gate", "gate": report}
 
 
 def _route(srcs, cfg0, out: Path, data, backbone_spec, hidden, steps, n_per_adapter, seed) -> dict[str, Any]:

@@ -10,8 +10,8 @@ loading anything (`vlkit compose`). An argument is:
 - ``name``              an adapter already loaded on the backbone;
 - ``a+b``               a stack of the parts (each a path or a loaded name): b on top of a;
 - ``path/to/comp``      a composition directory (from `vlkit compose`, holding ``composition.json``) in any
-                        mode: stack, average, parallel, fuse, route (per-input routing through its router;
-                        see :meth:`System.wrap`) or merge;
+                        mode: stack, average, parallel, fuse, route (per-input routing through its router
+                        or domain gate; see :meth:`System.wrap`) or merge;
 - ``backbone``/``none`` the frozen backbone.
 
 An adapter directory named several times (``a,b,a+b``) is loaded once per resolver.
@@ -39,6 +39,7 @@ from .composition import (
     read_task,
     write_composition,
 )
+from .gate import is_gate, load_gate
 from .router import load_router
 from .sharing import tie_shared
 
@@ -292,7 +293,8 @@ def load_composition(backbone, path: str | Path, *, activate: bool = True, resol
         if isinstance(spec.get("task"), dict) and spec["task"].get("meta"):
             comp.tasks["__fusion__"] = read_task(path)
     if mode == "route" and spec.get("router"):
-        comp.router = load_router(path, spec["router"], names)
+        load = load_gate if is_gate(spec["router"]) else load_router
+        comp.router = load(path, spec["router"], names)
     if spec.get("sharing") and spec["sharing"] != "per_task":
         tie_shared(backbone, names, spec["sharing"])
     if activate:

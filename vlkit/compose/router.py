@@ -94,7 +94,7 @@ def features(
     return torch.cat([img, txt, flags], dim=1)
 
 
-def route(backbone, router: Router, pixels=None, tokens=None) -> torch.Tensor:
+def route(backbone, router: Router | Any, pixels=None, tokens=None) -> torch.Tensor:
     """Index into `router.names` for each input."""
     return router.predict(features(backbone, pixels, tokens)).cpu()
 
@@ -103,7 +103,7 @@ class RoutedBackbone:
     """A view of a backbone: every encoder call routes each input through the adapter the router picks
     (per sample, one forward pass, via `AdaptedModel.route`). Other attributes are the backbone's."""
 
-    def __init__(self, backbone, router: Router):
+    def __init__(self, backbone, router: Router | Any):  # a Router, or any router-like (names, predict): a gate
         object.__setattr__(self, "_backbone", backbone)
         object.__setattr__(self, "router", router)
         object.__setattr__(self, "last_route", None)
@@ -172,7 +172,7 @@ def _load(spec, n: int, seed: int):
     return ds
 
 
-def _texts(ds, task_meta: dict | None, task: str | None = None) -> list[str | None]:
+def example_texts(ds, task_meta: dict | None, task: str | None = None) -> list[str | None]:
     """The text each example's task encodes (the task's declared `input_texts`: its `text_column`, or e.g. the
     class prompt of the label for classification); else the first text column."""
 
@@ -203,7 +203,7 @@ def router_dataset(
         if "image" not in ds.column_names:
             raise DataError(f"routing data for {label!r} has no image column ({ds.column_names})")
         pixels = prepare_pixels(backbone, ds).materialize()
-        texts = _texts(ds, meta, task)
+        texts = example_texts(ds, meta, task)
         n = len(ds)
         is_held = torch.rand(n, generator=g) < holdout
         variants: list[tuple[str, Any, Any, torch.Tensor]] = [("image", pixels, None, torch.arange(n))]

@@ -37,7 +37,9 @@ from .engine import run
 from .evaluate import load_eval_data, round_percent
 from .jobs import build_task, load_datasets
 from .recipe import as_recipe, load_recipe, plain
+from .retention import gated_adapter, gated_scores
 
+GATED_KEYS = ("gated_accuracy", "gated_general", "gated_retention", "gated_routed")
 DATA_KIND = "world"  # the dataset kind adapt trains and evaluates on; its registry entry declares the domains
 GENERAL_DOMAIN = "photo"
 
@@ -118,6 +120,11 @@ def world_cross(
     return domain_targets(eval_domains, source=domain, known=known, spec=spec, task="classification", shots=shots)
 
 
+def _gated_eval(cfg, n_eval: int, seed: int, cross: CrossDomain, optim: dict, out: Path):
+    """What a gated adapter's row measures through the gate's view: the general score and the cross entry."""
+    return lambda view: (_general_eval(view, cfg, n_eval, seed)[0], cross.entry(view, out, optim["task_options"]))
+
+
 def run_adapt(
     backbone: str = "tiny",
     domain: str = "medical",
@@ -135,8 +142,12 @@ def run_adapt(
     batch_size: int | None = None,
     task_options: dict | None = None,
     eval_domains: str | list[str] | None = None,
+    gate: bool = True,
 ) -> dict[str, Any]:
     """Few-shot adaptation into `out` (written whole, `vlkit.outputs`: a non-empty one needs `overwrite`).
+    With `gate` (default) the adapter is also written behind a domain gate calibrated on its training set
+    (`vlkit.train.retention`) into `out/gated/`, and its row and metrics.json's `gated` give its in-domain score and
+    the general domain's retention.
     `lr`, `batch_size` and `task_options` (prompt or templates) reach the adapter's recipe; metrics.json records
     them with the general-domain score and retention (percent of the frozen backbone's). `eval_domains` (world
     domains, `all`: every other one) adds each row's accuracy on those domains (`cross`), the frozen backbone's
@@ -158,8 +169,10 @@ def run_adapt(
             progress,
             {"lr": lr, "batch_size": batch_size, "task_options": task_options},
             cross,
+            gate=gate,
         )
         row = result["rows"][2]  # the adapter, on
+        gated = next((r for r in result["rows"] if "gate" in r), None)
         write_run_metrics(
             target.staging,
             Path(out),
@@ -170,6 +183,11 @@ def run_adapt(
                 "general_frozen": result["rows"][0]["general"],
                 "retention": row["retention"],
                 **cross.record(row.get("cross")),
+                **(
+                    {"gated": {k: gated[k] for k in ("in_domain", "general", "retention", "gate")}}
+                    if gated is not None
+                    else {}
+                ),
             },
         )
     result["adapter_dir"] = str(out)
@@ -190,6 +208,7 @@ def _run_adapt(
     progress,
     optim: dict,
     cross: CrossDomain,
+    gate: bool = True,
 ) -> dict[str, Any]:
 
     domains = kind_domains(DATA_KIND) or ()
@@ -238,9 +257,11 @@ def _run_adapt(
     )
 
     ad_cfg = cfg_for("adapter")
-    ad, ad_backbone, _ = run(ad_cfg, out, progress=progress, publish=False)
+    ad, ad_backbone, ad_task = run(ad_cfg, out, progress=progress, publish=False)
     photo_on, _ = _general_eval(ad_backbone, ad_cfg, n_eval, seed)
     on_cross = cross.entry(ad_backbone, out, optim["task_options"])  # before the adapter goes off
+    measure = _gated_eval(ad_cfg, n_eval, seed, cross, optim, out)  # behind a gate (vlkit.train.retention)
+    gated = gated_adapter(ad_backbone, ad_task, ad_cfg, out, photo_frozen, measure, variant, ad) if gate else None
     AdaptedModel.of(ad_backbone).disable_adapters()
     photo_off, photo_off_logits = _general_eval(ad_backbone, ad_cfg, n_eval, seed)
     verified = (
@@ -269,6 +290,7 @@ def _run_adapt(
             **on_cross,
         }
     )
+    rows += [gated] if gated is not None else []
     for method in baselines:
         bcfg = cfg_for(method)
         res, bb, _ = run(bcfg, out / f"baseline-{method}", progress=progress, publish=False)
@@ -485,6 +507,7 @@ class ProtocolSettings:
     general: Any
     progress: Any
     cross: CrossDomain | None = None  # other domains, scored at `cross.shots` (the largest shot count)
+    gate: bool = True  # adapter runs also scored behind a domain gate (vlkit.train.retention)
 
 
 def _protocol_cross(data, domain: str, eval_domains, eval_data, n_eval: int, seed: int, shots) -> CrossDomain:
@@ -546,7 +569,7 @@ def _one_run(
     elif method == "linear":
         res, bb = _run_linear(cfg, where, k, datasets)
     else:
-        res, bb, _ = run(cfg, where, progress=s.progress, publish=False, datasets=datasets)
+        res, bb, run_task = run(cfg, where, progress=s.progress, publish=False, datasets=datasets)
     seconds = time.perf_counter() - t0
     trains = method not in TRAINING_FREE and method not in ("zeroshot", "linear")
     hyper: dict[str, Any] = {
@@ -581,6 +604,20 @@ def _one_run(
         )
         row["general"] = score
         row["retention"] = 100.0 * score / general[1] if general[1] else None
+    if s.gate and trains and method not in BASE_METHODS:  # an adapter: also behind its domain gate
+        gen = general
+        train_ds, eval_ds = datasets or load_datasets(cfg)
+        row.update(
+            gated_scores(
+                bb,
+                run_task,
+                train_ds,
+                eval_ds,
+                None if gen is None else lambda view: score_on(view, "classification", gen[0], s.task_options),
+            )
+        )
+        if gen is not None and gen[1]:
+            row["gated_retention"] = 100.0 * row["gated_general"] / gen[1]
     if s.cross is not None and k == s.cross.shots:  # the run's model on the other domains
         row.update(s.cross.entry(bb, where, s.task_options))
     write_run_metrics(
@@ -591,7 +628,7 @@ def _one_run(
             "shots": k,
             "seed": seed,
             "hyperparameters": hyper,
-            **{key: row[key] for key in ("base", "novel", "hm", "general", "retention") if key in row},
+            **{key: row[key] for key in ("base", "novel", "hm", "general", "retention", *GATED_KEYS) if key in row},
             **(s.cross.record(row.get("cross")) if s.cross is not None else {}),
             **(
                 {}
@@ -637,6 +674,7 @@ def run_fewshot(
     on_run=None,
     eval_domains: str | list[str] | None = None,
     eval_data: str | list[str] | None = None,
+    gate: bool = True,
 ) -> dict[str, Any]:
     """CoOp's few-shot protocol: every method at every shot count over every seed; accuracy mean ± sd per
     (method, shots), trainable parameters and training seconds per run. `data` is a data spec with train and
@@ -652,7 +690,11 @@ def run_fewshot(
     Cross-domain (`vlkit.train.crossdomain`): `eval_domains` (world domains, `all`: every other one; without
     `data`) or `eval_data` (data specs of other test sets; with `data`) adds each run's accuracy there at the
     largest shot count (`cross` in its row, the summary and metrics.json), with the frozen backbone's zero-shot
-    accuracy on each (the result's `cross_domain`)."""
+    accuracy on each (the result's `cross_domain`).
+
+    `gate` (default): each trained adapter run is also scored behind a domain gate calibrated on its training set
+    (`vlkit.train.retention`): `gated_accuracy`, `gated_general`, `gated_retention` and `gated_routed` (percent of
+    the in-domain test images the gate sends to the adapter) in its row and the summary."""
 
     methods = check_methods(methods)
     if protocol not in PROTOCOLS:
@@ -680,6 +722,7 @@ def run_fewshot(
         general,
         progress,
         _protocol_cross(data, domain, eval_domains, eval_data, n_eval, seeds[0] if seeds else 0, shots),
+        gate,
     )
     if out is None:
         import tempfile
@@ -713,7 +756,7 @@ def _summary(runs: list[dict[str, Any]], methods, shots) -> list[dict[str, Any]]
                 "trainable": rs[0]["trainable"],
                 "seconds": statistics.fmean(r["seconds"] for r in rs),
             }
-            for key in ("base", "novel", "hm", "general", "retention"):
+            for key in ("base", "novel", "hm", "general", "retention", *GATED_KEYS):
                 if any(key in r for r in rs):
                     row[key] = mean(rs, key)
             crosses = [r["cross"] for r in rs if "cross" in r]
