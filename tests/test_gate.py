@@ -12,7 +12,9 @@ import torch.nn.functional as F
 import vlkit
 from cli_helpers import cli
 from vlkit.adapters.model import AdaptedModel
-from vlkit.compose.gate import DomainGate, calibrate_gate, leave_one_out, threshold
+from vlkit.compose.gate import DomainGate, calibrate_gate
+from vlkit.compose.gate_scores import (GaussianScore, NearestScore, heldout_distances, ledoit_wolf, leave_one_out,
+                                       mahalanobis2, nearest_threshold)
 from vlkit.data import load_data
 from vlkit.errors import ConfigError
 
@@ -20,12 +22,13 @@ SPEC = "tiny@random"
 SAT = {"kind": "world", "domain": "satellite", "task": "classification", "n": 80, "seed": 0}
 
 
-def _gate(dim=4, image_bank=None, text_bank=None, tau_img=0.9, tau_txt=0.9):
-    image_bank = torch.eye(dim)[:2] if image_bank is None else image_bank
-    text_bank = torch.eye(dim)[2:3] if text_bank is None else text_bank
-    return DomainGate(dim, ["a", None], image_bank, torch.zeros(len(image_bank), dtype=torch.long),
-                      torch.tensor([tau_img]), text_bank, torch.zeros(len(text_bank), dtype=torch.long),
-                      torch.tensor([tau_txt]))
+def _nearest(bank, tau, owner=None):
+    return NearestScore(bank, torch.zeros(len(bank), dtype=torch.long) if owner is None else owner, torch.tensor(tau))
+
+
+def _gate(dim=4):
+    e = torch.eye(dim)
+    return DomainGate(dim, ["a", None], _nearest(e[:2], [0.9]), _nearest(e[2:3], [0.9]))
 
 
 def _features(image=None, text=None, dim=4):
@@ -38,9 +41,27 @@ def test_threshold_is_the_leave_one_out_quantile():
     bank = F.normalize(torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]]), dim=-1)
     loo = leave_one_out(bank)  # nearest other row: 0.8, 0.8, 0.6
     assert torch.allclose(loo, torch.tensor([0.8, 0.8, 0.6]))
-    assert threshold(bank, 0.0) == pytest.approx(0.6)  # the minimum: every training row passes held out
-    assert threshold(bank, 0.5) == pytest.approx(0.8)
-    assert threshold(bank[:1], 0.0) == pytest.approx(1.0, abs=1e-3)  # one row admits only itself
+    assert nearest_threshold(bank, 0.0) == pytest.approx(0.6)  # the minimum: every training row passes held out
+    assert nearest_threshold(bank, 0.5) == pytest.approx(0.8)
+    assert nearest_threshold(bank[:1], 0.0) == pytest.approx(1.0, abs=1e-3)  # one row admits only itself
+
+
+def test_ledoit_wolf_and_held_out_distances():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 3, generator=g) * torch.tensor([1.0, 2.0, 0.5]) + torch.tensor([6.0, 0.0, 0.0])
+    mean, precision, shrink = ledoit_wolf(x)
+    assert 0.0 <= shrink < 0.1  # many rows, few dimensions: little shrinkage, precision near the true one
+    assert torch.allclose(precision.diagonal().float(), torch.tensor([1.0, 0.25, 4.0]), rtol=0.2)
+    few = torch.randn(5, 50, generator=g)
+    assert ledoit_wolf(few)[2] > 0.5  # fewer rows than dimensions: shrunk hard, still invertible
+    held = heldout_distances(x, folds=10)
+    inside = mahalanobis2(x, mean, precision)
+    assert held.shape == (400,) and bool((held.mean() > inside.mean()))  # unseen rows lie farther out
+    xn = F.normalize(x, dim=-1)  # the gate fits normalised embeddings
+    score, _ = GaussianScore.fit([x], quantile=0.0)
+    assert float(score.threshold[0]) == pytest.approx(float(heldout_distances(xn).max()), rel=1e-4)
+    assert float((score.margins(xn) >= 0).float().mean()) > 0.99  # the training rows lie inside
+    assert float(score.margins(-xn).max()) < 0  # the other side of the sphere does not
 
 
 def test_gate_rule_images_by_image_texts_by_text():
@@ -57,8 +78,8 @@ def test_gate_rule_images_by_image_texts_by_text():
 
 def test_two_adapters_go_to_the_larger_margin():
     e = torch.eye(4)
-    g = DomainGate(4, ["a", "b", None], torch.stack([e[0], e[1]]), torch.tensor([0, 1]), torch.tensor([0.5, 0.9]),
-                   torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), torch.tensor([2.0, 2.0]))
+    image = _nearest(torch.stack([e[0], e[1]]), [0.5, 0.9], torch.tensor([0, 1]))
+    g = DomainGate(4, ["a", "b", None], image, NearestScore.fit([torch.zeros(0, 4), torch.zeros(0, 4)], 0.0))
     x = F.normalize(0.8 * e[0] + 0.6 * e[1], dim=0)  # margins: a 0.8 - 0.5 = 0.3, b 0.6 - 0.9 < 0
     assert g.predict(_features(image=x)).tolist() == [0]
     assert g.predict(_features(image=e[1])).tolist() == [1]
@@ -66,19 +87,26 @@ def test_two_adapters_go_to_the_larger_margin():
 
 
 def test_bad_gates_are_config_errors():
+    e = torch.eye(4)
     with pytest.raises(ConfigError, match="None"):
-        DomainGate(4, ["a"], torch.eye(4), torch.zeros(4, dtype=torch.long), torch.tensor([0.5]),
-                   torch.eye(4), torch.zeros(4, dtype=torch.long), torch.tensor([0.5]))
+        DomainGate(4, ["a"], _nearest(e, [0.5]), _nearest(e, [0.5]))
+    with pytest.raises(ConfigError, match="2 thresholds for 1"):
+        DomainGate(4, ["a", None], _nearest(e, [0.5, 0.5]), _nearest(e, [0.5]))
+    with pytest.raises(ConfigError, match="two training images"):
+        GaussianScore.fit([e[:1]], 0.0)
     bb = vlkit.load_backbone(SPEC)
     with pytest.raises(ConfigError, match="quantile"):
         calibrate_gate(bb, [("a", load_data(SAT), None)], quantile=1.0)
+    with pytest.raises(ConfigError, match="score"):
+        calibrate_gate(bb, [("a", load_data(SAT), None)], score="knn")
 
 
-def test_calibrated_gate_keeps_in_domain_and_refuses_the_general_domain():
+@pytest.mark.parametrize("score", ["mahalanobis", "nearest"])
+def test_calibrated_gate_keeps_in_domain_and_refuses_the_general_domain(score):
     bb = vlkit.load_backbone(SPEC).eval()
     meta = {"name": "classification", "options": {"prompt": "a satellite image of a {}",
                                                   "class_names": vlkit.world.class_names("satellite")}}
-    gate, report = calibrate_gate(bb, [("sat", load_data(SAT), meta)])
+    gate, report = calibrate_gate(bb, [("sat", load_data(SAT), meta)], score=score)
     per = report["per_adapter"]["sat"]
     assert per["images"] == 80 and per["texts"] == 5 and per["text_threshold"] is not None
     from vlkit.compose.router import route
@@ -118,7 +146,9 @@ def test_gate_composition_runs_the_adapter_or_exactly_the_frozen_backbone(sat_ad
     res = compose([str(sat_adapter)], "gate", tmp_path / "gated")
     assert res["gate"]["per_adapter"]["sat"]["images"] == 40  # the recipe's 8 shots x 5 classes
     spec = json.loads((tmp_path / "gated" / "composition.json").read_text())
-    assert spec["mode"] == "route" and spec["router"]["kind"] == "gate" and spec["router"]["names"] == ["sat", None]
+    router = spec["router"]
+    assert spec["mode"] == "route" and router["kind"] == "gate" and router["names"] == ["sat", None]
+    assert router["score"] == "mahalanobis" and res["gate"]["per_adapter"]["sat"]["shrinkage"] > 0
     bb = vlkit.load_backbone(SPEC).eval()
     comp = load_composition(bb, tmp_path / "gated")
     view = comp.routed(bb)
@@ -142,7 +172,11 @@ def test_gate_composition_runs_the_adapter_or_exactly_the_frozen_backbone(sat_ad
 def test_cli_compose_gate_and_its_errors(sat_adapter, tmp_path, capsys):
     code, out, err = cli(["compose", str(sat_adapter), "--mode", "gate", "-o", str(tmp_path / "g")], capsys)
     assert code == 0 and "gate sat" in out + err and (tmp_path / "g" / "router.safetensors").is_file()
+    code, out, err = cli(["compose", str(sat_adapter), "--mode", "gate", "--score", "nearest", "-o",
+                          str(tmp_path / "n")], capsys)
+    assert code == 0 and json.loads((tmp_path / "n" / "composition.json").read_text())["router"]["score"] == "nearest"
     for extra, msg in ((["--quantile", "1.5"], "quantile"), (["--data", "none=world:photo"], "none"),
+                       (["--score", "knn"], "score"),
                        (["--alpha", "0.5"], "--alpha")):
         code, out, err = cli(["compose", str(sat_adapter), "--mode", "gate", "-o", str(tmp_path / "x"), *extra],
                              capsys)

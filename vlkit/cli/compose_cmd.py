@@ -51,6 +51,7 @@ MODE_OPTIONS = {  # option -> the modes it applies to ("run": vlkit compose run 
     "--overwrite": MODES,
     "--alpha": ("wise",),
     "--quantile": ("gate",),
+    "--score": ("gate",),
     "--prompt": ("run",),
     "--max-new-tokens": ("run",),
     "--num-beams": ("run",),
@@ -100,8 +101,10 @@ def register(cli: typer.Typer) -> None:
         quantile: float | None = typer.Option(
             None,
             "--quantile",
-            help="gate: threshold quantile of the training inputs' leave-one-out nearest-neighbour similarity (0: "
-            "their minimum).",
+            help="gate: share of the held-out training inputs allowed outside the threshold (0, the default: none).",
+        ),
+        score: str | None = typer.Option(
+            None, "--score", help="gate: mahalanobis (default: distance to the training images' Gaussian) or nearest."
         ),
         density: float | None = typer.Option(
             None, "--density", help="merge --method ties: share of entries kept (0.2)."
@@ -158,6 +161,7 @@ def register(cli: typer.Typer) -> None:
             "--overwrite": overwrite or None,
             "--alpha": alpha,
             "--quantile": quantile,
+            "--score": score,
             "--prompt": prompt,
             "--max-new-tokens": max_new_tokens,
             "--num-beams": beams,
@@ -223,6 +227,7 @@ def register(cli: typer.Typer) -> None:
                 overwrite=overwrite,
                 alpha=alpha,
                 quantile=0.0 if quantile is None else quantile,
+                score=score or "mahalanobis",
             )
         console.print(table(f"compose — {res['mode']}", ["", "value"], _summary_rows(res)))
         console.print(f"wrote {res['output_dir']}")

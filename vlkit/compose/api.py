@@ -92,6 +92,7 @@ def compose(
     overwrite: bool = False,
     alpha: float | None = None,
     quantile: float = 0.0,
+    score: str = "mahalanobis",
 ) -> dict[str, Any]:
     """Compose adapters into the directory `out`; returns a summary (what `vlkit compose --json` prints).
 
@@ -122,7 +123,7 @@ def compose(
             else "mode wise needs --alpha (0: the frozen backbone, 1: the adapter)"
         )
     if mode == "gate":
-        GateOptions(quantile).validate()
+        GateOptions(quantile, score).validate()
     if mode == "wise":
         assert alpha is not None  # checked above
         if len(srcs) != 1 or weights is not None:
@@ -150,7 +151,7 @@ def compose(
             router_steps,
             n_per_adapter,
             seed,
-            quantile=quantile,
+            gate=GateOptions(quantile, score),
         )
     return summary
 
@@ -171,7 +172,7 @@ def _compose_into(
     router_steps,
     n_per_adapter,
     seed,
-    quantile: float = 0.0,
+    gate: GateOptions | None = None,
 ) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "mode": mode,
@@ -205,11 +206,11 @@ def _compose_into(
         write_composition(stage, mode, cfg0, srcs, weights=weights)
         return summary if mode != "wise" else {**summary, "alpha": weights[0]}
     if mode == "gate":
-        return {**summary, **_gate(srcs, cfg0, stage, data, backbone, quantile)}
+        return {**summary, **_gate(srcs, cfg0, stage, data, backbone, gate or GateOptions())}
     return {**summary, **_route(srcs, cfg0, stage, data, backbone, router_hidden, router_steps, n_per_adapter, seed)}
 
 
-def _gate(srcs, cfg0, out: Path, data, backbone_spec, quantile: float) -> dict[str, Any]:
+def _gate(srcs, cfg0, out: Path, data, backbone_spec, options: GateOptions) -> dict[str, Any]:
     """A domain gate over the adapters, calibrated on each one's training data (its recipe's `data.train`, the
     few-shot draw included, or `--data NAME=SPEC`); no data for 'none': the gate needs no general-domain data."""
     import json
@@ -233,7 +234,7 @@ def _gate(srcs, cfg0, out: Path, data, backbone_spec, quantile: float) -> dict[s
         given = per_name.get(name)
         ds = training_data(given, 0) if given else training_data(adapter_data_spec(path), recipe_seed(path))
         sources.append((name, ds, load_task(backbone, meta) or meta))
-    gate, report = calibrate_gate(backbone, sources, quantile)
+    gate, report = calibrate_gate(backbone, sources, options.quantile, options.score)
     out.mkdir(parents=True, exist_ok=True)
     entry = save_gate(gate, out, report)
     write_composition(out, "route", backbone, srcs, extra={"router": entry})

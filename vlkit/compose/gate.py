@@ -3,17 +3,19 @@
 An adapter trained on a few shots of a new domain (satellite images, radiographs) changes the backbone for every
 input, so the general domain it was never shown loses accuracy (issue 26: the photo domain's zero-shot accuracy
 falls to about 75% of the frozen backbone's). A gate keeps the adapter where it was trained and the frozen
-backbone everywhere else, calibrated on the adapter's own training data only (no general-domain data):
+backbone everywhere else, calibrated on the adapter's own training data only (no general-domain data, no training):
 
-- **bank:** the frozen backbone's normalised embeddings of the adapter's training images, and of its training
-  texts (the texts its task encodes: for classification the class prompts), per adapter;
-- **threshold:** for each training image, the cosine similarity to its nearest *other* training image
-  (leave-one-out); the threshold is the `quantile` of those (default 0: their minimum, so every training image
-  would pass had it been held out). Texts likewise, over the distinct training texts (one text: only itself);
-- **rule:** an input goes to the adapter whose bank holds its nearest neighbour with the largest margin over
-  that adapter's threshold, and to the frozen backbone ("none") when no adapter's margin is >= 0. An image, or
-  an image-text pair, is judged by its image; a text alone by its text. With one adapter this is a gate: the
-  adapter on in-domain inputs, the frozen backbone elsewhere.
+- **what it compares:** the frozen backbone's normalised embeddings of an input and of the adapter's training
+  images, or for a text alone of the texts its task encodes (for classification its class prompts);
+- **score and threshold** (`vlkit.compose.gate_scores`): an image's Mahalanobis distance to a Gaussian fitted to
+  the training images (covariance shrunk by the Ledoit-Wolf estimate), the threshold the largest distance of a
+  training image under a fit that did not see it (10-fold cross-fitting; `quantile` lowers it), so a new
+  in-domain image falls outside about as often as a held-out training image; `score: nearest` uses the cosine
+  similarity to the nearest training image instead (threshold: the smallest leave-one-out one). Texts are
+  always compared by nearest neighbour;
+- **rule:** an input goes to the adapter with the largest margin inside its threshold, and to the frozen backbone
+  ("none") when it is inside no adapter's. An image, or an image-text pair, is judged by its image; a text alone
+  by its text. With one adapter this is a gate: the adapter on in-domain inputs, the frozen backbone elsewhere.
 
 The gate is a router (`names`, `predict(features)`, `view(backbone)`, the features of `vlkit.compose.router`),
 so a route composition serves it, evaluates it and runs it like a trained router: `vlkit compose A --mode gate
@@ -28,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..adapters.files import read_tensor_file
@@ -38,11 +39,11 @@ from ..errors import ConfigError, DataError
 from ..io import atomic_path
 from ..tasks.base import prepare_pixels, tokenize_texts
 from .composition import read_composition
+from .gate_scores import SCORES, GaussianScore, NearestScore
 from .router import RoutedBackbone, example_texts, features
 
 GATE_KIND = "gate"
 GATE_FILE = "router.safetensors"
-NO_TEXT = 2.0  # a text threshold no cosine similarity reaches
 
 
 @dataclass
@@ -50,93 +51,50 @@ class GateOptions:
     """How a domain gate is calibrated (`vlkit compose --mode gate`, `vlkit adapt`)."""
 
     quantile: float = 0.0
-    """Threshold = this quantile of the training inputs' leave-one-out nearest-neighbour similarities, in [0, 1):
-    0 (default) their minimum; larger values send more borderline inputs to the frozen backbone."""
+    """Share of the held-out training inputs allowed outside the threshold, in [0, 1): 0 (default) sets it at the
+    least typical of them; larger values send more borderline inputs to the frozen backbone."""
+    score: str = "mahalanobis"
+    """How an image is compared with an adapter's training images: mahalanobis (distance to their Ledoit-Wolf
+    Gaussian) or nearest (cosine similarity to the nearest one). Texts are always compared by nearest."""
 
     def validate(self) -> None:
         if not 0.0 <= float(self.quantile) < 1.0:
             raise ConfigError(f"gate quantile must lie in [0, 1), got {self.quantile}")
-
-
-def leave_one_out(bank: torch.Tensor) -> torch.Tensor:
-    """Each row's cosine similarity to its nearest other row (rows normalised); (n,) for n >= 2."""
-    sim = bank @ bank.t()
-    sim.fill_diagonal_(float("-inf"))
-    return sim.max(1).values
-
-
-def threshold(bank: torch.Tensor, quantile: float) -> float:
-    """The gate threshold of one bank: the `quantile` of its leave-one-out similarities; a bank of one row admits
-    only itself (1 less a rounding margin)."""
-    if len(bank) < 2:
-        return 1.0 - 1e-4
-    return float(torch.quantile(leave_one_out(bank).double(), float(quantile)))
+        if self.score not in SCORES:
+            raise ConfigError(f"gate score must be one of {', '.join(SCORES)}, got {self.score!r}")
 
 
 class DomainGate(nn.Module):
-    """Nearest-neighbour gate over frozen features: `names[i]` (an adapter) for inputs like adapter i's training
-    inputs, the last name (None: the frozen backbone) for the rest."""
+    """A gate over frozen features: `names[i]` (an adapter) for inputs like adapter i's training inputs, the last
+    name (None: the frozen backbone) for the rest. `image` and `text` score an input against each adapter's
+    training images and texts (`vlkit.compose.gate_scores`)."""
 
     kind = GATE_KIND
-    image_bank: torch.Tensor
-    image_owner: torch.Tensor
-    image_threshold: torch.Tensor
-    text_bank: torch.Tensor
-    text_owner: torch.Tensor
-    text_threshold: torch.Tensor
 
-    def __init__(
-        self,
-        dim: int,
-        names: list[str | None],
-        image_bank: torch.Tensor,
-        image_owner: torch.Tensor,
-        image_threshold: torch.Tensor,
-        text_bank: torch.Tensor,
-        text_owner: torch.Tensor,
-        text_threshold: torch.Tensor,
-    ):
+    def __init__(self, dim: int, names: list[str | None], image: GaussianScore | NearestScore, text: NearestScore):
         super().__init__()
         if not names or names[-1] is not None or any(n is None for n in names[:-1]):
             raise ConfigError("a gate routes to its adapters and, last, to None (the frozen backbone)")
-        self.dim, self.names = int(dim), list(names)
         k = len(names) - 1
-        for key, t in (("image_threshold", image_threshold), ("text_threshold", text_threshold)):
-            if tuple(t.shape) != (k,):
-                raise ConfigError(f"gate {key} has shape {tuple(t.shape)}, expected ({k},)")
-        self.register_buffer("image_bank", F.normalize(image_bank.float(), dim=-1))
-        self.register_buffer("image_owner", image_owner.long())
-        self.register_buffer("image_threshold", image_threshold.float())
-        self.register_buffer("text_bank", F.normalize(text_bank.float(), dim=-1))
-        self.register_buffer("text_owner", text_owner.long())
-        self.register_buffer("text_threshold", text_threshold.float())
-
-    def _margins(self, x: torch.Tensor, bank: torch.Tensor, owner: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-        """(n, k): per adapter, the nearest neighbour's similarity in its bank less its threshold (-inf: no bank)."""
-        k = len(self.names) - 1
-        out = torch.full((len(x), k), float("-inf"), device=x.device)
-        if len(bank) == 0:
-            return out
-        sim = F.normalize(x.float(), dim=-1) @ bank.t()
-        for i in range(k):
-            mine = owner == i
-            if bool(mine.any()):
-                out[:, i] = sim[:, mine].max(1).values - tau[i]
-        return out
+        for part, scorer in (("image", image), ("text", text)):
+            if len(scorer.threshold) != k:
+                raise ConfigError(f"the gate's {part} score has {len(scorer.threshold)} thresholds for {k} adapters")
+        self.dim, self.names = int(dim), list(names)
+        self.score = "mahalanobis" if isinstance(image, GaussianScore) else "nearest"
+        self.image, self.text = image, text
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """Margins (n, k + 1): per adapter, the nearest training input's similarity less its threshold; the last
+        """Margins (n, k + 1): per adapter, how far inside its threshold the input is (>= 0: inside); the last
         column 0 (the frozen backbone wins where no adapter's margin is >= 0)."""
-        features = features.to(self.image_bank.device).float()
+        features = features.to(self.text.threshold.device).float()
         d = self.dim
         img, txt, has_image = features[:, :d], features[:, d : 2 * d], features[:, 2 * d] > 0.5
-        m_img = self._margins(img, self.image_bank, self.image_owner, self.image_threshold)
-        m_txt = self._margins(txt, self.text_bank, self.text_owner, self.text_threshold)
-        margins = torch.where(has_image.unsqueeze(1), m_img, m_txt)  # a pair is judged by its image
+        margins = torch.where(has_image.unsqueeze(1), self.image.margins(img), self.text.margins(txt))
         return torch.cat([margins, torch.zeros(len(features), 1, device=margins.device)], dim=1)
 
     @torch.no_grad()
     def predict(self, features: torch.Tensor) -> torch.Tensor:
+        """Index into `names` per input: the adapter with the largest margin when it is >= 0, else None's."""
         margins = self(features)
         best = margins[:, :-1].max(1)
         none = torch.full_like(best.indices, len(self.names) - 1)
@@ -174,44 +132,36 @@ def _banks(backbone, ds, task) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def calibrate_gate(
-    backbone, sources: list[tuple[str, Any, Any]], quantile: float = 0.0
+    backbone, sources: list[tuple[str, Any, Any]], quantile: float = 0.0, score: str = "mahalanobis"
 ) -> tuple[DomainGate, dict[str, Any]]:
     """A gate over `sources` [(adapter name, its training dataset, its task: a task object, its task.json metadata
-    or None)], calibrated on those datasets and the texts the tasks encode (`task_tokens`) alone. Returns it and its
-    report: per adapter the training images and texts and both thresholds."""
-    GateOptions(quantile).validate()
+    or None)], calibrated on those datasets and the texts the tasks encode (`task_tokens`) alone; `quantile` and
+    `score` as `GateOptions`. Returns it and its report: per adapter the training images and texts, both
+    thresholds (and the covariance shrinkage of a Mahalanobis score)."""
+    GateOptions(quantile, score).validate()
     if not sources:
         raise ConfigError("a gate needs at least one adapter")
-    img_rows, img_owner, txt_rows, txt_owner = [], [], [], []
-    tau_img: list[float] = []
-    tau_txt: list[float] = []
+    banks = [_banks(backbone, ds, task) for _, ds, task in sources]
+    images = [b[0] for b in banks]
+    shrinks: list[float | None] = [None] * len(sources)
+    image: GaussianScore | NearestScore
+    if score == "mahalanobis":
+        image, found = GaussianScore.fit(images, quantile)
+        shrinks = list(found)
+    else:
+        image = NearestScore.fit(images, quantile)
+    text = NearestScore.fit([b[1] for b in banks], quantile)  # no training text: texts never reach the adapter
     per: dict[str, Any] = {}
-    for i, (name, ds, task) in enumerate(sources):
-        images, texts = _banks(backbone, ds, task)
-        img_rows.append(images)
-        img_owner.append(torch.full((len(images),), i, dtype=torch.long))
-        txt_rows.append(texts)
-        txt_owner.append(torch.full((len(texts),), i, dtype=torch.long))
-        tau_img.append(threshold(images, quantile))
-        # no training text: texts alone never reach this adapter (a threshold above any cosine), images still do
-        tau_txt.append(threshold(texts, quantile) if len(texts) else NO_TEXT)
+    for i, ((name, _, _), (imgs, texts)) in enumerate(zip(sources, banks)):
         per[name] = {
-            "images": len(images),
+            "images": len(imgs),
             "texts": len(texts),
-            "image_threshold": tau_img[-1],
-            "text_threshold": tau_txt[-1] if len(texts) else None,
+            "image_threshold": float(image.threshold[i]),
+            "text_threshold": float(text.threshold[i]) if len(texts) else None,
+            **({"shrinkage": shrinks[i]} if shrinks[i] is not None else {}),
         }
-    gate = DomainGate(
-        backbone.embed_dim,
-        [n for n, _, _ in sources] + [None],
-        torch.cat(img_rows),
-        torch.cat(img_owner),
-        torch.tensor(tau_img),
-        torch.cat(txt_rows),
-        torch.cat(txt_owner),
-        torch.tensor(tau_txt),
-    )
-    return gate.eval(), {"quantile": float(quantile), "per_adapter": per}
+    gate = DomainGate(backbone.embed_dim, [n for n, _, _ in sources] + [None], image, text)
+    return gate.eval(), {"quantile": float(quantile), "score": score, "per_adapter": per}
 
 
 def training_data(spec: dict[str, Any] | str, seed: int = 0):
@@ -246,7 +196,8 @@ def save_gate(gate: DomainGate, out: Path, report: dict | None = None) -> dict[s
         "file": GATE_FILE,
         "names": gate.names,
         "dim": gate.dim,
-        "features": "frozen normalised [image, text, has_image, has_text]; nearest neighbour in each adapter's bank",
+        "score": gate.score,
+        "features": "frozen normalised [image, text, has_image, has_text]",
         **({"report": report} if report else {}),
     }
 
@@ -260,12 +211,18 @@ def load_gate(path: Path, entry: dict[str, Any], loaded_names: list[str]) -> Dom
         if n is not None and n not in mapping:
             raise ConfigError(f"gate of {path} routes to {n!r}, which is not one of its adapters")
         names.append(mapping.get(n) if n is not None else None)
-    t = read_tensor_file(path / entry.get("file", GATE_FILE))
-    keys = ("image_bank", "image_owner", "image_threshold", "text_bank", "text_owner", "text_threshold")
+    file = path / entry.get("file", GATE_FILE)
+    t = read_tensor_file(file)
+    score = entry.get("score", "mahalanobis")
+    image_keys = ("mean", "precision", "threshold") if score == "mahalanobis" else ("bank", "owner", "threshold")
+    keys = [f"image.{k}" for k in image_keys] + [f"text.{k}" for k in ("bank", "owner", "threshold")]
     missing = [k for k in keys if k not in t]
-    if missing:
-        raise ConfigError(f"gate file {path / entry.get('file', GATE_FILE)} lacks {', '.join(missing)}")
-    return DomainGate(int(entry["dim"]), names, *(t[k] for k in keys)).eval()
+    if missing or score not in SCORES:
+        raise ConfigError(f"gate file {file} is not a {score} gate: it lacks {', '.join(missing) or 'a known score'}")
+    image_cls = GaussianScore if score == "mahalanobis" else NearestScore
+    image = image_cls(*(t[f"image.{k}"] for k in image_keys))
+    text = NearestScore(*(t[f"text.{k}"] for k in ("bank", "owner", "threshold")))
+    return DomainGate(int(entry["dim"]), names, image, text).eval()
 
 
 def is_gate(entry: dict[str, Any] | None) -> bool:

@@ -6,9 +6,9 @@ domain's zero-shot accuracy. Interpolating it towards the frozen backbone (WiSE-
 or pulling its features towards the frozen ones while it trains (PromptSRC / KgCoOp-style consistency) keeps the
 photo domain only where the adapter's in-domain gain is small (medical, sketch), not where the new domain needs a
 large change (satellite). What keeps both is not to run the adapter on inputs unlike those it was trained on:
-`vlkit.compose.gate` calibrates a nearest-neighbour gate over the frozen backbone's embeddings of the adapter's
-own training images and texts (no general-domain data, no extra training), and routes every other input to the
-frozen backbone.
+`vlkit.compose.gate` fits a gate to the frozen backbone's embeddings of the adapter's own training images
+(Mahalanobis distance, threshold from held-out training images) and texts (nearest neighbour), with no
+general-domain data and no extra training, and routes every other input to the frozen backbone.
 
 `vlkit adapt` does this by default (`gate=True`): after training it calibrates the gate on the few-shot training
 set, writes the gated adapter as a route composition into `OUT/gated/` (load, evaluate or serve it like any
@@ -95,6 +95,7 @@ def gated_adapter(
         "general_change": general - frozen_general,
         **cross,
         "gate": {
+            "score": report["score"],
             "quantile": report["quantile"],
             "image_threshold": per["image_threshold"],
             "text_threshold": per["text_threshold"],
