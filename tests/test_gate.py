@@ -215,3 +215,21 @@ def test_fewshot_protocol_scores_adapters_behind_the_gate():
     assert "gated_accuracy" not in zs  # nothing to gate
     res = run_fewshot(SPEC, ["bottleneck"], [1], [1], gate=False, **kw)
     assert "gated_accuracy" not in res["runs"][0]
+
+
+@pytest.mark.slow
+def test_cli_adapt_prints_the_gated_row_unless_no_gate(tmp_path, capsys):
+    args = ["adapt", "--backbone", SPEC, "--domain", "satellite", "--shots", "1", "--steps", "2", "--json"]
+    code, out, err = cli([*args, "-o", str(tmp_path / "a")], capsys)
+    assert code == 0, err
+    gated = [r for r in json.loads(out)["rows"] if "gate" in r]
+    assert len(gated) == 1 and "gated" in err and (tmp_path / "a" / "gated" / "composition.json").is_file()
+    code, out, err = cli([*args, "-o", str(tmp_path / "b"), "--no-gate"], capsys)
+    assert code == 0 and not any("gate" in r for r in json.loads(out)["rows"])
+
+
+def test_gate_is_refused_on_generative_backbones():
+    from vlkit.cli.adapt_generative import check_options
+
+    with pytest.raises(ConfigError, match="--gate"):
+        check_options({"--gate": False})

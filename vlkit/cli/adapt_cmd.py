@@ -31,6 +31,8 @@ def _single_table(res):
             note = "identical to frozen ✓" if r["verified_unchanged"] else "DIFFERS from frozen ✗"
         if "forgetting" in r:
             note = f"forgetting {r['forgetting']:.1f}"
+        if "gate" in r:
+            note = f"gate: {r['gate']['in_domain_routed_percent']:.0f}% of test images adapted; in {r['gate']['dir']}/"
         rows.append(
             [
                 r["method"],
@@ -81,6 +83,7 @@ def _protocol(
         )
     b2n = res["protocol"] == "base2novel"
     general = "general" in res
+    gated = any("gated_accuracy" in r for r in res["summary"])
     targets, headers = _cross_columns(res)
     top = (res.get("cross_domain") or {}).get("shots")
     columns = [
@@ -89,6 +92,7 @@ def _protocol(
         "base" if b2n else "accuracy",
         *(["novel", "HM"] if b2n else []),
         *([f"general ({res['general']['data']})", "retention %"] if general else []),
+        *(["gated", "gated retention %"] if gated else []),
         *headers,
         "seeds",
         "trainable",
@@ -103,6 +107,7 @@ def _protocol(
                 f"{r['mean']:.1f} ± {r['sd']:.1f}",
                 *([_f(r.get("novel")), _f(r.get("hm"))] if b2n else []),
                 *([_f(r.get("general")), _f(r.get("retention"))] if general else []),
+                *([_f(r.get("gated_accuracy")), _f(r.get("gated_retention"))] if gated else []),
                 *(_f((r.get("cross") or {}).get(t)) if r["shots"] == top else "—" for t in targets),
                 r["seeds"],
                 f"{r['trainable']:,}",
@@ -117,6 +122,8 @@ def _protocol(
             rows,
         )
     )
+    if gated:
+        console.print("gated: the adapter behind a domain gate calibrated on its training set (vlkit.compose.gate)")
     console.print(f"table and plot written to {out}/fewshot.json, {out}/fewshot.png")
     if json_out:
         print_json(res)
@@ -193,6 +200,13 @@ def register(cli: typer.Typer) -> None:
             "--eval-data",
             help="Cross-domain with --data: other datasets' test sets to score on (data specs, comma-separated).",
         ),
+        gate: bool | None = typer.Option(
+            None,
+            "--gate/--no-gate",
+            help="Also put the adapter behind a domain gate fitted to its training images (default on): inputs "
+            "unlike them run through the frozen backbone; writes OUT/gated/ and the gated row (in-domain and "
+            "retention).",
+        ),
         seed: int = typer.Option(0, "--seed"),
         option: list[str] | None = typer.Option(None, "--option", "-O", help="Adapter option key=value."),
         json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
@@ -212,7 +226,7 @@ def register(cli: typer.Typer) -> None:
         if loaded.kind == GENERATIVE:  # VL-Adapter's setting: vlkit.train.adapt_generative
             from .adapt_generative import DUAL_ENCODER_ONLY, adapt_generative, check_options
 
-            check_options(dict(zip(DUAL_ENCODER_ONLY, (prompt, templates, protocol, eval_domains, eval_data))))
+            check_options(dict(zip(DUAL_ENCODER_ONLY, (prompt, templates, protocol, eval_domains, eval_data, gate))))
             adapt_generative(
                 loaded,
                 backbone=backbone,
@@ -259,6 +273,7 @@ def register(cli: typer.Typer) -> None:
                     "general": general,
                     "eval_domains": eval_domains,
                     "eval_data": eval_data,
+                    "gate": gate is not False,
                 },
             )
             return
@@ -285,6 +300,7 @@ def register(cli: typer.Typer) -> None:
                 batch_size=batch_size,
                 task_options=task_options,
                 eval_domains=eval_domains,
+                gate=gate is not False,
             )
         finally:
             bar.close()

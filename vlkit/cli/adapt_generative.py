@@ -8,7 +8,7 @@ from typing import Any
 
 from ..errors import ConfigError
 
-DUAL_ENCODER_ONLY = ("--prompt", "--templates", "--protocol", "--eval-domains", "--eval-data")
+DUAL_ENCODER_ONLY = ("--prompt", "--templates", "--protocol", "--eval-domains", "--eval-data", "--gate")
 
 
 def _f(v) -> str:
