@@ -3,9 +3,11 @@
 - `load_composition(backbone, dir)` / `resolve_adapter_arg(backbone, arg)`: composition directories and
   adapter arguments (a dir, a composition, `a+b`) onto a backbone (vlkit.compose.composition / .resolve).
 - `compose(sources, mode, out, ...)`: what `vlkit compose` runs — stack, average, parallel, route,
-  merge (vlkit.compose.api).
+  merge, wise, gate (vlkit.compose.api).
 - `merge_adapters(...)`: linear, task arithmetic, TIES, LoRA concat and SVD merges (vlkit.compose.merge).
 - `train_router`, `RoutedBackbone`: automatic per-input routing (vlkit.compose.router).
+- `calibrate_gate`, `DomainGate`: a domain gate fitted to adapters' own training data; other inputs run through
+  the frozen backbone (vlkit.compose.gate; `vlkit compose A --mode gate`, `vlkit adapt`'s default).
 - `add_fusion`, `load_fusion`: AdapterFusion layers (vlkit.compose.adapter_fusion).
 - multi-task training with sharing schemes: recipes with `tasks:` and `sharing:` (vlkit.train.multitask;
   sharing schemes in vlkit.compose.sharing).
@@ -31,6 +33,8 @@ _LAZY = {
     "train_router": "vlkit.compose.router",
     "RoutedBackbone": "vlkit.compose.router",
     "Router": "vlkit.compose.router",
+    "calibrate_gate": "vlkit.compose.gate",
+    "DomainGate": "vlkit.compose.gate",
     "add_fusion": "vlkit.compose.adapter_fusion",
     "load_fusion": "vlkit.compose.adapter_fusion",
     "tie_shared": "vlkit.compose.sharing",
