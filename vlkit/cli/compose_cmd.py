@@ -275,14 +275,15 @@ def _summary_rows(res: dict) -> list[list]:
         rows.append(["routing accuracy (held out)", f"{rep['heldout_accuracy']:.1f}% (chance {rep['chance']:.1f}%)"])
         for k, v in rep["per_input"].items():
             rows.append([f"  {k} inputs", f"{v:.1f}%"])
-    for name, g in ((res.get("gate") or {}).get("per_adapter") or {}).items():
-        text = "—" if g["text_threshold"] is None else f"{g['text_threshold']:.3f}"
-        rows.append(
-            [
-                f"gate {name}",
-                f"{g['images']} images (threshold {g['image_threshold']:.3f}), {g['texts']} texts (threshold {text})",
-            ]
+    gate = res.get("gate") or {}
+    for name, g in (gate.get("per_adapter") or {}).items():
+        text = "—" if g["text_threshold"] is None else f"cosine ≥ {g['text_threshold']:.3f}"
+        image = (
+            f"Mahalanobis² ≤ {g['image_threshold']:.1f}, shrinkage {g['shrinkage']:.3f}"
+            if gate.get("score") == "mahalanobis"
+            else f"cosine ≥ {g['image_threshold']:.3f}"
         )
+        rows.append([f"gate {name}", f"{g['images']} images ({image}); {g['texts']} texts ({text})"])
     return rows
 
 
