@@ -44,6 +44,7 @@ def test_threshold_is_the_leave_one_out_quantile():
     assert nearest_threshold(bank, 0.0) == pytest.approx(0.6)  # the minimum: every training row passes held out
     assert nearest_threshold(bank, 0.5) == pytest.approx(0.8)
     assert nearest_threshold(bank[:1], 0.0) == pytest.approx(1.0, abs=1e-3)  # one row admits only itself
+    assert nearest_threshold(bank, 0.0, identify=True) == pytest.approx(0.8)  # texts: nearer one than any two are
 
 
 def test_ledoit_wolf_and_held_out_distances():
@@ -117,8 +118,8 @@ def test_calibrated_gate_keeps_in_domain_and_refuses_the_general_domain(score):
 
     assert share("satellite") > 0.9  # held-out in-domain images reach the adapter
     assert share("photo") < 0.1  # the general domain goes to the frozen backbone
-    tokens = bb.tokenize(["a satellite image of a lake", "a photo of a circle"])
-    assert route(bb, gate, tokens=tokens).tolist() == [0, 1]
+    tokens = bb.tokenize(["a satellite image of a lake", "a photo of a circle", "a photo of a lake"])
+    assert route(bb, gate, tokens=tokens).tolist() == [0, 1, 1]  # its own prompts only, not the class elsewhere
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,9 @@ backbone everywhere else, calibrated on the adapter's own training data only (no
   the training images (covariance shrunk by the Ledoit-Wolf estimate), the threshold the largest distance of a
   training image under a fit that did not see it (10-fold cross-fitting; `quantile` lowers it), so a new
   in-domain image falls outside about as often as a held-out training image; `score: nearest` uses the cosine
-  similarity to the nearest training image instead (threshold: the smallest leave-one-out one). Texts are
-  always compared by nearest neighbour;
+  similarity to the nearest training image instead (threshold: the smallest leave-one-out one). A text alone
+  reaches the adapter only when it is nearer one of the adapter's training texts than any two of those are to
+  each other (its own prompts and near copies of them);
 - **rule:** an input goes to the adapter with the largest margin inside its threshold, and to the frozen backbone
   ("none") when it is inside no adapter's. An image, or an image-text pair, is judged by its image; a text alone
   by its text. With one adapter this is a gate: the adapter on in-domain inputs, the frozen backbone elsewhere.
@@ -51,11 +52,12 @@ class GateOptions:
     """How a domain gate is calibrated (`vlkit compose --mode gate`, `vlkit adapt`)."""
 
     quantile: float = 0.0
-    """Share of the held-out training inputs allowed outside the threshold, in [0, 1): 0 (default) sets it at the
-    least typical of them; larger values send more borderline inputs to the frozen backbone."""
+    """Share of the held-out training images allowed outside the image threshold, in [0, 1): 0 (default) sets it at
+    the least typical of them; larger values send more borderline images to the frozen backbone."""
     score: str = "mahalanobis"
     """How an image is compared with an adapter's training images: mahalanobis (distance to their Ledoit-Wolf
-    Gaussian) or nearest (cosine similarity to the nearest one). Texts are always compared by nearest."""
+    Gaussian) or nearest (cosine similarity to the nearest one). A text alone is compared with the training texts
+    by nearest neighbour and passes only near one of them (`vlkit.compose.gate_scores`)."""
 
     def validate(self) -> None:
         if not 0.0 <= float(self.quantile) < 1.0:
@@ -150,7 +152,7 @@ def calibrate_gate(
         shrinks = list(found)
     else:
         image = NearestScore.fit(images, quantile)
-    text = NearestScore.fit([b[1] for b in banks], quantile)  # no training text: texts never reach the adapter
+    text = NearestScore.fit([b[1] for b in banks], quantile, identify=True)  # no text: texts never reach it
     per: dict[str, Any] = {}
     for i, ((name, _, _), (imgs, texts)) in enumerate(zip(sources, banks)):
         per[name] = {
