@@ -44,7 +44,8 @@ def test_threshold_is_the_leave_one_out_quantile():
     assert nearest_threshold(bank, 0.0) == pytest.approx(0.6)  # the minimum: every training row passes held out
     assert nearest_threshold(bank, 0.5) == pytest.approx(0.8)
     assert nearest_threshold(bank[:1], 0.0) == pytest.approx(1.0, abs=1e-3)  # one row admits only itself
-    assert nearest_threshold(bank, 0.0, identify=True) == pytest.approx(0.8)  # texts: nearer one than any two are
+    exact = NearestScore.fit([bank], 0.0, exact=True)
+    assert exact.margins(bank).min() >= 0 and exact.margins(F.normalize(bank[:1] + 0.05 * bank[2:], dim=-1)).max() < 0
 
 
 def test_ledoit_wolf_and_held_out_distances():

@@ -12,8 +12,8 @@ backbone everywhere else, calibrated on the adapter's own training data only (no
   training image under a fit that did not see it (10-fold cross-fitting; `quantile` lowers it), so a new
   in-domain image falls outside about as often as a held-out training image; `score: nearest` uses the cosine
   similarity to the nearest training image instead (threshold: the smallest leave-one-out one). A text alone
-  reaches the adapter only when it is nearer one of the adapter's training texts than any two of those are to
-  each other (its own prompts and near copies of them);
+  reaches the adapter only when it is one of the adapter's training texts (its own class prompts; "a photo of a
+  circle" is not "a sketch of a circle");
 - **rule:** an input goes to the adapter with the largest margin inside its threshold, and to the frozen backbone
   ("none") when it is inside no adapter's. An image, or an image-text pair, is judged by its image; a text alone
   by its text. With one adapter this is a gate: the adapter on in-domain inputs, the frozen backbone elsewhere.
@@ -56,8 +56,8 @@ class GateOptions:
     the least typical of them; larger values send more borderline images to the frozen backbone."""
     score: str = "mahalanobis"
     """How an image is compared with an adapter's training images: mahalanobis (distance to their Ledoit-Wolf
-    Gaussian) or nearest (cosine similarity to the nearest one). A text alone is compared with the training texts
-    by nearest neighbour and passes only near one of them (`vlkit.compose.gate_scores`)."""
+    Gaussian) or nearest (cosine similarity to the nearest one). A text alone passes only when it is one of the
+    adapter's training texts (`vlkit.compose.gate_scores`)."""
 
     def validate(self) -> None:
         if not 0.0 <= float(self.quantile) < 1.0:
@@ -152,7 +152,7 @@ def calibrate_gate(
         shrinks = list(found)
     else:
         image = NearestScore.fit(images, quantile)
-    text = NearestScore.fit([b[1] for b in banks], quantile, identify=True)  # no text: texts never reach it
+    text = NearestScore.fit([b[1] for b in banks], quantile, exact=True)  # no text: texts never reach it
     per: dict[str, Any] = {}
     for i, ((name, _, _), (imgs, texts)) in enumerate(zip(sources, banks)):
         per[name] = {

@@ -10,11 +10,11 @@ adapter, a *margin*: >= 0 when the input is at least as typical as the training 
 - `NearestScore` (images with `score: nearest`): cosine similarity to the nearest training embedding; threshold
   the `quantile` of each one's leave-one-out nearest-neighbour similarity (quantile 0: the smallest). Margin:
   similarity - threshold.
-- texts (`NearestScore` with `identify`): a task's texts are few and distinct (a classifier's class prompts), so
-  the leave-one-out similarities measure how far apart the classes are, not what an in-domain text looks like:
-  "a photo of a circle" is nearer "a sketch of a circle" than two sketch prompts are to each other. A text reaches
-  the adapter only when it is nearer one training text than any two training texts are to each other (the
-  largest leave-one-out similarity): the adapter's own prompts and near copies of them.
+- texts (`NearestScore` with `exact`): a classifier's texts are its few class prompts, and their leave-one-out
+  similarities measure how far apart the classes are, not what an in-domain text looks like: "a photo of a
+  circle" is nearer "a sketch of a circle" (0.98 on `tiny`) than two sketch prompts are to each other (at most
+  0.93). A text alone reaches the adapter only when it is one of the adapter's training texts (its prompts, every
+  template of an ensemble); any other text is encoded by the frozen text tower.
 
 By exchangeability, a new in-domain input falls outside the threshold about as often as a held-out training input
 does: with quantile 0 and n training inputs, about 1 / (n + 1) of them.
@@ -42,14 +42,12 @@ def leave_one_out(bank: torch.Tensor) -> torch.Tensor:
     return sim.max(1).values
 
 
-def nearest_threshold(bank: torch.Tensor, quantile: float, identify: bool = False) -> float:
-    """The `quantile` of a bank's leave-one-out similarities; with `identify` their largest instead, so that only
-    an input closer to one row than any two rows are to each other passes (it identifies a training input, rather
-    than lying among them). A bank of one row admits only itself; never above 1 less a rounding margin."""
+def nearest_threshold(bank: torch.Tensor, quantile: float) -> float:
+    """The `quantile` of a bank's leave-one-out similarities; a bank of one row admits only itself. Never above 1
+    less a rounding margin (`SAME`)."""
     if len(bank) < 2:
         return SAME
-    loo = leave_one_out(bank).double()
-    return min(float(loo.max() if identify else torch.quantile(loo, float(quantile))), SAME)
+    return min(float(torch.quantile(leave_one_out(bank).double(), float(quantile))), SAME)
 
 
 def ledoit_wolf(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -104,11 +102,13 @@ class NearestScore(nn.Module):
 
     @classmethod
     def fit(
-        cls, banks: list[torch.Tensor], quantile: float, identify: bool = False, empty: float = NO_TEXT
+        cls, banks: list[torch.Tensor], quantile: float, exact: bool = False, empty: float = NO_TEXT
     ) -> NearestScore:
-        """One bank per adapter (an empty one: threshold `empty`); thresholds by `nearest_threshold`."""
+        """One bank per adapter (an empty one: threshold `empty`); thresholds by `nearest_threshold`, or with
+        `exact` `SAME` (only the bank's own rows pass)."""
         tau = [
-            nearest_threshold(F.normalize(b.float(), dim=-1), quantile, identify) if len(b) else empty for b in banks
+            (SAME if exact else nearest_threshold(F.normalize(b.float(), dim=-1), quantile)) if len(b) else empty
+            for b in banks
         ]
         d = next((b.shape[1] for b in banks), 0)
         return cls(
