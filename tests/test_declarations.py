@@ -75,7 +75,7 @@ def test_data_validation_reads_the_declaration(plugin, tmp_path):
 
 
 def test_router_text_from_the_task_declaration(plugin):
-    from vlkit.compose.router import _texts
+    from vlkit.compose.router import example_texts as _texts
 
     ds = datasets.Dataset.from_dict({"words": ["a red square", "a blue circle"], "caption": ["x", "y"]})
     assert _texts(ds, {"name": "echo"}) == ["a red square", "a blue circle"]
