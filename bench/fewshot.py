@@ -4,7 +4,7 @@ class over 3 seeds, on the medical, satellite and sketch domains, with the same 
 Reports accuracy (mean ± sd over seeds, averaged over the domains), trainable parameters and training seconds
 per method, and checks the two goals of issue 16: the best adapter at 16 shots is at least full fine-tuning,
 and Tip-Adapter (no training) beats zero-shot at every shot count. Every run goes through
-`vlkit.train.adapt.run_fewshot`, the function behind `vlkit adapt --method ... --shots ... --seeds ...`.
+`vlkit.train.fewshot.run_fewshot`, the function behind `vlkit adapt --method ... --shots ... --seeds ...`.
 
 Generalisation (issue 26), at the largest shot count: `retention` (the photo domain's zero-shot accuracy with the
 method's backbone, as a percentage of the frozen backbone's; a linear probe leaves the backbone as it is), for every
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-cross", action="store_true", help="skip the cross-domain scores")
     args = ap.parse_args(argv)
 
-    from vlkit.train.adapt import plot_fewshot, run_fewshot
+    from vlkit.train.fewshot import plot_fewshot, run_fewshot
 
     domains = (args.domains or ("satellite" if args.quick else "medical,satellite,sketch")).split(",")
     shots = [int(s) for s in (args.shots or ("1,4,16" if args.quick else "1,2,4,8,16")).split(",")]

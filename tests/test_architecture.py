@@ -179,7 +179,8 @@ def test_task_and_variant_names_stay_in_their_own_modules():
     owners.pop("fusion", None)
     for entry in system.registry("dataset"):  # a dataset kind may share a variant's name (coop)
         owners.pop(entry.name, None)  # also the key of AdapterFusion layers in composition.json (a file format kept as is)
-    allowed = {"tasks/", "adapters/", "world/", "train/recipe.py", "train/adapt.py", "cli/",
+    allowed = {"tasks/", "adapters/", "world/", "train/recipe.py", "train/adapt.py", "train/fewshot.py",
+               "train/fewshot_run.py", "cli/",
                "export/peft.py"}  # PEFT's format holds the lora and peft variants by name
     offenders = []
     for f in PKG.rglob("*.py"):

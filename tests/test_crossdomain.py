@@ -48,7 +48,7 @@ def test_adapt_reports_each_domain_for_the_adapted_and_the_frozen_model(tmp_path
 @pytest.mark.slow
 def test_protocol_cross_domain_columns_at_the_largest_shot_count(tmp_path):
     from vlkit.cli.adapt_cmd import _cross_columns
-    from vlkit.train.adapt import run_fewshot
+    from vlkit.train.fewshot import run_fewshot
 
     out = tmp_path / "fs"
     res = run_fewshot("tiny@random", ["zeroshot", "linear"], [1, 2], [1], domain="medical", steps=2, n_eval=20,

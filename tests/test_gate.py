@@ -206,7 +206,7 @@ def test_adapt_writes_a_gated_adapter_and_reports_its_retention(tmp_path):
 
 @pytest.mark.slow
 def test_fewshot_protocol_scores_adapters_behind_the_gate():
-    from vlkit.train.adapt import run_fewshot
+    from vlkit.train.fewshot import run_fewshot
 
     kw = dict(domain="satellite", steps=2, n_eval=30, plot=False)
     res = run_fewshot(SPEC, ["bottleneck", "zeroshot"], [1], [1], **kw)

@@ -30,8 +30,8 @@ def test_recipe_linear_equals_adapt_linear_and_scikit_learn(digits, tmp_path, ca
     from vlkit import load_backbone
     from vlkit.compose.predict import load_task
     from vlkit.data import load_data
-    from vlkit.train.adapt import method_recipe
     from vlkit.train.baselines import image_features
+    from vlkit.train.fewshot_run import method_recipe
 
     out = tmp_path / "fs"
     code, stdout, err = cli(["adapt", "--method", "linear", "--shots", "4", "--seeds", "1", "--data",

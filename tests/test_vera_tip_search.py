@@ -159,7 +159,7 @@ def test_tip_adapter_search_picks_the_best_pair_of_a_hand_computed_grid():
 
 def test_fewshot_protocol_searches_alpha_beta_on_a_few_shot_val_set(monkeypatch):
     from vlkit.adapters import tip_adapter
-    from vlkit.train.adapt import run_fewshot
+    from vlkit.train.fewshot import run_fewshot
 
     seen = []
     real = tip_adapter.search_alpha_beta

@@ -56,7 +56,8 @@ def _single_table(res):
 def _protocol(
     backbone, domain, shots, out, methods, seeds, data, steps, options, json_out, overwrite, extra: dict
 ) -> None:
-    from ..train.adapt import METHOD_LABELS, parse_ints, run_fewshot
+    from ..train.adapt import METHOD_LABELS
+    from ..train.fewshot import parse_ints, run_fewshot
     from .output import console, print_json, table
 
     seed_list = parse_ints(seeds or "1,2,3", "--seeds")
@@ -214,7 +215,8 @@ def register(cli: typer.Typer) -> None:
     ) -> None:
         """Train a domain adapter on k shots per class and print in-domain and retention scores; with --method,
         --seeds, --data or several --shots, run the few-shot protocol and print its table (mean ± sd) and plot."""
-        from ..train.adapt import parse_ints, run_adapt
+        from ..train.adapt import run_adapt
+        from ..train.fewshot import parse_ints
         from .common import parse_kv
         from .output import console, print_json
 

@@ -128,8 +128,8 @@ def adapt_generative(
 ) -> None:
     """`vlkit adapt` on the generative backbone `frozen` (loaded from `backbone`): one run, or with --method,
     --seeds, --data, --general or several --shots the few-shot protocol."""
-    from ..train.adapt import parse_ints
     from ..train.adapt_generative import run_adapt_generative, run_fewshot_generative
+    from ..train.fewshot import parse_ints
     from .output import console, print_json
     from .progress import TrainProgress
 
