@@ -351,6 +351,13 @@ class AdaptedModel:
     def clear_route(self) -> None:
         self.state.clear_route()
 
+    def routes_per_sample(self, names: Sequence[str | None]) -> bool:
+        """Whether `route` can send samples to `names` in one forward: not when one of them puts tokens into a
+        tower (a prompt: sequence, tokens or prefix sites), which acts on the whole batch; run such adapters
+        per group of samples instead (`activated` on each group)."""
+        whole_batch = {"sequence", "tokens", "prefix"}
+        return not any(s.kind in whole_batch for n in names if n is not None for s in self.adapter(n).record.sites)
+
     # --- merging -------------------------------------------------------------------------------------------
     def _mergeable(self, name: str):
         record = self.adapter(name).record

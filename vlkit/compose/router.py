@@ -111,32 +111,64 @@ class RoutedBackbone:
     def __getattr__(self, name):
         return getattr(object.__getattribute__(self, "_backbone"), name)
 
-    def _routed(self, fn, pixels=None, tokens=None):
+    def _routed(self, call, pixels=None, tokens=None):
+        """`call(pixels, tokens)` with each sample through the adapter the router picks: one forward pass where
+        the adapters allow per-sample routing, else one per group of samples sharing an adapter."""
         bb = self._backbone
         idx = route(bb, self.router, pixels, tokens)
         object.__setattr__(self, "last_route", idx)
         model = AdaptedModel.of(bb)
-        model.route(self.router.names, idx)
+        names = self.router.names
+        if not model.routes_per_sample(names):
+            return _grouped(model, names, idx, call, pixels, tokens)
+        model.route(names, idx)
         try:
-            return fn()
+            return call(pixels, tokens)
         finally:
             model.clear_route()
 
     def encode_image(self, pixels, normalize: bool = False):
-        return self._routed(lambda: self._backbone.encode_image(pixels, normalize=normalize), pixels=pixels)
+        return self._routed(lambda p, _: self._backbone.encode_image(p, normalize=normalize), pixels=pixels)
 
     def encode_text(self, tokens, normalize: bool = False):
-        return self._routed(lambda: self._backbone.encode_text(tokens, normalize=normalize), tokens=tokens)
+        return self._routed(lambda _, t: self._backbone.encode_text(t, normalize=normalize), tokens=tokens)
 
     def encode_image_tokens(self, pixels):
-        return self._routed(lambda: self._backbone.encode_image_tokens(pixels), pixels=pixels)
+        return self._routed(lambda p, _: self._backbone.encode_image_tokens(p), pixels=pixels)
 
     def encode_pair(self, pixels, tokens, normalize: bool = True):
-        return self._routed(lambda: self._backbone.encode_pair(pixels, tokens, normalize=normalize), pixels, tokens)
+        return self._routed(lambda p, t: self._backbone.encode_pair(p, t, normalize=normalize), pixels, tokens)
 
     def __call__(self, pixels, tokens):
         img, txt = self.encode_pair(pixels, tokens)
         return img, txt, self._backbone.logit_scale
+
+
+def _take(x, sel: torch.Tensor):
+    if x is None:
+        return None
+    if isinstance(x, torch.Tensor):
+        return x[sel.to(x.device)]
+    if isinstance(x, dict):
+        return type(x)({k: _take(v, sel) for k, v in x.items()})
+    return [x[i] for i in sel.tolist()]
+
+
+def _grouped(model: AdaptedModel, names, idx: torch.Tensor, call, pixels, tokens):
+    """`call` once per group of samples routed to the same adapter (None or index -1: the frozen backbone), the
+    outputs (a tensor or a tuple of tensors) put back in the samples' order."""
+    out: Any = None
+    for g in idx.unique().tolist():
+        sel = (idx == g).nonzero().flatten()
+        name = names[g] if g >= 0 else None
+        with model.activated(name) if name is not None else model.disabled():
+            part = call(_take(pixels, sel), _take(tokens, sel))
+        parts = part if isinstance(part, tuple) else (part,)
+        if out is None:
+            out = [p.new_empty((len(idx), *p.shape[1:])) for p in parts]
+        for o, p in zip(out, parts, strict=True):
+            o[sel.to(o.device)] = p
+    return tuple(out) if isinstance(part, tuple) else out[0]
 
 
 # --- training data ---------------------------------------------------------------------------------
