@@ -374,6 +374,15 @@ def resolve_module(root: nn.Module, path: str) -> nn.Module:
     return mod
 
 
+def has_module(root: nn.Module, path: str) -> bool:
+    """Whether `resolve_module(root, path)` finds a module."""
+    try:
+        resolve_module(root, path)
+    except (AttributeError, IndexError, KeyError):
+        return False
+    return True
+
+
 def set_module(root: nn.Module, path: str, new: nn.Module) -> None:
 
     parent_path, _, leaf = path.rpartition(".")

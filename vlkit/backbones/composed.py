@@ -21,12 +21,18 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BackboneLoadError, ConfigError
-from .base import Block, Site, resolve_module
-from .generative import GenerativeBackbone, as_image_batch, mask_positions, output_cache
+from .base import Block, Site, has_module, resolve_module
+from .generative import (
+    GenerativeBackbone,
+    as_image_batch,
+    mask_positions,
+    output_cache,
+    target_logprob,
+    token_loss,
+)
 from .hosts import linear_params
 from .loading import load_backbone
 
@@ -298,15 +304,10 @@ class ComposedVLBackbone(GenerativeBackbone):
 
     # --- the model calls --------------------------------------------------------------------------------
     def loss(self, pixels, prompts, targets) -> torch.Tensor:
-        logits, labels = self._token_logits(pixels, prompts, targets)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+        return token_loss(*self._token_logits(pixels, prompts, targets))
 
     def sequence_logprob(self, pixels, prompts, targets) -> torch.Tensor:
-        logits, labels = self._token_logits(pixels, prompts, targets)
-        logp = logits.float().log_softmax(-1)
-        keep = labels != -100
-        tok = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        return (tok * keep).sum(-1)
+        return target_logprob(*self._token_logits(pixels, prompts, targets))
 
     @torch.no_grad()
     def generate(self, pixels, prompts, *, max_new_tokens: int = 20, num_beams: int = 1) -> list[str]:
@@ -427,7 +428,7 @@ class ComposedVLBackbone(GenerativeBackbone):
                 b.sites["mlp"] = Site(tower, i, "mlp", f"{path}.{mlp}", f"{path}.{mlp}", "output", w, w)
             ff = f"{path}.{mlp}" if mlp else path
             for role, attr in (("mlp.fc1", lay.fc1), ("mlp.fc2", lay.fc2)):
-                if attr and _has(self.model, f"{ff}.{attr}"):
+                if attr and has_module(self.model, f"{ff}.{attr}"):
                     self._linear_site(b, role, f"{ff}.{attr}")
             if i == 0 and tower == self.towers[2]:
                 b.sites[PREFIX_ROLE] = Site(tower, 0, PREFIX_ROLE, "prefix", "prefix", PREFIX_KIND, w, w)
@@ -484,14 +485,6 @@ def pads_first(embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, 
     key = mask.float() * n + torch.arange(n, device=mask.device, dtype=torch.float32)
     order = key.argsort(dim=1)
     return embeds.gather(1, order.unsqueeze(-1).expand(-1, -1, embeds.shape[-1])), mask.gather(1, order)
-
-
-def _has(root: nn.Module, path: str) -> bool:
-    try:
-        resolve_module(root, path)
-    except (AttributeError, IndexError, KeyError):
-        return False
-    return True
 
 
 def load_composed(spec: str, device: str | None = None) -> ComposedVLBackbone:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
@@ -216,3 +217,16 @@ def mask_positions(mask: torch.Tensor) -> torch.Tensor:
 def output_cache(out) -> Any:
     """The key-value cache a transformers model call returned (`cache`, formerly `past_key_values`)."""
     return out.cache if hasattr(out, "cache") else out.past_key_values
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of next-token `logits` (B, T, V) at `labels` (B, T), -100 where no target token."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+
+
+def target_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B,) summed log-probability of the target tokens `labels` (B, T) under next-token `logits` (B, T, V);
+    -100 labels do not count."""
+    logp = logits.float().log_softmax(-1)
+    tok = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (tok * (labels != -100)).sum(-1)

@@ -11,13 +11,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BackboneLoadError
-from .base import Block, Site, as_triple, resolve_module, to_rgb
+from .base import Block, Site, as_triple, has_module, resolve_module, to_rgb
 from .composed import PREFIX_KIND, PREFIX_ROLE, PrefixPoint
-from .generative import GenerativeBackbone
+from .generative import GenerativeBackbone, target_logprob, token_loss
 from .hosts import AdapterHost, linear_params
 
 PREFIX_PATH = "vlkit_prefix"
@@ -109,14 +108,6 @@ STACKS = (
 """Where a vision encoder or a causal LM keeps its blocks (relative to the tower's root), tried in order."""
 
 
-def _has(root: nn.Module, path: str) -> bool:
-    try:
-        resolve_module(root, path)
-    except (AttributeError, IndexError, KeyError):
-        return False
-    return True
-
-
 def _unwrap(module: nn.Module) -> nn.Module:
     while isinstance(module, AdapterHost):
         module = module.base
@@ -127,7 +118,7 @@ def find_stack(root: nn.Module, prefix: str) -> str:
     """The module path (from the model) of the block list under `prefix`."""
     base = resolve_module(root, prefix) if prefix else root
     for cand in STACKS:
-        if _has(base, cand) and isinstance(resolve_module(base, cand), nn.ModuleList):
+        if has_module(base, cand) and isinstance(resolve_module(base, cand), nn.ModuleList):
             return f"{prefix}.{cand}" if prefix else cand
     raise BackboneLoadError(
         f"cannot find the transformer blocks of {type(base).__name__}; known block lists: {', '.join(STACKS)}"
@@ -144,7 +135,7 @@ def find_layout(block: nn.Module) -> BlockLayout:
             lay.fc2,
             *(f"{lay.attn}.{p}" for p in (lay.q, lay.k, lay.v, lay.o, lay.qkv) if p),
         ]
-        if all(_has(block, p) for p in paths if p):
+        if all(has_module(block, p) for p in paths if p):
             return lay
     raise BackboneLoadError(
         f"vlkit does not know the block layout of {type(block).__name__}; known: {', '.join(LAYOUTS)}"
@@ -233,14 +224,10 @@ class HFVLMBackbone(GenerativeBackbone):
         return logits[:, :-1], labels[:, 1:]
 
     def loss(self, pixels, prompts, targets) -> torch.Tensor:
-        logits, labels = self._scores(pixels, prompts, targets)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+        return token_loss(*self._scores(pixels, prompts, targets))
 
     def sequence_logprob(self, pixels, prompts, targets) -> torch.Tensor:
-        logits, labels = self._scores(pixels, prompts, targets)
-        logp = logits.float().log_softmax(-1)
-        tok = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        return (tok * (labels != -100)).sum(-1)
+        return target_logprob(*self._scores(pixels, prompts, targets))
 
     @abstractmethod
     def _token_logits(self, pixels, prompts, targets) -> tuple[torch.Tensor, torch.Tensor]: ...
@@ -329,14 +316,14 @@ class HFVLMBackbone(GenerativeBackbone):
         w, t, i = b.width, b.tower, b.index
 
         def linear(role: str, rel: str | None) -> None:
-            if rel and _has(self.model, f"{b.path}.{rel}"):
+            if rel and has_module(self.model, f"{b.path}.{rel}"):
                 lin = linear_params(resolve_module(self.model, f"{b.path}.{rel}"))  # nn.Linear or Conv1D
                 if lin is not None:
                     p = f"{b.path}.{rel}"
                     b.sites[role] = Site(t, i, role, p, p, "linear", lin.in_features, lin.out_features)
 
         def output(role: str, rel: str | None) -> None:
-            if rel and _has(self.model, f"{b.path}.{rel}"):
+            if rel and has_module(self.model, f"{b.path}.{rel}"):
                 p = f"{b.path}.{rel}"
                 b.sites[role] = Site(t, i, role, p, p, "output", w, w)
 
@@ -349,7 +336,7 @@ class HFVLMBackbone(GenerativeBackbone):
             ("attn.qkv", lay.qkv),
         ):
             linear(role, f"{lay.attn}.{rel}" if rel else None)
-        if lay.xattn and _has(self.model, f"{b.path}.{lay.xattn}"):
+        if lay.xattn and has_module(self.model, f"{b.path}.{lay.xattn}"):
             output("xattn", lay.xattn)
             for role, rel in (
                 ("xattn.q", lay.xq),

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import typer
 
-
-def _f(v) -> str:
-    return "—" if v is None else f"{v:.1f}"
+from .adapt_generative import fmt, row_note, run_row, single_run
 
 
 def _cross_columns(res) -> tuple[list[str], list[str]]:
@@ -16,7 +15,7 @@ def _cross_columns(res) -> tuple[list[str], list[str]]:
     cross = res.get("cross_domain") or {}
     labels = list(cross.get("targets") or [])
     frozen = cross.get("frozen") or {}
-    return labels, [f"→ {t} (frozen {_f(frozen.get(t))})" if "summary" in res else f"→ {t}" for t in labels]
+    return labels, [f"→ {t} (frozen {fmt(frozen.get(t))})" if "summary" in res else f"→ {t}" for t in labels]
 
 
 def _single_table(res):
@@ -26,25 +25,10 @@ def _single_table(res):
     targets, headers = _cross_columns(res)
     rows = []
     for r in res["rows"]:
-        note = ""
-        if "verified_unchanged" in r:
-            note = "identical to frozen ✓" if r["verified_unchanged"] else "DIFFERS from frozen ✗"
-        if "forgetting" in r:
-            note = f"forgetting {r['forgetting']:.1f}"
+        note = row_note(r)
         if "gate" in r:
             note = f"gate: {r['gate']['in_domain_routed_percent']:.0f}% of test images adapted; in {r['gate']['dir']}/"
-        rows.append(
-            [
-                r["method"],
-                f"{r['trainable_percent']:.2f}%",
-                _f(r["in_domain"]),
-                _f(r["general"]),
-                f"{r['general_change']:+.1f}",
-                _f(r.get("retention")),
-                *(_f((r.get("cross") or {}).get(t)) for t in targets),
-                note,
-            ]
-        )
+        rows.append(run_row(r, note, more=tuple(fmt((r.get("cross") or {}).get(t)) for t in targets)))
     columns = ["method", "trainable", res["domain"], f"{res['general_domain']} (general)", "Δ general"]
     return table(
         f"{res['domain']} adaptation, {res['shots']} shots/class — accuracy %",
@@ -106,10 +90,10 @@ def _protocol(
                 METHOD_LABELS.get(r["method"], r["method"]),
                 r["shots"],
                 f"{r['mean']:.1f} ± {r['sd']:.1f}",
-                *([_f(r.get("novel")), _f(r.get("hm"))] if b2n else []),
-                *([_f(r.get("general")), _f(r.get("retention"))] if general else []),
-                *([_f(r.get("gated_accuracy")), _f(r.get("gated_retention"))] if gated else []),
-                *(_f((r.get("cross") or {}).get(t)) if r["shots"] == top else "—" for t in targets),
+                *([fmt(r.get("novel")), fmt(r.get("hm"))] if b2n else []),
+                *([fmt(r.get("general")), fmt(r.get("retention"))] if general else []),
+                *([fmt(r.get("gated_accuracy")), fmt(r.get("gated_retention"))] if gated else []),
+                *(fmt((r.get("cross") or {}).get(t)) if r["shots"] == top else "—" for t in targets),
                 r["seeds"],
                 f"{r['trainable']:,}",
                 f"{r['seconds']:.1f}",
@@ -218,7 +202,7 @@ def register(cli: typer.Typer) -> None:
         from ..train.adapt import run_adapt
         from ..train.fewshot import parse_ints
         from .common import parse_kv
-        from .output import console, print_json
+        from .output import print_json
 
         shot_list = parse_ints(shots, "--shots")
         from ..backbones.loading import load_backbone
@@ -282,11 +266,9 @@ def register(cli: typer.Typer) -> None:
         n_shots = shot_list[0]
 
         base = tuple(b.strip() for b in (baselines or "").split(",") if b.strip())
-        from .progress import TrainProgress
-
-        bar = TrainProgress()
-        try:
-            res = run_adapt(
+        res = single_run(
+            partial(
+                run_adapt,
                 backbone,
                 domain,
                 n_shots,
@@ -296,17 +278,14 @@ def register(cli: typer.Typer) -> None:
                 steps,
                 seed,
                 adapter_options=parse_kv(option),
-                progress=bar,
                 overwrite=overwrite,
                 lr=lr,
                 batch_size=batch_size,
                 task_options=task_options,
                 eval_domains=eval_domains,
                 gate=gate is not False,
-            )
-        finally:
-            bar.close()
-        console.print(_single_table(res))
-        console.print(f"adapter written to {res['adapter_dir']}")
+            ),
+            _single_table,
+        )
         if json_out:
             print_json(res)

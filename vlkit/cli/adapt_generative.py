@@ -3,6 +3,8 @@ few-shot protocol, and their tables (the task's metric in-domain, on the general
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +13,52 @@ from ..errors import ConfigError
 DUAL_ENCODER_ONLY = ("--prompt", "--templates", "--protocol", "--eval-domains", "--eval-data", "--gate")
 
 
-def _f(v) -> str:
+def fmt(v) -> str:
+    """A score to one decimal, "—" where there is none (the adapt tables, both kinds of backbone)."""
     return "—" if v is None else f"{v:.1f}"
+
+
+def row_note(r: dict[str, Any]) -> str:
+    """The note of a single adapt run's row: the frozen model's check that it is unchanged, a baseline's
+    forgetting (the latter wins)."""
+    note = ""
+    if "verified_unchanged" in r:
+        note = "identical to frozen ✓" if r["verified_unchanged"] else "DIFFERS from frozen ✗"
+    if "forgetting" in r:
+        note = f"forgetting {r['forgetting']:.1f}"
+    return note
+
+
+def run_row(r: dict[str, Any], note: str, in_domain: tuple = (), more: tuple = ()) -> list[Any]:
+    """A single adapt run's table row: method, trainable share, the in-domain score (then `in_domain`), the general
+    score, its change and retention (then `more`), and `note`."""
+    return [
+        r["method"],
+        f"{r['trainable_percent']:.2f}%",
+        fmt(r["in_domain"]),
+        *in_domain,
+        fmt(r["general"]),
+        f"{r['general_change']:+.1f}",
+        fmt(r.get("retention")),
+        *more,
+        note,
+    ]
+
+
+def single_run(run: Callable[..., dict[str, Any]], run_table: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
+    """One adapt run, `run(progress=bar)` under a training bar, then its table `run_table(result)` and where the
+    adapter went; returns the result."""
+    from .output import console
+    from .progress import TrainProgress
+
+    bar = TrainProgress()
+    try:
+        res = run(progress=bar)
+    finally:
+        bar.close()
+    console.print(run_table(res))
+    console.print(f"adapter written to {res['adapter_dir']}")
+    return res
 
 
 def check_options(given: dict[str, Any]) -> None:
@@ -33,24 +79,8 @@ def single_table(res: dict[str, Any]):
     others = [m for m in res["metrics"] if m != metric]
     rows = []
     for r in res["rows"]:
-        note = ""
-        if "verified_unchanged" in r:
-            note = "identical to frozen ✓" if r["verified_unchanged"] else "DIFFERS from frozen ✗"
-        if "forgetting" in r:
-            note = f"forgetting {r['forgetting']:.1f}"
         inside = r.get("in_domain_metrics") or {}
-        rows.append(
-            [
-                r["method"],
-                f"{r['trainable_percent']:.2f}%",
-                _f(r["in_domain"]),
-                *(_f(inside.get(m)) for m in others),
-                _f(r["general"]),
-                f"{r['general_change']:+.1f}",
-                _f(r.get("retention")),
-                note,
-            ]
-        )
+        rows.append(run_row(r, row_note(r), in_domain=tuple(fmt(inside.get(m)) for m in others)))
     domain, general = res["domain"], res["general_domain"]
     columns = [
         "method",
@@ -80,7 +110,7 @@ def protocol_table(res: dict[str, Any]):
             r["method"],
             r["shots"],
             f"{r['mean']:.1f} ± {r['sd']:.1f}",
-            *([_f(r.get("general")), _f(r.get("retention"))] if general else []),
+            *([fmt(r.get("general")), fmt(r.get("retention"))] if general else []),
             r["seeds"],
             f"{r['trainable']:,}",
             f"{r['seconds']:.1f}",
@@ -131,7 +161,6 @@ def adapt_generative(
     from ..train.adapt_generative import run_adapt_generative, run_fewshot_generative
     from ..train.fewshot import parse_ints
     from .output import console, print_json
-    from .progress import TrainProgress
 
     common: dict[str, Any] = {
         "task": task,
@@ -163,22 +192,19 @@ def adapt_generative(
         console.print(protocol_table(res))
         console.print(f"table written to {out}/fewshot.json")
     else:
-        bar = TrainProgress()
-        try:
-            res = run_adapt_generative(
+        res = single_run(
+            partial(
+                run_adapt_generative,
                 backbone,
                 shots=shots[0],
                 out=out,
                 variant=variant,
                 baselines=tuple(b.strip() for b in (baselines or "").split(",") if b.strip()),
                 seed=seed,
-                progress=bar,
                 overwrite=overwrite,
                 **common,
-            )
-        finally:
-            bar.close()
-        console.print(single_table(res))
-        console.print(f"adapter written to {res['adapter_dir']}")
+            ),
+            single_table,
+        )
     if json_out:
         print_json(res)

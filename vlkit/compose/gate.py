@@ -37,11 +37,9 @@ from ..adapters.files import read_tensor_file
 from ..data.api import few_shot, load_data, parse_data_spec
 from ..data.shots import take_shots
 from ..errors import ConfigError, DataError
-from ..io import atomic_path
 from ..tasks.base import prepare_pixels, tokenize_texts
-from .composition import read_composition
 from .gate_scores import SCORES, GaussianScore, NearestScore
-from .router import RoutedBackbone, example_texts, features
+from .router import RoutedBackbone, example_texts, features, routed_names, save_routing
 
 GATE_KIND = "gate"
 GATE_FILE = "router.safetensors"
@@ -189,30 +187,12 @@ def recipe_seed(adapter_dir: Path) -> int:
 
 def save_gate(gate: DomainGate, out: Path, report: dict | None = None) -> dict[str, Any]:
     """Write the gate's banks and thresholds (router.safetensors); returns the `router` entry of composition.json."""
-    from safetensors.torch import save_file
-
-    with atomic_path(Path(out) / GATE_FILE) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in gate.state_dict().items()}, str(tmp))
-    return {
-        "kind": GATE_KIND,
-        "file": GATE_FILE,
-        "names": gate.names,
-        "dim": gate.dim,
-        "score": gate.score,
-        "features": "frozen normalised [image, text, has_image, has_text]",
-        **({"report": report} if report else {}),
-    }
+    return save_routing(gate, out, GATE_FILE, report, GATE_KIND, score=gate.score)
 
 
 def load_gate(path: Path, entry: dict[str, Any], loaded_names: list[str]) -> DomainGate:
     """The gate of a composition, its names mapped to the adapters' names as loaded on the backbone."""
-    spec = read_composition(path)
-    mapping = dict(zip([a.get("name") for a in spec["adapters"]], loaded_names))
-    names: list[str | None] = []
-    for n in entry["names"]:
-        if n is not None and n not in mapping:
-            raise ConfigError(f"gate of {path} routes to {n!r}, which is not one of its adapters")
-        names.append(mapping.get(n) if n is not None else None)
+    names = routed_names(path, entry, loaded_names, "gate")
     file = path / entry.get("file", GATE_FILE)
     t = read_tensor_file(file)
     score = entry.get("score", "mahalanobis")

@@ -87,18 +87,30 @@ def heldout_distances(x: torch.Tensor, folds: int = FOLDS) -> torch.Tensor:
     return out
 
 
-class NearestScore(nn.Module):
+class MarginScore(nn.Module):
+    """What the gate's scores share: fitted tensors and a threshold per adapter, as buffers (saved with the
+    gate, in this order); `margins(x)` (n, k) is >= 0 where an input is near enough to adapter k's training set."""
+
+    threshold: torch.Tensor
+
+    def __init__(self, threshold: torch.Tensor, **fitted: torch.Tensor):
+        super().__init__()
+        for name, t in fitted.items():
+            self.register_buffer(name, t)
+        self.register_buffer("threshold", threshold.float())
+
+    def margins(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class NearestScore(MarginScore):
     """Nearest-neighbour cosine similarity to each adapter's bank, less its threshold."""
 
     bank: torch.Tensor
     owner: torch.Tensor
-    threshold: torch.Tensor
 
     def __init__(self, bank: torch.Tensor, owner: torch.Tensor, threshold: torch.Tensor):
-        super().__init__()
-        self.register_buffer("bank", F.normalize(bank.float(), dim=-1))
-        self.register_buffer("owner", owner.long())
-        self.register_buffer("threshold", threshold.float())
+        super().__init__(threshold, bank=F.normalize(bank.float(), dim=-1), owner=owner.long())
 
     @classmethod
     def fit(
@@ -131,15 +143,13 @@ class NearestScore(nn.Module):
         return out
 
 
-class GaussianScore(nn.Module):
+class GaussianScore(MarginScore):
     """Mahalanobis distance to each adapter's Ledoit-Wolf Gaussian, as the margin 1 - d²/threshold."""
 
     mean: torch.Tensor
     precision: torch.Tensor
-    threshold: torch.Tensor
 
     def __init__(self, mean: torch.Tensor, precision: torch.Tensor, threshold: torch.Tensor):
-        super().__init__()
         if not (
             mean.dim() == 2 and precision.shape == (*mean.shape, mean.shape[1]) and threshold.shape[0] == len(mean)
         ):
@@ -147,9 +157,7 @@ class GaussianScore(nn.Module):
                 f"gate Gaussians: means {tuple(mean.shape)}, precisions {tuple(precision.shape)} and thresholds "
                 f"{tuple(threshold.shape)} do not agree"
             )
-        self.register_buffer("mean", mean.float())
-        self.register_buffer("precision", precision.float())
-        self.register_buffer("threshold", threshold.float())
+        super().__init__(threshold, mean=mean.float(), precision=precision.float())
 
     @classmethod
     def fit(cls, banks: list[torch.Tensor], quantile: float) -> tuple[GaussianScore, list[float]]:

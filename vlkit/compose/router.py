@@ -303,32 +303,47 @@ def train_router(
     return router, report
 
 
-def save_router(router: Router, out: Path, report: dict | None = None) -> dict[str, Any]:
-    """Write router.safetensors; returns the `router` entry of composition.json."""
+def save_routing(
+    module: Any, out: Path, file: str, report: dict | None, kind: str | None = None, **fields: Any
+) -> dict[str, Any]:
+    """Write a router's (or gate's) tensors to `out`/`file` (safetensors, atomically); returns its `router` entry of
+    composition.json: its kind (a gate's), file, names and dim, `fields`, features and `report`."""
     from safetensors.torch import save_file
 
-    with atomic_path(out / ROUTER_FILE) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in router.state_dict().items()}, str(tmp))
+    with atomic_path(Path(out) / file) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(tmp))
     return {
-        "file": ROUTER_FILE,
-        "names": router.names,
-        "dim": router.dim,
-        "hidden": router.hidden,
+        **({"kind": kind} if kind else {}),
+        "file": file,
+        "names": module.names,
+        "dim": module.dim,
+        **fields,
         "features": "frozen normalised [image, text, has_image, has_text]",
         **({"report": report} if report else {}),
     }
 
 
-def load_router(path: Path, entry: dict[str, Any], loaded_names: list[str]) -> Router:
-    """The router of a composition, its names mapped to the adapters' names as loaded on the backbone."""
+def routed_names(path: Path, entry: dict[str, Any], loaded_names: list[str], what: str) -> list[str | None]:
+    """The names a composition's `what` (router, gate) routes to, mapped from the composition's adapter names to
+    theirs as loaded on the backbone (None: the frozen model)."""
     spec = read_composition(path)
-    comp_names = [a.get("name") for a in spec["adapters"]]
-    mapping = dict(zip(comp_names, loaded_names))
-    names = []
+    mapping = dict(zip([a.get("name") for a in spec["adapters"]], loaded_names))
+    names: list[str | None] = []
     for n in entry["names"]:
         if n is not None and n not in mapping:
-            raise ConfigError(f"router of {path} routes to {n!r}, which is not one of its adapters")
+            raise ConfigError(f"{what} of {path} routes to {n!r}, which is not one of its adapters")
         names.append(mapping.get(n) if n is not None else None)
+    return names
+
+
+def save_router(router: Router, out: Path, report: dict | None = None) -> dict[str, Any]:
+    """Write router.safetensors; returns the `router` entry of composition.json."""
+    return save_routing(router, out, ROUTER_FILE, report, hidden=router.hidden)
+
+
+def load_router(path: Path, entry: dict[str, Any], loaded_names: list[str]) -> Router:
+    """The router of a composition, its names mapped to the adapters' names as loaded on the backbone."""
+    names = routed_names(path, entry, loaded_names, "router")
     router = Router(int(entry["dim"]), names, int(entry.get("hidden", 64)))
     router.load_state_dict(read_tensor_file(path / entry.get("file", ROUTER_FILE)))
     return router.eval()
