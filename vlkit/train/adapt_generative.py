@@ -19,7 +19,6 @@ the few-shot protocol (`run_fewshot_generative`): mean ± sd of the metric per (
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ from .adapt import BASE_METHODS, DATA_KIND, DEFAULT_LR, GENERAL_DOMAIN, METHOD_L
 from .baselines import write_run_metrics
 from .engine import run
 from .evaluate import round_percent
+from .fewshot import summarize
 from .methods import get_method
 from .recipe import Recipe, load_recipe, plain
 
@@ -477,7 +477,7 @@ def _protocol(s: GenerativeAdapt, frozen, methods, shots, seeds, out: Path, fina
         "shots_mean": "training examples",
         "seeds": seeds,
         "metric": metric,
-        "summary": _summary(runs, methods, shots),
+        "summary": summarize(runs, methods, shots, metric="score", keys=("general", "retention")),
         "runs": runs,
     }
     if general is not None:
@@ -523,27 +523,3 @@ def _one_run(
         record.update(general=row["general"], retention=row["retention"])
     write_run_metrics(where[0], where[1], {**record, "hyperparameters": hyper})
     return row
-
-
-def _summary(runs: list[dict[str, Any]], methods, shots) -> list[dict[str, Any]]:
-    """Mean ± sd of the metric per (method, shots) over the seeds, with the mean general score and retention."""
-    out: list[dict[str, Any]] = []
-    for method in methods:
-        for k in shots:
-            rs = [r for r in runs if r["method"] == method and r["shots"] == k]
-            scores = [r["score"] for r in rs]
-            row = {
-                "method": method,
-                "shots": k,
-                "mean": statistics.fmean(scores),
-                "sd": statistics.stdev(scores) if len(scores) > 1 else 0.0,
-                "seeds": len(scores),
-                "trainable": rs[0]["trainable"],
-                "seconds": statistics.fmean(r["seconds"] for r in rs),
-            }
-            for key in ("general", "retention"):
-                vals = [r[key] for r in rs if r.get(key) is not None]
-                if vals:
-                    row[key] = statistics.fmean(vals)
-            out.append(row)
-    return out

@@ -167,8 +167,15 @@ def run_fewshot(
     return result
 
 
-def _summary(runs: list[dict[str, Any]], methods, shots) -> list[dict[str, Any]]:
+def summarize(
+    runs: list[dict[str, Any]], methods, shots, metric: str = "accuracy", keys: tuple[str, ...] | None = None
+) -> list[dict[str, Any]]:
+    """Per (method, shots): mean ± sd of `metric` over the seeds, the mean of each of `keys` the runs have (None
+    where they have it unset), and the mean cross-domain scores. `keys` defaults to the CLIP protocol's."""
     import statistics
+
+    if keys is None:
+        keys = ("base", "novel", "hm", "general", "retention", *GATED_KEYS)
 
     def mean(rs, key):
         vals = [r[key] for r in rs if r.get(key) is not None]
@@ -178,17 +185,17 @@ def _summary(runs: list[dict[str, Any]], methods, shots) -> list[dict[str, Any]]
     for method in methods:
         for k in shots:
             rs = [r for r in runs if r["method"] == method and r["shots"] == k]
-            accs = [r["accuracy"] for r in rs]
+            values = [r[metric] for r in rs]
             row = {
                 "method": method,
                 "shots": k,
-                "mean": statistics.fmean(accs),
-                "sd": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                "seeds": len(accs),
+                "mean": statistics.fmean(values),
+                "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "seeds": len(values),
                 "trainable": rs[0]["trainable"],
                 "seconds": statistics.fmean(r["seconds"] for r in rs),
             }
-            for key in ("base", "novel", "hm", "general", "retention", *GATED_KEYS):
+            for key in keys:
                 if any(key in r for r in rs):
                     row[key] = mean(rs, key)
             crosses = [r["cross"] for r in rs if "cross" in r]
@@ -215,7 +222,7 @@ def _run_fewshot(s: ProtocolSettings, methods, shots, seeds, out: Path, final: P
                 runs.append(row)
                 if on_run is not None:
                     on_run(row)
-    summary = _summary(runs, methods, shots)
+    summary = summarize(runs, methods, shots)
     result = {
         "backbone": s.backbone,
         "data": s.data or f"{DATA_KIND}:{s.domain}",
