@@ -39,6 +39,18 @@ METHOD_LABELS = {
 DEFAULT_LR = {"adapter": 2e-3, "full": 1e-4, "linear": 1e-2, "linear-sgd": 1e-2}
 
 
+def world_train_spec(domain: str, shots: int, seed: int) -> dict[str, Any]:
+    """The embedded world's classification draw for `domain` that k-shot training samples from."""
+    return {
+        "kind": DATA_KIND,
+        "domain": domain,
+        "task": "classification",
+        "n": max(400, shots * 40),
+        "seed": seed,
+        "shots": shots,
+    }
+
+
 def adapt_recipe(
     backbone: str,
     domain: str,
@@ -55,14 +67,7 @@ def adapt_recipe(
 ) -> dict:
     default_lr = DEFAULT_LR.get(method, 1e-3)
     options = {**(task_options or {}), **({} if method == "zeroshot" else {"head": "linear"})}
-    train = {
-        "kind": DATA_KIND,
-        "domain": domain,
-        "task": "classification",
-        "n": max(400, shots * 40),
-        "seed": seed,
-        "shots": shots,
-    }
+    train = world_train_spec(domain, shots, seed)
     return {
         "name": f"{domain}-{method}",
         "backbone": backbone,

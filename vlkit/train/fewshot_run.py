@@ -18,7 +18,7 @@ from ..adapters.model import AdaptedModel
 from ..adapters.tip_adapter import build_tip_adapter
 from ..data.api import parse_data_spec
 from ..plugins import registry
-from .adapt import BASE_METHODS, DATA_KIND, DEFAULT_LR
+from .adapt import BASE_METHODS, DATA_KIND, DEFAULT_LR, world_train_spec
 from .baselines import (
     class_split,
     dataset_classes,
@@ -42,14 +42,7 @@ HEAD_METHODS = ("linear", "linear-sgd", "full")  # a trained linear head: no sco
 def _protocol_data(data, domain: str, shots: int, seed: int, n_eval: int) -> tuple[dict, dict]:
     """(train spec with `shots`, eval spec) for the embedded world's `domain` or a data spec (e.g. coop:DIR)."""
     if data is None:
-        train = {
-            "kind": DATA_KIND,
-            "domain": domain,
-            "task": "classification",
-            "n": max(400, shots * 40),
-            "seed": seed,
-            "shots": shots,
-        }
+        train = world_train_spec(domain, shots, seed)
         return train, {
             "kind": DATA_KIND,
             "domain": domain,
