@@ -22,6 +22,8 @@ does: with quantile 0 and n training inputs, about 1 / (n + 1) of them.
 
 from __future__ import annotations
 
+import abc
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -87,7 +89,7 @@ def heldout_distances(x: torch.Tensor, folds: int = FOLDS) -> torch.Tensor:
     return out
 
 
-class MarginScore(nn.Module):
+class MarginScore(nn.Module, metaclass=abc.ABCMeta):
     """What the gate's scores share: fitted tensors and a threshold per adapter, as buffers (saved with the
     gate, in this order); `margins(x)` (n, k) is >= 0 where an input is near enough to adapter k's training set."""
 
@@ -99,8 +101,9 @@ class MarginScore(nn.Module):
             self.register_buffer(name, t)
         self.register_buffer("threshold", threshold.float())
 
+    @abc.abstractmethod
     def margins(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """(n, adapters): each input's score for each adapter, less that adapter's threshold."""
 
 
 class NearestScore(MarginScore):

@@ -91,7 +91,7 @@ class TrainingMethod:
     def solve(self, backbone, task, cfg, train_data) -> dict[str, Any]:
         """Fit what trains (a method with `solves`), given the task and its training dataset; returns a record of
         the fit for the run's result (`solver`)."""
-        raise NotImplementedError(f"method {self.name!r} does not solve its fit (solves = False)")
+        raise TypeError(f"method {self.name!r} has solves = False: the engine's optimiser trains it, not solve()")
 
 
 @dataclass
